@@ -1,0 +1,1387 @@
+"""
+common.py — the infrastructure no paper owns.
+
+Every paper file imports this module and nothing else of the project. It holds what is not the lesson:
+config parsing, device/precision/compile/DDP setup, checkpoints, logging, audio I/O and resampling,
+mel/STFT and mu-law utilities, the built-in corpus (speech, dialogue, music synthesized locally),
+folder datasets, batching, metrics, sample writing and benchmark helpers.
+
+Sections:  config | runtime | logging | checkpoints | audio | features | corpus | data | metrics | samples | bench
+"""
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DATA_ROOT = os.environ.get("NANOAUDIO_DATA", os.path.join(ROOT, "data"))
+
+# ----------------------------------------------------------------------------- config
+
+def _field_comments(cls):
+    """Read the end-of-line comment of each dataclass field from the source: they are the --help text."""
+    comments = {}
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return comments
+    for line in src.splitlines():
+        m = re.match(r"\s+(\w+)\s*:\s*[^=]+=.*?#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _convert(name, text, default):
+    """Turn the text of --name=text into the type of the field's default, or explain why not."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(float(text.replace("_", ""))) if re.fullmatch(r"[\d_.eE+-]+", text) and float(text.replace("_", "")).is_integer() else int(text)
+        if kind is float:
+            return float(text.replace("_", ""))
+        if kind in (tuple, list):
+            parts = [p for p in text.strip("()[] ").split(",") if p.strip() != ""]
+            elem = default[0] if len(default) else ""
+            if isinstance(elem, (tuple, list)):  # nested tuples: "3,7,11;1,3,5" or "(3,7),(11,1)"
+                groups = [g for g in re.split(r";|\)\s*,\s*\(", text.strip("()[] ")) if g.strip()]
+                return tuple(_convert(name, g, elem) for g in groups)
+            return tuple(_convert(name, p.strip(), elem) for p in parts)
+        if default is None:
+            return None if text.lower() == "none" else text
+        return kind(text)
+    except (ValueError, TypeError):
+        raise SystemExit(f"error: --{name}={text!r} is not a valid {kind.__name__} (default is {default!r})")
+
+
+def parse_config(Config, presets, argv=None):
+    """Build a Config from dataclass defaults, then --preset=NAME, then --key=value overrides (type-checked)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = [f.name for f in dataclasses.fields(Config)]
+    base = Config()
+    if any(a in ("-h", "--help") for a in argv):
+        comments = _field_comments(Config)
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]\n\npresets: {', '.join(presets)}\n")
+        for n in names:
+            print(f"  --{n}={getattr(base, n)!r:<24} {comments.get(n, '')}")
+        raise SystemExit(0)
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: arguments look like --key=value, got {arg!r} (see --help)")
+        key, val = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.0)
+            raise SystemExit(f"error: unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else ""))
+        overrides[key] = val
+    note = None
+    preset = overrides.pop("preset", None)
+    if preset is None and "preset" in names:
+        preset = base.preset
+        wants_cuda = overrides.get("device", getattr(base, "device", "auto")) in ("auto", "cuda") or \
+            overrides.get("device", "").startswith("cuda")
+        if "small" in presets and not (wants_cuda and torch.cuda.is_available()):
+            note = f"no CUDA device: using the 'small' preset instead of '{preset}' (pass --preset=NAME to choose)"
+            preset = "small"
+    cfg = Config()
+    if preset is not None:
+        if preset not in presets:
+            close = difflib.get_close_matches(preset, list(presets), n=1, cutoff=0.0)
+            raise SystemExit(f"error: unknown preset {preset!r}; presets are {list(presets)}"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
+        for k, v in presets[preset].items():
+            if k not in names:
+                raise SystemExit(f"error: preset {preset!r} sets unknown field {k!r}")
+            setattr(cfg, k, v)
+        cfg.preset = preset
+    for k, v in overrides.items():
+        setattr(cfg, k, _convert(k, v, getattr(base, k)))
+    if "mode" in names and cfg.mode not in ("train", "sample", "eval", "bench"):
+        raise SystemExit(f"error: --mode must be one of train, sample, eval, bench (got {cfg.mode!r})")
+    cfg._note = note  # printed by setup() as the first line
+    return cfg
+
+
+def config_dict(cfg):
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+# ----------------------------------------------------------------------------- runtime
+
+@dataclass
+class Runtime:
+    device: torch.device
+    device_type: str
+    dtype: torch.dtype
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast on CUDA (where the tensor cores are); a no-op elsewhere."""
+        if self.device_type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def sync(self):
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        elif self.device_type == "mps":
+            torch.mps.synchronize()
+
+
+_LOG = {"file": None, "master": True}
+
+
+def resolve_device(name="auto"):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def setup(cfg, log_to_file=True):
+    """Device, precision, seeds, DDP (from torchrun's environment), out_dir and the log file. Call first."""
+    ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    rank, local_rank, world = 0, 0, 1
+    device = resolve_device(getattr(cfg, "device", "auto"))
+    if ddp:
+        import torch.distributed as dist
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device=cuda but CUDA is not available (use --device=cpu or auto)")
+    dev = torch.device(device)
+    dtype_name = getattr(cfg, "dtype", "auto")
+    if dtype_name == "auto":
+        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+                 "float32": torch.float32, "fp32": torch.float32}
+        if dtype_name not in table:
+            raise SystemExit(f"error: --dtype must be auto, bfloat16, float16 or float32 (got {dtype_name!r})")
+        dtype = table[dtype_name]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    seed = getattr(cfg, "seed", 1337) + rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    rt = Runtime(dev, dev.type, dtype, ddp, rank, local_rank, world)
+    _LOG["master"] = rt.master
+    out_dir = getattr(cfg, "out_dir", None)
+    if out_dir and rt.master:
+        os.makedirs(out_dir, exist_ok=True)
+        if log_to_file:
+            if _LOG["file"] is not None:
+                _LOG["file"].close()
+            _LOG["file"] = open(os.path.join(out_dir, "log.txt"), "a", buffering=1)
+    if getattr(cfg, "_note", None):
+        log(cfg._note)
+    log("config: " + json.dumps(config_dict(cfg), default=str))
+    log(f"device: {dev} ({_device_name(dev)}), dtype: {str(dtype).replace('torch.', '')}, world size: {world}")
+    return rt
+
+
+def cleanup(rt):
+    if rt.ddp:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def compile(model, cfg):
+    """torch.compile when cfg.compile; falls back to eager (and says so) where it cannot work."""
+    if not getattr(cfg, "compile", False):
+        return model
+    try:
+        if next(model.parameters()).device.type == "cuda":
+            import triton  # noqa: F401  (inductor's GPU backend)
+        return torch.compile(model)
+    except Exception as e:  # no Triton, unsupported platform, ...
+        log(f"torch.compile unavailable ({type(e).__name__}: {e}); running eager")
+        return model
+
+
+def wrap_ddp(model, rt, **kw):
+    if not rt.ddp:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None, **kw)
+
+
+def unwrap(model):
+    """The plain nn.Module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ == "DistributedDataParallel":
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def all_reduce_mean(x, rt):
+    """Average a tensor over ranks (for logging); identity without DDP."""
+    if rt.ddp:
+        import torch.distributed as dist
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x /= rt.world_size
+    return x
+
+# ----------------------------------------------------------------------------- logging
+
+def log(*args):
+    """Print and append to out_dir/log.txt, on rank 0 only."""
+    if not _LOG["master"]:
+        return
+    msg = " ".join(str(a) for a in args)
+    print(msg, flush=True)
+    if _LOG["file"] is not None:
+        _LOG["file"].write(msg + "\n")
+
+
+def _fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """One progress line per cfg.log_interval steps, and the NaN guard."""
+
+    def __init__(self, cfg, start_step=0):
+        self.cfg, self.interval = cfg, max(1, getattr(cfg, "log_interval", 10))
+        self.max_iters, self.start_step = cfg.max_iters, start_step
+        self.t0 = self.t_last = time.time()
+        self.last_step, self.audio = start_step, 0.0
+
+    def update(self, step, losses, audio_seconds=0.0):
+        self.audio += audio_seconds
+        if step % self.interval and step != self.max_iters:
+            return
+        vals = {k: (v.detach().float().item() if torch.is_tensor(v) else float(v)) for k, v in losses.items()}
+        bad = [k for k, v in vals.items() if not math.isfinite(v)]
+        if bad:
+            raise SystemExit(f"error: loss {', '.join(bad)} is {vals[bad[0]]} at step {step}; stopping. The last good "
+                             f"checkpoint (if any) is intact in {self.cfg.out_dir}/ckpt.pt; try a lower --lr")
+        now = time.time()
+        n = max(1, step - self.last_step)
+        dt = (now - self.t_last) / n
+        rate = self.audio / max(now - self.t_last, 1e-9)
+        eta = dt * max(0, self.max_iters - step)
+        parts = [f"step {step}/{self.max_iters}"] + [f"{k} {v:.4f}" for k, v in vals.items()]
+        parts += [f"{dt * 1000:.1f} ms/step", f"{rate:.1f} audio-s/s", f"eta {_fmt_time(eta)}"]
+        log(" | ".join(parts))
+        self.t_last, self.last_step, self.audio = now, step, 0.0
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _paper_of(cfg):
+    mod = sys.modules.get(type(cfg).__module__)
+    path = getattr(mod, "__file__", None) or sys.argv[0]
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _rng_state(sampler=None):
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy_global": np.random.get_state()[1].tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if sampler is not None:
+        state["sampler"] = sampler.state_dict()
+    return state
+
+
+def save_checkpoint(cfg, step, models, optimizers=None, schedulers=None, scaler=None, sampler=None, extra=None, path=None):
+    """Atomically write cfg.out_dir/ckpt.pt (temp file, then rename), rank 0 only."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    for name, m in models.items():
+        for pn, p in unwrap(m).state_dict().items():
+            if torch.is_floating_point(p) and not torch.isfinite(p).all():
+                raise SystemExit(f"error: {name}.{pn} holds NaN/inf at step {step}; not overwriting the last good checkpoint")
+    ckpt = {
+        "nanoaudio": 1,
+        "paper": _paper_of(cfg),
+        "step": step,
+        "config": config_dict(cfg),
+        "models": {k: unwrap(m).state_dict() for k, m in models.items()},
+        "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
+        "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(sampler),
+        "extra": extra or {},
+    }
+    path = path or os.path.join(cfg.out_dir, "ckpt.pt")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def resume_path(cfg):
+    return os.path.join(cfg.out_dir, "ckpt.pt") if cfg.init_from == "resume" else cfg.init_from
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True) with errors that name the file and the problem."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"error: checkpoint {path!r} is empty")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "is it a truncated file or not a PyTorch checkpoint?")
+
+
+def is_ours(ckpt):
+    return isinstance(ckpt, dict) and ckpt.get("nanoaudio") == 1
+
+
+def load_state_dict(module, state, what="model"):
+    """load_state_dict(strict) whose error lists the missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        msg = [f"error: the checkpoint does not fit the {what}:"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                msg.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+        raise SystemExit("\n".join(msg))
+    module.load_state_dict(state)
+
+
+def restore(ckpt, cfg, models, optimizers=None, schedulers=None, scaler=None, sampler=None, arch_keys=(), rng=True):
+    """Load one of our checkpoints into models (and optimizers...), checking it is the right paper and config."""
+    if not is_ours(ckpt):
+        raise SystemExit("error: not a nanoaudio checkpoint (an official weight file? pass it to a paper file that maps it)")
+    paper = _paper_of(cfg)
+    if ckpt["paper"] != paper:
+        raise SystemExit(f"error: this checkpoint was written by {ckpt['paper']}.py, not {paper}.py")
+    bad = [f"{k} (checkpoint {ckpt['config'].get(k)!r}, now {getattr(cfg, k)!r})" for k in arch_keys
+           if _norm(ckpt["config"].get(k)) != _norm(getattr(cfg, k))]
+    if bad:
+        raise SystemExit("error: the checkpoint's config does not fit this model: " + "; ".join(bad)
+                         + f" — pass --preset={ckpt['config'].get('preset')} or matching flags")
+    for k, m in models.items():
+        if k not in ckpt["models"]:
+            raise SystemExit(f"error: the checkpoint has no {k!r} model (it has {list(ckpt['models'])})")
+        load_state_dict(unwrap(m), ckpt["models"][k], what=k)
+    for group, objs in (("optimizers", optimizers), ("schedulers", schedulers)):
+        for k, o in (objs or {}).items():
+            if k in ckpt[group]:
+                o.load_state_dict(ckpt[group][k])
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if rng and "rng" in ckpt:
+        r = ckpt["rng"]
+        torch.set_rng_state(r["torch"])
+        random.setstate(_tuplify(r["python"]))
+        if "cuda" in r and torch.cuda.is_available() and len(r["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(r["cuda"])
+        if sampler is not None and "sampler" in r:
+            sampler.load_state_dict(r["sampler"])
+    return ckpt["step"]
+
+
+def _norm(v):
+    return json.loads(json.dumps(v, default=str)) if isinstance(v, (tuple, list)) else v
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+# ----------------------------------------------------------------------------- audio
+
+def load_audio(path, sr=None, mono=True):
+    """Read a wav/flac/ogg file as float32 in [-1, 1]: (T,) if mono else (C, T). Resamples to sr if given."""
+    import soundfile as sf
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"audio file {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"audio file {path!r} is empty (0 bytes)")
+    try:
+        data, file_sr = sf.read(path, dtype="float32", always_2d=True)  # (T, C)
+    except Exception as e:
+        raise ValueError(f"cannot decode audio file {path!r}: {e} (truncated, or not audio?)") from None
+    if data.shape[0] == 0:
+        raise ValueError(f"audio file {path!r} holds no samples")
+    wav = data.T  # (C, T)
+    if mono:
+        wav = wav.mean(0)
+    if sr is not None and sr != file_sr:
+        wav = resample(wav, file_sr, sr)
+        file_sr = sr
+    return np.ascontiguousarray(wav, dtype=np.float32), file_sr
+
+
+def save_audio(path, wav, sr):
+    """Write (T,) or (C, T) audio (numpy or torch, float in [-1, 1]) as 16-bit PCM wav."""
+    import soundfile as sf
+    if torch.is_tensor(wav):
+        wav = wav.detach().float().cpu().numpy()
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim == 2 and wav.shape[0] == 1:
+        wav = wav[0]
+    if wav.ndim not in (1, 2):
+        raise ValueError(f"save_audio expects (T,) or (C, T), got shape {wav.shape}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sf.write(path, np.clip(wav.T if wav.ndim == 2 else wav, -1, 1), int(sr), subtype="PCM_16")
+
+
+def resample(wav, sr_in, sr_out):
+    """Band-limited resampling with soxr (high quality); time is the last axis; numpy or torch in, same out."""
+    if sr_in == sr_out:
+        return wav
+    import soxr
+    is_t = torch.is_tensor(wav)
+    x = wav.detach().float().cpu().numpy() if is_t else np.asarray(wav, dtype=np.float32)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).T  # (T, channels) as soxr wants
+    y = soxr.resample(np.ascontiguousarray(x2), sr_in, sr_out, quality="HQ").T.reshape(*shape[:-1], -1)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    return torch.from_numpy(y).to(wav.device) if is_t else y
+
+# ----------------------------------------------------------------------------- features
+
+def _hz_to_mel(f, htk=False):
+    f = np.asanyarray(f, dtype=np.float64)
+    if htk:
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+    f_sp = 200.0 / 3  # Slaney: linear below 1 kHz, logarithmic above
+    mels = f / f_sp
+    min_log_hz, logstep = 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, mels)
+
+
+def _mel_to_hz(m, htk=False):
+    m = np.asanyarray(m, dtype=np.float64)
+    if htk:
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    f_sp = 200.0 / 3
+    min_log_hz, logstep = 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+def mel_filterbank(sr, n_fft, n_mels, fmin=0.0, fmax=None, htk=False, norm="slaney"):
+    """Triangular mel filters (n_mels, n_fft//2+1), identical to librosa.filters.mel."""
+    fmax = sr / 2 if fmax is None else fmax
+    fftfreqs = np.linspace(0, sr / 2, 1 + n_fft // 2)
+    mel_f = _mel_to_hz(np.linspace(_hz_to_mel(fmin, htk), _hz_to_mel(fmax, htk), n_mels + 2), htk)
+    fdiff = np.diff(mel_f)
+    ramps = mel_f[:, None] - fftfreqs[None, :]
+    weights = np.zeros((n_mels, 1 + n_fft // 2), dtype=np.float32)
+    for i in range(n_mels):
+        lower = -ramps[i] / fdiff[i]
+        upper = ramps[i + 2] / fdiff[i + 1]
+        weights[i] = np.maximum(0, np.minimum(lower, upper))
+    if norm == "slaney":  # equal area per filter
+        weights *= (2.0 / (mel_f[2:n_mels + 2] - mel_f[:n_mels]))[:, None]
+    elif norm is not None:
+        raise ValueError(f"norm must be 'slaney' or None, got {norm!r}")
+    return weights
+
+
+_CACHE = {}
+
+
+def _cached(key, make, device):
+    k = (key, str(device))
+    if k not in _CACHE:
+        _CACHE[k] = make().to(device)
+    return _CACHE[k]
+
+
+def mel_spectrogram(wav, sr, n_fft=1024, hop=256, win_length=None, n_mels=80, fmin=0.0, fmax=None,
+                    log="ln", clamp=1e-5, center=False):
+    """Magnitude mel spectrogram (..., n_mels, frames) in fp32, HiFi-GAN/MelGAN conventions by default.
+
+    center=False reflect-pads (n_fft - hop) / 2 on each side, so a clip of T samples gives T // hop frames.
+    log: "ln" (HiFi-GAN), "log10" (MelGAN) or None (linear)."""
+    win_length = win_length or n_fft
+    x = wav.float()
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # (N, T)
+    with torch.autocast(x.device.type, enabled=False):
+        if not center:
+            p = (n_fft - hop) // 2
+            x = F.pad(x.unsqueeze(1), (p, n_fft - hop - p), mode="reflect").squeeze(1)
+        window = _cached(("hann", win_length), lambda: torch.hann_window(win_length), x.device)
+        fb = _cached(("mel", sr, n_fft, n_mels, fmin, fmax),
+                     lambda: torch.from_numpy(mel_filterbank(sr, n_fft, n_mels, fmin, fmax)), x.device)
+        spec = torch.stft(x, n_fft, hop, win_length, window, center=center, pad_mode="reflect",
+                          normalized=False, onesided=True, return_complex=True)  # (N, F, frames)
+        mag = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + 1e-9)
+        mel = fb @ mag  # (N, n_mels, frames)
+        if log == "ln":
+            mel = torch.log(torch.clamp(mel, min=clamp))
+        elif log == "log10":
+            mel = torch.log10(torch.clamp(mel, min=clamp))
+        elif log is not None:
+            raise ValueError(f"log must be 'ln', 'log10' or None, got {log!r}")
+    return mel.reshape(*shape[:-1], n_mels, mel.shape[-1])
+
+
+def log_mel_spectrogram(audio, n_mels=80, padding=0):
+    """OpenAI Whisper's log-mel: 16 kHz, n_fft 400, hop 160, |STFT|^2, last frame dropped, log10,
+    dynamic range clipped to 8 (global max), scaled (x + 4) / 4. audio: (..., T) tensor or numpy at 16 kHz."""
+    if not torch.is_tensor(audio):
+        audio = torch.from_numpy(np.asarray(audio, dtype=np.float32))
+    audio = audio.float()
+    if padding > 0:
+        audio = F.pad(audio, (0, padding))
+    with torch.autocast(audio.device.type, enabled=False):
+        window = _cached(("hann", 400), lambda: torch.hann_window(400), audio.device)
+        fb = _cached(("mel", 16000, 400, n_mels, 0.0, None),
+                     lambda: torch.from_numpy(mel_filterbank(16000, 400, n_mels)), audio.device)
+        stft = torch.stft(audio, 400, 160, window=window, return_complex=True)
+        magnitudes = stft[..., :-1].abs() ** 2
+        mel = fb @ magnitudes
+        log_spec = torch.clamp(mel, min=1e-10).log10()
+        log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+        return (log_spec + 4.0) / 4.0
+
+
+def mulaw_encode(x, mu=255):
+    """WaveNet §2.2: f(x) = sign(x) ln(1 + mu|x|) / ln(1 + mu), x in [-1, 1]."""
+    if torch.is_tensor(x):
+        return torch.sign(x) * torch.log1p(mu * x.abs().clamp(max=1.0)) / math.log1p(mu)
+    x = np.asarray(x)
+    return np.sign(x) * np.log1p(mu * np.minimum(np.abs(x), 1.0)) / np.log1p(mu)
+
+
+def mulaw_decode(y, mu=255):
+    if torch.is_tensor(y):
+        return torch.sign(y) * (torch.pow(1.0 + mu, y.abs()) - 1.0) / mu
+    y = np.asarray(y)
+    return np.sign(y) * ((1.0 + mu) ** np.abs(y) - 1.0) / mu
+
+
+def mulaw_quantize(x, mu=255):
+    """Companded value to one of mu + 1 = 256 integer classes."""
+    y = mulaw_encode(x, mu)
+    if torch.is_tensor(y):
+        return torch.round((y + 1) / 2 * mu).long().clamp(0, mu)
+    return np.clip(np.round((y + 1) / 2 * mu), 0, mu).astype(np.int64)
+
+
+def mulaw_dequantize(q, mu=255):
+    if torch.is_tensor(q):
+        return mulaw_decode(q.float() / mu * 2 - 1, mu)
+    return mulaw_decode(np.asarray(q, dtype=np.float64) / mu * 2 - 1, mu).astype(np.float32)
+
+# ----------------------------------------------------------------------------- corpus
+# The built-in corpus: English speech from eSpeak NG (through the espeakng-loader wheel, by ctypes), two-channel
+# dialogues built from it, and procedurally synthesized music. Deterministic: one seed, byte-identical audio.
+
+CORPUS_VERSION = 1
+ESPEAK_SR = 22050
+MUSIC_SR = 24000
+# (eSpeak voice, base pitch 0-99, words per minute). The last voice is heard only in the test split.
+VOICES = [("en-us", 45, 165), ("en-us+f3", 65, 170), ("en-gb-x-rp", 40, 160), ("en-gb-scotland+f2", 60, 155),
+          ("en-029", 50, 175), ("en-us-nyc+m3", 35, 180), ("en-gb-x-gbclan+f4", 70, 160), ("en+m1", 30, 150),
+          ("en-gb-x-gbcwmd+f1", 55, 165)]
+NUM_SPEAKERS = len(VOICES)
+TEST_ONLY_SPEAKER = len(VOICES) - 1
+
+_W = dict(
+    name="anna ben clara david emma frank grace henry iris jack kate leo maria nina oscar paul rosa sam tina victor "
+         "wendy adam bella carl diana ethan fiona george hannah ivan julia kevin laura mike nora peter ruth simon".split(),
+    noun="apple table river window garden teacher doctor bottle letter mountain station kitchen pencil camera "
+         "blanket bridge candle castle cloud coffee engine feather forest glass hammer island jacket kettle ladder "
+         "lemon map market mirror needle ocean orange painter piano pocket rabbit radio ribbon rocket sandwich "
+         "school shadow shell silver spoon stone street sugar tiger ticket tower train tree umbrella valley village "
+         "wagon wallet whistle wizard basket button carpet circle dragon farmer flower guitar helmet lantern "
+         "magnet notebook parcel pillow puzzle saddle sailor spider turtle violin volcano wheel".split(),
+    adj="red blue green yellow small large quiet loud bright dark warm cold old new happy tired clever gentle "
+        "heavy light narrow wide quick slow simple strange golden wooden careful brave calm busy curious "
+        "empty famous fresh honest lucky polite proud rough smooth sweet tiny wild".split(),
+    verb="found carried painted opened closed watched cleaned fixed bought sold moved lifted dropped counted "
+         "followed packed pulled pushed visited borrowed brought built caught chose drew left kept lost made "
+         "noticed ordered picked placed repaired saved shared showed tested touched wrapped".split(),
+    place="the park the harbor the library the museum the station the village the garden the market the school "
+          "the bakery the beach the hotel the office the farm the theater the hospital the airport the castle".split(" the "),
+    adv="slowly quickly quietly carefully happily suddenly finally gently early later today yesterday".split(),
+    month="january february march april may june july august september october november december".split(),
+    weekday="monday tuesday wednesday thursday friday saturday sunday".split(),
+)
+_W["place"] = [p if p.startswith("the ") else "the " + p for p in _W["place"]]
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+        "seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_ORD = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth", "nine": "ninth",
+        "twelve": "twelfth"}
+
+
+def number_words(n):
+    """0..9999 spelled out, as eSpeak will say it (so transcripts match the audio word for word)."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    if n < 1000:
+        return _ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " and " + number_words(n % 100))
+    return number_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + number_words(n % 1000))
+
+
+def ordinal_words(n):
+    words = number_words(n).split()
+    last = words[-1]
+    words[-1] = _ORD.get(last, (last[:-1] + "ieth") if last.endswith("y") else last + "th")
+    return " ".join(words)
+
+
+_TEMPLATES = [
+    "{name} {verb} the {adj} {noun} near {place}",
+    "the {adj} {noun} was {adv} {verb} by {name}",
+    "on {weekday} {name} {verb} {num} {noun}s",
+    "{name} was born on the {ord} of {month}",
+    "we {verb} {num} {adj} {noun}s at {place}",
+    "did {name} see the {noun} at {place} on {weekday}",
+    "the {noun} costs {num} dollars and {num2} cents",
+    "my {adj} {noun} is next to the {adj2} {noun2}",
+    "{name} and {name2} {verb} a {noun} in {month}",
+    "there are {num} {noun}s in {place}",
+    "the train leaves at {hour} {minute} on {weekday}",
+    "please bring the {adj} {noun} to {place} {adv}",
+    "{name} {adv} {verb} the {noun} and the {noun2}",
+    "in the year {year} {name} {verb} a {adj} {noun}",
+    "why is the {noun} so {adj} today",
+    "{name} counted {num} {adj} {noun}s before {weekday}",
+]
+
+
+def make_sentence(rng):
+    """One sentence from a random template: a few hundred words, numbers, dates (the generator of the corpus)."""
+    pick = lambda k: _W[k][rng.integers(len(_W[k]))]
+    t = _TEMPLATES[rng.integers(len(_TEMPLATES))]
+    fill = dict(name=pick("name"), name2=pick("name"), noun=pick("noun"), noun2=pick("noun"), adj=pick("adj"),
+                adj2=pick("adj"), verb=pick("verb"), place=pick("place"), adv=pick("adv"), month=pick("month"),
+                weekday=pick("weekday"), num=number_words(int(rng.integers(2, 100))),
+                num2=number_words(int(rng.integers(1, 100))), ord=ordinal_words(int(rng.integers(1, 32))),
+                hour=number_words(int(rng.integers(1, 13))), minute=number_words(int(rng.integers(10, 60))),
+                year=number_words(int(rng.integers(1000, 2100))))
+    return " ".join(t.format(**fill).split())
+
+
+class _Espeak:
+    """A thin ctypes binding of libespeak-ng (synchronous mode): text in, 22.05 kHz int16 + word events out."""
+
+    def __init__(self):
+        import ctypes
+        import espeakng_loader
+        self.ct = ctypes
+
+        class Event(ctypes.Structure):
+            _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
+                        ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                        ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+        self.lib = lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.restype = ctypes.c_int
+        sr = lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)  # 2 = AUDIO_OUTPUT_SYNCHRONOUS
+        if sr != ESPEAK_SR:
+            raise RuntimeError(f"espeak-ng initialisation failed (returned {sr})")
+        self.chunks, self.events = [], []
+
+        def callback(wav, n, ev):
+            if n > 0:
+                self.chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+            i = 0
+            while ev[i].type != 0:  # 0 = LIST_TERMINATED
+                if ev[i].type == 1:  # 1 = WORD: character position (1-based) and sample offset
+                    self.events.append((ev[i].text_position - 1, ev[i].audio_position))
+                i += 1
+            return 0
+        self._cb = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                    ctypes.POINTER(Event))(callback)
+        lib.espeak_SetSynthCallback(self._cb)
+
+    def say(self, text, voice, pitch, rate):
+        """Returns int16 audio and [(word, start_s, end_s)] for each whitespace-separated word of text."""
+        lib = self.lib
+        if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise RuntimeError(f"eSpeak has no voice {voice!r}")
+        lib.espeak_SetParameter(1, int(rate), 0)   # espeakRATE, words per minute
+        lib.espeak_SetParameter(3, int(pitch), 0)  # espeakPITCH, 0..100
+        self.chunks, self.events = [], []
+        b = text.encode()
+        lib.espeak_Synth(b, len(b) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, espeakCHARS_UTF8
+        lib.espeak_Synchronize()
+        wav = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
+        # word boundaries: each word starts at its WORD event; it ends where its energy ends before the next word
+        spans = [(m.start(), m.group()) for m in re.finditer(r"\S+", text)]
+        starts = {}
+        for pos, ms in self.events:
+            k = max(i for i, (s, _) in enumerate(spans) if s <= max(pos, 0)) if spans else 0
+            starts.setdefault(k, ms * ESPEAK_SR // 1000)
+        env = np.abs(wav.astype(np.float32))
+        words, n = [], len(spans)
+        known = sorted(starts)
+        for i, (_, w) in enumerate(spans):
+            if i not in starts:  # no event for this word (rare): interpolate between neighbours
+                prev = max([k for k in known if k < i], default=None)
+                nxt = min([k for k in known if k > i], default=None)
+                a = starts[prev] if prev is not None else 0
+                b2 = starts[nxt] if nxt is not None else len(wav)
+                starts[i] = a + (b2 - a) * (i - (prev if prev is not None else -1)) // ((nxt if nxt is not None else n) - (prev if prev is not None else -1))
+        for i, (_, w) in enumerate(spans):
+            s = starts[i]
+            e = starts[i + 1] if i + 1 < n else len(wav)
+            loud = np.nonzero(env[s:e] > 300)[0]
+            e2 = s + (int(loud[-1]) + 1 if len(loud) else max(1, e - s))
+            words.append((w, round(s / ESPEAK_SR, 4), round(min(e2, e) / ESPEAK_SR, 4)))
+        return wav.astype(np.int16), words
+
+
+_ESPEAK = None
+
+
+def _espeak():
+    global _ESPEAK
+    if _ESPEAK is None:
+        _ESPEAK = _Espeak()
+    return _ESPEAK
+
+
+def _speak(job):
+    """One utterance (runs in a worker process)."""
+    text, spk, pitch_j, rate_j = job
+    voice, pitch, rate = VOICES[spk]
+    wav, words = _espeak().say(text, voice, min(99, max(0, pitch + pitch_j)), rate * (1 + rate_j))
+    # trim leading/trailing silence but keep 50 ms, and shift word times accordingly
+    loud = np.nonzero(np.abs(wav) > 200)[0]
+    a = max(0, int(loud[0]) - ESPEAK_SR // 20) if len(loud) else 0
+    b = min(len(wav), int(loud[-1]) + ESPEAK_SR // 20) if len(loud) else len(wav)
+    wav = wav[a:b]
+    off = a / ESPEAK_SR
+    words = [(w, round(max(0.0, s - off), 4), round(max(0.0, e - off), 4)) for w, s, e in words]
+    return wav, words
+
+
+def _map(fn, jobs, workers):
+    if workers <= 1 or len(jobs) < 64:
+        return [fn(j) for j in jobs]
+    import multiprocessing as mp
+    with mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers) as pool:
+        return pool.map(fn, jobs, chunksize=32)
+
+
+def _speech_jobs(hours, seed):
+    """Sentences (unique across the whole corpus), speakers and jitter, and the split of each utterance."""
+    rng = np.random.default_rng(seed)
+    n = max(12, int(hours * 3600 / 3.2))  # eSpeak sentences here last ~3.2 s
+    seen, jobs = set(), []
+    while len(jobs) < n:
+        text = make_sentence(rng)
+        if text in seen:
+            continue
+        seen.add(text)
+        r = len(jobs) % 20  # 90 % train, 5 % val, 5 % test (round robin keeps tiny corpora split too)
+        split = "val" if r == 10 else "test" if r == 19 else "train"
+        spk = TEST_ONLY_SPEAKER if split == "test" and len(jobs) % 40 == 19 else int(rng.integers(NUM_SPEAKERS - 1))
+        jobs.append((split, text, spk, int(rng.integers(-6, 7)), float(rng.uniform(-0.08, 0.08))))
+    return jobs
+
+
+_QA = [
+    ("what is {a} plus {b}", "{a} plus {b} is {c}", lambda a, b: a + b),
+    ("what is {a} times {b}", "{a} times {b} is {c}", lambda a, b: a * b),
+    ("what is {a} minus {b}", "{a} minus {b} is {c}", lambda a, b: a - b),
+]
+_FACTS = [("what color is the sky", "the sky is blue"), ("how many days are in a week", "there are seven days in a week"),
+          ("what color is grass", "grass is green"), ("how many legs does a spider have", "a spider has eight legs"),
+          ("what is the first month of the year", "the first month is january"),
+          ("how many hours are in a day", "there are twenty four hours in a day"),
+          ("what do bees make", "bees make honey"), ("what is frozen water called", "frozen water is called ice"),
+          ("which day comes after monday", "tuesday comes after monday"),
+          ("how many minutes are in an hour", "there are sixty minutes in an hour")]
+_OPENERS = ["hello", "hi there", "good morning", "hey"]
+_REPLIES = ["hello how can i help", "hi what would you like to know", "good morning ask me anything"]
+
+
+def _dialogue_script(rng):
+    """A conversation: greeting, then 2-4 question/answer turns; user on channel 0, assistant on channel 1."""
+    turns = [(0, _OPENERS[rng.integers(len(_OPENERS))]), (1, _REPLIES[rng.integers(len(_REPLIES))])]
+    for _ in range(int(rng.integers(2, 5))):
+        if rng.random() < 0.6:
+            q, a, f = _QA[rng.integers(len(_QA))]
+            x, y = int(rng.integers(2, 13)), int(rng.integers(1, 13))
+            if f is _QA[2][2] and y > x:
+                x, y = y, x
+            fill = dict(a=number_words(x), b=number_words(y), c=number_words(f(x, y)))
+            turns += [(0, q.format(**fill)), (1, a.format(**fill))]
+        else:
+            q, a = _FACTS[rng.integers(len(_FACTS))]
+            turns += [(0, q), (1, a)]
+    turns += [(0, "thank you"), (1, "you are welcome")]
+    return turns
+
+
+def _build_dialogue(idx, hours, seed):
+    rng = np.random.default_rng([seed, 7, idx])
+    user, asst = int(rng.integers(NUM_SPEAKERS - 1)), int(rng.integers(NUM_SPEAKERS - 1))
+    turns = _dialogue_script(rng)
+    pieces, t = [], 0.3
+    for ch, text in turns:
+        wav, words = _speak((text, user if ch == 0 else asst, int(rng.integers(-4, 5)), float(rng.uniform(-0.05, 0.05))))
+        # turn-taking: usually a pause, sometimes the next speaker comes in early (overlap, §dialogue)
+        pieces.append((ch, t, wav, words, text))
+        gap = float(rng.uniform(-0.25, 0.0)) if rng.random() < 0.2 else float(rng.uniform(0.15, 0.8))
+        t = max(t + 0.1, t + len(wav) / ESPEAK_SR + gap)
+    # occasional backchannel from the user while the assistant speaks
+    total = int((t + 0.3) * ESPEAK_SR)
+    out = np.zeros((2, total), np.int32)
+    chan_words, lines = ([], []), []
+    for ch, start, wav, words, text in pieces:
+        s = int(start * ESPEAK_SR)
+        out[ch, s:s + len(wav)] += wav[: total - s]
+        chan_words[ch].extend((w, round(a + start, 4), round(b + start, 4)) for w, a, b in words)
+        lines.append(("user" if ch == 0 else "assistant") + ": " + text)
+    return np.clip(out, -32768, 32767).astype(np.int16), chan_words, " / ".join(lines), (user, asst)
+
+
+def _note(rng, sr, dur, f0, kind):
+    t = np.arange(int(dur * sr)) / sr
+    if kind == "pluck":  # bright attack, exponential decay
+        harm = sum((0.6 ** k) * np.sin(2 * np.pi * f0 * (k + 1) * t + rng.uniform(0, 6.28)) for k in range(6))
+        env = np.exp(-t * rng.uniform(2.5, 6))
+    elif kind == "pad":  # soft, slow attack
+        harm = sum((0.4 ** k) * np.sin(2 * np.pi * f0 * (k + 1) * (1 + 0.002 * k) * t) for k in range(4))
+        env = np.minimum(1, t / 0.15) * np.exp(-t * 0.7)
+    else:  # "square-ish" lead with vibrato
+        vib = 1 + 0.004 * np.sin(2 * np.pi * 5.5 * t)
+        harm = sum(np.sin(2 * np.pi * f0 * (2 * k + 1) * vib * t) / (2 * k + 1) for k in range(5))
+        env = np.minimum(1, t / 0.02) * np.exp(-t * 1.2)
+    return harm * env
+
+
+def _drum(rng, sr, kind):
+    t = np.arange(int(0.35 * sr)) / sr
+    if kind == "kick":  # pitch-swept sine
+        return np.sin(2 * np.pi * (50 + 120 * np.exp(-t * 25)) * t) * np.exp(-t * 12)
+    if kind == "snare":
+        return (rng.standard_normal(len(t)) * 0.6 + np.sin(2 * np.pi * 190 * t)) * np.exp(-t * 18)
+    return rng.standard_normal(len(t)) * np.exp(-t * 60) * 0.5  # hat
+
+
+def _build_music(idx, seed):
+    """A 4-8 s stereo clip at 24 kHz: a chord progression, a melody, percussion, panned."""
+    rng = np.random.default_rng([seed, 11, idx])
+    sr, bpm = MUSIC_SR, float(rng.uniform(80, 150))
+    beat = 60 / bpm
+    n_beats = int(rng.integers(8, 17))
+    dur = n_beats * beat + 0.5
+    out = np.zeros((2, int(dur * sr)))
+    root = 110 * 2 ** (rng.integers(0, 12) / 12)
+    scale = [0, 2, 4, 5, 7, 9, 11] if rng.random() < 0.6 else [0, 2, 3, 5, 7, 8, 10]
+
+    def add(sig, start, pan, gain):
+        s = int(start * sr)
+        n = min(len(sig), out.shape[1] - s)
+        if n > 0:
+            out[0, s:s + n] += sig[:n] * gain * (1 - pan)
+            out[1, s:s + n] += sig[:n] * gain * pan
+    pad_kind, lead_kind = ("pad", "pluck") if rng.random() < 0.5 else ("pluck", "lead")
+    for bar in range(0, n_beats, 4):  # chords, one per bar
+        deg = int(rng.choice([0, 3, 4, 5]))
+        for k in (0, 2, 4):
+            semi = scale[(deg + k) % 7] + 12 * ((deg + k) // 7)
+            add(_note(rng, sr, 4 * beat, root * 2 ** (semi / 12), pad_kind), bar * beat, 0.35, 0.12)
+    for b in range(n_beats * 2):  # melody, eighth notes with rests
+        if rng.random() < 0.7:
+            semi = scale[rng.integers(7)] + 12 * int(rng.integers(1, 3))
+            add(_note(rng, sr, beat, root * 2 ** (semi / 12), lead_kind), b * beat / 2, 0.65, 0.15)
+    if rng.random() < 0.8:  # percussion
+        for b in range(n_beats):
+            add(_drum(rng, sr, "kick" if b % 2 == 0 else "snare"), b * beat, 0.5, 0.35)
+            add(_drum(rng, sr, "hat"), (b + 0.5) * beat, 0.7, 0.2)
+    peak = np.abs(out).max() + 1e-9
+    out = out / peak * rng.uniform(0.3, 0.9)
+    return np.round(out * 32767).astype(np.int16)
+
+
+def _corpus_dir(kind, hours, seed):
+    return os.path.join(DATA_ROOT, f"{kind}-v{CORPUS_VERSION}-{hours:g}h-seed{seed}")
+
+
+def build_corpus(kind="speech", hours=2.0, seed=1337, workers=None, verbose=True):
+    """Generate (once) and cache a built-in corpus: data/<kind>-v<version>-<hours>h-seed<seed>/{audio.npy,manifest.json}.
+    speech: `hours` of eSpeak sentences; dialogue and music: a quarter of that each."""
+    path = _corpus_dir(kind, hours, seed)
+    man_path = os.path.join(path, "manifest.json")
+    if os.path.exists(man_path):
+        with open(man_path) as f:
+            man = json.load(f)
+        if man.get("version") == CORPUS_VERSION and os.path.exists(os.path.join(path, "audio.npy")):
+            return path
+    workers = workers or min(4, os.cpu_count() or 1)
+    t0 = time.time()
+    items, audio = [], []
+    if kind == "speech":
+        jobs = _speech_jobs(hours, seed)
+        results = _map(_speak, [(t, s, p, r) for _, t, s, p, r in jobs], workers)
+        for i, ((split, text, spk, _, _), (wav, words)) in enumerate(zip(jobs, results)):
+            items.append(dict(id=f"speech{i:06d}", split=split, text=text, words=words, speaker=spk,
+                              speaker_name=VOICES[spk][0], channels=1, length=len(wav), sr=ESPEAK_SR))
+            audio.append(wav)
+    elif kind == "dialogue":
+        n = max(6, int(hours / 4 * 3600 / 25))  # ~25 s per conversation
+        results = _map(_dialogue_job, [(i, hours, seed) for i in range(n)], workers)
+        for i, (wav, chan_words, text, spk) in enumerate(results):
+            split = _split_for(i, n)
+            items.append(dict(id=f"dialogue{i:05d}", split=split, text=text, words=chan_words, speaker=spk[0],
+                              speaker_name=f"{VOICES[spk[0]][0]}|{VOICES[spk[1]][0]}", channels=2,
+                              length=wav.shape[1], sr=ESPEAK_SR))
+            audio.append(wav.reshape(-1))
+    elif kind == "music":
+        n = max(6, int(hours / 4 * 3600 / 6))
+        results = _map(_music_job, [(i, seed) for i in range(n)], workers)
+        for i, wav in enumerate(results):
+            split = _split_for(i, n)
+            items.append(dict(id=f"music{i:05d}", split=split, text="", words=[], speaker=0, speaker_name="synth",
+                              channels=2, length=wav.shape[1], sr=MUSIC_SR))
+            audio.append(wav.reshape(-1))
+    else:
+        raise ValueError(f"unknown corpus kind {kind!r} (speech, dialogue, music)")
+    offset = 0
+    for it, a in zip(items, audio):
+        it["offset"], offset = offset, offset + len(a)
+    os.makedirs(path, exist_ok=True)
+    np.save(os.path.join(path, "audio.npy.tmp.npy"), np.concatenate(audio).astype(np.int16))
+    os.replace(os.path.join(path, "audio.npy.tmp.npy"), os.path.join(path, "audio.npy"))
+    secs = sum(it["length"] for it in items) / (items[0]["sr"] if items else 1)
+    with open(man_path + ".tmp", "w") as f:
+        json.dump(dict(version=CORPUS_VERSION, kind=kind, seed=seed, hours=hours, seconds=secs,
+                       build_seconds=time.time() - t0, items=items), f)
+    os.replace(man_path + ".tmp", man_path)
+    if verbose:
+        log(f"built the {kind} corpus: {len(items)} clips, {secs / 3600:.2f} h of audio in {time.time() - t0:.1f} s -> {path}")
+    return path
+
+
+def _split_for(i, n):
+    """90/5/5 round robin; a corpus of under 20 clips still gets one val and one test clip."""
+    if n < 20:
+        return "test" if i == n - 1 else "val" if i == n - 2 else "train"
+    return "val" if i % 20 == 10 else "test" if i % 20 == 19 else "train"
+
+
+def _dialogue_job(a):
+    return _build_dialogue(*a)
+
+
+def _music_job(a):
+    return _build_music(*a)
+
+# ----------------------------------------------------------------------------- data
+
+class Utterance:
+    """One clip: audio (float32, (T,) or (C, T)), its rate, transcript, word times and speaker."""
+    __slots__ = ("id", "_audio", "sr", "text", "words", "speaker", "speaker_name")
+
+    def __init__(self, id, audio, sr, text="", words=(), speaker=0, speaker_name=""):
+        self.id, self._audio, self.sr, self.text = id, audio, sr, text
+        self.words, self.speaker, self.speaker_name = words, speaker, speaker_name
+
+    @property
+    def wav(self):
+        a = self._audio
+        return (a.astype(np.float32) / 32768.0) if a.dtype == np.int16 else np.asarray(a, dtype=np.float32)
+
+    @property
+    def duration(self):
+        return self._audio.shape[-1] / self.sr
+
+    def __repr__(self):
+        return f"Utterance({self.id!r}, {self.duration:.2f}s @ {self.sr} Hz, speaker={self.speaker}, text={self.text[:40]!r})"
+
+
+def num_speakers(utts=None):
+    return NUM_SPEAKERS if utts is None else max([u.speaker for u in utts] + [NUM_SPEAKERS - 1]) + 1
+
+
+def _builtin(kind, split, sr, mono, hours, seed):
+    path = build_corpus(kind, hours, seed)
+    with open(os.path.join(path, "manifest.json")) as f:
+        man = json.load(f)
+    raw = np.load(os.path.join(path, "audio.npy"), mmap_mode="r")
+    src_sr = man["items"][0]["sr"] if man["items"] else sr
+    if sr != src_sr:  # resample once, cache beside the original (int16, per target rate and channel layout)
+        rpath = os.path.join(path, f"audio_{sr}.npy")
+        opath = os.path.join(path, f"offsets_{sr}.npy")
+        if not (os.path.exists(rpath) and os.path.exists(opath)):
+            outs, offs, o = [], [], 0
+            for it in man["items"]:
+                a = raw[it["offset"]: it["offset"] + it["length"] * it["channels"]].astype(np.float32) / 32768.0
+                a = resample(a.reshape(it["channels"], it["length"]), src_sr, sr)
+                outs.append(np.clip(np.round(a * 32768.0), -32768, 32767).astype(np.int16).reshape(-1))
+                offs.append((o, a.shape[-1]))
+                o += outs[-1].size
+            np.save(rpath + ".tmp.npy", np.concatenate(outs))
+            os.replace(rpath + ".tmp.npy", rpath)
+            np.save(opath + ".tmp.npy", np.array(offs, dtype=np.int64))
+            os.replace(opath + ".tmp.npy", opath)
+        raw = np.load(rpath, mmap_mode="r")
+        offsets = np.load(opath)
+    else:
+        offsets = np.array([(it["offset"], it["length"]) for it in man["items"]], dtype=np.int64).reshape(-1, 2)
+    utts = []
+    for it, (off, n) in zip(man["items"], offsets):
+        if it["split"] != split:
+            continue
+        a = np.asarray(raw[off: off + n * it["channels"]]).reshape(it["channels"], n)
+        if mono and it["channels"] > 1 and kind != "dialogue":
+            a = (a.astype(np.int32).sum(0) // it["channels"]).astype(np.int16)
+        elif it["channels"] == 1:
+            a = a[0]
+        words = it["words"]
+        words = tuple(tuple(map(tuple, w)) for w in words) if kind == "dialogue" else [tuple(w) for w in words]
+        utts.append(Utterance(it["id"], a, sr, it["text"], words, it["speaker"], it["speaker_name"]))
+    return utts
+
+
+_AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3")
+
+
+def _split_of(key):
+    """A stable split for user data: ~2 % val and ~2 % test by hash of the clip id."""
+    h = int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % 100
+    return "val" if h < 2 else "test" if h < 4 else "train"
+
+
+def _scan_folder(data_dir):
+    """(id, path, text, speaker_name) for an LJSpeech folder, a LibriSpeech tree, or any folder of audio files."""
+    if not os.path.isdir(data_dir):
+        raise SystemExit(f"error: --data_dir={data_dir!r} is not a folder")
+    meta = os.path.join(data_dir, "metadata.csv")
+    entries = []
+    if os.path.exists(meta) and os.path.isdir(os.path.join(data_dir, "wavs")):  # LJSpeech: id|text|normalized text
+        with open(meta, encoding="utf-8") as f:
+            for line in f:
+                parts = line.rstrip("\n").split("|")
+                if len(parts) >= 2:
+                    entries.append((parts[0], os.path.join(data_dir, "wavs", parts[0] + ".wav"), parts[-1], "lj"))
+        return entries
+    trans = {}
+    for dirpath, _, files in os.walk(data_dir):
+        for fn in files:
+            if fn.endswith(".trans.txt"):  # LibriSpeech: "<id> TEXT" per line, one file per chapter
+                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
+                    for line in f:
+                        if " " in line:
+                            k, t = line.strip().split(" ", 1)
+                            trans[k] = t
+    for dirpath, _, files in sorted(os.walk(data_dir)):
+        for fn in sorted(files):
+            stem, ext = os.path.splitext(fn)
+            if ext.lower() not in _AUDIO_EXT:
+                continue
+            p = os.path.join(dirpath, fn)
+            rel = os.path.relpath(p, data_dir)
+            text = trans.get(stem, "")
+            if not text and os.path.exists(os.path.join(dirpath, stem + ".txt")):
+                with open(os.path.join(dirpath, stem + ".txt"), encoding="utf-8") as f:
+                    text = f.read().strip()
+            spk = stem.split("-")[0] if stem in trans else os.path.basename(dirpath)
+            entries.append((os.path.splitext(rel)[0], p, text, spk))
+    return entries
+
+
+def _folder(data_dir, split, sr, mono, channels=None):
+    entries = _scan_folder(data_dir)
+    if not entries:
+        raise SystemExit(f"error: --data_dir={data_dir!r} holds no audio files ({', '.join(_AUDIO_EXT)}) "
+                         "and no LJSpeech metadata.csv")
+    splits = [_split_of(e[0]) for e in entries]
+    if len(entries) >= 3:  # make sure every split has at least one clip
+        for s, i in (("val", 0), ("test", 1)):
+            if s not in splits:
+                splits[i] = s
+    names = sorted({e[3] for e in entries})
+    utts = []
+    for (cid, path, text, spk), s in zip(entries, splits):
+        if s != split:
+            continue
+        try:
+            wav, _ = load_audio(path, sr=sr, mono=mono)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        if channels is not None and not mono and wav.shape[0] != channels:
+            raise SystemExit(f"error: {path!r} has {wav.shape[0]} channel(s); this model needs {channels}")
+        utts.append(Utterance(cid, wav, sr, text, [], names.index(spk), spk))
+    if not utts:
+        raise SystemExit(f"error: the {split!r} split of {data_dir!r} is empty (add more files)")
+    return utts
+
+
+def load_corpus(cfg, split, sr, kind="speech", mono=True, channels=None):
+    """Clips of one split at rate sr: the built-in corpus (cfg.corpus_hours), or cfg.data_dir if set.
+    kind: speech | dialogue | music | audio (speech and music together, for the codecs)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    data_dir = getattr(cfg, "data_dir", "")
+    if data_dir:
+        return _folder(data_dir, split, sr, mono, channels)
+    hours, seed = getattr(cfg, "corpus_hours", 2.0), 1337  # the corpus seed is fixed: one corpus for every run
+    if kind == "audio":
+        return _builtin("speech", split, sr, mono, hours, seed) + _builtin("music", split, sr, mono, hours, seed)
+    utts = _builtin(kind, split, sr, mono, hours, seed)
+    if channels is not None and not mono and kind == "speech":  # mono speech for a multi-channel model
+        for u in utts:
+            u._audio = np.repeat(u._audio[None], channels, 0)
+    return utts
+
+
+class SegmentSampler:
+    """Random fixed-length segments from a list of clips; each rank draws its own batches from its own RNG."""
+
+    def __init__(self, wavs, seg_len, batch_size, seed=1337, rank=0, world_size=1, align=1):
+        if not len(wavs):
+            raise ValueError("SegmentSampler needs at least one clip")
+        self.wavs, self.seg_len, self.batch_size, self.align = wavs, seg_len, batch_size, max(1, align)
+        self.rng = np.random.default_rng([seed, rank, world_size])
+        lengths = np.array([w.shape[-1] for w in wavs], dtype=np.float64)
+        self.p = lengths / lengths.sum()  # longer clips are drawn more often: every second is equally likely
+
+    def next(self):
+        idx = self.rng.choice(len(self.wavs), size=self.batch_size, p=self.p)
+        out = []
+        for i in idx:
+            w = self.wavs[i]
+            T = w.shape[-1]
+            if T > self.seg_len:
+                start = int(self.rng.integers(0, (T - self.seg_len) // self.align + 1)) * self.align
+                seg = w[..., start:start + self.seg_len]
+            else:
+                seg = np.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, self.seg_len - T)])
+            seg = np.asarray(seg)
+            out.append(seg.astype(np.float32) / 32768.0 if seg.dtype == np.int16 else seg.astype(np.float32))
+        return torch.from_numpy(np.stack(out)), torch.from_numpy(idx.astype(np.int64))
+
+    def state_dict(self):
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state
+
+
+def pad_collate(arrays):
+    """Zero-pad clips along time: (B, T) or (B, C, T) float32, and the (B,) lengths."""
+    lengths = [a.shape[-1] for a in arrays]
+    T = max(lengths)
+    out = [np.pad(np.asarray(a, dtype=np.float32), [(0, 0)] * (np.ndim(a) - 1) + [(0, T - a.shape[-1])]) for a in arrays]
+    return torch.from_numpy(np.stack(out)), torch.tensor(lengths, dtype=torch.long)
+
+# ----------------------------------------------------------------------------- metrics
+
+def edit_distance(a, b):
+    """Levenshtein distance between two sequences."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
+def normalize_text(s):
+    return " ".join(re.sub(r"[^\w\s']", " ", s.lower()).split())
+
+
+def wer(refs, hyps):
+    """Corpus word error rate: total word edits / total reference words (text normalized first)."""
+    refs, hyps = ([refs], [hyps]) if isinstance(refs, str) else (refs, hyps)
+    errs = sum(edit_distance(normalize_text(r).split(), normalize_text(h).split()) for r, h in zip(refs, hyps))
+    return errs / max(1, sum(len(normalize_text(r).split()) for r in refs))
+
+
+def cer(refs, hyps):
+    refs, hyps = ([refs], [hyps]) if isinstance(refs, str) else (refs, hyps)
+    errs = sum(edit_distance(normalize_text(r), normalize_text(h)) for r, h in zip(refs, hyps))
+    return errs / max(1, sum(len(normalize_text(r)) for r in refs))
+
+
+def si_snr(est, ref, eps=1e-8):
+    """Scale-invariant SNR in dB (mean over the batch); (..., T) tensors or arrays."""
+    est, ref = torch.as_tensor(est).float(), torch.as_tensor(ref).float()
+    T = min(est.shape[-1], ref.shape[-1])
+    est, ref = est[..., :T], ref[..., :T]
+    est = est - est.mean(-1, keepdim=True)
+    ref = ref - ref.mean(-1, keepdim=True)
+    target = (est * ref).sum(-1, keepdim=True) / (ref.pow(2).sum(-1, keepdim=True) + eps) * ref
+    noise = est - target
+    return (10 * torch.log10(target.pow(2).sum(-1) / (noise.pow(2).sum(-1) + eps) + eps)).mean().item()
+
+
+def mel_distance(est, ref, sr):
+    """Mean L1 between ln-mel spectrograms (80 bins; window scaled with sr, 1024 at 22.05 kHz)."""
+    est, ref = torch.as_tensor(est).float(), torch.as_tensor(ref).float()
+    T = min(est.shape[-1], ref.shape[-1])
+    n_fft = 2 ** round(math.log2(1024 * sr / 22050))
+    kw = dict(sr=sr, n_fft=n_fft, hop=n_fft // 4, n_mels=80)
+    return F.l1_loss(mel_spectrogram(est[..., :T], **kw), mel_spectrogram(ref[..., :T], **kw)).item()
+
+
+def mrstft_distance(est, ref, resolutions=((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))):
+    """Multi-resolution STFT distance: spectral convergence + log-magnitude L1, averaged over resolutions."""
+    est, ref = torch.as_tensor(est).float(), torch.as_tensor(ref).float()
+    T = min(est.shape[-1], ref.shape[-1])
+    est, ref = est[..., :T].reshape(-1, T), ref[..., :T].reshape(-1, T)
+    total = 0.0
+    for n_fft, hop, win in resolutions:
+        w = torch.hann_window(win, device=est.device)
+        S = lambda x: torch.stft(x, n_fft, hop, win, w, return_complex=True).abs().clamp(min=1e-7)
+        a, b = S(est), S(ref)
+        sc = torch.linalg.norm(b - a) / torch.linalg.norm(b).clamp(min=1e-7)
+        total += (sc + F.l1_loss(a.log(), b.log())).item()
+    return total / len(resolutions)
+
+# ----------------------------------------------------------------------------- samples
+
+def save_sample(dir, name, wav, sr, ref=None):
+    """Write dir/name.wav and dir/name.png: the spectrogram of the generated audio (above the reference's)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(dir, exist_ok=True)
+    to_np = lambda x: x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
+    wav = to_np(wav)
+    save_audio(os.path.join(dir, name + ".wav"), wav, sr)
+    panels = [("generated", wav)] + ([("reference", to_np(ref))] if ref is not None else [])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3 * len(panels)), squeeze=False)
+    n_fft = 2 ** round(math.log2(1024 * sr / 22050))
+    for ax, (title, x) in zip(axes[:, 0], panels):
+        x = x.mean(0) if x.ndim == 2 else x
+        mel = mel_spectrogram(torch.from_numpy(np.ascontiguousarray(x)), sr, n_fft, n_fft // 4, n_mels=80,
+                              log="log10", center=True).numpy()
+        im = ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", vmin=max(mel.min(), mel.max() - 5),
+                       extent=[0, len(x) / sr, 0, 80])
+        ax.set_title(f"{name} — {title}")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("mel bin")
+        fig.colorbar(im, ax=ax, label="log10 magnitude")
+    fig.tight_layout()
+    fig.savefig(os.path.join(dir, name + ".png"), dpi=80)
+    plt.close(fig)
+
+# ----------------------------------------------------------------------------- bench
+
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timeit(fn, iters=10, warmup=3):
+    """Median milliseconds per call of fn(), synchronizing the GPU around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync()
+        t = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.median(times))
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn() (matmuls and convolutions, forward and backward), via torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+# dense bf16 tensor-core peaks (FLOP/s) of GPUs worth naming; the fraction achieved is the distance to the limit
+_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+          "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+def _device_name(dev):
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import platform
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def peak_flops(rt):
+    if rt.device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(rt.device)
+    for k, v in _PEAKS.items():
+        if k in name:
+            return v if rt.dtype in (torch.bfloat16, torch.float16) else v / 2  # TF32 is half the bf16 rate
+    return None
+
+
+def peak_memory_mb(rt):
+    if rt.device_type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def report_bench(cfg, rt, model=None, **figures):
+    """Print one JSON line: the standard fields, then the paper's own figures; adds mfu when it can."""
+    out = dict(paper=_paper_of(cfg), preset=getattr(cfg, "preset", None), device=_device_name(rt.device),
+               dtype=str(rt.dtype).replace("torch.", ""), compiled=bool(getattr(cfg, "compile", False)),
+               torch=torch.__version__)
+    if model is not None:
+        out["params"] = count_params(unwrap(model))
+    out.update(figures)
+    fl, ms = figures.get("train_flops_per_step"), figures.get("train_step_ms")
+    peak = peak_flops(rt)
+    if fl and ms:
+        out["train_tflops"] = round(fl / (ms / 1000) / 1e12, 3)
+        out["mfu"] = round(fl / (ms / 1000) / peak, 4) if peak else None
+    out["peak_memory_mb"] = round(peak_memory_mb(rt), 1)
+    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+    print(json.dumps(out), flush=True)
+    return out
