@@ -1,0 +1,430 @@
+"""
+MelGAN: Generative Adversarial Networks for Conditional Waveform Synthesis
+(Kumar et al., NeurIPS 2019) — https://arxiv.org/abs/1910.06711
+
+The idea: invert a mel spectrogram to a waveform with one feed-forward pass. A fully convolutional
+generator upsamples 80-bin mel frames 256x with transposed convolutions (8x8x2x2), each followed by a
+residual stack of dilated convolutions (dilations 1, 3, 9) that widens the receptive field (§2.1).
+There is no noise input and no reconstruction loss: three discriminators look at the raw, 2x and 4x
+average-pooled waveform and score overlapping windows (§2.2); a hinge GAN loss plus an L1
+feature-matching loss on the discriminators' hidden layers (§2.3) is the whole objective.
+
+Simplified or changed versus the paper / official code (descriptinc/melgan-neurips):
+- data is the built-in eSpeak corpus (or --data_dir), not LJSpeech; training is measured in steps, not
+  the official 3000 epochs; evaluation is mel L1 and multi-resolution STFT distance, not MOS.
+- one waveform batch goes through the discriminator as [real; fake] in a single forward (same math,
+  fewer kernel launches); bf16 autocast and torch.compile on CUDA (the official code is fp32, eager).
+- the mel magnitude adds 1e-9 under the square root (common.mel_spectrogram, HiFi-GAN's convention);
+  the official MelGAN Audio2Mel does not. The difference is far below the 1e-5 clamp.
+- PyTorch's default init is kept: the official weights_init runs after weight norm and has no effect.
+
+    python melgan.py                                    # train on the built-in corpus
+    python melgan.py --preset=paper --batch_size=16     # paper size (4.27 M generator)
+    python melgan.py --init_from=resume                 # continue out/melgan/ckpt.pt
+    python melgan.py --mode=sample --init_from=out/melgan/ckpt.pt   # or the official linda_johnson.pt
+    python melgan.py --mode=eval --init_from=out/melgan/ckpt.pt
+    python melgan.py --mode=bench
+    torchrun --standalone --nproc_per_node=8 melgan.py
+"""
+import contextlib
+import copy
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils import parametrize
+
+import common
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    mode: str = "train"                 # train | sample | eval | bench
+    preset: str = "paper"               # a key of PRESETS
+    init_from: str = "scratch"          # scratch | resume | path to a checkpoint (ours or the official generator)
+    out_dir: str = "out/melgan"
+    data_dir: str = ""                  # empty: the built-in speech corpus
+    corpus_hours: float = 2.0           # size of the built-in corpus
+    input: str = ""                     # --mode=sample: a wav to re-synthesize (empty: held-out utterances)
+    seed: int = 1337
+    # features (official Audio2Mel)
+    sample_rate: int = 22050            # LJSpeech rate (§3)
+    n_fft: int = 1024                   # STFT size
+    hop: int = 256                      # samples per mel frame = product of upsample_rates
+    n_mels: int = 80                    # mel bins
+    fmin: float = 0.0                   # lowest mel frequency (Hz)
+    fmax: float = 0.0                   # highest mel frequency (Hz); 0 = Nyquist (MelGAN uses the full band)
+    # generator (§2.1)
+    channels: int = 512                 # width after the input conv (16 * ngf, ngf = 32)
+    upsample_rates: tuple = (8, 8, 2, 2)  # transposed-conv strides, product = hop (§2.1.1)
+    dilations: tuple = (1, 3, 9)        # residual stack after each upsampler (§2.1.2)
+    # discriminator (§2.2)
+    num_d: int = 3                      # discriminators on raw, 2x and 4x downsampled audio (§2.2.1)
+    ndf: int = 16                       # width of the first discriminator conv
+    d_max_channels: int = 1024          # channel cap of the grouped strided convs
+    # loss and optimization (§2.3, official train.py)
+    lambda_feat: float = 10.0           # feature-matching weight (Eq. 4)
+    lr: float = 1e-4                    # Adam, G and D alike
+    betas: tuple = (0.5, 0.9)           # Adam betas
+    batch_size: int = 16
+    segment: int = 8192                 # training clip length in samples
+    max_iters: int = 100_000            # optimizer steps (the paper's models train far longer, see README)
+    log_interval: int = 50
+    eval_interval: int = 2000           # evaluate, write samples and checkpoint every N steps
+    eval_items: int = 16                # held-out utterances evaluate() vocodes
+    device: str = "auto"
+    dtype: str = "auto"                 # bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = True                # torch.compile (CUDA only unless asked)
+    bench_iters: int = 10               # timed iterations per bench figure
+
+PRESETS = {
+    "paper": dict(),                                        # Generator(80, ngf=32, 3), Discriminator(3, 16, 4, 4)
+    "small": dict(channels=128, ndf=16, d_max_channels=256, batch_size=8, max_iters=2000,
+                  eval_interval=500, corpus_hours=0.5, eval_items=8, log_interval=25),  # ~15 min on a laptop CPU
+    "tiny":  dict(channels=32, ndf=4, d_max_channels=64, batch_size=2, segment=2048, max_iters=10,
+                  eval_interval=1000, corpus_hours=0.02, eval_items=2, log_interval=1, bench_iters=2),  # tests
+}
+ARCH_KEYS = ("n_mels", "hop", "channels", "upsample_rates", "dilations", "num_d", "ndf", "d_max_channels")
+
+# ----------------------------------------------------------------------------- model
+
+class ResBlock(nn.Module):
+    """One block of the residual stack (§2.1.2, Fig. 1): LReLU, reflection-padded dilated k=3 conv,
+    LReLU, 1x1 conv; the shortcut is itself a learned 1x1 conv (official code)."""
+    def __init__(self, channels, dilation):
+        super().__init__()
+        self.dilation = dilation
+        self.conv1 = weight_norm(nn.Conv1d(channels, channels, 3, dilation=dilation))
+        self.conv2 = weight_norm(nn.Conv1d(channels, channels, 1))
+        self.shortcut = weight_norm(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x):                                          # (B, C, T) -> (B, C, T)
+        h = F.pad(F.leaky_relu(x, 0.2), (self.dilation, self.dilation), "reflect")
+        h = self.conv2(F.leaky_relu(self.conv1(h), 0.2))
+        return self.shortcut(x) + h
+
+
+class Generator(nn.Module):
+    """mel (B, n_mels, frames) -> waveform (B, 1, frames * hop) in [-1, 1] (§2.1, Fig. 1).
+    Weight norm on every conv (§2.1.4): it does not restrict the discriminator's view of the sample
+    space the way instance norm did in the authors' ablation, and trains stably."""
+    def __init__(self, cfg):
+        super().__init__()
+        assert math.prod(cfg.upsample_rates) == cfg.hop, "upsample_rates must multiply to hop"
+        self.n_res = len(cfg.dilations)
+        self.conv_pre = weight_norm(nn.Conv1d(cfg.n_mels, cfg.channels, 7))
+        self.ups, self.resblocks = nn.ModuleList(), nn.ModuleList()
+        ch = cfg.channels
+        for r in cfg.upsample_rates:
+            # kernel = 2 * stride so every output sample gets the same number of taps: no checkerboard
+            # artifacts from uneven overlap (§2.1.3)
+            self.ups.append(weight_norm(nn.ConvTranspose1d(ch, ch // 2, 2 * r, stride=r,
+                                                           padding=r // 2 + r % 2, output_padding=r % 2)))
+            ch //= 2
+            self.resblocks.extend(ResBlock(ch, d) for d in cfg.dilations)
+        self.conv_post = weight_norm(nn.Conv1d(ch, 1, 7))
+
+    def forward(self, mel):                                        # (B, n_mels, frames)
+        x = self.conv_pre(F.pad(mel, (3, 3), "reflect"))           # (B, C, frames)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, 0.2))                           # (B, C / 2^(i+1), frames * prod(rates[:i+1]))
+            # the stack runs its blocks in series: dilations 1, 3, 9 grow the receptive field to 27
+            # samples at this rate, so distant samples correlate (§2.1.2)
+            for j in range(self.n_res):
+                x = self.resblocks[i * self.n_res + j](x)
+        x = self.conv_post(F.pad(F.leaky_relu(x, 0.2), (3, 3), "reflect"))
+        return torch.tanh(x)                                       # (B, 1, frames * hop)
+
+
+class ScaleDiscriminator(nn.Module):
+    """One discriminator (§2.2, Appendix A): a stride-4 stack of large grouped convs (kernel 41,
+    groups in/4 keep the parameter count down) whose output is a map of logits, one per window of
+    the input: the "window-based objective" (§2.2.2) of a patch discriminator."""
+    def __init__(self, cfg):
+        super().__init__()
+        convs, ch = [weight_norm(nn.Conv1d(1, cfg.ndf, 15))], cfg.ndf
+        for _ in range(4):                                         # 4 downsampling layers, x4 each
+            out = min(ch * 4, cfg.d_max_channels)
+            convs.append(weight_norm(nn.Conv1d(ch, out, 41, stride=4, padding=20, groups=ch // 4)))
+            ch = out
+        out = min(ch * 2, cfg.d_max_channels)
+        convs.append(weight_norm(nn.Conv1d(ch, out, 5, padding=2)))
+        self.convs = nn.ModuleList(convs)
+        self.conv_post = weight_norm(nn.Conv1d(out, 1, 3, padding=1))
+
+    def forward(self, x):                                          # (B, 1, T)
+        fmaps = []
+        x = F.pad(x, (7, 7), "reflect")
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.2)
+            fmaps.append(x)                                        # hidden features, for feature matching
+        fmaps.append(self.conv_post(x))                            # (B, 1, T / 256) window logits, last
+        return fmaps
+
+
+class Discriminator(nn.Module):
+    """Multi-scale discriminator (§2.2.1): the same architecture on the raw waveform and on it
+    average-pooled 2x and 4x; the coarse scales see low-frequency structure, the raw one detail."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.discriminators = nn.ModuleList(ScaleDiscriminator(cfg) for _ in range(cfg.num_d))
+        self.pool = nn.AvgPool1d(4, stride=2, padding=1, count_include_pad=False)
+
+    def forward(self, x):                                          # (B, 1, T)
+        outs = []
+        for i, d in enumerate(self.discriminators):
+            if i > 0:
+                x = self.pool(x)                                   # (B, 1, T / 2^i)
+            outs.append(d(x))
+        return outs                                                # [scale][layer] -> (B, C, T')
+
+
+def remove_weight_norm(model):
+    """Fold g * v / ||v|| into a plain weight for inference (the official code does the same)."""
+    for m in model.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    return model
+
+
+def load_official(G, state):
+    """Map the official generator file (linda_johnson.pt, multi_speaker.pt, or a trained netG.pt: a raw
+    state dict of Generator(80, 32, 3), one nn.Sequential named `model`) onto our module names.
+    Sequential layout: 0 pad, 1 conv_pre, then per stage i: 2+5i lrelu, 3+5i upsampler, 4+5i..6+5i
+    residual blocks (block.2 = dilated conv, block.4 = 1x1 conv, shortcut), then 22-25 lrelu/pad/conv_post/tanh."""
+    n_res = G.n_res
+    names = {"model.1": "conv_pre", f"model.{2 + 5 * len(G.ups) + 2}": "conv_post"}
+    for i in range(len(G.ups)):
+        names[f"model.{3 + 5 * i}"] = f"ups.{i}"
+        for j in range(n_res):
+            names[f"model.{4 + 5 * i + j}.block.2"] = f"resblocks.{i * n_res + j}.conv1"
+            names[f"model.{4 + 5 * i + j}.block.4"] = f"resblocks.{i * n_res + j}.conv2"
+            names[f"model.{4 + 5 * i + j}.shortcut"] = f"resblocks.{i * n_res + j}.shortcut"
+    suffix = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1",
+              "bias": "bias"}
+    ours = {}
+    for k, v in state.items():
+        prefix, _, leaf = k.rpartition(".")
+        if prefix not in names or leaf not in suffix:
+            raise SystemExit(f"error: unexpected key {k!r} in the official MelGAN generator file")
+        ours[f"{names[prefix]}.{suffix[leaf]}"] = v
+    common.load_state_dict(G, ours, what="MelGAN generator (official weights)")
+
+# ----------------------------------------------------------------------------- loss
+
+def discriminator_loss(real_outs, fake_outs):
+    """Hinge loss on every window logit of every scale (§2.3, Eq. 1)."""
+    loss = 0.0
+    for r, f in zip(real_outs, fake_outs):
+        loss = loss + F.relu(1 - r[-1].float()).mean() + F.relu(1 + f[-1].float()).mean()
+    return loss
+
+
+def generator_loss(fake_outs):
+    """Adversarial term of the generator: push the fake window logits up (§2.3, Eq. 2)."""
+    return sum(-f[-1].float().mean() for f in fake_outs)
+
+
+def feature_loss(real_outs, fake_outs):
+    """Feature matching (§2.3, Eq. 3): L1 between the discriminators' hidden features on real and fake
+    audio, every layer but the logits, each weighted 1/num_D * 4/(n_layers + 1) as in the official code."""
+    w = (1.0 / len(real_outs)) * (4.0 / 5)                      # 4 / (n_layers + 1), n_layers = 4
+    loss = 0.0
+    for r_scale, f_scale in zip(real_outs, fake_outs):
+        for r, f in zip(r_scale[:-1], f_scale[:-1]):
+            loss = loss + w * F.l1_loss(f.float(), r.detach().float())
+    return loss
+
+
+def gan_step(G, D, opt_g, opt_d, wav, mel, cfg, amp):
+    """One training step: D on [real; fake.detach()], then G (official order). Returns the logged losses."""
+    B = wav.shape[0]
+    with amp():
+        fake = G(mel)                                              # (B, 1, T)
+        outs = D(torch.cat([wav, fake.detach()]))                  # [scale][layer] -> (2B, C, T')
+    real_outs = [[t[:B] for t in s] for s in outs]
+    loss_d = discriminator_loss(real_outs, [[t[B:] for t in s] for s in outs])
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    with amp():
+        fake_outs = D(fake)
+    # the real features are reused from the D pass above (before D's update), as the official code does
+    loss_adv, loss_fm = generator_loss(fake_outs), feature_loss(real_outs, fake_outs)
+    loss_g = loss_adv + cfg.lambda_feat * loss_fm                  # Eq. 4
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    with torch.no_grad():  # monitoring only: MelGAN has no mel loss, the official code just logs this
+        mel_l1 = F.l1_loss(log_mel(fake.detach().float(), cfg), mel)
+    return dict(g=loss_adv, fm=loss_fm, d=loss_d, mel=mel_l1)
+
+# ----------------------------------------------------------------------------- data
+
+def log_mel(wav, cfg):
+    """(B, 1, T) or (T,) -> log10 mel (B, n_mels, T / hop): the official Audio2Mel features."""
+    x = wav.squeeze(1) if wav.dim() == 3 else wav
+    return common.mel_spectrogram(x, cfg.sample_rate, cfg.n_fft, cfg.hop, n_mels=cfg.n_mels, fmin=cfg.fmin,
+                                  fmax=cfg.fmax or None, log="log10")
+
+
+def load_split(cfg, split):
+    """(id, waveform) pairs of one split, each peak-normalized to 0.95 (official preprocessing)."""
+    utts = common.load_corpus(cfg, split, cfg.sample_rate, kind="speech")
+    out = []
+    for u in utts:
+        wav = u.wav                                                # (T,) float32
+        out.append((u.id, 0.95 * wav / max(float(abs(wav).max()), 1e-5)))
+    return out
+
+
+def get_batch(sampler, cfg, rt):
+    """Random training clips (B, 1, segment) with a random gain in [0.3, 1] (official augmentation),
+    and their mels (B, n_mels, segment / hop), computed on the device."""
+    x, _ = sampler.next()                                          # (B, T)
+    x = x.unsqueeze(1) * torch.empty(x.shape[0], 1, 1).uniform_(0.3, 1.0)  # (B, 1, T)
+    x = x.to(rt.device, non_blocking=True)
+    return x, log_mel(x, cfg)
+
+# ----------------------------------------------------------------------------- train
+
+def build(cfg, rt):
+    G, D = Generator(cfg).to(rt.device), Discriminator(cfg).to(rt.device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
+    return G, D, opt_g, opt_d
+
+
+def load_generator(cfg, rt):
+    """A Generator from --init_from: one of our checkpoints or the official generator file."""
+    if cfg.init_from == "scratch":
+        raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume or a checkpoint path")
+    G = Generator(cfg).to(rt.device)
+    ckpt = common.load_checkpoint(common.resume_path(cfg))
+    if common.is_ours(ckpt):
+        common.restore(ckpt, cfg, {"G": G}, arch_keys=ARCH_KEYS, rng=False)
+    else:
+        load_official(G, ckpt)
+    return G
+
+
+@torch.no_grad()
+def evaluate(cfg, G=None, rt=None, samples_dir=None):
+    """Vocode held-out utterances (unseen sentences, and a voice never heard in training) from their
+    ground-truth mels; mel L1 (ln-mel, common.mel_distance) and multi-resolution STFT distance."""
+    if G is None:
+        rt = common.setup(cfg)
+        G = remove_weight_norm(load_generator(cfg, rt))
+    was_training = G.training
+    G.eval()
+    mel_l1, stft = [], []
+    for i, (name, wav) in enumerate(load_split(cfg, "test")[:cfg.eval_items]):
+        wav = torch.from_numpy(wav[: len(wav) // cfg.hop * cfg.hop]).to(rt.device)  # (T,)
+        with rt.autocast():
+            fake = G(log_mel(wav, cfg).unsqueeze(0))[0, 0].float()  # (T,)
+        mel_l1.append(common.mel_distance(fake, wav, cfg.sample_rate))
+        stft.append(common.mrstft_distance(fake, wav))
+        if samples_dir is not None and i < 2:
+            common.save_sample(samples_dir, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
+    G.train(was_training)
+    metrics = dict(mel_l1=sum(mel_l1) / len(mel_l1), mrstft=sum(stft) / len(stft))
+    common.log("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def train(cfg):
+    rt = common.setup(cfg)
+    G, D, opt_g, opt_d = build(cfg, rt)
+    common.log(f"generator {common.count_params(G) / 1e6:.2f} M params, "
+               f"discriminator {common.count_params(D) / 1e6:.2f} M params")
+    train_wavs = [w for _, w in load_split(cfg, "train")]
+    sampler = common.SegmentSampler(train_wavs, cfg.segment, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+    step = 0
+    if cfg.init_from != "scratch":
+        ckpt = common.load_checkpoint(common.resume_path(cfg))
+        if common.is_ours(ckpt):   # resume: weights, optimizers, step, RNG and data order
+            step = common.restore(ckpt, cfg, {"G": G, "D": D}, {"G": opt_g, "D": opt_d},
+                                  sampler=sampler, arch_keys=ARCH_KEYS)
+        else:                      # fine-tune from the official generator; D starts fresh
+            load_official(G, ckpt)
+        common.log(f"initialized from {common.resume_path(cfg)} at step {step}")
+    g = common.wrap_ddp(common.compile(G, cfg), rt)
+    d = common.wrap_ddp(common.compile(D, cfg), rt)
+    prog = common.Progress(cfg, start_step=step)
+    seconds_per_step = cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate
+    while step < cfg.max_iters:
+        wav, mel = get_batch(sampler, cfg, rt)
+        losses = gan_step(g, d, opt_g, opt_d, wav, mel, cfg, rt.autocast)
+        step += 1
+        prog.update(step, losses, seconds_per_step)
+        if rt.master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
+            evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
+            common.save_checkpoint(cfg, step, {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, sampler=sampler)
+    common.cleanup(rt)
+
+# ----------------------------------------------------------------------------- sample
+
+@torch.no_grad()
+def sample(cfg):
+    """Mel -> waveform for a given wav (--input) or for held-out utterances, beside the reference."""
+    rt = common.setup(cfg)
+    G = remove_weight_norm(load_generator(cfg, rt)).eval()
+    if cfg.input:
+        wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
+        items = [(os.path.splitext(os.path.basename(cfg.input))[0], wav)]
+    else:
+        items = load_split(cfg, "test")[:4]
+    out = os.path.join(cfg.out_dir, "samples")
+    for name, wav in items:
+        wav = torch.from_numpy(wav[: len(wav) // cfg.hop * cfg.hop]).to(rt.device)  # (T,)
+        with rt.autocast():
+            fake = G(log_mel(wav, cfg).unsqueeze(0))[0, 0].float()  # (T,)
+        common.save_sample(out, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
+        common.log(f"wrote {os.path.join(out, name)}.wav/.png ({len(fake) / cfg.sample_rate:.2f} s)")
+
+# ----------------------------------------------------------------------------- bench
+
+def bench(cfg):
+    """Training step (D + G update) at cfg.batch_size x cfg.segment, and batch-1 inference of 10 s of audio
+    with weight norm folded, eager and compiled. On CUDA also the official recipe (fp32, eager) side by side."""
+    rt = common.setup(cfg)
+    G, D, opt_g, opt_d = build(cfg, rt)
+    wav = 0.5 * torch.rand(cfg.batch_size, 1, cfg.segment, device=rt.device) - 0.25   # (B, 1, T)
+    mel = log_mel(wav, cfg)
+    figures = dict(params_g=common.count_params(G), params_d=common.count_params(D))
+    flops = common.count_flops(lambda: gan_step(G, D, opt_g, opt_d, wav, mel, cfg, contextlib.nullcontext))
+    g, d = common.compile(G, cfg), common.compile(D, cfg)
+    ms = common.timeit(lambda: gan_step(g, d, opt_g, opt_d, wav, mel, cfg, rt.autocast), iters=cfg.bench_iters)
+    figures.update(train_step_ms=ms, train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (ms / 1e3),
+                   train_flops_per_step=flops)
+    if rt.device_type == "cuda":  # the official recipe: fp32, eager
+        ms32 = common.timeit(lambda: gan_step(G, D, opt_g, opt_d, wav, mel, cfg, contextlib.nullcontext),
+                             iters=cfg.bench_iters)
+        figures.update(baseline_fp32_eager_train_step_ms=ms32)
+    # inference: real-time factor = compute seconds per second of audio (lower is faster)
+    seconds = 10.0
+    G_inf = remove_weight_norm(copy.deepcopy(G)).eval()
+    mel1 = torch.randn(1, cfg.n_mels, int(seconds * cfg.sample_rate) // cfg.hop, device=rt.device) - 5  # (1, n_mels, frames)
+
+    def infer(model, amp):
+        with torch.no_grad(), amp():
+            return model(mel1)
+    figures["infer_rtf_eager"] = common.timeit(lambda: infer(G_inf, rt.autocast), iters=cfg.bench_iters) / 1e3 / seconds
+    g_inf = common.compile(G_inf, cfg)
+    figures["infer_rtf_compiled"] = (common.timeit(lambda: infer(g_inf, rt.autocast), iters=cfg.bench_iters) / 1e3
+                                     / seconds if g_inf is not G_inf else None)
+    if rt.device_type == "cuda":
+        figures["baseline_fp32_eager_infer_rtf"] = common.timeit(
+            lambda: infer(G_inf, contextlib.nullcontext), iters=cfg.bench_iters) / 1e3 / seconds
+    common.report_bench(cfg, rt, **figures)
+
+# ----------------------------------------------------------------------------- main
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config, PRESETS)
+    {"train": train, "sample": sample, "eval": evaluate, "bench": bench}[cfg.mode](cfg)
