@@ -709,6 +709,21 @@ def make_sentence(rng):
     return " ".join(t.format(**fill).split())
 
 
+_TMP = {}
+
+
+def _espeak_tmpdir():
+    if "pool" in _TMP:  # a worker of build_corpus's pool: the parent removes the folder when the pool is done
+        return _TMP["pool"]
+    if os.getpid() not in _TMP:
+        import atexit
+        import shutil
+        import tempfile
+        _TMP[os.getpid()] = d = tempfile.mkdtemp(prefix="nanoaudio-espeak-")
+        atexit.register(shutil.rmtree, d, True)
+    return _TMP[os.getpid()]
+
+
 class _Espeak:
     """A thin ctypes binding of libespeak-ng (synchronous mode): text in, 22.05 kHz int16 + word events out."""
 
@@ -721,7 +736,16 @@ class _Espeak:
             _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
                         ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
                         ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
-        self.lib = lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        # libespeak-ng keeps state in static variables from one utterance to the next (the same text comes out a few
+        # samples different each time), so each block of utterances gets a fresh private copy of the library:
+        # the audio then depends only on the block, never on what a process said before, and is byte-identical.
+        # (the copies live until the process exits: a deleted file's inode could be reused by the next copy, and
+        # the dynamic loader would then hand back the old, already-used instance)
+        import shutil
+        _TMP["n"] = _TMP.get("n", 0) + 1
+        path = os.path.join(_espeak_tmpdir(), f"libespeak-ng-{os.getpid()}-{_TMP['n']}.so")
+        shutil.copy(espeakng_loader.get_library_path(), path)
+        self.lib = lib = ctypes.CDLL(path)
         lib.espeak_Initialize.restype = ctypes.c_int
         sr = lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)  # 2 = AUDIO_OUTPUT_SYNCHRONOUS
         if sr != ESPEAK_SR:
@@ -778,21 +802,16 @@ class _Espeak:
         return wav.astype(np.int16), words
 
 
-_ESPEAK = None
+def _speak_block(jobs):
+    """A block of utterances, spoken by one fresh eSpeak instance (runs in a worker process)."""
+    engine = _Espeak()
+    return [_speak(job, engine) for job in jobs]
 
 
-def _espeak():
-    global _ESPEAK
-    if _ESPEAK is None:
-        _ESPEAK = _Espeak()
-    return _ESPEAK
-
-
-def _speak(job):
-    """One utterance (runs in a worker process)."""
+def _speak(job, engine):
     text, spk, pitch_j, rate_j = job
     voice, pitch, rate = VOICES[spk]
-    wav, words = _espeak().say(text, voice, min(99, max(0, pitch + pitch_j)), rate * (1 + rate_j))
+    wav, words = engine.say(text, voice, min(99, max(0, pitch + pitch_j)), rate * (1 + rate_j))
     # trim leading/trailing silence but keep 50 ms, and shift word times accordingly
     loud = np.nonzero(np.abs(wav) > 200)[0]
     a = max(0, int(loud[0]) - ESPEAK_SR // 20) if len(loud) else 0
@@ -804,17 +823,24 @@ def _speak(job):
 
 
 def _map(fn, jobs, workers):
-    if workers <= 1 or len(jobs) < 64:
+    if workers <= 1 or len(jobs) < 4:
         return [fn(j) for j in jobs]
     import multiprocessing as mp
-    with mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers) as pool:
-        return pool.map(fn, jobs, chunksize=32)
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="nanoaudio-espeak-")
+    try:
+        with mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(
+                workers, initializer=_TMP.__setitem__, initargs=("pool", d)) as pool:
+            return pool.map(fn, jobs, chunksize=1)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _speech_jobs(hours, seed):
     """Sentences (unique across the whole corpus), speakers and jitter, and the split of each utterance."""
     rng = np.random.default_rng(seed)
-    n = max(12, int(hours * 3600 / 3.2))  # eSpeak sentences here last ~3.2 s
+    n = max(12, int(hours * 3600 / 2.67))  # eSpeak sentences here last ~2.7 s
     seen, jobs = set(), []
     while len(jobs) < n:
         text = make_sentence(rng)
@@ -866,9 +892,9 @@ def _build_dialogue(idx, hours, seed):
     rng = np.random.default_rng([seed, 7, idx])
     user, asst = int(rng.integers(NUM_SPEAKERS - 1)), int(rng.integers(NUM_SPEAKERS - 1))
     turns = _dialogue_script(rng)
-    pieces, t = [], 0.3
+    pieces, t, engine = [], 0.3, _Espeak()
     for ch, text in turns:
-        wav, words = _speak((text, user if ch == 0 else asst, int(rng.integers(-4, 5)), float(rng.uniform(-0.05, 0.05))))
+        wav, words = _speak((text, user if ch == 0 else asst, int(rng.integers(-4, 5)), float(rng.uniform(-0.05, 0.05))), engine)
         # turn-taking: usually a pause, sometimes the next speaker comes in early (overlap, §dialogue)
         pieces.append((ch, t, wav, words, text))
         gap = float(rng.uniform(-0.25, 0.0)) if rng.random() < 0.2 else float(rng.uniform(0.15, 0.8))
@@ -964,13 +990,15 @@ def build_corpus(kind="speech", hours=2.0, seed=1337, workers=None, verbose=True
     items, audio = [], []
     if kind == "speech":
         jobs = _speech_jobs(hours, seed)
-        results = _map(_speak, [(t, s, p, r) for _, t, s, p, r in jobs], workers)
+        todo = [(t, s, p, r) for _, t, s, p, r in jobs]
+        blocks = _map(_speak_block, [todo[i:i + 64] for i in range(0, len(todo), 64)], workers)
+        results = [r for b in blocks for r in b]
         for i, ((split, text, spk, _, _), (wav, words)) in enumerate(zip(jobs, results)):
             items.append(dict(id=f"speech{i:06d}", split=split, text=text, words=words, speaker=spk,
                               speaker_name=VOICES[spk][0], channels=1, length=len(wav), sr=ESPEAK_SR))
             audio.append(wav)
     elif kind == "dialogue":
-        n = max(6, int(hours / 4 * 3600 / 25))  # ~25 s per conversation
+        n = max(6, int(hours / 4 * 3600 / 16.5))  # ~16 s per conversation
         results = _map(_dialogue_job, [(i, hours, seed) for i in range(n)], workers)
         for i, (wav, chan_words, text, spk) in enumerate(results):
             split = _split_for(i, n)
@@ -1379,9 +1407,9 @@ def report_bench(cfg, rt, model=None, **figures):
     fl, ms = figures.get("train_flops_per_step"), figures.get("train_step_ms")
     peak = peak_flops(rt)
     if fl and ms:
-        out["train_tflops"] = round(fl / (ms / 1000) / 1e12, 3)
+        out["train_tflops"] = fl / (ms / 1000) / 1e12
         out["mfu"] = round(fl / (ms / 1000) / peak, 4) if peak else None
     out["peak_memory_mb"] = round(peak_memory_mb(rt), 1)
-    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+    out = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in out.items()}  # 4 significant digits
     print(json.dumps(out), flush=True)
     return out

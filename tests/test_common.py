@@ -1,0 +1,444 @@
+"""Tests of common.py: every helper the paper files stand on, with assertions that can fail."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+FIX = np.load(os.path.join(ROOT, "tests", "fixtures", "common_reference.npz"))
+
+
+@dataclass
+class Config:
+    mode: str = "train"            # train | sample | eval | bench
+    preset: str = "big"            # a key of PRESETS
+    init_from: str = "scratch"     # scratch | resume | path
+    out_dir: str = "out/test"      # where checkpoints go
+    data_dir: str = ""             # empty: built-in corpus
+    corpus_hours: float = 0.02     # size of the built-in corpus
+    device: str = "cpu"            # auto | cpu | cuda
+    dtype: str = "auto"            # auto | float32 | bfloat16
+    compile: bool = False          # torch.compile
+    seed: int = 1337               # random seed
+    width: int = 64                # model width
+    lr: float = 1e-3               # learning rate
+    kernels: tuple = (3, 7, 11)    # kernel sizes
+    max_iters: int = 10            # steps
+    log_interval: int = 1          # steps between progress lines
+
+
+PRESETS = {"big": dict(width=64), "small": dict(width=8), "tiny": dict(width=4)}
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_parse_config_presets_and_overrides():
+    cfg = common.parse_config(Config, PRESETS, ["--preset=tiny", "--lr=3e-4", "--kernels=3,5", "--compile=true",
+                                                "--max_iters=1_000"])
+    assert (cfg.preset, cfg.width, cfg.lr, cfg.kernels, cfg.compile, cfg.max_iters) == ("tiny", 4, 3e-4, (3, 5), True, 1000)
+    # without --preset and without CUDA, the small preset is chosen and a note says so
+    if not torch.cuda.is_available():
+        cfg = common.parse_config(Config, PRESETS, [])
+        assert cfg.preset == "small" and cfg.width == 8 and "small" in cfg._note
+    # an explicit flag beats the preset
+    assert common.parse_config(Config, PRESETS, ["--preset=tiny", "--width=5"]).width == 5
+
+
+def test_parse_config_errors(capsys):
+    with pytest.raises(SystemExit, match="did you mean --max_iters"):
+        common.parse_config(Config, PRESETS, ["--max_iter=5"])
+    with pytest.raises(SystemExit, match="not a valid int"):
+        common.parse_config(Config, PRESETS, ["--width=wide"])
+    with pytest.raises(SystemExit, match="not a valid bool"):
+        common.parse_config(Config, PRESETS, ["--compile=maybe"])
+    with pytest.raises(SystemExit, match="unknown preset"):
+        common.parse_config(Config, PRESETS, ["--preset=huge"])
+    with pytest.raises(SystemExit, match="--mode must be"):
+        common.parse_config(Config, PRESETS, ["--mode=dance"])
+    with pytest.raises(SystemExit) as e:
+        common.parse_config(Config, PRESETS, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--kernels" in out and "kernel sizes" in out and "tiny" in out
+
+
+# ----------------------------------------------------------------------------- features
+
+@pytest.mark.parametrize("name,args", [
+    ("hifigan", (22050, 1024, 80, 0.0, 8000.0, False, "slaney")),
+    ("melgan", (22050, 1024, 80, 0.0, None, False, "slaney")),
+    ("whisper80", (16000, 400, 80, 0.0, None, False, "slaney")),
+    ("whisper128", (16000, 400, 128, 0.0, None, False, "slaney")),
+    ("htk_nonorm", (24000, 1024, 64, 20.0, 11000.0, True, None)),
+])
+def test_mel_filterbank_matches_librosa(name, args):
+    sr, n_fft, n_mels, fmin, fmax, htk, norm = args
+    ours = common.mel_filterbank(sr, n_fft, n_mels, fmin, fmax, htk=htk, norm=norm)
+    ref = FIX["mel_" + name]
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_whisper_log_mel_matches_openai():
+    x = torch.from_numpy(FIX["whisper_signal"])
+    np.testing.assert_allclose(common.log_mel_spectrogram(x, 80).numpy(), FIX["whisper_logmel80"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(common.log_mel_spectrogram(x, 128, padding=16000).numpy(), FIX["whisper_logmel128"],
+                               atol=1e-5, rtol=0)
+
+
+def test_mel_spectrogram_conventions():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8192) * 0.1
+    m = common.mel_spectrogram(x, 22050, 1024, 256, n_mels=80, fmax=8000, log=None)
+    assert m.shape == (2, 80, 8192 // 256)  # HiFi-GAN: T // hop frames with center=False and (n_fft-hop)/2 padding
+    # against a direct numpy computation of the same definition
+    xp = np.pad(x[0].numpy(), (384, 384), mode="reflect")
+    frames = np.stack([xp[i * 256: i * 256 + 1024] for i in range(32)])
+    win = torch.hann_window(1024).numpy()
+    mag = np.sqrt(np.abs(np.fft.rfft(frames * win, axis=-1)) ** 2 + 1e-9).T  # (513, 32)
+    ref = FIX["mel_hifigan"] @ mag
+    np.testing.assert_allclose(m[0].numpy(), ref, rtol=1e-3, atol=1e-4)
+    ln = common.mel_spectrogram(x, 22050, log="ln")
+    lg = common.mel_spectrogram(x, 22050, log="log10")
+    torch.testing.assert_close(ln / np.log(10), lg, rtol=1e-4, atol=1e-4)
+    assert ln.min() >= np.log(1e-5) - 1e-6  # clamp at 1e-5 before the log
+    # fp32 inside even when the caller is under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert common.mel_spectrogram(x, 22050).dtype == torch.float32
+
+
+def test_mulaw_round_trip():
+    x = torch.linspace(-1, 1, 10001)
+    q = common.mulaw_quantize(x)
+    assert q.dtype == torch.long and q.min() == 0 and q.max() == 255
+    assert (q[1:] >= q[:-1]).all()  # monotonic
+    y = common.mulaw_dequantize(q)
+    # companding puts fine steps near zero: the error is small where the signal is small
+    err = (y - x).abs()
+    assert err[x.abs() < 0.01].max() < 1e-3 and err.max() < 0.04
+    assert torch.equal(common.mulaw_quantize(y), q)  # dequantized values quantize back to their class
+    torch.testing.assert_close(common.mulaw_decode(common.mulaw_encode(x)), x, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(common.mulaw_quantize(x.numpy()), q.numpy())  # numpy and torch agree
+    assert common.mulaw_encode(torch.tensor(0.5)).item() == pytest.approx(np.log1p(255 * 0.5) / np.log1p(255))
+
+
+# ----------------------------------------------------------------------------- audio
+
+def test_audio_io_and_resample(tmp_path):
+    sr = 22050
+    t = np.arange(sr) / sr
+    stereo = np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.25 * np.sin(2 * np.pi * 660 * t)]).astype(np.float32)
+    p = str(tmp_path / "a.wav")
+    common.save_audio(p, stereo, sr)
+    back, sr2 = common.load_audio(p, mono=False)
+    assert sr2 == sr and back.shape == (2, sr) and back.dtype == np.float32
+    np.testing.assert_allclose(back, stereo, atol=1 / 32768 + 1e-6)
+    mono, _ = common.load_audio(p)
+    np.testing.assert_allclose(mono, stereo.mean(0), atol=2e-4)
+    r, sr3 = common.load_audio(p, sr=16000)
+    assert sr3 == 16000 and r.shape == (16000,)
+    spec = np.abs(np.fft.rfft(common.resample(stereo[0], sr, 16000)))
+    assert abs(np.argmax(spec) - 440) <= 1  # the tone keeps its pitch (1 s of audio: bin = Hz)
+    rt = common.resample(torch.from_numpy(stereo), sr, 24000)
+    assert torch.is_tensor(rt) and rt.shape == (2, 24000)
+
+
+def test_audio_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        common.load_audio(str(tmp_path / "nope.wav"))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.wav.*empty"):
+        common.load_audio(str(tmp_path / "empty.wav"))
+    (tmp_path / "junk.wav").write_bytes(os.urandom(1000))
+    with pytest.raises(ValueError, match="junk.wav"):
+        common.load_audio(str(tmp_path / "junk.wav"))
+    common.save_audio(str(tmp_path / "ok.wav"), np.zeros(10000, np.float32), 16000)
+    data = (tmp_path / "ok.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[:30])  # header cut in half
+    with pytest.raises(ValueError, match="cut.wav"):
+        common.load_audio(str(tmp_path / "cut.wav"))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class Tiny(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.a = nn.Linear(3, width)
+        self.b = nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _train_steps(model, opt, sampler, n):
+    losses = []
+    for _ in range(n):
+        x, _ = sampler.next()
+        loss = model(x[:, :3]).pow(2).mean() + 0.01 * torch.randn(()).abs()  # uses the global RNG too
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    cfg = Config(out_dir=str(tmp_path), width=4)
+    wavs = [np.random.default_rng(i).standard_normal(100).astype(np.float32) for i in range(5)]
+
+    def fresh():
+        torch.manual_seed(0)
+        m = Tiny(4)
+        return m, torch.optim.Adam(m.parameters(), 1e-2), common.SegmentSampler(wavs, 8, 4, seed=1)
+    m, opt, s = fresh()
+    straight = _train_steps(m, opt, s, 6)
+    m, opt, s = fresh()
+    _train_steps(m, opt, s, 3)
+    path = common.save_checkpoint(cfg, 3, {"model": m}, {"opt": opt}, sampler=s)
+    assert os.path.exists(path) and not os.path.exists(path + ".tmp")
+    _train_steps(m, opt, s, 2)  # wander off, then come back
+    m2, opt2, s2 = fresh()
+    step = common.restore(common.load_checkpoint(path), cfg, {"model": m2}, {"opt": opt2}, sampler=s2, arch_keys=("width",))
+    assert step == 3
+    assert _train_steps(m2, opt2, s2, 3) == straight[3:]
+
+
+def test_checkpoint_rejects_wrong_inputs(tmp_path):
+    cfg = Config(out_dir=str(tmp_path), width=4)
+    m = Tiny(4)
+    path = common.save_checkpoint(cfg, 1, {"model": m})
+    ckpt = common.load_checkpoint(path)
+    assert common.is_ours(ckpt) and ckpt["paper"] == "test_common" and ckpt["config"]["width"] == 4
+    with pytest.raises(SystemExit, match=r"width \(checkpoint 4, now 8\)"):
+        common.restore(ckpt, Config(out_dir=str(tmp_path), width=8), {"model": Tiny(8)}, arch_keys=("width",))
+    with pytest.raises(SystemExit, match="shape mismatch.*a.weight"):
+        common.restore(ckpt, cfg, {"model": Tiny(8)})
+    other = dict(ckpt, paper="melgan")
+    with pytest.raises(SystemExit, match="written by melgan.py"):
+        common.restore(other, cfg, {"model": m})
+    with pytest.raises(SystemExit, match="not a nanoaudio checkpoint"):
+        common.restore({"generator": {}}, cfg, {"model": m})
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit, match="bad.pt"):
+        common.load_checkpoint(str(tmp_path / "bad.pt"))
+    with pytest.raises(SystemExit, match="does not exist"):
+        common.load_checkpoint(str(tmp_path / "missing.pt"))
+    # NaN weights never overwrite the last good checkpoint
+    with torch.no_grad():
+        m.a.weight[0, 0] = float("nan")
+    with pytest.raises(SystemExit, match="NaN"):
+        common.save_checkpoint(cfg, 2, {"model": m})
+    assert common.load_checkpoint(path)["step"] == 1
+
+
+def test_progress_line_and_nan_guard(tmp_path, capsys):
+    cfg = Config(out_dir=str(tmp_path), max_iters=4, log_interval=2)
+    common.setup(cfg)
+    prog = common.Progress(cfg)
+    prog.update(1, {"loss": 1.0}, 1.0)
+    prog.update(2, {"loss": torch.tensor(0.5), "d": 2.0}, 1.0)
+    out = capsys.readouterr().out
+    assert "step 2/4" in out and "loss 0.5000" in out and "ms/step" in out and "audio-s/s" in out and "eta" in out
+    assert "config:" in open(os.path.join(tmp_path, "log.txt")).read().splitlines()[0]
+    with pytest.raises(SystemExit, match="loss loss is nan at step 4"):
+        prog.update(4, {"loss": float("nan")})
+
+
+# ----------------------------------------------------------------------------- corpus
+
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    old = common.DATA_ROOT
+    common.DATA_ROOT = root
+    yield root
+    common.DATA_ROOT = old
+
+
+def test_corpus_speech_properties(corpus_root):
+    cfg = Config(corpus_hours=0.03)
+    train, val, test = (common.load_corpus(cfg, s, 22050) for s in ("train", "val", "test"))
+    assert len(train) > len(val) >= 1 and len(test) >= 1
+    assert len(common.VOICES) >= 8
+    # a voice heard only in test, and test/val sentences never spoken in train
+    assert common.TEST_ONLY_SPEAKER in {u.speaker for u in test}
+    assert common.TEST_ONLY_SPEAKER not in {u.speaker for u in train + val}
+    assert not ({u.text for u in val + test} & {u.text for u in train})
+    for u in train + test:
+        assert u.wav.dtype == np.float32 and u.wav.ndim == 1 and 0.5 < u.duration < 10 and np.abs(u.wav).max() > 0.05
+        words = [w for w, _, _ in u.words]
+        assert words == u.text.split()  # one timed word per transcript word
+        starts = [s for _, s, _ in u.words]
+        assert starts == sorted(starts) and all(s <= e <= u.duration + 1e-3 for _, s, e in u.words)
+    # resampled copies keep the durations
+    t16 = common.load_corpus(cfg, "test", 16000)
+    assert [round(u.duration, 2) for u in t16] == [round(u.duration, 2) for u in test]
+    assert len({w for u in common.load_corpus(Config(corpus_hours=0.3), "train", 22050) for w in u.text.split()}) > 300
+
+
+def test_corpus_is_deterministic_and_versioned(tmp_path, monkeypatch):
+    a = common.build_corpus("speech", 0.01, seed=5, verbose=False)
+    data_a = open(os.path.join(a, "audio.npy"), "rb").read()
+    monkeypatch.setattr(common, "DATA_ROOT", str(tmp_path / "other"))
+    b = common.build_corpus("speech", 0.01, seed=5, workers=1, verbose=False)  # another folder, one process
+    assert a != b and open(os.path.join(b, "audio.npy"), "rb").read() == data_a
+    # a stale version stamp makes it regenerate
+    man = os.path.join(b, "manifest.json")
+    m = json.load(open(man))
+    m["version"] = -1
+    json.dump(m, open(man, "w"))
+    common.build_corpus("speech", 0.01, seed=5, workers=1, verbose=False)
+    assert json.load(open(man))["version"] == common.CORPUS_VERSION
+
+
+def test_corpus_dialogue_and_music(corpus_root):
+    cfg = Config(corpus_hours=0.02)
+    dlg = common.load_corpus(cfg, "train", 16000, kind="dialogue", mono=False)
+    u = dlg[0]
+    assert u.wav.shape[0] == 2 and len(u.words) == 2 and u.words[0] and u.words[1]
+    assert "user:" in u.text and "assistant:" in u.text
+    for ch in (0, 1):  # each channel is silent where its speaker is not talking
+        w = u.wav[ch]
+        a, b = int(u.words[ch][0][1] * 16000), int(u.words[ch][-1][2] * 16000)
+        assert np.abs(w[:max(0, a - 800)]).max(initial=0) < 0.01 and np.abs(w[a:b]).max() > 0.05
+    # arithmetic answers are right: "seven plus five is twelve"
+    assert any(" is " in line for line in u.text.split(" / ") if line.startswith("assistant:"))
+    music = common.load_corpus(cfg, "train", 24000, kind="music", mono=False)
+    assert music[0].wav.shape[0] == 2 and music[0].duration > 3 and not music[0].text
+    mixed = common.load_corpus(cfg, "val", 24000, kind="audio")
+    assert {u.id[:5] for u in mixed} == {"speec", "music"} and all(u.wav.ndim == 1 for u in mixed)
+
+
+def test_folder_datasets(tmp_path):
+    sr = 16000
+    tone = lambda f: (0.3 * np.sin(2 * np.pi * f * np.arange(sr) / sr)).astype(np.float32)
+    lj = tmp_path / "lj"
+    (lj / "wavs").mkdir(parents=True)
+    lines = []
+    for i in range(40):
+        common.save_audio(str(lj / "wavs" / f"LJ{i:03d}.wav"), tone(200 + i), 22050)
+        lines.append(f"LJ{i:03d}|Raw text {i}|normalized text {i}")
+    (lj / "metadata.csv").write_text("\n".join(lines))
+    cfg = Config(data_dir=str(lj))
+    splits = {s: common.load_corpus(cfg, s, sr) for s in ("train", "val", "test")}
+    assert sum(len(v) for v in splits.values()) == 40 and all(splits.values())
+    u = splits["train"][0]
+    assert u.sr == sr and u.wav.shape == (11610,) and u.text.startswith("normalized text")  # 16000 samples at 22.05 kHz, resampled
+    libri = tmp_path / "libri" / "19" / "198"
+    libri.mkdir(parents=True)
+    for i in range(5):
+        common.save_audio(str(libri / f"19-198-{i:04d}.flac"), tone(300), sr)
+    (libri / "19-198.trans.txt").write_text("\n".join(f"19-198-{i:04d} HELLO WORLD {i}" for i in range(5)))
+    allu = sum((common.load_corpus(Config(data_dir=str(tmp_path / "libri")), s, sr) for s in ("train", "val", "test")), [])
+    assert len(allu) == 5 and all(u.text.startswith("HELLO WORLD") and u.speaker_name == "19" for u in allu)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(3):
+        common.save_audio(str(plain / f"c{i}.wav"), np.stack([tone(300), tone(400)]), sr)
+    (plain / "c0.txt").write_text("a transcript")
+    got = sum((common.load_corpus(Config(data_dir=str(plain)), s, sr, mono=False, channels=2) for s in ("train", "val", "test")), [])
+    assert len(got) == 3 and got[0].wav.shape == (2, sr) and {u.text for u in got} == {"a transcript", ""}
+    with pytest.raises(SystemExit, match="needs 1|has 2 channel"):
+        common.load_corpus(Config(data_dir=str(plain)), "train", sr, mono=False, channels=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds no audio"):
+        common.load_corpus(Config(data_dir=str(tmp_path / "empty")), "train", sr)
+    (plain / "c1.wav").write_bytes(b"RIFF garbage")
+    with pytest.raises(SystemExit, match="c1.wav"):
+        sum((common.load_corpus(Config(data_dir=str(plain)), s, sr) for s in ("train", "val", "test")), [])
+
+
+def test_segment_sampler_and_collate():
+    wavs = [np.arange(1000, dtype=np.float32), np.arange(50, dtype=np.float32), (np.ones((2, 3000)) * 7).astype(np.float32)]
+    s = common.SegmentSampler(wavs[:2], seg_len=256, batch_size=16, seed=3, align=64)
+    x, idx = s.next()
+    assert x.shape == (16, 256) and idx.shape == (16,)
+    for row, i in zip(x, idx):
+        if i == 0:
+            assert row[0] % 64 == 0 and torch.equal(row, torch.arange(row[0], row[0] + 256).float())
+        else:  # short clip: zero-padded
+            assert torch.equal(row[:50], torch.arange(50).float()) and (row[50:] == 0).all()
+    st = s.state_dict()
+    a = s.next()[0]
+    s.load_state_dict(st)
+    assert torch.equal(s.next()[0], a)
+    r0 = common.SegmentSampler(wavs[:2], 256, 16, seed=3, rank=0, world_size=2).next()[0]
+    r1 = common.SegmentSampler(wavs[:2], 256, 16, seed=3, rank=1, world_size=2).next()[0]
+    assert not torch.equal(r0, r1)  # ranks draw different batches
+    assert common.SegmentSampler([wavs[2]], 128, 2).next()[0].shape == (2, 2, 128)
+    int16 = common.SegmentSampler([np.full(500, 16384, np.int16)], 100, 1).next()[0]
+    assert torch.allclose(int16, torch.full((1, 100), 0.5))
+    xb, lens = common.pad_collate([np.ones(3), np.ones(5)])
+    assert xb.shape == (2, 5) and lens.tolist() == [3, 5] and xb[0, 3:].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- metrics, samples, bench
+
+def test_metrics():
+    assert common.edit_distance("kitten", "sitting") == 3
+    assert common.wer("the cat sat", "the cat sat") == 0
+    assert common.wer(["the cat sat on the mat"], ["the cat sit on mat"]) == pytest.approx(2 / 6)
+    assert common.wer("Hello, World!", "hello world") == 0  # normalized
+    assert common.cer("abcd", "abed") == pytest.approx(0.25)
+    torch.manual_seed(0)
+    ref = torch.randn(2, 16000)
+    assert common.si_snr(3 * ref, ref) > 60  # scale does not matter
+    noisy = ref + 0.1 * torch.randn_like(ref)
+    assert common.si_snr(noisy, ref) == pytest.approx(20, abs=0.5)  # noise at -20 dB
+    assert common.mel_distance(ref, ref, 22050) == 0
+    assert common.mel_distance(noisy, ref, 22050) > 0.01
+    assert common.mrstft_distance(ref, ref) < 1e-4 < common.mrstft_distance(noisy, ref)
+
+
+def test_save_sample_and_bench(tmp_path, capsys):
+    x = 0.3 * torch.sin(torch.arange(22050) / 10.0)
+    common.save_sample(str(tmp_path), "s", x, 22050, ref=x)
+    assert os.path.getsize(tmp_path / "s.png") > 5000
+    assert common.load_audio(str(tmp_path / "s.wav"))[0].shape == (22050,)
+    cfg = Config(out_dir=str(tmp_path))
+    rt = common.setup(cfg)
+    capsys.readouterr()
+    m = Tiny(4)
+    flops = common.count_flops(lambda: m(torch.randn(8, 3)))
+    assert flops == 2 * 8 * (3 * 4 + 4 * 1)
+    ms = common.timeit(lambda: m(torch.randn(8, 3)), iters=3, warmup=1)
+    common.report_bench(cfg, rt, model=m, train_step_ms=ms, train_flops_per_step=flops)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    d = json.loads(line)
+    assert d["params"] == 21 and d["paper"] == "test_common" and "peak_memory_mb" in d and d["train_tflops"] > 0
+
+
+def test_ddp_gloo_two_ranks(tmp_path):
+    """torchrun with 2 CPU ranks: setup() joins the group, ranks see their ids, all_reduce_mean averages."""
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import sys; sys.path.insert(0, {ROOT!r})
+import torch, common
+from dataclasses import dataclass
+@dataclass
+class C:
+    out_dir: str = {str(tmp_path)!r}
+    device: str = "cpu"
+    seed: int = 0
+cfg = C()
+rt = common.setup(cfg)
+v = common.all_reduce_mean(torch.tensor(float(rt.rank)), rt)
+m = common.wrap_ddp(torch.nn.Linear(2, 2), rt)
+assert common.unwrap(m).__class__ is torch.nn.Linear
+print(f"RANK {{rt.rank}}/{{rt.world_size}} mean {{v.item()}}", flush=True)
+common.cleanup(rt)
+""")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RANK 0/2 mean 0.5" in out.stdout and "RANK 1/2 mean 0.5" in out.stdout
