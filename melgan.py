@@ -68,7 +68,7 @@ class Config:
     ndf: int = 16                       # width of the first discriminator conv
     d_max_channels: int = 1024          # channel cap of the grouped strided convs
     # loss and optimization (§2.3, official train.py)
-    lambda_feat: float = 10.0           # feature-matching weight (Eq. 4)
+    lambda_fm: float = 10.0             # feature-matching weight (Eq. 4; official --lambda_feat)
     lr: float = 1e-4                    # Adam, G and D alike
     betas: tuple = (0.5, 0.9)           # Adam betas
     batch_size: int = 16
@@ -256,7 +256,7 @@ def gan_step(G, D, opt_g, opt_d, wav, mel, cfg, amp):
         fake_outs = D(fake)
     # the real features are reused from the D pass above (before D's update), as the official code does
     loss_adv, loss_fm = generator_loss(fake_outs), feature_loss(real_outs, fake_outs)
-    loss_g = loss_adv + cfg.lambda_feat * loss_fm                  # Eq. 4
+    loss_g = loss_adv + cfg.lambda_fm * loss_fm                  # Eq. 4
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
