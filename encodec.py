@@ -1,0 +1,897 @@
+"""
+EnCodec: High Fidelity Neural Audio Compression (Défossez, Copet, Synnaeve, Adi, 2022) — https://arxiv.org/abs/2210.13438
+
+The idea: a convolutional encoder (SEANet, strides 2·4·5·8, an LSTM at the bottleneck) turns 24 kHz audio into
+75 latent frames per second; a residual vector quantizer (RVQ) with up to 32 codebooks of 1024 entries turns
+each frame into 2..32 ten-bit codes, so one model serves 1.5/3/6/12/24 kbps (a bandwidth is drawn per batch,
+§3.2); a mirror decoder turns codes back into audio. Training mixes time + multi-scale mel reconstruction, a
+multi-scale STFT discriminator on complex spectrograms (hinge + relative feature matching) and a commitment
+loss, and the loss balancer (§3.4) rescales each loss's gradient on the decoder output so that the weights
+mean "fraction of the gradient", independent of each loss's scale. All 24 kHz convolutions are causal, so
+the codec streams: encoding or decoding in chunks gives exactly the offline result.
+
+Simplified or changed here (honestly):
+- The entropy-coding transformer LM (§3.3) and arithmetic coding are not implemented; evaluate() reports
+  the unigram entropy of the codes instead (a bound a context-free entropy coder could reach).
+- Dead-code replacement: the official code writes new rows into `embed` and then overwrites them with the EMA
+  average in the same step (so it never takes effect); here a dead row's EMA statistics are reset too.
+  After k-means init, `embed_avg` holds centroid x count (the official code stores the bare centroid).
+- Commitment gradient: the residual uses detached quantized vectors (the fix of encodec#25, as in audiocraft).
+- The 48 kHz preset's stereo training data is the mono built-in corpus duplicated to two channels.
+- No exponential moving average of the weights, no DDP-synchronised k-means beyond a broadcast from rank 0.
+- Reconstruction ℓ_f uses L1 + alpha*MSE on linear 64-bin mels (the paper writes an L2 norm; audiocraft uses MSE).
+
+    python encodec.py                                         # train on the built-in speech+music corpus
+    python encodec.py --preset=24khz --batch_size=64          # the paper's model (one GPU)
+    python encodec.py --init_from=resume                      # continue out/encodec/ckpt.pt
+    python encodec.py --mode=sample --init_from=out/encodec/ckpt.pt     # or the official encodec_24khz-d7cc33bc.th
+    python encodec.py --mode=eval --init_from=out/encodec/ckpt.pt       # SI-SNR / mel distance / kbps per bandwidth
+    python encodec.py --mode=bench
+    torchrun --standalone --nproc_per_node=8 encodec.py --preset=24khz
+"""
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    mode: str = "train"                # train | sample | eval | bench
+    preset: str = "24khz"              # a key of PRESETS
+    init_from: str = "scratch"         # scratch | resume | path (our ckpt.pt or the official encodec_24khz/48khz .th)
+    out_dir: str = "out/encodec"
+    data_dir: str = ""                 # empty: the built-in corpus (speech + music)
+    corpus_hours: float = 2.0          # size of the built-in corpus
+    input: str = ""                    # --mode=sample: a wav to encode/decode instead of held-out clips
+    # SEANet encoder/decoder (§3.1, official seanet.py defaults)
+    sample_rate: int = 24000           # §4: 24 kHz mono model
+    channels: int = 1                  # audio channels (2 for the 48 kHz stereo model)
+    n_filters: int = 32                # base width C; doubles at every downsampling
+    dimension: int = 128               # latent dimension D
+    ratios: tuple = (8, 5, 4, 2)       # decoder upsampling ratios; the encoder uses them reversed (2,4,5,8) -> hop 320
+    n_residual_layers: int = 1         # residual units per block (SoundStream used 3)
+    dilation_base: int = 2             # dilation of residual unit j is base**j
+    lstm_layers: int = 2               # 2-layer LSTM with skip at the bottleneck (§3.1)
+    causal: bool = True                # causal (streamable) convolutions: the 24 kHz model
+    norm: str = "weight_norm"          # weight_norm (24 kHz) | time_group_norm (48 kHz)
+    pad_mode: str = "reflect"          # padding of the streamable convolutions (official: reflect)
+    # residual vector quantizer (§3.2)
+    n_q: int = 32                      # codebooks; 32 x 10 bits x 75 Hz = 24 kbps
+    codebook_size: int = 1024          # entries per codebook (10 bits)
+    bandwidths: tuple = (1.5, 3.0, 6.0, 12.0, 24.0)  # kbps targets; one is drawn per training batch
+    ema_decay: float = 0.99            # EMA decay of the codebook statistics
+    kmeans_iters: int = 50             # k-means iterations on the first batch
+    dead_code_threshold: float = 2.0   # codes whose EMA usage falls below this are re-seeded from the batch
+    # 48 kHz model: per-segment loudness normalisation and overlapping segments (§4)
+    normalize: bool = False            # divide each segment by its RMS, send the scale along
+    segment: float = 0.0               # seconds per inference segment (0: whole file)
+    overlap: float = 0.01              # fraction of overlap between segments
+    # discriminator (§3.4, MS-STFTD)
+    disc_filters: int = 32             # channels of every MS-STFTD conv
+    disc_n_ffts: tuple = (2048, 1024, 512, 256, 128)  # 5 STFT scales, hop = n_fft / 4
+    disc_slope: float = 0.2            # LeakyReLU slope
+    disc_prob: float = 2 / 3           # probability of a discriminator update per step (24 kHz: 2/3, 48 kHz: 0.5)
+    # losses and the balancer (§3.4)
+    lambda_t: float = 0.1              # time-domain L1
+    lambda_f: float = 1.0              # multi-scale mel L1 + alpha*L2
+    lambda_g: float = 3.0              # adversarial (hinge)
+    lambda_feat: float = 3.0           # relative feature matching
+    lambda_w: float = 1.0              # commitment (outside the balancer)
+    mel_scales: tuple = (5, 6, 7, 8, 9, 10, 11)  # windows 2^i, hop 2^i/4
+    n_mels: int = 64                   # mel bins of the frequency loss
+    mel_alpha: float = 1.0             # weight of the L2 term of ℓ_f
+    balancer: bool = True              # rescale gradients by their EMA norm; False = plain weighted sum
+    balancer_decay: float = 0.999      # EMA decay of the gradient norms
+    # training (§4)
+    segment_seconds: float = 1.0       # random 1 s crops
+    batch_size: int = 64
+    lr: float = 3e-4
+    beta1: float = 0.5
+    beta2: float = 0.9
+    max_iters: int = 600_000           # 300 epochs x 2000 updates at batch 64 on 8 GPUs (§4) ~ per-GPU equivalent
+    log_interval: int = 50
+    eval_interval: int = 2000          # evaluate and checkpoint
+    eval_items: int = 8                # held-out clips per kind (speech, music) in evaluate()
+    eval_seconds: float = 4.0          # crop held-out clips to this length
+    bench_seconds: float = 10.0        # audio length for the encode/decode real-time factors
+    bench_batches: tuple = (1, 16)     # batch sizes for the encode/decode real-time factors
+    device: str = "auto"
+    dtype: str = "auto"                # bf16 autocast on CUDA, fp32 elsewhere (quantizer, STFTs, losses stay fp32)
+    compile: bool = True
+    seed: int = 1337
+
+PRESETS = {
+    "24khz": dict(),                                        # the paper's causal mono model (14.85 M params)
+    "48khz": dict(sample_rate=48000, channels=2, causal=False, norm="time_group_norm", n_q=16,
+                  bandwidths=(3.0, 6.0, 12.0, 24.0), normalize=True, segment=1.0,
+                  lambda_g=4.0, lambda_feat=4.0, disc_prob=0.5),  # the paper's stereo music model
+    "small": dict(n_filters=16, dimension=64, n_q=8, bandwidths=(1.5, 3.0, 6.0), disc_filters=16,
+                  segment_seconds=0.5, batch_size=8, max_iters=1500, log_interval=25, eval_interval=500,
+                  eval_items=4, bench_seconds=4.0, kmeans_iters=20),  # audible in ~15 min on a laptop CPU
+    "tiny": dict(n_filters=4, dimension=16, lstm_layers=1, n_q=4, codebook_size=64, bandwidths=(0.9, 1.8),
+                 kmeans_iters=5, disc_filters=4, disc_n_ffts=(256, 128), mel_scales=(6, 7),
+                 segment_seconds=0.2, batch_size=2, max_iters=10, log_interval=1, eval_interval=1000,
+                 eval_items=1, eval_seconds=0.5, bench_seconds=0.5, bench_batches=(1, 2), corpus_hours=0.02),
+}
+# fields that shape the weights: a checkpoint must agree on them
+ARCH_KEYS = ("sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers", "lstm_layers",
+             "norm", "n_q", "codebook_size", "disc_filters", "disc_n_ffts")
+
+# ----------------------------------------------------------------------------- model
+
+def _pad1d(x, left, right, mode):
+    """F.pad that also reflects inputs shorter than the padding (zero-extend first, as the official code does)."""
+    if mode != "reflect":
+        return F.pad(x, (left, right), mode)
+    extra = max(0, max(left, right) - x.shape[-1] + 1)
+    x = F.pad(F.pad(x, (0, extra)), (left, right), "reflect")
+    return x[..., :x.shape[-1] - extra]
+
+
+def _normed(conv, norm):
+    # §3.1: weight norm in the 24 kHz model; the 48 kHz model uses GroupNorm(1, C) after each conv instead
+    return nn.utils.parametrizations.weight_norm(conv) if norm == "weight_norm" else conv
+
+
+class StreamableConv1d(nn.Module):
+    """Conv1d that pads itself so T samples give ceil(T / stride) frames, all padding on the left when
+    causal (§3.1). stream() runs it chunk by chunk with an explicit history buffer."""
+
+    def __init__(self, cin, cout, kernel, stride=1, dilation=1, causal=True, norm="weight_norm", pad_mode="reflect"):
+        super().__init__()
+        self.conv = _normed(nn.Conv1d(cin, cout, kernel, stride, dilation=dilation), norm)
+        self.norm = nn.GroupNorm(1, cout) if norm == "time_group_norm" else nn.Identity()
+        self.stride, self.causal, self.pad_mode, self.cout = stride, causal, pad_mode, cout
+        self.k_eff = (kernel - 1) * dilation + 1
+        self.pad = self.k_eff - stride  # total padding so that frame t starts at sample t*stride
+
+    def forward(self, x):  # (B, Cin, T) -> (B, Cout, ceil(T/stride))
+        extra = -x.shape[-1] % self.stride  # complete the last window so the decoder can rebuild T samples
+        left = self.pad if self.causal else self.pad - self.pad // 2
+        x = _pad1d(x, left, self.pad - left + extra, self.pad_mode)
+        return self.norm(self.conv(x))
+
+    def stream(self, x, state):
+        # state[self] = (started, buffer). The 24 kHz model reflect-pads its left edge, which reads the first
+        # `pad` samples; a layer waits for them once, then keeps the last k_eff - stride inputs as history.
+        started, buf = state.get(self, (False, x[..., :0]))
+        x = torch.cat([buf, x], -1)
+        if not started:
+            if x.shape[-1] <= self.pad:
+                state[self] = (False, x)
+                return x.new_zeros(x.shape[0], self.cout, 0)
+            x, started = _pad1d(x, self.pad, 0, self.pad_mode), True
+        n = max(0, (x.shape[-1] - self.k_eff) // self.stride + 1)  # complete windows
+        state[self] = (True, x[..., n * self.stride:])
+        if n == 0:
+            return x.new_zeros(x.shape[0], self.cout, 0)
+        return self.norm(self.conv(x[..., :(n - 1) * self.stride + self.k_eff]))
+
+
+class StreamableConvTranspose1d(nn.Module):
+    """Transposed conv (kernel 2S, stride S) that trims k - S samples, all on the right when causal (§3.1)."""
+
+    def __init__(self, cin, cout, kernel, stride, causal=True, norm="weight_norm"):
+        super().__init__()
+        self.conv = _normed(nn.ConvTranspose1d(cin, cout, kernel, stride), norm)
+        self.norm = nn.GroupNorm(1, cout) if norm == "time_group_norm" else nn.Identity()
+        self.stride, self.causal, self.cout = stride, causal, cout
+        self.trim = kernel - stride
+
+    def forward(self, x):  # (B, Cin, T) -> (B, Cout, T*stride)
+        y = self.norm(self.conv(x))  # (B, Cout, (T-1)*S + k)
+        right = self.trim if self.causal else self.trim // 2
+        return y[..., self.trim - right:y.shape[-1] - right]
+
+    def stream(self, x, state):
+        # the last k - S outputs of a chunk still receive contributions from the next input frame: keep them
+        # (bias included) and add them to the next chunk's head, minus the bias counted twice
+        if x.shape[-1] == 0:
+            return x.new_zeros(x.shape[0], self.cout, 0)
+        y = self.conv(x)  # (B, Cout, (T+1)*S)
+        tail = state.get(self)
+        if tail is not None:
+            y = torch.cat([y[..., :self.trim] + tail - self.conv.bias[:, None], y[..., self.trim:]], -1)
+        n = y.shape[-1] - self.trim
+        state[self] = y[..., n:]
+        return y[..., :n]
+
+
+class ResidualUnit(nn.Module):
+    """SEANet residual unit (§3.1): ELU -> conv k3 (dim -> dim/2, dilated) -> ELU -> conv k1 (-> dim),
+    plus a 1x1 conv shortcut."""
+
+    def __init__(self, dim, dilation, cfg):
+        super().__init__()
+        conv = lambda ci, co, k, d=1: StreamableConv1d(ci, co, k, dilation=d, causal=cfg.causal, norm=cfg.norm,
+                                                       pad_mode=cfg.pad_mode)
+        self.conv1 = conv(dim, dim // 2, 3, dilation)
+        self.conv2 = conv(dim // 2, dim, 1)
+        self.shortcut = conv(dim, dim, 1)
+
+    def forward(self, x):
+        return self.shortcut(x) + self.conv2(F.elu(self.conv1(F.elu(x))))
+
+    def stream(self, x, state):
+        # the dilated branch may still be waiting for its left context: hold the shortcut until it catches up
+        skip = torch.cat([state.get((self, "skip"), x[:, :, :0]), self.shortcut.stream(x, state)], -1)
+        y = self.conv2.stream(F.elu(self.conv1.stream(F.elu(x), state)), state)
+        state[(self, "skip")] = skip[..., y.shape[-1]:]
+        return skip[..., :y.shape[-1]] + y
+
+
+class SLSTM(nn.Module):
+    """§3.1: a 2-layer LSTM over the bottleneck frames, with a skip connection."""
+
+    def __init__(self, dim, layers):
+        super().__init__()
+        self.lstm = nn.LSTM(dim, dim, layers)
+
+    def forward(self, x, hc=None):  # (B, C, T)
+        x = x.permute(2, 0, 1)  # (T, B, C)
+        y, hc = self.lstm(x, hc)
+        return (y + x).permute(1, 2, 0), hc  # (B, C, T)
+
+    def stream(self, x, state):
+        if x.shape[-1] == 0:
+            return x
+        y, state[self] = self.forward(x, state.get(self))  # carry (h, c) between chunks
+        return y
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim, stride, cfg):
+        super().__init__()
+        self.res = nn.ModuleList(ResidualUnit(dim, cfg.dilation_base ** j, cfg) for j in range(cfg.n_residual_layers))
+        self.down = StreamableConv1d(dim, 2 * dim, 2 * stride, stride, causal=cfg.causal, norm=cfg.norm,
+                                     pad_mode=cfg.pad_mode)  # kernel 2S, stride S, channels doubled
+
+    def forward(self, x):
+        for r in self.res:
+            x = r(x)
+        return self.down(F.elu(x))
+
+    def stream(self, x, state):
+        for r in self.res:
+            x = r.stream(x, state)
+        return self.down.stream(F.elu(x), state)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, dim, stride, cfg):
+        super().__init__()
+        self.up = StreamableConvTranspose1d(dim, dim // 2, 2 * stride, stride, causal=cfg.causal, norm=cfg.norm)
+        self.res = nn.ModuleList(ResidualUnit(dim // 2, cfg.dilation_base ** j, cfg)
+                                 for j in range(cfg.n_residual_layers))
+
+    def forward(self, x):
+        x = self.up(F.elu(x))
+        for r in self.res:
+            x = r(x)
+        return x
+
+    def stream(self, x, state):
+        x = self.up.stream(F.elu(x), state)
+        for r in self.res:
+            x = r.stream(x, state)
+        return x
+
+
+class SEANetEncoder(nn.Module):
+    """§3.1, Fig. 1: conv k7 -> 4 x (residual unit, strided conv) -> LSTM -> ELU, conv k7 -> D. (B, C, T) -> (B, D, T/320)"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        conv = lambda ci, co, k: StreamableConv1d(ci, co, k, causal=cfg.causal, norm=cfg.norm, pad_mode=cfg.pad_mode)
+        C, mult = cfg.n_filters, 1
+        self.conv_in = conv(cfg.channels, C, 7)
+        self.blocks = nn.ModuleList()
+        for s in reversed(cfg.ratios):  # strides 2, 4, 5, 8
+            self.blocks.append(EncoderBlock(C * mult, s, cfg))
+            mult *= 2
+        self.lstm = SLSTM(C * mult, cfg.lstm_layers)
+        self.conv_out = conv(C * mult, cfg.dimension, 7)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.conv_out(F.elu(self.lstm(x)[0]))
+
+    def stream(self, x, state):
+        x = self.conv_in.stream(x, state)
+        for b in self.blocks:
+            x = b.stream(x, state)
+        return self.conv_out.stream(F.elu(self.lstm.stream(x, state)), state)
+
+
+class SEANetDecoder(nn.Module):
+    """The mirror image: conv k7 -> LSTM -> 4 x (transposed conv, residual unit) -> ELU, conv k7. No tanh."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        conv = lambda ci, co, k: StreamableConv1d(ci, co, k, causal=cfg.causal, norm=cfg.norm, pad_mode=cfg.pad_mode)
+        C, mult = cfg.n_filters, 2 ** len(cfg.ratios)
+        self.conv_in = conv(cfg.dimension, C * mult, 7)
+        self.lstm = SLSTM(C * mult, cfg.lstm_layers)
+        self.blocks = nn.ModuleList()
+        for s in cfg.ratios:  # strides 8, 5, 4, 2
+            self.blocks.append(DecoderBlock(C * mult, s, cfg))
+            mult //= 2
+        self.conv_out = conv(C, cfg.channels, 7)
+
+    def forward(self, z):
+        x = self.lstm(self.conv_in(z))[0]
+        for b in self.blocks:
+            x = b(x)
+        return self.conv_out(F.elu(x))
+
+    def stream(self, z, state):
+        x = self.lstm.stream(self.conv_in.stream(z, state), state)
+        for b in self.blocks:
+            x = b.stream(x, state)
+        return self.conv_out.stream(F.elu(x), state)
+
+
+def _sample_rows(x, n):
+    # n random rows of x (without replacement when there are enough)
+    idx = torch.randperm(x.shape[0], device=x.device)[:n] if x.shape[0] >= n else \
+        torch.randint(0, x.shape[0], (n,), device=x.device)
+    return x[idx]
+
+
+def _nearest(x, embed):
+    # squared Euclidean distance, expanded so it is one matmul: (N, D), (K, D) -> (N,)
+    dist = x.pow(2).sum(1, keepdim=True) - 2 * x @ embed.t() + embed.pow(2).sum(1)[None]
+    return dist.argmin(-1)
+
+
+def kmeans(x, k, iters):
+    """Lloyd's algorithm on the first batch: the codebook initialisation of §3.2 (SoundStream §3.3)."""
+    means = _sample_rows(x, k)
+    for _ in range(iters):
+        assign = _nearest(x, means)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(means).index_add_(0, assign, x)
+        means = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None].to(x.dtype), means)
+    return means, counts
+
+
+class Codebook(nn.Module):
+    """One VQ layer (§3.2): nearest-neighbour lookup in `embed`, updated by EMA (not by gradients).
+    Buffer names follow the official checkpoint so its codebooks load one to one."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        K, D = cfg.codebook_size, cfg.dimension
+        self.decay, self.kmeans_iters, self.threshold, self.eps = cfg.ema_decay, cfg.kmeans_iters, cfg.dead_code_threshold, 1e-5
+        self.register_buffer("inited", torch.zeros(1))      # 0 until k-means has run on a training batch
+        self.register_buffer("cluster_size", torch.zeros(K))  # EMA of how often each code is picked
+        self.register_buffer("embed", torch.zeros(K, D))     # the codewords
+        self.register_buffer("embed_avg", torch.zeros(K, D))  # EMA of the sum of vectors assigned to each code
+
+    def forward(self, x):  # x: (N, D) fp32 -> quantized (N, D), codes (N,)
+        if self.training and not self.inited:
+            self._kmeans_init(x)
+        codes = _nearest(x, self.embed)
+        q = F.embedding(codes, self.embed)
+        if self.training:
+            self._ema_update(x, codes)
+        return q, codes
+
+    @torch.no_grad()
+    def _kmeans_init(self, x):
+        means, counts = kmeans(x, self.embed.shape[0], self.kmeans_iters)
+        self.embed.copy_(means)
+        self.cluster_size.copy_(counts)
+        self.embed_avg.copy_(means * counts[:, None])  # so that embed_avg / cluster_size == means
+        self.inited.fill_(1)
+        self._sync()
+
+    @torch.no_grad()
+    def _ema_update(self, x, codes):
+        K = self.embed.shape[0]
+        onehot = F.one_hot(codes, K).type(x.dtype)  # (N, K)
+        counts, sums = onehot.sum(0), onehot.t() @ x  # (K,), (K, D)
+        if dist.is_available() and dist.is_initialized():  # statistics of the global batch
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no division by 0
+        self.embed.copy_(self.embed_avg / smoothed[:, None])
+        # dead codes (SoundStream §3.3): re-seed any code whose EMA usage fell below the threshold with a random
+        # vector of the batch, and reset its statistics so the next EMA step keeps it
+        dead = self.cluster_size < self.threshold
+        if dead.any():
+            new = _sample_rows(x, K)
+            self.embed[dead] = new[dead]
+            self.cluster_size[dead] = self.threshold
+            self.embed_avg[dead] = new[dead] * self.threshold
+            self._sync()
+
+    def _sync(self):
+        if dist.is_available() and dist.is_initialized():  # rank 0's random choices win
+            for b in (self.embed, self.embed_avg, self.cluster_size, self.inited):
+                dist.broadcast(b, 0)
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """§3.2 (SoundStream Alg. 1): codebook i quantizes what codebooks 1..i-1 left; the first n_q are used."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(Codebook(cfg) for _ in range(cfg.n_q))
+
+    def forward(self, z, n_q):  # z: (B, D, T) -> quantized (B, D, T), codes (B, n_q, T), commitment loss
+        B, D, T = z.shape
+        with torch.autocast(z.device.type, enabled=False):  # codebook statistics stay fp32
+            x = z.float().transpose(1, 2).reshape(B * T, D)  # (B*T, D)
+            residual, out, codes, commit = x, torch.zeros_like(x), [], 0.0
+            for layer in self.layers[:n_q]:
+                q, c = layer(residual)
+                commit = commit + F.mse_loss(residual, q.detach())  # ℓ_w, §3.4: pulls the encoder to the codes
+                residual = residual - q.detach()  # detached: the commitment gradient of every layer survives (#25)
+                out, codes = out + q, codes + [c]
+            out = x + (out - x).detach()  # straight-through estimator: the decoder's gradient reaches the encoder
+        codes = torch.stack(codes, 1).view(B, T, n_q).transpose(1, 2)  # (B, n_q, T)
+        return out.view(B, T, D).transpose(1, 2), codes, commit / n_q
+
+    @torch.no_grad()
+    def encode(self, z, n_q):  # (B, D, T) -> codes (B, n_q, T)
+        B, D, T = z.shape
+        residual, codes = z.float().transpose(1, 2).reshape(B * T, D), []  # (B*T, D)
+        for layer in self.layers[:n_q]:
+            c = _nearest(residual, layer.embed)
+            residual = residual - F.embedding(c, layer.embed)
+            codes.append(c)
+        return torch.stack(codes, 1).view(B, T, n_q).transpose(1, 2)
+
+    def decode(self, codes):  # (B, n_q, T) -> (B, D, T)
+        out = sum(F.embedding(codes[:, i], layer.embed) for i, layer in enumerate(self.layers[:codes.shape[1]]))
+        return out.transpose(1, 2)  # (B, T, D) -> (B, D, T)
+
+
+class EnCodec(nn.Module):
+    """Encoder -> RVQ -> decoder (§3, Fig. 1), with the bandwidth arithmetic of §3.2."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.quantizer, self.decoder = SEANetEncoder(cfg), ResidualVectorQuantizer(cfg), SEANetDecoder(cfg)
+        self.hop = math.prod(cfg.ratios)
+        self.frame_rate = math.ceil(cfg.sample_rate / self.hop)  # 75 Hz at 24 kHz, 150 Hz at 48 kHz
+        self.bits = int(math.log2(cfg.codebook_size))
+
+    def n_q_for(self, bandwidth):
+        """Codebooks for a target kbps: each costs log2(bins) bits per frame (0.75 kbps at 24 kHz)."""
+        per_q = self.bits * self.frame_rate / 1000
+        return max(1, min(self.cfg.n_q, math.floor(bandwidth / per_q + 1e-9)))
+
+    def _scale(self, x):
+        # 48 kHz model: divide by the RMS of the mono mix, transmit the scale (§4)
+        if not self.cfg.normalize:
+            return x, None
+        scale = 1e-8 + x.mean(1, keepdim=True).pow(2).mean(2, keepdim=True).sqrt()  # (B, 1, 1)
+        return x / scale, scale
+
+    def forward(self, x, n_q):  # training: (B, C, T) -> reconstruction (B, C, T), codes, commitment loss
+        x, scale = self._scale(x)
+        q, codes, commit = self.quantizer(self.encoder(x), n_q)
+        x_hat = self.decoder(q.to(x.dtype))[..., :x.shape[-1]]
+        return (x_hat if scale is None else x_hat * scale), codes, commit
+
+    @torch.no_grad()
+    def encode(self, x, n_q):  # one segment (B, C, T) -> codes (B, n_q, ceil(T/hop)), scale or None
+        x, scale = self._scale(x)
+        return self.quantizer.encode(self.encoder(x), n_q), scale
+
+    @torch.no_grad()
+    def decode(self, codes, scale=None):  # (B, n_q, F) -> (B, C, F*hop)
+        y = self.decoder(self.quantizer.decode(codes))
+        return y if scale is None else y * scale
+
+    def _segmenting(self, length):  # (segment length, stride) in samples; one segment when cfg.segment == 0
+        if not self.cfg.segment:
+            return length, length
+        seg = int(self.cfg.segment * self.cfg.sample_rate)
+        return seg, max(1, int((1 - self.cfg.overlap) * seg))
+
+    def compress(self, x, bandwidth):
+        """A whole file -> list of (codes, scale) per segment (one segment unless cfg.segment > 0)."""
+        seg, stride = self._segmenting(x.shape[-1])
+        return [self.encode(x[..., o:o + seg], self.n_q_for(bandwidth)) for o in range(0, x.shape[-1], stride)]
+
+    def decompress(self, frames, length):
+        """Decode segments and cross-fade their overlaps with triangular weights (the 48 kHz model, §4)."""
+        outs = [self.decode(c, s) for c, s in frames]
+        if len(outs) == 1:
+            return outs[0][..., :length]
+        seg, stride = self._segmenting(length)
+        total = stride * (len(outs) - 1) + outs[-1].shape[-1]
+        t = torch.linspace(0, 1, outs[0].shape[-1] + 2, device=outs[0].device)[1:-1]
+        w = 0.5 - (t - 0.5).abs()  # triangle peaking mid-segment
+        out = outs[0].new_zeros(*outs[0].shape[:-1], total)
+        wsum = out.new_zeros(total)
+        for i, o in enumerate(outs):
+            n = o.shape[-1]
+            out[..., i * stride:i * stride + n] += w[:n] * o
+            wsum[i * stride:i * stride + n] += w[:n]
+        return (out / wsum)[..., :length]
+
+    @torch.no_grad()
+    def encode_stream(self, x, state, n_q):  # a chunk of audio -> the codes of the frames it completes
+        assert self.cfg.causal and not self.cfg.normalize, "streaming needs the causal 24 kHz model"
+        return self.quantizer.encode(self.encoder.stream(x, state), n_q)
+
+    @torch.no_grad()
+    def decode_stream(self, codes, state):  # a chunk of codes -> the audio it makes final
+        assert self.cfg.causal, "streaming needs the causal 24 kHz model"
+        return self.decoder.stream(self.quantizer.decode(codes), state)
+
+
+class STFTDiscriminator(nn.Module):
+    """One scale of the MS-STFT discriminator (§3.4, Fig. 2): 2D convs over the real and imaginary parts of a
+    complex STFT laid out (B, 2C, frames, freq); strides halve the frequency axis, dilations grow along time."""
+
+    def __init__(self, n_fft, cfg):
+        super().__init__()
+        f, wn = cfg.disc_filters, nn.utils.parametrizations.weight_norm
+        self.n_fft, self.slope = n_fft, cfg.disc_slope
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.convs = nn.ModuleList([nn.Conv2d(2 * cfg.channels, f, (3, 9), padding=(1, 4))])  # no weight norm here (official)
+        for d in (1, 2, 4):
+            self.convs.append(wn(nn.Conv2d(f, f, (3, 9), stride=(1, 2), dilation=(d, 1), padding=(d, 4))))
+        self.convs.append(wn(nn.Conv2d(f, f, (3, 3), padding=(1, 1))))
+        self.conv_post = wn(nn.Conv2d(f, 1, (3, 3), padding=(1, 1)))
+
+    def forward(self, x):  # x: (B, C, T) -> logits (B, 1, frames, freq'), feature maps
+        B, C, T = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            spec = torch.stft(x.float().reshape(B * C, T), self.n_fft, self.n_fft // 4, window=self.window,
+                              center=False, return_complex=True)  # (B*C, F, frames)
+            spec = spec / self.window.pow(2).sum().sqrt()  # "normalized" spectrogram, as torchaudio's
+        spec = spec.view(B, C, *spec.shape[1:])  # (B, C, F, frames)
+        z = torch.cat([spec.real, spec.imag], 1).transpose(2, 3)  # (B, 2C, frames, F)
+        fmap = []
+        for conv in self.convs:
+            z = F.leaky_relu(conv(z), self.slope)
+            fmap.append(z)
+        return self.conv_post(z), fmap
+
+
+class MSSTFTDiscriminator(nn.Module):
+    """§3.4: five STFT discriminators, windows 2048..128, hop = window / 4."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.discs = nn.ModuleList(STFTDiscriminator(n, cfg) for n in cfg.disc_n_ffts)
+
+    def forward(self, x):
+        outs = [d(x) for d in self.discs]
+        return [o[0] for o in outs], [o[1] for o in outs]
+
+
+def official_state_dict_to_ours(sd, cfg):
+    """Rename the official checkpoint's keys (encoder.model.N..., quantizer.vq.layers.i._codebook.X,
+    weight_g/weight_v) to this file's module names. Returns a new dict."""
+    n, blocks = cfg.n_residual_layers, len(cfg.ratios)
+    enc, dec = {0: "conv_in", 1 + blocks * (n + 2): "lstm", 3 + blocks * (n + 2): "conv_out"}, \
+        {0: "conv_in", 1: "lstm", 3 + blocks * (n + 2): "conv_out"}
+    for i in range(blocks):  # official Sequential order: [res units, ELU, down] / [ELU, up, res units]
+        enc[1 + i * (n + 2) + n + 1] = f"blocks.{i}.down"
+        dec[2 + i * (n + 2) + 1] = f"blocks.{i}.up"
+        for j in range(n):
+            enc[1 + i * (n + 2) + j] = f"blocks.{i}.res.{j}"
+            dec[2 + i * (n + 2) + 2 + j] = f"blocks.{i}.res.{j}"
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"(encoder|decoder)\.model\.(\d+)\.(.*)", k)
+        if m:
+            part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+            rest = rest.replace("block.1.", "conv1.").replace("block.3.", "conv2.")
+            rest = re.sub(r"(conv\.conv|convtr\.convtr)\.", "conv.", rest)
+            rest = re.sub(r"(conv|convtr)\.norm\.", "norm.", rest)
+            rest = rest.replace("weight_g", "parametrizations.weight.original0")
+            rest = rest.replace("weight_v", "parametrizations.weight.original1")
+            k = f"{part}.{(enc if part == 'encoder' else dec)[idx]}.{rest}"
+        else:
+            k = re.sub(r"quantizer\.vq\.layers\.(\d+)\._codebook\.", r"quantizer.layers.\1.", k)
+        out[k] = v
+    return out
+
+
+def load_model(cfg, device="cpu"):
+    """EnCodec with weights from cfg.init_from: scratch, our checkpoint, or the official state dict."""
+    model = EnCodec(cfg)
+    if cfg.init_from != "scratch":
+        ckpt = common.load_checkpoint(common.resume_path(cfg))
+        if common.is_ours(ckpt):
+            common.restore(ckpt, cfg, {"model": model}, arch_keys=ARCH_KEYS, rng=False)
+        elif isinstance(ckpt, dict) and any(k.startswith("encoder.model.") for k in ckpt):
+            common.load_state_dict(model, official_state_dict_to_ours(ckpt, cfg), what="EnCodec (official weights)")
+            common.log(f"loaded official EnCodec weights from {cfg.init_from}")
+        else:
+            raise SystemExit(f"error: {cfg.init_from} is neither a nanoaudio checkpoint nor an official EnCodec state dict")
+    return model.to(device)
+
+# ----------------------------------------------------------------------------- loss
+
+def reconstruction_losses(x, x_hat, cfg):
+    """§3.4: ℓ_t = L1 in time; ℓ_f = mean over scales 2^i of L1 + alpha*L2 between 64-bin mels (window 2^i, hop 2^i/4)."""
+    l_t = F.l1_loss(x_hat.float(), x.float())
+    l_f = 0.0
+    for i in cfg.mel_scales:
+        kw = dict(sr=cfg.sample_rate, n_fft=2 ** i, hop=2 ** i // 4, n_mels=cfg.n_mels, log=None)
+        a, b = common.mel_spectrogram(x, **kw), common.mel_spectrogram(x_hat, **kw)
+        l_f = l_f + F.l1_loss(b, a) + cfg.mel_alpha * F.mse_loss(b, a)
+    return l_t, l_f / len(cfg.mel_scales)
+
+
+def generator_adv_loss(logits_fake):  # §3.4 hinge: 1/K Σ_k mean relu(1 - D_k(x̂))
+    return sum(F.relu(1 - l.float()).mean() for l in logits_fake) / len(logits_fake)
+
+
+def feature_loss(fmap_real, fmap_fake):  # §3.4: 1/(KL) Σ |D_k^l(x) - D_k^l(x̂)|_1 / mean |D_k^l(x)|
+    terms = [(r.float() - f.float()).abs().mean() / r.float().abs().mean().clamp(min=1e-8)
+             for fr, ff in zip(fmap_real, fmap_fake) for r, f in zip(fr, ff)]
+    return sum(terms) / len(terms)
+
+
+def discriminator_loss(logits_real, logits_fake):  # §3.4 hinge: 1/K Σ_k mean relu(1 - D_k(x)) + relu(1 + D_k(x̂))
+    return sum(F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean()
+               for r, f in zip(logits_real, logits_fake)) / len(logits_real)
+
+
+class Balancer(nn.Module):
+    """The loss balancer (§3.4, the paper's contribution to GAN codec training). Each loss ℓ_i gives a gradient
+    g_i = ∂ℓ_i/∂x̂ on the decoder output only. With ⟨‖g_i‖⟩ the EMA (decay 0.999, bias-corrected) of its
+    per-example norm, x̂ receives Σ_i R·(λ_i/Σλ)·g_i/⟨‖g_i‖⟩: each weight becomes the share of the gradient that
+    loss gets, whatever its scale. The EMA sums live in buffers so a resumed run continues exactly."""
+
+    def __init__(self, weights, cfg):
+        super().__init__()
+        self.names, self.enabled = list(weights), cfg.balancer
+        self.decay, self.total_norm, self.eps = cfg.balancer_decay, 1.0, 1e-12
+        self.register_buffer("weights", torch.tensor([float(weights[k]) for k in self.names]))
+        self.register_buffer("norm_sum", torch.zeros(len(self.names)))  # EMA numerator of the gradient norms
+        self.register_buffer("norm_count", torch.zeros(1))               # EMA denominator (bias correction)
+
+    def backward(self, losses, x_hat, other=None):
+        """Backpropagate the balanced gradient through x̂ plus `other` (e.g. the commitment loss) as is."""
+        grads = [torch.autograd.grad(losses[k], x_hat, retain_graph=True)[0].float() for k in self.names]
+        if not self.enabled:  # plain weighted sum
+            out = sum(w * g for w, g in zip(self.weights, grads))
+        else:
+            norms = torch.stack([g.flatten(1).norm(dim=1).mean() for g in grads])  # per-example norm, batch mean
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(norms)
+                norms /= dist.get_world_size()
+            self.norm_sum.mul_(self.decay).add_(norms)
+            self.norm_count.mul_(self.decay).add_(1)
+            avg = self.norm_sum / self.norm_count
+            scale = self.weights / self.weights.sum() * self.total_norm / (self.eps + avg)
+            out = sum(s * g for s, g in zip(scale, grads))
+        tensors, grad_tensors = [x_hat], [out.to(x_hat.dtype)]
+        if other is not None:
+            tensors.append(other)
+            grad_tensors.append(torch.ones_like(other))
+        torch.autograd.backward(tensors, grad_tensors)
+
+# ----------------------------------------------------------------------------- data
+
+def to_channels(w, channels):
+    """(T,) or (C', T) -> (channels, T): average then repeat when the counts differ (mono corpus, stereo model)."""
+    w = np.asarray(w, dtype=np.float32)
+    w = w[None] if w.ndim == 1 else w
+    if w.shape[0] != channels:
+        w = np.repeat(w.mean(0, keepdims=True), channels, 0)
+    return w
+
+
+def audio_clips(cfg, split, kind="audio"):
+    """Clips (channels, T) at the model's rate: speech + music for training, one kind for evaluation."""
+    utts = common.load_corpus(cfg, split, cfg.sample_rate, kind=kind, mono=cfg.channels == 1)
+    return [to_channels(u.wav, cfg.channels) for u in utts]
+
+# ----------------------------------------------------------------------------- train
+
+def _step_rng(cfg, step):
+    # per-step choices every rank must agree on (bandwidth, whether D updates): a shared, resumable RNG
+    return random.Random(cfg.seed * 1_000_003 + step)
+
+
+@torch.no_grad()
+def evaluate(cfg, model=None):
+    """SI-SNR, mel distance and bitrates at every bandwidth, on held-out speech (an unseen voice) and music."""
+    standalone = model is None
+    if standalone:
+        rt = common.setup(cfg)
+        model = load_model(cfg, rt.device)
+    m = common.unwrap(model)
+    was_training, dev = m.training, next(m.parameters()).device
+    m.eval()
+    results = {}
+    for kind in ("speech", "music"):
+        clips = audio_clips(cfg, "test", kind)[:cfg.eval_items]
+        clips = [c[:, :int(cfg.eval_seconds * cfg.sample_rate)] for c in clips]
+        for bw in cfg.bandwidths:
+            snr, mel, bits, secs, codes_all = [], [], 0, 0.0, []
+            for c in clips:
+                x = torch.from_numpy(c)[None].to(dev)  # (1, C, T)
+                frames = m.compress(x, bw)
+                y = m.decompress(frames, x.shape[-1])
+                snr.append(common.si_snr(y, x))
+                mel.append(common.mel_distance(y.cpu(), x.cpu(), cfg.sample_rate))
+                bits += sum(codes.numel() for codes, _ in frames) * m.bits  # what is actually transmitted
+                secs += x.shape[-1] / cfg.sample_rate
+                codes_all.append(torch.cat([codes[0] for codes, _ in frames], -1).cpu())  # (n_q, F)
+            codes = torch.cat(codes_all, -1)
+            # unigram entropy per codebook: the rate a context-free entropy coder would need (the LM of §3.3 does better)
+            ent = 0.0
+            for row in codes:
+                p = torch.bincount(row, minlength=cfg.codebook_size).float() / row.numel()
+                ent -= (p[p > 0] * p[p > 0].log2()).sum().item()
+            results[f"{kind}_{bw:g}kbps"] = dict(si_snr=round(float(np.mean(snr)), 3), mel=round(float(np.mean(mel)), 4),
+                                                 kbps=round(bits / secs / 1000, 3),
+                                                 kbps_entropy=round(ent * m.frame_rate / 1000, 3))
+    for k, v in results.items():
+        common.log(f"eval {k}: " + " | ".join(f"{a} {b}" for a, b in v.items()))
+    m.train(was_training)
+    return results
+
+
+def train(cfg):
+    rt = common.setup(cfg)
+    model, disc = EnCodec(cfg).to(rt.device), MSSTFTDiscriminator(cfg).to(rt.device)
+    balancer = Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f, "g": cfg.lambda_g, "feat": cfg.lambda_feat},
+                        cfg).to(rt.device)
+    common.log(f"params: encoder {common.count_params(model.encoder):,} | decoder {common.count_params(model.decoder):,}"
+               f" | discriminator {common.count_params(disc):,}")
+    # §4: Adam, lr 3e-4, betas (0.5, 0.9), for both networks
+    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    seg = int(cfg.segment_seconds * cfg.sample_rate)
+    sampler = common.SegmentSampler(audio_clips(cfg, "train"), seg, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+    models, opts = {"model": model, "disc": disc, "balancer": balancer}, {"g": opt_g, "d": opt_d}
+    step = 0
+    if cfg.init_from == "resume":
+        step = common.restore(common.load_checkpoint(common.resume_path(cfg)), cfg, models, opts, sampler=sampler,
+                              arch_keys=ARCH_KEYS)
+        common.log(f"resumed from step {step}")
+    elif cfg.init_from != "scratch":  # fine-tune from our weights or the official ones
+        model.load_state_dict(load_model(cfg).state_dict())
+    gen = common.wrap_ddp(common.compile(model, cfg), rt)
+    dsc = common.wrap_ddp(common.compile(disc, cfg), rt)
+    d_plain = common.unwrap(disc)  # the generator step needs no gradient sync through D
+    prog = common.Progress(cfg, start_step=step)
+    while step < cfg.max_iters:
+        step += 1
+        x, _ = sampler.next()
+        x = x.to(rt.device).view(cfg.batch_size, cfg.channels, seg)  # (B, C, T)
+        rng = _step_rng(cfg, step)
+        n_q = model.n_q_for(rng.choice(cfg.bandwidths))  # §3.2: one bandwidth per batch
+        with rt.autocast():
+            x_hat, _, commit = gen(x, n_q)
+        losses = {}
+        if rng.random() < cfg.disc_prob:  # §4: D is updated with probability 2/3 at 24 kHz
+            with rt.autocast():
+                lr_, _ = dsc(x)
+                lf_, _ = dsc(x_hat.detach())
+            losses["d"] = discriminator_loss(lr_, lf_)
+            opt_d.zero_grad(set_to_none=True)
+            losses["d"].backward()
+            opt_d.step()
+        with rt.autocast():
+            logits_fake, fmap_fake = d_plain(x_hat)
+            with torch.no_grad():
+                _, fmap_real = d_plain(x)
+        l_t, l_f = reconstruction_losses(x, x_hat, cfg)
+        g = {"t": l_t, "f": l_f, "g": generator_adv_loss(logits_fake), "feat": feature_loss(fmap_real, fmap_fake)}
+        opt_g.zero_grad(set_to_none=True)
+        balancer.backward(g, x_hat, other=cfg.lambda_w * commit)  # §3.4: the commitment loss bypasses the balancer
+        opt_g.step()
+        losses.update(g, w=commit, n_q=n_q)
+        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * cfg.segment_seconds)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            common.save_checkpoint(cfg, step, models, opts, sampler=sampler)
+            if rt.master:
+                evaluate(cfg, model)
+    common.cleanup(rt)
+    return model
+
+# ----------------------------------------------------------------------------- sample
+
+def sample(cfg):
+    """Encode held-out speech and music (or --input) at every bandwidth, decode, write wav + png pairs."""
+    rt = common.setup(cfg)
+    model = load_model(cfg, rt.device).eval()
+    if cfg.init_from == "scratch":
+        common.log("note: --init_from=scratch: sampling an untrained model")
+    if cfg.input:
+        wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate, mono=cfg.channels == 1)
+        items = [(os.path.splitext(os.path.basename(cfg.input))[0], to_channels(wav, cfg.channels))]
+    else:
+        items = [(kind, audio_clips(cfg, "test", kind)[0][:, :int(cfg.eval_seconds * cfg.sample_rate)])
+                 for kind in ("speech", "music")]
+    out = os.path.join(cfg.out_dir, "samples")
+    for name, wav in items:
+        x = torch.from_numpy(wav)[None].to(rt.device)  # (1, C, T)
+        for bw in cfg.bandwidths:
+            frames = model.compress(x, bw)
+            y = model.decompress(frames, x.shape[-1])[0].cpu()
+            common.save_sample(out, f"{name}_{bw:g}kbps", y, cfg.sample_rate, ref=wav)
+            common.log(f"{name} @ {bw:g} kbps: {sum(c.shape[1] for c, _ in frames[:1])} codebooks, "
+                       f"SI-SNR {common.si_snr(y, torch.from_numpy(wav)):.2f} dB -> {out}/{name}_{bw:g}kbps.wav")
+
+# ----------------------------------------------------------------------------- bench
+
+def bench(cfg):
+    """Training throughput (audio-s/s) and encode/decode real-time factors at batch 1 and 16, eager vs compiled."""
+    rt = common.setup(cfg)
+    model, disc = EnCodec(cfg).to(rt.device), MSSTFTDiscriminator(cfg).to(rt.device)
+    balancer = Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f, "g": cfg.lambda_g, "feat": cfg.lambda_feat},
+                        cfg).to(rt.device)
+    opt_g, opt_d = torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.optim.Adam(disc.parameters(), lr=cfg.lr)
+    gen, dsc = common.compile(model, cfg), common.compile(disc, cfg)
+    seg = int(cfg.segment_seconds * cfg.sample_rate)
+    x = torch.randn(cfg.batch_size, cfg.channels, seg, device=rt.device) * 0.1
+    n_q = cfg.n_q
+
+    def train_step():  # one full GAN step: D update, then G with the balancer
+        with rt.autocast():
+            x_hat, _, commit = gen(x, n_q)
+            lr_, _ = dsc(x)
+            lf_, _ = dsc(x_hat.detach())
+        opt_d.zero_grad(set_to_none=True)
+        discriminator_loss(lr_, lf_).backward()
+        opt_d.step()
+        with rt.autocast():
+            logits_fake, fmap_fake = disc(x_hat)
+            with torch.no_grad():
+                _, fmap_real = disc(x)
+        l_t, l_f = reconstruction_losses(x, x_hat, cfg)
+        g = {"t": l_t, "f": l_f, "g": generator_adv_loss(logits_fake), "feat": feature_loss(fmap_real, fmap_fake)}
+        opt_g.zero_grad(set_to_none=True)
+        balancer.backward(g, x_hat, other=commit)
+        opt_g.step()
+
+    iters = 3 if rt.device_type == "cpu" else 10
+    step_ms = common.timeit(train_step, iters=iters, warmup=2)
+    flops = common.count_flops(train_step)
+    model.eval()
+    figures = dict(train_step_ms=round(step_ms, 2), train_flops_per_step=flops,
+                   train_audio_s_per_s=round(cfg.batch_size * cfg.segment_seconds / (step_ms / 1000), 2))
+    T = int(cfg.bench_seconds * cfg.sample_rate)
+    variants = [("eager", model.encode, model.decode)]
+    if cfg.compile:
+        variants.append(("compiled", torch.compile(model.encode), torch.compile(model.decode)))
+    for b in cfg.bench_batches:
+        xb = torch.randn(b, cfg.channels, T, device=rt.device) * 0.1
+        codes, _ = model.encode(xb, n_q)
+        for name, enc, dec in variants:
+            with rt.autocast():
+                e_ms = common.timeit(lambda: enc(xb, n_q), iters=iters, warmup=2)
+                d_ms = common.timeit(lambda: dec(codes), iters=iters, warmup=2)
+            # real-time factor = compute time / duration of the audio processed (lower is faster)
+            figures[f"encode_rtf_b{b}_{name}"] = round(e_ms / 1000 / (b * cfg.bench_seconds), 5)
+            figures[f"decode_rtf_b{b}_{name}"] = round(d_ms / 1000 / (b * cfg.bench_seconds), 5)
+    common.report_bench(cfg, rt, model=model, **figures)
+
+# ----------------------------------------------------------------------------- main
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config, PRESETS)
+    {"train": train, "sample": sample, "eval": evaluate, "bench": bench}[cfg.mode](cfg)
