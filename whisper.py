@@ -130,7 +130,7 @@ PRESETS = {
     "tiny": dict(n_audio_ctx=250, n_audio_state=64, n_audio_head=2, n_audio_layer=2, n_text_ctx=96,
                  n_text_state=64, n_text_head=2, n_text_layer=2, bpe_vocab=320, corpus_hours=0.02, batch_size=4,
                  lr=3e-3, warmup_iters=10, max_iters=10, eval_interval=100, eval_items=4, log_interval=1,
-                 beam_size=2, best_of=2, sample_len=32),
+                 beam_size=2, best_of=2, sample_len=32, temperatures=(0.0, 1.0)),
 }
 
 SAMPLE_RATE, HOP = 16000, 160          # §2.1: 16 kHz audio, 10 ms mel hop; 2 frames per encoder position
@@ -306,8 +306,18 @@ def train_bpe(texts, vocab_size):
     """Byte-level BPE (as GPT-2): start from the 256 bytes, repeatedly merge the most frequent adjacent pair.
     Counts are over distinct pre-tokenized words (weighted by frequency), so it takes seconds, not minutes."""
     freq = Counter(w for t in texts for w in _PAT_RE.findall(t))
-    pieces = {w: [bytes([b]) for b in w.encode()] for w in freq}
     ranks = {bytes([i]): i for i in range(256)}
+    # glue each word's leading space to its first byte before any other merge, so no word ever starts with a
+    # bare " " token (decoding bans " " as the first token, SuppressBlank, which would then ban the word)
+    pieces, heads = {}, Counter()
+    for w, n in freq.items():
+        b = [bytes([c]) for c in w.encode()]
+        if len(b) > 1 and b[0] == b" " and b[1] != b" ":
+            b = [b[0] + b[1]] + b[2:]
+            heads[b[0]] += n
+        pieces[w] = b
+    for h, _ in sorted(heads.items(), key=lambda kv: (-kv[1], kv[0])):
+        ranks.setdefault(h, len(ranks))
     while len(ranks) < vocab_size:
         pairs = Counter()
         for w, p in pieces.items():
@@ -396,7 +406,8 @@ class Tokenizer:
                 out.add(t[0])
         for s in symbols + list(music):
             for t in (self.encode(s), self.encode(" " + s)):
-                if len(t) == 1 or s in music:
+                # a small BPE may split " ♪" into " " + ...: never ban the bare space, words need it
+                if (len(t) == 1 or s in music) and self.enc.decode_single_token_bytes(t[0]).strip():
                     out.add(t[0])
         return sorted(out)
 
@@ -411,7 +422,8 @@ def build_tokenizer(cfg, texts=None, n_vocab=None):
         if n_vocab is not None:                          # official weights: n_vocab says how many languages
             langs = n_vocab - 51765 - int(n_vocab >= 51865)
         return Tokenizer.from_file(cfg.tokenizer, langs)
-    return Tokenizer(train_bpe(texts, cfg.bpe_vocab), num_languages=1)
+    # transcripts are encoded with a leading space (" word" tokens, as GPT-2's): train on them that way too
+    return Tokenizer(train_bpe([" " + t.strip() for t in texts], cfg.bpe_vocab), num_languages=1)
 
 # ----------------------------------------------------------------------------- loss
 
@@ -509,8 +521,9 @@ class Batches:
 class LogitRules:
     """Masks applied to the next-token logits, in the official order: suppress blank at the start, suppress
     non-speech and control tokens, then the timestamp grammar."""
-    def __init__(self, tok, sample_begin, timestamps, max_initial_timestamp=1.0):
+    def __init__(self, tok, sample_begin, timestamps, max_initial_timestamp=1.0, n_audio_ctx=1500):
         self.tok, self.sample_begin, self.timestamps = tok, sample_begin, timestamps
+        self.last_timestamp = tok.timestamp_begin + n_audio_ctx  # the window's end (<|30.00|> for 30 s)
         self.blank = tok.encode(" ") + [tok.eot]
         self.suppress = tok.non_speech_tokens() + [tok.transcribe, tok.translate, tok.sot, tok.sot_prev,
                                                    tok.sot_lm, tok.no_speech]
@@ -524,6 +537,7 @@ class LogitRules:
         if not self.timestamps:
             return
         logits[:, tok.no_timestamps] = inf
+        logits[:, self.last_timestamp + 1:] = inf        # no time past the window (shorter-window presets)
         for k in range(tokens.shape[0]):
             seq = tokens[k, self.sample_begin:].tolist()
             last_ts = len(seq) >= 1 and seq[-1] >= tb
@@ -580,7 +594,7 @@ def decode(model, tok, mel, cfg, temperature=0.0, beam_size=None, best_of=None, 
     initial += tok.sot_sequence() + ([] if timestamps else [tok.no_timestamps])
     sample_begin = len(initial)
     sample_len = min(sample_len, cfg.n_text_ctx - sample_begin)
-    rules = LogitRules(tok, sample_begin, timestamps, cfg.max_initial_timestamp)
+    rules = LogitRules(tok, sample_begin, timestamps, cfg.max_initial_timestamp, cfg.n_audio_ctx)
 
     xa = model.encoder(mel)                              # (B, A, D), once per window
     B = xa.shape[0]
