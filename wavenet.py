@@ -122,7 +122,7 @@ def draw(logits, u, temperature):
     if temperature == 0:
         return logits.argmax(-1)
     cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(-1)           # (B, Q)
-    return torch.searchsorted(cdf, u[:, None]).squeeze(1).clamp_(max=logits.size(-1) - 1)
+    return torch.searchsorted(cdf, u[:, None].contiguous()).squeeze(1).clamp_(max=logits.size(-1) - 1)
 
 
 class Upsampler(nn.Module):

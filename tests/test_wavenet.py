@@ -105,8 +105,8 @@ def test_cached_equals_naive(flags):
     model, cfg = tiny_model(*flags)
     with torch.no_grad():          # peakier softmax so that a wrong logit would change the drawn samples
         model.head[-1].weight.mul_(20)
-    B, n = 3, 2 * cfg.hop          # n >> receptive field: the ring buffers wrap around many times
-    mel = torch.randn(B, cfg.n_mels, n // cfg.hop) if cfg.cond_mel else None
+    B, n = 3, 300                  # n >> receptive field (15): the ring buffers wrap around many times
+    mel = torch.randn(B, cfg.n_mels, 2) if cfg.cond_mel else None
     spk = torch.tensor([0, 1, 2])
     naive = W.generate(model, n, mel, spk, temperature=1.0, seed=7, method="naive")
     cached = W.generate(model, n, mel, spk, temperature=1.0, seed=7, method="cached")
@@ -119,7 +119,7 @@ def test_cached_equals_naive(flags):
     with torch.no_grad():
         logits = model(F.pad(cached[:, :-1], (1, 0), value=silence), mel, spk)   # (B, Q, n)
     u = torch.rand(B, n, generator=torch.Generator().manual_seed(7))
-    redraw = torch.stack([W.draw(logits[:, :, t], u[:, t], 1.0) for t in range(n)], 1)
+    redraw = W.draw(logits.transpose(1, 2).reshape(B * n, -1), u.reshape(-1), 1.0).view(B, n)
     assert torch.equal(redraw, cached)
 
 
@@ -127,19 +127,19 @@ def test_overfit_one_batch():
     torch.manual_seed(0)
     cfg = cfg_of("tiny", "--residual_channels=16", "--gate_channels=32", "--skip_channels=32")
     model = W.WaveNet(cfg, n_speakers=2)
-    t = torch.arange(2048) / cfg.sample_rate
+    t = torch.arange(1024) / cfg.sample_rate
     wav = torch.stack([0.5 * torch.sin(2 * math.pi * 220 * t), 0.3 * torch.sin(2 * math.pi * 330 * t)])
     spk = torch.tensor([0, 1])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(120):
+    for _ in range(80):
         loss = W.nll_loss(model, wav, spk, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[0] > 5.0                                       # ~ln 256 at init
-    assert losses[-1] < losses[0] / 3, losses[::20]
+    assert losses[-1] < losses[0] / 5, losses[::10]   # 5.56 -> ~0.3 nats here
 
 
 # ----------------------------------------------------------------------------- command line
