@@ -14,6 +14,15 @@ import common  # noqa: E402
 import melgan  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy shared CPU OpenMP threads spin and crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_cfg(preset="tiny", **kw):
     return common.parse_config(melgan.Config, melgan.PRESETS, [f"--preset={preset}", "--device=cpu", "--compile=False"]
                                + [f"--{k}={v}" for k, v in kw.items()])
@@ -124,7 +133,10 @@ def test_config_errors():
 # ----------------------------------------------------------------------------- command line
 
 def run(*args):
-    p = subprocess.run([sys.executable, "melgan.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # one thread: the tiny models gain nothing from more, and a busy shared CPU makes OpenMP threads spin
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "melgan.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return p.stdout
 
@@ -145,7 +157,8 @@ def test_cli_resume_continues_exactly(trained, tmp_path):
     assert "step 5/5" in out
     resumed = common.load_checkpoint(os.path.join(d, "ckpt.pt"))
     assert resumed["step"] == 5
-    # the same 5 steps in one go, in-process, must give bit-identical weights
+    # the same 5 steps in one go, in-process, must give bit-identical weights (one thread here as in run():
+    # another thread count sums convolution gradients in another order)
     straight = str(tmp_path / "straight")
     melgan.train(make_cfg(max_iters=5, out_dir=straight))
     ref = common.load_checkpoint(os.path.join(straight, "ckpt.pt"))
