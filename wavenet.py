@@ -36,6 +36,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -90,7 +91,7 @@ class Config:
     temperature: float = 1.0          # softmax temperature; 0 = argmax (which collapses to silence, r9y9#93)
     speaker: int = -1                 # speaker id for unconditioned sampling (-1: a few different speakers)
     # runtime
-    bench_steps: int = 256            # generation steps timed per bench figure (naive uses 1/16 of them)
+    bench_steps: int = 1024           # generation steps timed per bench figure (naive uses 1/16 of them)
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"               # bf16 autocast on CUDA for training, fp32 elsewhere
@@ -101,7 +102,7 @@ PRESETS = {
     "vocoder": dict(kernel_size=3, cond_speaker=False, sample_rate=22050, upsample_scales=(4, 4, 4, 4),
                     fmin=125.0, fmax=7600.0, seg_len=10240, batch_size=8),  # r9y9 mulaw256: 4.70 M params, RF 6139
     "small":   dict(layers=16, stacks=2, residual_channels=32, gate_channels=64, skip_channels=64,
-                    seg_len=4096, batch_size=4, max_iters=2000, eval_interval=500,
+                    seg_len=4096, batch_size=4, max_iters=2000, eval_interval=500, bench_steps=256,
                     eval_items=2, eval_seconds=1.0, gen_seconds=0.5, lr_half_life=2000),
     "tiny":    dict(layers=6, stacks=2, residual_channels=8, gate_channels=16, skip_channels=16, n_mels=20,
                     speaker_dim=4, seg_len=1024, batch_size=2, max_iters=10, corpus_hours=0.02, log_interval=1,
@@ -281,7 +282,7 @@ class CachedGenerator:
 
 @torch.no_grad()
 def generate(model, n, mel=None, spk=None, batch=1, temperature=1.0, seed=0, method="cached"):
-    """Generate n samples (B, n) of μ-law codes. method: naive | cached | compiled | cudagraph."""
+    """Generate n samples (B, n) of μ-law codes. method: naive | cached | compiled | cudagraph | compiled_cudagraph."""
     dev = next(model.parameters()).device
     B = mel.size(0) if mel is not None else (spk.size(0) if spk is not None else batch)
     u = torch.rand(B, n, generator=torch.Generator().manual_seed(seed)).to(dev)  # all randomness, drawn up front
@@ -290,18 +291,18 @@ def generate(model, n, mel=None, spk=None, batch=1, temperature=1.0, seed=0, met
         return model.generate_naive(u, c, g, temperature)
     gen = CachedGenerator(model, u, c, g, temperature)
     step = gen.step
-    if method == "compiled":
+    if method.startswith("compiled"):                # fuses each layer's elementwise ops into few kernels
         step = torch.compile(gen.step)
-    elif method == "cudagraph":                      # record one step's kernels once, replay them n times
-        s = torch.cuda.Stream()
+    if method.endswith("cudagraph"):                 # record one step's kernels once, replay them n times:
+        s = torch.cuda.Stream()                      # at batch 1 the GPU is bound by kernel-launch latency
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(3):
-                gen.step()                           # warm-up outside the graph (allocations, cuBLAS handles)
+                step()                               # warm-up outside the graph (compilation, cuBLAS handles)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            gen.step()
+            step()
         gen.reset()
         step = graph.replay
     for _ in range(n):
@@ -330,11 +331,16 @@ def mel_features(wav, cfg):
 
 
 def held_out(cfg, rt, n_items, seconds, split="val"):
-    """The first n_items held-out utterances, cropped to a common length (a multiple of hop) to batch them."""
+    """The first n_items held-out utterances, cropped from where the sound starts (skipping leading silence)
+    to a common length, a multiple of hop, so they batch."""
     utts = common.load_corpus(cfg, split, cfg.sample_rate)[:n_items]
-    n = min(min(len(u.wav) for u in utts), int(seconds * cfg.sample_rate)) // cfg.hop * cfg.hop
-    wav = torch.stack([torch.as_tensor(u.wav[:n]) for u in utts]).to(rt.device)   # (B, n)
-    spk = torch.tensor([u.speaker for u in utts], device=rt.device)
+    loud = [np.flatnonzero(np.abs(u.wav) > 0.05 * np.abs(u.wav).max()) for u in utts]
+    starts = [int(i[0]) // cfg.hop * cfg.hop if len(i) else 0 for i in loud]
+    n = min(min(len(u.wav) - s for u, s in zip(utts, starts)), int(seconds * cfg.sample_rate)) // cfg.hop * cfg.hop
+    wav = torch.stack([torch.as_tensor(u.wav[s:s + n]) for u, s in zip(utts, starts)]).to(rt.device)  # (B, n)
+    # a user folder may hold a held-out speaker id beyond the training table; it has no trained embedding anyway
+    n_spk = common.num_speakers(common.load_corpus(cfg, "train", cfg.sample_rate)) if cfg.data_dir else common.NUM_SPEAKERS
+    spk = torch.tensor([min(u.speaker, n_spk - 1) for u in utts], device=rt.device)
     return wav, spk
 
 
@@ -474,19 +480,19 @@ def bench(cfg):
     wav = ((torch.rand(cfg.batch_size, cfg.seg_len, generator=g) * 2 - 1) * 0.5).to(rt.device)  # content-free
     spk = torch.zeros(cfg.batch_size, dtype=torch.long, device=rt.device)
 
-    def train_step():
+    def train_step(m=train_model):
         with rt.autocast():
-            loss = nll_loss(train_model, wav, spk, cfg)
+            loss = nll_loss(m, wav, spk, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     step_ms = common.timeit(train_step, iters=5, warmup=2)
-    flops = common.count_flops(train_step)
+    flops = common.count_flops(lambda: train_step(model))   # eager: the counter cannot see inside compiled kernels
     # generation: samples per second (all streams together), naive vs cached, batch 1 and 16
     model.eval()
     methods = ["naive", "cached"] + (["compiled"] if cfg.compile else []) + \
-              (["cudagraph"] if rt.device_type == "cuda" else [])
+              (["cudagraph"] + (["compiled_cudagraph"] if cfg.compile else []) if rt.device_type == "cuda" else [])
     gen = {}
     for B in (1, 16):
         nmel = max(1, cfg.bench_steps // cfg.hop + 1)
@@ -504,7 +510,7 @@ def bench(cfg):
                         train_step_ms=round(step_ms, 2),
                         train_audio_s_per_s=round(wav.numel() / cfg.sample_rate / (step_ms / 1000), 2),
                         train_flops_per_step=flops, **gen,
-                        best_b1_realtime_factor=round(best_b1 / cfg.sample_rate, 4))
+                        gen_dtype="float32", best_b1_realtime_factor=round(best_b1 / cfg.sample_rate, 4))
     common.cleanup(rt)
 
 # ----------------------------------------------------------------------------- main
