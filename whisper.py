@@ -756,6 +756,9 @@ def load_model(cfg, device, texts_fn=None):
         return Whisper(model_dims(cfg, tok.n_vocab)).to(device), tok, None
     ckpt = common.load_checkpoint(common.resume_path(cfg))
     if common.is_ours(ckpt):
+        me = os.path.splitext(os.path.basename(__file__))[0]
+        if ckpt.get("paper") != me:
+            raise SystemExit(f"error: this checkpoint was written by {ckpt.get('paper')}.py, not {me}.py")
         extra = ckpt.get("extra", {})
         if "tokenizer" not in extra:
             raise SystemExit(f"error: {common.resume_path(cfg)} holds no tokenizer; was it written by whisper.py?")
