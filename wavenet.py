@@ -98,9 +98,12 @@ class Config:
     compile: bool = True
 
 PRESETS = {
-    "paper":   dict(),  # k = 2, 3 x (1..512): receptive field 3070 samples = 192 ms at 16 kHz (§3.2 used ~240 ms)
+    # k = 2, 3 x (1..512): receptive field 3070 samples = 192 ms at 16 kHz (§3.2 used ~240 ms); 3.78 M params
+    "paper":   dict(),
+    # r9y9 mulaw256 (4.70 M params, RF 6139): 4.64 M here, the gap being its weight-norm gains and mel conv_in
     "vocoder": dict(kernel_size=3, cond_speaker=False, sample_rate=22050, upsample_scales=(4, 4, 4, 4),
-                    fmin=125.0, fmax=7600.0, seg_len=10240, batch_size=8),  # r9y9 mulaw256: 4.70 M params, RF 6139
+                    fmin=125.0, fmax=7600.0, seg_len=10240, batch_size=8),
+    # 0.25 M params, RF 511 samples = 32 ms: the mel carries the rest
     "small":   dict(layers=16, stacks=2, residual_channels=32, gate_channels=64, skip_channels=64,
                     seg_len=4096, batch_size=4, max_iters=2000, eval_interval=500, bench_steps=256,
                     eval_items=2, eval_seconds=1.0, gen_seconds=0.5, lr_half_life=2000),
@@ -184,9 +187,12 @@ class ResidualLayer(nn.Module):
         past = queue.index_select(2, (t - self.taps) % n)             # (B, R, k-1)
         window = torch.cat([past, x[:, :, None]], dim=2)             # (B, R, k), oldest first like the kernel
         queue.index_copy_(2, (t % n).view(1), x[:, :, None])          # push x_t over the slot just read
+        # on one column every conv is a matmul: the k taps flattened against the (G, R·k) kernel, 1×1s as they are
         h = F.linear(window.flatten(1), self.conv.weight.flatten(1), self.conv.bias) + cond  # (B, G)
-        y, s = self.gate(h[:, :, None], x[:, :, None])               # 1×1 convs on one column
-        return y[:, :, 0], s[:, :, 0]
+        a, b = h.chunk(2, dim=1)
+        z = torch.tanh(a) * torch.sigmoid(b)                          # (B, G/2), as in gate()
+        y = (x + F.linear(z, self.out.weight[:, :, 0], self.out.bias)) * math.sqrt(0.5)
+        return y, F.linear(z, self.skip.weight[:, :, 0], self.skip.bias)
 
 
 class WaveNet(nn.Module):
@@ -273,7 +279,9 @@ class CachedGenerator:
         for i, layer in enumerate(m.layers):
             h, s = layer.step(h, self.queues[i], t, cond[:, i])
             skips = skips + s
-        logits = m.head((skips * math.sqrt(1.0 / len(m.layers)))[:, :, None])[:, :, 0]  # (B, Q)
+        h = F.relu(skips * math.sqrt(1.0 / len(m.layers)))                   # the head of §2.4 on one column
+        h = F.relu(F.linear(h, m.head[1].weight[:, :, 0], m.head[1].bias))
+        logits = F.linear(h, m.head[3].weight[:, :, 0], m.head[3].bias)       # (B, Q)
         x = draw(logits, self.u.index_select(1, t.view(1))[:, 0], self.temperature)
         self.out.index_copy_(1, t.view(1), x[:, None])
         self.x.copy_(x)
