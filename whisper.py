@@ -29,6 +29,7 @@ Simplified or changed here:
     python whisper.py --mode=eval --init_from=out/whisper/ckpt.pt                        # WER/CER on test
     python whisper.py --mode=sample --init_from=tiny.pt --tokenizer=multilingual.tiktoken --input=a.flac
     python whisper.py --mode=bench
+    python whisper.py --mode=bench --preset=whisper-tiny --batch_size=16 --tokenizer=multilingual.tiktoken --bench_official=True
     torchrun --standalone --nproc_per_node=8 whisper.py --preset=whisper-base
 """
 import base64
@@ -57,7 +58,7 @@ class Config:
     data_dir: str = ""              # empty: the built-in speech corpus
     corpus_hours: float = 2.0       # size of the built-in corpus
     input: str = ""                 # --mode=sample: a wav/flac to transcribe (default: a held-out test utterance)
-    # model: the official ModelDimensions (§2.2, Table 1; whisper/model.py)
+    # model: the official ModelDimensions (§2.2, Table 1 sizes; whisper/model.py)
     n_mels: int = 80                # log-mel bins (128 for large-v3)
     n_audio_ctx: int = 1500         # encoder positions = window / 20 ms: 1500 = 30 s (3000 mel frames)
     n_audio_state: int = 384        # encoder width
@@ -74,7 +75,7 @@ class Config:
     p_timestamps: float = 0.5       # fraction of examples trained with timestamp tokens (others <|notimestamps|>)
     p_prompt: float = 0.3           # fraction with a previous-text prompt after <|startofprev|> (no loss on it)
     p_nospeech: float = 0.05        # fraction of noise-only windows whose target is <|nospeech|> (VAD)
-    # optimisation (§3.1 / Appendix F)
+    # optimisation (§2.4, Appendix F)
     batch_size: int = 256           # segments per step
     lr: float = 1.5e-3              # peak learning rate (1.5e-3 for tiny, 1.75e-4 for large)
     weight_decay: float = 0.1       # AdamW
@@ -103,6 +104,7 @@ class Config:
     log_interval: int = 50
     eval_interval: int = 2000       # evaluate and checkpoint every this many steps
     eval_items: int = 64            # held-out utterances per evaluation
+    bench_official: bool = False    # --mode=bench: also time openai-whisper's decode side by side, if installed
 
 _DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
          "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
@@ -122,18 +124,18 @@ PRESETS = {
     "whisper-large":    _paper(32, 1280, 20, 1.75e-4),  # 1550 M (large-v1 / v2)
     "whisper-large-v3": _paper(32, 1280, 20, 1.75e-4, n_mels=128),
     "whisper-turbo":    _paper(32, 1280, 20, 1.75e-4, n_mels=128, n_text_layer=4),  # large-v3, 4 decoder layers
-    # a CPU run (~15 min on a laptop): 6 s windows, 4+4 layers of width 256, a 1024-token BPE
-    "small": dict(n_audio_ctx=300, n_audio_state=256, n_audio_head=4, n_audio_layer=4, n_text_ctx=128,
-                  n_text_state=256, n_text_head=4, n_text_layer=4, batch_size=32, lr=1e-3, warmup_iters=200,
-                  max_iters=3000, eval_interval=500, eval_items=32, log_interval=25, beam_size=1),
+    # a CPU run (~15 min on a laptop): 5 s windows (99 % of the corpus's clips fit), 4+4 layers of width 128
+    "small": dict(n_audio_ctx=250, n_audio_state=128, n_audio_head=4, n_audio_layer=4, n_text_ctx=128,
+                  n_text_state=128, n_text_head=4, n_text_layer=4, batch_size=16, lr=1.5e-3, warmup_iters=200,
+                  max_iters=3000, eval_interval=500, eval_items=32, log_interval=25, compile=False),
     # tests: 5 s windows, 2+2 layers of width 64
     "tiny": dict(n_audio_ctx=250, n_audio_state=64, n_audio_head=2, n_audio_layer=2, n_text_ctx=96,
                  n_text_state=64, n_text_head=2, n_text_layer=2, bpe_vocab=320, corpus_hours=0.02, batch_size=4,
                  lr=3e-3, warmup_iters=10, max_iters=10, eval_interval=100, eval_items=4, log_interval=1,
-                 beam_size=2, best_of=2, sample_len=32, temperatures=(0.0, 1.0)),
+                 beam_size=2, best_of=2, sample_len=32, temperatures=(0.0, 1.0), compile=False),
 }
 
-SAMPLE_RATE, HOP = 16000, 160          # §2.1: 16 kHz audio, 10 ms mel hop; 2 frames per encoder position
+SAMPLE_RATE, HOP = 16000, 160          # §2.2: 16 kHz audio, 10 ms mel hop; 2 frames per encoder position
 TIME_PRECISION = 0.02                   # seconds per timestamp token (= per encoder position)
 N_TIMESTAMPS = 1501                     # <|0.00|> ... <|30.00|>
 
@@ -396,6 +398,11 @@ class Tokenizer:
     def non_speech_tokens(self):
         """Tokens of symbols that are never spoken (speaker tags, music notes, brackets); a symbol is banned only
         where it is one token, a hyphen/quote only at word start; music symbols by their first byte-token."""
+        if getattr(self, "_non_speech", None) is None:
+            self._non_speech = self._find_non_speech()
+        return list(self._non_speech)
+
+    def _find_non_speech(self):
         symbols = list('"#()*+/:;<=>@[\\]^_`{|}~「」『』') + \
             "<< >> <<< >>> -- --- -( -[ (' (\" (( )) ((( ))) [[ ]] {{ }} ♪♪ ♪♪♪".split()
         music = "♩♪♫♬♭♮♯"
@@ -439,7 +446,7 @@ def window_samples(cfg):
 
 def log_mel(wavs, cfg, device):
     """One log-mel per window (B, n_mels, 2 * n_audio_ctx). Per item, because the -8 dynamic-range clip uses the
-    max of the whole tensor (§2.1): batching the call would let loud items change quiet ones."""
+    max of the whole tensor (the official code; §2.2): batching the call would let loud items change quiet ones."""
     return torch.stack([common.log_mel_spectrogram(w.to(device), n_mels=cfg.n_mels) for w in wavs])
 
 
@@ -784,7 +791,7 @@ def load_model(cfg, device, texts_fn=None):
 
 
 def configure_optimizer(model, cfg):
-    """AdamW (§3.1: beta 0.9/0.98, eps 1e-6, wd 0.1); no decay on biases, norms, embeddings' positions."""
+    """AdamW (§2.4, Appendix F: beta 0.9/0.98, eps 1e-6, wd 0.1); no decay on biases, norms, embeddings' positions."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "positional" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "positional" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -792,7 +799,7 @@ def configure_optimizer(model, cfg):
 
 
 def lr_at(step, cfg):
-    """Linear warm-up, then linear decay to zero (§3.1)."""
+    """Linear warm-up, then linear decay to zero (§2.4)."""
     end = cfg.decay_iters or cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
@@ -989,7 +996,49 @@ def bench(cfg):
         dec = torch.compile(model.decoder, dynamic=True)
         figures.update(decode_tokens_per_s_b1_compiled=decode_tps(1, dec),
                        decode_tokens_per_s_b16_compiled=decode_tps(16, dec))
+    if cfg.bench_official:
+        figures.update(bench_official_side_by_side(cfg, rt, model, tok, mel[:1], iters))
     return common.report_bench(cfg, rt, **figures)
+
+
+def bench_official_side_by_side(cfg, rt, model, tok, mel, iters):
+    """Our whole decode() against openai-whisper's decode() on the same weights (the key map is the identity)
+    and the same window at batch 1, greedy without timestamps: both emit the same tokens, so tokens/s compare."""
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved, mine = sys.path[:], sys.modules.pop("whisper", None)
+    try:                                                 # this file is whisper.py too: look past its folder
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+        import whisper as ow
+    except ImportError as e:
+        common.log(f"openai-whisper not importable ({e}): no side-by-side figure")
+        return {}
+    finally:
+        sys.path[:] = saved
+        if mine is not None:
+            sys.modules["whisper"] = mine
+    dims = ow.model.ModelDimensions(**model_dims(cfg, tok.n_vocab))
+    ref = ow.model.Whisper(dims).to(rt.device).eval()
+    ref.load_state_dict(model.state_dict(), strict=False)  # ours lacks only their non-persistent buffers
+    n = cfg.sample_len or cfg.n_text_ctx // 2
+    opts = ow.DecodingOptions(language="en" if tok.multilingual else None, without_timestamps=True, sample_len=n,
+                              fp16=rt.dtype != torch.float32 and rt.device_type == "cuda")
+    out = {}
+    with torch.no_grad():
+        with rt.autocast():
+            r_ours = decode(model, tok, mel, cfg, beam_size=0, timestamps=False)[0]
+            ms_ours = common.timeit(lambda: decode(model, tok, mel, cfg, beam_size=0, timestamps=False),
+                                    iters=iters, warmup=1)
+        try:
+            r_ref = ow.decode(ref, mel[0], opts)
+            ms_ref = common.timeit(lambda: ow.decode(ref, mel[0], opts), iters=iters, warmup=1)
+        except Exception as e:                           # e.g. our offline BPE is not an official vocabulary
+            common.log(f"official decode failed ({type(e).__name__}: {e}); pass --tokenizer=multilingual.tiktoken")
+            return {}
+    k = len(r_ours.tokens) + 1
+    out.update(official_decode_tokens_per_s_b1=k / (ms_ref / 1000), ours_decode_tokens_per_s_b1=k / (ms_ours / 1000),
+               decode_speedup_vs_official=ms_ref / ms_ours, official_same_tokens=r_ref.tokens == r_ours.tokens)
+    return out
 
 # ----------------------------------------------------------------------------- main
 

@@ -314,3 +314,27 @@ def test_resume_is_exact_and_bad_checkpoints_are_rejected(tmp_path):
     # an unknown flag names the closest one
     with pytest.raises(SystemExit, match="beam_size"):
         common.parse_config(W.Config, W.PRESETS, ["--beam_sise=3"])
+
+
+def test_long_form_seeks_by_timestamps(monkeypatch):
+    """Sliding windows (§4.5): a window ending on a closed pair of timestamps resumes at that time, one ending on a
+    single timestamp consumes the whole window, and a silent window is skipped; the previous text is the prompt."""
+    tok = W.Tokenizer(W.train_bpe([" " + t for t in TEXTS], 300), num_languages=1)
+    tb, cfg = tok.timestamp_begin, tiny_cfg()                   # 5 s windows = 500 mel frames
+    A, B, C = tok.encode(" alpha"), tok.encode(" beta"), tok.encode(" gamma")
+    replies = [[tb] + A + [tb + 100, tb + 100] + B + [tb + 150, tb + 150],    # ends on a pair: resume at 3.0 s
+               [tb] + C + [tb + 50],                                      # single ending: next window at 8.0 s
+               []]                                                         # silence
+    calls = []
+
+    def fake(model, tok_, mel, cfg_, prompt=None, timestamps=True, generator=None):
+        calls.append((mel.shape, list(prompt)))
+        toks = replies[len(calls) - 1]
+        return W.DecodeResult(toks, tok.decode(toks), -0.1 if toks else -2.0, 0.0 if toks else 0.9, 0.0, 1.0)
+    monkeypatch.setattr(W, "decode_with_fallback", fake)
+    segs, text = W.transcribe(None, tok, torch.zeros(9 * 16000).numpy(), cfg, "cpu")
+    assert [(round(a, 2), round(b, 2), t) for a, b, t in segs] == [(0.0, 2.0, "alpha"), (2.0, 3.0, "beta"),
+                                                                   (3.0, 4.0, "gamma")]
+    assert text == "alpha beta gamma" and len(calls) == 3
+    assert all(shape == (1, 80, 500) for shape, _ in calls)
+    assert calls[0][1] == [] and calls[1][1] == replies[0] and calls[2][1] == replies[0] + replies[1]
