@@ -25,11 +25,14 @@ Simplified or changed versus the paper:
 
     python wavenet.py                                      # train (mel + speaker conditioned) on the built-in corpus
     python wavenet.py --preset=vocoder --batch_size=8      # r9y9 mulaw256 vocoder size (22.05 kHz, kernel 3)
-    python wavenet.py --cond_mel=False                     # unconditional (speaker-only) WaveNet, §3.1 style
     python wavenet.py --init_from=resume                   # continue out/wavenet/ckpt.pt
-    python wavenet.py --mode=sample --init_from=out/wavenet/ckpt.pt --temperature=0.9
-    python wavenet.py --mode=eval --init_from=out/wavenet/ckpt.pt
-    python wavenet.py --mode=bench
+    python wavenet.py --mode=sample --init_from=out/wavenet/ckpt.pt --temperature=0.9   # vocode held-out mel
+    python wavenet.py --mode=sample --init_from=out/wavenet/ckpt.pt --input=my.wav      # vocode my.wav's mel
+    python wavenet.py --mode=eval --init_from=out/wavenet/ckpt.pt   # held-out bits/sample and vocoded mel L1
+    python wavenet.py --cond_mel=False --out_dir=out/wavenet_free   # speaker-only WaveNet (§3.1 multi-speaker)
+    python wavenet.py --cond_mel=False --out_dir=out/wavenet_free --mode=sample --init_from=resume --speaker=2
+    python wavenet.py --mode=bench                         # train speed; naive vs cached (eager, compiled,
+                                                           # CUDA graphs) generation at batch 1 and 16
     torchrun --standalone --nproc_per_node=8 wavenet.py
 """
 import math
@@ -170,16 +173,16 @@ class ResidualLayer(nn.Module):
 
     def gate(self, h, x):                            # h: (B, G, ...) pre-activation, x: layer input (B, R, ...)
         a, b = h.chunk(2, dim=1)                     # (B, G/2, ...) each
-        z = torch.tanh(a) * torch.sigmoid(b)         # §2.3, Eq. 2
+        z = torch.tanh(a) * torch.sigmoid(b)         # §2.3, Eq. 3
         # √0.5 keeps the residual stream's variance constant with depth (r9y9, Gated PixelCNN-style)
         return (x + self.out(z)) * math.sqrt(0.5), self.skip(z)
 
     def forward(self, x, c=None, g=None):            # x: (B, R, T), c: (B, M, T), g: (B, D)
         h = self.conv(F.pad(x, ((self.k - 1) * self.dilation, 0)))  # left pad only: causal (§2.1, Fig. 3)
         if c is not None:
-            h = h + self.cond(c)
+            h = h + self.cond(c)                     # V * y with y the upsampled mel (§2.5, Eq. 5)
         if g is not None:
-            h = h + self.gcond(g)[:, :, None]        # broadcast over time (§2.5, Eq. 3)
+            h = h + self.gcond(g)[:, :, None]        # broadcast over time (§2.5, Eq. 4)
         return self.gate(h, x)
 
     def step(self, x, queue, t, cond):
@@ -322,7 +325,8 @@ def generate(model, n, mel=None, spk=None, batch=1, temperature=1.0, seed=0, met
 # ----------------------------------------------------------------------------- loss
 
 def nll_loss(model, wav, spk, cfg):
-    """§2.2: cross-entropy over 256 μ-law classes with teacher forcing; returns nats per sample."""
+    """Eq. 1 with teacher forcing: every sample is predicted from the true past at once. §2.2: targets are the
+    256 μ-law classes (Eq. 2), the loss is cross-entropy; returns nats per sample."""
     with torch.autocast(wav.device.type, enabled=False):
         mel = mel_features(wav, cfg) if cfg.cond_mel else None      # (B, M, T/hop), fp32
         q = common.mulaw_quantize(wav)                              # (B, T) targets in [0, 255]
