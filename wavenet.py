@@ -104,7 +104,8 @@ class Config:
 PRESETS = {
     # k = 2, 3 x (1..512): receptive field 3070 samples = 192 ms at 16 kHz (§3.2 used ~240 ms); 3.78 M params
     "paper":   dict(),
-    # r9y9 mulaw256 (4.70 M params, RF 6139): 4.64 M here, the gap being its weight-norm gains and mel conv_in
+    # r9y9 mulaw256 (4.70 M params, RF 6139): 4.63 M here; r9y9 adds weight-norm gains, a mel conv_in and an
+    # unused residual conv in the last layer
     "vocoder": dict(kernel_size=3, cond_speaker=False, sample_rate=22050, upsample_scales=(4, 4, 4, 4),
                     fmin=125.0, fmax=7600.0, seg_len=10240, batch_size=8),
     # 0.25 M params, RF 511 samples = 32 ms: the mel carries the rest
@@ -159,14 +160,15 @@ class Upsampler(nn.Module):
 class ResidualLayer(nn.Module):
     """One layer: dilated causal conv (§2.1) -> gated unit with conditioning (§2.3, §2.5) -> residual and skip
     1×1 convs (§2.4, Fig. 4)."""
-    def __init__(self, cfg, dilation):
+    def __init__(self, cfg, dilation, last=False):
         super().__init__()
         self.dilation, self.k = dilation, cfg.kernel_size
         R, G, S = cfg.residual_channels, cfg.gate_channels, cfg.skip_channels
         self.conv = nn.Conv1d(R, G, cfg.kernel_size, dilation=dilation)  # W_f and W_g stacked: G = 2 halves
         self.cond = nn.Conv1d(cfg.n_mels, G, 1, bias=False) if cfg.cond_mel else None   # V_f * y, V_g * y
         self.gcond = nn.Linear(cfg.speaker_dim, G, bias=False) if cfg.cond_speaker else None  # V_f^T h, V_g^T h
-        self.out = nn.Conv1d(G // 2, R, 1)
+        # the last layer's residual output would feed nothing (only skips reach the head), so it has no out conv
+        self.out = nn.Conv1d(G // 2, R, 1) if not last else None
         self.skip = nn.Conv1d(G // 2, S, 1)
         # past offsets of the kernel taps, oldest first: (k-1)·d, ..., d (for the cached step)
         self.register_buffer("taps", dilation * torch.arange(self.k - 1, 0, -1), persistent=False)
@@ -174,6 +176,8 @@ class ResidualLayer(nn.Module):
     def gate(self, h, x):                            # h: (B, G, ...) pre-activation, x: layer input (B, R, ...)
         a, b = h.chunk(2, dim=1)                     # (B, G/2, ...) each
         z = torch.tanh(a) * torch.sigmoid(b)         # §2.3, Eq. 3
+        if self.out is None:
+            return x, self.skip(z)
         # √0.5 keeps the residual stream's variance constant with depth (r9y9, Gated PixelCNN-style)
         return (x + self.out(z)) * math.sqrt(0.5), self.skip(z)
 
@@ -196,8 +200,10 @@ class ResidualLayer(nn.Module):
         h = F.linear(window.flatten(1), self.conv.weight.flatten(1), self.conv.bias) + cond  # (B, G)
         a, b = h.chunk(2, dim=1)
         z = torch.tanh(a) * torch.sigmoid(b)                          # (B, G/2), as in gate()
-        y = (x + F.linear(z, self.out.weight[:, :, 0], self.out.bias)) * math.sqrt(0.5)
-        return y, F.linear(z, self.skip.weight[:, :, 0], self.skip.bias)
+        s = F.linear(z, self.skip.weight[:, :, 0], self.skip.bias)
+        if self.out is None:
+            return x, s
+        return (x + F.linear(z, self.out.weight[:, :, 0], self.out.bias)) * math.sqrt(0.5), s
 
 
 class WaveNet(nn.Module):
@@ -208,7 +214,8 @@ class WaveNet(nn.Module):
         Q, R, S = cfg.quant_channels, cfg.residual_channels, cfg.skip_channels
         self.embed = nn.Embedding(Q, R)              # one-hot μ-law input × 1×1 conv == a table lookup (§2.2)
         per_stack = cfg.layers // cfg.stacks
-        self.layers = nn.ModuleList(ResidualLayer(cfg, 2 ** (i % per_stack)) for i in range(cfg.layers))
+        self.layers = nn.ModuleList(ResidualLayer(cfg, 2 ** (i % per_stack), last=i == cfg.layers - 1)
+                                    for i in range(cfg.layers))
         # §2.4, Fig. 4: sum of skips -> ReLU -> 1×1 -> ReLU -> 1×1 -> softmax
         self.head = nn.Sequential(nn.ReLU(), nn.Conv1d(S, S, 1), nn.ReLU(), nn.Conv1d(S, Q, 1))
         self.upsample = Upsampler(cfg) if cfg.cond_mel else None
