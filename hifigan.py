@@ -98,11 +98,12 @@ PRESETS = {  # the official config_v1/v2/v3.json (Appendix A)
     "v2":    dict(channels=128),                            # 0.93 M: V1's shape, narrow
     "v3":    dict(channels=256, upsample_rates=(8, 8, 4), upsample_kernels=(16, 16, 8), resblock="2",
                   resblock_kernels=(3, 5, 7), resblock_dilations=((1, 2), (2, 6), (3, 12))),  # 1.46 M: fastest
-    "small": dict(channels=128, d_max_channels=128, batch_size=8, max_iters=2000,
-                  eval_interval=500, corpus_hours=0.5, eval_items=8, log_interval=25),  # ~15 min on a laptop CPU
+    "small": dict(channels=128, d_max_channels=32, batch_size=4, max_iters=1000, eval_interval=250,
+                  corpus_hours=0.5, eval_items=8, log_interval=25, compile=False),  # V2's G; ~15 min, laptop CPU
     "tiny":  dict(channels=32, upsample_rates=(16, 16), upsample_kernels=(32, 32), d_max_channels=16,
                   batch_size=2, segment=2048, max_iters=10,
-                  eval_interval=1000, corpus_hours=0.02, eval_items=2, log_interval=1, bench_iters=2, bench_seconds=2.0),  # tests
+                  eval_interval=1000, corpus_hours=0.02, eval_items=2, log_interval=1, bench_iters=2,
+                  bench_seconds=2.0),  # tests
 }
 ARCH_KEYS = ("n_mels", "hop", "channels", "upsample_rates", "upsample_kernels", "resblock", "resblock_kernels",
              "resblock_dilations", "periods", "num_d", "d_max_channels")
@@ -454,7 +455,8 @@ def bench(cfg):
     # inference: real-time factor = compute seconds per second of audio (lower is faster)
     seconds = cfg.bench_seconds
     G_inf = remove_weight_norm(copy.deepcopy(G)).eval()
-    mel1 = torch.randn(1, cfg.n_mels, int(seconds * cfg.sample_rate) // cfg.hop, device=rt.device) - 5  # (1, n_mels, frames)
+    frames = int(seconds * cfg.sample_rate) // cfg.hop
+    mel1 = torch.randn(1, cfg.n_mels, frames, device=rt.device) - 5   # (1, n_mels, frames)
 
     def infer(model, amp):
         with torch.no_grad(), amp():

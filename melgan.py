@@ -85,10 +85,11 @@ class Config:
 
 PRESETS = {
     "paper": dict(),                                        # Generator(80, ngf=32, 3), Discriminator(3, 16, 4, 4)
-    "small": dict(channels=128, ndf=16, d_max_channels=256, batch_size=8, max_iters=2000,
-                  eval_interval=500, corpus_hours=0.5, eval_items=8, log_interval=25),  # ~15 min on a laptop CPU
+    "small": dict(channels=128, ndf=16, d_max_channels=256, batch_size=8, max_iters=1000, eval_interval=250,
+                  corpus_hours=0.5, eval_items=8, log_interval=25, compile=False),  # ~15 min, laptop CPU
     "tiny":  dict(channels=32, ndf=4, d_max_channels=64, batch_size=2, segment=2048, max_iters=10,
-                  eval_interval=1000, corpus_hours=0.02, eval_items=2, log_interval=1, bench_iters=2, bench_seconds=2.0),  # tests
+                  eval_interval=1000, corpus_hours=0.02, eval_items=2, log_interval=1, bench_iters=2,
+                  bench_seconds=2.0),  # tests
 }
 ARCH_KEYS = ("n_mels", "hop", "channels", "upsample_rates", "dilations", "num_d", "ndf", "d_max_channels")
 
@@ -410,7 +411,8 @@ def bench(cfg):
     # inference: real-time factor = compute seconds per second of audio (lower is faster)
     seconds = cfg.bench_seconds
     G_inf = remove_weight_norm(copy.deepcopy(G)).eval()
-    mel1 = torch.randn(1, cfg.n_mels, int(seconds * cfg.sample_rate) // cfg.hop, device=rt.device) - 5  # (1, n_mels, frames)
+    frames = int(seconds * cfg.sample_rate) // cfg.hop
+    mel1 = torch.randn(1, cfg.n_mels, frames, device=rt.device) - 5   # (1, n_mels, frames)
 
     def infer(model, amp):
         with torch.no_grad(), amp():
