@@ -121,6 +121,7 @@ def parse_config(Config, presets, argv=None):
     if "mode" in names and cfg.mode not in ("train", "sample", "eval", "bench"):
         raise SystemExit(f"error: --mode must be one of train, sample, eval, bench (got {cfg.mode!r})")
     cfg._note = note  # printed by setup() as the first line
+    cfg._explicit = set(overrides)  # flags the user gave (compile() honours --compile=True on a CPU only if asked)
     return cfg
 
 
@@ -224,11 +225,15 @@ def cleanup(rt):
 
 
 def compile(model, cfg):
-    """torch.compile when cfg.compile; falls back to eager (and says so) where it cannot work."""
+    """torch.compile when cfg.compile, on CUDA by default and elsewhere only when --compile=True was asked for;
+    falls back to eager (and says so) where it cannot work."""
     if not getattr(cfg, "compile", False):
         return model
+    dev = next(model.parameters()).device.type
+    if dev != "cuda" and "compile" not in getattr(cfg, "_explicit", ()):
+        return model  # on a CPU compilation costs minutes and gains little; --compile=True forces it
     try:
-        if next(model.parameters()).device.type == "cuda":
+        if dev == "cuda":
             import triton  # noqa: F401  (inductor's GPU backend)
         return torch.compile(model)
     except Exception as e:  # no Triton, unsupported platform, ...

@@ -442,3 +442,12 @@ common.cleanup(rt)
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "RANK 0/2 mean 0.5" in out.stdout and "RANK 1/2 mean 0.5" in out.stdout
+
+
+def test_compile_is_opt_in_on_cpu():
+    m = nn.Linear(2, 2)
+    assert common.compile(m, common.parse_config(Config, PRESETS, ["--compile=True"])) is not m  # asked: compiled
+    cfg = common.parse_config(Config, PRESETS, [])
+    cfg.compile = True  # the default of a paper file, not asked for: eager on a CPU
+    assert common.compile(m, cfg) is m
+    assert common.unwrap(common.compile(m, common.parse_config(Config, PRESETS, ["--compile=True"]))) is m
