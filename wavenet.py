@@ -53,7 +53,7 @@ class Config:
     mode: str = "train"               # train | sample | eval | bench
     preset: str = "paper"             # a key of PRESETS
     init_from: str = "scratch"        # scratch | resume | path to one of our checkpoints
-    out_dir: str = "out/wavenet"
+    out_dir: str = "out/wavenet"      # ckpt.pt, log.txt, samples/
     data_dir: str = ""                # empty: the built-in speech corpus
     corpus_hours: float = 2.0         # size of the built-in corpus (hours)
     input: str = ""                   # --mode=sample: vocode this wav instead of a held-out utterance
@@ -62,8 +62,8 @@ class Config:
     n_fft: int = 1024                 # mel STFT size
     hop: int = 256                    # samples per mel frame; must equal prod(upsample_scales)
     n_mels: int = 80                  # mel bins of the local conditioning
-    fmin: float = 0.0
-    fmax: float = 8000.0
+    fmin: float = 0.0                 # mel filterbank range (Hz)
+    fmax: float = 8000.0              # Nyquist at 16 kHz
     # model (§2; the paper gives no widths: r9y9 mulaw256 widths)
     layers: int = 30                  # dilated conv layers in total
     stacks: int = 3                   # repeats of the dilation cycle 1, 2, ..., 2**(layers/stacks - 1) (§2.1)
