@@ -179,7 +179,8 @@ def test_cli_bench_prints_one_json_line(trained):
     line = [l for l in run(*flags, "--mode=bench").splitlines() if l.startswith("{")]
     assert len(line) == 1
     fig = json.loads(line[0])
-    for k in ("train_step_ms", "train_audio_s_per_s", "infer_rtf_eager", "params_g", "params_d", "peak_memory_mb"):
+    for k in ("train_step_ms", "train_audio_s_per_s", "infer_rtf_eager", "params", "params_d",
+              "train_flops_per_step", "peak_memory_mb"):
         assert fig[k] is not None and fig[k] > 0, k
 
 
