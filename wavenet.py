@@ -95,7 +95,7 @@ class Config:
     temperature: float = 1.0          # softmax temperature; 0 = argmax (which collapses to silence, r9y9#93)
     speaker: int = -1                 # speaker id for unconditioned sampling (-1: a few different speakers)
     # runtime
-    bench_steps: int = 1024           # generation steps timed per bench figure (naive uses 1/16 of them)
+    bench_steps: int = 1024           # cached generation steps timed per bench figure
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"               # bf16 autocast on CUDA for training, fp32 elsewhere
@@ -515,15 +515,21 @@ def bench(cfg):
     methods = ["naive", "cached"] + (["compiled"] if cfg.compile else []) + \
               (["cudagraph"] + (["compiled_cudagraph"] if cfg.compile else []) if rt.device_type == "cuda" else [])
     gen = {}
+    rf = model.receptive_field
     for B in (1, 16):
-        nmel = max(1, cfg.bench_steps // cfg.hop + 1)
+        nmel = max(1, max(cfg.bench_steps, rf) // cfg.hop + 1)
         mel = torch.randn(B, cfg.n_mels, nmel, device=rt.device) if cfg.cond_mel else None
         sp = torch.zeros(B, dtype=torch.long, device=rt.device) if cfg.cond_speaker else None
-        for method in methods:
-            n = max(1, cfg.bench_steps // 16) if method == "naive" else cfg.bench_steps
+        with torch.no_grad():                        # steady-state naive step: a full receptive field per sample
+            x = torch.randint(0, cfg.quant_channels, (B, rf), device=rt.device)
+            c, g = model.conditioning(mel, sp, rf)
+            u = torch.rand(B, device=rt.device)
+            ms = common.timeit(lambda: draw(model.net(x, c, g)[:, :, -1], u, cfg.temperature), iters=5, warmup=2)
+        gen[f"naive_b{B}_samples_per_s"] = round(B / (ms / 1000), 1)
+        for method in methods[1:]:                   # cached: every step costs the same, time bench_steps of them
             try:
-                ms = common.timeit(lambda: generate(model, n, mel, sp, batch=B, method=method), iters=3, warmup=1)
-                gen[f"{method}_b{B}_samples_per_s"] = round(B * n / (ms / 1000), 1)
+                ms = common.timeit(lambda: generate(model, cfg.bench_steps, mel, sp, batch=B, method=method), iters=3, warmup=1)
+                gen[f"{method}_b{B}_samples_per_s"] = round(B * cfg.bench_steps / (ms / 1000), 1)
             except Exception as e:                   # e.g. compile unavailable: report, don't crash the bench
                 gen[f"{method}_b{B}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
     best_b1 = max(v for k, v in gen.items() if k.endswith("_b1_samples_per_s"))
