@@ -512,8 +512,9 @@ def bench(cfg):
     flops = common.count_flops(lambda: train_step(model))   # eager: the counter cannot see inside compiled kernels
     # generation: samples per second (all streams together), naive vs cached, batch 1 and 16
     model.eval()
-    methods = ["naive", "cached"] + (["compiled"] if cfg.compile else []) + \
-              (["cudagraph"] + (["compiled_cudagraph"] if cfg.compile else []) if rt.device_type == "cuda" else [])
+    compiled = train_model is not model              # common.compile: on CUDA by default, on a CPU if asked
+    methods = ["naive", "cached"] + (["compiled"] if compiled else []) + \
+              (["cudagraph"] + (["compiled_cudagraph"] if compiled else []) if rt.device_type == "cuda" else [])
     gen = {}
     rf = model.receptive_field
     for B in (1, 16):
