@@ -365,11 +365,13 @@ def held_out(cfg, rt, n_items, seconds, split="val"):
     return wav, spk
 
 
-def build(cfg, rt):
-    """Model + number of speakers (for the embedding table) from the corpus; loads weights if init_from says so."""
-    n_spk = common.num_speakers(common.load_corpus(cfg, "train", cfg.sample_rate))
-    model = WaveNet(cfg, n_spk).to(rt.device)
-    return model
+def load_trained(cfg, rt):
+    """For sample/eval: the model (speaker table sized from the corpus) with the weights of --init_from,
+    or of out_dir/ckpt.pt when no checkpoint is named."""
+    model = WaveNet(cfg, common.num_speakers(common.load_corpus(cfg, "train", cfg.sample_rate))).to(rt.device)
+    path = common.resume_path(cfg) if cfg.init_from != "scratch" else f"{cfg.out_dir}/ckpt.pt"
+    common.restore(common.load_checkpoint(path), cfg, {"model": model}, arch_keys=ARCH_KEYS)
+    return model.eval()
 
 
 ARCH_KEYS = ("sample_rate", "n_fft", "hop", "n_mels", "fmin", "fmax", "layers", "stacks", "kernel_size",
@@ -384,8 +386,7 @@ def evaluate(cfg, model=None, rt=None):
     standalone = model is None
     if standalone:
         rt = common.setup(cfg)
-        model = build(cfg, rt)
-        common.restore(common.load_checkpoint(common.resume_path(cfg)), cfg, {"model": model}, arch_keys=ARCH_KEYS)
+        model = load_trained(cfg, rt)
     was_training = model.training
     model.eval()
     wav, spk = held_out(cfg, rt, cfg.eval_items, cfg.eval_seconds)
@@ -454,9 +455,7 @@ def sample(cfg):
     """Vocode a held-out utterance (or --input) from its mel; a model trained with --cond_mel=False instead
     babbles freely, conditioned only on the speaker embedding (or on nothing)."""
     rt = common.setup(cfg)
-    model = build(cfg, rt)
-    common.restore(common.load_checkpoint(common.resume_path(cfg)), cfg, {"model": model}, arch_keys=ARCH_KEYS)
-    model.eval()
+    model = load_trained(cfg, rt)
     out = f"{cfg.out_dir}/samples"
     n = max(cfg.hop, int(cfg.gen_seconds * cfg.sample_rate) // cfg.hop * cfg.hop)
     t0 = time.time()
@@ -492,9 +491,10 @@ def sample(cfg):
 
 def bench(cfg):
     rt = common.setup(cfg)
-    model = build(cfg, rt)
-    if cfg.init_from != "scratch":
-        common.restore(common.load_checkpoint(common.resume_path(cfg)), cfg, {"model": model}, arch_keys=ARCH_KEYS)
+    if cfg.init_from != "scratch":                   # speed does not depend on the weights: random ones do
+        model = load_trained(cfg, rt).train()
+    else:
+        model = WaveNet(cfg, common.num_speakers(common.load_corpus(cfg, "train", cfg.sample_rate))).to(rt.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     train_model = common.compile(model, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
