@@ -157,7 +157,7 @@ class Runtime:
             torch.mps.synchronize()
 
 
-_LOG = {"file": None, "master": True}
+_LOG = {"file": None, "master": True, "compiled": False}
 
 
 def resolve_device(name="auto"):
@@ -235,7 +235,9 @@ def compile(model, cfg):
     try:
         if dev == "cuda":
             import triton  # noqa: F401  (inductor's GPU backend)
-        return torch.compile(model)
+        compiled = torch.compile(model)
+        _LOG["compiled"] = True  # report_bench says what really ran
+        return compiled
     except Exception as e:  # no Triton, unsupported platform, ...
         log(f"torch.compile unavailable ({type(e).__name__}: {e}); running eager")
         return model
@@ -1058,11 +1060,12 @@ def _music_job(a):
 
 class Utterance:
     """One clip: audio (float32, (T,) or (C, T)), its rate, transcript, word times and speaker."""
-    __slots__ = ("id", "_audio", "sr", "text", "words", "speaker", "speaker_name")
+    __slots__ = ("id", "_audio", "sr", "text", "words", "speaker", "speaker_name", "n_speakers")
 
-    def __init__(self, id, audio, sr, text="", words=(), speaker=0, speaker_name=""):
+    def __init__(self, id, audio, sr, text="", words=(), speaker=0, speaker_name="", n_speakers=NUM_SPEAKERS):
         self.id, self._audio, self.sr, self.text = id, audio, sr, text
         self.words, self.speaker, self.speaker_name = words, speaker, speaker_name
+        self.n_speakers = n_speakers  # speakers in the whole dataset (all splits): the size of an embedding table
 
     @property
     def wav(self):
@@ -1078,7 +1081,8 @@ class Utterance:
 
 
 def num_speakers(utts=None):
-    return NUM_SPEAKERS if utts is None else max([u.speaker for u in utts] + [NUM_SPEAKERS - 1]) + 1
+    """Speakers in the dataset the clips come from, over all splits (so held-out voices have a valid id)."""
+    return NUM_SPEAKERS if not utts else max(u.n_speakers for u in utts)
 
 
 def _builtin(kind, split, sr, mono, hours, seed):
@@ -1189,7 +1193,7 @@ def _folder(data_dir, split, sr, mono, channels=None):
             raise SystemExit(f"error: {e}")
         if channels is not None and not mono and wav.shape[0] != channels:
             raise SystemExit(f"error: {path!r} has {wav.shape[0]} channel(s); this model needs {channels}")
-        utts.append(Utterance(cid, wav, sr, text, [], names.index(spk), spk))
+        utts.append(Utterance(cid, wav, sr, text, [], names.index(spk), spk, len(names)))
     if not utts:
         raise SystemExit(f"error: the {split!r} split of {data_dir!r} is empty (add more files)")
     return utts
@@ -1407,7 +1411,7 @@ def peak_memory_mb(rt):
 def report_bench(cfg, rt, model=None, **figures):
     """Print one JSON line: the standard fields, then the paper's own figures; adds mfu when it can."""
     out = dict(paper=_paper_of(cfg), preset=getattr(cfg, "preset", None), device=_device_name(rt.device),
-               dtype=str(rt.dtype).replace("torch.", ""), compiled=bool(getattr(cfg, "compile", False)),
+               dtype=str(rt.dtype).replace("torch.", ""), compiled=_LOG["compiled"],
                torch=torch.__version__)
     if model is not None:
         out["params"] = count_params(unwrap(model))

@@ -273,6 +273,7 @@ def test_corpus_speech_properties(corpus_root):
     # a voice heard only in test, and test/val sentences never spoken in train
     assert common.TEST_ONLY_SPEAKER in {u.speaker for u in test}
     assert common.TEST_ONLY_SPEAKER not in {u.speaker for u in train + val}
+    assert common.num_speakers(train) == common.NUM_SPEAKERS > common.TEST_ONLY_SPEAKER  # the held-out voice has an id
     assert not ({u.text for u in val + test} & {u.text for u in train})
     for u in train + test:
         assert u.wav.dtype == np.float32 and u.wav.ndim == 1 and 0.5 < u.duration < 10 and np.abs(u.wav).max() > 0.05
@@ -341,6 +342,7 @@ def test_folder_datasets(tmp_path):
     (libri / "19-198.trans.txt").write_text("\n".join(f"19-198-{i:04d} HELLO WORLD {i}" for i in range(5)))
     allu = sum((common.load_corpus(Config(data_dir=str(tmp_path / "libri")), s, sr) for s in ("train", "val", "test")), [])
     assert len(allu) == 5 and all(u.text.startswith("HELLO WORLD") and u.speaker_name == "19" for u in allu)
+    assert common.num_speakers(splits["test"]) == 1 and common.num_speakers(allu) == 1
     plain = tmp_path / "plain"
     plain.mkdir()
     for i in range(3):
