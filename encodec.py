@@ -17,7 +17,7 @@ Simplified or changed here (honestly):
   average in the same step (so it never takes effect); here a dead row's EMA statistics are reset too.
   After k-means init, `embed_avg` holds centroid x count (the official code stores the bare centroid).
 - Commitment gradient: the residual uses detached quantized vectors (the fix of encodec#25, as in audiocraft).
-- The 48 kHz preset's stereo training data is the mono built-in corpus duplicated to two channels.
+- The 48 kHz preset trains on the built-in corpus: the music is true stereo, the speech is mono copied to both channels.
 - No exponential moving average of the weights, no DDP-synchronised k-means beyond a broadcast from rank 0.
 - Reconstruction ℓ_f uses L1 + alpha*MSE on linear 64-bin mels (the paper writes an L2 norm; audiocraft uses MSE).
 - The CPU `small` preset narrows the model (C=16, D=64, 8 codebooks) and keeps 3 of the 5 discriminator scales.

@@ -22,14 +22,6 @@ import common  # noqa: E402
 import encodec as E  # noqa: E402  (our file; the pip package of the same name is loaded by official() below)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine is shared by several jobs: one thread each avoids oversubscription (restored afterwards)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_cfg(preset="tiny", **kw):
     return common.parse_config(E.Config, E.PRESETS, [f"--preset={preset}"] + [f"--{k}={v}" for k, v in kw.items()])

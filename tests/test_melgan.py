@@ -14,14 +14,6 @@ import common  # noqa: E402
 import melgan  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU OpenMP threads spin and crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_cfg(preset="tiny", **kw):
     return common.parse_config(melgan.Config, melgan.PRESETS, [f"--preset={preset}", "--device=cpu", "--compile=False"]

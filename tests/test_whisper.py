@@ -49,14 +49,6 @@ def official_whisper():
     return ow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded (and a shared CPU stays usable); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_cfg(**kw):
     cfg = W.Config(**W.PRESETS["tiny"])
