@@ -120,7 +120,10 @@ PRESETS = {
     "small": dict(n_filters=16, dimension=64, n_q=8, bandwidths=(1.5, 3.0, 6.0), disc_filters=8,
                   disc_n_ffts=(1024, 512, 256), segment_seconds=0.5, batch_size=8, max_iters=600, log_interval=10,
                   eval_interval=200, eval_items=4, bench_seconds=4.0, bench_batches=(1, 4),
-                  kmeans_iters=20),  # ~15 min on a laptop CPU; the discriminator dominates the step
+                  kmeans_iters=20,
+                  # the dead-code threshold 2 was set for 64 x 1 s batches (4800 frames, 4.7 per code); at 8 x 0.5 s
+                  # (304 frames, 0.3 per code) every code would sit below 2: scale it by the frames per batch
+                  dead_code_threshold=2.0 * (8 * 38) / (64 * 75)),  # ~15 min on a laptop CPU; D dominates the step
     "tiny": dict(n_filters=4, dimension=16, lstm_layers=1, n_q=4, codebook_size=64, bandwidths=(0.9, 1.8),
                  kmeans_iters=5, disc_filters=4, disc_n_ffts=(256, 128), mel_scales=(6, 7),
                  segment_seconds=0.2, batch_size=2, max_iters=10, log_interval=1, eval_interval=1000,
@@ -415,13 +418,17 @@ class Codebook(nn.Module):
         smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no division by 0
         self.embed.copy_(self.embed_avg / smoothed[:, None])
         # dead codes (SoundStream §3.3): re-seed any code whose EMA usage fell below the threshold with a random
-        # vector of the batch, and reset its statistics so the next EMA step keeps it
+        # vector of the batch. Its usage restarts at the uniform share n/K (at least the threshold): restarting AT
+        # the threshold would make every re-seeded code that is not picked in the very next batch dead again, so
+        # whenever n/K < threshold (small batches) nearly the whole codebook was re-drawn from the last batch every
+        # step. From n/K an unused code now has ln(threshold/(n/K))/ln(1/decay) steps of grace (~85 at batch 64).
         dead = self.cluster_size < self.threshold
         if dead.any():
             new = _sample_rows(x, K)
+            reset = max(self.threshold, counts.sum().item() / K)  # counts: this (global) batch
             self.embed[dead] = new[dead]
-            self.cluster_size[dead] = self.threshold
-            self.embed_avg[dead] = new[dead] * self.threshold
+            self.cluster_size[dead] = reset
+            self.embed_avg[dead] = new[dead] * reset
             self._sync()
 
     def _sync(self):

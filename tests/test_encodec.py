@@ -294,6 +294,7 @@ def test_more_codebooks_never_increase_error():
 
 
 def test_kmeans_init_finds_clusters():
+    torch.manual_seed(1)  # Lloyd's from 4 random rows often starts two means in one cluster: seed, don't flake
     cfg = make_cfg(codebook_size=4, dimension=2, kmeans_iters=20, dead_code_threshold=0.0)
     cb = E.Codebook(cfg).train()
     centers = torch.tensor([[10.0, 0], [0, 10], [-10, 0], [0, -10]])
@@ -335,6 +336,38 @@ def test_ema_and_dead_code_update_touch_the_right_rows():
     # other rows: unused but alive, so they stay where they were (up to the smoothing)
     for r in (2, 3, 4, 7):
         assert torch.allclose(cb.embed[r], embed[r], rtol=1e-4)
+
+def test_dead_codes_get_a_grace_period_with_small_batches():
+    # a batch of 16 frames for 64 codes: 0.25 uses per code. A re-seeded code must not be dead again (and
+    # re-drawn from the next batch) just because the next batch did not pick it; the old reset to the threshold
+    # re-drew nearly the whole codebook from the last batch every step whenever frames/K < threshold
+    cfg = make_cfg(codebook_size=64, dimension=4, dead_code_threshold=0.1)
+    cb = E.Codebook(cfg).train()
+    embed = torch.randn(64, 4)
+    cb.embed.copy_(embed), cb.cluster_size.fill_(0.0), cb.embed_avg.zero_(), cb.inited.fill_(1)
+    x1 = torch.randn(16, 4)
+    cb(x1)  # every code was dead: all re-seeded from x1 with usage n/K = 0.25
+    assert torch.allclose(cb.cluster_size, torch.full((64,), 0.25))
+    assert (cb.embed[:, None] - x1[None]).abs().sum(-1).min(1).values.max() < 1e-5  # rows of x1
+    seeded = cb.embed.clone()
+    x2 = seeded[:1] + 1e-3 * torch.randn(16, 4)  # the next batch picks (at most) a few codes
+    _, codes = cb(x2)
+    unused = torch.ones(64, dtype=torch.bool)
+    unused[codes.unique()] = False
+    assert unused.sum() > 50
+    assert torch.allclose(cb.embed[unused], seeded[unused], atol=1e-4)  # kept, not re-drawn from x2
+    assert (cb.cluster_size >= cfg.dead_code_threshold).all()  # nobody is dead one step after re-seeding
+
+
+def test_small_preset_dead_code_threshold_fits_its_batch():
+    # a code used at the uniform rate (frames per batch / K) must count as alive, else every code is re-seeded
+    # every step; the paper presets keep the official threshold 2 (64 x 1 s: 4.7 frames per code)
+    for preset in ("small", "24khz"):
+        cfg = make_cfg(preset)
+        frames = cfg.batch_size * math.ceil(cfg.segment_seconds * cfg.sample_rate / math.prod(cfg.ratios))
+        assert cfg.dead_code_threshold < 0.5 * frames / cfg.codebook_size
+    assert make_cfg("24khz").dead_code_threshold == 2.0
+
 
 # ----------------------------------------------------------------------------- losses and the balancer
 
