@@ -743,6 +743,9 @@ def evaluate(cfg, model=None):
                 frames = m.compress(x, bw)
                 y = m.decompress(frames, x.shape[-1])
                 snr.append(common.si_snr(y, x))
+                if c is clips[0]:  # listen to what the metric measures: one clip per kind and bandwidth
+                    common.save_sample(os.path.join(cfg.out_dir, "samples"), f"eval_{kind}_{bw:g}kbps", y[0].cpu(),
+                                       cfg.sample_rate, ref=x[0].cpu())
                 mel.append(common.mel_distance(y.cpu(), x.cpu(), cfg.sample_rate))
                 bits += sum(codes.numel() for codes, _ in frames) * m.bits  # what is actually transmitted
                 secs += x.shape[-1] / cfg.sample_rate

@@ -398,6 +398,8 @@ def evaluate(cfg, model=None, rt=None):
         ref = wav[:, :n]
         codes = generate(model, n, mel_features(ref, cfg), spk, temperature=cfg.temperature, seed=cfg.seed)
         res["mel_l1"] = round(common.mel_distance(common.mulaw_dequantize(codes), ref, cfg.sample_rate), 4)
+        common.save_sample(f"{cfg.out_dir}/samples", "eval_vocoded", common.mulaw_dequantize(codes[0]).cpu(),
+                           cfg.sample_rate, ref=ref[0].cpu())
     common.log("eval | " + " | ".join(f"{k} {v}" for k, v in res.items()))
     model.train(was_training)
     if standalone:

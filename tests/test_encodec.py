@@ -475,6 +475,7 @@ def trained(tmp_path_factory):
     flags = ["--preset=tiny", "--device=cpu", "--compile=False", f"--out_dir={d}"]
     out = run(*flags, "--max_iters=3")
     assert os.path.exists(os.path.join(d, "ckpt.pt")) and "eval speech_0.9kbps" in out
+    assert os.path.exists(os.path.join(d, "samples", "eval_music_1.8kbps.png"))  # training writes samples too
     return d, flags
 
 

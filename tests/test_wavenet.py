@@ -156,6 +156,7 @@ def cli(tmp_path_factory):
     rc, out = run(*base, "--max_iters=3", f"--out_dir={d}/a")
     assert rc == 0, out
     assert os.path.exists(f"{d}/a/ckpt.pt")
+    assert os.path.exists(f"{d}/a/samples/eval_vocoded.wav") and os.path.exists(f"{d}/a/samples/eval_vocoded.png")
     assert "receptive field 15 samples" in out
     ck3 = torch.load(f"{d}/a/ckpt.pt", weights_only=True)
     rc, out = run(*base, "--max_iters=5", "--init_from=resume", f"--out_dir={d}/a")
