@@ -624,7 +624,8 @@ def mulaw_dequantize(q, mu=255):
 
 # ----------------------------------------------------------------------------- corpus
 # The built-in corpus: English speech from eSpeak NG (through the espeakng-loader wheel, by ctypes), two-channel
-# dialogues built from it, and procedurally synthesized music. Deterministic: one seed, byte-identical audio.
+# dialogues built from it, and procedurally synthesized music. Deterministic: one seed gives the same sentences,
+# voices, splits and music; eSpeak's audio itself varies by a little from run to run (see _Espeak).
 
 CORPUS_VERSION = 2
 ESPEAK_SR = 22050
@@ -745,7 +746,8 @@ class _Espeak:
                         ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
         # libespeak-ng keeps state in static variables from one utterance to the next (the same text comes out a few
         # samples different each time), so each block of utterances gets a fresh private copy of the library:
-        # the audio then depends only on the block, never on what a process said before, and is byte-identical.
+        # the audio then depends only on the block, never on what a process said before. (Some utterances still come
+        # out slightly different between runs: a clock-dependent detail inside libespeak-ng, not controllable here.)
         # (the copies live until the process exits: a deleted file's inode could be reused by the next copy, and
         # the dynamic loader would then hand back the old, already-used instance)
         import shutil

@@ -20,6 +20,8 @@ Simplified or changed here:
   use 30 s windows, 3000 frames, 1500 encoder positions, exactly as the official model.
 - No word-level timestamps (cross-attention DTW), no language identification (English only), no translation
   data, no SpecAugment / BPE dropout (large-v2), no fp16 loss scaling (bf16 autocast on CUDA instead).
+- Long-form transcription fills a short last window with the log-mel of silence (what training saw for padded
+  audio); openai/whisper pads it with zeros.
 - Initialisation of the embeddings (N(0, 0.02) / N(0, 0.01)) is our choice; the paper does not give one.
 
     python whisper.py                    # train: whisper-tiny dims, 20k steps on CUDA; the `small` preset on a CPU
@@ -719,7 +721,9 @@ def transcribe(model, tok, wav, cfg, device, generator=None):
     seek, segments, all_tokens, prompt_from = 0, [], [], 0
     while seek < content:
         size = min(n_frames, content - seek)
-        window = F.pad(mel[:, seek:seek + size], (0, n_frames - size))[None]   # (1, n_mels, frames)
+        # the mel already runs a window past the content (padding=N): slicing it fills a short window with the
+        # log-mel of silence, exactly what training saw for zero-padded audio (openai/whisper pads with 0 here)
+        window = mel[:, seek:seek + n_frames][None]     # (1, n_mels, frames)
         offset = seek * HOP / SAMPLE_RATE
         r = decode_with_fallback(model, tok, window, cfg, prompt=all_tokens[prompt_from:], generator=generator)
         if r.no_speech_prob > cfg.no_speech_threshold and r.avg_logprob < cfg.logprob_threshold:
