@@ -57,8 +57,11 @@ def _convert(name, text, default):
             if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if kind is int:
-            return int(float(text.replace("_", ""))) if re.fullmatch(r"[\d_.eE+-]+", text) and float(text.replace("_", "")).is_integer() else int(text)
+        if kind is int:  # accepts 1_000 and 1e3, refuses 2.5
+            v = float(text.replace("_", ""))
+            if not v.is_integer():
+                raise ValueError
+            return int(v)
         if kind is float:
             return float(text.replace("_", ""))
         if kind in (tuple, list):
