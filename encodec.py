@@ -765,6 +765,32 @@ def evaluate(cfg, model=None):
     return results
 
 
+def gan_step(x, n_q, update_d, gen, dsc, d_plain, opt_g, opt_d, balancer, cfg, rt):
+    """One training step (§3.4, §4): maybe a discriminator update, then the generator through the balancer."""
+    with rt.autocast():
+        x_hat, _, commit = gen(x, n_q)
+    losses = {}
+    if update_d:  # §4: D is updated with probability 2/3 at 24 kHz
+        with rt.autocast():
+            lr_, _ = dsc(x)
+            lf_, _ = dsc(x_hat.detach())
+        losses["d"] = discriminator_loss(lr_, lf_)
+        opt_d.zero_grad(set_to_none=True)
+        losses["d"].backward()
+        opt_d.step()
+    with rt.autocast():
+        logits_fake, fmap_fake = d_plain(x_hat)
+        with torch.no_grad():
+            _, fmap_real = d_plain(x)
+    l_t, l_f = reconstruction_losses(x, x_hat, cfg)
+    g = {"t": l_t, "f": l_f, "g": generator_adv_loss(logits_fake), "feat": feature_loss(fmap_real, fmap_fake)}
+    opt_g.zero_grad(set_to_none=True)
+    balancer.backward(g, x_hat, other=cfg.lambda_w * commit)  # §3.4: the commitment loss bypasses the balancer
+    opt_g.step()
+    losses.update(g, w=commit, n_q=n_q)
+    return losses
+
+
 def train(cfg):
     rt = common.setup(cfg)
     model, disc = EnCodec(cfg).to(rt.device), MSSTFTDiscriminator(cfg).to(rt.device)
@@ -795,27 +821,7 @@ def train(cfg):
         x = x.to(rt.device).view(cfg.batch_size, cfg.channels, seg)  # (B, C, T)
         rng = _step_rng(cfg, step)
         n_q = model.n_q_for(rng.choice(cfg.bandwidths))  # §3.2: one bandwidth per batch
-        with rt.autocast():
-            x_hat, _, commit = gen(x, n_q)
-        losses = {}
-        if rng.random() < cfg.disc_prob:  # §4: D is updated with probability 2/3 at 24 kHz
-            with rt.autocast():
-                lr_, _ = dsc(x)
-                lf_, _ = dsc(x_hat.detach())
-            losses["d"] = discriminator_loss(lr_, lf_)
-            opt_d.zero_grad(set_to_none=True)
-            losses["d"].backward()
-            opt_d.step()
-        with rt.autocast():
-            logits_fake, fmap_fake = d_plain(x_hat)
-            with torch.no_grad():
-                _, fmap_real = d_plain(x)
-        l_t, l_f = reconstruction_losses(x, x_hat, cfg)
-        g = {"t": l_t, "f": l_f, "g": generator_adv_loss(logits_fake), "feat": feature_loss(fmap_real, fmap_fake)}
-        opt_g.zero_grad(set_to_none=True)
-        balancer.backward(g, x_hat, other=cfg.lambda_w * commit)  # §3.4: the commitment loss bypasses the balancer
-        opt_g.step()
-        losses.update(g, w=commit, n_q=n_q)
+        losses = gan_step(x, n_q, rng.random() < cfg.disc_prob, gen, dsc, d_plain, opt_g, opt_d, balancer, cfg, rt)
         prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * cfg.segment_seconds)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             common.save_checkpoint(cfg, step, models, opts, sampler=sampler)
@@ -862,23 +868,7 @@ def bench(cfg):
     x = torch.randn(cfg.batch_size, cfg.channels, seg, device=rt.device) * 0.1
     n_q = cfg.n_q
 
-    def train_step():  # one full GAN step: D update, then G with the balancer
-        with rt.autocast():
-            x_hat, _, commit = gen(x, n_q)
-            lr_, _ = dsc(x)
-            lf_, _ = dsc(x_hat.detach())
-        opt_d.zero_grad(set_to_none=True)
-        discriminator_loss(lr_, lf_).backward()
-        opt_d.step()
-        with rt.autocast():
-            logits_fake, fmap_fake = disc(x_hat)
-            with torch.no_grad():
-                _, fmap_real = disc(x)
-        l_t, l_f = reconstruction_losses(x, x_hat, cfg)
-        g = {"t": l_t, "f": l_f, "g": generator_adv_loss(logits_fake), "feat": feature_loss(fmap_real, fmap_fake)}
-        opt_g.zero_grad(set_to_none=True)
-        balancer.backward(g, x_hat, other=commit)
-        opt_g.step()
+    train_step = lambda: gan_step(x, n_q, True, gen, dsc, disc, opt_g, opt_d, balancer, cfg, rt)  # D and G
 
     iters = 3 if rt.device_type == "cpu" else 10
     step_ms = common.timeit(train_step, iters=iters, warmup=2)
@@ -888,7 +878,7 @@ def bench(cfg):
                    train_audio_s_per_s=round(cfg.batch_size * cfg.segment_seconds / (step_ms / 1000), 2))
     T = int(cfg.bench_seconds * cfg.sample_rate)
     variants = [("eager", model.encode, model.decode)]
-    if cfg.compile:
+    if gen is not model:  # common.compile compiled (CUDA, or --compile=True asked for on a CPU)
         variants.append(("compiled", torch.compile(model.encode), torch.compile(model.decode)))
     for b in cfg.bench_batches:
         xb = torch.randn(b, cfg.channels, T, device=rt.device) * 0.1
