@@ -996,7 +996,7 @@ def bench(cfg):
                    encoder_ms_per_window=enc_ms,
                    decode_tokens_per_s_b1=decode_tps(1, model.decoder),
                    decode_tokens_per_s_b16=decode_tps(16, model.decoder))
-    if cfg.compile:
+    if cmodel is not model:  # common.compile compiled: on CUDA, or --compile=True asked for on a CPU
         dec = torch.compile(model.decoder, dynamic=True)
         figures.update(decode_tokens_per_s_b1_compiled=decode_tps(1, dec),
                        decode_tokens_per_s_b16_compiled=decode_tps(16, dec))
