@@ -145,6 +145,14 @@ def _pad1d(x, left, right, mode):
 
 
 def _normed(conv, norm):
+    # Variance-preserving init (not in the paper, whose code keeps PyTorch's default). The default
+    # (uniform weights of variance 1/(3 fan_in) plus a random bias) shrinks the signal ~2x per conv while the
+    # biases add a constant, so an untrained encoder's latents are ~99% the same vector at every frame: k-means
+    # then finds 1-2 codes, and only a long run (the paper's 600k steps) escapes. N(0, 1/fan_in) and zero bias
+    # keep the signal's scale through the stack, so the latents follow the audio from step 0.
+    fan_in = conv.in_channels * conv.kernel_size[0] / (conv.stride[0] if isinstance(conv, nn.ConvTranspose1d) else 1)
+    nn.init.normal_(conv.weight, 0.0, fan_in ** -0.5)
+    nn.init.zeros_(conv.bias)
     # §3.1: weight norm in the 24 kHz model; the 48 kHz model uses GroupNorm(1, C) after each conv instead
     return nn.utils.parametrizations.weight_norm(conv) if norm == "weight_norm" else conv
 

@@ -203,6 +203,22 @@ def test_param_counts_match_official():
     assert common.count_params(E.EnCodec(make_cfg("48khz"))) == 14_856_294
 
 
+def test_untrained_latents_follow_the_audio():
+    # the variance-preserving init (_normed): at step 0 the latents must change from frame to frame, or k-means
+    # on the first batch finds one or two codes (PyTorch's default init gives frame-to-frame std ~1% of |z|)
+    torch.manual_seed(0)
+    m = E.EnCodec(make_cfg("small"))
+    t = torch.arange(24000) / 24000
+    x = (0.1 * torch.sin(2 * math.pi * 220 * t * (1 + t)) * (t * 7 % 1 > 0.5))[None, None]  # chirp bursts
+    with torch.no_grad():
+        z = m.encoder(x)  # (1, D, 75)
+        h = m.encoder.conv_in(x)
+        for b in m.encoder.blocks:
+            h = b(h)
+    assert z.std(-1).mean() > 0.5 * z.abs().mean()
+    assert h.std(-1).mean() > 0.5 * h.mean(-1).abs().mean()  # the signal, not the biases, reaches the bottleneck
+
+
 def test_bitrate_arithmetic():
     # §3.2: 1024 codes = 10 bits, 75 frames/s at 24 kHz -> 0.75 kbps per codebook; 48 kHz: 150 Hz -> 1.5 kbps
     for preset, rate, n_qs in (("24khz", 75, [2, 4, 8, 16, 32]), ("48khz", 150, [2, 4, 8, 16])):
