@@ -475,6 +475,24 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
     assert l_f.item() < first / 2, (first, l_f.item())
 
+
+def test_quantizer_warmup_bypasses_the_rvq():
+    # n_q = 0 (the first cfg.quantizer_warmup steps): a plain autoencoder; k-means waits for trained latents
+    torch.manual_seed(0)
+    cfg = make_cfg()
+    m = E.EnCodec(cfg).train()
+    x = torch.randn(2, 1, 4800) * 0.1
+    x_hat, codes, commit = m(x, 0)
+    assert codes is None and commit.item() == 0 and not commit.requires_grad
+    assert all(layer.inited.item() == 0 for layer in m.quantizer.layers)
+    assert torch.allclose(x_hat, m.decoder(m.encoder(x))[..., :4800])
+    bal = E.Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f}, cfg)
+    bal.backward(dict(zip("tf", E.reconstruction_losses(x, x_hat, cfg))), x_hat, other=commit)  # no commitment term
+    assert m.encoder.conv_in.conv.parametrizations.weight.original1.grad.abs().sum() > 0
+    m(x, cfg.n_q)  # the first quantized step initialises the codebooks
+    assert all(layer.inited.item() == 1 for layer in m.quantizer.layers[:cfg.n_q])
+
+
 # ----------------------------------------------------------------------------- command line
 
 def run(*args):
