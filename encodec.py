@@ -146,6 +146,8 @@ def _pad1d(x, left, right, mode):
     if mode != "reflect":
         return F.pad(x, (left, right), mode)
     extra = max(0, max(left, right) - x.shape[-1] + 1)
+    if extra == 0:
+        return F.pad(x, (left, right), "reflect")
     x = F.pad(F.pad(x, (0, extra)), (left, right), "reflect")
     return x[..., :x.shape[-1] - extra]
 
