@@ -78,8 +78,9 @@ def _convert(name, text, default):
         raise SystemExit(f"error: --{name}={text!r} is not a valid {kind.__name__} (default is {default!r})")
 
 
-def parse_config(Config, presets, argv=None):
-    """Build a Config from dataclass defaults, then --preset=NAME, then --key=value overrides (type-checked)."""
+def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "bench")):
+    """Build a Config from dataclass defaults, then --preset=NAME, then --key=value overrides (type-checked).
+    `modes`: the values --mode accepts (a paper file with an extra mode passes its own list)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     names = [f.name for f in dataclasses.fields(Config)]
     base = Config()
@@ -121,8 +122,8 @@ def parse_config(Config, presets, argv=None):
         cfg.preset = preset
     for k, v in overrides.items():
         setattr(cfg, k, _convert(k, v, getattr(base, k)))
-    if "mode" in names and cfg.mode not in ("train", "sample", "eval", "bench"):
-        raise SystemExit(f"error: --mode must be one of train, sample, eval, bench (got {cfg.mode!r})")
+    if "mode" in names and cfg.mode not in modes:
+        raise SystemExit(f"error: --mode must be one of {', '.join(modes)} (got {cfg.mode!r})")
     cfg._note = note  # printed by setup() as the first line
     cfg._explicit = set(overrides)  # flags the user gave (compile() honours --compile=True on a CPU only if asked)
     return cfg

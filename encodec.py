@@ -11,8 +11,9 @@ mean "fraction of the gradient", independent of each loss's scale. All 24 kHz co
 the codec streams: encoding or decoding in chunks gives exactly the offline result.
 
 Simplified or changed here (honestly):
-- The entropy-coding transformer LM (§3.3) and arithmetic coding are not implemented; evaluate() reports
-  the unigram entropy of the codes instead (a bound a context-free entropy coder could reach).
+- The entropy-coding LM (§3.3) is here (--mode=lm), but not the arithmetic coder it would drive: the rate reported
+  is the LM's cross-entropy, which such a coder reaches to within a few bytes per file. evaluate() reports the
+  codes' unigram entropy too (what a context-free entropy coder could reach).
 - Dead-code replacement: the official code writes new rows into `embed` and then overwrites them with the EMA
   average in the same step (so it never takes effect); here a dead row's EMA statistics are reset too.
   After k-means init, `embed_avg` holds centroid x count (the official code stores the bare centroid).
@@ -29,6 +30,7 @@ Simplified or changed here (honestly):
     python encodec.py --init_from=resume                      # continue out/encodec/ckpt.pt
     python encodec.py --mode=sample --init_from=out/encodec/ckpt.pt     # or the official encodec_24khz-d7cc33bc.th
     python encodec.py --mode=eval --init_from=out/encodec/ckpt.pt       # SI-SNR / mel distance / kbps per bandwidth
+    python encodec.py --mode=lm --init_from=out/encodec/ckpt.pt          # entropy-coding LM: kbps saved per bandwidth
     python encodec.py --mode=bench
     torchrun --standalone --nproc_per_node=8 encodec.py --preset=24khz
 """
@@ -36,7 +38,7 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -50,7 +52,7 @@ import common
 
 @dataclass
 class Config:
-    mode: str = "train"                # train | sample | eval | bench
+    mode: str = "train"                # train | sample | eval | bench | lm (the entropy-coding LM, §3.3)
     preset: str = "24khz"              # a key of PRESETS
     init_from: str = "scratch"         # scratch | resume | path (our ckpt.pt or the official encodec_24khz/48khz .th)
     out_dir: str = "out/encodec"
@@ -97,6 +99,16 @@ class Config:
     mel_alpha: float = 1.0             # weight of the L2 term of ℓ_f
     balancer: bool = True              # rescale gradients by their EMA norm; False = plain weighted sum
     balancer_decay: float = 0.999      # EMA decay of the gradient norms
+    # entropy-coding language model over the codes (§3.3), trained by --mode=lm on a trained codec's codes
+    lm_dim: int = 200                  # official LM: 5 post-norm layers, width 200, 8 heads, FFN 4x, GELU
+    lm_layers: int = 5
+    lm_heads: int = 8
+    lm_context: float = 3.5            # seconds of past frames a frame may attend to
+    lm_init: str = ""                  # --mode=lm: start from our lm.pt or the official encodec_lm_24khz .th
+    lm_iters: int = 20_000             # --mode=lm training steps (0: only evaluate --lm_init)
+    lm_seconds: float = 5.0            # training windows of codes
+    lm_batch_size: int = 32
+    lm_lr: float = 5e-4
     # training (§4)
     segment_seconds: float = 1.0       # random 1 s crops
     batch_size: int = 64
@@ -127,13 +139,15 @@ PRESETS = {
                   # 1500 steps instead of 600k: a higher lr, and 200 steps as a plain autoencoder so that k-means
                   # clusters latents that already describe the audio (SI-SNR at step 350: -14 dB without, -7 dB with)
                   lr=1e-3, quantizer_warmup=200,
+                  lm_dim=128, lm_layers=3, lm_iters=2000, lm_seconds=3.0, lm_batch_size=8, lm_lr=1e-3,
                   # the dead-code threshold 2 was set for 64 x 1 s batches (4800 frames, 4.7 per code); at 8 x 0.5 s
                   # (304 frames, 0.3 per code) every code would sit below 2: scale it by the frames per batch
                   dead_code_threshold=2.0 * (8 * 38) / (64 * 75)),  # ~15 min on a laptop CPU; D dominates the step
     "tiny": dict(n_filters=4, dimension=16, lstm_layers=1, n_q=4, codebook_size=64, bandwidths=(0.9, 1.8),
                  kmeans_iters=5, disc_filters=4, disc_n_ffts=(256, 128), mel_scales=(6, 7),
                  segment_seconds=0.2, batch_size=2, max_iters=10, log_interval=1, eval_interval=1000,
-                 eval_items=1, eval_seconds=0.5, bench_seconds=0.5, bench_batches=(1, 2), corpus_hours=0.02),
+                 eval_items=1, eval_seconds=0.5, bench_seconds=0.5, bench_batches=(1, 2), corpus_hours=0.02,
+                 lm_dim=16, lm_layers=1, lm_heads=2, lm_iters=3, lm_seconds=0.5, lm_batch_size=2),
 }
 # fields that shape the weights: a checkpoint must agree on them
 ARCH_KEYS = ("sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers", "lstm_layers",
@@ -611,6 +625,74 @@ class MSSTFTDiscriminator(nn.Module):
         return [o[0] for o in outs], [o[1] for o in outs]
 
 
+class LMLayer(nn.Module):
+    """One layer of the entropy-coding LM (§3.3): post-norm self-attention + GELU MLP, as the official
+    nn.TransformerEncoderLayer. Keys and values also cover `past`, the layer inputs of earlier frames."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj, self.out_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.linear1, self.linear2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, past, mask):  # x (B, T, C), past (B, P, C), mask (T, P+T) True = may attend
+        B, T, C = x.shape
+        wq, wkv = self.in_proj.weight.split([C, 2 * C]), self.in_proj.bias.split([C, 2 * C])
+        q = F.linear(x, wq[0], wkv[0])
+        k, v = F.linear(torch.cat([past, x], 1), wq[1], wkv[1]).chunk(2, -1)
+        heads = lambda t: t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)  # (B, h, T, C/h)
+        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)  # fused attention
+        x = self.norm1(x + self.out_proj(a.transpose(1, 2).reshape(B, T, C)))
+        return self.norm2(x + self.linear2(F.gelu(self.linear1(x))))
+
+
+class CodeLM(nn.Module):
+    """§3.3: a small transformer that predicts all the codes of frame t at once (one softmax per codebook) from
+    the codes of frames < t. Its probabilities drive an arithmetic coder, so its cross-entropy is the bitrate
+    the codes can be squeezed to. Input of frame t: the sum of one embedding per codebook of frame t-1's codes."""
+
+    def __init__(self, cfg, frame_rate):
+        super().__init__()
+        K, D = cfg.codebook_size, cfg.lm_dim
+        self.emb = nn.ModuleList(nn.Embedding(K + 1, D) for _ in range(cfg.n_q))  # index 0: "no previous frame"
+        self.norm_in = nn.LayerNorm(D)
+        self.layers = nn.ModuleList(LMLayer(D, cfg.lm_heads) for _ in range(cfg.lm_layers))
+        self.linears = nn.ModuleList(nn.Linear(D, K) for _ in range(cfg.n_q))
+        self.context = int(cfg.lm_context * frame_rate)  # frames of past each frame sees
+
+    def forward(self, codes):  # codes (B, n_q, T) -> logits (B, n_q, T, K) for each frame given the earlier ones
+        B, n_q, T = codes.shape
+        prev = torch.cat([codes.new_zeros(B, n_q, 1), codes[..., :-1] + 1], -1)  # frame t sees frame t-1 (+1)
+        x = self.norm_in(sum(self.emb[k](prev[:, k]) for k in range(n_q)))  # (B, T, D)
+        pos = torch.arange(T, device=x.device)[:, None].float()
+        half = x.shape[-1] // 2
+        phase = pos / 10000 ** (torch.arange(half, device=x.device) / (half - 1))  # (T, D/2)
+        x = x + torch.cat([phase.cos(), phase.sin()], -1)
+        # the official LM starts every layer with one all-zero "past" frame (its initial streaming state) that
+        # every frame may attend to; keeping it lets the official weights give the same probabilities
+        delta = torch.arange(1, T + 1, device=x.device)[:, None] - torch.arange(T + 1, device=x.device)[None]
+        mask = (delta >= 0) & (delta <= self.context)  # causal, and at most `context` frames back
+        past = x.new_zeros(B, 1, x.shape[-1])
+        for layer in self.layers:
+            x = layer(x, past, mask)
+        return torch.stack([self.linears[k](x) for k in range(n_q)], 1)  # (B, n_q, T, K)
+
+    def bits(self, codes):  # (B, n_q, T) -> total bits to arithmetic-code them (the LM's cross-entropy)
+        logits = self(codes).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1), reduction="sum") / math.log(2)
+
+
+def official_lm_state_dict_to_ours(sd):
+    """The official encodec_lm_*.th (transformer.layers.i.self_attn.in_proj_weight, ...) -> CodeLM keys."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("transformer.", "", 1) if k.startswith("transformer.") else k
+        k = k.replace("self_attn.in_proj_weight", "in_proj.weight").replace("self_attn.in_proj_bias", "in_proj.bias")
+        out[k.replace("self_attn.out_proj.", "out_proj.")] = v
+    return out
+
+
 def official_state_dict_to_ours(sd, cfg):
     """Rename the official checkpoint's keys (encoder.model.N..., quantizer.vq.layers.i._codebook.X,
     weight_g/weight_v) to this file's module names. Returns a new dict."""
@@ -873,6 +955,73 @@ def sample(cfg):
             common.log(f"{name} @ {bw:g} kbps: {frames[0][0].shape[1]} codebooks, "
                        f"SI-SNR {common.si_snr(y, torch.from_numpy(wav)):.2f} dB -> {out}/{name}_{bw:g}kbps.wav")
 
+# ----------------------------------------------------------------------------- entropy coding (§3.3)
+
+def load_lm(cfg, frame_rate, device):
+    """CodeLM, fresh or from cfg.lm_init: our lm.pt or the official encodec_lm_24khz/48khz state dict."""
+    lm = CodeLM(cfg, frame_rate)
+    if cfg.lm_init:
+        ckpt = common.load_checkpoint(cfg.lm_init)
+        if common.is_ours(ckpt):
+            common.restore(ckpt, cfg, {"lm": lm}, arch_keys=ARCH_KEYS + ("lm_dim", "lm_layers", "lm_heads"), rng=False)
+        elif isinstance(ckpt, dict) and any(k.startswith("transformer.layers.") for k in ckpt):
+            common.load_state_dict(lm, official_lm_state_dict_to_ours(ckpt), what="EnCodec LM (official weights)")
+        else:
+            raise SystemExit(f"error: {cfg.lm_init} is neither our lm.pt nor an official EnCodec LM state dict")
+    return lm.to(device)
+
+
+@torch.no_grad()
+def codes_of(codec, wav, bandwidth, device):  # one clip (C, T) -> its codes (n_q, F), segments back to back
+    return torch.cat([codes[0] for codes, _ in codec.compress(torch.from_numpy(wav)[None].to(device), bandwidth)], -1)
+
+
+def train_lm(cfg):
+    """§3.3: fit the entropy-coding LM to the codes of a trained codec (--init_from), then measure on held-out
+    speech and music how many kbps arithmetic coding driven by it needs at each bandwidth (its cross-entropy;
+    a real coder adds a few bytes per file), against the raw rate."""
+    rt = common.setup(cfg)
+    if cfg.init_from == "scratch":
+        raise SystemExit("error: --mode=lm needs a trained codec: --init_from=out/encodec/ckpt.pt (or an official .th)")
+    codec = load_model(cfg, rt.device).eval()
+    lm = load_lm(cfg, codec.frame_rate, rt.device)
+    common.log(f"LM params: {common.count_params(lm):,}")
+    if cfg.lm_iters:
+        # every training clip encoded once at the top bandwidth, back to back: (n_q, frames)
+        stream = torch.cat([codes_of(codec, w, max(cfg.bandwidths), rt.device) for w in audio_clips(cfg, "train")], -1)
+        common.log(f"encoded the training clips: {stream.shape[-1]:,} frames of {stream.shape[0]} codes")
+        sampler = common.SegmentSampler([stream.cpu().numpy()], int(cfg.lm_seconds * codec.frame_rate),
+                                        cfg.lm_batch_size, cfg.seed)
+        model = common.compile(lm, cfg)
+        opt = torch.optim.Adam(lm.parameters(), lr=cfg.lm_lr)
+        prog = common.Progress(replace(cfg, max_iters=cfg.lm_iters))
+        for step in range(1, cfg.lm_iters + 1):
+            x = sampler.next()[0].to(rt.device).long()  # (B, n_q, frames)
+            k = codec.n_q_for(_step_rng(cfg, step).choice(cfg.bandwidths))  # one LM serves every bandwidth
+            with rt.autocast():
+                logits = model(x[:, :k])  # (B, k, frames, K)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, :k].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            prog.update(step, {"bits_per_code": loss / math.log(2)}, audio_seconds=cfg.lm_batch_size * cfg.lm_seconds)
+        path = common.save_checkpoint(cfg, cfg.lm_iters, {"lm": lm}, path=os.path.join(cfg.out_dir, "lm.pt"))
+        common.log(f"saved the LM to {path}")
+    lm.eval()
+    results = {}
+    with torch.no_grad():
+        for kind in ("speech", "music"):
+            clips = [c[:, :int(cfg.eval_seconds * cfg.sample_rate)] for c in audio_clips(cfg, "test", kind)[:cfg.eval_items]]
+            secs = sum(c.shape[-1] for c in clips) / cfg.sample_rate
+            for bw in cfg.bandwidths:
+                codes = [codes_of(codec, c, bw, rt.device) for c in clips]
+                raw = sum(c.numel() for c in codes) * codec.bits / secs / 1000
+                coded = sum(lm.bits(c[None]).item() for c in codes) / secs / 1000
+                results[f"{kind}_{bw:g}kbps"] = dict(kbps=round(raw, 3), kbps_lm=round(coded, 3))
+                common.log(f"lm {kind} {bw:g} kbps: {raw:.3f} kbps raw -> {coded:.3f} kbps with the LM "
+                           f"({100 * (1 - coded / raw):.1f}% saved)")
+    return results
+
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
@@ -914,5 +1063,5 @@ def bench(cfg):
 # ----------------------------------------------------------------------------- main
 
 if __name__ == "__main__":
-    cfg = common.parse_config(Config, PRESETS)
-    {"train": train, "sample": sample, "eval": evaluate, "bench": bench}[cfg.mode](cfg)
+    cfg = common.parse_config(Config, PRESETS, modes=("train", "sample", "eval", "bench", "lm"))
+    {"train": train, "sample": sample, "eval": evaluate, "bench": bench, "lm": train_lm}[cfg.mode](cfg)

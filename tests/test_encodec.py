@@ -493,6 +493,49 @@ def test_quantizer_warmup_bypasses_the_rvq():
     assert all(layer.inited.item() == 1 for layer in m.quantizer.layers[:cfg.n_q])
 
 
+# ----------------------------------------------------------------------------- entropy-coding LM (§3.3)
+
+def test_official_lm_parity():
+    # the official LMModel with random weights, our key map, the same probabilities (its initial zero state included)
+    pkg = official()
+    torch.manual_seed(0)
+    cfg = make_cfg(n_q=4, codebook_size=64, lm_dim=16, lm_layers=2, lm_heads=2, lm_context=5 / 75)  # 5 frames back
+    ref = pkg.model.LMModel(n_q=4, card=64, dim=16, num_layers=2, num_heads=2, past_context=5).eval()
+    ours = E.CodeLM(cfg, frame_rate=75).eval()
+    common.load_state_dict(ours, E.official_lm_state_dict_to_ours(ref.state_dict()))
+    codes = torch.randint(0, 64, (2, 4, 12), generator=torch.Generator().manual_seed(5))
+    prev = torch.cat([torch.zeros(2, 4, 1, dtype=torch.long), codes[..., :-1] + 1], -1)  # official input convention
+    with torch.no_grad():
+        p_ref = ref(prev)[0]  # (B, K, n_q, T)
+        p_ours = ours(codes).softmax(-1).permute(0, 3, 1, 2)  # (B, n_q, T, K) -> (B, K, n_q, T)
+    assert (p_ref - p_ours).abs().max() <= 1e-5
+    # the paper's LM (the official get_lm_model(): 5 layers, width 200, 3.5 s of context) has the official size
+    n_ref = sum(p.numel() for p in pkg.model.LMModel(32, 1024, num_layers=5, dim=200, past_context=262).parameters())
+    assert common.count_params(E.CodeLM(make_cfg("24khz"), frame_rate=75)) == n_ref
+
+
+def test_lm_is_causal_and_learns_a_predictable_stream():
+    torch.manual_seed(0)
+    cfg = make_cfg(n_q=2, codebook_size=16, lm_dim=32, lm_layers=2, lm_heads=4)
+    lm = E.CodeLM(cfg, frame_rate=75)
+    codes = torch.randint(0, 16, (1, 2, 20))
+    changed = codes.clone()
+    changed[..., 10] = (changed[..., 10] + 1) % 16
+    with torch.no_grad():
+        a, b = lm(codes), lm(changed)
+    assert torch.allclose(a[:, :, :11], b[:, :, :11]) and not torch.allclose(a[:, :, 11:], b[:, :, 11:])  # frame t sees < t
+    # a periodic stream (period 4) is nearly free to code once learned: far below log2(16) = 4 bits per code
+    pattern = torch.tensor([[3, 7, 1, 12], [0, 5, 5, 9]])
+    stream = pattern.repeat(1, 10)[None].repeat(4, 1, 1)  # (4, 2, 40)
+    opt = torch.optim.Adam(lm.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = lm.bits(stream) / stream.numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert lm.bits(stream).item() / stream.numel() < 0.5
+
+
 # ----------------------------------------------------------------------------- command line
 
 def run(*args):
@@ -544,6 +587,17 @@ def test_cli_bench_prints_one_json_line(trained):
     for k in ("train_step_ms", "train_audio_s_per_s", "train_flops_per_step", "encode_rtf_b1_eager",
               "decode_rtf_b2_eager", "params", "peak_memory_mb"):
         assert fig[k] is not None and fig[k] > 0, k
+
+
+def test_cli_lm_trains_and_reports_the_saving(trained):
+    d, flags = trained
+    out = run(*flags, "--mode=lm", f"--init_from={d}/ckpt.pt")
+    assert os.path.exists(os.path.join(d, "lm.pt"))
+    assert re.search(r"lm speech 1.8 kbps: [\d.]+ kbps raw -> [\d.]+ kbps with the LM", out)
+    out = run(*flags, "--mode=lm", f"--init_from={d}/ckpt.pt", f"--lm_init={d}/lm.pt", "--lm_iters=0")  # evaluate only
+    assert "lm music 0.9 kbps" in out and "saved the LM" not in out
+    with pytest.raises(SystemExit, match="lm_dim"):  # an LM of another width
+        E.load_lm(make_cfg(lm_dim=32, lm_init=f"{d}/lm.pt"), 75, "cpu")
 
 
 def test_bad_checkpoints_and_flags_are_rejected(trained, tmp_path):
