@@ -88,7 +88,7 @@ def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "
         comments = _field_comments(Config)
         print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]\n\npresets: {', '.join(presets)}\n")
         for n in names:
-            print(f"  --{n}={getattr(base, n)!r:<24} {comments.get(n, '')}")
+            print(f"  {f'--{n}={getattr(base, n)!r}':<40} {comments.get(n, '')}".rstrip())
         raise SystemExit(0)
     overrides = {}
     for arg in argv:

@@ -8,7 +8,9 @@ each frame into 2..32 ten-bit codes, so one model serves 1.5/3/6/12/24 kbps (a b
 multi-scale STFT discriminator on complex spectrograms (hinge + relative feature matching) and a commitment
 loss, and the loss balancer (§3.4) rescales each loss's gradient on the decoder output so that the weights
 mean "fraction of the gradient", independent of each loss's scale. All 24 kHz convolutions are causal, so
-the codec streams: encoding or decoding in chunks gives exactly the offline result.
+the codec streams: encoding or decoding in chunks gives exactly the offline result. Optionally (§3.3) a small
+transformer predicts each frame's codes from the frames before it, and arithmetic coding with its probabilities
+shrinks the bitstream further (the official README: by up to 40%).
 
 Simplified or changed here (honestly):
 - The entropy-coding LM (§3.3) is here (--mode=lm), but not the arithmetic coder it would drive: the rate reported
@@ -19,7 +21,8 @@ Simplified or changed here (honestly):
   After k-means init, `embed_avg` holds centroid x count (the official code stores the bare centroid).
 - Commitment gradient: the residual uses detached quantized vectors (the fix of encodec#25, as in audiocraft).
 - The 48 kHz preset trains on the built-in corpus: the music is true stereo, the speech is mono copied to both channels.
-- No exponential moving average of the weights, no DDP-synchronised k-means beyond a broadcast from rank 0.
+- No exponential moving average of the weights, no DDP-synchronised k-means beyond a broadcast from rank 0;
+  --mode=lm trains in one process.
 - Reconstruction ℓ_f uses L1 + alpha*MSE on linear 64-bin mels (the paper writes an L2 norm; audiocraft uses MSE).
 - Convolutions start from a variance-preserving init (N(0, 1/fan_in), zero bias), not PyTorch's default; see _normed.
 - The CPU `small` preset narrows the model (C=16, D=64, 8 codebooks), keeps 3 of the 5 discriminator scales, and
@@ -101,14 +104,14 @@ class Config:
     balancer_decay: float = 0.999      # EMA decay of the gradient norms
     # entropy-coding language model over the codes (§3.3), trained by --mode=lm on a trained codec's codes
     lm_dim: int = 200                  # official LM: 5 post-norm layers, width 200, 8 heads, FFN 4x, GELU
-    lm_layers: int = 5
-    lm_heads: int = 8
+    lm_layers: int = 5                 # transformer layers
+    lm_heads: int = 8                  # attention heads
     lm_context: float = 3.5            # seconds of past frames a frame may attend to
     lm_init: str = ""                  # --mode=lm: start from our lm.pt or the official encodec_lm_24khz .th
     lm_iters: int = 20_000             # --mode=lm training steps (0: only evaluate --lm_init)
     lm_seconds: float = 5.0            # training windows of codes
-    lm_batch_size: int = 32
-    lm_lr: float = 5e-4
+    lm_batch_size: int = 32            # windows per step (the LM's training recipe is not in the paper)
+    lm_lr: float = 5e-4                # Adam learning rate
     # training (§4)
     segment_seconds: float = 1.0       # random 1 s crops
     batch_size: int = 64
