@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import types
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from cli import run_script  # noqa: E402
 import encodec as E  # noqa: E402  (our file; the pip package of the same name is loaded by official() below)
 
 
@@ -539,11 +539,7 @@ def test_lm_is_causal_and_learns_a_predictable_stream():
 # ----------------------------------------------------------------------------- command line
 
 def run(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # the test machine is shared: avoid thread oversubscription
-    p = subprocess.run([sys.executable, "encodec.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=env)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    return p.stdout
+    return run_script("encodec.py", *args).stdout
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 import contextlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from cli import run_script  # noqa: E402
 import melgan  # noqa: E402
 
 
@@ -125,12 +125,7 @@ def test_config_errors():
 # ----------------------------------------------------------------------------- command line
 
 def run(*args):
-    # one thread: the tiny models gain nothing from more, and a busy shared CPU makes OpenMP threads spin
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "melgan.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    return p.stdout
+    return run_script("melgan.py", *args).stdout
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ parameter counts, and the command line (train / resume / sample / bench, resume 
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from cli import run_script  # noqa: E402
 import wavenet as W  # noqa: E402
 
 
@@ -145,7 +145,7 @@ def test_overfit_one_batch():
 # ----------------------------------------------------------------------------- command line
 
 def run(*args):
-    p = subprocess.run([sys.executable, "wavenet.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = run_script("wavenet.py", *args, check=False)
     return p.returncode, p.stdout + p.stderr
 
 

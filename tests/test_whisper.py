@@ -3,7 +3,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from cli import run_script  # noqa: E402
 
 # our whisper.py shares its name with the reference package (openai-whisper): load ours by path under another name
 _spec = importlib.util.spec_from_file_location("nanoaudio_whisper", os.path.join(ROOT, "whisper.py"))
@@ -257,11 +257,8 @@ def test_tiny_model_overfits_to_exact_transcripts():
 
 
 def run_cli(args, out_dir):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "whisper.py", "--preset=tiny", "--device=cpu", "--compile=False",
-                        f"--out_dir={out_dir}"] + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return p.stdout
+    return run_script("whisper.py", "--preset=tiny", "--device=cpu", "--compile=False", f"--out_dir={out_dir}",
+                      *args).stdout
 
 
 def test_cli_train_resume_sample_bench(tmp_path):
