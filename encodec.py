@@ -894,11 +894,15 @@ def gan_step(x, n_q, update_d, gen, dsc, d_plain, opt_g, opt_d, balancer, cfg, r
     return losses
 
 
+def build(cfg, device):
+    """The codec, its discriminator, and the balancer holding the paper's loss weights (§3.4)."""
+    balancer = Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f, "g": cfg.lambda_g, "feat": cfg.lambda_feat}, cfg)
+    return EnCodec(cfg).to(device), MSSTFTDiscriminator(cfg).to(device), balancer.to(device)
+
+
 def train(cfg):
     rt = common.setup(cfg)
-    model, disc = EnCodec(cfg).to(rt.device), MSSTFTDiscriminator(cfg).to(rt.device)
-    balancer = Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f, "g": cfg.lambda_g, "feat": cfg.lambda_feat},
-                        cfg).to(rt.device)
+    model, disc, balancer = build(cfg, rt.device)
     common.log(f"params: encoder {common.count_params(model.encoder):,} | decoder {common.count_params(model.decoder):,}"
                f" | discriminator {common.count_params(disc):,}")
     # §4: Adam, lr 3e-4, betas (0.5, 0.9), for both networks
@@ -1030,9 +1034,7 @@ def train_lm(cfg):
 def bench(cfg):
     """Training throughput (audio-s/s) and encode/decode real-time factors at batch 1 and 16, eager vs compiled."""
     rt = common.setup(cfg)
-    model, disc = EnCodec(cfg).to(rt.device), MSSTFTDiscriminator(cfg).to(rt.device)
-    balancer = Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f, "g": cfg.lambda_g, "feat": cfg.lambda_feat},
-                        cfg).to(rt.device)
+    model, disc, balancer = build(cfg, rt.device)
     opt_g, opt_d = torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.optim.Adam(disc.parameters(), lr=cfg.lr)
     gen, dsc = common.compile(model, cfg), common.compile(disc, cfg)
     seg = int(cfg.segment_seconds * cfg.sample_rate)
