@@ -988,6 +988,8 @@ def train_lm(cfg):
     speech and music how many kbps arithmetic coding driven by it needs at each bandwidth (its cross-entropy;
     a real coder adds a few bytes per file), against the raw rate."""
     rt = common.setup(cfg)
+    if rt.world_size > 1:
+        raise SystemExit("error: --mode=lm trains in one process (it takes minutes): run it without torchrun")
     if cfg.init_from == "scratch":
         raise SystemExit("error: --mode=lm needs a trained codec: --init_from=out/encodec/ckpt.pt (or an official .th)")
     codec = load_model(cfg, rt.device).eval()
