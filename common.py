@@ -6,8 +6,9 @@ config parsing, device/precision/compile/DDP setup, checkpoints, logging, audio 
 mel/STFT and mu-law utilities, the built-in corpus (speech, dialogue, music synthesized locally),
 folder datasets, batching, metrics, sample writing and benchmark helpers.
 
-Sections:  config | runtime | logging | checkpoints | audio | features | corpus | data | metrics | samples | bench
+Sections:  config | runtime | logging | checkpoints | audio | features | text | data | metrics | samples | bench | corpus
 """
+import base64
 import contextlib
 import dataclasses
 import difflib
@@ -20,6 +21,7 @@ import random
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,8 +80,61 @@ def _convert(name, text, default):
         raise SystemExit(f"error: --{name}={text!r} is not a valid {kind.__name__} (default is {default!r})")
 
 
+# Fields that describe where and how a run executes, never the model: a checkpoint's config does not carry them
+# over (a model trained on a GPU samples on a laptop).
+RUNTIME_KEYS = ("mode", "init_from", "device", "dtype", "compile")
+
+
+def _peek_config(path):
+    """The config stored in one of our checkpoints at path, or None (missing file, official weights, ...)."""
+    if not path or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # reads no tensor data
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # load_checkpoint will say what is wrong with it
+    return ckpt if is_ours(ckpt) else None
+
+
+def _check_values(cfg, names):
+    """The shared fields' ranges, one error line each; a paper file adds its own in Config.validate()."""
+    def bad(msg):
+        raise SystemExit(f"error: {msg}")
+    positive = ("batch_size", "eval_interval", "log_interval", "eval_items", "segment", "bench_iters")
+    for k in positive:
+        if k in names and not getattr(cfg, k) > 0:
+            bad(f"--{k} must be > 0 (got {getattr(cfg, k)!r})")
+    for k in ("lr",):
+        if k in names and not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0):
+            bad(f"--{k} must be a positive number (got {getattr(cfg, k)!r})")
+    if "max_iters" in names and getattr(cfg, "mode", "train") == "train" and cfg.max_iters < 1:
+        bad(f"--max_iters must be >= 1 to train (got {cfg.max_iters})")
+    if "dtype" in names and cfg.dtype not in _DTYPES and cfg.dtype != "auto":
+        bad(f"--dtype must be auto, bfloat16, float16 or float32 (got {cfg.dtype!r})")
+    if getattr(cfg, "input", ""):
+        if not os.path.isfile(cfg.input):
+            bad(f"--input={cfg.input!r} does not exist")
+        import soundfile as sf
+        try:
+            sf.info(cfg.input)
+        except Exception:
+            bad(f"--input={cfg.input!r} is not an audio file soundfile can read (wav, flac, ogg)")
+    if getattr(cfg, "data_dir", "") and not os.path.isdir(cfg.data_dir):
+        bad(f"--data_dir={cfg.data_dir!r} is not a folder")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+
+
 def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "bench")):
-    """Build a Config from dataclass defaults, then --preset=NAME, then --key=value overrides (type-checked).
+    """Build a Config from the dataclass defaults, then --preset=NAME, then --key=value overrides (type-checked).
+
+    When --init_from names one of our checkpoints (resume, or a path) the checkpoint's own config takes the
+    place of the defaults and the preset, so `--mode=sample --init_from=ckpt.pt` needs no other flag; flags given
+    on the command line still win (a changed --lr on resume takes effect) and are logged as changes.
+    With no --preset and no CUDA the `small` preset is used, and the first line says so.
     `modes`: the values --mode accepts (a paper file with an extra mode passes its own list)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     names = [f.name for f in dataclasses.fields(Config)]
@@ -99,17 +154,29 @@ def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.0)
             raise SystemExit(f"error: unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else ""))
-        overrides[key] = val
-    note = None
-    preset = overrides.pop("preset", None)
-    if preset is None and "preset" in names:
-        preset = base.preset
-        wants_cuda = overrides.get("device", getattr(base, "device", "auto")) in ("auto", "cuda") or \
-            overrides.get("device", "").startswith("cuda")
-        if "small" in presets and not (wants_cuda and torch.cuda.is_available()):
-            note = f"no CUDA device: using the 'small' preset instead of '{preset}' (pass --preset=NAME to choose)"
-            preset = "small"
+        overrides[key] = _convert(key, val, getattr(base, key))
     cfg = Config()
+    # 1. the checkpoint's config, when --init_from names one of ours
+    init = overrides.get("init_from", getattr(base, "init_from", "scratch"))
+    ckpt_path = os.path.join(overrides.get("out_dir", getattr(base, "out_dir", "")), "ckpt.pt") \
+        if init == "resume" else init if init != "scratch" else None
+    stored = (_peek_config(ckpt_path) or {}).get("config") if ckpt_path else None
+    notes = []
+    if stored:
+        for k in names:
+            if k in stored and k not in RUNTIME_KEYS:
+                setattr(cfg, k, _from_json(stored[k], getattr(base, k)))
+    # 2. the preset: asked for, or `small` on a machine without CUDA (unless the checkpoint says what to build)
+    preset = overrides.pop("preset", None)
+    if preset is None and "preset" in names and not stored:
+        wants_cuda = str(overrides.get("device", getattr(base, "device", "auto"))).startswith(("auto", "cuda"))
+        if "small" in presets and not (wants_cuda and torch.cuda.is_available()):
+            if base.preset != "small":
+                notes.append(f"no CUDA device: using the 'small' preset instead of '{base.preset}' "
+                             "(pass --preset=NAME to choose)")
+            preset = "small"
+        else:
+            preset = base.preset
     if preset is not None:
         if preset not in presets:
             close = difflib.get_close_matches(preset, list(presets), n=1, cutoff=0.0)
@@ -120,13 +187,26 @@ def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "
                 raise SystemExit(f"error: preset {preset!r} sets unknown field {k!r}")
             setattr(cfg, k, v)
         cfg.preset = preset
+    # 3. the command line
     for k, v in overrides.items():
-        setattr(cfg, k, _convert(k, v, getattr(base, k)))
+        setattr(cfg, k, v)
+    if "compile" in names and "compile" not in overrides and resolve_device(getattr(cfg, "device", "auto")) != "cuda":
+        cfg.compile = False  # on a CPU compilation costs minutes and gains little; --compile=True forces it
     if "mode" in names and cfg.mode not in modes:
         raise SystemExit(f"error: --mode must be one of {', '.join(modes)} (got {cfg.mode!r})")
-    cfg._note = note  # printed by setup() as the first line
-    cfg._explicit = set(overrides)  # flags the user gave (compile() honours --compile=True on a CPU only if asked)
+    if stored:
+        changed = [f"{k} {_norm(stored[k])!r} -> {_norm(getattr(cfg, k))!r}" for k in names
+                   if k in stored and k not in RUNTIME_KEYS and _norm(stored[k]) != _norm(getattr(cfg, k))]
+        notes.append(f"config from {ckpt_path}" + (" with changes: " + "; ".join(changed) if changed else ""))
+    _check_values(cfg, names)
+    for n in notes:
+        log(n)
     return cfg
+
+
+def _from_json(v, default):
+    """A config value read back from a checkpoint: lists become the tuples the dataclass holds."""
+    return _tuplify(v) if isinstance(default, tuple) or isinstance(v, list) else v
 
 
 def config_dict(cfg):
@@ -154,14 +234,10 @@ class Runtime:
             return torch.autocast("cuda", dtype=self.dtype)
         return contextlib.nullcontext()
 
-    def sync(self):
-        if self.device_type == "cuda":
-            torch.cuda.synchronize()
-        elif self.device_type == "mps":
-            torch.mps.synchronize()
 
-
-_LOG = {"file": None, "master": True, "compiled": False}
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+_LOG = {"file": None, "master": int(os.environ.get("RANK", 0)) == 0}  # the logger's one piece of state
 
 
 def resolve_device(name="auto"):
@@ -179,6 +255,7 @@ def setup(cfg, log_to_file=True):
     ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, local_rank, world = 0, 0, 1
     device = resolve_device(getattr(cfg, "device", "auto"))
+    notes = []
     if ddp:
         import torch.distributed as dist
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -191,14 +268,12 @@ def setup(cfg, log_to_file=True):
         raise SystemExit("error: --device=cuda but CUDA is not available (use --device=cpu or auto)")
     dev = torch.device(device)
     dtype_name = getattr(cfg, "dtype", "auto")
+    dtype = _DTYPES.get(dtype_name, torch.float32)
     if dtype_name == "auto":
         dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-                 "float32": torch.float32, "fp32": torch.float32}
-        if dtype_name not in table:
-            raise SystemExit(f"error: --dtype must be auto, bfloat16, float16 or float32 (got {dtype_name!r})")
-        dtype = table[dtype_name]
+    elif dev.type != "cuda" and dtype != torch.float32:
+        notes.append(f"--dtype={dtype_name}: mixed precision runs on CUDA only; running float32 on {dev.type}")
+        dtype = torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     seed = getattr(cfg, "seed", 1337) + rank
@@ -209,15 +284,18 @@ def setup(cfg, log_to_file=True):
     _LOG["master"] = rt.master
     out_dir = getattr(cfg, "out_dir", None)
     if out_dir and rt.master:
-        os.makedirs(out_dir, exist_ok=True)
-        if log_to_file:
-            if _LOG["file"] is not None:
-                _LOG["file"].close()
-            _LOG["file"] = open(os.path.join(out_dir, "log.txt"), "a", buffering=1)
-    if getattr(cfg, "_note", None):
-        log(cfg._note)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            if log_to_file:
+                if _LOG["file"] is not None:
+                    _LOG["file"].close()
+                _LOG["file"] = open(os.path.join(out_dir, "log.txt"), "a", buffering=1)
+        except OSError as e:
+            raise SystemExit(f"error: cannot write to --out_dir={out_dir!r} ({e.strerror or e})")
     log("config: " + json.dumps(config_dict(cfg), default=str))
     log(f"device: {dev} ({_device_name(dev)}), dtype: {str(dtype).replace('torch.', '')}, world size: {world}")
+    for n in notes:
+        log(n)
     return rt
 
 
@@ -229,19 +307,14 @@ def cleanup(rt):
 
 
 def compile(model, cfg):
-    """torch.compile when cfg.compile, on CUDA by default and elsewhere only when --compile=True was asked for;
-    falls back to eager (and says so) where it cannot work."""
+    """torch.compile when cfg.compile (parse_config turns it off on a CPU unless --compile=True was given);
+    falls back to eager, and says so, where it cannot work. The caller tells what ran by `compiled is not model`."""
     if not getattr(cfg, "compile", False):
         return model
-    dev = next(model.parameters()).device.type
-    if dev != "cuda" and "compile" not in getattr(cfg, "_explicit", ()):
-        return model  # on a CPU compilation costs minutes and gains little; --compile=True forces it
     try:
-        if dev == "cuda":
+        if next(model.parameters()).device.type == "cuda":
             import triton  # noqa: F401  (inductor's GPU backend)
-        compiled = torch.compile(model)
-        _LOG["compiled"] = True  # report_bench says what really ran
-        return compiled
+        return torch.compile(model)
     except Exception as e:  # no Triton, unsupported platform, ...
         log(f"torch.compile unavailable ({type(e).__name__}: {e}); running eager")
         return model
@@ -269,15 +342,6 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def all_reduce_mean(x, rt):
-    """Average a tensor over ranks (for logging); identity without DDP."""
-    if rt.ddp:
-        import torch.distributed as dist
-        x = x.detach().clone()
-        dist.all_reduce(x)
-        x /= rt.world_size
-    return x
-
 # ----------------------------------------------------------------------------- logging
 
 def log(*args):
@@ -295,24 +359,33 @@ def _fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+# A loss beyond this is treated as diverged: finite, but training past it only writes garbage.
+LOSS_LIMIT = 1e6
+
+
 class Progress:
-    """One progress line per cfg.log_interval steps, and the NaN guard."""
+    """One progress line per cfg.log_interval steps, and the divergence guard (NaN, inf or an exploded loss),
+    checked at each log step and before every checkpoint, so a bad step never reaches ckpt.pt."""
 
     def __init__(self, cfg, start_step=0):
         self.cfg, self.interval = cfg, max(1, getattr(cfg, "log_interval", 10))
+        self.eval_interval = max(1, getattr(cfg, "eval_interval", 10**9))
         self.max_iters, self.start_step = cfg.max_iters, start_step
         self.t0 = self.t_last = time.time()
         self.last_step, self.audio = start_step, 0.0
 
     def update(self, step, losses, audio_seconds=0.0):
         self.audio += audio_seconds
+        if step % self.interval and step % self.eval_interval and step != self.max_iters:
+            return  # .item() synchronises a GPU: only where a line is printed or a checkpoint follows
+        vals = {k: (v.detach().float().item() if torch.is_tensor(v) else float(v)) for k, v in losses.items()}
+        bad = [k for k, v in vals.items() if not (math.isfinite(v) and abs(v) < LOSS_LIMIT)]
+        if bad:
+            raise SystemExit(f"error: loss {bad[0]} is {vals[bad[0]]:.4g} at step {step} (diverged); stopping. The "
+                             f"last good checkpoint (if any) is intact in {self.cfg.out_dir}/ckpt.pt; resume it "
+                             "with a lower --lr (--init_from=resume --lr=...)")
         if step % self.interval and step != self.max_iters:
             return
-        vals = {k: (v.detach().float().item() if torch.is_tensor(v) else float(v)) for k, v in losses.items()}
-        bad = [k for k, v in vals.items() if not math.isfinite(v)]
-        if bad:
-            raise SystemExit(f"error: loss {', '.join(bad)} is {vals[bad[0]]} at step {step}; stopping. The last good "
-                             f"checkpoint (if any) is intact in {self.cfg.out_dir}/ckpt.pt; try a lower --lr")
         now = time.time()
         n = max(1, step - self.last_step)
         dt = (now - self.t_last) / n
@@ -324,6 +397,13 @@ class Progress:
         self.t_last, self.last_step, self.audio = now, step, 0.0
 
 # ----------------------------------------------------------------------------- checkpoints
+# One file, out_dir/ckpt.pt, holds the `state` dict a paper file's build() returns (models, optimizers,
+# schedulers, scaler: anything with state_dict()), the step, the config, and every rank's RNG and sampler state.
+# --init_from has one meaning everywhere: scratch | resume (continue exactly) | PATH (weights only, step 0).
+
+CKPT_VERSION = 2
+WEIGHT_LIMIT = 1e12  # a parameter beyond this is diverged even when finite (an lr of 1e30 gives 1e30 weights)
+
 
 def _paper_of(cfg):
     mod = sys.modules.get(type(cfg).__module__)
@@ -333,31 +413,56 @@ def _paper_of(cfg):
 
 def _rng_state(sampler=None):
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy_global": np.random.get_state()[1].tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     if sampler is not None:
         state["sampler"] = sampler.state_dict()
     return state
 
 
-def save_checkpoint(cfg, step, models, optimizers=None, schedulers=None, scaler=None, sampler=None, extra=None, path=None):
-    """Atomically write cfg.out_dir/ckpt.pt (temp file, then rename), rank 0 only."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return
-    for name, m in models.items():
-        for pn, p in unwrap(m).state_dict().items():
-            if torch.is_floating_point(p) and not torch.isfinite(p).all():
-                raise SystemExit(f"error: {name}.{pn} holds NaN/inf at step {step}; not overwriting the last good checkpoint")
+def _set_rng_state(r, sampler=None):
+    torch.set_rng_state(r["torch"])
+    random.setstate(_tuplify(r["python"]))
+    np.random.set_state(("MT19937", np.array(r["numpy_global"], dtype=np.uint32), 624))
+    if "cuda" in r and torch.cuda.is_available():
+        torch.cuda.set_rng_state(r["cuda"], torch.cuda.current_device())
+    if sampler is not None and "sampler" in r:
+        sampler.load_state_dict(r["sampler"])
+
+
+def _is_module(obj):
+    return isinstance(obj, nn.Module)
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def save_checkpoint(cfg, step, state, sampler=None, extra=None, path=None):
+    """Write the whole `state` dict to cfg.out_dir/ckpt.pt atomically (temp file, then rename).
+
+    Call it on every rank: each rank's RNG and sampler state is gathered so a multi-process resume draws what a
+    straight run would; rank 0 writes. Refuses (one error line, the old file kept) if a weight is NaN/inf/huge."""
+    rngs = [_rng_state(sampler)]
+    if _distributed():
+        rngs = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(rngs, _rng_state(sampler))
+        if torch.distributed.get_rank() != 0:
+            return None
+    models = {k: unwrap(v).state_dict() for k, v in state.items() if _is_module(v)}
+    for name, sd in models.items():
+        for pn, p in sd.items():
+            if torch.is_floating_point(p) and not (torch.isfinite(p).all() and p.abs().max() < WEIGHT_LIMIT):
+                raise SystemExit(f"error: {name}.{pn} holds NaN/inf or diverged values at step {step}; not "
+                                 f"overwriting the last good checkpoint in {cfg.out_dir}")
     ckpt = {
-        "nanoaudio": 1,
+        "nanoaudio": CKPT_VERSION,
         "paper": _paper_of(cfg),
         "step": step,
         "config": config_dict(cfg),
-        "models": {k: unwrap(m).state_dict() for k, m in models.items()},
-        "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
-        "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": _rng_state(sampler),
+        "models": models,
+        "state": {k: v.state_dict() for k, v in state.items() if not _is_module(v) and v is not None},
+        "rng": rngs,
         "extra": extra or {},
     }
     path = path or os.path.join(cfg.out_dir, "ckpt.pt")
@@ -368,14 +473,13 @@ def save_checkpoint(cfg, step, models, optimizers=None, schedulers=None, scaler=
     return path
 
 
-def resume_path(cfg):
-    return os.path.join(cfg.out_dir, "ckpt.pt") if cfg.init_from == "resume" else cfg.init_from
-
-
 def load_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True) with errors that name the file and the problem."""
+    if not path or path == "scratch":
+        raise SystemExit("error: this mode needs a checkpoint: --init_from=resume (out_dir/ckpt.pt) or a path")
     if not os.path.exists(path):
-        raise SystemExit(f"error: checkpoint {path!r} does not exist")
+        raise SystemExit(f"error: checkpoint {path!r} does not exist" +
+                         (" (train first, or pass --init_from=PATH)" if path.endswith("ckpt.pt") else ""))
     if os.path.getsize(path) == 0:
         raise SystemExit(f"error: checkpoint {path!r} is empty")
     try:
@@ -385,8 +489,13 @@ def load_checkpoint(path, map_location="cpu"):
                          "is it a truncated file or not a PyTorch checkpoint?")
 
 
+def checkpoint_path(cfg):
+    """The file --init_from names: out_dir/ckpt.pt for resume, else the path itself."""
+    return os.path.join(cfg.out_dir, "ckpt.pt") if cfg.init_from == "resume" else cfg.init_from
+
+
 def is_ours(ckpt):
-    return isinstance(ckpt, dict) and ckpt.get("nanoaudio") == 1
+    return isinstance(ckpt, dict) and ckpt.get("nanoaudio") in (1, CKPT_VERSION) and "models" in ckpt
 
 
 def load_state_dict(module, state, what="model"):
@@ -405,36 +514,105 @@ def load_state_dict(module, state, what="model"):
     module.load_state_dict(state)
 
 
-def restore(ckpt, cfg, models, optimizers=None, schedulers=None, scaler=None, sampler=None, arch_keys=(), rng=True):
-    """Load one of our checkpoints into models (and optimizers...), checking it is the right paper and config."""
+def check_checkpoint(ckpt, cfg, arch_keys=()):
+    """Is this our checkpoint, of this paper, with a config that builds the same model? One error line if not,
+    naming every mismatched key (architecture and features: a mel under another fmax is another model)."""
     if not is_ours(ckpt):
-        raise SystemExit("error: not a nanoaudio checkpoint (an official weight file? pass it to a paper file that maps it)")
+        raise SystemExit("error: not a nanoaudio checkpoint (an official weight file? this paper file maps none)")
     paper = _paper_of(cfg)
     if ckpt["paper"] != paper:
         raise SystemExit(f"error: this checkpoint was written by {ckpt['paper']}.py, not {paper}.py")
-    bad = [f"{k} (checkpoint {ckpt['config'].get(k)!r}, now {getattr(cfg, k)!r})" for k in arch_keys
+    bad = [f"--{k} (checkpoint {ckpt['config'].get(k)!r}, now {getattr(cfg, k)!r})" for k in arch_keys
            if _norm(ckpt["config"].get(k)) != _norm(getattr(cfg, k))]
     if bad:
         raise SystemExit("error: the checkpoint's config does not fit this model: " + "; ".join(bad)
-                         + f" — pass --preset={ckpt['config'].get('preset')} or matching flags")
+                         + " — drop those flags (the checkpoint's own config is used) or pass matching values")
+
+
+def load_models(ckpt, cfg, models, arch_keys=()):
+    """Load the weights of one of our checkpoints into `models` ({name: module}), after check_checkpoint."""
+    check_checkpoint(ckpt, cfg, arch_keys)
     for k, m in models.items():
         if k not in ckpt["models"]:
             raise SystemExit(f"error: the checkpoint has no {k!r} model (it has {list(ckpt['models'])})")
         load_state_dict(unwrap(m), ckpt["models"][k], what=k)
-    for group, objs in (("optimizers", optimizers), ("schedulers", schedulers)):
-        for k, o in (objs or {}).items():
-            if k in ckpt[group]:
-                o.load_state_dict(ckpt[group][k])
-    if scaler is not None and ckpt.get("scaler") is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    if rng and "rng" in ckpt:
-        r = ckpt["rng"]
-        torch.set_rng_state(r["torch"])
-        random.setstate(_tuplify(r["python"]))
-        if "cuda" in r and torch.cuda.is_available() and len(r["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(r["cuda"])
-        if sampler is not None and "sampler" in r:
-            sampler.load_state_dict(r["sampler"])
+
+
+def _apply_changed_hparams(ckpt, cfg, state, lr_keys):
+    """After an optimizer's state is restored it carries the old run's lr, betas and weight decay: set the ones
+    the command line changed, rescaling the schedulers' base too, so a new --lr takes effect on resume."""
+    old = ckpt["config"]
+    for name, opt in state.items():
+        if not isinstance(opt, torch.optim.Optimizer):
+            continue
+        key = lr_keys.get(name, "lr")
+        if key and key in old and hasattr(cfg, key) and old[key] and old[key] != getattr(cfg, key):
+            ratio = getattr(cfg, key) / old[key]
+            for g in opt.param_groups:
+                g["lr"] *= ratio
+                if "initial_lr" in g:
+                    g["initial_lr"] *= ratio
+            for sched in state.values():
+                if getattr(sched, "optimizer", None) is opt and hasattr(sched, "base_lrs"):
+                    sched.base_lrs = [b * ratio for b in sched.base_lrs]
+                    sched._last_lr = [g["lr"] for g in opt.param_groups]
+        for hk in ("betas", "weight_decay"):
+            if hk in old and hasattr(cfg, hk) and _norm(old[hk]) != _norm(getattr(cfg, hk)):
+                for g in opt.param_groups:
+                    if hk in g:
+                        g[hk] = tuple(getattr(cfg, hk)) if hk == "betas" else getattr(cfg, hk)
+
+
+def init_from(cfg, state, sampler=None, arch_keys=(), official=None, lr_keys=None):
+    """Start training as --init_from says; returns the step to start at.
+
+    scratch: 0. resume: out_dir/ckpt.pt restores every entry of `state`, this rank's RNG and sampler state and
+    the step; flags changed on the command line take effect (lr included). PATH: the weights it holds (our
+    checkpoint's models, or the authors' file through `official(state, ckpt)`), fresh optimizers, step 0.
+    lr_keys: {optimizer name: config field} where an optimizer's lr is not cfg.lr (None: leave it)."""
+    if cfg.init_from == "scratch":
+        return 0
+    path = checkpoint_path(cfg)
+    ckpt = load_checkpoint(path)
+    models = {k: v for k, v in state.items() if _is_module(v)}
+    if cfg.init_from != "resume":
+        if is_ours(ckpt):
+            check_checkpoint(ckpt, cfg, arch_keys)
+            have = {k: m for k, m in models.items() if k in ckpt["models"]}
+            if not have:
+                raise SystemExit(f"error: {path!r} holds none of the models {list(models)} (it has {list(ckpt['models'])})")
+            load_models(ckpt, cfg, have)
+            fresh = [k for k in models if k not in have]
+            log(f"initialized {', '.join(have)} from {path} (step 0, fresh optimizers"
+                + (f"; {', '.join(fresh)} from scratch)" if fresh else ")"))
+        elif official is not None:
+            official(state, ckpt)
+            log(f"initialized from the official weights {path} (step 0, fresh optimizers)")
+        else:
+            raise SystemExit(f"error: {path!r} is not a nanoaudio checkpoint, and this file maps no official weights")
+        return 0
+    if ckpt.get("nanoaudio") != CKPT_VERSION or "state" not in ckpt:
+        raise SystemExit(f"error: {path!r} was written by an older nanoaudio and cannot be resumed exactly; "
+                         f"start from its weights with --init_from={path}")
+    load_models(ckpt, cfg, models, arch_keys)
+    for k, obj in state.items():
+        if _is_module(obj) or obj is None:
+            continue
+        if k not in ckpt["state"]:
+            raise SystemExit(f"error: the checkpoint has no {k!r} to resume (it has {list(ckpt['state'])})")
+        obj.load_state_dict(ckpt["state"][k])
+    _apply_changed_hparams(ckpt, cfg, state, lr_keys or {})
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
+    rngs = ckpt["rng"]
+    if len(rngs) == world:
+        _set_rng_state(rngs[rank], sampler)
+    else:  # another number of processes: each rank takes a fresh stream of its own (the data order changes)
+        log(f"resuming {len(rngs)}-process state on {world} processes: each rank's RNG is re-seeded from the step")
+        seed = getattr(cfg, "seed", 1337) + 1000003 * ckpt["step"] + rank
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed % 2**32)
+        if sampler is not None:
+            sampler.rng = np.random.default_rng([seed, rank, world])
+    log(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
 
 
@@ -460,6 +638,8 @@ def load_audio(path, sr=None, mono=True):
         raise ValueError(f"cannot decode audio file {path!r}: {e} (truncated, or not audio?)") from None
     if data.shape[0] == 0:
         raise ValueError(f"audio file {path!r} holds no samples")
+    if not np.isfinite(data).all():  # float wavs can hold them; left in, they surface as a NaN loss much later
+        raise ValueError(f"audio file {path!r} holds NaN or inf samples")
     wav = data.T  # (C, T)
     if mono:
         wav = wav.mean(0)
@@ -625,6 +805,450 @@ def mulaw_dequantize(q, mu=255):
     if torch.is_tensor(q):
         return mulaw_decode(q.float() / mu * 2 - 1, mu)
     return mulaw_decode(np.asarray(q, dtype=np.float64) / mu * 2 - 1, mu).astype(np.float32)
+
+# ----------------------------------------------------------------------------- text
+# Offline text tokens: a byte-level BPE (as GPT-2's) trained on the corpus's transcripts, kept in tiktoken's
+# .tiktoken format so the same code runs an official vocabulary file. Paper files add their special tokens.
+
+PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# the same pre-tokenizer in Python's `re` (letters = word chars minus digits and _), for training the BPE
+_PAT_RE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
+
+
+def train_bpe(texts, vocab_size):
+    """Byte-level BPE (as GPT-2): start from the 256 bytes, repeatedly merge the most frequent adjacent pair.
+    Counts are over distinct pre-tokenized words (weighted by frequency), so it takes seconds, not minutes."""
+    freq = Counter(w for t in texts for w in _PAT_RE.findall(t))
+    ranks = {bytes([i]): i for i in range(256)}
+    # glue each word's leading space to its first byte before any other merge, so no word ever starts with a
+    # bare " " token (decoding bans " " as the first token, SuppressBlank, which would then ban the word)
+    pieces, heads = {}, Counter()
+    for w, n in freq.items():
+        b = [bytes([c]) for c in w.encode()]
+        if len(b) > 1 and b[0] == b" " and b[1] != b" ":
+            b = [b[0] + b[1]] + b[2:]
+            heads[b[0]] += n
+        pieces[w] = b
+    for h, _ in sorted(heads.items(), key=lambda kv: (-kv[1], kv[0])):
+        ranks.setdefault(h, len(ranks))
+    while len(ranks) < vocab_size:
+        pairs = Counter()
+        for w, p in pieces.items():
+            for a, b in zip(p, p[1:]):
+                pairs[a, b] += freq[w]
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))  # ties broken by bytes: deterministic
+        ranks.setdefault(a + b, len(ranks))
+        for w, p in pieces.items():
+            i, out = 0, []
+            while i < len(p):
+                if i + 1 < len(p) and p[i] == a and p[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(p[i])
+                    i += 1
+            pieces[w] = out
+    return ranks
+
+
+def ranks_to_text(ranks):
+    """The .tiktoken file format: one `base64(token bytes) rank` per line."""
+    return "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+
+def ranks_from_text(text):
+    return {base64.b64decode(tok): int(r) for tok, r in (line.split() for line in text.splitlines() if line)}
+
+
+def bpe_encoding(ranks, special_tokens=(), name="nanoaudio-bpe"):
+    """A tiktoken Encoding over `ranks`, with `special_tokens` numbered after them in the order given."""
+    import tiktoken
+    ids = {t: len(ranks) + i for i, t in enumerate(special_tokens)}
+    return tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=ids,
+                             explicit_n_vocab=len(ranks) + len(ids))
+
+
+# ----------------------------------------------------------------------------- data
+
+class Utterance:
+    """One clip: audio (float32, (T,) or (C, T)), its rate, transcript, word times and speaker."""
+    __slots__ = ("id", "_audio", "sr", "text", "words", "speaker", "speaker_name", "n_speakers")
+
+    def __init__(self, id, audio, sr, text="", words=(), speaker=0, speaker_name="", n_speakers=None):
+        self.id, self._audio, self.sr, self.text = id, audio, sr, text
+        self.words, self.speaker, self.speaker_name = words, speaker, speaker_name
+        self.n_speakers = NUM_SPEAKERS if n_speakers is None else n_speakers  # speakers in the whole dataset (all splits): the size of an embedding table
+
+    @property
+    def wav(self):
+        a = self._audio
+        return (a.astype(np.float32) / 32768.0) if a.dtype == np.int16 else np.asarray(a, dtype=np.float32)
+
+    @property
+    def duration(self):
+        return self._audio.shape[-1] / self.sr
+
+    def __repr__(self):
+        return f"Utterance({self.id!r}, {self.duration:.2f}s @ {self.sr} Hz, speaker={self.speaker}, text={self.text[:40]!r})"
+
+
+def num_speakers(utts=None):
+    """Speakers in the dataset the clips come from, over all splits (so held-out voices have a valid id)."""
+    return NUM_SPEAKERS if not utts else max(u.n_speakers for u in utts)
+
+
+def _builtin(kind, split, sr, mono, hours, seed):
+    path = build_corpus(kind, hours, seed)
+    with open(os.path.join(path, "manifest.json")) as f:
+        man = json.load(f)
+    raw = np.load(os.path.join(path, "audio.npy"), mmap_mode="r")
+    src_sr = man["items"][0]["sr"] if man["items"] else sr
+    if sr != src_sr:  # resample once, cache beside the original (int16, per target rate and channel layout)
+        rpath = os.path.join(path, f"audio_{sr}.npy")
+        opath = os.path.join(path, f"offsets_{sr}.npy")
+        if not (os.path.exists(rpath) and os.path.exists(opath)):
+            outs, offs, o = [], [], 0
+            for it in man["items"]:
+                a = raw[it["offset"]: it["offset"] + it["length"] * it["channels"]].astype(np.float32) / 32768.0
+                a = resample(a.reshape(it["channels"], it["length"]), src_sr, sr)
+                outs.append(np.clip(np.round(a * 32768.0), -32768, 32767).astype(np.int16).reshape(-1))
+                offs.append((o, a.shape[-1]))
+                o += outs[-1].size
+            np.save(rpath + ".tmp.npy", np.concatenate(outs))
+            os.replace(rpath + ".tmp.npy", rpath)
+            np.save(opath + ".tmp.npy", np.array(offs, dtype=np.int64))
+            os.replace(opath + ".tmp.npy", opath)
+        raw = np.load(rpath, mmap_mode="r")
+        offsets = np.load(opath)
+    else:
+        offsets = np.array([(it["offset"], it["length"]) for it in man["items"]], dtype=np.int64).reshape(-1, 2)
+    utts = []
+    for it, (off, n) in zip(man["items"], offsets):
+        if it["split"] != split:
+            continue
+        a = np.asarray(raw[off: off + n * it["channels"]]).reshape(it["channels"], n)
+        if mono and it["channels"] > 1 and kind != "dialogue":
+            a = (a.astype(np.int32).sum(0) // it["channels"]).astype(np.int16)
+        elif it["channels"] == 1:
+            a = a[0]
+        words = it["words"]
+        words = tuple(tuple(map(tuple, w)) for w in words) if kind == "dialogue" else [tuple(w) for w in words]
+        utts.append(Utterance(it["id"], a, sr, it["text"], words, it["speaker"], it["speaker_name"]))
+    return utts
+
+
+_AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3")
+
+
+def _split_of(key):
+    """A stable split for user data: ~2 % val and ~2 % test by hash of the clip id."""
+    h = int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % 100
+    return "val" if h < 2 else "test" if h < 4 else "train"
+
+
+def _scan_folder(data_dir):
+    """(id, path, text, speaker_name) for an LJSpeech folder, a LibriSpeech tree, or any folder of audio files."""
+    if not os.path.isdir(data_dir):
+        raise SystemExit(f"error: --data_dir={data_dir!r} is not a folder")
+    meta = os.path.join(data_dir, "metadata.csv")
+    entries = []
+    if os.path.exists(meta) and os.path.isdir(os.path.join(data_dir, "wavs")):  # LJSpeech: id|text|normalized text
+        with open(meta, encoding="utf-8") as f:
+            for line in f:
+                parts = line.rstrip("\n").split("|")
+                if len(parts) >= 2:
+                    entries.append((parts[0], os.path.join(data_dir, "wavs", parts[0] + ".wav"), parts[-1], "lj"))
+        return entries
+    trans = {}
+    for dirpath, _, files in os.walk(data_dir):
+        for fn in files:
+            if fn.endswith(".trans.txt"):  # LibriSpeech: "<id> TEXT" per line, one file per chapter
+                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
+                    for line in f:
+                        if " " in line:
+                            k, t = line.strip().split(" ", 1)
+                            trans[k] = t
+    for dirpath, _, files in sorted(os.walk(data_dir)):
+        for fn in sorted(files):
+            stem, ext = os.path.splitext(fn)
+            if ext.lower() not in _AUDIO_EXT:
+                continue
+            p = os.path.join(dirpath, fn)
+            rel = os.path.relpath(p, data_dir)
+            text = trans.get(stem, "")
+            if not text and os.path.exists(os.path.join(dirpath, stem + ".txt")):
+                with open(os.path.join(dirpath, stem + ".txt"), encoding="utf-8") as f:
+                    text = f.read().strip()
+            spk = stem.split("-")[0] if stem in trans else os.path.basename(dirpath)
+            entries.append((os.path.splitext(rel)[0], p, text, spk))
+    return entries
+
+
+def _folder(data_dir, split, sr, mono, channels=None):
+    entries = _scan_folder(data_dir)
+    if not entries:
+        raise SystemExit(f"error: --data_dir={data_dir!r} holds no audio files ({', '.join(_AUDIO_EXT)}) "
+                         "and no LJSpeech metadata.csv")
+    if len(entries) < 3:
+        raise SystemExit(f"error: --data_dir={data_dir!r} holds {len(entries)} clip(s); at least 3 are needed "
+                         "(train, val and test get one each)")
+    splits = [_split_of(e[0]) for e in entries]
+    for s, i in (("val", 0), ("test", 1), ("train", 2)):  # make sure every split has at least one clip
+        if s not in splits:
+            splits[i] = s
+    names = sorted({e[3] for e in entries})
+    utts = []
+    for (cid, path, text, spk), s in zip(entries, splits):
+        if s != split:
+            continue
+        try:
+            wav, _ = load_audio(path, sr=sr, mono=mono)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        if channels is not None and not mono and wav.shape[0] != channels:
+            raise SystemExit(f"error: {path!r} has {wav.shape[0]} channel(s); this model needs {channels}")
+        utts.append(Utterance(cid, wav, sr, text, [], names.index(spk), spk, len(names)))
+    return utts
+
+
+def check_clips(clips, min_len, what):
+    """Stop before the first training step (not after the last) when a split is empty or all too short.
+    clips: arrays (..., T) or Utterances; min_len: samples."""
+    lengths = [c._audio.shape[-1] if isinstance(c, Utterance) else np.shape(c)[-1] for c in clips]
+    if not lengths:
+        raise SystemExit(f"error: the {what} has no clips")
+    if max(lengths) < min_len:
+        raise SystemExit(f"error: every clip of the {what} is shorter than {min_len} samples "
+                         f"(longest {max(lengths)}); use longer clips or a smaller --segment")
+
+
+def load_corpus(cfg, split, sr, kind="speech", mono=True, channels=None):
+    """Clips of one split at rate sr: the built-in corpus (cfg.corpus_hours), or cfg.data_dir if set.
+    kind: speech | dialogue | music | audio (speech and music together, for the codecs)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    data_dir = getattr(cfg, "data_dir", "")
+    if data_dir:
+        return _folder(data_dir, split, sr, mono, channels)
+    hours, seed = getattr(cfg, "corpus_hours", 2.0), 1337  # the corpus seed is fixed: one corpus for every run
+    if kind == "audio":
+        return _builtin("speech", split, sr, mono, hours, seed) + _builtin("music", split, sr, mono, hours, seed)
+    utts = _builtin(kind, split, sr, mono, hours, seed)
+    if channels is not None and not mono and kind == "speech":  # mono speech for a multi-channel model
+        for u in utts:
+            u._audio = np.repeat(u._audio[None], channels, 0)
+    return utts
+
+
+class SegmentSampler:
+    """Random fixed-length segments from a list of clips; each rank draws its own batches from its own RNG."""
+
+    def __init__(self, wavs, seg_len, batch_size, seed=1337, rank=0, world_size=1, align=1):
+        if not len(wavs):
+            raise ValueError("SegmentSampler needs at least one clip")
+        self.wavs, self.seg_len, self.batch_size, self.align = wavs, seg_len, batch_size, max(1, align)
+        self.rng = np.random.default_rng([seed, rank, world_size])
+        lengths = np.array([w.shape[-1] for w in wavs], dtype=np.float64)
+        self.p = lengths / lengths.sum()  # longer clips are drawn more often: every second is equally likely
+
+    def next(self):
+        idx = self.rng.choice(len(self.wavs), size=self.batch_size, p=self.p)
+        out = []
+        for i in idx:
+            w = self.wavs[i]
+            T = w.shape[-1]
+            if T > self.seg_len:
+                start = int(self.rng.integers(0, (T - self.seg_len) // self.align + 1)) * self.align
+                seg = w[..., start:start + self.seg_len]
+            else:
+                seg = np.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, self.seg_len - T)])
+            seg = np.asarray(seg)
+            out.append(seg.astype(np.float32) / 32768.0 if seg.dtype == np.int16 else seg.astype(np.float32))
+        return torch.from_numpy(np.stack(out)), torch.from_numpy(idx.astype(np.int64))
+
+    def state_dict(self):
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def edit_distance(a, b):
+    """Levenshtein distance between two sequences."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
+def normalize_text(s):
+    return " ".join(re.sub(r"[^\w\s']", " ", s.lower()).split())
+
+
+def wer(refs, hyps):
+    """Corpus word error rate: total word edits / total reference words (text normalized first)."""
+    refs, hyps = ([refs], [hyps]) if isinstance(refs, str) else (refs, hyps)
+    errs = sum(edit_distance(normalize_text(r).split(), normalize_text(h).split()) for r, h in zip(refs, hyps))
+    return errs / max(1, sum(len(normalize_text(r).split()) for r in refs))
+
+
+def cer(refs, hyps):
+    refs, hyps = ([refs], [hyps]) if isinstance(refs, str) else (refs, hyps)
+    errs = sum(edit_distance(normalize_text(r), normalize_text(h)) for r, h in zip(refs, hyps))
+    return errs / max(1, sum(len(normalize_text(r)) for r in refs))
+
+
+def si_snr(est, ref, eps=1e-8):
+    """Scale-invariant SNR in dB (mean over the batch); (..., T) tensors or arrays."""
+    est, ref = torch.as_tensor(est).float(), torch.as_tensor(ref).float()
+    T = min(est.shape[-1], ref.shape[-1])
+    est, ref = est[..., :T], ref[..., :T]
+    est = est - est.mean(-1, keepdim=True)
+    ref = ref - ref.mean(-1, keepdim=True)
+    target = (est * ref).sum(-1, keepdim=True) / (ref.pow(2).sum(-1, keepdim=True) + eps) * ref
+    noise = est - target
+    return (10 * torch.log10(target.pow(2).sum(-1) / (noise.pow(2).sum(-1) + eps) + eps)).mean().item()
+
+
+def mel_distance(est, ref, sr):
+    """Mean L1 between ln-mel spectrograms (80 bins; window scaled with sr, 1024 at 22.05 kHz)."""
+    est, ref = torch.as_tensor(est).float(), torch.as_tensor(ref).float()
+    T = min(est.shape[-1], ref.shape[-1])
+    n_fft = 2 ** round(math.log2(1024 * sr / 22050))
+    kw = dict(sr=sr, n_fft=n_fft, hop=n_fft // 4, n_mels=80)
+    return F.l1_loss(mel_spectrogram(est[..., :T], **kw), mel_spectrogram(ref[..., :T], **kw)).item()
+
+
+def mrstft_distance(est, ref, resolutions=((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))):
+    """Multi-resolution STFT distance: spectral convergence + log-magnitude L1, averaged over resolutions."""
+    est, ref = torch.as_tensor(est).float(), torch.as_tensor(ref).float()
+    T = min(est.shape[-1], ref.shape[-1])
+    est, ref = est[..., :T].reshape(-1, T), ref[..., :T].reshape(-1, T)
+    total = 0.0
+    for n_fft, hop, win in resolutions:
+        w = torch.hann_window(win, device=est.device)
+        S = lambda x: torch.stft(x, n_fft, hop, win, w, return_complex=True).abs().clamp(min=1e-7)
+        a, b = S(est), S(ref)
+        sc = torch.linalg.norm(b - a) / torch.linalg.norm(b).clamp(min=1e-7)
+        total += (sc + F.l1_loss(a.log(), b.log())).item()
+    return total / len(resolutions)
+
+# ----------------------------------------------------------------------------- samples
+
+def save_sample(dir, name, wav, sr, ref=None):
+    """Write dir/name.wav and dir/name.png: the spectrogram of the generated audio (above the reference's)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(dir, exist_ok=True)
+    to_np = lambda x: x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
+    wav = to_np(wav)
+    save_audio(os.path.join(dir, name + ".wav"), wav, sr)
+    panels = [("generated", wav)] + ([("reference", to_np(ref))] if ref is not None else [])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3 * len(panels)), squeeze=False)
+    n_fft = 2 ** round(math.log2(1024 * sr / 22050))
+    mels = []
+    for _, x in panels:
+        x = x.mean(0) if x.ndim == 2 else x
+        mels.append((len(x), mel_spectrogram(torch.from_numpy(np.ascontiguousarray(x)), sr, n_fft, n_fft // 4,
+                                             n_mels=80, log="log10", center=True).numpy()))
+    # one colour scale for every panel, set by the reference when there is one: near-silent output looks dark
+    top = mels[-1][1].max()
+    for ax, (title, _), (n, mel) in zip(axes[:, 0], panels, mels):
+        im = ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", vmin=top - 5, vmax=top,
+                       extent=[0, n / sr, 0, 80])
+        ax.set_title(f"{name} — {title}")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("mel bin")
+        fig.colorbar(im, ax=ax, label="log10 magnitude")
+    fig.tight_layout()
+    fig.savefig(os.path.join(dir, name + ".png"), dpi=80)
+    plt.close(fig)
+
+# ----------------------------------------------------------------------------- bench
+
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timeit(fn, iters=10, warmup=3):
+    """Median milliseconds per call of fn(), synchronizing the GPU around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync()
+        t = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.median(times))
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn() (matmuls and convolutions, forward and backward), via torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+# dense bf16 tensor-core peaks (FLOP/s) of GPUs worth naming; the fraction achieved is the distance to the limit
+_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+          "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+def _device_name(dev):
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import platform
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def peak_flops(rt):
+    if rt.device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(rt.device)
+    for k, v in _PEAKS.items():
+        if k in name:
+            return v if rt.dtype in (torch.bfloat16, torch.float16) else v / 2  # TF32 is half the bf16 rate
+    return None
+
+
+def peak_memory_mb(rt):
+    if rt.device_type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def report_bench(cfg, rt, model=None, compiled=False, **figures):
+    """Print one JSON line: the standard fields, then the paper's own figures; adds mfu when it can.
+    compiled: whether the timed model really ran compiled (`compiled_model is not model`)."""
+    out = dict(paper=_paper_of(cfg), preset=getattr(cfg, "preset", None), device=_device_name(rt.device),
+               dtype=str(rt.dtype).replace("torch.", ""), compiled=bool(compiled),
+               torch=torch.__version__)
+    if model is not None:
+        out["params"] = count_params(unwrap(model))
+    out.update(figures)
+    fl, ms = figures.get("train_flops_per_step"), figures.get("train_step_ms")
+    peak = peak_flops(rt)
+    if fl and ms:
+        out["train_tflops"] = fl / (ms / 1000) / 1e12
+        out["mfu"] = round(fl / (ms / 1000) / peak, 4) if peak else None
+    out["peak_memory_mb"] = round(peak_memory_mb(rt), 1)
+    out = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in out.items()}  # 4 significant digits
+    print(json.dumps(out), flush=True)
+    return out
+
 
 # ----------------------------------------------------------------------------- corpus
 # The built-in corpus: English speech from eSpeak NG (through the espeakng-loader wheel, by ctypes), two-channel
@@ -1061,373 +1685,3 @@ def _dialogue_job(a):
 
 def _music_job(a):
     return _build_music(*a)
-
-# ----------------------------------------------------------------------------- data
-
-class Utterance:
-    """One clip: audio (float32, (T,) or (C, T)), its rate, transcript, word times and speaker."""
-    __slots__ = ("id", "_audio", "sr", "text", "words", "speaker", "speaker_name", "n_speakers")
-
-    def __init__(self, id, audio, sr, text="", words=(), speaker=0, speaker_name="", n_speakers=NUM_SPEAKERS):
-        self.id, self._audio, self.sr, self.text = id, audio, sr, text
-        self.words, self.speaker, self.speaker_name = words, speaker, speaker_name
-        self.n_speakers = n_speakers  # speakers in the whole dataset (all splits): the size of an embedding table
-
-    @property
-    def wav(self):
-        a = self._audio
-        return (a.astype(np.float32) / 32768.0) if a.dtype == np.int16 else np.asarray(a, dtype=np.float32)
-
-    @property
-    def duration(self):
-        return self._audio.shape[-1] / self.sr
-
-    def __repr__(self):
-        return f"Utterance({self.id!r}, {self.duration:.2f}s @ {self.sr} Hz, speaker={self.speaker}, text={self.text[:40]!r})"
-
-
-def num_speakers(utts=None):
-    """Speakers in the dataset the clips come from, over all splits (so held-out voices have a valid id)."""
-    return NUM_SPEAKERS if not utts else max(u.n_speakers for u in utts)
-
-
-def _builtin(kind, split, sr, mono, hours, seed):
-    path = build_corpus(kind, hours, seed)
-    with open(os.path.join(path, "manifest.json")) as f:
-        man = json.load(f)
-    raw = np.load(os.path.join(path, "audio.npy"), mmap_mode="r")
-    src_sr = man["items"][0]["sr"] if man["items"] else sr
-    if sr != src_sr:  # resample once, cache beside the original (int16, per target rate and channel layout)
-        rpath = os.path.join(path, f"audio_{sr}.npy")
-        opath = os.path.join(path, f"offsets_{sr}.npy")
-        if not (os.path.exists(rpath) and os.path.exists(opath)):
-            outs, offs, o = [], [], 0
-            for it in man["items"]:
-                a = raw[it["offset"]: it["offset"] + it["length"] * it["channels"]].astype(np.float32) / 32768.0
-                a = resample(a.reshape(it["channels"], it["length"]), src_sr, sr)
-                outs.append(np.clip(np.round(a * 32768.0), -32768, 32767).astype(np.int16).reshape(-1))
-                offs.append((o, a.shape[-1]))
-                o += outs[-1].size
-            np.save(rpath + ".tmp.npy", np.concatenate(outs))
-            os.replace(rpath + ".tmp.npy", rpath)
-            np.save(opath + ".tmp.npy", np.array(offs, dtype=np.int64))
-            os.replace(opath + ".tmp.npy", opath)
-        raw = np.load(rpath, mmap_mode="r")
-        offsets = np.load(opath)
-    else:
-        offsets = np.array([(it["offset"], it["length"]) for it in man["items"]], dtype=np.int64).reshape(-1, 2)
-    utts = []
-    for it, (off, n) in zip(man["items"], offsets):
-        if it["split"] != split:
-            continue
-        a = np.asarray(raw[off: off + n * it["channels"]]).reshape(it["channels"], n)
-        if mono and it["channels"] > 1 and kind != "dialogue":
-            a = (a.astype(np.int32).sum(0) // it["channels"]).astype(np.int16)
-        elif it["channels"] == 1:
-            a = a[0]
-        words = it["words"]
-        words = tuple(tuple(map(tuple, w)) for w in words) if kind == "dialogue" else [tuple(w) for w in words]
-        utts.append(Utterance(it["id"], a, sr, it["text"], words, it["speaker"], it["speaker_name"]))
-    return utts
-
-
-_AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3")
-
-
-def _split_of(key):
-    """A stable split for user data: ~2 % val and ~2 % test by hash of the clip id."""
-    h = int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % 100
-    return "val" if h < 2 else "test" if h < 4 else "train"
-
-
-def _scan_folder(data_dir):
-    """(id, path, text, speaker_name) for an LJSpeech folder, a LibriSpeech tree, or any folder of audio files."""
-    if not os.path.isdir(data_dir):
-        raise SystemExit(f"error: --data_dir={data_dir!r} is not a folder")
-    meta = os.path.join(data_dir, "metadata.csv")
-    entries = []
-    if os.path.exists(meta) and os.path.isdir(os.path.join(data_dir, "wavs")):  # LJSpeech: id|text|normalized text
-        with open(meta, encoding="utf-8") as f:
-            for line in f:
-                parts = line.rstrip("\n").split("|")
-                if len(parts) >= 2:
-                    entries.append((parts[0], os.path.join(data_dir, "wavs", parts[0] + ".wav"), parts[-1], "lj"))
-        return entries
-    trans = {}
-    for dirpath, _, files in os.walk(data_dir):
-        for fn in files:
-            if fn.endswith(".trans.txt"):  # LibriSpeech: "<id> TEXT" per line, one file per chapter
-                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
-                    for line in f:
-                        if " " in line:
-                            k, t = line.strip().split(" ", 1)
-                            trans[k] = t
-    for dirpath, _, files in sorted(os.walk(data_dir)):
-        for fn in sorted(files):
-            stem, ext = os.path.splitext(fn)
-            if ext.lower() not in _AUDIO_EXT:
-                continue
-            p = os.path.join(dirpath, fn)
-            rel = os.path.relpath(p, data_dir)
-            text = trans.get(stem, "")
-            if not text and os.path.exists(os.path.join(dirpath, stem + ".txt")):
-                with open(os.path.join(dirpath, stem + ".txt"), encoding="utf-8") as f:
-                    text = f.read().strip()
-            spk = stem.split("-")[0] if stem in trans else os.path.basename(dirpath)
-            entries.append((os.path.splitext(rel)[0], p, text, spk))
-    return entries
-
-
-def _folder(data_dir, split, sr, mono, channels=None):
-    entries = _scan_folder(data_dir)
-    if not entries:
-        raise SystemExit(f"error: --data_dir={data_dir!r} holds no audio files ({', '.join(_AUDIO_EXT)}) "
-                         "and no LJSpeech metadata.csv")
-    splits = [_split_of(e[0]) for e in entries]
-    if len(entries) >= 3:  # make sure every split has at least one clip
-        for s, i in (("val", 0), ("test", 1)):
-            if s not in splits:
-                splits[i] = s
-    names = sorted({e[3] for e in entries})
-    utts = []
-    for (cid, path, text, spk), s in zip(entries, splits):
-        if s != split:
-            continue
-        try:
-            wav, _ = load_audio(path, sr=sr, mono=mono)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
-        if channels is not None and not mono and wav.shape[0] != channels:
-            raise SystemExit(f"error: {path!r} has {wav.shape[0]} channel(s); this model needs {channels}")
-        utts.append(Utterance(cid, wav, sr, text, [], names.index(spk), spk, len(names)))
-    if not utts:
-        raise SystemExit(f"error: the {split!r} split of {data_dir!r} is empty (add more files)")
-    return utts
-
-
-def load_corpus(cfg, split, sr, kind="speech", mono=True, channels=None):
-    """Clips of one split at rate sr: the built-in corpus (cfg.corpus_hours), or cfg.data_dir if set.
-    kind: speech | dialogue | music | audio (speech and music together, for the codecs)."""
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test, got {split!r}")
-    data_dir = getattr(cfg, "data_dir", "")
-    if data_dir:
-        return _folder(data_dir, split, sr, mono, channels)
-    hours, seed = getattr(cfg, "corpus_hours", 2.0), 1337  # the corpus seed is fixed: one corpus for every run
-    if kind == "audio":
-        return _builtin("speech", split, sr, mono, hours, seed) + _builtin("music", split, sr, mono, hours, seed)
-    utts = _builtin(kind, split, sr, mono, hours, seed)
-    if channels is not None and not mono and kind == "speech":  # mono speech for a multi-channel model
-        for u in utts:
-            u._audio = np.repeat(u._audio[None], channels, 0)
-    return utts
-
-
-class SegmentSampler:
-    """Random fixed-length segments from a list of clips; each rank draws its own batches from its own RNG."""
-
-    def __init__(self, wavs, seg_len, batch_size, seed=1337, rank=0, world_size=1, align=1):
-        if not len(wavs):
-            raise ValueError("SegmentSampler needs at least one clip")
-        self.wavs, self.seg_len, self.batch_size, self.align = wavs, seg_len, batch_size, max(1, align)
-        self.rng = np.random.default_rng([seed, rank, world_size])
-        lengths = np.array([w.shape[-1] for w in wavs], dtype=np.float64)
-        self.p = lengths / lengths.sum()  # longer clips are drawn more often: every second is equally likely
-
-    def next(self):
-        idx = self.rng.choice(len(self.wavs), size=self.batch_size, p=self.p)
-        out = []
-        for i in idx:
-            w = self.wavs[i]
-            T = w.shape[-1]
-            if T > self.seg_len:
-                start = int(self.rng.integers(0, (T - self.seg_len) // self.align + 1)) * self.align
-                seg = w[..., start:start + self.seg_len]
-            else:
-                seg = np.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, self.seg_len - T)])
-            seg = np.asarray(seg)
-            out.append(seg.astype(np.float32) / 32768.0 if seg.dtype == np.int16 else seg.astype(np.float32))
-        return torch.from_numpy(np.stack(out)), torch.from_numpy(idx.astype(np.int64))
-
-    def state_dict(self):
-        return self.rng.bit_generator.state
-
-    def load_state_dict(self, state):
-        self.rng.bit_generator.state = state
-
-
-def pad_collate(arrays):
-    """Zero-pad clips along time: (B, T) or (B, C, T) float32, and the (B,) lengths."""
-    lengths = [a.shape[-1] for a in arrays]
-    T = max(lengths)
-    out = [np.pad(np.asarray(a, dtype=np.float32), [(0, 0)] * (np.ndim(a) - 1) + [(0, T - a.shape[-1])]) for a in arrays]
-    return torch.from_numpy(np.stack(out)), torch.tensor(lengths, dtype=torch.long)
-
-# ----------------------------------------------------------------------------- metrics
-
-def edit_distance(a, b):
-    """Levenshtein distance between two sequences."""
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, y in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
-        prev = cur
-    return prev[-1]
-
-
-def normalize_text(s):
-    return " ".join(re.sub(r"[^\w\s']", " ", s.lower()).split())
-
-
-def wer(refs, hyps):
-    """Corpus word error rate: total word edits / total reference words (text normalized first)."""
-    refs, hyps = ([refs], [hyps]) if isinstance(refs, str) else (refs, hyps)
-    errs = sum(edit_distance(normalize_text(r).split(), normalize_text(h).split()) for r, h in zip(refs, hyps))
-    return errs / max(1, sum(len(normalize_text(r).split()) for r in refs))
-
-
-def cer(refs, hyps):
-    refs, hyps = ([refs], [hyps]) if isinstance(refs, str) else (refs, hyps)
-    errs = sum(edit_distance(normalize_text(r), normalize_text(h)) for r, h in zip(refs, hyps))
-    return errs / max(1, sum(len(normalize_text(r)) for r in refs))
-
-
-def si_snr(est, ref, eps=1e-8):
-    """Scale-invariant SNR in dB (mean over the batch); (..., T) tensors or arrays."""
-    est, ref = torch.as_tensor(est).float(), torch.as_tensor(ref).float()
-    T = min(est.shape[-1], ref.shape[-1])
-    est, ref = est[..., :T], ref[..., :T]
-    est = est - est.mean(-1, keepdim=True)
-    ref = ref - ref.mean(-1, keepdim=True)
-    target = (est * ref).sum(-1, keepdim=True) / (ref.pow(2).sum(-1, keepdim=True) + eps) * ref
-    noise = est - target
-    return (10 * torch.log10(target.pow(2).sum(-1) / (noise.pow(2).sum(-1) + eps) + eps)).mean().item()
-
-
-def mel_distance(est, ref, sr):
-    """Mean L1 between ln-mel spectrograms (80 bins; window scaled with sr, 1024 at 22.05 kHz)."""
-    est, ref = torch.as_tensor(est).float(), torch.as_tensor(ref).float()
-    T = min(est.shape[-1], ref.shape[-1])
-    n_fft = 2 ** round(math.log2(1024 * sr / 22050))
-    kw = dict(sr=sr, n_fft=n_fft, hop=n_fft // 4, n_mels=80)
-    return F.l1_loss(mel_spectrogram(est[..., :T], **kw), mel_spectrogram(ref[..., :T], **kw)).item()
-
-
-def mrstft_distance(est, ref, resolutions=((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))):
-    """Multi-resolution STFT distance: spectral convergence + log-magnitude L1, averaged over resolutions."""
-    est, ref = torch.as_tensor(est).float(), torch.as_tensor(ref).float()
-    T = min(est.shape[-1], ref.shape[-1])
-    est, ref = est[..., :T].reshape(-1, T), ref[..., :T].reshape(-1, T)
-    total = 0.0
-    for n_fft, hop, win in resolutions:
-        w = torch.hann_window(win, device=est.device)
-        S = lambda x: torch.stft(x, n_fft, hop, win, w, return_complex=True).abs().clamp(min=1e-7)
-        a, b = S(est), S(ref)
-        sc = torch.linalg.norm(b - a) / torch.linalg.norm(b).clamp(min=1e-7)
-        total += (sc + F.l1_loss(a.log(), b.log())).item()
-    return total / len(resolutions)
-
-# ----------------------------------------------------------------------------- samples
-
-def save_sample(dir, name, wav, sr, ref=None):
-    """Write dir/name.wav and dir/name.png: the spectrogram of the generated audio (above the reference's)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    os.makedirs(dir, exist_ok=True)
-    to_np = lambda x: x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
-    wav = to_np(wav)
-    save_audio(os.path.join(dir, name + ".wav"), wav, sr)
-    panels = [("generated", wav)] + ([("reference", to_np(ref))] if ref is not None else [])
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3 * len(panels)), squeeze=False)
-    n_fft = 2 ** round(math.log2(1024 * sr / 22050))
-    for ax, (title, x) in zip(axes[:, 0], panels):
-        x = x.mean(0) if x.ndim == 2 else x
-        mel = mel_spectrogram(torch.from_numpy(np.ascontiguousarray(x)), sr, n_fft, n_fft // 4, n_mels=80,
-                              log="log10", center=True).numpy()
-        im = ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", vmin=max(mel.min(), mel.max() - 5),
-                       extent=[0, len(x) / sr, 0, 80])
-        ax.set_title(f"{name} — {title}")
-        ax.set_xlabel("seconds")
-        ax.set_ylabel("mel bin")
-        fig.colorbar(im, ax=ax, label="log10 magnitude")
-    fig.tight_layout()
-    fig.savefig(os.path.join(dir, name + ".png"), dpi=80)
-    plt.close(fig)
-
-# ----------------------------------------------------------------------------- bench
-
-def _sync():
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def timeit(fn, iters=10, warmup=3):
-    """Median milliseconds per call of fn(), synchronizing the GPU around each call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        _sync()
-        t = time.perf_counter()
-        fn()
-        _sync()
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times))
-
-
-def count_flops(fn):
-    """FLOPs of one call of fn() (matmuls and convolutions, forward and backward), via torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops()
-
-
-# dense bf16 tensor-core peaks (FLOP/s) of GPUs worth naming; the fraction achieved is the distance to the limit
-_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-          "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
-
-
-def _device_name(dev):
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    import platform
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def peak_flops(rt):
-    if rt.device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(rt.device)
-    for k, v in _PEAKS.items():
-        if k in name:
-            return v if rt.dtype in (torch.bfloat16, torch.float16) else v / 2  # TF32 is half the bf16 rate
-    return None
-
-
-def peak_memory_mb(rt):
-    if rt.device_type == "cuda":
-        return torch.cuda.max_memory_allocated(rt.device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def report_bench(cfg, rt, model=None, **figures):
-    """Print one JSON line: the standard fields, then the paper's own figures; adds mfu when it can."""
-    out = dict(paper=_paper_of(cfg), preset=getattr(cfg, "preset", None), device=_device_name(rt.device),
-               dtype=str(rt.dtype).replace("torch.", ""), compiled=_LOG["compiled"],
-               torch=torch.__version__)
-    if model is not None:
-        out["params"] = count_params(unwrap(model))
-    out.update(figures)
-    fl, ms = figures.get("train_flops_per_step"), figures.get("train_step_ms")
-    peak = peak_flops(rt)
-    if fl and ms:
-        out["train_tflops"] = fl / (ms / 1000) / 1e12
-        out["mfu"] = round(fl / (ms / 1000) / peak, 4) if peak else None
-    out["peak_memory_mb"] = round(peak_memory_mb(rt), 1)
-    out = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in out.items()}  # 4 significant digits
-    print(json.dumps(out), flush=True)
-    return out

@@ -302,63 +302,11 @@ def model_dims(cfg, n_vocab):
 LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg "
              "lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so "
              "af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue").split()
-PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# the same pre-tokenizer in Python's `re` (letters = word chars minus digits and _), for training the BPE
-_PAT_RE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
-
-
-def train_bpe(texts, vocab_size):
-    """Byte-level BPE (as GPT-2): start from the 256 bytes, repeatedly merge the most frequent adjacent pair.
-    Counts are over distinct pre-tokenized words (weighted by frequency), so it takes seconds, not minutes."""
-    freq = Counter(w for t in texts for w in _PAT_RE.findall(t))
-    ranks = {bytes([i]): i for i in range(256)}
-    # glue each word's leading space to its first byte before any other merge, so no word ever starts with a
-    # bare " " token (decoding bans " " as the first token, SuppressBlank, which would then ban the word)
-    pieces, heads = {}, Counter()
-    for w, n in freq.items():
-        b = [bytes([c]) for c in w.encode()]
-        if len(b) > 1 and b[0] == b" " and b[1] != b" ":
-            b = [b[0] + b[1]] + b[2:]
-            heads[b[0]] += n
-        pieces[w] = b
-    for h, _ in sorted(heads.items(), key=lambda kv: (-kv[1], kv[0])):
-        ranks.setdefault(h, len(ranks))
-    while len(ranks) < vocab_size:
-        pairs = Counter()
-        for w, p in pieces.items():
-            for a, b in zip(p, p[1:]):
-                pairs[a, b] += freq[w]
-        if not pairs:
-            break
-        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))  # ties broken by bytes: deterministic
-        ranks.setdefault(a + b, len(ranks))
-        for w, p in pieces.items():
-            i, out = 0, []
-            while i < len(p):
-                if i + 1 < len(p) and p[i] == a and p[i + 1] == b:
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(p[i])
-                    i += 1
-            pieces[w] = out
-    return ranks
-
-
-def ranks_to_text(ranks):
-    """The .tiktoken file format: one `base64(token bytes) rank` per line."""
-    return "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
-
-
-def ranks_from_text(text):
-    return {base64.b64decode(tok): int(r) for tok, r in (line.split() for line in text.splitlines() if line)}
-
-
 class Tokenizer:
     """Text <-> token ids. Every special id is derived from the number of ranks (never hard-coded), so the same
     code serves gpt2.tiktoken (English-only models), multilingual.tiktoken, and our small corpus BPE."""
     def __init__(self, ranks, num_languages=99, name="whisper-bpe"):
-        self.ranks_text = ranks_to_text(ranks)
+        self.ranks_text = common.ranks_to_text(ranks)
         self.num_languages = num_languages
         self.languages = LANGUAGES[:num_languages]
         specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{l}|>" for l in self.languages]
@@ -366,7 +314,7 @@ class Tokenizer:
                        "<|notimestamps|>"] + [f"<|{i * TIME_PRECISION:.2f}|>" for i in range(N_TIMESTAMPS)])
         n = len(ranks)
         ids = {s: n + i for i, s in enumerate(specials)}
-        self.enc = tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=ids,
+        self.enc = tiktoken.Encoding(name, pat_str=common.PAT_STR, mergeable_ranks=ranks, special_tokens=ids,
                                      explicit_n_vocab=n + len(specials))
         self.n_vocab = n + len(specials)
         self.eot, self.sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
@@ -380,7 +328,7 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path, num_languages=99):
         with open(path) as f:
-            return cls(ranks_from_text(f.read()), num_languages, name=os.path.basename(path))
+            return cls(common.ranks_from_text(f.read()), num_languages, name=os.path.basename(path))
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)            # special-token text in a transcript stays plain text
@@ -432,7 +380,7 @@ def build_tokenizer(cfg, texts=None, n_vocab=None):
             langs = n_vocab - 51765 - int(n_vocab >= 51865)
         return Tokenizer.from_file(cfg.tokenizer, langs)
     # transcripts are encoded with a leading space (" word" tokens, as GPT-2's): train on them that way too
-    return Tokenizer(train_bpe([" " + t.strip() for t in texts], cfg.bpe_vocab), num_languages=1)
+    return Tokenizer(common.train_bpe([" " + t.strip() for t in texts], cfg.bpe_vocab), num_languages=1)
 
 # ----------------------------------------------------------------------------- loss
 
@@ -773,7 +721,7 @@ def load_model(cfg, device, texts_fn=None):
         extra = ckpt.get("extra", {})
         if "tokenizer" not in extra:
             raise SystemExit(f"error: {common.resume_path(cfg)} holds no tokenizer; was it written by whisper.py?")
-        tok = Tokenizer(ranks_from_text(extra["tokenizer"]), extra["num_languages"])
+        tok = Tokenizer(common.ranks_from_text(extra["tokenizer"]), extra["num_languages"])
         model = Whisper(model_dims(cfg, tok.n_vocab)).to(device)
         return model, tok, ckpt
     if not (isinstance(ckpt, dict) and "dims" in ckpt and "model_state_dict" in ckpt):

@@ -1,4 +1,5 @@
 """Tests of common.py: every helper the paper files stand on, with assertions that can fail."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,14 +42,14 @@ PRESETS = {"big": dict(width=64), "small": dict(width=8), "tiny": dict(width=4)}
 
 # ----------------------------------------------------------------------------- config
 
-def test_parse_config_presets_and_overrides():
+def test_parse_config_presets_and_overrides(capsys):
     cfg = common.parse_config(Config, PRESETS, ["--preset=tiny", "--lr=3e-4", "--kernels=3,5", "--compile=true",
                                                 "--max_iters=1_000"])
     assert (cfg.preset, cfg.width, cfg.lr, cfg.kernels, cfg.compile, cfg.max_iters) == ("tiny", 4, 3e-4, (3, 5), True, 1000)
     # without --preset and without CUDA, the small preset is chosen and a note says so
     if not torch.cuda.is_available():
         cfg = common.parse_config(Config, PRESETS, [])
-        assert cfg.preset == "small" and cfg.width == 8 and "small" in cfg._note
+        assert cfg.preset == "small" and cfg.width == 8 and "'small' preset" in capsys.readouterr().out
     # an explicit flag beats the preset
     assert common.parse_config(Config, PRESETS, ["--preset=tiny", "--width=5"]).width == 5
 
@@ -199,18 +200,61 @@ def test_checkpoint_resume_is_exact(tmp_path):
     def fresh():
         torch.manual_seed(0)
         m = Tiny(4)
-        return m, torch.optim.Adam(m.parameters(), 1e-2), common.SegmentSampler(wavs, 8, 4, seed=1)
-    m, opt, s = fresh()
-    straight = _train_steps(m, opt, s, 6)
-    m, opt, s = fresh()
-    _train_steps(m, opt, s, 3)
-    path = common.save_checkpoint(cfg, 3, {"model": m}, {"opt": opt}, sampler=s)
+        opt = torch.optim.Adam(m.parameters(), 1e-2)
+        return dict(model=m, opt=opt, sched=torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)), \
+            common.SegmentSampler(wavs, 8, 4, seed=1)
+
+    def steps(state, s, n):
+        out = _train_steps(state["model"], state["opt"], s, n)
+        return out
+    state, s = fresh()
+    straight = steps(state, s, 6)
+    state, s = fresh()
+    steps(state, s, 3)
+    path = common.save_checkpoint(cfg, 3, state, sampler=s)
     assert os.path.exists(path) and not os.path.exists(path + ".tmp")
-    _train_steps(m, opt, s, 2)  # wander off, then come back
-    m2, opt2, s2 = fresh()
-    step = common.restore(common.load_checkpoint(path), cfg, {"model": m2}, {"opt": opt2}, sampler=s2, arch_keys=("width",))
+    ck = common.load_checkpoint(path)
+    assert set(ck["models"]) == {"model"} and set(ck["state"]) == {"opt", "sched"}
+    steps(state, s, 2)  # wander off, then come back
+    state2, s2 = fresh()
+    step = common.init_from(dataclasses.replace(cfg, init_from="resume"), state2, sampler=s2, arch_keys=("width",))
     assert step == 3
-    assert _train_steps(m2, opt2, s2, 3) == straight[3:]
+    assert steps(state2, s2, 3) == straight[3:]
+    # a PATH loads the weights only: step 0, the optimizer untouched
+    state3, s3 = fresh()
+    assert common.init_from(dataclasses.replace(cfg, init_from=path), state3, sampler=s3) == 0
+    assert torch.equal(state3["model"].a.weight, ck["models"]["model"]["a.weight"])
+    assert not state3["opt"].state
+
+
+def test_changed_lr_takes_effect_on_resume(tmp_path):
+    cfg = Config(out_dir=str(tmp_path), width=4, lr=1e-3)
+    m = Tiny(4)
+    opt = torch.optim.Adam(m.parameters(), cfg.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
+    sched.step()  # lr now 5e-4
+    common.save_checkpoint(cfg, 1, dict(model=m, opt=opt, sched=sched))
+    cfg2 = common.parse_config(Config, PRESETS, [f"--out_dir={tmp_path}", "--init_from=resume", "--lr=1e-2"])
+    assert cfg2.lr == 1e-2 and cfg2.width == 4  # the checkpoint's config, with the flag on top
+    m2 = Tiny(4)
+    opt2 = torch.optim.Adam(m2.parameters(), cfg2.lr)
+    sched2 = torch.optim.lr_scheduler.ExponentialLR(opt2, 0.5)
+    common.init_from(cfg2, dict(model=m2, opt=opt2, sched=sched2))
+    assert opt2.param_groups[0]["lr"] == pytest.approx(5e-3)  # the schedule's position kept, its scale new
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+
+
+def test_checkpoint_config_wins_for_inference(tmp_path, capsys):
+    cfg = Config(out_dir=str(tmp_path / "run"), width=5, preset="tiny")
+    common.save_checkpoint(cfg, 1, dict(model=Tiny(5)))
+    path = str(tmp_path / "run" / "ckpt.pt")
+    got = common.parse_config(Config, PRESETS, ["--mode=sample", f"--init_from={path}"])
+    assert got.width == 5 and got.preset == "tiny" and got.mode == "sample" and got.init_from == path
+    assert "config from" in capsys.readouterr().out
+    got = common.parse_config(Config, PRESETS, ["--mode=sample", f"--init_from={path}", "--width=9"])
+    with pytest.raises(SystemExit, match=r"--width \(checkpoint 5, now 9\)"):
+        common.check_checkpoint(common.load_checkpoint(path), got, arch_keys=("width",))
 
 
 def test_checkpoint_rejects_wrong_inputs(tmp_path):
@@ -220,28 +264,32 @@ def test_checkpoint_rejects_wrong_inputs(tmp_path):
     ckpt = common.load_checkpoint(path)
     assert common.is_ours(ckpt) and ckpt["paper"] == "test_common" and ckpt["config"]["width"] == 4
     with pytest.raises(SystemExit, match=r"width \(checkpoint 4, now 8\)"):
-        common.restore(ckpt, Config(out_dir=str(tmp_path), width=8), {"model": Tiny(8)}, arch_keys=("width",))
+        common.load_models(ckpt, Config(out_dir=str(tmp_path), width=8), {"model": Tiny(8)}, arch_keys=("width",))
     with pytest.raises(SystemExit, match="shape mismatch.*a.weight"):
-        common.restore(ckpt, cfg, {"model": Tiny(8)})
+        common.load_models(ckpt, cfg, {"model": Tiny(8)})
     other = dict(ckpt, paper="melgan")
     with pytest.raises(SystemExit, match="written by melgan.py"):
-        common.restore(other, cfg, {"model": m})
+        common.load_models(other, cfg, {"model": m})
     with pytest.raises(SystemExit, match="not a nanoaudio checkpoint"):
-        common.restore({"generator": {}}, cfg, {"model": m})
+        common.load_models({"generator": {}}, cfg, {"model": m})
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(SystemExit, match="bad.pt"):
         common.load_checkpoint(str(tmp_path / "bad.pt"))
     with pytest.raises(SystemExit, match="does not exist"):
         common.load_checkpoint(str(tmp_path / "missing.pt"))
-    # NaN weights never overwrite the last good checkpoint
-    with torch.no_grad():
-        m.a.weight[0, 0] = float("nan")
-    with pytest.raises(SystemExit, match="NaN"):
-        common.save_checkpoint(cfg, 2, {"model": m})
+    with pytest.raises(SystemExit, match="maps no official"):
+        torch.save({"generator": {}}, tmp_path / "official.pt")
+        common.init_from(dataclasses.replace(cfg, init_from=str(tmp_path / "official.pt")), {"model": m})
+    # NaN, inf or diverged (huge but finite) weights never overwrite the last good checkpoint
+    for bad in (float("nan"), float("inf"), 1e30):
+        with torch.no_grad():
+            m.a.weight[0, 0] = bad
+        with pytest.raises(SystemExit, match="NaN/inf or diverged"):
+            common.save_checkpoint(cfg, 2, {"model": m})
     assert common.load_checkpoint(path)["step"] == 1
 
 
-def test_progress_line_and_nan_guard(tmp_path, capsys):
+def test_progress_line_and_divergence_guard(tmp_path, capsys):
     cfg = Config(out_dir=str(tmp_path), max_iters=4, log_interval=2)
     common.setup(cfg)
     prog = common.Progress(cfg)
@@ -252,6 +300,32 @@ def test_progress_line_and_nan_guard(tmp_path, capsys):
     assert "config:" in open(os.path.join(tmp_path, "log.txt")).read().splitlines()[0]
     with pytest.raises(SystemExit, match="loss loss is nan at step 4"):
         prog.update(4, {"loss": float("nan")})
+    with pytest.raises(SystemExit, match="loss d is 1e\\+09 at step 2 \\(diverged\\)"):
+        common.Progress(cfg).update(2, {"loss": 1.0, "d": 1e9})
+
+
+def test_flag_values_are_checked(tmp_path):
+    for flag, msg in (("--lr=-1", "--lr must be a positive"), ("--max_iters=0", "--max_iters must be >= 1"),
+                      ("--log_interval=0", "--log_interval must be > 0"), ("--dtype=fp8", "--dtype must be"),
+                      ("--input=/nonexistent.wav", "does not exist"), ("--data_dir=/nonexistent", "not a folder")):
+        with pytest.raises(SystemExit, match=msg):
+            common.parse_config(CliConfig, PRESETS, [flag])
+    (tmp_path / "notes.txt").write_text("not audio")
+    with pytest.raises(SystemExit, match="not an audio file"):
+        common.parse_config(CliConfig, PRESETS, [f"--input={tmp_path / 'notes.txt'}"])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="cannot write to --out_dir"):
+        common.setup(Config(out_dir=str(blocker / "sub")))
+    rt = common.setup(Config(out_dir=str(tmp_path / "o"), dtype="fp16"))
+    assert rt.dtype == torch.float32  # no autocast on a CPU: it says so and runs float32
+
+
+@dataclass
+class CliConfig(Config):
+    input: str = ""                # a wav
+    batch_size: int = 2            # clips per step
+    eval_interval: int = 5         # steps between evals
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -366,7 +440,7 @@ def test_folder_datasets(tmp_path):
         sum((common.load_corpus(Config(data_dir=str(plain)), s, sr) for s in ("train", "val", "test")), [])
 
 
-def test_segment_sampler_and_collate():
+def test_segment_sampler():
     wavs = [np.arange(1000, dtype=np.float32), np.arange(50, dtype=np.float32), (np.ones((2, 3000)) * 7).astype(np.float32)]
     s = common.SegmentSampler(wavs[:2], seg_len=256, batch_size=16, seed=3, align=64)
     x, idx = s.next()
@@ -386,8 +460,6 @@ def test_segment_sampler_and_collate():
     assert common.SegmentSampler([wavs[2]], 128, 2).next()[0].shape == (2, 2, 128)
     int16 = common.SegmentSampler([np.full(500, 16384, np.int16)], 100, 1).next()[0]
     assert torch.allclose(int16, torch.full((1, 100), 0.5))
-    xb, lens = common.pad_collate([np.ones(3), np.ones(5)])
-    assert xb.shape == (2, 5) and lens.tolist() == [3, 5] and xb[0, 3:].abs().sum() == 0
 
 
 # ----------------------------------------------------------------------------- metrics, samples, bench
@@ -420,14 +492,14 @@ def test_save_sample_and_bench(tmp_path, capsys):
     flops = common.count_flops(lambda: m(torch.randn(8, 3)))
     assert flops == 2 * 8 * (3 * 4 + 4 * 1)
     ms = common.timeit(lambda: m(torch.randn(8, 3)), iters=3, warmup=1)
-    common.report_bench(cfg, rt, model=m, train_step_ms=ms, train_flops_per_step=flops)
+    common.report_bench(cfg, rt, model=m, compiled=False, train_step_ms=ms, train_flops_per_step=flops)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     d = json.loads(line)
     assert d["params"] == 21 and d["paper"] == "test_common" and "peak_memory_mb" in d and d["train_tflops"] > 0
 
 
 def test_ddp_gloo_two_ranks(tmp_path):
-    """torchrun with 2 CPU ranks: setup() joins the group, ranks see their ids, all_reduce_mean averages."""
+    """torchrun with 2 CPU ranks: setup() joins the group (gloo), ranks see their ids."""
     script = tmp_path / "ddp.py"
     script.write_text(f"""
 import sys; sys.path.insert(0, {ROOT!r})
@@ -440,7 +512,9 @@ class C:
     seed: int = 0
 cfg = C()
 rt = common.setup(cfg)
-v = common.all_reduce_mean(torch.tensor(float(rt.rank)), rt)
+v = torch.tensor(float(rt.rank))
+torch.distributed.all_reduce(v)
+v /= rt.world_size
 m = common.wrap_ddp(torch.nn.Linear(2, 2), rt)
 assert common.unwrap(m).__class__ is torch.nn.Linear
 print(f"RANK {{rt.rank}}/{{rt.world_size}} mean {{v.item()}}", flush=True)
@@ -453,9 +527,69 @@ common.cleanup(rt)
 
 
 def test_compile_is_opt_in_on_cpu():
+    @dataclass
+    class C(Config):
+        compile: bool = True       # a paper file's default: on
     m = nn.Linear(2, 2)
-    assert common.compile(m, common.parse_config(Config, PRESETS, ["--compile=True"])) is not m  # asked: compiled
-    cfg = common.parse_config(Config, PRESETS, [])
-    cfg.compile = True  # the default of a paper file, not asked for: eager on a CPU
-    assert common.compile(m, cfg) is m
-    assert common.unwrap(common.compile(m, common.parse_config(Config, PRESETS, ["--compile=True"]))) is m
+    cfg = common.parse_config(C, PRESETS, ["--compile=True"])
+    assert cfg.compile and common.compile(m, cfg) is not m  # asked for: compiled
+    cfg = common.parse_config(C, PRESETS, [])
+    assert cfg.compile is False and common.compile(m, cfg) is m  # the default on a CPU: eager, and the config says so
+    assert common.unwrap(common.compile(m, common.parse_config(C, PRESETS, ["--compile=True"]))) is m
+
+
+def test_two_process_resume_keeps_each_ranks_data_order(tmp_path):
+    """torchrun, 2 gloo ranks: save after 2 draws, resume in a new process group; each rank must go on drawing
+    its own batches (not rank 0's), exactly as the run that did not stop."""
+    script = tmp_path / "resume.py"
+    script.write_text(f"""
+import sys, json; sys.path.insert(0, {ROOT!r})
+import numpy as np, torch, common
+from dataclasses import dataclass
+@dataclass
+class C:
+    out_dir: str = {str(tmp_path)!r}
+    device: str = "cpu"
+    seed: int = 0
+    init_from: str = sys.argv[1]
+    width: int = 4
+cfg = C()
+rt = common.setup(cfg, log_to_file=False)
+s = common.SegmentSampler([np.arange(10000, dtype=np.float32)], 4, 2, seed=0, rank=rt.rank, world_size=rt.world_size)
+m = torch.nn.Linear(2, 2)
+common.init_from(cfg, dict(model=m), sampler=s)
+if cfg.init_from == "scratch":
+    s.next(); s.next()
+    common.save_checkpoint(cfg, 2, dict(model=m), sampler=s)
+draws = [s.next()[0][:, 0].tolist() + [torch.rand(()).item()] for _ in range(2)]
+print("DRAWS", rt.rank, json.dumps(draws), flush=True)
+common.cleanup(rt)
+""")
+    def run(mode):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(script), mode], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return {l.split()[1]: l.split(" ", 2)[2] for l in p.stdout.splitlines() if l.startswith("DRAWS")}
+    straight, resumed = run("scratch"), run("resume")
+    assert straight == resumed and straight["0"] != straight["1"]
+
+
+def test_bad_audio_is_rejected_at_load(tmp_path):
+    import soundfile as sf
+    x = np.zeros(1000, np.float32)
+    x[10] = np.nan
+    sf.write(str(tmp_path / "nan.wav"), x, 16000, subtype="FLOAT")
+    with pytest.raises(ValueError, match="nan.wav.*NaN"):
+        common.load_audio(str(tmp_path / "nan.wav"))
+    d = tmp_path / "two"
+    d.mkdir()
+    for i in range(2):
+        common.save_audio(str(d / f"c{i}.wav"), np.zeros(1000, np.float32), 16000)
+    with pytest.raises(SystemExit, match="holds 2 clip.*at least 3"):
+        common.load_corpus(Config(data_dir=str(d)), "train", 16000)
+    with pytest.raises(SystemExit, match="shorter than 4000 samples"):
+        common.check_clips([np.zeros(1000)], 4000, "train split")
+    sf.write(str(d / "c0.wav"), x, 16000, subtype="FLOAT")
+    common.save_audio(str(d / "c2.wav"), np.zeros(1000, np.float32), 16000)
+    with pytest.raises(SystemExit, match="c0.wav.*NaN"):
+        [common.load_corpus(Config(data_dir=str(d)), s, 16000) for s in ("train", "val", "test")]

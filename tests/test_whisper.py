@@ -164,8 +164,8 @@ def test_kv_cache_decoding_equals_full_forward():
 
 
 def test_tokenizer_round_trip_and_special_layout():
-    tok = W.Tokenizer(W.train_bpe([" " + t for t in TEXTS * 3], 400), num_languages=1)
-    n = len(W.ranks_from_text(tok.ranks_text))
+    tok = W.Tokenizer(common.train_bpe([" " + t for t in TEXTS * 3], 400), num_languages=1)
+    n = len(common.ranks_from_text(tok.ranks_text))
     assert 256 < n <= 400
     for s in TEXTS + ["Ünïcödé — 123, and <|endoftext|> as plain text", "  two  spaces "]:
         assert tok.decode(tok.encode(s)) == s
@@ -178,7 +178,7 @@ def test_tokenizer_round_trip_and_special_layout():
     assert tok.n_vocab == n + 9 + 1501 and tok.sot_sequence() == [tok.sot, tok.sot + 1, tok.transcribe]
     assert tok.enc.decode([tok.timestamp_begin + 1500]) == "<|30.00|>" and tok.timestamp(1.234) == tok.timestamp_begin + 62
     # the file beside the checkpoint reproduces the tokenizer exactly
-    tok2 = W.Tokenizer(W.ranks_from_text(tok.ranks_text), 1)
+    tok2 = W.Tokenizer(common.ranks_from_text(tok.ranks_text), 1)
     assert tok2.encode(TEXTS[2]) == tok.encode(TEXTS[2]) and tok2.n_vocab == tok.n_vocab
     # official vocabularies: the published ids (card §2.3), derived, not hard-coded
     ow = find_official()
@@ -196,7 +196,7 @@ def test_tokenizer_round_trip_and_special_layout():
 
 
 def test_beam_one_equals_greedy_and_timestamp_grammar():
-    tok = W.Tokenizer(W.train_bpe([" " + t for t in TEXTS], 300), num_languages=1)
+    tok = W.Tokenizer(common.train_bpe([" " + t for t in TEXTS], 300), num_languages=1)
     model, cfg = random_model(tok.n_vocab, seed=3)
     with torch.no_grad():
         model.decoder.token_embedding.weight.mul_(20)      # confident random logits: long, varied outputs
@@ -308,7 +308,7 @@ def test_resume_is_exact_and_bad_checkpoints_are_rejected(tmp_path):
 def test_long_form_seeks_by_timestamps(monkeypatch):
     """Sliding windows (§4.5): a window ending on a closed pair of timestamps resumes at that time, one ending on a
     single timestamp consumes the whole window, and a silent window is skipped; the previous text is the prompt."""
-    tok = W.Tokenizer(W.train_bpe([" " + t for t in TEXTS], 300), num_languages=1)
+    tok = W.Tokenizer(common.train_bpe([" " + t for t in TEXTS], 300), num_languages=1)
     tb, cfg = tok.timestamp_begin, tiny_cfg()                   # 5 s windows = 500 mel frames
     A, B, C = tok.encode(" alpha"), tok.encode(" beta"), tok.encode(" gamma")
     replies = [[tb] + A + [tb + 100, tb + 100] + B + [tb + 150, tb + 150],    # ends on a pair: resume at 3.0 s
