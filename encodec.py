@@ -12,18 +12,28 @@ the codec streams: encoding or decoding in chunks gives exactly the offline resu
 transformer predicts each frame's codes from the frames before it, and arithmetic coding with its probabilities
 shrinks the bitstream further (the official README: by up to 40%).
 
+Two training stages, each with its own state (one checkpoint each): the codec (build(): G the codec, D the
+discriminator, the balancer's EMA, both Adam optimizers and the per-step schedule; out_dir/ckpt.pt) and, on a
+trained codec's codes, the entropy-coding LM (--mode=lm: the LM and its optimizer; out_dir/lm.pt).
+
 Simplified or changed here (honestly):
 - The entropy-coding LM (§3.3) is here (--mode=lm), but not the arithmetic coder it would drive: the rate reported
   is the LM's cross-entropy, which such a coder reaches to within a few bytes per file. evaluate() reports the
-  codes' unigram entropy too (what a context-free entropy coder could reach).
+  codes' unigram entropy too (what a context-free entropy coder could reach), and the LM's rate when given one.
 - Dead-code replacement: the official code writes new rows into `embed` and then overwrites them with the EMA
-  average in the same step (so it never takes effect); here a dead row's EMA statistics are reset too.
-  After k-means init, `embed_avg` holds centroid x count (the official code stores the bare centroid).
-- Commitment gradient: the residual uses detached quantized vectors (the fix of encodec#25, as in audiocraft).
+  average in the same step (so it never takes effect); here a dead row's EMA statistics are reset too, its usage
+  to the batch's uniform share n/K (a grace period before it can be dead again). After k-means init, `embed_avg`
+  holds centroid x count (the official code stores the bare centroid). All of it is tensor ops: no host sync.
+- Commitment gradient: the residual uses detached quantized vectors (the fix of encodec#25, as in audiocraft), so
+  every RVQ layer's commitment term reaches the encoder; the official code cancels all but the first.
+- Reconstruction ℓ_f (§3.4, Eq. 1) in audiocraft's form (msspec, the code EnCodec was trained with): per scale
+  2^i, L1 between linear 64-bin mels plus alpha x MSE between log10(1e-5 + mel), mels of the power spectrum of a
+  normalized STFT (HTK scale, no filter normalisation); alpha = 1 (the paper's α_i = 1; audiocraft's EnCodec
+  config also sets `alphas: false`). The paper writes "L2" without naming the scale. Scales 2^5..2^11 as the
+  paper (audiocraft: 2^6..2^10), mean over scales.
 - The 48 kHz preset trains on the built-in corpus: the music is true stereo, the speech is mono copied to both channels.
 - No exponential moving average of the weights, no DDP-synchronised k-means beyond a broadcast from rank 0;
   --mode=lm trains in one process.
-- Reconstruction ℓ_f uses L1 + alpha*MSE on linear 64-bin mels (the paper writes an L2 norm; audiocraft uses MSE).
 - Convolutions start from a variance-preserving init (N(0, 1/fan_in), zero bias), not PyTorch's default; see _normed.
 - The CPU `small` preset narrows the model (C=16, D=64, 8 codebooks), keeps 3 of the 5 discriminator scales, and
   trains 1500 steps at lr 1e-3, the first 200 with the quantizer bypassed (cfg.quantizer_warmup; 0 in the paper presets).
@@ -37,6 +47,7 @@ Simplified or changed here (honestly):
     python encodec.py --mode=bench
     torchrun --standalone --nproc_per_node=8 encodec.py --preset=24khz
 """
+import dataclasses
 import math
 import os
 import random
@@ -82,10 +93,10 @@ class Config:
     kmeans_iters: int = 50             # k-means iterations on the first batch
     dead_code_threshold: float = 2.0   # codes whose EMA usage falls below this are re-seeded from the batch
     quantizer_warmup: int = 0          # first steps with the RVQ bypassed, k-means after (laptop-scale aid, not in the paper)
-    # 48 kHz model: per-segment loudness normalisation and overlapping segments (§4)
-    normalize: bool = False            # divide each segment by its RMS, send the scale along
-    segment: float = 0.0               # seconds per inference segment (0: whole file)
-    overlap: float = 0.01              # fraction of overlap between segments
+    # 48 kHz model: per-chunk loudness normalisation and overlapping chunks at inference (§4)
+    normalize: bool = False            # divide each chunk by its RMS, send the scale along
+    chunk: float = 0.0                 # seconds per inference chunk (0: the whole file at once)
+    overlap: float = 0.01              # fraction of overlap between chunks
     # discriminator (§3.4, MS-STFTD)
     disc_filters: int = 32             # channels of every MS-STFTD conv
     disc_n_ffts: tuple = (2048, 1024, 512, 256, 128)  # 5 STFT scales, hop = n_fft / 4
@@ -93,13 +104,13 @@ class Config:
     disc_prob: float = 2 / 3           # probability of a discriminator update per step (24 kHz: 2/3, 48 kHz: 0.5)
     # losses and the balancer (§3.4)
     lambda_t: float = 0.1              # time-domain L1
-    lambda_f: float = 1.0              # multi-scale mel L1 + alpha*L2
+    lambda_f: float = 1.0              # multi-scale mel: L1 (linear) + alpha * MSE (log10)
     lambda_g: float = 3.0              # adversarial (hinge)
     lambda_feat: float = 3.0           # relative feature matching
     lambda_w: float = 1.0              # commitment (outside the balancer)
     mel_scales: tuple = (5, 6, 7, 8, 9, 10, 11)  # windows 2^i, hop 2^i/4
     n_mels: int = 64                   # mel bins of the frequency loss
-    mel_alpha: float = 1.0             # weight of the L2 term of ℓ_f
+    mel_alpha: float = 1.0             # weight of the log10-mel MSE term of ℓ_f (the paper's α_i = 1)
     balancer: bool = True              # rescale gradients by their EMA norm; False = plain weighted sum
     balancer_decay: float = 0.999      # EMA decay of the gradient norms
     # entropy-coding language model over the codes (§3.3), trained by --mode=lm on a trained codec's codes
@@ -113,11 +124,10 @@ class Config:
     lm_batch_size: int = 32            # windows per step (the LM's training recipe is not in the paper)
     lm_lr: float = 5e-4                # Adam learning rate
     # training (§4)
-    segment_seconds: float = 1.0       # random 1 s crops
+    segment: int = 24000               # training crop in samples (§4: random 1 s crops)
     batch_size: int = 64
-    lr: float = 3e-4
-    beta1: float = 0.5
-    beta2: float = 0.9
+    lr: float = 3e-4                   # §4: Adam, both networks
+    betas: tuple = (0.5, 0.9)          # §4
     max_iters: int = 600_000           # 300 epochs x 2000 updates at batch 64 on 8 GPUs (§4) ~ per-GPU equivalent
     log_interval: int = 50
     eval_interval: int = 2000          # evaluate and checkpoint
@@ -130,31 +140,65 @@ class Config:
     compile: bool = True
     seed: int = 1337
 
+    def validate(self):
+        """This file's own fields (common.parse_config checks the shared ones): one error line each."""
+        def bad(msg):
+            raise SystemExit(f"error: {msg}")
+        if self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
+            bad(f"--codebook_size must be a power of 2, each code being log2(size) bits (got {self.codebook_size})")
+        for k in ("n_q", "channels", "n_filters", "dimension", "lstm_layers", "lm_batch_size", "lm_heads"):
+            if getattr(self, k) < 1:
+                bad(f"--{k} must be >= 1 (got {getattr(self, k)})")
+        for k in ("eval_seconds", "bench_seconds", "lm_seconds", "lm_lr", "lm_context"):
+            if not getattr(self, k) > 0:
+                bad(f"--{k} must be > 0 (got {getattr(self, k)})")
+        for k in ("quantizer_warmup", "kmeans_iters", "lm_iters", "chunk", "dead_code_threshold"):
+            if getattr(self, k) < 0:
+                bad(f"--{k} must be >= 0 (got {getattr(self, k)})")
+        if not self.bandwidths or min(self.bandwidths) <= 0:
+            bad(f"--bandwidths must be positive kbps values (got {self.bandwidths})")
+        for k in ("disc_prob", "overlap"):
+            if not 0 <= getattr(self, k) <= 1:
+                bad(f"--{k} must lie in [0, 1] (got {getattr(self, k)})")
+        for k in ("ema_decay", "balancer_decay"):
+            if not 0 < getattr(self, k) < 1:
+                bad(f"--{k} must lie in (0, 1) (got {getattr(self, k)})")
+        if self.norm not in ("weight_norm", "time_group_norm"):
+            bad(f"--norm must be weight_norm or time_group_norm (got {self.norm!r})")
+        if self.pad_mode not in ("reflect", "constant", "replicate"):
+            bad(f"--pad_mode must be reflect, constant or replicate (got {self.pad_mode!r})")
+        if self.lm_dim % self.lm_heads or self.lm_dim < 4:
+            bad(f"--lm_dim ({self.lm_dim}) must be >= 4 and divisible by --lm_heads ({self.lm_heads})")
+        longest = max([2 ** i for i in self.mel_scales] + list(self.disc_n_ffts))
+        if self.mode in ("train", "bench") and self.segment < longest:
+            bad(f"--segment={self.segment} samples is shorter than the longest loss window ({longest}: "
+                "--mel_scales / --disc_n_ffts)")
+
 PRESETS = {
     "24khz": dict(),                                        # the paper's causal mono model (14.85 M params)
     "48khz": dict(sample_rate=48000, channels=2, causal=False, norm="time_group_norm", n_q=16,
-                  bandwidths=(3.0, 6.0, 12.0, 24.0), normalize=True, segment=1.0,
+                  bandwidths=(3.0, 6.0, 12.0, 24.0), normalize=True, chunk=1.0, segment=48000,
                   lambda_g=4.0, lambda_feat=4.0, disc_prob=0.5),  # the paper's stereo music model
     "small": dict(n_filters=16, dimension=64, n_q=8, bandwidths=(1.5, 3.0, 6.0), disc_filters=8,
-                  disc_n_ffts=(1024, 512, 256), segment_seconds=0.5, batch_size=8, max_iters=1500, log_interval=10,
+                  disc_n_ffts=(1024, 512, 256), segment=12000, batch_size=8, max_iters=1500, log_interval=10,
                   eval_interval=500, eval_items=4, bench_seconds=4.0, bench_batches=(1, 4),
                   kmeans_iters=20,
-                  # 1500 steps instead of 600k: a higher lr, and 200 steps as a plain autoencoder so that k-means
-                  # clusters latents that already describe the audio (SI-SNR at step 350: -14 dB without, -7 dB with)
-                  lr=1e-3, quantizer_warmup=200,
+                  lr=1e-3, quantizer_warmup=200,  # 1500 steps, not 600k: k-means must see latents that mean something
                   lm_dim=128, lm_layers=3, lm_iters=2000, lm_seconds=3.0, lm_batch_size=8, lm_lr=1e-3,
-                  # the dead-code threshold 2 was set for 64 x 1 s batches (4800 frames, 4.7 per code); at 8 x 0.5 s
-                  # (304 frames, 0.3 per code) every code would sit below 2: scale it by the frames per batch
-                  dead_code_threshold=2.0 * (8 * 38) / (64 * 75)),  # ~15 min on a laptop CPU; D dominates the step
+                  # the threshold 2 assumes 64 x 1 s batches (4.7 frames per code): scale it to 8 x 0.5 s (0.3 per code)
+                  dead_code_threshold=2.0 * (8 * 38) / (64 * 75)),  # ~20 min on a laptop CPU; D dominates the step
     "tiny": dict(n_filters=4, dimension=16, lstm_layers=1, n_q=4, codebook_size=64, bandwidths=(0.9, 1.8),
                  kmeans_iters=5, disc_filters=4, disc_n_ffts=(256, 128), mel_scales=(6, 7),
-                 segment_seconds=0.2, batch_size=2, max_iters=10, log_interval=1, eval_interval=1000,
+                 segment=4800, batch_size=2, max_iters=10, log_interval=1, eval_interval=1000,
                  eval_items=1, eval_seconds=0.5, bench_seconds=0.5, bench_batches=(1, 2), corpus_hours=0.02,
                  lm_dim=16, lm_layers=1, lm_heads=2, lm_iters=3, lm_seconds=0.5, lm_batch_size=2),
 }
-# fields that shape the weights: a checkpoint must agree on them
-ARCH_KEYS = ("sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers", "lstm_layers",
-             "norm", "n_q", "codebook_size", "disc_filters", "disc_n_ffts")
+# fields that shape the weights or change what they mean (the audio's rate, channels, padding, normalisation):
+# a checkpoint must agree on them. The LM adds its own.
+ARCH_KEYS = ("sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers", "dilation_base",
+             "lstm_layers", "causal", "norm", "pad_mode", "normalize", "n_q", "codebook_size", "disc_filters",
+             "disc_n_ffts")
+LM_ARCH_KEYS = ARCH_KEYS + ("lm_dim", "lm_layers", "lm_heads", "lm_context")
 
 # ----------------------------------------------------------------------------- model
 
@@ -170,11 +214,8 @@ def _pad1d(x, left, right, mode):
 
 
 def _normed(conv, norm):
-    # Variance-preserving init (not in the paper, whose code keeps PyTorch's default). The default
-    # (uniform weights of variance 1/(3 fan_in) plus a random bias) shrinks the signal ~2x per conv while the
-    # biases add a constant, so an untrained encoder's latents change by only 3-5% of their size from frame to frame: k-means
-    # then finds 1-2 codes, and only a long run (the paper's 600k steps) escapes. N(0, 1/fan_in) and zero bias
-    # keep the signal's scale through the stack, so the latents follow the audio from step 0.
+    # N(0, 1/fan_in) weights, zero bias (not PyTorch's default): the signal keeps its scale through the stack, so an
+    # untrained encoder's latents follow the audio and k-means on the first batch finds more than one or two codes
     fan_in = conv.in_channels * conv.kernel_size[0] / (conv.stride[0] if isinstance(conv, nn.ConvTranspose1d) else 1)
     nn.init.normal_(conv.weight, 0.0, fan_in ** -0.5)
     nn.init.zeros_(conv.bias)
@@ -200,16 +241,22 @@ class StreamableConv1d(nn.Module):
         x = _pad1d(x, left, self.pad - left + extra, self.pad_mode)
         return self.norm(self.conv(x))
 
-    def stream(self, x, state):
-        # state[self] = (started, buffer). The 24 kHz model reflect-pads its left edge, which reads the first
-        # `pad` samples; a layer waits for them once, then keeps the last k_eff - stride inputs as history.
+    def stream(self, x, state, final=False):
+        # state[self] = (started, buffer): inputs not consumed yet, at least the last k_eff - stride as history.
+        # final: the input ends here, so complete the last window as forward() does and emit it (the flush).
         started, buf = state.get(self, (False, x[..., :0]))
         x = torch.cat([buf, x], -1)
         if not started:
-            if x.shape[-1] <= self.pad:
+            if final:  # the whole input is still here: the offline result is the answer
+                state[self] = (True, x[..., :0])
+                return self.forward(x) if x.shape[-1] else x.new_zeros(x.shape[0], self.cout, 0)
+            # reflect padding mirrors the first `pad` samples, so it waits for them once; zeros need no wait
+            if x.shape[-1] == 0 or (self.pad_mode == "reflect" and x.shape[-1] <= self.pad):
                 state[self] = (False, x)
                 return x.new_zeros(x.shape[0], self.cout, 0)
             x, started = _pad1d(x, self.pad, 0, self.pad_mode), True
+        if final:  # forward()'s `extra` right padding: whatever completes the last window
+            x = _pad1d(x, 0, (self.k_eff - x.shape[-1]) % self.stride, self.pad_mode)
         n = max(0, (x.shape[-1] - self.k_eff) // self.stride + 1)  # complete windows
         state[self] = (True, x[..., n * self.stride:])
         if n == 0:
@@ -232,9 +279,10 @@ class StreamableConvTranspose1d(nn.Module):
         right = self.trim if self.causal else self.trim // 2
         return y[..., self.trim - right:y.shape[-1] - right]
 
-    def stream(self, x, state):
+    def stream(self, x, state, final=False):
         # the last k - S outputs of a chunk still receive contributions from the next input frame: keep them
-        # (bias included) and add them to the next chunk's head, minus the bias counted twice
+        # (bias included) and add them to the next chunk's head, minus the bias counted twice. At the end they
+        # are what forward() trims on the right, so `final` has nothing to flush.
         if x.shape[-1] == 0:
             return x.new_zeros(x.shape[0], self.cout, 0)
         y = self.conv(x)  # (B, Cout, (T+1)*S)
@@ -261,10 +309,10 @@ class ResidualUnit(nn.Module):
     def forward(self, x):
         return self.shortcut(x) + self.conv2(F.elu(self.conv1(F.elu(x))))
 
-    def stream(self, x, state):
+    def stream(self, x, state, final=False):
         # the dilated branch may still be waiting for its left context: hold the shortcut until it catches up
-        skip = torch.cat([state.get((self, "skip"), x[:, :, :0]), self.shortcut.stream(x, state)], -1)
-        y = self.conv2.stream(F.elu(self.conv1.stream(F.elu(x), state)), state)
+        skip = torch.cat([state.get((self, "skip"), x[:, :, :0]), self.shortcut.stream(x, state, final)], -1)
+        y = self.conv2.stream(F.elu(self.conv1.stream(F.elu(x), state, final)), state, final)
         state[(self, "skip")] = skip[..., y.shape[-1]:]
         return skip[..., :y.shape[-1]] + y
 
@@ -281,7 +329,7 @@ class SLSTM(nn.Module):
         y, hc = self.lstm(x, hc)
         return (y + x).permute(1, 2, 0), hc  # (B, C, T)
 
-    def stream(self, x, state):
+    def stream(self, x, state, final=False):
         if x.shape[-1] == 0:
             return x
         y, state[self] = self.forward(x, state.get(self))  # carry (h, c) between chunks
@@ -300,10 +348,10 @@ class EncoderBlock(nn.Module):
             x = r(x)
         return self.down(F.elu(x))
 
-    def stream(self, x, state):
+    def stream(self, x, state, final=False):
         for r in self.res:
-            x = r.stream(x, state)
-        return self.down.stream(F.elu(x), state)
+            x = r.stream(x, state, final)
+        return self.down.stream(F.elu(x), state, final)
 
 
 class DecoderBlock(nn.Module):
@@ -319,10 +367,10 @@ class DecoderBlock(nn.Module):
             x = r(x)
         return x
 
-    def stream(self, x, state):
-        x = self.up.stream(F.elu(x), state)
+    def stream(self, x, state, final=False):
+        x = self.up.stream(F.elu(x), state, final)
         for r in self.res:
-            x = r.stream(x, state)
+            x = r.stream(x, state, final)
         return x
 
 
@@ -347,11 +395,11 @@ class SEANetEncoder(nn.Module):
             x = b(x)
         return self.conv_out(F.elu(self.lstm(x)[0]))
 
-    def stream(self, x, state):
-        x = self.conv_in.stream(x, state)
+    def stream(self, x, state, final=False):
+        x = self.conv_in.stream(x, state, final)
         for b in self.blocks:
-            x = b.stream(x, state)
-        return self.conv_out.stream(F.elu(self.lstm.stream(x, state)), state)
+            x = b.stream(x, state, final)
+        return self.conv_out.stream(F.elu(self.lstm.stream(x, state)), state, final)
 
 
 class SEANetDecoder(nn.Module):
@@ -375,11 +423,11 @@ class SEANetDecoder(nn.Module):
             x = b(x)
         return self.conv_out(F.elu(x))
 
-    def stream(self, z, state):
-        x = self.lstm.stream(self.conv_in.stream(z, state), state)
+    def stream(self, z, state, final=False):
+        x = self.lstm.stream(self.conv_in.stream(z, state, final), state)
         for b in self.blocks:
-            x = b.stream(x, state)
-        return self.conv_out.stream(F.elu(x), state)
+            x = b.stream(x, state, final)
+        return self.conv_out.stream(F.elu(x), state, final)
 
 
 def _sample_rows(x, n):
@@ -400,9 +448,9 @@ def kmeans(x, k, iters):
     means = _sample_rows(x, k)
     for _ in range(iters):
         assign = _nearest(x, means)
-        counts = torch.bincount(assign, minlength=k)
-        sums = torch.zeros_like(means).index_add_(0, assign, x)
-        means = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None].to(x.dtype), means)
+        counts = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, assign, torch.ones_like(x[:, 0]))
+        sums = torch.zeros_like(means).index_add_(0, assign, x)  # fixed-size sums: no data-dependent shapes
+        means = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], means)
     return means, counts
 
 
@@ -418,9 +466,11 @@ class Codebook(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(K))  # EMA of how often each code is picked
         self.register_buffer("embed", torch.zeros(K, D))     # the codewords
         self.register_buffer("embed_avg", torch.zeros(K, D))  # EMA of the sum of vectors assigned to each code
+        self._inited = False  # a host-side copy of `inited`, so a training step never reads the device
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_inited", False))
 
     def forward(self, x):  # x: (N, D) fp32 -> quantized (N, D), codes (N,)
-        if self.training and not self.inited:
+        if self.training and not self._is_inited():
             self._kmeans_init(x)
         codes = _nearest(x, self.embed)
         q = F.embedding(codes, self.embed)
@@ -435,7 +485,17 @@ class Codebook(nn.Module):
         self.cluster_size.copy_(counts)
         self.embed_avg.copy_(means * counts[:, None])  # so that embed_avg / cluster_size == means
         self.inited.fill_(1)
-        self._sync()
+        self._inited = True
+        if dist.is_available() and dist.is_initialized():  # rank 0's random choices win
+            for b in (self.embed, self.embed_avg, self.cluster_size, self.inited):
+                dist.broadcast(b, 0)
+
+    def _is_inited(self):
+        # one read of the buffer per process (the first training step, or after loading), then the Python flag:
+        # the steady-state step has no host sync and no graph break under torch.compile
+        if not self._inited:
+            self._inited = bool(self.inited.item())
+        return self._inited
 
     @torch.no_grad()
     def _ema_update(self, x, codes):
@@ -450,24 +510,17 @@ class Codebook(nn.Module):
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no division by 0
         self.embed.copy_(self.embed_avg / smoothed[:, None])
-        # dead codes (SoundStream §3.3): re-seed any code whose EMA usage fell below the threshold with a random
-        # vector of the batch. Its usage restarts at the uniform share n/K (at least the threshold): restarting AT
-        # the threshold would make every re-seeded code that is not picked in the very next batch dead again, so
-        # whenever n/K < threshold (small batches) nearly the whole codebook was re-drawn from the last batch every
-        # step. From n/K an unused code now has ln(threshold/(n/K))/ln(1/decay) steps of grace (~85 at batch 64).
-        dead = self.cluster_size < self.threshold
-        if dead.any():
-            new = _sample_rows(x, K)
-            reset = max(self.threshold, counts.sum().item() / K)  # counts: this (global) batch
-            self.embed[dead] = new[dead]
-            self.cluster_size[dead] = reset
-            self.embed_avg[dead] = new[dead] * reset
-            self._sync()
-
-    def _sync(self):
-        if dist.is_available() and dist.is_initialized():  # rank 0's random choices win
-            for b in (self.embed, self.embed_avg, self.cluster_size, self.inited):
-                dist.broadcast(b, 0)
+        # dead codes (SoundStream §3.3): a code whose EMA usage fell below the threshold takes a random vector of
+        # the batch; its usage restarts at the batch's uniform share n/K (not at the threshold: a grace period).
+        # Tensor ops only (torch.where, no `if dead.any()`): the step never waits on the device.
+        dead = self.cluster_size < self.threshold  # (K,)
+        new = _sample_rows(x, K)  # (K, D)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(new, 0)  # rank 0's rows: the buffers stay identical on every rank
+        reset = (counts.sum() / K).clamp(min=self.threshold)  # counts: this (global) batch
+        self.embed.copy_(torch.where(dead[:, None], new, self.embed))
+        self.cluster_size.copy_(torch.where(dead, reset, self.cluster_size))
+        self.embed_avg.copy_(torch.where(dead[:, None], new * reset, self.embed_avg))
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -538,7 +591,7 @@ class EnCodec(nn.Module):
         return (x_hat if scale is None else x_hat * scale), codes, commit
 
     @torch.no_grad()
-    def encode(self, x, n_q):  # one segment (B, C, T) -> codes (B, n_q, ceil(T/hop)), scale or None
+    def encode(self, x, n_q):  # one chunk (B, C, T) -> codes (B, n_q, ceil(T/hop)), scale or None
         x, scale = self._scale(x)
         return self.quantizer.encode(self.encoder(x), n_q), scale
 
@@ -547,26 +600,26 @@ class EnCodec(nn.Module):
         y = self.decoder(self.quantizer.decode(codes))
         return y if scale is None else y * scale
 
-    def _segmenting(self, length):  # (segment length, stride) in samples; one segment when cfg.segment == 0
-        if not self.cfg.segment:
+    def _chunking(self, length):  # (chunk length, stride) in samples; one chunk when cfg.chunk == 0
+        if not self.cfg.chunk:
             return length, length
-        seg = int(self.cfg.segment * self.cfg.sample_rate)
+        seg = int(self.cfg.chunk * self.cfg.sample_rate)
         return seg, max(1, int((1 - self.cfg.overlap) * seg))
 
     def compress(self, x, bandwidth):
-        """A whole file -> list of (codes, scale) per segment (one segment unless cfg.segment > 0)."""
-        seg, stride = self._segmenting(x.shape[-1])
+        """A whole file -> list of (codes, scale) per chunk (one chunk unless cfg.chunk > 0: the 48 kHz model)."""
+        seg, stride = self._chunking(x.shape[-1])
         return [self.encode(x[..., o:o + seg], self.n_q_for(bandwidth)) for o in range(0, x.shape[-1], stride)]
 
     def decompress(self, frames, length):
-        """Decode segments and cross-fade their overlaps with triangular weights (the 48 kHz model, §4)."""
+        """Decode chunks and cross-fade their overlaps with triangular weights (the 48 kHz model, §4)."""
         outs = [self.decode(c, s) for c, s in frames]
         if len(outs) == 1:
             return outs[0][..., :length]
-        seg, stride = self._segmenting(length)
+        seg, stride = self._chunking(length)
         total = stride * (len(outs) - 1) + outs[-1].shape[-1]
         t = torch.linspace(0, 1, outs[0].shape[-1] + 2, device=outs[0].device)[1:-1]
-        w = 0.5 - (t - 0.5).abs()  # triangle peaking mid-segment
+        w = 0.5 - (t - 0.5).abs()  # triangle peaking mid-chunk
         out = outs[0].new_zeros(*outs[0].shape[:-1], total)
         wsum = out.new_zeros(total)
         for i, o in enumerate(outs):
@@ -576,14 +629,17 @@ class EnCodec(nn.Module):
         return (out / wsum)[..., :length]
 
     @torch.no_grad()
-    def encode_stream(self, x, state, n_q):  # a chunk of audio -> the codes of the frames it completes
+    def encode_stream(self, x, state, n_q, final=False):
+        """A chunk of audio (B, C, t) -> the codes (B, n_q, f) of the frames it completes; final=True (the last
+        chunk, possibly empty) also emits the trailing partial frame, so the stream gives ceil(T / hop) frames
+        as encode() does. With --pad_mode=constant no layer waits for context before its first output."""
         assert self.cfg.causal and not self.cfg.normalize, "streaming needs the causal 24 kHz model"
-        return self.quantizer.encode(self.encoder.stream(x, state), n_q)
+        return self.quantizer.encode(self.encoder.stream(x, state, final), n_q)
 
     @torch.no_grad()
-    def decode_stream(self, codes, state):  # a chunk of codes -> the audio it makes final
+    def decode_stream(self, codes, state, final=False):  # a chunk of codes -> the audio it makes final
         assert self.cfg.causal, "streaming needs the causal 24 kHz model"
-        return self.decoder.stream(self.quantizer.decode(codes), state)
+        return self.decoder.stream(self.quantizer.decode(codes), state, final)
 
 
 class STFTDiscriminator(nn.Module):
@@ -725,30 +781,38 @@ def official_state_dict_to_ours(sd, cfg):
     return out
 
 
-def load_model(cfg, device="cpu"):
-    """EnCodec with weights from cfg.init_from: scratch, our checkpoint, or the official state dict."""
-    model = EnCodec(cfg)
-    if cfg.init_from != "scratch":
-        ckpt = common.load_checkpoint(common.resume_path(cfg))
-        if common.is_ours(ckpt):
-            common.restore(ckpt, cfg, {"model": model}, arch_keys=ARCH_KEYS, rng=False)
-        elif isinstance(ckpt, dict) and any(k.startswith("encoder.model.") for k in ckpt):
-            common.load_state_dict(model, official_state_dict_to_ours(ckpt, cfg), what="EnCodec (official weights)")
-            common.log(f"loaded official EnCodec weights from {cfg.init_from}")
-        else:
-            raise SystemExit(f"error: {cfg.init_from} is neither a nanoaudio checkpoint nor an official EnCodec state dict")
-    return model.to(device)
-
 # ----------------------------------------------------------------------------- loss
 
+_MEL_CACHE = {}
+
+
+def loss_mel(x, n_fft, cfg):
+    """S_i of ℓ_f (§3.4): the 64-bin mel of the power spectrum of a normalized STFT, window n_fft, hop n_fft/4,
+    HTK scale and unnormalised filters (torchaudio's MelSpectrogram, as audiocraft), padded as audiocraft's
+    msspec: reflect (n_fft - hop)/2 each side, zeros to whole frames. (B, C, T) -> (B, C, n_mels, frames)."""
+    hop, (B, C, T) = n_fft // 4, x.shape
+    key = (cfg.sample_rate, n_fft, cfg.n_mels, str(x.device))
+    if key not in _MEL_CACHE:
+        fb = common.mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, htk=True, norm=None)
+        _MEL_CACHE[key] = (torch.from_numpy(fb).to(x.device), torch.hann_window(n_fft, device=x.device))
+    fb, window = _MEL_CACHE[key]
+    with torch.autocast(x.device.type, enabled=False):
+        p = (n_fft - hop) // 2
+        y = F.pad(x.float().reshape(B * C, 1, T), (p, p), "reflect")
+        y = F.pad(y, (0, -(y.shape[-1] - n_fft) % hop))[:, 0]  # (B*C, T') with whole frames
+        spec = torch.stft(y, n_fft, hop, window=window, center=False, return_complex=True)  # (B*C, F, frames)
+        power = (spec.real.pow(2) + spec.imag.pow(2)) / window.pow(2).sum()  # |normalized STFT|^2
+        return (fb @ power).view(B, C, cfg.n_mels, -1)
+
+
 def reconstruction_losses(x, x_hat, cfg):
-    """§3.4: ℓ_t = L1 in time; ℓ_f = mean over scales 2^i of L1 + alpha*L2 between 64-bin mels (window 2^i, hop 2^i/4)."""
+    """§3.4: ℓ_t = L1 in time; ℓ_f = mean over the scales 2^i of L1(S_i) + alpha * MSE(log10(1e-5 + S_i)),
+    the linear mel's L1 weighting loud bins, the log mel's MSE the quiet ones (audiocraft's msspec)."""
     l_t = F.l1_loss(x_hat.float(), x.float())
     l_f = 0.0
     for i in cfg.mel_scales:
-        kw = dict(sr=cfg.sample_rate, n_fft=2 ** i, hop=2 ** i // 4, n_mels=cfg.n_mels, log=None)
-        a, b = common.mel_spectrogram(x, **kw), common.mel_spectrogram(x_hat, **kw)
-        l_f = l_f + F.l1_loss(b, a) + cfg.mel_alpha * F.mse_loss(b, a)
+        s, s_hat = loss_mel(x, 2 ** i, cfg), loss_mel(x_hat, 2 ** i, cfg)
+        l_f = l_f + F.l1_loss(s_hat, s) + cfg.mel_alpha * F.mse_loss(torch.log10(1e-5 + s_hat), torch.log10(1e-5 + s))
     return l_t, l_f / len(cfg.mel_scales)
 
 
@@ -818,69 +882,68 @@ def audio_clips(cfg, split, kind="audio"):
     utts = common.load_corpus(cfg, split, cfg.sample_rate, kind=kind, mono=cfg.channels == 1)
     return [to_channels(u.wav, cfg.channels) for u in utts]
 
+
+def eval_kinds(cfg):
+    # the built-in corpus is evaluated per kind (speech in an unseen voice, music); a --data_dir folder as one
+    return ("audio",) if cfg.data_dir else ("speech", "music")
+
+
+def get_batch(sampler, cfg, rt):
+    """(B, C, segment) random crops of the training clips (speech and music together), on rt.device."""
+    return sampler.next()[0].to(rt.device).view(cfg.batch_size, cfg.channels, cfg.segment)
+
 # ----------------------------------------------------------------------------- train
 
-def _step_rng(cfg, step):
-    # per-step choices every rank must agree on (bandwidth, whether D updates): a shared, resumable RNG
-    return random.Random(cfg.seed * 1_000_003 + step)
+class StepChoices:
+    """The per-step draws every rank must agree on: the bandwidth (§3.2, one per batch) and whether D updates
+    (§4, with probability disc_prob). Drawn from (seed, step), with the step kept here so that resume and bench
+    continue the same sequence; a checkpoint saves it with the rest of the state."""
+
+    def __init__(self, cfg):
+        self.seed, self.step = cfg.seed, 0
+
+    def next(self):
+        self.step += 1
+        return self.step, random.Random(self.seed * 1_000_003 + self.step)
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
 
 
-@torch.no_grad()
-def evaluate(cfg, model=None):
-    """SI-SNR, mel distance and bitrates at every bandwidth, on held-out speech (an unseen voice) and music."""
-    standalone = model is None
-    if standalone:
-        rt = common.setup(cfg)
-        model = load_model(cfg, rt.device)
-    m = common.unwrap(model)
-    was_training, dev = m.training, next(m.parameters()).device
-    m.eval()
-    results = {}
-    for kind in ("speech", "music"):
-        clips = audio_clips(cfg, "test", kind)[:cfg.eval_items]
-        clips = [c[:, :int(cfg.eval_seconds * cfg.sample_rate)] for c in clips]
-        for bw in cfg.bandwidths:
-            snr, mel, bits, secs, codes_all = [], [], 0, 0.0, []
-            for c in clips:
-                x = torch.from_numpy(c)[None].to(dev)  # (1, C, T)
-                frames = m.compress(x, bw)
-                y = m.decompress(frames, x.shape[-1])
-                snr.append(common.si_snr(y, x))
-                if c is clips[0]:  # listen to what the metric measures: one clip per kind and bandwidth
-                    common.save_sample(os.path.join(cfg.out_dir, "samples"), f"eval_{kind}_{bw:g}kbps", y[0].cpu(),
-                                       cfg.sample_rate, ref=x[0].cpu())
-                mel.append(common.mel_distance(y.cpu(), x.cpu(), cfg.sample_rate))
-                bits += sum(codes.numel() for codes, _ in frames) * m.bits  # what is actually transmitted
-                secs += x.shape[-1] / cfg.sample_rate
-                codes_all.append(torch.cat([codes[0] for codes, _ in frames], -1).cpu())  # (n_q, F)
-            codes = torch.cat(codes_all, -1)
-            # unigram entropy per codebook: the rate a context-free entropy coder would need (the LM of §3.3 does better)
-            ent = 0.0
-            for row in codes:
-                p = torch.bincount(row, minlength=cfg.codebook_size).float() / row.numel()
-                ent -= (p[p > 0] * p[p > 0].log2()).sum().item()
-            results[f"{kind}_{bw:g}kbps"] = dict(si_snr=round(float(np.mean(snr)), 3), mel=round(float(np.mean(mel)), 4),
-                                                 kbps=round(bits / secs / 1000, 3),
-                                                 kbps_entropy=round(ent * m.frame_rate / 1000, 3))
-    for k, v in results.items():
-        common.log(f"eval {k}: " + " | ".join(f"{a} {b}" for a, b in v.items()))
-    m.train(was_training)
-    return results
+def build(cfg, rt):
+    """Everything the codec stage holds (saved whole by common.save_checkpoint): the codec G, the MS-STFT
+    discriminator D, the balancer with the paper's loss weights (§3.4) and its EMA, Adam for both (§4)."""
+    G, D = EnCodec(cfg).to(rt.device), MSSTFTDiscriminator(cfg).to(rt.device)
+    balancer = Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f, "g": cfg.lambda_g, "feat": cfg.lambda_feat}, cfg)
+    return dict(G=G, D=D, balancer=balancer.to(rt.device), choices=StepChoices(cfg),
+                opt_g=torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas),
+                opt_d=torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas))
 
 
-def gan_step(x, n_q, update_d, gen, dsc, d_plain, opt_g, opt_d, balancer, cfg, rt):
-    """One training step (§3.4, §4): maybe a discriminator update, then the generator through the balancer."""
+def train_step(state, batch, cfg, rt):
+    """One step of §3.4/§4: with probability disc_prob a discriminator update (hinge), then the codec's update
+    through the balancer (ℓ_t, ℓ_f, ℓ_g, ℓ_feat rescaled on x̂; the commitment ℓ_w added as is). Returns tensors."""
+    G, D, balancer, opt_g, opt_d = state["G"], state["D"], state["balancer"], state["opt_g"], state["opt_d"]
+    step, rng = state["choices"].next()
+    n_q = common.unwrap(G).n_q_for(rng.choice(cfg.bandwidths))  # §3.2: one bandwidth per batch
+    n_q = 0 if step <= cfg.quantizer_warmup else n_q  # 0: the RVQ bypassed (laptop-scale warm-up)
+    update_d = rng.random() < cfg.disc_prob
+    x = batch
     with rt.autocast():
-        x_hat, _, commit = gen(x, n_q)
+        x_hat, _, commit = G(x, n_q)
     losses = {}
-    if update_d:  # §4: D is updated with probability 2/3 at 24 kHz
+    if update_d:
         with rt.autocast():
-            lr_, _ = dsc(x)
-            lf_, _ = dsc(x_hat.detach())
-        losses["d"] = discriminator_loss(lr_, lf_)
+            logits_real, _ = D(x)
+            logits_fake, _ = D(x_hat.detach())
+        losses["d"] = discriminator_loss(logits_real, logits_fake)
         opt_d.zero_grad(set_to_none=True)
         losses["d"].backward()
         opt_d.step()
+    d_plain = common.unwrap(D)  # the codec's step needs no gradient sync through D
     with rt.autocast():
         logits_fake, fmap_fake = d_plain(x_hat)
         with torch.no_grad():
@@ -894,64 +957,158 @@ def gan_step(x, n_q, update_d, gen, dsc, d_plain, opt_g, opt_d, balancer, cfg, r
     return losses
 
 
-def build(cfg, device):
-    """The codec, its discriminator, and the balancer holding the paper's loss weights (§3.4)."""
-    balancer = Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f, "g": cfg.lambda_g, "feat": cfg.lambda_feat}, cfg)
-    return EnCodec(cfg).to(device), MSSTFTDiscriminator(cfg).to(device), balancer.to(device)
+def _official_config(sd, cfg):
+    """The fields of the released model an official state dict holds, read from its tensors: {field: value}."""
+    first = sd.get("encoder.model.0.conv.conv.weight_v", sd.get("encoder.model.0.conv.conv.weight"))
+    embeds = [k for k in sd if re.fullmatch(r"quantizer\.vq\.layers\.\d+\._codebook\.embed", k)]
+    if first is None or not embeds:
+        raise SystemExit("error: this file has encoder.model.* keys but not the official EnCodec layout "
+                         "(encoder.model.0.conv.conv.weight, quantizer.vq.layers.*._codebook.embed)")
+    norm = "weight_norm" if "encoder.model.0.conv.conv.weight_g" in sd else "time_group_norm"
+    preset = "24khz" if first.shape[1] == 1 and norm == "weight_norm" else "48khz"
+    fields = {k: v for k, v in dataclasses.asdict(Config()).items() if k in ARCH_KEYS + ("bandwidths", "chunk", "overlap")}
+    fields.update({k: v for k, v in PRESETS[preset].items() if k in fields})
+    lstm = sum(1 for k in sd if re.fullmatch(r"encoder\.model\.\d+\.lstm\.weight_ih_l\d+", k))
+    fields.update(channels=first.shape[1], n_filters=first.shape[0], norm=norm, lstm_layers=lstm, n_q=len(embeds),
+                  codebook_size=sd[embeds[0]].shape[0], dimension=sd[embeds[0]].shape[1])
+    for k in ("disc_filters", "disc_n_ffts"):  # no discriminator in the released files: keep ours
+        fields[k] = getattr(cfg, k)
+    return preset, fields
+
+
+def load_official(state, sd):
+    """common.init_from's hook for the authors' file (--init_from=encodec_24khz-d7cc33bc.th in training): the
+    codec's weights; the discriminator starts fresh (its weights were never released, audiocraft#243)."""
+    G = common.unwrap(state["G"])
+    preset, fields = _official_config(sd, G.cfg)
+    bad = [f"--{k} (file {v!r}, now {getattr(G.cfg, k)!r})" for k, v in fields.items()
+           if k in ARCH_KEYS and common._norm(v) != common._norm(getattr(G.cfg, k))]
+    if bad:
+        raise SystemExit(f"error: the official file is the {preset} model and does not fit these flags: "
+                         + "; ".join(bad) + f" — pass --preset={preset}")
+    common.load_state_dict(G, official_state_dict_to_ours(sd, G.cfg), what="EnCodec (official weights)")
+
+
+def load_for_inference(cfg, rt):
+    """The codec sample/eval/lm use, from --init_from: our checkpoint (cfg already holds its config, see
+    common.parse_config) or the authors' encodec_24khz-*.th / encodec_48khz-*.th, whose model is read from its
+    tensors (the cfg fields are set and logged). An untrained codec has empty codebooks: that is an error."""
+    if cfg.init_from == "scratch":
+        raise SystemExit(f"error: --mode={cfg.mode} needs a trained codec: --init_from=out/encodec/ckpt.pt (ours, "
+                         "or --init_from=resume) or the official encodec_24khz-d7cc33bc.th / encodec_48khz-7e698e3e.th")
+    path = common.checkpoint_path(cfg)
+    ckpt = common.load_checkpoint(path)
+    if common.is_ours(ckpt):
+        model = EnCodec(cfg)
+        common.load_models(ckpt, cfg, {"G": model}, ARCH_KEYS)
+    elif isinstance(ckpt, dict) and any(k.startswith("encoder.model.") for k in ckpt):
+        preset, fields = _official_config(ckpt, cfg)
+        for k, v in fields.items():
+            setattr(cfg, k, v)
+        common.log(f"official EnCodec weights ({path}): the {preset} model, " +
+                   ", ".join(f"{k}={v}" for k, v in fields.items() if k not in ("disc_filters", "disc_n_ffts")))
+        model = EnCodec(cfg)
+        common.load_state_dict(model, official_state_dict_to_ours(ckpt, cfg), what="EnCodec (official weights)")
+    else:
+        raise SystemExit(f"error: {path} is neither a nanoaudio checkpoint nor an official EnCodec state dict")
+    empty = [i for i, layer in enumerate(model.quantizer.layers) if not layer.inited.item()]
+    if empty:
+        raise SystemExit(f"error: {path}: codebooks {empty[:4]}{' ...' if len(empty) > 4 else ''} were never "
+                         "initialised (a checkpoint from the quantizer warm-up?); train past --quantizer_warmup")
+    return model.to(rt.device).eval()
+
+
+@torch.no_grad()
+def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", lm=None):
+    """SI-SNR, mel distance and bitrates at every bandwidth on held-out speech (an unseen voice) and music: the
+    kbps really sent, the codes' unigram entropy (a context-free entropy coder's rate) and, given the LM of
+    §3.3, its cross-entropy (an arithmetic coder's rate). One `eval |` line per kind and bandwidth."""
+    if model is None:
+        rt = common.setup(cfg)
+        model = load_for_inference(cfg, rt)
+    m = common.unwrap(model)
+    was_training, dev = m.training, next(m.parameters()).device
+    m.eval()
+    results = {}
+    for kind in eval_kinds(cfg):
+        clips = [c[:, :int(cfg.eval_seconds * cfg.sample_rate)] for c in audio_clips(cfg, split, kind)[:cfg.eval_items]]
+        common.check_clips(clips, m.hop, f"{split} split ({kind})")
+        secs = sum(c.shape[-1] for c in clips) / cfg.sample_rate
+        for bw in cfg.bandwidths:
+            snr, mel, bits, lm_bits, codes_all = [], [], 0, 0.0, []
+            for c in clips:
+                x = torch.from_numpy(c)[None].to(dev)  # (1, C, T)
+                frames = m.compress(x, bw)
+                y = m.decompress(frames, x.shape[-1])
+                snr.append(common.si_snr(y, x))
+                mel.append(common.mel_distance(y.cpu(), x.cpu(), cfg.sample_rate))
+                if samples_dir and c is clips[0]:  # listen to what the metric measures
+                    common.save_sample(samples_dir, f"{kind}_{bw:g}kbps", y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
+                bits += sum(codes.numel() for codes, _ in frames) * m.bits  # what is actually transmitted
+                codes = torch.cat([codes[0] for codes, _ in frames], -1)  # (n_q, frames), chunks back to back
+                codes_all.append(codes.cpu())
+                if lm is not None:
+                    lm_bits += lm.bits(codes[None].to(next(lm.parameters()).device)).item()
+            ent = 0.0  # unigram entropy per codebook, bits per frame
+            for row in torch.cat(codes_all, -1):
+                p = torch.bincount(row, minlength=cfg.codebook_size).float() / row.numel()
+                ent -= (p[p > 0] * p[p > 0].log2()).sum().item()
+            r = dict(si_snr=round(float(np.mean(snr)), 3), mel=round(float(np.mean(mel)), 4),
+                     kbps=round(bits / secs / 1000, 3), kbps_entropy=round(ent * m.frame_rate / 1000, 3))
+            if lm is not None:
+                r["kbps_lm"] = round(lm_bits / secs / 1000, 3)
+            results[f"{kind}_{bw:g}kbps"] = r
+            common.log(f"eval | {split} {kind} {bw:g} kbps | si_snr {r['si_snr']:.3f} dB | mel {r['mel']:.4f} | "
+                       f"{r['kbps']:.3f} kbps sent | {r['kbps_entropy']:.3f} kbps unigram entropy"
+                       + (f" | {r['kbps_lm']:.3f} kbps with the LM ({100 * (1 - r['kbps_lm'] / r['kbps']):.1f}% saved)"
+                          if lm is not None else ""))
+    m.train(was_training)
+    return results
 
 
 def train(cfg):
     rt = common.setup(cfg)
-    model, disc, balancer = build(cfg, rt.device)
-    common.log(f"params: encoder {common.count_params(model.encoder):,} | decoder {common.count_params(model.decoder):,}"
-               f" | discriminator {common.count_params(disc):,}")
-    # §4: Adam, lr 3e-4, betas (0.5, 0.9), for both networks
-    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    seg = int(cfg.segment_seconds * cfg.sample_rate)
-    sampler = common.SegmentSampler(audio_clips(cfg, "train"), seg, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
-    models, opts = {"model": model, "disc": disc, "balancer": balancer}, {"g": opt_g, "d": opt_d}
-    step = 0
-    if cfg.init_from == "resume":
-        step = common.restore(common.load_checkpoint(common.resume_path(cfg)), cfg, models, opts, sampler=sampler,
-                              arch_keys=ARCH_KEYS)
-        common.log(f"resumed from step {step}")
-    elif cfg.init_from != "scratch":  # fine-tune from our weights or the official ones
-        model.load_state_dict(load_model(cfg).state_dict())
-    gen = common.wrap_ddp(common.compile(model, cfg), rt)
-    dsc = common.wrap_ddp(common.compile(disc, cfg), rt)
-    d_plain = common.unwrap(disc)  # the generator step needs no gradient sync through D
+    state = build(cfg, rt)
+    common.log(f"params: encoder {common.count_params(state['G'].encoder):,} | decoder "
+               f"{common.count_params(state['G'].decoder):,} | discriminator {common.count_params(state['D']):,}")
+    train_clips = audio_clips(cfg, "train")
+    common.check_clips(train_clips, cfg.segment, "train split")  # data errors stop before step 1, not after
+    for kind in eval_kinds(cfg):
+        common.check_clips(audio_clips(cfg, "val", kind), state["G"].hop, f"val split ({kind})")
+    sampler = common.SegmentSampler(train_clips, cfg.segment, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+    # scratch: step 0 | resume: out_dir/ckpt.pt continues exactly | PATH: weights only (ours or the authors'),
+    # fresh optimizers, step 0
+    step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS, official=load_official)
+    state["G"] = common.wrap_ddp(common.compile(state["G"], cfg), rt)
+    state["D"] = common.wrap_ddp(common.compile(state["D"], cfg), rt)
     prog = common.Progress(cfg, start_step=step)
     while step < cfg.max_iters:
+        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
         step += 1
-        x, _ = sampler.next()
-        x = x.to(rt.device).view(cfg.batch_size, cfg.channels, seg)  # (B, C, T)
-        rng = _step_rng(cfg, step)
-        n_q = model.n_q_for(rng.choice(cfg.bandwidths))  # §3.2: one bandwidth per batch
-        n_q = 0 if step <= cfg.quantizer_warmup else n_q
-        losses = gan_step(x, n_q, rng.random() < cfg.disc_prob, gen, dsc, d_plain, opt_g, opt_d, balancer, cfg, rt)
-        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * cfg.segment_seconds)
+        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * cfg.segment / cfg.sample_rate)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            common.save_checkpoint(cfg, step, models, opts, sampler=sampler)
             if rt.master and step > cfg.quantizer_warmup:  # (before that the codebooks are still empty)
-                evaluate(cfg, model)
+                evaluate(cfg, common.unwrap(state["G"]), rt, split="val",
+                         samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
+            common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
-    return model
 
 # ----------------------------------------------------------------------------- sample
 
+@torch.no_grad()
 def sample(cfg):
     """Encode held-out speech and music (or --input) at every bandwidth, decode, write wav + png pairs."""
     rt = common.setup(cfg)
-    model = load_model(cfg, rt.device).eval()
-    if cfg.init_from == "scratch":
-        common.log("note: --init_from=scratch: sampling an untrained model")
+    model = load_for_inference(cfg, rt)
     if cfg.input:
         wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate, mono=cfg.channels == 1)
         items = [(os.path.splitext(os.path.basename(cfg.input))[0], to_channels(wav, cfg.channels))]
     else:
-        items = [(kind, audio_clips(cfg, "test", kind)[0][:, :int(cfg.eval_seconds * cfg.sample_rate)])
-                 for kind in ("speech", "music")]
+        items = []
+        for kind in eval_kinds(cfg):
+            clips = audio_clips(cfg, "test", kind)
+            common.check_clips(clips, model.hop, f"test split ({kind})")
+            items.append((kind, clips[0][:, :int(cfg.eval_seconds * cfg.sample_rate)]))
     out = os.path.join(cfg.out_dir, "samples")
     for name, wav in items:
         x = torch.from_numpy(wav)[None].to(rt.device)  # (1, C, T)
@@ -970,7 +1127,7 @@ def load_lm(cfg, frame_rate, device):
     if cfg.lm_init:
         ckpt = common.load_checkpoint(cfg.lm_init)
         if common.is_ours(ckpt):
-            common.restore(ckpt, cfg, {"lm": lm}, arch_keys=ARCH_KEYS + ("lm_dim", "lm_layers", "lm_heads"), rng=False)
+            common.load_models(ckpt, cfg, {"lm": lm}, LM_ARCH_KEYS)
         elif isinstance(ckpt, dict) and any(k.startswith("transformer.layers.") for k in ckpt):
             common.load_state_dict(lm, official_lm_state_dict_to_ours(ckpt), what="EnCodec LM (official weights)")
         else:
@@ -979,20 +1136,18 @@ def load_lm(cfg, frame_rate, device):
 
 
 @torch.no_grad()
-def codes_of(codec, wav, bandwidth, device):  # one clip (C, T) -> its codes (n_q, F), segments back to back
+def codes_of(codec, wav, bandwidth, device):  # one clip (C, T) -> its codes (n_q, F), chunks back to back
     return torch.cat([codes[0] for codes, _ in codec.compress(torch.from_numpy(wav)[None].to(device), bandwidth)], -1)
 
 
 def train_lm(cfg):
-    """§3.3: fit the entropy-coding LM to the codes of a trained codec (--init_from), then measure on held-out
-    speech and music how many kbps arithmetic coding driven by it needs at each bandwidth (its cross-entropy;
-    a real coder adds a few bytes per file), against the raw rate."""
+    """The second stage (§3.3): fit the entropy-coding LM to the codes of a trained codec (--init_from), save it
+    (state: the LM and its optimizer, out_dir/lm.pt), then evaluate() reports on held-out speech and music how
+    many kbps arithmetic coding driven by it needs at each bandwidth, beside the raw rate."""
     rt = common.setup(cfg)
     if rt.world_size > 1:
         raise SystemExit("error: --mode=lm trains in one process (it takes minutes): run it without torchrun")
-    if cfg.init_from == "scratch":
-        raise SystemExit("error: --mode=lm needs a trained codec: --init_from=out/encodec/ckpt.pt (or an official .th)")
-    codec = load_model(cfg, rt.device).eval()
+    codec = load_for_inference(cfg, rt)
     lm = load_lm(cfg, codec.frame_rate, rt.device)
     common.log(f"LM params: {common.count_params(lm):,}")
     if cfg.lm_iters:
@@ -1001,59 +1156,45 @@ def train_lm(cfg):
         common.log(f"encoded the training clips: {stream.shape[-1]:,} frames of {stream.shape[0]} codes")
         sampler = common.SegmentSampler([stream.cpu().numpy()], int(cfg.lm_seconds * codec.frame_rate),
                                         cfg.lm_batch_size, cfg.seed)
+        state = dict(lm=lm, opt=torch.optim.Adam(lm.parameters(), lr=cfg.lm_lr))
         model = common.compile(lm, cfg)
-        opt = torch.optim.Adam(lm.parameters(), lr=cfg.lm_lr)
         prog = common.Progress(replace(cfg, max_iters=cfg.lm_iters))
         for step in range(1, cfg.lm_iters + 1):
             x = sampler.next()[0].to(rt.device).long()  # (B, n_q, frames)
-            k = codec.n_q_for(_step_rng(cfg, step).choice(cfg.bandwidths))  # one LM serves every bandwidth
+            k = codec.n_q_for(random.Random(cfg.seed * 1_000_003 + step).choice(cfg.bandwidths))  # one LM, every bandwidth
             with rt.autocast():
                 logits = model(x[:, :k])  # (B, k, frames, K)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, :k].reshape(-1))
-            opt.zero_grad(set_to_none=True)
+            state["opt"].zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            state["opt"].step()
             prog.update(step, {"bits_per_code": loss / math.log(2)}, audio_seconds=cfg.lm_batch_size * cfg.lm_seconds)
-        path = common.save_checkpoint(cfg, cfg.lm_iters, {"lm": lm}, path=os.path.join(cfg.out_dir, "lm.pt"))
+        path = common.save_checkpoint(cfg, cfg.lm_iters, state, sampler=sampler, path=os.path.join(cfg.out_dir, "lm.pt"))
         common.log(f"saved the LM to {path}")
-    lm.eval()
-    results = {}
-    with torch.no_grad():
-        for kind in ("speech", "music"):
-            clips = [c[:, :int(cfg.eval_seconds * cfg.sample_rate)] for c in audio_clips(cfg, "test", kind)[:cfg.eval_items]]
-            secs = sum(c.shape[-1] for c in clips) / cfg.sample_rate
-            for bw in cfg.bandwidths:
-                codes = [codes_of(codec, c, bw, rt.device) for c in clips]
-                raw = sum(c.numel() for c in codes) * codec.bits / secs / 1000
-                coded = sum(lm.bits(c[None]).item() for c in codes) / secs / 1000
-                results[f"{kind}_{bw:g}kbps"] = dict(kbps=round(raw, 3), kbps_lm=round(coded, 3))
-                common.log(f"lm {kind} {bw:g} kbps: {raw:.3f} kbps raw -> {coded:.3f} kbps with the LM "
-                           f"({100 * (1 - coded / raw):.1f}% saved)")
-    return results
+    return evaluate(cfg, codec, rt, split="test", lm=lm.eval())
 
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
-    """Training throughput (audio-s/s) and encode/decode real-time factors at batch 1 and 16, eager vs compiled."""
+    """One JSON line: train_step (D and G updates at the top bandwidth, the step training runs most) in ms and
+    audio-s/s with its FLOPs, and encode/decode real-time factors at each bench batch, eager and compiled."""
     rt = common.setup(cfg)
-    model, disc, balancer = build(cfg, rt.device)
-    opt_g, opt_d = torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.optim.Adam(disc.parameters(), lr=cfg.lr)
-    gen, dsc = common.compile(model, cfg), common.compile(disc, cfg)
-    seg = int(cfg.segment_seconds * cfg.sample_rate)
-    x = torch.randn(cfg.batch_size, cfg.channels, seg, device=rt.device) * 0.1
-    n_q = cfg.n_q
-
-    train_step = lambda: gan_step(x, n_q, True, gen, dsc, disc, opt_g, opt_d, balancer, cfg, rt)  # D and G
-
+    cfg = replace(cfg, quantizer_warmup=0, disc_prob=1.0, bandwidths=(max(cfg.bandwidths),))
+    state = build(cfg, rt)
+    model = state["G"]
+    state["G"], state["D"] = common.compile(model, cfg), common.compile(state["D"], cfg)
+    compiled = state["G"] is not model
+    x = torch.randn(cfg.batch_size, cfg.channels, cfg.segment, device=rt.device) * 0.1
     iters = 3 if rt.device_type == "cpu" else 10
-    step_ms = common.timeit(train_step, iters=iters, warmup=2)
-    flops = common.count_flops(train_step)
+    step_ms = common.timeit(lambda: train_step(state, x, cfg, rt), iters=iters, warmup=2)
+    flops = common.count_flops(lambda: train_step(state, x, cfg, rt))
     model.eval()
+    seconds = cfg.batch_size * cfg.segment / cfg.sample_rate
     figures = dict(train_step_ms=round(step_ms, 2), train_flops_per_step=flops,
-                   train_audio_s_per_s=round(cfg.batch_size * cfg.segment_seconds / (step_ms / 1000), 2))
-    T = int(cfg.bench_seconds * cfg.sample_rate)
+                   train_audio_s_per_s=round(seconds / (step_ms / 1000), 2))
+    T, n_q = int(cfg.bench_seconds * cfg.sample_rate), cfg.n_q
     variants = [("eager", model.encode, model.decode)]
-    if gen is not model:  # common.compile compiled (CUDA, or --compile=True asked for on a CPU)
+    if compiled:  # common.compile compiled (CUDA, or --compile=True asked for on a CPU)
         variants.append(("compiled", torch.compile(model.encode), torch.compile(model.decode)))
     for b in cfg.bench_batches:
         xb = torch.randn(b, cfg.channels, T, device=rt.device) * 0.1
@@ -1065,7 +1206,7 @@ def bench(cfg):
             # real-time factor = compute time / duration of the audio processed (lower is faster)
             figures[f"encode_rtf_b{b}_{name}"] = round(e_ms / 1000 / (b * cfg.bench_seconds), 5)
             figures[f"decode_rtf_b{b}_{name}"] = round(d_ms / 1000 / (b * cfg.bench_seconds), 5)
-    common.report_bench(cfg, rt, model=model, **figures)
+    common.report_bench(cfg, rt, model=model, compiled=compiled, **figures)
 
 # ----------------------------------------------------------------------------- main
 
