@@ -214,8 +214,7 @@ def _pad1d(x, left, right, mode):
 
 
 def _normed(conv, norm):
-    # N(0, 1/fan_in) weights, zero bias (not PyTorch's default): the signal keeps its scale through the stack, so an
-    # untrained encoder's latents follow the audio and k-means on the first batch finds more than one or two codes
+    # N(0, 1/fan_in), zero bias (not PyTorch's default): untrained latents follow the audio, so k-means finds many codes
     fan_in = conv.in_channels * conv.kernel_size[0] / (conv.stride[0] if isinstance(conv, nn.ConvTranspose1d) else 1)
     nn.init.normal_(conv.weight, 0.0, fan_in ** -0.5)
     nn.init.zeros_(conv.bias)
@@ -510,9 +509,7 @@ class Codebook(nn.Module):
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no division by 0
         self.embed.copy_(self.embed_avg / smoothed[:, None])
-        # dead codes (SoundStream §3.3): a code whose EMA usage fell below the threshold takes a random vector of
-        # the batch; its usage restarts at the batch's uniform share n/K (not at the threshold: a grace period).
-        # Tensor ops only (torch.where, no `if dead.any()`): the step never waits on the device.
+        # dead codes (SoundStream §3.3) take a random batch vector, usage reset to n/K (a grace period); no host sync
         dead = self.cluster_size < self.threshold  # (K,)
         new = _sample_rows(x, K)  # (K, D)
         if dist.is_available() and dist.is_initialized():
