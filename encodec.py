@@ -8,7 +8,8 @@ each frame into 2..32 ten-bit codes, so one model serves 1.5/3/6/12/24 kbps (a b
 multi-scale STFT discriminator on complex spectrograms (hinge + relative feature matching) and a commitment
 loss, and the loss balancer (§3.4) rescales each loss's gradient on the decoder output so that the weights
 mean "fraction of the gradient", independent of each loss's scale. All 24 kHz convolutions are causal, so
-the codec streams: encoding or decoding in chunks gives exactly the offline result. Optionally (§3.3) a small
+the codec streams: encoding or decoding in chunks gives exactly the offline result (the last, partial frame is
+flushed when the stream is told it ends). Optionally (§3.3) a small
 transformer predicts each frame's codes from the frames before it, and arithmetic coding with its probabilities
 shrinks the bitstream further (the official README: by up to 40%).
 
@@ -26,7 +27,7 @@ Simplified or changed here (honestly):
   holds centroid x count (the official code stores the bare centroid). All of it is tensor ops: no host sync.
 - Commitment gradient: the residual uses detached quantized vectors (the fix of encodec#25, as in audiocraft), so
   every RVQ layer's commitment term reaches the encoder; the official code cancels all but the first.
-- Reconstruction ℓ_f (§3.4, Eq. 1) in audiocraft's form (msspec, the code EnCodec was trained with): per scale
+- Reconstruction ℓ_f (§3.4, Eq. 1) in the form of audiocraft's msspec (the authors' later open training code): per scale
   2^i, L1 between linear 64-bin mels plus alpha x MSE between log10(1e-5 + mel), mels of the power spectrum of a
   normalized STFT (HTK scale, no filter normalisation); alpha = 1 (the paper's α_i = 1; audiocraft's EnCodec
   config also sets `alphas: false`). The paper writes "L2" without naming the scale. Scales 2^5..2^11 as the
@@ -1039,7 +1040,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", lm=None):
                 y = m.decompress(frames, x.shape[-1])
                 snr.append(common.si_snr(y, x))
                 mel.append(common.mel_distance(y.cpu(), x.cpu(), cfg.sample_rate))
-                if samples_dir and c is clips[0]:  # listen to what the metric measures
+                if samples_dir and c is clips[0] and bw == max(cfg.bandwidths):  # (--mode=sample writes every kbps)
                     common.save_sample(samples_dir, f"{kind}_{bw:g}kbps", y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
                 bits += sum(codes.numel() for codes, _ in frames) * m.bits  # what is actually transmitted
                 codes = torch.cat([codes[0] for codes, _ in frames], -1)  # (n_q, frames), chunks back to back
@@ -1207,6 +1208,8 @@ def bench(cfg):
 
 # ----------------------------------------------------------------------------- main
 
+MODES = ("train", "sample", "eval", "bench", "lm")  # lm: the entropy-coding LM's stage (§3.3)
+
 if __name__ == "__main__":
-    cfg = common.parse_config(Config, PRESETS, modes=("train", "sample", "eval", "bench", "lm"))
+    cfg = common.parse_config(Config, PRESETS, modes=MODES)
     {"train": train, "sample": sample, "eval": evaluate, "bench": bench, "lm": train_lm}[cfg.mode](cfg)

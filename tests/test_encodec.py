@@ -24,7 +24,8 @@ from cli import check_cli_contract, import_reference, run_script
 
 
 def make_cfg(preset="tiny", **kw):
-    return common.parse_config(E.Config, E.PRESETS, [f"--preset={preset}"] + [f"--{k}={v}" for k, v in kw.items()])
+    return common.parse_config(E.Config, E.PRESETS, [f"--preset={preset}"] + [f"--{k}={v}" for k, v in kw.items()],
+                               modes=E.MODES)
 
 
 CPU = common.Runtime(torch.device("cpu"), "cpu", torch.float32)
@@ -828,7 +829,8 @@ def test_cli_contract_diverging_lr_on_resume_and_the_lm(tmp_path, capsys):
     after = common.load_checkpoint(str(d / "ckpt.pt"))
     assert after["step"] == 5 and all(torch.equal(v, after["models"]["G"][k]) for k, v in before["models"]["G"].items())
     # the entropy-coding LM (§3.3) on this codec: trained, saved, its rates reported by evaluate()
-    res = E.train_lm(common.parse_config(E.Config, E.PRESETS, ["--mode=lm", f"--init_from={d}/ckpt.pt", "--device=cpu"]))
+    res = E.train_lm(common.parse_config(E.Config, E.PRESETS, ["--mode=lm", f"--init_from={d}/ckpt.pt", "--device=cpu"],
+                                         modes=E.MODES))
     assert (d / "lm.pt").exists() and res["speech_1.8kbps"]["kbps_lm"] > 0
     assert re.search(r"eval \| test speech 1.8 kbps \|.*\| [\d.]+ kbps sent \|.*\| [\d.]+ kbps with the LM",
                      capsys.readouterr().out)
