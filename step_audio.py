@@ -23,8 +23,8 @@ Simplified or changed versus the paper (this file is the listening half; speech 
 - text is the corpus BPE (common.train_bpe), not Qwen's tokenizer; the `mini` preset has the official shapes
   (Whisper-large encoder, Qwen2.5-7B LLM, vocabulary 158,720) and builds on the meta device only; no official
   weights are mapped (no pip-installable reference implementation to prove a key map against);
-- the placeholder count follows this file's encoder and adaptor exactly (tested); the official code's formula
-  (`adaptor_len(encoder_len(mel_len - 2))`, ~313 tokens per 25 s) is not verified, ours gives 315.
+- the placeholder count follows this file's encoder and adaptor exactly (tested): 313 per 25 s chunk, as the
+  card's count for the official code; its formula (`adaptor_len(encoder_len(mel_len - 2))`) is not verified.
 
     python step_audio.py                                  # all stages on the built-in corpus
     python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
@@ -105,8 +105,8 @@ class Config:
     def validate(self):
         if any(s < 0 for s in self.stage_iters) or len(self.stage_iters) != 3:
             raise SystemExit(f"error: --stage_iters takes three step counts >= 0 (got {self.stage_iters})")
-        if self.mode == "train" and self.max_iters <= sum(self.stage_iters):
-            raise SystemExit(f"error: --max_iters={self.max_iters} leaves no SFT steps after --stage_iters="
+        if self.mode == "train" and self.max_iters < sum(self.stage_iters):
+            raise SystemExit(f"error: --max_iters={self.max_iters} is shorter than the first three stages, --stage_iters="
                              f"{','.join(map(str, self.stage_iters))} (sum {sum(self.stage_iters)})")
         if self.n_head % self.n_kv_head or self.n_embd % self.n_head:
             raise SystemExit("error: --n_head must be a multiple of --n_kv_head, and --n_embd of --n_head")
@@ -188,6 +188,7 @@ class AudioEncoder(nn.Module):
 
     def forward(self, mel, n_mel):                        # mel: (B, n_mels, T), n_mel: (B,) real frames
         x = F.gelu(self.conv1(mel))
+        x = x * (torch.arange(x.shape[-1], device=mel.device)[None] < n_mel[:, None])[:, None]  # padding reads as zeros
         x = F.gelu(self.conv2(x)).transpose(1, 2)         # (B, T2, D) at 50 Hz
         T2 = x.shape[1]
         if T2 > self.positional_embedding.num_embeddings:
@@ -336,8 +337,14 @@ class StepAudio(nn.Module):
 
     def audio_features(self, mel, n_mel):
         """(N, n_mels, T) chunks -> list of N (n_tokens_i, D_llm) tensors, each exactly audio_tokens(...) long."""
-        feats = self.adapter(self.encoder(mel, n_mel))    # (N, T', D_llm)
-        return [f[:adaptor_frames(encoder_frames(int(n)))] for f, n in zip(feats, n_mel)]
+        return self.adapt(self.encoder(mel, n_mel), n_mel)
+
+    def adapt(self, h, n_mel):
+        """Encoder frames (N, T', D) -> each chunk's adaptor features; the frames past a chunk's end are zeroed
+        first, so a chunk padded in a batch gives exactly what it gives alone (the conv looks one frame ahead)."""
+        n_enc = torch.tensor([encoder_frames(int(n)) for n in n_mel], device=h.device)
+        h = h * (torch.arange(h.shape[1], device=h.device)[None] < n_enc[:, None])[..., None]
+        return [f[:adaptor_frames(int(n))] for f, n in zip(self.adapter(h), n_enc)]
 
     def embed(self, ids, feats, patch_id):
         """Token embeddings with the audio features written over the <audio_patch> placeholders, in order."""
@@ -358,7 +365,7 @@ class StepAudio(nn.Module):
         if mel is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
                 h = self.encoder(mel, n_mel)             # frozen after its pretraining (§3.2)
-            feats = [f[:adaptor_frames(encoder_frames(int(n)))] for f, n in zip(self.adapter(h), n_mel)]
+            feats = self.adapt(h, n_mel)
         return self.model(self.embed(ids, feats, patch_id))
 
 # ----------------------------------------------------------------------------- tokens and chat format
