@@ -806,6 +806,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
             with open(os.path.join(samples_dir, f"question{i}.txt"), "w") as f:
                 f.write(f"question: {q}\nexpected: {ans}\nanswer (no tools): {got}\nfollow-up: {follow}\n")
     m_out.update({k: float(np.mean(v)) for k, v in m.items()})
+    m_out.update(n_clips=len(refs), n_questions=len(tasks.questions[:n]))  # how many items each figure is over
     model.train(was)
     common.log(f"eval ({split}) | " + " | ".join(f"{k} {v:.3f}" for k, v in m_out.items()))
     return m_out
