@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import common
 import encodec as E  # our file; the pip package of the same name comes from official() below
-from cli import check_cli_contract, import_reference, run_script
+from cli import check_cli_contract, error_of, import_reference, run_script
 
 
 def make_cfg(preset="tiny", **kw):
@@ -801,14 +801,6 @@ def test_cli_compile_true_equals_eager(tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 
-def error_line(*args):
-    """Run encodec.py with args that must fail: non-zero exit, no traceback; returns the error line (stderr's last:
-    the log lines printed before it go to stdout)."""
-    p = run_script("encodec.py", *args, check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stderr + p.stdout, (p.stdout + p.stderr)[-2000:]
-    return p.stderr.strip().splitlines()[-1]
-
-
 def test_cli_contract_diverging_lr_on_resume_and_the_lm(tmp_path, capsys):
     out = check_cli_contract("encodec.py", tmp_path, bench_keys=("train_audio_s_per_s", "train_flops_per_step",
                                                                   "encode_rtf_b1_eager", "decode_rtf_b2_eager"))
@@ -868,7 +860,7 @@ def test_official_file_samples_without_preset_flags(tmp_path):
 
 
 def test_errors_are_one_line(tmp_path):
-    assert "needs a trained codec" in error_line("--mode=eval", "--preset=tiny")
+    assert "needs a trained codec" in error_of("encodec.py", "--mode=eval", "--preset=tiny")
     # data errors stop before step 1: a folder of clips shorter than a training crop
     for i in range(3):
         sf.write(str(tmp_path / f"c{i}.wav"), np.zeros(2000, np.float32) + 0.01 * i, 24000)
