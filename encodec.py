@@ -971,6 +971,9 @@ def _official_config(sd, cfg):
                   codebook_size=sd[embeds[0]].shape[0], dimension=sd[embeds[0]].shape[1])
     for k in ("disc_filters", "disc_n_ffts"):  # no discriminator in the released files: keep ours
         fields[k] = getattr(cfg, k)
+    for k in ("bandwidths", "chunk", "overlap"):  # how to run the model: a value set on the command line stays
+        if common._norm(getattr(cfg, k)) != common._norm(PRESETS.get(cfg.preset, {}).get(k, getattr(Config(), k))):
+            fields[k] = getattr(cfg, k)
     return preset, fields
 
 
