@@ -955,6 +955,10 @@ def train_step(state, batch, cfg, rt):
     return losses
 
 
+def _tup(v):  # config values compare equal whether they came as lists (a checkpoint's json) or tuples
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
 def _official_config(sd, cfg):
     """The fields of the released model an official state dict holds, read from its tensors: {field: value}."""
     first = sd.get("encoder.model.0.conv.conv.weight_v", sd.get("encoder.model.0.conv.conv.weight"))
@@ -972,7 +976,7 @@ def _official_config(sd, cfg):
     for k in ("disc_filters", "disc_n_ffts"):  # no discriminator in the released files: keep ours
         fields[k] = getattr(cfg, k)
     for k in ("bandwidths", "chunk", "overlap"):  # how to run the model: a value set on the command line stays
-        if common._norm(getattr(cfg, k)) != common._norm(PRESETS.get(cfg.preset, {}).get(k, getattr(Config(), k))):
+        if _tup(getattr(cfg, k)) != _tup(PRESETS.get(cfg.preset, {}).get(k, getattr(Config(), k))):
             fields[k] = getattr(cfg, k)
     return preset, fields
 
@@ -983,7 +987,7 @@ def load_official(state, sd):
     G = common.unwrap(state["G"])
     preset, fields = _official_config(sd, G.cfg)
     bad = [f"--{k} (file {v!r}, now {getattr(G.cfg, k)!r})" for k, v in fields.items()
-           if k in ARCH_KEYS and common._norm(v) != common._norm(getattr(G.cfg, k))]
+           if k in ARCH_KEYS and _tup(v) != _tup(getattr(G.cfg, k))]
     if bad:
         raise SystemExit(f"error: the official file is the {preset} model and does not fit these flags: "
                          + "; ".join(bad) + f" — pass --preset={preset}")
