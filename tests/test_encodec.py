@@ -509,7 +509,7 @@ def test_tiny_model_overfits_one_batch():
     t = torch.arange(4800) / cfg.sample_rate
     x = (0.3 * torch.sin(2 * math.pi * 220 * t) * torch.tensor([1.0, 0.5])[:, None]).view(2, 1, -1)
     first = None
-    for _ in range(30):
+    for _ in range(15):
         x_hat, _, commit = m(x, cfg.n_q)
         l_t, l_f = E.reconstruction_losses(x, x_hat, cfg)
         first = first if first is not None else l_f.item()
