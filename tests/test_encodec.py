@@ -3,7 +3,8 @@ its EMA update, the discriminator, the LM), the official parameter counts, bitra
 (with the trailing partial frame flushed, no wait under constant padding), causality, the RVQ. Training: a golden
 step against a literal transcription of §3.4 (losses, balancer with its bias-corrected EMA, SGD updates), the
 straight-through and commitment gradients (encodec#25), exact loss values, EMA / dead-code / k-means, no host
-sync in the codebook (fullgraph compile) and compiled == eager, and the command line (the CLI contract, a diverging
+sync in the codebook's training step (fullgraph compile, == eager; the whole run under --compile=True is an opt-in
+test, NANOAUDIO_SLOW=1: inductor's CPU build takes minutes), and the command line (the CLI contract, a diverging
 --lr on resume, data and flag errors, the official file without preset flags, the entropy-coding LM)."""
 import copy
 import math
