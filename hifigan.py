@@ -381,12 +381,12 @@ def vocode(G, wav, name, cfg, rt):
 # ----------------------------------------------------------------------------- train
 
 def build(cfg, rt):
-    """Everything training holds, in one dict; the checkpoint saves exactly this. The lr falls by lr_decay
-    once per epoch (§3): the schedulers step every step and their factor counts whole epochs, so
-    last_epoch is the step and a resumed or benchmarked step sees the same lr as a straight run."""
+    """Everything training holds, in one dict; the checkpoint saves exactly this."""
     G, D = Generator(cfg).to(rt.device), Discriminator(cfg).to(rt.device)
     opt_g = torch.optim.AdamW(G.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(D.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # the lr falls by lr_decay once per epoch (§3): the schedulers step every step (last_epoch = step) and their
+    # factor counts whole epochs, so a resumed or benchmarked step sees the lr of a straight run
     epoch = max(1, cfg.epoch_steps)
     decay = lambda step: cfg.lr_decay ** (step // epoch)
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, decay)
@@ -395,9 +395,8 @@ def build(cfg, rt):
 
 
 def train_step(state, batch, cfg, rt):
-    """One step of §2.4: D on [real; fake.detach()] with the LSGAN loss (Eq. 1), then G with the adversarial,
-    feature-matching and mel terms (Eq. 5), the official order; no gradient clipping (none in the official
-    code); then the lr schedule. train() and bench() both call it. Returns the logged losses."""
+    """One step of the objective (loss section): D on [real; fake.detach()], then G, the official order; no
+    gradient clipping (none in the official code). train() and bench() both call it. Returns the logged losses."""
     G, D, opt_g, opt_d = state["G"], state["D"], state["opt_g"], state["opt_d"]
     wav, mel = batch                                               # (B, 1, T), (B, n_mels, T / hop)
     B = wav.shape[0]
@@ -419,7 +418,7 @@ def train_step(state, batch, cfg, rt):
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
-    state["sched_g"].step()
+    state["sched_g"].step()                                        # the lr of the next step (§3)
     state["sched_d"].step()
     return dict(g=loss_adv, fm=loss_fm, d=loss_d, mel=loss_mel)
 
@@ -429,7 +428,7 @@ def load_for_inference(cfg, rt):
     file, whose size is read from its tensors and set on cfg (so a CPU's `small` default does not matter)."""
     if cfg.init_from == "scratch":
         raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: --init_from=resume (out_dir/ckpt.pt), "
-                         "a checkpoint path, or the official generator_v1")
+                         "a checkpoint path, or the authors' generator file")
     path = common.checkpoint_path(cfg)
     ckpt = common.load_checkpoint(path)
     if common.is_ours(ckpt):
@@ -441,7 +440,7 @@ def load_for_inference(cfg, rt):
         load_official(None, ckpt, cfg)                             # says what the file is not
     for k, v in need.items():
         setattr(cfg, k, v)
-    common.log(f"official HiFi-GAN generator {path}: " + ", ".join(f"{k} {v}" for k, v in need.items())
+    common.log(f"the authors' generator {path}: " + ", ".join(f"{k} {v}" for k, v in need.items())
                + " (read from its tensors)")
     G = Generator(cfg).to(rt.device)
     load_official(G, ckpt, cfg)
@@ -451,9 +450,8 @@ def load_for_inference(cfg, rt):
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     """Vocode held-out utterances from their ground-truth mels (val during training; test, unseen sentences
-    and a voice never heard in training, for the reported figures). mel: the full-band ln-mel L1 of the
-    loss (Eq. 3; the paper's validation metric), the quantity the training log shows; mrstft:
-    multi-resolution STFT distance. --mode=eval (model=None) loads --init_from and reports test."""
+    and a voice never heard in training, for the reported figures) and log the metrics, in the training log's
+    units. --mode=eval (model=None) loads --init_from and reports test."""
     if model is None:
         rt = common.setup(cfg)
         model = remove_weight_norm(load_for_inference(cfg, rt))
@@ -462,6 +460,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     items = load_split(cfg, split)[:cfg.eval_items]
     if not items:
         raise SystemExit(f"error: the {split} split has no clips to evaluate")
+    # mel: the full-band ln-mel L1 of the loss (Eq. 3, the paper's validation metric; the training log's mel);
+    # mrstft: multi-resolution STFT distance
     metrics = dict(mel=0.0, mrstft=0.0)
     for i, (name, wav) in enumerate(items):
         fake, wav = vocode(model, wav, name, cfg, rt)

@@ -330,18 +330,17 @@ def vocode(G, wav, name, cfg, rt):
 # ----------------------------------------------------------------------------- train
 
 def build(cfg, rt):
-    """Everything training holds, in one dict; the checkpoint saves exactly this. No lr schedule: the
-    official code trains at a constant lr."""
+    """Everything training holds, in one dict; the checkpoint saves exactly this."""
     G, D = Generator(cfg).to(rt.device), Discriminator(cfg).to(rt.device)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
+    # no lr schedule: the official code trains at a constant lr
     return dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d)
 
 
 def train_step(state, batch, cfg, rt):
-    """One step of §2.3: D on [real; fake.detach()] with the hinge loss (Eq. 1), then G with the adversarial
-    and feature-matching terms (Eq. 4), the official order; no gradient clipping (none in the official code).
-    train() and bench() both call it. Returns the logged losses."""
+    """One step of the objective (loss section): D on [real; fake.detach()], then G, the official order; no
+    gradient clipping (none in the official code). train() and bench() both call it. Returns the logged losses."""
     G, D, opt_g, opt_d = state["G"], state["D"], state["opt_g"], state["opt_d"]
     wav, mel = batch                                               # (B, 1, T), (B, n_mels, T / hop)
     B = wav.shape[0]
@@ -354,8 +353,8 @@ def train_step(state, batch, cfg, rt):
     loss_d.backward()
     opt_d.step()
     with rt.autocast():
+        # the real features are reused from the D pass above (before D's update), as the official code does
         fake_outs = D(fake)
-    # the real features are reused from the D pass above (before D's update), as the official code does
     loss_adv, loss_fm = generator_loss(fake_outs), feature_loss(real_outs, fake_outs)
     loss_g = loss_adv + cfg.lambda_fm * loss_fm                    # Eq. 4
     opt_g.zero_grad(set_to_none=True)
@@ -371,7 +370,7 @@ def load_for_inference(cfg, rt):
     file, whose size is read from its tensors and set on cfg (so a CPU's `small` default does not matter)."""
     if cfg.init_from == "scratch":
         raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: --init_from=resume (out_dir/ckpt.pt), "
-                         "a checkpoint path, or the official linda_johnson.pt")
+                         "a checkpoint path, or the authors' generator file")
     path = common.checkpoint_path(cfg)
     ckpt = common.load_checkpoint(path)
     if common.is_ours(ckpt):
@@ -383,7 +382,7 @@ def load_for_inference(cfg, rt):
         load_official(None, ckpt, cfg)                             # says what the file is not
     for k, v in need.items():
         setattr(cfg, k, v)
-    common.log(f"official MelGAN generator {path}: " + ", ".join(f"{k} {v}" for k, v in need.items())
+    common.log(f"the authors' generator {path}: " + ", ".join(f"{k} {v}" for k, v in need.items())
                + " (read from its tensors)")
     G = Generator(cfg).to(rt.device)
     load_official(G, ckpt, cfg)
@@ -393,9 +392,8 @@ def load_for_inference(cfg, rt):
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     """Vocode held-out utterances from their ground-truth mels (val during training; test, unseen sentences
-    and a voice never heard in training, for the reported figures). mel: L1 of the log10 Audio2Mel features,
-    the quantity the training log shows; mel_ln: common.mel_distance (ln mels, HiFi-GAN's mel); mrstft:
-    multi-resolution STFT distance. --mode=eval (model=None) loads --init_from and reports test."""
+    and a voice never heard in training, for the reported figures) and log the metrics, in the training log's
+    units. --mode=eval (model=None) loads --init_from and reports test."""
     if model is None:
         rt = common.setup(cfg)
         model = remove_weight_norm(load_for_inference(cfg, rt))
@@ -404,6 +402,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     items = load_split(cfg, split)[:cfg.eval_items]
     if not items:
         raise SystemExit(f"error: the {split} split has no clips to evaluate")
+    # mel: L1 of the log10 Audio2Mel features (the training log's mel); mel_ln: common.mel_distance (ln mels,
+    # comparable with HiFi-GAN's mel); mrstft: multi-resolution STFT distance
     metrics = dict(mel=0.0, mel_ln=0.0, mrstft=0.0)
     for i, (name, wav) in enumerate(items):
         fake, wav = vocode(model, wav, name, cfg, rt)
