@@ -1027,7 +1027,7 @@ def load_for_inference(cfg, rt):
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", lm=None):
     """SI-SNR, mel distance and bitrates at every bandwidth on held-out speech (an unseen voice) and music: the
     kbps really sent, the codes' unigram entropy (a context-free entropy coder's rate) and, given the LM of
-    §3.3, its cross-entropy (an arithmetic coder's rate). One `eval |` line per kind and bandwidth."""
+    §3.3, its cross-entropy (an arithmetic coder's rate). One `eval` line per kind and bandwidth."""
     if model is None:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
@@ -1063,7 +1063,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", lm=None):
             if lm is not None:
                 r["kbps_lm"] = round(lm_bits / secs / 1000, 3)
             results[f"{kind}_{bw:g}kbps"] = r
-            common.log(f"eval | {split} {kind} {bw:g} kbps | si_snr {r['si_snr']:.3f} dB | mel {r['mel']:.4f} | "
+            common.log(f"eval {split} {kind} {bw:g} kbps ({len(clips)} clips) | si_snr {r['si_snr']:.3f} dB | mel {r['mel']:.4f} | "
                        f"{r['kbps']:.3f} kbps sent | {r['kbps_entropy']:.3f} kbps unigram entropy"
                        + (f" | {r['kbps_lm']:.3f} kbps with the LM ({100 * (1 - r['kbps_lm'] / r['kbps']):.1f}% saved)"
                           if lm is not None else ""))

@@ -805,8 +805,8 @@ def test_cli_compile_true_equals_eager(tmp_path):
 def test_cli_contract_diverging_lr_on_resume_and_the_lm(tmp_path, capsys):
     out = check_cli_contract("encodec.py", tmp_path, bench_keys=("train_audio_s_per_s", "train_flops_per_step",
                                                                   "encode_rtf_b1_eager", "decode_rtf_b2_eager"))
-    assert "eval | val speech 0.9 kbps | si_snr" in out["resume"]  # training evaluates on val...
-    assert "eval | test music 1.8 kbps" in out["eval"]  # ...--mode=eval reports test
+    assert "eval val speech 0.9 kbps (1 clips) | si_snr" in out["resume"]  # training evaluates on val...
+    assert "eval test music 1.8 kbps (1 clips) |" in out["eval"]  # ...--mode=eval reports test
     d = tmp_path / "run"
     assert (d / "samples" / "step000005" / "music_1.8kbps.wav").exists()
     before = common.load_checkpoint(str(d / "ckpt.pt"))
@@ -825,7 +825,7 @@ def test_cli_contract_diverging_lr_on_resume_and_the_lm(tmp_path, capsys):
     res = E.train_lm(common.parse_config(E.Config, E.PRESETS, ["--mode=lm", f"--init_from={d}/ckpt.pt", "--device=cpu"],
                                          modes=E.MODES))
     assert (d / "lm.pt").exists() and res["speech_1.8kbps"]["kbps_lm"] > 0
-    assert re.search(r"eval \| test speech 1.8 kbps \|.*\| [\d.]+ kbps sent \|.*\| [\d.]+ kbps with the LM",
+    assert re.search(r"eval test speech 1.8 kbps \(1 clips\) \|.*\| [\d.]+ kbps sent \|.*\| [\d.]+ kbps with the LM",
                      capsys.readouterr().out)
     with pytest.raises(SystemExit, match="lm_dim"):  # an LM of another width
         E.load_lm(make_cfg(lm_dim=32, lm_init=f"{d}/lm.pt"), 75, "cpu")
