@@ -793,12 +793,23 @@ def test_codebook_training_step_has_no_graph_break():
 
 @pytest.mark.skipif(not os.environ.get("NANOAUDIO_SLOW"), reason="inductor's CPU build takes minutes: NANOAUDIO_SLOW=1")
 def test_cli_compile_true_equals_eager(tmp_path):
+    # `python encodec.py --compile=True` forced on the CPU (inductor) against eager: the same losses at both steps and
+    # the same weights. Inductor draws random numbers its own way (k-means' and the dead codes' rows), so it runs
+    # with torch._inductor.config.fallback_random, which makes it use eager's generator.
     flags = ["--preset=tiny", "--device=cpu", "--max_iters=2", "--bandwidths=(1.8,)"]
-    run_script("encodec.py", *flags, "--compile=True", f"--out_dir={tmp_path / 'c'}", timeout=3000)
-    run_script("encodec.py", *flags, "--compile=False", f"--out_dir={tmp_path / 'e'}")
-    a, b = (common.load_checkpoint(str(tmp_path / d / "ckpt.pt"))["models"]["G"] for d in ("c", "e"))
+    prog = ("import runpy, sys, torch._inductor.config as c; c.fallback_random = True; sys.argv = sys.argv[1:]; "
+            "runpy.run_path('encodec.py', run_name='__main__')")
+    outs = [run_script("-c", prog, "encodec.py", *flags, f"--compile={c}", f"--out_dir={tmp_path / c}",
+                       timeout=3000).stdout for c in ("True", "False")]
+    steps = [re.findall(r"^step (\d)/2 \| (.*?) \| [\d.]+ ms/step", o, re.M) for o in outs]
+    assert len(steps[0]) == len(steps[1]) == 2, outs
+    for (_, a), (_, b) in zip(*steps):
+        for pa, pb in zip(a.split(" | "), b.split(" | ")):
+            (ka, va), (kb, vb) = pa.split(), pb.split()
+            assert ka == kb and math.isclose(float(va), float(vb), rel_tol=1e-3, abs_tol=1e-4), (pa, pb)
+    a, b = (common.load_checkpoint(str(tmp_path / c / "ckpt.pt"))["models"]["G"] for c in ("True", "False"))
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
 
 # ----------------------------------------------------------------------------- command line
 
