@@ -156,11 +156,11 @@ class Config:
 PRESETS = {
     "mimi": dict(),                                             # the paper's codec: 79.3 M parameters, 32 codebooks
     "small": dict(n_filters=16, dimension=128, tr_layers=2, tr_heads=4, tr_ffn=512, n_q=8, q_dim=64,
-                  disc_filters=8, disc_n_ffts=(1024, 512, 256), recon_loss=True, q_dropout=False,
-                  segment=23040, batch_size=8, lr=1e-3, max_iters=1200, log_interval=20, eval_interval=400,
+                  disc_filters=8, disc_n_ffts=(512, 256), mel_scales=(6, 7, 8, 9, 10), recon_loss=True,
+                  q_dropout=False, segment=11520, batch_size=8, lr=1e-3, max_iters=1000, log_interval=20, eval_interval=250,
                   eval_items=8, probe_items=64, bench_seconds=4.0, kmeans_iters=20),  # ~15 min on a CPU
     "tiny": dict(n_filters=4, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, n_q=4, eval_n_q=3,
-                 q_dim=8, codebook_size=32, kmeans_iters=3, disc_filters=4, disc_n_ffts=(256, 128), mel_scales=(6, 7),
+                 q_dim=8, codebook_size=32, kmeans_iters=3, disc_filters=4, disc_n_ffts=(256,), mel_scales=(6, 7),
                  recon_loss=True, segment=5760, batch_size=2, max_iters=10, log_interval=1, eval_interval=1000,
                  eval_items=1, eval_seconds=0.96, probe_items=2, bench_seconds=0.96, bench_iters=1, corpus_hours=0.02),
 }
