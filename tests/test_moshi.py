@@ -342,6 +342,7 @@ def test_golden_train_step():
     # gradients into full-size differences; SGD keeps the comparison about the objective
     state["opt_g"] = torch.optim.SGD(list(state["G"].parameters()) + list(state["P"].parameters()), lr=0.5)
     state["opt_d"] = torch.optim.SGD(state["D"].parameters(), lr=0.5)
+    random_codebooks(state["G"])  # (k-means on this very batch would quantize it exactly: a no-op quantizer)
     G0, D0, P0 = (copy.deepcopy(state[k]) for k in ("G", "D", "P"))
     torch.manual_seed(1)
     x = torch.randn(2, 1, cfg.segment) * 0.3
