@@ -40,7 +40,6 @@ Simplified or changed here (honestly):
     python moshi.py --mode=bench
     torchrun --standalone --nproc_per_node=8 moshi.py --preset=mimi
 """
-import json
 import math
 import os
 import random
@@ -643,32 +642,10 @@ class Discriminator(nn.Module):
 
 # ----------------------------------------------------------------------------- model: official weights
 
-def _read_safetensors(path):
-    """A .safetensors file as {name: tensor}: 8 bytes of header length, a JSON header, then raw little-endian data
-    (read here without the safetensors package, which the project does not depend on)."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-              "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool, "F64": torch.float64}
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-            data = bytearray(f.read())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read {path!r} as safetensors ({e})")
-    out = {}
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        a, b = v["data_offsets"]
-        out[k] = torch.frombuffer(data[a:b], dtype=dtypes[v["dtype"]]).reshape(v["shape"]).clone() if b > a else \
-            torch.zeros(v["shape"], dtype=dtypes[v["dtype"]])
-    return out
-
-
 def read_official(path):
     """The authors' Mimi weights: tokenizer-*.safetensors, or a torch file {"model": state_dict}; None if not one."""
     if path.endswith((".safetensors", ".sft")):
-        return _read_safetensors(path)
+        return common.read_safetensors(path)
     ckpt = common.load_checkpoint(path)
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     return sd if isinstance(sd, dict) and any(str(k).startswith("encoder.model.") for k in sd) else None
