@@ -10,8 +10,9 @@ detection. Long recordings are transcribed window by window, seeking by the pred
 decoding heuristics (§4.5: beam search, temperature fallback on compression ratio / log-prob, timestamp rules).
 
 Simplified or changed here:
-- Data: the built-in eSpeak corpus (English, transcribe task only) instead of 680k h of web audio; timestamp
-  targets come from the corpus's word times; previous-text prompts are other training sentences. A folder clip
+- Data: the built-in eSpeak corpus instead of 680k h of web audio: English, or with --corpus_languages=en,fr,de,es
+  template sentences in three more languages with word-for-word English translations (X -> en in miniature);
+  timestamp targets come from the corpus's word times; previous-text prompts are other training sentences. A folder clip
   longer than the window is used only where word times are known (cut at a word); otherwise it is skipped.
 - Text: the official GPT-2 / multilingual BPE is used when you pass its .tiktoken file (--tokenizer=PATH, shipped
   in openai-whisper's whisper/assets/); offline the default is a small byte-level BPE trained on the corpus
@@ -20,8 +21,8 @@ Simplified or changed here:
   presets (whisper-tiny ... whisper-large-v3, named so to free `tiny`/`small` for the shared test/CPU presets)
   use 30 s windows, 3000 frames, 1500 encoder positions, exactly as the official model.
 - Language identification (--language=auto), translation (--task=translate) and word timestamps work with
-  official weights; our corpus is English only, so our own models know one language and one task. Language ID
-  runs on every window (openai-whisper detects once, on the first 30 s). Word timestamps use all cross-attention
+  official weights, and with our models trained with --corpus_languages. Language ID runs on every window
+  (openai-whisper detects once, on the first 30 s); translation targets carry no timestamps. Word timestamps use all cross-attention
   heads of the decoder's top half (openai-whisper's default for a model without its tuned head list) and skip
   openai's duration clamps at sentence and pause boundaries.
 - No SpecAugment / BPE dropout (large-v2), no fp16 loss scaling (bf16 autocast on CUDA instead).
@@ -44,6 +45,7 @@ import math
 import os
 import string
 import zlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,7 +64,8 @@ class Config:
     init_from: str = "scratch"      # scratch | resume | our ckpt.pt | an official .pt (dims + model_state_dict)
     out_dir: str = "out/whisper"
     data_dir: str = ""              # empty: the built-in speech corpus
-    corpus_hours: float = 2.0       # size of the built-in corpus
+    corpus_hours: float = 2.0       # size of the built-in corpus (per language)
+    corpus_languages: str = "en"    # built-in corpus languages, e.g. en,fr,de,es: language ID and X -> en in miniature
     input: str = ""                 # --mode=sample: a wav/flac to transcribe (default: a held-out test utterance)
     # model: the official ModelDimensions (§2.2, Table 1 sizes; whisper/model.py)
     n_mels: int = 80                # log-mel bins (128 for large-v3)
@@ -81,6 +84,7 @@ class Config:
     p_timestamps: float = 0.5       # fraction of examples trained with timestamp tokens (others <|notimestamps|>)
     p_prompt: float = 0.3           # fraction with a previous-text prompt after <|startofprev|> (no loss on it)
     p_nospeech: float = 0.05        # fraction of noise-only windows whose target is <|nospeech|> (VAD)
+    p_translate: float = 0.5        # fraction of non-English clips trained as X -> English (<|translate|>)
     # optimisation (§2.4, Appendix F)
     batch_size: int = 64            # windows per step (the paper: 256)
     lr: float = 1.5e-3              # peak learning rate (1.5e-3 for tiny, 1.75e-4 for large)
@@ -119,7 +123,7 @@ class Config:
     def validate(self):
         def bad(msg):
             raise SystemExit(f"error: {msg}")
-        for k in ("p_timestamps", "p_prompt", "p_nospeech"):
+        for k in ("p_timestamps", "p_prompt", "p_nospeech", "p_translate"):
             if not 0 <= getattr(self, k) <= 1:
                 bad(f"--{k} must be in [0, 1] (got {getattr(self, k)})")
         for k in ARCH_KEYS + ("warmup_iters", "lr_decay_iters"):
@@ -448,8 +452,10 @@ def build_tokenizer(cfg, texts=None, n_vocab=None):
         if n_vocab is not None:                          # official weights: n_vocab says how many languages
             langs = n_vocab - 51765 - int(n_vocab >= 51865)
         return Tokenizer.from_file(cfg.tokenizer, langs)
-    # transcripts are encoded with a leading space (" word" tokens, as GPT-2's): train on them that way too
-    return Tokenizer(common.train_bpe([" " + t.strip() for t in texts], cfg.bpe_vocab), num_languages=1)
+    # transcripts are encoded with a leading space (" word" tokens, as GPT-2's): train on them that way too.
+    # English only: one language token; more: the official 99, so <|fr|> etc. sit where openai's are
+    langs = 1 if cfg.corpus_languages.replace(" ", "") == "en" else len(LANGUAGES) - 1
+    return Tokenizer(common.train_bpe([" " + t.strip() for t in texts], cfg.bpe_vocab), num_languages=langs)
 
 # ----------------------------------------------------------------------------- loss
 
@@ -562,11 +568,13 @@ class Batches:
         prompt = None
         if rng.random() < cfg.p_prompt:                  # previous-text conditioning (§2.3); no loss on it
             prompt = self.utts[int(rng.integers(len(self.utts)))].text
-        cuts = None
+        language, task, cuts = getattr(utt, "language", "en"), "transcribe", None
+        if language != "en" and utt.translation and rng.random() < cfg.p_translate:
+            task, text, words = "translate", utt.translation, []   # X -> English; the word times are X's
         if words and rng.random() < cfg.p_timestamps:    # 1-3 timed segments split at word boundaries
             k = 1 + int(rng.integers(min(3, len(words))))
             cuts = sorted((rng.permutation(len(words) - 1)[:k - 1] + 1).tolist())
-        seq, loss_from = target_tokens(tok, text, words, cuts, prompt, cfg.n_text_ctx)
+        seq, loss_from = target_tokens(tok, text, words, cuts, prompt, cfg.n_text_ctx, language, task)
         return wav, seq, loss_from
 
     def next(self, batch_size, device, items=None):
@@ -978,18 +986,23 @@ def _official_file(cfg):
 
 
 def official_dims(cfg):
-    """Official weights carry their own ModelDimensions: they replace the preset's, before the config line."""
+    """Before common.setup (so the config line and any error come first): official weights carry their own
+    ModelDimensions, which replace the preset's; sample/eval check that --init_from names a model that fits."""
     ckpt = _official_file(cfg)
     if ckpt is None:
+        if cfg.mode in ("sample", "eval"):
+            if cfg.init_from == "scratch":
+                raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume, a ckpt.pt, or official weights")
+            make_tokenizer(cfg)                          # the file exists, is ours, of this paper, and fits
         return None
+    if not cfg.tokenizer:
+        raise SystemExit("error: official weights need their vocabulary: pass --tokenizer=PATH to "
+                         "multilingual.tiktoken (or gpt2.tiktoken for *.en models), in openai-whisper's whisper/assets/")
     changed = [f"{k} {getattr(cfg, k)} -> {ckpt['dims'][k]}" for k in ARCH_KEYS if getattr(cfg, k) != ckpt["dims"][k]]
     for k in ARCH_KEYS:
         setattr(cfg, k, ckpt["dims"][k])
     common.log(f"official weights {cfg.init_from}: dims from the file (n_vocab {ckpt['dims']['n_vocab']})"
                + (": " + ", ".join(changed) if changed else ""))
-    if not cfg.tokenizer:
-        raise SystemExit("error: official weights need their vocabulary: pass --tokenizer=PATH to "
-                         "multilingual.tiktoken (or gpt2.tiktoken for *.en models), in openai-whisper's whisper/assets/")
     return ckpt
 
 
@@ -998,17 +1011,17 @@ def load_official(state, ckpt):
     common.load_state_dict(common.unwrap(state["model"]), ckpt["model_state_dict"], what="Whisper")
 
 
-def make_tokenizer(cfg, texts_fn=None, n_vocab=None):
+def make_tokenizer(cfg, texts_fn=None, n_vocab=None, ckpt=None):
     """The vocabulary: the one stored in our checkpoint (resume or a path), the official file --tokenizer names,
     or a BPE trained on the training transcripts."""
     if cfg.init_from != "scratch" and _official_file(cfg) is None:
-        ckpt = common.load_checkpoint(common.checkpoint_path(cfg))
-        if common.is_ours(ckpt) and "tokenizer" in ckpt.get("extra", {}):
-            return Tokenizer.from_extra(ckpt["extra"])
+        ckpt = ckpt or common.load_checkpoint(common.checkpoint_path(cfg))
         if not common.is_ours(ckpt):
             raise SystemExit(f"error: {cfg.init_from!r} is neither a nanoaudio checkpoint nor an official Whisper "
                              "file (a dict with 'dims' and 'model_state_dict')")
-        common.check_checkpoint(ckpt, cfg, ARCH_KEYS)   # another paper's: its error line
+        common.check_checkpoint(ckpt, cfg, ARCH_KEYS)   # this paper's, and the same architecture
+        if "tokenizer" in ckpt.get("extra", {}):
+            return Tokenizer.from_extra(ckpt["extra"])
         raise SystemExit(f"error: {common.checkpoint_path(cfg)} holds no tokenizer; was it written by whisper.py?")
     tok = build_tokenizer(cfg, texts_fn() if texts_fn and not cfg.tokenizer else [], n_vocab)
     if n_vocab is not None and tok.n_vocab != n_vocab:
@@ -1061,7 +1074,7 @@ def load_for_inference(cfg, rt):
         raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume, a ckpt.pt, or official weights")
     official = _official_file(cfg)
     ckpt = common.load_checkpoint(common.checkpoint_path(cfg), map_location=rt.device)
-    tok = make_tokenizer(cfg, n_vocab=official["dims"]["n_vocab"] if official else None)
+    tok = make_tokenizer(cfg, n_vocab=official["dims"]["n_vocab"] if official else None, ckpt=ckpt)
     model = Whisper(model_dims(cfg, tok.n_vocab), tok).to(rt.device)
     if official is not None:
         load_official({"model": model}, ckpt)
@@ -1072,44 +1085,70 @@ def load_for_inference(cfg, rt):
     return model.eval()
 
 
+def _interleave(utts):
+    """Held-out clips with the languages taken in turn, so the first eval_items hold every language."""
+    by = {}
+    for u in utts:
+        by.setdefault(getattr(u, "language", "en"), []).append(u)
+    return [u for group in zip(*by.values()) for u in group] if len(by) > 1 else utts
+
+
+def _decode_texts(model, tok, utts, cfg, rt, beam, task="transcribe"):
+    """One window per clip, batched by language, without timestamps: {clip id: text}."""
+    out = {}
+    for lang in sorted({getattr(u, "language", "en") for u in utts}):
+        group = [u for u in utts if getattr(u, "language", "en") == lang]
+        for i in range(0, len(group), 16):
+            chunk = group[i:i + 16]
+            mel = collate([(u.wav, [0, 0], 1) for u in chunk], tok, cfg, rt.device)[0]
+            with rt.autocast():
+                rs = decode(model, tok, mel, cfg, timestamps=False, beam_size=beam, language=lang, task=task)
+            out.update({u.id: r.text for u, r in zip(chunk, rs)})
+    return out
+
+
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
-    """WER/CER (common.wer/cer, normalised text) and the teacher-forced loss on cfg.eval_items held-out
-    utterances; long ones go through long-form transcription. The test split has unseen sentences and a voice
-    never heard in training. Greedy on val (fast, during training), cfg.beam_size on test."""
+    """WER/CER (common.wer/cer, normalised text) and the teacher-forced loss on cfg.eval_items held-out clips,
+    each decoded in its own language; long ones go through long-form transcription. With other languages in the
+    corpus also language-ID accuracy (§2.3) and the WER of X -> English translations. The test split has unseen
+    sentences and a voice never heard in training. Greedy on val (fast, during training), cfg.beam_size on test."""
     if model is None:
         official_dims(cfg)
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
     tok, was_training = model.tokenizer, model.training
     model.eval()
-    utts = [u for u in common.load_corpus(cfg, split, SAMPLE_RATE) if u.text.strip()][:cfg.eval_items]
+    utts = _interleave([u for u in common.load_corpus(cfg, split, SAMPLE_RATE) if u.text.strip()])[:cfg.eval_items]
     if not utts:
         raise SystemExit(f"error: the {split} split has no clips with transcripts")
-    N, refs, hyps = window_samples(cfg), [u.text for u in utts], []
-    beam = 0 if split == "val" else cfg.beam_size
+    N, beam = window_samples(cfg), 0 if split == "val" else cfg.beam_size
     g = torch.Generator().manual_seed(cfg.seed)          # fixed draws: the global RNG is left alone
     fits = [u for u in utts if len(u.wav) <= N]
-    hyp = {}
-    for i in range(0, len(fits), 16):                    # a window each: batched decoding without timestamps
-        chunk = fits[i:i + 16]
-        mel = collate([(u.wav, [0, 0], 1) for u in chunk], tok, cfg, rt.device)[0]
-        with rt.autocast():
-            rs = decode(model, tok, mel, cfg, timestamps=False, beam_size=beam, language=_lang(cfg), task=cfg.task)
-        hyp.update({u.id: r.text for u, r in zip(chunk, rs)})
+    hyp = _decode_texts(model, tok, fits, cfg, rt, beam)
     for u in utts:                                       # longer than a window: long-form transcription
         if u.id not in hyp:
             with rt.autocast():
-                hyp[u.id] = transcribe(model, tok, u.wav, cfg, rt.device, generator=g)[1]
-    hyps = [hyp[u.id] for u in utts]
-    loss = float("nan")
+                c = dataclasses.replace(cfg, language=getattr(u, "language", "en"), task="transcribe")
+                hyp[u.id] = transcribe(model, tok, u.wav, c, rt.device, generator=g)[1]
+    refs, hyps = [u.text for u in utts], [hyp[u.id] for u in utts]
+    out = dict(loss=float("nan"), wer=common.wer(refs, hyps), cer=common.cer(refs, hyps), n=len(refs))
     if fits:
-        exs = [(u.wav, *target_tokens(tok, u.text, n_text_ctx=cfg.n_text_ctx)) for u in fits[:16]]
+        exs = [(u.wav, *target_tokens(tok, u.text, n_text_ctx=cfg.n_text_ctx, language=getattr(u, "language", "en")))
+               for u in fits[:16]]
         with rt.autocast():
             mel, x, y = collate(exs, tok, cfg, rt.device)
-            loss = loss_fn(model(mel, x), y).item()
-    out = dict(loss=loss, wer=common.wer(refs, hyps), cer=common.cer(refs, hyps), n=len(refs))
-    common.log(f"eval ({split}, {len(refs)} utterances): loss {loss:.4f} | WER {out['wer']:.4f} | CER {out['cer']:.4f}")
+            out["loss"] = loss_fn(model(mel, x), y).item()
+    line = f"eval ({split}, {len(refs)} utterances): loss {out['loss']:.4f} | WER {out['wer']:.4f} | CER {out['cer']:.4f}"
+    other = [u for u in fits if getattr(u, "language", "en") != "en" and u.translation]
+    if other and tok.num_languages > 1:
+        probs = [p for i in range(0, len(fits), 16) for p in detect_language(
+            model, tok, collate([(u.wav, [0, 0], 1) for u in fits[i:i + 16]], tok, cfg, rt.device)[0])]
+        out["lang_acc"] = float(np.mean([next(iter(p)) == u.language for p, u in zip(probs, fits)]))
+        tr = _decode_texts(model, tok, other, cfg, rt, beam, task="translate")
+        out["translate_wer"] = common.wer([u.translation for u in other], [tr[u.id] for u in other])
+        line += f" | language ID {out['lang_acc']:.4f} | translate WER {out['translate_wer']:.4f}"
+    common.log(line)
     for r, h in list(zip(refs, hyps))[:3]:
         common.log(f"  ref: {r}\n  hyp: {h}")
     if samples_dir:
@@ -1117,10 +1156,6 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
                                                                             generator=g))
     model.train(was_training)
     return out
-
-
-def _lang(cfg):
-    return "en" if cfg.language == "auto" else cfg.language   # batched eval decodes one language
 
 
 def train(cfg):
