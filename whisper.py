@@ -1107,6 +1107,18 @@ def _decode_texts(model, tok, utts, cfg, rt, beam, task="transcribe"):
     return out
 
 
+def word_time_error(model, tok, utts, cfg, rt):
+    """Mean absolute error (ms) of the aligned start and end of each reference word against the corpus's times."""
+    errs = []
+    for u in utts:
+        mel = collate([(u.wav, [0, 0], 1)], tok, cfg, rt.device)[0]
+        got = find_alignment(model, tok, tok.encode(" " + u.text.strip()), mel, len(u.wav) // HOP,
+                             getattr(u, "language", "en"))
+        if len(got) == len(u.words):                     # one aligned word per reference word
+            errs += [abs(g[2] - s) for g, (_, s, _) in zip(got, u.words)] + [abs(g[3] - e) for g, (_, _, e) in zip(got, u.words)]
+    return 1000 * float(np.mean(errs)) if errs else float("nan")
+
+
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     """WER/CER (common.wer/cer, normalised text) and the teacher-forced loss on cfg.eval_items held-out clips,
@@ -1140,6 +1152,9 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
             mel, x, y = collate(exs, tok, cfg, rt.device)
             out["loss"] = loss_fn(model(mel, x), y).item()
     line = f"eval ({split}, {len(refs)} utterances): loss {out['loss']:.4f} | WER {out['wer']:.4f} | CER {out['cer']:.4f}"
+    if cfg.word_timestamps:                              # word times of the reference text against the corpus's own
+        out["word_time_err_ms"] = word_time_error(model, tok, [u for u in fits if has_word_times(u)], cfg, rt)
+        line += f" | word time error {out['word_time_err_ms']:.0f} ms"
     other = [u for u in fits if getattr(u, "language", "en") != "en" and u.translation]
     if other and tok.num_languages > 1:
         probs = [p for i in range(0, len(fits), 16) for p in detect_language(

@@ -457,6 +457,8 @@ def test_tiny_model_overfits_to_exact_transcripts():
     words = [w for s in segs for w in s.words]
     assert [w[0].strip() for w in words] == utts[0].text.split()
     assert all(a <= b for _, a, b, _ in words) and [w[1] for w in words] == sorted(w[1] for w in words)
+    err = W.word_time_error(model, tok, utts, cfg, CPU)          # against the corpus's word times, in ms
+    assert 0 <= err < 1000, err
 
 # ----------------------------------------------------------------------------- command line, checkpoints
 
