@@ -25,6 +25,8 @@ Simplified or changed here:
   (openai-whisper detects once, on the first 30 s); translation targets carry no timestamps. Word timestamps use all cross-attention
   heads of the decoder's top half (openai-whisper's default for a model without its tuned head list) and skip
   openai's duration clamps at sentence and pause boundaries.
+- Robustness to noise (§3.7) is measured with white noise only (--eval_snr=20,10,5), not the paper's pub noise;
+  --p_noise mixes white noise into training windows (our flag: the paper's web audio is noisy by itself).
 - No SpecAugment / BPE dropout (large-v2), no fp16 loss scaling (bf16 autocast on CUDA instead).
 - Long-form transcription fills a short last window with the log-mel of silence (what training saw for padded
   audio); openai/whisper pads it with zeros. Empty and zero-length segments are blanked as openai does, and
@@ -36,6 +38,8 @@ Simplified or changed here:
     python whisper.py --init_from=resume                     # continue out/whisper/ckpt.pt
     python whisper.py --mode=sample --init_from=out/whisper/ckpt.pt --input=speech.wav   # transcribe a file
     python whisper.py --mode=eval --init_from=out/whisper/ckpt.pt                        # WER/CER on test
+    python whisper.py --corpus_languages=en,fr,de,es --p_noise=0.3   # multilingual, noise-augmented training
+    python whisper.py --mode=eval --init_from=out/whisper/ckpt.pt --eval_snr=20,10,5 --word_timestamps=True
     python whisper.py --mode=sample --init_from=tiny.pt --tokenizer=multilingual.tiktoken --input=a.flac \\
         --language=auto --word_timestamps=True                 # official weights: language ID, word times
     python whisper.py --mode=bench
@@ -85,6 +89,7 @@ class Config:
     p_prompt: float = 0.3           # fraction with a previous-text prompt after <|startofprev|> (no loss on it)
     p_nospeech: float = 0.05        # fraction of noise-only windows whose target is <|nospeech|> (VAD)
     p_translate: float = 0.5        # fraction of non-English clips trained as X -> English (<|translate|>)
+    p_noise: float = 0.0            # fraction of training windows mixed with white noise at 0-30 dB SNR (§3.7)
     # optimisation (§2.4, Appendix F)
     batch_size: int = 64            # windows per step (the paper: 256)
     lr: float = 1.5e-3              # peak learning rate (1.5e-3 for tiny, 1.75e-4 for large)
@@ -118,12 +123,13 @@ class Config:
     log_interval: int = 50
     eval_interval: int = 2000       # evaluate and checkpoint every this many steps
     eval_items: int = 64            # held-out utterances per evaluation
+    eval_snr: str = ""              # e.g. 20,10,5: also the WER with white noise mixed in at these SNRs (dB, §3.7)
     bench_iters: int = 10           # --mode=bench: timed iterations per figure
 
     def validate(self):
         def bad(msg):
             raise SystemExit(f"error: {msg}")
-        for k in ("p_timestamps", "p_prompt", "p_nospeech", "p_translate"):
+        for k in ("p_timestamps", "p_prompt", "p_nospeech", "p_translate", "p_noise"):
             if not 0 <= getattr(self, k) <= 1:
                 bad(f"--{k} must be in [0, 1] (got {getattr(self, k)})")
         for k in ARCH_KEYS + ("warmup_iters", "lr_decay_iters"):
@@ -131,6 +137,10 @@ class Config:
                 bad(f"--{k} must be >= 1 (got {getattr(self, k)})")
         if self.n_audio_state % self.n_audio_head or self.n_text_state % self.n_text_head:
             bad("--n_audio_state / --n_text_state must be multiples of --n_audio_head / --n_text_head")
+        try:
+            [float(x) for x in self.eval_snr.split(",") if x.strip()]
+        except ValueError:
+            bad(f"--eval_snr must be comma-separated numbers in dB, e.g. 20,10,5 (got {self.eval_snr!r})")
         if self.task not in ("transcribe", "translate"):
             bad(f"--task must be transcribe or translate (got {self.task!r})")
         if self.language != "auto" and self.language not in LANGUAGES:
@@ -475,6 +485,13 @@ def log_mel(wavs, cfg, device):
     return torch.stack([common.log_mel_spectrogram(w.to(device), n_mels=cfg.n_mels) for w in wavs])
 
 
+def add_noise(wav, snr_db, rng):
+    """wav plus white noise at snr_db (10 log10 of signal power over noise power): §3.7's robustness test."""
+    wav = np.asarray(wav, dtype=np.float32)
+    power = float(np.mean(wav ** 2)) or 1e-8
+    return wav + rng.standard_normal(len(wav)).astype(np.float32) * np.sqrt(power / 10 ** (snr_db / 10))
+
+
 def has_word_times(utt):
     return bool(utt.words) and len(utt.words) == len(utt.text.split())
 
@@ -565,6 +582,8 @@ class Batches:
             text = " ".join(w for w, _, _ in words)
             if not words:                                # one word longer than the window
                 return wav, [tok.sot, tok.no_speech, tok.eot], 1
+        if rng.random() < cfg.p_noise:                   # noise augmentation (our flag; the paper's data is noisy)
+            wav = add_noise(wav, rng.uniform(0, 30), rng)
         prompt = None
         if rng.random() < cfg.p_prompt:                  # previous-text conditioning (§2.3); no loss on it
             prompt = self.utts[int(rng.integers(len(self.utts)))].text
@@ -1152,6 +1171,13 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
             mel, x, y = collate(exs, tok, cfg, rt.device)
             out["loss"] = loss_fn(model(mel, x), y).item()
     line = f"eval ({split}, {len(refs)} utterances): loss {out['loss']:.4f} | WER {out['wer']:.4f} | CER {out['cer']:.4f}"
+    for snr in [float(x) for x in cfg.eval_snr.split(",") if x.strip()]:   # §3.7: the same clips in white noise
+        rng = np.random.default_rng(cfg.seed)
+        noisy = [common.Utterance(u.id, add_noise(u.wav, snr, rng), SAMPLE_RATE, u.text, language=getattr(
+            u, "language", "en")) for u in fits]
+        hn = _decode_texts(model, tok, noisy, cfg, rt, beam)
+        out[f"wer_{snr:g}db"] = common.wer([u.text for u in fits], [hn[u.id] for u in fits])
+        line += f" | WER at {snr:g} dB {out[f'wer_{snr:g}db']:.4f}"
     if cfg.word_timestamps:                              # word times of the reference text against the corpus's own
         out["word_time_err_ms"] = word_time_error(model, tok, [u for u in fits if has_word_times(u)], cfg, rt)
         line += f" | word time error {out['word_time_err_ms']:.0f} ms"

@@ -333,6 +333,19 @@ def test_multilingual_corpus_trains_language_and_translate_tokens():
     assert W.build_tokenizer(tiny_cfg(), ["a b"]).num_languages == 1     # English only: one language token
 
 
+def test_noise_at_a_given_snr():
+    rng = np.random.default_rng(0)
+    wav = np.sin(np.arange(16000) / 5).astype(np.float32)
+    for snr in (20, 5, 0):
+        noise = W.add_noise(wav, snr, rng) - wav
+        assert abs(10 * np.log10(np.mean(wav ** 2) / np.mean(noise ** 2)) - snr) < 0.1
+    cfg = tiny_cfg(p_noise=1.0, p_nospeech=0.0)
+    u = common.Utterance("a", wav, 16000, "mike and george")
+    assert not np.array_equal(W.Batches([u], small_tok(), cfg).example(u)[0], wav)
+    with pytest.raises(SystemExit, match="eval_snr"):
+        common.parse_config(W.Config, W.PRESETS, ["--preset=tiny", "--eval_snr=loud"])
+
+
 def test_batches_draw_per_rank_and_restore():
     cfg = tiny_cfg()
     utts = [common.Utterance(str(i), np.zeros(8000, np.float32), 16000, t) for i, t in enumerate(TEXTS)]
