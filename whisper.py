@@ -45,11 +45,12 @@ Simplified or changed here:
     python whisper.py --mode=bench
     torchrun --standalone --nproc_per_node=8 whisper.py --preset=whisper-base
 """
+import dataclasses
+import itertools
 import math
 import os
 import string
 import zlib
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1109,7 +1110,7 @@ def _interleave(utts):
     by = {}
     for u in utts:
         by.setdefault(getattr(u, "language", "en"), []).append(u)
-    return [u for group in zip(*by.values()) for u in group] if len(by) > 1 else utts
+    return [u for group in itertools.zip_longest(*by.values()) for u in group if u is not None]
 
 
 def _decode_texts(model, tok, utts, cfg, rt, beam, task="transcribe"):
