@@ -142,23 +142,27 @@ class Config:
             bad("--n_mix and --n_draws must be >= 1")
         if self.power_n_fft > self.segment:
             bad(f"--power_n_fft={self.power_n_fft} must not exceed --segment={self.segment}")
+        if self.stage == "student" and self.mode == "train" and self.init_from == "scratch" \
+                and not os.path.isfile(self.teacher):
+            bad(f"--stage=student distils a trained teacher: no checkpoint at --teacher={self.teacher!r} "
+                "(train one with --stage=teacher, or pass --teacher=PATH)")
         if self.contrastive and self.batch_size < 2:
             bad("--contrastive needs --batch_size >= 2 (the wrong conditioning comes from another item)")
 
 
 PRESETS = {
-    # teacher 68.9 M params (RF 6139 samples = 256 ms at 24 kHz); student 4 flows 10/10/10/30 x 64: 1.67 M
+    # teacher 61.31 M params (RF 6139 samples = 256 ms at 24 kHz); student 4 flows 10/10/10/30 x 64: 2.35 M
     "paper": dict(),
-    # CPU: 16 kHz, teacher 12 x 32 (RF 253 samples = 16 ms: the mel carries the rest), student 4/4/4/8 x 32
+    # CPU: 16 kHz, teacher 12 x 32, 0.18 M (RF 253 samples = 16 ms: the mel carries the rest); student 4/4/4/8 x 32, 0.25 M
     "small": dict(sample_rate=16000, fmax=8000.0, layers=12, stacks=2, residual_channels=32, gate_channels=64,
                   skip_channels=64, flow_layers=(4, 4, 4, 8), flow_cycle=8, flow_channels=32, n_draws=20,
-                  power_n_fft=512, segment=2048, batch_size=4, lr=1e-3, max_iters=1500, eval_interval=500,
+                  power_n_fft=512, segment=2048, batch_size=4, lr=1e-3, max_iters=500, eval_interval=250,
                   eval_items=2, eval_seconds=1.0, eval_gen_seconds=0.25, gen_seconds=2.0, bench_steps=512),
     "tiny": dict(sample_rate=16000, fmax=8000.0, n_mels=20, layers=4, stacks=2, residual_channels=8,
                  gate_channels=16, skip_channels=16, n_mix=3, flow_layers=(2, 2), flow_cycle=2, flow_channels=8,
                  n_draws=4, power_n_fft=256, segment=1024, batch_size=2, max_iters=10, warmup_iters=2,
-                 corpus_hours=0.02, log_interval=1, eval_items=2, eval_seconds=0.25, eval_gen_seconds=0.05,
-                 gen_seconds=0.1, bench_steps=32),
+                 corpus_hours=0.02, log_interval=1, eval_items=2, eval_seconds=0.25, eval_gen_seconds=0.064,
+                 gen_seconds=0.07, bench_steps=32),
 }
 
 TEACHER_KEYS = ("sample_rate", "bits", "n_fft", "hop", "n_mels", "fmin", "fmax", "upsample_scales", "freq_axis_kernel",
@@ -405,9 +409,11 @@ class Student(nn.Module):
         return x, mu_tot, log_s_tot
 
 
-def logistic_noise(shape, device):
-    """§3: z ~ Logistic(0, 1) by inverting its CDF at a uniform."""
-    u = torch.rand(shape, device=device).clamp(1e-5, 1 - 1e-5)
+def logistic_noise(shape, device, seed=None):
+    """§3: z ~ Logistic(0, 1) by inverting its CDF at a uniform (training: the global RNG, which checkpoints
+    carry; evaluation and sampling: their own seeded generator, so they never disturb training's stream)."""
+    g = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    u = torch.rand(shape, device=device, generator=g).clamp(1e-5, 1 - 1e-5)
     return torch.log(u) - torch.log1p(-u)
 
 # ----------------------------------------------------------------------------- loss
@@ -483,8 +489,8 @@ def held_out(cfg, rt, n_items, seconds, split="val"):
     loud = [np.flatnonzero(np.abs(u.wav) > 0.05 * np.abs(u.wav).max()) for u in utts]
     starts = [int(i[0]) // cfg.hop * cfg.hop if len(i) else 0 for i in loud]
     n = min(min(len(u.wav) - s for u, s in zip(utts, starts)), int(seconds * cfg.sample_rate)) // cfg.hop * cfg.hop
-    if n < cfg.hop:
-        raise SystemExit(f"error: the {split} clips are shorter than one hop ({cfg.hop} samples)")
+    if n < cfg.n_fft:
+        raise SystemExit(f"error: the {split} clips are shorter than one mel window ({cfg.n_fft} samples)")
     wav = torch.stack([torch.as_tensor(u.wav[s:s + n]) for u, s in zip(utts, starts)]).to(rt.device)
     return quantize(wav, cfg.bits)                   # (B, n)
 
@@ -493,9 +499,6 @@ def held_out(cfg, rt, n_items, seconds, split="val"):
 def load_teacher_for_student(cfg, teacher_path):
     """--stage=student: the teacher checkpoint fixes the teacher's architecture and the features (the student
     hears the same mel), so those fields are taken from it, whatever the preset said."""
-    if not os.path.isfile(teacher_path):
-        raise SystemExit(f"error: --stage=student distils a trained teacher: no checkpoint at --teacher={teacher_path!r} "
-                         "(train one with --stage=teacher, or pass --teacher=PATH)")
     ck = common.load_checkpoint(teacher_path)
     if not common.is_ours(ck) or ck["paper"] != "parallel_wavenet" or "teacher" not in ck["models"]:
         raise SystemExit(f"error: --teacher={teacher_path!r} is not a parallel_wavenet teacher checkpoint")
@@ -580,16 +583,17 @@ def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
     wav = held_out(cfg, rt, cfg.eval_items, cfg.eval_seconds, split)
     mel = mel_features(wav, cfg)
     res = {}
-    with rt.autocast():
+    # its own random stream (the distillation's draws too): evaluating must not move training's RNG
+    with torch.random.fork_rng(devices=[rt.device] if rt.device_type == "cuda" else []), rt.autocast():
+        torch.manual_seed(cfg.seed)
         if who == "teacher":
             res["nll_bits"] = round(teacher_nll(teacher, wav, mel, cfg).item() / math.log(2), 4)
             n = min(wav.size(1), max(cfg.hop, int(cfg.eval_gen_seconds * cfg.sample_rate) // cfg.hop * cfg.hop))
             ref = wav[:, :n]
-            out = teacher_generate(teacher, mel_features(ref, cfg), n, seed=cfg.seed)
+            out = teacher_generate(teacher, mel[:, :, :n // cfg.hop], n, seed=cfg.seed)
         else:
             ref = wav
-            torch.manual_seed(cfg.seed)
-            out, mu_tot, log_s_tot = student(logistic_noise(wav.shape, wav.device), mel)
+            out, mu_tot, log_s_tot = student(logistic_noise(wav.shape, wav.device, seed=cfg.seed), mel)
             cross, entropy = distillation(mu_tot, log_s_tot, teacher(shift_right(out), mel), cfg)
             res["kl"] = round((cross - entropy).item(), 4)
     res["mel_l1"] = round(common.mel_distance(out.float(), ref, cfg.sample_rate), 4)
@@ -645,15 +649,14 @@ def sample(cfg):
     if cfg.input:
         ref = torch.as_tensor(common.load_audio(cfg.input, sr=cfg.sample_rate)[0])[None].to(rt.device)
         ref = quantize(ref[:, : ref.size(1) // cfg.hop * cfg.hop], cfg.bits)
-        if ref.size(1) < cfg.hop:
-            raise SystemExit(f"error: --input={cfg.input!r} is shorter than one hop ({cfg.hop} samples)")
+        if ref.size(1) < cfg.n_fft:
+            raise SystemExit(f"error: --input={cfg.input!r} is shorter than one mel window ({cfg.n_fft} samples)")
     else:
         ref = held_out(cfg, rt, 1, cfg.gen_seconds, "test")
     mel = mel_features(ref, cfg)
     t0 = time.time()
     if who == "student":
-        torch.manual_seed(cfg.seed)
-        wav = models["student"](logistic_noise(ref.shape, ref.device), mel)[0].clamp(-1, 1)
+        wav = models["student"](logistic_noise(ref.shape, ref.device, seed=cfg.seed), mel)[0].clamp(-1, 1)
     else:
         wav = teacher_generate(models["teacher"], mel, ref.size(1), seed=cfg.seed)
     dt = time.time() - t0
