@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import common
 import parallel_wavenet as P
-from cli import check_cli_contract, error_of, run_script
+from cli import check_cli_contract, error_of
 
 BENCH_KEYS = ("student_b1_samples_per_s", "teacher_cached_b1_samples_per_s", "student_speedup", "train_flops_per_step")
 
@@ -256,10 +256,18 @@ def clipped_update(model, loss, lr, clip):
     return [(p - lr * scale * g).detach() for p, g in zip(params, grads)]
 
 
+def sharpen(teacher, cfg, log_s=-5.0):
+    """Narrow random components (s ≈ 0.007 against means spread ~0.2): the likelihood then depends on exactly
+    which past samples the teacher saw, so an input shifted by one sample changes the loss visibly."""
+    with torch.no_grad():
+        teacher.head[3].bias[2 * cfg.n_mix:] = log_s
+    return teacher
+
+
 def test_golden_teacher_step():
     cfg = cfg_of("--grad_clip=0.5")
     state = P.build(cfg, rt_cpu())
-    randomize(state["teacher"], 0.2, 4)
+    sharpen(randomize(state["teacher"], 0.2, 4), cfg)
     sgd(state, cfg, 0.05)
     ref = copy.deepcopy(state["teacher"]).double()
     g = torch.Generator().manual_seed(0)
@@ -273,9 +281,14 @@ def test_golden_teacher_step():
     log_s = log_s.clamp(min=-7.0)
     d = 1 / (2 ** 16 - 1)
     x = w[:, None]
-    hi = torch.where(x > 1 - d, torch.ones_like(mu), torch.sigmoid((x + d - mu) / log_s.exp()))
-    lo = torch.where(x < -1 + d, torch.zeros_like(mu), torch.sigmoid((x - d - mu) / log_s.exp()))
-    nll = -((hi - lo) * F.softmax(logit, 1)).sum(1).clamp(min=1e-300).log().mean()
+    a, b = (x + d - mu) / log_s.exp(), (x - d - mu) / log_s.exp()
+    hi = torch.where(x > 1 - d, torch.ones_like(mu), torch.sigmoid(a))
+    lo = torch.where(x < -1 + d, torch.zeros_like(mu), torch.sigmoid(b))
+    # the same difference as 1-CDFs above the mean (fp64 cannot tell σ(30) from σ(29.99) near 1)
+    hi_up = torch.where(x < -1 + d, torch.ones_like(mu), torch.sigmoid(-b))
+    lo_up = torch.where(x > 1 - d, torch.zeros_like(mu), torch.sigmoid(-a))
+    p = torch.where(x > mu, hi_up - lo_up, hi - lo)
+    nll = -(p * F.softmax(logit, 1)).sum(1).log().mean()
     assert abs(out["nll_bits"].item() - nll.item() / math.log(2)) < 1e-3
     want = clipped_update(ref, nll, 0.05, 0.5)
     for p, q in zip(state["teacher"].parameters(), want):
@@ -315,11 +328,14 @@ def literal_student_loss(student, teacher, z, wav, mel, cfg, draws1, draws2=None
     return loss, kl, power
 
 
-@pytest.mark.parametrize("contrastive", [False, True])
-def test_golden_student_step(contrastive):
-    cfg = cfg_of("--stage=student", "--mode=bench", "--grad_clip=0.5", "--power_weight=3.0",
+@pytest.mark.parametrize("contrastive,clip", [(False, 100.0), (True, 0.5)])   # unclipped: every path shows
+def test_golden_student_step(contrastive, clip):
+    cfg = cfg_of("--stage=student", "--mode=bench", f"--grad_clip={clip}", "--power_weight=3.0",
                  f"--contrastive={contrastive}")
     state = teacher_ckpt_state(cfg, seed=2)
+    sharpen(state["teacher"], cfg, -3.0)
+    with torch.no_grad():                           # a teacher that listens hard to its input (the student's x):
+        state["teacher"].inp.weight.mul_(30)        # the gradient path through x_<t must show in the update
     randomize(state["student"], 0.2, 5)
     sgd(state, cfg, 0.02)
     ref_s, ref_t = copy.deepcopy(state["student"]).double(), copy.deepcopy(state["teacher"]).double()
@@ -338,33 +354,40 @@ def test_golden_student_step(contrastive):
     assert abs(out["kl"].item() - kl.item()) < 1e-4 * max(1, abs(kl.item()))
     assert abs(out["power"].item() - power.item()) < 1e-4 * max(1, abs(power.item()))
     assert abs(out["loss"].item() - loss.item()) < 1e-4 * max(1, abs(loss.item()))
-    want = clipped_update(ref_s, loss, 0.02, 0.5)
+    want = clipped_update(ref_s, loss, 0.02, clip)
     for p, q in zip(state["student"].parameters(), want):
         assert torch.allclose(p.double(), q, atol=2e-5), (p - q.float()).abs().max()
 
 # ----------------------------------------------------------------------------- command line
 
-def test_cli_teacher(tmp_path):
-    out = check_cli_contract("parallel_wavenet.py", tmp_path, flags=("--stage=teacher",), bench_keys=BENCH_KEYS)
-    assert "nll_bits" in out["eval"] and "mel_l1" in out["eval"]
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """The CLI contract of the teacher stage; its 5-step checkpoint is the student's teacher below."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    out = check_cli_contract("parallel_wavenet.py", tmp, flags=("--stage=teacher",), bench_keys=BENCH_KEYS)
+    return tmp / "run" / "ckpt.pt", out
+
+
+def test_cli_teacher(teacher_run):
+    _, out = teacher_run
+    assert "eval (test, teacher) | nll_bits" in out["eval"] and "mel_l1" in out["eval"]
+    assert "teacher vocoded" in out["sample"]
     assert out["bench_json"]["student_speedup"] > 0
 
 
-def test_cli_student(tmp_path):
-    teacher = tmp_path / "teacher"
-    run_script("parallel_wavenet.py", "--preset=tiny", "--device=cpu", "--max_iters=2", f"--out_dir={teacher}",
-               "--stage=teacher", "--eval_items=1")
-    out = check_cli_contract("parallel_wavenet.py", tmp_path / "s",
-                             flags=("--stage=student", f"--teacher={teacher}/ckpt.pt"), bench_keys=BENCH_KEYS)
-    assert "student vocoded" in out["sample"] and "kl" in out["eval"]
-    ck = torch.load(tmp_path / "s" / "run" / "ckpt.pt", weights_only=True)
-    tk = torch.load(teacher / "ckpt.pt", weights_only=True)
+def test_cli_student(teacher_run, tmp_path):
+    teacher, _ = teacher_run
+    out = check_cli_contract("parallel_wavenet.py", tmp_path, flags=("--stage=student", f"--teacher={teacher}"),
+                             bench_keys=BENCH_KEYS)
+    assert "student vocoded" in out["sample"] and "eval (test, student) | kl" in out["eval"]
+    path = tmp_path / "run" / "ckpt.pt"
+    ck, tk = (torch.load(p, weights_only=True) for p in (path, teacher))
     assert set(ck["models"]) == {"student", "teacher"}
     for k, v in tk["models"]["teacher"].items():                          # the frozen teacher, carried along
         assert torch.equal(v, ck["models"]["teacher"][k]), k
-    # the teacher samples from the student's checkpoint, autoregressively
-    p = run_script("parallel_wavenet.py", "--mode=sample", f"--init_from={tmp_path}/s/run/ckpt.pt", "--sampler=teacher")
-    assert "teacher vocoded" in p.stdout
+    # the teacher, autoregressively, from the student's checkpoint (in-process: no second interpreter start)
+    P.sample(common.parse_config(P.Config, P.PRESETS, ["--mode=sample", f"--init_from={path}", "--sampler=teacher"]))
+    assert (tmp_path / "run" / "samples" / "vocoded_teacher.wav").exists()
 
 
 def test_bad_input_one_line(tmp_path):
@@ -373,6 +396,7 @@ def test_bad_input_one_line(tmp_path):
                        (("--upsample_scales=(4, 4)",), "multiply to --hop")]:
         with pytest.raises(SystemExit, match=msg):
             cfg_of(*flags)
-    line = error_of("parallel_wavenet.py", "--preset=tiny", "--device=cpu", "--stage=student",
-                    f"--teacher={tmp_path}/none.pt", f"--out_dir={tmp_path}/s")
-    assert "no checkpoint at --teacher" in line, line
+    with pytest.raises(SystemExit, match="no checkpoint at --teacher"):
+        cfg_of("--stage=student", f"--teacher={tmp_path}/none.pt")
+    line = error_of("parallel_wavenet.py", "--preset=tiny", "--stage=student", f"--teacher={tmp_path}/none.pt")
+    assert line.startswith("error: --stage=student distils a trained teacher"), line
