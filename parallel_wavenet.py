@@ -161,8 +161,8 @@ PRESETS = {
     "tiny": dict(sample_rate=16000, fmax=8000.0, n_mels=20, layers=4, stacks=2, residual_channels=8,
                  gate_channels=16, skip_channels=16, n_mix=3, flow_layers=(2, 2), flow_cycle=2, flow_channels=8,
                  n_draws=4, power_n_fft=256, segment=1024, batch_size=2, max_iters=10, warmup_iters=2,
-                 corpus_hours=0.02, log_interval=1, eval_items=2, eval_seconds=0.25, eval_gen_seconds=0.064,
-                 gen_seconds=0.07, bench_steps=32),
+                 corpus_hours=0.02, log_interval=1, eval_items=2, eval_seconds=0.25, eval_gen_seconds=0.048,
+                 gen_seconds=0.048, bench_steps=32),
 }
 
 TEACHER_KEYS = ("sample_rate", "bits", "n_fft", "hop", "n_mels", "fmin", "fmax", "upsample_scales", "freq_axis_kernel",
@@ -489,8 +489,8 @@ def held_out(cfg, rt, n_items, seconds, split="val"):
     loud = [np.flatnonzero(np.abs(u.wav) > 0.05 * np.abs(u.wav).max()) for u in utts]
     starts = [int(i[0]) // cfg.hop * cfg.hop if len(i) else 0 for i in loud]
     n = min(min(len(u.wav) - s for u, s in zip(utts, starts)), int(seconds * cfg.sample_rate)) // cfg.hop * cfg.hop
-    if n < cfg.n_fft:
-        raise SystemExit(f"error: the {split} clips are shorter than one mel window ({cfg.n_fft} samples)")
+    if n <= (cfg.n_fft - cfg.hop) // 2:             # the mel's reflect padding needs this much
+        raise SystemExit(f"error: the {split} clips are too short for one mel frame ({n} samples)")
     wav = torch.stack([torch.as_tensor(u.wav[s:s + n]) for u, s in zip(utts, starts)]).to(rt.device)
     return quantize(wav, cfg.bits)                   # (B, n)
 
@@ -649,8 +649,8 @@ def sample(cfg):
     if cfg.input:
         ref = torch.as_tensor(common.load_audio(cfg.input, sr=cfg.sample_rate)[0])[None].to(rt.device)
         ref = quantize(ref[:, : ref.size(1) // cfg.hop * cfg.hop], cfg.bits)
-        if ref.size(1) < cfg.n_fft:
-            raise SystemExit(f"error: --input={cfg.input!r} is shorter than one mel window ({cfg.n_fft} samples)")
+        if ref.size(1) <= (cfg.n_fft - cfg.hop) // 2:  # the mel's reflect padding needs this much
+            raise SystemExit(f"error: --input={cfg.input!r} is too short for one mel frame ({ref.size(1)} samples)")
     else:
         ref = held_out(cfg, rt, 1, cfg.gen_seconds, "test")
     mel = mel_features(ref, cfg)

@@ -3,6 +3,7 @@ difference), teacher causality and cached == parallel, the IAF's exact log-deter
 Jacobian, one-pass causal sampling, the distillation KL (>= 0, ~0 when the student is the teacher), a frozen
 teacher, golden steps for both stages against literal transcriptions of the objectives, and the CLI of both stages."""
 import copy
+import json
 import math
 import os
 
@@ -375,19 +376,48 @@ def test_cli_teacher(teacher_run):
     assert out["bench_json"]["student_speedup"] > 0
 
 
-def test_cli_student(teacher_run, tmp_path):
+def run_inprocess(capsys, *argv):
+    """python parallel_wavenet.py ARGV, in this process (the torch and torch._dynamo imports that every new
+    interpreter pays, ~5 s of CPU, are paid once): returns what it printed."""
+    cfg = common.parse_config(P.Config, P.PRESETS, list(argv))
+    {"train": P.train, "sample": P.sample, "eval": P.evaluate, "bench": P.bench}[cfg.mode](cfg)
+    return capsys.readouterr().out
+
+
+def test_cli_student(teacher_run, tmp_path, capsys):
+    """The contract of check_cli_contract for the student stage (train -> resume exactly -> sample and eval
+    with no preset flag -> bench), run in-process; the teacher stage went through real subprocesses above."""
     teacher, _ = teacher_run
-    out = check_cli_contract("parallel_wavenet.py", tmp_path, flags=("--stage=student", f"--teacher={teacher}"),
-                             bench_keys=BENCH_KEYS)
-    assert "student vocoded" in out["sample"] and "eval (test, student) | kl" in out["eval"]
-    path = tmp_path / "run" / "ckpt.pt"
-    ck, tk = (torch.load(p, weights_only=True) for p in (path, teacher))
-    assert set(ck["models"]) == {"student", "teacher"}
+    d, straight = tmp_path / "run", tmp_path / "straight"
+    base = ["--preset=tiny", "--device=cpu", "--compile=False", "--stage=student", f"--teacher={teacher}"]
+    out = run_inprocess(capsys, *base, "--max_iters=3", f"--out_dir={d}")
+    assert "step 3/3" in out and "eval (val, student) | kl" in out
+    ck3 = torch.load(d / "ckpt.pt", weights_only=True)
+    out = run_inprocess(capsys, *base, "--init_from=resume", "--max_iters=5", f"--out_dir={d}")
+    assert "resumed" in out and "step 5/5" in out
+    run_inprocess(capsys, *base, "--max_iters=5", f"--out_dir={straight}")
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (d, straight))
+    assert a["step"] == b["step"] == 5 and set(a["models"]) == {"student", "teacher"}
+    for net, sd in b["models"].items():
+        for k, v in sd.items():
+            assert torch.equal(v, a["models"][net][k]), f"{net}.{k} differs between resumed and straight runs"
+    assert any(not torch.equal(v, ck3["models"]["student"][k]) for k, v in a["models"]["student"].items())
+    tk = torch.load(teacher, weights_only=True)
     for k, v in tk["models"]["teacher"].items():                          # the frozen teacher, carried along
-        assert torch.equal(v, ck["models"]["teacher"][k]), k
-    # the teacher, autoregressively, from the student's checkpoint (in-process: no second interpreter start)
-    P.sample(common.parse_config(P.Config, P.PRESETS, ["--mode=sample", f"--init_from={path}", "--sampler=teacher"]))
-    assert (tmp_path / "run" / "samples" / "vocoded_teacher.wav").exists()
+        assert torch.equal(v, a["models"]["teacher"][k]), k
+    out = run_inprocess(capsys, "--mode=sample", f"--init_from={d}/ckpt.pt")
+    assert "student vocoded" in out
+    assert (d / "samples" / "vocoded_student.wav").exists() and (d / "samples" / "vocoded_student.png").exists()
+    out = run_inprocess(capsys, "--mode=eval", f"--init_from={d}/ckpt.pt")
+    assert "eval (test, student) | kl" in out and "mel_l1" in out
+    # the teacher, autoregressively, from the student's checkpoint
+    out = run_inprocess(capsys, "--mode=sample", f"--init_from={d}/ckpt.pt", "--sampler=teacher")
+    assert "teacher vocoded" in out and (d / "samples" / "vocoded_teacher.wav").exists()
+    out = run_inprocess(capsys, *base, "--mode=bench", f"--out_dir={tmp_path / 'bench'}")
+    fig = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+    for k in ("device", "params", "compiled", "peak_memory_mb", "train_step_ms", *BENCH_KEYS):
+        assert fig.get(k) is not None, k
+    assert fig["stage"] == "student" and fig["params"] == fig["student_params"]
 
 
 def test_bad_input_one_line(tmp_path):
