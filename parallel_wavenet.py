@@ -22,12 +22,14 @@ The student's checkpoint carries its teacher, so sample/eval from it need no oth
 Simplified or changed versus the paper (section numbers as recalled; the card marks what was checked):
 - conditioned on mel spectrograms (upsampled by transposed convolutions as in wavenet.py), not linguistic
   features + log F0; no speaker embedding (the mel carries the voice); the built-in eSpeak corpus.
-- widths are not in the paper: the teacher follows bfs18's MoL WaveNet (512 residual, 256 skip); the student
+- widths are not in the paper: the teacher follows bfs18's MoL WaveNet (512 residual, 256 skip; gates 2 × 512 ours); the student
   uses the paper's 64 units. The four flows share one mel upsampler.
 - the cross-entropy uses the teacher's mixture *density* (the 16-bit discretised likelihood divided by the bin
   width; bins are 3e-5 wide, narrower than any teacher scale): KL and entropy are then both in nats per sample.
 - no perceptual (phone-classifier) loss (§4.1), no Polyak averaging of weights; gradient clipping added; Adam
-  with a short warm-up; log-scales clamped as bfs18 ([-9, 7] in the student, >= -7 in the teacher).
+  with a short warm-up; log-scales clamped (the student's flows to bfs18's [-9, 7], the teacher's at r9y9's -7).
+- each flow starts at μ = 0, log s = -1 (x = z·e^-4 over four flows): a quiet first sample the teacher can score.
+- logged losses are rank 0's under torchrun (not averaged over ranks).
 - the power loss's STFT settings and normalisation, and the number of draws per step for the cross-entropy,
   are not in the paper (twidddj#5): 1024-point frames averaged over time, 100 draws (bfs18).
 
@@ -40,7 +42,6 @@ Simplified or changed versus the paper (section numbers as recalled; the card ma
     python parallel_wavenet.py --mode=bench               # student one pass vs teacher cached steps, batch 1
     torchrun --standalone --nproc_per_node=8 parallel_wavenet.py --stage=student
 """
-import copy
 import math
 import os
 import time

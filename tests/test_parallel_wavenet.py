@@ -262,6 +262,7 @@ def sharpen(teacher, cfg, log_s=-5.0):
     which past samples the teacher saw, so an input shifted by one sample changes the loss visibly."""
     with torch.no_grad():
         teacher.head[3].bias[2 * cfg.n_mix:] = log_s
+        teacher.head[3].bias[2 * cfg.n_mix] = -9.0   # one component below the log-scale floor (-7): clamped
     return teacher
 
 
