@@ -126,7 +126,6 @@ class Config:
             bad(f"--stage must be teacher or student (got {self.stage!r})")
         if self.sampler not in ("auto", "student", "teacher"):
             bad(f"--sampler must be auto, student or teacher (got {self.sampler!r})")
-        self.out_dir = self.out_dir.replace("{stage}", self.stage)
         if math.prod(self.upsample_scales) != self.hop:
             bad(f"--upsample_scales {self.upsample_scales} must multiply to --hop={self.hop}")
         if self.segment % self.hop:
