@@ -114,7 +114,8 @@ class Config:
     lr: float = 5e-4                    # peak learning rate
     betas: tuple = (0.9, 0.98)          # AdamW betas
     weight_decay: float = 0.01          # AdamW weight decay
-    warmup: int = 32_000                # linear warm-up steps, then linear decay to 0
+    warmup: int = 32_000                # linear warm-up steps, then linear decay to 0 ...
+    lr_decay_iters: int = 400_000       # ... at this step (as nanoGPT, apart from max_iters so resume is exact)
     grad_clip: float = 10.0             # gradient-norm clip
     batch_size: int = 8
     segment: int = 250_000              # crop length in samples (HuBERT: up to 15.6 s)
@@ -171,12 +172,12 @@ PRESETS = {  # the official WavLM-Base / Base+ / Large cfg (microsoft/unilm wavl
     "small":     dict(conv_layers=((128, 10, 5),) + ((128, 3, 2),) * 4 + ((128, 2, 2),) * 2, dim=192, layers=4,
                       heads=4, ffn=768, conv_pos=32, conv_pos_groups=8, final_dim=64, num_classes=100,
                       dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=200, batch_size=8, segment=32_000,
-                      max_iters=2000, eval_interval=500, log_interval=25, eval_items=32, corpus_hours=0.5,
+                      max_iters=2000, lr_decay_iters=2000, eval_interval=500, log_interval=25, eval_items=32, corpus_hours=0.5,
                       kmeans_frames=40_000, bench_seconds=10.0),   # ~3 M: a CPU run of about 15 minutes
     "tiny":      dict(conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2, dim=32, layers=2,
                       heads=2, ffn=64, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64,
                       final_dim=16, num_classes=8, dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=2,
-                      batch_size=2, segment=16_000, max_iters=10, eval_interval=1000, log_interval=1,
+                      batch_size=2, segment=16_000, max_iters=10, lr_decay_iters=1000, eval_interval=1000, log_interval=1,
                       eval_items=2, corpus_hours=0.02, kmeans_frames=2000, kmeans_iters=10, bench_iters=2,
                       bench_seconds=1.0, probe_steps=20),    # tests
 }
@@ -667,7 +668,7 @@ def build(cfg, rt):
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "label_embs" not in n)]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)],
                             lr=cfg.lr, betas=cfg.betas, eps=1e-6)
-    warm, total = max(1, cfg.warmup), max(cfg.max_iters, cfg.warmup + 1)
+    warm, total = max(1, cfg.warmup), max(cfg.lr_decay_iters, cfg.warmup + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(   # linear warm-up, then linear decay to 0 (fairseq polynomial)
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / (total - warm))))
     state.update(opt=opt, sched=sched)
@@ -727,10 +728,10 @@ def eval_batches(cfg, split):
 
 
 @torch.no_grad()
-def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
+def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=None):
     """Masked-prediction accuracy on held-out audio, clean and with a second voice mixed in (the targets stay
     the clean primary's): the denoising claim in one number. Draws from its own generator (training's RNG
-    is untouched, so a resumed run equals a straight one)."""
+    is untouched, so a resumed run equals a straight one). labeller: train()'s {"km", "teacher"}."""
     km = None
     if model is None:
         rt = rt or common.setup(cfg, log_to_file=False)
@@ -738,7 +739,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
         if km is None:
             raise SystemExit("error: --mode=eval scores masked prediction against our k-means targets; an official "
                              "file has no head or targets (use --mode=probe or --mode=features with it)")
-    state = dict(model=model, km=km if km is not None else EVAL_KM.get("km"))
+    state = dict(labeller or {}, model=model, **({"km": km} if km is not None else {}))
     was = model.training
     model.eval()
     utts = eval_batches(cfg, split)
@@ -770,9 +771,6 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     return sums
 
 
-EVAL_KM = {}   # train() puts its labeller here so evaluate(cfg, model) scores against the same targets
-
-
 def train(cfg):
     rt = common.setup(cfg)
     state = build(cfg, rt)
@@ -784,7 +782,7 @@ def train(cfg):
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS, official=load_official)
     if not int(state["km"].fitted):                        # scratch, or weights from a file without targets
         fit_targets(state, train_clips, cfg, rt)
-    EVAL_KM["km"] = state["km"]
+    labeller = {k: state[k] for k in ("km", "teacher") if k in state}
     model = state["model"]
     common.log(f"WavLM: {common.count_params(model) / 1e6:.2f} M parameters ({encoder_params(model) / 1e6:.2f} M "
                f"without the pre-training head), {cfg.layers} layers, D={cfg.dim}")
@@ -796,7 +794,7 @@ def train(cfg):
         prog.update(step, losses, audio_seconds=cfg.batch_size * cfg.segment / cfg.sample_rate * rt.world_size)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if rt.master:
-                evaluate(cfg, common.unwrap(state["model"]), rt, split="val",
+                evaluate(cfg, common.unwrap(state["model"]), rt, split="val", labeller=labeller,
                          samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
             common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)

@@ -310,26 +310,30 @@ def test_cli_contract_features_probe_iteration2(tmp_path):
     out = check_cli_contract("wavlm.py", tmp_path, bench_keys=("train_audio_s_per_s", "features_rtf_eager",
                                                                "train_flops_per_step"))
     assert "eval | split test" in out["eval"] and "acc_m_mixed" in out["eval"]
+    # the rest in-process (a subprocess costs seconds of imports): features, probes, iteration 2
     d = tmp_path / "run"
-    run_script("wavlm.py", "--mode=features", f"--init_from={d}/ckpt.pt", "--feature_layer=1",
-               "--feature_splits=val,test")
+    def cfg_for(**kw):
+        return common.parse_config(wavlm.Config, wavlm.PRESETS, [f"--{k}={v}" for k, v in kw.items()],
+                                   modes=("train", "features", "probe"))
+    wavlm.features(cfg_for(mode="features", init_from=f"{d}/ckpt.pt", feature_layer=1, feature_splits="val,test"))
     index = json.load(open(d / "features" / "index.json"))
     assert index["frame_rate"] == 50 and index["dim"] == 32 and index["layer"] == 1 and index["items"]
     it = index["items"][0]
     f = np.load(d / "features" / it["path"])
-    assert f.shape == (it["frames"], 32) and f.dtype == np.float32 and it["frames"] == int(it["seconds"] * 16000 - 400) // 320 + 1
-    # the official format, no preset flag: size from the file
-    m = wavlm.WavLM(tiny_cfg())
-    torch.save(wavlm.to_official(m), tmp_path / "WavLM-tiny.pt")
-    p = run_script("wavlm.py", "--mode=features", f"--init_from={tmp_path}/WavLM-tiny.pt", f"--out_dir={tmp_path}/off",
-                   "--feature_splits=test")
-    assert "dim=32" in p.stdout and os.path.exists(tmp_path / "off" / "features" / "index.json")
-    p = run_script("wavlm.py", "--mode=probe", f"--init_from={d}/ckpt.pt")
-    assert p.stdout.count("probe |") == 3 and "speaker-id acc clean" in p.stdout
-    # HuBERT iteration 2: re-cluster the first model's layer features, train a fresh model on them
-    p = run_script("wavlm.py", "--preset=tiny", "--device=cpu", "--max_iters=2", "--targets=features",
-                   f"--teacher={d}/ckpt.pt", "--target_layer=1", f"--out_dir={tmp_path}/it2")
-    assert "k-means targets (features)" in p.stdout and "step 2/2" in p.stdout
+    assert f.shape == (it["frames"], 32) and f.dtype == np.float32
+    assert it["frames"] == wavlm.num_frames(wavlm.Config(), round(it["seconds"] * 16000))
+    # the official format, no preset flag: the size comes from the file
+    torch.save(wavlm.to_official(wavlm.WavLM(tiny_cfg(layers=3))), tmp_path / "WavLM-tiny.pt")
+    wavlm.features(cfg_for(mode="features", init_from=f"{tmp_path}/WavLM-tiny.pt", out_dir=f"{tmp_path}/off",
+                           feature_splits="test", feature_layer=3))
+    assert json.load(open(tmp_path / "off" / "features" / "index.json"))["dim"] == 32
+    res = wavlm.probe(cfg_for(mode="probe", init_from=f"{d}/ckpt.pt"))
+    assert {("clean", "mfcc"), ("mixed", "layer2")} <= set(res) and all(0 <= a <= 1 for v in res.values() for a in v)
+    # HuBERT iteration 2: re-cluster the first model's layer-1 features, train a fresh model on them
+    wavlm.train(cfg_for(preset="tiny", device="cpu", max_iters=2, targets="features", teacher=f"{d}/ckpt.pt",
+                        target_layer=1, out_dir=f"{tmp_path}/it2"))
+    ck = torch.load(tmp_path / "it2" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["models"]["km"]["centroids"].shape == (8, 32) and "teacher" in ck["models"]
 
 
 def test_bad_input_gives_one_error_line(tmp_path):
