@@ -171,8 +171,8 @@ PRESETS = {  # the official WavLM-Base / Base+ / Large cfg (microsoft/unilm wavl
                       attention_dropout=0.0, lr=1.5e-3, grad_clip=1.0, batch_size=4),   # 316.62 M
     "small":     dict(conv_layers=((128, 10, 5),) + ((128, 3, 2),) * 4 + ((128, 2, 2),) * 2, dim=192, layers=4,
                       heads=4, ffn=768, conv_pos=32, conv_pos_groups=8, final_dim=64, num_classes=100,
-                      dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=200, batch_size=8, segment=32_000,
-                      max_iters=2000, lr_decay_iters=2000, eval_interval=500, log_interval=25, eval_items=32, corpus_hours=0.5,
+                      dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=80, batch_size=8, segment=16_000,
+                      max_iters=800, lr_decay_iters=800, eval_interval=200, log_interval=25, eval_items=32, corpus_hours=0.5,
                       kmeans_frames=40_000, bench_seconds=10.0),   # ~3 M: a CPU run of about 15 minutes
     "tiny":      dict(conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2, dim=32, layers=2,
                       heads=2, ffn=64, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64,
