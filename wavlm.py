@@ -126,7 +126,6 @@ class Config:
     # features / probes
     feature_layer: int = -1             # --mode=features: the layer written (-1 = the output)
     feature_splits: tuple = ("train", "val", "test")  # --mode=features: splits written
-    probe_layer: int = -1               # --mode=probe: the layer probed (-1 = the best of all, on val)
     probe_steps: int = 300              # --mode=probe: full-batch optimizer steps per probe
     device: str = "auto"
     dtype: str = "auto"                 # bf16 autocast on CUDA, fp32 elsewhere
@@ -937,9 +936,7 @@ def probe(cfg):
                                spk[1], common.num_speakers(tr), cfg.probe_steps)
             wb = linear_probe(torch.cat([f[k] for f in ftr]), ybt, torch.cat([f[k] for f in fte]), ybe, 2, cfg.probe_steps)
             results[(cond, n)] = (sid, wb)
-    best = max(names[2:], key=lambda n: results[("clean", n)][0] + results[("clean", n)][1]) \
-        if cfg.probe_layer == -1 else f"layer{cfg.probe_layer}"
-    for n in ("log-mel", "mfcc", best):
+    for n in names:                                        # every layer: no layer is picked on the test set
         common.log(f"probe | {n:8s} | speaker-id acc clean {results[('clean', n)][0]:.3f} mixed "
                    f"{results[('mixed', n)][0]:.3f} | word-boundary bal-acc clean {results[('clean', n)][1]:.3f} "
                    f"mixed {results[('mixed', n)][1]:.3f} | train {len(tr)} utts, test {len(te)}")
