@@ -428,12 +428,16 @@ def is_official(ckpt):
 def load_official(state, ckpt):
     """common.init_from's hook for --init_from=WavLM-*.pt: the encoder weights; the head stays fresh."""
     model = common.unwrap(state["model"])
-    probe = type(model.cfg)(**common.config_dict(model.cfg))
-    changes = config_from_official(probe, ckpt)
+    check_official(model.cfg, ckpt)
+    load_official_into(model, ckpt)
+
+
+def check_official(cfg, ckpt):
+    """One error line naming the flags to pass when an official file does not fit cfg's architecture."""
+    changes = config_from_official(type(cfg)(**common.config_dict(cfg)), ckpt)
     if changes:
         raise SystemExit("error: the official file does not fit this model; pass " +
                          " ".join(f"--{c}" for c in changes))
-    load_official_into(model, ckpt)
 
 
 def load_official_into(model, ckpt):
@@ -695,8 +699,9 @@ def train_step(state, batch, cfg, rt):
     return dict(loss=loss.detach(), acc_m=acc_m, acc_u=acc_u, gnorm=gnorm)
 
 
-def load_for_inference(cfg, rt):
-    """(model, km, cfg): our checkpoint (its config, with flags on top) or an official file (size inferred)."""
+def load_for_inference(cfg, rt=None):
+    """(model, km or None, cfg, rt): our checkpoint (its config, with flags on top) or an official file (size
+    inferred). The file is checked before common.setup, so a bad one gives one error line and nothing else."""
     if cfg.init_from == "scratch":
         raise SystemExit(f"error: --mode={cfg.mode} needs a model: --init_from=resume, a checkpoint of ours, "
                          "or an official WavLM-Base.pt / WavLM-Base+.pt / WavLM-Large.pt")
@@ -704,17 +709,25 @@ def load_for_inference(cfg, rt):
     ckpt = common.load_checkpoint(path)
     if common.is_ours(ckpt):
         common.check_checkpoint(ckpt, cfg, ARCH_KEYS)
-        model = WavLM(cfg).to(rt.device)
-        km = KMeans(cfg.num_classes, ckpt["models"]["km"]["centroids"].shape[1]).to(rt.device)
-        common.load_models(ckpt, cfg, {"model": model, "km": km}, ARCH_KEYS)
         if cfg.targets == "features" and cfg.mode in ("eval", "sample"):
             raise SystemExit("error: a model trained on --targets=features is scored against its teacher's "
                              "targets, which eval/sample do not load; use --mode=features or --mode=probe")
-        return model.eval(), km, cfg
+        rt = rt or common.setup(cfg, log_to_file=False)
+        model = WavLM(cfg).to(rt.device)
+        km = KMeans(cfg.num_classes, ckpt["models"]["km"]["centroids"].shape[1]).to(rt.device)
+        common.load_models(ckpt, cfg, {"model": model, "km": km}, ARCH_KEYS)
+        return model.eval(), km, cfg, rt
+    if not is_official(ckpt):
+        raise SystemExit(f"error: --init_from={path!r} is neither a nanoaudio wavlm checkpoint nor an official "
+                         "WavLM file (a dict with 'cfg' and 'model')")
+    if cfg.mode == "eval":
+        raise SystemExit("error: --mode=eval scores masked prediction against our k-means targets; an official "
+                         "file has no head or targets (use --mode=probe or --mode=features with it)")
+    rt = rt or common.setup(cfg, log_to_file=False)
     model, km, ocfg = load_any(path, rt)
     for k in ARCH_KEYS:
         setattr(cfg, k, getattr(ocfg, k))
-    return model, km, cfg
+    return model, km, cfg, rt
 
 
 def eval_batches(cfg, split):
@@ -733,11 +746,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=
     is untouched, so a resumed run equals a straight one). labeller: train()'s {"km", "teacher"}."""
     km = None
     if model is None:
-        rt = rt or common.setup(cfg, log_to_file=False)
-        model, km, cfg = load_for_inference(cfg, rt)
-        if km is None:
-            raise SystemExit("error: --mode=eval scores masked prediction against our k-means targets; an official "
-                             "file has no head or targets (use --mode=probe or --mode=features with it)")
+        model, km, cfg, rt = load_for_inference(cfg, rt)
     state = dict(labeller or {}, model=model, **({"km": km} if km is not None else {}))
     was = model.training
     model.eval()
@@ -771,6 +780,11 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=
 
 
 def train(cfg):
+    if cfg.init_from not in ("scratch", "resume") and os.path.isfile(cfg.init_from):
+        ckpt = common.load_checkpoint(cfg.init_from)       # an official file that does not fit: say so first
+        if is_official(ckpt):
+            check_official(cfg, ckpt)
+        del ckpt
     rt = common.setup(cfg)
     state = build(cfg, rt)
     train_clips, val_clips = load_split(cfg, "train"), load_split(cfg, "val")
@@ -804,8 +818,7 @@ def train(cfg):
 def sample(cfg):
     """Encode --input (or a held-out utterance): write it (and a version with a second voice mixed in) as
     wav + png, and log how often the predicted units of the mixed audio equal the clean audio's."""
-    rt = common.setup(cfg, log_to_file=False)
-    model, km, cfg = load_for_inference(cfg, rt)
+    model, km, cfg, rt = load_for_inference(cfg)
     if cfg.input:
         wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
         name, other = os.path.splitext(os.path.basename(cfg.input))[0], None
@@ -840,8 +853,7 @@ def layer_features(model, wav, rt):
 
 def features(cfg):
     """Write per-utterance features of one layer as .npy, and index.json (layout in the module docstring)."""
-    rt = common.setup(cfg, log_to_file=False)
-    model, _, cfg = load_for_inference(cfg, rt)
+    model, _, cfg, rt = load_for_inference(cfg)
     root = os.path.join(cfg.out_dir, "features")
     if not -1 <= cfg.feature_layer <= cfg.layers:
         raise SystemExit(f"error: --feature_layer must be in -1..{cfg.layers} (got {cfg.feature_layer})")
@@ -917,8 +929,7 @@ def _probe_inputs(model, cfg, rt, utts, mixed, seed):
 def probe(cfg):
     """Linear probes on frozen features (speaker ID from utterance means; word boundaries per frame) against
     log-mel and MFCC, trained on clean train audio and tested on clean and on two-voice test audio."""
-    rt = common.setup(cfg, log_to_file=False)
-    model, _, cfg = load_for_inference(cfg, rt)
+    model, _, cfg, rt = load_for_inference(cfg)
     tr = load_split(cfg, "train")[: max(cfg.eval_items * 4, 8)]
     te = [u for u in load_split(cfg, "test") + load_split(cfg, "val") if u.speaker in {t.speaker for t in tr}]
     te = te[: max(cfg.eval_items, 2)]

@@ -340,17 +340,19 @@ def test_cli_contract_features_probe_iteration2(tmp_path):
 
 
 def test_bad_input_gives_one_error_line(tmp_path):
-    assert "--targets must be" in error_of("wavlm.py", "--preset=tiny", "--targets=hubert")
-    assert "--teacher" in error_of("wavlm.py", "--preset=tiny", "--targets=features")
-    assert "mix_max_frac" in error_of("wavlm.py", "--preset=tiny", "--mix_max_frac=0.8")
-    assert "--segment" in error_of("wavlm.py", "--preset=tiny", "--segment=1000")
+    for flags, msg in ((["--targets=hubert"], "--targets must be"), (["--targets=features"], "--teacher"),
+                       (["--mix_max_frac=0.8"], "mix_max_frac"), (["--segment=1000"], "--segment"),
+                       (["--teacher=/nonexistent.pt"], "does not exist")):
+        with pytest.raises(SystemExit, match=msg):   # Config.validate, through parse_config (no subprocess)
+            common.parse_config(wavlm.Config, wavlm.PRESETS, ["--preset=tiny", *flags],
+                                modes=("train", "sample", "eval", "bench", "features", "probe"))
+    # errors past parse_config, in a real process: one line, no traceback
     assert "needs a model" in error_of("wavlm.py", "--preset=tiny", "--mode=eval")
-    assert "does not exist" in error_of("wavlm.py", "--preset=tiny", "--mode=sample", "--init_from=/nonexistent.pt")
     bad = tmp_path / "junk.pt"
     torch.save({"foo": torch.zeros(1)}, bad)
-    assert "neither" in error_of("wavlm.py", "--mode=features", f"--init_from={bad}")
+    assert "neither" in error_of("wavlm.py", "--preset=tiny", "--mode=features", f"--init_from={bad}")
     torch.save(wavlm.to_official(wavlm.WavLM(tiny_cfg())), tmp_path / "WavLM-tiny.pt")
     line = error_of("wavlm.py", "--preset=tiny", "--dim=64", "--max_iters=1", f"--init_from={tmp_path}/WavLM-tiny.pt",
                     f"--out_dir={tmp_path}/x")
     assert "--dim=32" in line, line
-    assert "no head or targets" in error_of("wavlm.py", "--mode=eval", f"--init_from={tmp_path}/WavLM-tiny.pt")
+    assert "no head or targets" in error_of("wavlm.py", "--preset=tiny", "--mode=eval", f"--init_from={tmp_path}/WavLM-tiny.pt")
