@@ -594,3 +594,60 @@ def test_bad_audio_is_rejected_at_load(tmp_path):
     common.save_audio(str(d / "c2.wav"), np.zeros(1000, np.float32), 16000)
     with pytest.raises(SystemExit, match="c0.wav.*NaN"):
         [common.load_corpus(Config(data_dir=str(d)), s, 16000) for s in ("train", "val", "test")]
+
+
+def test_corpus_other_languages(corpus_root):
+    """--corpus_languages: French/German/Spanish sentences with word-for-word English translations, their own voices."""
+    @dataclass
+    class C(Config):
+        corpus_languages: str = "en,fr,de"  # languages of the built-in speech
+    cfg = C(corpus_hours=0.01)
+    utts = sum((common.load_corpus(cfg, s, 16000) for s in ("train", "val", "test")), [])
+    by = {l: [u for u in utts if u.language == l] for l in ("en", "fr", "de")}
+    assert all(len(v) >= 12 for v in by.values())
+    assert all(u.translation == "" for u in by["en"]) and all(u.translation for u in by["fr"] + by["de"])
+    fr_voices = {common.ALL_VOICES[u.speaker][0] for u in by["fr"]}
+    assert fr_voices <= {"fr", "fr+f3", "fr+m3"} and common.num_speakers(utts) == len(common.ALL_VOICES)
+    u = by["de"][0]
+    assert u.words and [w for w, _, _ in u.words] == u.text.split() and u.duration > 0.5
+    nums = [w for w in u.text.split() if w.isdigit()]
+    assert all(n in u.translation.split() for n in nums)  # digits carry over into the translation
+    assert {u.text for u in by["fr"] if u.id.endswith("0")}.isdisjoint({u.text for u in by["de"]})
+    with pytest.raises(SystemExit, match="corpus_languages: xx"):
+        common.load_corpus(C(corpus_languages="en,xx"), "train", 16000)
+    rng = np.random.default_rng(0)
+    text, en = common.make_sentence_in("es", rng)
+    assert len(text.split()) >= 3 and len(en.split()) >= 3
+
+
+def test_safetensors_reader_and_per_stage_out_dir(tmp_path):
+    import struct
+    t = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, -2], dtype=torch.int64),
+         "h": torch.tensor([0.5, 1.5], dtype=torch.bfloat16)}
+    header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
+    names = {torch.float32: "F32", torch.int64: "I64", torch.bfloat16: "BF16"}
+    for k, v in t.items():
+        raw = v.contiguous().view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header).encode()
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    got = common.load_checkpoint(str(tmp_path / "w.safetensors"))
+    assert set(got) == set(t) and all(torch.equal(got[k], t[k]) for k in t)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(SystemExit, match="bad.safetensors"):
+        common.load_checkpoint(str(tmp_path / "bad.safetensors"))
+
+    @dataclass
+    class C(Config):
+        stage: str = "teacher"        # a two-stage file
+        out_dir: str = str(tmp_path / "{stage}")  # one folder per stage
+    assert common.parse_config(C, PRESETS, ["--stage=student"]).out_dir == str(tmp_path / "student")
+    common.save_checkpoint(C(out_dir=str(tmp_path / "student"), stage="student", width=6), 1, {"model": Tiny(6)})
+    cfg = common.parse_config(C, PRESETS, ["--stage=student", "--init_from=resume"])
+    assert cfg.width == 6 and cfg.out_dir == str(tmp_path / "student")  # the stage's checkpoint config was found
+    s = common.SegmentSampler([np.arange(100, dtype=np.float32), np.arange(5, dtype=np.float32)], 10, 4, seed=0)
+    x, idx = s.next()
+    for row, i, st in zip(x, idx, s.last_starts):
+        assert (st == 0 if i == 1 else row[0] == st)
