@@ -638,8 +638,10 @@ def colored_noise(n, length, beta):
     """(n, length) unit-variance Gaussian noise with a 1/f^beta power spectrum (beta (n,): 0 white, 1 pink, 2 brown)."""
     spec = torch.fft.rfft(torch.randn(n, length), dim=-1)  # (n, length/2+1)
     f = torch.arange(spec.shape[-1]).clamp(min=1).float()
-    noise = torch.fft.irfft(spec * f[None] ** (-beta[:, None] / 2), n=length, dim=-1)
-    return noise / noise.std(-1, keepdim=True).clamp(min=1e-8)
+    spec = spec * f[None] ** (-beta[:, None] / 2)
+    spec[:, 0] = 0  # no DC offset: the RMS below is the noise's power
+    noise = torch.fft.irfft(spec, n=length, dim=-1)
+    return noise / noise.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-8)
 
 
 def add_noise(clean, snr_db, beta):
