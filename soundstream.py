@@ -22,8 +22,11 @@ Simplified or changed here (honestly):
 - FiLM sits once, on the embedding (after the encoder, or before the decoder), with a flag c ∈ {0, 1}:
   (1 + γ c) ⊙ z + β c, so "denoise off" is exactly the plain codec. Noise is synthetic coloured Gaussian noise
   at 0-20 dB SNR added to the built-in speech and music (the paper: Freesound noise on LibriTTS speech).
-- The CPU `small` preset narrows everything (C = 8, D = 64, discriminator widths / 4), crops 0.5 s, and trains
-  1200 steps at lr 1e-3 with the first 200 steps as a plain autoencoder (cfg.quantizer_warmup; 0 in the paper).
+- The CPU `small` preset narrows everything (C = 8, D = 64, discriminator widths / 8), trains on batches of
+  6 x 0.4 s for 1200 steps at lr 1e-3, the first 200 as a plain autoencoder (cfg.quantizer_warmup; 0 in the paper).
+- Feature matching is the mean absolute difference over every layer of every discriminator (the paper's
+  1/(K L) Σ with each map's elements averaged); the reconstruction loss sums over frames as the paper writes it,
+  so it is ~1e5 at the start and dominates the total (Adam does not mind the scale).
 - Real-time streaming is exact but not optimised (no fused kernels, no int8); no entropy coding.
 
     python soundstream.py                                          # train on the built-in speech+music corpus
