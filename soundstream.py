@@ -771,17 +771,22 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
             res[f"{kind}_{kbps:g}kbps_si_snr"], res[f"{kind}_{kbps:g}kbps_mel"] = float(np.mean(snr)), float(np.mean(mel))
     if cfg.film != "none":  # §3.5: one codec, denoising switched by the flag
         for kbps in cfg.bitrates:
-            out = {0: [], 1: []}
+            snr, mel = {0: [], 1: []}, {0: [], 1: []}
             for i, c in enumerate(clips[kinds[0]]):
                 x = _noisy(c[None, None], cfg, seed=i).to(dev)
                 for flag in (0, 1):
                     cond = torch.full((1,), float(flag), device=dev)
                     y = model.decode(model.encode(x, model.n_q_for(kbps), cond), cond)[..., :x.shape[-1]].cpu()
-                    out[flag].append(common.si_snr(y, c))
+                    snr[flag].append(common.si_snr(y, c))  # against the CLEAN reference
+                    mel[flag].append(common.mel_distance(y[0, 0], c, sr))
                     if samples_dir and i == 0 and kbps == cfg.bitrates[-1]:
                         common.save_sample(samples_dir, f"noisy_{kbps:g}kbps_denoise{flag}", y[0, 0], sr, ref=c)
-            res[f"noisy_{kbps:g}kbps_off"], res[f"noisy_{kbps:g}kbps_on"] = float(np.mean(out[0])), float(np.mean(out[1]))
-        res["noisy_input"] = float(np.mean([common.si_snr(_noisy(c[None, None], cfg, i), c) for i, c in enumerate(clips[kinds[0]])]))
+            for flag, name in ((0, "off"), (1, "on")):
+                res[f"noisy_{kbps:g}kbps_{name}_si_snr"] = float(np.mean(snr[flag]))
+                res[f"noisy_{kbps:g}kbps_{name}_mel"] = float(np.mean(mel[flag]))
+        noisy = [_noisy(c[None, None], cfg, i)[0, 0] for i, c in enumerate(clips[kinds[0]])]  # the input itself
+        res["noisy_input_si_snr"] = float(np.mean([common.si_snr(n_, c) for n_, c in zip(noisy, clips[kinds[0]])]))
+        res["noisy_input_mel"] = float(np.mean([common.mel_distance(n_, c, sr) for n_, c in zip(noisy, clips[kinds[0]])]))
     common.log(f"eval ({split}) | " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
     model.train(was_training)
     return res

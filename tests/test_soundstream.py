@@ -408,7 +408,7 @@ def test_cli_contract(tmp_path):
                              bench_keys=("train_audio_s_per_s", "encode_rtf_b1_eager", "decode_rtf_b1_eager",
                                          "stream_rtf_b1_eager", "train_flops_per_step"))
     assert "bitrate: 75 Hz x 4 bits x n_q" in out["train"]
-    assert "eval (test) | speech_0.6kbps_si_snr" in out["eval"] and "noisy_1.2kbps_on" in out["eval"]
+    assert "eval (test) | speech_0.6kbps_si_snr" in out["eval"] and "noisy_1.2kbps_on_mel" in out["eval"]
     assert "SI-SNR" in out["sample"]
 
 
