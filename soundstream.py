@@ -4,12 +4,15 @@ SoundStream: An End-to-End Neural Audio Codec (Zeghidour, Luebs, Omran, Skoglund
 The idea: a fully convolutional, causal encoder (strides 2·4·5·8) turns 24 kHz audio into 75 embeddings per
 second; a residual vector quantizer (RVQ, Alg. 1) replaces each by up to N_q ten-bit codes, each codebook
 quantizing what the ones before it left; a mirror decoder turns the codes back into audio. Quantizer dropout
-(§3.3) draws a number of codebooks n_q ∈ {1..N_q} per training example, so ONE model serves 3 to 18 kbps
-(75 Hz × 10 bits × n_q). A FiLM layer driven by a "denoise" flag (§3.5) makes the same codec a speech
-enhancer on demand, at the encoder or the decoder side. Training (§3.4) adds a multi-scale waveform
+(§III-C) draws a number of codebooks n_q ∈ {1..N_q} per training example, so ONE model serves 3 to 18 kbps
+(75 Hz × 10 bits × n_q). A FiLM layer driven by a "denoise" flag (§III-F) makes the same codec a speech
+enhancer on demand, at the encoder or the decoder side. Training (§III-D, §III-E) adds a multi-scale waveform
 discriminator and an STFT discriminator on complex spectrograms (hinge loss, feature matching) to a
 multi-scale mel reconstruction loss. Every convolution is causal, so encoding and decoding stream in chunks
 with exactly the offline result.
+
+Section labels are the arXiv paper's (III-A encoder, III-B decoder, III-C RVQ, III-D discriminators, III-E
+training objective, III-F joint compression and enhancement; Alg. 1 the RVQ), as recalled, not re-checked.
 
 Simplified or changed here (honestly):
 - The embedding dimension D, the optimizer, lr, batch and step count are not in the paper (addendum §4): this
@@ -62,34 +65,34 @@ class Config:
     data_dir: str = ""                 # empty: the built-in corpus (speech + music)
     corpus_hours: float = 2.0          # size of the built-in corpus
     input: str = ""                    # --mode=sample: a wav to encode/decode instead of held-out clips
-    # encoder / decoder (§3.1, §3.2, Fig. 2)
-    sample_rate: int = 24000           # §4: 24 kHz
+    # encoder / decoder (§III-A, §III-B)
+    sample_rate: int = 24000           # §IV: 24 kHz
     n_filters: int = 32                # C: channels after the first conv, doubled by every encoder block
     dimension: int = 128               # D, the embedding dimension (not in the paper; addendum §4)
     strides: tuple = (2, 4, 5, 8)      # encoder block strides -> hop 320 -> 75 Hz at 24 kHz (decoder: reversed)
     dilations: tuple = (1, 3, 9)       # the three residual units of every block
-    # residual vector quantizer (§3.3, Alg. 1)
+    # residual vector quantizer (§III-C, Alg. 1)
     n_q: int = 24                      # N_q codebooks: 24 x 10 bits x 75 Hz = 18 kbps
     codebook_size: int = 1024          # entries per codebook (10 bits)
     bitrates: tuple = (3.0, 6.0, 12.0, 18.0)  # kbps at which evaluate() and sample() run (n_q = 4, 8, 16, 24)
-    quantizer_dropout: bool = True     # §3.3: n_q ~ U{1..N_q} per example; False = always N_q (single bitrate)
+    quantizer_dropout: bool = True     # §III-C: n_q ~ U{1..N_q} per example; False = always N_q (single bitrate)
     ema_decay: float = 0.99            # EMA decay of the codebook statistics (VQ-VAE-2 updates)
     kmeans_iters: int = 50             # k-means iterations on the first batch (codebook init)
     dead_code_threshold: float = 2.0   # a code whose EMA usage falls below this is re-seeded from the batch
     quantizer_warmup: int = 0          # first steps with the RVQ bypassed, k-means after (laptop-scale aid, not in the paper)
-    # joint compression and enhancement (§3.5)
+    # joint compression and enhancement (§III-F)
     film: str = "encoder"              # where FiLM applies the denoise flag: encoder | decoder | none
     noise_prob: float = 0.5            # fraction of training examples with background noise added
     denoise_prob: float = 0.5          # fraction of training examples with the denoise flag on (target = clean)
     snr_range: tuple = (0.0, 20.0)     # SNR (dB) of the added noise, drawn uniformly
     eval_snr: float = 5.0              # SNR (dB) of the noisy held-out speech in evaluate()
-    # discriminators (§3.4)
+    # discriminators (§III-D)
     wave_scales: int = 3               # multi-scale waveform discriminator: raw, x2 and x4 downsampled
     wave_channels: int = 16            # first conv width of each waveform discriminator (MelGAN layout)
     stft_channels: int = 32            # C of the STFT discriminator
     stft_window: int = 1024            # W of its STFT
     stft_hop: int = 256                # H of its STFT
-    # losses (§3.4)
+    # losses (§III-E)
     lambda_adv: float = 1.0            # hinge adversarial
     lambda_feat: float = 100.0         # feature matching
     lambda_rec: float = 1.0            # multi-scale spectral reconstruction
@@ -113,7 +116,8 @@ class Config:
     seed: int = 1337
 
     def validate(self):
-        bad = lambda msg: (_ for _ in ()).throw(SystemExit(f"error: {msg}"))
+        def bad(msg):
+            raise SystemExit(f"error: {msg}")
         if self.film not in ("encoder", "decoder", "none"):
             bad(f"--film must be encoder, decoder or none (got {self.film!r})")
         if self.n_q < 1 or self.codebook_size < 2 or self.dimension < 1 or self.n_filters < 1:
@@ -136,7 +140,7 @@ class Config:
 
 
 PRESETS = {
-    "paper": dict(),                                       # §4: C = 32, N_q = 24 (3-18 kbps), 24 kHz
+    "paper": dict(),                                       # §IV: C = 32, N_q = 24 (3-18 kbps), 24 kHz
     "small": dict(n_filters=8, dimension=64, wave_channels=2, stft_channels=4, segment=9600, batch_size=6,
                   max_iters=1200, log_interval=20, eval_interval=400, eval_items=4, bench_seconds=4.0,
                   kmeans_iters=20, corpus_hours=1.0,
@@ -169,7 +173,7 @@ def _init(conv, gain=1.0):
 
 
 class CausalConv1d(nn.Module):
-    """Conv1d padded with k_eff - stride zeros on the LEFT (§3.1: "all convolutions are causal"), so output
+    """Conv1d padded with k_eff - stride zeros on the LEFT (§III-A: every convolution is causal), so output
     frame t sees samples < (t+1)*stride only. stream() keeps those samples as an explicit history buffer."""
 
     def __init__(self, cin, cout, kernel, stride=1, dilation=1, gain=1.0):
@@ -221,7 +225,7 @@ class CausalConvTranspose1d(nn.Module):
 
 
 class ResidualUnit(nn.Module):
-    """Fig. 2: causal conv k7 (dilation 1, 3 or 9) -> ELU -> conv k1, plus the identity."""
+    """§III-A: causal conv k7 (dilation 1, 3 or 9) -> ELU -> conv k1, plus the identity."""
 
     def __init__(self, dim, dilation):
         super().__init__()
@@ -237,7 +241,7 @@ class ResidualUnit(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Fig. 2: three residual units (dilations 1, 3, 9), then a strided conv (kernel 2S, stride S) doubling the channels."""
+    """§III-A: three residual units (dilations 1, 3, 9), then a strided conv (kernel 2S, stride S) doubling the channels."""
 
     def __init__(self, dim, stride, cfg):
         super().__init__()
@@ -277,7 +281,7 @@ class DecoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """§3.1, Fig. 2: conv k7 (1 -> C) -> 4 blocks (strides 2, 4, 5, 8; C -> 16C) -> conv k3 -> D. No LSTM, no
+    """§III-A: conv k7 (1 -> C) -> 4 blocks (strides 2, 4, 5, 8; C -> 16C) -> conv k3 -> D. No LSTM, no
     normalisation: fully convolutional. (B, 1, T) -> (B, D, T/320)"""
 
     def __init__(self, cfg):
@@ -301,7 +305,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The mirror image (§3.2): conv k7 (D -> 16C) -> 4 blocks (strides 8, 5, 4, 2; 16C -> C) -> conv k7 -> 1."""
+    """The mirror image (§III-B): conv k7 (D -> 16C) -> 4 blocks (strides 8, 5, 4, 2; 16C -> C) -> conv k7 -> 1."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -324,7 +328,7 @@ class Decoder(nn.Module):
 
 
 class FiLM(nn.Module):
-    """§3.5: feature-wise linear modulation of the embedding by the denoise flag c ∈ {0, 1} (B,):
+    """§III-F: feature-wise linear modulation of the embedding by the denoise flag c ∈ {0, 1} (B,):
     (1 + γ c) ⊙ z + β c per channel. c = 0 is exactly the identity: the plain codec."""
 
     def __init__(self, dim):
@@ -350,7 +354,7 @@ def _nearest(x, embed):
 
 
 def kmeans(x, k, iters):
-    """Lloyd's algorithm on the first batch: the codebook initialisation of §3.3."""
+    """Lloyd's algorithm on the first batch: the codebook initialisation of §III-C."""
     means = _sample_rows(x, k)
     for _ in range(iters):
         assign = _nearest(x, means)
@@ -361,7 +365,7 @@ def kmeans(x, k, iters):
 
 
 class Codebook(nn.Module):
-    """One VQ layer (§3.3): nearest-neighbour lookup in `embed`, learned by exponential moving averages as in
+    """One VQ layer (§III-C): nearest-neighbour lookup in `embed`, learned by exponential moving averages as in
     VQ-VAE-2 (no gradients), k-means initialised, dead codes re-seeded from the batch."""
 
     def __init__(self, cfg):
@@ -404,7 +408,7 @@ class Codebook(nn.Module):
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no division by 0
         self.embed.copy_(self.embed_avg / smoothed[:, None])
-        # §3.3: a code unused for several batches is replaced by a random input vector of the current batch. Its
+        # §III-C: a code unused for several batches is replaced by a random input vector of the current batch. Its
         # usage restarts at the uniform share (at least the threshold), so it gets a few batches of grace.
         dead = self.cluster_size < self.threshold
         if dead.any():
@@ -422,7 +426,7 @@ class Codebook(nn.Module):
 
 
 class ResidualVectorQuantizer(nn.Module):
-    """Alg. 1: codebook i quantizes the residual codebooks 1..i-1 left. Quantizer dropout (§3.3): example b
+    """Alg. 1: codebook i quantizes the residual codebooks 1..i-1 left. Quantizer dropout (§III-C): example b
     uses only its first n_q[b] codebooks, so the decoder learns to work from any prefix."""
 
     def __init__(self, cfg):
@@ -466,7 +470,7 @@ class ResidualVectorQuantizer(nn.Module):
 
 
 class SoundStream(nn.Module):
-    """Encoder -> (FiLM) -> RVQ -> (FiLM) -> decoder (Fig. 1, §3.5), with the bitrate arithmetic of §3.3."""
+    """Encoder -> (FiLM) -> RVQ -> (FiLM) -> decoder (§III, §III-F), with the bitrate arithmetic of §III-C."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -510,7 +514,7 @@ class SoundStream(nn.Module):
 
 
 class WaveDiscriminator(nn.Module):
-    """One scale of the multi-scale waveform discriminator (§3.4, MelGAN's layout): grouped strided convs."""
+    """One scale of the multi-scale waveform discriminator (§III-D, MelGAN's layout): grouped strided convs."""
 
     def __init__(self, ch):
         super().__init__()
@@ -532,7 +536,7 @@ class WaveDiscriminator(nn.Module):
 
 
 class ResidualUnit2d(nn.Module):
-    """§3.4 STFT discriminator unit: conv 3x3 -> ELU -> conv (s_t+2)x(s_f+2) with stride (s_t, s_f), plus a
+    """§III-D STFT discriminator unit: conv 3x3 -> ELU -> conv (s_t+2)x(s_f+2) with stride (s_t, s_f), plus a
     strided 1x1 skip; N channels inside, m*N out."""
 
     def __init__(self, cin, n, m, stride):
@@ -547,7 +551,7 @@ class ResidualUnit2d(nn.Module):
 
 
 class STFTDiscriminator(nn.Module):
-    """§3.4: 2-D convs on the complex STFT (W = 1024, H = 256) laid out as 2 channels, real and imaginary
+    """§III-D: 2-D convs on the complex STFT (W = 1024, H = 256) laid out as 2 channels, real and imaginary
     (B, 2, frames, W/2 bins); six residual units halve the frequency axis to W/128 bins, which a last conv
     collapses: 1-D logits over time."""
 
@@ -556,7 +560,7 @@ class STFTDiscriminator(nn.Module):
         C, self.W, self.H = cfg.stft_channels, cfg.stft_window, cfg.stft_hop
         self.register_buffer("window", torch.hann_window(self.W), persistent=False)
         self.conv_in = nn.Conv2d(2, C, 7, padding=3)
-        # (N, m, (s_t, s_f)) per unit: the channel layout of the paper's Fig. 4 as wesbz reads it
+        # (N, m, (s_t, s_f)) per unit: the paper's STFT-discriminator layout as wesbz/SoundStream reads it
         layout = [(C, 2, (1, 2)), (2 * C, 2, (2, 2)), (4 * C, 1, (1, 2)), (4 * C, 2, (2, 2)), (8 * C, 1, (1, 2)),
                   (8 * C, 2, (2, 2))]
         self.units, cin = nn.ModuleList(), C
@@ -582,7 +586,7 @@ class STFTDiscriminator(nn.Module):
 
 
 class Discriminators(nn.Module):
-    """§3.4: the K = wave_scales + 1 discriminators: waveform at 1x, 2x, 4x downsampling, and the STFT one."""
+    """§III-D: the K = wave_scales + 1 discriminators: waveform at 1x, 2x, 4x downsampling, and the STFT one."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -603,25 +607,25 @@ class Discriminators(nn.Module):
 # ----------------------------------------------------------------------------- loss
 
 def discriminator_loss(logits_real, logits_fake):
-    """§3.4 hinge: 1/K Σ_k mean_t [relu(1 - D_k(x)) + relu(1 + D_k(G(x)))]."""
+    """§III-E hinge: 1/K Σ_k mean_t [relu(1 - D_k(x)) + relu(1 + D_k(G(x)))]."""
     return sum(F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean()
                for r, f in zip(logits_real, logits_fake)) / len(logits_real)
 
 
 def generator_adv_loss(logits_fake):
-    """§3.4: 1/K Σ_k mean_t relu(1 - D_k(G(x)))."""
+    """§III-E: 1/K Σ_k mean_t relu(1 - D_k(G(x)))."""
     return sum(F.relu(1 - l.float()).mean() for l in logits_fake) / len(logits_fake)
 
 
 def feature_loss(fmap_real, fmap_fake):
-    """§3.4: 1/(K L) Σ_{k,l} mean |D_k^l(x) - D_k^l(G(x))|, over every layer of every discriminator (absolute,
+    """§III-E: 1/(K L) Σ_{k,l} mean |D_k^l(x) - D_k^l(G(x))|, over every layer of every discriminator (absolute,
     not EnCodec's relative L1); the real features are targets (no gradient)."""
     terms = [(r.detach().float() - f.float()).abs().mean() for fr, ff in zip(fmap_real, fmap_fake) for r, f in zip(fr, ff)]
     return sum(terms) / len(terms)
 
 
 def reconstruction_loss(x, x_hat, cfg):
-    """§3.4: Σ_{s=2^6..2^11} Σ_t ‖S_t^s(x) - S_t^s(x̂)‖_1 + α_s ‖log S_t^s(x) - log S_t^s(x̂)‖_2, α_s = sqrt(s/2),
+    """§III-E: Σ_{s=2^6..2^11} Σ_t ‖S_t^s(x) - S_t^s(x̂)‖_1 + α_s ‖log S_t^s(x) - log S_t^s(x̂)‖_2, α_s = sqrt(s/2),
     with S^s a 64-bin mel spectrogram of window s and hop s/4: summed over frames t (as the paper writes it, not
     averaged), averaged over the batch."""
     total = 0.0
@@ -648,19 +652,19 @@ def colored_noise(n, length, beta):
 
 
 def add_noise(clean, snr_db, beta):
-    """§3.5: background noise at a given SNR (dB). clean (B, 1, T), snr_db and beta (B,)."""
+    """§III-F: background noise at a given SNR (dB). clean (B, 1, T), snr_db and beta (B,)."""
     noise = colored_noise(clean.shape[0], clean.shape[-1], beta)[:, None]  # (B, 1, T)
     rms = clean.pow(2).mean(-1, keepdim=True).sqrt()
     return clean + noise * rms * 10 ** (-snr_db[:, None, None] / 20)
 
 
 def get_batch(sampler, cfg, rt):
-    """(input, target, denoise flag, n_q) per example (§3.3, §3.5). With FiLM, half the inputs get noise and half
+    """(input, target, denoise flag, n_q) per example (§III-C, §III-F). With FiLM, half the inputs get noise and half
     the examples ask for denoising: target = clean when the flag is on, the input itself (noisy or not) when off.
     Every draw comes from torch's global RNG (checkpointed), so a resumed run draws what a straight one would."""
     B = cfg.batch_size
     clean = sampler.next()[0].view(B, 1, cfg.segment)  # (B, 1, T)
-    # §3.3 quantizer dropout: n_q uniform in {1, ..., N_q} (randint's high is exclusive) for every example
+    # §III-C quantizer dropout: n_q uniform in {1, ..., N_q} (randint's high is exclusive) for every example
     n_q = torch.randint(1, cfg.n_q + 1, (B,)) if cfg.quantizer_dropout else torch.full((B,), cfg.n_q)
     noisy, flag = torch.rand(B) < cfg.noise_prob, torch.rand(B) < cfg.denoise_prob
     lo, hi = cfg.snr_range
@@ -687,7 +691,7 @@ def build(cfg, rt):
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
     common.log(f"params: encoder {common.count_params(G.encoder):,} | decoder {common.count_params(G.decoder):,} | "
                f"discriminators {common.count_params(D):,}")
-    # §3.3: each codebook costs log2(1024) = 10 bits per frame, 75 frames a second
+    # §III-C: each codebook costs log2(1024) = 10 bits per frame, 75 frames a second
     common.log(f"bitrate: {G.frame_rate:g} Hz x {G.bits} bits x n_q = " +
                ", ".join(f"{G.kbps(G.n_q_for(b)):g} kbps at n_q={G.n_q_for(b)}" for b in cfg.bitrates) +
                f" (1..{cfg.n_q} codebooks: {G.kbps(1):g}..{G.kbps(cfg.n_q):g} kbps)")
@@ -700,7 +704,7 @@ def _clip(opt, cfg):
 
 
 def train_step(state, batch, cfg, rt):
-    """One step of §3.4: the discriminators' hinge update on (target, G(input)), then the codec's update on
+    """One step of §III-E: the discriminators' hinge update on (target, G(input)), then the codec's update on
     λ_adv·adversarial + λ_feat·feature matching + λ_rec·reconstruction against the updated discriminators."""
     G, D, opt_g, opt_d = state["G"], state["D"], state["opt_g"], state["opt_d"]
     y, B = batch["target"], batch["target"].shape[0]
@@ -739,8 +743,7 @@ def load_for_inference(cfg, rt):
 
 def _noisy(clean, cfg, seed):
     # the same noise for every evaluation: its own generator, pink noise at cfg.eval_snr
-    g = torch.random.fork_rng()
-    with g:
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         return add_noise(clean, torch.full((clean.shape[0],), cfg.eval_snr), torch.ones(clean.shape[0]))
 
@@ -769,7 +772,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
                 if samples_dir and i == 0:
                     common.save_sample(samples_dir, f"{kind}_{kbps:g}kbps", y[0, 0], sr, ref=c)
             res[f"{kind}_{kbps:g}kbps_si_snr"], res[f"{kind}_{kbps:g}kbps_mel"] = float(np.mean(snr)), float(np.mean(mel))
-    if cfg.film != "none":  # §3.5: one codec, denoising switched by the flag
+    if cfg.film != "none":  # §III-F: one codec, denoising switched by the flag
         for kbps in cfg.bitrates:
             snr, mel = {0: [], 1: []}, {0: [], 1: []}
             for i, c in enumerate(clips[kinds[0]]):
