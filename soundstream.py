@@ -149,7 +149,7 @@ PRESETS = {
                   lr=1e-3, quantizer_warmup=200,
                   # the threshold 2 suits 32 x 1 s batches (2400 frames, 2.3 per code); 6 x 0.4 s gives 180
                   # frames (0.18 per code): scale it by the frames per batch
-                  dead_code_threshold=2.0 * (6 * 30) / (32 * 75)),  # ~15 min on a laptop CPU
+                  dead_code_threshold=2.0 * (6 * 30) / (32 * 75)),  # CPU: 5-10 s/step on a busy 2-core box (README)
     "tiny": dict(n_filters=2, dimension=8, n_q=4, codebook_size=16, bitrates=(0.6, 1.2), kmeans_iters=3,
                  wave_scales=2, wave_channels=1, stft_channels=2, stft_window=256, stft_hop=64,
                  mel_scales=(6, 7), segment=4800, batch_size=2, max_iters=10, log_interval=1,
