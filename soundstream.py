@@ -769,7 +769,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
                 y = model.decode(model.encode(x, model.n_q_for(kbps)))[..., :x.shape[-1]].cpu()
                 snr.append(common.si_snr(y, c))
                 mel.append(common.mel_distance(y[0, 0], c, sr))
-                if samples_dir and i == 0:
+                if samples_dir and i == 0 and kbps == cfg.bitrates[-1]:  # (--mode=sample writes every bitrate)
                     common.save_sample(samples_dir, f"{kind}_{kbps:g}kbps", y[0, 0], sr, ref=c)
             res[f"{kind}_{kbps:g}kbps_si_snr"], res[f"{kind}_{kbps:g}kbps_mel"] = float(np.mean(snr)), float(np.mean(mel))
     if cfg.film != "none":  # §III-F: one codec, denoising switched by the flag
@@ -782,8 +782,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
                     y = model.decode(model.encode(x, model.n_q_for(kbps), cond), cond)[..., :x.shape[-1]].cpu()
                     snr[flag].append(common.si_snr(y, c))  # against the CLEAN reference
                     mel[flag].append(common.mel_distance(y[0, 0], c, sr))
-                    if samples_dir and i == 0 and kbps == cfg.bitrates[-1]:
-                        common.save_sample(samples_dir, f"noisy_{kbps:g}kbps_denoise{flag}", y[0, 0], sr, ref=c)
+                    if samples_dir and i == 0 and kbps == cfg.bitrates[-1] and flag:
+                        common.save_sample(samples_dir, f"noisy_{kbps:g}kbps_denoised", y[0, 0], sr, ref=c)
             for flag, name in ((0, "off"), (1, "on")):
                 res[f"noisy_{kbps:g}kbps_{name}_si_snr"] = float(np.mean(snr[flag]))
                 res[f"noisy_{kbps:g}kbps_{name}_mel"] = float(np.mean(mel[flag]))
@@ -842,7 +842,7 @@ def sample(cfg):
             common.save_sample(out, f"{name}_{kbps:g}kbps", y, cfg.sample_rate, ref=c)
             common.log(f"{name} @ {kbps:g} kbps ({model.n_q_for(kbps)} codebooks): SI-SNR {common.si_snr(y, c):.2f} dB "
                        f"-> {out}/{name}_{kbps:g}kbps.wav")
-        if cfg.film != "none":
+        if cfg.film != "none" and name == items[0][0]:  # §III-F on the first item (speech): denoise off / on
             noisy = _noisy(c[None, None], cfg, seed=0)
             common.save_sample(out, f"{name}_noisy", noisy[0, 0], cfg.sample_rate, ref=c)
             for flag in (0, 1):
