@@ -119,7 +119,7 @@ def test_cached_equals_naive(flags):
     model, cfg = tiny_model(*flags)
     with torch.no_grad():          # peakier softmax so that a wrong logit would change the drawn samples
         model.head[-1].weight.mul_(20)
-    B, n = 3, 300                  # n >> receptive field (15): the ring buffers wrap around many times
+    B, n = 3, 200                  # n >> receptive field (15): the ring buffers wrap around many times
     mel = torch.randn(B, cfg.n_mels, 2) if cfg.cond_mel else None
     spk = torch.tensor([0, 1, 2])
     naive = W.generate(model, n, mel, spk, temperature=1.0, seed=7, method="naive")
@@ -312,7 +312,7 @@ def test_overfit_one_batch_through_train_step():
 
 # ----------------------------------------------------------------------------- command line
 
-def test_cli_contract_units_and_lr_on_resume(tmp_path):
+def test_cli_contract_units_lr_on_resume_and_wrong_checkpoint(tmp_path):
     out = check_cli_contract("wavenet.py", tmp_path, bench_keys=(
         "train_audio_s_per_s", "train_flops_per_step", "receptive_field", "naive_b1_samples_per_s",
         "cached_b1_samples_per_s", "naive_b16_samples_per_s", "cached_b16_samples_per_s"))
@@ -333,12 +333,8 @@ def test_cli_contract_units_and_lr_on_resume(tmp_path):
     after = common.load_checkpoint(f"{d}/ckpt.pt")
     assert after["step"] == 5
     assert all(torch.equal(v, after["models"]["model"][k]) for k, v in before["models"]["model"].items())
-
-
-def test_wrong_checkpoint_rejected(tmp_path):
-    d = str(tmp_path)
-    run_script("wavenet.py", "--preset=tiny", "--device=cpu", "--max_iters=1", f"--out_dir={d}")
-    ck = common.load_checkpoint(f"{d}/ckpt.pt")
+    # a checkpoint that does not fit the flags is refused, naming them
+    ck = after
     cfg = cfg_of("tiny", "--n_speakers=3", "--residual_channels=12", "--fmax=7000")
     with pytest.raises(SystemExit, match="fmax.*residual_channels"):        # arch and feature keys, named
         common.check_checkpoint(ck, cfg, W.ARCH_KEYS)
