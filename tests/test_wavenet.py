@@ -2,7 +2,7 @@
 naive generation, a golden training step against a literal transcription of the paper's teacher forcing, the lr
 schedule, overfitting through train_step, and the command line (the shared contract, a changed --lr on resume,
 bad flags and bad data)."""
-import copy
+import dataclasses
 import math
 import os
 
@@ -104,10 +104,12 @@ def test_upsampler_length_init_and_alignment():
     wav = torch.zeros(1, 8 * cfg.hop)
     wav[0, 5 * cfg.hop + cfg.hop // 2] = 1.0                  # a click in the middle of frame 5
     assert W.mel_features(wav, cfg)[0].mean(0).argmax() == 5
+    model, cfg = tiny_model("--cond_speaker=False")
     for k in (1, 3, 5):
         imp = torch.zeros(1, cfg.n_mels, 8)
         imp[:, :, k] = 1.0
-        c = model.upsample(imp).detach()                       # (1, M, 8·hop), what conditioning() crops
+        c, _ = model.conditioning(imp, None, 8 * cfg.hop)      # (1, M, 8·hop): what every layer adds
+        c = c.detach()
         e = c[0].abs().sum(0)                                  # (T,)
         centre = float((e * torch.arange(e.numel())).sum() / e.sum())
         assert abs(centre - (k * cfg.hop + cfg.hop / 2)) < cfg.hop / 4, (k, centre)
@@ -247,26 +249,34 @@ def check_update(model, before, ref_delta, what, rtol=2e-4):
 
 
 def test_golden_step():
-    """Three real train_step calls against the literal transcription above: the first with the file's own Adam
-    (lr warming up from lr / warmup_iters), then two with SGD swapped in, where gradient clipping and the
-    schedule's step both show in the update."""
+    """Real train_step calls against the literal transcription above: two with the file's own Adam (lr warming
+    up from lr / warmup_iters), then two with SGD swapped in, where gradient clipping and the schedule's step
+    show in the update directly."""
     cfg = cfg_of("tiny", "--n_speakers=3", "--lr=10", "--grad_clip=0.02", "--lr_half_life=3")
     # audio at μ-law bin centres, so fp32 (the file) and fp64 (the reference) agree on every class
     on_bins = lambda w: common.mulaw_dequantize(common.mulaw_quantize(w)).float()
     wav, spk = on_bins(speechlike(2, cfg.segment, cfg.sample_rate)), torch.tensor([0, 2])
-    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup_iters) * 0.5 ** (s / cfg.lr_half_life)
+    lr_at = lambda s, c=cfg: c.lr * min(1.0, (s + 1) / c.warmup_iters) * 0.5 ** (s / c.lr_half_life)
 
-    # 1. the file's optimizer: Adam's first step is lr0 · g / (|g| + eps) (m and v bias-corrected)
+    wav2 = on_bins(speechlike(2, cfg.segment, cfg.sample_rate, seed=1))
+
+    # 1. the file's optimizer, Adam (Kingma & Ba, Alg. 1) with cfg.betas, on clipped gradients, two steps
+    adam = dataclasses.replace(cfg, lr=0.01)
     torch.manual_seed(0)
-    state = W.build(cfg, CPU)
+    state = W.build(adam, CPU)
     model = state["model"]
-    before = {k: v.detach().clone().double() for k, v in model.named_parameters()}
-    loss, grads = ref_loss_and_grads(model, cfg, wav, spk)
-    assert 5.0 < loss < 6.0                                                 # ~ln 256 at init
-    out = W.train_step(state, (wav, spk), cfg, CPU)
-    assert abs(float(out["bits_per_sample"]) - loss / math.log(2)) < 1e-4   # the log's unit: bits per sample
-    g, norm = clipped(grads, cfg.grad_clip)
-    check_update(model, before, {k: -lr_at(0) * g[k] / (g[k].abs() + 1e-8) for k in g}, "Adam step 1", rtol=1e-3)
+    (b1, b2), m, v = adam.betas, 0, 0
+    for s, batch in enumerate([(wav, spk), (wav2, spk)]):
+        before = {k: p.detach().clone().double() for k, p in model.named_parameters()}
+        loss, grads = ref_loss_and_grads(model, cfg, *batch)
+        assert 5.0 < loss < 6.0                                             # ~ln 256 at init
+        g, norm = clipped(grads, cfg.grad_clip)
+        m = {k: b1 * (m[k] if s else 0) + (1 - b1) * g[k] for k in g}
+        v = {k: b2 * (v[k] if s else 0) + (1 - b2) * g[k] ** 2 for k in g}
+        step = {k: -lr_at(s, adam) * (m[k] / (1 - b1 ** (s + 1))) / ((v[k] / (1 - b2 ** (s + 1))).sqrt() + 1e-8) for k in g}
+        out = W.train_step(state, batch, adam, CPU)
+        assert abs(float(out["bits_per_sample"]) - loss / math.log(2)) < 1e-4   # the log's unit: bits per sample
+        check_update(model, before, step, f"Adam step {s + 1}", rtol=1e-3)
 
     # 2. SGD in place of Adam, same scheduler: p <- p - lr_s · clip(g), s = 0, 1
     torch.manual_seed(0)
@@ -274,7 +284,6 @@ def test_golden_step():
     model = state["model"]
     state["opt"] = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     state["sched"] = torch.optim.lr_scheduler.LambdaLR(state["opt"], state["sched"].lr_lambdas[0])
-    wav2 = on_bins(speechlike(2, cfg.segment, cfg.sample_rate, seed=1))
     for s, batch in enumerate([(wav, spk), (wav2, spk)]):
         before = {k: v.detach().clone().double() for k, v in model.named_parameters()}
         loss, grads = ref_loss_and_grads(model, cfg, *batch)
