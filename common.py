@@ -873,13 +873,18 @@ def bpe_encoding(ranks, special_tokens=(), name="nanoaudio-bpe"):
 # ----------------------------------------------------------------------------- data
 
 class Utterance:
-    """One clip: audio (float32, (T,) or (C, T)), its rate, transcript, word times and speaker."""
-    __slots__ = ("id", "_audio", "sr", "text", "words", "speaker", "speaker_name", "n_speakers")
+    """One clip: audio (float32, (T,) or (C, T)), its rate, transcript, word times, speaker, language and (for a
+    non-English clip of the built-in corpus) the English translation of its transcript."""
+    __slots__ = ("id", "_audio", "sr", "text", "words", "speaker", "speaker_name", "n_speakers", "language",
+                 "translation")
 
-    def __init__(self, id, audio, sr, text="", words=(), speaker=0, speaker_name="", n_speakers=None):
+    def __init__(self, id, audio, sr, text="", words=(), speaker=0, speaker_name="", n_speakers=None,
+                 language="en", translation=""):
         self.id, self._audio, self.sr, self.text = id, audio, sr, text
         self.words, self.speaker, self.speaker_name = words, speaker, speaker_name
-        self.n_speakers = NUM_SPEAKERS if n_speakers is None else n_speakers  # speakers in the whole dataset (all splits): the size of an embedding table
+        # speakers in the whole dataset (all splits): the size of an embedding table
+        self.n_speakers = NUM_SPEAKERS if n_speakers is None else n_speakers
+        self.language, self.translation = language, translation
 
     @property
     def wav(self):
@@ -935,7 +940,9 @@ def _builtin(kind, split, sr, mono, hours, seed):
             a = a[0]
         words = it["words"]
         words = tuple(tuple(map(tuple, w)) for w in words) if kind == "dialogue" else [tuple(w) for w in words]
-        utts.append(Utterance(it["id"], a, sr, it["text"], words, it["speaker"], it["speaker_name"]))
+        n_spk = NUM_SPEAKERS if it.get("language", "en") == "en" else len(ALL_VOICES)
+        utts.append(Utterance(it["id"], a, sr, it["text"], words, it["speaker"], it["speaker_name"], n_spk,
+                              it.get("language", "en"), it.get("translation", "")))
     return utts
 
 
@@ -1026,7 +1033,8 @@ def check_clips(clips, min_len, what):
 
 def load_corpus(cfg, split, sr, kind="speech", mono=True, channels=None):
     """Clips of one split at rate sr: the built-in corpus (cfg.corpus_hours), or cfg.data_dir if set.
-    kind: speech | dialogue | music | audio (speech and music together, for the codecs)."""
+    kind: speech | dialogue | music | audio (speech and music together, for the codecs). Speech is English unless the
+    config has `corpus_languages` ("en,fr,de,es": each language's own corpus of corpus_hours, concatenated)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     data_dir = getattr(cfg, "data_dir", "")
@@ -1035,7 +1043,16 @@ def load_corpus(cfg, split, sr, kind="speech", mono=True, channels=None):
     hours, seed = getattr(cfg, "corpus_hours", 2.0), 1337  # the corpus seed is fixed: one corpus for every run
     if kind == "audio":
         return _builtin("speech", split, sr, mono, hours, seed) + _builtin("music", split, sr, mono, hours, seed)
-    utts = _builtin(kind, split, sr, mono, hours, seed)
+    if kind == "speech":  # --corpus_languages=en,fr: English and the other languages' speech together
+        langs = getattr(cfg, "corpus_languages", "en")
+        langs = [l.strip() for l in (langs.split(",") if isinstance(langs, str) else langs) if l.strip()]
+        bad = [l for l in langs if l != "en" and l not in _LANG]
+        if bad or not langs:
+            raise SystemExit(f"error: --corpus_languages: {', '.join(bad) or 'none given'}; the built-in corpus "
+                             f"speaks en, {', '.join(_LANG)}")
+        utts = sum((_builtin("speech" if l == "en" else f"speech-{l}", split, sr, mono, hours, seed) for l in langs), [])
+    else:
+        utts = _builtin(kind, split, sr, mono, hours, seed)
     if channels is not None and not mono and kind == "speech":  # mono speech for a multi-channel model
         for u in utts:
             u._audio = np.repeat(u._audio[None], channels, 0)
@@ -1295,6 +1312,93 @@ _ORD = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eig
         "twelve": "twelfth"}
 
 
+# Other languages (--corpus_languages=en,fr,de,es), for language identification and X -> English translation in
+# miniature (Whisper §2.3). Each sentence is written with its English translation word for word; numbers are digits,
+# which eSpeak reads in the voice's language, and the translation keeps them as digits. Nouns are plurals.
+LANG_VOICES = {
+    "fr": [("fr", 50, 160), ("fr+f3", 65, 165), ("fr+m3", 40, 155)],
+    "de": [("de", 50, 160), ("de+f3", 65, 165), ("de+m3", 40, 155)],
+    "es": [("es", 50, 165), ("es+f3", 65, 170), ("es+m3", 40, 160)],
+}
+ALL_VOICES = VOICES + [v for lang in LANG_VOICES for v in LANG_VOICES[lang]]  # speaker ids index this list
+_NOUNS_EN = "cats books trees flowers apples dogs tables letters houses cars pencils bottles oranges bananas windows " \
+            "doors chairs stars lamps cups".split()
+_PLACES_EN = ["the kitchen", "the garden", "the school", "the shop", "the station", "the park"]
+_CITIES_EN = "paris berlin madrid rome vienna lisbon".split()
+_LANG = {
+    "fr": dict(
+        noun="chats livres arbres fleurs pommes chiens tables lettres maisons voitures crayons bouteilles oranges "
+             "bananes fenêtres portes chaises étoiles lampes tasses".split(),
+        place=["la cuisine", "le jardin", "l'école", "le magasin", "la gare", "le parc"],
+        city="paris berlin madrid rome vienne lisbonne".split(),
+        month="janvier février mars avril mai juin juillet août septembre octobre novembre décembre".split(),
+        templates=[("{name} a {num} {noun}", "{name} has {num} {noun_en}"),
+                   ("il y a {num} {noun} dans {place}", "there are {num} {noun_en} in {place_en}"),
+                   ("nous avons acheté {num} {noun}", "we bought {num} {noun_en}"),
+                   ("{name} et {name2} habitent à {city}", "{name} and {name2} live in {city_en}"),
+                   ("{name} arrive en {month}", "{name} arrives in {month_en}"),
+                   ("{name} aime les {noun}", "{name} likes {noun_en}")]),
+    "de": dict(
+        noun="katzen bücher bäume blumen äpfel hunde tische briefe häuser autos stifte flaschen orangen bananen "
+             "fenster türen stühle sterne lampen tassen".split(),
+        place=["der küche", "dem garten", "der schule", "dem laden", "dem bahnhof", "dem park"],
+        city="paris berlin madrid rom wien lissabon".split(),
+        month="januar februar märz april mai juni juli august september oktober november dezember".split(),
+        templates=[("{name} hat {num} {noun}", "{name} has {num} {noun_en}"),
+                   ("es gibt {num} {noun} in {place}", "there are {num} {noun_en} in {place_en}"),
+                   ("wir haben {num} {noun} gekauft", "we bought {num} {noun_en}"),
+                   ("{name} und {name2} wohnen in {city}", "{name} and {name2} live in {city_en}"),
+                   ("{name} kommt im {month}", "{name} arrives in {month_en}"),
+                   ("{name} mag {noun}", "{name} likes {noun_en}")]),
+    "es": dict(
+        noun="gatos libros árboles flores manzanas perros mesas cartas casas coches lápices botellas naranjas "
+             "plátanos ventanas puertas sillas estrellas lámparas tazas".split(),
+        place=["la cocina", "el jardín", "la escuela", "la tienda", "la estación", "el parque"],
+        city="parís berlín madrid roma viena lisboa".split(),
+        month="enero febrero marzo abril mayo junio julio agosto septiembre octubre noviembre diciembre".split(),
+        templates=[("{name} tiene {num} {noun}", "{name} has {num} {noun_en}"),
+                   ("hay {num} {noun} en {place}", "there are {num} {noun_en} in {place_en}"),
+                   ("compramos {num} {noun}", "we bought {num} {noun_en}"),
+                   ("{name} y {name2} viven en {city}", "{name} and {name2} live in {city_en}"),
+                   ("{name} llega en {month}", "{name} arrives in {month_en}"),
+                   ("{name} compra {noun}", "{name} buys {noun_en}")]),
+}
+_LANG_NAMES = "anna paul sophie lucas emma hugo clara leon julia max nina felix sara tom lena david".split()
+
+
+def make_sentence_in(lang, rng):
+    """(sentence in `lang`, its English translation), from one of the language's templates."""
+    L = _LANG[lang]
+    t, t_en = L["templates"][rng.integers(len(L["templates"]))]
+    i, p, c, m = (int(rng.integers(len(L[k]))) for k in ("noun", "place", "city", "month"))
+    fill = dict(name=_LANG_NAMES[rng.integers(len(_LANG_NAMES))], name2=_LANG_NAMES[rng.integers(len(_LANG_NAMES))],
+                num=str(int(rng.integers(2, 100))), noun=L["noun"][i], noun_en=_NOUNS_EN[i], place=L["place"][p],
+                place_en=_PLACES_EN[p], city=L["city"][c], city_en=_CITIES_EN[c], month=L["month"][m],
+                month_en=_W["month"][m])
+    return t.format(**fill), t_en.format(**fill)
+
+
+def _lang_jobs(lang, hours, seed):
+    """As _speech_jobs for another language: (split, text, speaker id, pitch and rate jitter, translation)."""
+    rng = np.random.default_rng([seed, sum(map(ord, lang))])
+    order = list(LANG_VOICES)
+    first = len(VOICES) + sum(len(LANG_VOICES[l]) for l in order[:order.index(lang)])
+    n = max(12, int(hours * 3600 / 2.0))
+    seen, jobs = set(), []
+    for _ in range(50 * n):  # a language has fewer distinct sentences than English: stop when they run out
+        if len(jobs) >= n:
+            break
+        text, en = make_sentence_in(lang, rng)
+        if text in seen:
+            continue
+        seen.add(text)
+        r = len(jobs) % 20
+        split = "val" if r == 10 else "test" if r == 19 else "train"
+        spk = first + int(rng.integers(len(LANG_VOICES[lang])))
+        jobs.append((split, text, spk, int(rng.integers(-6, 7)), float(rng.uniform(-0.08, 0.08)), en))
+    return jobs
+
+
 def number_words(n):
     """0..9999 spelled out, as eSpeak will say it (so transcripts match the audio word for word)."""
     if n < 20:
@@ -1448,7 +1552,7 @@ def _speak_block(jobs):
 
 def _speak(job, engine):
     text, spk, pitch_j, rate_j = job
-    voice, pitch, rate = VOICES[spk]
+    voice, pitch, rate = ALL_VOICES[spk]
     wav, words = engine.say(text, voice, min(99, max(0, pitch + pitch_j)), rate * (1 + rate_j))
     # trim leading/trailing silence but keep 50 ms, and shift word times accordingly
     loud = np.nonzero(np.abs(wav) > 200)[0]
@@ -1638,6 +1742,17 @@ def build_corpus(kind="speech", hours=2.0, seed=1337, workers=None, verbose=True
             items.append(dict(id=f"speech{i:06d}", split=split, text=text, words=words, speaker=spk,
                               speaker_name=VOICES[spk][0], channels=1, length=len(wav), sr=ESPEAK_SR))
             audio.append(wav)
+    elif kind.startswith("speech-") and kind[7:] in _LANG:
+        lang = kind[7:]
+        jobs = _lang_jobs(lang, hours, seed)
+        todo = [(t, s, p, r) for _, t, s, p, r, _ in jobs]
+        blocks = _map(_speak_block, [todo[i:i + 64] for i in range(0, len(todo), 64)], workers)
+        results = [r for b in blocks for r in b]
+        for i, ((split, text, spk, _, _, en), (wav, words)) in enumerate(zip(jobs, results)):
+            items.append(dict(id=f"speech-{lang}{i:06d}", split=split, text=text, words=words, speaker=spk,
+                              speaker_name=ALL_VOICES[spk][0], channels=1, length=len(wav), sr=ESPEAK_SR,
+                              language=lang, translation=en))
+            audio.append(wav)
     elif kind == "dialogue":
         n = max(6, int(hours / 4 * 3600 / 16.5))  # ~16 s per conversation
         results = _map(_dialogue_job, [(i, hours, seed) for i in range(n)], workers)
@@ -1656,7 +1771,8 @@ def build_corpus(kind="speech", hours=2.0, seed=1337, workers=None, verbose=True
                               channels=2, length=wav.shape[1], sr=MUSIC_SR))
             audio.append(wav.reshape(-1))
     else:
-        raise ValueError(f"unknown corpus kind {kind!r} (speech, dialogue, music)")
+        raise ValueError(f"unknown corpus kind {kind!r} (speech, dialogue, music, or speech-LANG with LANG in "
+                         f"{', '.join(_LANG)})")
     offset = 0
     for it, a in zip(items, audio):
         it["offset"], offset = offset, offset + len(a)

@@ -30,7 +30,7 @@ def run_script(script, *args, check=True, timeout=300):
 def error_of(script, *args):
     """Run a command that must fail with one clear error line (no traceback); return that line."""
     p = run_script(script, *args, check=False)
-    err = (p.stderr + p.stdout).strip()
+    err = (p.stdout + p.stderr).strip()  # SystemExit's message is stderr's last line
     assert p.returncode != 0, f"{script} {' '.join(args)} should fail:\n{err[-1500:]}"
     assert "Traceback" not in err, err[-3000:]
     return err.splitlines()[-1] if err else ""

@@ -594,3 +594,27 @@ def test_bad_audio_is_rejected_at_load(tmp_path):
     common.save_audio(str(d / "c2.wav"), np.zeros(1000, np.float32), 16000)
     with pytest.raises(SystemExit, match="c0.wav.*NaN"):
         [common.load_corpus(Config(data_dir=str(d)), s, 16000) for s in ("train", "val", "test")]
+
+
+def test_corpus_other_languages(corpus_root):
+    """--corpus_languages: French/German/Spanish sentences with word-for-word English translations, their own voices."""
+    @dataclass
+    class C(Config):
+        corpus_languages: str = "en,fr,de"  # languages of the built-in speech
+    cfg = C(corpus_hours=0.01)
+    utts = sum((common.load_corpus(cfg, s, 16000) for s in ("train", "val", "test")), [])
+    by = {l: [u for u in utts if u.language == l] for l in ("en", "fr", "de")}
+    assert all(len(v) >= 12 for v in by.values())
+    assert all(u.translation == "" for u in by["en"]) and all(u.translation for u in by["fr"] + by["de"])
+    fr_voices = {common.ALL_VOICES[u.speaker][0] for u in by["fr"]}
+    assert fr_voices <= {"fr", "fr+f3", "fr+m3"} and common.num_speakers(utts) == len(common.ALL_VOICES)
+    u = by["de"][0]
+    assert u.words and [w for w, _, _ in u.words] == u.text.split() and u.duration > 0.5
+    nums = [w for w in u.text.split() if w.isdigit()]
+    assert all(n in u.translation.split() for n in nums)  # digits carry over into the translation
+    assert {u.text for u in by["fr"] if u.id.endswith("0")}.isdisjoint({u.text for u in by["de"]})
+    with pytest.raises(SystemExit, match="corpus_languages: xx"):
+        common.load_corpus(C(corpus_languages="en,xx"), "train", 16000)
+    rng = np.random.default_rng(0)
+    text, en = common.make_sentence_in("es", rng)
+    assert len(text.split()) >= 3 and len(en.split()) >= 3
