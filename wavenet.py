@@ -388,6 +388,15 @@ def mel_features(wav, cfg):
     return (mel + 4.0) / 4.0
 
 
+def make_sampler(utts, cfg, rt):
+    """Random segment-long crops starting at whole mel frames, each rank its own; the sampler also keeps each
+    clip's speaker id (clamped into the table) so get_batch can return it."""
+    sampler = common.SegmentSampler([u.wav for u in utts], cfg.segment, cfg.batch_size, cfg.seed,
+                                    rt.rank, rt.world_size, align=cfg.hop)
+    sampler.speakers = torch.tensor([min(u.speaker, max(cfg.n_speakers, 1) - 1) for u in utts])  # (N,)
+    return sampler
+
+
 def get_batch(sampler, cfg, rt):
     """(B, segment) waveforms cropped at whole mel frames, and their (B,) speaker ids, on rt.device."""
     wav, idx = sampler.next()                                      # (B, segment), (B,) clip indices
@@ -497,9 +506,7 @@ def train(cfg):
     rf = state["model"].receptive_field
     common.log(f"receptive field {rf} samples = {1000 * rf / cfg.sample_rate:.1f} ms | "
                f"{common.count_params(state['model']):,} params | {len(utts)} training utterances")
-    sampler = common.SegmentSampler([u.wav for u in utts], cfg.segment, cfg.batch_size, cfg.seed,
-                                    rt.rank, rt.world_size, align=cfg.hop)
-    sampler.speakers = torch.tensor([min(u.speaker, max(cfg.n_speakers, 1) - 1) for u in utts])  # for get_batch
+    sampler = make_sampler(utts, cfg, rt)
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS)
     state["model"] = common.wrap_ddp(common.compile(state["model"], cfg), rt)
     prog = common.Progress(cfg, start_step=step)

@@ -308,6 +308,20 @@ def test_lr_schedule_in_the_scheduler():
     assert np.allclose(lrs, want, rtol=1e-9), (lrs[:6], want[:6])
 
 
+def test_get_batch_speakers_and_frames():
+    # each crop comes with its own clip's speaker id, starts on a mel-frame boundary and is segment long
+    cfg = cfg_of("tiny", "--n_speakers=3", "--batch_size=16")
+    n = 5 * cfg.hop
+    utts = [common.Utterance(f"u{i}", np.arange(n, dtype=np.float32) / n + 10 * i, cfg.sample_rate, speaker=s)
+            for i, s in enumerate([2, 0, 1, 7])]                   # 7: beyond the table, clamped to 2
+    wav, spk = W.get_batch(W.make_sampler(utts, cfg, CPU), cfg, CPU)
+    assert wav.shape == (16, cfg.segment) and spk.shape == (16,)
+    clip = (wav[:, 0] // 10).long()                             # which clip each crop came from
+    start = torch.round((wav[:, 0] - 10 * clip) * n).long()      # and where in it
+    assert len(set(clip.tolist())) > 1 and torch.equal(spk, torch.tensor([2, 0, 1, 2])[clip])
+    assert (start % cfg.hop == 0).all()
+
+
 def test_overfit_one_batch_through_train_step():
     torch.manual_seed(0)
     cfg = cfg_of("tiny", "--n_speakers=2", "--residual_channels=16", "--gate_channels=32", "--skip_channels=32",
@@ -349,7 +363,7 @@ def test_cli_contract_units_lr_on_resume_and_wrong_checkpoint(tmp_path):
         common.check_checkpoint(ck, cfg, W.ARCH_KEYS)
     with pytest.raises(SystemExit, match="melgan"):
         common.check_checkpoint(dict(ck, paper="melgan"), cfg_of("tiny"), W.ARCH_KEYS)
-    line = fail_line("--mode=sample", f"--init_from={d}/ckpt.pt", "--gate_channels=32")
+    line = error_of("wavenet.py", "--mode=sample", f"--init_from={d}/ckpt.pt", "--gate_channels=32")
     assert "--gate_channels" in line
 
 
@@ -357,21 +371,12 @@ def test_bad_flags_one_line(tmp_path):
     assert "--batch_size must be > 0" in error_of("wavenet.py", "--preset=tiny", "--batch_size=0")
     assert "does not exist" in error_of("wavenet.py", "--mode=sample", "--init_from=resume",
                                         f"--input={tmp_path}/missing.wav")
-    assert "needs a checkpoint" in fail_line("--mode=eval", "--preset=tiny", f"--out_dir={tmp_path}")
+    assert "needs a checkpoint" in error_of("wavenet.py", "--mode=eval", "--preset=tiny", f"--out_dir={tmp_path}")
     for flags, msg in ((["--segment=1000"], "multiple of --hop"), (["--upsample_scales=16,8"], "--hop=256"),
                        (["--layers=7"], "multiple of --stacks"), (["--gate_channels=15"], "even"),
                        (["--residual_chanels=3"], "residual_channels")):
         with pytest.raises(SystemExit, match=msg):
             cfg_of("tiny", *flags)
-
-
-def fail_line(*args):
-    """error_of's checks (non-zero exit, no traceback), returning the error itself (stderr's last line) where
-    error_of returns the last stdout line of a run that logged before failing (see requests/wavenet.md)."""
-    p = run_script("wavenet.py", *args, check=False)
-    text = (p.stdout + p.stderr).strip()
-    assert p.returncode != 0 and "Traceback" not in text, text[-3000:]
-    return (p.stderr.strip() or text).splitlines()[-1]
 
 
 def write_folder(root, lengths, nan_in=None, sr=16000):
@@ -390,9 +395,9 @@ def test_bad_data_stops_before_step_1(tmp_path):
     names = [f"clip{i:02d}" for i in range(6)]
     bad = next(i for i, n in enumerate(names) if common._split_of(n) == "train")   # the NaN clip is a train clip
     folder = write_folder(str(tmp_path / "nan"), [4000] * 6, nan_in=bad)
-    line = fail_line(*base, f"--data_dir={folder}")
+    line = error_of("wavenet.py", *base, f"--data_dir={folder}")
     assert "NaN" in line and f"clip{bad:02d}.wav" in line
-    assert "at least 3" in fail_line(*base, f"--data_dir={write_folder(str(tmp_path / 'two'), [4000] * 2)}")
+    assert "at least 3" in error_of("wavenet.py", *base, f"--data_dir={write_folder(str(tmp_path / 'two'), [4000] * 2)}")
     p = run_script("wavenet.py", *base, f"--data_dir={write_folder(str(tmp_path / 'short'), [600] * 4)}", check=False)
     text = p.stdout + p.stderr
     assert p.returncode != 0 and "Traceback" not in text and "step 1" not in text
