@@ -158,8 +158,10 @@ def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "
     cfg = Config()
     # 1. the checkpoint's config, when --init_from names one of ours
     init = overrides.get("init_from", getattr(base, "init_from", "scratch"))
-    ckpt_path = os.path.join(overrides.get("out_dir", getattr(base, "out_dir", "")), "ckpt.pt") \
-        if init == "resume" else init if init != "scratch" else None
+    out_dir = str(overrides.get("out_dir", getattr(base, "out_dir", "")))
+    if "{" in out_dir:  # a folder per stage or variant, e.g. "out/parallel_wavenet/{stage}"
+        out_dir = out_dir.format(**{**config_dict(base), **overrides})
+    ckpt_path = os.path.join(out_dir, "ckpt.pt") if init == "resume" else init if init != "scratch" else None
     stored = (_peek_config(ckpt_path) or {}).get("config") if ckpt_path else None
     notes = []
     if stored:
@@ -190,6 +192,11 @@ def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "
     # 3. the command line
     for k, v in overrides.items():
         setattr(cfg, k, v)
+    if "out_dir" in names and "{" in str(cfg.out_dir):
+        try:
+            cfg.out_dir = cfg.out_dir.format(**config_dict(cfg))
+        except (KeyError, IndexError, ValueError) as e:
+            raise SystemExit(f"error: --out_dir={cfg.out_dir!r} names an unknown field ({e})")
     if "compile" in names and "compile" not in overrides and resolve_device(getattr(cfg, "device", "auto")) != "cuda":
         cfg.compile = False  # on a CPU compilation costs minutes and gains little; --compile=True forces it
     if "mode" in names and cfg.mode not in modes:
@@ -473,8 +480,35 @@ def save_checkpoint(cfg, step, state, sampler=None, extra=None, path=None):
     return path
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file (an 8-byte little-endian header size, a JSON header of name -> dtype, shape and byte
+    offsets, then the raw data) as {name: tensor}, without the safetensors package."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            data = bytearray(f.read())
+        out = {}
+        for name, v in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = v["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES[v["dtype"]]
+            out[name] = (torch.frombuffer(data, dtype=dtype, offset=a, count=(b - a) // dtype.itemsize).clone()
+                         if b > a else torch.zeros(0, dtype=dtype)).reshape(v["shape"])
+        return out
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"error: cannot read {path!r} as safetensors ({type(e).__name__}: {e})")
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) with errors that name the file and the problem."""
+    """torch.load(weights_only=True) with errors that name the file and the problem; a .safetensors file (as some
+    authors publish) comes back as its {name: tensor} dict."""
     if not path or path == "scratch":
         raise SystemExit("error: this mode needs a checkpoint: --init_from=resume (out_dir/ckpt.pt) or a path")
     if not os.path.exists(path):
@@ -482,6 +516,8 @@ def load_checkpoint(path, map_location="cpu"):
                          (" (train first, or pass --init_from=PATH)" if path.endswith("ckpt.pt") else ""))
     if os.path.getsize(path) == 0:
         raise SystemExit(f"error: checkpoint {path!r} is empty")
+    if path.endswith((".safetensors", ".sft")):
+        return read_safetensors(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -1072,15 +1108,17 @@ class SegmentSampler:
 
     def next(self):
         idx = self.rng.choice(len(self.wavs), size=self.batch_size, p=self.p)
-        out = []
+        out, self.last_starts = [], []  # where each crop began (0 for a padded clip): to cut side data alike
         for i in idx:
             w = self.wavs[i]
             T = w.shape[-1]
+            start = 0
             if T > self.seg_len:
                 start = int(self.rng.integers(0, (T - self.seg_len) // self.align + 1)) * self.align
                 seg = w[..., start:start + self.seg_len]
             else:
                 seg = np.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, self.seg_len - T)])
+            self.last_starts.append(start)
             seg = np.asarray(seg)
             out.append(seg.astype(np.float32) / 32768.0 if seg.dtype == np.int16 else seg.astype(np.float32))
         return torch.from_numpy(np.stack(out)), torch.from_numpy(idx.astype(np.int64))

@@ -3,34 +3,37 @@ HiFi-GAN: Generative Adversarial Networks for Efficient and High Fidelity Speech
 (Kong, Kim, Bae, NeurIPS 2020) — https://arxiv.org/abs/2010.05646
 
 The idea: MelGAN's recipe, with two changes that fix its metallic, periodic artifacts. The generator
-follows each transposed-conv upsampler with multi-receptive-field fusion (MRF, §2.1): several residual
+follows each transposed-conv upsampler with multi-receptive-field fusion (MRF, §2.2): several residual
 blocks with different kernels and dilations run in parallel and are averaged, so every rate sees
-patterns of many lengths at once. A multi-period discriminator (MPD, §2.2) folds the waveform into
+patterns of many lengths at once. A multi-period discriminator (MPD, §2.3) folds the waveform into
 2-D grids of period 2, 3, 5, 7 and 11 so it can judge the periodic structure of voiced speech, beside
 MelGAN's multi-scale discriminator. Training swaps the hinge loss for least squares and adds an L1 loss
-on mel spectrograms (x45, §2.3) that makes the first steps fast and stable.
+on mel spectrograms (x45, §2.4) that makes the first steps fast and stable.
 
 Simplified or changed versus the paper / official code (jik876/hifi-gan):
 - data is the built-in eSpeak corpus (or --data_dir), not LJSpeech; no fine-tuning on Tacotron 2 mels
   (§4.4); training is measured in steps (the paper trains 2.5 M); evaluation is mel L1, not MOS.
 - one waveform batch goes through the discriminators as [real; fake] in a single forward (same math,
-  fewer kernel launches; spectral norm then runs one power iteration per call, not two); the G step's
-  real features are computed without grad; bf16 autocast and torch.compile on CUDA (the official code
-  is fp32, eager).
+  fewer kernel launches) and the G step's real features are computed without grad, so spectral norm runs
+  its power iteration 3 times per step, not 4 as in the official code (one per discriminator call);
+  bf16 autocast and torch.compile on CUDA (the official code is fp32, eager).
 - an "epoch" for the learning-rate decay is one pass of segments over the training clips (as the
-  official loader: one random segment per clip), counted in steps.
+  official loader: one random segment per clip), counted in steps (--epoch_steps).
 - PyTorch's default init is kept: the official init_weights runs after weight norm and has no effect.
+- no gradient clipping, as the official code.
+- the `small` preset is V2's generator with discriminators capped at 32 channels (0.19 M parameters
+  against the paper's 70.7 M): a CPU-sized critic, far weaker than the paper's.
 
     python hifigan.py                                   # train on the built-in corpus
     python hifigan.py --preset=v1 --batch_size=16       # paper size (V1: 13.94 M generator)
     python hifigan.py --init_from=resume                # continue out/hifigan/ckpt.pt
-    python hifigan.py --mode=sample --init_from=out/hifigan/ckpt.pt   # or the official generator_v1
+    python hifigan.py --mode=sample --init_from=out/hifigan/ckpt.pt   # or the official generator_v1/v2/v3
     python hifigan.py --mode=eval --init_from=out/hifigan/ckpt.pt
     python hifigan.py --mode=bench
     torchrun --standalone --nproc_per_node=8 hifigan.py
 """
-import contextlib
 import copy
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -56,42 +59,70 @@ class Config:
     input: str = ""                     # --mode=sample: a wav to re-synthesize (empty: held-out utterances)
     seed: int = 1337
     # features (official meldataset.py: Tacotron 2's mels)
-    sample_rate: int = 22050            # LJSpeech rate (§3)
+    sample_rate: int = 22050            # LJSpeech's rate
     n_fft: int = 1024                   # STFT size
     hop: int = 256                      # samples per mel frame = product of upsample_rates
     n_mels: int = 80                    # mel bins
     fmin: float = 0.0                   # lowest mel frequency (Hz)
     fmax: float = 8000.0                # highest mel frequency (Hz) of the generator's input mel
     fmax_loss: float = 0.0              # highest mel frequency of the loss mel; 0 = Nyquist (official fmax_for_loss)
-    # generator (§2.1)
-    channels: int = 512                 # h_u: width after the input conv (Appendix A)
-    upsample_rates: tuple = (8, 8, 2, 2)  # k_u strides, product = hop (§2.1)
-    upsample_kernels: tuple = (16, 16, 4, 4)  # transposed-conv kernels
+    # generator (§2.2, Appendix A)
+    channels: int = 512                 # h_u: width after the input conv
+    upsample_rates: tuple = (8, 8, 2, 2)  # transposed-conv strides, product = hop (official upsample_rates)
+    upsample_kernels: tuple = (16, 16, 4, 4)  # k_u: transposed-conv kernel sizes
     resblock: str = "1"                 # MRF block type: "1" (V1, V2) or the lighter "2" (V3)
     resblock_kernels: tuple = (3, 7, 11)  # k_r: one residual block per kernel, in parallel (MRF)
     resblock_dilations: tuple = ((1, 3, 5), (1, 3, 5), (1, 3, 5))  # D_r: dilations of each block
-    # discriminator (§2.2)
-    periods: tuple = (2, 3, 5, 7, 11)   # MPD periods, primes so the folds overlap little (§2.2)
+    # discriminator (§2.3)
+    periods: tuple = (2, 3, 5, 7, 11)   # MPD periods, primes so the folds overlap little
     num_d: int = 3                      # MSD discriminators on raw, 2x and 4x downsampled audio
     d_max_channels: int = 1024          # channel cap of the discriminators (1024 = the paper's)
-    # loss and optimization (§2.3, official train.py)
+    # loss and optimization (§2.4, §3, official train.py)
     lambda_fm: float = 2.0              # feature-matching weight (Eq. 5)
     lambda_mel: float = 45.0            # mel-spectrogram L1 weight (Eq. 5)
     lr: float = 2e-4                    # AdamW, G and D alike (§3)
-    betas: tuple = (0.8, 0.99)          # AdamW betas
-    weight_decay: float = 0.01          # AdamW weight decay
-    lr_decay: float = 0.999             # ExponentialLR gamma, stepped once per epoch
+    betas: tuple = (0.8, 0.99)          # AdamW betas (§3)
+    weight_decay: float = 0.01          # AdamW weight decay (§3)
+    lr_decay: float = 0.999             # lr factor per epoch (§3; official ExponentialLR gamma)
+    epoch_steps: int = 0                # steps per lr-decay epoch; 0: one pass of segments over the training clips
     batch_size: int = 16
     segment: int = 8192                 # training clip length in samples
     max_iters: int = 100_000            # optimizer steps (the paper trains 2.5 M, see README)
     log_interval: int = 50
-    eval_interval: int = 2000           # evaluate, write samples and checkpoint every N steps
+    eval_interval: int = 2000           # evaluate on val, write samples and checkpoint every N steps
     eval_items: int = 16                # held-out utterances evaluate() vocodes
     device: str = "auto"
     dtype: str = "auto"                 # bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = True                # torch.compile (CUDA only unless asked)
     bench_iters: int = 10               # timed iterations per bench figure
     bench_seconds: float = 10.0         # audio length of the batch-1 inference benchmark
+
+    def validate(self):
+        """Values that would otherwise fail deep inside a conv with a traceback: one line each."""
+        def bad(msg):
+            raise SystemExit(f"error: {msg}")
+        if math.prod(self.upsample_rates) != self.hop:
+            bad(f"--upsample_rates={self.upsample_rates} multiply to {math.prod(self.upsample_rates)}, not --hop={self.hop}")
+        if len(self.upsample_kernels) != len(self.upsample_rates) or \
+                any(k < r or (k - r) % 2 for r, k in zip(self.upsample_rates, self.upsample_kernels)):
+            bad(f"--upsample_kernels={self.upsample_kernels} needs one kernel per rate, each >= its rate and of the "
+                "same parity (padding (k - r) / 2)")
+        if self.resblock not in ("1", "2") or len(self.resblock_kernels) != len(self.resblock_dilations) or \
+                any(k % 2 == 0 for k in self.resblock_kernels) or self.channels % 2 ** len(self.upsample_rates):
+            bad(f"--resblock must be 1 or 2, --resblock_kernels odd and one per --resblock_dilations entry, --channels "
+                f"halving {len(self.upsample_rates)} times")
+        if self.d_max_channels < 16 or self.d_max_channels % 16 or self.num_d < 1 or min(self.periods, default=0) < 1:
+            bad(f"--d_max_channels={self.d_max_channels} must be a multiple of 16 (the MSD's groups), --num_d >= 1, "
+                "--periods >= 1")
+        if self.segment % self.hop or self.segment < 4 * self.hop:
+            bad(f"--segment={self.segment} must be a multiple of --hop={self.hop} and at least 4 mel frames")
+        nyq = self.sample_rate / 2
+        if not (0 <= self.fmin < (self.fmax or nyq) <= nyq and (self.fmax_loss or nyq) <= nyq) or self.n_fft < self.hop:
+            bad(f"need 0 <= --fmin < --fmax, --fmax_loss <= sample_rate / 2 ({nyq:g}) and --n_fft >= --hop")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas) or min(self.lambda_fm, self.lambda_mel) < 0:
+            bad(f"--betas={self.betas} must be two numbers in [0, 1) and the loss weights >= 0")
+        if not 0 < self.lr_decay <= 1 or self.epoch_steps < 0 or self.weight_decay < 0:
+            bad(f"need 0 < --lr_decay <= 1, --epoch_steps >= 0 and --weight_decay >= 0")
 
 PRESETS = {  # the official config_v1/v2/v3.json (Appendix A)
     "v1":    dict(),                                        # 13.94 M: best quality
@@ -105,13 +136,15 @@ PRESETS = {  # the official config_v1/v2/v3.json (Appendix A)
                   eval_interval=1000, corpus_hours=0.02, eval_items=2, log_interval=1, bench_iters=2,
                   bench_seconds=2.0),  # tests
 }
-ARCH_KEYS = ("n_mels", "hop", "channels", "upsample_rates", "upsample_kernels", "resblock", "resblock_kernels",
-             "resblock_dilations", "periods", "num_d", "d_max_channels")
+# what fixes the weights' shapes and what the mels mean: a checkpoint under other values is refused
+ARCH_KEYS = ("sample_rate", "n_fft", "hop", "n_mels", "fmin", "fmax", "fmax_loss",
+             "channels", "upsample_rates", "upsample_kernels", "resblock", "resblock_kernels", "resblock_dilations",
+             "periods", "num_d", "d_max_channels")
 
 # ----------------------------------------------------------------------------- model
 
 class ResBlock(nn.Module):
-    """One MRF member (§2.1, Fig. 1): residual units with kernel k, one per dilation, identity shortcuts.
+    """One MRF member (§2.2, Fig. 1): residual units with kernel k, one per dilation, identity shortcuts.
     Type 1 (V1, V2): LReLU, dilated conv, LReLU, conv. Type 2 (V3): LReLU, dilated conv. Zero "same" padding."""
     def __init__(self, channels, kernel, dilations, kind):
         super().__init__()
@@ -133,11 +166,10 @@ class ResBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """mel (B, n_mels, frames) -> waveform (B, 1, frames * hop) in [-1, 1] (§2.1, Fig. 1).
+    """mel (B, n_mels, frames) -> waveform (B, 1, frames * hop) in [-1, 1] (§2.2, Fig. 1).
     Weight norm on every conv, as MelGAN; no noise input."""
     def __init__(self, cfg):
         super().__init__()
-        assert math.prod(cfg.upsample_rates) == cfg.hop, "upsample_rates must multiply to hop"
         self.n_res = len(cfg.resblock_kernels)
         self.conv_pre = weight_norm(nn.Conv1d(cfg.n_mels, cfg.channels, 7, padding=3))
         self.ups, self.resblocks = nn.ModuleList(), nn.ModuleList()
@@ -154,14 +186,14 @@ class Generator(nn.Module):
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, 0.1))                           # (B, C / 2^(i+1), frames * prod(rates[:i+1]))
             # MRF: the blocks run in parallel on the same input and are averaged, so this rate sees
-            # receptive fields of several lengths at once (§2.1)
+            # receptive fields of several lengths at once (§2.2)
             x = sum(self.resblocks[i * self.n_res + j](x) for j in range(self.n_res)) / self.n_res
         x = self.conv_post(F.leaky_relu(x))                        # slope 0.01 here, as the official code
         return torch.tanh(x)                                       # (B, 1, frames * hop)
 
 
 class PeriodDiscriminator(nn.Module):
-    """One MPD member (§2.2, Fig. 2): fold the waveform into (T/p, p) and convolve along time only,
+    """One MPD member (§2.3, Fig. 2): fold the waveform into (T/p, p) and convolve along time only,
     kernel (5, 1), so each column holds the samples p apart: the periodic structure of voiced speech."""
     def __init__(self, cfg, period):
         super().__init__()
@@ -185,8 +217,8 @@ class PeriodDiscriminator(nn.Module):
 
 
 class ScaleDiscriminator(nn.Module):
-    """One MSD member (§2.2, MelGAN's discriminator, wider): strided grouped convs down to a map of
-    window logits. The raw-scale member uses spectral norm instead of weight norm (§2.2)."""
+    """One MSD member (§2.3, MelGAN's discriminator, wider): strided grouped convs down to a map of
+    window logits. The raw-scale member uses spectral norm instead of weight norm (§2.3)."""
     def __init__(self, cfg, norm=weight_norm):
         super().__init__()
         cap = lambda c: min(c, cfg.d_max_channels)
@@ -206,7 +238,7 @@ class ScaleDiscriminator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """MPD (5 periods) + MSD (3 scales, raw then average-pooled 2x and 4x) (§2.2): the MPD sees periodic
+    """MPD (5 periods) + MSD (3 scales, raw then average-pooled 2x and 4x) (§2.3): the MPD sees periodic
     patterns, the MSD consecutive ones; MelGAN had only the MSD."""
     def __init__(self, cfg):
         super().__init__()
@@ -232,17 +264,47 @@ def remove_weight_norm(model):
     return model
 
 
-def load_official(G, state):
-    """Map an official generator file (generator_v1/v2/v3, g_02500000: {'generator': state_dict}) onto ours.
+def official_config(sd):
+    """The Generator size of an official file (generator_v1/v2/v3, g_02500000: {'generator': state_dict}), read
+    from its tensors: h_u from conv_pre, k_u from each upsampler (strides are k_u / 2 in every official config),
+    the block type and k_r from the resblocks. Dilations are not in the tensors: the official configs' are used."""
+    if not isinstance(sd, dict) or not isinstance(sd.get("generator"), dict) or "conv_pre.weight_v" not in sd["generator"]:
+        return None
+    g = sd["generator"]
+    n_up = len({k.split(".")[1] for k in g if k.startswith("ups.")})
+    n_res = len({k.split(".")[1] for k in g if k.startswith("resblocks.")}) // max(1, n_up)
+    kind = "1" if "resblocks.0.convs1.0.weight_v" in g else "2"
+    convs = "convs1" if kind == "1" else "convs"
+    kernels = tuple(g[f"ups.{i}.weight_v"].shape[-1] for i in range(n_up))
+    n_dil = [len({k.split(".")[3] for k in g if k.startswith(f"resblocks.{j}.{convs}.")}) for j in range(n_res)]
+    dilations = ((1, 3, 5),) * n_res if kind == "1" else ((1, 2), (2, 6), (3, 12))[:n_res]  # config_v1/v2, config_v3
+    if [len(d) for d in dilations] != n_dil:
+        raise SystemExit(f"error: the official generator file has {n_dil} dilations per resblock, unlike the official "
+                         "configs; pass them as --resblock_dilations and load it with our Generator by hand")
+    return dict(n_mels=g["conv_pre.weight_v"].shape[1], channels=g["conv_pre.weight_v"].shape[0],
+                upsample_rates=tuple(k // 2 for k in kernels), upsample_kernels=kernels,
+                hop=math.prod(k // 2 for k in kernels), resblock=kind,
+                resblock_kernels=tuple(g[f"resblocks.{j}.{convs}.0.weight_v"].shape[-1] for j in range(n_res)),
+                resblock_dilations=dilations)
+
+
+def load_official(G, sd, cfg):
+    """Load an official generator file into G; its size (official_config) must be the config's.
     Our modules carry the official names (conv_pre, ups.i, resblocks.{stage * 3 + kernel}.convs1/convs2.j or
     .convs.j, conv_post); only the old-style weight-norm keys weight_g/weight_v need renaming."""
-    if not isinstance(state, dict) or "generator" not in state:
-        raise SystemExit("error: not an official HiFi-GAN generator file (expected {'generator': state_dict}; "
-                         "do_* files hold only the discriminators)")
+    G, need = common.unwrap(G), official_config(sd)
+    if need is None:
+        raise SystemExit("error: neither one of our checkpoints nor an official HiFi-GAN generator file "
+                         "(generator_v1 / g_02500000: {'generator': state_dict}; do_* files hold only the discriminators)")
+    flag = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v
+    bad = [k for k, v in need.items() if (tuple(getattr(cfg, k)) if isinstance(v, tuple) else getattr(cfg, k)) != v]
+    if bad:
+        raise SystemExit("error: the official generator file needs " + " ".join(f"--{k}={flag(need[k])}" for k in bad)
+                         + " (the config has " + ", ".join(f"{k}={flag(getattr(cfg, k))}" for k in bad) + ")")
     suffix = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1",
               "bias": "bias"}
     ours = {}
-    for k, v in state["generator"].items():
+    for k, v in sd["generator"].items():
         prefix, _, leaf = k.rpartition(".")
         if leaf not in suffix:
             raise SystemExit(f"error: unexpected key {k!r} in the official HiFi-GAN generator file")
@@ -252,7 +314,7 @@ def load_official(G, state):
 # ----------------------------------------------------------------------------- loss
 
 def discriminator_loss(real_outs, fake_outs):
-    """Least-squares GAN (§2.3, Eq. 1): real logits to 1, fake to 0; non-vanishing gradients (LSGAN)."""
+    """Least-squares GAN (§2.4, Eq. 1): real logits to 1, fake to 0; non-vanishing gradients (LSGAN)."""
     loss = 0.0
     for r, f in zip(real_outs, fake_outs):
         loss = loss + torch.mean((1 - r[-1].float()) ** 2) + torch.mean(f[-1].float() ** 2)
@@ -260,12 +322,12 @@ def discriminator_loss(real_outs, fake_outs):
 
 
 def generator_loss(fake_outs):
-    """Adversarial term of the generator: fake logits to 1 (§2.3, Eq. 2)."""
+    """Adversarial term of the generator: fake logits to 1 (§2.4, Eq. 2)."""
     return sum(torch.mean((1 - f[-1].float()) ** 2) for f in fake_outs)
 
 
 def feature_loss(real_outs, fake_outs):
-    """Feature matching (§2.3, Eq. 4): mean L1 between real and fake features of every layer, the logits
+    """Feature matching (§2.4, Eq. 4): mean L1 between real and fake features of every layer, the logits
     included as in the official code, summed over layers and discriminators (weighted by lambda_fm)."""
     loss = 0.0
     for r_disc, f_disc in zip(real_outs, fake_outs):
@@ -275,32 +337,9 @@ def feature_loss(real_outs, fake_outs):
 
 
 def mel_loss(fake, wav, cfg):
-    """Mel-spectrogram L1 (§2.3, Eq. 3) on full-band mels (fmax_loss), as the official fmax_for_loss: the
+    """Mel-spectrogram L1 (§2.4, Eq. 3) on full-band mels (fmax_loss), as the official fmax_for_loss: the
     input mel stops at 8 kHz, the loss still checks everything above it."""
     return F.l1_loss(log_mel(fake.float(), cfg, fmax=cfg.fmax_loss), log_mel(wav, cfg, fmax=cfg.fmax_loss))
-
-
-def gan_step(G, D, opt_g, opt_d, wav, mel, cfg, amp):
-    """One training step: D on [real; fake.detach()], then G (official order). Returns the logged losses."""
-    B = wav.shape[0]
-    with amp():
-        fake = G(mel)                                              # (B, 1, T)
-        outs = D(torch.cat([wav, fake.detach()]))                  # [disc][layer] -> (2B, C, ...)
-    loss_d = discriminator_loss([[t[:B] for t in s] for s in outs], [[t[B:] for t in s] for s in outs])
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
-    with amp():
-        with torch.no_grad():  # the real features come from the updated D, as the official code does
-            real_outs = D(wav)
-        fake_outs = D(fake)
-    loss_adv, loss_fm = generator_loss(fake_outs), feature_loss(real_outs, fake_outs)
-    loss_mel = mel_loss(fake, wav, cfg)
-    loss_g = loss_adv + cfg.lambda_fm * loss_fm + cfg.lambda_mel * loss_mel   # Eq. 5
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
-    return dict(g=loss_adv, fm=loss_fm, d=loss_d, mel=loss_mel)
 
 # ----------------------------------------------------------------------------- data
 
@@ -329,97 +368,150 @@ def get_batch(sampler, cfg, rt):
     x = x.to(rt.device, non_blocking=True)
     return x, log_mel(x, cfg)
 
+
+def vocode(G, wav, name, cfg, rt):
+    """A whole clip (T,) numpy -> (generated, reference) (T',) tensors, T' = T cut to whole mel frames."""
+    if len(wav) < 4 * cfg.hop:
+        raise SystemExit(f"error: {name} is {len(wav)} samples long, shorter than 4 mel frames ({4 * cfg.hop})")
+    wav = torch.from_numpy(wav[: len(wav) // cfg.hop * cfg.hop]).to(rt.device)  # (T',)
+    with rt.autocast():
+        fake = G(log_mel(wav, cfg).unsqueeze(0))[0, 0].float()    # (T',)
+    return fake, wav
+
 # ----------------------------------------------------------------------------- train
 
 def build(cfg, rt):
+    """Everything training holds, in one dict; the checkpoint saves exactly this."""
     G, D = Generator(cfg).to(rt.device), Discriminator(cfg).to(rt.device)
     opt_g = torch.optim.AdamW(G.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(D.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return G, D, opt_g, opt_d
+    # the lr falls by lr_decay once per epoch (§3): the schedulers step every step (last_epoch = step) and their
+    # factor counts whole epochs, so a resumed or benchmarked step sees the lr of a straight run
+    epoch = max(1, cfg.epoch_steps)
+    decay = lambda step: cfg.lr_decay ** (step // epoch)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, decay)
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, decay)
+    return dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d)
 
 
-def load_generator(cfg, rt):
-    """A Generator from --init_from: one of our checkpoints or the official generator file."""
+def train_step(state, batch, cfg, rt):
+    """One step of the objective (loss section): D on [real; fake.detach()], then G, the official order; no
+    gradient clipping (none in the official code). train() and bench() both call it. Returns the logged losses."""
+    G, D, opt_g, opt_d = state["G"], state["D"], state["opt_g"], state["opt_d"]
+    wav, mel = batch                                               # (B, 1, T), (B, n_mels, T / hop)
+    B = wav.shape[0]
+    with rt.autocast():
+        fake = G(mel)                                              # (B, 1, T)
+        outs = D(torch.cat([wav, fake.detach()]))                  # [disc][layer] -> (2B, C, ...)
+    real_outs = [[t[:B] for t in s] for s in outs]
+    loss_d = discriminator_loss(real_outs, [[t[B:] for t in s] for s in outs])
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    with rt.autocast():
+        with torch.no_grad():  # the real features come from the updated D, as the official code does
+            real_outs = D(wav)
+        fake_outs = D(fake)
+    loss_adv, loss_fm = generator_loss(fake_outs), feature_loss(real_outs, fake_outs)
+    loss_mel = mel_loss(fake, wav, cfg)
+    loss_g = loss_adv + cfg.lambda_fm * loss_fm + cfg.lambda_mel * loss_mel   # Eq. 5
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    state["sched_g"].step()                                        # the lr of the next step (§3)
+    state["sched_d"].step()
+    return dict(g=loss_adv, fm=loss_fm, d=loss_d, mel=loss_mel)
+
+
+def load_for_inference(cfg, rt):
+    """The generator --init_from names: our checkpoint (parse_config already took its config) or the official
+    file, whose size is read from its tensors and set on cfg (so a CPU's `small` default does not matter)."""
     if cfg.init_from == "scratch":
-        raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume or a checkpoint path")
-    G = Generator(cfg).to(rt.device)
-    ckpt = common.load_checkpoint(common.resume_path(cfg))
+        raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: --init_from=resume (out_dir/ckpt.pt), "
+                         "a checkpoint path, or the authors' generator file")
+    path = common.checkpoint_path(cfg)
+    ckpt = common.load_checkpoint(path)
     if common.is_ours(ckpt):
-        common.restore(ckpt, cfg, {"G": G}, arch_keys=ARCH_KEYS, rng=False)
-    else:
-        load_official(G, ckpt)
+        G = Generator(cfg).to(rt.device)
+        common.load_models(ckpt, cfg, {"G": G}, ARCH_KEYS)
+        return G
+    need = official_config(ckpt)
+    if need is None:
+        load_official(None, ckpt, cfg)                             # says what the file is not
+    for k, v in need.items():
+        setattr(cfg, k, v)
+    common.log(f"the authors' generator {path}: " + ", ".join(f"{k} {v}" for k, v in need.items())
+               + " (read from its tensors)")
+    G = Generator(cfg).to(rt.device)
+    load_official(G, ckpt, cfg)
     return G
 
 
 @torch.no_grad()
-def evaluate(cfg, G=None, rt=None, samples_dir=None):
-    """Vocode held-out utterances (unseen sentences, and a voice never heard in training) from their
-    ground-truth mels; full-band ln-mel L1 (the paper's validation metric, common.mel_distance) and
-    multi-resolution STFT distance."""
-    if G is None:
+def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
+    """Vocode held-out utterances from their ground-truth mels (val during training; test, unseen sentences
+    and a voice never heard in training, for the reported figures) and log the metrics, in the training log's
+    units. --mode=eval (model=None) loads --init_from and reports test."""
+    if model is None:
         rt = common.setup(cfg)
-        G = remove_weight_norm(load_generator(cfg, rt))
-    was_training = G.training
-    G.eval()
-    mel_l1, stft = [], []
-    for i, (name, wav) in enumerate(load_split(cfg, "test")[:cfg.eval_items]):
-        wav = torch.from_numpy(wav[: len(wav) // cfg.hop * cfg.hop]).to(rt.device)  # (T,)
-        with rt.autocast():
-            fake = G(log_mel(wav, cfg).unsqueeze(0))[0, 0].float()  # (T,)
-        mel_l1.append(common.mel_distance(fake, wav, cfg.sample_rate))
-        stft.append(common.mrstft_distance(fake, wav))
+        model = remove_weight_norm(load_for_inference(cfg, rt))
+    was_training = model.training
+    model.eval()
+    items = load_split(cfg, split)[:cfg.eval_items]
+    if not items:
+        raise SystemExit(f"error: the {split} split has no clips to evaluate")
+    # mel: the full-band ln-mel L1 of the loss (Eq. 3, the paper's validation metric; the training log's mel);
+    # mrstft: multi-resolution STFT distance
+    metrics = dict(mel=0.0, mrstft=0.0)
+    for i, (name, wav) in enumerate(items):
+        fake, wav = vocode(model, wav, name, cfg, rt)
+        metrics["mel"] += mel_loss(fake, wav, cfg).item() / len(items)
+        metrics["mrstft"] += common.mrstft_distance(fake, wav) / len(items)
         if samples_dir is not None and i < 2:
             common.save_sample(samples_dir, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
-    G.train(was_training)
-    metrics = dict(mel_l1=sum(mel_l1) / len(mel_l1), mrstft=sum(stft) / len(stft))
-    common.log("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    model.train(was_training)
+    common.log(f"eval {split} ({len(items)} clips) | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
 
 def train(cfg):
     rt = common.setup(cfg)
-    G, D, opt_g, opt_d = build(cfg, rt)
-    sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.lr_decay)
-    sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=cfg.lr_decay)
-    common.log(f"generator {common.count_params(G) / 1e6:.2f} M params, "
-               f"discriminator {common.count_params(D) / 1e6:.2f} M params")
     train_wavs = [w for _, w in load_split(cfg, "train")]
+    common.check_clips(train_wavs, cfg.segment, "train split")
+    common.check_clips([w for _, w in load_split(cfg, "val")], cfg.segment, "val split")
+    if not cfg.epoch_steps:  # the official loader draws one segment per clip per epoch; kept in the checkpoint
+        cfg.epoch_steps = max(1, len(train_wavs) // (cfg.batch_size * rt.world_size))
+        common.log(f"an epoch (lr decay x{cfg.lr_decay}) is {cfg.epoch_steps} steps: {len(train_wavs)} training clips")
+    state = build(cfg, rt)
+    common.log(f"generator {common.count_params(state['G']) / 1e6:.2f} M params, "
+               f"discriminator {common.count_params(state['D']) / 1e6:.2f} M params")
     sampler = common.SegmentSampler(train_wavs, cfg.segment, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
-    steps_per_epoch = max(1, len(train_wavs) // (cfg.batch_size * rt.world_size))  # one segment per clip
-    step = 0
-    if cfg.init_from != "scratch":
-        ckpt = common.load_checkpoint(common.resume_path(cfg))
-        if common.is_ours(ckpt):   # resume: weights, optimizers, step, RNG and data order
-            step = common.restore(ckpt, cfg, {"G": G, "D": D}, {"G": opt_g, "D": opt_d},
-                                  {"G": sched_g, "D": sched_d}, sampler=sampler, arch_keys=ARCH_KEYS)
-        else:                      # fine-tune from the official generator; D starts fresh
-            load_official(G, ckpt)
-        common.log(f"initialized from {common.resume_path(cfg)} at step {step}")
-    g = common.wrap_ddp(common.compile(G, cfg), rt)
-    d = common.wrap_ddp(common.compile(D, cfg), rt)
+    # scratch: step 0 | resume: out_dir/ckpt.pt continues exactly | PATH: our weights or the official
+    # generator, fresh optimizers, step 0 (D starts fresh: only the authors' generators are mapped)
+    step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS,
+                            official=lambda st, ckpt: load_official(st["G"], ckpt, cfg))
+    G = state["G"]
+    state["G"] = common.wrap_ddp(common.compile(G, cfg), rt)
+    state["D"] = common.wrap_ddp(common.compile(state["D"], cfg), rt)
     prog = common.Progress(cfg, start_step=step)
     seconds_per_step = cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate
     while step < cfg.max_iters:
-        wav, mel = get_batch(sampler, cfg, rt)
-        losses = gan_step(g, d, opt_g, opt_d, wav, mel, cfg, rt.autocast)
+        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
         step += 1
-        if step % steps_per_epoch == 0:                            # lr decay 0.999 per epoch (§3)
-            sched_g.step()
-            sched_d.step()
         prog.update(step, losses, seconds_per_step)
-        if rt.master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
-            evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
-            common.save_checkpoint(cfg, step, {"G": G, "D": D}, {"G": opt_g, "D": opt_d},
-                                   {"G": sched_g, "D": sched_d}, sampler=sampler)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if rt.master:
+                evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
+            common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
 # ----------------------------------------------------------------------------- sample
 
 @torch.no_grad()
 def sample(cfg):
-    """Mel -> waveform for a given wav (--input) or for held-out utterances, beside the reference."""
+    """Mel -> waveform for a given wav (--input) or for held-out test utterances, beside the reference."""
     rt = common.setup(cfg)
-    G = remove_weight_norm(load_generator(cfg, rt)).eval()
+    G = remove_weight_norm(load_for_inference(cfg, rt)).eval()
     if cfg.input:
         wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
         items = [(os.path.splitext(os.path.basename(cfg.input))[0], wav)]
@@ -427,48 +519,46 @@ def sample(cfg):
         items = load_split(cfg, "test")[:4]
     out = os.path.join(cfg.out_dir, "samples")
     for name, wav in items:
-        wav = torch.from_numpy(wav[: len(wav) // cfg.hop * cfg.hop]).to(rt.device)  # (T,)
-        with rt.autocast():
-            fake = G(log_mel(wav, cfg).unsqueeze(0))[0, 0].float()  # (T,)
+        fake, wav = vocode(G, wav, name, cfg, rt)
         common.save_sample(out, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
         common.log(f"wrote {os.path.join(out, name)}.wav/.png ({len(fake) / cfg.sample_rate:.2f} s)")
 
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
-    """Training step (D + G update) at cfg.batch_size x cfg.segment, and batch-1 inference of 10 s of audio
-    with weight norm folded, eager and compiled. On CUDA also the official recipe (fp32, eager) side by side."""
+    """train_step (D + G update) at cfg.batch_size x cfg.segment, and batch-1 inference of bench_seconds of
+    audio with weight norm folded, eager and compiled. On CUDA also the official recipe (fp32, eager)."""
     rt = common.setup(cfg)
-    G, D, opt_g, opt_d = build(cfg, rt)
+    state = build(cfg, rt)
+    G, D = state["G"], state["D"]
     wav = 0.5 * torch.rand(cfg.batch_size, 1, cfg.segment, device=rt.device) - 0.25   # (B, 1, T)
-    mel = log_mel(wav, cfg)
+    batch = (wav, log_mel(wav, cfg))
+    fp32 = dataclasses.replace(rt, dtype=torch.float32)           # rt.autocast() is then a no-op
     figures = dict(params_d=common.count_params(D))                 # "params" (the generator) added below
-    flops = common.count_flops(lambda: gan_step(G, D, opt_g, opt_d, wav, mel, cfg, contextlib.nullcontext))
-    g, d = common.compile(G, cfg), common.compile(D, cfg)
-    ms = common.timeit(lambda: gan_step(g, d, opt_g, opt_d, wav, mel, cfg, rt.autocast), iters=cfg.bench_iters)
+    flops = common.count_flops(lambda: train_step(state, batch, cfg, fp32))
+    state["G"], state["D"] = common.compile(G, cfg), common.compile(D, cfg)
+    compiled = state["G"] is not G
+    ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=cfg.bench_iters)
     figures.update(train_step_ms=ms, train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (ms / 1e3),
                    train_flops_per_step=flops)
     if rt.device_type == "cuda":  # the official recipe: fp32, eager
-        ms32 = common.timeit(lambda: gan_step(G, D, opt_g, opt_d, wav, mel, cfg, contextlib.nullcontext),
-                             iters=cfg.bench_iters)
-        figures.update(baseline_fp32_eager_train_step_ms=ms32)
+        figures["baseline_fp32_eager_train_step_ms"] = common.timeit(
+            lambda: train_step(dict(state, G=G, D=D), batch, cfg, fp32), iters=cfg.bench_iters)
     # inference: real-time factor = compute seconds per second of audio (lower is faster)
     seconds = cfg.bench_seconds
     G_inf = remove_weight_norm(copy.deepcopy(G)).eval()
-    frames = int(seconds * cfg.sample_rate) // cfg.hop
-    mel1 = torch.randn(1, cfg.n_mels, frames, device=rt.device) - 5   # (1, n_mels, frames)
+    mel1 = torch.randn(1, cfg.n_mels, int(seconds * cfg.sample_rate) // cfg.hop, device=rt.device) - 5  # (1, n_mels, frames)
 
-    def infer(model, amp):
-        with torch.no_grad(), amp():
+    def infer(model, r):
+        with torch.no_grad(), r.autocast():
             return model(mel1)
-    figures["infer_rtf_eager"] = common.timeit(lambda: infer(G_inf, rt.autocast), iters=cfg.bench_iters) / 1e3 / seconds
+    figures["infer_rtf_eager"] = common.timeit(lambda: infer(G_inf, rt), iters=cfg.bench_iters) / 1e3 / seconds
     g_inf = common.compile(G_inf, cfg)
-    figures["infer_rtf_compiled"] = (common.timeit(lambda: infer(g_inf, rt.autocast), iters=cfg.bench_iters) / 1e3
-                                     / seconds if g_inf is not G_inf else None)
+    figures["infer_rtf_compiled"] = (common.timeit(lambda: infer(g_inf, rt), iters=cfg.bench_iters) / 1e3 / seconds
+                                     if g_inf is not G_inf else None)
     if rt.device_type == "cuda":
-        figures["baseline_fp32_eager_infer_rtf"] = common.timeit(
-            lambda: infer(G_inf, contextlib.nullcontext), iters=cfg.bench_iters) / 1e3 / seconds
-    common.report_bench(cfg, rt, model=G, **figures)
+        figures["baseline_fp32_eager_infer_rtf"] = common.timeit(lambda: infer(G_inf, fp32), iters=cfg.bench_iters) / 1e3 / seconds
+    common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
 
 # ----------------------------------------------------------------------------- main
 

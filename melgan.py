@@ -17,6 +17,8 @@ Simplified or changed versus the paper / official code (descriptinc/melgan-neuri
 - the mel magnitude adds 1e-9 under the square root (common.mel_spectrogram, HiFi-GAN's convention);
   the official MelGAN Audio2Mel does not. The difference is far below the 1e-5 clamp.
 - PyTorch's default init is kept: the official weights_init runs after weight norm and has no effect.
+- no gradient clipping and no learning-rate schedule, as the official code.
+- the `small` preset narrows both networks (128 generator channels, discriminator capped at 256 channels).
 
     python melgan.py                                    # train on the built-in corpus
     python melgan.py --preset=paper --batch_size=16     # paper size (4.27 M generator)
@@ -26,8 +28,8 @@ Simplified or changed versus the paper / official code (descriptinc/melgan-neuri
     python melgan.py --mode=bench
     torchrun --standalone --nproc_per_node=8 melgan.py
 """
-import contextlib
 import copy
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -53,7 +55,7 @@ class Config:
     input: str = ""                     # --mode=sample: a wav to re-synthesize (empty: held-out utterances)
     seed: int = 1337
     # features (official Audio2Mel)
-    sample_rate: int = 22050            # LJSpeech rate (§3)
+    sample_rate: int = 22050            # LJSpeech's rate
     n_fft: int = 1024                   # STFT size
     hop: int = 256                      # samples per mel frame = product of upsample_rates
     n_mels: int = 80                    # mel bins
@@ -61,10 +63,10 @@ class Config:
     fmax: float = 0.0                   # highest mel frequency (Hz); 0 = Nyquist (MelGAN uses the full band)
     # generator (§2.1)
     channels: int = 512                 # width after the input conv (16 * ngf, ngf = 32)
-    upsample_rates: tuple = (8, 8, 2, 2)  # transposed-conv strides, product = hop (§2.1.1)
-    dilations: tuple = (1, 3, 9)        # residual stack after each upsampler (§2.1.2)
+    upsample_rates: tuple = (8, 8, 2, 2)  # transposed-conv strides, product = hop
+    dilations: tuple = (1, 3, 9)        # residual stack after each upsampler ("induced receptive field")
     # discriminator (§2.2)
-    num_d: int = 3                      # discriminators on raw, 2x and 4x downsampled audio (§2.2.1)
+    num_d: int = 3                      # discriminators on raw, 2x and 4x downsampled audio
     ndf: int = 16                       # width of the first discriminator conv
     d_max_channels: int = 1024          # channel cap of the grouped strided convs
     # loss and optimization (§2.3, official train.py)
@@ -75,13 +77,32 @@ class Config:
     segment: int = 8192                 # training clip length in samples
     max_iters: int = 100_000            # optimizer steps (the paper's models train far longer, see README)
     log_interval: int = 50
-    eval_interval: int = 2000           # evaluate, write samples and checkpoint every N steps
+    eval_interval: int = 2000           # evaluate on val, write samples and checkpoint every N steps
     eval_items: int = 16                # held-out utterances evaluate() vocodes
     device: str = "auto"
     dtype: str = "auto"                 # bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = True                # torch.compile (CUDA only unless asked)
     bench_iters: int = 10               # timed iterations per bench figure
     bench_seconds: float = 10.0         # audio length of the batch-1 inference benchmark
+
+    def validate(self):
+        """Values that would otherwise fail deep inside a conv with a traceback: one line each."""
+        def bad(msg):
+            raise SystemExit(f"error: {msg}")
+        if math.prod(self.upsample_rates) != self.hop:
+            bad(f"--upsample_rates={self.upsample_rates} multiply to {math.prod(self.upsample_rates)}, not --hop={self.hop}")
+        if min(self.upsample_rates + self.dilations) < 1 or self.channels % 2 ** len(self.upsample_rates):
+            bad(f"--channels={self.channels} must halve {len(self.upsample_rates)} times (one per upsampler), "
+                "and rates and dilations must be >= 1")
+        if self.ndf < 4 or self.ndf % 4 or self.d_max_channels < self.ndf or self.d_max_channels % self.ndf or self.num_d < 1:
+            bad(f"--ndf={self.ndf} must be a multiple of 4 (grouped convs), --d_max_channels={self.d_max_channels} "
+                f"a multiple of it, --num_d={self.num_d} >= 1")
+        if self.segment % self.hop or self.segment < 4 * self.hop:
+            bad(f"--segment={self.segment} must be a multiple of --hop={self.hop} and at least 4 mel frames")
+        if not 0 <= self.fmin < (self.fmax or self.sample_rate / 2) <= self.sample_rate / 2 or self.n_fft < self.hop:
+            bad(f"need 0 <= --fmin < --fmax <= sample_rate / 2 ({self.sample_rate / 2:g}) and --n_fft >= --hop")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas) or self.lambda_fm < 0:
+            bad(f"--betas={self.betas} must be two numbers in [0, 1) and --lambda_fm >= 0")
 
 PRESETS = {
     "paper": dict(),                                        # Generator(80, ngf=32, 3), Discriminator(3, 16, 4, 4)
@@ -91,13 +112,15 @@ PRESETS = {
                   eval_interval=1000, corpus_hours=0.02, eval_items=2, log_interval=1, bench_iters=2,
                   bench_seconds=2.0),  # tests
 }
-ARCH_KEYS = ("n_mels", "hop", "channels", "upsample_rates", "dilations", "num_d", "ndf", "d_max_channels")
+# what fixes the weights' shapes and what the mel means: a checkpoint under other values is refused
+ARCH_KEYS = ("sample_rate", "n_fft", "hop", "n_mels", "fmin", "fmax",
+             "channels", "upsample_rates", "dilations", "num_d", "ndf", "d_max_channels")
 
 # ----------------------------------------------------------------------------- model
 
 class ResBlock(nn.Module):
-    """One block of the residual stack (§2.1.2, Fig. 1): LReLU, reflection-padded dilated k=3 conv,
-    LReLU, 1x1 conv; the shortcut is itself a learned 1x1 conv (official code)."""
+    """One block of the residual stack (§2.1, "Induced receptive field"; Fig. 1): LReLU, reflection-padded
+    dilated k=3 conv, LReLU, 1x1 conv; the shortcut is itself a learned 1x1 conv (official code)."""
     def __init__(self, channels, dilation):
         super().__init__()
         self.dilation = dilation
@@ -113,18 +136,18 @@ class ResBlock(nn.Module):
 
 class Generator(nn.Module):
     """mel (B, n_mels, frames) -> waveform (B, 1, frames * hop) in [-1, 1] (§2.1, Fig. 1).
-    Weight norm on every conv (§2.1.4): it does not restrict the discriminator's view of the sample
-    space the way instance norm did in the authors' ablation, and trains stably."""
+    Weight norm on every conv (§2.1, "Normalization technique"): in the authors' trials instance norm
+    washed out the pitch (metallic audio) and spectral norm gave poor results, which they blame on its
+    Lipschitz constraint hurting the feature-matching objective; weight norm worked best."""
     def __init__(self, cfg):
         super().__init__()
-        assert math.prod(cfg.upsample_rates) == cfg.hop, "upsample_rates must multiply to hop"
         self.n_res = len(cfg.dilations)
         self.conv_pre = weight_norm(nn.Conv1d(cfg.n_mels, cfg.channels, 7))
         self.ups, self.resblocks = nn.ModuleList(), nn.ModuleList()
         ch = cfg.channels
         for r in cfg.upsample_rates:
             # kernel = 2 * stride so every output sample gets the same number of taps: no checkerboard
-            # artifacts from uneven overlap (§2.1.3)
+            # artifacts from uneven overlap (§2.1, "Checkerboard artifacts")
             self.ups.append(weight_norm(nn.ConvTranspose1d(ch, ch // 2, 2 * r, stride=r,
                                                            padding=r // 2 + r % 2, output_padding=r % 2)))
             ch //= 2
@@ -136,7 +159,7 @@ class Generator(nn.Module):
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, 0.2))                           # (B, C / 2^(i+1), frames * prod(rates[:i+1]))
             # the stack runs its blocks in series: dilations 1, 3, 9 grow the receptive field to 27
-            # samples at this rate, so distant samples correlate (§2.1.2)
+            # samples at this rate, so distant samples correlate (§2.1, "Induced receptive field")
             for j in range(self.n_res):
                 x = self.resblocks[i * self.n_res + j](x)
         x = self.conv_post(F.pad(F.leaky_relu(x, 0.2), (3, 3), "reflect"))
@@ -144,9 +167,9 @@ class Generator(nn.Module):
 
 
 class ScaleDiscriminator(nn.Module):
-    """One discriminator (§2.2, Appendix A): a stride-4 stack of large grouped convs (kernel 41,
-    groups in/4 keep the parameter count down) whose output is a map of logits, one per window of
-    the input: the "window-based objective" (§2.2.2) of a patch discriminator."""
+    """One discriminator (§2.2; layer sizes from the official code): a stride-4 stack of large grouped
+    convs (kernel 41, groups in/4 keep the parameter count down) whose output is a map of logits, one per
+    window of the input: the "window-based objective" (§2.2) of a patch discriminator."""
     def __init__(self, cfg):
         super().__init__()
         convs, ch = [weight_norm(nn.Conv1d(1, cfg.ndf, 15))], cfg.ndf
@@ -170,8 +193,9 @@ class ScaleDiscriminator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Multi-scale discriminator (§2.2.1): the same architecture on the raw waveform and on it
-    average-pooled 2x and 4x; the coarse scales see low-frequency structure, the raw one detail."""
+    """Multi-scale discriminator (§2.2, "Multi-Scale Architecture"): the same architecture on the raw
+    waveform and on it average-pooled 2x and 4x; the coarse scales see low-frequency structure, the raw one
+    detail. The pool does not count its zero padding (official code), so the edges are not pulled to 0."""
     def __init__(self, cfg):
         super().__init__()
         self.discriminators = nn.ModuleList(ScaleDiscriminator(cfg) for _ in range(cfg.num_d))
@@ -194,23 +218,47 @@ def remove_weight_norm(model):
     return model
 
 
-def load_official(G, state):
-    """Map the official generator file (linda_johnson.pt, multi_speaker.pt, or a trained netG.pt: a raw
-    state dict of Generator(80, 32, 3), one nn.Sequential named `model`) onto our module names.
+def official_config(sd):
+    """The Generator size of an official file (linda_johnson.pt, multi_speaker.pt, a trained netG.pt: a raw
+    state dict of one nn.Sequential `model`), read from its tensors: Sequential index 1 is conv_pre, then per
+    stage a LeakyReLU, the upsampler (kernel 2r) and one block per dilation (3**j), then conv_post."""
+    if not isinstance(sd, dict) or "model.1.weight_v" not in sd:
+        return None
+    idx = sorted({int(k.split(".")[1]) for k in sd if k.startswith("model.") and k.endswith("weight_v")})
+    convs = [i for i in idx if f"model.{i}.block.2.weight_v" not in sd]    # conv_pre, upsamplers, conv_post
+    ups = convs[1:-1]
+    n_res = sum(f"model.{i}.block.2.weight_v" in sd for i in idx) // max(1, len(ups))
+    rates = tuple(sd[f"model.{i}.weight_v"].shape[-1] // 2 for i in ups)
+    n_mels, channels = sd["model.1.weight_v"].shape[1], sd["model.1.weight_v"].shape[0]
+    return dict(n_mels=n_mels, channels=channels, upsample_rates=rates, hop=math.prod(rates),
+                dilations=tuple(3 ** j for j in range(n_res)))
+
+
+def load_official(G, sd, cfg):
+    """Load an official generator file into G; its size (official_config) must be the config's.
     Sequential layout: 0 pad, 1 conv_pre, then per stage i: 2+5i lrelu, 3+5i upsampler, 4+5i..6+5i
     residual blocks (block.2 = dilated conv, block.4 = 1x1 conv, shortcut), then 22-25 lrelu/pad/conv_post/tanh."""
-    n_res = G.n_res
-    names = {"model.1": "conv_pre", f"model.{2 + 5 * len(G.ups) + 2}": "conv_post"}
+    G, need = common.unwrap(G), official_config(sd)
+    if need is None:
+        raise SystemExit("error: neither one of our checkpoints nor an official MelGAN generator file "
+                         "(linda_johnson.pt / multi_speaker.pt / netG.pt: a state dict with model.1.weight_v ...)")
+    flag = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v
+    bad = [k for k, v in need.items() if (tuple(getattr(cfg, k)) if isinstance(v, tuple) else getattr(cfg, k)) != v]
+    if bad:
+        raise SystemExit("error: the official generator file needs " + " ".join(f"--{k}={flag(need[k])}" for k in bad)
+                         + " (the config has " + ", ".join(f"{k}={flag(getattr(cfg, k))}" for k in bad) + ")")
+    n_res, stage = G.n_res, 2 + G.n_res
+    names = {"model.1": "conv_pre", f"model.{2 + stage * len(G.ups) + 2}": "conv_post"}
     for i in range(len(G.ups)):
-        names[f"model.{3 + 5 * i}"] = f"ups.{i}"
+        names[f"model.{3 + stage * i}"] = f"ups.{i}"
         for j in range(n_res):
-            names[f"model.{4 + 5 * i + j}.block.2"] = f"resblocks.{i * n_res + j}.conv1"
-            names[f"model.{4 + 5 * i + j}.block.4"] = f"resblocks.{i * n_res + j}.conv2"
-            names[f"model.{4 + 5 * i + j}.shortcut"] = f"resblocks.{i * n_res + j}.shortcut"
+            names[f"model.{4 + stage * i + j}.block.2"] = f"resblocks.{i * n_res + j}.conv1"
+            names[f"model.{4 + stage * i + j}.block.4"] = f"resblocks.{i * n_res + j}.conv2"
+            names[f"model.{4 + stage * i + j}.shortcut"] = f"resblocks.{i * n_res + j}.shortcut"
     suffix = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1",
               "bias": "bias"}
     ours = {}
-    for k, v in state.items():
+    for k, v in sd.items():
         prefix, _, leaf = k.rpartition(".")
         if prefix not in names or leaf not in suffix:
             raise SystemExit(f"error: unexpected key {k!r} in the official MelGAN generator file")
@@ -242,30 +290,6 @@ def feature_loss(real_outs, fake_outs):
             loss = loss + w * F.l1_loss(f.float(), r.detach().float())
     return loss
 
-
-def gan_step(G, D, opt_g, opt_d, wav, mel, cfg, amp):
-    """One training step: D on [real; fake.detach()], then G (official order). Returns the logged losses."""
-    B = wav.shape[0]
-    with amp():
-        fake = G(mel)                                              # (B, 1, T)
-        outs = D(torch.cat([wav, fake.detach()]))                  # [scale][layer] -> (2B, C, T')
-    real_outs = [[t[:B] for t in s] for s in outs]
-    loss_d = discriminator_loss(real_outs, [[t[B:] for t in s] for s in outs])
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
-    with amp():
-        fake_outs = D(fake)
-    # the real features are reused from the D pass above (before D's update), as the official code does
-    loss_adv, loss_fm = generator_loss(fake_outs), feature_loss(real_outs, fake_outs)
-    loss_g = loss_adv + cfg.lambda_fm * loss_fm                  # Eq. 4
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
-    with torch.no_grad():  # monitoring only: MelGAN has no mel loss, the official code just logs this
-        mel_l1 = F.l1_loss(log_mel(fake.detach().float(), cfg), mel)
-    return dict(g=loss_adv, fm=loss_fm, d=loss_d, mel=mel_l1)
-
 # ----------------------------------------------------------------------------- data
 
 def log_mel(wav, cfg):
@@ -293,89 +317,141 @@ def get_batch(sampler, cfg, rt):
     x = x.to(rt.device, non_blocking=True)
     return x, log_mel(x, cfg)
 
+
+def vocode(G, wav, name, cfg, rt):
+    """A whole clip (T,) numpy -> (generated, reference) (T',) tensors, T' = T cut to whole mel frames."""
+    if len(wav) < 4 * cfg.hop:
+        raise SystemExit(f"error: {name} is {len(wav)} samples long, shorter than 4 mel frames ({4 * cfg.hop})")
+    wav = torch.from_numpy(wav[: len(wav) // cfg.hop * cfg.hop]).to(rt.device)  # (T',)
+    with rt.autocast():
+        fake = G(log_mel(wav, cfg).unsqueeze(0))[0, 0].float()    # (T',)
+    return fake, wav
+
 # ----------------------------------------------------------------------------- train
 
 def build(cfg, rt):
+    """Everything training holds, in one dict; the checkpoint saves exactly this."""
     G, D = Generator(cfg).to(rt.device), Discriminator(cfg).to(rt.device)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
-    return G, D, opt_g, opt_d
+    # no lr schedule: the official code trains at a constant lr
+    return dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d)
 
 
-def load_generator(cfg, rt):
-    """A Generator from --init_from: one of our checkpoints or the official generator file."""
+def train_step(state, batch, cfg, rt):
+    """One step of the objective (loss section): D on [real; fake.detach()], then G, the official order; no
+    gradient clipping (none in the official code). train() and bench() both call it. Returns the logged losses."""
+    G, D, opt_g, opt_d = state["G"], state["D"], state["opt_g"], state["opt_d"]
+    wav, mel = batch                                               # (B, 1, T), (B, n_mels, T / hop)
+    B = wav.shape[0]
+    with rt.autocast():
+        fake = G(mel)                                              # (B, 1, T)
+        outs = D(torch.cat([wav, fake.detach()]))                  # [disc][layer] -> (2B, C, ...)
+    real_outs = [[t[:B] for t in s] for s in outs]
+    loss_d = discriminator_loss(real_outs, [[t[B:] for t in s] for s in outs])
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    with rt.autocast():
+        # the real features are reused from the D pass above (before D's update), as the official code does
+        fake_outs = D(fake)
+    loss_adv, loss_fm = generator_loss(fake_outs), feature_loss(real_outs, fake_outs)
+    loss_g = loss_adv + cfg.lambda_fm * loss_fm                    # Eq. 4
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    with torch.no_grad():  # monitoring only: MelGAN has no mel loss, the official code just logs this
+        mel_l1 = F.l1_loss(log_mel(fake.detach().float(), cfg), mel)
+    return dict(g=loss_adv, fm=loss_fm, d=loss_d, mel=mel_l1)
+
+
+def load_for_inference(cfg, rt):
+    """The generator --init_from names: our checkpoint (parse_config already took its config) or the official
+    file, whose size is read from its tensors and set on cfg (so a CPU's `small` default does not matter)."""
     if cfg.init_from == "scratch":
-        raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume or a checkpoint path")
-    G = Generator(cfg).to(rt.device)
-    ckpt = common.load_checkpoint(common.resume_path(cfg))
+        raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: --init_from=resume (out_dir/ckpt.pt), "
+                         "a checkpoint path, or the authors' generator file")
+    path = common.checkpoint_path(cfg)
+    ckpt = common.load_checkpoint(path)
     if common.is_ours(ckpt):
-        common.restore(ckpt, cfg, {"G": G}, arch_keys=ARCH_KEYS, rng=False)
-    else:
-        load_official(G, ckpt)
+        G = Generator(cfg).to(rt.device)
+        common.load_models(ckpt, cfg, {"G": G}, ARCH_KEYS)
+        return G
+    need = official_config(ckpt)
+    if need is None:
+        load_official(None, ckpt, cfg)                             # says what the file is not
+    for k, v in need.items():
+        setattr(cfg, k, v)
+    common.log(f"the authors' generator {path}: " + ", ".join(f"{k} {v}" for k, v in need.items())
+               + " (read from its tensors)")
+    G = Generator(cfg).to(rt.device)
+    load_official(G, ckpt, cfg)
     return G
 
 
 @torch.no_grad()
-def evaluate(cfg, G=None, rt=None, samples_dir=None):
-    """Vocode held-out utterances (unseen sentences, and a voice never heard in training) from their
-    ground-truth mels; mel L1 (ln-mel, common.mel_distance) and multi-resolution STFT distance."""
-    if G is None:
+def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
+    """Vocode held-out utterances from their ground-truth mels (val during training; test, unseen sentences
+    and a voice never heard in training, for the reported figures) and log the metrics, in the training log's
+    units. --mode=eval (model=None) loads --init_from and reports test."""
+    if model is None:
         rt = common.setup(cfg)
-        G = remove_weight_norm(load_generator(cfg, rt))
-    was_training = G.training
-    G.eval()
-    mel_l1, stft = [], []
-    for i, (name, wav) in enumerate(load_split(cfg, "test")[:cfg.eval_items]):
-        wav = torch.from_numpy(wav[: len(wav) // cfg.hop * cfg.hop]).to(rt.device)  # (T,)
-        with rt.autocast():
-            fake = G(log_mel(wav, cfg).unsqueeze(0))[0, 0].float()  # (T,)
-        mel_l1.append(common.mel_distance(fake, wav, cfg.sample_rate))
-        stft.append(common.mrstft_distance(fake, wav))
+        model = remove_weight_norm(load_for_inference(cfg, rt))
+    was_training = model.training
+    model.eval()
+    items = load_split(cfg, split)[:cfg.eval_items]
+    if not items:
+        raise SystemExit(f"error: the {split} split has no clips to evaluate")
+    # mel: L1 of the log10 Audio2Mel features (the training log's mel); mel_ln: common.mel_distance (ln mels,
+    # comparable with HiFi-GAN's mel); mrstft: multi-resolution STFT distance
+    metrics = dict(mel=0.0, mel_ln=0.0, mrstft=0.0)
+    for i, (name, wav) in enumerate(items):
+        fake, wav = vocode(model, wav, name, cfg, rt)
+        metrics["mel"] += F.l1_loss(log_mel(fake, cfg), log_mel(wav, cfg)).item() / len(items)
+        metrics["mel_ln"] += common.mel_distance(fake, wav, cfg.sample_rate) / len(items)
+        metrics["mrstft"] += common.mrstft_distance(fake, wav) / len(items)
         if samples_dir is not None and i < 2:
             common.save_sample(samples_dir, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
-    G.train(was_training)
-    metrics = dict(mel_l1=sum(mel_l1) / len(mel_l1), mrstft=sum(stft) / len(stft))
-    common.log("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    model.train(was_training)
+    common.log(f"eval {split} ({len(items)} clips) | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
 
 def train(cfg):
     rt = common.setup(cfg)
-    G, D, opt_g, opt_d = build(cfg, rt)
-    common.log(f"generator {common.count_params(G) / 1e6:.2f} M params, "
-               f"discriminator {common.count_params(D) / 1e6:.2f} M params")
     train_wavs = [w for _, w in load_split(cfg, "train")]
+    common.check_clips(train_wavs, cfg.segment, "train split")
+    common.check_clips([w for _, w in load_split(cfg, "val")], cfg.segment, "val split")
+    state = build(cfg, rt)
+    common.log(f"generator {common.count_params(state['G']) / 1e6:.2f} M params, "
+               f"discriminator {common.count_params(state['D']) / 1e6:.2f} M params")
     sampler = common.SegmentSampler(train_wavs, cfg.segment, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
-    step = 0
-    if cfg.init_from != "scratch":
-        ckpt = common.load_checkpoint(common.resume_path(cfg))
-        if common.is_ours(ckpt):   # resume: weights, optimizers, step, RNG and data order
-            step = common.restore(ckpt, cfg, {"G": G, "D": D}, {"G": opt_g, "D": opt_d},
-                                  sampler=sampler, arch_keys=ARCH_KEYS)
-        else:                      # fine-tune from the official generator; D starts fresh
-            load_official(G, ckpt)
-        common.log(f"initialized from {common.resume_path(cfg)} at step {step}")
-    g = common.wrap_ddp(common.compile(G, cfg), rt)
-    d = common.wrap_ddp(common.compile(D, cfg), rt)
+    # scratch: step 0 | resume: out_dir/ckpt.pt continues exactly | PATH: our weights or the official
+    # generator, fresh optimizers, step 0 (D starts fresh: only the authors' generators are mapped)
+    step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS,
+                            official=lambda st, ckpt: load_official(st["G"], ckpt, cfg))
+    G = state["G"]
+    state["G"] = common.wrap_ddp(common.compile(G, cfg), rt)
+    state["D"] = common.wrap_ddp(common.compile(state["D"], cfg), rt)
     prog = common.Progress(cfg, start_step=step)
     seconds_per_step = cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate
     while step < cfg.max_iters:
-        wav, mel = get_batch(sampler, cfg, rt)
-        losses = gan_step(g, d, opt_g, opt_d, wav, mel, cfg, rt.autocast)
+        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
         step += 1
         prog.update(step, losses, seconds_per_step)
-        if rt.master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
-            evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
-            common.save_checkpoint(cfg, step, {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, sampler=sampler)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if rt.master:
+                evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
+            common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
 # ----------------------------------------------------------------------------- sample
 
 @torch.no_grad()
 def sample(cfg):
-    """Mel -> waveform for a given wav (--input) or for held-out utterances, beside the reference."""
+    """Mel -> waveform for a given wav (--input) or for held-out test utterances, beside the reference."""
     rt = common.setup(cfg)
-    G = remove_weight_norm(load_generator(cfg, rt)).eval()
+    G = remove_weight_norm(load_for_inference(cfg, rt)).eval()
     if cfg.input:
         wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
         items = [(os.path.splitext(os.path.basename(cfg.input))[0], wav)]
@@ -383,48 +459,46 @@ def sample(cfg):
         items = load_split(cfg, "test")[:4]
     out = os.path.join(cfg.out_dir, "samples")
     for name, wav in items:
-        wav = torch.from_numpy(wav[: len(wav) // cfg.hop * cfg.hop]).to(rt.device)  # (T,)
-        with rt.autocast():
-            fake = G(log_mel(wav, cfg).unsqueeze(0))[0, 0].float()  # (T,)
+        fake, wav = vocode(G, wav, name, cfg, rt)
         common.save_sample(out, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
         common.log(f"wrote {os.path.join(out, name)}.wav/.png ({len(fake) / cfg.sample_rate:.2f} s)")
 
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
-    """Training step (D + G update) at cfg.batch_size x cfg.segment, and batch-1 inference of 10 s of audio
-    with weight norm folded, eager and compiled. On CUDA also the official recipe (fp32, eager) side by side."""
+    """train_step (D + G update) at cfg.batch_size x cfg.segment, and batch-1 inference of bench_seconds of
+    audio with weight norm folded, eager and compiled. On CUDA also the official recipe (fp32, eager)."""
     rt = common.setup(cfg)
-    G, D, opt_g, opt_d = build(cfg, rt)
+    state = build(cfg, rt)
+    G, D = state["G"], state["D"]
     wav = 0.5 * torch.rand(cfg.batch_size, 1, cfg.segment, device=rt.device) - 0.25   # (B, 1, T)
-    mel = log_mel(wav, cfg)
+    batch = (wav, log_mel(wav, cfg))
+    fp32 = dataclasses.replace(rt, dtype=torch.float32)           # rt.autocast() is then a no-op
     figures = dict(params_d=common.count_params(D))                 # "params" (the generator) added below
-    flops = common.count_flops(lambda: gan_step(G, D, opt_g, opt_d, wav, mel, cfg, contextlib.nullcontext))
-    g, d = common.compile(G, cfg), common.compile(D, cfg)
-    ms = common.timeit(lambda: gan_step(g, d, opt_g, opt_d, wav, mel, cfg, rt.autocast), iters=cfg.bench_iters)
+    flops = common.count_flops(lambda: train_step(state, batch, cfg, fp32))
+    state["G"], state["D"] = common.compile(G, cfg), common.compile(D, cfg)
+    compiled = state["G"] is not G
+    ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=cfg.bench_iters)
     figures.update(train_step_ms=ms, train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (ms / 1e3),
                    train_flops_per_step=flops)
     if rt.device_type == "cuda":  # the official recipe: fp32, eager
-        ms32 = common.timeit(lambda: gan_step(G, D, opt_g, opt_d, wav, mel, cfg, contextlib.nullcontext),
-                             iters=cfg.bench_iters)
-        figures.update(baseline_fp32_eager_train_step_ms=ms32)
+        figures["baseline_fp32_eager_train_step_ms"] = common.timeit(
+            lambda: train_step(dict(state, G=G, D=D), batch, cfg, fp32), iters=cfg.bench_iters)
     # inference: real-time factor = compute seconds per second of audio (lower is faster)
     seconds = cfg.bench_seconds
     G_inf = remove_weight_norm(copy.deepcopy(G)).eval()
-    frames = int(seconds * cfg.sample_rate) // cfg.hop
-    mel1 = torch.randn(1, cfg.n_mels, frames, device=rt.device) - 5   # (1, n_mels, frames)
+    mel1 = torch.randn(1, cfg.n_mels, int(seconds * cfg.sample_rate) // cfg.hop, device=rt.device) - 5  # (1, n_mels, frames)
 
-    def infer(model, amp):
-        with torch.no_grad(), amp():
+    def infer(model, r):
+        with torch.no_grad(), r.autocast():
             return model(mel1)
-    figures["infer_rtf_eager"] = common.timeit(lambda: infer(G_inf, rt.autocast), iters=cfg.bench_iters) / 1e3 / seconds
+    figures["infer_rtf_eager"] = common.timeit(lambda: infer(G_inf, rt), iters=cfg.bench_iters) / 1e3 / seconds
     g_inf = common.compile(G_inf, cfg)
-    figures["infer_rtf_compiled"] = (common.timeit(lambda: infer(g_inf, rt.autocast), iters=cfg.bench_iters) / 1e3
-                                     / seconds if g_inf is not G_inf else None)
+    figures["infer_rtf_compiled"] = (common.timeit(lambda: infer(g_inf, rt), iters=cfg.bench_iters) / 1e3 / seconds
+                                     if g_inf is not G_inf else None)
     if rt.device_type == "cuda":
-        figures["baseline_fp32_eager_infer_rtf"] = common.timeit(
-            lambda: infer(G_inf, contextlib.nullcontext), iters=cfg.bench_iters) / 1e3 / seconds
-    common.report_bench(cfg, rt, model=G, **figures)
+        figures["baseline_fp32_eager_infer_rtf"] = common.timeit(lambda: infer(G_inf, fp32), iters=cfg.bench_iters) / 1e3 / seconds
+    common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
 
 # ----------------------------------------------------------------------------- main
 

@@ -618,3 +618,36 @@ def test_corpus_other_languages(corpus_root):
     rng = np.random.default_rng(0)
     text, en = common.make_sentence_in("es", rng)
     assert len(text.split()) >= 3 and len(en.split()) >= 3
+
+
+def test_safetensors_reader_and_per_stage_out_dir(tmp_path):
+    import struct
+    t = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, -2], dtype=torch.int64),
+         "h": torch.tensor([0.5, 1.5], dtype=torch.bfloat16)}
+    header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
+    names = {torch.float32: "F32", torch.int64: "I64", torch.bfloat16: "BF16"}
+    for k, v in t.items():
+        raw = v.contiguous().view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header).encode()
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    got = common.load_checkpoint(str(tmp_path / "w.safetensors"))
+    assert set(got) == set(t) and all(torch.equal(got[k], t[k]) for k in t)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(SystemExit, match="bad.safetensors"):
+        common.load_checkpoint(str(tmp_path / "bad.safetensors"))
+
+    @dataclass
+    class C(Config):
+        stage: str = "teacher"        # a two-stage file
+        out_dir: str = str(tmp_path / "{stage}")  # one folder per stage
+    assert common.parse_config(C, PRESETS, ["--stage=student"]).out_dir == str(tmp_path / "student")
+    common.save_checkpoint(C(out_dir=str(tmp_path / "student"), stage="student", width=6), 1, {"model": Tiny(6)})
+    cfg = common.parse_config(C, PRESETS, ["--stage=student", "--init_from=resume"])
+    assert cfg.width == 6 and cfg.out_dir == str(tmp_path / "student")  # the stage's checkpoint config was found
+    s = common.SegmentSampler([np.arange(100, dtype=np.float32), np.arange(5, dtype=np.float32)], 10, 4, seed=0)
+    x, idx = s.next()
+    for row, i, st in zip(x, idx, s.last_starts):
+        assert (st == 0 if i == 1 else row[0] == st)
