@@ -2,13 +2,14 @@
 WaveNet: A Generative Model for Raw Audio (van den Oord et al., 2016) — https://arxiv.org/abs/1609.03499
 Fast generation: Fast Wavenet Generation Algorithm (Paine et al., 2016) — https://arxiv.org/abs/1611.09482
 
-The idea: model raw audio one sample at a time, p(x) = prod_t p(x_t | x_<t), with a stack of dilated
+The idea: model raw audio one sample at a time, p(x) = prod_t p(x_t | x_<t) (§2, Eq. 1), with a stack of dilated
 causal convolutions (§2.1) whose dilations double 1, 2, ..., 512 and then repeat, so the receptive field
 grows exponentially with depth while every layer stays cheap. Each layer is a gated unit
-tanh(W_f * x) ⊙ σ(W_g * x) (§2.3) with residual and skip 1×1 convolutions (§2.4); the output is a
-256-way softmax over μ-law companded samples (§2.2), trained with cross-entropy and teacher forcing.
-Conditioning (§2.5): a global speaker embedding added inside every gate, and local mel frames upsampled
-to the sample rate by learned transposed convolutions — this turns WaveNet into a neural vocoder.
+tanh(W_f * x) ⊙ σ(W_g * x) (§2.3, Eq. 2) with residual and skip 1×1 convolutions (§2.4); the output is a
+256-way softmax over μ-law companded samples (§2.2), trained with cross-entropy and teacher forcing: the input
+is the μ-law sequence shifted right by one sample, the target at every step the class of the next sample.
+Conditioning (§2.5): a global speaker embedding added inside every gate (Eq. 4), and local mel frames upsampled
+to the sample rate by learned transposed convolutions (Eq. 5) — this turns WaveNet into a neural vocoder.
 Training is parallel over time; generation is strictly sequential. The naive sampler re-runs the whole
 receptive field for every new sample; Fast WaveNet caches each layer's past inputs in a queue, so a new
 sample costs one column per layer. Both are here, and a test proves they draw the same samples.
@@ -17,25 +18,30 @@ Simplified or changed versus the paper:
 - conditioned on mel spectrograms (as in later WaveNet vocoders, e.g. Tacotron 2 / r9y9), not on linguistic
   features + log F0; trained on the built-in eSpeak corpus at 16 kHz, not 24.6 h of studio speech.
 - layer widths and optimiser are not in the paper: widths follow r9y9's mulaw256 vocoder (res 128, gate 256,
-  skip 128), Adam with warm-up and exponential decay; no weight norm, no EMA of weights, no pre-emphasis.
+  skip 128); Adam with linear warm-up and exponential decay (a LambdaLR scheduler); gradients clipped to norm
+  1.0 (neither in the paper); no weight norm, no EMA of weights, no pre-emphasis.
 - the input sample enters through an embedding table (≡ a one-hot vector times a 1×1 conv) instead of a
   causal first conv; causality comes from shifting the input one sample right.
 - the upsampler is a stack of single-channel ConvTranspose2d over (mel, time), as in r9y9's early vocoder.
-- no context stacks (§2.6), no mixture-of-logistics output.
+- no context stacks (§2.6), no mixture-of-logistics output; the authors published no weights, so
+  --init_from takes our checkpoints only.
+- one unit for the likelihood everywhere: bits per sample (the cross-entropy in nats / ln 2), in the training
+  log and in evaluate(); 8 bits is a uniform guess over 256 classes.
 
     python wavenet.py                                      # train (mel + speaker conditioned) on the built-in corpus
     python wavenet.py --preset=vocoder --batch_size=8      # r9y9 mulaw256 vocoder size (22.05 kHz, kernel 3)
     python wavenet.py --init_from=resume                   # continue out/wavenet/ckpt.pt
     python wavenet.py --mode=sample --init_from=out/wavenet/ckpt.pt --temperature=0.9   # vocode held-out mel
     python wavenet.py --mode=sample --init_from=out/wavenet/ckpt.pt --input=my.wav      # vocode my.wav's mel
-    python wavenet.py --mode=eval --init_from=out/wavenet/ckpt.pt   # held-out bits/sample and vocoded mel L1
+    python wavenet.py --mode=eval --init_from=out/wavenet/ckpt.pt   # test bits/sample and vocoded mel L1
     python wavenet.py --cond_mel=False --out_dir=out/wavenet_free   # speaker-only WaveNet (§3.1 multi-speaker)
-    python wavenet.py --cond_mel=False --out_dir=out/wavenet_free --mode=sample --init_from=resume --speaker=2
-    python wavenet.py --mode=bench                         # train speed; naive vs cached (eager, compiled,
+    python wavenet.py --mode=sample --init_from=out/wavenet_free/ckpt.pt --speaker=2
+    python wavenet.py --mode=bench                         # train step; naive vs cached (eager, compiled,
                                                            # CUDA graphs) generation at batch 1 and 16
     torchrun --standalone --nproc_per_node=8 wavenet.py
 """
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -59,6 +65,7 @@ class Config:
     input: str = ""                   # --mode=sample: vocode this wav instead of a held-out utterance
     # audio and features
     sample_rate: int = 16000          # §3.2: TTS at 16 kHz
+    mu: int = 255                     # μ-law companding, mu + 1 = 256 softmax classes (§2.2)
     n_fft: int = 1024                 # mel STFT size
     hop: int = 256                    # samples per mel frame; must equal prod(upsample_scales)
     n_mels: int = 80                  # mel bins of the local conditioning
@@ -71,24 +78,25 @@ class Config:
     residual_channels: int = 128      # width of the residual stream
     gate_channels: int = 256          # dilated conv output, split into tanh and sigmoid halves (§2.3)
     skip_channels: int = 128          # width of the skip connections and output head (§2.4)
-    quant_channels: int = 256         # softmax classes = mu + 1 (§2.2, mu = 255)
     cond_mel: bool = True             # local conditioning on mel frames (§2.5)
     cond_speaker: bool = True         # global conditioning on a speaker embedding (§2.5)
     speaker_dim: int = 16             # speaker embedding size
+    n_speakers: int = 0               # rows of the speaker table; 0: the training data's speaker count
     upsample_scales: tuple = (16, 16)  # learned transposed-conv upsampling, product = hop (§2.5)
     freq_axis_kernel: int = 3         # mel-axis width of the upsampling kernels
     # training
-    seg_len: int = 8000               # training crop in samples (longer than the receptive field)
+    segment: int = 7680               # training crop in samples, a multiple of hop, > receptive field (480 ms)
     batch_size: int = 16
     lr: float = 1e-3                  # Adam, as r9y9
+    betas: tuple = (0.9, 0.999)       # Adam's defaults, as r9y9
     warmup_iters: int = 200           # linear warm-up
     lr_half_life: int = 20000         # lr halves every this many steps (r9y9 halves every 200k)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0            # max global gradient norm (not in the paper; r9y9 clips at 1.0)
     max_iters: int = 50000
     log_interval: int = 50
     eval_interval: int = 1000         # also the checkpoint interval
     eval_items: int = 4               # held-out utterances for evaluate()
-    eval_seconds: float = 2.0         # crop per utterance for the NLL
+    eval_seconds: float = 2.0         # crop per utterance for the held-out bits/sample
     eval_gen_seconds: float = 0.5     # audio vocoded per held-out utterance for evaluate()'s mel L1
     gen_seconds: float = 2.0          # audio generated by --mode=sample
     # sampling
@@ -101,22 +109,52 @@ class Config:
     dtype: str = "auto"               # bf16 autocast on CUDA for training, fp32 elsewhere
     compile: bool = True
 
+    def validate(self):
+        def bad(msg):
+            raise SystemExit(f"error: {msg}")
+        if math.prod(self.upsample_scales) != self.hop:
+            bad(f"--upsample_scales={self.upsample_scales} multiply to {math.prod(self.upsample_scales)}, "
+                f"not --hop={self.hop}")
+        if self.layers < 1 or self.stacks < 1 or self.layers % self.stacks:
+            bad(f"--layers={self.layers} must be a positive multiple of --stacks={self.stacks}")
+        if self.kernel_size < 2:
+            bad(f"--kernel_size must be >= 2 (got {self.kernel_size})")
+        if self.gate_channels < 2 or self.gate_channels % 2:
+            bad(f"--gate_channels must be even: tanh and sigmoid halves (got {self.gate_channels})")
+        if self.segment % self.hop:
+            bad(f"--segment={self.segment} must be a multiple of --hop={self.hop} (whole mel frames)")
+        if not 1 <= self.mu <= 65535:
+            bad(f"--mu must be in 1..65535 (got {self.mu})")
+        for k in ("residual_channels", "skip_channels", "n_mels", "speaker_dim", "bench_steps", "lr_half_life",
+                  "warmup_iters", "grad_clip", "eval_seconds", "eval_gen_seconds", "gen_seconds"):
+            if not getattr(self, k) > 0:
+                bad(f"--{k} must be > 0 (got {getattr(self, k)!r})")
+        if self.n_speakers < 0 or self.temperature < 0:
+            bad("--n_speakers and --temperature must be >= 0")
+
 PRESETS = {
-    # k = 2, 3 x (1..512): receptive field 3070 samples = 192 ms at 16 kHz (§3.2 used ~240 ms); 3.78 M params
+    # k = 2, 3 x (1..512): receptive field 3070 samples = 192 ms at 16 kHz (§3.2 used ~240 ms);
+    # 3,767,890 params (3.77 M) with the built-in corpus's speaker table
     "paper":   dict(),
-    # r9y9 mulaw256 (4.70 M params, RF 6139): 4.63 M here; r9y9 adds weight-norm gains, a mel conv_in and an
-    # unused residual conv in the last layer
+    # r9y9 mulaw256 (4.70 M params, RF 6139): 4,627,812 here (4.63 M); r9y9 adds weight-norm gains, a mel conv_in
+    # and an unused residual conv in the last layer
     "vocoder": dict(kernel_size=3, cond_speaker=False, sample_rate=22050, upsample_scales=(4, 4, 4, 4),
-                    fmin=125.0, fmax=7600.0, seg_len=10240, batch_size=8),
-    # 0.25 M params, RF 511 samples = 32 ms: the mel carries the rest
+                    fmin=125.0, fmax=7600.0, segment=10240, batch_size=8),
+    # 243,826 params (0.24 M) with the built-in speaker table, RF 511 samples = 32 ms: the mel carries the rest
     "small":   dict(layers=16, stacks=2, residual_channels=32, gate_channels=64, skip_channels=64,
-                    seg_len=4096, batch_size=4, max_iters=2000, eval_interval=500, bench_steps=256,
+                    segment=4096, batch_size=4, max_iters=2000, eval_interval=500, bench_steps=256,
                     eval_items=2, eval_seconds=1.0, eval_gen_seconds=0.25, gen_seconds=1.0, lr_half_life=2000),
     "tiny":    dict(layers=6, stacks=2, residual_channels=8, gate_channels=16, skip_channels=16, n_mels=20,
-                    speaker_dim=4, seg_len=1024, batch_size=2, max_iters=10, corpus_hours=0.02, log_interval=1,
+                    speaker_dim=4, segment=1024, batch_size=2, max_iters=10, corpus_hours=0.02, log_interval=1,
                     eval_items=2, eval_seconds=0.25, eval_gen_seconds=0.05, gen_seconds=0.05, warmup_iters=2,
                     bench_steps=32),
 }
+
+# every field that changes the weights' shapes or the features they were trained on: a checkpoint made under
+# other values is refused with the flags named
+ARCH_KEYS = ("sample_rate", "mu", "n_fft", "hop", "n_mels", "fmin", "fmax", "layers", "stacks", "kernel_size",
+             "residual_channels", "gate_channels", "skip_channels", "cond_mel", "cond_speaker", "speaker_dim",
+             "n_speakers", "upsample_scales", "freq_axis_kernel")
 
 # ----------------------------------------------------------------------------- model
 
@@ -140,7 +178,6 @@ class Upsampler(nn.Module):
     Each stage is a ConvTranspose2d over (mel bin, time) with one channel, stride s along time."""
     def __init__(self, cfg):
         super().__init__()
-        assert math.prod(cfg.upsample_scales) == cfg.hop, "upsample_scales must multiply to hop"
         self.stages = nn.ModuleList()
         for s in cfg.upsample_scales:
             fk = cfg.freq_axis_kernel
@@ -175,7 +212,7 @@ class ResidualLayer(nn.Module):
 
     def gate(self, h, x):                            # h: (B, G, ...) pre-activation, x: layer input (B, R, ...)
         a, b = h.chunk(2, dim=1)                     # (B, G/2, ...) each
-        z = torch.tanh(a) * torch.sigmoid(b)         # §2.3, Eq. 3
+        z = torch.tanh(a) * torch.sigmoid(b)         # §2.3, Eq. 2
         if self.out is None:
             return x, self.skip(z)
         # √0.5 keeps the residual stream's variance constant with depth (r9y9, Gated PixelCNN-style)
@@ -207,11 +244,11 @@ class ResidualLayer(nn.Module):
 
 
 class WaveNet(nn.Module):
-    def __init__(self, cfg, n_speakers=1):
+    def __init__(self, cfg):
         super().__init__()
-        assert cfg.layers % cfg.stacks == 0 and cfg.kernel_size >= 2
         self.cfg = cfg
-        Q, R, S = cfg.quant_channels, cfg.residual_channels, cfg.skip_channels
+        Q, R, S = cfg.mu + 1, cfg.residual_channels, cfg.skip_channels
+        self.silence = int(common.mulaw_quantize(torch.zeros(()), cfg.mu))  # the class of x = 0: the input at t = 0
         self.embed = nn.Embedding(Q, R)              # one-hot μ-law input × 1×1 conv == a table lookup (§2.2)
         per_stack = cfg.layers // cfg.stacks
         self.layers = nn.ModuleList(ResidualLayer(cfg, 2 ** (i % per_stack), last=i == cfg.layers - 1)
@@ -219,7 +256,7 @@ class WaveNet(nn.Module):
         # §2.4, Fig. 4: sum of skips -> ReLU -> 1×1 -> ReLU -> 1×1 -> softmax
         self.head = nn.Sequential(nn.ReLU(), nn.Conv1d(S, S, 1), nn.ReLU(), nn.Conv1d(S, Q, 1))
         self.upsample = Upsampler(cfg) if cfg.cond_mel else None
-        self.speaker_emb = nn.Embedding(n_speakers, cfg.speaker_dim) if cfg.cond_speaker else None
+        self.speaker_emb = nn.Embedding(cfg.n_speakers, cfg.speaker_dim) if cfg.cond_speaker else None
         self.receptive_field = receptive_field(cfg)
 
     def net(self, x, c=None, g=None):                # x: (B, T) codes of the *previous* samples
@@ -243,8 +280,8 @@ class WaveNet(nn.Module):
     def generate_naive(self, u, c=None, g=None, temperature=1.0):
         """The readable reference: every new sample re-runs the whole stack over the last receptive-field inputs."""
         B, T = u.shape
-        rf, silence = self.receptive_field, common.mulaw_quantize(torch.zeros(()))
-        x = torch.full((B, T + 1), int(silence), dtype=torch.long, device=u.device)  # x[:, t] is the input at step t
+        rf = self.receptive_field
+        x = torch.full((B, T + 1), self.silence, dtype=torch.long, device=u.device)  # x[:, t] is the input at step t
         for t in range(T):
             lo = max(0, t + 1 - rf)
             ct = c[:, :, lo:t + 1] if c is not None else None
@@ -278,7 +315,7 @@ class CachedGenerator:
         for q in self.queues:
             q.zero_()
         self.t.zero_()
-        self.x.fill_(int(common.mulaw_quantize(torch.zeros(()))))  # the first input is silence
+        self.x.fill_(self.m.silence)                 # the first input is silence, as in training
         self.out.zero_()
 
     def step(self):
@@ -333,156 +370,193 @@ def generate(model, n, mel=None, spk=None, batch=1, temperature=1.0, seed=0, met
 
 def nll_loss(model, wav, spk, cfg):
     """Eq. 1 with teacher forcing: every sample is predicted from the true past at once. §2.2: targets are the
-    256 μ-law classes (Eq. 2), the loss is cross-entropy; returns nats per sample."""
+    mu + 1 μ-law classes, the loss is their cross-entropy. Returns nats per sample (the logs show bits)."""
     with torch.autocast(wav.device.type, enabled=False):
         mel = mel_features(wav, cfg) if cfg.cond_mel else None      # (B, M, T/hop), fp32
-        q = common.mulaw_quantize(wav)                              # (B, T) targets in [0, 255]
-    silence = int(common.mulaw_quantize(torch.zeros(())))
+        q = common.mulaw_quantize(wav, cfg.mu)                      # (B, T) targets in [0, mu]
+    silence = int(common.mulaw_quantize(torch.zeros(()), cfg.mu))   # x_0's input: the class of a zero sample
     x = F.pad(q[:, :-1], (1, 0), value=silence)                      # (B, T) inputs: shifted one sample right
-    logits = model(x, mel, spk)                                      # (B, Q, T)
+    logits = model(x, mel, spk)                                      # (B, Q, T): logits[:, :, t] sees x_<t
     return F.cross_entropy(logits.float(), q)
 
 # ----------------------------------------------------------------------------- data
 
 def mel_features(wav, cfg):
-    """Log-mel frames aligned to hops (frame i covers samples [i·hop, (i+1)·hop)), scaled to roughly [-2, 2]."""
+    """Log-mel frames aligned to hops (frame i is centred on sample i·hop + hop/2), scaled to roughly [-2, 2]."""
     mel = common.mel_spectrogram(wav, cfg.sample_rate, n_fft=cfg.n_fft, hop=cfg.hop, n_mels=cfg.n_mels,
                                  fmin=cfg.fmin, fmax=cfg.fmax, log="ln")   # (B, M, T/hop), ln(1e-5) = -11.5 floor
     return (mel + 4.0) / 4.0
 
 
+def make_sampler(utts, cfg, rt):
+    """Random segment-long crops starting at whole mel frames, each rank its own; the sampler also keeps each
+    clip's speaker id (clamped into the table) so get_batch can return it."""
+    sampler = common.SegmentSampler([u.wav for u in utts], cfg.segment, cfg.batch_size, cfg.seed,
+                                    rt.rank, rt.world_size, align=cfg.hop)
+    sampler.speakers = torch.tensor([min(u.speaker, max(cfg.n_speakers, 1) - 1) for u in utts])  # (N,)
+    return sampler
+
+
+def get_batch(sampler, cfg, rt):
+    """(B, segment) waveforms cropped at whole mel frames, and their (B,) speaker ids, on rt.device."""
+    wav, idx = sampler.next()                                      # (B, segment), (B,) clip indices
+    return wav.to(rt.device, non_blocking=True), sampler.speakers[idx].to(rt.device)
+
+
 def held_out(cfg, rt, n_items, seconds, split="val"):
-    """The first n_items held-out utterances, cropped from where the sound starts (skipping leading silence)
-    to a common length, a multiple of hop, so they batch."""
-    utts = common.load_corpus(cfg, split, cfg.sample_rate)[:n_items]
-    loud = [np.flatnonzero(np.abs(u.wav) > 0.05 * np.abs(u.wav).max()) for u in utts]
-    starts = [int(i[0]) // cfg.hop * cfg.hop if len(i) else 0 for i in loud]
+    """The first n_items held-out utterances of at least one mel frame, cropped from where the sound starts
+    (skipping leading silence) to a common length, a multiple of hop, so they batch."""
+    utts = [u for u in common.load_corpus(cfg, split, cfg.sample_rate) if u.wav.shape[-1] >= cfg.hop][:n_items]
+    if not utts:
+        raise SystemExit(f"error: the {split} split has no clip of at least {cfg.hop} samples to evaluate on")
+    starts = []
+    for u in utts:
+        loud = np.flatnonzero(np.abs(u.wav) > 0.05 * np.abs(u.wav).max())
+        s = int(loud[0]) // cfg.hop * cfg.hop if len(loud) else 0
+        starts.append(s if len(u.wav) - s >= cfg.hop else 0)
     n = min(min(len(u.wav) - s for u, s in zip(utts, starts)), int(seconds * cfg.sample_rate)) // cfg.hop * cfg.hop
+    n = max(n, cfg.hop)
     wav = torch.stack([torch.as_tensor(u.wav[s:s + n]) for u, s in zip(utts, starts)]).to(rt.device)  # (B, n)
-    # a user folder may hold a held-out speaker id beyond the training table; it has no trained embedding anyway
-    n_spk = common.num_speakers(common.load_corpus(cfg, "train", cfg.sample_rate)) if cfg.data_dir else common.NUM_SPEAKERS
-    spk = torch.tensor([min(u.speaker, n_spk - 1) for u in utts], device=rt.device)
+    # a held-out voice has an id but no trained embedding (a user folder's may even lie beyond the table)
+    spk = torch.tensor([min(u.speaker, max(cfg.n_speakers, 1) - 1) for u in utts], device=rt.device)
     return wav, spk
-
-
-def load_trained(cfg, rt):
-    """For sample/eval: the model (speaker table sized from the corpus) with the weights of --init_from,
-    or of out_dir/ckpt.pt when no checkpoint is named."""
-    model = WaveNet(cfg, common.num_speakers(common.load_corpus(cfg, "train", cfg.sample_rate))).to(rt.device)
-    path = common.resume_path(cfg) if cfg.init_from != "scratch" else f"{cfg.out_dir}/ckpt.pt"
-    common.restore(common.load_checkpoint(path), cfg, {"model": model}, arch_keys=ARCH_KEYS)
-    return model.eval()
-
-
-ARCH_KEYS = ("sample_rate", "n_fft", "hop", "n_mels", "fmin", "fmax", "layers", "stacks", "kernel_size",
-             "residual_channels", "gate_channels", "skip_channels", "quant_channels", "cond_mel", "cond_speaker",
-             "speaker_dim", "upsample_scales", "freq_axis_kernel")
 
 # ----------------------------------------------------------------------------- train
 
+def build(cfg, rt):
+    """Everything training holds: the model, Adam, and the lr schedule as a scheduler stepped in train_step,
+    so resume and bench see the same lr. The checkpoint saves exactly this dict."""
+    if cfg.cond_speaker and not cfg.n_speakers:   # the speaker table's size comes from the data (all splits)
+        cfg.n_speakers = common.num_speakers(common.load_corpus(cfg, "train", cfg.sample_rate))
+    model = WaveNet(cfg).to(rt.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    # linear warm-up, then halve every lr_half_life steps (r9y9's step decay, made smooth); independent of
+    # max_iters, so a run resumed with a larger max_iters follows the same schedule
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_iters) * 0.5 ** (s / cfg.lr_half_life))
+    return dict(model=model, opt=opt, sched=sched)
+
+
+def train_step(state, batch, cfg, rt):
+    """One Adam step on the teacher-forced cross-entropy, gradients clipped to cfg.grad_clip, the lr schedule
+    stepped. train() and bench() both call it. Returns the loss in bits per sample."""
+    model, opt, sched = state["model"], state["opt"], state["sched"]
+    wav, spk = batch
+    with rt.autocast():
+        loss = nll_loss(model, wav, spk, cfg)                        # nats per sample
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    sched.step()
+    return {"bits_per_sample": loss.detach() / math.log(2)}
+
+
+def load_for_inference(cfg, rt):
+    """The model of one of our checkpoints (--init_from=PATH or resume; parse_config has already taken its
+    config, so no preset flag is needed). The authors published no weights, so there is no official format."""
+    path = common.checkpoint_path(cfg)
+    ckpt = common.load_checkpoint(path)
+    common.check_checkpoint(ckpt, cfg, ARCH_KEYS)
+    model = WaveNet(cfg).to(rt.device)
+    common.load_models(ckpt, cfg, {"model": model}, ARCH_KEYS)
+    common.log(f"loaded {path} (step {ckpt['step']}) | receptive field {model.receptive_field} samples | "
+               f"{common.count_params(model):,} params")
+    return model.eval()
+
+
 @torch.no_grad()
-def evaluate(cfg, model=None, rt=None):
-    """Held-out NLL in bits per sample (teacher forcing) and mel L1 of vocoded held-out audio (cached sampling)."""
+def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
+    """Held-out bits per sample (teacher forcing, the training objective) and the mel L1 of held-out audio
+    vocoded by cached sampling. train() calls it on val; --mode=eval loads the checkpoint and reports test."""
     standalone = model is None
     if standalone:
         rt = common.setup(cfg)
-        model = load_trained(cfg, rt)
+        model = load_for_inference(cfg, rt)
+        samples_dir = samples_dir or os.path.join(cfg.out_dir, "samples", f"eval_{split}")
     was_training = model.training
     model.eval()
-    wav, spk = held_out(cfg, rt, cfg.eval_items, cfg.eval_seconds)
+    wav, spk = held_out(cfg, rt, cfg.eval_items, cfg.eval_seconds, split)
     with rt.autocast():
         bits = nll_loss(model, wav, spk, cfg).item() / math.log(2)
-    res = {"nll_bits_per_sample": round(bits, 4)}
+    res = {"bits_per_sample": round(bits, 4)}
     if cfg.cond_mel:                                 # vocode a short crop of each held-out utterance
         n = min(wav.size(1), max(cfg.hop, int(cfg.eval_gen_seconds * cfg.sample_rate) // cfg.hop * cfg.hop))
         ref = wav[:, :n]
         codes = generate(model, n, mel_features(ref, cfg), spk, temperature=cfg.temperature, seed=cfg.seed)
-        res["mel_l1"] = round(common.mel_distance(common.mulaw_dequantize(codes), ref, cfg.sample_rate), 4)
-        common.save_sample(f"{cfg.out_dir}/samples", "eval_vocoded", common.mulaw_dequantize(codes[0]).cpu(),
-                           cfg.sample_rate, ref=ref[0].cpu())
-    common.log("eval | " + " | ".join(f"{k} {v}" for k, v in res.items()))
+        voc = common.mulaw_dequantize(codes, cfg.mu)
+        res["mel_l1"] = round(common.mel_distance(voc, ref, cfg.sample_rate), 4)
+        if samples_dir:
+            common.save_sample(samples_dir, "vocoded", voc[0].cpu(), cfg.sample_rate, ref=ref[0].cpu())
+    common.log(f"eval {split} | " + " | ".join(f"{k} {v}" for k, v in res.items()))
     model.train(was_training)
     if standalone:
         common.cleanup(rt)
     return res
 
 
-def lr_at(step, cfg):
-    # warm-up, then halve every lr_half_life steps (r9y9's step decay, made smooth); independent of max_iters
-    # so that a run resumed with a larger max_iters follows the same schedule
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_iters)) * 0.5 ** (step / cfg.lr_half_life)
-
-
 def train(cfg):
     rt = common.setup(cfg)
     utts = common.load_corpus(cfg, "train", cfg.sample_rate)
-    model = WaveNet(cfg, common.num_speakers(utts)).to(rt.device)
-    rf = model.receptive_field
+    common.check_clips(utts, cfg.segment, "train split")           # data errors stop here, before step 1
+    common.check_clips(common.load_corpus(cfg, "val", cfg.sample_rate), cfg.hop, "val split")
+    if cfg.cond_speaker and not cfg.n_speakers:
+        cfg.n_speakers = common.num_speakers(utts)
+    state = build(cfg, rt)
+    rf = state["model"].receptive_field
     common.log(f"receptive field {rf} samples = {1000 * rf / cfg.sample_rate:.1f} ms | "
-               f"{common.count_params(model) / 1e6:.3f} M params | {len(utts)} training utterances")
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sampler = common.SegmentSampler([u.wav for u in utts], cfg.seg_len, cfg.batch_size, cfg.seed,
-                                    rt.rank, rt.world_size, align=cfg.hop)
-    speakers = torch.tensor([u.speaker for u in utts])
-    step = 0
-    if cfg.init_from != "scratch":
-        step = common.restore(common.load_checkpoint(common.resume_path(cfg)), cfg, {"model": model},
-                              {"opt": opt}, sampler=sampler, arch_keys=ARCH_KEYS)
-        common.log(f"resumed from step {step}")
-    raw = model
-    model = common.wrap_ddp(common.compile(model, cfg), rt)
+               f"{common.count_params(state['model']):,} params | {len(utts)} training utterances")
+    sampler = make_sampler(utts, cfg, rt)
+    step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS)
+    state["model"] = common.wrap_ddp(common.compile(state["model"], cfg), rt)
     prog = common.Progress(cfg, start_step=step)
     while step < cfg.max_iters:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        wav, idx = sampler.next()                    # (B, seg_len), (B,)
-        wav, spk = wav.to(rt.device, non_blocking=True), speakers[idx].to(rt.device)
-        with rt.autocast():
-            loss = nll_loss(model, wav, spk, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
         step += 1
-        prog.update(step, {"nll": loss}, audio_seconds=wav.numel() * rt.world_size / cfg.sample_rate)
-        if rt.master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
-            evaluate(cfg, raw, rt)
-            common.save_checkpoint(cfg, step, {"model": raw}, {"opt": opt}, sampler=sampler)
+        prog.update(step, losses, audio_seconds=cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if rt.master:
+                evaluate(cfg, common.unwrap(state["model"]), rt,
+                         samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
+            common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
 # ----------------------------------------------------------------------------- sample
 
 @torch.no_grad()
 def sample(cfg):
-    """Vocode a held-out utterance (or --input) from its mel; a model trained with --cond_mel=False instead
+    """Vocode a held-out test utterance (or --input) from its mel; a model trained with --cond_mel=False instead
     babbles freely, conditioned only on the speaker embedding (or on nothing)."""
     rt = common.setup(cfg)
-    model = load_trained(cfg, rt)
-    out = f"{cfg.out_dir}/samples"
+    model = load_for_inference(cfg, rt)
+    out = os.path.join(cfg.out_dir, "samples")
     n = max(cfg.hop, int(cfg.gen_seconds * cfg.sample_rate) // cfg.hop * cfg.hop)
+    speaker = min(max(cfg.speaker, 0), max(cfg.n_speakers, 1) - 1)
     t0 = time.time()
     if cfg.cond_mel:
         if cfg.input:
             ref = torch.as_tensor(common.load_audio(cfg.input, sr=cfg.sample_rate)[0])[None].to(rt.device)
-            spk = torch.tensor([max(cfg.speaker, 0)], device=rt.device)
+            if ref.size(1) < cfg.hop:
+                raise SystemExit(f"error: --input={cfg.input!r} is shorter than one mel frame ({cfg.hop} samples)")
+            spk = torch.tensor([speaker], device=rt.device)
             n = ref.size(1) // cfg.hop * cfg.hop     # the whole file
         else:
-            ref, spk = held_out(cfg, rt, 1, cfg.gen_seconds)
+            ref, spk = held_out(cfg, rt, 1, cfg.gen_seconds, split="test")
             n = ref.size(1)
         ref = ref[:, :n]
         codes = generate(model, n, mel_features(ref, cfg), spk if cfg.cond_speaker else None,
                          temperature=cfg.temperature, seed=cfg.seed)
-        wav = common.mulaw_dequantize(codes)
+        wav = common.mulaw_dequantize(codes, cfg.mu)
         common.save_sample(out, "vocoded", wav[0].cpu(), cfg.sample_rate, ref=ref[0].cpu())
         common.log(f"vocoded {n} samples in {time.time() - t0:.1f}s | mel L1 vs reference "
                    f"{common.mel_distance(wav, ref, cfg.sample_rate):.3f} | {out}/vocoded.wav")
     else:
         spk = None
         if cfg.cond_speaker:
-            ids = [cfg.speaker] if cfg.speaker >= 0 else list(range(min(4, model.speaker_emb.num_embeddings)))
+            ids = [speaker] if cfg.speaker >= 0 else list(range(min(4, cfg.n_speakers)))
             spk = torch.tensor(ids, device=rt.device)
         codes = generate(model, n, spk=spk, temperature=cfg.temperature, seed=cfg.seed)
-        wav = common.mulaw_dequantize(codes)
+        wav = common.mulaw_dequantize(codes, cfg.mu)
         for i in range(wav.size(0)):
             name = f"speaker{int(spk[i])}" if spk is not None else "unconditional"
             common.save_sample(out, name, wav[i].cpu(), cfg.sample_rate)
@@ -492,30 +566,24 @@ def sample(cfg):
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
+    """One JSON line: train_step (the one training runs, clipping and schedule included) in ms and audio-s/s,
+    its FLOPs; generation samples/s, naive (a receptive field per sample) vs cached (Fast WaveNet), eager,
+    compiled and CUDA-graph replayed, at batch 1 and 16. Speed does not depend on the weights: random ones do,
+    or a checkpoint's (--init_from)."""
     rt = common.setup(cfg)
-    if cfg.init_from != "scratch":                   # speed does not depend on the weights: random ones do
-        model = load_trained(cfg, rt).train()
-    else:
-        model = WaveNet(cfg, common.num_speakers(common.load_corpus(cfg, "train", cfg.sample_rate))).to(rt.device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    train_model = common.compile(model, cfg)
+    state = build(cfg, rt)
+    common.init_from(cfg, state, arch_keys=ARCH_KEYS)
+    model = state["model"]
+    state["model"] = common.compile(model, cfg)
+    compiled = state["model"] is not model           # common.compile: on CUDA by default, on a CPU if asked
     g = torch.Generator().manual_seed(cfg.seed)
-    wav = ((torch.rand(cfg.batch_size, cfg.seg_len, generator=g) * 2 - 1) * 0.5).to(rt.device)  # content-free
+    wav = ((torch.rand(cfg.batch_size, cfg.segment, generator=g) * 2 - 1) * 0.5).to(rt.device)  # content-free
     spk = torch.zeros(cfg.batch_size, dtype=torch.long, device=rt.device)
-
-    def train_step(m=train_model):
-        with rt.autocast():
-            loss = nll_loss(m, wav, spk, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step_ms = common.timeit(train_step, iters=5, warmup=2)
-    flops = common.count_flops(lambda: train_step(model))   # eager: the counter cannot see inside compiled kernels
-    # generation: samples per second (all streams together), naive vs cached, batch 1 and 16
+    step_ms = common.timeit(lambda: train_step(state, (wav, spk), cfg, rt), iters=5, warmup=2)
+    # eager: the counter cannot see inside compiled kernels
+    flops = common.count_flops(lambda: train_step(dict(state, model=model), (wav, spk), cfg, rt))
     model.eval()
-    compiled = train_model is not model              # common.compile: on CUDA by default, on a CPU if asked
-    methods = ["naive", "cached"] + (["compiled"] if compiled else []) + \
+    methods = ["cached"] + (["compiled"] if compiled else []) + \
               (["cudagraph"] + (["compiled_cudagraph"] if compiled else []) if rt.device_type == "cuda" else [])
     gen = {}
     rf = model.receptive_field
@@ -524,19 +592,20 @@ def bench(cfg):
         mel = torch.randn(B, cfg.n_mels, nmel, device=rt.device) if cfg.cond_mel else None
         sp = torch.zeros(B, dtype=torch.long, device=rt.device) if cfg.cond_speaker else None
         with torch.no_grad():                        # steady-state naive step: a full receptive field per sample
-            x = torch.randint(0, cfg.quant_channels, (B, rf), device=rt.device)
-            c, g = model.conditioning(mel, sp, rf)
+            x = torch.randint(0, cfg.mu + 1, (B, rf), device=rt.device)
+            c, gc = model.conditioning(mel, sp, rf)
             u = torch.rand(B, device=rt.device)
-            ms = common.timeit(lambda: draw(model.net(x, c, g)[:, :, -1], u, cfg.temperature), iters=5, warmup=2)
+            ms = common.timeit(lambda: draw(model.net(x, c, gc)[:, :, -1], u, cfg.temperature), iters=5, warmup=2)
         gen[f"naive_b{B}_samples_per_s"] = round(B / (ms / 1000), 1)
-        for method in methods[1:]:                   # cached: every step costs the same, time bench_steps of them
+        for method in methods:                       # cached: every step costs the same, time bench_steps of them
             try:
-                ms = common.timeit(lambda: generate(model, cfg.bench_steps, mel, sp, batch=B, method=method), iters=3, warmup=1)
+                ms = common.timeit(lambda: generate(model, cfg.bench_steps, mel, sp, batch=B, method=method),
+                                   iters=3, warmup=1)
                 gen[f"{method}_b{B}_samples_per_s"] = round(B * cfg.bench_steps / (ms / 1000), 1)
             except Exception as e:                   # e.g. compile unavailable: report, don't crash the bench
                 gen[f"{method}_b{B}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
     best_b1 = max(v for k, v in gen.items() if k.endswith("_b1_samples_per_s"))
-    common.report_bench(cfg, rt, params=common.count_params(model), receptive_field=model.receptive_field,
+    common.report_bench(cfg, rt, model=model, compiled=compiled, receptive_field=rf,
                         train_step_ms=round(step_ms, 2),
                         train_audio_s_per_s=round(wav.numel() / cfg.sample_rate / (step_ms / 1000), 2),
                         train_flops_per_step=flops, **gen,

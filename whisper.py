@@ -10,18 +10,27 @@ detection. Long recordings are transcribed window by window, seeking by the pred
 decoding heuristics (§4.5: beam search, temperature fallback on compression ratio / log-prob, timestamp rules).
 
 Simplified or changed here:
-- Data: the built-in eSpeak corpus (English, transcribe task only) instead of 680k h of web audio; timestamp
-  targets come from the corpus's word times; previous-text prompts are other training sentences.
+- Data: the built-in eSpeak corpus instead of 680k h of web audio: English, or with --corpus_languages=en,fr,de,es
+  template sentences in three more languages with word-for-word English translations (X -> en in miniature);
+  timestamp targets come from the corpus's word times; previous-text prompts are other training sentences. A folder clip
+  longer than the window is used only where word times are known (cut at a word); otherwise it is skipped.
 - Text: the official GPT-2 / multilingual BPE is used when you pass its .tiktoken file (--tokenizer=PATH, shipped
   in openai-whisper's whisper/assets/); offline the default is a small byte-level BPE trained on the corpus
-  text and saved beside the checkpoint. Both run through tiktoken with Whisper's special-token layout.
+  text (common.train_bpe) and stored in the checkpoint. Both run through tiktoken with Whisper's special tokens.
 - The `tiny` and `small` presets use shorter windows (fewer mel frames) so a CPU can train them; the paper
   presets (whisper-tiny ... whisper-large-v3, named so to free `tiny`/`small` for the shared test/CPU presets)
   use 30 s windows, 3000 frames, 1500 encoder positions, exactly as the official model.
-- No word-level timestamps (cross-attention DTW), no language identification (English only), no translation
-  data, no SpecAugment / BPE dropout (large-v2), no fp16 loss scaling (bf16 autocast on CUDA instead).
+- Language identification (--language=auto), translation (--task=translate) and word timestamps work with
+  official weights, and with our models trained with --corpus_languages. Language ID runs on every window
+  (openai-whisper detects once, on the first 30 s); translation targets carry no timestamps. Word timestamps use all cross-attention
+  heads of the decoder's top half (openai-whisper's default for a model without its tuned head list) and skip
+  openai's duration clamps at sentence and pause boundaries.
+- Robustness to noise (§3.7) is measured with white noise only (--eval_snr=20,10,5), not the paper's pub noise;
+  --p_noise mixes white noise into training windows (our flag: the paper's web audio is noisy by itself).
+- No SpecAugment / BPE dropout (large-v2), no fp16 loss scaling (bf16 autocast on CUDA instead).
 - Long-form transcription fills a short last window with the log-mel of silence (what training saw for padded
-  audio); openai/whisper pads it with zeros.
+  audio); openai/whisper pads it with zeros. Empty and zero-length segments are blanked as openai does, and
+  dropped from the output (openai keeps them with empty text).
 - Initialisation of the embeddings (N(0, 0.02) / N(0, 0.01)) is our choice; the paper does not give one.
 
     python whisper.py                    # train: whisper-tiny dims, 20k steps on CUDA; the `small` preset on a CPU
@@ -29,21 +38,22 @@ Simplified or changed here:
     python whisper.py --init_from=resume                     # continue out/whisper/ckpt.pt
     python whisper.py --mode=sample --init_from=out/whisper/ckpt.pt --input=speech.wav   # transcribe a file
     python whisper.py --mode=eval --init_from=out/whisper/ckpt.pt                        # WER/CER on test
-    python whisper.py --mode=sample --init_from=tiny.pt --tokenizer=multilingual.tiktoken --input=a.flac
+    python whisper.py --corpus_languages=en,fr,de,es --p_noise=0.3   # multilingual, noise-augmented training
+    python whisper.py --mode=eval --init_from=out/whisper/ckpt.pt --eval_snr=20,10,5 --word_timestamps=True
+    python whisper.py --mode=sample --init_from=tiny.pt --tokenizer=multilingual.tiktoken --input=a.flac \\
+        --language=auto --word_timestamps=True                 # official weights: language ID, word times
     python whisper.py --mode=bench
-    python whisper.py --mode=bench --preset=whisper-tiny --batch_size=16 --tokenizer=multilingual.tiktoken --bench_official=True
     torchrun --standalone --nproc_per_node=8 whisper.py --preset=whisper-base
 """
-import base64
+import dataclasses
+import itertools
 import math
 import os
-import re
+import string
 import zlib
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,7 +69,8 @@ class Config:
     init_from: str = "scratch"      # scratch | resume | our ckpt.pt | an official .pt (dims + model_state_dict)
     out_dir: str = "out/whisper"
     data_dir: str = ""              # empty: the built-in speech corpus
-    corpus_hours: float = 2.0       # size of the built-in corpus
+    corpus_hours: float = 2.0       # size of the built-in corpus (per language)
+    corpus_languages: str = "en"    # built-in corpus languages, e.g. en,fr,de,es: language ID and X -> en in miniature
     input: str = ""                 # --mode=sample: a wav/flac to transcribe (default: a held-out test utterance)
     # model: the official ModelDimensions (§2.2, Table 1 sizes; whisper/model.py)
     n_mels: int = 80                # log-mel bins (128 for large-v3)
@@ -78,16 +89,22 @@ class Config:
     p_timestamps: float = 0.5       # fraction of examples trained with timestamp tokens (others <|notimestamps|>)
     p_prompt: float = 0.3           # fraction with a previous-text prompt after <|startofprev|> (no loss on it)
     p_nospeech: float = 0.05        # fraction of noise-only windows whose target is <|nospeech|> (VAD)
+    p_translate: float = 0.5        # fraction of non-English clips trained as X -> English (<|translate|>)
+    p_noise: float = 0.0            # fraction of training windows mixed with white noise at 0-30 dB SNR (§3.7)
     # optimisation (§2.4, Appendix F)
     batch_size: int = 64            # windows per step (the paper: 256)
     lr: float = 1.5e-3              # peak learning rate (1.5e-3 for tiny, 1.75e-4 for large)
     weight_decay: float = 0.1       # AdamW
-    beta2: float = 0.98             # AdamW beta2 (beta1 0.9, eps 1e-6)
+    betas: tuple = (0.9, 0.98)      # AdamW betas (eps 1e-6)
     warmup_iters: int = 1000        # linear warm-up steps (the paper: 2048)
-    decay_iters: int = 0            # linear decay to 0 at this step; 0: max_iters
+    lr_decay_iters: int = 20_000    # linear decay reaches 0 here: its own knob, so a resume with a larger
+                                    # --max_iters follows the same curve (nanoGPT's name)
     max_iters: int = 20_000         # the default GPU run (the paper: 2^20 updates)
     grad_clip: float = 1.0          # global gradient-norm clip
     # decoding (§4.5; whisper/transcribe.py defaults)
+    language: str = "en"            # a language code of the vocabulary, or auto: detect per window (§2.3)
+    task: str = "transcribe"        # transcribe | translate (X -> English, §2.3)
+    word_timestamps: bool = False   # word times from cross-attention + DTW (openai-whisper's timing.py)
     beam_size: int = 5              # beam search at temperature 0; 0 or 1: greedy
     best_of: int = 5                # samples per window at temperature > 0
     patience: float = 1.0           # beam search stops after beam_size * patience finished hypotheses
@@ -107,10 +124,32 @@ class Config:
     log_interval: int = 50
     eval_interval: int = 2000       # evaluate and checkpoint every this many steps
     eval_items: int = 64            # held-out utterances per evaluation
-    bench_official: bool = False    # --mode=bench: also time openai-whisper's decode side by side, if installed
+    eval_snr: str = ""              # e.g. 20,10,5: also the WER with white noise mixed in at these SNRs (dB, §3.7)
+    bench_iters: int = 10           # --mode=bench: timed iterations per figure
 
-_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
-         "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
+    def validate(self):
+        def bad(msg):
+            raise SystemExit(f"error: {msg}")
+        for k in ("p_timestamps", "p_prompt", "p_nospeech", "p_translate", "p_noise"):
+            if not 0 <= getattr(self, k) <= 1:
+                bad(f"--{k} must be in [0, 1] (got {getattr(self, k)})")
+        for k in ARCH_KEYS + ("warmup_iters", "lr_decay_iters"):
+            if getattr(self, k) < 1:
+                bad(f"--{k} must be >= 1 (got {getattr(self, k)})")
+        if self.n_audio_state % self.n_audio_head or self.n_text_state % self.n_text_head:
+            bad("--n_audio_state / --n_text_state must be multiples of --n_audio_head / --n_text_head")
+        try:
+            [float(x) for x in self.eval_snr.split(",") if x.strip()]
+        except ValueError:
+            bad(f"--eval_snr must be comma-separated numbers in dB, e.g. 20,10,5 (got {self.eval_snr!r})")
+        if self.task not in ("transcribe", "translate"):
+            bad(f"--task must be transcribe or translate (got {self.task!r})")
+        if self.language != "auto" and self.language not in LANGUAGES:
+            bad(f"--language={self.language!r} is not a Whisper language code (en, de, fr, ... or auto)")
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            bad(f"--temperatures must be a non-empty list of values >= 0 (got {self.temperatures!r})")
+        if self.beam_size < 0 or self.best_of < 1 or self.patience <= 0 or self.sample_len < 0:
+            bad("--beam_size >= 0, --best_of >= 1, --patience > 0 and --sample_len >= 0 are needed")
 
 
 def _paper(n_layer, width, heads, lr, n_mels=80, n_text_layer=None):
@@ -130,17 +169,27 @@ PRESETS = {
     # a CPU run (~15 min on a laptop): 5 s windows (99 % of the corpus's clips fit), 4+4 layers of width 128
     "small": dict(n_audio_ctx=250, n_audio_state=128, n_audio_head=4, n_audio_layer=4, n_text_ctx=128,
                   n_text_state=128, n_text_head=4, n_text_layer=4, batch_size=16, lr=1.5e-3, warmup_iters=200,
-                  max_iters=3000, eval_interval=500, eval_items=32, log_interval=25, compile=False),
+                  max_iters=3000, lr_decay_iters=3000, eval_interval=500, eval_items=32, log_interval=25,
+                  compile=False, bench_iters=3),
     # tests: 5 s windows, 2+2 layers of width 64
     "tiny": dict(n_audio_ctx=250, n_audio_state=64, n_audio_head=2, n_audio_layer=2, n_text_ctx=96,
                  n_text_state=64, n_text_head=2, n_text_layer=2, bpe_vocab=320, corpus_hours=0.02, batch_size=4,
-                 lr=3e-3, warmup_iters=10, max_iters=10, eval_interval=100, eval_items=4, log_interval=1,
-                 beam_size=2, best_of=2, sample_len=32, temperatures=(0.0, 1.0), compile=False),
+                 lr=3e-3, warmup_iters=10, max_iters=10, lr_decay_iters=10, eval_interval=100, eval_items=4,
+                 log_interval=1, beam_size=2, best_of=2, sample_len=32, temperatures=(0.0, 1.0), compile=False,
+                 bench_iters=2),
 }
+
+# every field that changes the weights' shapes or the features (n_mels; the rate and hop are fixed): the official
+# ModelDimensions less n_vocab, which the tokenizer stored in the checkpoint decides
+ARCH_KEYS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
+             "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
 
 SAMPLE_RATE, HOP = 16000, 160          # §2.2: 16 kHz audio, 10 ms mel hop; 2 frames per encoder position
 TIME_PRECISION = 0.02                   # seconds per timestamp token (= per encoder position)
 N_TIMESTAMPS = 1501                     # <|0.00|> ... <|30.00|>
+LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg "
+             "lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so "
+             "af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue").split()
 
 # ----------------------------------------------------------------------------- model
 
@@ -175,9 +224,14 @@ class MultiHeadAttention(nn.Module):
     def kv(self, x):
         return self.split(self.key(x)), self.split(self.value(x))
 
-    def forward(self, x, k, v, causal=False, mask=None):
+    def forward(self, x, k, v, causal=False, mask=None, qk_out=None):
         q = self.split(self.query(x))                    # (B, H, T, Dh); SDPA scales by Dh^-0.5 = (Dh^-0.25)^2
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if qk_out is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        else:                                            # word timestamps read the attention logits (cross only)
+            qk = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5   # (B, H, T, S)
+            qk_out.append(qk)
+            y = qk.softmax(-1).to(q.dtype) @ v
         return self.out(y.transpose(1, 2).flatten(2))    # (B, T, D)
 
 
@@ -191,7 +245,7 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.mlp_ln = LayerNorm(d)
 
-    def forward(self, x, cross_kv=None, cache=None, layer=0, pos=None, mask=None):
+    def forward(self, x, cross_kv=None, cache=None, layer=0, pos=None, mask=None, qk_out=None):
         h = self.attn_ln(x)
         k, v = self.attn.kv(h)
         if cache is not None:  # write this step's K/V at their positions, attend to the whole (masked) buffer
@@ -200,7 +254,7 @@ class ResidualAttentionBlock(nn.Module):
             k, v = cache.k[layer], cache.v[layer]
         x = x + self.attn(h, k, v, causal=cache is None and cross_kv is not None, mask=mask)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.cross_attn_ln(x), *cross_kv)
+            x = x + self.cross_attn(self.cross_attn_ln(x), *cross_kv, qk_out=qk_out)
         return x + self.mlp(self.mlp_ln(x))
 
 
@@ -258,7 +312,8 @@ class TextDecoder(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
-    def forward(self, tokens, xa=None, cache=None):      # tokens: (B, T) -> logits (B, T, n_vocab) in fp32
+    def forward(self, tokens, xa=None, cache=None, qk_out=None):  # (B, T) -> logits (B, T, n_vocab) in fp32;
+        # qk_out: a list that receives each layer's cross-attention logits (B, H, T, n_audio_ctx)
         T = tokens.shape[1]
         if cache is None:                                # full causal forward (training, parity)
             x = self.token_embedding(tokens) + self.positional_embedding[:T]
@@ -270,7 +325,7 @@ class TextDecoder(nn.Module):
             cross = cache.cross
             mask = torch.arange(self.n_ctx, device=tokens.device)[None, :] <= pos[:, None]  # (T, n_ctx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cross[i], cache, i, pos, mask)
+            x = block(x, cross[i], cache, i, pos, mask, qk_out)
         if cache is not None:
             cache.offset += T
         x = self.ln(x)
@@ -278,9 +333,10 @@ class TextDecoder(nn.Module):
 
 
 class Whisper(nn.Module):
-    def __init__(self, dims):                            # dims: the official ModelDimensions as a dict
+    def __init__(self, dims, tokenizer=None):            # dims: the official ModelDimensions as a dict
         super().__init__()
         self.dims = dict(dims)
+        self.tokenizer = tokenizer                       # travels with the model (the checkpoint's extra holds it)
         d = self.dims
         self.encoder = AudioEncoder(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"],
                                     d["n_audio_layer"])
@@ -292,16 +348,13 @@ class Whisper(nn.Module):
 
 
 def model_dims(cfg, n_vocab):
-    return dict({k: getattr(cfg, k) for k in _DIMS}, n_vocab=n_vocab)
+    return dict({k: getattr(cfg, k) for k in ARCH_KEYS}, n_vocab=n_vocab)
 
 # ----------------------------------------------------------------------------- tokenizer
 # Byte-level BPE through tiktoken, with Whisper's special tokens appended after the ranks in the official order
 # (§2.3): <|endoftext|>, <|startoftranscript|>, one token per language, <|translate|>, <|transcribe|>,
 # <|startoflm|>, <|startofprev|>, <|nospeech|>, <|notimestamps|>, then 1501 timestamps <|0.00|> ... <|30.00|>.
 
-LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg "
-             "lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so "
-             "af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue").split()
 class Tokenizer:
     """Text <-> token ids. Every special id is derived from the number of ranks (never hard-coded), so the same
     code serves gpt2.tiktoken (English-only models), multilingual.tiktoken, and our small corpus BPE."""
@@ -312,10 +365,9 @@ class Tokenizer:
         specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{l}|>" for l in self.languages]
                     + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
                        "<|notimestamps|>"] + [f"<|{i * TIME_PRECISION:.2f}|>" for i in range(N_TIMESTAMPS)])
+        self.enc = common.bpe_encoding(ranks, specials, name)  # specials numbered after the ranks, in this order
         n = len(ranks)
         ids = {s: n + i for i, s in enumerate(specials)}
-        self.enc = tiktoken.Encoding(name, pat_str=common.PAT_STR, mergeable_ranks=ranks, special_tokens=ids,
-                                     explicit_n_vocab=n + len(specials))
         self.n_vocab = n + len(specials)
         self.eot, self.sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
         self.translate, self.transcribe = ids["<|translate|>"], ids["<|transcribe|>"]
@@ -324,6 +376,18 @@ class Tokenizer:
         self.timestamp_begin = ids["<|0.00|>"]
         # English-only official models (gpt2.tiktoken, 50256 ranks) start with <|startoftranscript|> alone
         self.multilingual = n != 50256
+
+    @property
+    def language_tokens(self):                          # <|en|>, <|zh|>, ... in vocabulary order
+        return list(range(self.sot + 1, self.sot + 1 + self.num_languages))
+
+    def extra(self):
+        """What the checkpoint stores to rebuild this tokenizer (common.save_checkpoint's extra)."""
+        return {"tokenizer": self.ranks_text, "num_languages": self.num_languages}
+
+    @classmethod
+    def from_extra(cls, extra):
+        return cls(common.ranks_from_text(extra["tokenizer"]), extra["num_languages"])
 
     @classmethod
     def from_file(cls, path, num_languages=99):
@@ -341,6 +405,26 @@ class Tokenizer:
             return [self.sot]
         return [self.sot, self.sot + 1 + self.languages.index(language),
                 self.transcribe if task == "transcribe" else self.translate]
+
+    def split_to_word_tokens(self, tokens):
+        """Words and their tokens (openai's split_tokens_on_spaces): cut where whole characters decode, then glue
+        pieces to the previous word unless they start with a space, are punctuation or are special."""
+        pieces, cur = [], []
+        for t in tokens:
+            cur.append(t)
+            text = self.enc.decode(cur)
+            if "\ufffd" not in text:                      # a multi-byte character may span several tokens
+                pieces.append((text, cur))
+                cur = []
+        words, word_tokens = [], []
+        for text, toks in pieces:
+            if toks[0] >= self.eot or text.startswith(" ") or text.strip() in string.punctuation or not words:
+                words.append(text)
+                word_tokens.append(list(toks))
+            else:
+                words[-1] += text
+                word_tokens[-1] += toks
+        return words, word_tokens
 
     def timestamp(self, seconds):
         return self.timestamp_begin + int(min(N_TIMESTAMPS - 1, max(0, round(seconds / TIME_PRECISION))))
@@ -379,8 +463,10 @@ def build_tokenizer(cfg, texts=None, n_vocab=None):
         if n_vocab is not None:                          # official weights: n_vocab says how many languages
             langs = n_vocab - 51765 - int(n_vocab >= 51865)
         return Tokenizer.from_file(cfg.tokenizer, langs)
-    # transcripts are encoded with a leading space (" word" tokens, as GPT-2's): train on them that way too
-    return Tokenizer(common.train_bpe([" " + t.strip() for t in texts], cfg.bpe_vocab), num_languages=1)
+    # transcripts are encoded with a leading space (" word" tokens, as GPT-2's): train on them that way too.
+    # English only: one language token; more: the official 99, so <|fr|> etc. sit where openai's are
+    langs = 1 if cfg.corpus_languages.replace(" ", "") == "en" else len(LANGUAGES) - 1
+    return Tokenizer(common.train_bpe([" " + t.strip() for t in texts], cfg.bpe_vocab), num_languages=langs)
 
 # ----------------------------------------------------------------------------- loss
 
@@ -400,77 +486,125 @@ def log_mel(wavs, cfg, device):
     return torch.stack([common.log_mel_spectrogram(w.to(device), n_mels=cfg.n_mels) for w in wavs])
 
 
-class Batches:
-    """(audio window, token sequence) pairs in the multitask format of §2.3 / Fig. 1:
+def add_noise(wav, snr_db, rng):
+    """wav plus white noise at snr_db (10 log10 of signal power over noise power): §3.7's robustness test."""
+    wav = np.asarray(wav, dtype=np.float32)
+    power = float(np.mean(wav ** 2)) or 1e-8
+    return wav + rng.standard_normal(len(wav)).astype(np.float32) * np.sqrt(power / 10 ** (snr_db / 10))
+
+
+def has_word_times(utt):
+    return bool(utt.words) and len(utt.words) == len(utt.text.split())
+
+
+def trainable(utts, cfg, what):
+    """Clips with a transcript that can be trained on: any that fits in a window (its whole transcript), and a
+    longer one only where word times say which words a crop holds; the others are skipped, and counted."""
+    N = window_samples(cfg)
+    texted = [u for u in utts if u.text.strip()]
+    keep = [u for u in texted if u.duration * SAMPLE_RATE <= N or has_word_times(u)]
+    long = len(texted) - len(keep)
+    if long:
+        common.log(f"{what}: skipped {long} of {len(utts)} clips longer than the {N / SAMPLE_RATE:.1f} s window "
+                   "without word times (a crop's transcript is unknown)")
+    if len(texted) < len(utts):
+        common.log(f"{what}: skipped {len(utts) - len(texted)} clips without a transcript")
+    return keep
+
+
+def target_tokens(tok, text, words=None, cuts=None, prompt=None, n_text_ctx=448, language="en", task="transcribe"):
+    """One training sequence in the multitask format (§2.3, Fig. 1) and the index of its first target:
     [<|startofprev|> previous text] <|startoftranscript|> <|en|> <|transcribe|>
-      ( <|notimestamps|> text | <|t0|> text <|t1|> <|t2|> text <|t3|> ... ) <|endoftext|>
-    or <|startoftranscript|> <|nospeech|> <|endoftext|> for a window without speech."""
-    def __init__(self, utts, tok, cfg, generator=None):
-        self.utts, self.tok, self.cfg, self.g = utts, tok, cfg, generator
-        self.N = window_samples(cfg)
+      ( <|notimestamps|> text | <|t0|> text <|t1|> <|t1'|> text <|t2|> ... ) <|endoftext|>
+    words: [(word, start_s, end_s)] relative to the window; cuts: word indices where a timed segment begins
+    (None: no timestamps). Targets start after <|startoftranscript|>: the prompt is context, never predicted."""
+    seq = [] if prompt is None else [tok.sot_prev] + tok.encode(" " + prompt.strip())[-(n_text_ctx // 2 - 1):]
+    loss_from = len(seq) + 1
+    seq += tok.sot_sequence(language, task)
+    if cuts is None:
+        seq += [tok.no_timestamps] + tok.encode(" " + text.strip())
+    else:
+        last = 0
+        for a, b in zip([0] + cuts, cuts + [len(words)]):
+            seg = words[a:b]
+            ts0 = max(last, tok.timestamp(seg[0][1]))
+            ts1 = max(ts0 + 1, tok.timestamp(seg[-1][2]))  # time never goes back; a segment has length
+            seq += [ts0] + tok.encode(" " + " ".join(w for w, _, _ in seg)) + [ts1]
+            last = ts1
+    seq.append(tok.eot)
+    if len(seq) > n_text_ctx + 1:                        # too long: drop the prompt, then cut the tail
+        seq, loss_from = seq[loss_from - 1:][:n_text_ctx + 1], 1
+    return seq, loss_from
 
-    def rand(self):
-        return torch.rand((), generator=self.g).item()
 
-    def randint(self, n):
-        return int(torch.randint(n, (), generator=self.g))
+def collate(examples, tok, cfg, device):
+    """[(wav, seq, loss_from)] -> mel (B, n_mels, frames), inputs x (B, L), targets y (B, L): position i predicts
+    token i + 1, and y is -100 where there is no loss (the prompt, <|startoftranscript|>, padding)."""
+    N = window_samples(cfg)
+    wavs = torch.zeros(len(examples), N)
+    for j, (w, _, _) in enumerate(examples):
+        w = np.asarray(w, dtype=np.float32)[:N]
+        wavs[j, :len(w)] = torch.from_numpy(w)
+    L = max(len(s) for _, s, _ in examples) - 1
+    x = torch.full((len(examples), L), tok.eot, dtype=torch.long)
+    y = torch.full((len(examples), L), -100, dtype=torch.long)
+    for j, (_, s, lf) in enumerate(examples):
+        s = torch.tensor(s)
+        x[j, :len(s) - 1] = s[:-1]
+        y[j, lf - 1:len(s) - 1] = s[lf:]
+    return log_mel(wavs, cfg, device), x.to(device), y.to(device)
+
+
+class Batches:
+    """Random (audio window, multitask sequence) examples. Each rank draws from its own numpy generator, seeded
+    by (seed, rank, world size) like common.SegmentSampler; its state travels in the checkpoint (the sampler)."""
+    def __init__(self, utts, tok, cfg, seed=1337, rank=0, world_size=1):
+        self.utts, self.tok, self.cfg, self.N = utts, tok, cfg, window_samples(cfg)
+        self.rng = np.random.default_rng([seed, rank, world_size])
+
+    def state_dict(self):
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state
 
     def example(self, utt):
-        tok, cfg, N = self.tok, self.cfg, self.N
-        if self.rand() < cfg.p_nospeech:                 # VAD: quiet noise, target <|nospeech|>
-            amp = 10 ** (-4 + 2 * self.rand())
-            g = torch.Generator().manual_seed(self.randint(2**31))
-            wav = (torch.randn(N, generator=g) * amp).numpy()
+        tok, cfg, rng, N = self.tok, self.cfg, self.rng, self.N
+        if rng.random() < cfg.p_nospeech:                # VAD: quiet noise, target <|nospeech|>
+            wav = (rng.standard_normal(N) * 10 ** rng.uniform(-4, -2)).astype(np.float32)
             return wav, [tok.sot, tok.no_speech, tok.eot], 1
         wav, text = utt.wav, utt.text.strip()
-        words = list(utt.words) if utt.words and len(utt.words) == len(text.split()) else []
-        if len(wav) > N:                                 # too long for one window: a random crop, whole words only
-            start = self.randint(len(wav) - N + 1)
-            t0, t1 = start / SAMPLE_RATE, (start + N) / SAMPLE_RATE
-            wav = wav[start:start + N]
+        words = list(utt.words) if has_word_times(utt) else []
+        if len(wav) > N:                                 # longer than a window: start at a random word
+            t0 = words[int(rng.integers(len(words)))][1]
+            start = int(t0 * SAMPLE_RATE)
+            wav, t1 = wav[start:start + N], t0 + N / SAMPLE_RATE
             words = [(w, s - t0, e - t0) for w, s, e in words if s >= t0 and e <= t1]
             text = " ".join(w for w, _, _ in words)
-            if not words:
+            if not words:                                # one word longer than the window
                 return wav, [tok.sot, tok.no_speech, tok.eot], 1
-        seq = []
-        if self.rand() < cfg.p_prompt:                  # previous-text conditioning (§2.3); no loss on it
-            prev = self.utts[self.randint(len(self.utts))].text
-            seq = [tok.sot_prev] + tok.encode(" " + prev.strip())[-(cfg.n_text_ctx // 2 - 1):]
-        loss_from = len(seq) + 1                         # targets start after <|startoftranscript|>
-        seq += tok.sot_sequence()
-        if words and self.rand() < cfg.p_timestamps:    # split into 1-3 timed segments at word boundaries
-            k = 1 + self.randint(min(3, len(words)))
-            cuts = sorted(torch.randperm(len(words) - 1, generator=self.g)[:k - 1].add(1).tolist())
-            last = 0
-            for a, b in zip([0] + cuts, cuts + [len(words)]):
-                seg = words[a:b]
-                ts0 = max(last, tok.timestamp(seg[0][1]))
-                ts1 = max(ts0 + 1, tok.timestamp(seg[-1][2]))  # segments have length
-                seq += [ts0] + tok.encode(" " + " ".join(w for w, _, _ in seg)) + [ts1]
-                last = ts1
-        else:
-            seq += [tok.no_timestamps] + tok.encode(" " + text)
-        seq.append(tok.eot)
-        if len(seq) > cfg.n_text_ctx + 1:                # too long: drop the prompt, then cut the tail
-            seq, loss_from = seq[loss_from - 1:], 1
-            seq = seq[:cfg.n_text_ctx + 1]
+        if rng.random() < cfg.p_noise:                   # noise augmentation (our flag; the paper's data is noisy)
+            wav = add_noise(wav, rng.uniform(0, 30), rng)
+        prompt = None
+        if rng.random() < cfg.p_prompt:                  # previous-text conditioning (§2.3); no loss on it
+            prompt = self.utts[int(rng.integers(len(self.utts)))].text
+        language, task, cuts = getattr(utt, "language", "en"), "transcribe", None
+        if language != "en" and utt.translation and rng.random() < cfg.p_translate:
+            task, text, words = "translate", utt.translation, []   # X -> English; the word times are X's
+        if words and rng.random() < cfg.p_timestamps:    # 1-3 timed segments split at word boundaries
+            k = 1 + int(rng.integers(min(3, len(words))))
+            cuts = sorted((rng.permutation(len(words) - 1)[:k - 1] + 1).tolist())
+        seq, loss_from = target_tokens(tok, text, words, cuts, prompt, cfg.n_text_ctx, language, task)
         return wav, seq, loss_from
 
     def next(self, batch_size, device, items=None):
-        """mel (B, n_mels, frames), input tokens (B, L), targets (B, L) with -100 where there is no loss."""
-        items = items if items is not None else [self.randint(len(self.utts)) for _ in range(batch_size)]
-        exs = [self.example(self.utts[i]) for i in items]
-        wavs = torch.zeros(len(exs), self.N)
-        for j, (w, _, _) in enumerate(exs):
-            wavs[j, :len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32)[:self.N])
-        L = max(len(s) for _, s, _ in exs) - 1
-        x = torch.full((len(exs), L), self.tok.eot, dtype=torch.long)
-        y = torch.full((len(exs), L), -100, dtype=torch.long)
-        for j, (_, s, lf) in enumerate(exs):
-            s = torch.tensor(s)
-            x[j, :len(s) - 1] = s[:-1]
-            y[j, lf - 1:len(s) - 1] = s[lf:]             # position i predicts token i+1
-        return log_mel(wavs, self.cfg, device), x.to(device), y.to(device)
+        items = items if items is not None else self.rng.integers(len(self.utts), size=batch_size).tolist()
+        return collate([self.example(self.utts[i]) for i in items], self.tok, self.cfg, device)
+
+
+def get_batch(sampler, cfg, rt):
+    """mel (B, n_mels, frames), input tokens (B, L), targets (B, L), on rt.device."""
+    return sampler.next(cfg.batch_size, rt.device)
 
 # ----------------------------------------------------------------------------- decoding
 # §4.5 and whisper/decoding.py: logit rules, greedy / sampling / beam search, ranking, temperature fallback.
@@ -534,119 +668,128 @@ def compression_ratio(text):
     return len(b) / max(1, len(zlib.compress(b)))
 
 
+def initial_tokens(tok, cfg, prompt=None, timestamps=True, language="en", task="transcribe"):
+    """[<|startofprev|> previous text (at most half the context, §4.5)] + the sot sequence (+ <|notimestamps|>);
+    returns (tokens, index of <|startoftranscript|>)."""
+    initial = [tok.sot_prev] + list(prompt)[-(cfg.n_text_ctx // 2 - 1):] if prompt else []
+    sot_index = len(initial)
+    return initial + tok.sot_sequence(language, task) + ([] if timestamps else [tok.no_timestamps]), sot_index
+
+
+def sample_step(logits, tokens, sum_lp, temperature, eot, generator=None):
+    """Greedy (temperature 0) or sampled next tokens; finished rows keep emitting eot. -> (tokens, sum_lp, done)"""
+    logprobs = F.log_softmax(logits, dim=-1)
+    if temperature == 0:
+        nxt = logits.argmax(-1)
+    else:
+        nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator).squeeze(1)
+    done = tokens[:, -1] == eot
+    sum_lp = sum_lp + logprobs.gather(1, nxt[:, None]).squeeze(1) * (~done)
+    nxt[done] = eot
+    tokens = torch.cat([tokens, nxt[:, None]], 1)
+    return tokens, sum_lp, bool((tokens[:, -1] == eot).all())
+
+
+def beam_step(logits, tokens, sum_lp, finished, beam_size, max_cand, eot, cache):
+    """Beam search (§4.5): expand every live hypothesis by its top beam+1 tokens and keep the best `beam` that did
+    not end; those that ended go to `finished` ({tokens: score} per audio) until each holds beam * patience."""
+    logprobs = F.log_softmax(logits, dim=-1)
+    rows, src, scores = [], [], []
+    for a in range(len(finished)):
+        cand = {}
+        for j in range(a * beam_size, (a + 1) * beam_size):
+            prefix = tuple(tokens[j].tolist())
+            top_lp, top_id = logprobs[j].topk(beam_size + 1)
+            for lp, t in zip(top_lp.tolist(), top_id.tolist()):
+                cand[prefix + (t,)] = (sum_lp[j].item() + lp, j)
+        new_fin = {}
+        for seq in sorted(cand, key=lambda s: cand[s][0], reverse=True):
+            if seq[-1] == eot:
+                new_fin[seq] = cand[seq][0]
+            else:
+                rows.append(seq)
+                src.append(cand[seq][1])
+                scores.append(cand[seq][0])
+                if len(rows) == (a + 1) * beam_size:
+                    break
+        for seq in sorted(new_fin, key=new_fin.get, reverse=True)[:max(0, max_cand - len(finished[a]))]:
+            finished[a][seq] = new_fin[seq]
+    cache.reorder(torch.tensor(src, device=tokens.device))
+    tokens = torch.tensor(rows, device=tokens.device)
+    return tokens, torch.tensor(scores, device=tokens.device), all(len(f) >= max_cand for f in finished)
+
+
+def candidates(tokens, sum_lp, finished, n_group, sample_begin, eot):
+    """Per audio: [(sampled tokens without eot, summed log-prob)]. Beam search tops up the finished hypotheses
+    with the best unfinished ones (an eot appended) when fewer than beam_size ended."""
+    out = []
+    for a in range(tokens.shape[0] // n_group):
+        rows = range(a * n_group, (a + 1) * n_group)
+        if finished is None:
+            group = [tokens[j, sample_begin:].tolist() for j in rows]
+            out.append([(t[:t.index(eot)] if eot in t else t, sum_lp[j].item()) for t, j in zip(group, rows)])
+            continue
+        fin = dict(finished[a])
+        for j in sorted(rows, key=lambda j: -sum_lp[j].item()):
+            if len(fin) >= n_group:
+                break
+            fin.setdefault(tuple(tokens[j].tolist()) + (eot,), sum_lp[j].item())
+        out.append([(list(s[sample_begin:-1]), lp) for s, lp in fin.items()])
+    return out
+
+
+def best_result(group, tok, no_speech, temperature, cfg):
+    """The candidate with the best length-normalised log-prob (or the GNMT penalty, §4.5) as a DecodeResult."""
+    def score(c):
+        L = len(c[0])
+        return c[1] / (L if not cfg.length_penalty else ((5 + L) / 6) ** cfg.length_penalty)
+    toks, lp = max(group, key=score)
+    text = tok.decode(toks)
+    return DecodeResult(toks, text, lp / (len(toks) + 1), no_speech, temperature, compression_ratio(text))
+
+
 @torch.no_grad()
 def decode(model, tok, mel, cfg, temperature=0.0, beam_size=None, best_of=None, timestamps=True, prompt=None,
-           generator=None):
+           generator=None, language="en", task="transcribe"):
     """Decode one window per item of mel (B, n_mels, frames). temperature 0: greedy (beam_size <= 1) or beam
     search; temperature > 0: best_of samples ranked by length-normalised log-prob. Returns [DecodeResult]."""
     beam_size = cfg.beam_size if beam_size is None else beam_size
     best_of = cfg.best_of if best_of is None else best_of
     use_beam = temperature == 0 and beam_size > 1
     n_group = beam_size if use_beam else (best_of if temperature > 0 else 1)
-    sample_len = cfg.sample_len or cfg.n_text_ctx // 2
-    initial = []
-    if prompt:                                           # previous text, at most half the context (§4.5)
-        initial = [tok.sot_prev] + list(prompt)[-(cfg.n_text_ctx // 2 - 1):]
-    sot_index = len(initial)
-    initial += tok.sot_sequence() + ([] if timestamps else [tok.no_timestamps])
+    initial, sot_index = initial_tokens(tok, cfg, prompt, timestamps, language, task)
     sample_begin = len(initial)
-    sample_len = min(sample_len, cfg.n_text_ctx - sample_begin)
+    sample_len = min(cfg.sample_len or cfg.n_text_ctx // 2, cfg.n_text_ctx - sample_begin)
     rules = LogitRules(tok, sample_begin, timestamps, cfg.max_initial_timestamp, cfg.n_audio_ctx)
-
-    xa = model.encoder(mel)                              # (B, A, D), once per window
-    B = xa.shape[0]
-    xa = xa.repeat_interleave(n_group, 0)                # (B * n_group, A, D)
+    B = mel.shape[0]
+    xa = model.encoder(mel).repeat_interleave(n_group, 0)     # (B * n_group, A, D), once per window
     tokens = torch.tensor([initial], device=mel.device).repeat(B * n_group, 1)
     cache = KVCache(model.decoder, xa)
     sum_lp = torch.zeros(B * n_group, device=mel.device)
-    finished = [dict() for _ in range(B)]                # beam search: finished sequence -> score
-    max_cand = round(beam_size * cfg.patience)
-    no_speech = None
+    finished = [dict() for _ in range(B)] if use_beam else None
     for i in range(sample_len):
         logits = model.decoder(tokens if i == 0 else tokens[:, -1:], cache=cache)
         if i == 0:                                       # P(<|nospeech|>) right after <|startoftranscript|>
             no_speech = logits[::n_group, sot_index].softmax(-1)[:, tok.no_speech].tolist()
         logits = logits[:, -1]
         rules(logits, tokens)
-        logprobs = F.log_softmax(logits, dim=-1)
-        if not use_beam:
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator).squeeze(1)
-            done = tokens[:, -1] == tok.eot
-            sum_lp += logprobs.gather(1, nxt[:, None]).squeeze(1) * (~done)
-            nxt[done] = tok.eot                          # finished rows keep emitting eot
-            tokens = torch.cat([tokens, nxt[:, None]], 1)
-            if (tokens[:, -1] == tok.eot).all():
-                break
-            continue
-        # beam search: expand every live hypothesis by its top beam+1 tokens, keep the best `beam` that did not
-        # end; the ones that ended go to `finished` until each audio has beam * patience of them
-        rows, src, scores = [], [], []
-        for a in range(B):
-            cand = {}
-            for j in range(a * beam_size, (a + 1) * beam_size):
-                prefix = tuple(tokens[j].tolist())
-                top_lp, top_id = logprobs[j].topk(beam_size + 1)
-                for lp, t in zip(top_lp.tolist(), top_id.tolist()):
-                    cand[prefix + (t,)] = (sum_lp[j].item() + lp, j)
-            new_fin, kept = {}, 0
-            for seq in sorted(cand, key=lambda s: cand[s][0], reverse=True):
-                if seq[-1] == tok.eot:
-                    new_fin[seq] = cand[seq][0]
-                else:
-                    rows.append(seq)
-                    src.append(cand[seq][1])
-                    scores.append(cand[seq][0])
-                    kept += 1
-                    if kept == beam_size:
-                        break
-            for seq in sorted(new_fin, key=new_fin.get, reverse=True):
-                if len(finished[a]) >= max_cand:
-                    break
-                finished[a][seq] = new_fin[seq]
-        tokens = torch.tensor(rows, device=mel.device)
-        sum_lp = torch.tensor(scores, device=mel.device)
-        cache.reorder(torch.tensor(src, device=mel.device))
-        if all(len(f) >= max_cand for f in finished):
-            break
-
-    # collect candidates per audio: (sampled tokens without eot, summed log-prob)
-    cands = []
-    for a in range(B):
         if use_beam:
-            fin = dict(finished[a])
-            if len(fin) < beam_size:                     # unfinished hypotheses count too (with an eot appended)
-                for j in sorted(range(a * beam_size, (a + 1) * beam_size), key=lambda j: -sum_lp[j].item()):
-                    fin.setdefault(tuple(tokens[j].tolist()) + (tok.eot,), sum_lp[j].item())
-                    if len(fin) >= beam_size:
-                        break
-            cands.append([(list(s[sample_begin:-1]), lp) for s, lp in fin.items()])
+            tokens, sum_lp, stop = beam_step(logits, tokens, sum_lp, finished, beam_size,
+                                             round(beam_size * cfg.patience), tok.eot, cache)
         else:
-            group = []
-            for j in range(a * n_group, (a + 1) * n_group):
-                t = tokens[j, sample_begin:].tolist()
-                group.append((t[:t.index(tok.eot)] if tok.eot in t else t, sum_lp[j].item()))
-            cands.append(group)
-    results = []
-    for a, group in enumerate(cands):
-        def score(c):                                    # length-normalised log-prob (or the GNMT penalty)
-            L = len(c[0])
-            return c[1] / (L if not cfg.length_penalty else ((5 + L) / 6) ** cfg.length_penalty)
-        toks, lp = max(group, key=score)
-        text = tok.decode(toks)
-        results.append(DecodeResult(toks, text, lp / (len(toks) + 1), no_speech[a], temperature,
-                                    compression_ratio(text)))
-    return results
+            tokens, sum_lp, stop = sample_step(logits, tokens, sum_lp, temperature, tok.eot, generator)
+        if stop:
+            break
+    groups = candidates(tokens, sum_lp, finished, n_group, sample_begin, tok.eot)
+    return [best_result(g, tok, no_speech[a], temperature, cfg) for a, g in enumerate(groups)]
 
 
-def decode_with_fallback(model, tok, mel, cfg, prompt=None, timestamps=True, generator=None):
+def decode_with_fallback(model, tok, mel, cfg, prompt=None, timestamps=True, generator=None, language="en"):
     """§4.5: decode at temperature 0 (beam search); if the result looks like a loop (gzip ratio) or is unlikely
     (mean log-prob), retry at the next temperature with sampling. A silent window is accepted as it is."""
     for t in cfg.temperatures:
         r = decode(model, tok, mel, cfg, temperature=t, prompt=prompt, timestamps=timestamps,
-                   generator=generator)[0]
+                   generator=generator, language=language, task=cfg.task)[0]
         bad = r.compression_ratio > cfg.compression_ratio_threshold or r.avg_logprob < cfg.logprob_threshold
         if r.no_speech_prob > cfg.no_speech_threshold and r.avg_logprob < cfg.logprob_threshold:
             bad = False
@@ -656,217 +799,460 @@ def decode_with_fallback(model, tok, mel, cfg, prompt=None, timestamps=True, gen
 
 
 @torch.no_grad()
+def detect_language(model, tok, mel):
+    """Language identification (§2.3): one decoder step on <|startoftranscript|>, softmax over the language tokens
+    only. mel (B, n_mels, frames) -> [{code: probability}] sorted from the likeliest."""
+    if not tok.multilingual:
+        raise SystemExit("error: an English-only vocabulary has no language tokens: drop --language=auto")
+    x = torch.full((mel.shape[0], 1), tok.sot, device=mel.device)
+    logits = model(mel, x)[:, 0]                         # (B, n_vocab)
+    probs = logits[:, tok.language_tokens].softmax(-1)   # (B, num_languages)
+    out = []
+    for p in probs.tolist():
+        order = sorted(range(len(p)), key=lambda i: -p[i])
+        out.append({tok.languages[i]: p[i] for i in order})
+    return out
+
+# word timestamps (openai-whisper's timing.py): the cross-attention of the decoder's top half looks at the audio
+# frames each text token came from; a monotonic path through it (DTW) gives each token a time.
+
+def median_filter(x, width):
+    """Median over a sliding window of the last dim, reflect-padded."""
+    if x.shape[-1] <= width // 2:
+        return x
+    shape = x.shape
+    x = F.pad(x.reshape(-1, 1, shape[-1]), (width // 2, width // 2), mode="reflect")   # (N, 1, T + width - 1)
+    return x.unfold(-1, width, 1).sort()[0][..., width // 2].reshape(shape)
+
+
+def dtw(cost):
+    """Dynamic time warping on a (tokens, frames) cost matrix: the cheapest monotonic path from (0, 0) to the
+    end, moving diagonally, down a token or right a frame. Returns (token indices, frame indices) along it."""
+    N, M = cost.shape
+    acc = np.full((N + 1, M + 1), np.inf)
+    trace = np.zeros((N + 1, M + 1), dtype=np.int8)
+    acc[0, 0] = 0
+    for j in range(1, M + 1):
+        for i in range(1, N + 1):
+            c0, c1, c2 = acc[i - 1, j - 1], acc[i - 1, j], acc[i, j - 1]
+            if c0 < c1 and c0 < c2:                      # ties go to "right", as openai's
+                c, t = c0, 0
+            elif c1 < c0 and c1 < c2:
+                c, t = c1, 1
+            else:
+                c, t = c2, 2
+            acc[i, j], trace[i, j] = cost[i - 1, j - 1] + c, t
+    trace[0, :], trace[:, 0] = 2, 1
+    i, j, path = N, M, []
+    while i > 0 or j > 0:
+        path.append((i - 1, j - 1))
+        t = trace[i, j]
+        i, j = (i - 1, j - 1) if t == 0 else (i - 1, j) if t == 1 else (i, j - 1)
+    return np.array(path[::-1]).T
+
+
+@torch.no_grad()
+def find_alignment(model, tok, text_tokens, mel, num_frames, language="en", medfilt_width=7):
+    """[(word, tokens, start_s, end_s, probability)] for text_tokens of one window mel (1, n_mels, frames)."""
+    if not text_tokens:
+        return []
+    sot = tok.sot_sequence(language, "transcribe")
+    tokens = torch.tensor([sot + [tok.no_timestamps] + text_tokens + [tok.eot]], device=mel.device)
+    qks = []
+    logits = model.decoder(tokens, model.encoder(mel), qk_out=qks)[0]
+    probs = logits[len(sot):, :tok.eot].softmax(-1)      # the no-timestamps position predicts the first token
+    token_probs = probs[torch.arange(len(text_tokens)), torch.tensor(text_tokens)].tolist()
+    L = len(qks)
+    w = torch.cat([qk[0] for qk in qks[L // 2:]])        # (heads of the top half, tokens, n_audio_ctx)
+    w = w[:, :, :num_frames // 2].softmax(-1)            # the content frames only
+    std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
+    w = median_filter((w - mean) / std, medfilt_width)   # per frame normalised over tokens, smoothed in time
+    matrix = w.mean(0)[len(sot):-1]                      # (1 + text tokens, frames): <|notimestamps|> .. last
+    text_idx, time_idx = dtw(-matrix.double().cpu().numpy())
+    words, word_tokens = tok.split_to_word_tokens(text_tokens + [tok.eot])
+    if len(word_tokens) <= 1:
+        return []
+    bounds = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
+    jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
+    jump_times = time_idx[jumps] * TIME_PRECISION        # the first frame of each token on the path
+    return [(wd, wt, float(jump_times[a]), float(jump_times[b]), float(np.mean(token_probs[a:b])))
+            for wd, wt, a, b in zip(words, word_tokens, bounds[:-1], bounds[1:])]
+
+
+def merge_punctuations(words, prepended="\"'“¿([{-", appended="\"'.。,，!！?？:：”)]}、"):
+    """openai's merge: an opening mark joins the following word, a closing mark the previous one."""
+    words = [list(w) for w in words]
+    i, j = len(words) - 2, len(words) - 1
+    while i >= 0:
+        if words[i][0].startswith(" ") and words[i][0].strip() in prepended:
+            words[j][0], words[j][1] = words[i][0] + words[j][0], words[i][1] + words[j][1]
+            words[i][0], words[i][1] = "", []
+        else:
+            j = i
+        i -= 1
+    i, j = 0, 1
+    while j < len(words):
+        if not words[i][0].endswith(" ") and words[j][0] in appended:
+            words[i][0], words[i][1] = words[i][0] + words[j][0], words[i][1] + words[j][1]
+            words[j][0], words[j][1] = "", []
+        else:
+            i = j
+        j += 1
+    return words
+
+
+def add_word_timestamps(segments, model, tok, mel, num_frames, offset, language="en"):
+    """Attach [(word, start_s, end_s, probability)] to each segment of one window (aligned together, as openai)."""
+    per_seg = [[t for t in s.tokens if t < tok.eot] for s in segments]
+    words = merge_punctuations(find_alignment(model, tok, sum(per_seg, []), mel, num_frames, language))
+    k = 0
+    for seg, toks in zip(segments, per_seg):
+        seg.words, n = [], 0
+        while k < len(words) and n < len(toks):
+            w, wt, a, b, p = words[k]
+            if w:
+                seg.words.append((w, round(offset + a, 2), round(offset + b, 2), p))
+            n, k = n + len(wt), k + 1
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    tokens: list
+    text: str
+    words: list = field(default_factory=list)
+
+
+def window_segments(toks, tok, offset, size_frames):
+    """Segments of one window's tokens (openai's transcribe): one per closed timestamp pair, plus the tail when the
+    window ends on a single timestamp; with no pair, one segment for the window. -> (segments, frames consumed)"""
+    tb = tok.timestamp_begin
+    is_ts = [t >= tb for t in toks]
+    single_end = is_ts[-2:] == [False, True]
+    pairs = [i for i in range(1, len(toks)) if is_ts[i] and is_ts[i - 1]]
+    segs = []
+    if pairs:                                            # <|t0|> text <|t1|><|t1'|> text <|t2|> ...
+        last = 0
+        for c in pairs + ([len(toks)] if single_end else []):
+            piece = toks[last:c]
+            segs.append(Segment(offset + (piece[0] - tb) * TIME_PRECISION, offset + (piece[-1] - tb) * TIME_PRECISION,
+                                piece, tok.decode(piece)))
+            last = c
+        # ended on a closed pair: the unfinished segment after it is dropped, and the next window starts there
+        consumed = size_frames if single_end else (toks[last - 1] - tb) * 2
+    else:
+        stamps = [t for t in toks if t >= tb]
+        dur = (stamps[-1] - tb) * TIME_PRECISION if stamps and stamps[-1] != tb else size_frames * HOP / SAMPLE_RATE
+        segs.append(Segment(offset, offset + dur, toks, tok.decode(toks)))
+        consumed = size_frames
+    return segs, consumed
+
+
+@torch.no_grad()
 def transcribe(model, tok, wav, cfg, device, generator=None):
     """Long-form transcription (§4.5): slide a window over the whole file, seeking to the last predicted
-    timestamp. The mel is computed once over the file (plus a window of zeros), as the official code does.
-    Returns (segments [(start_s, end_s, text)], text)."""
-    N = window_samples(cfg)
-    n_frames = 2 * cfg.n_audio_ctx
+    timestamp; the text of the completed segments is the next window's prompt. The mel is computed once over the
+    file (plus a window of zeros), as the official code does. Returns (segments [Segment], text)."""
+    N, n_frames = window_samples(cfg), 2 * cfg.n_audio_ctx
     mel = common.log_mel_spectrogram(torch.as_tensor(np.asarray(wav, dtype=np.float32)).to(device),
                                      n_mels=cfg.n_mels, padding=N)
     content = mel.shape[-1] - n_frames
-    tb = tok.timestamp_begin
     seek, segments, all_tokens, prompt_from = 0, [], [], 0
     while seek < content:
         size = min(n_frames, content - seek)
         # the mel already runs a window past the content (padding=N): slicing it fills a short window with the
-        # log-mel of silence, exactly what training saw for zero-padded audio (openai/whisper pads with 0 here)
+        # log-mel of silence, what training saw for zero-padded audio (openai/whisper pads with 0 here)
         window = mel[:, seek:seek + n_frames][None]     # (1, n_mels, frames)
         offset = seek * HOP / SAMPLE_RATE
-        r = decode_with_fallback(model, tok, window, cfg, prompt=all_tokens[prompt_from:], generator=generator)
+        language = cfg.language
+        if language == "auto":
+            probs = detect_language(model, tok, window)[0]
+            language = next(iter(probs))
+            common.log(f"[{offset:6.2f}] language: " + ", ".join(f"{k} {v:.3f}" for k, v in list(probs.items())[:3]))
+        r = decode_with_fallback(model, tok, window, cfg, prompt=all_tokens[prompt_from:], generator=generator,
+                                 language=language)
         if r.no_speech_prob > cfg.no_speech_threshold and r.avg_logprob < cfg.logprob_threshold:
             seek += size                                 # silence: skip the window
             continue
-        toks = r.tokens
-        is_ts = [t >= tb for t in toks]
-        single_end = is_ts[-2:] == [False, True]
-        pairs = [i for i in range(1, len(toks)) if is_ts[i] and is_ts[i - 1]]
-        if pairs:                                        # <|t0|> text <|t1|><|t1'|> text <|t2|> ... : one per pair
-            cuts = pairs + ([len(toks)] if single_end else [])
-            last = 0
-            for c in cuts:
-                piece = toks[last:c]
-                segments.append((offset + (piece[0] - tb) * TIME_PRECISION,
-                                 offset + (piece[-1] - tb) * TIME_PRECISION, tok.decode(piece).strip()))
-                last = c
-            # ended on a closed pair: the last segment may be cut off, so start the next window there
-            seek += size if single_end else (toks[last - 1] - tb) * 2
-        else:                                            # no pair: one segment for the whole window
-            stamps = [t for t in toks if t >= tb]
-            dur = (stamps[-1] - tb) * TIME_PRECISION if stamps and stamps[-1] != tb else size * HOP / SAMPLE_RATE
-            segments.append((offset, offset + dur, tok.decode(toks).strip()))
-            seek += size
-        all_tokens += toks
+        segs, consumed = window_segments(r.tokens, tok, offset, size)
+        if cfg.word_timestamps:
+            add_word_timestamps(segs, model, tok, window, size, offset, language)
+        for s in segs:                                   # instantaneous or empty: blanked, as openai does
+            if s.start == s.end or not s.text.strip():
+                s.text, s.tokens, s.words = "", [], []
+        seek += consumed
+        segments += segs
+        all_tokens += [t for s in segs for t in s.tokens]   # only completed segments condition the next window
         if not cfg.condition_on_previous_text or r.temperature > 0.5:
             prompt_from = len(all_tokens)                # a hot decode may be garbage: do not condition on it
-    segments = [s for s in segments if s[2]]
-    return segments, " ".join(s[2] for s in segments)
+    segments = [s for s in segments if s.text.strip()]
+    for s in segments:
+        s.text = s.text.strip()
+    return segments, " ".join(s.text for s in segments)
 
 # ----------------------------------------------------------------------------- train
 
-ARCH_KEYS = _DIMS
+def _official_file(cfg):
+    """The authors' checkpoint (a dict with 'dims' and 'model_state_dict') that --init_from names, or None."""
+    path = cfg.init_from
+    if path in ("scratch", "resume") or not os.path.isfile(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # reads no tensor data
+    except Exception:
+        return None                                      # common.load_checkpoint says what is wrong with it
+    return ckpt if isinstance(ckpt, dict) and "dims" in ckpt and "model_state_dict" in ckpt else None
 
 
-def load_model(cfg, device, texts_fn=None):
-    """(model, tokenizer, checkpoint or None) for cfg.init_from: scratch (tokenizer from --tokenizer or trained on
-    texts_fn()), resume / one of our checkpoints (tokenizer stored in it), or an official Whisper .pt."""
-    if cfg.init_from == "scratch":
-        tok = build_tokenizer(cfg, texts_fn() if not cfg.tokenizer else None)
-        return Whisper(model_dims(cfg, tok.n_vocab)).to(device), tok, None
-    ckpt = common.load_checkpoint(common.resume_path(cfg))
-    if common.is_ours(ckpt):
-        me = os.path.splitext(os.path.basename(__file__))[0]
-        if ckpt.get("paper") != me:
-            raise SystemExit(f"error: this checkpoint was written by {ckpt.get('paper')}.py, not {me}.py")
-        extra = ckpt.get("extra", {})
-        if "tokenizer" not in extra:
-            raise SystemExit(f"error: {common.resume_path(cfg)} holds no tokenizer; was it written by whisper.py?")
-        tok = Tokenizer(common.ranks_from_text(extra["tokenizer"]), extra["num_languages"])
-        model = Whisper(model_dims(cfg, tok.n_vocab)).to(device)
-        return model, tok, ckpt
-    if not (isinstance(ckpt, dict) and "dims" in ckpt and "model_state_dict" in ckpt):
-        raise SystemExit(f"error: {cfg.init_from!r} is neither a nanoaudio checkpoint nor an official Whisper file "
-                         "(a dict with 'dims' and 'model_state_dict')")
-    # official weights: take the dims from the file; our module names are the official ones, so keys map 1:1
-    dims = ckpt["dims"]
-    for k in _DIMS:
-        setattr(cfg, k, dims[k])
+def official_dims(cfg):
+    """Before common.setup (so the config line and any error come first): official weights carry their own
+    ModelDimensions, which replace the preset's; sample/eval check that --init_from names a model that fits."""
+    ckpt = _official_file(cfg)
+    if ckpt is None:
+        if cfg.mode in ("sample", "eval"):
+            if cfg.init_from == "scratch":
+                raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume, a ckpt.pt, or official weights")
+            make_tokenizer(cfg)                          # the file exists, is ours, of this paper, and fits
+        return None
     if not cfg.tokenizer:
         raise SystemExit("error: official weights need their vocabulary: pass --tokenizer=PATH to "
                          "multilingual.tiktoken (or gpt2.tiktoken for *.en models), in openai-whisper's whisper/assets/")
-    tok = build_tokenizer(cfg, n_vocab=dims["n_vocab"])
-    if tok.n_vocab != dims["n_vocab"]:
-        raise SystemExit(f"error: {cfg.tokenizer} gives {tok.n_vocab} tokens but the weights have {dims['n_vocab']}")
-    model = Whisper(model_dims(cfg, tok.n_vocab))
-    common.load_state_dict(model, ckpt["model_state_dict"], what="Whisper")
-    return model.to(device), tok, None
+    changed = [f"{k} {getattr(cfg, k)} -> {ckpt['dims'][k]}" for k in ARCH_KEYS if getattr(cfg, k) != ckpt["dims"][k]]
+    for k in ARCH_KEYS:
+        setattr(cfg, k, ckpt["dims"][k])
+    common.log(f"official weights {cfg.init_from}: dims from the file (n_vocab {ckpt['dims']['n_vocab']})"
+               + (": " + ", ".join(changed) if changed else ""))
+    return ckpt
+
+
+def load_official(state, ckpt):
+    """--init_from=<official .pt>: our module names are the official ones, so the key map is the identity."""
+    common.load_state_dict(common.unwrap(state["model"]), ckpt["model_state_dict"], what="Whisper")
+
+
+def make_tokenizer(cfg, texts_fn=None, n_vocab=None, ckpt=None):
+    """The vocabulary: the one stored in our checkpoint (resume or a path), the official file --tokenizer names,
+    or a BPE trained on the training transcripts."""
+    if cfg.init_from != "scratch" and _official_file(cfg) is None:
+        ckpt = ckpt or common.load_checkpoint(common.checkpoint_path(cfg))
+        if not common.is_ours(ckpt):
+            raise SystemExit(f"error: {cfg.init_from!r} is neither a nanoaudio checkpoint nor an official Whisper "
+                             "file (a dict with 'dims' and 'model_state_dict')")
+        common.check_checkpoint(ckpt, cfg, ARCH_KEYS)   # this paper's, and the same architecture
+        if "tokenizer" in ckpt.get("extra", {}):
+            return Tokenizer.from_extra(ckpt["extra"])
+        raise SystemExit(f"error: {common.checkpoint_path(cfg)} holds no tokenizer; was it written by whisper.py?")
+    tok = build_tokenizer(cfg, texts_fn() if texts_fn and not cfg.tokenizer else [], n_vocab)
+    if n_vocab is not None and tok.n_vocab != n_vocab:
+        raise SystemExit(f"error: {cfg.tokenizer} gives {tok.n_vocab} tokens but the weights have {n_vocab}")
+    return tok
 
 
 def configure_optimizer(model, cfg):
-    """AdamW (§2.4, Appendix F: beta 0.9/0.98, eps 1e-6, wd 0.1); no decay on biases, norms, embeddings' positions."""
+    """AdamW (§2.4, Appendix F: betas 0.9/0.98, eps 1e-6, wd 0.1); no decay on biases, norms, positions."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "positional" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "positional" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6)
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-6)
 
 
-def lr_at(step, cfg):
-    """Linear warm-up, then linear decay to zero (§2.4)."""
-    end = cfg.decay_iters or cfg.max_iters
+def lr_factor(step, cfg):
+    """Linear warm-up, then linear decay to zero at lr_decay_iters (§2.4); the multiplier of cfg.lr at a step."""
     if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / cfg.warmup_iters
-    return cfg.lr * max(0.0, (end - step) / max(1, end - cfg.warmup_iters))
+        return (step + 1) / cfg.warmup_iters
+    return max(0.0, (cfg.lr_decay_iters - step) / max(1, cfg.lr_decay_iters - cfg.warmup_iters))
+
+
+def build(cfg, rt, tok):
+    """Everything training holds, in one dict (the checkpoint saves it whole): the model, with its tokenizer
+    attached, AdamW, and the lr schedule as a scheduler stepped in train_step (so resume and bench see it)."""
+    model = Whisper(model_dims(cfg, tok.n_vocab), tok).to(rt.device)
+    opt = configure_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
+    return dict(model=model, opt=opt, sched=sched)
+
+
+def train_step(state, batch, cfg, rt):
+    """One AdamW step on the next-token loss, gradient-norm clipping included; train() and bench() both run it."""
+    model, opt, sched = state["model"], state["opt"], state["sched"]
+    mel, x, y = batch
+    with rt.autocast():
+        loss = loss_fn(model(mel, x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    sched.step()
+    return {"loss": loss.detach()}
+
+
+def load_for_inference(cfg, rt):
+    """The model (tokenizer attached) for sample/eval: our checkpoint, built from its own config and vocabulary,
+    or the authors' file with the dims it holds (official_dims set them); the dims used are logged."""
+    if cfg.init_from == "scratch":
+        raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume, a ckpt.pt, or official weights")
+    official = _official_file(cfg)
+    ckpt = common.load_checkpoint(common.checkpoint_path(cfg), map_location=rt.device)
+    tok = make_tokenizer(cfg, n_vocab=official["dims"]["n_vocab"] if official else None, ckpt=ckpt)
+    model = Whisper(model_dims(cfg, tok.n_vocab), tok).to(rt.device)
+    if official is not None:
+        load_official({"model": model}, ckpt)
+    else:
+        common.load_models(ckpt, cfg, {"model": model}, ARCH_KEYS)
+    common.log("model dims: " + ", ".join(f"{k}={v}" for k, v in model.dims.items())
+               + f" | {common.count_params(model):,} params")
+    return model.eval()
+
+
+def _interleave(utts):
+    """Held-out clips with the languages taken in turn, so the first eval_items hold every language."""
+    by = {}
+    for u in utts:
+        by.setdefault(getattr(u, "language", "en"), []).append(u)
+    return [u for group in itertools.zip_longest(*by.values()) for u in group if u is not None]
+
+
+def _decode_texts(model, tok, utts, cfg, rt, beam, task="transcribe"):
+    """One window per clip, batched by language, without timestamps: {clip id: text}."""
+    out = {}
+    for lang in sorted({getattr(u, "language", "en") for u in utts}):
+        group = [u for u in utts if getattr(u, "language", "en") == lang]
+        for i in range(0, len(group), 16):
+            chunk = group[i:i + 16]
+            mel = collate([(u.wav, [0, 0], 1) for u in chunk], tok, cfg, rt.device)[0]
+            with rt.autocast():
+                rs = decode(model, tok, mel, cfg, timestamps=False, beam_size=beam, language=lang, task=task)
+            out.update({u.id: r.text for u, r in zip(chunk, rs)})
+    return out
+
+
+def word_time_error(model, tok, utts, cfg, rt):
+    """Mean absolute error (ms) of the aligned start and end of each reference word against the corpus's times."""
+    errs = []
+    for u in utts:
+        mel = collate([(u.wav, [0, 0], 1)], tok, cfg, rt.device)[0]
+        got = find_alignment(model, tok, tok.encode(" " + u.text.strip()), mel, len(u.wav) // HOP,
+                             getattr(u, "language", "en"))
+        if len(got) == len(u.words):                     # one aligned word per reference word
+            errs += [abs(g[2] - s) for g, (_, s, _) in zip(got, u.words)] + [abs(g[3] - e) for g, (_, _, e) in zip(got, u.words)]
+    return 1000 * float(np.mean(errs)) if errs else float("nan")
 
 
 @torch.no_grad()
-def evaluate(cfg, model=None, tok=None, rt=None, split="test", beam_size=None):
-    """WER/CER (common.wer/cer, normalised text) on cfg.eval_items held-out utterances, and the teacher-forced
-    loss on them. The test split has unseen sentences and a voice never heard in training."""
-    standalone = model is None
-    if standalone:
+def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
+    """WER/CER (common.wer/cer, normalised text) and the teacher-forced loss on cfg.eval_items held-out clips,
+    each decoded in its own language; long ones go through long-form transcription. With other languages in the
+    corpus also language-ID accuracy (§2.3) and the WER of X -> English translations. The test split has unseen
+    sentences and a voice never heard in training. Greedy on val (fast, during training), cfg.beam_size on test."""
+    if model is None:
+        official_dims(cfg)
         rt = common.setup(cfg)
-        if cfg.init_from == "scratch":
-            raise SystemExit("error: --mode=eval needs --init_from=resume, a ckpt.pt, or official weights")
-        model, tok, ckpt = load_model(cfg, rt.device)
-        if ckpt is not None:
-            common.restore(ckpt, cfg, {"model": model}, arch_keys=ARCH_KEYS, rng=False)
-    was_training = model.training
+        model = load_for_inference(cfg, rt)
+    tok, was_training = model.tokenizer, model.training
     model.eval()
-    utts = common.load_corpus(cfg, split, SAMPLE_RATE)[:cfg.eval_items]
-    utts = [u for u in utts if u.text]
-    N, refs, hyps = window_samples(cfg), [], []
+    utts = _interleave([u for u in common.load_corpus(cfg, split, SAMPLE_RATE) if u.text.strip()])[:cfg.eval_items]
+    if not utts:
+        raise SystemExit(f"error: the {split} split has no clips with transcripts")
+    N, beam = window_samples(cfg), 0 if split == "val" else cfg.beam_size
     g = torch.Generator().manual_seed(cfg.seed)          # fixed draws: the global RNG is left alone
-    for i in range(0, len(utts), 16):
-        chunk = utts[i:i + 16]
-        fits = [u for u in chunk if len(u.wav) <= N]
-        if fits:
-            wavs = torch.zeros(len(fits), N)
-            for j, u in enumerate(fits):
-                wavs[j, :len(u.wav)] = torch.from_numpy(u.wav)
+    fits = [u for u in utts if len(u.wav) <= N]
+    hyp = _decode_texts(model, tok, fits, cfg, rt, beam)
+    for u in utts:                                       # longer than a window: long-form transcription
+        if u.id not in hyp:
             with rt.autocast():
-                rs = decode(model, tok, log_mel(wavs, cfg, rt.device), cfg, timestamps=False, beam_size=beam_size)
-            hyps += [r.text for r in rs]
-            refs += [u.text for u in fits]
-        for u in chunk:                                  # longer than a window: long-form transcription
-            if len(u.wav) > N:
-                with rt.autocast():
-                    hyps.append(transcribe(model, tok, u.wav, cfg, rt.device, generator=g)[1])
-                refs.append(u.text)
-    vcfg = _copy(cfg, p_prompt=0.0, p_nospeech=0.0, p_timestamps=0.0)
-    mel, x, y = Batches(utts, tok, vcfg, generator=torch.Generator().manual_seed(cfg.seed)).next(
-        0, rt.device, items=list(range(min(16, len(utts)))))
-    with rt.autocast():
-        loss = loss_fn(model(mel, x), y).item()
-    out = dict(loss=loss, wer=common.wer(refs, hyps), cer=common.cer(refs, hyps), n=len(refs))
-    common.log(f"eval ({split}, {len(refs)} utterances): loss {loss:.4f} | WER {out['wer']:.4f} | CER {out['cer']:.4f}")
+                c = dataclasses.replace(cfg, language=getattr(u, "language", "en"), task="transcribe")
+                hyp[u.id] = transcribe(model, tok, u.wav, c, rt.device, generator=g)[1]
+    refs, hyps = [u.text for u in utts], [hyp[u.id] for u in utts]
+    out = dict(loss=float("nan"), wer=common.wer(refs, hyps), cer=common.cer(refs, hyps), n=len(refs))
+    if fits:
+        exs = [(u.wav, *target_tokens(tok, u.text, n_text_ctx=cfg.n_text_ctx, language=getattr(u, "language", "en")))
+               for u in fits[:16]]
+        with rt.autocast():
+            mel, x, y = collate(exs, tok, cfg, rt.device)
+            out["loss"] = loss_fn(model(mel, x), y).item()
+    line = f"eval ({split}, {len(refs)} utterances): loss {out['loss']:.4f} | WER {out['wer']:.4f} | CER {out['cer']:.4f}"
+    for snr in [float(x) for x in cfg.eval_snr.split(",") if x.strip()]:   # §3.7: the same clips in white noise
+        rng = np.random.default_rng(cfg.seed)
+        noisy = [common.Utterance(u.id, add_noise(u.wav, snr, rng), SAMPLE_RATE, u.text, language=getattr(
+            u, "language", "en")) for u in fits]
+        hn = _decode_texts(model, tok, noisy, cfg, rt, beam)
+        out[f"wer_{snr:g}db"] = common.wer([u.text for u in fits], [hn[u.id] for u in fits])
+        line += f" | WER at {snr:g} dB {out[f'wer_{snr:g}db']:.4f}"
+    if cfg.word_timestamps:                              # word times of the reference text against the corpus's own
+        out["word_time_err_ms"] = word_time_error(model, tok, [u for u in fits if has_word_times(u)], cfg, rt)
+        line += f" | word time error {out['word_time_err_ms']:.0f} ms"
+    other = [u for u in fits if getattr(u, "language", "en") != "en" and u.translation]
+    if other and tok.num_languages > 1:
+        probs = [p for i in range(0, len(fits), 16) for p in detect_language(
+            model, tok, collate([(u.wav, [0, 0], 1) for u in fits[i:i + 16]], tok, cfg, rt.device)[0])]
+        out["lang_acc"] = float(np.mean([next(iter(p)) == u.language for p, u in zip(probs, fits)]))
+        tr = _decode_texts(model, tok, other, cfg, rt, beam, task="translate")
+        out["translate_wer"] = common.wer([u.translation for u in other], [tr[u.id] for u in other])
+        line += f" | language ID {out['lang_acc']:.4f} | translate WER {out['translate_wer']:.4f}"
+    common.log(line)
     for r, h in list(zip(refs, hyps))[:3]:
         common.log(f"  ref: {r}\n  hyp: {h}")
+    if samples_dir:
+        write_transcript(samples_dir, utts[0].id, utts[0].wav, *transcribe(model, tok, utts[0].wav, cfg, rt.device,
+                                                                            generator=g))
     model.train(was_training)
     return out
 
 
-def _copy(cfg, **kw):
-    c = Config(**common.config_dict(cfg))
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return c
-
-
 def train(cfg):
+    official = official_dims(cfg)
     rt = common.setup(cfg)
-    train_utts = common.load_corpus(cfg, "train", SAMPLE_RATE)
-    train_utts = [u for u in train_utts if u.text]
-    if not train_utts:
-        raise SystemExit("error: no training clips with transcripts (Whisper needs text beside the audio)")
-    model, tok, ckpt = load_model(cfg, rt.device, lambda: [u.text for u in train_utts])
-    opt = configure_optimizer(model, cfg)
-    step = 0
-    if ckpt is not None:
-        step = common.restore(ckpt, cfg, {"model": model}, {"opt": opt} if cfg.init_from == "resume" else None,
-                              arch_keys=ARCH_KEYS, rng=cfg.init_from == "resume")
-        if cfg.init_from != "resume":
-            step = 0
-    if rt.master:                                        # the vocabulary travels beside the checkpoint
-        with open(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), "w") as f:
-            f.write(tok.ranks_text)
-    common.log(f"params: {common.count_params(model):,} | vocab {tok.n_vocab} | window "
-               f"{window_samples(cfg) / SAMPLE_RATE:.1f} s | {len(train_utts)} training clips")
-    batches = Batches(train_utts, tok, cfg)
-    cmodel = common.wrap_ddp(common.compile(model, cfg), rt)
-    prog = common.Progress(cfg, step)
+    train_utts = trainable(common.load_corpus(cfg, "train", SAMPLE_RATE), cfg, "train split")
+    val_utts = trainable(common.load_corpus(cfg, "val", SAMPLE_RATE), cfg, "val split")
+    common.check_clips(train_utts, 1, "train split (clips with transcripts)")
+    common.check_clips(val_utts, 1, "val split (clips with transcripts)")
+    tok = make_tokenizer(cfg, lambda: [u.text for u in train_utts], official["dims"]["n_vocab"] if official else None)
+    state = build(cfg, rt, tok)
+    sampler = Batches(train_utts, tok, cfg, cfg.seed, rt.rank, rt.world_size)
+    step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS, official=load_official)
+    model = state["model"]
+    state["model"] = common.wrap_ddp(common.compile(model, cfg), rt)
     window_s = window_samples(cfg) / SAMPLE_RATE
+    common.log(f"params: {common.count_params(model):,} | vocab {tok.n_vocab} | window {window_s:.1f} s | "
+               f"{len(train_utts)} training clips")
+    if cfg.max_iters > cfg.lr_decay_iters:
+        common.log(f"note: the lr reaches 0 at step {cfg.lr_decay_iters} (--lr_decay_iters) before --max_iters")
+    prog = common.Progress(cfg, start_step=step)
     model.train()
     while step < cfg.max_iters:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        mel, x, y = batches.next(cfg.batch_size, rt.device)
-        with rt.autocast():
-            loss = loss_fn(cmodel(mel, x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
         step += 1
-        prog.update(step, {"loss": loss}, audio_seconds=cfg.batch_size * window_s * rt.world_size)
-        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and rt.master:
-            evaluate(cfg, model, tok, rt, split="val", beam_size=0)
-            common.save_checkpoint(cfg, step, {"model": model}, {"opt": opt},
-                                   extra={"tokenizer": tok.ranks_text, "num_languages": tok.num_languages})
+        prog.update(step, losses, audio_seconds=cfg.batch_size * window_s * rt.world_size)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if rt.master:
+                evaluate(cfg, model, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"),
+                         split="val")
+            common.save_checkpoint(cfg, step, state, sampler=sampler, extra=tok.extra())
     common.cleanup(rt)
-    return model, tok
+    return model
 
 # ----------------------------------------------------------------------------- sample
 
+def write_transcript(out, name, wav, segments, text):
+    """wav + spectrogram png (common.save_sample) + the timed transcript (.txt) under out/."""
+    lines = []
+    for s in segments:
+        lines.append(f"[{s.start:6.2f} --> {s.end:6.2f}] {s.text}")
+        lines += [f"    [{a:6.2f} --> {b:6.2f}] {w.strip()} (p={p:.2f})" for w, a, b, p in s.words]
+    common.save_sample(out, name, wav, SAMPLE_RATE)
+    with open(os.path.join(out, name + ".txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return lines
+
+
+@torch.no_grad()
 def sample(cfg):
     """Transcribe --input (any wav/flac) or a held-out test utterance, with timestamps; write the audio, its
     spectrogram png and the transcript under out_dir/samples/."""
+    official_dims(cfg)
     rt = common.setup(cfg)
-    if cfg.init_from == "scratch":
-        raise SystemExit("error: --mode=sample needs --init_from=resume, a ckpt.pt, or official weights")
-    model, tok, ckpt = load_model(cfg, rt.device)
-    if ckpt is not None:
-        common.restore(ckpt, cfg, {"model": model}, arch_keys=ARCH_KEYS, rng=False)
-    model.eval()
+    model = load_for_inference(cfg, rt)
     if cfg.input:
         try:
             wav, _ = common.load_audio(cfg.input, sr=SAMPLE_RATE)
@@ -877,54 +1263,43 @@ def sample(cfg):
         utt = common.load_corpus(cfg, "test", SAMPLE_RATE)[0]
         wav, name, ref = utt.wav, utt.id, utt.text
     with rt.autocast():
-        segments, text = transcribe(model, tok, wav, cfg, rt.device, generator=torch.Generator().manual_seed(cfg.seed))
-    lines = [f"[{a:6.2f} --> {b:6.2f}] {t}" for a, b, t in segments]
-    for line in lines:
+        segments, text = transcribe(model, model.tokenizer, wav, cfg, rt.device,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
+    out = os.path.join(cfg.out_dir, "samples")
+    for line in write_transcript(out, name, wav, segments, text):
         common.log(line)
     if ref is not None:
         common.log(f"reference: {ref}\nWER {common.wer([ref], [text]):.3f} | CER {common.cer([ref], [text]):.3f}")
-    out = os.path.join(cfg.out_dir, "samples")
-    common.save_sample(out, name, wav, SAMPLE_RATE)
-    with open(os.path.join(out, name + ".txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
     common.log(f"wrote {out}/{name}.wav, .png, .txt")
     return segments
 
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
-    """Training tokens/s and audio-s/s, encoder ms per window, greedy decoding tokens/s at batch 1 and 16,
-    eager and (with --compile=True) compiled. Random weights; a byte-level vocabulary unless --tokenizer."""
+    """Training step ms, tokens/s and audio-s/s (train_step itself), encoder ms per window, greedy decoding
+    tokens/s at batch 1 and 16, eager and (when common.compile compiled) compiled. Random weights; a byte-level
+    vocabulary (256 ranks) unless --tokenizer."""
+    official = official_dims(cfg)
     rt = common.setup(cfg)
-    if cfg.init_from != "scratch":
-        model, tok, ckpt = load_model(cfg, rt.device)
-        if ckpt is not None:
-            common.restore(ckpt, cfg, {"model": model}, arch_keys=ARCH_KEYS, rng=False)
-    else:
-        tok = build_tokenizer(cfg, []) if not cfg.tokenizer else build_tokenizer(cfg)
-        model = Whisper(model_dims(cfg, tok.n_vocab)).to(rt.device)
-    frames, B, L = 2 * cfg.n_audio_ctx, cfg.batch_size, min(cfg.n_text_ctx, 64)
-    mel = torch.randn(B, cfg.n_mels, frames, device=rt.device)
-    x = torch.randint(0, tok.eot, (B, L), device=rt.device)
-    opt = configure_optimizer(model, cfg)
-    cmodel = common.compile(model, cfg)
-
-    def train_step():
-        with rt.autocast():
-            loss = loss_fn(cmodel(mel, x), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    iters = 2 if rt.device_type == "cpu" else 10
-    train_ms = common.timeit(train_step, iters=iters, warmup=2)
-    flops = common.count_flops(train_step)
+    tok = build_tokenizer(cfg, [], official["dims"]["n_vocab"] if official else None)
+    state = build(cfg, rt, tok)
+    model = state["model"]
+    state["model"] = common.compile(model, cfg)
+    compiled = state["model"] is not model
+    B, L, frames = cfg.batch_size, min(cfg.n_text_ctx, 64), 2 * cfg.n_audio_ctx
+    g = torch.Generator().manual_seed(cfg.seed)
+    mel = torch.randn(B, cfg.n_mels, frames, generator=g).to(rt.device)
+    x = torch.randint(0, tok.eot, (B, L), generator=g).to(rt.device)
+    batch = (mel, x, x.roll(-1, 1))
+    iters = cfg.bench_iters
+    train_ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=iters, warmup=2)
+    flops = common.count_flops(lambda: train_step(state, batch, cfg, rt))
     model.eval()
-    enc = common.compile(model.encoder, cfg)
     with torch.no_grad(), rt.autocast():
-        enc_ms = common.timeit(lambda: enc(mel[:1]), iters=iters, warmup=2)
+        enc_ms = common.timeit(lambda: state["model"].encoder(mel[:1]), iters=iters, warmup=2)
 
     def decode_tps(batch, decoder, steps=16 if rt.device_type == "cpu" else 64):
-        """Greedy steps with the KV cache after a 4-token prompt: decoded tokens per second."""
+        """Greedy steps with the KV cache after the 4-token prompt: decoded tokens per second."""
         with torch.no_grad(), rt.autocast():
             xa = model.encoder(mel[:1]).repeat(batch, 1, 1)
 
@@ -933,64 +1308,19 @@ def bench(cfg):
                 t = torch.tensor([tok.sot_sequence() + [tok.no_timestamps]] * batch, device=rt.device)
                 logits = decoder(t, cache=cache)
                 for _ in range(steps):
-                    t = logits[:, -1:].argmax(-1)
-                    logits = decoder(t, cache=cache)
+                    logits = decoder(logits[:, -1:].argmax(-1), cache=cache)
             ms = common.timeit(run, iters=iters, warmup=1)
         return batch * steps / (ms / 1000)
-    figures = dict(params=common.count_params(model), n_vocab=tok.n_vocab, window_s=window_samples(cfg) / SAMPLE_RATE,
-                   train_step_ms=train_ms, train_flops_per_step=flops,
-                   train_tokens_per_s=B * L / (train_ms / 1000),
-                   train_audio_s_per_s=B * window_samples(cfg) / SAMPLE_RATE / (train_ms / 1000),
-                   encoder_ms_per_window=enc_ms,
-                   decode_tokens_per_s_b1=decode_tps(1, model.decoder),
+    window_s = window_samples(cfg) / SAMPLE_RATE
+    figures = dict(n_vocab=tok.n_vocab, window_s=window_s, train_step_ms=train_ms, train_flops_per_step=flops,
+                   train_tokens_per_s=B * L / (train_ms / 1000), train_audio_s_per_s=B * window_s / (train_ms / 1000),
+                   encoder_ms_per_window=enc_ms, decode_tokens_per_s_b1=decode_tps(1, model.decoder),
                    decode_tokens_per_s_b16=decode_tps(16, model.decoder))
-    if cmodel is not model:  # common.compile compiled: on CUDA, or --compile=True asked for on a CPU
+    if compiled:
         dec = torch.compile(model.decoder, dynamic=True)
         figures.update(decode_tokens_per_s_b1_compiled=decode_tps(1, dec),
                        decode_tokens_per_s_b16_compiled=decode_tps(16, dec))
-    if cfg.bench_official:
-        figures.update(bench_official_side_by_side(cfg, rt, model, tok, mel[:1], iters))
-    return common.report_bench(cfg, rt, **figures)
-
-
-def bench_official_side_by_side(cfg, rt, model, tok, mel, iters):
-    """Our whole decode() against openai-whisper's decode() on the same weights (the key map is the identity)
-    and the same window at batch 1, greedy without timestamps: both emit the same tokens, so tokens/s compare."""
-    import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    saved, mine = sys.path[:], sys.modules.pop("whisper", None)
-    try:                                                 # this file is whisper.py too: look past its folder
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-        import whisper as ow
-    except ImportError as e:
-        common.log(f"openai-whisper not importable ({e}): no side-by-side figure")
-        return {}
-    finally:
-        sys.path[:] = saved
-        if mine is not None:
-            sys.modules["whisper"] = mine
-    dims = ow.model.ModelDimensions(**model_dims(cfg, tok.n_vocab))
-    ref = ow.model.Whisper(dims).to(rt.device).eval()
-    ref.load_state_dict(model.state_dict(), strict=False)  # ours lacks only their non-persistent buffers
-    n = cfg.sample_len or cfg.n_text_ctx // 2
-    opts = ow.DecodingOptions(language="en" if tok.multilingual else None, without_timestamps=True, sample_len=n,
-                              fp16=rt.dtype != torch.float32 and rt.device_type == "cuda")
-    out = {}
-    with torch.no_grad():
-        with rt.autocast():
-            r_ours = decode(model, tok, mel, cfg, beam_size=0, timestamps=False)[0]
-            ms_ours = common.timeit(lambda: decode(model, tok, mel, cfg, beam_size=0, timestamps=False),
-                                    iters=iters, warmup=1)
-        try:
-            r_ref = ow.decode(ref, mel[0], opts)
-            ms_ref = common.timeit(lambda: ow.decode(ref, mel[0], opts), iters=iters, warmup=1)
-        except Exception as e:                           # e.g. our offline BPE is not an official vocabulary
-            common.log(f"official decode failed ({type(e).__name__}: {e}); pass --tokenizer=multilingual.tiktoken")
-            return {}
-    k = len(r_ours.tokens) + 1
-    out.update(official_decode_tokens_per_s_b1=k / (ms_ref / 1000), ours_decode_tokens_per_s_b1=k / (ms_ours / 1000),
-               decode_speedup_vs_official=ms_ref / ms_ours, official_same_tokens=r_ref.tokens == r_ours.tokens)
-    return out
+    return common.report_bench(cfg, rt, model=model, compiled=compiled, **figures)
 
 # ----------------------------------------------------------------------------- main
 

@@ -1,0 +1,987 @@
+"""
+WavLM: Large-Scale Self-Supervised Pre-Training for Full Stack Speech Processing
+(Chen, Wang, Chen, Wu, Liu, Chen, Li, Kanda, Yoshioka, Xiao, Wu, Zhou, Ren, Qian, Qian, Wu, Zeng, Yu, Wei, 2021)
+— https://arxiv.org/abs/2110.13900
+
+The idea: HuBERT's recipe — hide spans of the input frames and predict, at the hidden frames, discrete targets
+(k-means cluster ids of MFCCs, then of the model's own features) — with two changes that make the
+representation useful for speaker and separation tasks too, not only ASR:
+1. denoising pre-training by utterance mixing (§3.2): a piece of another utterance (or noise) is overlaid on
+   the input, but the targets stay those of the primary utterance, so the model must find the main speaker
+   and ignore the rest;
+2. gated relative position bias (§3.1): a bucketed relative-position bias added to the attention logits,
+   scaled per query frame and head by gates computed from the frame's own content.
+
+Simplified or changed versus the paper / official code (microsoft/unilm wavlm, UniSpeech pre-training):
+- data is the built-in eSpeak corpus (or --data_dir), not LibriSpeech / 94k h; steps are a few thousand on
+  a CPU (the paper: 400k Base, 700k+ Large). Noise for mixing is synthetic (white/brown), not DNS.
+- iteration 1 targets are k-means (Lloyd, k-means++ init, on a frame subsample) of 39-d MFCCs computed at the
+  model's 50 Hz frame rate (HuBERT iteration 1 uses 100 Hz labels); WavLM Base itself was trained on targets
+  of a HuBERT model: --targets=features --teacher=PATH re-clusters layer --target_layer of any model (ours or
+  an official file), HuBERT iteration 2.
+- fixed-length crops with no padding, so there is no padding mask; no layer drop; span masks are not
+  equalised across the batch (the loss indexes the masked frames, so it needs no equal counts).
+- attention is fused SDPA with the gated bias as a float mask (the official code: multi_head_attention_forward);
+  bf16 autocast and torch.compile on CUDA.
+
+Parameters: the official files hold the encoder only (Base / Base+ 94.38 M, Large 315.45 M); with the
+pre-training head (final_proj and 500 cluster embeddings) the counts are the paper's 94.70 M / 316.62 M
+(Base: 94,706,800, which the paper truncates).
+
+    python wavlm.py                                    # pre-train on the built-in corpus (small on a CPU)
+    python wavlm.py --preset=base --batch_size=8       # the paper's Base
+    python wavlm.py --init_from=resume                 # continue out/wavlm/ckpt.pt
+    python wavlm.py --targets=features --teacher=out/wavlm/ckpt.pt --out_dir=out/wavlm2   # iteration 2
+    python wavlm.py --mode=sample --init_from=out/wavlm/ckpt.pt   # or WavLM-Base.pt / WavLM-Large.pt
+    python wavlm.py --mode=eval --init_from=out/wavlm/ckpt.pt     # masked-prediction accuracy on test
+    python wavlm.py --mode=features --init_from=WavLM-Base.pt     # per-utterance features, layout below
+    python wavlm.py --mode=probe --init_from=out/wavlm/ckpt.pt    # linear probes vs log-mel / MFCC
+    python wavlm.py --mode=bench
+    torchrun --standalone --nproc_per_node=8 wavlm.py
+
+--mode=features writes, for every utterance of --feature_splits, out_dir/features/<split>/<id>.npy: float32
+(frames, dim) of layer --feature_layer (0 = the transformer's input, L = the last layer; -1 = the model's
+output, i.e. the last layer after the final LayerNorm of pre-LN models), frames at 50 Hz (one per 320
+samples at 16 kHz, frame t covering samples [320 t, 320 t + 400)), and out_dir/features/index.json:
+{"sample_rate", "frame_rate", "hop", "layer", "dim", "model", "items": [{"id", "split", "path", "frames",
+"seconds", "speaker", "text"}]} with paths relative to index.json.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import weight_norm
+
+import common
+
+# ----------------------------------------------------------------------------- config
+
+BASE_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2   # 320x: 50 frames/s at 16 kHz (§3.1)
+
+
+@dataclass
+class Config:
+    mode: str = "train"                 # train | sample | eval | bench | features | probe
+    preset: str = "base"                # a key of PRESETS
+    init_from: str = "scratch"          # scratch | resume | path to a checkpoint (ours or WavLM-*.pt)
+    out_dir: str = "out/wavlm"
+    data_dir: str = ""                  # empty: the built-in speech corpus
+    corpus_hours: float = 2.0           # size of the built-in corpus
+    input: str = ""                     # --mode=sample: a wav to encode (empty: a held-out utterance)
+    seed: int = 1337
+    sample_rate: int = 16000            # the model's input rate
+    # CNN feature encoder (§3.1, wav2vec 2.0)
+    conv_layers: tuple = BASE_CONV      # (channels, kernel, stride) per block
+    extractor_mode: str = "default"     # default: GroupNorm on block 0 only (Base) | layer_norm: LN in every block (Large)
+    conv_bias: bool = False             # bias in the conv blocks
+    normalize: bool = False             # layer-norm each waveform first (Large only; Base was trained without)
+    # Transformer (§3.1)
+    dim: int = 768                      # model width D
+    layers: int = 12                    # Transformer blocks
+    heads: int = 12                     # attention heads
+    ffn: int = 3072                     # feed-forward width
+    layer_norm_first: bool = False      # pre-LN (Large) or post-LN (Base)
+    conv_pos: int = 128                 # kernel of the convolutional position embedding
+    conv_pos_groups: int = 16           # its groups
+    num_buckets: int = 320              # relative-position buckets, half per direction (§3.1)
+    max_distance: int = 800             # offsets beyond this share the last bucket (the checkpoints' cfg)
+    dropout: float = 0.1                # residual / feature dropout
+    attention_dropout: float = 0.1      # dropout on attention probabilities
+    feature_grad_mult: float = 0.1      # gradient scale into the CNN encoder (HuBERT recipe)
+    # masked prediction (§2, HuBERT)
+    final_dim: int = 256                # projection before the cosine logits
+    num_classes: int = 500              # k-means clusters = target classes
+    logit_temp: float = 0.1             # cosine-similarity temperature
+    mask_prob: float = 0.08             # p: probability that a frame starts a masked span (§4.1)
+    mask_length: int = 10               # l: span length in frames (§4.1)
+    targets: str = "mfcc"               # mfcc (iteration 1) | features (re-cluster --teacher's layer)
+    teacher: str = ""                   # --targets=features: the model whose features are clustered (ours or official)
+    target_layer: int = 6               # --targets=features: which teacher layer
+    kmeans_frames: int = 100_000        # frames (from the train split) k-means is fitted on
+    kmeans_iters: int = 30              # Lloyd iterations
+    # utterance mixing (§3.2; UniSpeech utterance_mixing task defaults)
+    mix_prob: float = 0.5               # probability that an utterance gets an interferer
+    mix_max_frac: float = 0.5           # the interferer covers at most this fraction of the input
+    mix_db: tuple = (-5.0, 5.0)         # energy ratio primary/interferer in dB, uniform, for speech
+    noise_prob: float = 0.0             # of the mixing events, this fraction use noise instead of speech
+    noise_db: tuple = (-5.0, 20.0)      # energy ratio range for noise
+    # optimization (HuBERT Base recipe)
+    lr: float = 5e-4                    # peak learning rate
+    betas: tuple = (0.9, 0.98)          # AdamW betas
+    weight_decay: float = 0.01          # AdamW weight decay
+    warmup: int = 32_000                # linear warm-up steps, then linear decay to 0 ...
+    lr_decay_iters: int = 400_000       # ... at this step (as nanoGPT, apart from max_iters so resume is exact)
+    grad_clip: float = 10.0             # gradient-norm clip
+    batch_size: int = 8
+    segment: int = 250_000              # crop length in samples (HuBERT: up to 15.6 s)
+    max_iters: int = 400_000            # optimizer steps
+    log_interval: int = 50
+    eval_interval: int = 5000           # evaluate and checkpoint every N steps
+    eval_items: int = 32                # held-out utterances evaluate() scores
+    # features / probes
+    feature_layer: int = -1             # --mode=features: the layer written (-1 = the output)
+    feature_splits: tuple = ("train", "val", "test")  # --mode=features: splits written
+    probe_steps: int = 300              # --mode=probe: full-batch optimizer steps per probe
+    device: str = "auto"
+    dtype: str = "auto"                 # bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = True                # torch.compile (CUDA only unless asked)
+    bench_iters: int = 10               # timed iterations per bench figure
+    bench_seconds: float = 10.0         # audio length of the feature-extraction benchmark
+
+    def validate(self):
+        def bad(msg):
+            raise SystemExit(f"error: {msg}")
+        if self.targets not in ("mfcc", "features"):
+            bad(f"--targets must be mfcc or features (got {self.targets!r})")
+        if self.targets == "features" and self.mode == "train" and not self.teacher:
+            bad("--targets=features needs --teacher=PATH (a checkpoint of ours or an official WavLM-*.pt)")
+        if self.teacher and not os.path.isfile(self.teacher):
+            bad(f"--teacher={self.teacher!r} does not exist")
+        if self.extractor_mode not in ("default", "layer_norm"):
+            bad(f"--extractor_mode must be default or layer_norm (got {self.extractor_mode!r})")
+        if self.dim % self.heads or self.dim % self.conv_pos_groups:
+            bad(f"--dim={self.dim} must be divisible by --heads={self.heads} and --conv_pos_groups={self.conv_pos_groups}")
+        if not 0 <= self.mask_prob < 1 or self.mask_length < 1:
+            bad(f"--mask_prob must be in [0, 1) and --mask_length >= 1 (got {self.mask_prob}, {self.mask_length})")
+        if not (0 <= self.mix_prob <= 1 and 0 < self.mix_max_frac <= 0.5 and 0 <= self.noise_prob <= 1):
+            bad("--mix_prob and --noise_prob must be in [0, 1], --mix_max_frac in (0, 0.5] (§3.2: at most half)")
+        if self.num_buckets < 4 or self.num_buckets % 2 or self.max_distance <= self.num_buckets // 4:
+            bad("--num_buckets must be even and >= 4, --max_distance > num_buckets / 4")
+        if self.num_classes < 2:
+            bad(f"--num_classes must be >= 2 (got {self.num_classes})")
+        hop = math.prod(s for _, _, s in self.conv_layers) if self.conv_layers else 0
+        if not self.conv_layers or any(len(c) != 3 for c in self.conv_layers):
+            bad("--conv_layers is (channels, kernel, stride) per block, e.g. 512,10,5;512,3,2")
+        if self.segment < 2 * hop * (self.mask_length + 2):
+            bad(f"--segment={self.segment} is too short: it must hold 2 x (mask_length + 2) frames "
+                f"of {hop} samples ({2 * hop * (self.mask_length + 2)} samples)")
+
+
+PRESETS = {  # the official WavLM-Base / Base+ / Large cfg (microsoft/unilm wavlm), HuBERT recipes for training
+    "base":      dict(),                               # 94.70 M with the head; LibriSpeech 960 h
+    "base_plus": dict(),                               # same network as Base; 94k h of data (README)
+    "large":     dict(extractor_mode="layer_norm", normalize=True, conv_bias=False, dim=1024, layers=24,
+                      heads=16, ffn=4096, layer_norm_first=True, final_dim=768, dropout=0.0,
+                      attention_dropout=0.0, lr=1.5e-3, grad_clip=1.0, batch_size=4),   # 316.62 M
+    "small":     dict(conv_layers=((128, 10, 5),) + ((128, 3, 2),) * 4 + ((128, 2, 2),) * 2, dim=192, layers=4,
+                      heads=4, ffn=768, conv_pos=32, conv_pos_groups=8, final_dim=64, num_classes=100,
+                      dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=80, batch_size=8, segment=16_000,
+                      max_iters=800, lr_decay_iters=800, eval_interval=200, log_interval=25, eval_items=32, corpus_hours=0.5,
+                      kmeans_frames=40_000, bench_seconds=10.0),   # 2.2 M: 800 steps, ~17 min at 1.25 s/step (CPU, 1 thread)
+    "tiny":      dict(conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2, dim=32, layers=2,
+                      heads=2, ffn=64, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64,
+                      final_dim=16, num_classes=8, dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=2,
+                      batch_size=2, segment=16_000, max_iters=10, lr_decay_iters=1000, eval_interval=1000, log_interval=1,
+                      eval_items=2, corpus_hours=0.02, kmeans_frames=2000, kmeans_iters=10, bench_iters=2,
+                      bench_seconds=1.0, probe_steps=20),    # tests
+}
+ARCH_KEYS = ("sample_rate", "conv_layers", "extractor_mode", "conv_bias", "normalize", "dim", "layers", "heads",
+             "ffn", "layer_norm_first", "conv_pos", "conv_pos_groups", "num_buckets", "max_distance", "final_dim",
+             "num_classes", "targets", "target_layer")
+
+# ----------------------------------------------------------------------------- model
+
+class ConvBlock(nn.Module):
+    """Conv1d -> (GroupNorm | LayerNorm over channels | nothing) -> GELU (§3.1, wav2vec 2.0's encoder)."""
+    def __init__(self, c_in, c_out, kernel, stride, norm, bias):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=bias)
+        self.norm = {"group": lambda: nn.GroupNorm(c_out, c_out), "layer": lambda: nn.LayerNorm(c_out),
+                     None: lambda: None}[norm]()
+
+    def forward(self, x):                                  # (B, C_in, T) -> (B, C_out, T')
+        x = self.conv(x)
+        if isinstance(self.norm, nn.GroupNorm):
+            x = self.norm(x.float()).type_as(x)            # norms in fp32, as the official Fp32GroupNorm
+        elif isinstance(self.norm, nn.LayerNorm):
+            x = self.norm(x.transpose(1, 2).float()).transpose(1, 2).type_as(x)
+        return F.gelu(x)
+
+
+class FeatureEncoder(nn.Module):
+    """Raw 16 kHz waveform -> 512-d frames at 50 Hz: seven strided convs, 320x down, 25 ms receptive field."""
+    def __init__(self, cfg):
+        super().__init__()
+        blocks, c_in = [], 1
+        for i, (c, k, s) in enumerate(cfg.conv_layers):
+            norm = "layer" if cfg.extractor_mode == "layer_norm" else "group" if i == 0 else None
+            blocks.append(ConvBlock(c_in, c, k, s, norm, cfg.conv_bias))
+            c_in = c
+        self.conv_layers = nn.ModuleList(blocks)
+
+    def forward(self, wav):                                # (B, L) -> (B, C, T)
+        x = wav.unsqueeze(1)                               # (B, 1, L)
+        for block in self.conv_layers:
+            x = block(x)
+        return x
+
+
+def num_frames(cfg, length):
+    """Frames the feature encoder makes from `length` samples (each valid conv: (L - k) // s + 1)."""
+    for _, k, s in cfg.conv_layers:
+        length = (length - k) // s + 1
+    return length
+
+
+def relative_position_bucket(rel, num_buckets, max_distance):
+    """T5-style bidirectional buckets of rel = j - i (§3.1): half the buckets per sign (positive offsets
+    get + num_buckets/2); within each half, |rel| < num_buckets/4 has its own bucket, larger offsets share
+    logarithmically wider buckets up to max_distance, beyond which all share the last one."""
+    half = num_buckets // 2
+    bucket = (rel > 0).long() * half
+    n = rel.abs()
+    exact = half // 2
+    log_bucket = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                          * (half - exact)).long()
+    return bucket + torch.where(n < exact, n, log_bucket.clamp(max=half - 1))
+
+
+class GatedSelfAttention(nn.Module):
+    """Multi-head self-attention with the gated relative position bias (§3.1, Eq. 3-5 as the official code):
+    gate_a, gate_b = sigmoid(sum of 4 of grep_linear(x_head)) per (batch, head, query frame), from the
+    attention's input split per head; the bias d[h, i, j] is scaled by gate_a * (gate_b * grep_a[h] - 1) + 2
+    (the paper's d + g_u d + (1 - g_u) w g_r d, with w = grep_a, rewritten), then added to the logits."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads, self.dropout = cfg.heads, cfg.attention_dropout
+        d = cfg.dim
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.grep_linear = nn.Linear(d // cfg.heads, 8)                   # the gates' projection, per head
+        self.grep_a = nn.Parameter(torch.ones(1, cfg.heads, 1, 1))        # w: learnable per-head scale
+
+    def gate(self, x):                                     # (B, T, D) -> (B, H, T, 1)
+        B, T, _ = x.shape
+        xh = x.view(B, T, self.heads, -1).transpose(1, 2)  # (B, H, T, D/H): the input, not the projected q
+        g = torch.sigmoid(self.grep_linear(xh).view(B, self.heads, T, 2, 4).sum(-1))   # (B, H, T, 2)
+        gate_a, gate_b = g.chunk(2, dim=-1)                # (B, H, T, 1) each
+        return gate_a * (gate_b * self.grep_a - 1.0) + 2.0
+
+    def forward(self, x, pos_bias):                        # x (B, T, D), pos_bias (1, H, T, T)
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        bias = (self.gate(x) * pos_bias).to(q.dtype)       # (B, H, T, T): row i scaled by query i's gate
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.dropout if self.training else 0.0)  # scale d_h^-0.5
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Layer(nn.Module):
+    """A Transformer block: post-LN (Base) x = LN(x + Attn(x)); x = LN(x + FFN(x)), or pre-LN (Large)."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.pre_ln = cfg.layer_norm_first
+        self.self_attn = GatedSelfAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.dim)
+        self.fc1, self.fc2 = nn.Linear(cfg.dim, cfg.ffn), nn.Linear(cfg.ffn, cfg.dim)
+        self.final_layer_norm = nn.LayerNorm(cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def ffn(self, x):
+        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+
+    def forward(self, x, pos_bias):                        # (B, T, D) -> (B, T, D)
+        if self.pre_ln:
+            x = x + self.drop(self.self_attn(self.self_attn_layer_norm(x), pos_bias))
+            return x + self.ffn(self.final_layer_norm(x))
+        x = self.self_attn_layer_norm(x + self.drop(self.self_attn(x, pos_bias)))
+        return self.final_layer_norm(x + self.ffn(x))
+
+
+class Encoder(nn.Module):
+    """Convolutional position embedding, then the blocks; one relative-position bias table for all layers."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        conv = nn.Conv1d(cfg.dim, cfg.dim, cfg.conv_pos, padding=cfg.conv_pos // 2, groups=cfg.conv_pos_groups)
+        nn.init.normal_(conv.weight, 0, math.sqrt(4 / (cfg.conv_pos * cfg.dim)))   # wav2vec 2.0 init
+        nn.init.zeros_(conv.bias)
+        self.pos_conv = weight_norm(conv, dim=2)           # weight norm over the kernel axis, as the official
+        self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.heads)   # d: (buckets, H), shared
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
+        self.layer_norm = nn.LayerNorm(cfg.dim)            # after pos-conv (post-LN) or after the last layer (pre-LN)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def position_bias(self, T):                            # -> (1, H, T, T), ungated: each layer gates it
+        pos = torch.arange(T, device=self.relative_attention_bias.weight.device)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.num_buckets, self.cfg.max_distance)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x):                                  # (B, T, D) -> [(B, T, D)] * (layers + 1), output
+        pc = self.pos_conv(x.transpose(1, 2))              # (B, D, T + 1): even kernel, one frame too many
+        x = x + F.gelu(pc[:, :, :-1] if self.cfg.conv_pos % 2 == 0 else pc).transpose(1, 2)
+        if not self.cfg.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.drop(x)
+        bias = self.position_bias(x.shape[1])
+        hidden = [x]
+        for layer in self.layers:
+            x = layer(x, bias)
+            hidden.append(x)
+        return hidden, (self.layer_norm(x) if self.cfg.layer_norm_first else x)
+
+
+class WavLM(nn.Module):
+    """Waveform -> layer features; with a mask, masked frames become mask_emb (§2); head(): cluster logits."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.conv_layers[-1][0]
+        self.feature_extractor = FeatureEncoder(cfg)
+        self.layer_norm = nn.LayerNorm(c)
+        self.post_extract_proj = nn.Linear(c, cfg.dim)
+        self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())
+        self.encoder = Encoder(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        # pre-training head (HuBERT): project, then cosine similarity with one embedding per cluster
+        self.final_proj = nn.Linear(cfg.dim, cfg.final_dim)
+        self.label_embs = nn.Parameter(torch.randn(cfg.num_classes, cfg.final_dim) * cfg.final_dim ** -0.5)
+
+    def extract(self, wav, mask=None):                     # (B, L) -> hidden [(B, T, D)] * (L + 1), output
+        if self.cfg.normalize:                             # Large: zero mean, unit variance per utterance
+            wav = F.layer_norm(wav, wav.shape[-1:])
+        f = self.feature_extractor(wav)                    # (B, C, T)
+        g = self.cfg.feature_grad_mult
+        if self.training and g != 1.0:                     # forward unchanged, gradient scaled by g
+            f = f * g + f.detach() * (1 - g)
+        x = self.post_extract_proj(self.layer_norm(f.transpose(1, 2)))   # (B, T, D)
+        x = self.drop(x)
+        if mask is not None:                               # the masked frames' content is hidden (§2)
+            x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+        return self.encoder(x)
+
+    def head(self, out):                                   # (B, T, D) -> (B, T, num_classes)
+        p = F.normalize(self.final_proj(out).float(), dim=-1)
+        e = F.normalize(self.label_embs.float(), dim=-1)
+        return p @ e.t() / self.cfg.logit_temp
+
+    def forward(self, wav, mask=None):                     # the pre-training forward: cluster logits per frame
+        return self.head(self.extract(wav, mask)[1])
+
+
+def encoder_params(model):
+    """The parameters the official files hold: all but the pre-training head."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("final_proj", "label_embs")))
+
+# ----------------------------------------------------------------------------- official weights
+# WavLM-Base.pt / WavLM-Base+.pt / WavLM-Large.pt (microsoft/unilm): {"cfg": dict, "model": state_dict}. Our
+# names are the official ones except the conv blocks (.0 conv, .2 norm), the shared bias table (official:
+# layer 0's self_attn) and the position conv's old-style weight norm (weight_g / weight_v).
+
+def _official_renames(sd_keys, cfg):
+    """(official name, our name) pairs."""
+    pairs = []
+    for i in range(len(cfg.conv_layers)):
+        pairs.append((f"feature_extractor.conv_layers.{i}.0.weight", f"feature_extractor.conv_layers.{i}.conv.weight"))
+        if cfg.conv_bias:
+            pairs.append((f"feature_extractor.conv_layers.{i}.0.bias", f"feature_extractor.conv_layers.{i}.conv.bias"))
+        for p in ("weight", "bias"):
+            if cfg.extractor_mode == "layer_norm":
+                pairs.append((f"feature_extractor.conv_layers.{i}.2.1.{p}", f"feature_extractor.conv_layers.{i}.norm.{p}"))
+            elif i == 0:
+                pairs.append((f"feature_extractor.conv_layers.0.2.{p}", f"feature_extractor.conv_layers.0.norm.{p}"))
+    pairs += [("encoder.pos_conv.0.weight_g", "encoder.pos_conv.parametrizations.weight.original0"),
+              ("encoder.pos_conv.0.weight_v", "encoder.pos_conv.parametrizations.weight.original1"),
+              ("encoder.pos_conv.0.bias", "encoder.pos_conv.bias"),
+              ("encoder.layers.0.self_attn.relative_attention_bias.weight", "encoder.relative_attention_bias.weight")]
+    renamed = {o for o, _ in pairs} | {n for _, n in pairs}
+    return pairs + [(k, k) for k in sd_keys if k not in renamed]
+
+
+def config_from_official(cfg, ckpt):
+    """Set the architecture fields of cfg from an official file's tensors (and its cfg for what no tensor
+    shows: normalize, max_distance); returns the list of changes for the log."""
+    sd, ocfg = ckpt["model"], ckpt.get("cfg", {}) or {}
+    convs, i = [], 0
+    while f"feature_extractor.conv_layers.{i}.0.weight" in sd:
+        c, _, k = sd[f"feature_extractor.conv_layers.{i}.0.weight"].shape
+        convs.append((c, k))
+        i += 1
+    strides = [s for _, _, s in BASE_CONV]
+    if [k for _, k in convs] != [k for _, k, _ in BASE_CONV]:
+        raise SystemExit("error: this official file's conv encoder is not WavLM's (kernels 10,3,3,3,3,2,2)")
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+    D = sd["post_extract_proj.weight"].shape[0]
+    H = sd["encoder.layers.0.self_attn.grep_a"].shape[1]
+    new = dict(conv_layers=tuple((c, k, s) for (c, k), s in zip(convs, strides)),
+               extractor_mode="layer_norm" if "feature_extractor.conv_layers.1.2.1.weight" in sd else "default",
+               conv_bias="feature_extractor.conv_layers.0.0.bias" in sd, dim=D, layers=layers, heads=H,
+               ffn=sd["encoder.layers.0.fc1.weight"].shape[0],
+               layer_norm_first=bool(ocfg.get("layer_norm_first", False)), normalize=bool(ocfg.get("normalize", False)),
+               conv_pos=sd["encoder.pos_conv.0.weight_v"].shape[-1], conv_pos_groups=D // sd["encoder.pos_conv.0.weight_v"].shape[1],
+               num_buckets=sd["encoder.layers.0.self_attn.relative_attention_bias.weight"].shape[0],
+               max_distance=int(ocfg.get("max_distance", 800)))
+    changes = [f"{k}={v!r}" for k, v in new.items() if getattr(cfg, k) != v]
+    for k, v in new.items():
+        setattr(cfg, k, v)
+    return changes
+
+
+def is_official(ckpt):
+    return isinstance(ckpt, dict) and "model" in ckpt and "cfg" in ckpt and not common.is_ours(ckpt)
+
+
+def load_official(state, ckpt):
+    """common.init_from's hook for --init_from=WavLM-*.pt: the encoder weights; the head stays fresh."""
+    model = common.unwrap(state["model"])
+    check_official(model.cfg, ckpt)
+    load_official_into(model, ckpt)
+
+
+def check_official(cfg, ckpt):
+    """One error line naming the flags to pass when an official file does not fit cfg's architecture."""
+    changes = config_from_official(type(cfg)(**common.config_dict(cfg)), ckpt)
+    if changes:
+        raise SystemExit("error: the official file does not fit this model; pass " +
+                         " ".join(f"--{c}" for c in changes))
+
+
+def load_official_into(model, ckpt):
+    sd = ckpt["model"]
+    pairs = _official_renames(sd.keys(), model.cfg)
+    mapped = {ours: sd[off] for off, ours in pairs if off in sd}
+    own = model.state_dict()
+    for k in ("final_proj.weight", "final_proj.bias", "label_embs"):  # the head is not in the file: keep ours
+        mapped[k] = own[k]
+    common.load_state_dict(model, mapped, what="WavLM")
+
+
+def to_official(model):
+    """Our model as an official-format file {"cfg", "model"} (for tests and for other tools)."""
+    cfg, sd = model.cfg, model.state_dict()
+    ours_to_off = {ours: off for off, ours in _official_renames(sd.keys(), cfg)}
+    out = {ours_to_off.get(k, k): v for k, v in sd.items() if not k.startswith(("final_proj", "label_embs"))}
+    ocfg = dict(encoder_layers=cfg.layers, encoder_embed_dim=cfg.dim, encoder_ffn_embed_dim=cfg.ffn,
+                encoder_attention_heads=cfg.heads, layer_norm_first=cfg.layer_norm_first,
+                extractor_mode=cfg.extractor_mode, conv_bias=cfg.conv_bias, normalize=cfg.normalize,
+                conv_pos=cfg.conv_pos, conv_pos_groups=cfg.conv_pos_groups, relative_position_embedding=True,
+                num_buckets=cfg.num_buckets, max_distance=cfg.max_distance, gru_rel_pos=True,
+                conv_feature_layers=repr(list(cfg.conv_layers)))
+    return {"cfg": ocfg, "model": out}
+
+# ----------------------------------------------------------------------------- loss
+
+def span_mask(B, T, cfg, generator=None):
+    """(B, T) bool: each frame starts a span of mask_length frames with probability mask_prob (§4.1). As
+    fairseq: int(p T + U[0,1)) span starts per utterance (at least 2), drawn without replacement from
+    the first T - l frames; spans may overlap, so about 1 - (1 - p)^l of the frames are masked."""
+    l = cfg.mask_length
+    n = max(2, int(cfg.mask_prob * T + torch.rand((), generator=generator).item()))
+    n = min(n, T - l)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        starts = torch.randperm(T - l, generator=generator)[:n]
+        mask[b, (starts[:, None] + torch.arange(l)).flatten()] = True
+    return mask
+
+
+def mix_utterances(wav, cfg, generator=None):
+    """Utterance mixing (§3.2) on a batch (B, L) of primary utterances: with probability mix_prob, a random
+    crop of at most mix_max_frac * L samples of another utterance of the batch (or noise) is added at a
+    random place, scaled to an energy ratio primary/interferer drawn uniformly in mix_db (noise_db).
+    Returns the mixed batch and [(i, j or -1 for noise, dst, src, n, scale)]; the caller keeps the
+    primary's targets."""
+    B, L = wav.shape
+    out, events = wav.clone(), []
+    u = lambda: torch.rand((), generator=generator).item()
+    for i in range(B):
+        if u() >= cfg.mix_prob:
+            continue
+        n = int(u() * cfg.mix_max_frac * L)                # interferer length in [0, L/2)
+        if n < 1:
+            continue
+        dst, src = int(u() * (L - n + 1)), int(u() * (L - n + 1))
+        noise = B == 1 or u() < cfg.noise_prob
+        if noise:                                          # white or brown (integrated) noise
+            z = torch.randn(n, generator=generator)
+            seg, j, lo, hi = (z if u() < 0.5 else torch.cumsum(z, 0) / math.sqrt(n)), -1, *cfg.noise_db
+        else:
+            j = (i + 1 + int(u() * (B - 1))) % B           # another utterance of the batch
+            seg, lo, hi = wav[j, src:src + n].cpu(), *cfg.mix_db
+        ratio_db = lo + (hi - lo) * u()
+        e_primary, e_seg = wav[i].pow(2).mean().item(), seg.pow(2).mean().item()
+        scale = math.sqrt(e_primary / (e_seg * 10 ** (ratio_db / 10))) if e_seg > 1e-10 and e_primary > 1e-10 else 0.0
+        out[i, dst:dst + n] += scale * seg.to(wav)
+        events.append((i, j, dst, src, n, scale))
+    return out, events
+
+
+def masked_prediction_loss(logits, targets, mask):
+    """Cross-entropy on the masked frames only (HuBERT's masked loss, pred_nomask_weight = 0), plus accuracies."""
+    lm = logits[mask]                                      # (N_masked, K)
+    tm = targets[mask]
+    loss = F.cross_entropy(lm, tm)
+    with torch.no_grad():
+        acc_m = (lm.argmax(-1) == tm).float().mean()
+        acc_u = (logits[~mask].argmax(-1) == targets[~mask]).float().mean() if (~mask).any() else acc_m
+    return loss, acc_m, acc_u
+
+# ----------------------------------------------------------------------------- data
+
+def load_split(cfg, split):
+    return common.load_corpus(cfg, split, cfg.sample_rate)
+
+
+def get_batch(sampler, cfg, rt):
+    """(B, segment) clean waveforms on rt.device: the primaries; mixing happens in train_step."""
+    wav, _ = sampler.next()
+    return wav.to(rt.device)
+
+
+_DCT = {}
+
+
+def mfcc(wav, sr=16000, n_mfcc=13, n_mels=23):
+    """(B, L) -> (B, T, 39): 13 MFCCs + deltas + delta-deltas, 25 ms windows every 20 ms, the model's frames
+    (frame t covers samples [320 t, 320 t + 400), as the conv encoder's receptive field)."""
+    win, hop = int(0.025 * sr), int(0.020 * sr)
+    with torch.autocast(wav.device.type, enabled=False):
+        spec = torch.stft(wav.float(), win, hop, window=torch.hann_window(win, device=wav.device),
+                          center=False, return_complex=True).abs().pow(2)        # (B, F, T)
+        key = (sr, win, n_mels, n_mfcc, str(wav.device))
+        if key not in _DCT:
+            fb = torch.from_numpy(common.mel_filterbank(sr, win, n_mels, norm=None))
+            k = np.arange(n_mels)
+            dct = np.cos(np.pi / n_mels * (k[None, :] + 0.5) * np.arange(n_mfcc)[:, None]) * math.sqrt(2 / n_mels)
+            dct[0] /= math.sqrt(2)                          # orthonormal DCT-II
+            _DCT[key] = (fb.to(wav.device), torch.from_numpy(dct).float().to(wav.device))
+        fb, dct = _DCT[key]
+        c = dct @ torch.log(fb @ spec + 1e-6)              # (B, 13, T)
+        d1 = torch.gradient(c, dim=-1)[0] if c.shape[-1] > 1 else torch.zeros_like(c)
+        d2 = torch.gradient(d1, dim=-1)[0] if c.shape[-1] > 1 else torch.zeros_like(c)
+        return torch.cat([c, d1, d2], 1).transpose(1, 2)   # (B, T, 39)
+
+
+class KMeans(nn.Module):
+    """The target labeller: standardise, then the nearest of num_classes centroids. Buffers only, so the
+    checkpoint carries the exact targets the model was trained on."""
+    def __init__(self, k, dim):
+        super().__init__()
+        self.register_buffer("centroids", torch.zeros(k, dim))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def fit(self, x, iters, seed):                         # x: (N, dim) frames
+        rng = torch.Generator().manual_seed(seed)
+        x = x.float().cpu()
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp(min=1e-5))
+        x = (x - self.mean) / self.std
+        k = self.centroids.shape[0]
+        c = x[torch.randint(len(x), (1,), generator=rng)]  # k-means++ seeding
+        d = torch.cdist(x, c).squeeze(1) ** 2
+        for _ in range(1, k):
+            c = torch.cat([c, x[torch.multinomial(d / d.sum() + 1e-12, 1, generator=rng)]])
+            d = torch.minimum(d, ((x - c[-1]) ** 2).sum(1))
+        for _ in range(iters):                             # Lloyd
+            a = torch.cdist(x, c).argmin(1)
+            sums = torch.zeros_like(c).index_add_(0, a, x)
+            cnt = torch.bincount(a, minlength=k).float()[:, None]
+            c = torch.where(cnt > 0, sums / cnt.clamp(min=1), c)
+        self.centroids.copy_(c)
+        self.fitted.fill_(1)
+
+    @torch.no_grad()
+    def forward(self, feats):                              # (B, T, dim) -> (B, T) cluster ids
+        x = (feats.float() - self.mean) / self.std
+        return torch.cdist(x, self.centroids[None].expand(x.shape[0], -1, -1)).argmin(-1)
+
+
+def target_features(state, wav, cfg):
+    """What the k-means clusters: MFCCs (iteration 1) or the teacher's layer features (iteration 2)."""
+    if cfg.targets == "mfcc":
+        return mfcc(wav, cfg.sample_rate)
+    teacher = state["teacher"]
+    hidden, _ = teacher.extract(wav)
+    return hidden[min(cfg.target_layer, len(hidden) - 1)]
+
+
+def make_targets(state, wav, cfg, T):
+    """(B, T) cluster ids of the CLEAN primary waveform (§3.2: mixing never changes the targets)."""
+    with torch.no_grad():
+        ids = state["km"](target_features(state, wav, cfg))
+    if ids.shape[1] < T:                                   # MFCC frames can be one short of the conv's
+        ids = F.pad(ids, (0, T - ids.shape[1]), mode="replicate") if ids.shape[1] else ids.new_zeros(ids.shape[0], T)
+    return ids[:, :T]
+
+
+def fit_targets(state, clips, cfg, rt):
+    """Fit the k-means on up to kmeans_frames frames of the train split (deterministic: the first clips)."""
+    feats, n = [], 0
+    for c in clips:
+        if n >= cfg.kmeans_frames:
+            break
+        wav = torch.from_numpy(c.wav[: 30 * cfg.sample_rate]).to(rt.device)[None]
+        if wav.shape[1] < 400:
+            continue
+        f = target_features(state, wav, cfg)[0].cpu()
+        feats.append(f)
+        n += len(f)
+    x = torch.cat(feats)[: cfg.kmeans_frames]
+    if len(x) < cfg.num_classes:
+        raise SystemExit(f"error: {len(x)} frames cannot make {cfg.num_classes} clusters; lower --num_classes")
+    state["km"].fit(x, cfg.kmeans_iters, cfg.seed)
+    common.log(f"k-means targets ({cfg.targets}): {cfg.num_classes} clusters fitted on {len(x)} frames")
+
+# ----------------------------------------------------------------------------- train
+
+def load_any(path, rt, what="--init_from"):
+    """(model, km or None, cfg) from one of our checkpoints or an official WavLM file, size from the file."""
+    ckpt = common.load_checkpoint(path)
+    if common.is_ours(ckpt):
+        if ckpt.get("paper") != "wavlm":
+            raise SystemExit(f"error: {what}={path!r} was written by {ckpt.get('paper')}.py, not wavlm.py")
+        cfg = Config(**{k: common._from_json(v, getattr(Config(), k)) for k, v in ckpt["config"].items()
+                        if k in Config.__dataclass_fields__})
+        model = WavLM(cfg)
+        km = KMeans(cfg.num_classes, ckpt["models"]["km"]["centroids"].shape[1]) if "km" in ckpt["models"] else None
+        common.load_state_dict(model, ckpt["models"]["model"], what="WavLM")
+        if km is not None:
+            km.load_state_dict(ckpt["models"]["km"])
+        return model.to(rt.device).eval(), (km.to(rt.device) if km is not None else None), cfg
+    if is_official(ckpt):
+        cfg = Config()
+        changes = config_from_official(cfg, ckpt)
+        common.log(f"official WavLM file {path}: " + ", ".join(changes or ["base"]))
+        model = WavLM(cfg)
+        load_official_into(model, ckpt)
+        return model.to(rt.device).eval(), None, cfg
+    raise SystemExit(f"error: {what}={path!r} is neither a nanoaudio wavlm checkpoint nor an official WavLM file "
+                     "(a dict with 'cfg' and 'model')")
+
+
+def build(cfg, rt):
+    """Everything training holds: the model (+ head), its k-means labeller, the optimizer and the schedule;
+    with --targets=features also the frozen teacher whose features are clustered."""
+    model = WavLM(cfg).to(rt.device)
+    state = dict(model=model)
+    feat_dim = 39
+    if cfg.targets == "features":
+        teacher, _, tcfg = load_any(cfg.teacher, rt, what="--teacher")
+        teacher.requires_grad_(False)
+        state["teacher"], feat_dim = teacher, tcfg.dim
+    state["km"] = KMeans(cfg.num_classes, feat_dim).to(rt.device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "label_embs" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "label_embs" not in n)]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)],
+                            lr=cfg.lr, betas=cfg.betas, eps=1e-6)
+    warm, total = max(1, cfg.warmup), max(cfg.lr_decay_iters, cfg.warmup + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(   # linear warm-up, then linear decay to 0 (fairseq polynomial)
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / (total - warm))))
+    state.update(opt=opt, sched=sched)
+    return state
+
+
+def train_step(state, batch, cfg, rt):
+    """One step: targets of the clean primaries, then mixing (§3.2), then span masks (§4.1), then the
+    masked-prediction loss; AdamW with gradient clipping; the schedule steps. Random draws in that order."""
+    model, opt = state["model"], state["opt"]
+    wav = batch
+    T = num_frames(cfg, wav.shape[1])
+    targets = make_targets(state, wav, cfg, T)             # before mixing: the primary's targets
+    mixed, _ = mix_utterances(wav, cfg) if cfg.mix_prob > 0 else (wav, [])
+    mask = span_mask(wav.shape[0], T, cfg).to(wav.device)
+    model.train()
+    with rt.autocast():
+        logits = model(mixed, mask)
+    loss, acc_m, acc_u = masked_prediction_loss(logits.float(), targets, mask)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    state["sched"].step()
+    return dict(loss=loss.detach(), acc_m=acc_m, acc_u=acc_u, gnorm=gnorm)
+
+
+def load_for_inference(cfg, rt=None):
+    """(model, km or None, cfg, rt): our checkpoint (its config, with flags on top) or an official file (size
+    inferred). The file is checked before common.setup, so a bad one gives one error line and nothing else."""
+    if cfg.init_from == "scratch":
+        raise SystemExit(f"error: --mode={cfg.mode} needs a model: --init_from=resume, a checkpoint of ours, "
+                         "or an official WavLM-Base.pt / WavLM-Base+.pt / WavLM-Large.pt")
+    path = common.checkpoint_path(cfg)
+    ckpt = common.load_checkpoint(path)
+    if common.is_ours(ckpt):
+        common.check_checkpoint(ckpt, cfg, ARCH_KEYS)
+        if cfg.targets == "features" and cfg.mode in ("eval", "sample"):
+            raise SystemExit("error: a model trained on --targets=features is scored against its teacher's "
+                             "targets, which eval/sample do not load; use --mode=features or --mode=probe")
+        rt = rt or common.setup(cfg, log_to_file=False)
+        model = WavLM(cfg).to(rt.device)
+        km = KMeans(cfg.num_classes, ckpt["models"]["km"]["centroids"].shape[1]).to(rt.device)
+        common.load_models(ckpt, cfg, {"model": model, "km": km}, ARCH_KEYS)
+        return model.eval(), km, cfg, rt
+    if not is_official(ckpt):
+        raise SystemExit(f"error: --init_from={path!r} is neither a nanoaudio wavlm checkpoint nor an official "
+                         "WavLM file (a dict with 'cfg' and 'model')")
+    if cfg.mode == "eval":
+        raise SystemExit("error: --mode=eval scores masked prediction against our k-means targets; an official "
+                         "file has no head or targets (use --mode=probe or --mode=features with it)")
+    rt = rt or common.setup(cfg, log_to_file=False)
+    model, km, ocfg = load_any(path, rt)
+    for k in ARCH_KEYS:
+        setattr(cfg, k, getattr(ocfg, k))
+    return model, km, cfg, rt
+
+
+def eval_batches(cfg, split):
+    """Held-out utterances (cropped to segment), each with a fixed interferer from the next utterance."""
+    utts = load_split(cfg, split)[: cfg.eval_items]
+    if not utts:
+        raise SystemExit(f"error: the {split} split has no clips")
+    hop = math.prod(s for _, _, s in cfg.conv_layers)
+    return [u for u in utts if len(u.wav) >= 2 * hop * (cfg.mask_length + 2)] or utts
+
+
+@torch.no_grad()
+def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=None):
+    """Masked-prediction accuracy on held-out audio, clean and with a second voice mixed in (the targets stay
+    the clean primary's): the denoising claim in one number. Draws from its own generator (training's RNG
+    is untouched, so a resumed run equals a straight one). labeller: train()'s {"km", "teacher"}."""
+    km = None
+    if model is None:
+        model, km, cfg, rt = load_for_inference(cfg, rt)
+    state = dict(labeller or {}, model=model, **({"km": km} if km is not None else {}))
+    was = model.training
+    model.eval()
+    utts = eval_batches(cfg, split)
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    sums = dict(loss=0.0, acc_m=0.0, acc_u=0.0, acc_m_mixed=0.0)
+    for i, u in enumerate(utts):
+        wav = torch.from_numpy(u.wav[: cfg.segment])[None].to(rt.device)
+        other = torch.from_numpy(utts[(i + 1) % len(utts)].wav[: cfg.segment])
+        T = num_frames(cfg, wav.shape[1])
+        targets = make_targets(state, wav, cfg, T)
+        mask = span_mask(1, T, cfg, generator=g).to(rt.device)
+        with rt.autocast():
+            logits = model(wav, mask).float()
+        loss, acc_m, acc_u = masked_prediction_loss(logits, targets, mask)
+        pair = torch.zeros(2, wav.shape[1])                # primary + a second voice, always mixed
+        pair[0], n = wav[0].cpu(), min(len(other), wav.shape[1])
+        pair[1, :n] = other[:n]
+        mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0, "noise_prob": 0.0})
+        mixed, _ = mix_utterances(pair, mixcfg, generator=g)
+        with rt.autocast():
+            logits_mixed = model(mixed[:1].to(rt.device), mask).float()
+        _, acc_mixed, _ = masked_prediction_loss(logits_mixed, targets, mask)
+        for k, v in (("loss", loss), ("acc_m", acc_m), ("acc_u", acc_u), ("acc_m_mixed", acc_mixed)):
+            sums[k] += float(v) / len(utts)
+        if samples_dir and i < 2:
+            common.save_sample(samples_dir, f"{split}{i}_mixed", mixed[0], cfg.sample_rate, ref=wav[0])
+    model.train(was)
+    common.log(f"eval | split {split} | items {len(utts)} | " + " | ".join(f"{k} {v:.4f}" for k, v in sums.items()))
+    return sums
+
+
+def train(cfg):
+    if cfg.init_from not in ("scratch", "resume") and os.path.isfile(cfg.init_from):
+        ckpt = common.load_checkpoint(cfg.init_from)       # an official file that does not fit: say so first
+        if is_official(ckpt):
+            check_official(cfg, ckpt)
+        del ckpt
+    rt = common.setup(cfg)
+    state = build(cfg, rt)
+    train_clips, val_clips = load_split(cfg, "train"), load_split(cfg, "val")
+    common.check_clips(train_clips, 400, "train split")
+    common.check_clips(val_clips, 400, "val split")
+    sampler = common.SegmentSampler([c._audio for c in train_clips], cfg.segment, cfg.batch_size, cfg.seed,
+                                    rt.rank, rt.world_size)
+    step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS, official=load_official)
+    if not int(state["km"].fitted):                        # scratch, or weights from a file without targets
+        fit_targets(state, train_clips, cfg, rt)
+    labeller = {k: state[k] for k in ("km", "teacher") if k in state}
+    model = state["model"]
+    common.log(f"WavLM: {common.count_params(model) / 1e6:.2f} M parameters ({encoder_params(model) / 1e6:.2f} M "
+               f"without the pre-training head), {cfg.layers} layers, D={cfg.dim}")
+    state["model"] = common.wrap_ddp(common.compile(model, cfg), rt)
+    prog = common.Progress(cfg, start_step=step)
+    while step < cfg.max_iters:
+        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
+        step += 1
+        prog.update(step, losses, audio_seconds=cfg.batch_size * cfg.segment / cfg.sample_rate * rt.world_size)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if rt.master:
+                evaluate(cfg, common.unwrap(state["model"]), rt, split="val", labeller=labeller,
+                         samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
+            common.save_checkpoint(cfg, step, state, sampler=sampler)
+    common.cleanup(rt)
+
+# ----------------------------------------------------------------------------- sample
+
+@torch.no_grad()
+def sample(cfg):
+    """Encode --input (or a held-out utterance): write it (and a version with a second voice mixed in) as
+    wav + png, and log how often the predicted units of the mixed audio equal the clean audio's."""
+    model, km, cfg, rt = load_for_inference(cfg)
+    if cfg.input:
+        wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
+        name, other = os.path.splitext(os.path.basename(cfg.input))[0], None
+    else:
+        utts = load_split(cfg, "test")
+        wav, name, other = utts[0].wav, utts[0].id, utts[1 % len(utts)].wav
+    wav = torch.from_numpy(wav[: 30 * cfg.sample_rate])
+    if len(wav) < 400:
+        raise SystemExit(f"error: the input is {len(wav)} samples; WavLM needs at least 400 (25 ms)")
+    out = os.path.join(cfg.out_dir, "samples")
+    common.save_sample(out, name, wav, cfg.sample_rate)
+    pair = torch.stack([wav, torch.from_numpy(np.resize(other, len(wav))) if other is not None
+                        else torch.randn(len(wav)) * wav.std()])
+    mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0, "noise_prob": 0.0 if other is not None else 1.0})
+    mixed, _ = mix_utterances(pair, mixcfg, generator=torch.Generator().manual_seed(cfg.seed))
+    common.save_sample(out, name + "_mixed", mixed[0], cfg.sample_rate, ref=wav)
+    with rt.autocast():
+        units = [model(x[None].to(rt.device)).argmax(-1)[0] for x in (wav, mixed[0])]
+    same = (units[0] == units[1]).float().mean().item()
+    common.log(f"sample | {name}: {len(units[0])} frames; predicted units of the mixed audio equal the clean "
+               f"audio's on {same:.1%} of frames | wrote {out}/{name}.wav, .png, {name}_mixed.wav, .png")
+
+# ----------------------------------------------------------------------------- features and probes
+
+@torch.no_grad()
+def layer_features(model, wav, rt):
+    """[(T, D)] * (layers + 1) and the output, for one (L,) waveform."""
+    with rt.autocast():
+        hidden, out = model.extract(wav[None].to(rt.device))
+    return [h[0].float().cpu() for h in hidden], out[0].float().cpu()
+
+
+def features(cfg):
+    """Write per-utterance features of one layer as .npy, and index.json (layout in the module docstring)."""
+    model, _, cfg, rt = load_for_inference(cfg)
+    root = os.path.join(cfg.out_dir, "features")
+    if not -1 <= cfg.feature_layer <= cfg.layers:
+        raise SystemExit(f"error: --feature_layer must be in -1..{cfg.layers} (got {cfg.feature_layer})")
+    items = []
+    for split in cfg.feature_splits:
+        if split not in ("train", "val", "test"):
+            raise SystemExit(f"error: --feature_splits holds {split!r}; splits are train, val, test")
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        for u in load_split(cfg, split):
+            if len(u.wav) < 400:
+                continue
+            hidden, out = layer_features(model, torch.from_numpy(u.wav), rt)
+            f = out if cfg.feature_layer == -1 else hidden[cfg.feature_layer]
+            rel = os.path.join(split, u.id.replace("/", "_") + ".npy")
+            np.save(os.path.join(root, rel), f.numpy().astype(np.float32))
+            items.append(dict(id=u.id, split=split, path=rel, frames=len(f), seconds=round(u.duration, 4),
+                              speaker=u.speaker, text=u.text))
+    hop = math.prod(s for _, _, s in cfg.conv_layers)
+    index = dict(sample_rate=cfg.sample_rate, frame_rate=cfg.sample_rate / hop, hop=hop, layer=cfg.feature_layer,
+                 dim=cfg.dim, model=cfg.init_from, items=items)
+    with open(os.path.join(root, "index.json"), "w") as fh:
+        json.dump(index, fh)
+    common.log(f"features | {len(items)} utterances, layer {cfg.feature_layer}, dim {cfg.dim}, "
+               f"{index['frame_rate']:g} frames/s -> {root}/index.json")
+
+
+def boundary_labels(u, T, frame_s):
+    """Frame t is 1 if a word starts or ends within it or an adjacent frame (word-boundary detection)."""
+    y = torch.zeros(T)
+    for _, s, e in u.words:
+        for t in (int(s / frame_s), int(e / frame_s)):
+            y[max(0, t - 1): t + 2] = 1
+    return y
+
+
+def linear_probe(xtr, ytr, xte, yte, classes, steps):
+    """Logistic regression (full-batch Adam on standardised inputs); returns test accuracy (or balanced acc
+    for 2 classes, so predicting 'no boundary' everywhere scores 0.5)."""
+    m, s = xtr.mean(0), xtr.std(0).clamp(min=1e-5)
+    xtr, xte = (xtr - m) / s, (xte - m) / s
+    lin = nn.Linear(xtr.shape[1], classes)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
+    w = torch.bincount(ytr, minlength=classes).float().clamp(min=1)
+    w = (w.sum() / w) / classes                            # class-balanced: boundaries are rare frames
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(lin(xtr), ytr, weight=w).backward()
+        opt.step()
+    pred = lin(xte).argmax(-1)
+    if classes == 2:
+        return 0.5 * sum((pred[yte == c] == c).float().mean().item() for c in (0, 1))
+    return (pred == yte).float().mean().item()
+
+
+@torch.no_grad()
+def _probe_inputs(model, cfg, rt, utts, mixed, seed):
+    """Per utterance: [log-mel, MFCC, layer 0..L] frame features, optionally on audio with a second voice."""
+    g = torch.Generator().manual_seed(seed)
+    mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0, "noise_prob": 0.0})
+    out = []
+    for i, u in enumerate(utts):
+        wav = torch.from_numpy(u.wav[: 10 * cfg.sample_rate])
+        if mixed:
+            o = torch.from_numpy(np.resize(utts[(i + 1) % len(utts)].wav, len(wav)))
+            wav = mix_utterances(torch.stack([wav, o]), mixcfg, generator=g)[0][0]
+        hidden, _ = layer_features(model, wav, rt)
+        T = len(hidden[0])
+        mel = common.mel_spectrogram(wav, cfg.sample_rate, 400, 320, n_mels=80, center=True).T[:T]
+        out.append([mel, mfcc(wav[None], cfg.sample_rate)[0][:T]] + hidden)
+    return out
+
+
+def probe(cfg):
+    """Linear probes on frozen features (speaker ID from utterance means; word boundaries per frame) against
+    log-mel and MFCC, trained on clean train audio and tested on clean and on two-voice test audio."""
+    model, _, cfg, rt = load_for_inference(cfg)
+    tr = load_split(cfg, "train")[: max(cfg.eval_items * 4, 8)]
+    te = [u for u in load_split(cfg, "test") + load_split(cfg, "val") if u.speaker in {t.speaker for t in tr}]
+    te = te[: max(cfg.eval_items, 2)]
+    hop_s = math.prod(s for _, _, s in cfg.conv_layers) / cfg.sample_rate
+    ftr = _probe_inputs(model, cfg, rt, tr, False, cfg.seed)
+    names = ["log-mel", "mfcc"] + [f"layer{i}" for i in range(cfg.layers + 1)]
+    spk = torch.tensor([u.speaker for u in tr]), torch.tensor([u.speaker for u in te])
+    ybt = torch.cat([boundary_labels(u, len(f[0]), hop_s) for u, f in zip(tr, ftr)]).long()
+    results = {}
+    for cond in ("clean", "mixed"):
+        fte = _probe_inputs(model, cfg, rt, te, cond == "mixed", cfg.seed + 1)
+        ybe = torch.cat([boundary_labels(u, len(f[0]), hop_s) for u, f in zip(te, fte)]).long()
+        for k, n in enumerate(names):
+            sid = linear_probe(torch.stack([f[k].mean(0) for f in ftr]), spk[0], torch.stack([f[k].mean(0) for f in fte]),
+                               spk[1], common.num_speakers(tr), cfg.probe_steps)
+            wb = linear_probe(torch.cat([f[k] for f in ftr]), ybt, torch.cat([f[k] for f in fte]), ybe, 2, cfg.probe_steps)
+            results[(cond, n)] = (sid, wb)
+    for n in names:                                        # every layer: no layer is picked on the test set
+        common.log(f"probe | {n:8s} | speaker-id acc clean {results[('clean', n)][0]:.3f} mixed "
+                   f"{results[('mixed', n)][0]:.3f} | word-boundary bal-acc clean {results[('clean', n)][1]:.3f} "
+                   f"mixed {results[('mixed', n)][1]:.3f} | train {len(tr)} utts, test {len(te)}")
+    return results
+
+# ----------------------------------------------------------------------------- bench
+
+def bench(cfg):
+    """Pre-training throughput (train_step), feature-extraction real-time factor eager vs compiled, FLOPs."""
+    rt = common.setup(cfg, log_to_file=False)
+    state = build(cfg, rt)
+    state["km"].fit(torch.randn(max(cfg.num_classes * 4, 256), state["km"].centroids.shape[1]), 2, cfg.seed)
+    batch = torch.randn(cfg.batch_size, cfg.segment, device=rt.device) * 0.1
+    model = state["model"]
+    step_ms = common.timeit(lambda: train_step(state, batch, cfg, rt), cfg.bench_iters, warmup=1)
+    flops = common.count_flops(lambda: train_step(state, batch, cfg, rt))
+    wav = torch.randn(1, int(cfg.bench_seconds * cfg.sample_rate), device=rt.device) * 0.1
+    model.eval()
+    fast = common.compile(model, cfg)
+
+    def extract(m):                                        # the whole forward; the head is a small part
+        with torch.no_grad(), rt.autocast():
+            m(wav)
+    eager_ms = common.timeit(lambda: extract(model), cfg.bench_iters, warmup=1)
+    compiled_ms = common.timeit(lambda: extract(fast), cfg.bench_iters, warmup=2) if fast is not model else None
+    common.report_bench(cfg, rt, model=model, compiled=fast is not model, train_step_ms=step_ms,
+                        train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (step_ms / 1000),
+                        train_flops_per_step=flops, features_rtf_eager=eager_ms / 1000 / cfg.bench_seconds,
+                        features_rtf_compiled=compiled_ms / 1000 / cfg.bench_seconds if compiled_ms else None,
+                        encoder_params=encoder_params(model))
+
+# ----------------------------------------------------------------------------- main
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config, PRESETS, modes=("train", "sample", "eval", "bench", "features", "probe"))
+    {"train": train, "sample": sample, "eval": evaluate, "bench": bench, "features": features,
+     "probe": probe}[cfg.mode](cfg)
