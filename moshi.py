@@ -170,7 +170,8 @@ ARCH_KEYS = ("stage", "sample_rate", "channels", "n_filters", "dimension", "rati
              "dilation_base", "kernel_size", "residual_kernel_size", "last_kernel_size", "frame_rate", "tr_layers",
              "tr_heads", "tr_ffn", "n_q", "q_dim", "codebook_size", "disc_filters", "disc_n_ffts", "teacher")
 
-# ----------------------------------------------------------------------------- model: Mimi (§3.3)
+# ----------------------------------------------------------------------------- model
+# Mimi (§3.3)
 
 def _init_conv(conv):
     # Variance-preserving init (encodec.py's finding, not the paper's): N(0, 1/fan_in) and zero bias keep the
@@ -640,7 +641,7 @@ class Discriminator(nn.Module):
         return [o[0] for o in outs], [o[1] for o in outs]
 
 
-# ----------------------------------------------------------------------------- model: official weights
+# --- the official weights
 
 def read_official(path):
     """The authors' Mimi weights: tokenizer-*.safetensors, or a torch file {"model": state_dict}; None if not one."""

@@ -89,8 +89,14 @@ _OFFICIAL = {}
 def official():
     """The pip `encodec` package (imported although our encodec.py has its name); skips, naming it, if absent."""
     if "pkg" not in _OFFICIAL:
+        stubbed = {k: sys.modules.get(k) for k in ("torchaudio", "einops")}
         _install_stubs()
-        _OFFICIAL["pkg"] = import_reference("encodec", submodules=("model", "msstftd", "quantization.vq"))
+        try:
+            _OFFICIAL["pkg"] = import_reference("encodec", submodules=("model", "msstftd", "quantization.vq"))
+        finally:  # encodec keeps its references; other tests (transformers) must not see stand-ins in sys.modules
+            for k, before in stubbed.items():
+                if before is None and sys.modules.get(k) is not None and getattr(sys.modules[k], "__spec__", 1) is None:
+                    del sys.modules[k]
     return _OFFICIAL["pkg"]
 
 
