@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +35,27 @@ def error_of(script, *args):
     assert p.returncode != 0, f"{script} {' '.join(args)} should fail:\n{err[-1500:]}"
     assert "Traceback" not in err, err[-3000:]
     return err.splitlines()[-1] if err else ""
+
+
+def one_line_error(fn, *args, match):
+    """In-process twin of error_of (cheaper than a process on the 2-core CI): fn(*args) stops with
+    SystemExit("error: ..."), which Python prints as that one line and no traceback."""
+    with pytest.raises(SystemExit, match=match) as e:
+        fn(*args)
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value), str(e.value)
+
+
+def audio_folder(tmp_path, name, n, samples, nan=False, sr=22050):
+    """A --data_dir of n float wavs of `samples` noise samples each; with nan, clip 1 holds a NaN."""
+    import soundfile as sf
+    d = tmp_path / name
+    d.mkdir()
+    for i in range(n):
+        x = (0.1 * np.random.default_rng(i).standard_normal(samples)).astype(np.float32)
+        if nan and i == 1:
+            x[100] = np.nan
+        sf.write(d / f"clip{i}.wav", x, sr, subtype="FLOAT")
+    return str(d)
 
 
 def _load(path):

@@ -6,21 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 
 import common
 import melgan
-from cli import check_cli_contract, require
-
-
-def one_line_error(fn, *args, match):
-    """In-process twin of cli.error_of (cheaper than a process on the 2-core CI): the run stops with
-    SystemExit("error: ..."), which Python prints as that one line and no traceback."""
-    with pytest.raises(SystemExit, match=match) as e:
-        fn(*args)
-    assert str(e.value).startswith("error: ") and "\n" not in str(e.value), str(e.value)
+from cli import check_cli_contract, require, audio_folder, one_line_error
 
 
 def make_cfg(preset="tiny", **kw):
@@ -282,22 +273,11 @@ def test_cli_contract_and_a_new_lr_on_resume(tmp_path):
         melgan.load_for_inference(make_cfg(init_from=str(tmp_path / "other.pt"), mode="sample"), CPU)
 
 
-def folder(tmp_path, name, n, samples, nan=False):
-    d = tmp_path / name
-    d.mkdir()
-    for i in range(n):
-        x = (0.1 * np.random.default_rng(i).standard_normal(samples)).astype(np.float32)
-        if nan and i == 1:
-            x[100] = np.nan
-        sf.write(d / f"clip{i}.wav", x, 22050, subtype="FLOAT")
-    return str(d)
-
-
 def test_bad_data_stops_before_the_first_step(tmp_path):
     base = dict(max_iters=2, out_dir=str(tmp_path / "out"))
-    one_line_error(melgan.train, make_cfg(data_dir=folder(tmp_path, "nan", 4, 3000, nan=True), **base), match="NaN")
-    one_line_error(melgan.train, make_cfg(data_dir=folder(tmp_path, "two", 2, 3000), **base), match="at least 3")
-    one_line_error(melgan.train, make_cfg(data_dir=folder(tmp_path, "short", 4, 1000), **base), match="shorter than 2048")
+    one_line_error(melgan.train, make_cfg(data_dir=audio_folder(tmp_path, "nan", 4, 3000, nan=True), **base), match="NaN")
+    one_line_error(melgan.train, make_cfg(data_dir=audio_folder(tmp_path, "two", 2, 3000), **base), match="at least 3")
+    one_line_error(melgan.train, make_cfg(data_dir=audio_folder(tmp_path, "short", 4, 1000), **base), match="shorter than 2048")
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
