@@ -118,6 +118,7 @@ class Config:
     condition_on_previous_text: bool = True   # feed the previous window's text as the prompt
     max_initial_timestamp: float = 1.0        # the first timestamp is at most this many seconds
     sample_len: int = 0             # max sampled tokens per window; 0: n_text_ctx // 2
+    decode_method: str = "auto"     # the one-token step: eager | compiled | cudagraph | compiled_cudagraph (CUDA)
     # runtime
     device: str = "auto"
     dtype: str = "auto"             # bf16 autocast on CUDA, fp32 elsewhere
@@ -152,6 +153,11 @@ class Config:
             bad(f"--temperatures must be a non-empty list of values >= 0 (got {self.temperatures!r})")
         if self.beam_size < 0 or self.best_of < 1 or self.patience <= 0 or self.sample_len < 0:
             bad("--beam_size >= 0, --best_of >= 1, --patience > 0 and --sample_len >= 0 are needed")
+        if self.decode_method not in ("auto", "eager", "compiled", "cudagraph", "compiled_cudagraph"):
+            bad(f"--decode_method must be auto, eager, compiled, cudagraph or compiled_cudagraph "
+                f"(got {self.decode_method!r})")
+        if self.decode_method.endswith("cudagraph") and not torch.cuda.is_available():
+            bad(f"--decode_method={self.decode_method} needs a CUDA device")
         if self.input_dir:
             if self.input:
                 bad("pass --input=FILE or --input_dir=DIR, not both")
@@ -259,11 +265,17 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x, cross_kv=None, cache=None, layer=0, pos=None, mask=None, qk_out=None):
         h = self.attn_ln(x)
         k, v = self.attn.kv(h)
-        if cache is not None:  # write this step's K/V at their positions, attend to the whole (masked) buffer
+        causal = cache is None and cross_kv is not None
+        if cache is not None:  # write this step's K/V at their positions, then attend to the filled part
             cache.k[layer].index_copy_(2, pos, k.to(cache.k.dtype))
             cache.v[layer].index_copy_(2, pos, v.to(cache.v.dtype))
-            k, v = cache.k[layer], cache.v[layer]
-        x = x + self.attn(h, k, v, causal=cache is None and cross_kv is not None, mask=mask)
+            if cache.static:   # the whole buffer, the unfilled tail masked: one shape at every step
+                k, v = cache.k[layer], cache.v[layer]
+            else:              # eager: only the n filled positions (less work than openai's growing cache)
+                n = cache.offset + x.shape[1]
+                k, v = cache.k[layer, :, :, :n], cache.v[layer, :, :, :n]
+                causal, mask = False, mask if x.shape[1] > 1 else None
+        x = x + self.attn(h, k, v, causal=causal, mask=mask)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_attn_ln(x), *cross_kv, qk_out=qk_out)
         return x + self.mlp(self.mlp_ln(x))
@@ -294,20 +306,70 @@ class AudioEncoder(nn.Module):
 
 class KVCache:
     """Explicit decoder cache (no hooks). Self-attention K/V live in a preallocated (layers, B, H, n_ctx, Dh)
-    buffer that fills as tokens are decoded (static shapes, so it compiles / CUDA-graphs); cross-attention
-    K/V are computed once from the audio features and reused at every step."""
+    buffer that fills as tokens are decoded; cross-attention K/V are computed once from the audio features and
+    reused at every step. The position is kept twice: `offset` (a Python int) for the eager path, which attends
+    to the filled part only, and `pos` (a device tensor, advanced in place) for the static path (static=True:
+    DecoderStep), where every step has the same shapes and no host value, so it compiles and CUDA-graphs."""
     def __init__(self, decoder, xa):
         self.cross = [b.cross_attn.kv(xa) for b in decoder.blocks]   # [(B, H, n_audio_ctx, Dh)] * 2 per layer
         B, H, _, Dh = self.cross[0][0].shape
         shape = (len(decoder.blocks), B, H, decoder.n_ctx, Dh)
         self.k = xa.new_zeros(shape, dtype=self.cross[0][0].dtype)   # the compute dtype (bf16 under autocast)
         self.v = torch.zeros_like(self.k)
-        self.offset = 0
+        self.pos = torch.zeros((), dtype=torch.long, device=xa.device)
+        self.offset, self.static = 0, False
 
     def reorder(self, idx):
-        """Beam search: every row continues the hypothesis it was drawn from. Cross K/V need no reorder,
-        since beams of one audio only ever swap among themselves."""
-        self.k, self.v = self.k[:, idx], self.v[:, idx]
+        """Beam search: every row continues the hypothesis it was drawn from, in place (a captured graph keeps
+        pointing at these buffers). Cross K/V need no reorder: beams of one audio only swap among themselves."""
+        self.k.copy_(self.k.index_select(1, idx))
+        self.v.copy_(self.v.index_select(1, idx))
+
+
+class DecoderStep:
+    """The one-token decoder step of decode() with its input, cache and position in fixed buffers, so one step can
+    be compiled (static shapes) and, on CUDA, captured once in a CUDA graph and replayed at every token (at small
+    batch a GPU is bound by kernel launches and host syncs, not arithmetic; as wavenet.py's generator).
+    method: eager | compiled | cudagraph | compiled_cudagraph. The result equals the eager path (a test)."""
+    def __init__(self, decoder, cache, method="eager"):
+        self.decoder, self.cache, self.method = decoder, cache, method
+        self.token = torch.zeros(cache.k.shape[1], 1, dtype=torch.long, device=cache.k.device)
+        self.fn, self.graph, self.out = self._step, None, None
+        if method != "eager":
+            cache.static = True
+            cache.pos.fill_(cache.offset)
+        if method.startswith("compiled"):
+            self.fn = torch.compile(self._step, dynamic=False)
+
+    def _step(self):
+        return self.decoder(self.token, cache=self.cache)[:, -1]        # (B, n_vocab)
+
+    def _capture(self):
+        pos = self.cache.pos.clone()                     # warm-up steps write K/V ahead: masked, later overwritten
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                self.fn()                                # compilation, cuBLAS handles: outside the graph
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.fn()
+        self.cache.pos.copy_(pos)
+
+    def __call__(self, token):                           # token (B, 1) -> logits (B, n_vocab), fp32
+        self.token.copy_(token)
+        if self.method == "eager":
+            return self.fn()
+        if not self.method.endswith("cudagraph"):
+            out = self.fn()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            out = self.out.clone()
+        self.cache.offset += 1
+        return out
 
 
 class TextDecoder(nn.Module):
@@ -331,14 +393,17 @@ class TextDecoder(nn.Module):
             cross = [b.cross_attn.kv(xa) for b in self.blocks]
             pos = mask = None
         else:                                            # incremental: positions continue after the cache
-            pos = torch.arange(T, device=tokens.device) + cache.offset
+            pos = torch.arange(T, device=tokens.device) + (cache.pos if cache.static else cache.offset)
             x = self.token_embedding(tokens) + self.positional_embedding[pos]
             cross = cache.cross
-            mask = torch.arange(self.n_ctx, device=tokens.device)[None, :] <= pos[:, None]  # (T, n_ctx)
+            n = self.n_ctx if cache.static else cache.offset + T
+            mask = torch.arange(n, device=tokens.device)[None, :] <= pos[:, None]  # (T, n): causal, filled only
         for i, block in enumerate(self.blocks):
             x = block(x, cross[i], cache, i, pos, mask, qk_out)
         if cache is not None:
-            cache.offset += T
+            cache.pos.add_(T)
+            if not cache.static:                         # DecoderStep counts the static steps (outside any graph)
+                cache.offset += T
         x = self.ln(x)
         return (x @ self.token_embedding.weight.to(x.dtype).t()).float()   # tied output embedding
 
@@ -762,7 +827,8 @@ def best_result(group, tok, no_speech, temperature, cfg):
 @torch.no_grad()
 def decode(model, tok, mel, cfg, temperature=0.0, beam_size=None, best_of=None, timestamps=True, prompt=None,
            generator=None, language="en", task="transcribe"):
-    """Decode one window per item of mel (B, n_mels, frames). temperature 0: greedy (beam_size <= 1) or beam
+    """Decode one window per item of mel (B, n_mels, frames), or of the encoder's output (B, n_audio_ctx,
+    n_audio_state). temperature 0: greedy (beam_size <= 1) or beam
     search; temperature > 0: best_of samples ranked by length-normalised log-prob. Returns [DecodeResult]."""
     beam_size = cfg.beam_size if beam_size is None else beam_size
     best_of = cfg.best_of if best_of is None else best_of
@@ -773,16 +839,22 @@ def decode(model, tok, mel, cfg, temperature=0.0, beam_size=None, best_of=None, 
     sample_len = min(cfg.sample_len or cfg.n_text_ctx // 2, cfg.n_text_ctx - sample_begin)
     rules = LogitRules(tok, sample_begin, timestamps, cfg.max_initial_timestamp, cfg.n_audio_ctx)
     B = mel.shape[0]
-    xa = model.encoder(mel).repeat_interleave(n_group, 0)     # (B * n_group, A, D), once per window
+    # (B, n_audio_ctx, n_audio_state) are the encoder's features already (as openai's decode accepts them)
+    xa = mel if mel.shape[1:] == (model.dims["n_audio_ctx"], model.dims["n_audio_state"]) else model.encoder(mel)
+    xa = xa.repeat_interleave(n_group, 0)                # (B * n_group, A, D), once per window
     tokens = torch.tensor([initial], device=mel.device).repeat(B * n_group, 1)
     cache = KVCache(model.decoder, xa)
     sum_lp = torch.zeros(B * n_group, device=mel.device)
     finished = [dict() for _ in range(B)] if use_beam else None
+    step = None
     for i in range(sample_len):
-        logits = model.decoder(tokens if i == 0 else tokens[:, -1:], cache=cache)
-        if i == 0:                                       # P(<|nospeech|>) right after <|startoftranscript|>
+        if i == 0:                                       # the prompt at once; P(<|nospeech|>) after <|sot|>
+            logits = model.decoder(tokens, cache=cache)
             no_speech = logits[::n_group, sot_index].softmax(-1)[:, tok.no_speech].tolist()
-        logits = logits[:, -1]
+            logits = logits[:, -1]
+            step = DecoderStep(model.decoder, cache, decode_method(cfg, mel.device))
+        else:
+            logits = step(tokens[:, -1:])
         rules(logits, tokens)
         if use_beam:
             tokens, sum_lp, stop = beam_step(logits, tokens, sum_lp, finished, beam_size,
@@ -793,6 +865,16 @@ def decode(model, tok, mel, cfg, temperature=0.0, beam_size=None, best_of=None, 
             break
     groups = candidates(tokens, sum_lp, finished, n_group, sample_begin, tok.eot)
     return [best_result(g, tok, no_speech[a], temperature, cfg) for a, g in enumerate(groups)]
+
+
+def decode_method(cfg, device):
+    """--decode_method: auto is eager on a CPU, the compiled step replayed as a CUDA graph on CUDA (with
+    --compile=True; the CUDA graph alone without)."""
+    if cfg.decode_method != "auto":
+        return cfg.decode_method
+    if torch.device(device).type != "cuda":
+        return "eager"
+    return "compiled_cudagraph" if cfg.compile else "cudagraph"
 
 
 def decode_with_fallback(model, tok, mel, cfg, prompt=None, timestamps=True, generator=None, language="en"):

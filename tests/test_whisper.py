@@ -385,6 +385,42 @@ def test_kv_cache_decoding_equals_full_forward():
         torch.testing.assert_close(model(mel, x2)[:, :8], full[:, :8])
 
 
+def test_static_compiled_step_gives_the_eager_tokens(monkeypatch):
+    """The static decoder step (fixed buffers, the position a device tensor: what compiles and CUDA-graphs) gives
+    the eager path's tokens and log-probs for greedy and beam search, with torch.compile forced on, and compiles
+    once per batch shape (no recompiling per token). aot_eager traces exactly as inductor does (dynamo graph,
+    functionalised in-place cache writes) without minutes of C++ compiling on a CPU."""
+    tok = small_tok()
+    model, cfg = random_model(tok.n_vocab, seed=3)
+    with torch.no_grad():
+        model.decoder.token_embedding.weight.mul_(20)      # confident random logits: long, varied outputs
+    mel = torch.randn(2, 80, 2 * cfg.n_audio_ctx)
+    cfg.sample_len = 12
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **dict(kw, backend="aot_eager")))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for ts, beam in ((True, 0), (False, 3)):
+        cfg.decode_method = "eager"
+        want = W.decode(model, tok, mel, cfg, beam_size=beam, timestamps=ts)
+        cfg.decode_method = "compiled"
+        got = W.decode(model, tok, mel, cfg, beam_size=beam, timestamps=ts)
+        assert [r.tokens for r in got] == [r.tokens for r in want] and len(want[0].tokens) >= 6
+        assert all(abs(a.avg_logprob - b.avg_logprob) < 1e-5 for a, b in zip(got, want))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2     # one per batch shape (2 and 2 * 3)
+    torch._dynamo.reset()
+    with torch.no_grad():                                   # the static cache alone (eager), step by step
+        x = torch.randint(0, tok.n_vocab, (2, 9))
+        full = model(mel, x)
+        cache = W.KVCache(model.decoder, model.encoder(mel))
+        first = model.decoder(x[:, :4], cache=cache)
+        step = W.DecoderStep(model.decoder, cache, "compiled")
+        step.fn = step._step                                # the static path without compiling
+        steps = [step(x[:, i:i + 1]) for i in range(4, 9)]
+    torch.testing.assert_close(torch.cat([first, torch.stack(steps, 1)], 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.offset == 9 and int(cache.pos) == 9
+
+
 def test_tokenizer_round_trip_and_special_layout():
     tok = W.Tokenizer(common.train_bpe([" " + t for t in TEXTS * 3], 400), num_languages=1)
     n = len(common.ranks_from_text(tok.ranks_text))
@@ -476,7 +512,7 @@ def test_tiny_model_overfits_to_exact_transcripts():
 # ----------------------------------------------------------------------------- command line, checkpoints
 
 
-def test_cli_contract(tmp_path):
+def test_cli_contract(tmp_path, monkeypatch):
     out = check_cli_contract("whisper.py", tmp_path, bench_keys=(
         "train_tokens_per_s", "train_audio_s_per_s", "encoder_ms_per_window", "decode_tokens_per_s_b1",
         "decode_tokens_per_s_b16"))
@@ -487,8 +523,37 @@ def test_cli_contract(tmp_path):
     assert set(ck["state"]) == {"opt", "sched"} and "tokenizer" in ck["extra"]
     assert ck["state"]["sched"]["last_epoch"] == 5 and ck["config"]["lr_decay_iters"] == 10
     # another architecture on resume: the mismatched flag is named
-    err = error_of("whisper.py", "--mode=sample", f"--init_from={d / 'ckpt.pt'}", "--n_text_state=32")
-    assert "n_text_state" in err
+    parse = lambda *a: common.parse_config(W.Config, W.PRESETS, [f"--init_from={d / 'ckpt.pt'}", "--mode=sample",
+                                                                 *a])
+    with pytest.raises(SystemExit, match="n_text_state"):
+        W.sample(parse("--n_text_state=32"))
+    # a folder of generated audio (24 kHz, 16 kHz stereo flac, a long one) -> one transcript line per file; every
+    # clip reaches the model at 16 kHz, mono, as the corpus's own 16 kHz rendering
+    cfg = tiny_cfg()
+    u16, u24 = (common.load_corpus(cfg, "train", sr)[:2] for sr in (16000, 24000))
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    import soundfile as sf
+    sf.write(folder / "a.wav", u24[0].wav, 24000)
+    sf.write(folder / "b.flac", np.stack([u16[1].wav] * 2, 1), 16000)
+    sf.write(folder / "c_long.wav", np.concatenate([u16[0].wav, u16[1].wav] * 2), 16000)   # > one 5 s window
+    (folder / "notes.txt").write_text("not audio")
+    seen = {}
+    real = W._decode_texts
+    def spy(model, tok, utts, *a, **k):
+        seen.update({u.id: u.wav for u in utts})
+        return real(model, tok, utts, *a, **k)
+    monkeypatch.setattr(W, "_decode_texts", spy)
+    got = W.sample(parse(f"--input_dir={folder}", "--beam_size=0"))
+    lines = (folder / "transcripts.tsv").read_text().splitlines()
+    assert [l.split("\t")[0] for l in lines] == ["a", "b", "c_long"] and set(got) == {"a", "b", "c_long"}
+    assert all(l.count("\t") == 1 and "\n" not in l for l in lines)
+    assert set(seen) == {"a", "b"}                         # the long one went through long-form transcription
+    for name, ref in (("a", u16[0].wav), ("b", u16[1].wav)):
+        n = min(len(ref), len(seen[name]))
+        assert abs(len(ref) - len(seen[name])) < 160 and np.corrcoef(ref[:n], seen[name][:n])[0, 1] > 0.9, name
+    with pytest.raises(SystemExit, match="no audio files"):
+        parse(f"--input_dir={tmp_path / 'run'}")
 
 
 def test_bad_input_gives_one_error_line(tmp_path):
