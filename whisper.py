@@ -1437,28 +1437,35 @@ def bench(cfg):
     with torch.no_grad(), rt.autocast():
         enc_ms = common.timeit(lambda: state["model"].encoder(mel[:1]), iters=iters, warmup=2)
 
-    def decode_tps(batch, decoder, steps=16 if rt.device_type == "cpu" else 64):
-        """Greedy steps with the KV cache after the 4-token prompt: decoded tokens per second."""
+    def decode_tps(batch, method, steps=16 if rt.device_type == "cpu" else 64):
+        """Greedy steps (DecoderStep, as decode() runs them) after the 4-token prompt: decoded tokens per second,
+        and the matmul FLOP rate of those steps (GFLOP/s)."""
         with torch.no_grad(), rt.autocast():
             xa = model.encoder(mel[:1]).repeat(batch, 1, 1)
+            t0 = torch.tensor([tok.sot_sequence() + [tok.no_timestamps]] * batch, device=rt.device)
 
             def run():
                 cache = KVCache(model.decoder, xa)
-                t = torch.tensor([tok.sot_sequence() + [tok.no_timestamps]] * batch, device=rt.device)
-                logits = decoder(t, cache=cache)
+                logits = model.decoder(t0, cache=cache)[:, -1]
+                step = DecoderStep(model.decoder, cache, method)
                 for _ in range(steps):
-                    logits = decoder(logits[:, -1:].argmax(-1), cache=cache)
+                    logits = step(logits.argmax(-1, keepdim=True))
             ms = common.timeit(run, iters=iters, warmup=1)
-        return batch * steps / (ms / 1000)
+            cache = KVCache(model.decoder, xa)
+            model.decoder(t0, cache=cache)
+            step_flops = common.count_flops(lambda: model.decoder(t0[:, :1], cache=cache))
+        return batch * steps / (ms / 1000), step_flops * steps / (ms / 1000) / 1e9
     window_s = window_samples(cfg) / SAMPLE_RATE
     figures = dict(n_vocab=tok.n_vocab, window_s=window_s, train_step_ms=train_ms, train_flops_per_step=flops,
                    train_tokens_per_s=B * L / (train_ms / 1000), train_audio_s_per_s=B * window_s / (train_ms / 1000),
-                   encoder_ms_per_window=enc_ms, decode_tokens_per_s_b1=decode_tps(1, model.decoder),
-                   decode_tokens_per_s_b16=decode_tps(16, model.decoder))
-    if compiled:
-        dec = torch.compile(model.decoder, dynamic=True)
-        figures.update(decode_tokens_per_s_b1_compiled=decode_tps(1, dec),
-                       decode_tokens_per_s_b16_compiled=decode_tps(16, dec))
+                   encoder_ms_per_window=enc_ms)
+    methods = ["eager"] + (["compiled"] if compiled else []) + \
+        (["cudagraph"] + (["compiled_cudagraph"] if compiled else []) if rt.device_type == "cuda" else [])
+    for method in methods:                               # eager keeps the plain names (the shared bench keys)
+        for b in (1, 16):
+            tps, gflops = decode_tps(b, method)
+            sfx = "" if method == "eager" else "_" + method
+            figures[f"decode_tokens_per_s_b{b}{sfx}"], figures[f"decode_gflop_per_s_b{b}{sfx}"] = tps, gflops
     return common.report_bench(cfg, rt, model=model, compiled=compiled, **figures)
 
 # ----------------------------------------------------------------------------- main

@@ -333,6 +333,24 @@ def test_multilingual_corpus_trains_language_and_translate_tokens():
     assert W.build_tokenizer(tiny_cfg(), ["a b"]).num_languages == 1     # English only: one language token
 
 
+def test_language_id_is_a_softmax_over_language_tokens_only():
+    """§2.3 without the reference package: P(language) is the softmax of the <|sot|> step's logits restricted to
+    the 99 language tokens (not the whole vocabulary's softmax read at them), ordered, and deterministic."""
+    tok = W.build_tokenizer(tiny_cfg(corpus_languages="en,fr"), TEXTS)
+    model, cfg = random_model(tok.n_vocab, seed=5)
+    with torch.no_grad():
+        model.decoder.token_embedding.weight.mul_(20)
+    mel = torch.randn(2, 80, 2 * cfg.n_audio_ctx)
+    got = W.detect_language(model, tok, mel)
+    with torch.no_grad():
+        want = model(mel, torch.full((2, 1), tok.sot))[:, 0, tok.language_tokens].softmax(-1)
+    for g, w in zip(got, want):
+        assert len(g) == 99 and abs(sum(g.values()) - 1) < 1e-5
+        assert list(g)[0] == tok.languages[int(w.argmax())]
+        np.testing.assert_allclose([g[c] for c in tok.languages], w.numpy(), rtol=1e-4, atol=1e-7)
+    assert got == W.detect_language(model, tok, mel)
+
+
 def test_noise_at_a_given_snr():
     rng = np.random.default_rng(0)
     wav = np.sin(np.arange(16000) / 5).astype(np.float32)
