@@ -491,6 +491,41 @@ def test_beam_one_equals_greedy_and_timestamp_grammar():
         assert tok.no_timestamps not in toks and all(t != tok.eot for t in toks)
 
 
+def test_beam_scores_equal_a_full_forward_rescoring():
+    """Beam search with the KV cache (rows reordered as hypotheses move) scores each result exactly as a fresh
+    full forward of its tokens under the same suppression rules: a stale or mis-ordered cache row would not."""
+    tok = small_tok()
+    model, cfg = random_model(tok.n_vocab, seed=7)
+    with torch.no_grad():
+        model.decoder.token_embedding.weight.mul_(3)     # beams whose rows hold different prefixes when they move
+    mel = torch.randn(2, 80, 2 * cfg.n_audio_ctx)
+    cfg.sample_len, cfg.length_penalty = 10, 0.0
+    init = W.initial_tokens(tok, cfg, timestamps=False)[0]
+    rules = W.LogitRules(tok, len(init), False, None, cfg.n_audio_ctx)
+    moved = []
+    real = W.KVCache.reorder
+    def spy(self, idx):
+        moved.append(idx.tolist() != sorted(idx.tolist()) or len(set(idx.tolist())) < len(idx))
+        return real(self, idx)
+    W.KVCache.reorder = spy
+    try:
+        res = W.decode(model, tok, mel, cfg, beam_size=3, timestamps=False)
+    finally:
+        W.KVCache.reorder = real
+    assert any(moved)                                       # hypotheses did change rows
+    for b, r in enumerate(res):
+        seq = init + r.tokens + [tok.eot]
+        with torch.no_grad():
+            logits = model(mel[b:b + 1], torch.tensor([seq[:-1]]))[0, len(init) - 1:]
+        lp = 0.0
+        finished = len(r.tokens) < cfg.sample_len             # else topped up: its eot was never scored
+        for i, t in enumerate(seq[len(init):] if finished else seq[len(init):-1]):
+            row = logits[i:i + 1].clone()
+            rules(row, torch.tensor([seq[:len(init) + i]]))
+            lp += row.log_softmax(-1)[0, t].item()
+        assert abs(lp / (len(r.tokens) + 1) - r.avg_logprob) < 1e-4, (b, lp, r.avg_logprob)
+
+
 def test_tiny_model_overfits_to_exact_transcripts():
     cfg = tiny_cfg(p_prompt=0.0, p_nospeech=0.0, lr=3e-3, warmup_iters=1, lr_decay_iters=10**6, grad_clip=10.0,
                    weight_decay=0.0)
@@ -576,11 +611,12 @@ def test_cli_contract(tmp_path, monkeypatch):
 
 def test_bad_input_gives_one_error_line(tmp_path):
     base = ["--preset=tiny", "--device=cpu", f"--out_dir={tmp_path}"]
-    assert "--mode=eval needs --init_from" in error_of("whisper.py", *base, "--mode=eval")
     official = tmp_path / "tiny.pt"
     torch.save({"dims": dict(zip(W.ARCH_KEYS, [80] * 9), n_vocab=51865), "model_state_dict": {}}, official)
-    assert "--tokenizer" in error_of("whisper.py", *base, "--mode=sample", f"--init_from={official}")
+    assert "--tokenizer" in error_of("whisper.py", *base, "--mode=sample", f"--init_from={official}")  # one line
     parse = lambda *a: common.parse_config(W.Config, W.PRESETS, base + list(a))   # the same checks, in-process
+    with pytest.raises(SystemExit, match="--mode=eval needs --init_from"):
+        W.evaluate(parse("--mode=eval"))
     for flag, word in (("--language=xx", "language"), ("--task=summarize", "task"), ("--p_prompt=2", "p_prompt"),
                        ("--n_text_head=3", "n_text_head"), ("--beam_sise=3", "beam_size"), ("--temperatures=()", "temperatures")):
         with pytest.raises(SystemExit, match=word):
