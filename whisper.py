@@ -322,8 +322,9 @@ class KVCache:
     def reorder(self, idx):
         """Beam search: every row continues the hypothesis it was drawn from, in place (a captured graph keeps
         pointing at these buffers). Cross K/V need no reorder: beams of one audio only swap among themselves."""
-        self.k.copy_(self.k.index_select(1, idx))
-        self.v.copy_(self.v.index_select(1, idx))
+        n = self.k.shape[3] if self.static else self.offset   # eager: only the filled positions move
+        for buf in (self.k[:, :, :, :n], self.v[:, :, :, :n]):
+            buf.copy_(buf.index_select(1, idx))
 
 
 class DecoderStep:
@@ -769,15 +770,15 @@ def sample_step(logits, tokens, sum_lp, temperature, eot, generator=None):
 def beam_step(logits, tokens, sum_lp, finished, beam_size, max_cand, eot, cache):
     """Beam search (§4.5): expand every live hypothesis by its top beam+1 tokens and keep the best `beam` that did
     not end; those that ended go to `finished` ({tokens: score} per audio) until each holds beam * patience."""
-    logprobs = F.log_softmax(logits, dim=-1)
+    top_lp, top_id = F.log_softmax(logits, dim=-1).topk(beam_size + 1)   # (rows, beam + 1), all rows at once
+    top_lp, top_id, prev, prev_lp = top_lp.tolist(), top_id.tolist(), tokens.tolist(), sum_lp.tolist()
     rows, src, scores = [], [], []
     for a in range(len(finished)):
         cand = {}
         for j in range(a * beam_size, (a + 1) * beam_size):
-            prefix = tuple(tokens[j].tolist())
-            top_lp, top_id = logprobs[j].topk(beam_size + 1)
-            for lp, t in zip(top_lp.tolist(), top_id.tolist()):
-                cand[prefix + (t,)] = (sum_lp[j].item() + lp, j)
+            prefix = tuple(prev[j])
+            for lp, t in zip(top_lp[j], top_id[j]):
+                cand[prefix + (t,)] = (prev_lp[j] + lp, j)
         new_fin = {}
         for seq in sorted(cand, key=lambda s: cand[s][0], reverse=True):
             if seq[-1] == eot:
