@@ -32,11 +32,15 @@ Simplified or changed here:
   audio); openai/whisper pads it with zeros. Empty and zero-length segments are blanked as openai does, and
   dropped from the output (openai keeps them with empty text).
 - Initialisation of the embeddings (N(0, 0.02) / N(0, 0.01)) is our choice; the paper does not give one.
+- Decoding speed (not in the paper): on CUDA the one-token decoder step runs on a static KV cache, compiled and
+  replayed as a CUDA graph (--decode_method); on a CPU the eager step attends to the filled cache part only. The
+  static path is proven equal to eager on the CPU (tests); its GPU speed has not been measured yet.
 
     python whisper.py                    # train: whisper-tiny dims, 20k steps on CUDA; the `small` preset on a CPU
     python whisper.py --preset=whisper-tiny --batch_size=64  # the paper's tiny size, 30 s windows
     python whisper.py --init_from=resume                     # continue out/whisper/ckpt.pt
     python whisper.py --mode=sample --init_from=out/whisper/ckpt.pt --input=speech.wav   # transcribe a file
+    python whisper.py --mode=sample --init_from=out/whisper/ckpt.pt --input_dir=DIR      # a folder -> DIR/transcripts.tsv
     python whisper.py --mode=eval --init_from=out/whisper/ckpt.pt                        # WER/CER on test
     python whisper.py --corpus_languages=en,fr,de,es --p_noise=0.3   # multilingual, noise-augmented training
     python whisper.py --mode=eval --init_from=out/whisper/ckpt.pt --eval_snr=20,10,5 --word_timestamps=True
