@@ -2,7 +2,9 @@
 Moshi: a speech-text foundation model for real-time dialogue (Défossez, Mazaré, Orsini, Royer, Pérez, Jégou,
 Grave, Zeghidour, 2024) — https://arxiv.org/abs/2410.00037
 
-Part 1 (this file so far, --stage=codec): Mimi, the streaming audio codec Moshi speaks through (§3.3).
+Two stages, one state each (`--stage`):
+
+--stage=codec: Mimi, the streaming audio codec Moshi speaks through (§3.3).
 The idea: EnCodec's causal SEANet, with a causal Transformer (RoPE, LayerScale, 250-frame context) after the
 encoder and before the decoder, and one more learned stride-2 conv so that 24 kHz audio becomes 12.5 latent frames
 a second (1920 samples = 80 ms a frame, close to the rate of text tokens). A *split* RVQ quantizes each latent
@@ -12,8 +14,21 @@ decoded outputs are summed. 8 codebooks x 11 bits x 12.5 Hz = 1.1 kbps. Quantiza
 the training sequences (the other half passes the latent through unquantized), and the paper finds that training
 with the adversarial and feature-matching losses alone (no reconstruction loss) sounds better although objective
 metrics drop (here a flag, --recon_loss). Everything is causal, so the codec streams: encoding or decoding one
-80 ms frame at a time gives exactly the offline result. Part 2 (issue 18: Helium text LM, RQ-Transformer,
-inner monologue, full-duplex inference) will join as --stage=dialogue in the sections marked for it.
+80 ms frame at a time gives exactly the offline result.
+
+--stage=lm: Moshi, the first full-duplex spoken dialogue LM (§3.2, §3.4). Three streams are modelled at once, at
+Mimi's 12.5 Hz: Moshi's own speech (8 codebooks), the user's speech (8), and Moshi's text, its "inner monologue":
+its words as text tokens time-aligned to its own speech, PAD between words and EPAD just before each word. An
+RQ-Transformer factorises the 17 tokens of a step: a big temporal Transformer (Helium: RMSNorm, interleaved RoPE,
+SiLU-gated MLP) reads the sum of the 17 embeddings of each past step; a small depth Transformer, with its own
+weights for each of its 8 positions, then predicts within the step the text token first, then Moshi's semantic
+token, then its 7 acoustic tokens, which are delayed one step (80 ms) so that they are generated knowing the
+semantic token. The user's stream is input only. Loss: CE on text (PAD/EPAD x0.5) + CE on audio (semantic x100).
+Inference is full duplex: every 80 ms one user frame is encoded by streaming Mimi, one temporal step and 8 depth
+steps run on KV caches, and the Moshi frame that just became complete is decoded: 80 ms frame + 80 ms acoustic
+delay = 160 ms of theoretical latency. Stage 1 of the paper (Helium text pretraining) runs here in miniature as
+the first --text_iters steps, on the corpus text with the audio streams absent; stages 2-5 become one: the
+two-channel dialogue corpus (user on channel 0, assistant on channel 1).
 
 Simplified or changed here (honestly):
 - Semantic teacher: --teacher=DIR reads WavLM features that `wavlm.py --mode=features` wrote (one DIR/<utt id>.npy
@@ -31,13 +46,23 @@ Simplified or changed here (honestly):
   2 discriminator scales) and trains with the reconstruction losses on. It is far from the paper's 4M-step regime:
   after a few hundred CPU steps the output has the right spectral envelope (mel distance ~1.8) but no waveform
   match (SI-SNR far below 0 dB), and with ~100 frames a batch most of the 2048 entries of each codebook sit unused.
+- LM: the text tokenizer is a byte-level BPE trained on the corpus text (common.train_bpe) with PAD and EPAD as
+  the last two ids, not the 32k SentencePiece (official ids EPAD 0 / PAD 3); no BOS/EOS turn markers; the released
+  LM's weights load by key map (tested against the `moshi` package), but sampling from them would need its
+  SentencePiece model and is not wired. The five training stages (7M h of audio, Fisher, synthetic instructions)
+  are one run on the built-in dialogues after a short text stage; no role swapping, no CFG. `small` is a 19 M
+  LM (d 256 x 4 layers, depth d 128 x 2) on codes of the CPU-trained Mimi, whose poor codes cap what it can say.
 
-    python moshi.py                                          # train Mimi on the built-in speech corpus
+    python moshi.py                                          # 1. Mimi on the built-in speech corpus (small on a CPU)
+    python moshi.py --stage=lm --codec=out/moshi/codec/ckpt.pt    # 2. the LM on Mimi codes of the dialogue corpus
+    python moshi.py --stage=lm --mode=sample --init_from=out/moshi/lm/ckpt.pt   # a full-duplex conversation
+    python moshi.py --stage=lm --mode=eval --init_from=out/moshi/lm/ckpt.pt     # answer accuracy, latency (test)
     python moshi.py --preset=mimi --batch_size=16            # the paper's codec (79.3 M parameters)
-    python moshi.py --init_from=resume                       # continue out/moshi/ckpt.pt
-    python moshi.py --mode=sample --init_from=out/moshi/ckpt.pt   # or tokenizer-e351c8d8-checkpoint125.safetensors
-    python moshi.py --mode=eval --init_from=out/moshi/ckpt.pt     # SI-SNR, mel distance, kbps, semantic probe (test)
-    python moshi.py --mode=bench
+    python moshi.py --init_from=resume                       # continue out/moshi/codec/ckpt.pt (--stage=lm: lm/)
+    python moshi.py --mode=sample --init_from=out/moshi/codec/ckpt.pt  # or tokenizer-e351c8d8-checkpoint125.safetensors
+    python moshi.py --mode=eval --init_from=out/moshi/codec/ckpt.pt    # SI-SNR, mel distance, kbps, semantic probe
+    python moshi.py --mode=bench                             # codec; --stage=lm: the per-frame latency vs 80 ms
+    python moshi.py --preset=moshi-7b --mode=bench           # the paper's LM (7.69 B parameters), random weights
     torchrun --standalone --nproc_per_node=8 moshi.py --preset=mimi
 """
 import dataclasses
