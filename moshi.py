@@ -950,16 +950,19 @@ class MoshiLM(nn.Module):
         y = y.view(B, S, self.K, -1)
         return torch.stack([self.linears[k](y[:, :, k]) for k in range(self.K)], 1)  # (B, K, S, card)
 
-    def forward(self, codes):
+    def forward(self, codes, aligned=True):
         """Training (§3.4): codes (B, 1 + 2K, T) undelayed -> audio logits (B, K, T, card) and text logits
         (B, 1, T, text_card) aligned with `codes`, with their validity masks. 1. delay, prepend the initial
         tokens; 2. the temporal Transformer on steps [:-1]; 3. the depth Transformer on the teacher-forced tokens
-        of each step; 4. undelay (the last acoustic steps have no target)."""
+        of each step; 4. undelay (the last acoustic steps have no target). aligned=False skips 4 (training: the
+        loss is taken against the delayed codes instead, the same positions without moving the big logits)."""
         B, _, T = codes.shape
         init = torch.tensor(self.initial(), device=codes.device)
         seq = torch.cat([init.view(1, -1, 1).expand(B, -1, 1), delay(codes, self.delays, self.initial())], 2)
         z, text_logits, _ = self.temporal(seq[:, :, :-1])  # step s sees the streams up to s - 1 only
         logits = self.depth(z, seq[:, :self.K, 1:])  # (B, K, T, card)
+        if not aligned:
+            return logits, text_logits[:, None]
         logits, mask = undelay(logits, self.delays[1:1 + self.K])
         mask = mask & (codes[:, 1:1 + self.K] != -1)
         return logits, mask, text_logits[:, None], (codes[:, :1] != -1)
@@ -1019,17 +1022,17 @@ def distill_loss(pred, target):
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=1)).mean()
 
 
-def lm_loss(out, codes, cfg):
+def lm_loss(logits, text_logits, codes, cfg):
     """§3.4.3 (moshi-finetune's loss): L = CE_text + CE_audio, each a weighted mean over its valid positions: text
     targets PAD and EPAD weigh text_pad_weight (0.5), Moshi's semantic codebook semantic_weight (100) against 1 for
-    each acoustic one, so the semantic tokens, which carry the words, dominate the audio term."""
-    logits, mask, text_logits, text_mask = out
+    each acoustic one, so the semantic tokens, which carry the words, dominate the audio term. The logits and the
+    codes are in delayed time (MoshiLM(codes, aligned=False), delay(codes) filled with -1): -1 has no loss."""
     K, tt, at = logits.shape[1], codes[:, :1], codes[:, 1:1 + logits.shape[1]]  # (B, 1, T), (B, K, T)
     pad, epad = text_pad_ids(cfg)
+    mask, text_mask = at != -1, tt != -1
     w_t = torch.where((tt == pad) | (tt == epad), cfg.text_pad_weight, 1.0) * text_mask
     ce_t = F.cross_entropy(text_logits.float().flatten(0, 2), tt.clamp(min=0).flatten(), reduction="none").view_as(tt)
-    lg = torch.where(mask[..., None], logits.float(), 0.0)  # undelay's NaN where there is no target
-    ce_a = F.cross_entropy(lg.flatten(0, 2), at.clamp(min=0).flatten(), reduction="none").view_as(at)
+    ce_a = F.cross_entropy(logits.float().flatten(0, 2), at.clamp(min=0).flatten(), reduction="none").view_as(at)
     w_a = torch.tensor([cfg.semantic_weight] + [1.0] * (K - 1), device=codes.device).view(1, K, 1) * mask
     mean = lambda x, w: (x * w).sum() / w.sum().clamp(min=1e-8)
     return dict(text=mean(ce_t, w_t), audio=mean(ce_a, w_a),
@@ -1226,6 +1229,10 @@ class LMSampler:
 
     def load_state_dict(self, sd):
         self.text.load_state_dict(sd["text"]), self.dial.load_state_dict(sd["dial"])
+
+
+def delayed_targets(codes, cfg):  # the codes in delayed time, -1 (no loss) where a delay left no target
+    return delay(codes, lm_delays(cfg), [-1] * codes.shape[1])
 
 
 def lm_get_batch(sampler, cfg, rt, step):
@@ -1474,8 +1481,8 @@ def lm_train_step(state, batch, cfg, rt):
     """One step of L = CE_text + CE_audio (§3.4.3) on a (B, 1 + 2K, T) batch, gradients clipped at 1."""
     model, opt = state["model"], state["opt"]
     with rt.autocast():
-        out = model(batch)
-    losses = lm_loss(out, batch, cfg)
+        logits, text_logits = model(batch, aligned=False)
+    losses = lm_loss(logits, text_logits, delayed_targets(batch, cfg), cfg)
     total = losses["text"] + losses["audio"]
     opt.zero_grad(set_to_none=True)
     total.backward()
@@ -1619,7 +1626,7 @@ def lm_evaluate(cfg, bundle=None, rt=None, samples_dir=None, split="test"):
     sums = {}
     for c in toks[:cfg.eval_items]:
         codes = torch.from_numpy(c[:, :cfg.lm_context]).long()[None].to(dev)
-        for k, v in lm_loss(lm(codes), codes, cfg).items():
+        for k, v in lm_loss(*lm(codes, aligned=False), delayed_targets(codes, cfg), cfg).items():
             sums[k] = sums.get(k, 0.0) + float(v) / min(len(toks), cfg.eval_items)
     found = total = 0
     lat, ref = [], []

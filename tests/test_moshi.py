@@ -566,6 +566,8 @@ def test_generation_grid_matches_the_training_forward():
     T = n - max(lm.delays)
     codes = torch.stack([st.seq[:, k, 1 + d:1 + d + T] for k, d in enumerate(lm.delays)], 1)  # undelayed
     assert torch.equal(codes[:, 1 + K:], user[:, :, :T])
+    for f in range(T):  # the frame handed to Mimi's decoder once its acoustic tokens exist
+        assert torch.equal(st.moshi_frame(f, K)[:, :, 0], codes[:, 1:1 + K, f])
     with torch.no_grad():
         lg, mask, tl, _ = lm(codes)
     assert torch.equal(tl[:, 0].argmax(-1), codes[:, 0])
