@@ -176,6 +176,7 @@ class Config:
     top_k: int = 250
     temp_text: float = 0.7             # ... and of the text token
     top_k_text: int = 25
+    converse_seconds: float = 60.0     # held-out conversations are cut to this length (evaluate, sample)
     device: str = "auto"
     dtype: str = "auto"                # bf16 autocast on CUDA, fp32 elsewhere (quantizer, STFTs, losses stay fp32)
     compile: bool = True
@@ -226,7 +227,8 @@ PRESETS = {
                  recon_loss=True, segment=5760, batch_size=2, max_iters=10, log_interval=1, eval_interval=1000,
                  eval_items=1, eval_seconds=0.96, probe_items=2, bench_seconds=0.96, bench_iters=1, corpus_hours=0.02,
                  text_card=300, lm_card=32, dep_q=3, lm_dim=32, lm_layers=2, lm_heads=2, lm_context=100, dep_dim=16,
-                 dep_layers=1, dep_heads=2, dep_ffn=66, lm_frames=24, text_iters=2, lr_decay_iters=1000),
+                 dep_layers=1, dep_heads=2, dep_ffn=66, lm_frames=24, text_iters=2, lr_decay_iters=1000,
+                 converse_seconds=2.0),
     "moshi-7b": dict(stage="lm", lr=3e-4, batch_size=16),       # the paper's LM: 7.69 B parameters (Mimi as "mimi")
 }
 # fields that shape the weights or the features: a checkpoint must agree on them
@@ -1505,6 +1507,137 @@ def lm_load_for_inference(cfg, rt):
     return lm.to(rt.device).eval(), tok, load_codec(cfg, rt).eval()
 
 
+def dialogue_turns(u):
+    """[(channel, [(word, start, end)])] per line of a built-in dialogue, from its script and its word times."""
+    lines, it, turns = [l.split(": ", 1) for l in u.text.split(" / ")], [iter(u.words[0]), iter(u.words[1])], []
+    for who, text in lines:
+        ch = 0 if who == "user" else 1
+        turns.append((ch, [next(it[ch], None) for _ in text.split()]))
+    return None if any(w is None for _, ws in turns for w in ws) else turns
+
+
+def answer_scores(u, said, seconds):
+    """Does Moshi answer? For each user turn followed by an assistant turn in the script: the reply's words that
+    the question lacks (the answer: "seven", "blue", "honey"), and whether Moshi's text stream holds each between
+    the question's start and the next user turn; the latency from the question's end to Moshi's first word after
+    it, beside the corpus's own. said: [(word, time)]. -> (found, total, [latency s], [reference latency s])."""
+    turns = dialogue_turns(u)
+    if turns is None:
+        return 0, 0, [], []
+    found = total = 0
+    lat, ref = [], []
+    for i in range(len(turns) - 1):
+        (c0, q), (c1, r) = turns[i], turns[i + 1]
+        if c0 != 0 or c1 != 1 or r[-1][2] > seconds:  # only replies inside the conversation's cut
+            continue
+        q_start, q_end = q[0][1], q[-1][2]
+        stop = next((ws[0][1] for c, ws in turns[i + 2:] if c == 0), float("inf"))
+        heard = [w for w, t in said if q_start <= t < stop]
+        answer = {w[0] for w in r} - {w[0] for w in q}
+        found, total = found + len(answer & set(heard)), total + len(answer)
+        first = [t for w, t in said if q_end <= t < stop]
+        if first:
+            lat.append(first[0] - q_end)
+        ref.append(r[0][1] - q_end)
+    return found, total, lat, ref
+
+
+@torch.no_grad()
+def lm_evaluate(cfg, bundle=None, rt=None, samples_dir=None, split="test"):
+    """On held-out dialogues: the teacher-forced losses (text, semantic, acoustic CE), then full-duplex
+    conversations with the user's channel streamed in: answer-word accuracy in Moshi's text stream and its
+    turn-taking latency (model time; playback adds the 160 ms of §3.4.3), beside the corpus's own latency."""
+    if bundle is None:  # --mode=eval: every conversation is written, for an ASR to transcribe Moshi's channel
+        rt = common.setup(cfg)
+        bundle, samples_dir = lm_load_for_inference(cfg, rt), os.path.join(cfg.out_dir, "samples", f"eval_{split}")
+    lm, tok, mimi = bundle
+    lm = common.unwrap(lm)
+    was_training, dev = lm.training, next(lm.parameters()).device
+    lm.eval()
+    utts, toks = dialogue_tokens(cfg, split, mimi, tok)
+    sums = {}
+    for c in toks[:cfg.eval_items]:
+        codes = torch.from_numpy(c[:, :cfg.lm_context]).long()[None].to(dev)
+        for k, v in lm_loss(*lm(codes, aligned=False), delayed_targets(codes, cfg), cfg).items():
+            sums[k] = sums.get(k, 0.0) + float(v) / min(len(toks), cfg.eval_items)
+    found = total = 0
+    lat, ref = [], []
+    for i, u in enumerate(utts[:cfg.eval_items]):
+        user = u.wav[0, :int(cfg.converse_seconds * cfg.sample_rate)]
+        audio, text = converse(lm, mimi, user, cfg, seed=cfg.seed + i)
+        said = tok.words(text, [s / cfg.frame_rate for s in range(len(text))])
+        a, b, l, r = answer_scores(u, said, cfg.converse_seconds)
+        found, total, lat, ref = found + a, total + b, lat + l, ref + r
+        if samples_dir:
+            write_conversation(samples_dir, f"{split}_{u.id}", user, audio, said, cfg)
+    res = {k: round(v, 4) for k, v in sums.items()}
+    res.update(answer_acc=round(found / max(1, total), 4), answer_words=total,
+               latency_ms=round(1000 * float(np.median(lat)), 1) if lat else None,
+               corpus_latency_ms=round(1000 * float(np.median(ref)), 1) if ref else None,
+               replied=f"{len(lat)}/{len(ref)}")
+    common.log(f"eval {split} | " + " | ".join(f"{k} {v}" for k, v in res.items()))
+    lm.train(was_training)
+    return res
+
+
+def lm_train(cfg):
+    rt = common.setup(cfg)
+    state = lm_build(cfg, rt)
+    common.log(f"params: LM {common.count_params(state['model']):,} (temporal + depth Transformer, embeddings)")
+    mimi = load_codec(cfg, rt)
+    tok = state["tok"]
+    _, train_d = dialogue_tokens(cfg, "train", mimi, tok)
+    val_u, val_d = dialogue_tokens(cfg, "val", mimi, tok)
+    common.check_clips(train_d, 2, "train split (dialogue)")
+    common.check_clips(val_d, 2, "val split (dialogue)")
+    text_ids = [i for line in corpus_texts(cfg) for w in line.split() for i in tok.word(w)]
+    common.log(f"stage 1: {cfg.text_iters} steps of text ({len(text_ids):,} tokens); stage 2: {len(train_d)} "
+               f"dialogues ({sum(d.shape[-1] for d in train_d) / cfg.frame_rate / 60:.1f} min) of Mimi codes")
+    sampler = LMSampler(text_ids, train_d, cfg, rt)
+    step = common.init_from(cfg, state, sampler=sampler, arch_keys=LM_ARCH_KEYS)
+    state["model"] = common.wrap_ddp(common.compile(state["model"], cfg), rt)
+    prog = common.Progress(cfg, start_step=step)
+    while step < cfg.max_iters:
+        losses = lm_train_step(state, lm_get_batch(sampler, cfg, rt, step), cfg, rt)
+        step += 1
+        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * cfg.lm_frames / cfg.frame_rate)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if rt.master:
+                lm_evaluate(cfg, (common.unwrap(state["model"]), tok, mimi), rt, split="val",
+                            samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
+            common.save_checkpoint(cfg, step, state, sampler=sampler)
+    common.cleanup(rt)
+
+# ----------------------------------------------------------------------------- sample
+
+@torch.no_grad()
+def sample(cfg):
+    """Encode --input (or a held-out test clip) to eval_n_q codebooks, decode it, offline and streaming frame by
+    frame; write wav + png beside the reference and say how far the two decodes are apart."""
+    rt = common.setup(cfg)
+    G = load_for_inference(cfg, rt)
+    if cfg.input:
+        wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
+        name = os.path.splitext(os.path.basename(cfg.input))[0]
+    else:
+        u = speech(cfg, "test")[0]
+        wav, name = u.wav[:int(cfg.eval_seconds * cfg.sample_rate)], u.id
+    x = torch.from_numpy(np.ascontiguousarray(wav))[None, None].to(rt.device)  # (1, 1, T)
+    codes = G.encode(x, cfg.eval_n_q)
+    y = G.decode(codes)[..., :x.shape[-1]]
+    enc_state, dec_state, ys = {}, {}, []
+    xp = G._pad(x)
+    for o in range(0, xp.shape[-1], G.frame_size):  # one 80 ms frame at a time, as Moshi runs it
+        ys.append(G.decode_stream(G.encode_stream(xp[..., o:o + G.frame_size], enc_state, cfg.eval_n_q), dec_state))
+    y_stream = torch.cat(ys, -1)[..., :x.shape[-1]]
+    out = os.path.join(cfg.out_dir, "samples")
+    tag = f"{name}_{G.kbps(cfg.eval_n_q):g}kbps"
+    common.save_sample(out, tag, y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
+    common.log(f"{name}: {codes.shape[-1]} frames x {codes.shape[1]} codebooks ({G.kbps(cfg.eval_n_q):g} kbps), "
+               f"SI-SNR {common.si_snr(y, x):.2f} dB, streaming vs offline max diff "
+               f"{(y_stream - y).abs().max().item():.2e} -> {out}/{tag}.wav")
+
+
 def sample_token(logits, temp, top_k, gen):
     """§3.4.3: top-k sampling at a temperature (temp 0: greedy). logits (B, V) -> (B,)."""
     if temp <= 0:
@@ -1575,78 +1708,6 @@ def converse(lm, mimi, user_wav, cfg, seed=0):
     return audio.cpu().numpy(), text
 
 
-def dialogue_turns(u):
-    """[(channel, [(word, start, end)])] per line of a built-in dialogue, from its script and its word times."""
-    lines, it, turns = [l.split(": ", 1) for l in u.text.split(" / ")], [iter(u.words[0]), iter(u.words[1])], []
-    for who, text in lines:
-        ch = 0 if who == "user" else 1
-        turns.append((ch, [next(it[ch], None) for _ in text.split()]))
-    return None if any(w is None for _, ws in turns for w in ws) else turns
-
-
-def answer_scores(u, said):
-    """Does Moshi answer? For each user turn followed by an assistant turn in the script: the reply's words that
-    the question lacks (the answer: "seven", "blue", "honey"), and whether Moshi's text stream holds each between
-    the question's start and the next user turn; the latency from the question's end to Moshi's first word after
-    it, beside the corpus's own. said: [(word, time)]. -> (found, total, [latency s], [reference latency s])."""
-    turns = dialogue_turns(u)
-    if turns is None:
-        return 0, 0, [], []
-    found = total = 0
-    lat, ref = [], []
-    for i in range(len(turns) - 1):
-        (c0, q), (c1, r) = turns[i], turns[i + 1]
-        if c0 != 0 or c1 != 1:
-            continue
-        q_start, q_end = q[0][1], q[-1][2]
-        stop = next((ws[0][1] for c, ws in turns[i + 2:] if c == 0), float("inf"))
-        heard = [w for w, t in said if q_start <= t < stop]
-        answer = {w[0] for w in r} - {w[0] for w in q}
-        found, total = found + len(answer & set(heard)), total + len(answer)
-        first = [t for w, t in said if q_end <= t < stop]
-        if first:
-            lat.append(first[0] - q_end)
-        ref.append(r[0][1] - q_end)
-    return found, total, lat, ref
-
-
-@torch.no_grad()
-def lm_evaluate(cfg, bundle=None, rt=None, samples_dir=None, split="test"):
-    """On held-out dialogues: the teacher-forced losses (text, semantic, acoustic CE), then full-duplex
-    conversations with the user's channel streamed in: answer-word accuracy in Moshi's text stream and its
-    turn-taking latency (model time; playback adds the 160 ms of §3.4.3), beside the corpus's own latency."""
-    if bundle is None:
-        rt = common.setup(cfg)
-        bundle = lm_load_for_inference(cfg, rt)
-    lm, tok, mimi = bundle
-    lm = common.unwrap(lm)
-    was_training, dev = lm.training, next(lm.parameters()).device
-    lm.eval()
-    utts, toks = dialogue_tokens(cfg, split, mimi, tok)
-    sums = {}
-    for c in toks[:cfg.eval_items]:
-        codes = torch.from_numpy(c[:, :cfg.lm_context]).long()[None].to(dev)
-        for k, v in lm_loss(*lm(codes, aligned=False), delayed_targets(codes, cfg), cfg).items():
-            sums[k] = sums.get(k, 0.0) + float(v) / min(len(toks), cfg.eval_items)
-    found = total = 0
-    lat, ref = [], []
-    for i, u in enumerate(utts[:cfg.eval_items]):
-        audio, text = converse(lm, mimi, u.wav[0], cfg, seed=cfg.seed + i)
-        said = tok.words(text, [s / cfg.frame_rate for s in range(len(text))])
-        a, b, l, r = answer_scores(u, said)
-        found, total, lat, ref = found + a, total + b, lat + l, ref + r
-        if samples_dir and i == 0:
-            write_conversation(samples_dir, f"{split}_{u.id}", u.wav[0], audio, said, cfg)
-    res = {k: round(v, 4) for k, v in sums.items()}
-    res.update(answer_acc=round(found / max(1, total), 4), answer_words=total,
-               latency_ms=round(1000 * float(np.median(lat)), 1) if lat else None,
-               corpus_latency_ms=round(1000 * float(np.median(ref)), 1) if ref else None,
-               replied=f"{len(lat)}/{len(ref)}")
-    common.log(f"eval {split} | " + " | ".join(f"{k} {v}" for k, v in res.items()))
-    lm.train(was_training)
-    return res
-
-
 def write_conversation(out, name, user, moshi, said, cfg):
     """The two-channel wav (user left, Moshi right) + png, Moshi's channel alone (for an ASR), and its text stream
     as a timed transcript."""
@@ -1656,64 +1717,6 @@ def write_conversation(out, name, user, moshi, said, cfg):
     with open(os.path.join(out, name + ".txt"), "w") as f:
         f.write("".join(f"{t:7.2f}s  {w}\n" for w, t in said))
     return os.path.join(out, name + ".wav")
-
-
-def lm_train(cfg):
-    rt = common.setup(cfg)
-    state = lm_build(cfg, rt)
-    common.log(f"params: LM {common.count_params(state['model']):,} (temporal + depth Transformer, embeddings)")
-    mimi = load_codec(cfg, rt)
-    tok = state["tok"]
-    _, train_d = dialogue_tokens(cfg, "train", mimi, tok)
-    val_u, val_d = dialogue_tokens(cfg, "val", mimi, tok)
-    common.check_clips(train_d, 2, "train split (dialogue)")
-    common.check_clips(val_d, 2, "val split (dialogue)")
-    text_ids = [i for line in corpus_texts(cfg) for w in line.split() for i in tok.word(w)]
-    common.log(f"stage 1: {cfg.text_iters} steps of text ({len(text_ids):,} tokens); stage 2: {len(train_d)} "
-               f"dialogues ({sum(d.shape[-1] for d in train_d) / cfg.frame_rate / 60:.1f} min) of Mimi codes")
-    sampler = LMSampler(text_ids, train_d, cfg, rt)
-    step = common.init_from(cfg, state, sampler=sampler, arch_keys=LM_ARCH_KEYS)
-    state["model"] = common.wrap_ddp(common.compile(state["model"], cfg), rt)
-    prog = common.Progress(cfg, start_step=step)
-    while step < cfg.max_iters:
-        losses = lm_train_step(state, lm_get_batch(sampler, cfg, rt, step), cfg, rt)
-        step += 1
-        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * cfg.lm_frames / cfg.frame_rate)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                lm_evaluate(cfg, (common.unwrap(state["model"]), tok, mimi), rt, split="val",
-                            samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
-
-# ----------------------------------------------------------------------------- sample
-
-@torch.no_grad()
-def sample(cfg):
-    """Encode --input (or a held-out test clip) to eval_n_q codebooks, decode it, offline and streaming frame by
-    frame; write wav + png beside the reference and say how far the two decodes are apart."""
-    rt = common.setup(cfg)
-    G = load_for_inference(cfg, rt)
-    if cfg.input:
-        wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
-        name = os.path.splitext(os.path.basename(cfg.input))[0]
-    else:
-        u = speech(cfg, "test")[0]
-        wav, name = u.wav[:int(cfg.eval_seconds * cfg.sample_rate)], u.id
-    x = torch.from_numpy(np.ascontiguousarray(wav))[None, None].to(rt.device)  # (1, 1, T)
-    codes = G.encode(x, cfg.eval_n_q)
-    y = G.decode(codes)[..., :x.shape[-1]]
-    enc_state, dec_state, ys = {}, {}, []
-    xp = G._pad(x)
-    for o in range(0, xp.shape[-1], G.frame_size):  # one 80 ms frame at a time, as Moshi runs it
-        ys.append(G.decode_stream(G.encode_stream(xp[..., o:o + G.frame_size], enc_state, cfg.eval_n_q), dec_state))
-    y_stream = torch.cat(ys, -1)[..., :x.shape[-1]]
-    out = os.path.join(cfg.out_dir, "samples")
-    tag = f"{name}_{G.kbps(cfg.eval_n_q):g}kbps"
-    common.save_sample(out, tag, y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
-    common.log(f"{name}: {codes.shape[-1]} frames x {codes.shape[1]} codebooks ({G.kbps(cfg.eval_n_q):g} kbps), "
-               f"SI-SNR {common.si_snr(y, x):.2f} dB, streaming vs offline max diff "
-               f"{(y_stream - y).abs().max().item():.2e} -> {out}/{tag}.wav")
 
 
 @torch.no_grad()
@@ -1728,6 +1731,7 @@ def lm_sample(cfg):
     else:
         u = dialogues(cfg, "test")[0]
         user, name = u.wav[0], u.id
+    user = user[:int(cfg.converse_seconds * cfg.sample_rate)]
     audio, text = converse(lm, mimi, user, cfg, seed=cfg.seed)
     said = tok.words(text, [s / cfg.frame_rate for s in range(len(text))])
     path = write_conversation(os.path.join(cfg.out_dir, "samples"), name, user, audio, said, cfg)
