@@ -748,8 +748,8 @@ def lm_run(*args):
 
 def test_lm_stage_contract(tiny_codec, tmp_path, capsys):
     """The command-line contract for --stage=lm, in process (the codec stage's test runs the subprocesses): train
-    -> resume bit for bit equal to a straight run -> eval -> bench JSON; then `python moshi.py --mode=sample
-    --init_from=D/ckpt.pt` (no other flag) writes the two-channel wav, png and the timed transcript."""
+    -> resume bit for bit equal to a straight run -> eval -> bench JSON -> `--mode=sample --init_from=D/ckpt.pt`
+    (no other flag) writes the two-channel wav, png and the timed transcript."""
     d, straight = str(tmp_path / "run"), str(tmp_path / "straight")
     base = ["--preset=tiny", "--stage=lm", f"--codec={tiny_codec}", "--device=cpu", "--compile=False"]
     M.lm_train(lm_run(*base, "--max_iters=3", f"--out_dir={d}"))
@@ -767,9 +767,9 @@ def test_lm_stage_contract(tiny_codec, tmp_path, capsys):
     M.lm_bench(lm_run(*base, "--mode=bench", f"--out_dir={tmp_path / 'bench'}"))
     fig = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][-1])
     assert fig["stream_frame_ms"] > 0 and fig["theoretical_latency_ms"] == 160 and fig["params"] > 0
-    p = run_script("moshi.py", "--mode=sample", f"--init_from={d}/ckpt.pt")
+    M.lm_sample(lm_run("--mode=sample", f"--init_from={d}/ckpt.pt"))  # no other flag: the checkpoint's config
     files = os.listdir(f"{d}/samples")
-    assert "Moshi said" in p.stdout and any(f.endswith("_moshi.wav") for f in files)
+    assert "Moshi said" in capsys.readouterr().out and any(f.endswith("_moshi.wav") for f in files)
     assert any(f.endswith(".png") for f in files) and any(f.endswith(".txt") for f in files)
     import soundfile as sf
     wav, sr = sf.read(os.path.join(d, "samples", next(f for f in files if f.endswith(".wav") and "_moshi" not in f)))
