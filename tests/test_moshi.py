@@ -2,7 +2,12 @@
 within 1e-5, both key layouts of the official file), the official parameter count, frame-rate and bitrate
 arithmetic, causality (conv stack, transformer mask, context), RoPE's interleaved pairs, streaming == offline,
 the split RVQ (same latent, outputs summed, half the sequences unquantized), EMA / dead-code updates, the
-distillation loss, the teacher-feature alignment, a golden training step, and the command line."""
+distillation loss, the teacher-feature alignment, a golden training step, and the command line.
+Part 2 (the Moshi LM): the paper's delays and delay/undelay inverses; every prediction depends only on tokens before
+it in generation order (temporal causality, depth order text -> semantic -> acoustic, the acoustic delay, no user
+token at the same step); streaming == full forward; the generation grid == the training forward's argmax; parity
+with the package's LMModel (both key layouts); 7.69 B parameters; inner-monologue alignment; a golden step; the
+stage's contract (train, exact resume, eval, bench, sample) in process."""
 import copy
 import re
 import importlib
