@@ -1709,11 +1709,11 @@ def converse(lm, mimi, user_wav, cfg, seed=0):
 
 
 def write_conversation(out, name, user, moshi, said, cfg):
-    """The two-channel wav (user left, Moshi right) + png, Moshi's channel alone (for an ASR), and its text stream
-    as a timed transcript."""
+    """The two-channel wav (user left, Moshi right); Moshi's channel alone (for an ASR) with its png above the
+    user's; its text stream as a timed transcript."""
     n = min(len(user), len(moshi))
-    common.save_sample(out, name, np.stack([user[:n], moshi[:n]]), cfg.sample_rate)
-    common.save_audio(os.path.join(out, name + "_moshi.wav"), moshi[:n], cfg.sample_rate)
+    common.save_audio(os.path.join(out, name + ".wav"), np.stack([user[:n], moshi[:n]]), cfg.sample_rate)
+    common.save_sample(out, name + "_moshi", moshi[:n], cfg.sample_rate, ref=user[:n])
     with open(os.path.join(out, name + ".txt"), "w") as f:
         f.write("".join(f"{t:7.2f}s  {w}\n" for w, t in said))
     return os.path.join(out, name + ".wav")
