@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import common
 import moshi as M
-from cli import check_cli_contract, require, run_script
+from cli import check_cli_contract, one_line_error, require, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -439,15 +439,6 @@ def test_cli_sample_from_the_official_file(tmp_path):
     assert "official Mimi weights" in p.stdout and any(f.endswith(".wav") for f in os.listdir(tmp_path / "samples"))
 
 
-def error_line(*args):
-    """A command that must fail with one `error:` line on stderr and no traceback (the log may precede it)."""
-    p = run_script("moshi.py", *args, check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stderr + p.stdout, p.stderr[-3000:]
-    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr[-2000:]
-    return lines[0]
-
-
 @pytest.mark.parametrize("flag,msg", [("--segment=1000", "multiple of 1920"), ("--stage=dialogue", "the stages are"),
                                       ("--eval_n_q=9", "eval_n_q"), ("--quant_rate=1.5", "quant_rate"),
                                       ("--tr_heads=3", "tr_heads"), ("--teacher=/nowhere", "not a folder")])
@@ -458,10 +449,13 @@ def test_bad_flags_are_refused(flag, msg):
 
 
 def test_bad_input_gives_one_error_line(tmp_path):
-    assert "does not exist" in error_line("--preset=tiny", "--mode=eval", f"--init_from={tmp_path}/none.pt")
+    """In process (one_line_error: the SystemExit line Python prints alone, no traceback)."""
+    run = lambda fn, *args: fn(common.parse_config(M.Config, M.PRESETS, list(args)))
+    one_line_error(run, M.evaluate, "--preset=tiny", "--mode=eval", f"--init_from={tmp_path}/none.pt",
+                   match="does not exist")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")
-    assert "safetensors" in error_line("--mode=sample", f"--init_from={bad}")
+    one_line_error(run, M.sample, "--preset=tiny", "--mode=sample", f"--init_from={bad}", match="safetensors")
 
 # ============================================================================= part 2: the Moshi LM
 
