@@ -786,3 +786,14 @@ def test_lm_errors_are_one_line(tiny_codec):
             lm_cfg(**dict([flag[2:].split("=")]))
     with pytest.raises(SystemExit, match="does not exist"):
         M.lm_load_for_inference(lm_run("--preset=tiny", "--stage=lm", "--init_from=/nowhere.pt"), None)
+
+
+def test_answer_metric_on_the_script():
+    """The measurement itself: the corpus's own assistant channel, as a text stream, answers everything, with the
+    corpus's latency; an empty stream answers nothing."""
+    cfg = lm_cfg()
+    u = M.dialogues(cfg, "test")[0]
+    said = [(w, s) for w, s, _ in u.words[1]]
+    found, total, lat, ref = M.answer_scores(u, said, 1e9)
+    assert total > 0 and found == total and lat == pytest.approx(ref)
+    assert M.answer_scores(u, [], 1e9)[0] == 0
