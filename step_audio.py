@@ -1,35 +1,56 @@
 """
 Step-Audio 2 Technical Report (StepFun Audio Team, 2025) — https://arxiv.org/abs/2507.16632
-Part 1: an audio LLM that listens.
+An audio LLM that listens (part 1) and speaks (part 2).
 
 The idea: one decoder-only LLM understands speech end to end. A Whisper-style audio encoder (pretrained on ASR,
 then frozen) turns 25 s chunks of 128-bin log-mel into 25 Hz features; an adaptor (a stride-2 conv and a two-layer
 MLP, §3.1) brings them to 12.5 Hz in the LLM's width, and they overwrite placeholder tokens inside an ordinary chat
-prompt. The LLM (Qwen2.5-style: RMSNorm, RoPE, SwiGLU, grouped-query attention) then answers in text: it
-transcribes, answers spoken questions, tells what the voice sounds like (paralinguistics), calls tools and keeps
-a multi-turn history, all from one next-token loss on the assistant turns. Training follows the paper's stages in
-miniature (§3.2-3.4): a text LLM first, the encoder pretrained on ASR and frozen, the adaptor aligned on ASR with
-the LLM frozen, then supervised fine-tuning on a task mixture.
+prompt. The LLM (Qwen2.5-style: RMSNorm, RoPE, SwiGLU, grouped-query attention) transcribes, answers spoken
+questions, tells what the voice sounds like (paralinguistics), calls tools and keeps a multi-turn history. It
+also answers in speech: its vocabulary is extended with discrete speech tokens (§3.2; CosyVoice 2's supervised
+tokens: FSQ on an ASR-trained encoder, 25 Hz), and a spoken answer is one run of text and audio tokens interleaved
+at a fixed ratio between <tts_start> and <tts_end> (§3.1), the text leading the speech that says it, padded to
+keep the ratio. The detokenizer turns the audio tokens into sound: conditional flow matching from the tokens and
+a speaker prompt to mel, then a vocoder. A spoken answer stays in the history, as its token run, for the next turn.
+Training follows the paper's stages in miniature (§3.2-3.4), seven steps of one run: a text LLM, the encoder on
+ASR (CTC, then frozen), the adaptor on ASR (LLM frozen), the speech tokenizer (FSQ + CTC on the frozen encoder),
+the flow, the vocoder, then supervised fine-tuning on a task mixture with text and spoken answers.
 
-Simplified or changed versus the paper (this file is the listening half; speech output is part 2):
+Simplified or changed versus the paper:
 - every stage is miniature and runs on the built-in corpus: the text LLM is pretrained on the corpus's own
   transcripts and chat texts (the paper starts from Qwen2.5), the encoder on ASR with a CTC head (the paper also
-  uses speaker and audio-event tasks), and the SFT mixture is ASR, spoken QA from the dialogue corpus, three
-  paralinguistic questions (gender, pitch, speaking rate: labels from the eSpeak voice that spoke), a calculator
-  tool for the arithmetic questions, and a follow-up turn that refers back to the first; the stages are steps of
-  one run (one checkpoint) rather than separate jobs;
+  uses speaker and audio-event tasks); the SFT mixture is ASR, spoken QA (the dialogue corpus's questions and a
+  spoken question bank: every question of its script spoken as its own utterance, 20 % of the arithmetic ones
+  and the test-only voice held out for test), three paralinguistic questions (gender, pitch, speaking rate:
+  labels from the eSpeak voice that spoke), a calculator tool for the arithmetic questions, a follow-up turn that
+  refers back to the first, TTS ("say this: ...") and spoken answers (the bank's answers spoken by one voice);
 - no reinforcement learning stage (PPO/GRPO, §3.4): it needs a reward model or many rollouts per step, which a CPU
-  run cannot afford; no vocabulary extension with audio tokens (that is part 2);
-- text is the corpus BPE (common.train_bpe), not Qwen's tokenizer; the `mini` preset has the official shapes
-  (Whisper-large encoder, Qwen2.5-7B LLM, vocabulary 158,720) and builds on the meta device only; no official
-  weights are mapped (no pip-installable reference implementation to prove a key map against);
-- the placeholder count follows this file's encoder and adaptor exactly (tested): 313 per 25 s chunk, as the
-  card's count for the official code; its formula (`adaptor_len(encoder_len(mel_len - 2))`) is not verified.
+  run cannot afford;
+- speech tokens: FSQ on this file's ASR-trained encoder, trained with CTC through the bottleneck (CosyVoice 2's
+  S3 tokenizer is a separate, much larger ASR model); 3^8 = 6561 codes in the paper's shapes, 3^5 = 243 in `small`;
+- the text:audio ratio is 1:4 (--interleave): the paper says "a fixed ratio" and not which; spoken answers are
+  decoded greedily under the pattern's slot masks (text slots: text or <tts_pad>; audio slots: speech tokens or
+  the audio pad), where the official code samples (temperature 0.7, top-p 0.9) and splits by id afterwards;
+- the detokenizer: the flow's speaker condition is a prompt clip's mean mel (CosyVoice 2: a CAMPPlus x-vector and
+  the prompt's tokens and mel in context); a small Transformer estimator with a conv after each self-attention
+  (§3.1), OT-CFM with a linear time grid, 10 Euler steps, no classifier-free guidance, no streaming chunks; the
+  vocoder is a small HiFi-GAN-style generator trained on mel + multi-resolution STFT losses only (the paper's
+  HiFT is adversarially trained with an NSF source and iSTFT head), so its speech is muffled and buzzy;
+- spoken answers are always in one voice (answer_voice) and never call tools (the calculator is offered to text
+  answers); text is the corpus BPE (common.train_bpe), not Qwen's tokenizer;
+- the `mini` preset has the official shapes (Whisper-large encoder, Qwen2.5-7B LLM, vocabulary 158,720) and builds
+  on the meta device only; no official weights are mapped (no pip-installable reference implementation to prove
+  a key map against); the placeholder count follows this file's encoder and adaptor exactly (tested): 313 per
+  25 s chunk, as the card's count for the official code; its formula is not verified against that code.
 
-    python step_audio.py                                  # all stages on the built-in corpus
+    python step_audio.py                                  # all seven stages on the built-in corpus (`small` on a CPU)
     python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
-    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav --prompt="transcribe"
-    python step_audio.py --mode=eval --init_from=out/step_audio/ckpt.pt
+    python step_audio.py --mode=eval --init_from=out/step_audio/ckpt.pt --eval_items=240 --eval_speech_items=48
+        # held-out test: every figure; writes eval_test/qa.tsv, eval_test/spoken/*.wav and eval_test/resynth/*.wav,
+        # each folder with refs.txt (name<TAB>intended text) for the WER of a separate ASR model
+    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav   # a spoken answer
+    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav --followup=q2.wav
+    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=clip.wav --prompt="transcribe the audio"
     python step_audio.py --mode=bench
     torchrun --standalone --nproc_per_node=8 step_audio.py
 """
@@ -1283,6 +1304,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
             m.setdefault(f"para_{key}", []).append(norm(got) == attrs[key])
     m_out = dict(wer=common.wer(refs, hyps))
     order = np.random.default_rng(0).permutation(len(tasks.questions))[:n]  # arithmetic and facts mixed
+    rows = ["question\tanswer\tno tools\twith tools\tfollow-up"]  # every item, for a look (or other subsets)
     for j, i in enumerate(order):
         wav, q, ans, _ = tasks.questions[i]
         a = ("audio", len(wav))
@@ -1297,13 +1319,18 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
         _, turns, _ = tasks.example("followup", int(i), rng, cfg)
         follow, _ = respond(model, tok, prompt_of(turns, "followup"), wav, cfg, rt, tools=False)
         m.setdefault("followup_acc", []).append(norm(follow) == norm(q))
+        rows.append(f"{q}\t{ans}\t{got}\t{tgot if call else ''}\t{follow}")
         if samples_dir is not None and j < 2:
             common.save_sample(samples_dir, f"question{j}", wav, cfg.sample_rate)
             with open(os.path.join(samples_dir, f"question{j}.txt"), "w") as f:
                 f.write(f"question: {q}\nexpected: {ans}\nanswer (no tools): {got}\nfollow-up: {follow}\n")
     m_out.update({k: float(np.mean(v)) for k, v in m.items()})
     m_out.update(n_clips=len(refs), n_questions=len(order))  # how many items each figure is over
-    m_out.update(evaluate_speech(cfg, model, rt, tasks, ns, samples_dir or os.path.join(cfg.out_dir, f"eval_{split}")))
+    out = samples_dir or os.path.join(cfg.out_dir, f"eval_{split}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "qa.tsv"), "w") as f:
+        f.write("".join(r + "\n" for r in rows))
+    m_out.update(evaluate_speech(cfg, model, rt, tasks, ns, out))
     model.train(was)
     common.log(f"eval ({split}) | " + " | ".join(f"{k} {v:.3f}" for k, v in m_out.items()))
     return m_out
@@ -1374,10 +1401,10 @@ def train(cfg):
                f"({tok.n_codes} speech tokens); stages: " + ", ".join(f"{s} to step {e}" for s, e in zip(STAGES, ends))
                + f", sft to {cfg.max_iters}")
     sampler = Sampler(tasks, tok, cfg, rt.rank, rt.world_size)
-    if tasks.spoken:                                     # the assistant's voice: the mean mel of an answer it spoke
-        state["model"].answer_voice.copy_(voc_mel(torch.from_numpy(tasks.spoken[0][3]), cfg).mean(-1))
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS)
     raw = state["model"]
+    if tasks.spoken and step == 0:                       # the assistant's voice: the mean mel of an answer it spoke
+        raw.answer_voice.copy_(voc_mel(torch.from_numpy(tasks.spoken[0][3]), cfg).mean(-1))
     sampler.model = raw
     state["model"] = common.wrap_ddp(common.compile(raw, cfg), rt, find_unused_parameters=True)
     prog = common.Progress(cfg, start_step=step)

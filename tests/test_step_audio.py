@@ -386,3 +386,107 @@ def test_vocoder_output_length_and_voc_mel_rate():
     assert S.voc_mel(torch.zeros(6400), cfg).shape == (cfg.n_voc_mels, 40)
     n = 32000                                            # 4 mel frames per speech token (25 Hz vs 100 Hz)
     assert S.encoder_frames(S.mel_frames(n, cfg)) * 4 == S.voc_mel(torch.zeros(n), cfg).shape[-1]
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "flow", "vocoder"])
+def test_golden_step_speech(stage):
+    """One real train_step (SGD) of each speech stage against an independent transcription of its objective:
+    CTC through FSQ (tanh bound, rounding with a straight-through gradient) on the frozen encoder; the OT-CFM
+    loss (x_t = (1 - (1 - s) t) x0 + t x1, target x1 - (1 - s) x0, masked MSE); the vocoder's mel L1 plus
+    multi-resolution spectral convergence and log-STFT L1. Only the stage's parameters move."""
+    cfg = tiny(grad_clip=1e9)
+    tok = byte_tok(cfg)
+    torch.manual_seed(6)
+    state = S.build(cfg, rt())
+    model = state["model"]
+    model.tok = tok
+    state["opt"] = torch.optim.SGD(model.parameters(), lr=0.1)
+    state["sched"] = torch.optim.lr_scheduler.LambdaLR(state["opt"], lambda s: 1.0)
+    rng = np.random.default_rng(1)
+    wav = [0.1 * rng.standard_normal(n).astype(np.float32) for n in (9000, 14000)]
+    before, ref = copy.deepcopy(model), copy.deepcopy(model)
+    if stage == "tokenizer":
+        mel = [S.log_mel(w, cfg) for w in wav]
+        T = max(m.shape[-1] for m in mel)
+        batch = dict(stage=stage, mel=torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mel]),
+                     n_mel=torch.tensor([m.shape[-1] for m in mel]), chars=torch.tensor([3, 4, 5, 1, 2]),
+                     n_chars=torch.tensor([3, 2]))
+        with torch.no_grad():
+            h = ref.encoder(batch["mel"], batch["n_mel"])
+        st = ref.speech_tokenizer
+        half = torch.tensor([(l - 1) / 2 for l in cfg.fsq_levels])
+        b = torch.tanh(st.down(h)) * half
+        q = (b + (b.round() - b).detach()) / half
+        n_out = torch.tensor([((int(n) - 1) // 2 + 1) // 2 for n in batch["n_mel"]])
+        valid = torch.arange(h.shape[1])[None] < n_out[:, None]
+        logits = st.ctc_head(st.block(st.up(q), valid[:, None, None, :]))
+        loss = F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), batch["chars"], n_out, batch["n_chars"],
+                          zero_infinity=True)
+    elif stage == "flow":
+        codes = torch.tensor([[1, 2, 3], [4, 5, 0]])
+        x1, spk = torch.randn(2, 12, cfg.n_voc_mels), torch.randn(2, cfg.n_voc_mels)
+        mask = torch.tensor([[True] * 12, [True] * 8 + [False] * 4])
+        batch = dict(stage=stage, codes=codes, x1=x1, spk=spk, mask=mask)
+        torch.manual_seed(7)                              # the same t and x0 as train_step draws
+        t = torch.rand(2)
+        x0 = torch.randn_like(x1)
+        s = cfg.sigma_min
+        xt = (1 - (1 - s) * t[:, None, None]) * x0 + t[:, None, None] * x1
+        mu, sp = ref.flow.cond(codes, spk)
+        v = ref.flow.velocity(xt, t, mu, sp, mask[:, None, None, :])
+        err = ((v - (x1 - (1 - s) * x0)) ** 2).mean(-1)  # (B, T)
+        loss = err[mask].mean()
+        torch.manual_seed(7)
+    else:
+        w = torch.from_numpy(np.stack([wav[0][:1600], wav[1][:1600]]))
+        batch = dict(stage=stage, wav=w, mel=S.voc_mel(w, cfg))
+        out = ref.vocoder(batch["mel"])
+        loss = F.l1_loss(S.voc_mel(out, cfg), S.voc_mel(w, cfg))
+        for n_fft, hop in ((512, 128), (1024, 256), (256, 64)):
+            win = torch.hann_window(n_fft)
+            A = torch.stft(out, n_fft, hop, n_fft, win, return_complex=True).abs().clamp(min=1e-5)
+            B = torch.stft(w, n_fft, hop, n_fft, win, return_complex=True).abs().clamp(min=1e-5)
+            loss = loss + ((B - A).pow(2).sum().sqrt() / B.pow(2).sum().sqrt() + (A.log() - B.log()).abs().mean()) / 3
+    loss.backward()
+    out = S.train_step(state, batch, cfg, rt())
+    assert out[stage].item() == pytest.approx(loss.item(), rel=1e-5)
+    trained = dict(tokenizer="speech_tokenizer", flow="flow", vocoder="vocoder")[stage]
+    moved = 0
+    for (name, p), (_, p0), (_, pr) in zip(model.named_parameters(), before.named_parameters(), ref.named_parameters()):
+        if name.split(".")[0] == trained and pr.grad is not None:
+            torch.testing.assert_close(p, p0 - 0.1 * pr.grad, atol=1e-6, rtol=1e-5, msg=name)
+            moved += int(not torch.equal(p, p0))
+        else:
+            assert torch.equal(p, p0), f"{name} moved in the {stage} stage"
+    assert moved > 0
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_generate_with_the_cache_equals_greedy_decoding_without(speech):
+    """generate() (KV cache, positions from cache.length) picks the tokens a full forward pass picks at each step."""
+    cfg = tiny(max_new_tokens=8, max_speech_tokens=9)
+    tok = byte_tok(cfg)
+    torch.manual_seed(8)
+    model = S.StepAudio(cfg).eval()
+    wav = 0.1 * np.random.default_rng(2).standard_normal(12000).astype(np.float32)
+    turns = [("system", "tools: none"), ("human", [("audio", len(wav)), "hi"])]
+    got = S.generate(model, tok, turns, wav, cfg, rt(), speech=speech)
+    ids = S.render(turns, tok, cfg, generate=True)[0] + [tok.tts_start] * speech
+    b = S.collate([(wav, [])], tok, cfg, rt())
+    x = model.embed(torch.tensor([ids]), model.audio_features(b["mel"], b["n_mel"]), tok.patch)
+    masks, ref = S.slot_masks(tok, "cpu"), [tok.tts_start] * speech
+    with torch.no_grad():
+        for k in range(cfg.max_speech_tokens if speech else cfg.max_new_tokens):
+            lg = model.model(x)[0, -1]
+            if speech:
+                lg = lg.masked_fill(~masks[S.slot_kind(k, cfg.interleave)], float("-inf"))
+            nxt = int(lg.argmax())
+            if nxt == tok.eot:
+                break
+            ref.append(nxt)
+            if speech and nxt == tok.tts_end:
+                break
+            x = torch.cat([x, model.model.embed_tokens(torch.tensor([[nxt]]))], 1)
+    if speech and ref[-1] != tok.tts_end:
+        ref.append(tok.tts_end)
+    assert got == ref and len(got) > 2
