@@ -490,3 +490,11 @@ def test_generate_with_the_cache_equals_greedy_decoding_without(speech):
     if speech and ref[-1] != tok.tts_end:
         ref.append(tok.tts_end)
     assert got == ref and len(got) > 2
+    calls, forward = [], model.model.forward          # and each decoding step sits at the next position
+
+    def spy(x, pos0=0, cache=None):
+        calls.append((x.shape[1], pos0))
+        return forward(x, pos0, cache)
+    model.model.forward = spy
+    S.generate(model, tok, turns, wav, cfg, rt(), speech=speech)
+    assert calls[0] == (len(ids), 0) and [p for _, p in calls[1:]] == list(range(len(ids), len(ids) + len(calls) - 1))
