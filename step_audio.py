@@ -838,7 +838,7 @@ def bank_questions():
                     seen.add(q)
                     arith.append((q, f"{common.number_words(a)} {op} {common.number_words(b)} is "
                                      f"{common.number_words(f(a, b))}"))
-    return arith, list(common._FACTS)
+    return arith, list(common.FACTS)
 
 
 def bank_split(split):
@@ -881,10 +881,7 @@ def question_bank(split, cfg):
             items.append((q, a))
     answers = sorted({a for _, a in items})
     jobs += [(a, cfg.answer_voice, 0, 0.0) for a in answers]
-    blocks = common._map(common._speak_block, [jobs[i:i + 64] for i in range(0, len(jobs), 64)],
-                         min(2, os.cpu_count() or 1))
-    wavs = [common.resample(w.astype(np.float32) / 32768.0, common.ESPEAK_SR, cfg.sample_rate).astype(np.float32)
-            for b in blocks for w, _ in b]
+    wavs = [w.astype(np.float32) for w, _ in common.speak(jobs, sr=cfg.sample_rate, workers=min(2, os.cpu_count() or 1))]
     ans_wav = dict(zip(answers, wavs[len(items):]))
     _BANK[key] = [(w, q, a, ans_wav[a]) for w, (q, a) in zip(wavs, items)]
     return _BANK[key]
