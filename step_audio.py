@@ -152,6 +152,11 @@ class Config:
                              f"{','.join(map(str, self.stage_iters))} (sum {sum(self.stage_iters)})")
         if self.n_head % self.n_kv_head or self.n_embd % self.n_head:
             raise SystemExit("error: --n_head must be a multiple of --n_kv_head, and --n_embd of --n_head")
+        if self.followup and (not os.path.isfile(self.followup) or not self.followup.lower().endswith(
+                (".wav", ".flac", ".ogg", ".mp3"))):
+            raise SystemExit(f"error: --followup={self.followup} is not an audio file (.wav, .flac, .ogg, .mp3)")
+        if self.followup and not self.input:
+            raise SystemExit("error: --followup is the second spoken question: give the first with --input")
         if not self.fsq_levels or any(l < 3 or l % 2 == 0 for l in self.fsq_levels):
             raise SystemExit(f"error: --fsq_levels takes odd levels >= 3 (got {self.fsq_levels})")
         if len(self.interleave) != 2 or min(self.interleave) < 1:
@@ -1433,8 +1438,9 @@ def sample(cfg):
     if cfg.input:
         wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
         name = os.path.splitext(os.path.basename(cfg.input))[0]
-        system = ("system", "tools: calculator" if cfg.tools and not cfg.speak else "tools: none")
-        if cfg.prompt or not cfg.speak:
+        text_answer = bool(cfg.prompt) or not cfg.speak   # spoken answers never call tools
+        system = ("system", "tools: calculator" if cfg.tools and text_answer else "tools: none")
+        if text_answer:
             text_items.append((name, wav, [system, ("human", [("audio", len(wav))] + ([cfg.prompt] if cfg.prompt else []))]))
         else:
             spoken.append((name, wav))

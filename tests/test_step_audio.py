@@ -267,6 +267,7 @@ def test_bad_flags_give_one_line(tmp_path):
     assert "shorter than the first six stages" in error_of("step_audio.py", "--preset=tiny", "--max_iters=2")
     assert "--fsq_levels" in error_of("step_audio.py", "--preset=tiny", "--fsq_levels=4,3")
     assert "--interleave" in error_of("step_audio.py", "--preset=tiny", "--interleave=0,4")
+    assert "--followup" in error_of("step_audio.py", "--preset=tiny", "--mode=sample", "--followup=/no/such.wav")
     assert "--voc_upsample" in error_of("step_audio.py", "--preset=tiny", "--voc_upsample=4,4")
     assert "does not exist" in error_of("step_audio.py", "--mode=sample", f"--init_from={tmp_path}/none.pt")
     assert "--input" in error_of("step_audio.py", "--preset=tiny", "--mode=sample", "--input=/no/such.wav")
