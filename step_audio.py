@@ -173,8 +173,9 @@ PRESETS = {
     "small": dict(n_mels=80, n_audio_state=128, n_audio_head=4, n_audio_layer=2, adaptor_hidden=256, n_embd=192,
                   n_layer=4, n_head=6, n_kv_head=2, ffn=512, rope_theta=1e4, tie_embeddings=True, corpus_hours=0.5,
                   fsq_levels=(3, 3, 3, 3, 3), flow_dim=128, flow_layers=3, flow_heads=4, voc_channels=128,
-                  stage_iters=(150, 150, 60, 100, 150, 150), max_iters=1260, batch_size=8, eval_interval=420,
-                  eval_items=24, eval_speech_items=8, compile=False),  # a CPU run; 80 mel bins (128 cost 1.6x here)
+                  stage_iters=(100, 100, 40, 60, 100, 100), max_iters=750, batch_size=8, eval_interval=250,
+                  eval_items=24, eval_speech_items=8, compile=False),  # a CPU run (~15 min idle, estimated from
+                  # CPU-seconds per step on a busy machine, not timed idle); 80 mel bins (128 cost 1.6x here)
     "tiny":  dict(n_mels=32, n_audio_ctx=400, n_audio_state=32, n_audio_head=2, n_audio_layer=1, adaptor_hidden=48,
                   n_embd=32, n_layer=2, n_head=4, n_kv_head=2, ffn=64, rope_theta=1e4, bpe_vocab=300,
                   tie_embeddings=True, corpus_hours=0.02, fsq_levels=(3, 3), flow_dim=16, flow_layers=1,
