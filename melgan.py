@@ -129,9 +129,9 @@ class ResBlock(nn.Module):
         self.shortcut = weight_norm(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x):                                          # (B, C, T) -> (B, C, T)
-        # LReLU after the pad (the same numbers: the pad only copies samples) and in place on fresh tensors that
-        # nothing else reads (a conv's backward needs its input, not its output): fewer full-size buffers
-        h = F.leaky_relu(F.pad(x, (self.dilation, self.dilation), "reflect"), 0.2, inplace=True)
+        # in place on fresh tensors that nothing else reads (a conv's backward needs its input, not its output):
+        # fewer full-size buffers, the same numbers
+        h = F.pad(F.leaky_relu(x, 0.2), (self.dilation, self.dilation), "reflect")
         h = self.conv2(F.leaky_relu(self.conv1(h), 0.2, inplace=True))
         return self.shortcut(x).add_(h)                            # == shortcut(x) + h exactly
 
@@ -164,7 +164,7 @@ class Generator(nn.Module):
             # samples at this rate, so distant samples correlate (§2.1, "Induced receptive field")
             for j in range(self.n_res):
                 x = self.resblocks[i * self.n_res + j](x)
-        x = self.conv_post(F.leaky_relu(F.pad(x, (3, 3), "reflect"), 0.2, inplace=True))
+        x = self.conv_post(F.pad(F.leaky_relu(x, 0.2, inplace=True), (3, 3), "reflect"))
         return torch.tanh(x)                                       # (B, 1, frames * hop)
 
 
