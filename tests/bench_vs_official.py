@@ -1,9 +1,10 @@
 """Our vocoders and codec against the official implementations, side by side (a script, run by hand; pytest does
 not collect it: its name does not start with test_). Each comparison builds the reference with random weights,
 loads the same weights into ours (the key maps the parity tests prove), feeds both the same input in one process,
-and times them interleaved (ours, theirs, ours, theirs, ...), best of N each, so a busy neighbour on the shared
-machine slows both alike. One JSON line per comparison: the two times, ratio = official_time / our_time (> 1: ours
-is faster), and the largest output difference (the outputs must agree, or the timing compares different work).
+and times them interleaved (ours then theirs, theirs then ours, ...), best of N each, so a busy neighbour on the
+shared machine slows both alike. One JSON line per comparison: the two best times, ratio = official_time / our_time
+(> 1: ours is faster), the median of the per-round ratios (steadier when the load drifts), and the largest output
+difference (the outputs must agree, or the timing compares different work).
 
     OMP_NUM_THREADS=1 python tests/bench_vs_official.py                  # everything, one thread
     python tests/bench_vs_official.py --only=hifigan_v1_infer,melgan_infer --iters=7
@@ -24,6 +25,7 @@ Needs parallel_wavegan and encodec (requirements-ref.txt); a missing one is name
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -42,22 +44,29 @@ NAMES = ("hifigan_v1_infer", "hifigan_v3_infer", "hifigan_v1_train", "melgan_inf
 
 
 def interleaved(fns, iters, warmup=1):
-    """fns: {name: callable}. Runs them in turn, `iters` rounds, after `warmup` rounds; best time of each in ms."""
-    best = {k: float("inf") for k in fns}
+    """fns: {"ours": f, "official": g}. Runs them in turn for `iters` rounds after `warmup` rounds, the order
+    alternating each round (neither side always runs right after the other). Returns the best ms of each and the
+    median of the per-round ratios official / ours (a round's two runs see about the same load)."""
+    best, ratios, names = {k: float("inf") for k in fns}, [], list(fns)
     for r in range(warmup + iters):
-        for k, f in fns.items():
+        t = {}
+        for k in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            f()
-            dt = (time.perf_counter() - t0) * 1e3
-            if r >= warmup:
-                best[k] = min(best[k], dt)
+            fns[k]()
+            t[k] = (time.perf_counter() - t0) * 1e3
+        if r >= warmup:
+            for k in fns:
+                best[k] = min(best[k], t[k])
+            ratios.append(t["official"] / t["ours"])
+    best["paired_median_ratio"] = round(statistics.median(ratios), 3)
     return best
 
 
-def emit(name, ours_ms, official_ms, **extra):
-    print(json.dumps(dict(comparison=name, threads=torch.get_num_threads(), ours_ms=round(ours_ms, 2),
-                          official_ms=round(official_ms, 2), ratio=round(official_ms / ours_ms, 3), **extra)),
-          flush=True)
+def emit(name, t, **extra):
+    """One JSON line; ratio = official / ours on the best times (> 1: ours is faster)."""
+    print(json.dumps(dict(comparison=name, threads=torch.get_num_threads(), ours_ms=round(t["ours"], 2),
+                          official_ms=round(t["official"], 2), ratio=round(t["official"] / t["ours"], 3),
+                          paired_median_ratio=t["paired_median_ratio"], **extra)), flush=True)
 
 
 def pwg():
@@ -114,7 +123,7 @@ def bench_hifigan_infer(models, preset, seconds, iters):
     with torch.inference_mode():
         diff = (ours(mel) - ref(mel)).abs().max().item()
         t = interleaved({"ours": lambda: ours(mel), "official": lambda: ref(mel)}, iters)
-    emit(f"hifigan_{preset}_infer", t["ours"], t["official"], audio_s=seconds, max_abs_diff=diff,
+    emit(f"hifigan_{preset}_infer", t, audio_s=seconds, max_abs_diff=diff,
          ours_rtf=round(t["ours"] / 1e3 / seconds, 4), official_rtf=round(t["official"] / 1e3 / seconds, 4))
 
 
@@ -155,7 +164,7 @@ def bench_hifigan_train(models, batch, iters):
 
     t = interleaved({"ours": lambda: hifigan.train_step(state, (wav, mel), cfg, CPU), "official": official_step},
                     iters)
-    emit("hifigan_v1_train", t["ours"], t["official"], batch=batch, segment=cfg.segment,
+    emit("hifigan_v1_train", t, batch=batch, segment=cfg.segment,
          d_params=n_ours, official_d_params=n_ref, note="G and D updates, the paper's losses; official = jik876's step order")
 
 
@@ -174,7 +183,7 @@ def bench_melgan_infer(models, seconds, iters):
     with torch.inference_mode():
         diff = (ours(mel) - ref(mel)).abs().max().item()
         t = interleaved({"ours": lambda: ours(mel), "official": lambda: ref(mel)}, iters)
-    emit("melgan_infer", t["ours"], t["official"], audio_s=seconds, max_abs_diff=diff,
+    emit("melgan_infer", t, audio_s=seconds, max_abs_diff=diff,
          ours_rtf=round(t["ours"] / 1e3 / seconds, 4), official_rtf=round(t["official"] / 1e3 / seconds, 4))
 
 
@@ -207,7 +216,7 @@ def bench_encodec(which, seconds, iters):
             t = interleaved({"ours": lambda: ours.decompress(frames, x.shape[-1]),
                              "official": lambda: ref.decode(frames_ref)}, iters)
             extra = dict(same_codes=same, max_abs_diff=diff)
-    emit(f"encodec_{which}", t["ours"], t["official"], audio_s=seconds, kbps=bw,
+    emit(f"encodec_{which}", t, audio_s=seconds, kbps=bw,
          ours_rtf=round(t["ours"] / 1e3 / seconds, 4), official_rtf=round(t["official"] / 1e3 / seconds, 4), **extra)
 
 
