@@ -957,10 +957,11 @@ def _builtin(kind, split, sr, mono, hours, seed):
                 outs.append(np.clip(np.round(a * 32768.0), -32768, 32767).astype(np.int16).reshape(-1))
                 offs.append((o, a.shape[-1]))
                 o += outs[-1].size
-            np.save(rpath + ".tmp.npy", np.concatenate(outs))
-            os.replace(rpath + ".tmp.npy", rpath)
-            np.save(opath + ".tmp.npy", np.array(offs, dtype=np.int64))
-            os.replace(opath + ".tmp.npy", opath)
+            tmp = f".tmp{os.getpid()}.npy"  # per process: two runs may resample the same corpus at once
+            np.save(rpath + tmp, np.concatenate(outs))
+            os.replace(rpath + tmp, rpath)
+            np.save(opath + tmp, np.array(offs, dtype=np.int64))
+            os.replace(opath + tmp, opath)
         raw = np.load(rpath, mmap_mode="r")
         offsets = np.load(opath)
     else:
@@ -1825,13 +1826,14 @@ def build_corpus(kind="speech", hours=2.0, seed=1337, workers=None, verbose=True
     for it, a in zip(items, audio):
         it["offset"], offset = offset, offset + len(a)
     os.makedirs(path, exist_ok=True)
-    np.save(os.path.join(path, "audio.npy.tmp.npy"), np.concatenate(audio).astype(np.int16))
-    os.replace(os.path.join(path, "audio.npy.tmp.npy"), os.path.join(path, "audio.npy"))
+    tmp = os.path.join(path, f"audio.npy.tmp{os.getpid()}.npy")  # per process: two runs may build it at once
+    np.save(tmp, np.concatenate(audio).astype(np.int16))
+    os.replace(tmp, os.path.join(path, "audio.npy"))
     secs = sum(it["length"] for it in items) / (items[0]["sr"] if items else 1)
-    with open(man_path + ".tmp", "w") as f:
+    with open(man_path + f".tmp{os.getpid()}", "w") as f:
         json.dump(dict(version=CORPUS_VERSION, kind=kind, seed=seed, hours=hours, seconds=secs,
                        build_seconds=time.time() - t0, items=items), f)
-    os.replace(man_path + ".tmp", man_path)
+    os.replace(man_path + f".tmp{os.getpid()}", man_path)
     if verbose:
         log(f"built the {kind} corpus: {len(items)} clips, {secs / 3600:.2f} h of audio in {time.time() - t0:.1f} s -> {path}")
     return path
