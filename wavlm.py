@@ -501,23 +501,31 @@ def mix_utterances(wav, cfg, generator=None):
             seg, j, lo, hi = (z if u() < 0.5 else torch.cumsum(z, 0) / math.sqrt(n)), -1, *cfg.noise_db
         else:
             j = (i + 1 + int(u() * (B - 1))) % B           # another utterance of the batch
-            seg, lo, hi = wav[j, src:src + n].cpu(), *cfg.mix_db
+            seg, lo, hi = wav[j, src:src + n], *cfg.mix_db
         ratio_db = lo + (hi - lo) * u()
-        e_primary, e_seg = wav[i].pow(2).mean().item(), seg.pow(2).mean().item()
-        scale = math.sqrt(e_primary / (e_seg * 10 ** (ratio_db / 10))) if e_seg > 1e-10 and e_primary > 1e-10 else 0.0
-        out[i, dst:dst + n] += scale * seg.to(wav)
+        # the scale stays a 0-d tensor on wav's device: no host sync inside a training step (the draws above
+        # come from a CPU generator; only the energies live on the device)
+        seg = seg.to(wav)
+        e_primary, e_seg = wav[i].pow(2).mean(), seg.pow(2).mean()
+        ok = (e_seg > 1e-10) & (e_primary > 1e-10)
+        scale = torch.where(ok, (e_primary / (e_seg.clamp(min=1e-10) * 10 ** (ratio_db / 10))).sqrt(), 0.0)
+        out[i, dst:dst + n] += scale * seg
         events.append((i, j, dst, src, n, scale))
     return out, events
 
 
 def masked_prediction_loss(logits, targets, mask):
-    """Cross-entropy on the masked frames only (HuBERT's masked loss, pred_nomask_weight = 0), plus accuracies."""
-    lm = logits[mask]                                      # (N_masked, K)
-    tm = targets[mask]
-    loss = F.cross_entropy(lm, tm)
+    """Cross-entropy on the masked frames only (HuBERT's masked loss, pred_nomask_weight = 0), plus accuracies.
+    Written as mask-weighted means over all frames, not logits[mask]: boolean indexing has a data-dependent
+    shape, which makes a GPU step wait for the device (and breaks a torch.compile graph)."""
+    m = mask.float()                                       # (B, T)
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")   # (B, T): logits (B, K, T)
+    loss = (ce * m).sum() / m.sum().clamp(min=1)
     with torch.no_grad():
-        acc_m = (lm.argmax(-1) == tm).float().mean()
-        acc_u = (logits[~mask].argmax(-1) == targets[~mask]).float().mean() if (~mask).any() else acc_m
+        hit = (logits.argmax(-1) == targets).float()       # (B, T)
+        acc_m = (hit * m).sum() / m.sum().clamp(min=1)
+        u = 1 - m                                          # no unmasked frame: report acc_m, as before
+        acc_u = torch.where(u.sum() > 0, (hit * u).sum() / u.sum().clamp(min=1), acc_m)
     return loss, acc_m, acc_u
 
 # ----------------------------------------------------------------------------- data

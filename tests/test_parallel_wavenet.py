@@ -15,7 +15,8 @@ import common
 import parallel_wavenet as P
 from cli import check_cli_contract, error_of
 
-BENCH_KEYS = ("student_b1_samples_per_s", "teacher_cached_b1_samples_per_s", "student_speedup", "train_flops_per_step")
+BENCH_KEYS = ("student_b1_samples_per_s", "teacher_cached_b1_samples_per_s", "student_speedup", "train_flops_per_step",
+              "train_tflops")
 
 
 def cfg_of(*flags, preset="tiny"):

@@ -218,11 +218,14 @@ def test_quantizer_warmup_bypasses_then_quantizes():
     cfg = make_cfg(quantizer_warmup=2)
     model = S.SoundStream(cfg).train()
     x = torch.randn(2, 1, 320 * 4) * 0.1
-    for _ in range(2):
-        _, codes = model(x, torch.tensor([4, 4]), torch.zeros(2))
+    for _ in range(2):  # train_step asks tick() whether this step quantizes
+        _, codes = model(x, torch.tensor([4, 4]), torch.zeros(2), model.quantizer.tick())
         assert codes is None and model.quantizer.layers[0].inited.item() == 0
-    _, codes = model(x, torch.tensor([4, 4]), torch.zeros(2))
+    _, codes = model(x, torch.tensor([4, 4]), torch.zeros(2), model.quantizer.tick())
     assert codes is not None and model.quantizer.layers[0].inited.item() == 1
+    assert int(model.quantizer.steps) == 3  # the checkpointed count follows the host-side one
+    model.quantizer.load_state_dict(model.quantizer.state_dict())  # a load re-reads the buffer: no drift
+    assert model.quantizer._steps is None and model.quantizer.tick() and int(model.quantizer.steps) == 4
 
 # ----------------------------------------------------------------------------- quantizer dropout and data
 
@@ -331,7 +334,7 @@ def literal_objective_step(G, D, batch, cfg, lr_g, lr_d):
     then one SGD step of G against the UPDATED D. Returns the losses and the new parameters."""
     x, y, n_q, cond = batch["x"], batch["target"], batch["n_q"], batch["cond"]
     torch.manual_seed(123)
-    y_hat, _ = G(x, n_q, cond)
+    y_hat, _ = G(x, n_q, cond, G.quantizer.tick())  # (tick: the step count the checkpoint keeps; no warm-up here)
     lr_, _ = D(y)
     lf_, _ = D(y_hat.detach())
     K = len(lr_)
@@ -406,7 +409,7 @@ def test_tiny_codec_overfits_one_batch():
 def test_cli_contract(tmp_path):
     out = check_cli_contract("soundstream.py", tmp_path,
                              bench_keys=("train_audio_s_per_s", "encode_rtf_b1_eager", "decode_rtf_b1_eager",
-                                         "stream_rtf_b1_eager", "train_flops_per_step"))
+                                         "stream_rtf_b1_eager", "train_flops_per_step", "train_tflops"))
     assert "bitrate: 75 Hz x 4 bits x n_q" in out["train"]
     assert "eval (test) | speech_0.6kbps_si_snr" in out["eval"] and "noisy_1.2kbps_on_mel" in out["eval"]
     assert "SI-SNR" in out["sample"]

@@ -311,7 +311,7 @@ def test_parity_with_transformers(kind, tmp_path):
 
 def test_cli_contract_features_probe_iteration2(tmp_path):
     out = check_cli_contract("wavlm.py", tmp_path, bench_keys=("train_audio_s_per_s", "features_rtf_eager",
-                                                               "train_flops_per_step"))
+                                                               "train_flops_per_step", "train_tflops"))
     assert "eval | split test" in out["eval"] and "acc_m_mixed" in out["eval"]
     # the rest in-process (a subprocess costs seconds of imports): features, probes, iteration 2
     d = tmp_path / "run"
