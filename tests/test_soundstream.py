@@ -391,6 +391,37 @@ def test_golden_train_step():
     assert got["d"].item() > 0 and got["rec"].item() > 0
 
 
+def test_compiled_train_step_equals_eager_without_host_sync():
+    # torch.compile forced on, on the CPU. After the one k-means (eager, first step), the codec's training forward
+    # (encoder, FiLM, RVQ with its EMA and masked dead-code updates, decoder) and the discriminators each trace as
+    # ONE graph (fullgraph=True: an .item(), `if dead.any()` or a data-dependent shape would break it: a GPU step
+    # would stall there), through AOTAutograd (forward + backward; backend aot_eager: inductor's graph capture
+    # without its minutes of C++ codegen on this CPU); two train_steps then give the eager losses and weights.
+    cfg = make_cfg(compile=True)
+    assert cfg.compile
+    rt = runtime(cfg)
+    torch.manual_seed(0)
+    state = S.build(cfg, rt)
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, cfg.segment) * 0.1
+    batch = dict(x=x, target=x, cond=torch.tensor([0.0, 1.0]), n_q=torch.tensor([1, 3]))
+    S.train_step(state, batch, cfg, rt)  # k-means on the first batch: once per run, eager
+    ref = copy.deepcopy(state)
+    run = dict(state, G=torch.compile(state["G"], backend="aot_eager", fullgraph=True),
+               D=torch.compile(state["D"], backend="aot_eager", fullgraph=True))
+    for s in range(2):
+        torch.manual_seed(10 + s)
+        got = S.train_step(run, batch, cfg, rt)
+        torch.manual_seed(10 + s)
+        want = S.train_step(ref, batch, cfg, rt)
+        for k in ("d", "g", "adv", "feat", "rec"):
+            assert got[k].item() == pytest.approx(want[k].item(), rel=1e-4, abs=1e-6), (s, k)
+    for name in ("G", "D"):
+        sa, sb = state[name].state_dict(), ref[name].state_dict()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6, msg=f"{name}.{k}")
+
+
 def test_tiny_codec_overfits_one_batch():
     cfg = make_cfg(lr=3e-3)
     rt = runtime(cfg)

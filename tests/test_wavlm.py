@@ -198,6 +198,43 @@ def test_golden_train_step():
         assert torch.allclose(p_new, p_old - lr * g, atol=1e-6, rtol=1e-4), n
 
 
+def test_compiled_train_step_equals_eager_without_host_sync():
+    # torch.compile forced on, on the CPU. The model traces as ONE graph through AOTAutograd (fullgraph=True: an
+    # .item(), a data-dependent branch or shape would break it: a GPU step would stall there; backend aot_eager:
+    # inductor's graph capture, forward and backward, without its minutes of C++ codegen on this CPU), and so
+    # does the masked loss (no logits[mask]: boolean indexing has a data-dependent shape). Mixing draws its
+    # choices on the host but never reads the batch back: it runs on a meta tensor, where any .item() or .cpu()
+    # would raise. Two train_steps then give the eager losses and weights.
+    cfg = tiny_cfg(mix_prob=1.0, compile=True)
+    eager, comp = _state(cfg), _state(cfg)
+    model = comp["model"]
+    comp["model"] = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss_fn = torch.compile(wavlm.masked_prediction_loss, backend="aot_eager", fullgraph=True)
+    logits, targets = torch.randn(2, 7, 5), torch.randint(0, 5, (2, 7))
+    mask = torch.rand(2, 7) < 0.5
+    want = wavlm.masked_prediction_loss(logits, targets, mask)
+    for got, w in zip(loss_fn(logits, targets, mask), want):
+        torch.testing.assert_close(got, w)
+    lm = logits[mask]                                                     # the definition, by indexing
+    torch.testing.assert_close(want[0], F.cross_entropy(lm, targets[mask]))
+    torch.testing.assert_close(want[2], (logits[~mask].argmax(-1) == targets[~mask]).float().mean())
+    meta = torch.randn(3, 4000).to("meta")
+    for c in (cfg, tiny_cfg(mix_prob=1.0, noise_prob=1.0)):
+        mixed, ev = wavlm.mix_utterances(meta, c, torch.Generator().manual_seed(0))
+        assert ev and mixed.is_meta
+    torch.manual_seed(3)
+    wav = torch.randn(3, 16000) * 0.1
+    for s in range(2):
+        torch.manual_seed(20 + s)
+        a = wavlm.train_step(eager, wav, cfg, RT)
+        torch.manual_seed(20 + s)
+        b = wavlm.train_step(comp, wav, cfg, RT)
+        for k in ("loss", "acc_m", "gnorm"):
+            assert abs(a[k].item() - b[k].item()) <= 1e-4 * (1 + abs(a[k].item())), (s, k)
+    for (k, p), q in zip(eager["model"].named_parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_loss_falls_on_one_batch():
     cfg = tiny_cfg(mix_prob=0.0, lr=3e-3, warmup=1, max_iters=1000)
     state = _state(cfg)
