@@ -31,6 +31,9 @@ Simplified or changed here (honestly):
   1/(K L) Σ with each map's elements averaged); the reconstruction loss sums over frames as the paper writes it,
   so it is ~1e5 at the start and dominates the total (Adam does not mind the scale).
 - Real-time streaming is exact but not optimised (no fused kernels, no int8); no entropy coding.
+- A training step never reads the device (a GPU does not stall): the k-means flag and the warm-up step count
+  have host-side copies read once per run, the dead-code reset is a masked update, and the codec and the
+  discriminators each compile as one graph (tests/test_soundstream.py checks both on the CPU).
 
     python soundstream.py                                          # train on the built-in speech+music corpus
     python soundstream.py --preset=paper --batch_size=32           # the paper's model (one GPU)

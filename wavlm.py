@@ -172,7 +172,8 @@ PRESETS = {  # the official WavLM-Base / Base+ / Large cfg (microsoft/unilm wavl
                       heads=4, ffn=768, conv_pos=32, conv_pos_groups=8, final_dim=64, num_classes=100,
                       dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=80, batch_size=8, segment=16_000,
                       max_iters=800, lr_decay_iters=800, eval_interval=200, log_interval=25, eval_items=32, corpus_hours=0.5,
-                      kmeans_frames=40_000, bench_seconds=10.0),   # 2.2 M: 800 steps, ~17 min at 1.25 s/step (CPU, 1 thread)
+                      kmeans_frames=40_000, bench_seconds=10.0),   # 2.2 M: 800 steps at 0.27-0.35 s/step on one core
+                                                   # (busy 2-core box, OMP_NUM_THREADS=1): ~4-5 min + evals
     "tiny":      dict(conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2, dim=32, layers=2,
                       heads=2, ffn=64, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64,
                       final_dim=16, num_classes=8, dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=2,

@@ -391,6 +391,45 @@ def test_golden_train_step():
     assert got["d"].item() > 0 and got["rec"].item() > 0
 
 
+class NoHostReads:
+    """Inside: our Python asking a tensor for a host value (.item(), bool(), int(), float(), .tolist(), .cpu(),
+    .numpy()) raises. On a GPU each of these waits for the device to finish (a stall in every step)."""
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, self._trap(n))
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+    @staticmethod
+    def _trap(name):
+        def trap(*args, **kwargs):
+            raise AssertionError(f"host read in a training step: Tensor.{name}")
+        return trap
+
+
+def test_train_step_reads_nothing_back_from_the_device():
+    # the steady-state step (codebooks initialised, quantizer on, dead codes being reset) with SGD, whose step()
+    # reads no step counter: not one tensor value travels to the host
+    cfg = make_cfg(dead_code_threshold=1e9)  # every code dead every step: the reset path runs
+    rt = runtime(cfg)
+    torch.manual_seed(0)
+    state = S.build(cfg, rt)
+    x = torch.randn(2, 1, cfg.segment) * 0.1
+    batch = dict(x=x, target=x, cond=torch.tensor([0.0, 1.0]), n_q=torch.tensor([1, 3]))
+    S.train_step(state, batch, cfg, rt)  # k-means and the first read of the step count: once per run
+    state["opt_g"] = torch.optim.SGD(state["G"].parameters(), lr=1e-6)
+    state["opt_d"] = torch.optim.SGD(state["D"].parameters(), lr=1e-6)
+    before = state["G"].quantizer.layers[0].embed.clone()
+    with NoHostReads():
+        S.train_step(state, batch, cfg, rt)
+    assert not torch.equal(before, state["G"].quantizer.layers[0].embed)
+
+
 def test_compiled_train_step_equals_eager_without_host_sync():
     # torch.compile forced on, on the CPU. After the one k-means (eager, first step), the codec's training forward
     # (encoder, FiLM, RVQ with its EMA and masked dead-code updates, decoder) and the discriminators each trace as

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import wavlm
@@ -198,6 +199,24 @@ def test_golden_train_step():
         assert torch.allclose(p_new, p_old - lr * g, atol=1e-6, rtol=1e-4), n
 
 
+class DeviceReads(TorchDispatchMode):
+    """Records the ATen ops that make a GPU step wait for the device: a value read back (.item(), bool()) or an
+    output whose shape depends on the data (boolean-mask indexing, nonzero)."""
+    SYNCS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_consecutive",
+             "aten::_unique2"}
+
+    def __enter__(self):
+        self.found = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func._schema.name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+            getattr(i, "dtype", None) == torch.bool for i in (args[1] if len(args) > 1 else ()) if i is not None)
+        if func._schema.name in self.SYNCS or bool_index:
+            self.found.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
 def test_compiled_train_step_equals_eager_without_host_sync():
     # torch.compile forced on, on the CPU. The model traces as ONE graph through AOTAutograd (fullgraph=True: an
     # .item(), a data-dependent branch or shape would break it: a GPU step would stall there; backend aot_eager:
@@ -212,7 +231,10 @@ def test_compiled_train_step_equals_eager_without_host_sync():
     loss_fn = torch.compile(wavlm.masked_prediction_loss, backend="aot_eager", fullgraph=True)
     logits, targets = torch.randn(2, 7, 5), torch.randint(0, 5, (2, 7))
     mask = torch.rand(2, 7) < 0.5
-    want = wavlm.masked_prediction_loss(logits, targets, mask)
+    with DeviceReads() as reads:                                          # no nonzero / .item() inside
+        want = wavlm.masked_prediction_loss(logits, targets, mask)
+        model.train()(torch.randn(2, 16000) * 0.1, torch.rand(2, 49) < 0.5)          # (eager: modes do not compile)
+    assert not reads.found, reads.found
     for got, w in zip(loss_fn(logits, targets, mask), want):
         torch.testing.assert_close(got, w)
     lm = logits[mask]                                                     # the definition, by indexing
