@@ -85,7 +85,9 @@ class Config:
     channels: int = 1                  # audio channels
     n_filters: int = 64                # base SEANet width C; doubles at every downsampling (Mimi's)
     dimension: int = 512               # pre-bottleneck latent D (also the VAE Transformer width)
-    ratios: tuple = (6, 5, 4, 4, 4)    # decoder upsampling ratios (Table 13); encoder reversed: hop 1920
+    ratios: tuple = (6, 5, 4)          # SEANet ratios (decoder order; encoder reversed): hop 120 -> 200 Hz, then
+                                       # a stride-16 conv to 12.5 Hz: Table 13's "6, 5, 4, 4, 4" read as Pocket
+                                       # TTS's codec lays it out [inferred]
     n_residual_layers: int = 1         # residual units per block
     compress: int = 2                  # residual branch width C/compress
     dilation_base: int = 2             # dilation of residual unit j is base**j
@@ -289,7 +291,7 @@ class SEANetEncoder(nn.Module):
         C = cfg.n_filters
         self.conv_in = CausalConv1d(cfg.channels, C, cfg.kernel_size)
         self.blocks = nn.ModuleList()
-        for i, s in enumerate(reversed(cfg.ratios)):  # speech: strides 4, 4, 4, 5, 6
+        for i, s in enumerate(reversed(cfg.ratios)):  # speech: strides 4, 5, 6
             blk = nn.Module()
             blk.res = nn.ModuleList(ResidualUnit(C * 2 ** i, cfg.dilation_base ** j, cfg)
                                     for j in range(cfg.n_residual_layers))
@@ -417,8 +419,9 @@ class VAE(nn.Module):
         self.cfg, D = cfg, cfg.dimension
         hop = int(np.prod(cfg.ratios))
         self.frame_size = int(cfg.sample_rate / cfg.frame_rate)
-        stride = self.frame_size // hop  # Table 13's ratios already reach the frame rate: stride 1, no resampler
+        stride = self.frame_size // hop  # speech: 16 (1920 / 120); music: 1 (its four ratios reach 25 Hz)
         self.encoder, self.encoder_transformer = SEANetEncoder(cfg), Transformer(cfg)
+        # Mimi's learned resampler (kernel 2 x stride) where the SEANet hop is not yet a frame
         self.downsample = CausalConv1d(D, D, 2 * stride, stride, bias=False) if stride > 1 else nn.Identity()
         self.bottleneck = GaussianBottleneck(cfg)
         self.upsample = CausalConvTranspose1d(D, D, 2 * stride, stride, groups=D, bias=False) if stride > 1 else nn.Identity()
@@ -660,7 +663,7 @@ class CALM(nn.Module):
         return torch.stack(codes, -1)
 
     def rvq_decode(self, codes):  # (..., n_q) -> (..., D)
-        return sum(cb[codes[..., q]] for q, cb in enumerate(self.codebooks))
+        return sum(self.codebooks[q][codes[..., q]] for q in range(codes.shape[-1]))  # the first levels given
 
     def inputs(self, prev, text):
         """Backbone input of each position: the previous frame (a latent, or its codes) + this position's text token.
