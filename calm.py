@@ -150,7 +150,8 @@ class Config:
     betas: tuple = (0.5, 0.9)          # VAE AdamW betas [recalled, Mimi]
     lm_betas: tuple = (0.9, 0.95)      # LM AdamW betas
     weight_decay: float = 0.0
-    warmup_iters: int = 1000           # LM linear warm-up, then cosine
+    warmup_iters: int = 1000           # linear warm-up, then cosine
+    decay_iters: int = 400_000         # cosine horizon (its own field, not max_iters: a resume keeps the schedule)
     grad_clip: float = 1.0             # LM gradient clipping
     max_iters: int = 400_000
     log_interval: int = 50
@@ -213,13 +214,13 @@ PRESETS = {
                   lm_dim=256, lm_layers=4, lm_heads=4, lm_ffn=1024, short_dim=128, short_layers=1, head_dim=256,
                   head_depth=3, head_batch_mul=4, text_vocab=512, n_q=8, codebook_size=256, depth_dim=128,
                   depth_layers=2, lm_segment=76800, batch_size=8, lr=1e-3, lm_lr=1e-3, warmup_iters=50,
-                  tangent_warmup=200, max_iters=600, log_interval=20, eval_interval=200, eval_items=4,
+                  tangent_warmup=200, decay_iters=600, max_iters=600, log_interval=20, eval_interval=200, eval_items=4,
                   gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5),  # each stage ~15 min on a CPU
     "tiny": dict(n_filters=2, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, disc_filters=4,
                  disc_n_ffts=(256,), mel_scales=(6, 7), recon_loss=True, segment=3840, latent_dim=8, lm_dim=32,
                  lm_layers=1, lm_heads=2, lm_ffn=64, short_context=3, short_dim=16, short_layers=1, head_dim=32,
                  head_depth=1, head_batch_mul=2, text_vocab=260, n_q=2, codebook_size=8, kmeans_iters=3,
-                 depth_dim=16, depth_layers=1, lm_segment=15360, batch_size=2, warmup_iters=2, tangent_warmup=2,
+                 depth_dim=16, depth_layers=1, lm_segment=15360, batch_size=2, warmup_iters=2, decay_iters=20, tangent_warmup=2,
                  max_iters=10, log_interval=1, eval_interval=1000, eval_items=1, eval_seconds=0.96,
                  prompt_seconds=0.32, gen_seconds=0.48, bench_seconds=0.48, bench_iters=1, corpus_hours=0.02),
 }
@@ -932,7 +933,7 @@ def _lr_lambda(cfg):  # linear warm-up then cosine to 10 % (Table 13 / S6: cosin
     def f(step):
         if step < cfg.warmup_iters:
             return (step + 1) / cfg.warmup_iters
-        p = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+        p = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
     return f
 
@@ -1072,7 +1073,8 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
             nxt = int(prompt["text"][s + 1])
         elif queue is not None:
             cand = queue[0] if queue else eos
-            nxt = cand if logits[cand] > logits[pad] else pad
+            stalled = all(t == pad for t in text[-int(2 * cfg.frame_rate):]) and len(text) >= 2 * cfg.frame_rate
+            nxt = cand if logits[cand] > logits[pad] or stalled else pad  # (2 s of PAD: say the next token anyway)
             if nxt == cand and queue:
                 queue.pop(0)
             if nxt == eos:

@@ -215,6 +215,25 @@ def test_backbone_and_short_context_causal():
     assert not torch.allclose(lm.short_context(cl3)[:, s - 1], s0[:, s - 1])
 
 
+@pytest.mark.parametrize("head", ["consistency", "rvq"])
+def test_training_path_causal(head):
+    """lm_losses itself (not a re-implementation): the backbone output at position s, which predicts frame s, does not
+    move when frame s or a later frame changes (the inputs are shifted by one frame)."""
+    lm, cfg = tiny_lm(head=head)
+    lm.eval()
+    seen = []
+    lm.norm.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    batch = fake_batch(cfg, B=1, S=10)
+    C.lm_losses(lm, batch, cfg, 1.0)
+    b2 = {k: (v.clone() if v is not None else None) for k, v in batch.items()}
+    b2["latent"][:, 6:] += 3.0
+    if head == "rvq":
+        b2["pre"][:, 6:] += 3.0
+    C.lm_losses(lm, b2, cfg, 1.0)
+    assert torch.allclose(seen[0][:, :7], seen[1][:, :7], atol=1e-6)
+    assert not torch.allclose(seen[0][:, 7:], seen[1][:, 7:])
+
+
 def test_vae_causal():
     cfg = make_cfg()
     torch.manual_seed(0)
