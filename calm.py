@@ -1009,7 +1009,7 @@ def train_step(state, batch, cfg, rt):
     state["counter"].step += 1
     r = min(1.0, state["counter"].step / max(1, cfg.tangent_warmup))  # sCM tangent warm-up
     with rt.autocast():
-        losses = lm_losses(lm, batch, cfg, r)
+        losses = lm(batch, r)  # CALM.forward = lm_losses (through DDP's forward when wrapped)
     opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
     torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)
