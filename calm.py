@@ -35,7 +35,10 @@ Simplified or changed here (honestly):
   weights or training code exist to map or compare against (Pocket TTS is another model): no parity test.
 - The VAE has no WavLM distillation (speech, weight 25 in Table 13): a plain Gaussian VAE-GAN. Table 13 trains the
   speech VAE without reconstruction losses; the CPU presets (small, tiny) turn them on (--recon_loss), since
-  adversarial losses alone make nothing audible in a few hundred steps. Discriminator: EnCodec's MS-STFT.
+  adversarial losses alone make nothing audible in a few hundred steps. Discriminator: EnCodec's MS-STFT. Table 13's
+  speech ratios "6, 5, 4, 4, 4" are laid out as Pocket TTS's codec: SEANet [6, 5, 4] then a stride-16 learned
+  resampler [inferred]; the music VAE's four ratios reach 25 Hz without one. Parameter counts are our builds of
+  these configs (no official CALM count exists); the music backbone comes out at the paper's 1.35 B (within 2 %).
 - sCM details the card does not give are sCM's own (Lu & Song 2025) [recalled]: the time proposal
   t = arctan(e^tau / sigma_d), tau ~ N(-1.0, 1.4^2), the tangent warm-up and normalisation g / (|g| + 0.1),
   sigma_d = 1 (the latents are normalised), the time embedding of t itself. The tangent is a forward-mode JVP.
@@ -47,7 +50,9 @@ Simplified or changed here (honestly):
 - CPU presets are tiny next to the paper's (2B backbone, 400k+ steps): after minutes of training the output has
   speech-like spectra, not words; README gives what was measured.
 
-Whole pipeline on a CPU: `python calm.py --stage=vae && python calm.py --stage=lm` (each <= ~15 min, small preset).
+Whole pipeline on a CPU: `python calm.py --stage=vae && python calm.py --stage=lm` (small preset; each stage's
+default length is sized for ~15 min on an idle 2-core CPU), then `python calm.py --stage=lm --head=rvq
+--out_dir=out/calm/lm_rvq` for the discrete baseline, and `--mode=sample` / `--mode=bench` on either.
 """
 import math
 import os
@@ -773,6 +778,40 @@ def scm_loss(head, weight, x0, z, cfg, r, generator=None):
     err = (head(x_t / sd, t, z) - F_minus - g).pow(2).sum(-1) / x0.shape[-1]
     return (w.exp() * err - w).mean(), err.mean()
 
+def lm_losses(model, batch, cfg, r, generator=None):
+    """One LM objective on a batch: the head's loss on every valid frame (Eq. 3, head_batch_mul draws per Z; or the
+    depth head's cross-entropy) + lambda_text x the text stream's cross-entropy (speech)."""
+    text, valid = batch["text"], batch["valid"]
+    B, S = text.shape
+    if cfg.head == "consistency":
+        clean = model.normalize(batch["latent"]) * valid[..., None]  # (B, S, latent)
+        noisy = noise_inject(clean, generator)[0] if cfg.noise_injection and model.training else clean
+        prev = F.pad(noisy, (0, 0, 1, 0))[:, :S]  # frame s - 1 at position s (zeros at s = 0, replaced by BOS)
+    else:
+        codes = model.rvq_encode(batch["pre"].reshape(B * S, -1)).view(B, S, -1)  # (B, S, n_q)
+        prev = F.pad(codes, (0, 0, 1, 0))[:, :S]
+    x = model.inputs(prev, text)
+    x = torch.cat([model.bos.expand(B, 1, -1) + model.text_emb(text[:, :1]), x[:, 1:]], 1)  # BOS at position 0
+    h = model.backbone(x)  # (B, S, D)
+    m = valid.reshape(-1) > 0
+    losses = {}
+    if cfg.head == "consistency":
+        z = model.condition(h, clean).reshape(B * S, -1)[m]  # (N, D): Z_s of every valid frame
+        x0 = clean.reshape(B * S, -1)[m]
+        n = cfg.head_batch_mul  # §3.3: n (t, eps) draws per backbone output, Z computed once
+        head_loss, losses["scm_err"] = scm_loss(model.head, model.weight, x0.repeat(n, 1), z.repeat(n, 1), cfg, r,
+                                                generator)
+        losses["scm"] = head_loss
+    else:
+        logits = model.depth(h.reshape(B * S, -1)[m], codes.reshape(B * S, -1)[m])  # (N, n_q, K)
+        head_loss = losses["ce_rvq"] = F.cross_entropy(logits.float().flatten(0, 1), codes.reshape(B * S, -1)[m].flatten())
+    tl = F.cross_entropy(model.text_out(h[:, :-1]).float().flatten(0, 1), text[:, 1:].flatten(), reduction="none")
+    tm = valid[:, 1:].flatten()
+    losses["text_ce"] = (tl * tm).sum() / tm.sum().clamp(min=1)
+    losses["loss"] = head_loss + cfg.lambda_text * losses["text_ce"]
+    return losses
+
+
 # ----------------------------------------------------------------------------- data
 
 def clips(cfg, split):
@@ -880,40 +919,6 @@ def get_batch(sampler, cfg, rt):
                 valid=x[..., L + D + 1])
 
 # ----------------------------------------------------------------------------- train
-
-def lm_losses(model, batch, cfg, r, generator=None):
-    """One LM objective on a batch: the head's loss on every valid frame (Eq. 3, head_batch_mul draws per Z; or the
-    depth head's cross-entropy) + lambda_text x the text stream's cross-entropy (speech)."""
-    text, valid = batch["text"], batch["valid"]
-    B, S = text.shape
-    if cfg.head == "consistency":
-        clean = model.normalize(batch["latent"]) * valid[..., None]  # (B, S, latent)
-        noisy = noise_inject(clean, generator)[0] if cfg.noise_injection and model.training else clean
-        prev = F.pad(noisy, (0, 0, 1, 0))[:, :S]  # frame s - 1 at position s (zeros at s = 0, replaced by BOS)
-    else:
-        codes = model.rvq_encode(batch["pre"].reshape(B * S, -1)).view(B, S, -1)  # (B, S, n_q)
-        prev = F.pad(codes, (0, 0, 1, 0))[:, :S]
-    x = model.inputs(prev, text)
-    x = torch.cat([model.bos.expand(B, 1, -1) + model.text_emb(text[:, :1]), x[:, 1:]], 1)  # BOS at position 0
-    h = model.backbone(x)  # (B, S, D)
-    m = valid.reshape(-1) > 0
-    losses = {}
-    if cfg.head == "consistency":
-        z = model.condition(h, clean).reshape(B * S, -1)[m]  # (N, D): Z_s of every valid frame
-        x0 = clean.reshape(B * S, -1)[m]
-        n = cfg.head_batch_mul  # §3.3: n (t, eps) draws per backbone output, Z computed once
-        head_loss, losses["scm_err"] = scm_loss(model.head, model.weight, x0.repeat(n, 1), z.repeat(n, 1), cfg, r,
-                                                generator)
-        losses["scm"] = head_loss
-    else:
-        logits = model.depth(h.reshape(B * S, -1)[m], codes.reshape(B * S, -1)[m])  # (N, n_q, K)
-        head_loss = losses["ce_rvq"] = F.cross_entropy(logits.float().flatten(0, 1), codes.reshape(B * S, -1)[m].flatten())
-    tl = F.cross_entropy(model.text_out(h[:, :-1]).float().flatten(0, 1), text[:, 1:].flatten(), reduction="none")
-    tm = valid[:, 1:].flatten()
-    losses["text_ce"] = (tl * tm).sum() / tm.sum().clamp(min=1)
-    losses["loss"] = head_loss + cfg.lambda_text * losses["text_ce"]
-    return losses
-
 
 def load_vae_for_lm(cfg, path):
     """--stage=lm: the VAE checkpoint fixes the VAE's architecture and the features (sample rate, frame rate,
