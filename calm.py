@@ -767,13 +767,10 @@ def scm_loss(head, weight, x0, z, cfg, r, generator=None):
     ct, st = torch.cos(t)[:, None], torch.sin(t)[:, None]
     x_t = ct * x0 + st * eps
     dxt = ct * eps - st * x0
-    zd = z.detach()
-    params = {k: v.detach() for k, v in head.named_parameters()}
-    fn = lambda x, tt: torch.func.functional_call(head, params, (x, tt, zd))  # F_theta-: weights and Z stop-grad
-    F_minus, dF_dt = torch.func.jvp(fn, (x_t / sd, t), (dxt / sd, torch.ones_like(t)))
+    F_minus, dF_dt = torch.func.jvp(lambda x, tt: head(x, tt, z), (x_t / sd, t), (dxt / sd, torch.ones_like(t)))
     g = -ct ** 2 * (sd * F_minus - dxt) - r * ct * st * (x_t + sd * dF_dt)
     g = g / (g.norm(dim=-1, keepdim=True) + cfg.tangent_c)  # tangent normalisation
-    g, F_minus = g.detach(), F_minus.detach()
+    g, F_minus = g.detach(), F_minus.detach()  # theta-: the stop-gradient (weights, Z and the tangent alike)
     w = weight(t)
     err = (head(x_t / sd, t, z) - F_minus - g).pow(2).sum(-1) / x0.shape[-1]
     return (w.exp() * err - w).mean(), err.mean()
