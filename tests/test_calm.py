@@ -251,6 +251,19 @@ def test_vae_causal():
 
 # ----------------------------------------------------------------------------- VAE losses, latents, text
 
+def test_vae_reparameterisation():
+    cfg = make_cfg()
+    torch.manual_seed(0)
+    vae = C.VAE(cfg)
+    x = torch.randn(2, 1, 2 * vae.frame_size) * 0.1
+    seen, dec = {}, vae.decode
+    vae.decode = lambda z: seen.setdefault("z", z) is not None and dec(z)
+    torch.manual_seed(1)
+    _, mu, logvar = vae(x)
+    torch.manual_seed(1)
+    assert torch.allclose(seen["z"], mu + torch.randn_like(mu) * (0.5 * logvar).exp())  # z = mu + sigma eps
+
+
 def test_kl_on_hand_gaussian():
     mu = torch.tensor([[[1.0], [0.0]], [[-2.0], [0.5]]])  # (B=2, latent=2, F=1)
     logvar = torch.tensor([[[0.0], [math.log(4.0)]], [[math.log(0.25)], [0.0]]])
@@ -302,6 +315,11 @@ def test_rvq_baseline():
     codes = lm.rvq_encode(x)
     errs = [(lm.rvq_decode(codes[:, :q]) - x).pow(2).mean().item() if q else x.pow(2).mean().item() for q in range(4)]
     assert codes.shape == (200, 3) and errs[0] > errs[1] > errs[2] > errs[3]  # each level removes residual
+    res = x.clone()
+    for q in range(3):  # level q is the nearest entry to what levels < q left
+        ref = torch.cdist(res, lm.codebooks[q]).argmin(-1)
+        assert torch.equal(codes[:, q], ref)
+        res = res - lm.codebooks[q][ref]
     # the depth head's cached sampling (greedy) == argmax of its teacher-forced logits
     z = torch.randn(5, cfg.lm_dim)
     c = lm.depth.sample(z, 0.0)
