@@ -1617,6 +1617,16 @@ def _map(fn, jobs, workers):
         shutil.rmtree(d, ignore_errors=True)
 
 
+def speak(jobs, sr=None, workers=None):
+    """Speak sentences outside a corpus: [(text, speaker, pitch_jitter, rate_jitter)] -> [(float32 wav, words)].
+    Blocks of 64 jobs, each by a fresh eSpeak instance (so the result does not depend on the worker count, as in
+    build_corpus); resampled to sr when given (word times stay in seconds)."""
+    workers = workers or min(4, os.cpu_count() or 1)
+    blocks = _map(_speak_block, [jobs[i:i + 64] for i in range(0, len(jobs), 64)], workers)
+    out = [(w.astype(np.float32) / 32768.0, words) for b in blocks for w, words in b]
+    return [(resample(w, ESPEAK_SR, sr) if sr and sr != ESPEAK_SR else w, words) for w, words in out]
+
+
 def _speech_jobs(hours, seed):
     """Sentences (unique across the whole corpus), speakers and jitter, and the split of each utterance."""
     rng = np.random.default_rng(seed)
@@ -1639,7 +1649,7 @@ _QA = [
     ("what is {a} times {b}", "{a} times {b} is {c}", lambda a, b: a * b),
     ("what is {a} minus {b}", "{a} minus {b} is {c}", lambda a, b: a - b),
 ]
-_FACTS = [("what color is the sky", "the sky is blue"), ("how many days are in a week", "there are seven days in a week"),
+FACTS = [("what color is the sky", "the sky is blue"), ("how many days are in a week", "there are seven days in a week"),
           ("what color is grass", "grass is green"), ("how many legs does a spider have", "a spider has eight legs"),
           ("what is the first month of the year", "the first month is january"),
           ("how many hours are in a day", "there are twenty four hours in a day"),
@@ -1662,7 +1672,7 @@ def _dialogue_script(rng):
             fill = dict(a=number_words(x), b=number_words(y), c=number_words(f(x, y)))
             turns += [(0, q.format(**fill)), (1, a.format(**fill))]
         else:
-            q, a = _FACTS[rng.integers(len(_FACTS))]
+            q, a = FACTS[rng.integers(len(FACTS))]
             turns += [(0, q), (1, a)]
     turns += [(0, "thank you"), (1, "you are welcome")]
     return turns
