@@ -54,14 +54,13 @@ Whole pipeline on a CPU: `python calm.py --stage=vae && python calm.py --stage=l
 default length is sized for ~15 min on an idle 2-core CPU), then `python calm.py --stage=lm --head=rvq
 --out_dir=out/calm/lm_rvq` for the discrete baseline, and `--mode=sample` / `--mode=bench` on either.
 """
+import dataclasses
 import math
 import os
-import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -1342,7 +1341,6 @@ def bench(cfg):
                 figures[f"decode_rtf_{name}"] = round(common.timeit(lambda: dec(z), cfg.bench_iters, 1) / 1000 / cfg.bench_seconds, 5)
         common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
         return
-    import dataclasses
     heads = {cfg.head: G}
     other = dataclasses.replace(cfg, head="rvq" if cfg.head == "consistency" else "consistency")
     heads[other.head] = CALM(other).to(rt.device)  # the same backbone, the other head (random weights)
