@@ -957,10 +957,11 @@ def _builtin(kind, split, sr, mono, hours, seed):
                 outs.append(np.clip(np.round(a * 32768.0), -32768, 32767).astype(np.int16).reshape(-1))
                 offs.append((o, a.shape[-1]))
                 o += outs[-1].size
-            np.save(rpath + ".tmp.npy", np.concatenate(outs))
-            os.replace(rpath + ".tmp.npy", rpath)
-            np.save(opath + ".tmp.npy", np.array(offs, dtype=np.int64))
-            os.replace(opath + ".tmp.npy", opath)
+            tmp = f".tmp{os.getpid()}.npy"  # per process: two runs may resample the same corpus at once
+            np.save(rpath + tmp, np.concatenate(outs))
+            os.replace(rpath + tmp, rpath)
+            np.save(opath + tmp, np.array(offs, dtype=np.int64))
+            os.replace(opath + tmp, opath)
         raw = np.load(rpath, mmap_mode="r")
         offsets = np.load(opath)
     else:
@@ -1617,6 +1618,16 @@ def _map(fn, jobs, workers):
         shutil.rmtree(d, ignore_errors=True)
 
 
+def speak(jobs, sr=None, workers=None):
+    """Speak sentences outside a corpus: [(text, speaker, pitch_jitter, rate_jitter)] -> [(float32 wav, words)].
+    Blocks of 64 jobs, each by a fresh eSpeak instance (so the result does not depend on the worker count, as in
+    build_corpus); resampled to sr when given (word times stay in seconds)."""
+    workers = workers or min(4, os.cpu_count() or 1)
+    blocks = _map(_speak_block, [jobs[i:i + 64] for i in range(0, len(jobs), 64)], workers)
+    out = [(w.astype(np.float32) / 32768.0, words) for b in blocks for w, words in b]
+    return [(resample(w, ESPEAK_SR, sr) if sr and sr != ESPEAK_SR else w, words) for w, words in out]
+
+
 def _speech_jobs(hours, seed):
     """Sentences (unique across the whole corpus), speakers and jitter, and the split of each utterance."""
     rng = np.random.default_rng(seed)
@@ -1639,7 +1650,7 @@ _QA = [
     ("what is {a} times {b}", "{a} times {b} is {c}", lambda a, b: a * b),
     ("what is {a} minus {b}", "{a} minus {b} is {c}", lambda a, b: a - b),
 ]
-_FACTS = [("what color is the sky", "the sky is blue"), ("how many days are in a week", "there are seven days in a week"),
+FACTS = [("what color is the sky", "the sky is blue"), ("how many days are in a week", "there are seven days in a week"),
           ("what color is grass", "grass is green"), ("how many legs does a spider have", "a spider has eight legs"),
           ("what is the first month of the year", "the first month is january"),
           ("how many hours are in a day", "there are twenty four hours in a day"),
@@ -1662,7 +1673,7 @@ def _dialogue_script(rng):
             fill = dict(a=number_words(x), b=number_words(y), c=number_words(f(x, y)))
             turns += [(0, q.format(**fill)), (1, a.format(**fill))]
         else:
-            q, a = _FACTS[rng.integers(len(_FACTS))]
+            q, a = FACTS[rng.integers(len(FACTS))]
             turns += [(0, q), (1, a)]
     turns += [(0, "thank you"), (1, "you are welcome")]
     return turns
@@ -1815,13 +1826,14 @@ def build_corpus(kind="speech", hours=2.0, seed=1337, workers=None, verbose=True
     for it, a in zip(items, audio):
         it["offset"], offset = offset, offset + len(a)
     os.makedirs(path, exist_ok=True)
-    np.save(os.path.join(path, "audio.npy.tmp.npy"), np.concatenate(audio).astype(np.int16))
-    os.replace(os.path.join(path, "audio.npy.tmp.npy"), os.path.join(path, "audio.npy"))
+    tmp = os.path.join(path, f"audio.npy.tmp{os.getpid()}.npy")  # per process: two runs may build it at once
+    np.save(tmp, np.concatenate(audio).astype(np.int16))
+    os.replace(tmp, os.path.join(path, "audio.npy"))
     secs = sum(it["length"] for it in items) / (items[0]["sr"] if items else 1)
-    with open(man_path + ".tmp", "w") as f:
+    with open(man_path + f".tmp{os.getpid()}", "w") as f:
         json.dump(dict(version=CORPUS_VERSION, kind=kind, seed=seed, hours=hours, seconds=secs,
                        build_seconds=time.time() - t0, items=items), f)
-    os.replace(man_path + ".tmp", man_path)
+    os.replace(man_path + f".tmp{os.getpid()}", man_path)
     if verbose:
         log(f"built the {kind} corpus: {len(items)} clips, {secs / 3600:.2f} h of audio in {time.time() - t0:.1f} s -> {path}")
     return path

@@ -14,6 +14,10 @@ Simplified or changed versus the paper / official code (descriptinc/melgan-neuri
   the official 3000 epochs; evaluation is mel L1 and multi-resolution STFT distance, not MOS.
 - one waveform batch goes through the discriminator as [real; fake] in a single forward (same math,
   fewer kernel launches); bf16 autocast and torch.compile on CUDA (the official code is fp32, eager).
+- G's step runs D with its weights frozen (requires_grad off): the official code also computes D's weight
+  gradients there and zeroes them before the next D step; skipping them changes no number (bit-identical
+  losses and updates) and makes the step ~1.3x faster on the CPU. Activations and residual adds of fresh conv
+  outputs run in place.
 - the mel magnitude adds 1e-9 under the square root (common.mel_spectrogram, HiFi-GAN's convention);
   the official MelGAN Audio2Mel does not. The difference is far below the 1e-5 clamp.
 - PyTorch's default init is kept: the official weights_init runs after weight norm and has no effect.
@@ -129,9 +133,11 @@ class ResBlock(nn.Module):
         self.shortcut = weight_norm(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x):                                          # (B, C, T) -> (B, C, T)
+        # in place on fresh tensors that nothing else reads (a conv's backward needs its input, not its output):
+        # fewer full-size buffers, the same numbers
         h = F.pad(F.leaky_relu(x, 0.2), (self.dilation, self.dilation), "reflect")
-        h = self.conv2(F.leaky_relu(self.conv1(h), 0.2))
-        return self.shortcut(x) + h
+        h = self.conv2(F.leaky_relu(self.conv1(h), 0.2, inplace=True))
+        return self.shortcut(x).add_(h)                            # == shortcut(x) + h exactly
 
 
 class Generator(nn.Module):
@@ -157,12 +163,12 @@ class Generator(nn.Module):
     def forward(self, mel):                                        # (B, n_mels, frames)
         x = self.conv_pre(F.pad(mel, (3, 3), "reflect"))           # (B, C, frames)
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, 0.2))                           # (B, C / 2^(i+1), frames * prod(rates[:i+1]))
+            x = up(F.leaky_relu(x, 0.2, inplace=True))             # (B, C / 2^(i+1), frames * prod(rates[:i+1]))
             # the stack runs its blocks in series: dilations 1, 3, 9 grow the receptive field to 27
             # samples at this rate, so distant samples correlate (§2.1, "Induced receptive field")
             for j in range(self.n_res):
                 x = self.resblocks[i * self.n_res + j](x)
-        x = self.conv_post(F.pad(F.leaky_relu(x, 0.2), (3, 3), "reflect"))
+        x = self.conv_post(F.pad(F.leaky_relu(x, 0.2, inplace=True), (3, 3), "reflect"))
         return torch.tanh(x)                                       # (B, 1, frames * hop)
 
 
@@ -186,7 +192,7 @@ class ScaleDiscriminator(nn.Module):
         fmaps = []
         x = F.pad(x, (7, 7), "reflect")
         for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.2)
+            x = F.leaky_relu(conv(x), 0.2, inplace=True)           # in place: a fresh conv output
             fmaps.append(x)                                        # hidden features, for feature matching
         fmaps.append(self.conv_post(x))                            # (B, 1, T / 256) window logits, last
         return fmaps
@@ -352,13 +358,18 @@ def train_step(state, batch, cfg, rt):
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
+    # G's step needs D's gradient with respect to its input only: D's weight gradients (which the official code
+    # computes here and zeroes before the next D step) are skipped, as is DDP's sync of them
+    d_plain = common.unwrap(D)
+    d_plain.requires_grad_(False)
     with rt.autocast():
         # the real features are reused from the D pass above (before D's update), as the official code does
-        fake_outs = D(fake)
+        fake_outs = d_plain(fake)
     loss_adv, loss_fm = generator_loss(fake_outs), feature_loss(real_outs, fake_outs)
     loss_g = loss_adv + cfg.lambda_fm * loss_fm                    # Eq. 4
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
+    d_plain.requires_grad_(True)
     opt_g.step()
     with torch.no_grad():  # monitoring only: MelGAN has no mel loss, the official code just logs this
         mel_l1 = F.l1_loss(log_mel(fake.detach().float(), cfg), mel)

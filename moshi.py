@@ -2,7 +2,9 @@
 Moshi: a speech-text foundation model for real-time dialogue (Défossez, Mazaré, Orsini, Royer, Pérez, Jégou,
 Grave, Zeghidour, 2024) — https://arxiv.org/abs/2410.00037
 
-Part 1 (this file so far, --stage=codec): Mimi, the streaming audio codec Moshi speaks through (§3.3).
+Two stages, one state each (`--stage`):
+
+--stage=codec: Mimi, the streaming audio codec Moshi speaks through (§3.3).
 The idea: EnCodec's causal SEANet, with a causal Transformer (RoPE, LayerScale, 250-frame context) after the
 encoder and before the decoder, and one more learned stride-2 conv so that 24 kHz audio becomes 12.5 latent frames
 a second (1920 samples = 80 ms a frame, close to the rate of text tokens). A *split* RVQ quantizes each latent
@@ -12,8 +14,21 @@ decoded outputs are summed. 8 codebooks x 11 bits x 12.5 Hz = 1.1 kbps. Quantiza
 the training sequences (the other half passes the latent through unquantized), and the paper finds that training
 with the adversarial and feature-matching losses alone (no reconstruction loss) sounds better although objective
 metrics drop (here a flag, --recon_loss). Everything is causal, so the codec streams: encoding or decoding one
-80 ms frame at a time gives exactly the offline result. Part 2 (issue 18: Helium text LM, RQ-Transformer,
-inner monologue, full-duplex inference) will join as --stage=dialogue in the sections marked for it.
+80 ms frame at a time gives exactly the offline result.
+
+--stage=lm: Moshi, the first full-duplex spoken dialogue LM (§3.2, §3.4). Three streams are modelled at once, at
+Mimi's 12.5 Hz: Moshi's own speech (8 codebooks), the user's speech (8), and Moshi's text, its "inner monologue":
+its words as text tokens time-aligned to its own speech, PAD between words and EPAD just before each word. An
+RQ-Transformer factorises the 17 tokens of a step: a big temporal Transformer (Helium: RMSNorm, interleaved RoPE,
+SiLU-gated MLP) reads the sum of the 17 embeddings of each past step; a small depth Transformer, with its own
+weights for each of its 8 positions, then predicts within the step the text token first, then Moshi's semantic
+token, then its 7 acoustic tokens, which are delayed one step (80 ms) so that they are generated knowing the
+semantic token. The user's stream is input only. Loss: CE on text (PAD/EPAD x0.5) + CE on audio (semantic x100).
+Inference is full duplex: every 80 ms one user frame is encoded by streaming Mimi, one temporal step and 8 depth
+steps run on KV caches, and the Moshi frame that just became complete is decoded: 80 ms frame + 80 ms acoustic
+delay = 160 ms of theoretical latency. Stage 1 of the paper (Helium text pretraining) runs here in miniature as
+the first --text_iters steps, on the corpus text with the audio streams absent; stages 2-5 become one: the
+two-channel dialogue corpus (user on channel 0, assistant on channel 1).
 
 Simplified or changed here (honestly):
 - Semantic teacher: --teacher=DIR reads WavLM features that `wavlm.py --mode=features` wrote (one DIR/<utt id>.npy
@@ -31,15 +46,27 @@ Simplified or changed here (honestly):
   2 discriminator scales) and trains with the reconstruction losses on. It is far from the paper's 4M-step regime:
   after a few hundred CPU steps the output has the right spectral envelope (mel distance ~1.8) but no waveform
   match (SI-SNR far below 0 dB), and with ~100 frames a batch most of the 2048 entries of each codebook sit unused.
+- LM: the text tokenizer is a byte-level BPE trained on the corpus text (common.train_bpe) with PAD and EPAD as
+  the last two ids, not the 32k SentencePiece (official ids EPAD 0 / PAD 3); no BOS/EOS turn markers; the released
+  LM's weights load by key map (tested against the `moshi` package), but sampling from them would need its
+  SentencePiece model and is not wired. The five training stages (7M h of audio, Fisher, synthetic instructions)
+  are one run on the built-in dialogues after a short text stage; no role swapping, no CFG. `small` is a 19 M
+  LM (d 256 x 4 layers, depth d 128 x 2) on codes of the CPU-trained Mimi, whose poor codes cap what it can say.
 
-    python moshi.py                                          # train Mimi on the built-in speech corpus
+    python moshi.py                                          # 1. Mimi on the built-in speech corpus (small on a CPU)
+    python moshi.py --stage=lm --codec=out/moshi/codec/ckpt.pt    # 2. the LM on Mimi codes of the dialogue corpus
+    python moshi.py --stage=lm --mode=sample --init_from=out/moshi/lm/ckpt.pt   # a full-duplex conversation
+    python moshi.py --stage=lm --mode=eval --init_from=out/moshi/lm/ckpt.pt     # answer accuracy, latency (test)
     python moshi.py --preset=mimi --batch_size=16            # the paper's codec (79.3 M parameters)
-    python moshi.py --init_from=resume                       # continue out/moshi/ckpt.pt
-    python moshi.py --mode=sample --init_from=out/moshi/ckpt.pt   # or tokenizer-e351c8d8-checkpoint125.safetensors
-    python moshi.py --mode=eval --init_from=out/moshi/ckpt.pt     # SI-SNR, mel distance, kbps, semantic probe (test)
-    python moshi.py --mode=bench
+    python moshi.py --init_from=resume                       # continue out/moshi/codec/ckpt.pt (--stage=lm: lm/)
+    python moshi.py --mode=sample --init_from=out/moshi/codec/ckpt.pt  # or tokenizer-e351c8d8-checkpoint125.safetensors
+    python moshi.py --mode=eval --init_from=out/moshi/codec/ckpt.pt    # SI-SNR, mel distance, kbps, semantic probe
+    python moshi.py --mode=bench                             # codec; --stage=lm: the per-frame latency vs 80 ms
+    python moshi.py --preset=moshi-7b --mode=bench           # the paper's LM (7.69 B parameters), random weights
     torchrun --standalone --nproc_per_node=8 moshi.py --preset=mimi
 """
+import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -59,13 +86,14 @@ import common
 @dataclass
 class Config:
     mode: str = "train"                # train | sample | eval | bench
-    stage: str = "codec"               # codec (Mimi, part 1) | dialogue (the RQ-Transformer, part 2: not yet written)
+    stage: str = "codec"               # codec (Mimi, on speech) | lm (the Moshi LM on Mimi codes of the dialogues)
     preset: str = "mimi"               # a key of PRESETS
     init_from: str = "scratch"         # scratch | resume | path (our ckpt.pt, or the official Mimi .safetensors)
-    out_dir: str = "out/moshi"
+    out_dir: str = "out/moshi/{stage}"  # one folder per stage
     data_dir: str = ""                 # empty: the built-in speech corpus
     corpus_hours: float = 2.0          # size of the built-in corpus
-    input: str = ""                    # --mode=sample: a wav to encode/decode instead of a held-out clip
+    input: str = ""                    # --mode=sample: a wav to encode/decode (lm: its user channel) instead of a held-out clip
+    codec: str = ""                    # --stage=lm: the Mimi checkpoint (ours or the official file) whose codes the LM models
     # SEANet encoder/decoder (§3.3; official loaders._seanet_kwargs)
     sample_rate: int = 24000           # 24 kHz mono
     channels: int = 1                  # audio channels
@@ -125,6 +153,30 @@ class Config:
     probe_items: int = 64              # train clips whose semantic codes fit the word probe
     bench_seconds: float = 10.0        # audio length for the encode/decode real-time factors
     bench_iters: int = 5               # timed repetitions in --mode=bench
+    # the Moshi LM (§3.2, §3.4; the official moshi_7b config): Helium temporal Transformer + depth Transformer
+    text_card: int = 32000             # text vocabulary (here: the corpus BPE, then PAD, EPAD); row text_card = initial
+    lm_card: int = 2048                # audio vocabulary: the codec's codebook size
+    dep_q: int = 8                     # codebooks per audio stream (Moshi's and the user's); Moshi's are generated
+    lm_dim: int = 4096                 # temporal Transformer width
+    lm_layers: int = 32
+    lm_heads: int = 32                 # heads of 128
+    lm_hidden_scale: float = 4.125     # nominal FFN width / dim; the SiLU-gated hidden is 2/3 of it (11264)
+    lm_context: int = 3000             # frames a step attends to (4 min)
+    dep_dim: int = 1024                # depth Transformer width
+    dep_layers: int = 6
+    dep_heads: int = 16
+    dep_ffn: int = 4224                # nominal depth FFN width (gated hidden 2816)
+    acoustic_delay: int = 1            # steps the acoustic tokens lag the semantic one (§3.4.2: 80 ms)
+    semantic_weight: float = 100.0     # loss weight of the semantic codebook against 1 per acoustic one (§3.4.3)
+    text_pad_weight: float = 0.5       # loss weight of PAD / EPAD text targets
+    lm_frames: int = 150               # training crop of the LM in 80 ms steps (12 s)
+    text_iters: int = 0                # first steps: Helium text pretraining on the corpus text (stage 1, in miniature)
+    lr_decay_iters: int = 500_000      # cosine decay of the LM's lr to 10 % by this step (then constant)
+    temp: float = 0.8                  # sampling temperature of the audio tokens (§3.4.3)
+    top_k: int = 250
+    temp_text: float = 0.7             # ... and of the text token
+    top_k_text: int = 25
+    converse_seconds: float = 60.0     # held-out conversations are cut to this length (evaluate, sample)
     device: str = "auto"
     dtype: str = "auto"                # bf16 autocast on CUDA, fp32 elsewhere (quantizer, STFTs, losses stay fp32)
     compile: bool = True
@@ -133,9 +185,17 @@ class Config:
     def validate(self):
         hop = int(np.prod(self.ratios))
         frame = self.sample_rate / self.frame_rate
-        if self.stage != "codec":
-            raise SystemExit(f"error: --stage={self.stage!r}: only --stage=codec (Mimi) is written so far "
-                             "(the dialogue model is part 2, issue 18)")
+        if self.stage not in ("codec", "lm"):
+            raise SystemExit(f"error: --stage={self.stage!r}: the stages are codec (Mimi) and lm (the Moshi LM)")
+        if self.stage == "lm":
+            for n, d, h in (("lm", self.lm_dim, self.lm_heads), ("dep", self.dep_dim, self.dep_heads)):
+                if d % h or (d // h) % 2:
+                    raise SystemExit(f"error: --{n}_dim={d} must split into --{n}_heads={h} heads of even size")
+            if self.text_card < 258 or self.dep_q < 2 or self.lm_context < 2 or self.lm_frames < 2:
+                raise SystemExit("error: need --text_card >= 258 (256 bytes + PAD + EPAD), --dep_q >= 2, "
+                                 "--lm_context >= 2 and --lm_frames >= 2")
+            if not 0 <= self.acoustic_delay < self.lm_frames:
+                raise SystemExit(f"error: --acoustic_delay must be in [0, --lm_frames) (got {self.acoustic_delay})")
         if frame != int(frame) or int(frame) % hop:
             raise SystemExit(f"error: --frame_rate={self.frame_rate} needs sample_rate/frame_rate to be a whole "
                              f"multiple of the SEANet hop {hop}")
@@ -159,16 +219,24 @@ PRESETS = {
     "small": dict(n_filters=16, dimension=128, tr_layers=2, tr_heads=4, tr_ffn=512, n_q=8, q_dim=64,
                   disc_filters=8, disc_n_ffts=(512, 256), mel_scales=(6, 7, 8, 9, 10), recon_loss=True,
                   q_dropout=False, segment=11520, batch_size=8, lr=1e-3, max_iters=1000, log_interval=20, eval_interval=250,
-                  eval_items=8, probe_items=64, bench_seconds=4.0, kmeans_iters=20),  # ~15 min on a CPU
+                  eval_items=8, probe_items=64, bench_seconds=4.0, kmeans_iters=20,  # codec: ~15 min on a CPU
+                  text_card=512, lm_dim=256, lm_layers=4, lm_heads=4, lm_context=500, dep_dim=128, dep_layers=2,
+                  dep_heads=4, dep_ffn=528, lm_frames=100, text_iters=200, lr_decay_iters=1000),
     "tiny": dict(n_filters=4, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, n_q=4, eval_n_q=3,
                  q_dim=8, codebook_size=32, kmeans_iters=3, disc_filters=4, disc_n_ffts=(256,), mel_scales=(6, 7),
                  recon_loss=True, segment=5760, batch_size=2, max_iters=10, log_interval=1, eval_interval=1000,
-                 eval_items=1, eval_seconds=0.96, probe_items=2, bench_seconds=0.96, bench_iters=1, corpus_hours=0.02),
+                 eval_items=1, eval_seconds=0.96, probe_items=2, bench_seconds=0.96, bench_iters=1, corpus_hours=0.02,
+                 text_card=300, lm_card=32, dep_q=3, lm_dim=32, lm_layers=2, lm_heads=2, lm_context=100, dep_dim=16,
+                 dep_layers=1, dep_heads=2, dep_ffn=66, lm_frames=24, text_iters=2, lr_decay_iters=1000,
+                 converse_seconds=2.0),
+    "moshi-7b": dict(stage="lm", lr=3e-4, batch_size=16),       # the paper's LM: 7.69 B parameters (Mimi as "mimi")
 }
 # fields that shape the weights or the features: a checkpoint must agree on them
 ARCH_KEYS = ("stage", "sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers", "compress",
              "dilation_base", "kernel_size", "residual_kernel_size", "last_kernel_size", "frame_rate", "tr_layers",
              "tr_heads", "tr_ffn", "n_q", "q_dim", "codebook_size", "disc_filters", "disc_n_ffts", "teacher")
+LM_ARCH_KEYS = ("stage", "sample_rate", "frame_rate", "text_card", "lm_card", "dep_q", "lm_dim", "lm_layers", "lm_heads",
+                "lm_hidden_scale", "dep_dim", "dep_layers", "dep_heads", "dep_ffn", "acoustic_delay", "codec")
 
 # ----------------------------------------------------------------------------- model
 # Mimi (§3.3)
@@ -716,7 +784,211 @@ def official_state_dict_to_ours(sd, cfg):
         out[k] = v.float() if torch.is_floating_point(v) else v
     return out
 
-# (part 2, issue 18: the Helium text LM and the RQ-Transformer go here)
+# --- the Moshi LM (part 2)
+# Helium (§3.2) and the RQ-Transformer (§3.4.1): a temporal Transformer over 80 ms steps, whose input is the sum
+# of the embeddings of every stream at that step, and a small depth Transformer that, within a step, predicts
+# Moshi's text token's successors: its semantic token, then its acoustic tokens. Both are Helium blocks.
+
+class RMSNorm(nn.Module):
+    """Helium's norm (§3.2): x * alpha / sqrt(mean(x^2) + eps), in fp32 (the official `rms_norm_f32`, eps 1e-8)."""
+
+    def __init__(self, dim, eps=1e-8):
+        super().__init__()
+        self.eps, self.alpha = eps, nn.Parameter(torch.ones(1, 1, dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * self.alpha.float() * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def per_step(w, steps, x, offset):
+    """x (B, T, i) through a weight stacked over `steps` (w: (steps * o, i)). steps = 1: one weight for every
+    position (the temporal Transformer); steps > 1: position offset + t has its own weight (the depth Transformer's
+    weights per codebook step, §3.4.1), as the official file stores them, stacked on dim 0."""
+    if steps == 1:
+        return x @ w.t()
+    w = w.view(steps, -1, w.shape[-1])[offset:offset + x.shape[1]]  # (T, o, i)
+    return torch.einsum("bti,toi->bto", x, w)
+
+
+class HeliumLayer(nn.Module):
+    """Pre-norm block (§3.2): x += Attn(RMSNorm(x)); x += W_out(SiLU(W_g h) * W_v h), h = RMSNorm(x). Causal
+    attention over at most `context` positions with interleaved RoPE (or no positions: the depth Transformer),
+    no biases. forward(x, past, offset) takes the explicit KV cache of earlier positions and returns the new one."""
+
+    def __init__(self, dim, heads, ffn, context, rope=True, steps=1):
+        super().__init__()
+        hidden = 21 * dim // 8 if ffn == 4 * dim else 2 * ffn // 3  # the gated hidden: 2/3 of the nominal width
+        self.heads, self.context, self.rope, self.steps = heads, context, rope, steps
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.self_attn, self.gating = nn.Module(), nn.Module()
+        self.self_attn.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))  # fused q, k, v
+        self.self_attn.out_proj_weight = nn.Parameter(torch.empty(steps * dim, dim))
+        self.gating.linear_in_weight = nn.Parameter(torch.empty(steps * 2 * hidden, dim))  # gate and value, fused
+        self.gating.linear_out_weight = nn.Parameter(torch.empty(steps * dim, hidden))
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.trunc_normal_(p, std=p.shape[1] ** -0.5, a=-3 * p.shape[1] ** -0.5, b=3 * p.shape[1] ** -0.5)
+
+    def forward(self, x, past=None, offset=0):  # x: (B, T, D) at positions offset .. offset + T - 1
+        B, T, D = x.shape
+        qkv = per_step(self.self_attn.in_proj_weight, self.steps, self.norm1(x), offset)
+        q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
+        pos = torch.arange(offset, offset + T, device=x.device)
+        if self.rope:
+            q, k = apply_rope(q, pos, 10000.0), apply_rope(k, pos, 10000.0)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        delta = pos[:, None] - torch.arange(offset + T - k.shape[2], offset + T, device=x.device)[None]  # (T, S)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=(delta >= 0) & (delta < self.context))
+        x = x + per_step(self.self_attn.out_proj_weight, self.steps, a.transpose(1, 2).reshape(B, T, D), offset)
+        u = per_step(self.gating.linear_in_weight, self.steps, self.norm2(x), offset)
+        u = u.view(B, T, 2, -1)  # (B, T, 2, hidden): gate, value
+        x = x + per_step(self.gating.linear_out_weight, self.steps, F.silu(u[..., 0, :]) * u[..., 1, :], offset)
+        keep = self.context - 1  # what the next position can still see
+        return x, (k[:, :, -keep:], v[:, :, -keep:])
+
+
+class Stack(nn.Module):
+    """Helium layers; forward(x, cache, offset) -> (x, cache), cache = one (k, v) per layer or None."""
+
+    def __init__(self, n, *args, **kw):
+        super().__init__()
+        self.layers = nn.ModuleList(HeliumLayer(*args, **kw) for _ in range(n))
+
+    def forward(self, x, cache=None, offset=0):
+        new = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, None if cache is None else cache[i], offset)
+            new.append(c)
+        return x, new
+
+
+def lm_delays(cfg):
+    """§3.4.2, the official `delays`: text 0, then per audio stream (Moshi's, then the user's) the semantic token 0
+    and the acoustic tokens `acoustic_delay` steps late, so the depth Transformer predicts the acoustic tokens of a
+    frame knowing its semantic token and the next frame's semantic token is already context."""
+    audio = [0] + [cfg.acoustic_delay] * (cfg.dep_q - 1)
+    return [0] + audio + audio
+
+
+def delay(codes, delays, initial):
+    """(B, K, T) -> (B, K, T): stream k shifted right by delays[k], its first delays[k] steps the initial token."""
+    out = codes.clone()
+    for k, d in enumerate(delays):
+        if d:
+            out[:, k, d:], out[:, k, :d] = codes[:, k, :-d], initial[k]
+    return out
+
+
+def undelay(x, delays):
+    """The inverse on (B, K, T, ...) logits: stream k shifted left by delays[k]; the last delays[k] steps have no
+    prediction (NaN, mask False). -> (x, mask (B, K, T))."""
+    out, mask = x.clone(), torch.ones(x.shape[:3], dtype=torch.bool, device=x.device)
+    for k, d in enumerate(delays):
+        if d:
+            out[:, k, :-d], out[:, k, -d:], mask[:, k, -d:] = x[:, k, d:], float("nan"), False
+    return out, mask
+
+
+class MoshiLM(nn.Module):
+    """The RQ-Transformer over 1 + 2 * dep_q streams (§3.4): Moshi's text (inner monologue), Moshi's dep_q audio
+    codebooks, the user's dep_q audio codebooks. Key names are the official checkpoint's (official_lm_state_dict
+    maps the few that differ). Token -1 embeds to zero (absent: no input, no loss)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, Dd, K = cfg.lm_dim, cfg.dep_dim, cfg.dep_q
+        self.cfg, self.K, self.delays = cfg, K, lm_delays(cfg)
+        self.card, self.text_card = cfg.lm_card, cfg.text_card
+        # row `card` / `text_card` is the initial token, fed before the first step (the "card + 1" of §3.6)
+        self.text_emb = nn.Embedding(cfg.text_card + 1, D)
+        self.emb = nn.ModuleList(nn.Embedding(cfg.lm_card + 1, D) for _ in range(2 * K))
+        self.transformer = Stack(cfg.lm_layers, D, cfg.lm_heads, int(cfg.lm_hidden_scale * D), cfg.lm_context)
+        self.out_norm = RMSNorm(D)
+        self.text_linear = nn.Linear(D, cfg.text_card, bias=False)
+        # the depth Transformer: per codebook step its own input projection of z_t, in/out attention projections
+        # and FFN (weights per step), no positional embedding; its norms are shared across steps
+        self.depformer_in = nn.ModuleList(nn.Linear(D, Dd, bias=False) for _ in range(K))
+        self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, Dd)
+        self.depformer_emb = nn.ModuleList(nn.Embedding(cfg.lm_card + 1, Dd) for _ in range(K - 1))
+        self.depformer = Stack(cfg.dep_layers, Dd, cfg.dep_heads, cfg.dep_ffn, K, rope=False, steps=K)
+        self.linears = nn.ModuleList(nn.Linear(Dd, cfg.lm_card, bias=False) for _ in range(K))
+        for m in self.modules():  # truncated normal, std 1/sqrt(fan in) (embeddings: 1/sqrt(dim)), as the official init
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                s = m.weight.shape[1] ** -0.5
+                nn.init.trunc_normal_(m.weight, std=s, a=-3 * s, b=3 * s)
+
+    def initial(self):  # (1 + 2K,): the token each stream starts from
+        return [self.text_card] + [self.card] * (2 * self.K)
+
+    @staticmethod
+    def embed(table, tokens):  # -1 embeds to exactly zero
+        e = table(tokens.clamp(min=0))
+        return torch.where((tokens == -1)[..., None], torch.zeros((), dtype=e.dtype, device=e.device), e)
+
+    def temporal(self, seq, cache=None, offset=0):
+        """seq: (B, 1 + 2K, S) delayed input tokens at steps offset .. offset + S - 1 -> z_s (B, S, D), the text
+        logits (B, S, text_card) and the KV cache. The input of a step is the SUM of its streams' embeddings."""
+        x = self.embed(self.text_emb, seq[:, 0])
+        for k, e in enumerate(self.emb):
+            x = x + self.embed(e, seq[:, 1 + k])  # (B, S, D)
+        z, cache = self.transformer(x, cache, offset)
+        z = self.out_norm(z)
+        return z, self.text_linear(z), cache
+
+    def depth_input(self, k, z, prev):
+        """Depth step k's input: its projection of z (B, S, D) + the embedding of the token before it in the step
+        (k = 0: the text token just predicted; k >= 1: Moshi's audio token k - 1). prev: (B, S)."""
+        table = self.depformer_text_emb if k == 0 else self.depformer_emb[k - 1]
+        return self.depformer_in[k](z) + self.embed(table, prev)
+
+    def depth(self, z, prev):
+        """Teacher-forced depth Transformer: z (B, S, D), prev (B, K, S) the text token and Moshi's audio tokens
+        0 .. K-2 of the same step -> logits (B, K, S, card) for Moshi's K audio tokens, causal along k."""
+        B, S, _ = z.shape
+        x = torch.stack([self.depth_input(k, z, prev[:, k]) for k in range(self.K)], 2)  # (B, S, K, Dd)
+        y, _ = self.depformer(x.reshape(B * S, self.K, -1))  # (B*S, K, Dd): positions = codebook steps
+        y = y.view(B, S, self.K, -1)
+        return torch.stack([self.linears[k](y[:, :, k]) for k in range(self.K)], 1)  # (B, K, S, card)
+
+    def forward(self, codes, aligned=True):
+        """Training (§3.4): codes (B, 1 + 2K, T) undelayed -> audio logits (B, K, T, card) and text logits
+        (B, 1, T, text_card) aligned with `codes`, with their validity masks. 1. delay, prepend the initial
+        tokens; 2. the temporal Transformer on steps [:-1]; 3. the depth Transformer on the teacher-forced tokens
+        of each step; 4. undelay (the last acoustic steps have no target). aligned=False skips 4 (training: the
+        loss is taken against the delayed codes instead, the same positions without moving the big logits)."""
+        B, _, T = codes.shape
+        init = torch.tensor(self.initial(), device=codes.device)
+        seq = torch.cat([init.view(1, -1, 1).expand(B, -1, 1), delay(codes, self.delays, self.initial())], 2)
+        z, text_logits, _ = self.temporal(seq[:, :, :-1])  # step s sees the streams up to s - 1 only
+        logits = self.depth(z, seq[:, :self.K, 1:])  # (B, K, T, card)
+        if not aligned:
+            return logits, text_logits[:, None]
+        logits, mask = undelay(logits, self.delays[1:1 + self.K])
+        mask = mask & (codes[:, 1:1 + self.K] != -1)
+        return logits, mask, text_logits[:, None], (codes[:, :1] != -1)
+
+
+def official_lm_state_dict(sd):
+    """An official LM state dict (the released file's stacked `in_proj_weight`, or the current moshi code's
+    split `in_projs.{i}`) -> this file's keys: attention and gating weights stacked over the depth steps."""
+    out, groups = {}, {}
+    for k, v in sd.items():
+        m = re.match(r"(.*\.self_attn)\.(in|out)_projs\.(\d+)\.weight$", k) or \
+            re.match(r"(.*\.gating)\.(\d+)\.linear_(in|out)\.weight$", k)
+        if m and m.group(1).endswith("self_attn"):
+            groups.setdefault(f"{m.group(1)}.{m.group(2)}_proj_weight", {})[int(m.group(3))] = v
+        elif m:
+            groups.setdefault(f"{m.group(1)}.linear_{m.group(3)}_weight", {})[int(m.group(2))] = v
+        else:
+            k = re.sub(r"\.self_attn\.out_proj\.weight$", ".self_attn.out_proj_weight", k)
+            k = re.sub(r"\.gating\.linear_(in|out)\.weight$", r".gating.linear_\1_weight", k)
+            out[k] = v
+    for k, parts in groups.items():
+        out[k] = torch.cat([parts[i] for i in sorted(parts)], 0)
+    return {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
+
 
 # ----------------------------------------------------------------------------- loss
 
@@ -750,6 +1022,23 @@ def distill_loss(pred, target):
     """§3.3: cosine distance between the projected semantic VQ output and the teacher's features, per frame.
     pred, target: (B, dim, F); 0 when every frame points the same way."""
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=1)).mean()
+
+
+def lm_loss(logits, text_logits, codes, cfg):
+    """§3.4.3 (moshi-finetune's loss): L = CE_text + CE_audio, each a weighted mean over its valid positions: text
+    targets PAD and EPAD weigh text_pad_weight (0.5), Moshi's semantic codebook semantic_weight (100) against 1 for
+    each acoustic one, so the semantic tokens, which carry the words, dominate the audio term. The logits and the
+    codes are in delayed time (MoshiLM(codes, aligned=False), delay(codes) filled with -1): -1 has no loss."""
+    K, tt, at = logits.shape[1], codes[:, :1], codes[:, 1:1 + logits.shape[1]]  # (B, 1, T), (B, K, T)
+    pad, epad = text_pad_ids(cfg)
+    mask, text_mask = at != -1, tt != -1
+    w_t = torch.where((tt == pad) | (tt == epad), cfg.text_pad_weight, 1.0) * text_mask
+    ce_t = F.cross_entropy(text_logits.float().flatten(0, 2), tt.clamp(min=0).flatten(), reduction="none").view_as(tt)
+    ce_a = F.cross_entropy(logits.float().flatten(0, 2), at.clamp(min=0).flatten(), reduction="none").view_as(at)
+    w_a = torch.tensor([cfg.semantic_weight] + [1.0] * (K - 1), device=codes.device).view(1, K, 1) * mask
+    mean = lambda x, w: (x * w).sum() / w.sum().clamp(min=1e-8)
+    return dict(text=mean(ce_t, w_t), audio=mean(ce_a, w_a),
+                semantic=mean(ce_a[:, :1], mask[:, :1].float()), acoustic=mean(ce_a[:, 1:], mask[:, 1:].float()))
 
 # ----------------------------------------------------------------------------- data
 
@@ -821,6 +1110,136 @@ def get_batch(sampler, cfg, rt, teacher=None):
 
 def speech(cfg, split):
     return common.load_corpus(cfg, split, cfg.sample_rate, kind="speech")
+
+
+def text_pad_ids(cfg):  # PAD and EPAD (end of padding, §3.4.4): the text vocabulary's last two ids
+    return cfg.text_card - 2, cfg.text_card - 1
+
+
+class TextTokenizer:
+    """Moshi's text side, offline: a byte-level BPE trained on the corpus text (common.train_bpe) in place of the
+    32k SentencePiece model, plus PAD and EPAD. It lives in `state`, so every checkpoint carries it."""
+
+    def __init__(self, cfg, texts=()):
+        self.pad, self.epad = text_pad_ids(cfg)
+        self.ranks, self._enc = (common.train_bpe(texts, cfg.text_card - 2) if texts else {}), None
+
+    def enc(self):
+        self._enc = self._enc or common.bpe_encoding(self.ranks)
+        return self._enc
+
+    def word(self, w):  # a word's tokens, with its leading space
+        return self.enc().encode_ordinary(" " + w)
+
+    def words(self, ids, times):
+        """Text-stream tokens and their times -> [(word, time of its first token)]: a token that starts with a
+        space starts a word; PAD, EPAD and ids outside the BPE are skipped."""
+        out = []
+        for i, t in zip(ids, times):
+            if i >= len(self.ranks):
+                continue
+            b = self.enc().decode_single_token_bytes(i).decode("utf-8", "replace")
+            if b.startswith(" ") or not out:
+                out.append([b.strip(), t])
+            else:
+                out[-1][0] += b
+        return [(w, t) for w, t in out if w]
+
+    def state_dict(self):
+        return {"ranks": common.ranks_to_text(self.ranks)}
+
+    def load_state_dict(self, sd):
+        self.ranks, self._enc = common.ranks_from_text(sd["ranks"]), None
+
+
+def text_stream(words, n_frames, tok, frame_rate):
+    """Inner monologue (§3.4.4): Moshi's words on the frames of its own speech. A word's tokens start at the frame
+    of its start time, the frame before it is EPAD, every other frame PAD. Words are placed from the last one back,
+    and a word whose tokens would run into the next word's EPAD starts earlier instead: text never comes after
+    its audio (the text-before-audio side of the ASR/TTS trade-off of §3.4.4). -> (n_frames,) int64."""
+    out, limit = np.full(n_frames, tok.pad, np.int64), n_frames
+    for w, start, _ in reversed(words):
+        ids = tok.word(w)
+        first = max(0, min(int(start * frame_rate), limit - len(ids)))
+        ids = ids[:max(0, limit - first)]
+        if int(start * frame_rate) >= n_frames or not ids:
+            continue
+        out[first:first + len(ids)] = ids
+        if first > 0:
+            out[first - 1] = tok.epad
+        limit = first - 1
+    return out
+
+
+def corpus_texts(cfg):
+    """Stage 1 text (Helium pretraining, in miniature): the speech corpus's sentences and the dialogues' lines."""
+    lines = [u.text for u in common.load_corpus(cfg, "train", 24000, kind="speech")]
+    for u in dialogues(cfg, "train"):
+        lines += [l.split(": ", 1)[1] for l in u.text.split(" / ")]
+    return lines
+
+
+def dialogues(cfg, split):
+    return common.load_corpus(cfg, split, cfg.sample_rate, kind="dialogue", mono=False)
+
+
+def dialogue_tokens(cfg, split, mimi, tok):
+    """Every dialogue of `split` as (1 + 2K, F) tokens: Moshi's text stream, Moshi's K Mimi codes (channel 1,
+    the assistant), the user's K codes (channel 0). The codes are computed once with the codec and cached in
+    out_dir/codes (keyed by the codec file, the corpus and K), never per step."""
+    st = os.stat(cfg.codec)
+    key = hashlib.md5(f"{os.path.abspath(cfg.codec)}|{st.st_size}|{st.st_mtime}|{cfg.corpus_hours}|{cfg.data_dir}|"
+                      f"{cfg.dep_q}".encode()).hexdigest()[:10]
+    path = os.path.join(cfg.out_dir, "codes", f"dialogue-{split}-{key}.npz")
+    utts = dialogues(cfg, split)
+    if os.path.exists(path):
+        with np.load(path) as z:
+            codes = [z[f"d{i}"] for i in range(len(utts))]
+    else:
+        dev, codes = next(mimi.parameters()).device, []
+        for u in utts:
+            x = torch.from_numpy(u.wav)[:, None].to(dev)  # (2, 1, T): the two channels as a batch
+            codes.append(mimi.encode(x, cfg.dep_q).cpu().numpy().astype(np.int16))  # (2, K, F)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **{f"d{i}": c for i, c in enumerate(codes)})
+        os.replace(tmp, path)
+    out = []
+    for u, c in zip(utts, codes):
+        text = text_stream(u.words[1], c.shape[-1], tok, cfg.frame_rate)
+        out.append(np.concatenate([text[None], c[1], c[0]]).astype(np.int32))  # (1 + 2K, F)
+    return utts, out
+
+
+class LMSampler:
+    """Random crops of lm_frames steps: of the text token stream (stage 1: audio streams absent, -1) and of the
+    dialogues (stage 2). Tokens are stored + 1 so that common.SegmentSampler's zero padding reads as -1."""
+
+    def __init__(self, text_ids, dial, cfg, rt):
+        K = cfg.dep_q
+        text = np.zeros((1 + 2 * K, len(text_ids)), np.int32)
+        text[0] = np.asarray(text_ids) + 1
+        self.text = common.SegmentSampler([text], cfg.lm_frames, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+        self.dial = common.SegmentSampler([d + 1 for d in dial], cfg.lm_frames, cfg.batch_size, cfg.seed + 1,
+                                          rt.rank, rt.world_size)
+
+    def next(self, text):
+        return (self.text if text else self.dial).next()[0].long() - 1  # (B, 1 + 2K, lm_frames)
+
+    def state_dict(self):
+        return {"text": self.text.state_dict(), "dial": self.dial.state_dict()}
+
+    def load_state_dict(self, sd):
+        self.text.load_state_dict(sd["text"]), self.dial.load_state_dict(sd["dial"])
+
+
+def delayed_targets(codes, cfg):  # the codes in delayed time, -1 (no loss) where a delay left no target
+    return delay(codes, lm_delays(cfg), [-1] * codes.shape[1])
+
+
+def lm_get_batch(sampler, cfg, rt, step):
+    """Stage 1 (Helium on text) for the first text_iters steps, then stage 2 (the dialogues, two streams)."""
+    return sampler.next(step < cfg.text_iters).to(rt.device)
 
 # ----------------------------------------------------------------------------- train
 
@@ -1031,6 +1450,164 @@ def train(cfg):
             common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
+# --- the Moshi LM (--stage=lm)
+
+def load_codec(cfg, rt):
+    """The Mimi whose codes the LM models (--codec: our codec checkpoint or the official file), frozen."""
+    if not cfg.codec or not os.path.isfile(cfg.codec):
+        raise SystemExit(f"error: --stage=lm needs --codec=PATH, a Mimi checkpoint (got {cfg.codec!r}): train one "
+                         "with `python moshi.py`, or pass the official tokenizer-*.safetensors")
+    ccfg = common.parse_config(Config, PRESETS, [f"--init_from={cfg.codec}", "--stage=codec", "--mode=sample",
+                                                 f"--device={cfg.device}"])
+    mimi = load_for_inference(ccfg, rt)
+    if mimi.cfg.codebook_size != cfg.lm_card or mimi.cfg.n_q < cfg.dep_q or mimi.cfg.sample_rate != cfg.sample_rate:
+        raise SystemExit(f"error: the codec {cfg.codec!r} has {mimi.cfg.n_q} codebooks of {mimi.cfg.codebook_size} at "
+                         f"{mimi.cfg.sample_rate} Hz: pass --lm_card={mimi.cfg.codebook_size} and --dep_q <= "
+                         f"{mimi.cfg.n_q} (now {cfg.lm_card}, {cfg.dep_q})")
+    return mimi.requires_grad_(False)
+
+
+def lm_build(cfg, rt):
+    """The LM (model), AdamW [recalled: Helium's betas 0.9/0.95, weight decay 0.1], linear warmup then cosine
+    decay to 10 % at lr_decay_iters (§3.2's cosine schedule), the step counter, and the text tokenizer."""
+    torch.manual_seed(cfg.seed)
+    model = MoshiLM(cfg).to(rt.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm, decay = max(1, cfg.lr_decay_iters // 20), cfg.lr_decay_iters
+    lr_at = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, decay) / decay)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    return dict(model=model, opt=opt, sched=sched, tok=TextTokenizer(cfg, corpus_texts(cfg)))
+
+
+def lm_train_step(state, batch, cfg, rt):
+    """One step of L = CE_text + CE_audio (§3.4.3) on a (B, 1 + 2K, T) batch, gradients clipped at 1."""
+    model, opt = state["model"], state["opt"]
+    with rt.autocast():
+        logits, text_logits = model(batch, aligned=False)
+    losses = lm_loss(logits, text_logits, delayed_targets(batch, cfg), cfg)
+    total = losses["text"] + losses["audio"]
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    state["sched"].step()
+    return dict(loss=total.detach(), **{k: v.detach() for k, v in losses.items()})
+
+
+def lm_load_for_inference(cfg, rt):
+    """(LM, tokenizer, Mimi) from our LM checkpoint (--init_from) and its codec (--codec, stored in its config)."""
+    path = common.checkpoint_path(cfg)
+    if cfg.init_from == "scratch" or not os.path.exists(path):
+        raise SystemExit(f"error: LM checkpoint {path!r} does not exist (train one with --stage=lm, then pass "
+                         "--init_from=PATH)")
+    ckpt = common.load_checkpoint(path)
+    lm, tok = MoshiLM(cfg), TextTokenizer(cfg)
+    common.load_models(ckpt, cfg, {"model": lm}, LM_ARCH_KEYS)
+    tok.load_state_dict(ckpt["state"]["tok"])
+    return lm.to(rt.device).eval(), tok, load_codec(cfg, rt).eval()
+
+
+def dialogue_turns(u):
+    """[(channel, [(word, start, end)])] per line of a built-in dialogue, from its script and its word times."""
+    lines, it, turns = [l.split(": ", 1) for l in u.text.split(" / ")], [iter(u.words[0]), iter(u.words[1])], []
+    for who, text in lines:
+        ch = 0 if who == "user" else 1
+        turns.append((ch, [next(it[ch], None) for _ in text.split()]))
+    return None if any(w is None for _, ws in turns for w in ws) else turns
+
+
+def answer_scores(u, said, seconds):
+    """Does Moshi answer? For each user turn followed by an assistant turn in the script: the reply's words that
+    the question lacks (the answer: "seven", "blue", "honey"), and whether Moshi's text stream holds each between
+    the question's start and the next user turn; the latency from the question's end to Moshi's first word after
+    it, beside the corpus's own. said: [(word, time)]. -> (found, total, [latency s], [reference latency s])."""
+    turns = dialogue_turns(u)
+    if turns is None:
+        return 0, 0, [], []
+    found = total = 0
+    lat, ref = [], []
+    for i in range(len(turns) - 1):
+        (c0, q), (c1, r) = turns[i], turns[i + 1]
+        if c0 != 0 or c1 != 1 or r[-1][2] > seconds:  # only replies inside the conversation's cut
+            continue
+        q_start, q_end = q[0][1], q[-1][2]
+        stop = next((ws[0][1] for c, ws in turns[i + 2:] if c == 0), float("inf"))
+        heard = [w for w, t in said if q_start <= t < stop]
+        answer = {w[0] for w in r} - {w[0] for w in q}
+        found, total = found + len(answer & set(heard)), total + len(answer)
+        first = [t for w, t in said if q_end <= t < stop]
+        if first:
+            lat.append(first[0] - q_end)
+        ref.append(r[0][1] - q_end)
+    return found, total, lat, ref
+
+
+@torch.no_grad()
+def lm_evaluate(cfg, bundle=None, rt=None, samples_dir=None, split="test"):
+    """On held-out dialogues: the teacher-forced losses (text, semantic, acoustic CE), then full-duplex
+    conversations with the user's channel streamed in: answer-word accuracy in Moshi's text stream and its
+    turn-taking latency (model time; playback adds the 160 ms of §3.4.3), beside the corpus's own latency."""
+    if bundle is None:  # --mode=eval: every conversation is written, for an ASR to transcribe Moshi's channel
+        rt = common.setup(cfg)
+        bundle, samples_dir = lm_load_for_inference(cfg, rt), os.path.join(cfg.out_dir, "samples", f"eval_{split}")
+    lm, tok, mimi = bundle
+    lm = common.unwrap(lm)
+    was_training, dev = lm.training, next(lm.parameters()).device
+    lm.eval()
+    utts, toks = dialogue_tokens(cfg, split, mimi, tok)
+    sums = {}
+    for c in toks[:cfg.eval_items]:
+        codes = torch.from_numpy(c[:, :cfg.lm_context]).long()[None].to(dev)
+        for k, v in lm_loss(*lm(codes, aligned=False), delayed_targets(codes, cfg), cfg).items():
+            sums[k] = sums.get(k, 0.0) + float(v) / min(len(toks), cfg.eval_items)
+    found = total = 0
+    lat, ref = [], []
+    for i, u in enumerate(utts[:cfg.eval_items]):
+        user = u.wav[0, :int(cfg.converse_seconds * cfg.sample_rate)]
+        audio, text = converse(lm, mimi, user, cfg, seed=cfg.seed + i)
+        said = tok.words(text, [s / cfg.frame_rate for s in range(len(text))])
+        a, b, l, r = answer_scores(u, said, cfg.converse_seconds)
+        found, total, lat, ref = found + a, total + b, lat + l, ref + r
+        if samples_dir:
+            write_conversation(samples_dir, f"{split}_{u.id}", user, audio, said, cfg)
+    res = {k: round(v, 4) for k, v in sums.items()}
+    res.update(answer_acc=round(found / max(1, total), 4), answer_words=total,
+               latency_ms=round(1000 * float(np.median(lat)), 1) if lat else None,
+               corpus_latency_ms=round(1000 * float(np.median(ref)), 1) if ref else None,
+               replied=f"{len(lat)}/{len(ref)}")
+    common.log(f"eval {split} | " + " | ".join(f"{k} {v}" for k, v in res.items()))
+    lm.train(was_training)
+    return res
+
+
+def lm_train(cfg):
+    rt = common.setup(cfg)
+    state = lm_build(cfg, rt)
+    common.log(f"params: LM {common.count_params(state['model']):,} (temporal + depth Transformer, embeddings)")
+    mimi = load_codec(cfg, rt)
+    tok = state["tok"]
+    _, train_d = dialogue_tokens(cfg, "train", mimi, tok)
+    val_u, val_d = dialogue_tokens(cfg, "val", mimi, tok)
+    common.check_clips(train_d, 2, "train split (dialogue)")
+    common.check_clips(val_d, 2, "val split (dialogue)")
+    text_ids = [i for line in corpus_texts(cfg) for w in line.split() for i in tok.word(w)]
+    common.log(f"stage 1: {cfg.text_iters} steps of text ({len(text_ids):,} tokens); stage 2: {len(train_d)} "
+               f"dialogues ({sum(d.shape[-1] for d in train_d) / cfg.frame_rate / 60:.1f} min) of Mimi codes")
+    sampler = LMSampler(text_ids, train_d, cfg, rt)
+    step = common.init_from(cfg, state, sampler=sampler, arch_keys=LM_ARCH_KEYS)
+    state["model"] = common.wrap_ddp(common.compile(state["model"], cfg), rt)
+    prog = common.Progress(cfg, start_step=step)
+    while step < cfg.max_iters:
+        losses = lm_train_step(state, lm_get_batch(sampler, cfg, rt, step), cfg, rt)
+        step += 1
+        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * cfg.lm_frames / cfg.frame_rate)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if rt.master:
+                lm_evaluate(cfg, (common.unwrap(state["model"]), tok, mimi), rt, split="val",
+                            samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
+            common.save_checkpoint(cfg, step, state, sampler=sampler)
+    common.cleanup(rt)
+
 # ----------------------------------------------------------------------------- sample
 
 @torch.no_grad()
@@ -1059,6 +1636,106 @@ def sample(cfg):
     common.log(f"{name}: {codes.shape[-1]} frames x {codes.shape[1]} codebooks ({G.kbps(cfg.eval_n_q):g} kbps), "
                f"SI-SNR {common.si_snr(y, x):.2f} dB, streaming vs offline max diff "
                f"{(y_stream - y).abs().max().item():.2e} -> {out}/{tag}.wav")
+
+
+def sample_token(logits, temp, top_k, gen):
+    """§3.4.3: top-k sampling at a temperature (temp 0: greedy). logits (B, V) -> (B,)."""
+    if temp <= 0:
+        return logits.argmax(-1)
+    v, i = logits.float().topk(min(top_k, logits.shape[-1]), -1)
+    j = torch.multinomial(F.softmax(v / temp, -1), 1, generator=gen)
+    return i.gather(-1, j)[:, 0]
+
+
+class LMState:
+    """One conversation's streaming state (§3.4.3, the official LMGen): the temporal KV cache, the step, and the
+    grid of delayed tokens (B, 1 + 2K, steps + 2) the model reads its inputs from. Moshi's sampled tokens and the
+    user's codes are written where their delays put them; -2 = not yet known."""
+
+    def __init__(self, lm, B, steps, device):
+        self.seq = torch.full((B, 1 + 2 * lm.K, steps + max(lm.delays) + 2), -2, dtype=torch.long, device=device)
+        self.init = torch.tensor(lm.initial(), device=device)
+        self.delays = torch.tensor(lm.delays, device=device)
+        self.cache, self.offset = None, 0
+
+    def input(self):  # (B, 1 + 2K, 1): step s reads column s; a stream reads its initial token while s <= its delay
+        col = self.seq[:, :, self.offset]
+        return torch.where(self.offset <= self.delays, self.init, col)[:, :, None]
+
+    def moshi_frame(self, f, K):  # Moshi's K codes of frame f, complete once step f + max delay has run: (B, K, 1)
+        return torch.stack([self.seq[:, 1 + k, f + 1 + int(self.delays[1 + k])] for k in range(K)], 1)[:, :, None]
+
+
+@torch.no_grad()
+def lm_step(lm, st, user, cfg, gen):
+    """One 80 ms step: the user's frame (B, K) goes into the grid (read from the next step on: at step s the model
+    has heard the user up to frame s - 1), the temporal Transformer runs one position on its KV cache, the text
+    token is sampled, then the depth Transformer samples Moshi's K audio tokens one by one (its cache lives for
+    this step only). Returns (text (B,), audio (B, K)) of step s."""
+    s, K = st.offset, lm.K
+    for k in range(K):
+        st.seq[:, 1 + K + k, s + 1 + lm.delays[1 + K + k]] = user[:, k]
+    z, text_logits, st.cache = lm.temporal(st.input(), st.cache, s)
+    prev = text = sample_token(text_logits[:, -1], cfg.temp_text, cfg.top_k_text, gen)
+    cache, audio = None, []
+    for k in range(K):
+        y, cache = lm.depformer(lm.depth_input(k, z, prev[:, None]), cache, k)
+        prev = sample_token(lm.linears[k](y[:, -1]), cfg.temp, cfg.top_k, gen)
+        audio.append(prev)
+    st.seq[:, 0, s + 1], st.seq[:, 1:1 + K, s + 1] = text, torch.stack(audio, 1)
+    st.offset += 1
+    return text, st.seq[:, 1:1 + K, s + 1]
+
+
+@torch.no_grad()
+def converse(lm, mimi, user_wav, cfg, seed=0):
+    """Full duplex (§3.4.3): every 80 ms, encode one user frame with streaming Mimi, run one LM step, and decode
+    Moshi's frame that just became complete (the acoustic delay holds it back one step) with streaming Mimi.
+    user_wav: (T,) -> Moshi's audio (T',) on the conversation's timeline, its text tokens, one per step."""
+    dev, fs, K = next(lm.parameters()).device, mimi.frame_size, lm.K
+    x = torch.from_numpy(np.ascontiguousarray(user_wav))[None, None].to(dev)
+    x = mimi._pad(x)
+    n, lag = x.shape[-1] // fs, max(lm.delays)
+    st, enc, dec, gen = LMState(lm, 1, n, dev), {}, {}, torch.Generator(device=dev).manual_seed(seed)
+    out, text = [], []
+    for f in range(n):
+        user = mimi.encode_stream(x[..., f * fs:(f + 1) * fs], enc, K)[:, :, 0]  # (1, K)
+        t, _ = lm_step(lm, st, user, cfg, gen)
+        text.append(int(t[0]))
+        if f >= lag:
+            out.append(mimi.decode_stream(st.moshi_frame(f - lag, K), dec)[0, 0])
+    audio = torch.cat(out + [torch.zeros(lag * fs, device=dev)]) if out else torch.zeros(n * fs, device=dev)
+    return audio.cpu().numpy(), text
+
+
+def write_conversation(out, name, user, moshi, said, cfg):
+    """The two-channel wav (user left, Moshi right); Moshi's channel alone (for an ASR) with its png above the
+    user's; its text stream as a timed transcript."""
+    n = min(len(user), len(moshi))
+    common.save_audio(os.path.join(out, name + ".wav"), np.stack([user[:n], moshi[:n]]), cfg.sample_rate)
+    common.save_sample(out, name + "_moshi", moshi[:n], cfg.sample_rate, ref=user[:n])
+    with open(os.path.join(out, name + ".txt"), "w") as f:
+        f.write("".join(f"{t:7.2f}s  {w}\n" for w, t in said))
+    return os.path.join(out, name + ".wav")
+
+
+@torch.no_grad()
+def lm_sample(cfg):
+    """A full-duplex conversation with a held-out dialogue's user channel (or --input, its first channel):
+    writes the two-channel wav (user left, Moshi right), its png, Moshi's channel and the timed text stream."""
+    rt = common.setup(cfg)
+    lm, tok, mimi = lm_load_for_inference(cfg, rt)
+    if cfg.input:
+        wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate, mono=False)
+        user, name = (wav[0] if wav.ndim == 2 else wav), os.path.splitext(os.path.basename(cfg.input))[0]
+    else:
+        u = dialogues(cfg, "test")[0]
+        user, name = u.wav[0], u.id
+    user = user[:int(cfg.converse_seconds * cfg.sample_rate)]
+    audio, text = converse(lm, mimi, user, cfg, seed=cfg.seed)
+    said = tok.words(text, [s / cfg.frame_rate for s in range(len(text))])
+    path = write_conversation(os.path.join(cfg.out_dir, "samples"), name, user, audio, said, cfg)
+    common.log(f"{name}: {len(text)} steps of 80 ms; Moshi said: {' '.join(w for w, _ in said)[:300]!r} -> {path}")
 
 # ----------------------------------------------------------------------------- bench
 
@@ -1097,8 +1774,48 @@ def bench(cfg):
     figures["frame_ms"] = 1000 * G.frame_size / cfg.sample_rate  # the real-time budget of one step: 80 ms
     common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
 
+
+def lm_bench(cfg):
+    """train_step ms and audio-s/s; the per-frame latency of the full streaming step (Mimi encode of the user's
+    frame + temporal step + K depth steps + Mimi decode), against the 80 ms frame; the paper's theoretical
+    latency (80 ms frame + 80 ms acoustic delay) beside it. Random weights; the codec is this preset's Mimi."""
+    rt = common.setup(cfg)
+    torch.manual_seed(cfg.seed)
+    lm = MoshiLM(cfg).to(rt.device)
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr)
+    state = dict(model=lm, opt=opt, sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    K, T = cfg.dep_q, cfg.lm_frames
+    batch = torch.cat([torch.randint(0, cfg.text_card - 2, (cfg.batch_size, 1, T)),
+                       torch.randint(0, cfg.lm_card, (cfg.batch_size, 2 * K, T))], 1).to(rt.device)
+    step_ms = common.timeit(lambda: lm_train_step(state, batch, cfg, rt), iters=cfg.bench_iters, warmup=1)
+    flops = common.count_flops(lambda: lm_train_step(state, batch, cfg, rt))
+    mimi = Mimi(dataclasses.replace(cfg, n_q=max(cfg.n_q, K), codebook_size=cfg.lm_card)).to(rt.device).eval()
+    lm.eval()
+    n = 8 + 2 * cfg.bench_iters
+    st, enc, dec = LMState(lm, 1, n, rt.device), {}, {}
+    gen = torch.Generator(device=rt.device).manual_seed(0)
+    frame = torch.randn(1, 1, mimi.frame_size, device=rt.device) * 0.1
+
+    def one_frame():  # what must fit in 80 ms: hear a frame, think one step, speak a frame
+        with rt.autocast():
+            user = mimi.encode_stream(frame, enc, K)[:, :, 0]
+            lm_step(lm, st, user, cfg, gen)
+            mimi.decode_stream(st.moshi_frame(max(0, st.offset - 2), K).clamp(min=0), dec)
+    for _ in range(3):
+        one_frame()
+    frame_ms = common.timeit(one_frame, iters=max(3, cfg.bench_iters), warmup=1)
+    common.report_bench(cfg, rt, model=lm, compiled=False, train_step_ms=round(step_ms, 2),
+                        train_flops_per_step=flops,
+                        train_audio_s_per_s=round(cfg.batch_size * T / cfg.frame_rate / (step_ms / 1000), 3),
+                        stream_frame_ms=round(frame_ms, 2), frame_budget_ms=1000 / cfg.frame_rate,
+                        real_time=bool(frame_ms < 1000 / cfg.frame_rate),
+                        theoretical_latency_ms=1000 * (1 + cfg.acoustic_delay) / cfg.frame_rate)
+
 # ----------------------------------------------------------------------------- main
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config, PRESETS)
-    {"train": train, "sample": sample, "eval": evaluate, "bench": bench}[cfg.mode](cfg)
+    if cfg.stage == "lm":
+        {"train": lm_train, "sample": lm_sample, "eval": lm_evaluate, "bench": lm_bench}[cfg.mode](cfg)
+    else:
+        {"train": train, "sample": sample, "eval": evaluate, "bench": bench}[cfg.mode](cfg)

@@ -26,11 +26,14 @@ Simplified or changed here (honestly):
   (1 + γ c) ⊙ z + β c, so "denoise off" is exactly the plain codec. Noise is synthetic coloured Gaussian noise
   at 0-20 dB SNR added to the built-in speech and music (the paper: Freesound noise on LibriTTS speech).
 - The CPU `small` preset narrows everything (C = 8, D = 64, discriminator widths / 8), trains on batches of
-  6 x 0.4 s for 1200 steps at lr 1e-3, the first 200 as a plain autoencoder (cfg.quantizer_warmup; 0 in the paper).
+  6 x 0.4 s for 720 steps at lr 1e-3, the first 120 as a plain autoencoder (cfg.quantizer_warmup; 0 in the paper).
 - Feature matching is the mean absolute difference over every layer of every discriminator (the paper's
   1/(K L) Σ with each map's elements averaged); the reconstruction loss sums over frames as the paper writes it,
   so it is ~1e5 at the start and dominates the total (Adam does not mind the scale).
 - Real-time streaming is exact but not optimised (no fused kernels, no int8); no entropy coding.
+- A training step never reads the device (a GPU does not stall): the k-means flag and the warm-up step count
+  have host-side copies read once per run, the dead-code reset is a masked update, and the codec and the
+  discriminators each compile as one graph (tests/test_soundstream.py checks both on the CPU).
 
     python soundstream.py                                          # train on the built-in speech+music corpus
     python soundstream.py --preset=paper --batch_size=32           # the paper's model (one GPU)
@@ -142,14 +145,14 @@ class Config:
 PRESETS = {
     "paper": dict(),                                       # §IV: C = 32, N_q = 24 (3-18 kbps), 24 kHz
     "small": dict(n_filters=8, dimension=64, wave_channels=2, stft_channels=4, segment=9600, batch_size=6,
-                  max_iters=1200, log_interval=20, eval_interval=400, eval_items=4, bench_seconds=4.0,
+                  max_iters=720, log_interval=20, eval_interval=240, eval_items=4, bench_seconds=4.0,
                   kmeans_iters=20, corpus_hours=1.0,
-                  # 1200 steps instead of 200k: a higher lr, and 200 steps as a plain autoencoder so that
-                  # k-means clusters latents that already describe the audio (encodec.py's finding)
-                  lr=1e-3, quantizer_warmup=200,
+                  # 720 steps instead of 200k (~0.95 s/step on one core: ~12 min): a higher lr, and 120 steps as a
+                  # plain autoencoder so that k-means clusters latents that already describe the audio (encodec.py)
+                  lr=1e-3, quantizer_warmup=120,
                   # the threshold 2 suits 32 x 1 s batches (2400 frames, 2.3 per code); 6 x 0.4 s gives 180
                   # frames (0.18 per code): scale it by the frames per batch
-                  dead_code_threshold=2.0 * (6 * 30) / (32 * 75)),  # CPU: 5-10 s/step on a busy 2-core box (README)
+                  dead_code_threshold=2.0 * (6 * 30) / (32 * 75)),  # 5-10 s/step on a busy box with 2 threads each
     "tiny": dict(n_filters=2, dimension=8, n_q=4, codebook_size=16, bitrates=(0.6, 1.2), kmeans_iters=3,
                  wave_scales=2, wave_channels=1, stft_channels=2, stft_window=256, stft_hop=64,
                  mel_scales=(6, 7), segment=4800, batch_size=2, max_iters=10, log_interval=1,
@@ -376,9 +379,11 @@ class Codebook(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(K))  # EMA of how often each code is picked
         self.register_buffer("embed", torch.zeros(K, D))     # the codewords
         self.register_buffer("embed_avg", torch.zeros(K, D))  # EMA of the sum of vectors assigned to each code
+        self._inited = False  # host-side copy of `inited`: a training step never reads the device (no sync)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_inited", False))
 
     def forward(self, x, active):  # x: (N, D) fp32, active (N,) bool -> quantized (N, D), codes (N,)
-        if self.training and not self.inited:
+        if self.training and not self._is_inited():
             self._kmeans_init(x)  # on every row: each later layer gets its first batch at once, whatever n_q drew
         codes = _nearest(x, self.embed)
         q = F.embedding(codes, self.embed)
@@ -393,7 +398,15 @@ class Codebook(nn.Module):
         self.cluster_size.copy_(counts)
         self.embed_avg.copy_(means * counts[:, None])  # so that embed_avg / cluster_size == means
         self.inited.fill_(1)
+        self._inited = True
         self._sync()
+
+    def _is_inited(self):
+        # the buffer is read once per process (the first training step, or after a load), then the Python flag:
+        # the steady-state step has no host sync and no graph break under torch.compile
+        if not self._inited:
+            self._inited = bool(self.inited.item())
+        return self._inited
 
     @torch.no_grad()
     def _ema_update(self, x, codes, active):
@@ -410,14 +423,15 @@ class Codebook(nn.Module):
         self.embed.copy_(self.embed_avg / smoothed[:, None])
         # §III-C: a code unused for several batches is replaced by a random input vector of the current batch. Its
         # usage restarts at the uniform share (at least the threshold), so it gets a few batches of grace.
-        dead = self.cluster_size < self.threshold
-        if dead.any():
-            new = _sample_rows(x, K)
-            reset = max(self.threshold, counts.sum().item() / K)
-            self.embed[dead] = new[dead]
-            self.cluster_size[dead] = reset
-            self.embed_avg[dead] = new[dead] * reset
-            self._sync()
+        # Masked updates (torch.where), not `if dead.any()`: the step never waits for the device to answer.
+        dead = self.cluster_size < self.threshold  # (K,)
+        new = _sample_rows(x, K)  # (K, D) candidates, drawn every step whether or not a code is dead
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(new, 0)  # rank 0's rows: the buffers stay identical on every rank
+        reset = (counts.sum() / K).clamp(min=self.threshold)  # a 0-d tensor: counts are of this (global) batch
+        self.embed.copy_(torch.where(dead[:, None], new, self.embed))
+        self.cluster_size.copy_(torch.where(dead, reset, self.cluster_size))
+        self.embed_avg.copy_(torch.where(dead[:, None], new * reset, self.embed_avg))
 
     def _sync(self):
         if dist.is_available() and dist.is_initialized():  # rank 0's random choices win
@@ -433,14 +447,23 @@ class ResidualVectorQuantizer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(Codebook(cfg) for _ in range(cfg.n_q))
         self.warmup = cfg.quantizer_warmup
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training forwards so far (for warmup)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training steps so far (for warmup)
+        self._steps = None  # host-side copy of `steps` (None: read the buffer once), so tick() never syncs
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_steps", None))
 
-    def forward(self, z, n_q):  # z (B, D, T), n_q (B,) -> quantized (B, D, T), codes (B, N_q, T) (-1: unused)
+    def tick(self):
+        """Count one training step; False during the first cfg.quantizer_warmup steps (a plain autoencoder then).
+        train_step calls it outside the (compiled) model: a Python bool that changes once, not a device read."""
+        if self._steps is None:
+            self._steps = int(self.steps)
+        self._steps += 1
+        self.steps += 1
+        return self._steps > self.warmup
+
+    def forward(self, z, n_q, quantize=True):  # z (B, D, T), n_q (B,) -> quantized (B, D, T), codes (B, N_q, T) (-1: unused)
         B, D, T = z.shape
-        if self.training:
-            self.steps += 1
-            if self.steps <= self.warmup:  # a plain autoencoder for the first steps (cfg.quantizer_warmup)
-                return z, None
+        if not quantize:  # the quantizer warm-up (tick()): the encoder's output goes to the decoder as it is
+            return z, None
         with torch.no_grad(), torch.autocast(z.device.type, enabled=False):  # codebook statistics stay fp32
             x = z.float().transpose(1, 2).reshape(B * T, D)  # (B*T, D)
             uses = n_q.to(z.device).repeat_interleave(T)  # (B*T,) codebooks each frame may use
@@ -490,9 +513,9 @@ class SoundStream(nn.Module):
     def _film(self, z, cond, side):
         return self.film(z, cond) if self.cfg.film == side and cond is not None else z
 
-    def forward(self, x, n_q, cond=None):  # training: (B, 1, T), n_q (B,), cond (B,) -> (B, 1, T), codes
+    def forward(self, x, n_q, cond=None, quantize=True):  # training: (B, 1, T), n_q (B,), cond (B,) -> (B, 1, T), codes
         z = self._film(self.encoder(x), cond, "encoder")
-        q, codes = self.quantizer(z, n_q)
+        q, codes = self.quantizer(z, n_q, quantize)
         x_hat = self.decoder(self._film(q, cond, "decoder"))[..., :x.shape[-1]]
         return x_hat, codes
 
@@ -708,8 +731,9 @@ def train_step(state, batch, cfg, rt):
     λ_adv·adversarial + λ_feat·feature matching + λ_rec·reconstruction against the updated discriminators."""
     G, D, opt_g, opt_d = state["G"], state["D"], state["opt_g"], state["opt_d"]
     y, B = batch["target"], batch["target"].shape[0]
+    quantize = common.unwrap(G).quantizer.tick()  # False during cfg.quantizer_warmup (a host-side count)
     with rt.autocast():
-        y_hat, _ = G(batch["x"], batch["n_q"], batch["cond"])
+        y_hat, _ = G(batch["x"], batch["n_q"], batch["cond"], quantize)
         logits, _ = D(torch.cat([y, y_hat.detach()]))  # one pass over real and fake: (2B, ...)
     loss_d = discriminator_loss([l[:B] for l in logits], [l[B:] for l in logits])
     opt_d.zero_grad(set_to_none=True)
@@ -861,6 +885,7 @@ def bench(cfg):
     rt = common.setup(cfg)
     state = build(cfg, rt)
     G = state["G"]
+    G.quantizer.warmup = 0  # time the step training spends most of its time in: with the quantizer
     gen, dsc = common.compile(G, cfg), common.compile(state["D"], cfg)
     compiled = gen is not G
     B, x = cfg.batch_size, torch.randn(cfg.batch_size, 1, cfg.segment, device=rt.device) * 0.1

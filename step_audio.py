@@ -1,35 +1,56 @@
 """
 Step-Audio 2 Technical Report (StepFun Audio Team, 2025) — https://arxiv.org/abs/2507.16632
-Part 1: an audio LLM that listens.
+An audio LLM that listens (part 1) and speaks (part 2).
 
 The idea: one decoder-only LLM understands speech end to end. A Whisper-style audio encoder (pretrained on ASR,
 then frozen) turns 25 s chunks of 128-bin log-mel into 25 Hz features; an adaptor (a stride-2 conv and a two-layer
 MLP, §3.1) brings them to 12.5 Hz in the LLM's width, and they overwrite placeholder tokens inside an ordinary chat
-prompt. The LLM (Qwen2.5-style: RMSNorm, RoPE, SwiGLU, grouped-query attention) then answers in text: it
-transcribes, answers spoken questions, tells what the voice sounds like (paralinguistics), calls tools and keeps
-a multi-turn history, all from one next-token loss on the assistant turns. Training follows the paper's stages in
-miniature (§3.2-3.4): a text LLM first, the encoder pretrained on ASR and frozen, the adaptor aligned on ASR with
-the LLM frozen, then supervised fine-tuning on a task mixture.
+prompt. The LLM (Qwen2.5-style: RMSNorm, RoPE, SwiGLU, grouped-query attention) transcribes, answers spoken
+questions, tells what the voice sounds like (paralinguistics), calls tools and keeps a multi-turn history. It
+also answers in speech: its vocabulary is extended with discrete speech tokens (§3.2; CosyVoice 2's supervised
+tokens: FSQ on an ASR-trained encoder, 25 Hz), and a spoken answer is one run of text and audio tokens interleaved
+at a fixed ratio between <tts_start> and <tts_end> (§3.1), the text leading the speech that says it, padded to
+keep the ratio. The detokenizer turns the audio tokens into sound: conditional flow matching from the tokens and
+a speaker prompt to mel, then a vocoder. A spoken answer stays in the history, as its token run, for the next turn.
+Training follows the paper's stages in miniature (§3.2-3.4), seven steps of one run: a text LLM, the encoder on
+ASR (CTC, then frozen), the adaptor on ASR (LLM frozen), the speech tokenizer (FSQ + CTC on the frozen encoder),
+the flow, the vocoder, then supervised fine-tuning on a task mixture with text and spoken answers.
 
-Simplified or changed versus the paper (this file is the listening half; speech output is part 2):
+Simplified or changed versus the paper:
 - every stage is miniature and runs on the built-in corpus: the text LLM is pretrained on the corpus's own
   transcripts and chat texts (the paper starts from Qwen2.5), the encoder on ASR with a CTC head (the paper also
-  uses speaker and audio-event tasks), and the SFT mixture is ASR, spoken QA from the dialogue corpus, three
-  paralinguistic questions (gender, pitch, speaking rate: labels from the eSpeak voice that spoke), a calculator
-  tool for the arithmetic questions, and a follow-up turn that refers back to the first; the stages are steps of
-  one run (one checkpoint) rather than separate jobs;
+  uses speaker and audio-event tasks); the SFT mixture is ASR, spoken QA (the dialogue corpus's questions and a
+  spoken question bank: every question of its script spoken as its own utterance, 20 % of the arithmetic ones
+  and the test-only voice held out for test), three paralinguistic questions (gender, pitch, speaking rate:
+  labels from the eSpeak voice that spoke), a calculator tool for the arithmetic questions, a follow-up turn that
+  refers back to the first, TTS ("say this: ...") and spoken answers (the bank's answers spoken by one voice);
 - no reinforcement learning stage (PPO/GRPO, §3.4): it needs a reward model or many rollouts per step, which a CPU
-  run cannot afford; no vocabulary extension with audio tokens (that is part 2);
-- text is the corpus BPE (common.train_bpe), not Qwen's tokenizer; the `mini` preset has the official shapes
-  (Whisper-large encoder, Qwen2.5-7B LLM, vocabulary 158,720) and builds on the meta device only; no official
-  weights are mapped (no pip-installable reference implementation to prove a key map against);
-- the placeholder count follows this file's encoder and adaptor exactly (tested): 313 per 25 s chunk, as the
-  card's count for the official code; its formula (`adaptor_len(encoder_len(mel_len - 2))`) is not verified.
+  run cannot afford;
+- speech tokens: FSQ on this file's ASR-trained encoder, trained with CTC through the bottleneck (CosyVoice 2's
+  S3 tokenizer is a separate, much larger ASR model); 3^8 = 6561 codes in the paper's shapes, 3^5 = 243 in `small`;
+- the text:audio ratio is 1:4 (--interleave): the paper says "a fixed ratio" and not which; spoken answers are
+  decoded greedily under the pattern's slot masks (text slots: text or <tts_pad>; audio slots: speech tokens or
+  the audio pad), where the official code samples (temperature 0.7, top-p 0.9) and splits by id afterwards;
+- the detokenizer: the flow's speaker condition is a prompt clip's mean mel (CosyVoice 2: a CAMPPlus x-vector and
+  the prompt's tokens and mel in context); a small Transformer estimator with a conv after each self-attention
+  (§3.1), OT-CFM with a linear time grid, 10 Euler steps, no classifier-free guidance, no streaming chunks; the
+  vocoder is a small HiFi-GAN-style generator trained on mel + multi-resolution STFT losses only (the paper's
+  HiFT is adversarially trained with an NSF source and iSTFT head), so its speech is muffled and buzzy;
+- spoken answers are always in one voice (answer_voice) and never call tools (the calculator is offered to text
+  answers); text is the corpus BPE (common.train_bpe), not Qwen's tokenizer;
+- the `mini` preset has the official shapes (Whisper-large encoder, Qwen2.5-7B LLM, vocabulary 158,720) and builds
+  on the meta device only; no official weights are mapped (no pip-installable reference implementation to prove
+  a key map against); the placeholder count follows this file's encoder and adaptor exactly (tested): 313 per
+  25 s chunk, as the card's count for the official code; its formula is not verified against that code.
 
-    python step_audio.py                                  # all stages on the built-in corpus
+    python step_audio.py                                  # all seven stages on the built-in corpus (`small` on a CPU)
     python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
-    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav --prompt="transcribe"
-    python step_audio.py --mode=eval --init_from=out/step_audio/ckpt.pt
+    python step_audio.py --mode=eval --init_from=out/step_audio/ckpt.pt --eval_items=240 --eval_speech_items=48
+        # held-out test: every figure; writes eval_test/qa.tsv, eval_test/spoken/*.wav and eval_test/resynth/*.wav,
+        # each folder with refs.txt (name<TAB>intended text) for the WER of a separate ASR model
+    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav   # a spoken answer
+    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav --followup=q2.wav
+    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=clip.wav --prompt="transcribe the audio"
     python step_audio.py --mode=bench
     torchrun --standalone --nproc_per_node=8 step_audio.py
 """
@@ -56,8 +77,10 @@ class Config:
     data_dir: str = ""                  # empty: the built-in corpus (speech and dialogue)
     corpus_hours: float = 2.0           # size of the built-in corpus
     input: str = ""                     # --mode=sample: a wav to listen to (empty: held-out examples)
-    prompt: str = "transcribe the audio"  # --mode=sample: the question asked about --input
+    prompt: str = ""                    # --mode=sample: a question in text about --input (empty: --input is the question)
     tools: bool = True                  # --mode=sample: the calculator tool is offered
+    speak: bool = True                  # --mode=sample: answer a spoken question with speech (else text)
+    followup: str = ""                  # --mode=sample: a second spoken question (wav), asked after --input's answer
     seed: int = 1337
     # audio front end (§3.1: Whisper's log-mel at 16 kHz, 128 bins, 25 s chunks)
     sample_rate: int = 16000            # Hz
@@ -82,8 +105,25 @@ class Config:
     vocab_size: int = 0                 # 0: the corpus BPE plus the special tokens; 158720 in `mini`
     bpe_vocab: int = 600                # ranks of the corpus BPE (bytes included)
     tie_embeddings: bool = False        # share embed_tokens and lm_head (Qwen2.5-7B does not)
-    # training stages in miniature (§3.2-3.4): text LLM, encoder ASR pretraining, adaptor alignment; SFT after
-    stage_iters: tuple = (300, 300, 200)  # steps of the first three stages; SFT runs from their sum to max_iters
+    # speech output (part 2): supervised speech tokens, interleaved text:audio generation, flow matching, vocoder
+    fsq_levels: tuple = (3, 3, 3, 3, 3, 3, 3, 3)  # FSQ levels per dimension: 3^8 = 6561 codes (CosyVoice 2's S3 v2)
+    interleave: tuple = (1, 4)          # text slots : audio slots per group between <tts_start> and <tts_end>
+    n_voc_mels: int = 80                # the detokenizer's mel (ln, n_fft 640, hop 160 at 16 kHz: 4 frames a token)
+    flow_dim: int = 512                 # flow-matching estimator width
+    flow_layers: int = 6                # estimator blocks (self-attention, then a conv, then an MLP: §3.1)
+    flow_heads: int = 8                 # estimator attention heads
+    flow_steps: int = 10                # Euler steps of the ODE at inference (the official token2wav uses 10)
+    sigma_min: float = 1e-6             # OT-CFM's minimum noise level
+    voc_channels: int = 256             # vocoder width after its input conv (halved at each upsampling)
+    voc_upsample: tuple = (5, 4, 4, 2)  # vocoder upsampling factors (product = the mel hop, 160)
+    voc_segment: int = 6400             # vocoder training crop in samples (40 mel frames)
+    flow_max_codes: int = 64            # flow training crop in speech tokens (2.56 s)
+    answer_voice: int = 0               # the built-in voice that speaks the assistant's answers (training targets)
+    bank_size: int = 0                  # questions of the spoken question bank per split (0: all of them)
+    bank_voices: int = 3                # voices each question of the bank is spoken in
+    # training stages in miniature (§3.2-3.4): text LLM, encoder ASR pretraining, adaptor alignment, the speech
+    # tokenizer (FSQ + CTC), the flow-matching detokenizer, the vocoder; SFT (text and speech answers) after them
+    stage_iters: tuple = (300, 300, 200, 200, 400, 400)  # steps of the first six stages; SFT runs to max_iters
     tool_frac: float = 0.5              # arithmetic questions with the calculator offered (else answered directly)
     lr: float = 1e-3                    # AdamW peak learning rate
     betas: tuple = (0.9, 0.95)          # AdamW betas
@@ -93,9 +133,11 @@ class Config:
     batch_size: int = 16                # examples per step
     max_iters: int = 2000               # total steps (all stages)
     eval_interval: int = 500            # steps between evaluations on val
-    eval_items: int = 24                # held-out examples per task
+    eval_items: int = 24                # held-out examples per task (text answers)
+    eval_speech_items: int = 8          # held-out examples for the spoken answers and resynthesis (slower)
     log_interval: int = 25              # steps between progress lines
-    max_new_tokens: int = 48            # generation limit per assistant turn
+    max_new_tokens: int = 48            # generation limit per assistant turn (text)
+    max_speech_tokens: int = 240        # generation limit of a spoken turn (text and audio slots: ~7 s at 1:4)
     bench_iters: int = 5                # timed repetitions in --mode=bench
     bench_seconds: float = 30.0         # audio length for the prefill figure
     device: str = "auto"
@@ -103,31 +145,50 @@ class Config:
     compile: bool = True                # torch.compile (CUDA by default; a CPU only with --compile=True)
 
     def validate(self):
-        if any(s < 0 for s in self.stage_iters) or len(self.stage_iters) != 3:
-            raise SystemExit(f"error: --stage_iters takes three step counts >= 0 (got {self.stage_iters})")
+        if any(s < 0 for s in self.stage_iters) or len(self.stage_iters) != 6:
+            raise SystemExit(f"error: --stage_iters takes six step counts >= 0 (got {self.stage_iters})")
         if self.mode == "train" and self.max_iters < sum(self.stage_iters):
-            raise SystemExit(f"error: --max_iters={self.max_iters} is shorter than the first three stages, --stage_iters="
+            raise SystemExit(f"error: --max_iters={self.max_iters} is shorter than the first six stages, --stage_iters="
                              f"{','.join(map(str, self.stage_iters))} (sum {sum(self.stage_iters)})")
         if self.n_head % self.n_kv_head or self.n_embd % self.n_head:
             raise SystemExit("error: --n_head must be a multiple of --n_kv_head, and --n_embd of --n_head")
+        if self.followup and (not os.path.isfile(self.followup) or not self.followup.lower().endswith(
+                (".wav", ".flac", ".ogg", ".mp3"))):
+            raise SystemExit(f"error: --followup={self.followup} is not an audio file (.wav, .flac, .ogg, .mp3)")
+        if self.followup and not self.input:
+            raise SystemExit("error: --followup is the second spoken question: give the first with --input")
+        if not self.fsq_levels or any(l < 3 or l % 2 == 0 for l in self.fsq_levels):
+            raise SystemExit(f"error: --fsq_levels takes odd levels >= 3 (got {self.fsq_levels})")
+        if len(self.interleave) != 2 or min(self.interleave) < 1:
+            raise SystemExit(f"error: --interleave takes two counts >= 1, text,audio (got {self.interleave})")
+        if math.prod(self.voc_upsample) != 160:
+            raise SystemExit(f"error: --voc_upsample must multiply to the mel hop 160 (got {self.voc_upsample})")
+        if self.flow_dim % self.flow_heads or self.voc_channels % 2 ** len(self.voc_upsample):
+            raise SystemExit("error: --flow_dim must be a multiple of --flow_heads, and --voc_channels of "
+                             "2 ** len(--voc_upsample)")
 
 
 PRESETS = {
     "mini":  dict(vocab_size=158720),   # Step-Audio-2-mini's shapes (8.3 B parameters): builds on the meta device
     "small": dict(n_mels=80, n_audio_state=128, n_audio_head=4, n_audio_layer=2, adaptor_hidden=256, n_embd=192,
                   n_layer=4, n_head=6, n_kv_head=2, ffn=512, rope_theta=1e4, tie_embeddings=True, corpus_hours=0.5,
-                  stage_iters=(250, 250, 100), max_iters=1200, batch_size=8, eval_interval=300, eval_items=24,
-                  compile=False),       # a CPU run; 80 mel bins (the paper's 128 cost 1.6x here)
+                  fsq_levels=(3, 3, 3, 3, 3), flow_dim=128, flow_layers=3, flow_heads=4, voc_channels=128,
+                  stage_iters=(100, 100, 40, 60, 100, 100), max_iters=750, batch_size=8, eval_interval=250,
+                  eval_items=24, eval_speech_items=8, compile=False),  # a CPU run (~15 min idle, estimated from
+                  # CPU-seconds per step on a busy machine, not timed idle); 80 mel bins (128 cost 1.6x here)
     "tiny":  dict(n_mels=32, n_audio_ctx=400, n_audio_state=32, n_audio_head=2, n_audio_layer=1, adaptor_hidden=48,
                   n_embd=32, n_layer=2, n_head=4, n_kv_head=2, ffn=64, rope_theta=1e4, bpe_vocab=300,
-                  tie_embeddings=True, corpus_hours=0.02, stage_iters=(1, 1, 1), max_iters=4, batch_size=2,
-                  eval_interval=1000, eval_items=1, log_interval=1, max_new_tokens=6, bench_iters=1,
+                  tie_embeddings=True, corpus_hours=0.02, fsq_levels=(3, 3), flow_dim=16, flow_layers=1,
+                  flow_heads=2, voc_channels=16, voc_segment=1600, flow_max_codes=8, bank_size=6, bank_voices=1,
+                  stage_iters=(0, 0, 0, 1, 1, 1), max_iters=4, batch_size=2, eval_interval=1000, eval_items=1,
+                  eval_speech_items=1, log_interval=1, max_new_tokens=6, max_speech_tokens=12, bench_iters=1,
                   bench_seconds=2.0, chunk_seconds=3.0, compile=False),  # tests
 }
 ARCH_KEYS = ("sample_rate", "n_mels", "chunk_seconds", "pad_samples", "n_audio_ctx", "n_audio_state",
              "n_audio_head", "n_audio_layer", "adaptor_hidden", "n_embd", "n_layer", "n_head", "n_kv_head", "ffn",
-             "rope_theta", "rms_eps", "vocab_size", "bpe_vocab", "tie_embeddings")
-STAGES = ("llm", "encoder", "adaptor", "sft")
+             "rope_theta", "rms_eps", "vocab_size", "bpe_vocab", "tie_embeddings", "fsq_levels", "n_voc_mels",
+             "flow_dim", "flow_layers", "flow_heads", "voc_channels", "voc_upsample")
+STAGES = ("llm", "encoder", "adaptor", "tokenizer", "flow", "vocoder", "sft")
 
 # ----------------------------------------------------------------------------- model
 
@@ -326,14 +387,169 @@ class LLM(nn.Module):
 
 CHARS = " abcdefghijklmnopqrstuvwxyz'"                    # the CTC alphabet of encoder pretraining (0 = blank)
 
+# ----------------------------------------------------------------------------- speech output (part 2)
+
+class FSQ(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023; CosyVoice 2's S3 tokenizer, §3.1 of Step-Audio 2: its
+    audio tokens are CosyVoice 2's): each of d dimensions is bounded by tanh to [-(L-1)/2, (L-1)/2] and rounded
+    to one of L integers (straight-through gradient); the code is the mixed-radix number of the d digits, so
+    there are prod(levels) codes and no codebook to learn or collapse. Odd levels only (no half-step offset)."""
+    def __init__(self, levels):
+        super().__init__()
+        self.levels = list(levels)
+        self.register_buffer("half_width", torch.tensor([(l - 1) / 2 for l in levels]), persistent=False)
+        basis = [int(np.prod(self.levels[:i])) for i in range(len(levels))]
+        self.register_buffer("basis", torch.tensor(basis), persistent=False)
+        self.n_codes = int(np.prod(self.levels))
+
+    def forward(self, z):                                 # z: (..., d) -> (quantized in [-1, 1] (..., d), codes (...))
+        b = torch.tanh(z) * self.half_width
+        q = b + (torch.round(b) - b).detach()             # straight-through: round forward, identity backward
+        codes = ((torch.round(b) + self.half_width).long() * self.basis).sum(-1)
+        return q / self.half_width, codes
+
+    def dequantize(self, codes):                          # (...) -> (..., d) in [-1, 1]
+        digits = (codes[..., None] // self.basis) % torch.tensor(self.levels, device=codes.device)
+        return (digits.float() - self.half_width) / self.half_width
+
+
+class SpeechTokenizer(nn.Module):
+    """A supervised speech tokenizer in the spirit of CosyVoice 2: FSQ inserted after the frozen ASR-trained
+    encoder (25 Hz), then one more Transformer block and a CTC head, trained on ASR; the FSQ codes are thus
+    made to keep what the words need. Its codes are the LLM's audio tokens."""
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.n_audio_state
+        self.down, self.fsq, self.up = nn.Linear(d, len(cfg.fsq_levels)), FSQ(cfg.fsq_levels), nn.Linear(len(cfg.fsq_levels), d)
+        self.block, self.ctc_head = EncoderBlock(d, cfg.n_audio_head), nn.Linear(d, len(CHARS) + 1)
+
+    def forward(self, h, n_mel):                          # h: (B, T', D) encoder frames -> CTC logits (B, T', chars)
+        q, _ = self.fsq(self.down(h))
+        valid = torch.arange(h.shape[1], device=h.device)[None] < torch.tensor([encoder_frames(int(n)) for n in n_mel],
+                                                                                device=h.device)[:, None]
+        return self.ctc_head(self.block(self.up(q), valid[:, None, None, :]))
+
+    def codes(self, h):                                   # (B, T', D) -> (B, T') ints in [0, n_codes)
+        return self.fsq(self.down(h))[1]
+
+
+def voc_mel(wav, cfg):
+    """The detokenizer's mel: 80-bin ln-mel, n_fft 640, hop 160 at 16 kHz: 100 frames/s, 4 per speech token.
+    wav: (..., T) tensor -> (..., n_voc_mels, T // 160)."""
+    return common.mel_spectrogram(wav, cfg.sample_rate, n_fft=640, hop=160, n_mels=cfg.n_voc_mels, log="ln")
+
+
+MEL_MEAN, MEL_STD = -6.0, 3.0                             # the flow works on (ln-mel - mean) / std: about unit scale
+
+
+def timestep_embedding(t, d):
+    """Sinusoidal embedding of the flow time t in [0, 1] (scaled by 1000, as in diffusion models). (B,) -> (B, d)."""
+    f = torch.exp(-math.log(10000) * torch.arange(d // 2, device=t.device) / (d // 2))
+    a = 1000 * t[:, None] * f[None]
+    return torch.cat([a.sin(), a.cos()], -1)
+
+
+class FlowBlock(nn.Module):
+    """The estimator's block (§3.1: "a CNN encoder layer after each self-attention"): self-attention, a k3 conv,
+    an MLP, each pre-LN and residual; the flow time is added at the block's input."""
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.attn, self.attn_ln = EncoderAttention(d, n_head), LayerNorm(d)
+        self.conv, self.conv_ln = nn.Conv1d(d, d, 3, padding=1), LayerNorm(d)
+        self.mlp, self.mlp_ln = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)), LayerNorm(d)
+        self.time = nn.Linear(d, d)
+
+    def forward(self, x, temb, mask):                     # x: (B, T, D), temb: (B, D), mask: (B, 1, 1, T)
+        x = x + self.time(temb)[:, None]
+        x = x + self.attn(self.attn_ln(x), mask)
+        x = x + F.gelu(self.conv(self.conv_ln(x).transpose(1, 2))).transpose(1, 2)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class Flow(nn.Module):
+    """Conditional flow matching (CosyVoice 2's flow; §3.1's detokenizer): speech tokens (25 Hz) -> a token
+    encoder -> mu, upsampled x4 to the mel rate; the estimator predicts the velocity v(x_t, t | mu, speaker) that
+    carries Gaussian noise (t = 0) to the mel (t = 1). The speaker is a prompt clip's mean mel (our stand-in for
+    CosyVoice's CAMPPlus x-vector; the prompt mel is not used in-context)."""
+    def __init__(self, cfg):
+        super().__init__()
+        d, m = cfg.flow_dim, cfg.n_voc_mels
+        self.embed = nn.Embedding(int(np.prod(cfg.fsq_levels)), d)
+        self.token_conv = nn.Conv1d(d, d, 3, padding=1)
+        self.mu = nn.Linear(d, m)
+        self.spk = nn.Linear(m, m)
+        self.inp = nn.Linear(3 * m, d)
+        self.temb = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(FlowBlock(d, cfg.flow_heads) for _ in range(cfg.flow_layers))
+        self.out_ln, self.out = LayerNorm(d), nn.Linear(d, m)
+
+    def cond(self, codes, spk_mel):                       # codes: (B, N), spk_mel: (B, M) -> mu (B, 4N, M), spk (B, M)
+        h = self.embed(codes)
+        h = h + F.gelu(self.token_conv(h.transpose(1, 2))).transpose(1, 2)
+        return self.mu(h).repeat_interleave(4, dim=1), self.spk(spk_mel)
+
+    def velocity(self, x, t, mu, spk, mask=None):         # x, mu: (B, T, M); t: (B,) -> (B, T, M)
+        h = self.inp(torch.cat([x, mu, spk[:, None].expand_as(x)], -1))
+        temb = self.temb(timestep_embedding(t, h.shape[-1]))
+        for b in self.blocks:
+            h = b(h, temb, mask)
+        return self.out(self.out_ln(h))
+
+
+def flow_sample(velocity, x0, steps):
+    """Euler integration of dx/dt = v(x, t) from t = 0 (the noise x0) to t = 1 (the mel), `steps` equal steps."""
+    ts = torch.linspace(0.0, 1.0, steps + 1, device=x0.device)
+    x = x0
+    for i in range(steps):
+        x = x + (ts[i + 1] - ts[i]) * velocity(x, ts[i].expand(x0.shape[0]))
+    return x
+
+
+class ResBlock(nn.Module):
+    """HiFi-GAN's residual block (type 2): dilated k3 convs with leaky ReLU, each residual."""
+    def __init__(self, c, dilations=(1, 3)):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(c, c, 3, dilation=d, padding=d) for d in dilations)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = x + conv(F.leaky_relu(x, 0.1))
+        return x
+
+
+class Vocoder(nn.Module):
+    """A small HiFi-GAN-style generator (the paper's HiFT is of that family): mel (100 Hz) -> transposed convs
+    x5, x4, x4, x2 with a residual block after each -> a 16 kHz waveform. Trained here on mel and
+    multi-resolution STFT losses only (no discriminators)."""
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.voc_channels
+        self.conv_pre = nn.Conv1d(cfg.n_voc_mels, c, 7, padding=3)
+        self.ups, self.res = nn.ModuleList(), nn.ModuleList()
+        for r in cfg.voc_upsample:                        # length x r exactly: kernel 2r, padding ceil(r/2), output_padding r % 2
+            self.ups.append(nn.ConvTranspose1d(c, c // 2, 2 * r, r, padding=(r + 1) // 2, output_padding=r % 2))
+            self.res.append(ResBlock(c // 2))
+            c //= 2
+        self.conv_post = nn.Conv1d(c, 1, 7, padding=3)
+
+    def forward(self, mel):                               # (B, n_voc_mels, T) -> (B, T * 160)
+        x = self.conv_pre(mel)
+        for up, res in zip(self.ups, self.res):
+            x = res(up(F.leaky_relu(x, 0.1)))
+        return torch.tanh(self.conv_post(F.leaky_relu(x, 0.1)))[:, 0]
+
 
 class StepAudio(nn.Module):
-    """Encoder -> adaptor -> LLM (§3.1). The CTC head exists for encoder pretraining only (our stand-in for the
-    paper's ASR pretraining of the encoder); inference never uses it."""
+    """Encoder -> adaptor -> LLM -> (speech tokens) -> flow matching -> vocoder (§3.1). The CTC head exists for
+    encoder pretraining only (our stand-in for the paper's ASR pretraining of the encoder)."""
     def __init__(self, cfg):
         super().__init__()
         self.encoder, self.adapter, self.model = AudioEncoder(cfg), Adaptor(cfg), LLM(cfg)
         self.ctc_head = nn.Linear(cfg.n_audio_state, len(CHARS) + 1)
+        # part 2: the speech tokenizer on the frozen encoder, and the detokenizer (flow matching, then the vocoder)
+        self.speech_tokenizer, self.flow, self.vocoder = SpeechTokenizer(cfg), Flow(cfg), Vocoder(cfg)
+        # the assistant's voice: the mean voc_mel of a clip in it, set before training, kept in the checkpoint
+        self.register_buffer("answer_voice", torch.zeros(cfg.n_voc_mels))
 
     def audio_features(self, mel, n_mel):
         """(N, n_mels, T) chunks -> list of N (n_tokens_i, D_llm) tensors, each exactly audio_tokens(...) long."""
@@ -357,8 +573,12 @@ class StepAudio(nn.Module):
             x = x.masked_scatter(slots[..., None], f)
         return x
 
-    def forward(self, ids=None, mel=None, n_mel=None, patch_id=None, ctc=False, frozen_encoder=True):
-        """Logits over the vocabulary (B, T, V); with ctc=True the encoder's CTC logits (B, T', chars) instead."""
+    def forward(self, ids=None, mel=None, n_mel=None, patch_id=None, ctc=False, frozen_encoder=True, batch=None,
+                cfg=None):
+        """Logits over the vocabulary (B, T, V); with ctc=True the encoder's CTC logits (B, T', chars) instead;
+        with a batch of the tokenizer, flow or vocoder stage, that stage's loss (so DDP sees every stage)."""
+        if batch is not None:
+            return self.stage_loss(batch, cfg)
         if ctc:
             return self.ctc_head(self.encoder(mel, n_mel))
         feats = []
@@ -368,30 +588,65 @@ class StepAudio(nn.Module):
             feats = self.adapt(h, n_mel)
         return self.model(self.embed(ids, feats, patch_id))
 
+    def stage_loss(self, batch, cfg):
+        if batch["stage"] == "tokenizer":                # CTC through the FSQ bottleneck on the frozen encoder
+            with torch.no_grad():
+                h = self.encoder(batch["mel"], batch["n_mel"])
+            return ctc_loss(self.speech_tokenizer(h, batch["n_mel"]), batch["n_mel"], batch["chars"], batch["n_chars"])
+        if batch["stage"] == "flow":
+            return flow_loss(self.flow, batch["codes"], batch["x1"], batch["spk"], batch["mask"], cfg.sigma_min)
+        return vocoder_loss(self.vocoder(batch["mel"]), batch["wav"], cfg)
+
+    @torch.no_grad()
+    def speech_codes(self, mel, n_mel):
+        """(N, n_mels, T) chunks -> each chunk's speech tokens at 25 Hz (a list of (n_i,) long tensors)."""
+        codes = self.speech_tokenizer.codes(self.encoder(mel, n_mel))
+        return [c[:encoder_frames(int(n))] for c, n in zip(codes, n_mel)]
+
+    @torch.no_grad()
+    def detokenize(self, codes, spk_mel, cfg, noise=None):
+        """Speech tokens (N,) -> (mel (n_voc_mels, 4N), 16 kHz waveform (640 N,)): flow matching, then the vocoder."""
+        mu, spk = self.flow.cond(codes[None], (spk_mel[None] - MEL_MEAN) / MEL_STD)
+        x0 = torch.randn_like(mu) if noise is None else noise
+        mel = flow_sample(lambda x, t: self.flow.velocity(x, t, mu, spk), x0, cfg.flow_steps)  # (1, 4N, M)
+        mel = mel.transpose(1, 2) * MEL_STD + MEL_MEAN    # (1, M, 4N) ln-mel
+        return mel[0], self.vocoder(mel)[0]
+
 # ----------------------------------------------------------------------------- tokens and chat format
 
 SPECIALS = ("<|endoftext|>", "<|BOT|>", "<|EOT|>", "<audio_start>", "<audio_patch>", "<audio_end>",
-            "<tool_call>", "</tool_call>")
+            "<tool_call>", "</tool_call>", "<tts_start>", "<tts_end>", "<tts_pad>")
 
 
 class Tokenizer:
-    """The corpus BPE (tiktoken format, common.train_bpe) with the chat and audio markers after its ranks."""
-    def __init__(self, ranks):
+    """The corpus BPE (tiktoken format, common.train_bpe) with the chat, audio and TTS markers after its ranks,
+    then the speech tokens (§3.2's vocabulary extension): <audio_k> = audio_base + k for the n_codes FSQ codes,
+    and one audio pad (<audio_k> with k = n_codes, as the official 6561). Text ids are all < audio_base."""
+    def __init__(self, ranks, n_codes):
         self.ranks_text = common.ranks_to_text(ranks)
         self.enc = common.bpe_encoding(ranks, SPECIALS, name="step-audio-bpe")
-        self.n_vocab = self.enc.n_vocab
         self.ids = {s: len(ranks) + i for i, s in enumerate(SPECIALS)}
         self.pad, self.bot, self.eot = self.ids["<|endoftext|>"], self.ids["<|BOT|>"], self.ids["<|EOT|>"]
         self.audio_start, self.patch, self.audio_end = (self.ids[s] for s in ("<audio_start>", "<audio_patch>", "<audio_end>"))
         self.call, self.end_call = self.ids["<tool_call>"], self.ids["</tool_call>"]
+        self.tts_start, self.tts_end, self.tts_pad = (self.ids[s] for s in ("<tts_start>", "<tts_end>", "<tts_pad>"))
+        self.audio_base = self.enc.n_vocab                # the first speech token
+        self.n_codes = n_codes
+        self.audio_pad = self.audio_base + n_codes        # fills the audio slots of the last group
+        self.n_vocab = self.audio_pad + 1
 
     def encode(self, text):
         """Text to ids; the tool-call markers in an assistant's text become their special tokens."""
         return self.enc.encode(text, allowed_special={"<tool_call>", "</tool_call>"}, disallowed_special=())
 
+    def is_audio(self, i):
+        return i >= self.audio_base
+
     def decode(self, ids):
+        """Ids to text: specials as their names, speech tokens and <tts_*> markers left out (they are not text)."""
         specials, out, run = {v: k for k, v in self.ids.items()}, [], []
-        for i in list(ids) + [None]:
+        skip = {self.tts_start, self.tts_end, self.tts_pad}
+        for i in [i for i in ids if not self.is_audio(i) and i not in skip] + [None]:
             if i is None or i in specials:
                 out.append(self.enc.decode(run))
                 run = []
@@ -400,6 +655,34 @@ class Tokenizer:
             else:
                 run.append(i)
         return "".join(out)
+
+
+def interleave(text_ids, codes, tok, ratio):
+    """A spoken answer as one token run (§3.1: text and audio tokens at a fixed ratio, padded to keep it):
+    <tts_start>, then groups of n text slots and m audio slots until both the text and the audio are used up
+    (text slots past the text's end hold <tts_pad>, audio slots past the audio's end the audio pad), <tts_end>.
+    The text leads the audio it is saying: at 1:4 a text token per 160 ms of speech."""
+    n, m = ratio
+    groups = max(math.ceil(len(text_ids) / n), math.ceil(len(codes) / m), 1)
+    out = [tok.tts_start]
+    for g in range(groups):
+        t = list(text_ids[g * n:(g + 1) * n])
+        a = [tok.audio_base + int(c) for c in codes[g * m:(g + 1) * m]]
+        out += t + [tok.tts_pad] * (n - len(t)) + a + [tok.audio_pad] * (m - len(a))
+    return out + [tok.tts_end]
+
+
+def deinterleave(ids, tok):
+    """A generated run -> (text ids, speech codes): the split by id range of the official parser, pads dropped."""
+    text = [i for i in ids if i < tok.audio_base and i not in (tok.tts_start, tok.tts_end, tok.tts_pad, tok.eot)]
+    codes = [i - tok.audio_base for i in ids if tok.audio_base <= i < tok.audio_pad]
+    return text, codes
+
+
+def slot_kind(k, ratio):
+    """Which slot the k-th token after <tts_start> fills: "text" or "audio" (the interleave's fixed pattern)."""
+    n, m = ratio
+    return "text" if k % (n + m) < n else "audio"
 
 
 def chunk_lengths(n_samples, cfg):
@@ -421,8 +704,8 @@ def audio_tokens(n_samples, cfg):
 def render(turns, tok, cfg, generate=False):
     """A conversation -> token ids and labels (-100 except the assistant's words and their <|EOT|>).
 
-    turns: [(role, content)], role in system | human | assistant | tool; content a str, or a list of str and
-    ("audio", n_samples) items. Each audio chunk becomes <audio_start> + n x <audio_patch> + <audio_end>.
+    turns: [(role, content)], role in system | human | assistant | tool; content a str, or a list of str,
+    ("audio", n_samples) and ("ids", [token ids]) items (a spoken answer's interleaved run, re-fed as it was made). Each audio chunk becomes <audio_start> + n x <audio_patch> + <audio_end>.
     generate: end with an open assistant turn, as the prompt for a reply."""
     ids, labels = [], []
     for role, content in turns:
@@ -431,6 +714,8 @@ def render(turns, tok, cfg, generate=False):
         for part in ([content] if isinstance(content, str) else content):
             if isinstance(part, str):
                 body += tok.encode(part)
+            elif part[0] == "ids":                        # token ids as they are (a spoken answer's run)
+                body += list(part[1])
             else:
                 for n in chunk_lengths(part[1], cfg):
                     body += [tok.audio_start] + [tok.patch] * audio_tokens(n, cfg) + [tok.audio_end]
@@ -477,6 +762,36 @@ def ctc_loss(logits, n_mel, chars, n_chars):
     n_out = torch.tensor([encoder_frames(int(n)) for n in n_mel])
     return F.ctc_loss(logp, chars, n_out, n_chars, blank=0, zero_infinity=True)
 
+
+def flow_loss(flow, codes, x1, spk_mel, mask, sigma_min):
+    """Conditional flow matching with the optimal-transport path (Lipman et al. 2023; CosyVoice 2's flow):
+    x_t = (1 - (1 - s) t) x0 + t x1 with x0 ~ N(0, I), t ~ U(0, 1); the target velocity is x1 - (1 - s) x0.
+    codes: (B, N); x1: (B, 4N, M) normalised mel; mask: (B, 4N) True on real frames. MSE over the real frames."""
+    mu, spk = flow.cond(codes, spk_mel)
+    t = torch.rand(x1.shape[0], device=x1.device)
+    x0 = torch.randn_like(x1)
+    tt = t[:, None, None]
+    xt = (1 - (1 - sigma_min) * tt) * x0 + tt * x1
+    u = x1 - (1 - sigma_min) * x0
+    v = flow.velocity(xt, t, mu, spk, mask[:, None, None, :])
+    m = mask[..., None].float()
+    return ((v.float() - u) ** 2 * m).sum() / (m.sum() * x1.shape[-1])
+
+
+STFT_RES = ((512, 128, 512), (1024, 256, 1024), (256, 64, 256))  # (n_fft, hop, window) at 16 kHz
+
+
+def vocoder_loss(wav, target, cfg):
+    """The vocoder's objective without discriminators: L1 between ln-mels plus, at three resolutions, spectral
+    convergence and log-magnitude L1 (Parallel WaveGAN's multi-resolution STFT loss)."""
+    loss = F.l1_loss(voc_mel(wav, cfg), voc_mel(target, cfg))
+    for n_fft, hop, win in STFT_RES:
+        w = torch.hann_window(win, device=wav.device)
+        S = lambda x: torch.stft(x.float(), n_fft, hop, win, w, return_complex=True).abs().clamp(min=1e-5)
+        a, b = S(wav), S(target)
+        loss = loss + (torch.linalg.norm(b - a) / torch.linalg.norm(b) + F.l1_loss(a.log(), b.log())) / len(STFT_RES)
+    return loss
+
 # ----------------------------------------------------------------------------- data
 
 GENDER_Q, PITCH_Q, RATE_Q = ("is the speaker male or female", "is the voice low medium or high",
@@ -494,7 +809,7 @@ def voice_attributes(speaker):
 
 def dialogue_questions(utts, sr):
     """The user's questions in the dialogue corpus, cut from channel 0 at their word times, with the answer the
-    assistant gave: [(wav, question, answer)]."""
+    assistant gave: [(wav, question, answer, None)] (no answer audio: the spoken task uses the question bank)."""
     out = []
     for u in utts:
         lines = [l.split(": ", 1) for l in u.text.split(" / ")]
@@ -506,7 +821,7 @@ def dialogue_questions(utts, sr):
             span, i = words[i:i + n], i + n
             if nxt[0] == "assistant" and text.startswith(("what", "how", "which")) and span:
                 a, b = int(max(0.0, span[0][1] - 0.1) * sr), int((span[-1][2] + 0.1) * sr)
-                out.append((u.wav[0, a:b].copy(), text, nxt[1]))
+                out.append((u.wav[0, a:b].copy(), text, nxt[1], None))
     return out
 
 
@@ -516,37 +831,117 @@ def arithmetic(question):
     return m.group(1) if m else None
 
 
+def bank_questions():
+    """Every question the dialogue corpus's script can ask (common's generator): the arithmetic questions over
+    its operand ranges, and its ten facts. -> (arithmetic [(q, a)], facts [(q, a)])."""
+    arith, seen = [], set()
+    for op, f in (("plus", lambda a, b: a + b), ("times", lambda a, b: a * b), ("minus", lambda a, b: a - b)):
+        for x in range(2, 13):
+            for y in range(1, 13):
+                a, b = (max(x, y), min(x, y)) if op == "minus" else (x, y)
+                q = f"what is {common.number_words(a)} {op} {common.number_words(b)}"
+                if q not in seen:
+                    seen.add(q)
+                    arith.append((q, f"{common.number_words(a)} {op} {common.number_words(b)} is "
+                                     f"{common.number_words(f(a, b))}"))
+    return arith, list(common.FACTS)
+
+
+def bank_split(split):
+    """The arithmetic questions of a split: a fixed 20 % held out for test and 10 % for val (never trained on,
+    not even as text); the rest train. The facts are in every split (there are only ten)."""
+    arith, facts = bank_questions()
+    perm = np.random.default_rng(20).permutation(len(arith))
+    n_test, n_val = len(arith) // 5, len(arith) // 10
+    pick = dict(test=perm[:n_test], val=perm[n_test:n_test + n_val], train=perm[n_test + n_val:])[split]
+    return [arith[i] for i in sorted(pick)], facts
+
+
+_BANK = {}
+
+
+def question_bank(split, cfg):
+    """The spoken question bank (the held-out evaluation set of part 1, and the spoken answers of part 2): each
+    question of bank_split(split) spoken by eSpeak as its own utterance in bank_voices voices, its answer spoken
+    in the assistant's voice (answer_voice). Train and val are spoken by the training voices; test by the voice
+    heard only in test (common.TEST_ONLY_SPEAKER) and bank_voices - 1 training voices, its facts by the test
+    voice alone. -> [(wav, question, answer, answer wav)], 16 kHz float32."""
+    key = (split, cfg.bank_size, cfg.bank_voices, cfg.answer_voice, cfg.sample_rate)
+    if key in _BANK:
+        return _BANK[key]
+    arith, facts = bank_split(split)
+    if cfg.bank_size:
+        arith, facts = arith[:cfg.bank_size], facts[:max(1, cfg.bank_size // 4)]
+    rng = np.random.default_rng([cfg.seed, ("train", "val", "test").index(split)])
+    train_voices = [v for v in range(common.NUM_SPEAKERS) if v != common.TEST_ONLY_SPEAKER]
+    jobs, items = [], []
+    for q, a in arith + facts:
+        if split == "test" and (q, a) in facts:
+            voices = [common.TEST_ONLY_SPEAKER] * cfg.bank_voices
+        elif split == "test":
+            voices = [common.TEST_ONLY_SPEAKER] + list(rng.choice(train_voices, cfg.bank_voices - 1, replace=False))
+        else:
+            voices = list(rng.choice(train_voices, cfg.bank_voices, replace=False))
+        for v in voices:
+            jobs.append((q, int(v), int(rng.integers(-4, 5)), float(rng.uniform(-0.05, 0.05))))
+            items.append((q, a))
+    answers = sorted({a for _, a in items})
+    jobs += [(a, cfg.answer_voice, 0, 0.0) for a in answers]
+    wavs = [w.astype(np.float32) for w, _ in common.speak(jobs, sr=cfg.sample_rate, workers=min(2, os.cpu_count() or 1))]
+    ans_wav = dict(zip(answers, wavs[len(items):]))
+    _BANK[key] = [(w, q, a, ans_wav[a]) for w, (q, a) in zip(wavs, items)]
+    return _BANK[key]
+
+
+def held_out_questions():
+    """The val and test arithmetic questions: kept out of every training source (the dialogue corpus has some)."""
+    return {q for split in ("val", "test") for q, _ in bank_split(split)[0]}
+
+
 class Tasks:
-    """The training and evaluation examples of one split, built once from the corpus: (wav, turns, answer) per
+    """The training and evaluation examples of one split, built once from the corpora: (wav, turns, answer) per
     task. Every example's audio is one clip; turns follow render()'s format with ("audio", n) in place of it."""
     def __init__(self, cfg, split):
         speech = common.load_corpus(cfg, split, cfg.sample_rate, kind="speech")
         self.texts = [u.text for u in speech]
         # the built-in voices' attributes are known; a user's folder has none (no paralinguistic task then)
         self.speech = [(u.wav, u.text, None if cfg.data_dir else voice_attributes(u.speaker)) for u in speech]
+        self.speakers = [u.speaker for u in speech]
         self.has_voices = not cfg.data_dir
-        dia = [] if cfg.data_dir else common.load_corpus(cfg, split, cfg.sample_rate, kind="dialogue", mono=False)
+        dia = [] if cfg.data_dir or split != "train" else common.load_corpus(cfg, split, cfg.sample_rate,
+                                                                           kind="dialogue", mono=False)
         self.dialogue_texts = [u.text for u in dia]
-        self.questions = dialogue_questions(dia, cfg.sample_rate)
+        held = held_out_questions()
+        # train: the dialogue corpus's questions (minus the held-out ones) and the bank's; val/test: the bank only
+        self.questions = [x for x in dialogue_questions(dia, cfg.sample_rate) if x[1] not in held]
+        self.questions += [] if cfg.data_dir else question_bank(split, cfg)
+        self.spoken = [x for x in self.questions if x[3] is not None]   # with answer audio: the spoken tasks
 
-    def example(self, task, i, rng, cfg):
-        """(wav, turns, answer) of example i of `task` (rng picks among variants)."""
-        if task in ("asr", "para"):
+    def example(self, task, i, rng, cfg, speak=None):
+        """(wav, turns, answer) of example i of `task` (rng picks among variants). speak: wav -> the interleaved
+        run of a spoken answer (text ids + speech codes), for the tasks whose answer is speech."""
+        if task in ("asr", "para", "tts"):
             wav, text, attrs = self.speech[i % len(self.speech)]
             a = ("audio", len(wav))
             if task == "asr":
                 return wav, [("human", [a, "transcribe the audio"]), ("assistant", text)], text
+            if task == "tts":   # text in, speech out (§3.2's TTS data): the run of the clip's own tokens
+                return None, [("human", "say this: " + text), ("assistant", [("ids", speak(text, wav))])], text
             q, key = [(GENDER_Q, "gender"), (PITCH_Q, "pitch"), (RATE_Q, "rate")][int(rng.integers(3))]
             return wav, [("human", [a, q]), ("assistant", attrs[key])], attrs[key]
-        wav, q, ans = self.questions[i % len(self.questions)]
+        pool = self.spoken if task in ("speak", "speak_followup") else self.questions
+        wav, q, ans, ans_wav = pool[i % len(pool)]
         a, call = ("audio", len(wav)), arithmetic(q)
         tools = call is not None and rng.random() < cfg.tool_frac if task == "qa" else task == "tool"
         system = ("system", "tools: calculator" if tools else "tools: none")
         turns = [system, ("human", [a])]
         if tools and call:  # §3.4 tool calling: the call, the tool's result as its own turn, then the answer
             turns += [("assistant", f"<tool_call>{call}</tool_call>"), ("tool", calculator(call))]
-        turns.append(("assistant", ans))
-        if task == "followup":  # multi-turn: the second question refers back to the first turn's audio
+        if task in ("speak", "speak_followup"):   # a spoken answer: its text and speech tokens interleaved
+            turns.append(("assistant", [("ids", speak(ans, ans_wav))]))
+        else:
+            turns.append(("assistant", ans))
+        if task in ("followup", "speak_followup"):  # multi-turn: the second question refers back to the first turn
             turns += [("human", "what was my question"), ("assistant", q)]
             ans = q
         return wav, turns, ans
@@ -563,7 +958,7 @@ def text_chats(tasks):
     """Stage 1's text: the corpus's sentences and its question/answer chats written out (the paper starts from a
     pretrained text LLM; this is that LLM's pretraining, in miniature)."""
     out = [[("human", "say something"), ("assistant", t)] for t in tasks.texts]
-    for _, q, a in tasks.questions:
+    for _, q, a, _ in tasks.questions:
         call = arithmetic(q)
         out.append([("system", "tools: none"), ("human", q), ("assistant", a)])
         if call:
@@ -608,43 +1003,106 @@ def collate(examples, tok, cfg, rt, cache=None):
 
 
 def stage_at(step, cfg):
-    """The training stage of a step (0-based): llm, encoder, adaptor, then sft to the end."""
+    """The training stage of a step (0-based): llm, encoder, adaptor, tokenizer, flow, vocoder, then sft."""
     ends = np.cumsum(cfg.stage_iters)
     return STAGES[int(np.searchsorted(ends, step, side="right"))] if step < ends[-1] else "sft"
 
 
+def pad_frames(mel, n):
+    """(M, T) -> (M, n): cut, or extended by repeating the last frame (a clip's mel is a frame or two short of
+    4 frames per token)."""
+    return mel[:, :n] if mel.shape[1] >= n else torch.cat([mel, mel[:, -1:].expand(-1, n - mel.shape[1])], 1)
+
+
 class Sampler:
-    """Draws each step's examples for its stage; its RNG is saved in the checkpoint (resume draws the same)."""
+    """Draws each step's examples for its stage; its RNG is saved in the checkpoint (resume draws the same).
+    The speech tokens of a clip come from the model's frozen encoder and tokenizer (set .model before the
+    tokenizer stage ends), computed once per clip."""
     def __init__(self, tasks, tok, cfg, rank=0, world_size=1):
         self.tasks, self.tok, self.cfg = tasks, tok, cfg
         self.chats = text_chats(tasks)
         self.rng = np.random.default_rng([cfg.seed, rank, world_size])
-        self.mels = {}                                   # each clip's log-mel, computed once
+        self.mels, self.codes, self.vmels = {}, {}, {}   # per clip: log-mel, speech tokens, detokenizer mel
+        self.model = None
+        # the flow's clips: the speech corpus (its speakers) and the bank's answers (the assistant's voice)
+        answers = {id(x[3]): x[3] for x in tasks.spoken}
+        self.flow_clips = [(w, spk) for (w, _, _), spk in zip(tasks.speech, tasks.speakers)]
+        self.flow_clips += [(w, cfg.answer_voice) for w in answers.values()]
+        self.by_speaker = {}
+        for i, (_, spk) in enumerate(self.flow_clips):
+            self.by_speaker.setdefault(spk, []).append(i)
+
+    def mel_of(self, w):
+        key = (id(w), 0, chunk_lengths(len(w), self.cfg)[0])  # the first chunk (clips are shorter than one)
+        if key not in self.mels:
+            self.mels[key] = log_mel(w[: key[2]], self.cfg)
+        return self.mels[key]
+
+    def vmel_of(self, w):
+        if id(w) not in self.vmels:
+            self.vmels[id(w)] = voc_mel(torch.from_numpy(np.ascontiguousarray(w)), self.cfg)
+        return self.vmels[id(w)]
+
+    def codes_of(self, w):
+        """A clip's speech tokens (25 Hz) from the frozen encoder + tokenizer."""
+        if id(w) not in self.codes:
+            m = self.mel_of(w)
+            raw = common.unwrap(self.model)
+            dev = next(raw.parameters()).device
+            self.codes[id(w)] = raw.speech_codes(m[None].to(dev), torch.tensor([m.shape[-1]], device=dev))[0].tolist()
+        return self.codes[id(w)]
+
+    def speak(self, text, wav):
+        return interleave(self.tok.encode(text), self.codes_of(wav), self.tok, self.cfg.interleave)
 
     def next(self, stage, rt):
         cfg, tk, rng = self.cfg, self.tasks, self.rng
         if stage == "llm":
             ex = [(None, self.chats[int(rng.integers(len(self.chats)))]) for _ in range(cfg.batch_size)]
             return dict(collate(ex, self.tok, cfg, rt), stage=stage)
-        if stage == "encoder":
+        if stage in ("encoder", "tokenizer"):            # ASR (CTC): the encoder's pretraining, then the tokenizer's
             items = [tk.speech[int(rng.integers(len(tk.speech)))] for _ in range(cfg.batch_size)]
-            mels = []
-            for w, _, _ in items:                        # the first chunk of each clip (clips are shorter than one)
-                key = (id(w), 0, chunk_lengths(len(w), cfg)[0])
-                if key not in self.mels:
-                    self.mels[key] = log_mel(w[: key[2]], cfg)
-                mels.append(self.mels[key])
+            mels = [self.mel_of(w) for w, _, _ in items]
             T = max(m.shape[-1] for m in mels)
             chars = [[CHARS.index(c) + 1 for c in common.normalize_text(t) if c in CHARS] for _, t, _ in items]
             return dict(stage=stage, mel=torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(rt.device),
                         n_mel=torch.tensor([m.shape[-1] for m in mels]), chars=torch.tensor(sum(chars, [])),
                         n_chars=torch.tensor([len(c) for c in chars]))
-        mix = ["asr"] if stage == "adaptor" else ["asr"] + ["para"] * tk.has_voices + ["qa", "qa", "followup"] * bool(tk.questions)
+        if stage == "flow":                              # tokens (+ a prompt of the same voice) -> mel crops
+            codes, mels, spk = [], [], []
+            for _ in range(cfg.batch_size):
+                i = int(rng.integers(len(self.flow_clips)))
+                w, s = self.flow_clips[i]
+                c = self.codes_of(w)
+                n = min(len(c), cfg.flow_max_codes)
+                c0 = int(rng.integers(len(c) - n + 1))
+                codes.append(torch.tensor(c[c0:c0 + n]))
+                mels.append(pad_frames(self.vmel_of(w), 4 * len(c))[:, 4 * c0:4 * (c0 + n)].T)  # (4n, M)
+                others = [j for j in self.by_speaker[s] if j != i] or [i]
+                spk.append(self.vmel_of(self.flow_clips[others[int(rng.integers(len(others)))]][0]).mean(-1))
+            N = max(len(c) for c in codes)
+            mask = torch.tensor([[t < 4 * len(c) for t in range(4 * N)] for c in codes])
+            return dict(stage=stage, codes=torch.stack([F.pad(c, (0, N - len(c))) for c in codes]).to(rt.device),
+                        x1=(torch.stack([F.pad(m, (0, 0, 0, 4 * N - len(m))) for m in mels]).to(rt.device) - MEL_MEAN) / MEL_STD,
+                        spk=(torch.stack(spk).to(rt.device) - MEL_MEAN) / MEL_STD, mask=mask.to(rt.device))
+        if stage == "vocoder":                           # random crops of the speech corpus and their mels
+            seg, wavs = cfg.voc_segment, []
+            for _ in range(cfg.batch_size):
+                w = tk.speech[int(rng.integers(len(tk.speech)))][0]
+                w = np.pad(w, (0, max(0, seg - len(w))))
+                s0 = int(rng.integers(len(w) - seg + 1)) // 160 * 160
+                wavs.append(torch.from_numpy(np.ascontiguousarray(w[s0:s0 + seg])))
+            wav = torch.stack(wavs).to(rt.device)
+            return dict(stage=stage, wav=wav, mel=voc_mel(wav, cfg))
+        mix = ["asr"] if stage == "adaptor" else (["asr"] + ["para"] * tk.has_voices + ["tts"] * 2 +
+                                                  ["qa", "qa", "followup"] * bool(tk.questions) +
+                                                  ["speak", "speak", "speak_followup"] * bool(tk.spoken))
         ex = []
         for _ in range(cfg.batch_size):
             task = mix[int(rng.integers(len(mix)))]
-            n = len(tk.speech) if task in ("asr", "para") else len(tk.questions)
-            wav, turns, _ = tk.example(task, int(rng.integers(n)), rng, cfg)
+            n = dict(asr=len(tk.speech), para=len(tk.speech), tts=len(tk.speech), speak=len(tk.spoken),
+                     speak_followup=len(tk.spoken)).get(task, len(tk.questions))
+            wav, turns, _ = tk.example(task, int(rng.integers(n)), rng, cfg, speak=self.speak)
             ex.append((wav, turns))
         return dict(collate(ex, self.tok, cfg, rt, self.mels), stage=stage)
 
@@ -653,6 +1111,15 @@ class Sampler:
 
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state
+
+
+def audio_seconds(batch, cfg):
+    """Seconds of audio a batch holds (for the progress line's audio-s/s)."""
+    if batch.get("n_mel") is not None:
+        return float(batch["n_mel"].sum()) / 100
+    if "wav" in batch:
+        return batch["wav"].numel() / cfg.sample_rate
+    return float(batch["mask"].sum()) / 100 if "mask" in batch else 0.0
 
 
 def get_batch(sampler, cfg, rt, step):
@@ -664,14 +1131,20 @@ def build_tokenizer(cfg, tasks):
     texts = tasks.texts + tasks.dialogue_texts + [GENDER_Q, PITCH_Q, RATE_Q, "transcribe the audio", "say something",
                                                   "what was my question", "tools: calculator", "tools: none",
                                                   "system human assistant tool", "male female low medium high "
-                                                  "slow normal fast error"]
-    return Tokenizer(common.train_bpe([" " + t for t in texts] + texts, cfg.bpe_vocab))
+                                                  "slow normal fast error", "say this"]
+    return Tokenizer(common.train_bpe([" " + t for t in texts] + texts, cfg.bpe_vocab), n_codes(cfg))
+
+
+def n_codes(cfg):
+    return int(np.prod(cfg.fsq_levels))
 
 
 def trainable(stage, model):
     """What each stage trains (§3.2-3.4): the LLM alone (text), the encoder and its CTC head (ASR pretraining),
-    the adaptor alone (alignment: encoder and LLM frozen), adaptor + LLM (SFT; the encoder stays frozen)."""
+    the adaptor alone (alignment: encoder and LLM frozen), the speech tokenizer (on the frozen encoder), the flow,
+    the vocoder, then adaptor + LLM (SFT, text and speech answers; the encoder and the speech parts stay frozen)."""
     parts = dict(llm=[model.model], encoder=[model.encoder, model.ctc_head], adaptor=[model.adapter],
+                 tokenizer=[model.speech_tokenizer], flow=[model.flow], vocoder=[model.vocoder],
                  sft=[model.adapter, model.model])[stage]
     return {id(p) for m in parts for p in m.parameters()}
 
@@ -683,9 +1156,9 @@ def lr_lambda(cfg):
     def f(step):
         s = max(i for i, b in enumerate(starts) if step >= b)
         warm = min(1.0, (step - starts[s] + 1) / max(1, cfg.warmup_iters))
-        if s < 3:
+        if s < 6:
             return float(warm)
-        frac = (step - starts[3]) / max(1, cfg.max_iters - starts[3])
+        frac = (step - starts[6]) / max(1, cfg.max_iters - starts[6])
         return float(warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))))
     return f
 
@@ -707,6 +1180,8 @@ def train_step(state, batch, cfg, rt):
         if batch["stage"] == "encoder":
             logits = model(mel=batch["mel"], n_mel=batch["n_mel"], ctc=True)
             loss = ctc_loss(logits, batch["n_mel"], batch["chars"], batch["n_chars"])
+        elif batch["stage"] in ("tokenizer", "flow", "vocoder"):
+            loss = model(batch=batch, cfg=cfg)
         else:
             logits = model(batch["ids"], batch["mel"], batch["n_mel"], raw.tok.patch)
             loss = lm_loss(logits, batch["labels"])
@@ -727,34 +1202,72 @@ def load_for_inference(cfg, rt):
     ckpt = common.load_checkpoint(common.checkpoint_path(cfg))
     if not common.is_ours(ckpt):
         raise SystemExit("error: not a nanoaudio step_audio checkpoint (official Step-Audio 2 weights are not mapped)")
-    tok = Tokenizer(common.ranks_from_text(ckpt["extra"]["tokenizer"]))
+    tok = Tokenizer(common.ranks_from_text(ckpt["extra"]["tokenizer"]), n_codes(cfg))
     model = StepAudio(cfg).to(rt.device)
     common.load_models(ckpt, cfg, {"model": model}, ARCH_KEYS)
     model.tok = tok
     return model.eval()
 
 
+def slot_masks(tok, device):
+    """The tokens each kind of slot of a spoken answer may hold: text (the BPE ranks, <tts_pad>, <tts_end>) and
+    audio (the speech tokens and the audio pad). Decoding under them keeps the interleave's fixed pattern."""
+    text = torch.zeros(tok.n_vocab, dtype=torch.bool, device=device)
+    text[:tok.ids["<|endoftext|>"]] = True
+    text[[tok.tts_pad, tok.tts_end]] = True
+    audio = torch.zeros_like(text)
+    audio[tok.audio_base:tok.audio_pad + 1] = True
+    return dict(text=text, audio=audio)
+
+
 @torch.no_grad()
-def generate(model, tok, turns, wav, cfg, rt):
+def generate(model, tok, turns, wav, cfg, rt, speech=False):
     """Greedy decoding of one assistant turn with a KV cache: prefill the prompt (audio features written over the
-    placeholders), then one token at a time until <|EOT|>. Returns the generated token ids."""
+    placeholders; wav: one clip, or a list of the prompt's clips in order), then one token at a time until
+    <|EOT|>. speech: the turn opens with <tts_start> (how the official code asks for a spoken reply) and each
+    slot is decoded under its kind's mask until <tts_end>. Returns the generated ids (with the <tts_*> markers)."""
     ids, _ = render(turns, tok, cfg, generate=True)
-    ids = torch.tensor([ids], device=rt.device)
+    ids = torch.tensor([ids + [tok.tts_start] * speech], device=rt.device)
+    wavs = [] if wav is None else wav if isinstance(wav, list) else [wav]
     feats = []
-    if wav is not None:
-        b = collate([(wav, [])], tok, cfg, rt)
+    if wavs:
+        b = collate([(w, []) for w in wavs], tok, cfg, rt)
         feats = model.audio_features(b["mel"], b["n_mel"])
-    cache = KVCache(cfg, 1, ids.shape[1] + cfg.max_new_tokens, rt.device, next(model.parameters()).dtype)
+    limit = cfg.max_speech_tokens if speech else cfg.max_new_tokens
+    cache = KVCache(cfg, 1, ids.shape[1] + limit, rt.device, next(model.parameters()).dtype)
+    masks = slot_masks(tok, rt.device) if speech else None
     with rt.autocast():
         logits = model.model(model.embed(ids, feats, tok.patch), 0, cache)
-        out = []
-        for _ in range(cfg.max_new_tokens):
-            nxt = int(logits[0, -1].argmax())
+        out = [tok.tts_start] if speech else []
+        for k in range(limit):
+            lg = logits[0, -1].float()
+            if speech:
+                lg = lg.masked_fill(~masks[slot_kind(k, cfg.interleave)], float("-inf"))
+            nxt = int(lg.argmax())
             if nxt == tok.eot:
                 break
             out.append(nxt)
+            if speech and nxt == tok.tts_end:
+                break
             logits = model.model(model.model.embed_tokens(torch.tensor([[nxt]], device=rt.device)), cache.length, cache)
+    if speech and out[-1] != tok.tts_end:                 # cut at the limit: close the run
+        out.append(tok.tts_end)
     return out
+
+
+def speak(model, tok, turns, wav, cfg, rt, noise_seed=0):
+    """A spoken reply: the interleaved run, its text, its speech tokens, and the detokenized mel and waveform
+    (in the assistant's voice, model.answer_voice)."""
+    run = generate(model, tok, turns, wav, cfg, rt, speech=True)
+    text_ids, codes = deinterleave(run, tok)
+    dev = rt.device
+    if codes:
+        g = torch.Generator(device="cpu").manual_seed(noise_seed)
+        noise = torch.randn(1, 4 * len(codes), cfg.n_voc_mels, generator=g).to(dev)
+        mel, audio = model.detokenize(torch.tensor(codes, device=dev), model.answer_voice, cfg, noise)
+    else:
+        mel, audio = torch.zeros(cfg.n_voc_mels, 0), torch.zeros(0)
+    return dict(run=run, text=tok.decode(text_ids).strip(), codes=codes, mel=mel, wav=audio.float().cpu().numpy())
 
 
 def respond(model, tok, turns, wav, cfg, rt, tools=True):
@@ -770,14 +1283,19 @@ def respond(model, tok, turns, wav, cfg, rt, tools=True):
 
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
-    """Held-out accuracy of each skill: ASR WER; spoken QA without tools; tool-call accuracy and final answers with
-    the calculator; paralinguistic accuracy per attribute; the multi-turn follow-up (exact match, normalised)."""
+    """Held-out accuracy of each skill (exact match, normalised): ASR WER; paralinguistic accuracy per attribute;
+    spoken QA on the question bank without tools; tool-call accuracy and final answers with the calculator (and
+    without it, on the same questions); the multi-turn follow-up. Speech output, on eval_speech_items of them:
+    the spoken answer's text, the follow-up after a spoken answer, the resynthesis mel distance of held-out
+    speech (tokens -> flow -> vocoder, and the vocoder alone from the true mel) and the tokenizer's own CTC WER.
+    Writes the spoken answers and resyntheses as wavs with a refs.txt (name<TAB>intended text) per folder, for
+    the WER of a separate ASR model."""
     if model is None:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
     tok, was = model.tok, model.training
     model.eval()
-    tasks, rng, n = Tasks(cfg, split), np.random.default_rng(0), cfg.eval_items
+    tasks, rng, n, ns = Tasks(cfg, split), np.random.default_rng(0), cfg.eval_items, cfg.eval_speech_items
     norm = common.normalize_text
     refs, hyps, m = [], [], {}
     for i in range(min(n, len(tasks.speech))):
@@ -788,28 +1306,83 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
             got = respond(model, tok, [("human", [("audio", len(wav)), q])], wav, cfg, rt)[0]
             m.setdefault(f"para_{key}", []).append(norm(got) == attrs[key])
     m_out = dict(wer=common.wer(refs, hyps))
-    for i, (wav, q, ans) in enumerate(tasks.questions[:n]):
+    order = np.random.default_rng(0).permutation(len(tasks.questions))[:n]  # arithmetic and facts mixed
+    rows = ["question\tanswer\tno tools\twith tools\tfollow-up"]  # every item, for a look (or other subsets)
+    for j, i in enumerate(order):
+        wav, q, ans, _ = tasks.questions[i]
         a = ("audio", len(wav))
         got, _ = respond(model, tok, [("system", "tools: none"), ("human", [a])], wav, cfg, rt, tools=False)
         m.setdefault("qa_acc", []).append(norm(got) == norm(ans))
         call = arithmetic(q)
         if call:
-            got, made = respond(model, tok, [("system", "tools: calculator"), ("human", [a])], wav, cfg, rt)
+            tgot, made = respond(model, tok, [("system", "tools: calculator"), ("human", [a])], wav, cfg, rt)
             m.setdefault("tool_call_acc", []).append(made == call)
-            m.setdefault("tool_answer_acc", []).append(norm(got) == norm(ans))
+            m.setdefault("tool_answer_acc", []).append(norm(tgot) == norm(ans))
             m.setdefault("no_tool_answer_acc", []).append(m["qa_acc"][-1])
-        _, turns, _ = tasks.example("followup", i, rng, cfg)
+        _, turns, _ = tasks.example("followup", int(i), rng, cfg)
         follow, _ = respond(model, tok, prompt_of(turns, "followup"), wav, cfg, rt, tools=False)
         m.setdefault("followup_acc", []).append(norm(follow) == norm(q))
-        if samples_dir is not None and i < 2:
-            common.save_sample(samples_dir, f"question{i}", wav, cfg.sample_rate)
-            with open(os.path.join(samples_dir, f"question{i}.txt"), "w") as f:
+        rows.append(f"{q}\t{ans}\t{got}\t{tgot if call else ''}\t{follow}")
+        if samples_dir is not None and j < 2:
+            common.save_sample(samples_dir, f"question{j}", wav, cfg.sample_rate)
+            with open(os.path.join(samples_dir, f"question{j}.txt"), "w") as f:
                 f.write(f"question: {q}\nexpected: {ans}\nanswer (no tools): {got}\nfollow-up: {follow}\n")
     m_out.update({k: float(np.mean(v)) for k, v in m.items()})
-    m_out.update(n_clips=len(refs), n_questions=len(tasks.questions[:n]))  # how many items each figure is over
+    m_out.update(n_clips=len(refs), n_questions=len(order))  # how many items each figure is over
+    out = samples_dir or os.path.join(cfg.out_dir, f"eval_{split}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "qa.tsv"), "w") as f:
+        f.write("".join(r + "\n" for r in rows))
+    m_out.update(evaluate_speech(cfg, model, rt, tasks, ns, out))
     model.train(was)
     common.log(f"eval ({split}) | " + " | ".join(f"{k} {v:.3f}" for k, v in m_out.items()))
     return m_out
+
+
+def evaluate_speech(cfg, model, rt, tasks, ns, out):
+    """The speech-output half of evaluate() (see there)."""
+    tok, norm, m = model.tok, common.normalize_text, {}
+    spoken_dir, resyn_dir = os.path.join(out, "spoken"), os.path.join(out, "resynth")
+    for d in (spoken_dir, resyn_dir):
+        os.makedirs(d, exist_ok=True)
+    lines = []
+    order = np.random.default_rng(1).permutation(len(tasks.spoken))[:ns]
+    for j, i in enumerate(order):
+        wav, q, ans, _ = tasks.spoken[i]
+        turns = [("system", "tools: none"), ("human", [("audio", len(wav))])]
+        r = speak(model, tok, turns, wav, cfg, rt, noise_seed=j)
+        m.setdefault("speak_text_acc", []).append(norm(r["text"]) == norm(ans))
+        follow, _ = respond(model, tok, turns + [("assistant", [("ids", r["run"])]), ("human", "what was my question")],
+                            wav, cfg, rt, tools=False)
+        m.setdefault("speak_followup_acc", []).append(norm(follow) == norm(q))
+        if len(r["wav"]):
+            common.save_audio(os.path.join(spoken_dir, f"answer{j:03d}.wav"), r["wav"], cfg.sample_rate)
+            lines.append(f"answer{j:03d}\t{r['text']}\t{ans}")  # the text it meant to say, and the right answer
+    with open(os.path.join(spoken_dir, "refs.txt"), "w") as f:
+        f.write("".join(l + "\n" for l in lines))
+    lines, hyps, refs = [], [], []
+    for j in range(min(ns, len(tasks.speech))):
+        wav, text, _ = tasks.speech[j]
+        mel = log_mel(wav[:chunk_lengths(len(wav), cfg)[0]], cfg)[None].to(rt.device)
+        n_mel = torch.tensor([mel.shape[-1]], device=rt.device)
+        codes = model.speech_codes(mel, n_mel)[0]
+        spk = voc_mel(torch.from_numpy(wav).to(rt.device), cfg).mean(-1)  # the clip's own voice as the prompt
+        g = torch.Generator().manual_seed(j)
+        _, resyn = model.detokenize(codes, spk, cfg, torch.randn(1, 4 * len(codes), cfg.n_voc_mels, generator=g).to(rt.device))
+        copy = model.vocoder(voc_mel(torch.from_numpy(wav).to(rt.device), cfg)[None])[0]
+        m.setdefault("resynth_mel_dist", []).append(common.mel_distance(resyn.cpu(), torch.from_numpy(wav), cfg.sample_rate))
+        m.setdefault("vocoder_mel_dist", []).append(common.mel_distance(copy.cpu(), torch.from_numpy(wav), cfg.sample_rate))
+        with torch.no_grad():                            # the tokenizer's own ASR (greedy CTC over its codes)
+            ctc = model.speech_tokenizer(model.encoder(mel, n_mel), n_mel)[0].argmax(-1).tolist()
+        hyps.append("".join(CHARS[c - 1] for k, c in enumerate(ctc) if c and (k == 0 or c != ctc[k - 1])))
+        refs.append(text)
+        common.save_audio(os.path.join(resyn_dir, f"resynth{j:03d}.wav"), resyn.float().cpu().numpy(), cfg.sample_rate)
+        lines.append(f"resynth{j:03d}\t{text}")
+    with open(os.path.join(resyn_dir, "refs.txt"), "w") as f:
+        f.write("".join(l + "\n" for l in lines))
+    out_m = {k: float(np.mean(v)) for k, v in m.items()}
+    out_m.update(tokenizer_ctc_wer=common.wer(refs, hyps) if refs else float("nan"), n_spoken=len(order))
+    return out_m
 
 
 def train(cfg):
@@ -821,24 +1394,28 @@ def train(cfg):
     if common.checkpoint_path(cfg) and cfg.init_from != "scratch":  # keep the checkpoint's tokenizer
         ckpt = common.load_checkpoint(common.checkpoint_path(cfg))
         if common.is_ours(ckpt) and "tokenizer" in ckpt.get("extra", {}):
-            tok = Tokenizer(common.ranks_from_text(ckpt["extra"]["tokenizer"]))
+            tok = Tokenizer(common.ranks_from_text(ckpt["extra"]["tokenizer"]), n_codes(cfg))
     if cfg.vocab_size == 0:                              # the corpus BPE decides the vocabulary (stored in the config)
         cfg.vocab_size = tok.n_vocab
     state = build(cfg, rt)
     state["model"].tok = tok
     ends = np.cumsum(cfg.stage_iters)
-    common.log(f"StepAudio {common.count_params(state['model']) / 1e6:.2f} M params, vocabulary {tok.n_vocab}; "
-               f"stages: llm to step {ends[0]}, encoder to {ends[1]}, adaptor to {ends[2]}, sft to {cfg.max_iters}")
+    common.log(f"StepAudio {common.count_params(state['model']) / 1e6:.2f} M params, vocabulary {tok.n_vocab} "
+               f"({tok.n_codes} speech tokens); stages: " + ", ".join(f"{s} to step {e}" for s, e in zip(STAGES, ends))
+               + f", sft to {cfg.max_iters}")
     sampler = Sampler(tasks, tok, cfg, rt.rank, rt.world_size)
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS)
     raw = state["model"]
+    if tasks.spoken and step == 0:                       # the assistant's voice: the mean mel of an answer it spoke
+        raw.answer_voice.copy_(voc_mel(torch.from_numpy(tasks.spoken[0][3]), cfg).mean(-1))
+    sampler.model = raw
     state["model"] = common.wrap_ddp(common.compile(raw, cfg), rt, find_unused_parameters=True)
     prog = common.Progress(cfg, start_step=step)
     while step < cfg.max_iters:
         batch = get_batch(sampler, cfg, rt, step)
         losses = train_step(state, batch, cfg, rt)
         step += 1
-        prog.update(step, losses, audio_seconds=float(batch["n_mel"].sum()) / 100 if batch["n_mel"] is not None else 0)
+        prog.update(step, losses, audio_seconds=audio_seconds(batch, cfg))
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if rt.master:
                 evaluate(cfg, raw, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
@@ -849,26 +1426,37 @@ def train(cfg):
 
 @torch.no_grad()
 def sample(cfg):
-    """Listen to --input and answer --prompt (with the calculator if --tools), or run held-out examples of every
-    task. Writes each clip's wav + png and the conversation as text beside them."""
+    """--input with --prompt: a text answer to the prompt about the audio (with the calculator if --tools).
+    --input alone: the wav is a spoken question, answered in speech (--speak; else in text); --followup: a second
+    spoken question asked after that answer, with the first question and the spoken answer's run in the history.
+    No --input: held-out examples of every task, and a two-turn spoken conversation. Writes each answer's wav +
+    png and the conversation as text beside them."""
     rt = common.setup(cfg)
     model = load_for_inference(cfg, rt)
     tok, out = model.tok, os.path.join(cfg.out_dir, "samples")
     os.makedirs(out, exist_ok=True)
+    text_items, spoken = [], []
     if cfg.input:
         wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
-        items = [(os.path.splitext(os.path.basename(cfg.input))[0], wav,
-                  [("system", "tools: calculator" if cfg.tools else "tools: none"),
-                   ("human", [("audio", len(wav)), cfg.prompt])])]
+        name = os.path.splitext(os.path.basename(cfg.input))[0]
+        text_answer = bool(cfg.prompt) or not cfg.speak   # spoken answers never call tools
+        system = ("system", "tools: calculator" if cfg.tools and text_answer else "tools: none")
+        if text_answer:
+            text_items.append((name, wav, [system, ("human", [("audio", len(wav))] + ([cfg.prompt] if cfg.prompt else []))]))
+        else:
+            spoken.append((name, wav))
+            if cfg.followup:
+                spoken.append((os.path.splitext(os.path.basename(cfg.followup))[0],
+                               common.load_audio(cfg.followup, sr=cfg.sample_rate)[0]))
     else:
         tasks, rng = Tasks(cfg, "test"), np.random.default_rng(0)
-        items = []
         for task in ("asr", "para", "qa", "followup"):
             if task in ("qa", "followup") and not tasks.questions:
                 continue
             wav, turns, _ = tasks.example(task, 0, rng, cfg)
-            items.append((f"{task}0", wav, prompt_of(turns, task)))
-    for name, wav, turns in items:
+            text_items.append((f"{task}0", wav, prompt_of(turns, task)))
+        spoken = [(f"spoken{k}", tasks.spoken[k][0]) for k in range(min(2, len(tasks.spoken)))] if cfg.speak else []
+    for name, wav, turns in text_items:
         answer, call = respond(model, tok, turns, wav, cfg, rt, tools=cfg.tools)
         shown = " | ".join(f"{r}: {c if isinstance(c, str) else ' '.join(x if isinstance(x, str) else '<audio>' for x in c)}"
                            for r, c in turns)
@@ -877,6 +1465,22 @@ def sample(cfg):
         with open(os.path.join(out, name + ".txt"), "w") as f:
             f.write(text)
         common.log(text.rstrip() + f"\n(wrote {os.path.join(out, name)}.wav/.png/.txt)")
+    turns, wavs = [("system", "tools: none")], []        # a spoken conversation: the history keeps every turn
+    for k, (name, wav) in enumerate(spoken):
+        turns, wavs = turns + [("human", [("audio", len(wav))])], wavs + [wav]
+        r = speak(model, tok, turns, wavs, cfg, rt, noise_seed=k)
+        turns.append(("assistant", [("ids", r["run"])]))
+        common.save_sample(out, name, wav, cfg.sample_rate)
+        text = (f"turn {k + 1}: human: <audio {name}.wav>\nassistant (spoken, {len(r['codes'])} speech tokens, "
+                f"{len(r['wav']) / cfg.sample_rate:.2f} s): {r['text']}\n")
+        if len(r["wav"]):
+            common.save_sample(out, name + "_answer", r["wav"], cfg.sample_rate)
+        with open(os.path.join(out, name + "_answer.txt"), "w") as f:
+            f.write(text)
+        common.log(text.rstrip() + f"\n(wrote {os.path.join(out, name)}_answer.wav/.png/.txt)")
+    if spoken:                                           # and a text follow-up that refers back to the first turn
+        follow, _ = respond(model, tok, turns + [("human", "what was my question")], wavs, cfg, rt, tools=False)
+        common.log(f"human: what was my question\nassistant: {follow}")
 
 # ----------------------------------------------------------------------------- bench
 
@@ -885,8 +1489,8 @@ def bench(cfg):
     batch 1, eager and (when common.compile compiles) compiled; FLOP rate against the device's peak."""
     rt = common.setup(cfg)
     if cfg.vocab_size == 0:
-        cfg.vocab_size = cfg.bpe_vocab + len(SPECIALS)
-    tok = Tokenizer({bytes([i]): i for i in range(256)})  # byte-level ranks: ids only matter for shapes
+        cfg.vocab_size = cfg.bpe_vocab + len(SPECIALS) + n_codes(cfg) + 1
+    tok = Tokenizer({bytes([i]): i for i in range(256)}, n_codes(cfg))  # byte-level ranks: ids only matter for shapes
     cfg.vocab_size = max(cfg.vocab_size, tok.n_vocab)
     state = build(cfg, rt)
     model = state["model"]
@@ -929,6 +1533,27 @@ def bench(cfg):
     if compiled is not model.model:
         tc = common.timeit(lambda: decode(compiled), iters=cfg.bench_iters, warmup=1) - figures["prefill_ms"]
         figures["decode_tokens_per_s_compiled"] = n_new / max(tc, 1e-6) * 1e3
+    # a spoken answer to a 3 s spoken question: prefill, the interleaved run (n text + m audio slots per group),
+    # then flow matching (flow_steps) and the vocoder. Time to first audio: the first second of speech (25
+    # tokens) decoded and synthesised; real-time factor: 4 s of speech, end to end, over 4 s.
+    qwav = 0.1 * rng.standard_normal(3 * cfg.sample_rate).astype(np.float32)
+    q_ids = torch.tensor([render([("human", [("audio", len(qwav))])], tok, cfg, generate=True)[0] + [tok.tts_start]],
+                         device=rt.device)
+    qb = collate([(qwav, [])], tok, cfg, rt)
+    n_txt, n_aud = cfg.interleave
+
+    def spoken(n_codes):
+        n_tok = n_codes // n_aud * (n_txt + n_aud)
+        with torch.no_grad(), rt.autocast():
+            cache = KVCache(cfg, 1, q_ids.shape[1] + n_tok + 1, rt.device, dtype)
+            logits = model.model(model.embed(q_ids, model.audio_features(qb["mel"], qb["n_mel"]), tok.patch), 0, cache)
+            for _ in range(n_tok):
+                nxt = logits[:, -1:].argmax(-1)
+                logits = model.model(model.model.embed_tokens(nxt), cache.length, cache)
+            codes = torch.randint(0, tok.n_codes, (n_codes,), device=rt.device)
+            return model.detokenize(codes, model.answer_voice, cfg)[1]
+    figures["time_to_first_audio_ms"] = common.timeit(lambda: spoken(25), iters=cfg.bench_iters, warmup=1)
+    figures["spoken_rtf"] = common.timeit(lambda: spoken(100), iters=cfg.bench_iters, warmup=1) / 4000.0
     common.report_bench(cfg, rt, model=model, compiled=compiled is not model.model, **figures)
 
 # ----------------------------------------------------------------------------- main

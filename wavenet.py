@@ -140,10 +140,11 @@ PRESETS = {
     # and an unused residual conv in the last layer
     "vocoder": dict(kernel_size=3, cond_speaker=False, sample_rate=22050, upsample_scales=(4, 4, 4, 4),
                     fmin=125.0, fmax=7600.0, segment=10240, batch_size=8),
-    # 243,826 params (0.24 M) with the built-in speaker table, RF 511 samples = 32 ms: the mel carries the rest
+    # 243,826 params (0.24 M) with the built-in speaker table, RF 511 samples = 32 ms: the mel carries the rest;
+    # 1000 steps (was 2000: 30 min) at 0.6-0.9 s/step on one core of a busy 2-core box: ~10-15 min with the evals
     "small":   dict(layers=16, stacks=2, residual_channels=32, gate_channels=64, skip_channels=64,
-                    segment=4096, batch_size=4, max_iters=2000, eval_interval=500, bench_steps=256,
-                    eval_items=2, eval_seconds=1.0, eval_gen_seconds=0.25, gen_seconds=1.0, lr_half_life=2000),
+                    segment=4096, batch_size=4, max_iters=1000, eval_interval=500, bench_steps=256,
+                    eval_items=2, eval_seconds=1.0, eval_gen_seconds=0.25, gen_seconds=1.0, lr_half_life=1000),
     "tiny":    dict(layers=6, stacks=2, residual_channels=8, gate_channels=16, skip_channels=16, n_mels=20,
                     speaker_dim=4, segment=1024, batch_size=2, max_iters=10, corpus_hours=0.02, log_interval=1,
                     eval_items=2, eval_seconds=0.25, eval_gen_seconds=0.05, gen_seconds=0.05, warmup_iters=2,

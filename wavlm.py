@@ -172,7 +172,8 @@ PRESETS = {  # the official WavLM-Base / Base+ / Large cfg (microsoft/unilm wavl
                       heads=4, ffn=768, conv_pos=32, conv_pos_groups=8, final_dim=64, num_classes=100,
                       dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=80, batch_size=8, segment=16_000,
                       max_iters=800, lr_decay_iters=800, eval_interval=200, log_interval=25, eval_items=32, corpus_hours=0.5,
-                      kmeans_frames=40_000, bench_seconds=10.0),   # 2.2 M: 800 steps, ~17 min at 1.25 s/step (CPU, 1 thread)
+                      kmeans_frames=40_000, bench_seconds=10.0),   # 2.2 M: 800 steps at 0.27-0.35 s/step on one core
+                                                   # (busy 2-core box, OMP_NUM_THREADS=1): ~4-5 min + evals
     "tiny":      dict(conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2, dim=32, layers=2,
                       heads=2, ffn=64, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64,
                       final_dim=16, num_classes=8, dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=2,
@@ -501,23 +502,31 @@ def mix_utterances(wav, cfg, generator=None):
             seg, j, lo, hi = (z if u() < 0.5 else torch.cumsum(z, 0) / math.sqrt(n)), -1, *cfg.noise_db
         else:
             j = (i + 1 + int(u() * (B - 1))) % B           # another utterance of the batch
-            seg, lo, hi = wav[j, src:src + n].cpu(), *cfg.mix_db
+            seg, lo, hi = wav[j, src:src + n], *cfg.mix_db
         ratio_db = lo + (hi - lo) * u()
-        e_primary, e_seg = wav[i].pow(2).mean().item(), seg.pow(2).mean().item()
-        scale = math.sqrt(e_primary / (e_seg * 10 ** (ratio_db / 10))) if e_seg > 1e-10 and e_primary > 1e-10 else 0.0
-        out[i, dst:dst + n] += scale * seg.to(wav)
+        # the scale stays a 0-d tensor on wav's device: no host sync inside a training step (the draws above
+        # come from a CPU generator; only the energies live on the device)
+        seg = seg.to(wav)
+        e_primary, e_seg = wav[i].pow(2).mean(), seg.pow(2).mean()
+        ok = (e_seg > 1e-10) & (e_primary > 1e-10)
+        scale = torch.where(ok, (e_primary / (e_seg.clamp(min=1e-10) * 10 ** (ratio_db / 10))).sqrt(), 0.0)
+        out[i, dst:dst + n] += scale * seg
         events.append((i, j, dst, src, n, scale))
     return out, events
 
 
 def masked_prediction_loss(logits, targets, mask):
-    """Cross-entropy on the masked frames only (HuBERT's masked loss, pred_nomask_weight = 0), plus accuracies."""
-    lm = logits[mask]                                      # (N_masked, K)
-    tm = targets[mask]
-    loss = F.cross_entropy(lm, tm)
+    """Cross-entropy on the masked frames only (HuBERT's masked loss, pred_nomask_weight = 0), plus accuracies.
+    Written as mask-weighted means over all frames, not logits[mask]: boolean indexing has a data-dependent
+    shape, which makes a GPU step wait for the device (and breaks a torch.compile graph)."""
+    m = mask.float()                                       # (B, T)
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")   # (B, T): logits (B, K, T)
+    loss = (ce * m).sum() / m.sum().clamp(min=1)
     with torch.no_grad():
-        acc_m = (lm.argmax(-1) == tm).float().mean()
-        acc_u = (logits[~mask].argmax(-1) == targets[~mask]).float().mean() if (~mask).any() else acc_m
+        hit = (logits.argmax(-1) == targets).float()       # (B, T)
+        acc_m = (hit * m).sum() / m.sum().clamp(min=1)
+        u = 1 - m                                          # no unmasked frame: report acc_m, as before
+        acc_u = torch.where(u.sum() > 0, (hit * u).sum() / u.sum().clamp(min=1), acc_m)
     return loss, acc_m, acc_u
 
 # ----------------------------------------------------------------------------- data

@@ -652,3 +652,13 @@ def test_safetensors_reader_and_per_stage_out_dir(tmp_path):
     x, idx = s.next()
     for row, i, st in zip(x, idx, s.last_starts):
         assert (st == 0 if i == 1 else row[0] == st)
+
+
+def test_speak_outside_a_corpus():
+    """common.speak: float32 audio in [-1, 1] at the asked rate, word times inside it, the same on a second call."""
+    jobs = [("what color is the sky", 0, 0, 0.0), ("hello there", 1, 2, 0.02)]
+    a, b = common.speak(jobs, sr=16000, workers=1), common.speak(jobs[:1], sr=16000, workers=1)
+    assert len(a) == 2 and all(w.dtype == np.float32 and np.abs(w).max() <= 1.0 for w, _ in a)
+    assert np.array_equal(a[0][0], b[0][0])
+    for w, words in a:
+        assert [x[0] for x in words][:1] in (["what"], ["hello"]) and words[-1][2] <= len(w) / 16000 + 1e-3

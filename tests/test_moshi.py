@@ -2,9 +2,16 @@
 within 1e-5, both key layouts of the official file), the official parameter count, frame-rate and bitrate
 arithmetic, causality (conv stack, transformer mask, context), RoPE's interleaved pairs, streaming == offline,
 the split RVQ (same latent, outputs summed, half the sequences unquantized), EMA / dead-code updates, the
-distillation loss, the teacher-feature alignment, a golden training step, and the command line."""
+distillation loss, the teacher-feature alignment, a golden training step, and the command line.
+Part 2 (the Moshi LM): the paper's delays and delay/undelay inverses; every prediction depends only on tokens before
+it in generation order (temporal causality, depth order text -> semantic -> acoustic, the acoustic delay, no user
+token at the same step); streaming == full forward; the generation grid == the training forward's argmax; parity
+with the package's LMModel (both key layouts); 7.69 B parameters; inner-monologue alignment; a golden step; the
+stage's contract (train, exact resume, eval, bench, sample) in process."""
 import copy
+import re
 import importlib
+import json
 import math
 import os
 import sys
@@ -16,7 +23,7 @@ import torch.nn.functional as F
 
 import common
 import moshi as M
-from cli import check_cli_contract, require, run_script
+from cli import check_cli_contract, one_line_error, require, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -432,16 +439,7 @@ def test_cli_sample_from_the_official_file(tmp_path):
     assert "official Mimi weights" in p.stdout and any(f.endswith(".wav") for f in os.listdir(tmp_path / "samples"))
 
 
-def error_line(*args):
-    """A command that must fail with one `error:` line on stderr and no traceback (the log may precede it)."""
-    p = run_script("moshi.py", *args, check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stderr + p.stdout, p.stderr[-3000:]
-    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr[-2000:]
-    return lines[0]
-
-
-@pytest.mark.parametrize("flag,msg", [("--segment=1000", "multiple of 1920"), ("--stage=dialogue", "issue 18"),
+@pytest.mark.parametrize("flag,msg", [("--segment=1000", "multiple of 1920"), ("--stage=dialogue", "the stages are"),
                                       ("--eval_n_q=9", "eval_n_q"), ("--quant_rate=1.5", "quant_rate"),
                                       ("--tr_heads=3", "tr_heads"), ("--teacher=/nowhere", "not a folder")])
 def test_bad_flags_are_refused(flag, msg):
@@ -451,7 +449,351 @@ def test_bad_flags_are_refused(flag, msg):
 
 
 def test_bad_input_gives_one_error_line(tmp_path):
-    assert "does not exist" in error_line("--preset=tiny", "--mode=eval", f"--init_from={tmp_path}/none.pt")
+    """In process (one_line_error: the SystemExit line Python prints alone, no traceback)."""
+    run = lambda fn, *args: fn(common.parse_config(M.Config, M.PRESETS, list(args)))
+    one_line_error(run, M.evaluate, "--preset=tiny", "--mode=eval", f"--init_from={tmp_path}/none.pt",
+                   match="does not exist")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")
-    assert "safetensors" in error_line("--mode=sample", f"--init_from={bad}")
+    one_line_error(run, M.sample, "--preset=tiny", "--mode=sample", f"--init_from={bad}", match="safetensors")
+
+# ============================================================================= part 2: the Moshi LM
+
+def lm_cfg(**kw):
+    return make_cfg(stage="lm", **kw)
+
+
+def tiny_lm(seed=0, **kw):
+    cfg = lm_cfg(**kw)
+    torch.manual_seed(seed)
+    return M.MoshiLM(cfg).eval(), cfg
+
+
+def random_codes(cfg, B=2, T=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randint(0, cfg.text_card, (B, 1, T), generator=g),
+                      torch.randint(0, cfg.lm_card, (B, 2 * cfg.dep_q, T), generator=g)], 1)
+
+
+def test_delays_are_the_papers_and_delay_undelay_are_inverses():
+    assert M.lm_delays(M.Config()) == [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]  # the official moshi_7b
+    lm, cfg = tiny_lm()
+    codes = random_codes(cfg, T=7)
+    d = M.delay(codes, lm.delays, lm.initial())
+    for k, dk in enumerate(lm.delays):
+        assert torch.equal(d[:, k, dk:], codes[:, k, :codes.shape[-1] - dk])
+        assert (d[:, k, :dk] == lm.initial()[k]).all()
+    back, mask = M.undelay(d[..., None].float(), lm.delays)
+    assert torch.equal(back[..., 0][mask].long(), codes[mask])
+    assert mask.sum() == sum(codes.shape[-1] - dk for dk in lm.delays) * codes.shape[0]
+    assert torch.isnan(back[..., 0][~mask]).all()
+
+
+def allowed(lm, k, t, k2, t2):
+    """May the prediction of stream k2 (Moshi's text or audio) at frame t2 depend on the token of stream k at frame
+    t? Generation order: step s = frame + delay; within a step the text token, then Moshi's audio 0..K-1. The user's
+    tokens of step s are seen from step s + 1 on; Moshi's from later in step s."""
+    K = lm.K
+    s, s2 = t + lm.delays[k], t2 + lm.delays[k2]
+    if k > K:  # the user: an input only
+        return s < s2
+    return s < s2 or (s == s2 and k < k2)
+
+
+def test_every_prediction_depends_only_on_what_precedes_it():
+    """Temporal causality across every stream, the depth Transformer's order (text, then semantic, then acoustic)
+    and its causality, the acoustic delay, and no user token leaking into Moshi's prediction at the same step:
+    perturb each token alone; only the predictions after it in generation order may move (and some must)."""
+    lm, cfg = tiny_lm()
+    T, K = 6, cfg.dep_q
+    codes = random_codes(cfg, B=1, T=T)
+    with torch.no_grad():
+        lg, mask, tl, _ = lm(codes)
+    seen_dependence = set()
+    for k in range(1 + 2 * K):
+        for t in range(T):
+            c = codes.clone()
+            c[0, k, t] = (c[0, k, t] + 1) % (cfg.text_card if k == 0 else cfg.lm_card)
+            with torch.no_grad():
+                lg2, _, tl2, _ = lm(c)
+            for k2 in range(1 + K):
+                for t2 in range(T):
+                    if k2 and not mask[0, k2 - 1, t2]:
+                        continue
+                    a, b = (tl[0, 0, t2], tl2[0, 0, t2]) if k2 == 0 else (lg[0, k2 - 1, t2], lg2[0, k2 - 1, t2])
+                    moved = not torch.allclose(a, b, atol=1e-6)
+                    assert not moved or allowed(lm, k, t, k2, t2), \
+                        f"prediction of stream {k2} frame {t2} moved with stream {k} frame {t}"
+                    if moved:
+                        seen_dependence.add((k > K, k2, (t + lm.delays[k]) - (t2 + lm.delays[k2])))
+    # the depth Transformer uses the same step's earlier tokens: text -> semantic, semantic -> acoustic, and the
+    # user's previous step reaches Moshi's semantic token
+    assert (False, 1, 0) in seen_dependence and (False, 2, 0) in seen_dependence and (True, 1, -1) in seen_dependence
+
+
+def test_streaming_steps_equal_the_full_forward():
+    """The temporal Transformer one step at a time on its KV cache, and the depth Transformer one codebook at a time
+    on its per-step cache, give the full-sequence logits."""
+    lm, cfg = tiny_lm()
+    T, K = 9, cfg.dep_q
+    codes = random_codes(cfg, B=2, T=T)
+    init = torch.tensor(lm.initial())
+    seq = torch.cat([init.view(1, -1, 1).expand(2, -1, 1), M.delay(codes, lm.delays, lm.initial())], 2)
+    with torch.no_grad():
+        z, tl, _ = lm.temporal(seq[:, :, :-1])
+        full = lm.depth(z, seq[:, :K, 1:])  # (B, K, T, card)
+        cache = None
+        for s in range(T):
+            zs, tls, cache = lm.temporal(seq[:, :, s:s + 1], cache, s)
+            assert torch.allclose(zs[:, 0], z[:, s], atol=1e-5) and torch.allclose(tls[:, 0], tl[:, s], atol=1e-5)
+            dc = None
+            for k in range(K):
+                y, dc = lm.depformer(lm.depth_input(k, zs, seq[:, k, s + 1][:, None]), dc, k)
+                assert torch.allclose(lm.linears[k](y[:, -1]), full[:, k, s], atol=1e-5)
+
+
+def test_generation_grid_matches_the_training_forward():
+    """Greedy full-duplex steps (lm_step: user codes written into the delayed grid, initial tokens, sampling, the
+    depth loop) produce exactly the tokens the training forward's argmax predicts from the same conversation."""
+    lm, cfg = tiny_lm()
+    cfg.temp = cfg.temp_text = 0.0
+    n, K = 10, cfg.dep_q
+    user = torch.randint(0, cfg.lm_card, (1, K, n), generator=torch.Generator().manual_seed(3))
+    st = M.LMState(lm, 1, n, "cpu")
+    for s in range(n):
+        M.lm_step(lm, st, user[:, :, s], cfg, None)
+    T = n - max(lm.delays)
+    codes = torch.stack([st.seq[:, k, 1 + d:1 + d + T] for k, d in enumerate(lm.delays)], 1)  # undelayed
+    assert torch.equal(codes[:, 1 + K:], user[:, :, :T])
+    for f in range(T):  # the frame handed to Mimi's decoder once its acoustic tokens exist
+        assert torch.equal(st.moshi_frame(f, K)[:, :, 0], codes[:, 1:1 + K, f])
+    with torch.no_grad():
+        lg, mask, tl, _ = lm(codes)
+    assert torch.equal(tl[:, 0].argmax(-1), codes[:, 0])
+    assert torch.equal(lg.argmax(-1)[mask], codes[:, 1:1 + K][mask]) and mask.sum() > 0
+
+
+def reference_lm(cfg, seed=0):
+    loaders = reference()
+    kw = dict(dim=cfg.lm_dim, text_card=cfg.text_card, existing_text_padding_id=cfg.text_card - 2, n_q=2 * cfg.dep_q,
+              dep_q=cfg.dep_q, card=cfg.lm_card, num_heads=cfg.lm_heads, num_layers=cfg.lm_layers,
+              hidden_scale=cfg.lm_hidden_scale, causal=True, layer_scale=None, context=cfg.lm_context, max_period=10000,
+              gating="silu", norm="rms_norm_f32", positional_embedding="rope", depformer_dim=cfg.dep_dim,
+              depformer_dim_feedforward=cfg.dep_ffn, depformer_num_heads=cfg.dep_heads,
+              depformer_num_layers=cfg.dep_layers, depformer_layer_scale=None, depformer_multi_linear=True,
+              depformer_context=8, depformer_max_period=10000, depformer_gating="silu", depformer_pos_emb="none",
+              depformer_weights_per_step=True, delays=M.lm_delays(cfg))
+    torch.manual_seed(seed)
+    return loaders.get_moshi_lm(None, lm_kwargs=kw, device="cpu", dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("layout", ["split", "file"])
+def test_official_lm_parity(layout):
+    """The moshi package's LMModel with random weights at tiny dimensions, its state dict (the current split
+    `in_projs.{i}` or the released file's stacked `in_proj_weight`) mapped into ours: the same logits and masks."""
+    cfg = lm_cfg(lm_dim=64, lm_heads=2, dep_dim=32, dep_heads=2, dep_ffn=132)
+    ref = reference_lm(cfg)
+    sd = ref.state_dict()
+    if layout == "file":  # as the released model.safetensors: per-step projections stacked on dim 0
+        out = {}
+        for k, v in sd.items():
+            m = re.match(r"(.*\.self_attn)\.(in|out)_projs\.(\d+)\.weight$", k)
+            if m:
+                name = f"{m.group(1)}.in_proj_weight" if m.group(2) == "in" else f"{m.group(1)}.out_proj.weight"
+                out[name] = torch.cat([out.get(name, torch.empty(0, v.shape[1])), v])
+            else:
+                out[k] = v
+        sd = out
+    ours = M.MoshiLM(cfg).eval()
+    ours.load_state_dict(M.official_lm_state_dict(sd))
+    codes = random_codes(cfg, B=2, T=12)
+    with torch.no_grad():
+        o, a = ref(codes), ours(codes)
+    assert torch.equal(o.mask, a[1]) and torch.equal(o.text_mask, a[3])
+    rel = lambda x, y: float((x - y).abs().max() / y.abs().max())
+    assert rel(a[0][a[1]], o.logits[o.mask]) < 1e-4 and rel(a[2], o.text_logits) < 1e-4
+
+
+def test_moshi_7b_parameter_count():
+    cfg = make_cfg("moshi-7b")
+    with torch.device("meta"):
+        lm = M.MoshiLM(cfg)
+    n = sum(p.numel() for p in lm.parameters())
+    assert n == 7_687_729_152  # 7.69 B (speech_lms.md §3.2)
+    temporal = sum(p.numel() for k, p in lm.named_parameters() if k.startswith("transformer."))
+    assert round(temporal / 1e9, 2) == 6.58
+    try:
+        loaders = reference()
+    except pytest.skip.Exception:
+        return
+    kw = dict(loaders._lm_kwargs)
+    with torch.device("meta"):
+        ref = loaders.LMModel(device="meta", dtype=torch.bfloat16, **kw)
+    assert sum(p.numel() for p in ref.parameters()) == n
+
+
+def tiny_tokenizer(cfg):
+    return M.TextTokenizer(cfg, ["what is three plus four", "three plus four is seven", "the sky is blue"] * 3)
+
+
+def test_inner_monologue_puts_each_word_at_or_before_its_audio():
+    cfg = lm_cfg()
+    tok = tiny_tokenizer(cfg)
+    # crowded on purpose: "seven" starts one frame after "is", so "is" must move earlier, not "seven" later
+    words = [("three", 0.30, 0.6), ("plus", 0.62, 0.9), ("four", 0.95, 1.2), ("is", 1.30, 1.35), ("seven", 1.37, 1.8)]
+    n = 30
+    s = M.text_stream(words, n, tok, 12.5)
+    pos = 0
+    for w, start, _ in words:
+        ids = tok.word(w)
+        first = next(i for i in range(pos, n) if s[i] == ids[0] and list(s[i:i + len(ids)]) == ids)
+        assert first <= int(start * 12.5), f"{w!r} at frame {first}, after its audio (frame {int(start * 12.5)})"
+        assert first == 0 or s[first - 1] == tok.epad, f"no EPAD before {w!r}"
+        pos = first + len(ids)
+    assert first == int(1.37 * 12.5)  # an uncrowded word sits exactly on its start frame
+    assert set(s[pos:]) == {tok.pad} and (s == tok.epad).sum() == len(words)
+    assert [w for w, _ in tok.words(list(s), range(n))] == [w for w, *_ in words]
+
+
+def test_inner_monologue_on_the_corpus():
+    """On a built-in dialogue: Moshi's (channel 1) words, in order, each at or before its start frame."""
+    cfg = lm_cfg()
+    u = M.dialogues(cfg, "train")[0]
+    tok = tiny_tokenizer(cfg)
+    n = int(u.duration * 12.5)
+    s = M.text_stream(u.words[1], n, tok, 12.5)
+    said = tok.words(list(s), range(n))
+    assert [w for w, _ in said] == [w[0] for w in u.words[1]]
+    assert all(t <= int(w[1] * 12.5) for (_, t), w in zip(said, u.words[1]))
+    assert M.dialogue_turns(u) is not None
+
+
+def test_lm_loss_weights_golden_step():
+    """One real lm_train_step (SGD in place of AdamW) against a literal transcription of §3.4.3's objective:
+    L = sum_t w_t CE_text / sum w_t + sum_{k,t} a_k CE_k / sum a_k, w = 0.5 on PAD/EPAD, a = (100, 1, ..., 1)."""
+    cfg = lm_cfg()
+    rt = common.setup(cfg, log_to_file=False)
+    torch.manual_seed(0)
+    model = M.MoshiLM(cfg)
+    state = dict(model=model, opt=torch.optim.SGD(model.parameters(), lr=0.1), sched=torch.optim.lr_scheduler.LambdaLR(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lambda s: 1.0))
+    ref = copy.deepcopy(model)
+    codes = random_codes(cfg, B=2, T=10)
+    pad, epad = cfg.text_card - 2, cfg.text_card - 1
+    codes[0, 0, :4] = pad
+    codes[1, 0, 2] = epad
+    codes[1, 1:, 7:] = -1  # absent tokens: no loss
+    out = M.lm_train_step(state, codes, cfg, rt)
+    # the transcription
+    K = cfg.dep_q
+    lg, mask, tl, _ = ref(codes)
+    logp_t = F.log_softmax(tl[:, 0], -1)
+    num = den = 0.0
+    for b in range(2):
+        for t in range(10):
+            y = int(codes[b, 0, t])
+            w = 0.5 if y in (pad, epad) else 1.0
+            num, den = num - w * logp_t[b, t, y], den + w
+    text = num / den
+    num = den = 0.0
+    for b in range(2):
+        for k in range(K):
+            for t in range(10):
+                y = int(codes[b, 1 + k, t])
+                valid = y != -1 and (k == 0 or t < 9)  # the acoustic tokens of the last frame have no prediction
+                if valid:
+                    a = 100.0 if k == 0 else 1.0
+                    num, den = num - a * F.log_softmax(lg[b, k, t], -1)[y], den + a
+    audio = num / den
+    assert float(out["text"]) == pytest.approx(float(text), rel=1e-5)
+    assert float(out["audio"]) == pytest.approx(float(audio), rel=1e-5)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt.zero_grad()
+    (text + audio).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    opt.step()
+    for (k, v), w in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(v, w, rtol=1e-4, atol=1e-6), f"{k} differs after the step"
+
+
+def test_tiny_lm_learns():
+    """A few steps on one batch of dialogue-like tokens lower the text and the audio losses."""
+    cfg = lm_cfg(lr=1e-2)
+    rt = common.setup(cfg, log_to_file=False)
+    state = M.lm_build(cfg, rt)
+    codes = random_codes(cfg, B=2, T=cfg.lm_frames)
+    first = M.lm_train_step(state, codes, cfg, rt)
+    for _ in range(20):
+        last = M.lm_train_step(state, codes, cfg, rt)
+    assert last["text"] < 0.7 * first["text"] and last["semantic"] < 0.7 * first["semantic"]
+
+
+@pytest.fixture(scope="module")
+def tiny_codec(tmp_path_factory):
+    """A tiny Mimi checkpoint (random codebooks, no training) for the LM stage."""
+    d = tmp_path_factory.mktemp("codec")
+    cfg = make_cfg(out_dir=str(d))
+    rt = common.setup(cfg, log_to_file=False)
+    torch.manual_seed(0)
+    state = M.build(cfg, rt)
+    random_codebooks(state["G"])
+    common.save_checkpoint(cfg, 0, state)
+    return str(d / "ckpt.pt")
+
+
+def lm_run(*args):
+    return common.parse_config(M.Config, M.PRESETS, list(args))
+
+
+def test_lm_stage_contract(tiny_codec, tmp_path, capsys):
+    """The command-line contract for --stage=lm, in process (the codec stage's test runs the subprocesses): train
+    -> resume bit for bit equal to a straight run -> eval -> bench JSON -> `--mode=sample --init_from=D/ckpt.pt`
+    (no other flag) writes the two-channel wav, png and the timed transcript."""
+    d, straight = str(tmp_path / "run"), str(tmp_path / "straight")
+    base = ["--preset=tiny", "--stage=lm", f"--codec={tiny_codec}", "--device=cpu", "--compile=False"]
+    M.lm_train(lm_run(*base, "--max_iters=3", f"--out_dir={d}"))
+    ck3 = torch.load(f"{d}/ckpt.pt", weights_only=True)
+    assert ck3["step"] == 3 and os.listdir(f"{d}/codes")
+    M.lm_train(lm_run(*base, "--init_from=resume", "--max_iters=5", f"--out_dir={d}"))
+    M.lm_train(lm_run(*base, "--max_iters=5", f"--out_dir={straight}"))
+    a, b = (torch.load(f"{x}/ckpt.pt", weights_only=True) for x in (d, straight))
+    for k, v in b["models"]["model"].items():
+        assert torch.equal(v, a["models"]["model"][k]), k
+    assert any(not torch.equal(v, ck3["models"]["model"][k]) for k, v in a["models"]["model"].items())
+    res = M.lm_evaluate(lm_run("--mode=eval", f"--init_from={d}/ckpt.pt"))
+    assert {"text", "semantic", "answer_acc", "latency_ms", "corpus_latency_ms"} <= set(res)
+    capsys.readouterr()
+    M.lm_bench(lm_run(*base, "--mode=bench", f"--out_dir={tmp_path / 'bench'}"))
+    fig = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][-1])
+    assert fig["stream_frame_ms"] > 0 and fig["theoretical_latency_ms"] == 160 and fig["params"] > 0
+    M.lm_sample(lm_run("--mode=sample", f"--init_from={d}/ckpt.pt"))  # no other flag: the checkpoint's config
+    files = os.listdir(f"{d}/samples")
+    assert "Moshi said" in capsys.readouterr().out and any(f.endswith("_moshi.wav") for f in files)
+    assert any(f.endswith(".png") for f in files) and any(f.endswith(".txt") for f in files)
+    import soundfile as sf
+    wav, sr = sf.read(os.path.join(d, "samples", next(f for f in files if f.endswith(".wav") and "_moshi" not in f)))
+    assert sr == 24000 and wav.ndim == 2 and wav.shape[1] == 2  # user left, Moshi right
+
+
+def test_lm_errors_are_one_line(tiny_codec):
+    with pytest.raises(SystemExit, match="needs --codec"):
+        M.load_codec(lm_run("--preset=tiny", "--stage=lm"), None)
+    with pytest.raises(SystemExit, match="--lm_card=32"):
+        M.load_codec(lm_run("--preset=tiny", "--stage=lm", f"--codec={tiny_codec}", "--lm_card=64"),
+                     common.setup(make_cfg(), log_to_file=False))
+    for flag, msg in (("--lm_heads=3", "lm_heads"), ("--text_card=100", "text_card"), ("--dep_q=1", "dep_q")):
+        with pytest.raises(SystemExit, match=msg):
+            lm_cfg(**dict([flag[2:].split("=")]))
+    with pytest.raises(SystemExit, match="does not exist"):
+        M.lm_load_for_inference(lm_run("--preset=tiny", "--stage=lm", "--init_from=/nowhere.pt"), None)
+
+
+def test_answer_metric_on_the_script():
+    """The measurement itself: the corpus's own assistant channel, as a text stream, answers everything, with the
+    corpus's latency; an empty stream answers nothing."""
+    cfg = lm_cfg()
+    u = M.dialogues(cfg, "test")[0]
+    said = [(w, s) for w, s, _ in u.words[1]]
+    found, total, lat, ref = M.answer_scores(u, said, 1e9)
+    assert total > 0 and found == total and lat == pytest.approx(ref)
+    assert M.answer_scores(u, [], 1e9)[0] == 0

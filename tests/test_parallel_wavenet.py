@@ -15,7 +15,8 @@ import common
 import parallel_wavenet as P
 from cli import check_cli_contract, error_of
 
-BENCH_KEYS = ("student_b1_samples_per_s", "teacher_cached_b1_samples_per_s", "student_speedup", "train_flops_per_step")
+BENCH_KEYS = ("student_b1_samples_per_s", "teacher_cached_b1_samples_per_s", "student_speedup", "train_flops_per_step",
+              "train_tflops")
 
 
 def cfg_of(*flags, preset="tiny"):
@@ -239,6 +240,30 @@ def test_teacher_is_frozen_and_student_learns_through_it():
         assert torch.equal(v, t_before[k]), f"teacher {k} changed during distillation"
     assert all(p.grad is None for p in state["teacher"].parameters())
     assert any(not torch.equal(v, s_before[k]) for k, v in state["student"].state_dict().items())
+
+def test_compiled_train_steps_equal_eager():
+    # torch.compile forced on, on the CPU: teacher and student (with the frozen teacher it is distilled through)
+    # each trace as ONE graph through AOTAutograd (fullgraph=True: an .item(), a data-dependent branch or shape
+    # would break it: a GPU step would stall there; backend aot_eager: inductor's graph capture, forward and
+    # backward, without its minutes of C++ codegen on this CPU), and two train_steps give the eager losses/weights
+    for stage in ("teacher", "student"):
+        cfg = cfg_of(f"--stage={stage}", "--mode=bench", "--compile=True")
+        assert cfg.compile
+        eager, comp = teacher_ckpt_state(cfg), teacher_ckpt_state(cfg)
+        trained = comp[stage]
+        comp = dict(comp, **{k: torch.compile(comp[k], backend="aot_eager", fullgraph=True)
+                             for k in ("teacher", "student") if k in comp})
+        for s in range(2):
+            wav = P.quantize(torch.randn(2, cfg.segment, generator=torch.Generator().manual_seed(s)) * 0.1, 16)
+            batch = (wav, P.mel_features(wav, cfg))
+            torch.manual_seed(30 + s)
+            a = P.train_step(eager, batch, cfg, rt_cpu())
+            torch.manual_seed(30 + s)
+            b = P.train_step(comp, batch, cfg, rt_cpu())
+            for k in a:
+                assert abs(a[k].item() - b[k].item()) <= 1e-4 * (1 + abs(a[k].item())), (stage, s, k)
+        for (k, p), q in zip(eager[stage].named_parameters(), trained.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{stage}.{k}")
 
 # ----------------------------------------------------------------------------- golden steps
 

@@ -218,11 +218,14 @@ def test_quantizer_warmup_bypasses_then_quantizes():
     cfg = make_cfg(quantizer_warmup=2)
     model = S.SoundStream(cfg).train()
     x = torch.randn(2, 1, 320 * 4) * 0.1
-    for _ in range(2):
-        _, codes = model(x, torch.tensor([4, 4]), torch.zeros(2))
+    for _ in range(2):  # train_step asks tick() whether this step quantizes
+        _, codes = model(x, torch.tensor([4, 4]), torch.zeros(2), model.quantizer.tick())
         assert codes is None and model.quantizer.layers[0].inited.item() == 0
-    _, codes = model(x, torch.tensor([4, 4]), torch.zeros(2))
+    _, codes = model(x, torch.tensor([4, 4]), torch.zeros(2), model.quantizer.tick())
     assert codes is not None and model.quantizer.layers[0].inited.item() == 1
+    assert int(model.quantizer.steps) == 3  # the checkpointed count follows the host-side one
+    model.quantizer.load_state_dict(model.quantizer.state_dict())  # a load re-reads the buffer: no drift
+    assert model.quantizer._steps is None and model.quantizer.tick() and int(model.quantizer.steps) == 4
 
 # ----------------------------------------------------------------------------- quantizer dropout and data
 
@@ -331,7 +334,7 @@ def literal_objective_step(G, D, batch, cfg, lr_g, lr_d):
     then one SGD step of G against the UPDATED D. Returns the losses and the new parameters."""
     x, y, n_q, cond = batch["x"], batch["target"], batch["n_q"], batch["cond"]
     torch.manual_seed(123)
-    y_hat, _ = G(x, n_q, cond)
+    y_hat, _ = G(x, n_q, cond, G.quantizer.tick())  # (tick: the step count the checkpoint keeps; no warm-up here)
     lr_, _ = D(y)
     lf_, _ = D(y_hat.detach())
     K = len(lr_)
@@ -388,6 +391,76 @@ def test_golden_train_step():
     assert got["d"].item() > 0 and got["rec"].item() > 0
 
 
+class NoHostReads:
+    """Inside: our Python asking a tensor for a host value (.item(), bool(), int(), float(), .tolist(), .cpu(),
+    .numpy()) raises. On a GPU each of these waits for the device to finish (a stall in every step)."""
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, self._trap(n))
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+    @staticmethod
+    def _trap(name):
+        def trap(*args, **kwargs):
+            raise AssertionError(f"host read in a training step: Tensor.{name}")
+        return trap
+
+
+def test_train_step_reads_nothing_back_from_the_device():
+    # the steady-state step (codebooks initialised, quantizer on, dead codes being reset) with SGD, whose step()
+    # reads no step counter: not one tensor value travels to the host
+    cfg = make_cfg(dead_code_threshold=1e9)  # every code dead every step: the reset path runs
+    rt = runtime(cfg)
+    torch.manual_seed(0)
+    state = S.build(cfg, rt)
+    x = torch.randn(2, 1, cfg.segment) * 0.1
+    batch = dict(x=x, target=x, cond=torch.tensor([0.0, 1.0]), n_q=torch.tensor([1, 3]))
+    S.train_step(state, batch, cfg, rt)  # k-means and the first read of the step count: once per run
+    state["opt_g"] = torch.optim.SGD(state["G"].parameters(), lr=1e-6)
+    state["opt_d"] = torch.optim.SGD(state["D"].parameters(), lr=1e-6)
+    before = state["G"].quantizer.layers[0].embed.clone()
+    with NoHostReads():
+        S.train_step(state, batch, cfg, rt)
+    assert not torch.equal(before, state["G"].quantizer.layers[0].embed)
+
+
+def test_compiled_train_step_equals_eager_without_host_sync():
+    # torch.compile forced on, on the CPU. After the one k-means (eager, first step), the codec's training forward
+    # (encoder, FiLM, RVQ with its EMA and masked dead-code updates, decoder) and the discriminators each trace as
+    # ONE graph (fullgraph=True: an .item(), `if dead.any()` or a data-dependent shape would break it: a GPU step
+    # would stall there), through AOTAutograd (forward + backward; backend aot_eager: inductor's graph capture
+    # without its minutes of C++ codegen on this CPU); two train_steps then give the eager losses and weights.
+    cfg = make_cfg(compile=True)
+    assert cfg.compile
+    rt = runtime(cfg)
+    torch.manual_seed(0)
+    state = S.build(cfg, rt)
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, cfg.segment) * 0.1
+    batch = dict(x=x, target=x, cond=torch.tensor([0.0, 1.0]), n_q=torch.tensor([1, 3]))
+    S.train_step(state, batch, cfg, rt)  # k-means on the first batch: once per run, eager
+    ref = copy.deepcopy(state)
+    run = dict(state, G=torch.compile(state["G"], backend="aot_eager", fullgraph=True),
+               D=torch.compile(state["D"], backend="aot_eager", fullgraph=True))
+    for s in range(2):
+        torch.manual_seed(10 + s)
+        got = S.train_step(run, batch, cfg, rt)
+        torch.manual_seed(10 + s)
+        want = S.train_step(ref, batch, cfg, rt)
+        for k in ("d", "g", "adv", "feat", "rec"):
+            assert got[k].item() == pytest.approx(want[k].item(), rel=1e-4, abs=1e-6), (s, k)
+    for name in ("G", "D"):
+        sa, sb = state[name].state_dict(), ref[name].state_dict()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6, msg=f"{name}.{k}")
+
+
 def test_tiny_codec_overfits_one_batch():
     cfg = make_cfg(lr=3e-3)
     rt = runtime(cfg)
@@ -406,7 +479,7 @@ def test_tiny_codec_overfits_one_batch():
 def test_cli_contract(tmp_path):
     out = check_cli_contract("soundstream.py", tmp_path,
                              bench_keys=("train_audio_s_per_s", "encode_rtf_b1_eager", "decode_rtf_b1_eager",
-                                         "stream_rtf_b1_eager", "train_flops_per_step"))
+                                         "stream_rtf_b1_eager", "train_flops_per_step", "train_tflops"))
     assert "bitrate: 75 Hz x 4 bits x n_q" in out["train"]
     assert "eval (test) | speech_0.6kbps_si_snr" in out["eval"] and "noisy_1.2kbps_on_mel" in out["eval"]
     assert "SI-SNR" in out["sample"]

@@ -1,5 +1,6 @@
-"""Tests of step_audio.py (Step-Audio 2, part 1): the audio placeholders, the LLM's attention and cache, the chat
-format's loss mask, the tool loop, the training stages (a golden step) and the command line."""
+"""Tests of step_audio.py (Step-Audio 2): the audio placeholders, the LLM's attention and cache, the chat format's
+loss mask, the tool loop, the held-out question bank; speech output: FSQ, the text:audio interleave, the token
+ranges, the flow-matching sampler, the vocoder; the training stages (golden steps) and the command line."""
 import copy
 import dataclasses
 
@@ -15,7 +16,7 @@ from cli import check_cli_contract, error_of
 
 def tiny(**kw):
     cfg = S.Config(**{**S.PRESETS["tiny"], "preset": "tiny", "device": "cpu", **kw})
-    cfg.vocab_size = cfg.vocab_size or 256 + len(S.SPECIALS)  # byte_tok()
+    cfg.vocab_size = cfg.vocab_size or byte_tok(cfg).n_vocab
     return cfg
 
 
@@ -23,8 +24,8 @@ def rt():
     return common.Runtime(torch.device("cpu"), "cpu", torch.float32)
 
 
-def byte_tok():
-    return S.Tokenizer({bytes([i]): i for i in range(256)})
+def byte_tok(cfg=None):
+    return S.Tokenizer({bytes([i]): i for i in range(256)}, S.n_codes(cfg or S.Config(**S.PRESETS["tiny"])))
 
 
 # ----------------------------------------------------------------------------- audio placeholders
@@ -176,14 +177,17 @@ def test_voice_attributes_come_from_the_voices():
 # ----------------------------------------------------------------------------- training
 
 def test_stage_schedule_and_what_each_stage_trains():
-    cfg = tiny(stage_iters=(2, 3, 1), max_iters=9)
-    assert [S.stage_at(s, cfg) for s in range(9)] == ["llm"] * 2 + ["encoder"] * 3 + ["adaptor"] + ["sft"] * 3
+    cfg = tiny(stage_iters=(2, 3, 1, 1, 2, 1), max_iters=13)
+    assert [S.stage_at(s, cfg) for s in range(13)] == ["llm"] * 2 + ["encoder"] * 3 + ["adaptor"] + ["tokenizer"] + \
+        ["flow"] * 2 + ["vocoder"] + ["sft"] * 3
     m = S.StepAudio(cfg)
     ids = lambda *mods: {id(p) for mod in mods for p in mod.parameters()}
     assert S.trainable("llm", m) == ids(m.model)
     assert S.trainable("encoder", m) == ids(m.encoder, m.ctc_head)
     assert S.trainable("adaptor", m) == ids(m.adapter)
     assert S.trainable("sft", m) == ids(m.adapter, m.model)
+    assert S.trainable("tokenizer", m) == ids(m.speech_tokenizer)
+    assert S.trainable("flow", m) == ids(m.flow) and S.trainable("vocoder", m) == ids(m.vocoder)
     f = S.lr_lambda(cfg)
     assert f(0) == pytest.approx(1 / cfg.warmup_iters) and f(2) == pytest.approx(1 / cfg.warmup_iters)  # warm-up per stage
 
@@ -248,14 +252,254 @@ def test_golden_step(stage):
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_contract(tmp_path):
-    out = check_cli_contract("step_audio.py", tmp_path, bench_keys=("prefill_ms", "decode_tokens_per_s"))
-    assert "stages: llm to step 1, encoder to 2, adaptor to 3" in out["train"]
-    assert "sft" in out["resume"] and "assistant:" in out["sample"]
-    assert "wer" in out["eval"] and "qa_acc" in out["eval"] and "followup_acc" in out["eval"]
+    out = check_cli_contract("step_audio.py", tmp_path, flags=("--stage_iters=0,1,0,1,1,0",),
+                             bench_keys=("prefill_ms", "decode_tokens_per_s", "time_to_first_audio_ms", "spoken_rtf"))
+    assert "encoder to step 1, adaptor to step 1, tokenizer to step 2, flow to step 3" in out["train"]
+    assert "sft" in out["resume"] and "assistant:" in out["sample"] and "assistant (spoken" in out["sample"]
+    assert "what was my question" in out["sample"]
+    for key in ("wer", "qa_acc", "followup_acc", "speak_text_acc", "resynth_mel_dist", "tokenizer_ctc_wer"):
+        assert key in out["eval"]
+    assert list((tmp_path / "run").rglob("answer000.wav")) or list(tmp_path.rglob("answer000.wav"))
 
 
 def test_bad_flags_give_one_line(tmp_path):
-    assert "--stage_iters" in error_of("step_audio.py", "--preset=tiny", "--stage_iters=1,2")
-    assert "shorter than the first three stages" in error_of("step_audio.py", "--preset=tiny", "--max_iters=2")
+    assert "shorter than the first six stages" in error_of("step_audio.py", "--preset=tiny", "--max_iters=2")
     assert "does not exist" in error_of("step_audio.py", "--mode=sample", f"--init_from={tmp_path}/none.pt")
     assert "--input" in error_of("step_audio.py", "--preset=tiny", "--mode=sample", "--input=/no/such.wav")
+    # the rest of validate() in-process (parse_config prints its SystemExit as the one error line, as above)
+    for flag, kw in (("--stage_iters", dict(stage_iters=(1, 2))), ("--fsq_levels", dict(fsq_levels=(4, 3))),
+                     ("--interleave", dict(interleave=(0, 4))), ("--voc_upsample", dict(voc_upsample=(4, 4))),
+                     ("--followup", dict(mode="sample", followup="/no/such.wav")),
+                     ("--followup", dict(mode="sample", followup=str(tmp_path / "q.wav")))):
+        if kw.get("followup", "").endswith("q.wav"):
+            common.save_audio(kw["followup"], np.zeros(1600, np.float32), 16000)   # exists, but no --input
+        with pytest.raises(SystemExit, match=flag.replace("-", r"\-")):
+            S.Config(**{**S.PRESETS["tiny"], **kw}).validate()
+
+
+# ----------------------------------------------------------------------------- held-out question bank
+
+def test_question_bank_holds_out_questions_and_the_test_voice():
+    splits = {sp: S.bank_split(sp) for sp in ("train", "val", "test")}
+    arith = {sp: {q for q, _ in splits[sp][0]} for sp in splits}
+    assert not arith["train"] & arith["test"] and not arith["train"] & arith["val"] and not arith["val"] & arith["test"]
+    assert len(arith["test"]) >= 60 and len(arith["train"]) >= 200
+    assert S.held_out_questions() == arith["val"] | arith["test"]
+    for q, a in splits["test"][0]:                       # every answer is the calculator's
+        assert a == f"{S.arithmetic(q)} is {S.calculator(S.arithmetic(q))}"
+    cfg = tiny()
+    tasks = S.Tasks(cfg, "train")                        # the dialogue corpus's questions: the held-out ones dropped
+    assert not {q for _, q, _, _ in tasks.questions} & S.held_out_questions()
+    assert not {c for chat in S.text_chats(tasks) for _, c in chat if isinstance(c, str)} & S.held_out_questions()
+    assert tasks.spoken and all(w.dtype == np.float32 and len(aw) > 1600 for w, _, _, aw in tasks.spoken)
+
+
+# ----------------------------------------------------------------------------- speech output
+
+def test_fsq_round_trip_and_code_count():
+    fsq = S.FSQ((3, 5, 3))
+    assert fsq.n_codes == 45
+    codes = torch.arange(45)
+    dq = fsq.dequantize(codes)                           # (45, 3) in [-1, 1], each digit on its level's grid
+    assert dq.abs().max() <= 1 and len({tuple(r) for r in dq.tolist()}) == 45
+    torch.testing.assert_close(dq * fsq.half_width, (dq * fsq.half_width).round())
+    z = torch.atanh(0.999 * dq)                          # a point that quantizes to each grid value
+    q, c = fsq(z)
+    assert torch.equal(c, codes) and torch.allclose(q, dq)
+    z = torch.randn(500, 3).requires_grad_()
+    q, c = fsq(z)
+    assert c.min() >= 0 and c.max() < 45 and torch.equal(c, fsq(z.detach())[1])
+    q.sum().backward()                                   # straight-through: the gradient of tanh, not of round
+    assert (z.grad != 0).all()
+
+
+@pytest.mark.parametrize("ratio", [(1, 4), (2, 3)])
+def test_interleave_pattern_and_inverse(ratio):
+    tok, (n, m) = byte_tok(), ratio
+    for text, codes in ((tok.encode("hi there"), [3, 1, 4, 1, 5, 0, 2, 6, 5, 3, 5]), (tok.encode("a long text answer"), [7, 8])):
+        run = S.interleave(text, codes, tok, ratio)
+        groups = max(-(-len(text) // n), -(-len(codes) // m))
+        assert run[0] == tok.tts_start and run[-1] == tok.tts_end and len(run) == 2 + groups * (n + m)
+        for k, i in enumerate(run[1:-1]):                # each slot holds its kind, in the fixed pattern
+            if k % (n + m) < n:
+                assert S.slot_kind(k, ratio) == "text" and not tok.is_audio(i)
+            else:
+                assert S.slot_kind(k, ratio) == "audio" and tok.is_audio(i)
+        for j, c in enumerate(codes):                    # the j-th speech token sits in group j // m
+            assert run[1 + (j // m) * (n + m) + n + j % m] == tok.audio_base + c
+        for j, t in enumerate(text):                     # the j-th text token in group j // n: text leads
+            assert run[1 + (j // n) * (n + m) + j % n] == t
+        assert S.deinterleave(run, tok) == (text, codes)
+        assert tok.decode(run) == tok.decode(text)       # speech tokens are never decoded as text
+
+
+def test_text_and_audio_token_ranges_never_overlap():
+    cfg = tiny()
+    ranks = common.train_bpe(["what is seven times eight", "the sky is blue"] * 3, 280)
+    tok = S.Tokenizer(ranks, S.n_codes(cfg))
+    text_ids = set(range(len(ranks))) | set(tok.ids.values())
+    audio_ids = set(range(tok.audio_base, tok.audio_pad + 1))
+    assert max(text_ids) < tok.audio_base and not text_ids & audio_ids and len(audio_ids) == tok.n_codes + 1
+    assert tok.n_vocab == tok.audio_pad + 1 == len(text_ids) + tok.n_codes + 1
+    assert all(i < tok.audio_base for i in tok.encode("what is seven times eight <tool_call>x</tool_call>"))
+    run = S.interleave(tok.encode("the sky is blue"), list(range(tok.n_codes)), tok, cfg.interleave)
+    assert tok.decode(run) == "the sky is blue" and tok.decode([tok.audio_base + 3, tok.audio_pad]) == ""
+    masks = S.slot_masks(tok, "cpu")
+    assert not (masks["text"] & masks["audio"]).any() and masks["audio"].sum() == tok.n_codes + 1
+    assert masks["text"][tok.tts_end] and not masks["text"][tok.eot]
+
+
+def test_spoken_generation_keeps_the_pattern_and_refeeds_as_ids():
+    cfg = tiny(max_speech_tokens=23)
+    tok = byte_tok(cfg)
+    torch.manual_seed(4)
+    model = S.StepAudio(cfg).eval()
+    wav = 0.1 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    turns = [("system", "tools: none"), ("human", [("audio", len(wav))])]
+    r = S.speak(model, tok, turns, wav, cfg, rt())
+    run = r["run"]
+    assert run[0] == tok.tts_start and run[-1] == tok.tts_end
+    for k, i in enumerate(run[1:-1]):                    # random weights, yet every slot holds its kind
+        assert tok.is_audio(i) == (S.slot_kind(k, cfg.interleave) == "audio")
+    assert len(r["wav"]) == 640 * len(r["codes"]) and r["mel"].shape == (cfg.n_voc_mels, 4 * len(r["codes"]))
+    ids, labels = S.render(turns + [("assistant", [("ids", run)])], tok, cfg)
+    assert ids[-len(run) - 1:-1] == run and labels[-len(run) - 1:] == run + [tok.eot]  # the history holds the run
+
+
+def test_flow_sampler_boundary_conditions():
+    torch.manual_seed(5)
+    x0, x1 = torch.randn(2, 12, 80), torch.randn(2, 12, 80)
+    seen = []
+
+    def perfect(x, t):                                   # the exact field of the straight path towards x1
+        seen.append((x.clone(), t.clone()))
+        return (x1 - x) / (1 - t[:, None, None])
+    out = S.flow_sample(perfect, x0, 10)
+    assert torch.equal(seen[0][0], x0) and (seen[0][1] == 0).all()   # t = 0: it starts from the noise
+    assert len(seen) == 10 and (seen[-1][1] < 1).all() and torch.allclose(seen[-1][1], torch.tensor(0.9))
+    torch.testing.assert_close(out, x1, atol=1e-5, rtol=1e-5)       # t = 1: the data
+    cfg = tiny()
+    model = S.StepAudio(cfg).eval()
+    mel, wav = model.detokenize(torch.tensor([1, 2, 3]), torch.zeros(cfg.n_voc_mels), cfg)
+    assert mel.shape == (cfg.n_voc_mels, 12) and wav.shape == (12 * 160,)
+
+
+def test_vocoder_output_length_and_voc_mel_rate():
+    cfg = tiny()
+    voc = S.Vocoder(cfg)
+    assert voc(torch.randn(2, cfg.n_voc_mels, 7)).shape == (2, 7 * 160)
+    assert S.voc_mel(torch.zeros(6400), cfg).shape == (cfg.n_voc_mels, 40)
+    n = 32000                                            # 4 mel frames per speech token (25 Hz vs 100 Hz)
+    assert S.encoder_frames(S.mel_frames(n, cfg)) * 4 == S.voc_mel(torch.zeros(n), cfg).shape[-1]
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "flow", "vocoder"])
+def test_golden_step_speech(stage):
+    """One real train_step (SGD) of each speech stage against an independent transcription of its objective:
+    CTC through FSQ (tanh bound, rounding with a straight-through gradient) on the frozen encoder; the OT-CFM
+    loss (x_t = (1 - (1 - s) t) x0 + t x1, target x1 - (1 - s) x0, masked MSE); the vocoder's mel L1 plus
+    multi-resolution spectral convergence and log-STFT L1. Only the stage's parameters move."""
+    cfg = tiny(grad_clip=1e9)
+    tok = byte_tok(cfg)
+    torch.manual_seed(6)
+    state = S.build(cfg, rt())
+    model = state["model"]
+    model.tok = tok
+    state["opt"] = torch.optim.SGD(model.parameters(), lr=0.1)
+    state["sched"] = torch.optim.lr_scheduler.LambdaLR(state["opt"], lambda s: 1.0)
+    rng = np.random.default_rng(1)
+    wav = [0.1 * rng.standard_normal(n).astype(np.float32) for n in (9000, 14000)]
+    before, ref = copy.deepcopy(model), copy.deepcopy(model)
+    if stage == "tokenizer":
+        mel = [S.log_mel(w, cfg) for w in wav]
+        T = max(m.shape[-1] for m in mel)
+        batch = dict(stage=stage, mel=torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mel]),
+                     n_mel=torch.tensor([m.shape[-1] for m in mel]), chars=torch.tensor([3, 4, 5, 1, 2]),
+                     n_chars=torch.tensor([3, 2]))
+        with torch.no_grad():
+            h = ref.encoder(batch["mel"], batch["n_mel"])
+        st = ref.speech_tokenizer
+        half = torch.tensor([(l - 1) / 2 for l in cfg.fsq_levels])
+        b = torch.tanh(st.down(h)) * half
+        q = (b + (b.round() - b).detach()) / half
+        n_out = torch.tensor([((int(n) - 1) // 2 + 1) // 2 for n in batch["n_mel"]])
+        valid = torch.arange(h.shape[1])[None] < n_out[:, None]
+        logits = st.ctc_head(st.block(st.up(q), valid[:, None, None, :]))
+        loss = F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), batch["chars"], n_out, batch["n_chars"],
+                          zero_infinity=True)
+    elif stage == "flow":
+        codes = torch.tensor([[1, 2, 3], [4, 5, 0]])
+        x1, spk = torch.randn(2, 12, cfg.n_voc_mels), torch.randn(2, cfg.n_voc_mels)
+        mask = torch.tensor([[True] * 12, [True] * 8 + [False] * 4])
+        batch = dict(stage=stage, codes=codes, x1=x1, spk=spk, mask=mask)
+        torch.manual_seed(7)                              # the same t and x0 as train_step draws
+        t = torch.rand(2)
+        x0 = torch.randn_like(x1)
+        s = cfg.sigma_min
+        xt = (1 - (1 - s) * t[:, None, None]) * x0 + t[:, None, None] * x1
+        mu, sp = ref.flow.cond(codes, spk)
+        v = ref.flow.velocity(xt, t, mu, sp, mask[:, None, None, :])
+        err = ((v - (x1 - (1 - s) * x0)) ** 2).mean(-1)  # (B, T)
+        loss = err[mask].mean()
+        torch.manual_seed(7)
+    else:
+        w = torch.from_numpy(np.stack([wav[0][:1600], wav[1][:1600]]))
+        batch = dict(stage=stage, wav=w, mel=S.voc_mel(w, cfg))
+        out = ref.vocoder(batch["mel"])
+        loss = F.l1_loss(S.voc_mel(out, cfg), S.voc_mel(w, cfg))
+        for n_fft, hop in ((512, 128), (1024, 256), (256, 64)):
+            win = torch.hann_window(n_fft)
+            A = torch.stft(out, n_fft, hop, n_fft, win, return_complex=True).abs().clamp(min=1e-5)
+            B = torch.stft(w, n_fft, hop, n_fft, win, return_complex=True).abs().clamp(min=1e-5)
+            loss = loss + ((B - A).pow(2).sum().sqrt() / B.pow(2).sum().sqrt() + (A.log() - B.log()).abs().mean()) / 3
+    loss.backward()
+    out = S.train_step(state, batch, cfg, rt())
+    assert out[stage].item() == pytest.approx(loss.item(), rel=1e-5)
+    trained = dict(tokenizer="speech_tokenizer", flow="flow", vocoder="vocoder")[stage]
+    moved = 0
+    for (name, p), (_, p0), (_, pr) in zip(model.named_parameters(), before.named_parameters(), ref.named_parameters()):
+        if name.split(".")[0] == trained and pr.grad is not None:
+            torch.testing.assert_close(p, p0 - 0.1 * pr.grad, atol=1e-6, rtol=1e-5, msg=name)
+            moved += int(not torch.equal(p, p0))
+        else:
+            assert torch.equal(p, p0), f"{name} moved in the {stage} stage"
+    assert moved > 0
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_generate_with_the_cache_equals_greedy_decoding_without(speech):
+    """generate() (KV cache, positions from cache.length) picks the tokens a full forward pass picks at each step."""
+    cfg = tiny(max_new_tokens=8, max_speech_tokens=9)
+    tok = byte_tok(cfg)
+    torch.manual_seed(8)
+    model = S.StepAudio(cfg).eval()
+    wav = 0.1 * np.random.default_rng(2).standard_normal(12000).astype(np.float32)
+    turns = [("system", "tools: none"), ("human", [("audio", len(wav)), "hi"])]
+    got = S.generate(model, tok, turns, wav, cfg, rt(), speech=speech)
+    ids = S.render(turns, tok, cfg, generate=True)[0] + [tok.tts_start] * speech
+    b = S.collate([(wav, [])], tok, cfg, rt())
+    x = model.embed(torch.tensor([ids]), model.audio_features(b["mel"], b["n_mel"]), tok.patch)
+    masks, ref = S.slot_masks(tok, "cpu"), [tok.tts_start] * speech
+    with torch.no_grad():
+        for k in range(cfg.max_speech_tokens if speech else cfg.max_new_tokens):
+            lg = model.model(x)[0, -1]
+            if speech:
+                lg = lg.masked_fill(~masks[S.slot_kind(k, cfg.interleave)], float("-inf"))
+            nxt = int(lg.argmax())
+            if nxt == tok.eot:
+                break
+            ref.append(nxt)
+            if speech and nxt == tok.tts_end:
+                break
+            x = torch.cat([x, model.model.embed_tokens(torch.tensor([[nxt]]))], 1)
+    if speech and ref[-1] != tok.tts_end:
+        ref.append(tok.tts_end)
+    assert got == ref and len(got) > 2
+    calls, forward = [], model.model.forward          # and each decoding step sits at the next position
+
+    def spy(x, pos0=0, cache=None):
+        calls.append((x.shape[1], pos0))
+        return forward(x, pos0, cache)
+    model.model.forward = spy
+    S.generate(model, tok, turns, wav, cfg, rt(), speech=speech)
+    assert calls[0] == (len(ids), 0) and [p for _, p in calls[1:]] == list(range(len(ids), len(ids) + len(calls) - 1))

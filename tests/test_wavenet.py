@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import common
 import wavenet as W
-from cli import check_cli_contract, error_of, run_script
+from cli import check_cli_contract, one_line_error
 
 CPU = common.Runtime(torch.device("cpu"), "cpu", torch.float32)
 
@@ -121,7 +121,7 @@ def test_cached_equals_naive(flags):
     model, cfg = tiny_model(*flags)
     with torch.no_grad():          # peakier softmax so that a wrong logit would change the drawn samples
         model.head[-1].weight.mul_(20)
-    B, n = 3, 200                  # n >> receptive field (15): the ring buffers wrap around many times
+    B, n = 3, 120                  # n >> receptive field (15): the ring buffers wrap around many times
     mel = torch.randn(B, cfg.n_mels, 2) if cfg.cond_mel else None
     spk = torch.tensor([0, 1, 2])
     naive = W.generate(model, n, mel, spk, temperature=1.0, seed=7, method="naive")
@@ -136,6 +136,63 @@ def test_cached_equals_naive(flags):
     u = torch.rand(B, n, generator=torch.Generator().manual_seed(7))
     redraw = W.draw(logits.transpose(1, 2).reshape(B * n, -1), u.reshape(-1), 1.0).view(B, n)
     assert torch.equal(redraw, cached)
+
+
+def test_cached_generator_state_is_static_for_cuda_graphs():
+    # a CUDA graph replays the kernels of one recorded step on the same memory: step() must only mutate the
+    # preallocated tensors in place (no new state, no host read), and reset() must bring them back so a replay
+    # from the start draws the same samples (the CPU-testable part of method="cudagraph")
+    model, cfg = tiny_model()
+    B, n = 2, 40
+    mel, spk = torch.randn(B, cfg.n_mels, 1), torch.tensor([0, 2])
+    u = torch.rand(B, n, generator=torch.Generator().manual_seed(4))
+    c, g = model.conditioning(mel, spk, n)
+    gen = W.CachedGenerator(model, u, c, g)
+    state = lambda: [gen.t, gen.x, gen.out, *gen.queues]
+    ptrs = [s.data_ptr() for s in state()]
+    with torch.no_grad():
+        for _ in range(n):
+            gen.step()
+        first = gen.out.clone()
+        assert [s.data_ptr() for s in state()] == ptrs and int(gen.t) == n
+        gen.reset()
+        assert int(gen.t) == 0 and not gen.out.any() and all(not q.any() for q in gen.queues)
+        for _ in range(n):
+            gen.step()
+    assert torch.equal(gen.out, first) and [s.data_ptr() for s in state()] == ptrs
+    assert torch.equal(first, W.generate(model, n, mel, spk, seed=4))   # what generate() returns
+
+
+def test_compiled_paths_equal_eager():
+    # torch.compile forced on, on the CPU. Training: the model traces as ONE graph (fullgraph=True: an .item(),
+    # a data-dependent branch or shape would break it, and a GPU step would stall there) through AOTAutograd
+    # (forward + backward; backend aot_eager: inductor's graph capture without its minutes of C++ codegen on this
+    # CPU), and train_step gives the eager loss and update. Generation: the cached step (what method="compiled"
+    # compiles and CUDA graphs capture) is one graph too and draws the eager samples.
+    cfg = cfg_of("tiny", "--n_speakers=3", "--compile=True", "--layers=3", "--stacks=1")   # tracing time ~ ops
+    assert cfg.compile
+    torch.manual_seed(0)
+    eager = W.build(cfg, CPU)
+    torch.manual_seed(0)
+    comp = W.build(cfg, CPU)
+    model = comp["model"]
+    comp["model"] = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for seed in (1, 2):
+        wav, spk = speechlike(2, cfg.segment, cfg.sample_rate, seed=seed), torch.tensor([0, 2])
+        a = W.train_step(eager, (wav, spk), cfg, CPU)["bits_per_sample"]
+        b = W.train_step(comp, (wav, spk), cfg, CPU)["bits_per_sample"]
+        assert abs(float(a) - float(b)) < 1e-5
+    for (k, p), q in zip(eager["model"].named_parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=k)
+    gm = eager["model"].eval()
+    mel, spk = torch.randn(2, cfg.n_mels, 1), torch.tensor([1, 2])
+    u = torch.rand(2, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        gen = W.CachedGenerator(gm, u, *gm.conditioning(mel, spk, 48))
+        step = torch.compile(gen.step, backend="aot_eager", fullgraph=True)
+        for _ in range(48):
+            step()
+    assert torch.equal(gen.out, W.generate(gm, 48, mel, spk, seed=3, method="cached"))
 
 
 def test_mulaw_roundtrip():
@@ -335,10 +392,11 @@ def test_overfit_one_batch_through_train_step():
 
 # ----------------------------------------------------------------------------- command line
 
-def test_cli_contract_units_lr_on_resume_and_wrong_checkpoint(tmp_path):
+def test_cli_contract_units_lr_on_resume_and_wrong_checkpoint(tmp_path, capsys):
     out = check_cli_contract("wavenet.py", tmp_path, bench_keys=(
         "train_audio_s_per_s", "train_flops_per_step", "receptive_field", "naive_b1_samples_per_s",
-        "cached_b1_samples_per_s", "naive_b16_samples_per_s", "cached_b16_samples_per_s"))
+        "cached_b1_samples_per_s", "naive_b16_samples_per_s", "cached_b16_samples_per_s", "train_tflops",
+        "best_b1_realtime_factor"))
     d = str(tmp_path / "run")
     assert "receptive field 15 samples" in out["train"]
     # one unit for the likelihood in the training and the eval lines: bits per sample
@@ -347,12 +405,12 @@ def test_cli_contract_units_lr_on_resume_and_wrong_checkpoint(tmp_path):
     assert out["bench_json"]["cached_b16_samples_per_s"] > out["bench_json"]["naive_b16_samples_per_s"]
     assert os.path.exists(f"{d}/samples/step000005/vocoded.wav") and os.path.exists(f"{d}/samples/vocoded.png")
     # a changed --lr on resume takes effect: 1e30 diverges within a step and stops, the checkpoint untouched
+    # (in-process: the command line's own parse_config + train, without another interpreter start)
     before = common.load_checkpoint(f"{d}/ckpt.pt")
-    p = run_script("wavenet.py", "--preset=tiny", "--device=cpu", "--init_from=resume", "--lr=1e30",
-                   "--max_iters=9", f"--out_dir={d}", check=False)
-    text = p.stdout + p.stderr
-    assert p.returncode != 0 and "Traceback" not in text, text[-2000:]
-    assert "lr 0.001 -> 1e+30" in text and "diverged" in text.strip().splitlines()[-1], text[-2000:]
+    capsys.readouterr()
+    resumed = cfg_of("tiny", "--init_from=resume", "--lr=1e30", "--max_iters=9", f"--out_dir={d}")
+    one_line_error(W.train, resumed, match="diverged")
+    assert "lr 0.001 -> 1e+30" in capsys.readouterr().out
     after = common.load_checkpoint(f"{d}/ckpt.pt")
     assert after["step"] == 5
     assert all(torch.equal(v, after["models"]["model"][k]) for k, v in before["models"]["model"].items())
@@ -363,15 +421,17 @@ def test_cli_contract_units_lr_on_resume_and_wrong_checkpoint(tmp_path):
         common.check_checkpoint(ck, cfg, W.ARCH_KEYS)
     with pytest.raises(SystemExit, match="melgan"):
         common.check_checkpoint(dict(ck, paper="melgan"), cfg_of("tiny"), W.ARCH_KEYS)
-    line = error_of("wavenet.py", "--mode=sample", f"--init_from={d}/ckpt.pt", "--gate_channels=32")
-    assert "--gate_channels" in line
+    # (in-process from here on: what the command line runs, without an interpreter start each)
+    sample_cfg = common.parse_config(W.Config, W.PRESETS, ["--mode=sample", f"--init_from={d}/ckpt.pt",
+                                                           "--gate_channels=32"])
+    one_line_error(W.sample, sample_cfg, match="--gate_channels")
 
 
 def test_bad_flags_one_line(tmp_path):
-    assert "--batch_size must be > 0" in error_of("wavenet.py", "--preset=tiny", "--batch_size=0")
-    assert "does not exist" in error_of("wavenet.py", "--mode=sample", "--init_from=resume",
-                                        f"--input={tmp_path}/missing.wav")
-    assert "needs a checkpoint" in error_of("wavenet.py", "--mode=eval", "--preset=tiny", f"--out_dir={tmp_path}")
+    one_line_error(cfg_of, "tiny", "--batch_size=0", match="--batch_size must be > 0")
+    one_line_error(cfg_of, "tiny", "--mode=sample", "--init_from=resume", f"--input={tmp_path}/missing.wav",
+                   match="does not exist")
+    one_line_error(W.evaluate, cfg_of("tiny", "--mode=eval", f"--out_dir={tmp_path}"), match="needs a checkpoint")
     for flags, msg in ((["--segment=1000"], "multiple of --hop"), (["--upsample_scales=16,8"], "--hop=256"),
                        (["--layers=7"], "multiple of --stacks"), (["--gate_channels=15"], "even"),
                        (["--residual_chanels=3"], "residual_channels")):
@@ -390,16 +450,16 @@ def write_folder(root, lengths, nan_in=None, sr=16000):
     return root
 
 
-def test_bad_data_stops_before_step_1(tmp_path):
-    base = ["--preset=tiny", "--device=cpu", "--max_iters=2", f"--out_dir={tmp_path}/out"]
+def test_bad_data_stops_before_step_1(tmp_path, capsys):
+    # in-process train(): the same code the command line runs, one error line, no step and no checkpoint
+    base = ["--max_iters=2", f"--out_dir={tmp_path}/out"]
     names = [f"clip{i:02d}" for i in range(6)]
     bad = next(i for i, n in enumerate(names) if common._split_of(n) == "train")   # the NaN clip is a train clip
     folder = write_folder(str(tmp_path / "nan"), [4000] * 6, nan_in=bad)
-    line = error_of("wavenet.py", *base, f"--data_dir={folder}")
-    assert "NaN" in line and f"clip{bad:02d}.wav" in line
-    assert "at least 3" in error_of("wavenet.py", *base, f"--data_dir={write_folder(str(tmp_path / 'two'), [4000] * 2)}")
-    p = run_script("wavenet.py", *base, f"--data_dir={write_folder(str(tmp_path / 'short'), [600] * 4)}", check=False)
-    text = p.stdout + p.stderr
-    assert p.returncode != 0 and "Traceback" not in text and "step 1" not in text
-    assert "shorter than 1024 samples" in text.strip().splitlines()[-1]
+    one_line_error(W.train, cfg_of("tiny", *base, f"--data_dir={folder}"), match=f"NaN.*clip{bad:02d}.wav|clip{bad:02d}.wav.*NaN")
+    one_line_error(W.train, cfg_of("tiny", *base, f"--data_dir={write_folder(str(tmp_path / 'two'), [4000] * 2)}"),
+                   match="at least 3")
+    one_line_error(W.train, cfg_of("tiny", *base, f"--data_dir={write_folder(str(tmp_path / 'short'), [600] * 4)}"),
+                   match="shorter than 1024 samples")
+    assert "step 1" not in capsys.readouterr().out
     assert not os.path.exists(f"{tmp_path}/out/ckpt.pt")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import wavlm
@@ -198,6 +199,64 @@ def test_golden_train_step():
         assert torch.allclose(p_new, p_old - lr * g, atol=1e-6, rtol=1e-4), n
 
 
+class DeviceReads(TorchDispatchMode):
+    """Records the ATen ops that make a GPU step wait for the device: a value read back (.item(), bool()) or an
+    output whose shape depends on the data (boolean-mask indexing, nonzero)."""
+    SYNCS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_consecutive",
+             "aten::_unique2"}
+
+    def __enter__(self):
+        self.found = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func._schema.name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+            getattr(i, "dtype", None) == torch.bool for i in (args[1] if len(args) > 1 else ()) if i is not None)
+        if func._schema.name in self.SYNCS or bool_index:
+            self.found.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_compiled_train_step_equals_eager_without_host_sync():
+    # torch.compile forced on, on the CPU. The model traces as ONE graph through AOTAutograd (fullgraph=True: an
+    # .item(), a data-dependent branch or shape would break it: a GPU step would stall there; backend aot_eager:
+    # inductor's graph capture, forward and backward, without its minutes of C++ codegen on this CPU), and so
+    # does the masked loss (no logits[mask]: boolean indexing has a data-dependent shape). Mixing draws its
+    # choices on the host but never reads the batch back: it runs on a meta tensor, where any .item() or .cpu()
+    # would raise. Two train_steps then give the eager losses and weights.
+    cfg = tiny_cfg(mix_prob=1.0, compile=True)
+    eager, comp = _state(cfg), _state(cfg)
+    model = comp["model"]
+    comp["model"] = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss_fn = torch.compile(wavlm.masked_prediction_loss, backend="aot_eager", fullgraph=True)
+    logits, targets = torch.randn(2, 7, 5), torch.randint(0, 5, (2, 7))
+    mask = torch.rand(2, 7) < 0.5
+    with DeviceReads() as reads:                                          # no nonzero / .item() inside
+        want = wavlm.masked_prediction_loss(logits, targets, mask)
+        model.train()(torch.randn(2, 16000) * 0.1, torch.rand(2, 49) < 0.5)          # (eager: modes do not compile)
+    assert not reads.found, reads.found
+    for got, w in zip(loss_fn(logits, targets, mask), want):
+        torch.testing.assert_close(got, w)
+    lm = logits[mask]                                                     # the definition, by indexing
+    torch.testing.assert_close(want[0], F.cross_entropy(lm, targets[mask]))
+    torch.testing.assert_close(want[2], (logits[~mask].argmax(-1) == targets[~mask]).float().mean())
+    meta = torch.randn(3, 4000).to("meta")
+    for c in (cfg, tiny_cfg(mix_prob=1.0, noise_prob=1.0)):
+        mixed, ev = wavlm.mix_utterances(meta, c, torch.Generator().manual_seed(0))
+        assert ev and mixed.is_meta
+    torch.manual_seed(3)
+    wav = torch.randn(3, 16000) * 0.1
+    for s in range(2):
+        torch.manual_seed(20 + s)
+        a = wavlm.train_step(eager, wav, cfg, RT)
+        torch.manual_seed(20 + s)
+        b = wavlm.train_step(comp, wav, cfg, RT)
+        for k in ("loss", "acc_m", "gnorm"):
+            assert abs(a[k].item() - b[k].item()) <= 1e-4 * (1 + abs(a[k].item())), (s, k)
+    for (k, p), q in zip(eager["model"].named_parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_loss_falls_on_one_batch():
     cfg = tiny_cfg(mix_prob=0.0, lr=3e-3, warmup=1, max_iters=1000)
     state = _state(cfg)
@@ -311,7 +370,7 @@ def test_parity_with_transformers(kind, tmp_path):
 
 def test_cli_contract_features_probe_iteration2(tmp_path):
     out = check_cli_contract("wavlm.py", tmp_path, bench_keys=("train_audio_s_per_s", "features_rtf_eager",
-                                                               "train_flops_per_step"))
+                                                               "train_flops_per_step", "train_tflops"))
     assert "eval | split test" in out["eval"] and "acc_m_mixed" in out["eval"]
     # the rest in-process (a subprocess costs seconds of imports): features, probes, iteration 2
     d = tmp_path / "run"
