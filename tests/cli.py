@@ -18,14 +18,33 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def start_script(script, *args):
+    """Start python SCRIPT ARGS... in the repo root (one thread) and return the Popen; finish_script waits for it.
+    Two independent runs side by side halve the wall time of the contract on a 2-core machine."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.cmd = [script, *args]
+    return p
+
+
+def finish_script(p, check=True, timeout=300):
+    """Wait for a start_script run -> CompletedProcess; with check, a failure shows the output's tail."""
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"{' '.join(p.cmd)} ran over {timeout} s:\n{out[-2000:]}{err[-3000:]}")
+    done = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    if check:
+        assert done.returncode == 0, f"{' '.join(p.cmd)}\n" + out[-2000:] + err[-3000:]
+    return done
+
+
 def run_script(script, *args, check=True, timeout=300):
     """python SCRIPT ARGS... in the repo root -> CompletedProcess; with check, a failure shows the output's tail."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    if check:
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return p
+    return finish_script(start_script(script, *args), check=check, timeout=timeout)
 
 
 def error_of(script, *args):
@@ -73,13 +92,15 @@ def check_cli_contract(script, tmp_path, flags=(), bench_keys=(), sample_exts=("
     Returns {step: stdout} for further checks."""
     d, straight = str(tmp_path / "run"), str(tmp_path / "straight")
     base = ["--preset=tiny", "--device=cpu", "--compile=False", *flags]
+    # the straight 5-step run and the bench run need nothing from the others: they run beside them
+    p_straight = start_script(script, *base, "--max_iters=5", f"--out_dir={straight}")
     out = {"train": run_script(script, *base, "--max_iters=3", f"--out_dir={d}").stdout}
     assert "step 3/3" in out["train"], out["train"][-2000:]
     ck3 = _load(os.path.join(d, "ckpt.pt"))
     assert ck3["step"] == 3 and ck3["config"]["max_iters"] == 3
     out["resume"] = run_script(script, *base, "--init_from=resume", "--max_iters=5", f"--out_dir={d}").stdout
     assert "step 5/5" in out["resume"] and "resumed" in out["resume"], out["resume"][-2000:]
-    run_script(script, *base, "--max_iters=5", f"--out_dir={straight}")
+    finish_script(p_straight)
     a, b = _load(os.path.join(d, "ckpt.pt")), _load(os.path.join(straight, "ckpt.pt"))
     assert a["step"] == b["step"] == 5
     for net, sd in b["models"].items():
@@ -87,6 +108,7 @@ def check_cli_contract(script, tmp_path, flags=(), bench_keys=(), sample_exts=("
             assert torch.equal(v, a["models"][net][k]), f"{net}.{k} differs between resumed and straight runs"
     assert any(not torch.equal(v, ck3["models"][n][k]) for n, sd in a["models"].items() for k, v in sd.items()), \
         "resume trained nothing"
+    p_bench = start_script(script, *base, "--mode=bench", f"--out_dir={tmp_path / 'bench'}")
     samples = os.path.join(d, "samples")
     before = set(os.listdir(samples)) if os.path.isdir(samples) else set()
     out["sample"] = run_script(script, "--mode=sample", f"--init_from={d}/ckpt.pt").stdout
@@ -95,7 +117,7 @@ def check_cli_contract(script, tmp_path, flags=(), bench_keys=(), sample_exts=("
         assert any(f.endswith(ext) for f in new), f"--mode=sample wrote no {ext} in {samples}: {sorted(new)}"
     out["eval"] = run_script(script, "--mode=eval", f"--init_from={d}/ckpt.pt").stdout
     assert "eval" in out["eval"], out["eval"][-2000:]
-    out["bench"] = run_script(script, *base, "--mode=bench", f"--out_dir={tmp_path / 'bench'}").stdout
+    out["bench"] = finish_script(p_bench).stdout
     lines = [l for l in out["bench"].splitlines() if l.startswith("{")]
     assert len(lines) == 1, out["bench"][-2000:]
     fig = json.loads(lines[0])
