@@ -629,19 +629,18 @@ def test_bad_input_gives_one_error_line(tmp_path):
         W.sample(parse("--mode=sample", f"--init_from={bogus}"))
 
 
-def test_torchrun_two_processes_draw_different_batches_and_resume(tmp_path):
-    """DDP (gloo, 2 processes): each rank draws its own batches, and a resume restores each rank's own state."""
+def test_torchrun_two_processes_draw_different_batches(tmp_path):
+    """DDP (gloo, 2 processes): each rank draws its own batches and the checkpoint holds each rank's own sampler
+    state (the two-process resume itself is common's, tested in test_common; one torchrun here keeps this file fast)."""
     d = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "whisper.py",
-            "--preset=tiny", "--device=cpu", f"--out_dir={d}", "--eval_items=1"]
-    for extra in (["--max_iters=2"], ["--init_from=resume", "--max_iters=3"]):
-        p = subprocess.run(args + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-        ck = torch.load(d / "ckpt.pt", weights_only=False)
-        assert len(ck["rng"]) == 2 and ck["rng"][0]["sampler"] != ck["rng"][1]["sampler"]
-    assert ck["step"] == 3 and "resumed" in p.stdout
-    # each rank continued from its own sampler: rank 1's state after step 3 is its step-2 state advanced once
+            "--preset=tiny", "--device=cpu", f"--out_dir={d}", "--eval_items=1", "--max_iters=3"]
+    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    ck = torch.load(d / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 3 and len(ck["rng"]) == 2 and ck["rng"][0]["sampler"] != ck["rng"][1]["sampler"]
+    # rank 1's saved state is its own sampler advanced once per step
     cfg = tiny_cfg()
     utts = W.trainable(common.load_corpus(cfg, "train", W.SAMPLE_RATE), cfg, "train")
     tok = W.Tokenizer.from_extra(ck["extra"])
