@@ -660,5 +660,7 @@ def test_speak_outside_a_corpus():
     a, b = common.speak(jobs, sr=16000, workers=1), common.speak(jobs[:1], sr=16000, workers=1)
     assert len(a) == 2 and all(w.dtype == np.float32 and np.abs(w).max() <= 1.0 for w, _ in a)
     assert np.array_equal(a[0][0], b[0][0])
+    native = common.speak(jobs[:1], workers=1)[0][0]  # eSpeak's own rate: the 16 kHz copy is resampled from it
+    assert abs(len(a[0][0]) - len(native) * 16000 / common.ESPEAK_SR) <= 2
     for w, words in a:
         assert [x[0] for x in words][:1] in (["what"], ["hello"]) and words[-1][2] <= len(w) / 16000 + 1e-3
