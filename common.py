@@ -349,6 +349,15 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def remove_weight_norm(model):
+    """Fold weight norm's g * v / ||v|| into a plain weight, for inference (the official vocoders and codecs do the
+    same): the outputs are unchanged and no forward recomputes its weights. Returns the model, changed in place."""
+    for m in model.modules():
+        if nn.utils.parametrize.is_parametrized(m, "weight"):
+            nn.utils.parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    return model
+
+
 # ----------------------------------------------------------------------------- logging
 
 def log(*args):
@@ -1201,15 +1210,15 @@ def mrstft_distance(est, ref, resolutions=((1024, 120, 600), (2048, 240, 1200), 
 
 def save_sample(dir, name, wav, sr, ref=None):
     """Write dir/name.wav and dir/name.png: the spectrogram of the generated audio (above the reference's)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot and no tight_layout: a third of the time, the same picture
     os.makedirs(dir, exist_ok=True)
     to_np = lambda x: x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
     wav = to_np(wav)
     save_audio(os.path.join(dir, name + ".wav"), wav, sr)
     panels = [("generated", wav)] + ([("reference", to_np(ref))] if ref is not None else [])
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3 * len(panels)), squeeze=False)
+    fig = Figure(figsize=(10, 3 * len(panels)))
+    axes = fig.subplots(len(panels), 1, squeeze=False)
+    fig.subplots_adjust(left=0.07, right=1.0, bottom=0.18 / len(panels), top=1 - 0.1 / len(panels), hspace=0.45)
     n_fft = 2 ** round(math.log2(1024 * sr / 22050))
     mels = []
     for _, x in panels:
@@ -1220,14 +1229,12 @@ def save_sample(dir, name, wav, sr, ref=None):
     top = mels[-1][1].max()
     for ax, (title, _), (n, mel) in zip(axes[:, 0], panels, mels):
         im = ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", vmin=top - 5, vmax=top,
-                       extent=[0, n / sr, 0, 80])
+                       extent=[0, n / sr, 0, 80], interpolation="nearest")
         ax.set_title(f"{name} — {title}")
         ax.set_xlabel("seconds")
         ax.set_ylabel("mel bin")
-        fig.colorbar(im, ax=ax, label="log10 magnitude")
-    fig.tight_layout()
+        fig.colorbar(im, ax=ax, label="log10 magnitude", pad=0.01)
     fig.savefig(os.path.join(dir, name + ".png"), dpi=80)
-    plt.close(fig)
 
 # ----------------------------------------------------------------------------- bench
 

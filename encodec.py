@@ -1029,7 +1029,7 @@ def load_for_inference(cfg, rt):
     if empty:
         raise SystemExit(f"error: {path}: codebooks {empty[:4]}{' ...' if len(empty) > 4 else ''} were never "
                          "initialised (a checkpoint from the quantizer warm-up?); train past --quantizer_warmup")
-    return model.to(rt.device).eval()
+    return common.remove_weight_norm(model).to(rt.device).eval()  # inference: weight norm folded once
 
 
 @torch.no_grad()
@@ -1202,7 +1202,7 @@ def bench(cfg):
     iters = 3 if rt.device_type == "cpu" else 10
     step_ms = common.timeit(lambda: train_step(state, x, cfg, rt), iters=iters, warmup=2)
     flops = common.count_flops(lambda: train_step(state, x, cfg, rt))
-    model.eval()
+    model = common.remove_weight_norm(model).eval()  # inference as sample/eval run it (weight norm folded)
     seconds = cfg.batch_size * cfg.segment / cfg.sample_rate
     figures = dict(train_step_ms=round(step_ms, 2), train_flops_per_step=flops,
                    train_audio_s_per_s=round(seconds / (step_ms / 1000), 2))

@@ -42,7 +42,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
-from torch.nn.utils import parametrize
 
 import common
 
@@ -214,14 +213,6 @@ class Discriminator(nn.Module):
                 x = self.pool(x)                                   # (B, 1, T / 2^i)
             outs.append(d(x))
         return outs                                                # [scale][layer] -> (B, C, T')
-
-
-def remove_weight_norm(model):
-    """Fold g * v / ||v|| into a plain weight for inference (the official code does the same)."""
-    for m in model.modules():
-        if parametrize.is_parametrized(m, "weight"):
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-    return model
 
 
 def official_config(sd):
@@ -407,7 +398,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     units. --mode=eval (model=None) loads --init_from and reports test."""
     if model is None:
         rt = common.setup(cfg)
-        model = remove_weight_norm(load_for_inference(cfg, rt))
+        model = common.remove_weight_norm(load_for_inference(cfg, rt))
     was_training = model.training
     model.eval()
     items = load_split(cfg, split)[:cfg.eval_items]
@@ -462,7 +453,7 @@ def train(cfg):
 def sample(cfg):
     """Mel -> waveform for a given wav (--input) or for held-out test utterances, beside the reference."""
     rt = common.setup(cfg)
-    G = remove_weight_norm(load_for_inference(cfg, rt)).eval()
+    G = common.remove_weight_norm(load_for_inference(cfg, rt)).eval()
     if cfg.input:
         wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
         items = [(os.path.splitext(os.path.basename(cfg.input))[0], wav)]
@@ -497,7 +488,7 @@ def bench(cfg):
             lambda: train_step(dict(state, G=G, D=D), batch, cfg, fp32), iters=cfg.bench_iters)
     # inference: real-time factor = compute seconds per second of audio (lower is faster)
     seconds = cfg.bench_seconds
-    G_inf = remove_weight_norm(copy.deepcopy(G)).eval()
+    G_inf = common.remove_weight_norm(copy.deepcopy(G)).eval()
     mel1 = torch.randn(1, cfg.n_mels, int(seconds * cfg.sample_rate) // cfg.hop, device=rt.device) - 5  # (1, n_mels, frames)
 
     def infer(model, r):

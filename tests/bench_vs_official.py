@@ -121,7 +121,7 @@ def hifigan_pair(models, cfg):
 def bench_hifigan_infer(models, preset, seconds, iters):
     cfg = hifigan_cfg(preset)
     ours, ref = hifigan_pair(models, cfg)
-    ours = hifigan.remove_weight_norm(ours).eval()
+    ours = common.remove_weight_norm(ours).eval()
     ref.remove_weight_norm()
     ref.eval()
     mel = torch.randn(1, cfg.n_mels, int(seconds * cfg.sample_rate) // cfg.hop, generator=torch.Generator().manual_seed(1)) - 5
@@ -181,7 +181,7 @@ def bench_melgan_infer(models, seconds, iters):
                 for k, v in ref.state_dict().items()}
     ours = melgan.Generator(cfg)
     melgan.load_official(ours, official, cfg)
-    ours = melgan.remove_weight_norm(ours).eval()
+    ours = common.remove_weight_norm(ours).eval()
     ref.remove_weight_norm()
     ref.eval()
     mel = torch.randn(1, cfg.n_mels, int(seconds * cfg.sample_rate) // cfg.hop, generator=torch.Generator().manual_seed(1)) - 4
@@ -206,7 +206,7 @@ def bench_encodec(which, seconds, iters):
     cfg = common.parse_config(E.Config, E.PRESETS, ["--preset=24khz", "--device=cpu", "--compile=False"], modes=E.MODES)
     ours = E.EnCodec(cfg)
     ours.load_state_dict(E.official_state_dict_to_ours(ref.state_dict(), cfg))
-    ours.eval()
+    ours = common.remove_weight_norm(ours).eval()  # as encodec.load_for_inference does; the package keeps its own
     bw = 6.0
     ref.set_target_bandwidth(bw)
     x = torch.randn(1, 1, int(seconds * cfg.sample_rate), generator=torch.Generator().manual_seed(1)) * 0.1

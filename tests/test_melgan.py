@@ -225,7 +225,7 @@ def test_official_weights_match_parallel_wavegan_melgan(tmp_path):
     with torch.no_grad():
         want = ref(mel)
         assert (G(mel) - want).abs().max().item() <= 1e-5
-        assert (melgan.remove_weight_norm(G)(mel) - want).abs().max().item() <= 1e-5
+        assert (common.remove_weight_norm(G)(mel) - want).abs().max().item() <= 1e-5
     with pytest.raises(SystemExit, match="unexpected key"):
         melgan.load_official(melgan.Generator(make_cfg("paper")), dict(official, **{"model.24.foo": torch.zeros(1)}),
                              make_cfg("paper"))

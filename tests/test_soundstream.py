@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 import common
 import soundstream as S
-from cli import check_cli_contract, run_script
+from cli import check_cli_contract, finish_script, start_script
 
 
-def error_line(*args):
-    """A command that must fail: non-zero exit, no traceback; returns its "error: ..." line (stderr), which
-    cli.error_of would miss when log lines follow on stdout."""
-    p = run_script("soundstream.py", *args, check=False)
+def error_line(run):
+    """A command that must fail (a start_script run): non-zero exit, no traceback; returns its "error: ..." line
+    (stderr), which cli.error_of would miss when log lines follow on stdout."""
+    p = finish_script(run, check=False)
     out = p.stderr + p.stdout
     assert p.returncode != 0 and "Traceback" not in out, out[-3000:]
     lines = [l for l in out.splitlines() if l.startswith("error:")]
@@ -502,8 +502,9 @@ def test_bad_flags_give_one_clear_line(args, needle):
 
 
 def test_bad_checkpoints_give_one_clear_line(tmp_path):
-    assert "needs a checkpoint" in error_line("--mode=eval", "--preset=tiny", "--device=cpu")
     p = tmp_path / "foreign.pt"
     torch.save({"encoder.weight": torch.zeros(3)}, p)
-    line = error_line("--mode=sample", "--preset=tiny", "--device=cpu", f"--init_from={p}")
-    assert "not a nanoaudio checkpoint" in line
+    runs = [start_script("soundstream.py", "--mode=eval", "--preset=tiny", "--device=cpu"),  # side by side
+            start_script("soundstream.py", "--mode=sample", "--preset=tiny", "--device=cpu", f"--init_from={p}")]
+    assert "needs a checkpoint" in error_line(runs[0])
+    assert "not a nanoaudio checkpoint" in error_line(runs[1])
