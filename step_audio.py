@@ -46,8 +46,9 @@ Simplified or changed versus the paper:
     python step_audio.py                                  # all seven stages on the built-in corpus (`small` on a CPU)
     python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
     python step_audio.py --mode=eval --init_from=out/step_audio/ckpt.pt --eval_items=240 --eval_speech_items=48
-        # held-out test: every figure; writes eval_test/qa.tsv, eval_test/spoken/*.wav and eval_test/resynth/*.wav,
-        # each folder with refs.txt (name<TAB>intended text) for the WER of a separate ASR model
+        # held-out test: every figure; writes eval_test/qa.tsv, eval_test/spoken/*.wav, eval_test/resynth/*.wav and
+        # the same clips' originals in eval_test/original/, each folder with refs.txt (name<TAB>intended text), so
+        # a separate ASR model measures the WER of each: whisper.py --mode=sample --input_dir=... prints it
     python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav   # a spoken answer
     python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav --followup=q2.wav
     python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=clip.wav --prompt="transcribe the audio"
@@ -173,9 +174,9 @@ PRESETS = {
     "small": dict(n_mels=80, n_audio_state=128, n_audio_head=4, n_audio_layer=2, adaptor_hidden=256, n_embd=192,
                   n_layer=4, n_head=6, n_kv_head=2, ffn=512, rope_theta=1e4, tie_embeddings=True, corpus_hours=0.5,
                   fsq_levels=(3, 3, 3, 3, 3), flow_dim=128, flow_layers=3, flow_heads=4, voc_channels=128,
-                  stage_iters=(100, 100, 40, 60, 100, 100), max_iters=750, batch_size=8, eval_interval=250,
-                  eval_items=24, eval_speech_items=8, compile=False),  # a CPU run (~15 min idle, estimated from
-                  # CPU-seconds per step on a busy machine, not timed idle); 80 mel bins (128 cost 1.6x here)
+                  stage_iters=(400, 300, 150, 200, 300, 300), max_iters=3000, batch_size=8, eval_interval=1000,
+                  eval_items=24, eval_speech_items=8, compile=False),  # a CPU run: 14 min on one core (README);
+                  # 80 mel bins (128 cost 1.6x here)
     "tiny":  dict(n_mels=32, n_audio_ctx=400, n_audio_state=32, n_audio_head=2, n_audio_layer=1, adaptor_hidden=48,
                   n_embd=32, n_layer=2, n_head=4, n_kv_head=2, ffn=64, rope_theta=1e4, bpe_vocab=300,
                   tie_embeddings=True, corpus_hours=0.02, fsq_levels=(3, 3), flow_dim=16, flow_layers=1,
@@ -1288,8 +1289,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     without it, on the same questions); the multi-turn follow-up. Speech output, on eval_speech_items of them:
     the spoken answer's text, the follow-up after a spoken answer, the resynthesis mel distance of held-out
     speech (tokens -> flow -> vocoder, and the vocoder alone from the true mel) and the tokenizer's own CTC WER.
-    Writes the spoken answers and resyntheses as wavs with a refs.txt (name<TAB>intended text) per folder, for
-    the WER of a separate ASR model."""
+    Writes the spoken answers, the resyntheses and their originals as wavs with a refs.txt (name<TAB>intended
+    text) per folder, for the WER of a separate ASR model (whisper.py --mode=sample --input_dir=DIR prints it)."""
     if model is None:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
@@ -1342,8 +1343,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
 def evaluate_speech(cfg, model, rt, tasks, ns, out):
     """The speech-output half of evaluate() (see there)."""
     tok, norm, m = model.tok, common.normalize_text, {}
-    spoken_dir, resyn_dir = os.path.join(out, "spoken"), os.path.join(out, "resynth")
-    for d in (spoken_dir, resyn_dir):
+    spoken_dir, resyn_dir, orig_dir = (os.path.join(out, d) for d in ("spoken", "resynth", "original"))
+    for d in (spoken_dir, resyn_dir, orig_dir):
         os.makedirs(d, exist_ok=True)
     lines = []
     order = np.random.default_rng(1).permutation(len(tasks.spoken))[:ns]
@@ -1377,9 +1378,11 @@ def evaluate_speech(cfg, model, rt, tasks, ns, out):
         hyps.append("".join(CHARS[c - 1] for k, c in enumerate(ctc) if c and (k == 0 or c != ctc[k - 1])))
         refs.append(text)
         common.save_audio(os.path.join(resyn_dir, f"resynth{j:03d}.wav"), resyn.float().cpu().numpy(), cfg.sample_rate)
+        common.save_audio(os.path.join(orig_dir, f"resynth{j:03d}.wav"), wav, cfg.sample_rate)  # the ASR's yardstick
         lines.append(f"resynth{j:03d}\t{text}")
-    with open(os.path.join(resyn_dir, "refs.txt"), "w") as f:
-        f.write("".join(l + "\n" for l in lines))
+    for d in (resyn_dir, orig_dir):
+        with open(os.path.join(d, "refs.txt"), "w") as f:
+            f.write("".join(l + "\n" for l in lines))
     out_m = {k: float(np.mean(v)) for k, v in m.items()}
     out_m.update(tokenizer_ctc_wer=common.wer(refs, hyps) if refs else float("nan"), n_spoken=len(order))
     return out_m

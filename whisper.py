@@ -77,7 +77,8 @@ class Config:
     corpus_languages: str = "en"    # built-in corpus languages, e.g. en,fr,de,es: language ID and X -> en in miniature
     input: str = ""                 # --mode=sample: a wav/flac to transcribe (default: a held-out test utterance)
     input_dir: str = ""             # --mode=sample: transcribe every wav/flac/ogg in this folder (any rate, mono-mixed)
-    transcripts: str = ""           # ... into this file, one "name<TAB>text" line each (default input_dir/transcripts.tsv)
+    transcripts: str = ""           # ... into this file, one "name<TAB>text" line each (default input_dir/transcripts.tsv);
+                                    # an input_dir/refs.txt of "name<TAB>text" lines gets the folder's WER printed
     # model: the official ModelDimensions (§2.2, Table 1 sizes; whisper/model.py)
     n_mels: int = 80                # log-mel bins (128 for large-v3)
     n_audio_ctx: int = 1500         # encoder positions = window / 20 ms: 1500 = 30 s (3000 mel frames)
@@ -1385,6 +1386,14 @@ def transcribe_folder(cfg, model, rt):
             f.write(f"{n}\t{' '.join(texts[n].split())}\n")
     os.replace(path + ".tmp", path)
     common.log(f"wrote {len(names)} transcripts to {path}")
+    refs_path = os.path.join(cfg.input_dir, "refs.txt")  # name<TAB>intended text[<TAB>...]: the folder's WER
+    if os.path.isfile(refs_path):
+        with open(refs_path, encoding="utf-8") as f:
+            refs = dict(l.rstrip("\n").split("\t")[:2] for l in f if "\t" in l)
+        both = [n for n in names if n in refs]
+        if both:
+            common.log(f"WER {common.wer([refs[n] for n in both], [texts[n] for n in both]):.3f} against "
+                       f"{refs_path} ({len(both)} of {len(names)} files)")
     return {n: texts[n] for n in names}
 
 

@@ -260,6 +260,10 @@ def test_cli_contract(tmp_path):
     for key in ("wer", "qa_acc", "followup_acc", "speak_text_acc", "resynth_mel_dist", "tokenizer_ctc_wer"):
         assert key in out["eval"]
     assert list((tmp_path / "run").rglob("answer000.wav")) or list(tmp_path.rglob("answer000.wav"))
+    # the resyntheses and their originals: the same names and intended texts, for a separate ASR's WER of each
+    resyn, orig = (next(tmp_path.rglob(f"eval_test/{d}")) for d in ("resynth", "original"))
+    assert (resyn / "refs.txt").read_text() == (orig / "refs.txt").read_text() != ""
+    assert sorted(p.name for p in resyn.glob("*.wav")) == sorted(p.name for p in orig.glob("*.wav")) != []
 
 
 def test_bad_flags_give_one_line(tmp_path):

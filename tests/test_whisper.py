@@ -565,7 +565,7 @@ def test_tiny_model_overfits_to_exact_transcripts():
 # ----------------------------------------------------------------------------- command line, checkpoints
 
 
-def test_cli_contract(tmp_path, monkeypatch):
+def test_cli_contract(tmp_path, monkeypatch, capsys):
     out = check_cli_contract("whisper.py", tmp_path, bench_keys=(
         "train_tokens_per_s", "train_audio_s_per_s", "encoder_ms_per_window", "decode_tokens_per_s_b1",
         "decode_tokens_per_s_b16"))
@@ -591,6 +591,7 @@ def test_cli_contract(tmp_path, monkeypatch):
     sf.write(folder / "b.flac", np.stack([u16[1].wav] * 2, 1), 16000)
     sf.write(folder / "c_long.wav", np.concatenate([u16[0].wav, u16[1].wav] * 2), 16000)   # > one 5 s window
     (folder / "notes.txt").write_text("not audio")
+    (folder / "refs.txt").write_text("a\tkate was born in may\tan extra column\nzz\tno such file\n")  # -> a WER
     seen = {}
     real = W._decode_texts
     def spy(model, tok, utts, *a, **k):
@@ -602,6 +603,8 @@ def test_cli_contract(tmp_path, monkeypatch):
     assert [l.split("\t")[0] for l in lines] == ["a", "b", "c_long"] and set(got) == {"a", "b", "c_long"}
     assert all(l.count("\t") == 1 and "\n" not in l for l in lines)
     assert set(seen) == {"a", "b"}                         # the long one went through long-form transcription
+    want = common.wer(["kate was born in may"], [got["a"]])
+    assert f"WER {want:.3f} against {folder / 'refs.txt'} (1 of 3 files)" in capsys.readouterr().out
     for name, ref in (("a", u16[0].wav), ("b", u16[1].wav)):
         n = min(len(ref), len(seen[name]))
         assert abs(len(ref) - len(seen[name])) < 160 and np.corrcoef(ref[:n], seen[name][:n])[0, 1] > 0.9, name
