@@ -264,6 +264,7 @@ def test_cli_contract(tmp_path):
     resyn, orig = (next(tmp_path.rglob(f"eval_test/{d}")) for d in ("resynth", "original"))
     assert (resyn / "refs.txt").read_text() == (orig / "refs.txt").read_text() != ""
     assert sorted(p.name for p in resyn.glob("*.wav")) == sorted(p.name for p in orig.glob("*.wav")) != []
+    assert all((resyn / p.name).read_bytes() != p.read_bytes() for p in orig.glob("*.wav"))  # not the same audio
 
 
 def test_bad_flags_give_one_line(tmp_path):
