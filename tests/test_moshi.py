@@ -296,6 +296,19 @@ def test_kmeans_init_on_first_batch():
     assert d.max() < 0.5 or cb.cluster_usage.min() > 0  # every cluster found (or re-seeded)
 
 
+def test_discriminator_sees_the_complex_stft_as_frames_by_frequency():
+    """Each STFT discriminator's 2D convs run over (B, 2C, frames, n_fft/2+1): real and imaginary parts as
+    channels, time along the dilated axis (the official layout; a transposed spectrogram still trains)."""
+    cfg = make_cfg()
+    d = M.Discriminator(cfg)
+    seen = []
+    for disc in d.discs:
+        disc.convs[0].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    T = 4 * max(cfg.disc_n_ffts)
+    d(torch.randn(2, cfg.channels, T))
+    assert seen == [(2, 2 * cfg.channels, (T - n) // (n // 4) + 1, n // 2 + 1) for n in cfg.disc_n_ffts]
+
+
 def test_distillation_loss():
     a = torch.randn(2, 6, 5)
     assert M.distill_loss(a, 3 * a).item() == pytest.approx(0.0, abs=1e-6)
