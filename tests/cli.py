@@ -127,6 +127,17 @@ def check_cli_contract(script, tmp_path, flags=(), bench_keys=(), sample_exts=("
     return out
 
 
+def check_stft_discriminator_layout(d, cfg):
+    """Each STFT discriminator's 2D convs run over (B, 2C, frames, n_fft/2+1): real and imaginary parts as
+    channels, time along the dilated axis (the official layout; a transposed spectrogram still trains)."""
+    seen = []
+    for disc in d.discs:
+        disc.convs[0].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    T = 4 * max(cfg.disc_n_ffts)
+    d(torch.randn(2, cfg.channels, T))
+    assert seen == [(2, 2 * cfg.channels, (T - n) // (n // 4) + 1, n // 2 + 1) for n in cfg.disc_n_ffts]
+
+
 @contextlib.contextmanager
 def _without_repo_on_path(name):
     saved_path, saved_mod = sys.path[:], sys.modules.pop(name, None)

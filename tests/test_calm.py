@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import calm as C
 import common
-from cli import check_cli_contract, one_line_error, run_script
+from cli import check_cli_contract, check_stft_discriminator_layout, one_line_error, run_script
 
 
 def make_cfg(preset="tiny", **kw):
@@ -46,16 +46,8 @@ def fake_batch(cfg, B=2, S=12, seed=0):
 # ----------------------------------------------------------------------------- noise injection (§3.2)
 
 def test_discriminator_sees_the_complex_stft_as_frames_by_frequency():
-    """Each STFT discriminator's 2D convs run over (B, 2C, frames, n_fft/2+1): real and imaginary parts as
-    channels, time along the dilated axis (the official layout; a transposed spectrogram still trains)."""
     cfg = make_cfg()
-    d = C.Discriminator(cfg)
-    seen = []
-    for disc in d.discs:
-        disc.convs[0].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
-    T = 4 * max(cfg.disc_n_ffts)
-    d(torch.randn(2, cfg.channels, T))
-    assert seen == [(2, 2 * cfg.channels, (T - n) // (n // 4) + 1, n // 2 + 1) for n in cfg.disc_n_ffts]
+    check_stft_discriminator_layout(C.Discriminator(cfg), cfg)
 
 
 def test_noise_injection_formula_and_range():
