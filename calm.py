@@ -258,7 +258,7 @@ class CausalConv1d(nn.Module):
         self.pad = (kernel - 1) * dilation + 1 - stride
 
     def forward(self, x):  # (B, Cin, T) -> (B, Cout, T / stride)
-        return self.conv(F.pad(x, (self.pad, 0)))
+        return self.conv(F.pad(x, (self.pad, 0)) if self.pad else x)  # (F.pad copies even a zero padding)
 
 
 class CausalConvTranspose1d(nn.Module):

@@ -268,7 +268,7 @@ class CausalConv1d(nn.Module):
             x.new_zeros(*x.shape[:-1], self.pad)
 
     def forward(self, x):  # (B, Cin, T) -> (B, Cout, T / stride)
-        return self.conv(torch.cat([self._left(x), x], -1))
+        return self.conv(torch.cat([self._left(x), x], -1) if self.pad else x)  # (a 0-sample cat still copies x)
 
     def stream(self, x, state):
         buf = state.get(self)

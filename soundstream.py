@@ -188,7 +188,7 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x):  # (B, Cin, T) -> (B, Cout, ceil(T/stride))
         extra = -x.shape[-1] % self.stride  # complete the last window so the decoder can rebuild T samples
-        return self.conv(F.pad(x, (self.pad, extra)))
+        return self.conv(F.pad(x, (self.pad, extra)) if self.pad or extra else x)  # (F.pad copies even 0 + 0)
 
     def stream(self, x, state):
         # zero padding makes streaming simple: the history starts as the same `pad` zeros the offline pass uses
