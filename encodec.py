@@ -241,15 +241,7 @@ class StreamableConv1d(nn.Module):
         extra = -x.shape[-1] % self.stride  # complete the last window so the decoder can rebuild T samples
         left = self.pad if self.causal else self.pad - self.pad // 2
         x = _pad1d(x, left, self.pad - left + extra, self.pad_mode)
-        return self.norm(self._conv(x))
-
-    def _conv(self, x):
-        if self.k_eff == 1 and self.stride == 1:
-            # a 1x1 conv is a matmul over the channels; as one batched GEMM (bias fused) it runs 2-3x faster on a
-            # CPU than the convolution kernel: the same result up to float rounding
-            w = self.conv.weight[:, :, 0]  # (Cout, Cin)
-            return torch.baddbmm(self.conv.bias[:, None], w.expand(x.shape[0], -1, -1), x)  # (B, Cout, T)
-        return self.conv(x)
+        return self.norm(self.conv(x))
 
     def stream(self, x, state, final=False):
         # state[self] = (started, buffer): inputs not consumed yet, at least the last k_eff - stride as history.
@@ -271,7 +263,7 @@ class StreamableConv1d(nn.Module):
         state[self] = (True, x[..., n * self.stride:])
         if n == 0:
             return x.new_zeros(x.shape[0], self.cout, 0)
-        return self.norm(self._conv(x[..., :(n - 1) * self.stride + self.k_eff]))
+        return self.norm(self.conv(x[..., :(n - 1) * self.stride + self.k_eff]))
 
 
 class StreamableConvTranspose1d(nn.Module):
