@@ -90,10 +90,12 @@ def test_mel_filterbank_matches_librosa(name, args):
 
 
 def test_whisper_log_mel_matches_openai():
+    # the fixture is openai's output on another CPU: its FFT rounds differently, and log10 of the quietest mel
+    # bins turns that into up to 4e-5 (seen on one machine); a wrong frame, clamp or filter is off by > 1e-2
     x = torch.from_numpy(FIX["whisper_signal"])
-    np.testing.assert_allclose(common.log_mel_spectrogram(x, 80).numpy(), FIX["whisper_logmel80"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(common.log_mel_spectrogram(x, 80).numpy(), FIX["whisper_logmel80"], atol=2e-4, rtol=0)
     np.testing.assert_allclose(common.log_mel_spectrogram(x, 128, padding=16000).numpy(), FIX["whisper_logmel128"],
-                               atol=1e-5, rtol=0)
+                               atol=2e-4, rtol=0)
 
 
 def test_mel_spectrogram_conventions():
