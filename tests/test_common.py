@@ -91,11 +91,20 @@ def test_mel_filterbank_matches_librosa(name, args):
 
 def test_whisper_log_mel_matches_openai():
     # the fixture is openai's output on another CPU: its FFT rounds differently, and log10 of the quietest mel
-    # bins turns that into up to 4e-5 (seen on one machine); a wrong frame, clamp or filter is off by > 1e-2
+    # bins turns that into up to 4e-5 (seen on one machine), so the fixture check allows 2e-4 (a 0.01 shift of the
+    # dynamic-range clip is 2.5e-3); where openai-whisper is installed, the same machine's output must agree to 1e-5
     x = torch.from_numpy(FIX["whisper_signal"])
-    np.testing.assert_allclose(common.log_mel_spectrogram(x, 80).numpy(), FIX["whisper_logmel80"], atol=2e-4, rtol=0)
-    np.testing.assert_allclose(common.log_mel_spectrogram(x, 128, padding=16000).numpy(), FIX["whisper_logmel128"],
-                               atol=2e-4, rtol=0)
+    ours80 = common.log_mel_spectrogram(x, 80).numpy()
+    ours128 = common.log_mel_spectrogram(x, 128, padding=16000).numpy()
+    np.testing.assert_allclose(ours80, FIX["whisper_logmel80"], atol=2e-4, rtol=0)
+    np.testing.assert_allclose(ours128, FIX["whisper_logmel128"], atol=2e-4, rtol=0)
+    try:
+        from cli import import_reference
+        ow = import_reference("whisper", "openai-whisper")
+    except BaseException:  # not installed (pytest's Skipped): the fixture check above stands alone
+        return
+    np.testing.assert_allclose(ours80, ow.log_mel_spectrogram(x, 80).numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours128, ow.log_mel_spectrogram(x, 128, padding=16000).numpy(), atol=1e-5, rtol=0)
 
 
 def test_mel_spectrogram_conventions():
