@@ -151,28 +151,37 @@ def _without_repo_on_path(name):
             sys.modules[name] = saved_mod
 
 
+_REFS = {}  # name -> the reference package, imported once per process
+
+
 def import_reference(name, pip_name=None, submodules=()):
     """Import the installed package `name` although one of our files (whisper.py, encodec.py) has that name;
-    skips the test, naming what to install, when it is absent. Our own module stays importable as before."""
+    skips the test, naming what to install, when it is absent. Our own module stays importable as before: the
+    package is imported once and kept here (a second import beside cached submodules would lack attributes)."""
     pip_name = pip_name or name
     cached = sys.modules.get(name)
-    if cached is not None and not os.path.abspath(getattr(cached, "__file__", "") or "").startswith(ROOT):
-        return cached
-    ours = sys.modules.get(name)
+    if name not in _REFS and cached is not None and \
+            not os.path.abspath(getattr(cached, "__file__", "") or "").startswith(ROOT):
+        _REFS[name] = cached  # imported by plain `import` before any of our modules of that name
+    ours = sys.modules.get(name) if sys.modules.get(name) is not _REFS.get(name) else None
     with _without_repo_on_path(name) as here:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None or os.path.dirname(os.path.dirname(spec.origin)) in here:
-            pytest.skip(f"reference package not installed: pip install {pip_name} (see requirements-ref.txt)")
         try:
-            mod = importlib.import_module(name)
+            if name not in _REFS:
+                spec = importlib.util.find_spec(name)
+                if spec is None or spec.origin is None or os.path.dirname(os.path.dirname(spec.origin)) in here:
+                    pytest.skip(f"reference package not installed: pip install {pip_name} (see requirements-ref.txt)")
+                _REFS[name] = importlib.import_module(name)
+            sys.modules[name] = _REFS[name]  # its submodules import relative to the package
             for s in submodules:
                 importlib.import_module(f"{name}.{s}")
         except ImportError as e:
             pytest.skip(f"reference package {pip_name} does not import ({e}); see requirements-ref.txt")
-    ref = sys.modules[name]
-    if ours is not None:
-        sys.modules[name] = ours  # `import whisper` elsewhere in the tests still means ours
-    return ref if ref is not None else mod
+        finally:
+            if ours is not None:
+                sys.modules[name] = ours  # `import whisper` elsewhere in the tests still means ours
+            elif cached is None and name in _REFS and sys.modules.get(name) is _REFS[name]:
+                del sys.modules[name]  # ours was not imported yet: a later `import whisper` finds whisper.py
+    return _REFS[name]
 
 
 def require(module, pip_name=None):
