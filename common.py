@@ -1236,6 +1236,19 @@ def save_sample(dir, name, wav, sr, ref=None):
         fig.colorbar(im, ax=ax, label="log10 magnitude", pad=0.01)
     fig.savefig(os.path.join(dir, name + ".png"), dpi=80)
 
+def write_listening_set(dir, items, sr):
+    """Write dir/<name>.wav for each (name, wav, text) and dir/refs.txt (name<TAB>text per line): the form
+    `whisper.py --mode=sample --input_dir=dir` reads to print the folder's WER. A codec writes its resyntheses
+    and their originals as two such folders, so the same ASR judges both."""
+    os.makedirs(dir, exist_ok=True)
+    to_np = lambda x: x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
+    lines = []
+    for name, wav, text in items:
+        save_audio(os.path.join(dir, name + ".wav"), to_np(wav), sr)
+        lines.append(f"{name}\t{' '.join(str(text).split())}\n")
+    with open(os.path.join(dir, "refs.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(lines))
+
 # ----------------------------------------------------------------------------- bench
 
 def _sync():
