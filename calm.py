@@ -39,9 +39,23 @@ Simplified or changed here (honestly):
   speech ratios "6, 5, 4, 4, 4" are laid out as Pocket TTS's codec: SEANet [6, 5, 4] then a stride-16 learned
   resampler [inferred]; the music VAE's four ratios reach 25 Hz without one. Parameter counts are our builds of
   these configs (no official CALM count exists); the music backbone comes out at the paper's 1.35 B (within 2 %).
+- The VAE recipe on a CPU (ours, measured; the family's lessons): L_f is EnCodec's log-mel form (linear-mel
+  L1 + log10-mel MSE), not a linear mel alone; the KL is per latent element (Table 13's 0.01 does not say;
+  summed over 32 dims it swamped the rest); sigma starts small (GaussianBottleneck); the small preset's crops
+  are 0.96 s (12 latent frames, 192 Transformer frames; 0.32 s left the bottleneck Transformers nothing to
+  attend to). The weights (Eq. 2: lambda_f 3, lambda_feat 3, lambda_adv 1, lambda_t 0.1, lambda_KL 0.01) are
+  set from the gradient each weighted term sends to the decoder output at init, on corpus speech (small
+  preset, 0.96 s crops): f : feat : t : adv ~ 1 : 0.14 : 0.002 : 0.0001. The mel term leads, so the few CPU
+  steps go to the spectrum; the feature term keeps a seventh of it (the old linear mel was 1/24 of the
+  feature term); the adversarial term grows as D learns. A plain weighted sum, no balancer
+  (test_loss_balance_at_init pins the ratios).
 - sCM details the card does not give are sCM's own (Lu & Song 2025) [recalled]: the time proposal
-  t = arctan(e^tau / sigma_d), tau ~ N(-1.0, 1.4^2), the tangent warm-up and normalisation g / (|g| + 0.1),
-  sigma_d = 1 (the latents are normalised), the time embedding of t itself. The tangent is a forward-mode JVP.
+  t = arctan(e^tau / sigma_d), tau ~ N(-1.0, 1.4^2), the tangent warm-up r = min(1, step / H) and the tangent
+  normalisation g / (||g|| + 0.1) with ||g|| the L2 norm of each example's tangent, as the sCM paper writes
+  it (some sCM code divides by the RMS, ||g|| / sqrt(dim): a sqrt(32)-times larger tangent here; we follow the
+  paper), sigma_d = 1 (the latents are normalised). The head is conditioned on t itself (TrigFlow's
+  c_noise(t) = t, not EDM's ln(sigma) / 4) through sinusoids of 1000 t: the x1000 is ours, so that DiT-style
+  frequencies meant for steps 0..1000 still turn over t in (0, pi/2). The tangent is a forward-mode JVP.
   Multi-step sampling re-noises at evenly spaced times (a choice). No latent CFG, no latent distillation, no EOS
   head (the text stream's EOS token ends an utterance), no EMA of the weights.
 - The LM models the VAE posterior MEAN of each frame (cached once per run), normalised per dimension with the
@@ -103,17 +117,19 @@ class Config:
     tr_layers: int = 8                 # Transformer layers in the encoder and in the decoder (Table 13)
     tr_heads: int = 8                  # attention heads
     tr_ffn: int = 2048                 # GELU MLP width
-    tr_context: int = 125              # frames a query may look back (10 s at 12.5 Hz; Table 13)
+    tr_context: int = 2000             # frames a query may look back: 10 s (Table 13) at the 200 Hz the VAE
+                                       # Transformers run at (before the stride-16 down-sample); music: 750
     layer_scale: float = 0.01          # LayerScale init of the VAE Transformers (Mimi's)
     rope_max_period: float = 10000.0   # RoPE base
     disc_filters: int = 32             # MS-STFT discriminator channels
     disc_n_ffts: tuple = (2048, 1024, 512, 256, 128)  # its STFT scales, hop n_fft/4
-    lambda_kl: float = 0.01            # KL weight (Table 13, speech and music)
+    lambda_kl: float = 0.01            # KL weight per latent element (Table 13: 0.01; per element: ours)
     lambda_adv: float = 1.0            # hinge adversarial loss (Eq. 2) [inferred]
-    lambda_feat: float = 3.0           # relative feature matching (Eq. 2) [inferred: EnCodec's]
+    lambda_feat: float = 3.0           # relative feature matching (Eq. 2) [inferred: EnCodec's]; the five
+                                       # weights' balance at init is measured in the docstring (ours)
     recon_loss: bool = False           # time L1 + multi-scale mel (Table 13: music yes, speech no)
     lambda_t: float = 0.1              # time-domain L1 (with --recon_loss)
-    lambda_f: float = 1.0              # multi-scale mel L1 + L2 (with --recon_loss)
+    lambda_f: float = 3.0              # multi-scale mel: linear L1 + log10 MSE (with --recon_loss)
     mel_scales: tuple = (5, 6, 7, 8, 9, 10, 11)  # mel-loss windows 2^i, hop 2^i / 4
     n_mels: int = 64                   # mel bins of the reconstruction loss
     # LM: backbone, short-context Transformer, consistency head (§3)
@@ -162,6 +178,8 @@ class Config:
     eval_interval: int = 2000          # evaluate on val and checkpoint
     eval_items: int = 8                # held-out clips in evaluate()
     eval_seconds: float = 4.0          # VAE eval crop
+    listen_items: int = 16             # vae --mode=eval: whole test clips written, resynthesised and
+                                       # original, as two folders an ASR judges (common.write_listening_set)
     prompt_seconds: float = 2.0        # continuation prompt (2 s)
     gen_seconds: float = 4.0           # continuation / TTS length cap
     bench_seconds: float = 10.0        # audio length of the bench's generation
@@ -214,11 +232,12 @@ PRESETS = {
                   tr_layers=4, tr_context=750, recon_loss=True, lm_dim=1536, lm_layers=48, lm_heads=24, lm_ffn=6144,
                   head_steps=4, n_q=32, segment=384_000, lm_segment=320_000, temperature=0.8),
     "small": dict(n_filters=8, dimension=64, tr_layers=2, tr_heads=4, tr_ffn=256, disc_filters=8,
-                  disc_n_ffts=(256,), mel_scales=(6, 7, 8, 9), recon_loss=True, segment=7680,
+                  disc_n_ffts=(256,), mel_scales=(6, 7, 8, 9), recon_loss=True, segment=23040,
                   lm_dim=256, lm_layers=4, lm_heads=4, lm_ffn=1024, short_dim=128, short_layers=1, head_dim=256,
                   head_depth=3, head_batch_mul=4, text_vocab=512, n_q=8, codebook_size=256, depth_dim=128,
                   depth_layers=2, lm_segment=76800, batch_size=8, lr=1e-3, lm_lr=1e-3, warmup_iters=50,
-                  tangent_warmup=200, decay_iters=600, max_iters=600, log_interval=20, eval_interval=200, eval_items=4,
+                  tangent_warmup=200, decay_iters=1100, max_iters=1100, log_interval=20, eval_interval=220,
+                  eval_items=4,
                   gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5),  # each stage ~15 min on a CPU
     "tiny": dict(n_filters=2, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, disc_filters=4,
                  disc_n_ffts=(256,), mel_scales=(6, 7), recon_loss=True, segment=3840, latent_dim=8, lm_dim=32,
@@ -409,6 +428,10 @@ class GaussianBottleneck(nn.Module):
         super().__init__()
         self.input_proj = nn.Conv1d(cfg.dimension, 2 * cfg.latent_dim, 1)
         self.output_proj = nn.Conv1d(cfg.latent_dim, cfg.dimension, 1)
+        # ours: sigma starts at e^-4 ~ 0.02, not 1. At init the means of speech move by ~0.1; with sigma = 1
+        # the decoder sees z as noise (-20 dB content), learns to ignore it and never recovers (measured: a
+        # stationary buzz whatever the input). The KL then raises sigma where the reconstruction lets it.
+        nn.init.constant_(self.input_proj.bias[cfg.latent_dim:], -8.0)
 
     def forward(self, h):  # (B, D, F) -> mu, logvar (B, latent_dim, F)
         mu, logvar = self.input_proj(h).float().chunk(2, 1)
@@ -504,7 +527,7 @@ class TimestepEmbedder(nn.Module):
         self.norm = nn.RMSNorm(dim, eps=1e-5)
 
     def forward(self, t):  # (N,) in [0, pi/2] -> (N, dim)
-        ang = 1000.0 * t[:, None] * self.freqs  # (N, n_freq/2): t scaled so the fast frequencies still move
+        ang = 1000.0 * t[:, None] * self.freqs  # (N, n_freq/2); x1000 (ours): the fast frequencies turn
         return self.norm(self.mlp(torch.cat([ang.cos(), ang.sin()], -1)))
 
 
@@ -718,9 +741,12 @@ def noise_inject(x, generator=None):
 # ----------------------------------------------------------------------------- loss
 
 def kl_loss(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, I)) = 1/2 sum_d (mu^2 + sigma^2 - 1 - log sigma^2), summed over the latent
-    dimensions, averaged over frames. mu, logvar: (B, latent, F)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+    """KL(N(mu, sigma^2) || N(0, 1)) per latent ELEMENT, 1/2 (mu^2 + sigma^2 - 1 - ln sigma^2), averaged
+    over the batch, the latent dimensions and the frames. Table 13 gives the weight 0.01 (no reduction); read
+    per element [inferred]: summed over the 32 dimensions, 0.01 x KL matched the whole feature term and put
+    the posterior means ~10-14 dB under the sampling noise (sigma ~0.15): the decoder learned to ignore z.
+    mu, logvar: (B, latent, F)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
 
 
 def generator_adv_loss(logits_fake):  # hinge: 1/K sum_k mean relu(1 - D_k(x_hat))
@@ -738,15 +764,32 @@ def discriminator_loss(logits_real, logits_fake):  # hinge: relu(1 - D(x)) + rel
                for r, f in zip(logits_real, logits_fake)) / len(logits_real)
 
 
+def power_mel(x, n_fft, cfg):
+    """The mel spectra L_f compares (EnCodec's l_f as audiocraft's msspec computes it): the power spectrum of
+    a normalized STFT (window n_fft, hop n_fft / 4; reflect-padded (n_fft - hop) / 2 a side, then zeros to a
+    whole frame) through n_mels unnormalised HTK-scale filters. (B, C, T) -> (B * C, n_mels, frames), fp32."""
+    hop, T = n_fft // 4, x.shape[-1]
+    fb = common.mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, htk=True, norm=None)
+    fb = torch.from_numpy(fb).to(x.device)
+    win = torch.hann_window(n_fft, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        side = (n_fft - hop) // 2
+        y = F.pad(x.float().reshape(-1, 1, T), (side, side), "reflect")[:, 0]  # (B*C, T + 2 side)
+        y = F.pad(y, (0, -(y.shape[-1] - n_fft) % hop))
+        spec = torch.stft(y, n_fft, hop, window=win, center=False, return_complex=True).abs().pow(2)
+        return fb @ (spec / win.pow(2).sum())  # (B*C, n_mels, frames)
+
+
 def reconstruction_losses(x, x_hat, cfg):
-    """Eq. 2's L_t (time L1) and L_f (mean over scales 2^i of L1 + L2 between 64-bin mels)."""
-    l_t = F.l1_loss(x_hat.float(), x.float())
+    """Eq. 2's L_t and L_f, in EnCodec's form (§3.4 there): L_t = L1 between waveforms; L_f = mean over the
+    scales 2^i of L1 between the linear power mels (loud bins) + MSE between their log10(1e-5 + .) (the quiet
+    ones: a linear-mel distance alone barely sees the consonants and the upper harmonics)."""
     l_f = 0.0
     for i in cfg.mel_scales:
-        kw = dict(sr=cfg.sample_rate, n_fft=2 ** i, hop=2 ** i // 4, n_mels=cfg.n_mels, log=None)
-        a, b = common.mel_spectrogram(x, **kw), common.mel_spectrogram(x_hat, **kw)
-        l_f = l_f + F.l1_loss(b, a) + F.mse_loss(b, a)
-    return l_t, l_f / len(cfg.mel_scales)
+        ref, est = power_mel(x, 2 ** i, cfg), power_mel(x_hat, 2 ** i, cfg)
+        log_err = torch.log10(est + 1e-5) - torch.log10(ref + 1e-5)
+        l_f = l_f + (est - ref).abs().mean() + log_err.pow(2).mean()
+    return (x_hat.float() - x.float()).abs().mean(), l_f / len(cfg.mel_scales)
 
 
 def sample_t(n, cfg, device, generator=None):
@@ -770,7 +813,7 @@ def scm_loss(head, weight, x0, z, cfg, r, generator=None):
     dxt = ct * eps - st * x0
     F_minus, dF_dt = torch.func.jvp(lambda x, tt: head(x, tt, z), (x_t / sd, t), (dxt / sd, torch.ones_like(t)))
     g = -ct ** 2 * (sd * F_minus - dxt) - r * ct * st * (x_t + sd * dF_dt)
-    g = g / (g.norm(dim=-1, keepdim=True) + cfg.tangent_c)  # tangent normalisation
+    g = g / (g.norm(dim=-1, keepdim=True) + cfg.tangent_c)  # sCM: L2 norm per example (not the RMS)
     g, F_minus = g.detach(), F_minus.detach()  # theta-: the stop-gradient (weights, Z and the tangent alike)
     w = weight(t)
     err = (head(x_t / sd, t, z) - F_minus - g).pow(2).sum(-1) / x0.shape[-1]
@@ -1143,15 +1186,27 @@ def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
         torch.manual_seed(cfg.seed)
         if cfg.stage == "vae":
             n = max(1, int(cfg.eval_seconds * cfg.sample_rate) // vae.frame_size) * vae.frame_size
-            snr, mel = [], []
+            snr, mel, mel0, var_mu, var_z = [], [], [], [], []
             for i, u in enumerate(utts):
                 x = torch.from_numpy(u.wav[:n])[None, None].to(dev)  # (1, 1, T)
-                y = vae.decode(vae.encode(x)[0])[..., :x.shape[-1]]
+                mu, logvar = vae.encode(x)
+                y = vae.decode(mu)[..., :x.shape[-1]]
                 snr.append(common.si_snr(y, x))
                 mel.append(common.mel_distance(y.cpu(), x.cpu(), cfg.sample_rate))
+                # the decoder must use the latent: decoding zeros instead has to be much worse
+                y0 = vae.decode(torch.zeros_like(mu))
+                mel0.append(common.mel_distance(y0.cpu(), x.cpu(), cfg.sample_rate))
+                var_mu.append(mu.var(-1).mean().item())  # content: how far the means move over time
+                var_z.append(logvar.exp().mean().item())  # the sampling noise training adds to them
                 if samples_dir and i == 0:
                     common.save_sample(samples_dir, f"{split}_{u.id}_recon", y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
-            res = dict(si_snr=round(float(np.mean(snr)), 3), mel=round(float(np.mean(mel)), 4))
+            res = dict(si_snr=round(float(np.mean(snr)), 3), mel=round(float(np.mean(mel)), 4),
+                       mel_zero_latent=round(float(np.mean(mel0)), 4),
+                       sigma=round(float(np.mean(var_z)) ** 0.5, 4),  # posterior std, RMS over dims, frames
+                       content_db=round(10 * math.log10(np.mean(var_mu) / np.mean(var_z)), 2))  # mu / noise
+            if standalone and cfg.listen_items:
+                listen = os.path.join(cfg.out_dir, "listen")
+                write_listening(vae, clips(cfg, split)[:cfg.listen_items], cfg, listen)
         else:
             lm = models["lm"]
             packed = encode_corpus(vae, utts, models["tok"], cfg, dev)
@@ -1181,6 +1236,23 @@ def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
     if standalone:
         common.cleanup(rt)
     return res
+
+
+@torch.no_grad()
+def write_listening(vae, utts, cfg, out):
+    """Whole held-out clips resynthesised from their posterior means (out/resynth) and as they were
+    (out/orig), in the form `whisper.py --mode=sample --input_dir=DIR` judges; pngs of the first two."""
+    dev, items, refs = next(vae.parameters()).device, [], []
+    for i, u in enumerate(utts):
+        x = torch.from_numpy(np.ascontiguousarray(u.wav))[None, None].to(dev)  # (1, 1, T)
+        y = vae.decode(vae.encode(x)[0])[0, :, :x.shape[-1]].cpu()
+        items.append((u.id, y, u.text)), refs.append((u.id, x[0].cpu(), u.text))
+        if i < 2:
+            common.save_sample(out, f"{u.id}_resynth", y, cfg.sample_rate, ref=x[0].cpu())
+    common.write_listening_set(os.path.join(out, "resynth"), items, cfg.sample_rate)
+    common.write_listening_set(os.path.join(out, "orig"), refs, cfg.sample_rate)
+    common.log(f"{len(items)} test clips -> {out}/resynth and {out}/orig (judge each: whisper.py "
+               "--mode=sample --input_dir=DIR)")
 
 
 @torch.no_grad()
