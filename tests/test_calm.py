@@ -1,8 +1,41 @@
-"""Tests for calm.py: noise injection (formula, range, never at inference), the consistency head's boundary
-condition and one-step sampling, a golden step of the sCM loss (Eq. 3) against a literal autograd evaluation of its
-tangent, the time proposal's range, causality (VAE, backbone, short-context Transformer), cached generation == the
-teacher-forced pass, the KL term on a hand Gaussian, the latent normaliser, the text stream's alignment, the RVQ
-baseline, parameter counts, bad input, and the command line (both stages)."""
+"""Tests for calm.py. What pins each loss term, target shift, sampler and schedule of calm.py (expected values
+are transcribed here, never computed with calm.py's own helpers):
+
+Loss terms
+- VAE, Eq. 2, one generator step whole (hinge adversarial, relative feature matching, KL per element, L1 in
+  time, log-mel L_f with its mels transcribed, the weights, D updated first):
+  test_golden_vae_generator_gradient
+- the KL per element, ln sigma^2's sign, its gradient: test_kl_on_hand_gaussian
+- discriminator and generator hinges: test_discriminator_and_adversarial_hinges_by_hand
+- the weights' balance at init (the docstring's ratios): test_loss_balance_at_init
+- sCM consistency loss (Eq. 3: tangent by autograd, L2 tangent normalisation, adaptive weight, warm-up r):
+  test_golden_scm_step
+- text-stream cross-entropy and the LM total (head + 1.0 x text): test_text_stream_targets_are_shifted
+- the RVQ baseline's depth cross-entropy: test_rvq_depth_shift_and_cross_entropy
+Target shifts
+- backbone input = frame s - 1 at position s (BOS at 0): test_training_path_causal,
+  test_generation_equals_clean_teacher_forcing
+- text CE: position s predicts text token s + 1: test_text_stream_targets_are_shifted
+- text stream: audio lags the text by text_delay frames, EOS after the last word: test_text_stream_alignment
+- short-context window x_{s-K} .. x_{s-1}: test_backbone_and_short_context_causal
+- depth head: level q sees code q - 1: test_rvq_depth_shift_and_cross_entropy, test_rvq_baseline (greedy)
+- VAE causality (encoder and decoder): test_vae_causal
+Samplers
+- reparameterisation z = mu + sigma eps: test_vae_reparameterisation; the decoder uses z:
+  test_decoder_uses_the_latent
+- noise injection (formula, U(0, 1) per frame, training only): test_noise_injection_formula_and_range,
+  test_noise_only_in_training
+- sCM time proposal arctan(e^tau / sigma_d): test_time_proposal_range, test_golden_scm_step
+- one-step consistency sampling, temperature = noise variance, boundary f(x, 0) = x:
+  test_boundary_condition_and_one_step_shapes (multi-step: shapes only)
+- head batch multiplier (Z once, n draws): test_head_batch_multiplier_reuses_z
+- RVQ encode / k-means levels, greedy depth sampling: test_rvq_baseline (the temperature > 0 depth sampling
+  and generate()'s PAD-or-next-token choice are only exercised, by test_cli_lm_stage)
+Schedules
+- the tangent warm-up r = min(1, step / H) at known steps: test_tangent_warmup_schedule
+- the learning rate (linear warm-up, cosine to 10 %): test_lr_schedule_at_known_steps
+- the time embedding, sinusoids of 1000 t: test_time_embedding_is_sinusoids_of_1000_t
+Also: the latent normaliser, parameter counts, bad input, the command line of both stages, an exact resume."""
 import copy
 import math
 import os
@@ -198,8 +231,9 @@ def test_tangent_warmup_schedule(monkeypatch):
 
 
 def test_time_embedding_is_sinusoids_of_1000_t():
-    """The head's time features: [cos(1000 t w_k), sin(1000 t w_k)], w_k = 10000^(-k / 128), k < 128, on t itself
-    (TrigFlow's c_noise(t) = t; the x1000 is ours), transcribed here and compared at the MLP's input."""
+    """The head's time features: [cos(1000 t w_k), sin(1000 t w_k)], w_k = 10000^(-k / 128), k < 128, on t
+    itself (TrigFlow's c_noise(t) = t; the x1000 is ours), transcribed here and compared at the MLP's
+    input."""
     emb = C.TimestepEmbedder(16)
     t = torch.tensor([0.0, 0.01, 0.7, math.pi / 2])
     seen = []
@@ -211,8 +245,8 @@ def test_time_embedding_is_sinusoids_of_1000_t():
 
 
 def test_text_stream_targets_are_shifted():
-    """The text cross-entropy: position s (which has read text token s) predicts token s + 1, counted where frame
-    s + 1 is valid. Transcribed here as logsumexp - the target's logit on the backbone output."""
+    """The text cross-entropy: position s (which has read text token s) predicts token s + 1, counted
+    where frame s + 1 is valid. Transcribed here as logsumexp - the target's logit on the backbone output."""
     lm, cfg = tiny_lm()
     lm.eval()
     batch = fake_batch(cfg, B=2, S=9)
@@ -228,6 +262,8 @@ def test_text_stream_targets_are_shifted():
                 num += torch.logsumexp(logits[b, s], 0) - logits[b, s, text[b, s + 1]]
                 den += 1
     assert abs(got.item() - (num / den).item()) < 1e-5, (got.item(), (num / den).item())
+    losses = C.lm_losses(lm, batch, cfg, 1.0)
+    assert torch.allclose(losses["loss"], losses["scm"] + 1.0 * losses["text_ce"])  # lambda_text = 1
 
 
 def test_head_batch_multiplier_reuses_z(monkeypatch):
@@ -324,17 +360,17 @@ def test_kl_on_hand_gaussian():
     logvar = torch.tensor([[[0.0], [math.log(4.0)]], [[math.log(0.25)], [0.0]]])
     e = [0.5 * (1 + 1 - 1 - 0), 0.5 * (0 + 4 - 1 - math.log(4)), 0.5 * (4 + 0.25 - 1 - math.log(0.25)),
          0.5 * (0.25 + 1 - 1 - 0)]
-    assert abs(C.kl_loss(mu, logvar).item() - sum(e) / 4) < 1e-6  # per element: / 4, not / 2 (a sum over dims)
+    assert abs(C.kl_loss(mu, logvar).item() - sum(e) / 4) < 1e-6  # per element: / 4, not / 2 (summed dims)
     assert C.kl_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)).item() == 0.0  # the prior itself: KL 0
-    # d KL / d logvar = (sigma^2 - 1) / 2 per element / n: zero at sigma = 1, negative below (KL pushes sigma up)
+    # d KL / d logvar = (sigma^2 - 1) / 2 / n per element: zero at sigma = 1, negative below (pushes sigma up)
     lv = torch.tensor([[[math.log(0.25), 0.0, math.log(4.0)]]], requires_grad=True)
     C.kl_loss(torch.zeros(1, 1, 3), lv).backward()
     assert torch.allclose(lv.grad[0, 0], torch.tensor([-0.375, 0.0, 1.5]) / 3)
 
 
 def _two_sweeps(T, sr):
-    """Two clips the decoder cannot tell apart without the latent: a 110 Hz buzz (all harmonics) then white noise,
-    and the reverse; quiet noise under both keeps the log-mel floor off every bin."""
+    """Two clips the decoder cannot tell apart without the latent: a 110 Hz buzz (all harmonics) then
+    white noise, and the reverse; quiet noise under both keeps the log-mel floor off every bin."""
     g = torch.Generator().manual_seed(0)
     t = torch.arange(T) / sr
     buzz = 0.3 * torch.sign(torch.sin(2 * math.pi * 110 * t))
@@ -345,13 +381,14 @@ def _two_sweeps(T, sr):
 
 
 def test_decoder_uses_the_latent(tmp_path):
-    """The real VAE training step (Eq. 2 at the preset's weights: KL per element, log-mel L_f, adversarial and
-    feature terms) overfits two clips; then decoding their posterior means must beat decoding zeros by more than
-    MARGIN in mel distance (measured 0.46 vs 0.77). A decoder that ignores z, or a bottleneck that carries nothing
-    (planted: z = sigma * eps with mu dropped gave 0.76 vs 0.79), leaves the two nearly equal."""
+    """The real VAE training step (Eq. 2 at the preset's weights: KL per element, log-mel L_f, adversarial
+    and feature terms) overfits two clips; then decoding their posterior means must beat decoding zeros by
+    more than MARGIN in mel distance (measured 0.46 vs 0.77). A decoder that ignores z, or a bottleneck
+    that carries nothing (planted: z = sigma * eps with mu dropped gave 0.76 vs 0.79), leaves the two
+    nearly equal."""
     MARGIN = 0.2
-    cfg = make_cfg(mode="train", segment=7680, batch_size=2, n_filters=4, dimension=32, lr=3e-3, warmup_iters=1,
-                   decay_iters=10_000, out_dir=str(tmp_path))
+    cfg = make_cfg(mode="train", segment=7680, batch_size=2, n_filters=4, dimension=32, lr=3e-3,
+                   warmup_iters=1, decay_iters=10_000, out_dir=str(tmp_path))
     rt = common.setup(cfg, log_to_file=False)
     torch.manual_seed(0)
     state = C.build(cfg, rt)
@@ -368,23 +405,26 @@ def test_decoder_uses_the_latent(tmp_path):
 
 
 def _power_mel_by_hand(x, n_fft, sr, n_mels):
-    """EnCodec's S_i transcribed: reflect-pad (n - hop) / 2 a side, zeros to a whole frame, Hann frames every n / 4,
-    |rfft|^2 / sum(w^2), then librosa's HTK mel filters without normalisation. x (N, T) -> (N, n_mels, frames)."""
+    """EnCodec's S_i transcribed: reflect-pad (n - hop) / 2 a side, zeros to a whole frame, Hann frames
+    every n / 4, |rfft|^2 / sum(w^2), then librosa's HTK mel filters without normalisation. x (N, T) ->
+    (N, n_mels, frames)."""
     librosa = pytest.importorskip("librosa")
     hop, side = n_fft // 4, (n_fft - n_fft // 4) // 2
     y = np.pad(x.detach().double().numpy(), ((0, 0), (side, side)), mode="reflect")
     y = np.pad(y, ((0, 0), (0, -(y.shape[1] - n_fft) % hop)))
     w = np.hanning(n_fft + 1)[:-1]  # the periodic Hann window
-    frames = np.stack([y[:, i:i + n_fft] for i in range(0, y.shape[1] - n_fft + 1, hop)], -1)  # (N, n, frames)
+    starts = range(0, y.shape[1] - n_fft + 1, hop)
+    frames = np.stack([y[:, i:i + n_fft] for i in starts], -1)  # (N, n_fft, frames)
     power = np.abs(np.fft.rfft(frames * w[None, :, None], axis=1)) ** 2 / (w ** 2).sum()
     fb = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, htk=True, norm=None)
     return torch.from_numpy(fb @ power)
 
 
 def test_golden_vae_generator_gradient(tmp_path):
-    """One VAE training step: the gradient the VAE receives equals that of Eq. 2 written out here, at the weights
-    the docstring states, with the discriminator already updated (D steps first): hinge adversarial, relative
-    feature matching, the KL per element, L1 in time and the log-mel L_f (mels transcribed above)."""
+    """One VAE training step: the gradient the VAE receives equals that of Eq. 2 written out here, at the
+    weights the docstring states, with the discriminator already updated (D steps first): hinge
+    adversarial, relative feature matching, the KL per element, L1 in time and the log-mel L_f (mels
+    transcribed above)."""
     W = dict(adv=1.0, feat=3.0, kl=0.01, t=0.1, f=3.0)  # lambda_adv, _feat, _kl, _t, _f (calm.py's docstring)
     cfg = make_cfg(mode="train", out_dir=str(tmp_path), segment=3840)
     rt = common.setup(cfg, log_to_file=False)
@@ -412,19 +452,21 @@ def test_golden_vae_generator_gradient(tmp_path):
         ref = _power_mel_by_hand(x[:, 0], 2 ** i, cfg.sample_rate, cfg.n_mels)
         est_lin = _power_mel_by_hand(x_hat[:, 0], 2 ** i, cfg.sample_rate, cfg.n_mels)  # values only
         est = C.power_mel(x_hat, 2 ** i, cfg).double()
-        assert torch.allclose(est.detach(), est_lin, rtol=1e-4, atol=1e-7), f"S_{i} differs from its transcription"
+        assert torch.allclose(est.detach(), est_lin, rtol=1e-4, atol=1e-7), f"S_{i} differs from by hand"
         l_f = l_f + (est - ref).abs().mean() + ((est + 1e-5).log10() - (ref + 1e-5).log10()).pow(2).mean()
     l_f = l_f / len(cfg.mel_scales)
     total = W["adv"] * adv + W["feat"] * feat + W["kl"] * kl + W["t"] * l_t + W["f"] * l_f
     total.backward()
     for n, p in G.named_parameters():
-        assert torch.allclose(got[n], p.grad.float(), rtol=1e-3, atol=1e-7), f"{n}: {(got[n] - p.grad).abs().max():.2e}"
+        err = (got[n] - p.grad).abs().max()
+        assert torch.allclose(got[n], p.grad.float(), rtol=1e-3, atol=1e-7), f"{n}: {err:.2e}"
 
 
 def test_loss_balance_at_init():
-    """calm.py's docstring: at init, on corpus speech, the small preset's weighted terms pull the decoder output x_hat
-    with gradient norms f : feat : t : adv ~ 1 : 0.1 : 0.002 : 1e-4 (the log-mel L_f leads, the feature term still
-    a tenth of it; the adversarial term grows once D learns). Checked here within a factor ~2-3 of those ratios."""
+    """calm.py's docstring: at init, on corpus speech, the small preset's weighted terms pull the decoder
+    output x_hat with gradient norms f : feat : t : adv ~ 1 : 0.1 : 0.002 : 1e-4 (the log-mel L_f leads,
+    the feature term still a tenth of it; the adversarial term grows once D learns). Checked here within a
+    factor ~2-3 of those ratios."""
     cfg = make_cfg("small", corpus_hours=0.02, batch_size=4)
     wavs = [u.wav for u in C.clips(cfg, "train") if len(u.wav) >= cfg.segment][:4]
     x = torch.from_numpy(np.stack([w[:cfg.segment] for w in wavs]))[:, None]  # (4, 1, 0.96 s)
@@ -435,13 +477,33 @@ def test_loss_balance_at_init():
     with torch.no_grad():
         _, real = D(x)
     l_t, l_f = C.reconstruction_losses(x, x_hat, cfg)
-    terms = dict(f=cfg.lambda_f * l_f, feat=cfg.lambda_feat * C.feature_loss(real, fake), t=cfg.lambda_t * l_t,
-                 adv=cfg.lambda_adv * C.generator_adv_loss(logits))
+    terms = dict(f=cfg.lambda_f * l_f, feat=cfg.lambda_feat * C.feature_loss(real, fake),
+                 t=cfg.lambda_t * l_t, adv=cfg.lambda_adv * C.generator_adv_loss(logits))
     norm = {k: torch.autograd.grad(v, x_hat, retain_graph=True)[0].flatten(1).norm(dim=1).mean().item()
             for k, v in terms.items()}
     r = {k: v / norm["f"] for k, v in norm.items()}
     print(r)
     assert 0.04 < r["feat"] < 0.25 and 5e-4 < r["t"] < 6e-3 and r["adv"] < 1e-3, r
+
+
+def test_discriminator_and_adversarial_hinges_by_hand():
+    """D: mean relu(1 - D(x)) + mean relu(1 + D(x_hat)), averaged over scales; G: mean relu(1 - D(x_hat))."""
+    real = [torch.tensor([[2.0, 0.5], [-1.0, 1.0]]), torch.tensor([0.0, 3.0])]
+    fake = [torch.tensor([[-2.0, 0.5], [1.0, -0.5]]), torch.tensor([-1.5, 0.0])]
+    d1 = (0 + 0.5 + 2 + 0) / 4 + (0 + 1.5 + 2 + 0.5) / 4
+    d2 = (1 + 0) / 2 + (0 + 1) / 2
+    assert abs(C.discriminator_loss(real, fake).item() - (d1 + d2) / 2) < 1e-6
+    g = ((3 + 0.5 + 0 + 1.5) / 4 + (2.5 + 1) / 2) / 2
+    assert abs(C.generator_adv_loss(fake).item() - g) < 1e-6
+
+
+def test_lr_schedule_at_known_steps():
+    """Linear warm-up over warmup_iters, then a cosine from 1 to 0.1 at decay_iters, flat after (by hand)."""
+    cfg = make_cfg(warmup_iters=4, decay_iters=14)
+    f = C._lr_lambda(cfg)
+    want = {0: 0.25, 3: 1.0, 4: 1.0, 9: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), 14: 0.1, 50: 0.1}
+    for step, v in want.items():
+        assert abs(f(step) - v) < 1e-9, (step, f(step), v)
 
 
 def test_latent_normalisation_round_trip():
@@ -496,6 +558,29 @@ def test_rvq_baseline():
     assert torch.equal(lm.depth(z, c).argmax(-1), c)
     losses = C.lm_losses(lm, fake_batch(cfg), cfg, 1.0)
     assert set(losses) >= {"ce_rvq", "text_ce", "loss"} and torch.isfinite(losses["loss"])
+
+
+def test_rvq_depth_shift_and_cross_entropy():
+    """The depth head: level q sees code q - 1 (never its own code), and ce_rvq is the mean over frames
+    and levels of logsumexp - the true code's logit (transcribed); the LM's total is ce_rvq + 1.0 x
+    text_ce."""
+    lm, cfg = tiny_lm(head="rvq", n_q=3, codebook_size=16)
+    lm.eval()
+    z, codes = torch.randn(4, cfg.lm_dim), torch.randint(0, 16, (4, 3))
+    base = lm.depth(z, codes)
+    c2 = codes.clone()
+    c2[:, 1] = (c2[:, 1] + 1) % 16  # change code 1: levels 0 and 1 must not move, level 2 must
+    moved = lm.depth(z, c2)
+    assert torch.allclose(base[:, :2], moved[:, :2], atol=1e-6)
+    assert not torch.allclose(base[:, 2], moved[:, 2])
+    batch = fake_batch(cfg)
+    seen = []
+    lm.depth.register_forward_hook(lambda m, i, o: seen.append((o, i[1])))
+    losses = C.lm_losses(lm, batch, cfg, 1.0)
+    logits, tgt = seen[0][0].double(), seen[0][1]
+    want = (torch.logsumexp(logits, -1) - logits.gather(-1, tgt[..., None])[..., 0]).mean()
+    assert abs(losses["ce_rvq"].item() - want.item()) < 1e-5
+    assert torch.allclose(losses["loss"], losses["ce_rvq"] + 1.0 * losses["text_ce"])
 
 
 def test_lm_overfits_one_batch():
