@@ -232,7 +232,8 @@ PRESETS = {
                   tr_layers=4, tr_context=750, recon_loss=True, lm_dim=1536, lm_layers=48, lm_heads=24, lm_ffn=6144,
                   head_steps=4, n_q=32, segment=384_000, lm_segment=320_000, temperature=0.8),
     "small": dict(n_filters=8, dimension=64, tr_layers=2, tr_heads=4, tr_ffn=256, disc_filters=8,
-                  disc_n_ffts=(256,), mel_scales=(6, 7, 8, 9), recon_loss=True, segment=23040,
+                  disc_n_ffts=(256,), mel_scales=(5, 6, 7, 8, 9, 10, 11), recon_loss=True,
+                  segment=23040,  # 0.96 s: 12 latent frames, 192 frames for the VAE Transformers
                   lm_dim=256, lm_layers=4, lm_heads=4, lm_ffn=1024, short_dim=128, short_layers=1, head_dim=256,
                   head_depth=3, head_batch_mul=4, text_vocab=512, n_q=8, codebook_size=256, depth_dim=128,
                   depth_layers=2, lm_segment=76800, batch_size=8, lr=1e-3, lm_lr=1e-3, warmup_iters=50,
@@ -1329,7 +1330,7 @@ def train(cfg):
 @torch.no_grad()
 def sample(cfg):
     """vae: encode/decode --input or a held-out clip. lm, --task=tts (speech): speak --text, or the first n_items
-    held-out test sentences (writes tts_refs.txt, `name|sentence` per line, for an ASR's WER); --task=continue:
+    held-out test sentences (also as folders tts_<head>/ and tts_orig/ for an ASR's WER); --task=continue:
     continue the first prompt_seconds of --input or of held-out clips. wav + png in out_dir/samples."""
     rt = common.setup(cfg)
     models = load_for_inference(cfg, rt)
@@ -1352,7 +1353,7 @@ def sample(cfg):
     frames = max(1, int(cfg.gen_seconds * cfg.frame_rate))
     if task == "tts":
         sents = [("text", cfg.text)] if cfg.text else [(u.id, u.text) for u in items]
-        refs = []
+        said, real = [], []
         for i, (name, s) in enumerate(sents):
             ids = models["tok"].encode(" " + s.strip())
             gen, _ = generate(models, cfg, max(frames, 2 * len(ids) + 8), sentence=ids, generator=g)
@@ -1360,10 +1361,15 @@ def sample(cfg):
             tag = f"tts_{cfg.head}_{name}"
             common.save_sample(out, tag, y[0].cpu(), cfg.sample_rate,
                                ref=None if cfg.text else torch.from_numpy(items[i].wav)[None])
-            refs.append(f"{tag}|{s}")
-            common.log(f"{tag}: {gen.shape[1]} frames ({gen.shape[1] / cfg.frame_rate:.2f} s) for {s!r} -> {out}/{tag}.wav")
-        with open(os.path.join(out, f"tts_{cfg.head}_refs.txt"), "w") as f:
-            f.write("\n".join(refs) + "\n")
+            said.append((name, y[0], s))
+            if not cfg.text:
+                real.append((name, items[i].wav, s))
+            common.log(f"{tag}: {gen.shape[1]} frames ({gen.shape[1] / cfg.frame_rate:.2f} s) for {s!r} -> "
+                       f"{out}/{tag}.wav")
+        if not cfg.text:  # the spoken sentences and their real recordings, for an ASR's WER on each
+            common.write_listening_set(os.path.join(out, f"tts_{cfg.head}"), said, cfg.sample_rate)
+            common.write_listening_set(os.path.join(out, "tts_orig"), real, cfg.sample_rate)
+            common.log(f"judge {out}/tts_{cfg.head} and {out}/tts_orig with whisper.py --mode=sample --input_dir=DIR")
         return
     for u in items:
         prompt, x = _prompt(models, u, cfg, cfg.prompt_seconds)
