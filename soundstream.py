@@ -26,10 +26,16 @@ Simplified or changed here (honestly):
   (1 + γ c) ⊙ z + β c, so "denoise off" is exactly the plain codec. Noise is synthetic coloured Gaussian noise
   at 0-20 dB SNR added to the built-in speech and music (the paper: Freesound noise on LibriTTS speech).
 - The CPU `small` preset narrows everything (C = 8, D = 64, discriminator widths / 8), trains on batches of
-  6 x 0.4 s for 720 steps at lr 1e-3, the first 120 as a plain autoencoder (cfg.quantizer_warmup; 0 in the paper).
+  6 x 0.4 s for 840 steps at lr 1e-3: the first 120 as a plain autoencoder (cfg.quantizer_warmup), the first 240
+  on reconstruction alone (cfg.disc_warmup), with a waveform L1 (cfg.lambda_time, EnCodec's ℓ_t) added. All ours,
+  0 in the paper preset: in 15 CPU minutes the codec must first learn to reconstruct at all.
+- Reconstruction is averaged over frames (the paper sums), so its weight means the same for any crop; λ_rec = 0.04
+  is ours, set from gradient norms on x̂ at init (small preset): rec 0.54 : time 0.17 : feat 0.13 : adv 0.005.
+- RVQ (ours where the paper is silent): k-means initialises one level per step, level i on the residual of step
+  warmup + i + 1 (the official Mimi code); a layer's dead-code threshold scales with the share of examples that
+  quantizer dropout lets reach it, and a re-seeded code keeps cfg.dead_code_grace steps before it can be re-drawn.
 - Feature matching is the mean absolute difference over every layer of every discriminator (the paper's
-  1/(K L) Σ with each map's elements averaged); the reconstruction loss sums over frames as the paper writes it,
-  so it is ~1e5 at the start and dominates the total (Adam does not mind the scale).
+  1/(K L) Σ with each map's elements averaged).
 - Real-time streaming is exact but not optimised (no fused kernels, no int8); no entropy coding.
 - A training step never reads the device (a GPU does not stall): the k-means flag and the warm-up step count
   have host-side copies read once per run, the dead-code reset is a masked update, and the codec and the
@@ -82,6 +88,8 @@ class Config:
     ema_decay: float = 0.99            # EMA decay of the codebook statistics (VQ-VAE-2 updates)
     kmeans_iters: int = 50             # k-means iterations on the first batch (codebook init)
     dead_code_threshold: float = 2.0   # a code whose EMA usage falls below this is re-seeded from the batch
+                                       # (for a layer every example uses; scaled by the share that uses it)
+    dead_code_grace: int = 50          # steps a re-seeded code survives unused before it can be re-drawn (ours)
     quantizer_warmup: int = 0          # first steps with the RVQ bypassed, k-means after (laptop-scale aid, not in the paper)
     # joint compression and enhancement (§III-F)
     film: str = "encoder"              # where FiLM applies the denoise flag: encoder | decoder | none
@@ -98,7 +106,12 @@ class Config:
     # losses (§III-E)
     lambda_adv: float = 1.0            # hinge adversarial
     lambda_feat: float = 100.0         # feature matching
-    lambda_rec: float = 1.0            # multi-scale spectral reconstruction
+    lambda_rec: float = 0.04           # multi-scale spectral reconstruction (ours, for the averaged form: see below)
+    # At init (small preset, 3 batches) the gradient norms on x̂ of λ·term are rec 13.4 : feat 0.132 : adv 0.005
+    # at λ_rec = 1, so the paper's weights (1, 100, 1) leave feature matching 1 % of the push. λ_rec = 0.04 gives
+    # rec ≈ 4x feat ≈ 100x adv, and λ_time = 100 (small) time ≈ 1.3x feat (test_loss_balance_at_init pins bands).
+    lambda_time: float = 0.0           # L1 between waveforms (ours, EnCodec's ℓ_t; not in SoundStream): aligns phase
+    disc_warmup: int = 0               # first steps on reconstruction alone, no discriminator (ours, for the CPU)
     mel_scales: tuple = (6, 7, 8, 9, 10, 11)  # windows s = 2^6 .. 2^11, hop s/4
     n_mels: int = 64                   # mel bins of the reconstruction loss
     grad_clip: float = 0.0             # max gradient norm (0: off; the paper does not clip)
@@ -112,6 +125,8 @@ class Config:
     eval_interval: int = 5000          # evaluate and checkpoint
     eval_items: int = 8                # held-out clips per kind (speech, music, noisy speech) in evaluate()
     eval_seconds: float = 4.0          # crop held-out clips to this length
+    listen_items: int = 16             # --mode=eval: whole test speech clips written at the lowest and highest
+                                       # bitrate and as originals, three folders an ASR judges (whisper.py)
     bench_seconds: float = 10.0        # audio length for the encode/decode real-time factors
     device: str = "auto"
     dtype: str = "auto"                # bf16 autocast on CUDA, fp32 elsewhere (quantizer, STFTs, losses stay fp32)
@@ -145,11 +160,14 @@ class Config:
 PRESETS = {
     "paper": dict(),                                       # §IV: C = 32, N_q = 24 (3-18 kbps), 24 kHz
     "small": dict(n_filters=8, dimension=64, wave_channels=2, stft_channels=4, segment=9600, batch_size=6,
-                  max_iters=720, log_interval=20, eval_interval=240, eval_items=4, bench_seconds=4.0,
+                  log_interval=20, eval_interval=420, eval_items=4, bench_seconds=4.0,
                   kmeans_iters=20, corpus_hours=1.0,
-                  # 720 steps instead of 200k (~0.95 s/step on one core: ~12 min): a higher lr, and 120 steps as a
-                  # plain autoencoder so that k-means clusters latents that already describe the audio (encodec.py)
+                  # 840 steps instead of 200k: a higher lr, and 120 steps as a plain autoencoder so that k-means
+                  # clusters latents that already describe the audio (encodec.py)
                   lr=1e-3, quantizer_warmup=120,
+                  # ours: 240 steps on reconstruction alone (2.5x faster, no D to fool yet), then 600 adversarial;
+                  # a waveform L1 whose gradient on x̂ at init matches feature matching's, for SI-SNR
+                  disc_warmup=240, max_iters=840, lambda_time=100.0,
                   # the threshold 2 suits 32 x 1 s batches (2400 frames, 2.3 per code); 6 x 0.4 s gives 180
                   # frames (0.18 per code): scale it by the frames per batch
                   dead_code_threshold=2.0 * (6 * 30) / (32 * 75)),  # 5-10 s/step on a busy box with 2 threads each
@@ -371,10 +389,16 @@ class Codebook(nn.Module):
     """One VQ layer (§III-C): nearest-neighbour lookup in `embed`, learned by exponential moving averages as in
     VQ-VAE-2 (no gradients), k-means initialised, dead codes re-seeded from the batch."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, share=1.0):
         super().__init__()
         K, D = cfg.codebook_size, cfg.dimension
-        self.decay, self.kmeans_iters, self.threshold, self.eps = cfg.ema_decay, cfg.kmeans_iters, cfg.dead_code_threshold, 1e-5
+        self.decay, self.kmeans_iters, self.eps = cfg.ema_decay, cfg.kmeans_iters, 1e-5
+        # share: the expected fraction of the batch that reaches this layer under quantizer dropout. Usage counts
+        # only those rows, so the threshold (set for a layer all rows reach) scales with it (ours; the paper
+        # leaves dropout and dead codes unrelated). A re-seeded code's usage restarts at threshold / decay^grace:
+        # unused, it decays to the threshold in exactly `grace` steps and is re-drawn on the step after.
+        self.threshold = cfg.dead_code_threshold * share
+        self.reset = self.threshold * cfg.ema_decay ** -(cfg.dead_code_grace + 0.5)  # +0.5: rounding margin
         self.register_buffer("inited", torch.zeros(1))      # 0 until k-means has run on a training batch
         self.register_buffer("cluster_size", torch.zeros(K))  # EMA of how often each code is picked
         self.register_buffer("embed", torch.zeros(K, D))     # the codewords
@@ -384,7 +408,7 @@ class Codebook(nn.Module):
 
     def forward(self, x, active):  # x: (N, D) fp32, active (N,) bool -> quantized (N, D), codes (N,)
         if self.training and not self._is_inited():
-            self._kmeans_init(x)  # on every row: each later layer gets its first batch at once, whatever n_q drew
+            self._kmeans_init(x)  # on every row, whatever n_q drew (the RVQ inits one layer per step)
         codes = _nearest(x, self.embed)
         q = F.embedding(codes, self.embed)
         if self.training:
@@ -421,14 +445,14 @@ class Codebook(nn.Module):
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no division by 0
         self.embed.copy_(self.embed_avg / smoothed[:, None])
-        # §III-C: a code unused for several batches is replaced by a random input vector of the current batch. Its
-        # usage restarts at the uniform share (at least the threshold), so it gets a few batches of grace.
+        # §III-C: a code unused for several batches is replaced by a random input vector of the current batch,
+        # its usage restarting at self.reset (a grace of cfg.dead_code_grace steps, see __init__).
         # Masked updates (torch.where), not `if dead.any()`: the step never waits for the device to answer.
         dead = self.cluster_size < self.threshold  # (K,)
         new = _sample_rows(x, K)  # (K, D) candidates, drawn every step whether or not a code is dead
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(new, 0)  # rank 0's rows: the buffers stay identical on every rank
-        reset = (counts.sum() / K).clamp(min=self.threshold)  # a 0-d tensor: counts are of this (global) batch
+        reset = self.reset
         self.embed.copy_(torch.where(dead[:, None], new, self.embed))
         self.cluster_size.copy_(torch.where(dead, reset, self.cluster_size))
         self.embed_avg.copy_(torch.where(dead[:, None], new * reset, self.embed_avg))
@@ -445,7 +469,9 @@ class ResidualVectorQuantizer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.layers = nn.ModuleList(Codebook(cfg) for _ in range(cfg.n_q))
+        # under dropout, layer i is reached by the examples that drew n_q > i: a share (N_q - i) / N_q of them
+        share = lambda i: (cfg.n_q - i) / cfg.n_q if cfg.quantizer_dropout else 1.0
+        self.layers = nn.ModuleList(Codebook(cfg, share(i)) for i in range(cfg.n_q))
         self.warmup = cfg.quantizer_warmup
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training steps so far (for warmup)
         self._steps = None  # host-side copy of `steps` (None: read the buffer once), so tick() never syncs
@@ -467,8 +493,16 @@ class ResidualVectorQuantizer(nn.Module):
         with torch.no_grad(), torch.autocast(z.device.type, enabled=False):  # codebook statistics stay fp32
             x = z.float().transpose(1, 2).reshape(B * T, D)  # (B*T, D)
             uses = n_q.to(z.device).repeat_interleave(T)  # (B*T,) codebooks each frame may use
-            residual, out, codes = x, torch.zeros_like(x), []
+            residual, out, codes, fresh = x, torch.zeros_like(x), [], False
             for i, layer in enumerate(self.layers):  # every layer runs: all ranks do the same collectives
+                if self.training and not layer._is_inited():
+                    # k-means one level per step (the official Mimi code, moshi/quantization/core_vq.py): level
+                    # i starts on the residual of the step after level i-1 did. Levels past it wait (no codes):
+                    # on one batch, a level k-means fits (N < K rows) leaves the next an all-zero residual.
+                    if fresh:
+                        codes.extend([torch.full_like(uses, -1)] * (len(self.layers) - i))
+                        break
+                    fresh = True
                 active = uses > i
                 q, c = layer(residual, active)
                 out = out + q * active[:, None]
@@ -648,19 +682,20 @@ def feature_loss(fmap_real, fmap_fake):
 
 
 def reconstruction_loss(x, x_hat, cfg):
-    """§III-E: Σ_{s=2^6..2^11} Σ_t ‖S_t^s(x) - S_t^s(x̂)‖_1 + α_s ‖log S_t^s(x) - log S_t^s(x̂)‖_2, α_s = sqrt(s/2),
-    with S^s a 64-bin mel spectrogram of window s and hop s/4: summed over frames t (as the paper writes it, not
-    averaged), averaged over the batch."""
+    """§III-E: Σ_{s=2^6..2^11} mean_t ‖S_t^s(x) - S_t^s(x̂)‖_1 + α_s ‖log S_t^s(x) - log S_t^s(x̂)‖_2, α_s = sqrt(s/2),
+    with S^s a 64-bin mel spectrogram of window s and hop s/4. Ours: averaged over frames (the paper writes a sum
+    over t) and the L1 averaged over mel bins, so the term's size does not grow with the crop or the scale's frame
+    count and λ_rec alone sets its share of the gradient (see Config.lambda_rec); averaged over the batch."""
     total = 0.0
     for i in cfg.mel_scales:
         s = 2 ** i
         kw = dict(sr=cfg.sample_rate, n_fft=s, hop=s // 4, n_mels=cfg.n_mels, log=None)
         a, b = common.mel_spectrogram(x, **kw)[:, 0], common.mel_spectrogram(x_hat, **kw)[:, 0]  # (B, n_mels, frames)
-        l1 = (a - b).abs().sum((1, 2))  # (B,)
+        l1 = (a - b).abs().mean((1, 2))  # (B,)
         dlog = a.clamp(min=1e-5).log() - b.clamp(min=1e-5).log()
-        l2 = (dlog.pow(2).sum(1) + 1e-12).sqrt().sum(1)  # the L2 norm over mel bins, summed over frames (B,)
+        l2 = (dlog.pow(2).sum(1) + 1e-12).sqrt().mean(1)  # the L2 norm over mel bins, averaged over frames (B,)
         total = total + (l1 + math.sqrt(s / 2) * l2).mean()
-    return total
+    return total / len(cfg.mel_scales)
 
 # ----------------------------------------------------------------------------- data
 
@@ -734,6 +769,17 @@ def train_step(state, batch, cfg, rt):
     quantize = common.unwrap(G).quantizer.tick()  # False during cfg.quantizer_warmup (a host-side count)
     with rt.autocast():
         y_hat, _ = G(batch["x"], batch["n_q"], batch["cond"], quantize)
+    rec = reconstruction_loss(y, y_hat, cfg)
+    if cfg.lambda_time:
+        rec = rec + cfg.lambda_time / cfg.lambda_rec * (y - y_hat.float()).abs().mean()
+    if common.unwrap(G).quantizer._steps <= cfg.disc_warmup:  # reconstruction alone (ours): no D, 2.5x faster
+        opt_g.zero_grad(set_to_none=True)
+        (cfg.lambda_rec * rec).backward()
+        _clip(opt_g, cfg)
+        opt_g.step()
+        zero = rec.detach() * 0
+        return dict(d=zero, g=cfg.lambda_rec * rec.detach(), adv=zero, feat=zero, rec=rec, n_q=batch["n_q"].float().mean())
+    with rt.autocast():
         logits, _ = D(torch.cat([y, y_hat.detach()]))  # one pass over real and fake: (2B, ...)
     loss_d = discriminator_loss([l[:B] for l in logits], [l[B:] for l in logits])
     opt_d.zero_grad(set_to_none=True)
@@ -744,7 +790,6 @@ def train_step(state, batch, cfg, rt):
         logits, fmaps = common.unwrap(D)(torch.cat([y, y_hat]))  # no gradient sync through D needed here
     adv = generator_adv_loss([l[B:] for l in logits])
     feat = feature_loss([[f[:B] for f in fm] for fm in fmaps], [[f[B:] for f in fm] for fm in fmaps])
-    rec = reconstruction_loss(y, y_hat, cfg)
     loss_g = cfg.lambda_adv * adv + cfg.lambda_feat * feat + cfg.lambda_rec * rec
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
@@ -814,9 +859,38 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
         noisy = [_noisy(c[None, None], cfg, i)[0, 0] for i, c in enumerate(clips[kinds[0]])]  # the input itself
         res["noisy_input_si_snr"] = float(np.mean([common.si_snr(n_, c) for n_, c in zip(noisy, clips[kinds[0]])]))
         res["noisy_input_mel"] = float(np.mean([common.mel_distance(n_, c, sr) for n_, c in zip(noisy, clips[kinds[0]])]))
+    # does the decoder use the latent? decoding an all-zero latent (no codes) gives a baseline mel distance
+    c = clips[kinds[0]][0][None, None].to(dev)
+    y0 = model.decoder(torch.zeros_like(model.encoder(c)))[..., :c.shape[-1]].cpu()
+    res["zero_latent_mel"] = common.mel_distance(y0[0, 0], c[0, 0].cpu(), sr)
     common.log(f"eval ({split}) | " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    if cfg.mode == "eval" and not cfg.data_dir and cfg.listen_items:
+        listening_sets(cfg, model, dev)
     model.train(was_training)
     return res
+
+
+@torch.no_grad()
+def listening_sets(cfg, model, dev):
+    """Whole test speech clips resynthesised at the lowest and highest bitrate, and the originals: three folders
+    of wavs + refs.txt for `whisper.py --mode=sample --input_dir=DIR` (common.write_listening_set)."""
+    utts = common.load_corpus(cfg, "test", cfg.sample_rate, kind="speech")[:cfg.listen_items]
+    out = os.path.join(cfg.out_dir, "listen")
+    lo, hi = min(cfg.bitrates), max(cfg.bitrates)
+    sets = {f"resynth_{lo:g}kbps": [], f"resynth_{hi:g}kbps": [], "orig": []}
+    for u in utts:
+        c = torch.from_numpy(np.ascontiguousarray(u.wav, dtype=np.float32))
+        x = c[None, None].to(dev)
+        for kbps in (lo, hi):
+            y = model.decode(model.encode(x, model.n_q_for(kbps)))[0, 0, :x.shape[-1]].cpu()
+            sets[f"resynth_{kbps:g}kbps"].append((u.id, y, u.text))
+        sets["orig"].append((u.id, c, u.text))
+    for name, items in sets.items():
+        common.write_listening_set(os.path.join(out, name), items, cfg.sample_rate)
+    common.save_sample(out, f"{utts[0].id}_{hi:g}kbps", sets[f"resynth_{hi:g}kbps"][0][1], cfg.sample_rate,
+                       ref=sets["orig"][0][1])
+    common.log(f"{len(utts)} test clips -> {out}/{{{','.join(sets)}}} (judge each: whisper.py --mode=sample "
+               "--input_dir=DIR)")
 
 
 def train(cfg):

@@ -201,17 +201,66 @@ def test_dead_codes_are_reseeded_from_the_batch():
     assert (layer.cluster_size[torch.arange(cfg.codebook_size) != 3] > layer.threshold).all()
 
 
-def test_kmeans_initialises_every_codebook_on_the_first_training_batch():
+def test_dead_code_threshold_scales_with_dropout_share_and_reseeded_code_keeps_its_grace():
+    # under quantizer dropout, layer i is reached by a share (N_q - i) / N_q of the examples: its threshold is
+    # cfg.dead_code_threshold times that share; a re-seeded code that is never picked again survives exactly
+    # cfg.dead_code_grace steps (usage reset to threshold / decay^(grace + 1/2)) and is re-drawn on the next
+    grace, thr, d = 7, 0.5, 0.9
+    model, cfg = tiny_model(dead_code_grace=grace, dead_code_threshold=thr, ema_decay=d)
+    layers = model.quantizer.layers
+    for i, layer in enumerate(layers):
+        assert layer.threshold == pytest.approx(thr * (cfg.n_q - i) / cfg.n_q)
+    nodrop, _ = tiny_model(dead_code_grace=grace, dead_code_threshold=thr, quantizer_dropout=False)
+    assert all(l.threshold == pytest.approx(thr) for l in nodrop.quantizer.layers)
+    layer = layers[3].train()  # the deepest layer: a quarter of the examples reach it
+    K = cfg.codebook_size
+    layer.cluster_size.fill_(1e6)  # every other code very much alive
+    layer.cluster_size[5] = 0.0  # code 5 dead now
+    layer.embed_avg.copy_(layer.embed * layer.cluster_size[:, None])
+    torch.manual_seed(0)
+    xs = [torch.randn(32, cfg.dimension) * 0.1 for _ in range(grace + 2)]
+    active = torch.arange(32) % 4 == 0  # one row in four uses this layer
+    layer(xs[0], active)
+    seeded = layer.embed[5].clone()
+    assert (seeded - xs[0]).abs().sum(1).min() < 1e-6  # re-seeded from the batch
+    assert layer.cluster_size[5].item() == pytest.approx(layer.threshold * d ** -(grace + 0.5), rel=1e-5)
+    for s in range(1, grace + 2):
+        layer.embed[5] = 1e3  # keep it out of every nearest-neighbour search: never used
+        layer.embed_avg[5] = 1e3 * layer.cluster_size[5]
+        layer(xs[s], active)
+        redrawn = (layer.embed[5] - xs[s]).abs().sum(1).min() < 1e-6
+        assert redrawn == (s == grace + 1), (s, layer.cluster_size[5].item(), layer.threshold)
+
+
+def first_training_steps(model, n, seed=0):
+    """n training forwards of a fresh model on random batches: which layers are initialised after each."""
+    torch.manual_seed(seed)
+    states = []
+    for _ in range(n):
+        x = torch.randn(2, 1, 320 * 8) * 0.1
+        model(x, torch.tensor([1, 4]), torch.zeros(2))
+        states.append([int(l.inited.item()) for l in model.quantizer.layers])
+    return states
+
+
+def test_kmeans_initialises_one_level_per_step_on_that_steps_residual():
     torch.manual_seed(0)
     cfg = make_cfg()
     model = S.SoundStream(cfg).train()
     assert all(l.inited.item() == 0 for l in model.quantizer.layers)
-    x = torch.randn(2, 1, 320 * 8) * 0.1
-    model(x, torch.tensor([1, 1]), torch.zeros(2))  # n_q = 1 everywhere: the later layers are still initialised
-    assert all(l.inited.item() == 1 for l in model.quantizer.layers)
+    # one level per step, whatever n_q drew (the example with n_q = 1 uses only level 0, yet level 1 is next)
+    assert first_training_steps(model, cfg.n_q) == [[1] * (i + 1) + [0] * (cfg.n_q - i - 1) for i in range(cfg.n_q)]
     e = model.quantizer.layers[0].embed
     assert torch.unique(e, dim=0).shape[0] > 1  # k-means found several codes, not one
-
+    # level 1 was initialised on the residual of step 2 (level 0 fixed by then): its codewords are that residual's
+    # k-means centroids, so they are not all zero (an all-zero first batch residual would give zeros)
+    assert model.quantizer.layers[1].embed.abs().sum() > 0
+    # during those steps, a level not yet initialised gives no codes (-1) and adds nothing
+    fresh = S.SoundStream(cfg).train()
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, 320 * 8) * 0.1
+    out, codes = fresh(x, torch.tensor([4, 4]), torch.zeros(2))
+    assert (codes[:, 0] >= 0).all() and (codes[:, 1:] == -1).all()
 
 def test_quantizer_warmup_bypasses_then_quantizes():
     torch.manual_seed(0)
@@ -352,10 +401,11 @@ def literal_objective_step(G, D, batch, cfg, lr_g, lr_d):
     for s in [2 ** i for i in cfg.mel_scales]:
         Sx = common.mel_spectrogram(y, cfg.sample_rate, n_fft=s, hop=s // 4, n_mels=64, log=None)[:, 0]  # (B, 64, t)
         Sy = common.mel_spectrogram(y_hat, cfg.sample_rate, n_fft=s, hop=s // 4, n_mels=64, log=None)[:, 0]
-        l1 = (Sx - Sy).abs().sum(dim=(1, 2))
-        l2 = torch.sqrt(((torch.log(Sx.clamp(min=1e-5)) - torch.log(Sy.clamp(min=1e-5))) ** 2).sum(1) + 1e-12).sum(1)
+        l1 = (Sx - Sy).abs().mean(dim=(1, 2))  # ours: averaged over bins and frames (the paper sums over frames)
+        l2 = torch.sqrt(((torch.log(Sx.clamp(min=1e-5)) - torch.log(Sy.clamp(min=1e-5))) ** 2).sum(1) + 1e-12).mean(1)
         rec = rec + (l1 + math.sqrt(s / 2) * l2).mean()
-    loss_g = 1.0 * adv + 100.0 * feat + 1.0 * rec  # λ_adv, λ_feat, λ_rec
+    rec = rec / len(cfg.mel_scales)
+    loss_g = 1.0 * adv + 100.0 * feat + 0.04 * rec  # λ_adv, λ_feat (§III-E), λ_rec (ours, measured at init)
     gp = [p for p in G.parameters()]
     for p, g in zip(gp, torch.autograd.grad(loss_g, gp, allow_unused=True)):
         if g is not None:
@@ -421,7 +471,8 @@ def test_train_step_reads_nothing_back_from_the_device():
     state = S.build(cfg, rt)
     x = torch.randn(2, 1, cfg.segment) * 0.1
     batch = dict(x=x, target=x, cond=torch.tensor([0.0, 1.0]), n_q=torch.tensor([1, 3]))
-    S.train_step(state, batch, cfg, rt)  # k-means and the first read of the step count: once per run
+    for _ in range(cfg.n_q):  # k-means (one level per step) and the first read of the step count: once per run
+        S.train_step(state, batch, cfg, rt)
     state["opt_g"] = torch.optim.SGD(state["G"].parameters(), lr=1e-6)
     state["opt_d"] = torch.optim.SGD(state["D"].parameters(), lr=1e-6)
     before = state["G"].quantizer.layers[0].embed.clone()
@@ -444,7 +495,8 @@ def test_compiled_train_step_equals_eager_without_host_sync():
     torch.manual_seed(1)
     x = torch.randn(2, 1, cfg.segment) * 0.1
     batch = dict(x=x, target=x, cond=torch.tensor([0.0, 1.0]), n_q=torch.tensor([1, 3]))
-    S.train_step(state, batch, cfg, rt)  # k-means on the first batch: once per run, eager
+    for _ in range(cfg.n_q):  # k-means, one level per step: the first N_q steps of a run, eager
+        S.train_step(state, batch, cfg, rt)
     ref = copy.deepcopy(state)
     run = dict(state, G=torch.compile(state["G"], backend="aot_eager", fullgraph=True),
                D=torch.compile(state["D"], backend="aot_eager", fullgraph=True))
@@ -461,18 +513,54 @@ def test_compiled_train_step_equals_eager_without_host_sync():
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6, msg=f"{name}.{k}")
 
 
-def test_tiny_codec_overfits_one_batch():
-    cfg = make_cfg(lr=3e-3)
+def test_tiny_codec_overfits_one_batch_and_its_decoder_uses_the_latent():
+    cfg = make_cfg(lr=3e-3, disc_warmup=100, n_filters=4)  # reconstruction alone, C = 4: a latent worth using
     rt = runtime(cfg)
     torch.manual_seed(0)
     state = S.build(cfg, rt)
     t = torch.arange(cfg.segment) / cfg.sample_rate
-    x = (0.3 * torch.sin(2 * math.pi * 220 * t) * torch.sin(2 * math.pi * 3 * t))[None, None].repeat(2, 1, 1)
+    # two different examples (a 220 Hz tone, 3 Hz tremolo; a 660 Hz one, 5 Hz): only the latent tells them apart
+    x = torch.stack([0.3 * torch.sin(2 * math.pi * 220 * t) * torch.sin(2 * math.pi * 3 * t),
+                     0.3 * torch.sin(2 * math.pi * 660 * t) * torch.cos(2 * math.pi * 5 * t)])[:, None]
     batch = dict(x=x, target=x, cond=torch.zeros(2), n_q=torch.tensor([4, 4]))
     first = S.train_step(state, batch, cfg, rt)["rec"].item()
-    for _ in range(25):
+    for _ in range(60):
         last = S.train_step(state, batch, cfg, rt)["rec"].item()
     assert last < 0.5 * first, (first, last)
+    # the decoder depends on the latent: decoding the real codes beats decoding an all-zero latent by >= 10 % in
+    # the reconstruction loss (measured: 38.5 vs 46.3; a decoder that ignores its input makes the two equal)
+    G = state["G"].eval()
+    with torch.no_grad():
+        real = S.reconstruction_loss(x, G.decode(G.encode(x, cfg.n_q))[..., :x.shape[-1]], cfg).item()
+        z = G.encoder(x)
+        zero = S.reconstruction_loss(x, G.decoder(torch.zeros_like(z))[..., :x.shape[-1]], cfg).item()
+    assert zero > 1.1 * real, (real, zero)
+
+
+def test_loss_balance_at_init():
+    # the docstring's claim (Config.lambda_rec): at init, on corpus speech+music in the `small` preset, the gradient
+    # norm on x̂ of λ_rec·rec is 2-8x that of λ_feat·feat and >= 20x that of λ_adv·adv (measured 4.0x, 108x);
+    # λ_time·L1 is 0.6-3x feat (measured 1.3x)
+    cfg = make_cfg("small", corpus_hours=0.05)
+    torch.manual_seed(0)
+    G, D = S.SoundStream(cfg).train(), S.Discriminators(cfg)
+    clips = [c for c in S.audio_clips(cfg, "train") if len(c) >= cfg.segment]
+    g = torch.Generator().manual_seed(0)
+    y = torch.stack([torch.from_numpy(c[o:o + cfg.segment].copy()) for c in clips[:cfg.batch_size]
+                     for o in [int(torch.randint(0, len(c) - cfg.segment + 1, (1,), generator=g))]])[:, None]
+    B = y.shape[0]
+    y_hat, _ = G(y, torch.full((B,), cfg.n_q), torch.zeros(B), False)
+    logits, fmaps = D(torch.cat([y, y_hat]))
+    terms = dict(adv=cfg.lambda_adv * S.generator_adv_loss([l[B:] for l in logits]),
+                 feat=cfg.lambda_feat * S.feature_loss([[f[:B] for f in fm] for fm in fmaps],
+                                                       [[f[B:] for f in fm] for fm in fmaps]),
+                 rec=cfg.lambda_rec * S.reconstruction_loss(y, y_hat, cfg),
+                 time=cfg.lambda_time * (y - y_hat).abs().mean())
+    norms = {k: torch.autograd.grad(v, y_hat, retain_graph=True)[0].flatten(1).norm(dim=1).mean().item()
+             for k, v in terms.items()}
+    assert 2 < norms["rec"] / norms["feat"] < 8, norms
+    assert norms["rec"] / norms["adv"] > 20, norms
+    assert 0.6 < norms["time"] / norms["feat"] < 3, norms  # the small preset's waveform L1 (ours)
 
 # ----------------------------------------------------------------------------- command line
 
