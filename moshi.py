@@ -38,14 +38,24 @@ Simplified or changed here (honestly):
 - Training hyper-parameters the card does not record are marked [recalled]/[inferred] in Config; the loss balancer
   of EnCodec is not used (a plain weighted sum); the discriminator is EnCodec's MS-STFT discriminator, no weight EMA.
 - Quantization on half the examples: one draw per sequence for both quantizers (the official code draws one per
-  quantizer); all codebooks k-means-initialise on the first batch (the official code one level per step); dead codes
-  are checked every step (official: every 5).
+  quantizer). k-means initialises one RVQ level per step, as the official code: a level may start only once the
+  level above was initialised in an earlier step, so each is fitted to a residual its parents shaped. Dead codes
+  are checked every step (official: every 5), and (ours) a re-seeded entry is kept for its level's next dead_grace
+  updates: under quantizer dropout a level only runs, and so only counts, in the steps that draw it.
+- Reconstruction (with --recon_loss): EnCodec's l_t and l_f in the form encodec.py uses (audiocraft's msspec):
+  per scale, L1 between linear power mels + MSE between their log10, averaged over scales. The small preset weighs
+  l_f by lambda_f = 3, from gradient norms of each weighted term on the decoder output at init, on corpus speech
+  (tests/test_moshi.py::test_loss_balance_at_init): f : feat : t : adv ~ 1 : 0.1 : 0.002 : 1e-4. The log-mel term
+  leads, so the output first learns the spectrum the words are in; the feature term is a tenth, and the
+  adversarial one grows as D learns. (The old linear-mel term was 1/11 of the feature term: the decoder learned
+  an average spectrum and ignored its latent -- decoding zeros scored the same mel distance.)
 - Convolutions start from a variance-preserving init (N(0, 1/fan_in), zero bias; encodec.py's finding), and the
   released weights are plain convolutions (the paper trained with weight norm; `norm: none` in the official config).
-- The CPU `small` preset narrows everything (C=16, D=128, 2 transformer layers, 8 codebooks of 2048, 0.48 s crops,
-  2 discriminator scales) and trains with the reconstruction losses on. It is far from the paper's 4M-step regime:
-  after a few hundred CPU steps the output has the right spectral envelope (mel distance ~1.8) but no waveform
-  match (SI-SNR far below 0 dB), and with ~100 frames a batch most of the 2048 entries of each codebook sit unused.
+- The CPU `small` preset narrows everything (C=16, D=128, 2 transformer layers, 8 codebooks of 2048, 2
+  discriminator scales) and trains with the reconstruction losses on, on 4 crops of 0.96 s (12 latent frames, 24
+  at the Transformers' 25 Hz; 0.48 s left them 6 frames to attend over). Its first quantizer_warmup = 200 steps
+  bypass the RVQ (ours: encodec.py's CPU warm-up; the paper's 4M-step recipe cannot start on a CPU with k-means
+  on the latents of an untrained encoder). It is far from the paper's regime; see the README for its figures.
 - LM: the text tokenizer is a byte-level BPE trained on the corpus text (common.train_bpe) with PAD and EPAD as
   the last two ids, not the 32k SentencePiece (official ids EPAD 0 / PAD 3); no BOS/EOS turn markers; the released
   LM's weights load by key map (tested against the `moshi` package), but sampling from them would need its
@@ -120,8 +130,10 @@ class Config:
     q_dim: int = 256                   # codebook dimension (1x1 convs from / back to D)
     codebook_size: int = 2048          # entries per codebook (11 bits)
     ema_decay: float = 0.99            # EMA decay of the codebook statistics
-    kmeans_iters: int = 50             # k-means iterations on the first batch
+    kmeans_iters: int = 50             # k-means iterations (one level per step, each on its own residual)
     dead_ratio: float = 0.1            # a code used less than dead_ratio x the uniform share is re-seeded
+    dead_grace: int = 5                # ...unless it was (re-)seeded within its level's last dead_grace updates (ours)
+    quantizer_warmup: int = 0          # first steps with the split RVQ bypassed, k-means after (ours, CPU scale)
     quant_rate: float = 0.5            # fraction of training sequences that are quantized (the rest pass unquantized)
     q_dropout: bool = True             # train with a random number of acoustic codebooks, so any n_q decodes
     # semantic distillation (§3.3)
@@ -135,7 +147,8 @@ class Config:
     lambda_adv: float = 1.0            # hinge adversarial loss [inferred]
     lambda_feat: float = 3.0           # relative feature matching [inferred: EnCodec's value]
     lambda_t: float = 0.1              # time-domain L1 (only with --recon_loss)
-    lambda_f: float = 1.0              # multi-scale mel L1 + L2 (only with --recon_loss)
+    lambda_f: float = 1.0              # multi-scale mel: linear L1 + mel_alpha x log MSE (only with --recon_loss)
+    mel_alpha: float = 1.0             # weight of the log-mel MSE inside l_f (EnCodec's alpha_i = 1)
     lambda_commit: float = 1.0         # commitment loss (not in the balancer-free sum's gradient of the decoder)
     mel_scales: tuple = (5, 6, 7, 8, 9, 10, 11)  # mel-loss windows 2^i, hop 2^i / 4
     n_mels: int = 64                   # mel bins of the reconstruction loss
@@ -150,6 +163,7 @@ class Config:
     eval_interval: int = 2000          # evaluate on val and checkpoint
     eval_items: int = 8                # held-out clips in evaluate()
     eval_seconds: float = 4.0          # crop held-out clips to this length
+    listen_items: int = 16             # --mode=eval: whole test clips resynthesised + originals, for an ASR
     probe_items: int = 64              # train clips whose semantic codes fit the word probe
     bench_seconds: float = 10.0        # audio length for the encode/decode real-time factors
     bench_iters: int = 5               # timed repetitions in --mode=bench
@@ -218,7 +232,8 @@ PRESETS = {
     "mimi": dict(),                                             # the paper's codec: 79.3 M parameters, 32 codebooks
     "small": dict(n_filters=16, dimension=128, tr_layers=2, tr_heads=4, tr_ffn=512, n_q=8, q_dim=64,
                   disc_filters=8, disc_n_ffts=(512, 256), mel_scales=(6, 7, 8, 9, 10), recon_loss=True,
-                  q_dropout=False, segment=11520, batch_size=8, lr=1e-3, max_iters=1000, log_interval=20, eval_interval=250,
+                  lambda_f=3.0, quantizer_warmup=200, q_dropout=False, segment=23040, batch_size=4,  # 0.96 s crops
+                  lr=1e-3, max_iters=1000, log_interval=20, eval_interval=250,
                   eval_items=8, probe_items=64, bench_seconds=4.0, kmeans_iters=20,  # codec: ~15 min on a CPU
                   text_card=512, lm_dim=256, lm_layers=4, lm_heads=4, lm_context=500, dep_dim=128, dep_layers=2,
                   dep_heads=4, dep_ffn=528, lm_frames=100, text_iters=200, lr_decay_iters=1000),
@@ -486,9 +501,11 @@ class Codebook(nn.Module):
         super().__init__()
         K, d = cfg.codebook_size, cfg.q_dim
         self.decay, self.kmeans_iters, self.dead_ratio, self.eps = cfg.ema_decay, cfg.kmeans_iters, cfg.dead_ratio, 1e-5
+        self.grace = cfg.dead_grace
         self.register_buffer("initialized", torch.zeros(1))
         self.register_buffer("cluster_usage", torch.ones(K))        # EMA of how often each entry is picked
         self.register_buffer("embedding_sum", torch.zeros(K, d))    # EMA of the sum of the vectors it was picked for
+        self.register_buffer("age", torch.zeros(K))  # this level's updates since each entry was (re-)seeded (ours)
 
     @property
     def embedding(self):  # (K, d)
@@ -500,9 +517,13 @@ class Codebook(nn.Module):
     def decode(self, codes):  # (N,) -> (N, d)
         return F.embedding(codes, self.embedding)
 
-    def forward(self, x):  # training: (N, d) fp32 -> quantized (N, d), codes (N,); updates the EMA statistics
-        if not self.initialized:
+    def forward(self, x, initialize=True):
+        """Training: (N, d) fp32 -> quantized (N, d), codes (N,); updates the EMA statistics. initialize=False
+        (the level above was initialised in this very step): an empty level stays empty and quantizes to zero."""
+        if not self.initialized and initialize:
             self._kmeans_init(x)
+        if not self.initialized:
+            return torch.zeros_like(x), torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         codes = self.encode(x)
         q = self.decode(codes)
         self._dead_codes(x)
@@ -520,20 +541,27 @@ class Codebook(nn.Module):
     def _kmeans_init(self, x):
         means, counts = kmeans(x, self.cluster_usage.shape[0], self.kmeans_iters)
         self.embedding_sum.copy_(means * counts[:, None])
-        self.cluster_usage.copy_(counts)  # entries k-means left empty get usage 0 and are re-seeded at once
+        self.cluster_usage.copy_(counts)  # entries k-means left empty get usage 0: re-seeded after the grace
+        self.age.zero_()
         self.initialized.fill_(1)
         self._sync()
 
     @torch.no_grad()
     def _dead_codes(self, x):
-        # an entry used less than dead_ratio x the uniform share is re-seeded with a vector of this batch, with the
-        # uniform share as its new usage, so that it is not judged dead again before it had a chance (official ratios)
+        # An entry used less than dead_ratio x the uniform share is re-seeded with a vector of this batch, with the
+        # uniform share as its new usage (official ratios; official check every 5 steps, ours every update). Ours:
+        # the grace. `age` counts this level's own updates, and under quantizer dropout a level runs only in the
+        # steps that draw it, so the grace is counted in steps that could have used the entry: a re-seeded entry
+        # is kept for its next dead_grace updates whatever its usage (at decay 0.99 the reset usage alone keeps
+        # it ~229 unused updates; the grace is a floor that holds at any --ema_decay).
+        self.age.add_(1)
         share = self.cluster_usage.sum() / self.cluster_usage.shape[0]
-        dead = self.cluster_usage < self.dead_ratio * share
+        dead = (self.cluster_usage < self.dead_ratio * share) & (self.age > self.grace)
         if dead.any():
             new = _sample_rows(x, self.cluster_usage.shape[0])
             self.embedding_sum[dead] = share * new[dead]
             self.cluster_usage[dead] = share
+            self.age[dead] = 0
             self._sync()
 
     def _sync(self):
@@ -553,15 +581,23 @@ class RVQ(nn.Module):
 
     def forward(self, z, n_q, keep):
         """Training. z: (B, D, F); keep: (B,) bool, True = quantize this sequence (else pass it through).
-        -> output (B, D, F), codes (B, n_q, F), commitment loss."""
+        -> output (B, D, F), codes (B, n_q, F), commitment loss. n_q = 0: the quantizer warm-up, a bypass."""
         x = self.input_proj(z)  # (B, d, F)
         B, d, Fr = x.shape
+        if n_q == 0:
+            return self.output_proj(x), x.new_zeros(B, 0, Fr, dtype=torch.long), x.new_zeros(())
         with torch.autocast(x.device.type, enabled=False):  # codebook statistics stay fp32
             flat = x.float().transpose(1, 2).reshape(B * Fr, d)  # (B*F, d)
-            residual, out, codes, commit = flat, torch.zeros_like(flat), [], 0.0
+            residual, out, codes, commit, ready = flat, torch.zeros_like(flat), [], 0.0, True
             for cb in self.codebooks[:n_q]:
-                q, c = cb(residual.detach())
-                commit = commit + F.mse_loss(residual, q.detach())  # pulls the encoder towards its codes
+                # k-means one level per step (official ResidualVectorQuantization): a level may initialise only if
+                # the one above was initialised before this step, so each starts on a residual its parent shaped
+                # (on one batch, all levels at once, levels 2+ see the all-zero residual k-means leaves)
+                was = bool(cb.initialized)
+                q, c = cb(residual.detach(), initialize=ready)
+                ready = was
+                if cb.initialized:  # an empty level's zeros would pull the latent towards 0
+                    commit = commit + F.mse_loss(residual, q.detach())  # pulls the encoder towards its codes
                 residual = residual - q.detach()
                 out, codes = out + q, codes + [c]
             out = flat + (out - flat).detach()  # straight-through: the decoder's gradient reaches the encoder
@@ -597,9 +633,9 @@ class SplitRVQ(nn.Module):
         self.acoustic = RVQ(cfg.n_q - 1, cfg)
 
     def forward(self, z, n_q, keep):  # -> output (B, D, F), codes (B, n_q, F), commitment, semantic output (B, D, F)
-        s, s_codes, s_commit = self.semantic(z, 1, keep)
-        a, a_codes, a_commit = self.acoustic(z, n_q - 1, keep)
-        commit = (s_commit + (n_q - 1) * a_commit) / n_q  # mean over the levels used
+        s, s_codes, s_commit = self.semantic(z, min(n_q, 1), keep)  # n_q = 0: both bypassed (warm-up)
+        a, a_codes, a_commit = self.acoustic(z, max(n_q - 1, 0), keep)
+        commit = (s_commit + (n_q - 1) * a_commit) / n_q if n_q else s_commit  # mean over the levels used
         return s + a, torch.cat([s_codes, a_codes], 1), commit, s
 
     def encode(self, z, n_q):
@@ -765,6 +801,7 @@ def official_state_dict_to_ours(sd, cfg):
             dec[1 + i * (n + 2) + 2 + j] = f"blocks.{i}.res.{j}"
     out = {}
     for k, v in sd.items():
+        orig = k
         m = re.match(r"(encoder|decoder)\.model\.(\d+)\.(.*)", k)
         if m:
             part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
@@ -780,6 +817,9 @@ def official_state_dict_to_ours(sd, cfg):
         elif k.startswith("quantizer."):
             k = k.replace("rvq_first", "semantic").replace("rvq_rest", "acoustic")
             k = re.sub(r"vq\.layers\.(\d+)\._codebook\._initialized", r"codebooks.\1.initialized", k)
+            if k.endswith(".initialized"):  # our dead-code grace counter (not in the official file)
+                out[k[:-len("initialized")] + "age"] = torch.zeros_like(sd[re.sub(r"_initialized$", "cluster_usage",
+                                                                                     str(orig))].float())
             k = re.sub(r"vq\.layers\.(\d+)\._codebook\.", r"codebooks.\1.", k)
         else:
             k = k.replace("downsample.conv.conv.conv.", "downsample.conv.").replace("upsample.convtr.convtr.convtr.", "upsample.conv.")
@@ -1009,14 +1049,30 @@ def discriminator_loss(logits_real, logits_fake):  # hinge: relu(1 - D(x)) + rel
                for r, f in zip(logits_real, logits_fake)) / len(logits_real)
 
 
+def power_mel(x, n_fft, cfg):
+    """S_i of EnCodec's l_f as audiocraft's msspec builds it: window n_fft, hop n_fft / 4, the signal reflected
+    (n_fft - hop) / 2 at each end and zero-filled to a whole last frame; |STFT|^2 over the window's energy, then
+    n_mels HTK-scale triangles left unnormalised. (B, C, T) -> (B * C, n_mels, frames), fp32."""
+    hop, T = n_fft // 4, x.shape[-1]
+    fb = torch.from_numpy(common.mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, htk=True, norm=None)).to(x.device)
+    win = torch.hann_window(n_fft, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        edge = (n_fft - hop) // 2
+        y = F.pad(x.float().reshape(-1, 1, T), (edge, edge), "reflect")[:, 0]
+        y = F.pad(y, (0, -(y.shape[-1] - n_fft) % hop))
+        power = torch.stft(y, n_fft, hop, window=win, center=False, return_complex=True).abs().pow(2)
+        return fb @ (power / win.pow(2).sum())
+
+
 def reconstruction_losses(x, x_hat, cfg):
-    """EnCodec's l_t (time L1) and l_f (mean over scales 2^i of L1 + L2 between 64-bin linear mels)."""
+    """EnCodec's l_t (time L1) and l_f in its current form (encodec.py): per scale 2^i, L1 between the linear
+    power mels (the loud bins) + mel_alpha x MSE between log10(1e-5 + mel) (the quiet ones, which the linear
+    form alone leaves untrained: consonants, upper harmonics), averaged over the scales."""
     l_t = F.l1_loss(x_hat.float(), x.float())
     l_f = 0.0
     for i in cfg.mel_scales:
-        kw = dict(sr=cfg.sample_rate, n_fft=2 ** i, hop=2 ** i // 4, n_mels=cfg.n_mels, log=None)
-        a, b = common.mel_spectrogram(x, **kw), common.mel_spectrogram(x_hat, **kw)
-        l_f = l_f + F.l1_loss(b, a) + F.mse_loss(b, a)
+        a, b = power_mel(x, 2 ** i, cfg), power_mel(x_hat, 2 ** i, cfg)
+        l_f = l_f + F.l1_loss(b, a) + cfg.mel_alpha * F.mse_loss(torch.log10(1e-5 + b), torch.log10(1e-5 + a))
     return l_t, l_f / len(cfg.mel_scales)
 
 
@@ -1293,6 +1349,7 @@ def train_step(state, batch, cfg, rt):
     state["counter"].step += 1
     rng = _step_rng(cfg, state["counter"].step)
     n_q = 1 + rng.randint(1, cfg.n_q - 1) if cfg.q_dropout else cfg.n_q
+    n_q = 0 if state["counter"].step <= cfg.quantizer_warmup else n_q  # warm-up: a plain autoencoder (ours)
     keep = torch.rand(x.shape[0], device=x.device) < cfg.quant_rate
     with rt.autocast():
         x_hat, _, commit, sem = G(x, n_q, keep)
@@ -1379,21 +1436,26 @@ def probe(train_codes, train_labels, test_codes, test_labels):
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     """On held-out speech (the test split holds an unseen voice): SI-SNR and mel distance at eval_n_q codebooks
-    (1.1 kbps at 8), and the word probe on the semantic codes (fitted on train clips, scored on `split`)."""
+    (1.1 kbps at 8), the mel distance of decoding an all-zero latent (a decoder that ignores its input scores the
+    same), and the word probe on the semantic codes (fitted on train clips, scored on `split`). --mode=eval also
+    writes listen_items whole test clips, resynthesised and original, as two folders the corpus ASR judges."""
     if model is None:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
+        listening_set(cfg, model, os.path.join(cfg.out_dir, "listen"))
     m = common.unwrap(model)
     was_training, dev = m.training, next(m.parameters()).device
     m.eval()
     n = int(cfg.eval_seconds * cfg.sample_rate) // m.frame_size * m.frame_size
-    snr, mel, codes, labels = [], [], [], []
+    snr, mel, zero, codes, labels = [], [], [], [], []
     for i, u in enumerate(speech(cfg, split)[:cfg.eval_items]):
         x = torch.from_numpy(u.wav[:n])[None, None].to(dev)  # (1, 1, T)
         c = m.encode(x, cfg.eval_n_q)
         y = m.decode(c)[..., :x.shape[-1]]
         snr.append(common.si_snr(y, x))
         mel.append(common.mel_distance(y.cpu(), x.cpu(), cfg.sample_rate))
+        y0 = m.decode_latent(torch.zeros(1, cfg.dimension, c.shape[-1], device=dev))[..., :x.shape[-1]]
+        zero.append(common.mel_distance(y0.cpu(), x.cpu(), cfg.sample_rate))
         codes += c[0, 0].tolist()
         labels += word_labels(u, c.shape[-1], cfg.frame_rate)
         if samples_dir and i == 0:
@@ -1405,11 +1467,31 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
         tr_codes += c
         tr_labels += word_labels(u, len(c), cfg.frame_rate)
     acc, base = probe(tr_codes, tr_labels, codes, labels)
-    res = dict(si_snr=round(float(np.mean(snr)), 3), mel=round(float(np.mean(mel)), 4), kbps=m.kbps(cfg.eval_n_q),
+    res = dict(si_snr=round(float(np.mean(snr)), 3), mel=round(float(np.mean(mel)), 4),
+               mel_zero_latent=round(float(np.mean(zero)), 4), kbps=m.kbps(cfg.eval_n_q),
                probe_acc=round(acc, 4), probe_majority=round(base, 4), codes_used=len(set(codes)))
     common.log(f"eval {split} | " + " | ".join(f"{k} {v}" for k, v in res.items()))
     m.train(was_training)
     return res
+
+
+@torch.no_grad()
+def listening_set(cfg, model, out):
+    """listen_items whole test clips at eval_n_q codebooks -> out/resynth and out/orig (common.write_listening_set),
+    for `whisper.py --mode=sample --input_dir=DIR` to transcribe; the first two also as wav + png side by side."""
+    m = common.unwrap(model)
+    dev, items, refs = next(m.parameters()).device, [], []
+    for i, u in enumerate(speech(cfg, "test")[:cfg.listen_items]):
+        x = torch.from_numpy(u.wav)[None, None].to(dev)
+        y = m.decode(m.encode(x, cfg.eval_n_q))[..., :x.shape[-1]]
+        items.append((u.id, y[0, 0].cpu(), u.text))
+        refs.append((u.id, x[0, 0].cpu(), u.text))
+        if i < 2:
+            common.save_sample(out, f"{u.id}_resynth", y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
+    common.write_listening_set(os.path.join(out, "resynth"), items, cfg.sample_rate)
+    common.write_listening_set(os.path.join(out, "orig"), refs, cfg.sample_rate)
+    common.log(f"{len(items)} test clips -> {out}/resynth and {out}/orig (judge each: whisper.py --mode=sample "
+               "--input_dir=DIR)")
 
 
 def train(cfg):

@@ -136,7 +136,7 @@ def test_official_parameter_count():
     """The official Mimi: 79.3 M parameters (79,308,609; codebooks are buffers), 318 tensors, 32 codebooks."""
     G = M.Mimi(make_cfg("mimi"))
     assert common.count_params(G) == 79_308_609
-    assert len(G.state_dict()) == 318
+    assert len([k for k in G.state_dict() if not k.endswith('.age')]) == 318  # + our 32 dead-code grace counters
     assert len(G.quantizer.acoustic.codebooks) == 31 and len(G.quantizer.semantic.codebooks) == 1
 
 
@@ -266,6 +266,7 @@ def test_codebook_ema_and_dead_codes():
     cb.embedding_sum.copy_(emb)
     cb.cluster_usage.fill_(1.0)
     cb.initialized.fill_(1)
+    cb.age.fill_(cfg.dead_grace)  # past the grace after this update
     cb.cluster_usage[3] = 0.01  # below 0.1 x the uniform share: re-seeded from the batch
     x = emb[[0, 0, 1]] + 0.01
     share = cb.cluster_usage.sum() / K
@@ -343,9 +344,23 @@ def test_standin_teacher_frames():
 
 # ----------------------------------------------------------------------------- training
 
+def _power_mel_by_hand(x, n_fft, sr, n_mels):
+    """EnCodec's S_i written out: reflect (n - hop) / 2 a side, zeros to a whole frame, periodic-Hann frames every
+    n / 4, |rfft|^2 / sum(w^2), librosa's unnormalised HTK mel filters. x (N, T) -> (N, n_mels, frames), fp64."""
+    librosa = pytest.importorskip("librosa")
+    hop, side = n_fft // 4, (n_fft - n_fft // 4) // 2
+    y = np.pad(x.detach().double().numpy(), ((0, 0), (side, side)), mode="reflect")
+    y = np.pad(y, ((0, 0), (0, -(y.shape[1] - n_fft) % hop)))
+    w = np.hanning(n_fft + 1)[:-1]
+    frames = np.stack([y[:, i:i + n_fft] for i in range(0, y.shape[1] - n_fft + 1, hop)], -1)
+    power = np.abs(np.fft.rfft(frames * w[None, :, None], axis=1)) ** 2 / (w ** 2).sum()
+    return torch.from_numpy(librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, htk=True, norm=None) @ power)
+
+
 def test_golden_train_step():
     """One real train_step against an independent transcription of the objective: hinge D loss and update, then
-    G on 1*adv + 3*feature matching + 1*commitment + 1*cosine distillation + 0.1*L1 + 1*multi-scale mel."""
+    G on 1*adv + 3*feature matching + 1*commitment + 1*cosine distillation + 0.1*L1 + 1*l_f, l_f the mean over
+    scales of L1 between power mels + MSE between their log10(1e-5 + .) (mels transcribed above)."""
     cfg = make_cfg(q_dropout=False)
     rt = common.setup(cfg, log_to_file=False)
     torch.manual_seed(0)
@@ -382,9 +397,11 @@ def test_golden_train_step():
     l_t = (x_hat - x).abs().mean()
     l_f = 0
     for i in cfg.mel_scales:
-        kw = dict(sr=24000, n_fft=2 ** i, hop=2 ** i // 4, n_mels=64, log=None)
-        a, b = common.mel_spectrogram(x, **kw), common.mel_spectrogram(x_hat, **kw)
-        l_f = l_f + (a - b).abs().mean() + ((a - b) ** 2).mean()
+        a = _power_mel_by_hand(x[:, 0], 2 ** i, cfg.sample_rate, cfg.n_mels).float()
+        b = M.power_mel(x_hat, 2 ** i, cfg)
+        assert torch.allclose(b.detach(), _power_mel_by_hand(x_hat[:, 0], 2 ** i, cfg.sample_rate, cfg.n_mels).float(),
+                              rtol=1e-4, atol=1e-7), f"S_{i} differs from its transcription"
+        l_f = l_f + (a - b).abs().mean() + ((1e-5 + a).log10() - (1e-5 + b).log10()).pow(2).mean()
     l_f = l_f / len(cfg.mel_scales)
     total = adv + 3 * feat + commit + distill + 0.1 * l_t + l_f
     opt_g = torch.optim.SGD(list(G0.parameters()) + list(P0.parameters()), lr=0.5)
@@ -410,19 +427,140 @@ def test_adversarial_only_is_the_default_and_recon_is_a_flag():
     assert "t" not in out and "f" not in out and {"adv", "feat", "commit", "distill", "d"} <= set(out)
 
 
-def test_tiny_codec_learns():
-    """A few steps on one batch lower the reconstruction and the distillation losses (recon on, D weight 0)."""
-    cfg = make_cfg(lambda_adv=0.0, lambda_feat=0.0, lr=3e-3, quant_rate=0.0)
+def _buzz_and_hiss(T, sr):
+    """Two clips a decoder cannot tell apart without its latent: a 110 Hz buzz then white noise, and the reverse
+    (quiet noise under both keeps the log-mel floor off every bin)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(T) / sr
+    buzz, hiss = 0.3 * torch.sign(torch.sin(2 * math.pi * 110 * t)), 0.1 * torch.randn(T, generator=g)
+    first = t < t[T // 2]
+    x = torch.stack([torch.where(first, buzz, hiss), torch.where(first, hiss, buzz)])
+    return (x + 0.003 * torch.randn(2, T, generator=g))[:, None]  # (2, 1, T)
+
+
+def test_decoder_uses_the_latent():
+    """The real train_step (quantizer warm-up, then k-means one level per step, all terms at the small preset's
+    weights) overfits two clips; decoding their codes must then beat decoding an all-zero latent by more than
+    MARGIN in mel distance (measured 0.58 vs 0.87). A decoder that ignores its input scores the two alike."""
+    MARGIN = 0.2
+    cfg = make_cfg(segment=7680, lambda_f=3.0, lr=3e-3, quantizer_warmup=40, quant_rate=1.0, codebook_size=16)
     rt = common.setup(cfg, log_to_file=False)
     torch.manual_seed(0)
     state = M.build(cfg, rt)
-    t = torch.arange(cfg.segment) / 24000
-    x = (0.5 * torch.sin(2 * math.pi * 220 * t) * torch.sin(2 * math.pi * 3 * t))[None, None].repeat(2, 1, 1)
+    x = _buzz_and_hiss(cfg.segment, cfg.sample_rate)
     batch = (x, M.standin_teacher(x, cfg))
-    first = M.train_step(state, batch, cfg, rt)
-    for _ in range(25):
-        last = M.train_step(state, batch, cfg, rt)
-    assert last["f"] < 0.7 * first["f"] and last["distill"] < first["distill"]
+    for _ in range(120):
+        M.train_step(state, batch, cfg, rt)
+    G = state["G"].eval()
+    with torch.no_grad():
+        codes = G.encode(x, cfg.n_q)
+        real = common.mel_distance(G.decode(codes)[..., :cfg.segment], x, cfg.sample_rate)
+        zero = common.mel_distance(G.decode_latent(torch.zeros(2, cfg.dimension, codes.shape[-1]))[..., :cfg.segment],
+                                   x, cfg.sample_rate)
+    print(f"mel distance: codes {real:.3f}, zero latent {zero:.3f}")
+    assert zero - real > MARGIN, (real, zero)
+
+
+def test_quantizer_warmup_then_kmeans_one_level_per_step():
+    """--quantizer_warmup steps run the RVQ bypassed (no codebook initialised, no codes); then each RVQ initialises
+    one level per step (official ResidualVectorQuantization), level i on the residual of the levels above it: the
+    step after the warm-up only level 1 of each quantizer, then one more each step. Level 2 is fitted to what level 1
+    left (its entries are residual-sized, not the zeros an all-levels-at-once init on one batch sees)."""
+    cfg = make_cfg(quantizer_warmup=2, codebook_size=8, kmeans_iters=5, q_dropout=False)
+    rt = common.setup(cfg, log_to_file=False)
+    torch.manual_seed(0)
+    state = M.build(cfg, rt)
+    x = torch.randn(2, 1, cfg.segment) * 0.3
+    batch = (x, M.standin_teacher(x, cfg))
+    q = state["G"].quantizer
+    inits = lambda: [int(cb.initialized) for cb in q.acoustic.codebooks] + [int(q.semantic.codebooks[0].initialized)]
+    seen = []
+    for _ in range(2 + cfg.n_q):
+        M.train_step(state, batch, cfg, rt)
+        seen.append(inits())
+    A = cfg.n_q - 1
+    want = [[0] * A + [0]] * 2 + [[1] * min(s, A) + [0] * (A - min(s, A)) + [1] for s in range(1, cfg.n_q + 1)]
+    assert seen == want, seen
+    lvl2 = q.acoustic.codebooks[1]
+    assert lvl2.embedding.norm(dim=1).mean() > 1e-3, "level 2 initialised on an all-zero residual"
+
+
+def test_dead_code_grace_counts_the_levels_own_updates():
+    """A re-seeded entry is kept for the next dead_grace updates of ITS level whatever its usage, then re-seeded
+    if still unused. Under quantizer dropout a level runs only in the steps that draw it: here level 3 of 3 runs
+    every 3rd step, so the grace of 4 of its updates spans 12 steps (a grace counted in training steps ends at 4)."""
+    cfg = make_cfg(n_q=4, codebook_size=4, ema_decay=0.5, dead_grace=4)
+    rvq = M.RVQ(3, cfg).train()
+    for cb in rvq.codebooks:
+        cb.embedding_sum.copy_(torch.eye(4, cfg.q_dim) * 10)
+        cb.cluster_usage.fill_(1.0)
+        cb.initialized.fill_(1)
+    rvq.input_proj.weight.data.copy_(torch.eye(cfg.q_dim, cfg.dimension)[:, :, None])
+    far = torch.zeros(2, cfg.dimension, 1)
+    far[:, 5] = 100.0  # a batch far from every entry: level 3's dead entry 3 is re-seeded with it
+    cb = rvq.codebooks[2]
+    cb.cluster_usage[3], cb.age[3] = 0.0, 99
+    rvq(far, 3, torch.ones(2, dtype=torch.bool))
+    seed = cb.embedding[3].clone()
+    assert seed[5] > 10, "entry 3 was not re-seeded from the batch"
+    near = torch.zeros(2, cfg.dimension, 1)
+    near[:, 0] = 10.0  # then batches at entry 0: entry 3 is never picked again, its usage halves every update
+    kept = []
+    for step in range(1, 16):
+        rvq(near, 3 if step % 3 == 0 else 2, torch.ones(2, dtype=torch.bool))  # level 3 drawn every 3rd step
+        kept.append(torch.allclose(cb.embedding[3], seed))
+    assert kept == [True] * 14 + [False], kept  # its 4 updates of grace are steps 3..12; re-seeded at step 15
+
+
+def test_loss_balance_at_init():
+    """moshi.py's docstring: at init, on corpus speech (0.96 s crops), the small preset's weighted terms pull the
+    decoder output x_hat with gradient norms f : feat : t : adv ~ 1 : 0.1 : 0.002 : 1e-4 (the log-mel l_f leads,
+    the feature term a tenth of it; the adversarial term grows once D learns). Checked within a factor ~2.5."""
+    cfg = make_cfg("small", corpus_hours=0.02, batch_size=4)
+    wavs = [u.wav for u in M.speech(cfg, "train") if len(u.wav) >= cfg.segment][:4]
+    x = torch.from_numpy(np.stack([w[:cfg.segment] for w in wavs]))[:, None]  # (4, 1, 0.96 s)
+    torch.manual_seed(0)
+    G, D = M.Mimi(cfg), M.Discriminator(cfg)
+    x_hat = G(x, 0, torch.zeros(4, dtype=torch.bool))[0]  # the warm-up's bypass: what the decoder starts from
+    logits, fake = D(x_hat)
+    with torch.no_grad():
+        _, real = D(x)
+    l_t, l_f = M.reconstruction_losses(x, x_hat, cfg)
+    terms = dict(f=cfg.lambda_f * l_f, feat=cfg.lambda_feat * M.feature_loss(real, fake), t=cfg.lambda_t * l_t,
+                 adv=cfg.lambda_adv * M.generator_adv_loss(logits))
+    norm = {k: torch.autograd.grad(v, x_hat, retain_graph=True)[0].flatten(1).norm(dim=1).mean().item()
+            for k, v in terms.items()}
+    r = {k: v / norm["f"] for k, v in norm.items()}
+    print(r)
+    assert 0.04 < r["feat"] < 0.25 and 8e-4 < r["t"] < 5e-3 and r["adv"] < 1e-3, r
+
+
+def test_lm_loss_gives_absent_tokens_no_loss():
+    """lm_loss: a -1 target (a delay's empty slot, an absent stream) adds nothing to either term and sends no
+    gradient to its logits; the others keep their weights (text PAD/EPAD 0.5, semantic 100, acoustic 1)."""
+    cfg = lm_cfg()
+    K, V, B, T = cfg.dep_q, cfg.lm_card, 2, 6
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, K, T, V, generator=g, requires_grad=True)
+    text_logits = torch.randn(B, 1, T, cfg.text_card, generator=g, requires_grad=True)
+    codes = torch.randint(0, V, (B, 1 + 2 * K, T), generator=g)
+    codes[:, 0] = torch.randint(0, cfg.text_card - 2, (B, T), generator=g)
+    codes[0, 0, :2], codes[1, 1, 3:], codes[0, 2:1 + K, 4] = -1, -1, -1
+    out = M.lm_loss(logits, text_logits, codes, cfg)
+    (out["text"] + out["audio"]).backward()
+    assert logits.grad[1, 0, 3:].abs().max() == 0 and logits.grad[0, 1:, 4].abs().max() == 0
+    assert text_logits.grad[0, 0, :2].abs().max() == 0 and logits.grad[0, 0, 4].abs().max() > 0
+    ce = lambda lg, y: torch.logsumexp(lg, -1) - lg[y]
+    text = sum(ce(text_logits[b, 0, t], codes[b, 0, t]) for b in range(B) for t in range(T) if codes[b, 0, t] >= 0)
+    assert out["text"].item() == pytest.approx(text.item() / (2 * T - 2), rel=1e-5)
+    num = den = 0.0
+    for b in range(B):
+        for k in range(K):
+            for t in range(T):
+                if codes[b, 1 + k, t] >= 0:
+                    w = 100.0 if k == 0 else 1.0
+                    num, den = num + w * ce(logits[b, k, t], codes[b, 1 + k, t]).item(), den + w
+    assert out["audio"].item() == pytest.approx(num / den, rel=1e-5)
 
 # ----------------------------------------------------------------------------- command line
 
