@@ -93,6 +93,7 @@ class Config:
     ema_decay: float = 0.99            # EMA decay of the codebook statistics
     kmeans_iters: int = 50             # k-means iterations on the first batch
     dead_code_threshold: float = 2.0   # codes whose EMA usage falls below this are re-seeded from the batch
+    dead_code_grace: int = 50          # steps a re-seeded code survives unused before it can be re-drawn (ours)
     quantizer_warmup: int = 0          # first steps with the RVQ bypassed, k-means after (laptop-scale aid, not in the paper)
     # 48 kHz model: per-chunk loudness normalisation and overlapping chunks at inference (§4)
     normalize: bool = False            # divide each chunk by its RMS, send the scale along
@@ -471,6 +472,9 @@ class Codebook(nn.Module):
         super().__init__()
         K, D = cfg.codebook_size, cfg.dimension
         self.decay, self.kmeans_iters, self.threshold, self.eps = cfg.ema_decay, cfg.kmeans_iters, cfg.dead_code_threshold, 1e-5
+        # a re-seeded code's usage restarts at threshold / decay^grace (ours): never picked, it takes `grace` steps
+        # of EMA decay to fall back under the threshold, and is re-drawn on the step after (+0.5: rounding margin)
+        self.reset = self.threshold * cfg.ema_decay ** -(cfg.dead_code_grace + 0.5)
         self.register_buffer("inited", torch.zeros(1))      # 0 until k-means has run on a training batch
         self.register_buffer("cluster_size", torch.zeros(K))  # EMA of how often each code is picked
         self.register_buffer("embed", torch.zeros(K, D))     # the codewords
@@ -519,12 +523,12 @@ class Codebook(nn.Module):
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no division by 0
         self.embed.copy_(self.embed_avg / smoothed[:, None])
-        # dead codes (SoundStream §3.3) take a random batch vector, usage reset to n/K (a grace period); no host sync
+        # dead codes (SoundStream §3.3) take a random batch vector, usage reset to self.reset; no host sync
         dead = self.cluster_size < self.threshold  # (K,)
         new = _sample_rows(x, K)  # (K, D)
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(new, 0)  # rank 0's rows: the buffers stay identical on every rank
-        reset = (counts.sum() / K).clamp(min=self.threshold)  # counts: this (global) batch
+        reset = self.reset
         self.embed.copy_(torch.where(dead[:, None], new, self.embed))
         self.cluster_size.copy_(torch.where(dead, reset, self.cluster_size))
         self.embed_avg.copy_(torch.where(dead[:, None], new * reset, self.embed_avg))
@@ -541,15 +545,22 @@ class ResidualVectorQuantizer(nn.Module):
         B, D, T = z.shape
         with torch.autocast(z.device.type, enabled=False):  # codebook statistics stay fp32
             x = z.float().transpose(1, 2).reshape(B * T, D)  # (B*T, D)
-            residual, out, codes, commit = x, torch.zeros_like(x), [], 0.0
+            residual, out, codes, commit, fresh = x, torch.zeros_like(x), [], 0.0, False
             for layer in self.layers[:n_q]:
+                if self.training and not layer._is_inited():
+                    # k-means one level per step (as the official Mimi code does): a level fitted by k-means on a
+                    # batch of fewer frames than codes leaves its successor an all-zero residual on that batch,
+                    # so the next level waits for the next step's residual; until then the batch uses fewer levels
+                    if fresh:
+                        break
+                    fresh = True
                 q, c = layer(residual)
                 commit = commit + F.mse_loss(residual, q.detach())  # ℓ_w, §3.4: pulls the encoder to the codes
                 residual = residual - q.detach()  # detached: the commitment gradient of every layer survives (#25)
                 out, codes = out + q, codes + [c]
             out = x + (out - x).detach()  # straight-through estimator: the decoder's gradient reaches the encoder
-        codes = torch.stack(codes, 1).view(B, T, n_q).transpose(1, 2)  # (B, n_q, T)
-        return out.view(B, T, D).transpose(1, 2), codes, commit / n_q
+        n = len(codes)  # n_q, or fewer while k-means is still initialising the levels
+        return out.view(B, T, D).transpose(1, 2), torch.stack(codes, 1).view(B, T, n).transpose(1, 2), commit / n
 
     @torch.no_grad()
     def encode(self, z, n_q):  # (B, D, T) -> codes (B, n_q, T)
