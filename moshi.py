@@ -1212,9 +1212,12 @@ class TextTokenizer:
 
 def text_stream(words, n_frames, tok, frame_rate):
     """Inner monologue (§3.4.4): Moshi's words on the frames of its own speech. A word's tokens start at the frame
-    of its start time, the frame before it is EPAD, every other frame PAD. Words are placed from the last one back,
-    and a word whose tokens would run into the next word's EPAD starts earlier instead: text never comes after
-    its audio (the text-before-audio side of the ASR/TTS trade-off of §3.4.4). -> (n_frames,) int64."""
+    of its start time, the frame before it is EPAD, every other frame PAD: for words with room, token for token
+    moshi-finetune's Interleaver. Deviation (ours): the Interleaver cuts a word short when the next one starts
+    before its tokens are out; here words are placed from the last one back, and a word whose tokens would run into
+    the next word's EPAD starts earlier instead, so every word stays whole (our byte-level BPE spends several tokens
+    on a rare word, numbers included) and text never comes after its audio (test_inner_monologue_against_the_
+    official_interleaver). -> (n_frames,) int64."""
     out, limit = np.full(n_frames, tok.pad, np.int64), n_frames
     for w, start, _ in reversed(words):
         ids = tok.word(w)
@@ -1752,13 +1755,16 @@ class LMState:
 
 @torch.no_grad()
 def lm_step(lm, st, user, cfg, gen):
-    """One 80 ms step: the user's frame (B, K) goes into the grid (read from the next step on: at step s the model
-    has heard the user up to frame s - 1), the temporal Transformer runs one position on its KV cache, the text
-    token is sampled, then the depth Transformer samples Moshi's K audio tokens one by one (its cache lives for
-    this step only). Returns (text (B,), audio (B, K)) of step s."""
+    """One 80 ms step: the user's frame (B, K) goes into the grid, the temporal Transformer runs one position on
+    its KV cache, the text token is sampled, then the depth Transformer samples Moshi's K audio tokens one by one
+    (its cache lives for this step only). Returns (text (B,), audio (B, K)) of step s.
+    User timing as the official LMGen: frame s is written at column s + its delay, so step s hears the frame that
+    just arrived (frame 0 meets the initial-token column and is not heard). Against the training layout, where
+    column t holds the user's frame t - 1 beside Moshi's, the live user stream thus runs one frame (80 ms) ahead:
+    Moshi reacts to audio 80 ms fresher than it was trained to expect (test_streaming_timing_is_the_official_lmgen)."""
     s, K = st.offset, lm.K
     for k in range(K):
-        st.seq[:, 1 + K + k, s + 1 + lm.delays[1 + K + k]] = user[:, k]
+        st.seq[:, 1 + K + k, s + lm.delays[1 + K + k]] = user[:, k]
     z, text_logits, st.cache = lm.temporal(st.input(), st.cache, s)
     prev = text = sample_token(text_logits[:, -1], cfg.temp_text, cfg.top_k_text, gen)
     cache, audio = None, []

@@ -6,8 +6,30 @@ distillation loss, the teacher-feature alignment, a golden training step, and th
 Part 2 (the Moshi LM): the paper's delays and delay/undelay inverses; every prediction depends only on tokens before
 it in generation order (temporal causality, depth order text -> semantic -> acoustic, the acoustic delay, no user
 token at the same step); streaming == full forward; the generation grid == the training forward's argmax; parity
-with the package's LMModel (both key layouts); 7.69 B parameters; inner-monologue alignment; a golden step; the
-stage's contract (train, exact resume, eval, bench, sample) in process."""
+with the package's LMModel (both key layouts) and its LMGen's streaming steps; 7.69 B parameters; inner-monologue
+alignment; a golden step; the stage's contract (train, exact resume, eval, bench, sample) in process.
+
+Every loss term, target shift, sampler and schedule of moshi.py, and the test pinning it:
+- codec D loss (hinge), G adversarial hinge, relative feature matching, commitment, cosine distillation, l_t,
+  l_f (power mels transcribed with numpy + librosa filters, log10 MSE): test_golden_train_step;
+  the cosine itself: test_distillation_loss; the weights' balance at init: test_loss_balance_at_init.
+- codebook EMA and dead-code re-seeding: test_codebook_ema_and_dead_codes; the grace in the level's own updates
+  under dropout: test_dead_code_grace_counts_the_levels_own_updates; k-means one level per step and the quantizer
+  warm-up schedule: test_quantizer_warmup_then_kmeans_one_level_per_step; quantization on the kept sequences only,
+  straight-through: test_quantization_only_on_the_kept_sequences; the decoder depends on its latent after an
+  overfit: test_decoder_uses_the_latent.
+- codec crops / teacher frames (sampler): test_teacher_features_align_with_the_crops, test_standin_teacher_frames.
+- LM loss (text CE with PAD/EPAD 0.5, semantic x100, acoustic x1, targets in delayed time): the golden
+  test_lm_loss_weights_golden_step; -1 tokens give no loss and no gradient: test_lm_loss_gives_absent_tokens_no_loss.
+- LM target shift (position s predicts column s + 1; depth order; acoustic delay): test_every_prediction_depends_only_
+  on_what_precedes_it, test_delays_are_the_papers_and_delay_undelay_are_inverses,
+  test_generation_grid_matches_the_training_forward.
+- LM sampler (top-k at a temperature, greedy at 0): test_sample_token_is_top_k_at_a_temperature; the streaming
+  step's user timing (official LMGen: step s hears user frame s): test_streaming_timing_is_the_official_lmgen.
+- LM schedules (warm-up + cosine lr to 10 %, the text-only stage's first text_iters steps): test_lm_schedules.
+- inner-monologue text stream (EPAD rule; the overflow deviation from moshi-finetune's Interleaver):
+  test_inner_monologue_against_the_official_interleaver, test_inner_monologue_puts_each_word_at_or_before_its_audio.
+- Not pinned: the per-step draw of the acoustic codebook count under q_dropout (off in `small`)."""
 import copy
 import re
 import importlib
@@ -697,7 +719,8 @@ def test_streaming_steps_equal_the_full_forward():
 
 def test_generation_grid_matches_the_training_forward():
     """Greedy full-duplex steps (lm_step: user codes written into the delayed grid, initial tokens, sampling, the
-    depth loop) produce exactly the tokens the training forward's argmax predicts from the same conversation."""
+    depth loop) produce exactly the tokens the training forward's argmax predicts from the same conversation; in
+    that conversation the user's frames are those fed from step 1 on (official timing: frame 0 is not heard)."""
     lm, cfg = tiny_lm()
     cfg.temp = cfg.temp_text = 0.0
     n, K = 10, cfg.dep_q
@@ -707,7 +730,7 @@ def test_generation_grid_matches_the_training_forward():
         M.lm_step(lm, st, user[:, :, s], cfg, None)
     T = n - max(lm.delays)
     codes = torch.stack([st.seq[:, k, 1 + d:1 + d + T] for k, d in enumerate(lm.delays)], 1)  # undelayed
-    assert torch.equal(codes[:, 1 + K:], user[:, :, :T])
+    assert torch.equal(codes[:, 1 + K:], user[:, :, 1:T + 1])
     for f in range(T):  # the frame handed to Mimi's decoder once its acoustic tokens exist
         assert torch.equal(st.moshi_frame(f, K)[:, :, 0], codes[:, 1:1 + K, f])
     with torch.no_grad():
@@ -757,6 +780,29 @@ def test_official_lm_parity(layout):
     assert rel(a[0][a[1]], o.logits[o.mask]) < 1e-4 and rel(a[2], o.text_logits) < 1e-4
 
 
+def test_streaming_timing_is_the_official_lmgen():
+    """lm_step against the moshi package's LMGen (greedy, same random weights, same user codes fed one frame per
+    step): the same text token and the same K audio tokens at every step. This pins the user timing: step s hears
+    user frame s (official), not s - 1 (a frame written one column later shifts every later token)."""
+    cfg = lm_cfg(lm_dim=64, lm_heads=2, dep_dim=32, dep_heads=2, dep_ffn=132)
+    cfg.temp = cfg.temp_text = 0.0
+    ref = reference_lm(cfg)
+    lm_mod = sys.modules[type(ref).__module__]
+    ours = M.MoshiLM(cfg).eval()
+    ours.load_state_dict(M.official_lm_state_dict(ref.state_dict()))
+    n, K = 12, cfg.dep_q
+    user = torch.randint(0, cfg.lm_card, (1, K, n), generator=torch.Generator().manual_seed(3))
+    got_t, got_a = [], []
+    gen = lm_mod.LMGen(ref, use_sampling=False, check=True, on_text_hook=lambda t: got_t.append(t.clone()),
+                       on_audio_hook=lambda a: got_a.append(a.clone()))
+    st = M.LMState(ours, 1, n, "cpu")
+    with torch.no_grad(), gen.streaming(1):
+        for s in range(n):
+            gen.step(user[:, :, s:s + 1])
+            t, a = M.lm_step(ours, st, user[:, :, s], cfg, None)
+            assert torch.equal(t, got_t[-1].view(-1)) and torch.equal(a, got_a[-1].view(1, K)), s
+
+
 def test_moshi_7b_parameter_count():
     cfg = make_cfg("moshi-7b")
     with torch.device("meta"):
@@ -796,6 +842,38 @@ def test_inner_monologue_puts_each_word_at_or_before_its_audio():
     assert first == int(1.37 * 12.5)  # an uncrowded word sits exactly on its start frame
     assert set(s[pos:]) == {tok.pad} and (s == tok.epad).sum() == len(words)
     assert [w for w, _ in tok.words(list(s), range(n))] == [w for w, *_ in words]
+
+
+def _interleaver_by_hand(words, n, tok, fr):
+    """moshi-finetune's Interleaver.build_token_stream (keep_main_only, no keep_and_shift, no delay), written out:
+    sweep the frames; every word whose start frame has come replaces the tokens still pending; a pending token
+    is emitted at each frame, turning a PAD just before it into EPAD; other frames are PAD."""
+    out, pending, i = [tok.pad] * n, [], 0
+    for t in range(n):
+        while i < len(words) and words[i][1] * fr < t + 1:
+            pending, i = list(tok.word(words[i][0])), i + 1
+        if pending:
+            if t > 0 and out[t - 1] == tok.pad:
+                out[t - 1] = tok.epad
+            out[t] = pending.pop(0)
+    return out
+
+
+def test_inner_monologue_against_the_official_interleaver():
+    """Ours vs moshi-finetune's Interleaver (transcribed above). Uncrowded words: the same stream, token for token
+    (each word from its start frame, EPAD on the frame before). Crowded words, the documented deviation (ours):
+    the official rule cuts the earlier word short when the next one starts; ours moves it earlier so that every
+    word stays whole, its text at or before its audio."""
+    cfg = lm_cfg()
+    tok = tiny_tokenizer(cfg)
+    calm = [("three", 0.30, 0.6), ("plus", 0.9, 1.2), ("four", 1.5, 1.8), ("is", 2.2, 2.4), ("seven", 2.8, 3.2)]
+    assert list(M.text_stream(calm, 45, tok, 12.5)) == _interleaver_by_hand(calm, 45, tok, 12.5)
+    crowded = [("zebra", 1.0, 1.05), ("seven", 1.08, 1.5)]  # "zebra", unseen by the BPE: one token a byte
+    assert len(tok.word("zebra")) > 1, "the case needs a multi-token word"
+    official, ours = _interleaver_by_hand(crowded, 30, tok, 12.5), list(M.text_stream(crowded, 30, tok, 12.5))
+    assert [w for w, _ in tok.words(official, range(30))] != ["zebra", "seven"]  # "zebra" cut short
+    assert [w for w, _ in tok.words(ours, range(30))] == ["zebra", "seven"]
+    assert ours.index(tok.word("seven")[0]) == official.index(tok.word("seven")[0]) == int(1.08 * 12.5)
 
 
 def test_inner_monologue_on_the_corpus():
@@ -857,6 +935,37 @@ def test_lm_loss_weights_golden_step():
     opt.step()
     for (k, v), w in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.allclose(v, w, rtol=1e-4, atol=1e-6), f"{k} differs after the step"
+
+
+def test_sample_token_is_top_k_at_a_temperature():
+    """§3.4.3's sampler: temperature 0 is the argmax; otherwise only the top_k logits are drawn, with frequencies
+    softmax(logit / temp) renormalised over those k (here 20,000 draws against the hand-computed law)."""
+    logits = torch.tensor([[2.0, 0.5, 1.0, -1.0, 1.5, 0.0]])
+    assert M.sample_token(logits, 0.0, 3, None).item() == 0
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([M.sample_token(logits.expand(1000, -1), 0.5, 3, g) for _ in range(20)]).flatten()
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    top = torch.tensor([2.0, 1.5, 1.0]) / 0.5
+    want = torch.zeros(6)
+    want[[0, 4, 2]] = top.exp() / top.exp().sum()  # 0.665, 0.245, 0.090
+    assert (freq - want).abs().max() < 0.015, (freq, want)
+
+
+def test_lm_schedules():
+    """The LM's lr: linear warm-up over lr_decay_iters / 20 steps, then cosine from 1 to 0.1 at lr_decay_iters,
+    constant after (values by hand at lr_decay_iters = 100); the first text_iters steps draw text-only batches
+    (stage 1), the later ones dialogues."""
+    cfg = lm_cfg(lr_decay_iters=100, text_iters=3)
+    rt = common.setup(cfg, log_to_file=False)
+    lr_at = M.lm_build(cfg, rt)["sched"].lr_lambdas[0]
+    want = {0: 0.2, 3: 0.8 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.03))), 4: 0.1 + 0.45 * (1 + math.cos(math.pi * 0.04)), 50: 0.55, 100: 0.1, 300: 0.1}
+    for s, v in want.items():
+        assert lr_at(s) == pytest.approx(v, abs=1e-9), s
+    asked = []
+    sampler = type("S", (), {"next": lambda self, text: asked.append(text) or torch.zeros(1)})()
+    for step in range(5):
+        M.lm_get_batch(sampler, cfg, rt, step)
+    assert asked == [True, True, True, False, False]
 
 
 def test_tiny_lm_learns():
