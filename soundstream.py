@@ -769,16 +769,15 @@ def train_step(state, batch, cfg, rt):
     quantize = common.unwrap(G).quantizer.tick()  # False during cfg.quantizer_warmup (a host-side count)
     with rt.autocast():
         y_hat, _ = G(batch["x"], batch["n_q"], batch["cond"], quantize)
-    rec = reconstruction_loss(y, y_hat, cfg)
-    if cfg.lambda_time:
-        rec = rec + cfg.lambda_time / cfg.lambda_rec * (y - y_hat.float()).abs().mean()
+    rec, time = reconstruction_loss(y, y_hat, cfg), (y - y_hat.float()).abs().mean()
+    recon = cfg.lambda_rec * rec + cfg.lambda_time * time  # (time: ours, 0 in the paper preset)
     if common.unwrap(G).quantizer._steps <= cfg.disc_warmup:  # reconstruction alone (ours): no D, 2.5x faster
         opt_g.zero_grad(set_to_none=True)
-        (cfg.lambda_rec * rec).backward()
+        recon.backward()
         _clip(opt_g, cfg)
         opt_g.step()
         zero = rec.detach() * 0
-        return dict(d=zero, g=cfg.lambda_rec * rec.detach(), adv=zero, feat=zero, rec=rec, n_q=batch["n_q"].float().mean())
+        return dict(d=zero, g=recon.detach(), adv=zero, feat=zero, rec=rec, time=time, n_q=batch["n_q"].float().mean())
     with rt.autocast():
         logits, _ = D(torch.cat([y, y_hat.detach()]))  # one pass over real and fake: (2B, ...)
     loss_d = discriminator_loss([l[:B] for l in logits], [l[B:] for l in logits])
@@ -790,12 +789,12 @@ def train_step(state, batch, cfg, rt):
         logits, fmaps = common.unwrap(D)(torch.cat([y, y_hat]))  # no gradient sync through D needed here
     adv = generator_adv_loss([l[B:] for l in logits])
     feat = feature_loss([[f[:B] for f in fm] for fm in fmaps], [[f[B:] for f in fm] for fm in fmaps])
-    loss_g = cfg.lambda_adv * adv + cfg.lambda_feat * feat + cfg.lambda_rec * rec
+    loss_g = cfg.lambda_adv * adv + cfg.lambda_feat * feat + recon
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     _clip(opt_g, cfg)
     opt_g.step()
-    return dict(d=loss_d, g=loss_g, adv=adv, feat=feat, rec=rec, n_q=batch["n_q"].float().mean())
+    return dict(d=loss_d, g=loss_g, adv=adv, feat=feat, rec=rec, time=time, n_q=batch["n_q"].float().mean())
 
 
 def load_for_inference(cfg, rt):

@@ -405,16 +405,17 @@ def literal_objective_step(G, D, batch, cfg, lr_g, lr_d):
         l2 = torch.sqrt(((torch.log(Sx.clamp(min=1e-5)) - torch.log(Sy.clamp(min=1e-5))) ** 2).sum(1) + 1e-12).mean(1)
         rec = rec + (l1 + math.sqrt(s / 2) * l2).mean()
     rec = rec / len(cfg.mel_scales)
-    loss_g = 1.0 * adv + 100.0 * feat + 0.04 * rec  # λ_adv, λ_feat (§III-E), λ_rec (ours, measured at init)
+    time = (y - y_hat).abs().mean()  # the waveform L1 (ours, EnCodec's ℓ_t)
+    loss_g = 1.0 * adv + 100.0 * feat + 0.04 * rec + cfg.lambda_time * time  # λ_adv, λ_feat (§III-E), λ_rec (ours)
     gp = [p for p in G.parameters()]
     for p, g in zip(gp, torch.autograd.grad(loss_g, gp, allow_unused=True)):
         if g is not None:
             p.data -= lr_g * g
-    return dict(d=loss_d, adv=adv, feat=feat, rec=rec, g=loss_g)
+    return dict(d=loss_d, adv=adv, feat=feat, rec=rec, time=time, g=loss_g)
 
 
 def test_golden_train_step():
-    cfg = make_cfg()
+    cfg = make_cfg(lambda_time=3.0)
     rt = runtime(cfg)
     torch.manual_seed(0)
     state = S.build(cfg, rt)
@@ -432,13 +433,31 @@ def test_golden_train_step():
     state["opt_d"] = torch.optim.SGD(state["D"].parameters(), lr=lr_d)
     torch.manual_seed(123)
     got = S.train_step(state, batch, cfg, rt)
-    for k in ("d", "adv", "feat", "rec", "g"):
+    for k in ("d", "adv", "feat", "rec", "time", "g"):
         assert got[k].item() == pytest.approx(ref[k].item(), rel=1e-5, abs=1e-6), k
     for name, a, b in (("D", state["D"], D_ref), ("G", state["G"], G_ref)):
         sa, sb = a.state_dict(), b.state_dict()
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-7, msg=f"{name}.{k} after the step")
     assert got["d"].item() > 0 and got["rec"].item() > 0
+
+
+def test_disc_warmup_trains_the_codec_on_reconstruction_alone():
+    # the first cfg.disc_warmup steps (ours, small preset): D untouched, the codec's loss is λ_rec·rec + λ_time·L1
+    cfg = make_cfg(disc_warmup=2, lambda_time=3.0)
+    rt = runtime(cfg)
+    torch.manual_seed(0)
+    state = S.build(cfg, rt)
+    x = torch.randn(2, 1, cfg.segment) * 0.1
+    batch = dict(x=x, target=x, cond=torch.zeros(2), n_q=torch.tensor([4, 4]))
+    d0 = copy.deepcopy(state["D"].state_dict())
+    for step in (1, 2, 3):
+        got = S.train_step(state, batch, cfg, rt)
+        moved = any(not torch.equal(v, state["D"].state_dict()[k]) for k, v in d0.items())
+        assert moved == (step == 3), step
+        if step <= 2:
+            assert got["adv"].item() == 0 and got["d"].item() == 0
+            assert got["g"].item() == pytest.approx(0.04 * got["rec"].item() + 3.0 * got["time"].item(), rel=1e-6)
 
 
 class NoHostReads:
