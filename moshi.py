@@ -132,8 +132,8 @@ class Config:
     ema_decay: float = 0.99            # EMA decay of the codebook statistics
     kmeans_iters: int = 50             # k-means iterations (one level per step, each on its own residual)
     dead_ratio: float = 0.1            # a code used less than dead_ratio x the uniform share is re-seeded
-    dead_grace: int = 5                # ...unless it was (re-)seeded within its level's last dead_grace updates (ours)
-    quantizer_warmup: int = 0          # first steps with the split RVQ bypassed, k-means after (ours, CPU scale)
+    dead_grace: int = 5                # ...unless (re-)seeded in its level's last dead_grace updates (ours)
+    quantizer_warmup: int = 0          # first steps with the split RVQ bypassed, then k-means (ours, CPU)
     quant_rate: float = 0.5            # fraction of training sequences that are quantized (the rest pass unquantized)
     q_dropout: bool = True             # train with a random number of acoustic codebooks, so any n_q decodes
     # semantic distillation (§3.3)
@@ -147,7 +147,7 @@ class Config:
     lambda_adv: float = 1.0            # hinge adversarial loss [inferred]
     lambda_feat: float = 3.0           # relative feature matching [inferred: EnCodec's value]
     lambda_t: float = 0.1              # time-domain L1 (only with --recon_loss)
-    lambda_f: float = 1.0              # multi-scale mel: linear L1 + mel_alpha x log MSE (only with --recon_loss)
+    lambda_f: float = 1.0              # multi-scale mel: L1 + mel_alpha x log MSE (only with --recon_loss)
     mel_alpha: float = 1.0             # weight of the log-mel MSE inside l_f (EnCodec's alpha_i = 1)
     lambda_commit: float = 1.0         # commitment loss (not in the balancer-free sum's gradient of the decoder)
     mel_scales: tuple = (5, 6, 7, 8, 9, 10, 11)  # mel-loss windows 2^i, hop 2^i / 4
@@ -232,7 +232,7 @@ PRESETS = {
     "mimi": dict(),                                             # the paper's codec: 79.3 M parameters, 32 codebooks
     "small": dict(n_filters=16, dimension=128, tr_layers=2, tr_heads=4, tr_ffn=512, n_q=8, q_dim=64,
                   disc_filters=8, disc_n_ffts=(512, 256), mel_scales=(6, 7, 8, 9, 10), recon_loss=True,
-                  lambda_f=3.0, quantizer_warmup=200, q_dropout=False, segment=23040, batch_size=4,  # 0.96 s crops
+                  lambda_f=3.0, quantizer_warmup=200, q_dropout=False, segment=23040, batch_size=4,  # 0.96 s
                   lr=1e-3, max_iters=1000, log_interval=20, eval_interval=250,
                   eval_items=8, probe_items=64, bench_seconds=4.0, kmeans_iters=20,  # codec: ~15 min on a CPU
                   text_card=512, lm_dim=256, lm_layers=4, lm_heads=4, lm_context=500, dep_dim=128, dep_layers=2,
@@ -505,7 +505,7 @@ class Codebook(nn.Module):
         self.register_buffer("initialized", torch.zeros(1))
         self.register_buffer("cluster_usage", torch.ones(K))        # EMA of how often each entry is picked
         self.register_buffer("embedding_sum", torch.zeros(K, d))    # EMA of the sum of the vectors it was picked for
-        self.register_buffer("age", torch.zeros(K))  # this level's updates since each entry was (re-)seeded (ours)
+        self.register_buffer("age", torch.zeros(K))  # this level's updates since each entry's (re-)seeding
 
     @property
     def embedding(self):  # (K, d)
@@ -818,8 +818,8 @@ def official_state_dict_to_ours(sd, cfg):
             k = k.replace("rvq_first", "semantic").replace("rvq_rest", "acoustic")
             k = re.sub(r"vq\.layers\.(\d+)\._codebook\._initialized", r"codebooks.\1.initialized", k)
             if k.endswith(".initialized"):  # our dead-code grace counter (not in the official file)
-                out[k[:-len("initialized")] + "age"] = torch.zeros_like(sd[re.sub(r"_initialized$", "cluster_usage",
-                                                                                     str(orig))].float())
+                usage = sd[re.sub(r"_initialized$", "cluster_usage", str(orig))]
+                out[k[:-len("initialized")] + "age"] = torch.zeros_like(usage.float())
             k = re.sub(r"vq\.layers\.(\d+)\._codebook\.", r"codebooks.\1.", k)
         else:
             k = k.replace("downsample.conv.conv.conv.", "downsample.conv.").replace("upsample.convtr.convtr.convtr.", "upsample.conv.")
@@ -1054,7 +1054,8 @@ def power_mel(x, n_fft, cfg):
     (n_fft - hop) / 2 at each end and zero-filled to a whole last frame; |STFT|^2 over the window's energy, then
     n_mels HTK-scale triangles left unnormalised. (B, C, T) -> (B * C, n_mels, frames), fp32."""
     hop, T = n_fft // 4, x.shape[-1]
-    fb = torch.from_numpy(common.mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, htk=True, norm=None)).to(x.device)
+    fb = common.mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, htk=True, norm=None)
+    fb = torch.from_numpy(fb).to(x.device)
     win = torch.hann_window(n_fft, device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         edge = (n_fft - hop) // 2
