@@ -463,15 +463,15 @@ def _buzz_and_hiss(T, sr):
 def test_decoder_uses_the_latent():
     """The real train_step (quantizer warm-up, then k-means one level per step, all terms at the small preset's
     weights) overfits two clips; decoding their codes must then beat decoding an all-zero latent by more than
-    MARGIN in mel distance (measured 0.58 vs 0.87). A decoder that ignores its input scores the two alike."""
+    MARGIN in mel distance (measured 0.59 vs 0.86). A decoder that ignores its input scores the two alike."""
     MARGIN = 0.2
-    cfg = make_cfg(segment=7680, lambda_f=3.0, lr=3e-3, quantizer_warmup=40, quant_rate=1.0, codebook_size=16)
+    cfg = make_cfg(segment=7680, lambda_f=3.0, lr=3e-3, quantizer_warmup=25, quant_rate=1.0, codebook_size=16)
     rt = common.setup(cfg, log_to_file=False)
     torch.manual_seed(0)
     state = M.build(cfg, rt)
     x = _buzz_and_hiss(cfg.segment, cfg.sample_rate)
     batch = (x, M.standin_teacher(x, cfg))
-    for _ in range(120):
+    for _ in range(80):
         M.train_step(state, batch, cfg, rt)
     G = state["G"].eval()
     with torch.no_grad():
