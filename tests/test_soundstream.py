@@ -451,8 +451,22 @@ def test_disc_warmup_trains_the_codec_on_reconstruction_alone():
     x = torch.randn(2, 1, cfg.segment) * 0.1
     batch = dict(x=x, target=x, cond=torch.zeros(2), n_q=torch.tensor([4, 4]))
     d0 = copy.deepcopy(state["D"].state_dict())
+    # step 1 by hand: one SGD step of the codec on 0.04·rec + 3·mean|y - ŷ| (a missing term changes the weights)
+    state["opt_g"] = torch.optim.SGD(state["G"].parameters(), lr=1e-2)
+    G_ref = copy.deepcopy(state["G"])
+    torch.manual_seed(5)
+    y_hat, _ = G_ref(x, batch["n_q"], batch["cond"], G_ref.quantizer.tick())
+    loss = 0.04 * S.reconstruction_loss(x, y_hat, cfg) + 3.0 * (x - y_hat).abs().mean()
+    gp = list(G_ref.parameters())
+    for p_, g in zip(gp, torch.autograd.grad(loss, gp, allow_unused=True)):
+        if g is not None:
+            p_.data -= 1e-2 * g
     for step in (1, 2, 3):
+        torch.manual_seed(5)
         got = S.train_step(state, batch, cfg, rt)
+        if step == 1:
+            for (k, a), b in zip(state["G"].state_dict().items(), G_ref.state_dict().values()):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=k)
         moved = any(not torch.equal(v, state["D"].state_dict()[k]) for k, v in d0.items())
         assert moved == (step == 3), step
         if step <= 2:
