@@ -135,6 +135,8 @@ class Config:
     eval_interval: int = 2000          # evaluate and checkpoint
     eval_items: int = 8                # held-out clips per kind (speech, music) in evaluate()
     eval_seconds: float = 4.0          # crop held-out clips to this length
+    listen_items: int = 16             # --mode=eval: whole test speech clips at the lowest and highest bandwidth
+                                       # and the originals, three folders an ASR judges (whisper.py --input_dir)
     bench_seconds: float = 10.0        # audio length for the encode/decode real-time factors
     bench_batches: tuple = (1, 16)     # batch sizes for the encode/decode real-time factors
     device: str = "auto"
@@ -1089,8 +1091,32 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", lm=None):
                        f"{r['kbps']:.3f} kbps sent | {r['kbps_entropy']:.3f} kbps unigram entropy"
                        + (f" | {r['kbps_lm']:.3f} kbps with the LM ({100 * (1 - r['kbps_lm'] / r['kbps']):.1f}% saved)"
                           if lm is not None else ""))
+    if cfg.mode == "eval" and not cfg.data_dir and cfg.listen_items:
+        listening_sets(cfg, m, dev)
     m.train(was_training)
     return results
+
+
+@torch.no_grad()
+def listening_sets(cfg, m, dev):
+    """Whole test speech clips coded at the lowest and highest bandwidth, and the originals: three folders of
+    wavs + refs.txt for `whisper.py --mode=sample --input_dir=DIR` (common.write_listening_set)."""
+    utts = common.load_corpus(cfg, "test", cfg.sample_rate, kind="speech", mono=cfg.channels == 1)
+    utts = utts[:cfg.listen_items]
+    out, bws = os.path.join(cfg.out_dir, "listen"), (min(cfg.bandwidths), max(cfg.bandwidths))
+    sets = {f"resynth_{bw:g}kbps": [] for bw in bws} | {"orig": []}
+    for u in utts:
+        x = torch.from_numpy(to_channels(u.wav, cfg.channels))[None].to(dev)  # (1, C, T)
+        for bw in bws:
+            y = m.decompress(m.compress(x, bw), x.shape[-1])[0].cpu()
+            sets[f"resynth_{bw:g}kbps"].append((u.id, y.mean(0), u.text))
+        sets["orig"].append((u.id, x[0].cpu().mean(0), u.text))
+    for name, items in sets.items():
+        common.write_listening_set(os.path.join(out, name), items, cfg.sample_rate)
+    common.save_sample(out, f"{utts[0].id}_{bws[1]:g}kbps", sets[f"resynth_{bws[1]:g}kbps"][0][1], cfg.sample_rate,
+                       ref=sets["orig"][0][1])
+    common.log(f"{len(utts)} test clips -> {out}/{{{','.join(sets)}}} (judge each: whisper.py --mode=sample "
+               "--input_dir=DIR)")
 
 
 def train(cfg):
