@@ -1,6 +1,7 @@
 """Tests of common.py: every helper the paper files stand on, with assertions that can fail."""
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -141,6 +142,27 @@ def test_mulaw_round_trip():
     torch.testing.assert_close(common.mulaw_decode(common.mulaw_encode(x)), x, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(common.mulaw_quantize(x.numpy()), q.numpy())  # numpy and torch agree
     assert common.mulaw_encode(torch.tensor(0.5)).item() == pytest.approx(np.log1p(255 * 0.5) / np.log1p(255))
+
+
+def test_mulaw_curve_pinned_by_the_paper_formula():
+    """WaveNet Eq. 2, f(x) = sign(x) ln(1 + mu|x|) / ln(1 + mu) with mu = 255, at known points, written out here
+    (a round trip survives a wrong mu or log base: encode and decode err together). The classes follow the
+    256-way softmax's quantization, round((f + 1) / 2 * 255)."""
+    mu = 255
+    xs = [0.0, 0.001, 0.01, 0.1, 0.5, 1.0]
+    paper = [0.0 if x == 0 else math.log(1 + mu * x) / math.log(1 + mu) for x in xs]  # the formula, by hand
+    # the same values as literals, so the transcription above cannot drift with the file's constant
+    np.testing.assert_allclose(paper, [0.0, 0.0409609, 0.2284774, 0.5909901, 0.8757031, 1.0], atol=1e-6)
+    for x, f in zip(xs, paper):
+        for sgn in (1, -1):
+            got_t = common.mulaw_encode(torch.tensor(sgn * x, dtype=torch.float64)).item()
+            got_n = float(common.mulaw_encode(np.float64(sgn * x)))
+            assert got_t == pytest.approx(sgn * f, abs=1e-6) and got_n == pytest.approx(sgn * f, abs=1e-6)
+            # decode is the inverse formula: (1 + mu)^|y| - 1) / mu
+            assert common.mulaw_decode(torch.tensor(sgn * f, dtype=torch.float64)).item() == pytest.approx(
+                sgn * x, abs=1e-9)
+    q = common.mulaw_quantize(torch.tensor([-1.0, -0.5, -0.1, -0.01, -0.001, 0.0, 0.001, 0.01, 0.1, 0.5, 1.0]))
+    assert q.tolist() == [0, 16, 52, 98, 122, 128, 133, 157, 203, 239, 255]
 
 
 # ----------------------------------------------------------------------------- audio
