@@ -1,8 +1,26 @@
-"""Tests for soundstream.py: parameter counts and bitrate arithmetic, causality, streaming == offline, the RVQ
-(literal residual quantization, monotone error, codes in range, masked EMA, dead codes, k-means init, the
-straight-through gradient), quantizer dropout draws, FiLM (neutral = identity, sides), denoising pairs, the STFT
-discriminator's input layout, a golden training step against a literal transcription of §3.4, overfitting, and
-the command line (train / resume exactness / sample / eval / bench / clear errors)."""
+"""Tests for soundstream.py: sizes and bitrates, causality, streaming == offline, the RVQ, quantizer dropout,
+FiLM, the discriminators, a golden training step against a literal transcription of §III-E, and the command line.
+
+What pins each loss term, sampler, quantizer rule and schedule of soundstream.py (a codec: no target shift):
+- D hinge 1/K Σ mean relu(1 - D(x)) + relu(1 + D(x̂)): test_hinge_losses_by_hand (hand values), test_golden_train_step
+- G adversarial hinge and feature matching (mean |D^l(x) - D^l(x̂)| over K·L maps): the same two tests
+- multi-scale mel reconstruction (L1 + α_s·log-L2, averaged over frames, ours) and λ_rec: test_golden_train_step
+  (transcribed; the mel filterbank itself is common.mel_spectrogram, pinned in test_common), test_loss_balance_at_init
+  (gradient-norm ratios at init within the bands the Config comment states)
+- waveform L1 λ_time (ours): test_golden_train_step, test_disc_warmup_trains_the_codec_on_reconstruction_alone
+- disc warm-up schedule (ours): test_disc_warmup_trains_the_codec_on_reconstruction_alone (D still, hand SGD step)
+- quantizer warm-up schedule: test_quantizer_warmup_bypasses_then_quantizes
+- quantizer dropout n_q ~ U{1..N_q} per example: test_quantizer_dropout_draws_every_n_q_uniformly; its mask and the
+  straight-through estimator: test_rvq_training_forward_dropout_mask_and_straight_through
+- RVQ (Alg. 1): test_rvq_encode_is_residual_quantization_and_error_decreases (against literal_rvq)
+- EMA codebook update over the examples that use a layer: test_ema_update_counts_only_the_examples_that_use_a_layer
+- dead codes: test_dead_codes_are_reseeded_from_the_batch; threshold x dropout share and the grace in steps:
+  test_dead_code_threshold_scales_with_dropout_share_and_reseeded_code_keeps_its_grace
+- k-means one level per step: test_kmeans_initialises_one_level_per_step_on_that_steps_residual
+- noise / denoise-flag pairs (target = clean iff the flag): test_denoising_pairs; FiLM: test_film_neutral_is_identity_and_sides
+- the decoder uses the latent: test_tiny_codec_overfits_one_batch_and_its_decoder_uses_the_latent
+- lr: constant (no schedule); no host reads / compiled == eager: test_train_step_reads_nothing_back_from_the_device,
+  test_compiled_train_step_equals_eager_without_host_sync"""
 import copy
 import math
 
@@ -261,6 +279,7 @@ def test_kmeans_initialises_one_level_per_step_on_that_steps_residual():
     x = torch.randn(2, 1, 320 * 8) * 0.1
     out, codes = fresh(x, torch.tensor([4, 4]), torch.zeros(2))
     assert (codes[:, 0] >= 0).all() and (codes[:, 1:] == -1).all()
+
 
 def test_quantizer_warmup_bypasses_then_quantizes():
     torch.manual_seed(0)
