@@ -40,8 +40,8 @@ Simplified or changed versus the paper:
   answers); text is the corpus BPE (common.train_bpe), not Qwen's tokenizer;
 - the `mini` preset has the official shapes (Whisper-large encoder, Qwen2.5-7B LLM, vocabulary 158,720) and builds
   on the meta device only; no official weights are mapped (no pip-installable reference implementation to prove
-  a key map against); the placeholder count follows this file's encoder and adaptor exactly (tested): 313 per
-  25 s chunk, as the card's count for the official code; its formula is not verified against that code.
+  a key map against); the placeholder count is the official `compute_token_num` (the encoder reads each chunk's
+  mel two frames shorter, as official `padding_mels`): 313 per 25 s chunk, tested at many lengths.
 
     python step_audio.py                                  # all seven stages on the built-in corpus (`small` on a CPU)
     python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
@@ -697,9 +697,16 @@ def mel_frames(n_samples, cfg):
     return (n_samples + cfg.pad_samples) // 160
 
 
+def mel_valid(n_frames):
+    """The mel frames the encoder reads as real: the official `padding_mels` counts each chunk's mel two frames
+    shorter than it is (the frames of the 479-sample right padding), so its `compute_token_num` does too."""
+    return n_frames - 2
+
+
 def audio_tokens(n_samples, cfg):
-    """Placeholders one chunk takes in the prompt: the encoder and adaptor length formula, exactly."""
-    return adaptor_frames(encoder_frames(mel_frames(n_samples, cfg)))
+    """Placeholders one chunk takes in the prompt: the encoder and adaptor length formula on the valid frames,
+    which equals the official `compute_token_num` (tested at many lengths)."""
+    return adaptor_frames(encoder_frames(mel_valid(mel_frames(n_samples, cfg))))
 
 
 def render(turns, tok, cfg, generate=False):
@@ -999,7 +1006,7 @@ def collate(examples, tok, cfg, rt, cache=None):
     if mels:
         T = max(m.shape[-1] for m in mels)
         batch["mel"] = torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(rt.device)
-        batch["n_mel"] = torch.tensor([m.shape[-1] for m in mels], device=rt.device)
+        batch["n_mel"] = torch.tensor([mel_valid(m.shape[-1]) for m in mels], device=rt.device)  # official
     return batch
 
 

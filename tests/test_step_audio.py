@@ -44,11 +44,26 @@ def test_placeholder_count_follows_the_encoder_and_adaptor(seconds):
     assert b["mel"].shape[0] == len(chunks) == int((b["ids"] == tok.audio_start).sum())
     feats = model.audio_features(b["mel"], b["n_mel"])    # chunks padded to one length in a batch
     for i, n in enumerate(chunks):                         # each chunk alone, unpadded: the same features
-        alone = model.adapter(model.encoder(b["mel"][i:i + 1, :, :int(b["n_mel"][i])], b["n_mel"][i:i + 1]))
-        assert alone.shape[1] == S.audio_tokens(n, cfg) == feats[i].shape[0]
+        alone = model.audio_features(b["mel"][i:i + 1, :, :S.mel_frames(n, cfg)], b["n_mel"][i:i + 1])
+        assert alone[0].shape[0] == S.audio_tokens(n, cfg) == feats[i].shape[0]
         torch.testing.assert_close(feats[i], alone[0], atol=1e-5, rtol=1e-4)
     assert int((b["ids"] == tok.patch).sum()) == sum(S.audio_tokens(n, cfg) for n in chunks)
     model(b["ids"], b["mel"], b["n_mel"], tok.patch)       # the features fill the placeholders exactly
+
+
+def official_compute_token_num(n_mel):
+    """Transcribed from Step-Audio2's utils.compute_token_num: the mel counted two frames shorter, conv2 (+1)//2,
+    the pooler //2, then the adaptor's k3 s2 p1 conv."""
+    enc = (n_mel - 2 + 1) // 2 // 2
+    return (enc + 2 * 1 - 3) // 2 + 1
+
+
+def test_placeholder_count_is_the_official_compute_token_num_at_many_lengths():
+    """1.05 s: 107 mel frames -> 13 placeholders (the encoder formula on all 107 frames would give 14)."""
+    cfg = S.Config()
+    assert S.mel_frames(16800, cfg) == 107 and S.audio_tokens(16800, cfg) == 13
+    for n in list(range(160, 400000, 997)) + [400000]:
+        assert S.audio_tokens(n, cfg) == official_compute_token_num((n + 479) // 160), n
 
 
 def test_placeholder_count_at_the_official_front_end():
