@@ -1,11 +1,25 @@
 """Tests for encodec.py. Inference: parity with the official `encodec` package (24 kHz, 48 kHz, the quantizer and
-its EMA update, the discriminator, the LM), the official parameter counts, bitrate arithmetic, streaming == offline
-(with the trailing partial frame flushed, no wait under constant padding), causality, the RVQ. Training: a golden
-step against a literal transcription of §3.4 (losses, balancer with its bias-corrected EMA, SGD updates), the
-straight-through and commitment gradients (encodec#25), exact loss values, EMA / dead-code / k-means, no host
-sync in the codebook's training step (fullgraph compile, == eager; the whole run under --compile=True is an opt-in
-test, NANOAUDIO_SLOW=1: inductor's CPU build takes minutes), and the command line (the CLI contract, a diverging
---lr on resume, data and flag errors, the official file without preset flags, the entropy-coding LM)."""
+its EMA update, the discriminator, the LM), parameter counts, bitrate arithmetic, streaming == offline, causality,
+the RVQ. Training: a golden step against a literal transcription of §3.4, and the command line.
+
+What pins each loss term, sampler, quantizer rule and schedule of encodec.py:
+- ℓ_t (waveform L1) and ℓ_f (msspec form: linear-mel L1 + α·log10-mel MSE per scale): test_golden_training_steps
+  (ref_recon, ref_mel: a transcribed STFT and HTK filterbank), test_feature_loss_and_reconstruction_exact_values
+- ℓ_g hinge, D hinge, ℓ_feat (relative to the real maps): test_losses (hand values), test_golden_training_steps
+- ℓ_w commitment through every layer (encodec#25): test_commitment_gradient_sums_over_the_rvq_layers; the
+  straight-through estimator: test_straight_through_gradient_is_identity
+- the balancer (per-example gradient norms on x̂, bias-corrected EMA): test_balancer_gradient_norms_follow_the_weights,
+  test_golden_training_steps
+- bandwidth per batch and D update probability: test_bandwidth_is_drawn_per_batch_and_d_updates_with_disc_prob
+- quantizer warm-up schedule: test_quantizer_warmup_counts_steps, test_quantizer_warmup_bypasses_the_rvq
+- k-means init (Lloyd): test_kmeans_init_finds_clusters; one level per step: test_quantizer_warmup_bypasses_the_rvq
+- EMA update and dead-code re-seeding: test_ema_and_dead_code_update_touch_the_right_rows; the grace in steps:
+  test_dead_codes_get_a_grace_period_with_small_batches; the small preset's threshold:
+  test_small_preset_dead_code_threshold_fits_its_batch
+- the decoder uses the latent: test_tiny_model_overfits_one_batch
+- the entropy-coding LM (§3.3): frame t predicted from frames < t (the target shift) and its cross-entropy:
+  test_lm_is_causal_and_learns_a_predictable_stream, test_official_lm_parity
+- lr: constant (no schedule); no host sync: test_codebook_training_step_has_no_graph_break"""
 import copy
 import math
 import os
@@ -516,14 +530,16 @@ def test_discriminator_sees_complex_stft():
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    cfg = make_cfg()
+    cfg = make_cfg(n_filters=8)  # C = 8: a latent worth using in 80 steps
     m = E.EnCodec(cfg)
     bal = E.Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f}, cfg)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3, betas=(0.5, 0.9))
     t = torch.arange(4800) / cfg.sample_rate
-    x = (0.3 * torch.sin(2 * math.pi * 220 * t) * torch.tensor([1.0, 0.5])[:, None]).view(2, 1, -1)
+    # two different tones (220 Hz; 660 Hz with a 5 Hz tremolo): only the latent tells the decoder which to make
+    x = torch.stack([0.3 * torch.sin(2 * math.pi * 220 * t),
+                     0.3 * torch.sin(2 * math.pi * 660 * t) * torch.cos(2 * math.pi * 5 * t)])[:, None]
     first = None
-    for _ in range(15):
+    for _ in range(80):
         x_hat, _, commit = m(x, cfg.n_q)
         l_t, l_f = E.reconstruction_losses(x, x_hat, cfg)
         first = first if first is not None else l_f.item()
@@ -531,6 +547,14 @@ def test_tiny_model_overfits_one_batch():
         bal.backward({"t": l_t, "f": l_f}, x_hat, other=commit)
         opt.step()
     assert l_f.item() < first / 2, (first, l_f.item())
+    # the decoder depends on the latent: decoding the real codes beats decoding an all-zero latent by >= 2x in
+    # ℓ_t (measured 0.040 vs 0.155; a decoder that ignores its input makes the two equal)
+    m.eval()
+    with torch.no_grad():
+        codes, _ = m.encode(x, cfg.n_q)
+        real = E.reconstruction_losses(x, m.decode(codes)[..., :x.shape[-1]], cfg)[0].item()
+        zero = E.reconstruction_losses(x, m.decoder(torch.zeros_like(m.encoder(x)))[..., :x.shape[-1]], cfg)[0].item()
+    assert zero > 2 * real, (real, zero)
 
 
 def test_quantizer_warmup_bypasses_the_rvq():
@@ -781,6 +805,25 @@ def test_quantizer_warmup_counts_steps():
     n = [int(E.train_step(state, x, cfg, CPU)["n_q"]) for _ in range(3)]
     assert n[:2] == [0, 0] and n[2] > 0 and state["G"].quantizer.layers[0].inited.item() == 1
     assert state["choices"].step == 3
+
+def test_bandwidth_is_drawn_per_batch_and_d_updates_with_disc_prob():
+    # §3.2: one bandwidth per batch, uniform over cfg.bandwidths; §4: D updates with probability disc_prob. Both
+    # drawn from (seed, step), so the same step draws the same after a resume
+    cfg = make_cfg(disc_prob=0.5, bandwidths="(0.9,1.8)")  # n_q 2 and 4 (64 codes: 0.45 kbps each)
+    torch.manual_seed(0)
+    state = E.build(cfg, CPU)
+    x = torch.randn(2, 1, cfg.segment) * 0.1
+    n_q, upd = [], []
+    for _ in range(16):
+        out = E.train_step(state, x, cfg, CPU)
+        n_q.append(int(out["n_q"]))
+        upd.append("d" in out)
+    assert set(n_q) == {2, 4} and 4 <= sum(upd) <= 12, (n_q, upd)
+    again = E.StepChoices(cfg)
+    again.load_state_dict({"step": 7})
+    step, rng = again.next()
+    assert step == 8 and E.EnCodec(cfg).n_q_for(rng.choice(cfg.bandwidths)) == n_q[7]
+    assert (rng.random() < cfg.disc_prob) == upd[7]
 
 # ----------------------------------------------------------------------------- no host sync; compiled == eager
 
