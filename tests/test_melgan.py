@@ -1,5 +1,23 @@
-"""Tests for melgan.py: shapes, parameter counts, the official key map and size inference, a golden training step
-against the paper's objective written out here, the features, and the command line (contract, errors)."""
+"""Tests for melgan.py: shapes, parameter counts, the official key map and size inference, a golden training
+step against the paper's objective written out here, the features, the optimizer, and the command line.
+
+What pins each term of the paper file (expected values are written out in the tests, never taken from
+melgan.py):
+- discriminator hinge loss, Eq. 1, summed over the 3 scales: test_losses_on_hand_made_tensors,
+  test_golden_step_matches_the_papers_objective
+- generator adversarial loss, Eq. 2: the same two tests
+- feature matching, Eq. 3 (hidden layers only, weight 1/num_D x 4/(n_layers + 1), L1 to the pre-update real
+  features) and lambda = 10 in Eq. 4: the same two tests
+- step order (D first, then G against the updated D): test_golden_step_matches_the_papers_objective (two
+  steps)
+- multi-scale input, avg-pool 4/2 without counting the padding: test_pooling_ignores_its_padding, the golden
+  step
+- data augmentation, one random gain per clip: test_golden_step_matches_the_papers_objective
+- features, the official log10 Audio2Mel: test_log_mel_is_the_official_log10_audio2mel
+- optimizer, Adam lr 1e-4, betas (0.5, 0.9), no schedule: test_optimizers_are_the_papers_adam
+- sampler: none (the generator is deterministic); the Slaney filterbank is pinned against librosa in
+  test_common.
+"""
 import copy
 import os
 import shutil
@@ -293,3 +311,18 @@ def test_bad_values_give_one_line(tmp_path):
                         (dict(channels="wide"), "not a valid int")):
         with pytest.raises(SystemExit, match=what):
             make_cfg(**flags)
+
+
+def test_optimizers_are_the_papers_adam():
+    # §3 / the official train.py: Adam, lr 1e-4, betas (0.5, 0.9), no weight decay, for G and D alike; the golden
+    # step swaps in SGD, so the optimizer itself is pinned here, written out rather than read from Config
+    paper = make_cfg("paper")
+    assert paper.lr == 1e-4 and tuple(paper.betas) == (0.5, 0.9)
+    cfg = make_cfg()
+    state = melgan.build(cfg, CPU)
+    for net in ("g", "d"):
+        opt = state[f"opt_{net}"]
+        group = opt.param_groups[0]
+        assert type(opt) is torch.optim.Adam, type(opt)
+        assert group["lr"] == cfg.lr and tuple(group["betas"]) == tuple(cfg.betas) and group["weight_decay"] == 0
+        assert {id(p) for p in group["params"]} == {id(p) for p in state[net.upper()].parameters()}

@@ -1,7 +1,27 @@
-"""Tests for wavenet.py: receptive field, causality, conditioning alignment, parameter counts, Fast-WaveNet cache ==
-naive generation, a golden training step against a literal transcription of the paper's teacher forcing, the lr
-schedule, overfitting through train_step, and the command line (the shared contract, a changed --lr on resume,
-bad flags and bad data)."""
+"""Tests for wavenet.py: receptive field, causality, conditioning alignment, parameter counts, Fast-WaveNet
+cache == naive generation, a golden training step against a literal transcription of the paper, the lr
+schedule, the sampler, overfitting through train_step, and the command line (contract, a changed --lr on
+resume, bad input).
+
+What pins each term of the paper file (expected values are written out in the tests, never taken from
+wavenet.py):
+- loss, cross-entropy over 256 μ-law classes (§2.2): test_golden_step (fp64 transcription of the whole
+  forward)
+- targets, μ-law companding f(x) = sign(x) ln(1 + mu|x|) / ln(1 + mu): test_golden_step's ref_mulaw_classes;
+  the curve itself at known points: tests/test_common.py::test_mulaw_curve_pinned_by_the_paper_formula
+- target shift, input = classes shifted right by one with silence (128) first: test_teacher_forcing_inputs,
+  test_golden_step
+- causality of the dilated convs (§2.1): test_causality, test_receptive_field_formula
+- local conditioning upsampled to the sample rate, y_t conditions x_t (§2.5):
+  test_upsampler_length_init_and_alignment, test_golden_step (transposed conv written as its definition)
+- optimizer, Adam with clipping to grad_clip: test_golden_step (Adam by hand, then SGD with clipping active)
+- schedule, linear warm-up then halving every lr_half_life steps: test_lr_schedule_in_the_scheduler,
+  test_golden_step
+- sampler, x_t ~ softmax(logits / T), T = 0 argmax: test_sampler_frequencies_follow_the_tempered_softmax
+- cached generation (Fast WaveNet) == naive: test_cached_equals_naive,
+  test_cached_generator_state_is_static_for_cuda_graphs The features (common.mel_spectrogram) are pinned
+  against librosa in tests/test_common.py.
+"""
 import dataclasses
 import math
 import os
@@ -463,3 +483,18 @@ def test_bad_data_stops_before_step_1(tmp_path, capsys):
                    match="shorter than 1024 samples")
     assert "step 1" not in capsys.readouterr().out
     assert not os.path.exists(f"{tmp_path}/out/ckpt.pt")
+
+
+def test_sampler_frequencies_follow_the_tempered_softmax():
+    # generation draws x_t ~ softmax(logits / T) (§2.2); both generators share W.draw, so the cached == naive test
+    # cannot see a wrong sampler: here its empirical class frequencies meet the distribution written out
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0]])
+    n = 200_000
+    u = torch.rand(n, generator=g)
+    for T in (1.0, 0.5):
+        p = torch.exp(logits[0] / T) / torch.exp(logits[0] / T).sum()
+        drawn = W.draw(logits.expand(n, -1), u, T)
+        freq = torch.bincount(drawn, minlength=5).double() / n
+        assert (freq - p).abs().max() < 0.005, (T, freq, p)
+    assert torch.equal(W.draw(logits.expand(3, -1), u[:3], 0.0), torch.zeros(3, dtype=torch.long))  # T = 0: argmax
