@@ -2,33 +2,23 @@
 HiFi-GAN: Generative Adversarial Networks for Efficient and High Fidelity Speech Synthesis
 (Kong, Kim, Bae, NeurIPS 2020) — https://arxiv.org/abs/2010.05646
 
-The idea: MelGAN's recipe, with two changes that fix its metallic, periodic artifacts. The generator
-follows each transposed-conv upsampler with multi-receptive-field fusion (MRF, §2.2): several residual
-blocks with different kernels and dilations run in parallel and are averaged, so every rate sees
-patterns of many lengths at once. A multi-period discriminator (MPD, §2.3) folds the waveform into
-2-D grids of period 2, 3, 5, 7 and 11 so it can judge the periodic structure of voiced speech, beside
-MelGAN's multi-scale discriminator. Training swaps the hinge loss for least squares and adds an L1 loss
-on mel spectrograms (x45, §2.4) that makes the first steps fast and stable.
+The idea: MelGAN's recipe, with two changes that fix its metallic, periodic artifacts. Speech is a sum of
+sinusoids of many periods, so the generator follows each transposed-conv upsampler with multi-receptive-field
+fusion (MRF, §2.2): residual blocks with different kernels and dilations run in parallel and are averaged,
+so every rate sees patterns of many lengths at once. A multi-period discriminator (MPD, §2.3) folds the
+waveform into 2-D grids of period 2, 3, 5, 7 and 11, so each member judges the samples one period apart,
+the periodic structure of voiced speech that MelGAN's multi-scale discriminator (kept beside it) misses.
+Training swaps the hinge loss for least squares (Eqs. 1-2), keeps feature matching (Eq. 4, x2) and adds an
+L1 loss on log-mel spectrograms (Eq. 3, x45) that makes the first steps fast and stable.
 
 Simplified or changed versus the paper / official code (jik876/hifi-gan):
-- data is the built-in eSpeak corpus (or --data_dir), not LJSpeech; no fine-tuning on Tacotron 2 mels
-  (§4.4); training is measured in steps (the paper trains 2.5 M); evaluation is mel L1, not MOS.
-- one waveform batch goes through the discriminators as [real; fake] in a single forward (same math,
-  fewer kernel launches) and the G step's real features are computed without grad, so spectral norm runs
-  its power iteration 3 times per step, not 4 as in the official code (one per discriminator call);
-  bf16 autocast and torch.compile on CUDA (the official code is fp32, eager).
-- G's step runs D with its weights frozen (requires_grad off): the official code also computes D's weight
-  gradients there and discards them at the next D step; skipping them changes no number (the losses and updates
-  are bit-identical) and makes the V1 step ~1.4x faster than the official recipe on the CPU
-  (tests/bench_vs_official.py). Activations and residual adds of fresh conv outputs run in place.
-- an "epoch" for the learning-rate decay is one pass of segments over the training clips (as the
-  official loader: one random segment per clip), counted in steps (--epoch_steps).
-- PyTorch's default init is kept: the official init_weights runs after weight norm and has no effect.
-- no gradient clipping, as the official code.
-- the `small` preset is V2's generator with discriminators capped at 32 channels (0.19 M parameters
-  against the paper's 70.7 M): a CPU-sized critic, far weaker than the paper's. It trains on 4096-sample
-  segments (the paper: 8192) at lr 5e-4 (the paper: 2e-4): 1000 steps take 13 min on a CPU core, and the
-  held-out mel distance ends lower than with the paper's segment and lr in 35 min (README).
+- the built-in eSpeak corpus (or --data_dir), not LJSpeech; no fine-tuning on Tacotron 2 mels (§4.4);
+  training counted in steps; evaluation is mel L1, not MOS.
+- real and fake go through D as one [real; fake] batch, and G's step runs D frozen: same losses and updates;
+  spectral norm's power iteration thus runs 3 times per step (officially 4); bf16 and torch.compile on CUDA.
+- the lr decay's "epoch" is one pass of segments over the training clips, counted in steps (--epoch_steps).
+- the `small` preset (ours): V2's generator, discriminators capped at 32 channels (0.19 M, the paper's
+  70.7 M), 4096-sample segments at lr 5e-4 (the paper: 8192, 2e-4), which did better in 1000 CPU steps.
 
     python hifigan.py                                   # train on the built-in corpus
     python hifigan.py --preset=v1 --batch_size=16       # paper size (V1: 13.94 M generator)
@@ -92,7 +82,7 @@ class Config:
     epoch_steps: int = 0                # steps per lr-decay epoch; 0: one pass of segments over the training clips
     batch_size: int = 16
     segment: int = 8192                 # training clip length in samples
-    max_iters: int = 100_000            # optimizer steps (the paper trains 2.5 M, see README)
+    max_iters: int = 100_000            # optimizer steps (the paper trains 2.5 M)
     log_interval: int = 50
     eval_interval: int = 2000           # evaluate on val, write samples and checkpoint every N steps
     eval_items: int = 16                # held-out utterances evaluate() vocodes
@@ -136,7 +126,7 @@ PRESETS = {  # the official config_v1/v2/v3.json (Appendix A)
                   resblock_kernels=(3, 5, 7), resblock_dilations=((1, 2), (2, 6), (3, 12))),  # 1.46 M: fastest
     "small": dict(channels=128, d_max_channels=32, batch_size=4, segment=4096, lr=5e-4, max_iters=1000,
                   eval_interval=250, corpus_hours=0.5, eval_items=8, log_interval=25,
-                  compile=False),  # V2's G; 13 min on one idle CPU core (README)
+                  compile=False),  # V2's G with a CPU-sized critic (ours)
     "tiny":  dict(channels=32, upsample_rates=(16, 16), upsample_kernels=(32, 32), d_max_channels=16,
                   batch_size=2, segment=2048, max_iters=10,
                   eval_interval=1000, corpus_hours=0.02, eval_items=2, log_interval=1, bench_iters=2,

@@ -2,27 +2,22 @@
 MelGAN: Generative Adversarial Networks for Conditional Waveform Synthesis
 (Kumar et al., NeurIPS 2019) — https://arxiv.org/abs/1910.06711
 
-The idea: invert a mel spectrogram to a waveform with one feed-forward pass. A fully convolutional
-generator upsamples 80-bin mel frames 256x with transposed convolutions (8x8x2x2), each followed by a
-residual stack of dilated convolutions (dilations 1, 3, 9) that widens the receptive field (§2.1).
-There is no noise input and no reconstruction loss: three discriminators look at the raw, 2x and 4x
-average-pooled waveform and score overlapping windows (§2.2); a hinge GAN loss plus an L1
-feature-matching loss on the discriminators' hidden layers (§2.3) is the whole objective.
+The idea: invert a mel spectrogram to a waveform with one feed-forward pass, fast enough for real time
+without autoregression. A fully convolutional generator upsamples 80-bin mel frames 256x with transposed
+convolutions (8x8x2x2), each followed by a residual stack of dilated convolutions (dilations 1, 3, 9) that
+widens the receptive field so distant samples stay coherent (§2.1). There is no noise input (the mel already
+fixes the content) and no reconstruction loss: three discriminators look at the raw, 2x and 4x
+average-pooled waveform and score overlapping windows, so each judges structure at its own scale (§2.2).
+A hinge GAN loss plus an L1 feature-matching loss on the discriminators' hidden layers (x10, §2.3) is the
+whole objective; feature matching gives the generator a dense signal beyond the single real/fake score.
 
 Simplified or changed versus the paper / official code (descriptinc/melgan-neurips):
-- data is the built-in eSpeak corpus (or --data_dir), not LJSpeech; training is measured in steps, not
-  the official 3000 epochs; evaluation is mel L1 and multi-resolution STFT distance, not MOS.
-- one waveform batch goes through the discriminator as [real; fake] in a single forward (same math,
-  fewer kernel launches); bf16 autocast and torch.compile on CUDA (the official code is fp32, eager).
-- G's step runs D with its weights frozen (requires_grad off): the official code also computes D's weight
-  gradients there and zeroes them before the next D step; skipping them changes no number (bit-identical
-  losses and updates) and makes the step ~1.3x faster on the CPU. Activations and residual adds of fresh conv
-  outputs run in place.
-- the mel magnitude adds 1e-9 under the square root (common.mel_spectrogram, HiFi-GAN's convention);
-  the official MelGAN Audio2Mel does not. The difference is far below the 1e-5 clamp.
-- PyTorch's default init is kept: the official weights_init runs after weight norm and has no effect.
-- no gradient clipping and no learning-rate schedule, as the official code.
-- the `small` preset narrows both networks (128 generator channels, discriminator capped at 256 channels).
+- the built-in eSpeak corpus (or --data_dir), not LJSpeech; training counted in steps, not the official
+  3000 epochs; evaluation is mel L1 and multi-resolution STFT distance, not MOS.
+- real and fake go through D as one [real; fake] batch, and G's step runs D frozen: same losses and
+  updates; bf16 autocast and torch.compile on CUDA (the official code is fp32, eager).
+- the mel magnitude adds 1e-9 under the square root (HiFi-GAN's convention), far below the 1e-5 clamp.
+- the `small` preset (ours) narrows both networks (128 generator channels, discriminator capped at 256).
 
     python melgan.py                                    # train on the built-in corpus
     python melgan.py --preset=paper --batch_size=16     # paper size (4.27 M generator)
@@ -78,7 +73,7 @@ class Config:
     betas: tuple = (0.5, 0.9)           # Adam betas
     batch_size: int = 16
     segment: int = 8192                 # training clip length in samples
-    max_iters: int = 100_000            # optimizer steps (the paper's models train far longer, see README)
+    max_iters: int = 100_000            # optimizer steps (the paper's models train far longer)
     log_interval: int = 50
     eval_interval: int = 2000           # evaluate on val, write samples and checkpoint every N steps
     eval_items: int = 16                # held-out utterances evaluate() vocodes

@@ -15,29 +15,21 @@ receptive field for every new sample; Fast WaveNet caches each layer's past inpu
 sample costs one column per layer. Both are here, and a test proves they draw the same samples.
 
 Simplified or changed versus the paper:
-- conditioned on mel spectrograms (as in later WaveNet vocoders, e.g. Tacotron 2 / r9y9), not on linguistic
-  features + log F0; trained on the built-in eSpeak corpus at 16 kHz, not 24.6 h of studio speech.
-- layer widths and optimiser are not in the paper: widths follow r9y9's mulaw256 vocoder (res 128, gate 256,
-  skip 128); Adam with linear warm-up and exponential decay (a LambdaLR scheduler); gradients clipped to norm
-  1.0 (neither in the paper); no weight norm, no EMA of weights, no pre-emphasis.
-- the input sample enters through an embedding table (≡ a one-hot vector times a 1×1 conv) instead of a
-  causal first conv; causality comes from shifting the input one sample right.
-- the upsampler is a stack of single-channel ConvTranspose2d over (mel, time), as in r9y9's early vocoder.
-- no context stacks (§2.6), no mixture-of-logistics output; the authors published no weights, so
-  --init_from takes our checkpoints only.
-- one unit for the likelihood everywhere: bits per sample (the cross-entropy in nats / ln 2), in the training
-  log and in evaluate(); 8 bits is a uniform guess over 256 classes.
+- conditioned on mel spectrograms (as later WaveNet vocoders: Tacotron 2, r9y9), not linguistic features +
+  log F0; the built-in eSpeak corpus at 16 kHz, not 24.6 h of studio speech; the authors published no weights.
+- widths and optimiser are not in the paper: r9y9's mulaw256 widths (res 128, gate 256, skip 128); Adam with
+  linear warm-up and exponential decay; gradients clipped to norm 1.0; no weight norm, EMA or pre-emphasis.
+- the input enters through an embedding table (≡ one-hot times a 1×1 conv), not a causal first conv;
+  the upsampler is single-channel ConvTranspose2d stages over (mel, time), as r9y9's early vocoder.
+- no context stacks (§2.6); the likelihood is reported in bits per sample (8 = uniform over 256 classes).
 
     python wavenet.py                                      # train (mel + speaker conditioned) on the built-in corpus
     python wavenet.py --preset=vocoder --batch_size=8      # r9y9 mulaw256 vocoder size (22.05 kHz, kernel 3)
     python wavenet.py --init_from=resume                   # continue out/wavenet/ckpt.pt
-    python wavenet.py --mode=sample --init_from=out/wavenet/ckpt.pt --temperature=0.9   # vocode held-out mel
-    python wavenet.py --mode=sample --init_from=out/wavenet/ckpt.pt --input=my.wav      # vocode my.wav's mel
+    python wavenet.py --mode=sample --init_from=out/wavenet/ckpt.pt --input=my.wav   # vocode my.wav's mel
     python wavenet.py --mode=eval --init_from=out/wavenet/ckpt.pt   # test bits/sample and vocoded mel L1
     python wavenet.py --cond_mel=False --out_dir=out/wavenet_free   # speaker-only WaveNet (§3.1 multi-speaker)
-    python wavenet.py --mode=sample --init_from=out/wavenet_free/ckpt.pt --speaker=2
-    python wavenet.py --mode=bench                         # train step; naive vs cached (eager, compiled,
-                                                           # CUDA graphs) generation at batch 1 and 16
+    python wavenet.py --mode=bench                         # train step; naive vs cached generation
     torchrun --standalone --nproc_per_node=8 wavenet.py
 """
 import math
