@@ -93,7 +93,7 @@ class Config:
     ema_decay: float = 0.99            # EMA decay of the codebook statistics
     kmeans_iters: int = 50             # k-means iterations on the first batch
     dead_code_threshold: float = 2.0   # codes whose EMA usage falls below this are re-seeded from the batch
-    dead_code_grace: int = 50          # steps a re-seeded code survives unused before it can be re-drawn (ours)
+    dead_code_grace: int = 50          # steps a re-seeded code lives unused before it can be re-drawn (ours)
     quantizer_warmup: int = 0          # first steps with the RVQ bypassed, k-means after (laptop-scale aid, not in the paper)
     # 48 kHz model: per-chunk loudness normalisation and overlapping chunks at inference (§4)
     normalize: bool = False            # divide each chunk by its RMS, send the scale along
@@ -135,8 +135,8 @@ class Config:
     eval_interval: int = 2000          # evaluate and checkpoint
     eval_items: int = 8                # held-out clips per kind (speech, music) in evaluate()
     eval_seconds: float = 4.0          # crop held-out clips to this length
-    listen_items: int = 16             # --mode=eval: whole test speech clips at the lowest and highest bandwidth
-                                       # and the originals, three folders an ASR judges (whisper.py --input_dir)
+    listen_items: int = 16             # --mode=eval: whole test speech clips at the lowest and highest
+                                       # bandwidth and the originals: three folders an ASR judges
     bench_seconds: float = 10.0        # audio length for the encode/decode real-time factors
     bench_batches: tuple = (1, 16)     # batch sizes for the encode/decode real-time factors
     device: str = "auto"
@@ -474,8 +474,9 @@ class Codebook(nn.Module):
         super().__init__()
         K, D = cfg.codebook_size, cfg.dimension
         self.decay, self.kmeans_iters, self.threshold, self.eps = cfg.ema_decay, cfg.kmeans_iters, cfg.dead_code_threshold, 1e-5
-        # a re-seeded code's usage restarts at threshold / decay^grace (ours): never picked, it takes `grace` steps
-        # of EMA decay to fall back under the threshold, and is re-drawn on the step after (+0.5: rounding margin)
+        # a re-seeded code's usage restarts at threshold / decay^grace (ours): never picked, it takes `grace`
+        # steps of EMA decay to fall back under the threshold, and is re-drawn on the step after (+0.5:
+        # rounding margin)
         self.reset = self.threshold * cfg.ema_decay ** -(cfg.dead_code_grace + 0.5)
         self.register_buffer("inited", torch.zeros(1))      # 0 until k-means has run on a training batch
         self.register_buffer("cluster_size", torch.zeros(K))  # EMA of how often each code is picked
@@ -550,9 +551,10 @@ class ResidualVectorQuantizer(nn.Module):
             residual, out, codes, commit, fresh = x, torch.zeros_like(x), [], 0.0, False
             for layer in self.layers[:n_q]:
                 if self.training and not layer._is_inited():
-                    # k-means one level per step (as the official Mimi code does): a level fitted by k-means on a
-                    # batch of fewer frames than codes leaves its successor an all-zero residual on that batch,
-                    # so the next level waits for the next step's residual; until then the batch uses fewer levels
+                    # k-means one level per step (as the official Mimi code does): a level fitted by k-means
+                    # on a batch of fewer frames than codes leaves its successor an all-zero residual on that
+                    # batch, so the next level waits for the next step's residual; until then the batch uses
+                    # fewer levels
                     if fresh:
                         break
                     fresh = True
@@ -562,7 +564,8 @@ class ResidualVectorQuantizer(nn.Module):
                 out, codes = out + q, codes + [c]
             out = x + (out - x).detach()  # straight-through estimator: the decoder's gradient reaches the encoder
         n = len(codes)  # n_q, or fewer while k-means is still initialising the levels
-        return out.view(B, T, D).transpose(1, 2), torch.stack(codes, 1).view(B, T, n).transpose(1, 2), commit / n
+        codes = torch.stack(codes, 1).view(B, T, n).transpose(1, 2)  # (B, n_q, T)
+        return out.view(B, T, D).transpose(1, 2), codes, commit / n
 
     @torch.no_grad()
     def encode(self, z, n_q):  # (B, D, T) -> codes (B, n_q, T)
@@ -1113,7 +1116,8 @@ def listening_sets(cfg, m, dev):
         sets["orig"].append((u.id, x[0].cpu().mean(0), u.text))
     for name, items in sets.items():
         common.write_listening_set(os.path.join(out, name), items, cfg.sample_rate)
-    common.save_sample(out, f"{utts[0].id}_{bws[1]:g}kbps", sets[f"resynth_{bws[1]:g}kbps"][0][1], cfg.sample_rate,
+    top = f"resynth_{bws[1]:g}kbps"
+    common.save_sample(out, f"{utts[0].id}_{bws[1]:g}kbps", sets[top][0][1], cfg.sample_rate,
                        ref=sets["orig"][0][1])
     common.log(f"{len(utts)} test clips -> {out}/{{{','.join(sets)}}} (judge each: whisper.py --mode=sample "
                "--input_dir=DIR)")

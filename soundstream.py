@@ -26,14 +26,16 @@ Simplified or changed here (honestly):
   (1 + γ c) ⊙ z + β c, so "denoise off" is exactly the plain codec. Noise is synthetic coloured Gaussian noise
   at 0-20 dB SNR added to the built-in speech and music (the paper: Freesound noise on LibriTTS speech).
 - The CPU `small` preset narrows everything (C = 8, D = 64, discriminator widths / 8), trains on batches of
-  6 x 0.4 s for 840 steps at lr 1e-3: the first 120 as a plain autoencoder (cfg.quantizer_warmup), the first 240
-  on reconstruction alone (cfg.disc_warmup), with a waveform L1 (cfg.lambda_time, EnCodec's ℓ_t) added. All ours,
-  0 in the paper preset: in 15 CPU minutes the codec must first learn to reconstruct at all.
-- Reconstruction is averaged over frames (the paper sums), so its weight means the same for any crop; λ_rec = 0.04
-  is ours, set from gradient norms on x̂ at init (small preset): rec 0.54 : time 0.17 : feat 0.13 : adv 0.005.
-- RVQ (ours where the paper is silent): k-means initialises one level per step, level i on the residual of step
-  warmup + i + 1 (the official Mimi code); a layer's dead-code threshold scales with the share of examples that
-  quantizer dropout lets reach it, and a re-seeded code keeps cfg.dead_code_grace steps before it can be re-drawn.
+  6 x 0.4 s for 840 steps at lr 1e-3: the first 120 as a plain autoencoder (cfg.quantizer_warmup), the first
+  240 on reconstruction alone (cfg.disc_warmup), with a waveform L1 (cfg.lambda_time, EnCodec's ℓ_t) added.
+  All ours, 0 in the paper preset: in 15 CPU minutes the codec must first learn to reconstruct at all.
+- Reconstruction is averaged over frames (the paper sums), so its weight means the same for any crop; λ_rec =
+  0.04 is ours, set from gradient norms on x̂ at init (small preset): rec 0.54 : time 0.17 : feat 0.13 : adv
+  0.005.
+- RVQ (ours where the paper is silent): k-means initialises one level per step, level i on the residual of
+  step warmup + i + 1 (the official Mimi code); a layer's dead-code threshold scales with the share of
+  examples that quantizer dropout lets reach it, and a re-seeded code keeps cfg.dead_code_grace steps before
+  it can be re-drawn.
 - Feature matching is the mean absolute difference over every layer of every discriminator (the paper's
   1/(K L) Σ with each map's elements averaged).
 - Real-time streaming is exact but not optimised (no fused kernels, no int8); no entropy coding.
@@ -89,7 +91,7 @@ class Config:
     kmeans_iters: int = 50             # k-means iterations on the first batch (codebook init)
     dead_code_threshold: float = 2.0   # a code whose EMA usage falls below this is re-seeded from the batch
                                        # (for a layer every example uses; scaled by the share that uses it)
-    dead_code_grace: int = 50          # steps a re-seeded code survives unused before it can be re-drawn (ours)
+    dead_code_grace: int = 50          # steps a re-seeded code lives unused before it can be re-drawn (ours)
     quantizer_warmup: int = 0          # first steps with the RVQ bypassed, k-means after (laptop-scale aid, not in the paper)
     # joint compression and enhancement (§III-F)
     film: str = "encoder"              # where FiLM applies the denoise flag: encoder | decoder | none
@@ -106,12 +108,13 @@ class Config:
     # losses (§III-E)
     lambda_adv: float = 1.0            # hinge adversarial
     lambda_feat: float = 100.0         # feature matching
-    lambda_rec: float = 0.04           # multi-scale spectral reconstruction (ours, for the averaged form: see below)
-    # At init (small preset, 3 batches) the gradient norms on x̂ of λ·term are rec 13.4 : feat 0.132 : adv 0.005
-    # at λ_rec = 1, so the paper's weights (1, 100, 1) leave feature matching 1 % of the push. λ_rec = 0.04 gives
-    # rec ≈ 4x feat ≈ 100x adv, and λ_time = 100 (small) time ≈ 1.3x feat (test_loss_balance_at_init pins bands).
-    lambda_time: float = 0.0           # L1 between waveforms (ours, EnCodec's ℓ_t; not in SoundStream): aligns phase
-    disc_warmup: int = 0               # first steps on reconstruction alone, no discriminator (ours, for the CPU)
+    lambda_rec: float = 0.04           # multi-scale spectral reconstruction (ours, for the averaged form)
+    # At init (small preset, 3 batches) the gradient norms on x̂ of λ·term are rec 13.4 : feat 0.132 :
+    # adv 0.005 at λ_rec = 1: the paper's weights (1, 100, 1) would leave feature matching 1 % of the push.
+    # λ_rec = 0.04 gives rec ≈ 4x feat ≈ 100x adv; λ_time = 100 (small) gives time ≈ 1.3x feat
+    # (tests/test_soundstream.py::test_loss_balance_at_init pins these bands).
+    lambda_time: float = 0.0           # waveform L1 (ours, EnCodec's ℓ_t; not in SoundStream): aligns phase
+    disc_warmup: int = 0               # first steps on reconstruction alone, no discriminator (ours, CPU)
     mel_scales: tuple = (6, 7, 8, 9, 10, 11)  # windows s = 2^6 .. 2^11, hop s/4
     n_mels: int = 64                   # mel bins of the reconstruction loss
     grad_clip: float = 0.0             # max gradient norm (0: off; the paper does not clip)
@@ -125,8 +128,8 @@ class Config:
     eval_interval: int = 5000          # evaluate and checkpoint
     eval_items: int = 8                # held-out clips per kind (speech, music, noisy speech) in evaluate()
     eval_seconds: float = 4.0          # crop held-out clips to this length
-    listen_items: int = 16             # --mode=eval: whole test speech clips written at the lowest and highest
-                                       # bitrate and as originals, three folders an ASR judges (whisper.py)
+    listen_items: int = 16             # --mode=eval: whole test speech clips written at the lowest and
+                                       # highest bitrate and as originals, three folders an ASR judges
     bench_seconds: float = 10.0        # audio length for the encode/decode real-time factors
     device: str = "auto"
     dtype: str = "auto"                # bf16 autocast on CUDA, fp32 elsewhere (quantizer, STFTs, losses stay fp32)
@@ -162,11 +165,13 @@ PRESETS = {
     "small": dict(n_filters=8, dimension=64, wave_channels=2, stft_channels=4, segment=9600, batch_size=6,
                   log_interval=20, eval_interval=420, eval_items=4, bench_seconds=4.0,
                   kmeans_iters=20, corpus_hours=1.0,
-                  # 840 steps instead of 200k: a higher lr, and 120 steps as a plain autoencoder so that k-means
+                  # 840 steps instead of 200k: a higher lr, and 120 steps as a plain autoencoder so that
+                  # k-means
                   # clusters latents that already describe the audio (encodec.py)
                   lr=1e-3, quantizer_warmup=120,
-                  # ours: 240 steps on reconstruction alone (2.5x faster, no D to fool yet), then 600 adversarial;
-                  # a waveform L1 whose gradient on x̂ at init matches feature matching's, for SI-SNR
+                  # ours: 240 steps on reconstruction alone (2.5x faster, no D to fool yet), then 600
+                  # adversarial; a waveform L1 whose gradient on x̂ at init matches feature matching's, for
+                  # SI-SNR
                   disc_warmup=240, max_iters=840, lambda_time=100.0,
                   # the threshold 2 suits 32 x 1 s batches (2400 frames, 2.3 per code); 6 x 0.4 s gives 180
                   # frames (0.18 per code): scale it by the frames per batch
@@ -393,10 +398,11 @@ class Codebook(nn.Module):
         super().__init__()
         K, D = cfg.codebook_size, cfg.dimension
         self.decay, self.kmeans_iters, self.eps = cfg.ema_decay, cfg.kmeans_iters, 1e-5
-        # share: the expected fraction of the batch that reaches this layer under quantizer dropout. Usage counts
-        # only those rows, so the threshold (set for a layer all rows reach) scales with it (ours; the paper
-        # leaves dropout and dead codes unrelated). A re-seeded code's usage restarts at threshold / decay^grace:
-        # unused, it decays to the threshold in exactly `grace` steps and is re-drawn on the step after.
+        # share: the expected fraction of the batch that reaches this layer under quantizer dropout. Usage
+        # counts only those rows, so the threshold (set for a layer all rows reach) scales with it (ours; the
+        # paper leaves dropout and dead codes unrelated). A re-seeded code's usage restarts at threshold /
+        # decay^grace: unused, it decays to the threshold in exactly `grace` steps and is re-drawn on the step
+        # after.
         self.threshold = cfg.dead_code_threshold * share
         self.reset = self.threshold * cfg.ema_decay ** -(cfg.dead_code_grace + 0.5)  # +0.5: rounding margin
         self.register_buffer("inited", torch.zeros(1))      # 0 until k-means has run on a training batch
@@ -496,9 +502,10 @@ class ResidualVectorQuantizer(nn.Module):
             residual, out, codes, fresh = x, torch.zeros_like(x), [], False
             for i, layer in enumerate(self.layers):  # every layer runs: all ranks do the same collectives
                 if self.training and not layer._is_inited():
-                    # k-means one level per step (the official Mimi code, moshi/quantization/core_vq.py): level
-                    # i starts on the residual of the step after level i-1 did. Levels past it wait (no codes):
-                    # on one batch, a level k-means fits (N < K rows) leaves the next an all-zero residual.
+                    # k-means one level per step (the official Mimi code, moshi/quantization/core_vq.py):
+                    # level i starts on the residual of the step after level i-1 did. Levels past it wait (no
+                    # codes): on one batch, a level k-means fits (N < K rows) leaves the next an all-zero
+                    # residual.
                     if fresh:
                         codes.extend([torch.full_like(uses, -1)] * (len(self.layers) - i))
                         break
@@ -682,10 +689,10 @@ def feature_loss(fmap_real, fmap_fake):
 
 
 def reconstruction_loss(x, x_hat, cfg):
-    """§III-E: Σ_{s=2^6..2^11} mean_t ‖S_t^s(x) - S_t^s(x̂)‖_1 + α_s ‖log S_t^s(x) - log S_t^s(x̂)‖_2, α_s = sqrt(s/2),
-    with S^s a 64-bin mel spectrogram of window s and hop s/4. Ours: averaged over frames (the paper writes a sum
-    over t) and the L1 averaged over mel bins, so the term's size does not grow with the crop or the scale's frame
-    count and λ_rec alone sets its share of the gradient (see Config.lambda_rec); averaged over the batch."""
+    """§III-E: Σ_{s=2^6..2^11} mean_t ‖S_t^s(x) - S_t^s(x̂)‖_1 + α_s ‖log S_t^s(x) - log S_t^s(x̂)‖_2,
+    α_s = sqrt(s/2), with S^s a 64-bin mel spectrogram of window s and hop s/4. Ours: averaged over frames
+    (the paper sums over t), the L1 averaged over mel bins and the sum over scales averaged, so the term's
+    size does not grow with the crop and λ_rec alone sets its share of the gradient (Config.lambda_rec)."""
     total = 0.0
     for i in cfg.mel_scales:
         s = 2 ** i
@@ -693,7 +700,7 @@ def reconstruction_loss(x, x_hat, cfg):
         a, b = common.mel_spectrogram(x, **kw)[:, 0], common.mel_spectrogram(x_hat, **kw)[:, 0]  # (B, n_mels, frames)
         l1 = (a - b).abs().mean((1, 2))  # (B,)
         dlog = a.clamp(min=1e-5).log() - b.clamp(min=1e-5).log()
-        l2 = (dlog.pow(2).sum(1) + 1e-12).sqrt().mean(1)  # the L2 norm over mel bins, averaged over frames (B,)
+        l2 = (dlog.pow(2).sum(1) + 1e-12).sqrt().mean(1)  # L2 norm over mel bins, mean over frames (B,)
         total = total + (l1 + math.sqrt(s / 2) * l2).mean()
     return total / len(cfg.mel_scales)
 
@@ -777,7 +784,8 @@ def train_step(state, batch, cfg, rt):
         _clip(opt_g, cfg)
         opt_g.step()
         zero = rec.detach() * 0
-        return dict(d=zero, g=recon.detach(), adv=zero, feat=zero, rec=rec, time=time, n_q=batch["n_q"].float().mean())
+        return dict(d=zero, g=recon.detach(), adv=zero, feat=zero, rec=rec, time=time,
+                    n_q=batch["n_q"].float().mean())
     with rt.autocast():
         logits, _ = D(torch.cat([y, y_hat.detach()]))  # one pass over real and fake: (2B, ...)
     loss_d = discriminator_loss([l[:B] for l in logits], [l[B:] for l in logits])
@@ -871,8 +879,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
 
 @torch.no_grad()
 def listening_sets(cfg, model, dev):
-    """Whole test speech clips resynthesised at the lowest and highest bitrate, and the originals: three folders
-    of wavs + refs.txt for `whisper.py --mode=sample --input_dir=DIR` (common.write_listening_set)."""
+    """Whole test speech clips resynthesised at the lowest and highest bitrate, and the originals: three
+    folders of wavs + refs.txt for `whisper.py --mode=sample --input_dir=DIR` (common.write_listening_set)."""
     utts = common.load_corpus(cfg, "test", cfg.sample_rate, kind="speech")[:cfg.listen_items]
     out = os.path.join(cfg.out_dir, "listen")
     lo, hi = min(cfg.bitrates), max(cfg.bitrates)

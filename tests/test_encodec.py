@@ -1,18 +1,21 @@
-"""Tests for encodec.py. Inference: parity with the official `encodec` package (24 kHz, 48 kHz, the quantizer and
-its EMA update, the discriminator, the LM), parameter counts, bitrate arithmetic, streaming == offline, causality,
-the RVQ. Training: a golden step against a literal transcription of §3.4, and the command line.
+"""Tests for encodec.py. Inference: parity with the official `encodec` package (24 kHz, 48 kHz, the quantizer
+and its EMA update, the discriminator, the LM), parameter counts, bitrate arithmetic, streaming == offline,
+causality, the RVQ. Training: a golden step against a literal transcription of §3.4, and the command line.
 
 What pins each loss term, sampler, quantizer rule and schedule of encodec.py:
-- ℓ_t (waveform L1) and ℓ_f (msspec form: linear-mel L1 + α·log10-mel MSE per scale): test_golden_training_steps
-  (ref_recon, ref_mel: a transcribed STFT and HTK filterbank), test_feature_loss_and_reconstruction_exact_values
-- ℓ_g hinge, D hinge, ℓ_feat (relative to the real maps): test_losses (hand values), test_golden_training_steps
+- ℓ_t (waveform L1) and ℓ_f (msspec form: linear-mel L1 + α·log10-mel MSE per scale):
+  test_golden_training_steps (ref_recon, ref_mel: a transcribed STFT and HTK filterbank),
+  test_feature_loss_and_reconstruction_exact_values
+- ℓ_g hinge, D hinge, ℓ_feat (relative to the real maps): test_losses (hand values),
+  test_golden_training_steps
 - ℓ_w commitment through every layer (encodec#25): test_commitment_gradient_sums_over_the_rvq_layers; the
   straight-through estimator: test_straight_through_gradient_is_identity
-- the balancer (per-example gradient norms on x̂, bias-corrected EMA): test_balancer_gradient_norms_follow_the_weights,
-  test_golden_training_steps
+- the balancer (per-example gradient norms on x̂, bias-corrected EMA):
+  test_balancer_gradient_norms_follow_the_weights, test_golden_training_steps
 - bandwidth per batch and D update probability: test_bandwidth_is_drawn_per_batch_and_d_updates_with_disc_prob
 - quantizer warm-up schedule: test_quantizer_warmup_counts_steps, test_quantizer_warmup_bypasses_the_rvq
-- k-means init (Lloyd): test_kmeans_init_finds_clusters; one level per step: test_quantizer_warmup_bypasses_the_rvq
+- k-means init (Lloyd): test_kmeans_init_finds_clusters; one level per step:
+  test_quantizer_warmup_bypasses_the_rvq
 - EMA update and dead-code re-seeding: test_ema_and_dead_code_update_touch_the_right_rows; the grace in steps:
   test_dead_codes_get_a_grace_period_with_small_batches; the small preset's threshold:
   test_small_preset_dead_code_threshold_fits_its_batch
@@ -417,9 +420,9 @@ def test_ema_and_dead_code_update_touch_the_right_rows():
 
 def test_dead_codes_get_a_grace_period_with_small_batches():
     # a batch of 16 frames for 64 codes: 0.25 uses per code. A re-seeded code keeps cfg.dead_code_grace steps:
-    # its usage restarts at threshold / decay^(grace + 1/2), so never picked again it is re-drawn exactly on step
-    # grace + 1 (the old reset, clamped to the threshold, re-drew it on the very next step, and with frames/K below
-    # the threshold nearly the whole codebook every step)
+    # its usage restarts at threshold / decay^(grace + 1/2), so never picked again it is re-drawn exactly on
+    # step grace + 1 (the old reset, clamped to the threshold, re-drew it on the very next step, and with
+    # frames/K below the threshold nearly the whole codebook every step)
     grace, thr, d = 6, 0.1, 0.99
     cfg = make_cfg(codebook_size=64, dimension=4, dead_code_threshold=thr, dead_code_grace=grace, ema_decay=d)
     cb = E.Codebook(cfg).train()
@@ -535,7 +538,8 @@ def test_tiny_model_overfits_one_batch():
     bal = E.Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f}, cfg)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3, betas=(0.5, 0.9))
     t = torch.arange(4800) / cfg.sample_rate
-    # two different tones (220 Hz; 660 Hz with a 5 Hz tremolo): only the latent tells the decoder which to make
+    # two different tones (220 Hz; 660 Hz with a 5 Hz tremolo): only the latent tells the decoder which to
+    # make
     x = torch.stack([0.3 * torch.sin(2 * math.pi * 220 * t),
                      0.3 * torch.sin(2 * math.pi * 660 * t) * torch.cos(2 * math.pi * 5 * t)])[:, None]
     first = None
@@ -553,7 +557,8 @@ def test_tiny_model_overfits_one_batch():
     with torch.no_grad():
         codes, _ = m.encode(x, cfg.n_q)
         real = E.reconstruction_losses(x, m.decode(codes)[..., :x.shape[-1]], cfg)[0].item()
-        zero = E.reconstruction_losses(x, m.decoder(torch.zeros_like(m.encoder(x)))[..., :x.shape[-1]], cfg)[0].item()
+        y0 = m.decoder(torch.zeros_like(m.encoder(x)))[..., :x.shape[-1]]
+        zero = E.reconstruction_losses(x, y0, cfg)[0].item()
     assert zero > 2 * real, (real, zero)
 
 
@@ -570,10 +575,12 @@ def test_quantizer_warmup_bypasses_the_rvq():
     bal = E.Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f}, cfg)
     bal.backward(dict(zip("tf", E.reconstruction_losses(x, x_hat, cfg))), x_hat, other=commit)  # no commitment term
     assert m.encoder.conv_in.conv.parametrizations.weight.original1.grad.abs().sum() > 0
-    # quantized steps initialise the codebooks one level per step, each on that step's residual (official Mimi)
+    # quantized steps initialise the codebooks one level per step, each on that step's residual (official
+    # Mimi)
     for i in range(cfg.n_q):
         _, codes, _ = m(torch.randn(2, 1, 4800) * 0.1, cfg.n_q)
-        assert [int(layer.inited.item()) for layer in m.quantizer.layers] == [1] * (i + 1) + [0] * (cfg.n_q - i - 1)
+        inited = [int(layer.inited.item()) for layer in m.quantizer.layers]
+        assert inited == [1] * (i + 1) + [0] * (cfg.n_q - i - 1)
         assert codes.shape[1] == i + 1  # the levels not yet initialised wait (no codes, nothing added)
     assert m.quantizer.layers[1].embed.abs().sum() > 0  # not fitted to an all-zero residual
 
@@ -807,8 +814,8 @@ def test_quantizer_warmup_counts_steps():
     assert state["choices"].step == 3
 
 def test_bandwidth_is_drawn_per_batch_and_d_updates_with_disc_prob():
-    # §3.2: one bandwidth per batch, uniform over cfg.bandwidths; §4: D updates with probability disc_prob. Both
-    # drawn from (seed, step), so the same step draws the same after a resume
+    # §3.2: one bandwidth per batch, uniform over cfg.bandwidths; §4: D updates with probability disc_prob.
+    # Both drawn from (seed, step), so the same step draws the same after a resume
     cfg = make_cfg(disc_prob=0.5, bandwidths="(0.9,1.8)")  # n_q 2 and 4 (64 codes: 0.45 kbps each)
     torch.manual_seed(0)
     state = E.build(cfg, CPU)
@@ -833,7 +840,7 @@ def test_codebook_training_step_has_no_graph_break():
     cfg = make_cfg()
     q = E.ResidualVectorQuantizer(cfg).train()
     z = torch.randn(2, cfg.dimension, 15)
-    for _ in range(cfg.n_q):  # the first training steps: k-means one level per step, one read of each `inited`
+    for _ in range(cfg.n_q):  # the first training steps: k-means one level per step, one read per `inited`
         q(z, cfg.n_q)
     for layer in q.layers:  # no dead code, so the random re-seeding (an RNG compiled code draws differently) is idle
         layer.cluster_size.fill_(100.0)

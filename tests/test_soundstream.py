@@ -1,25 +1,32 @@
 """Tests for soundstream.py: sizes and bitrates, causality, streaming == offline, the RVQ, quantizer dropout,
-FiLM, the discriminators, a golden training step against a literal transcription of §III-E, and the command line.
+FiLM, the discriminators, a golden training step against a literal transcription of §III-E, and the command
+line.
 
 What pins each loss term, sampler, quantizer rule and schedule of soundstream.py (a codec: no target shift):
-- D hinge 1/K Σ mean relu(1 - D(x)) + relu(1 + D(x̂)): test_hinge_losses_by_hand (hand values), test_golden_train_step
+- D hinge 1/K Σ mean relu(1 - D(x)) + relu(1 + D(x̂)): test_hinge_losses_by_hand (hand values),
+  test_golden_train_step
 - G adversarial hinge and feature matching (mean |D^l(x) - D^l(x̂)| over K·L maps): the same two tests
-- multi-scale mel reconstruction (L1 + α_s·log-L2, averaged over frames, ours) and λ_rec: test_golden_train_step
-  (transcribed; the mel filterbank itself is common.mel_spectrogram, pinned in test_common), test_loss_balance_at_init
-  (gradient-norm ratios at init within the bands the Config comment states)
+- multi-scale mel reconstruction (L1 + α_s·log-L2, averaged over frames, ours) and λ_rec:
+  test_golden_train_step (transcribed; the mel filterbank itself is common.mel_spectrogram, pinned in
+  test_common), test_loss_balance_at_init (gradient-norm ratios at init within the bands the Config comment
+  states)
 - waveform L1 λ_time (ours): test_golden_train_step, test_disc_warmup_trains_the_codec_on_reconstruction_alone
-- disc warm-up schedule (ours): test_disc_warmup_trains_the_codec_on_reconstruction_alone (D still, hand SGD step)
+- disc warm-up schedule (ours): test_disc_warmup_trains_the_codec_on_reconstruction_alone (D still, hand SGD
+  step)
 - quantizer warm-up schedule: test_quantizer_warmup_bypasses_then_quantizes
-- quantizer dropout n_q ~ U{1..N_q} per example: test_quantizer_dropout_draws_every_n_q_uniformly; its mask and the
-  straight-through estimator: test_rvq_training_forward_dropout_mask_and_straight_through
+- quantizer dropout n_q ~ U{1..N_q} per example: test_quantizer_dropout_draws_every_n_q_uniformly; its mask
+  and the straight-through estimator: test_rvq_training_forward_dropout_mask_and_straight_through
 - RVQ (Alg. 1): test_rvq_encode_is_residual_quantization_and_error_decreases (against literal_rvq)
-- EMA codebook update over the examples that use a layer: test_ema_update_counts_only_the_examples_that_use_a_layer
+- EMA codebook update over the examples that use a layer:
+  test_ema_update_counts_only_the_examples_that_use_a_layer
 - dead codes: test_dead_codes_are_reseeded_from_the_batch; threshold x dropout share and the grace in steps:
   test_dead_code_threshold_scales_with_dropout_share_and_reseeded_code_keeps_its_grace
 - k-means one level per step: test_kmeans_initialises_one_level_per_step_on_that_steps_residual
-- noise / denoise-flag pairs (target = clean iff the flag): test_denoising_pairs; FiLM: test_film_neutral_is_identity_and_sides
+- noise / denoise-flag pairs (target = clean iff the flag): test_denoising_pairs; FiLM:
+  test_film_neutral_is_identity_and_sides
 - the decoder uses the latent: test_tiny_codec_overfits_one_batch_and_its_decoder_uses_the_latent
-- lr: constant (no schedule); no host reads / compiled == eager: test_train_step_reads_nothing_back_from_the_device,
+- lr: constant (no schedule); no host reads / compiled == eager:
+  test_train_step_reads_nothing_back_from_the_device,
   test_compiled_train_step_equals_eager_without_host_sync"""
 import copy
 import math
@@ -267,11 +274,13 @@ def test_kmeans_initialises_one_level_per_step_on_that_steps_residual():
     model = S.SoundStream(cfg).train()
     assert all(l.inited.item() == 0 for l in model.quantizer.layers)
     # one level per step, whatever n_q drew (the example with n_q = 1 uses only level 0, yet level 1 is next)
-    assert first_training_steps(model, cfg.n_q) == [[1] * (i + 1) + [0] * (cfg.n_q - i - 1) for i in range(cfg.n_q)]
+    want = [[1] * (i + 1) + [0] * (cfg.n_q - i - 1) for i in range(cfg.n_q)]
+    assert first_training_steps(model, cfg.n_q) == want
     e = model.quantizer.layers[0].embed
     assert torch.unique(e, dim=0).shape[0] > 1  # k-means found several codes, not one
-    # level 1 was initialised on the residual of step 2 (level 0 fixed by then): its codewords are that residual's
-    # k-means centroids, so they are not all zero (an all-zero first batch residual would give zeros)
+    # level 1 was initialised on the residual of step 2 (level 0 fixed by then): its codewords are that
+    # residual's k-means centroids, so they are not all zero (an all-zero first batch residual would give
+    # zeros)
     assert model.quantizer.layers[1].embed.abs().sum() > 0
     # during those steps, a level not yet initialised gives no codes (-1) and adds nothing
     fresh = S.SoundStream(cfg).train()
@@ -420,12 +429,13 @@ def literal_objective_step(G, D, batch, cfg, lr_g, lr_d):
     for s in [2 ** i for i in cfg.mel_scales]:
         Sx = common.mel_spectrogram(y, cfg.sample_rate, n_fft=s, hop=s // 4, n_mels=64, log=None)[:, 0]  # (B, 64, t)
         Sy = common.mel_spectrogram(y_hat, cfg.sample_rate, n_fft=s, hop=s // 4, n_mels=64, log=None)[:, 0]
-        l1 = (Sx - Sy).abs().mean(dim=(1, 2))  # ours: averaged over bins and frames (the paper sums over frames)
-        l2 = torch.sqrt(((torch.log(Sx.clamp(min=1e-5)) - torch.log(Sy.clamp(min=1e-5))) ** 2).sum(1) + 1e-12).mean(1)
+        l1 = (Sx - Sy).abs().mean(dim=(1, 2))  # ours: mean over bins and frames (the paper sums over frames)
+        dlog = torch.log(Sx.clamp(min=1e-5)) - torch.log(Sy.clamp(min=1e-5))
+        l2 = torch.sqrt((dlog ** 2).sum(1) + 1e-12).mean(1)
         rec = rec + (l1 + math.sqrt(s / 2) * l2).mean()
     rec = rec / len(cfg.mel_scales)
     time = (y - y_hat).abs().mean()  # the waveform L1 (ours, EnCodec's ℓ_t)
-    loss_g = 1.0 * adv + 100.0 * feat + 0.04 * rec + cfg.lambda_time * time  # λ_adv, λ_feat (§III-E), λ_rec (ours)
+    loss_g = 1.0 * adv + 100.0 * feat + 0.04 * rec + cfg.lambda_time * time  # λ_adv, λ_feat §III-E; λ_rec ours
     gp = [p for p in G.parameters()]
     for p, g in zip(gp, torch.autograd.grad(loss_g, gp, allow_unused=True)):
         if g is not None:
@@ -462,7 +472,8 @@ def test_golden_train_step():
 
 
 def test_disc_warmup_trains_the_codec_on_reconstruction_alone():
-    # the first cfg.disc_warmup steps (ours, small preset): D untouched, the codec's loss is λ_rec·rec + λ_time·L1
+    # the first cfg.disc_warmup steps (ours, small preset): D untouched, the codec's loss is λ_rec·rec +
+    # λ_time·L1
     cfg = make_cfg(disc_warmup=2, lambda_time=3.0)
     rt = runtime(cfg)
     torch.manual_seed(0)
@@ -470,7 +481,8 @@ def test_disc_warmup_trains_the_codec_on_reconstruction_alone():
     x = torch.randn(2, 1, cfg.segment) * 0.1
     batch = dict(x=x, target=x, cond=torch.zeros(2), n_q=torch.tensor([4, 4]))
     d0 = copy.deepcopy(state["D"].state_dict())
-    # step 1 by hand: one SGD step of the codec on 0.04·rec + 3·mean|y - ŷ| (a missing term changes the weights)
+    # step 1 by hand: one SGD step of the codec on 0.04·rec + 3·mean|y - ŷ| (a missing term changes the
+    # weights)
     state["opt_g"] = torch.optim.SGD(state["G"].parameters(), lr=1e-2)
     G_ref = copy.deepcopy(state["G"])
     torch.manual_seed(5)
@@ -490,7 +502,8 @@ def test_disc_warmup_trains_the_codec_on_reconstruction_alone():
         assert moved == (step == 3), step
         if step <= 2:
             assert got["adv"].item() == 0 and got["d"].item() == 0
-            assert got["g"].item() == pytest.approx(0.04 * got["rec"].item() + 3.0 * got["time"].item(), rel=1e-6)
+            want = 0.04 * got["rec"].item() + 3.0 * got["time"].item()
+            assert got["g"].item() == pytest.approx(want, rel=1e-6)
 
 
 class NoHostReads:
@@ -523,7 +536,7 @@ def test_train_step_reads_nothing_back_from_the_device():
     state = S.build(cfg, rt)
     x = torch.randn(2, 1, cfg.segment) * 0.1
     batch = dict(x=x, target=x, cond=torch.tensor([0.0, 1.0]), n_q=torch.tensor([1, 3]))
-    for _ in range(cfg.n_q):  # k-means (one level per step) and the first read of the step count: once per run
+    for _ in range(cfg.n_q):  # k-means (one level per step), the first read of the step count: once per run
         S.train_step(state, batch, cfg, rt)
     state["opt_g"] = torch.optim.SGD(state["G"].parameters(), lr=1e-6)
     state["opt_d"] = torch.optim.SGD(state["D"].parameters(), lr=1e-6)
@@ -571,7 +584,8 @@ def test_tiny_codec_overfits_one_batch_and_its_decoder_uses_the_latent():
     torch.manual_seed(0)
     state = S.build(cfg, rt)
     t = torch.arange(cfg.segment) / cfg.sample_rate
-    # two different examples (a 220 Hz tone, 3 Hz tremolo; a 660 Hz one, 5 Hz): only the latent tells them apart
+    # two different examples (a 220 Hz tone, 3 Hz tremolo; a 660 Hz one, 5 Hz): only the latent tells them
+    # apart
     x = torch.stack([0.3 * torch.sin(2 * math.pi * 220 * t) * torch.sin(2 * math.pi * 3 * t),
                      0.3 * torch.sin(2 * math.pi * 660 * t) * torch.cos(2 * math.pi * 5 * t)])[:, None]
     batch = dict(x=x, target=x, cond=torch.zeros(2), n_q=torch.tensor([4, 4]))
@@ -579,8 +593,9 @@ def test_tiny_codec_overfits_one_batch_and_its_decoder_uses_the_latent():
     for _ in range(60):
         last = S.train_step(state, batch, cfg, rt)["rec"].item()
     assert last < 0.5 * first, (first, last)
-    # the decoder depends on the latent: decoding the real codes beats decoding an all-zero latent by >= 10 % in
-    # the reconstruction loss (measured: 38.5 vs 46.3; a decoder that ignores its input makes the two equal)
+    # the decoder depends on the latent: decoding the real codes beats decoding an all-zero latent by >= 10 %
+    # in the reconstruction loss (measured: 38.5 vs 46.3; a decoder that ignores its input makes the two
+    # equal)
     G = state["G"].eval()
     with torch.no_grad():
         real = S.reconstruction_loss(x, G.decode(G.encode(x, cfg.n_q))[..., :x.shape[-1]], cfg).item()
@@ -590,9 +605,9 @@ def test_tiny_codec_overfits_one_batch_and_its_decoder_uses_the_latent():
 
 
 def test_loss_balance_at_init():
-    # the docstring's claim (Config.lambda_rec): at init, on corpus speech+music in the `small` preset, the gradient
-    # norm on x̂ of λ_rec·rec is 2-8x that of λ_feat·feat and >= 20x that of λ_adv·adv (measured 4.0x, 108x);
-    # λ_time·L1 is 0.6-3x feat (measured 1.3x)
+    # the docstring's claim (Config.lambda_rec): at init, on corpus speech+music in the `small` preset, the
+    # gradient norm on x̂ of λ_rec·rec is 2-8x that of λ_feat·feat and >= 20x that of λ_adv·adv (measured
+    # 4.0x, 108x); λ_time·L1 is 0.6-3x feat (measured 1.3x)
     cfg = make_cfg("small", corpus_hours=0.05)
     torch.manual_seed(0)
     G, D = S.SoundStream(cfg).train(), S.Discriminators(cfg)
