@@ -1,7 +1,21 @@
-"""Tests for parallel_wavenet.py: parameter counts, the 16-bit discretised MoL (sums to 1, matches the CDF
-difference), teacher causality and cached == parallel, the IAF's exact log-determinant against autograd's
-Jacobian, one-pass causal sampling, the distillation KL (>= 0, ~0 when the student is the teacher), a frozen
-teacher, golden steps for both stages against literal transcriptions of the objectives, and the CLI of both stages."""
+"""Tests for parallel_wavenet.py: parameter counts, the 16-bit discretised MoL, teacher causality and cached ==
+parallel, the IAF's exact log-determinant, one-pass causal sampling, the distillation KL, a frozen teacher, golden
+steps for both stages against literal transcriptions of the objectives, and the CLI of both stages.
+
+What pins each loss term, target shift, sampler and schedule (expected values come from the test's own
+transcription, never from the file's helpers; mel_features and quantize only make the golden steps' inputs):
+- teacher MoL NLL (§2.1, 16-bit bins, end tails): test_mol_log_prob_is_the_cdf_difference,
+  test_golden_teacher_step
+- target shift (input x_{t-1}, silence at t=0, target x_t): test_teacher_causal_and_cached_equals_parallel,
+  test_golden_teacher_step (literal prev), test_golden_student_step (the teacher hears the student's x_<t)
+- distillation KL = H(P_S, P_T) - H(P_S), entropy ln s + 2 (§4):
+  test_kl_is_zero_for_the_student_itself_and_positive_otherwise, test_golden_student_step
+- power loss (§4.1): test_golden_student_step; contrastive term: test_golden_student_step[True-0.5]
+- teacher sampler draw_mol (component by the mixture weights, logistic value):
+  test_draw_mol_component_frequencies_and_logistic_shape (empirical frequencies vs weights, CDF vs σ)
+- student noise z ~ Logistic(0, 1) and its one-pass IAF: test_draw_mol_component_frequencies_and_logistic_shape,
+  test_student_samples_in_one_causal_pass, test_iaf_logdet_matches_autograd_jacobian
+- lr warm-up (ours, linear): test_lr_warmup_schedule"""
 import copy
 import json
 import math
@@ -135,6 +149,33 @@ def test_teacher_causal_and_cached_equals_parallel():
     assert torch.allclose(gen.h, hp, atol=1e-5), (gen.h - hp).abs().max()
     assert torch.equal(P.draw_mol(hp, u, cfg), gen.out)
     assert torch.equal(P.quantize(gen.out, 16), gen.out)                 # 16-bit samples
+
+
+def test_draw_mol_component_frequencies_and_logistic_shape():
+    """The teacher's sampler, pinned by what it should draw, not by itself: 4 well-separated components with
+    weights 0.1, 0.2, 0.3, 0.4 (as logits) must be picked with those frequencies, and within each component
+    (x - μ_k) / s_k must be Logistic(0, 1): empirical CDF at -2..2 == σ(·). 40k draws: binomial sd <= 0.011
+    for a frequency, <= 0.011 for a CDF point of the smallest component, so 0.03 / 0.045 are ~3-4 sd."""
+    cfg = cfg_of()
+    K, T = 4, 40000
+    cfg.n_mix = K
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    mu = torch.tensor([-0.75, -0.25, 0.25, 0.75])
+    s = torch.tensor([0.01, 0.02, 0.015, 0.012])
+    h = torch.cat([w.log() + 3.0, mu, s.log()])[None, :, None].expand(1, 3 * K, T)  # logits up to a constant
+    u = torch.rand(1, 2, T, generator=torch.Generator().manual_seed(0))
+    x = P.draw_mol(h, u, cfg)[0]
+    k = (x[:, None] - mu[None]).abs().argmin(1)              # components are > 20 scales apart: nearest mean
+    freq = torch.bincount(k, minlength=K).float() / T
+    assert torch.allclose(freq, w, atol=0.03), freq
+    for j in range(K):
+        z = (x[k == j] - mu[j]) / s[j]
+        for a in (-2.0, -1.0, 0.0, 1.0, 2.0):
+            emp = float((z <= a).float().mean())
+            assert abs(emp - 1 / (1 + math.exp(-a))) < 0.045, (j, a, emp)
+    z = P.logistic_noise((T,), "cpu", seed=0)                # the student's z ~ Logistic(0, 1) (§3)
+    for a in (-2.0, -1.0, 0.0, 1.0, 2.0):
+        assert abs(float((z <= a).float().mean()) - 1 / (1 + math.exp(-a))) < 0.02, a
 
 
 def test_teacher_overfits_one_batch():
@@ -320,6 +361,17 @@ def test_golden_teacher_step():
     want = clipped_update(ref, nll, 0.05, 0.5)
     for p, q in zip(state["teacher"].parameters(), want):
         assert torch.allclose(p.double(), q, atol=2e-5), (p - q.float()).abs().max()
+
+
+def test_lr_warmup_schedule():
+    """Linear warm-up (ours): the lr of step i (0-based) is lr * min(1, (i + 1) / warmup_iters), then flat."""
+    cfg = cfg_of("--warmup_iters=4", "--lr=0.001")
+    state = P.build(cfg, rt_cpu())
+    seen = []
+    for _ in range(6):
+        seen.append(state["opt"].param_groups[0]["lr"])
+        state["opt"].step(), state["sched"].step()
+    assert seen == pytest.approx([0.00025, 0.0005, 0.00075, 0.001, 0.001, 0.001])
 
 
 def literal_student_loss(student, teacher, z, wav, mel, cfg, draws1, draws2=None):
