@@ -46,7 +46,7 @@ import common
 class Config:
     mode: str = "train"                 # train | sample | eval | bench
     preset: str = "paper"               # a key of PRESETS
-    init_from: str = "scratch"          # scratch | resume | path to a checkpoint (ours or the official generator)
+    init_from: str = "scratch"          # scratch | resume | a checkpoint (ours or the official generator)
     out_dir: str = "out/melgan"
     data_dir: str = ""                  # empty: the built-in speech corpus
     corpus_hours: float = 2.0           # size of the built-in corpus
@@ -88,22 +88,28 @@ class Config:
         def bad(msg):
             raise SystemExit(f"error: {msg}")
         if math.prod(self.upsample_rates) != self.hop:
-            bad(f"--upsample_rates={self.upsample_rates} multiply to {math.prod(self.upsample_rates)}, not --hop={self.hop}")
+            bad(f"--upsample_rates={self.upsample_rates} multiply to {math.prod(self.upsample_rates)}, "
+                f"not --hop={self.hop}")
         if min(self.upsample_rates + self.dilations) < 1 or self.channels % 2 ** len(self.upsample_rates):
-            bad(f"--channels={self.channels} must halve {len(self.upsample_rates)} times (one per upsampler), "
+            bad(f"--channels={self.channels} must halve {len(self.upsample_rates)} times "
+                "(one per upsampler), "
                 "and rates and dilations must be >= 1")
-        if self.ndf < 4 or self.ndf % 4 or self.d_max_channels < self.ndf or self.d_max_channels % self.ndf or self.num_d < 1:
-            bad(f"--ndf={self.ndf} must be a multiple of 4 (grouped convs), --d_max_channels={self.d_max_channels} "
+        if (self.ndf < 4 or self.ndf % 4 or self.d_max_channels < self.ndf or self.d_max_channels % self.ndf
+                or self.num_d < 1):
+            bad(f"--ndf={self.ndf} must be a multiple of 4 (grouped convs), "
+                f"--d_max_channels={self.d_max_channels} "
                 f"a multiple of it, --num_d={self.num_d} >= 1")
         if self.segment % self.hop or self.segment < 4 * self.hop:
             bad(f"--segment={self.segment} must be a multiple of --hop={self.hop} and at least 4 mel frames")
-        if not 0 <= self.fmin < (self.fmax or self.sample_rate / 2) <= self.sample_rate / 2 or self.n_fft < self.hop:
-            bad(f"need 0 <= --fmin < --fmax <= sample_rate / 2 ({self.sample_rate / 2:g}) and --n_fft >= --hop")
+        if (not 0 <= self.fmin < (self.fmax or self.sample_rate / 2) <= self.sample_rate / 2
+                or self.n_fft < self.hop):
+            bad(f"need 0 <= --fmin < --fmax <= sample_rate / 2 ({self.sample_rate / 2:g}) "
+                "and --n_fft >= --hop")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas) or self.lambda_fm < 0:
             bad(f"--betas={self.betas} must be two numbers in [0, 1) and --lambda_fm >= 0")
 
 PRESETS = {
-    "paper": dict(),                                        # Generator(80, ngf=32, 3), Discriminator(3, 16, 4, 4)
+    "paper": dict(),                                   # Generator(80, ngf=32, 3), Discriminator(3, 16, 4, 4)
     "small": dict(channels=128, ndf=16, d_max_channels=256, batch_size=8, max_iters=1000, eval_interval=250,
                   corpus_hours=0.5, eval_items=8, log_interval=25, compile=False),  # ~15 min, laptop CPU
     "tiny":  dict(channels=32, ndf=4, d_max_channels=64, batch_size=2, segment=2048, max_iters=10,
@@ -127,7 +133,8 @@ class ResBlock(nn.Module):
         self.shortcut = weight_norm(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x):                                          # (B, C, T) -> (B, C, T)
-        # in place on fresh tensors that nothing else reads (a conv's backward needs its input, not its output):
+        # in place on fresh tensors that nothing else reads (a conv's backward needs its input, not its
+        # output):
         # fewer full-size buffers, the same numbers
         h = F.pad(F.leaky_relu(x, 0.2), (self.dilation, self.dilation), "reflect")
         h = self.conv2(F.leaky_relu(self.conv1(h), 0.2, inplace=True))
@@ -157,7 +164,7 @@ class Generator(nn.Module):
     def forward(self, mel):                                        # (B, n_mels, frames)
         x = self.conv_pre(F.pad(mel, (3, 3), "reflect"))           # (B, C, frames)
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, 0.2, inplace=True))             # (B, C / 2^(i+1), frames * prod(rates[:i+1]))
+            x = up(F.leaky_relu(x, 0.2, inplace=True))  # (B, C / 2^(i+1), frames * prod(rates[:i+1]))
             # the stack runs its blocks in series: dilations 1, 3, 9 grow the receptive field to 27
             # samples at this rate, so distant samples correlate (§2.1, "Induced receptive field")
             for j in range(self.n_res):
@@ -229,15 +236,19 @@ def official_config(sd):
 def load_official(G, sd, cfg):
     """Load an official generator file into G; its size (official_config) must be the config's.
     Sequential layout: 0 pad, 1 conv_pre, then per stage i: 2+5i lrelu, 3+5i upsampler, 4+5i..6+5i
-    residual blocks (block.2 = dilated conv, block.4 = 1x1 conv, shortcut), then 22-25 lrelu/pad/conv_post/tanh."""
+    residual blocks (block.2 = dilated conv, block.4 = 1x1 conv, shortcut), then 22-25
+    lrelu/pad/conv_post/tanh."""
     G, need = common.unwrap(G), official_config(sd)
     if need is None:
         raise SystemExit("error: neither one of our checkpoints nor an official MelGAN generator file "
-                         "(linda_johnson.pt / multi_speaker.pt / netG.pt: a state dict with model.1.weight_v ...)")
+                         "(linda_johnson.pt / multi_speaker.pt / netG.pt: "
+                         "a state dict with model.1.weight_v ...)")
     flag = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v
-    bad = [k for k, v in need.items() if (tuple(getattr(cfg, k)) if isinstance(v, tuple) else getattr(cfg, k)) != v]
+    bad = [k for k, v in need.items()
+           if (tuple(getattr(cfg, k)) if isinstance(v, tuple) else getattr(cfg, k)) != v]
     if bad:
-        raise SystemExit("error: the official generator file needs " + " ".join(f"--{k}={flag(need[k])}" for k in bad)
+        raise SystemExit("error: the official generator file needs "
+                         + " ".join(f"--{k}={flag(need[k])}" for k in bad)
                          + " (the config has " + ", ".join(f"{k}={flag(getattr(cfg, k))}" for k in bad) + ")")
     n_res, stage = G.n_res, 2 + G.n_res
     names = {"model.1": "conv_pre", f"model.{2 + stage * len(G.ups) + 2}": "conv_post"}
@@ -247,8 +258,8 @@ def load_official(G, sd, cfg):
             names[f"model.{4 + stage * i + j}.block.2"] = f"resblocks.{i * n_res + j}.conv1"
             names[f"model.{4 + stage * i + j}.block.4"] = f"resblocks.{i * n_res + j}.conv2"
             names[f"model.{4 + stage * i + j}.shortcut"] = f"resblocks.{i * n_res + j}.shortcut"
-    suffix = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1",
-              "bias": "bias"}
+    suffix = {"weight_g": "parametrizations.weight.original0",
+              "weight_v": "parametrizations.weight.original1", "bias": "bias"}
     ours = {}
     for k, v in sd.items():
         prefix, _, leaf = k.rpartition(".")
@@ -313,7 +324,8 @@ def get_batch(sampler, cfg, rt):
 def vocode(G, wav, name, cfg, rt):
     """A whole clip (T,) numpy -> (generated, reference) (T',) tensors, T' = T cut to whole mel frames."""
     if len(wav) < 4 * cfg.hop:
-        raise SystemExit(f"error: {name} is {len(wav)} samples long, shorter than 4 mel frames ({4 * cfg.hop})")
+        raise SystemExit(f"error: {name} is {len(wav)} samples long, "
+                         f"shorter than 4 mel frames ({4 * cfg.hop})")
     wav = torch.from_numpy(wav[: len(wav) // cfg.hop * cfg.hop]).to(rt.device)  # (T',)
     with rt.autocast():
         fake = G(log_mel(wav, cfg).unsqueeze(0))[0, 0].float()    # (T',)
@@ -332,7 +344,8 @@ def build(cfg, rt):
 
 def train_step(state, batch, cfg, rt):
     """One step of the objective (loss section): D on [real; fake.detach()], then G, the official order; no
-    gradient clipping (none in the official code). train() and bench() both call it. Returns the logged losses."""
+    gradient clipping (none in the official code). train() and bench() both call it.
+    Returns the logged losses."""
     G, D, opt_g, opt_d = state["G"], state["D"], state["opt_g"], state["opt_d"]
     wav, mel = batch                                               # (B, 1, T), (B, n_mels, T / hop)
     B = wav.shape[0]
@@ -344,8 +357,8 @@ def train_step(state, batch, cfg, rt):
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
-    # G's step needs D's gradient with respect to its input only: D's weight gradients (which the official code
-    # computes here and zeroes before the next D step) are skipped, as is DDP's sync of them
+    # G's step needs D's gradient with respect to its input only: D's weight gradients (which the official
+    # code computes here and zeroes before the next D step) are skipped, as is DDP's sync of them
     d_plain = common.unwrap(D)
     d_plain.requires_grad_(False)
     with rt.autocast():
@@ -366,7 +379,8 @@ def load_for_inference(cfg, rt):
     """The generator --init_from names: our checkpoint (parse_config already took its config) or the official
     file, whose size is read from its tensors and set on cfg (so a CPU's `small` default does not matter)."""
     if cfg.init_from == "scratch":
-        raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: --init_from=resume (out_dir/ckpt.pt), "
+        raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: "
+                         "--init_from=resume (out_dir/ckpt.pt), "
                          "a checkpoint path, or the authors' generator file")
     path = common.checkpoint_path(cfg)
     ckpt = common.load_checkpoint(path)
@@ -410,7 +424,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
         if samples_dir is not None and i < 2:
             common.save_sample(samples_dir, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
     model.train(was_training)
-    common.log(f"eval {split} ({len(items)} clips) | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    common.log(f"eval {split} ({len(items)} clips) | "
+               + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
 
@@ -438,7 +453,8 @@ def train(cfg):
         prog.update(step, losses, seconds_per_step)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if rt.master:
-                evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
+                evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"),
+                         split="val")
             common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
@@ -476,7 +492,8 @@ def bench(cfg):
     state["G"], state["D"] = common.compile(G, cfg), common.compile(D, cfg)
     compiled = state["G"] is not G
     ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=cfg.bench_iters)
-    figures.update(train_step_ms=ms, train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (ms / 1e3),
+    figures.update(train_step_ms=ms,
+                   train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (ms / 1e3),
                    train_flops_per_step=flops)
     if rt.device_type == "cuda":  # the official recipe: fp32, eager
         figures["baseline_fp32_eager_train_step_ms"] = common.timeit(
@@ -484,17 +501,18 @@ def bench(cfg):
     # inference: real-time factor = compute seconds per second of audio (lower is faster)
     seconds = cfg.bench_seconds
     G_inf = common.remove_weight_norm(copy.deepcopy(G)).eval()
-    mel1 = torch.randn(1, cfg.n_mels, int(seconds * cfg.sample_rate) // cfg.hop, device=rt.device) - 5  # (1, n_mels, frames)
+    frames = int(seconds * cfg.sample_rate) // cfg.hop
+    mel1 = torch.randn(1, cfg.n_mels, frames, device=rt.device) - 5  # (1, n_mels, frames)
 
     def infer(model, r):
         with torch.no_grad(), r.autocast():
             return model(mel1)
-    figures["infer_rtf_eager"] = common.timeit(lambda: infer(G_inf, rt), iters=cfg.bench_iters) / 1e3 / seconds
+    rtf = lambda model, r: common.timeit(lambda: infer(model, r), iters=cfg.bench_iters) / 1e3 / seconds
+    figures["infer_rtf_eager"] = rtf(G_inf, rt)
     g_inf = common.compile(G_inf, cfg)
-    figures["infer_rtf_compiled"] = (common.timeit(lambda: infer(g_inf, rt), iters=cfg.bench_iters) / 1e3 / seconds
-                                     if g_inf is not G_inf else None)
+    figures["infer_rtf_compiled"] = rtf(g_inf, rt) if g_inf is not G_inf else None
     if rt.device_type == "cuda":
-        figures["baseline_fp32_eager_infer_rtf"] = common.timeit(lambda: infer(G_inf, fp32), iters=cfg.bench_iters) / 1e3 / seconds
+        figures["baseline_fp32_eager_infer_rtf"] = rtf(G_inf, fp32)
     common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
 
 # ----------------------------------------------------------------------------- main
