@@ -47,7 +47,7 @@ import common
 class Config:
     mode: str = "train"                 # train | sample | eval | bench
     preset: str = "v1"                  # a key of PRESETS
-    init_from: str = "scratch"          # scratch | resume | path to a checkpoint (ours or the official generator)
+    init_from: str = "scratch"          # scratch | resume | a checkpoint (ours or the official generator)
     out_dir: str = "out/hifigan"
     data_dir: str = ""                  # empty: the built-in speech corpus
     corpus_hours: float = 2.0           # size of the built-in corpus
@@ -97,7 +97,8 @@ class Config:
         def bad(msg):
             raise SystemExit(f"error: {msg}")
         if math.prod(self.upsample_rates) != self.hop:
-            bad(f"--upsample_rates={self.upsample_rates} multiply to {math.prod(self.upsample_rates)}, not --hop={self.hop}")
+            bad(f"--upsample_rates={self.upsample_rates} multiply to {math.prod(self.upsample_rates)}, "
+                f"not --hop={self.hop}")
         if len(self.upsample_kernels) != len(self.upsample_rates) or \
                 any(k < r or (k - r) % 2 for r, k in zip(self.upsample_rates, self.upsample_kernels)):
             bad(f"--upsample_kernels={self.upsample_kernels} needs one kernel per rate, each >= its rate and of the "
@@ -183,7 +184,7 @@ class Generator(nn.Module):
         x = self.conv_pre(mel)                                     # (B, C, frames)
         for i, up in enumerate(self.ups):
             # in place: x is a fresh conv output or the MRF's sum, read by nothing else
-            x = up(F.leaky_relu(x, 0.1, inplace=True))             # (B, C / 2^(i+1), frames * prod(rates[:i+1]))
+            x = up(F.leaky_relu(x, 0.1, inplace=True))  # (B, C / 2^(i+1), frames * prod(rates[:i+1]))
             # MRF: the blocks run in parallel on the same input and are averaged, so this rate sees
             # receptive fields of several lengths at once (§2.2); summed into the first block's output
             acc = self.resblocks[i * self.n_res](x)
@@ -291,12 +292,14 @@ def load_official(G, sd, cfg):
         raise SystemExit("error: neither one of our checkpoints nor an official HiFi-GAN generator file "
                          "(generator_v1 / g_02500000: {'generator': state_dict}; do_* files hold only the discriminators)")
     flag = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v
-    bad = [k for k, v in need.items() if (tuple(getattr(cfg, k)) if isinstance(v, tuple) else getattr(cfg, k)) != v]
+    bad = [k for k, v in need.items()
+           if (tuple(getattr(cfg, k)) if isinstance(v, tuple) else getattr(cfg, k)) != v]
     if bad:
-        raise SystemExit("error: the official generator file needs " + " ".join(f"--{k}={flag(need[k])}" for k in bad)
+        raise SystemExit("error: the official generator file needs "
+                         + " ".join(f"--{k}={flag(need[k])}" for k in bad)
                          + " (the config has " + ", ".join(f"{k}={flag(getattr(cfg, k))}" for k in bad) + ")")
-    suffix = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1",
-              "bias": "bias"}
+    suffix = {"weight_g": "parametrizations.weight.original0",
+              "weight_v": "parametrizations.weight.original1", "bias": "bias"}
     ours = {}
     for k, v in sd["generator"].items():
         prefix, _, leaf = k.rpartition(".")
@@ -366,7 +369,8 @@ def get_batch(sampler, cfg, rt):
 def vocode(G, wav, name, cfg, rt):
     """A whole clip (T,) numpy -> (generated, reference) (T',) tensors, T' = T cut to whole mel frames."""
     if len(wav) < 4 * cfg.hop:
-        raise SystemExit(f"error: {name} is {len(wav)} samples long, shorter than 4 mel frames ({4 * cfg.hop})")
+        raise SystemExit(f"error: {name} is {len(wav)} samples long, "
+                         f"shorter than 4 mel frames ({4 * cfg.hop})")
     wav = torch.from_numpy(wav[: len(wav) // cfg.hop * cfg.hop]).to(rt.device)  # (T',)
     with rt.autocast():
         fake = G(log_mel(wav, cfg).unsqueeze(0))[0, 0].float()    # (T',)
@@ -390,7 +394,8 @@ def build(cfg, rt):
 
 def train_step(state, batch, cfg, rt):
     """One step of the objective (loss section): D on [real; fake.detach()], then G, the official order; no
-    gradient clipping (none in the official code). train() and bench() both call it. Returns the logged losses."""
+    gradient clipping (none in the official code). train() and bench() both call it.
+    Returns the logged losses."""
     G, D, opt_g, opt_d = state["G"], state["D"], state["opt_g"], state["opt_d"]
     wav, mel = batch                                               # (B, 1, T), (B, n_mels, T / hop)
     B = wav.shape[0]
@@ -402,8 +407,8 @@ def train_step(state, batch, cfg, rt):
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
-    # G's step needs D's gradient with respect to its input only: D's weight gradients (which the official code
-    # computes here and throws away at the next D step) are skipped, as is DDP's sync of them
+    # G's step needs D's gradient with respect to its input only: D's weight gradients (which the official
+    # code computes here and throws away at the next D step) are skipped, as is DDP's sync of them
     d_plain = common.unwrap(D)
     d_plain.requires_grad_(False)
     with rt.autocast():
@@ -426,7 +431,8 @@ def load_for_inference(cfg, rt):
     """The generator --init_from names: our checkpoint (parse_config already took its config) or the official
     file, whose size is read from its tensors and set on cfg (so a CPU's `small` default does not matter)."""
     if cfg.init_from == "scratch":
-        raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: --init_from=resume (out_dir/ckpt.pt), "
+        raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: "
+                         "--init_from=resume (out_dir/ckpt.pt), "
                          "a checkpoint path, or the authors' generator file")
     path = common.checkpoint_path(cfg)
     ckpt = common.load_checkpoint(path)
@@ -469,7 +475,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
         if samples_dir is not None and i < 2:
             common.save_sample(samples_dir, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
     model.train(was_training)
-    common.log(f"eval {split} ({len(items)} clips) | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    common.log(f"eval {split} ({len(items)} clips) | "
+               + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
 
@@ -500,7 +507,8 @@ def train(cfg):
         prog.update(step, losses, seconds_per_step)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if rt.master:
-                evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
+                evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"),
+                         split="val")
             common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
@@ -538,7 +546,8 @@ def bench(cfg):
     state["G"], state["D"] = common.compile(G, cfg), common.compile(D, cfg)
     compiled = state["G"] is not G
     ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=cfg.bench_iters)
-    figures.update(train_step_ms=ms, train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (ms / 1e3),
+    figures.update(train_step_ms=ms,
+                   train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (ms / 1e3),
                    train_flops_per_step=flops)
     if rt.device_type == "cuda":  # the official recipe: fp32, eager
         figures["baseline_fp32_eager_train_step_ms"] = common.timeit(
@@ -546,17 +555,18 @@ def bench(cfg):
     # inference: real-time factor = compute seconds per second of audio (lower is faster)
     seconds = cfg.bench_seconds
     G_inf = common.remove_weight_norm(copy.deepcopy(G)).eval()
-    mel1 = torch.randn(1, cfg.n_mels, int(seconds * cfg.sample_rate) // cfg.hop, device=rt.device) - 5  # (1, n_mels, frames)
+    frames = int(seconds * cfg.sample_rate) // cfg.hop
+    mel1 = torch.randn(1, cfg.n_mels, frames, device=rt.device) - 5  # (1, n_mels, frames)
 
     def infer(model, r):
         with torch.no_grad(), r.autocast():
             return model(mel1)
-    figures["infer_rtf_eager"] = common.timeit(lambda: infer(G_inf, rt), iters=cfg.bench_iters) / 1e3 / seconds
+    rtf = lambda model, r: common.timeit(lambda: infer(model, r), iters=cfg.bench_iters) / 1e3 / seconds
+    figures["infer_rtf_eager"] = rtf(G_inf, rt)
     g_inf = common.compile(G_inf, cfg)
-    figures["infer_rtf_compiled"] = (common.timeit(lambda: infer(g_inf, rt), iters=cfg.bench_iters) / 1e3 / seconds
-                                     if g_inf is not G_inf else None)
+    figures["infer_rtf_compiled"] = rtf(g_inf, rt) if g_inf is not G_inf else None
     if rt.device_type == "cuda":
-        figures["baseline_fp32_eager_infer_rtf"] = common.timeit(lambda: infer(G_inf, fp32), iters=cfg.bench_iters) / 1e3 / seconds
+        figures["baseline_fp32_eager_infer_rtf"] = rtf(G_inf, fp32)
     common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
 
 # ----------------------------------------------------------------------------- main
