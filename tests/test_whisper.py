@@ -1,5 +1,17 @@
 """Tests of whisper.py: official parity (logits, greedy/beam tokens, language ID, word alignment, long-form seeking),
-the multitask training format and one golden training step, decoding rules, data handling, the CLI contract."""
+the multitask training format and one golden training step, decoding rules, data handling, the CLI contract.
+
+What pins each loss term, target shift, sampler and schedule (expected values are written in the test):
+- next-token cross-entropy after <|startoftranscript|> (prompt and padding masked): test_golden_train_step
+- target shift (position i predicts token i + 1) and the §2.3 format: test_target_layout_and_loss_mask
+- timed segments: end > start, time never goes back: test_timed_segments_have_length_and_never_go_back
+- greedy, beam search (§4.5) and the timestamp grammar: test_official_greedy_and_beam_tokens_identical
+  (openai), test_beam_one_equals_greedy_and_timestamp_grammar, test_beam_scores_equal_a_full_forward_rescoring
+- temperature fallback (§4.5): test_temperature_fallback_rule; long-form seeking:
+  test_long_form_seeking_and_prompts_match_openai (openai)
+- language ID softmax: test_detect_language_matches_openai,
+  test_language_id_is_a_softmax_over_language_tokens_only
+- lr warm-up and linear decay: test_lr_schedule_is_its_own_knob, test_golden_train_step (step 0 at lr / warmup)"""
 import contextlib
 import copy
 import dataclasses
@@ -237,6 +249,49 @@ def test_target_layout_and_loss_mask():
     assert x[0].tolist() == seq[:-1] and x[1, :len(seq2) - 1].tolist() == seq2[:-1]
     assert (y[0, :len(prompt)] == -100).all() and y[0, len(prompt):].tolist() == seq[len(prompt) + 1:]
     assert y[1, :len(seq2) - 1].tolist() == seq2[1:] and (y[1, len(seq2) - 1:] == -100).all()
+
+
+def test_timed_segments_have_length_and_never_go_back():
+    """A segment's end timestamp is > its start, even when its words span < 10 ms (start == end after the 20 ms
+    quantisation), and a segment never starts before the previous one ended (word times that go back)."""
+    tok = small_tok()
+    tb, e = tok.timestamp_begin, tok.encode
+    words = [("mike", 0.50, 0.505), ("and", 0.40, 0.45)]                # 0.50 -> tb + 25 and 0.505 -> tb + 25
+    seq, _ = W.target_tokens(tok, "mike and", words, cuts=[1])
+    want = [tok.sot, tok.sot + 1, tok.transcribe, tb + 25] + e(" mike") + [tb + 26, tb + 26] + e(" and") + \
+        [tb + 27, tok.eot]
+    assert seq == want
+    rng = np.random.default_rng(0)                                      # the invariant on random word times
+    for _ in range(200):
+        t = np.sort(rng.uniform(0, 3, 8)).round(2)
+        ws = [(f"w{i}", float(t[i]), float(t[i] + rng.choice([0.0, 0.005, 0.3]))) for i in range(8)]
+        seq, _ = W.target_tokens(tok, "", ws, cuts=sorted(rng.choice(np.arange(1, 8), 2, replace=False).tolist()))
+        ts = [i for i in seq if i >= tb]
+        assert len(ts) == 6 and all(ts[2 * k + 1] > ts[2 * k] for k in range(3)), ts
+        assert all(ts[i + 1] >= ts[i] for i in range(5)), ts
+
+
+def test_temperature_fallback_rule(monkeypatch):
+    """§4.5: retry at the next temperature while gzip ratio > 2.4 or mean log-prob < -1; a window whose
+    no-speech probability > 0.6 with log-prob < -1 is accepted as silent; all bad: the last temperature's result."""
+    cfg = tiny_cfg(temperatures=(0.0, 0.2, 0.4, 0.6), compression_ratio_threshold=2.4, logprob_threshold=-1.0,
+                   no_speech_threshold=0.6)
+    calls = []
+
+    def run(replies):
+        calls.clear()
+
+        def fake(model, tok, mel, cfg, temperature, **kw):
+            calls.append(temperature)
+            cr, lp, ns = replies[temperature]
+            return [types.SimpleNamespace(compression_ratio=cr, avg_logprob=lp, no_speech_prob=ns, t=temperature)]
+        monkeypatch.setattr(W, "decode", fake)
+        return W.decode_with_fallback(None, None, None, cfg).t
+    ok, loop, unlikely = (1.5, -0.5, 0.1), (3.0, -0.5, 0.1), (1.5, -1.5, 0.1)
+    assert run({0.0: loop, 0.2: unlikely, 0.4: ok, 0.6: ok}) == 0.4 and calls == [0.0, 0.2, 0.4]
+    assert run({0.0: (1.5, -2.0, 0.9)}) == 0.0 and calls == [0.0]            # silent: accepted
+    assert run({0.0: (3.0, -0.5, 0.9), 0.2: ok}) == 0.2                      # likely text: no-speech ignored
+    assert run({t: loop for t in cfg.temperatures}) == 0.6 and calls == [0.0, 0.2, 0.4, 0.6]
 
 
 def test_golden_train_step():
