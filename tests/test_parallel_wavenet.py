@@ -1,6 +1,6 @@
-"""Tests for parallel_wavenet.py: parameter counts, the 16-bit discretised MoL, teacher causality and cached ==
-parallel, the IAF's exact log-determinant, one-pass causal sampling, the distillation KL, a frozen teacher, golden
-steps for both stages against literal transcriptions of the objectives, and the CLI of both stages.
+"""Tests for parallel_wavenet.py: parameter counts, the 16-bit discretised MoL, teacher causality and
+cached == parallel, the IAF's exact log-determinant, one-pass causal sampling, the distillation KL, a frozen
+teacher, golden steps for both stages against literal transcriptions of the objectives, and the CLI.
 
 What pins each loss term, target shift, sampler and schedule (expected values come from the test's own
 transcription, never from the file's helpers; mel_features and quantize only make the golden steps' inputs):

@@ -1,7 +1,22 @@
-"""Tests of step_audio.py (Step-Audio 2): the audio placeholders, the LLM's attention and cache, the chat format's
-loss mask, the tool loop, the held-out question bank; speech output: FSQ, the text:audio interleave, the token
-ranges, the flow-matching sampler, the vocoder; the training stages (golden steps) and the command line."""
+"""Tests of step_audio.py (Step-Audio 2): the audio placeholders, the LLM's attention and cache, the chat
+format's loss mask, the tool loop, the held-out question bank; speech output: FSQ, the text:audio interleave, the token
+ranges, the flow-matching sampler, the vocoder; the training stages (golden steps) and the command line.
+
+What pins each loss term, target shift, sampler and schedule:
+- the audio placeholder count (official compute_token_num, transcribed here):
+  test_placeholder_count_is_the_official_compute_token_num_at_many_lengths, test_placeholder_count_follows_...
+- LLM next-token NLL, shifted by one, masked to the assistant's turns: test_golden_step[sft|adaptor],
+  test_loss_is_masked_to_the_assistant_turns
+- encoder CTC over the 25 Hz frames: test_golden_step[encoder]; speech tokenizer (FSQ + CTC):
+  test_golden_step_speech[tokenizer], test_fsq_round_trip_and_code_count
+- flow matching (the conditional OT path) and its Euler sampler: test_golden_step_speech[flow],
+  test_flow_sampler_boundary_conditions
+- vocoder mel L1: test_golden_step_speech[vocoder] (its expected mel still comes from the file's voc_mel)
+- the text:audio interleave and greedy decoding: test_interleave_pattern_and_inverse,
+  test_spoken_generation_keeps_the_pattern_and_refeeds_as_ids, test_generate_with_the_cache_equals_greedy_...
+- stages and lr (warm-up per stage, SFT cosine to 10 %): test_stage_schedule_and_what_each_stage_trains"""
 import copy
+import math
 import dataclasses
 
 import numpy as np
@@ -205,6 +220,11 @@ def test_stage_schedule_and_what_each_stage_trains():
     assert S.trainable("flow", m) == ids(m.flow) and S.trainable("vocoder", m) == ids(m.vocoder)
     f = S.lr_lambda(cfg)
     assert f(0) == pytest.approx(1 / cfg.warmup_iters) and f(2) == pytest.approx(1 / cfg.warmup_iters)  # warm-up per stage
+    for step in (10, 11, 12):                  # SFT (from step 10 of 13): warm-up times a cosine from 1 to 0.1
+        warm, frac = min(1.0, (step - 9) / cfg.warmup_iters), (step - 10) / 3
+        assert f(step) == pytest.approx(warm * (0.1 + 0.45 * (1 + math.cos(math.pi * frac))))
+    g = S.lr_lambda(tiny(stage_iters=(2, 3, 1, 1, 2, 1), max_iters=13, warmup_iters=1))
+    assert g(13) == pytest.approx(0.1) and g(3) == 1.0
 
 
 @pytest.mark.parametrize("stage", ["sft", "adaptor", "encoder"])
@@ -245,7 +265,7 @@ def test_golden_step(stage):
         for i, n in enumerate(batch["n_mel"]):             # a chunk's padding frames read as zeros
             enc[i, ((int(n) - 1) // 2 + 1) // 2:] = 0
         a = ref.adapter(enc)
-        feats = torch.cat([a[i, :S.audio_tokens(len(w), cfg)] for i, w in enumerate(wav)])
+        feats = torch.cat([a[i, :official_compute_token_num((len(w) + 479) // 160)] for i, w in enumerate(wav)])
         x = ref.model.embed_tokens(batch["ids"]).clone()
         x[batch["ids"] == tok.patch] = feats
         logp = ref.model(x).log_softmax(-1)
