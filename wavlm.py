@@ -16,9 +16,15 @@ Simplified or changed versus the paper / official code (microsoft/unilm wavlm, U
 - data is the built-in eSpeak corpus (or --data_dir), not LibriSpeech / 94k h; steps are a few thousand on
   a CPU (the paper: 400k Base, 700k+ Large). Noise for mixing is synthetic (white/brown), not DNS.
 - iteration 1 targets are k-means (Lloyd, k-means++ init, on a frame subsample) of 39-d MFCCs computed at the
-  model's 50 Hz frame rate (HuBERT iteration 1 uses 100 Hz labels); WavLM Base itself was trained on targets
-  of a HuBERT model: --targets=features --teacher=PATH re-clusters layer --target_layer of any model (ours or
-  an official file), HuBERT iteration 2.
+  model's 50 Hz frame rate (HuBERT iteration 1 uses 100 Hz labels of Kaldi MFCCs, with pre-emphasis and
+  liftering; the deltas here are HuBERT's: torchaudio compute_deltas, +-2 frames); WavLM Base itself was
+  trained on targets of a HuBERT model: --targets=features --teacher=PATH re-clusters layer --target_layer of
+  any model (ours or an official file), HuBERT iteration 2.
+- as the official code: the initialisation (WavLM.py: kaiming-normal convs; init_bert_params on the Transformer:
+  N(0, 0.02) linears and relative-position bias table; fairseq hubert.py: U[0, 1) label embeddings), HuBERT's
+  feature penalty (x10, hubert_base_librispeech.yaml), and the mixing rule of UniSpeech's data loader (energy
+  ratio on the whole rows, interferer drawn from the whole batch, in place). Ours: weight decay only on tensors
+  of 2+ dims except the label embeddings (fairseq's Adam decays all); the warm-up reaches the peak one step early.
 - fixed-length crops with no padding, so there is no padding mask; no layer drop; span masks are not
   equalised across the batch (the loss indexes the masked frames, so it needs no equal counts).
 - attention is fused SDPA with the gated bias as a float mask (the official code: multi_head_attention_forward);
@@ -97,6 +103,8 @@ class Config:
     final_dim: int = 256                # projection before the cosine logits
     num_classes: int = 500              # k-means clusters = target classes
     logit_temp: float = 0.1             # cosine-similarity temperature
+    pred_nomask_weight: float = 0.0     # weight of the CE on unmasked frames (HuBERT Base: 0, masked frames only)
+    feature_pen: float = 10.0           # weight of features_pen, the CNN output's mean square (HuBERT loss_weights [10])
     mask_prob: float = 0.08             # p: probability that a frame starts a masked span (§4.1)
     mask_length: int = 10               # l: span length in frames (§4.1)
     targets: str = "mfcc"               # mfcc (iteration 1) | features (re-cluster --teacher's layer)
@@ -170,10 +178,15 @@ PRESETS = {  # the official WavLM-Base / Base+ / Large cfg (microsoft/unilm wavl
                       attention_dropout=0.0, lr=1.5e-3, grad_clip=1.0, batch_size=4),   # 316.62 M
     "small":     dict(conv_layers=((128, 10, 5),) + ((128, 3, 2),) * 4 + ((128, 2, 2),) * 2, dim=192, layers=4,
                       heads=4, ffn=768, conv_pos=32, conv_pos_groups=8, final_dim=64, num_classes=100,
-                      dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=80, batch_size=8, segment=16_000,
-                      max_iters=800, lr_decay_iters=800, eval_interval=200, log_interval=25, eval_items=32, corpus_hours=0.5,
-                      kmeans_frames=40_000, bench_seconds=10.0),   # 2.2 M: 800 steps at 0.27-0.35 s/step on one core
-                                                   # (busy 2-core box, OMP_NUM_THREADS=1): ~4-5 min + evals
+                      dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=200, batch_size=8, segment=16_000,
+                      max_iters=2000, lr_decay_iters=2000, eval_interval=500, log_interval=50, eval_items=32,
+                      corpus_hours=0.5, kmeans_frames=40_000, bench_seconds=10.0,
+                      # ours: the unmasked frames' CE too (HuBERT's pred_nomask_weight; Base: 0). Masked-only, this
+                      # 2.2 M model collapses to the class prior in 800-2000 steps (output constant over time,
+                      # masked accuracy = the majority cluster's, with or without the feature penalty or pre-LN);
+                      # with it, it first learns to label what it hears, then to fill the masked spans from it.
+                      pred_nomask_weight=1.0),     # 2.2 M: 2000 steps at ~0.23 s/step on one core
+
     "tiny":      dict(conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2, dim=32, layers=2,
                       heads=2, ffn=64, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64,
                       final_dim=16, num_classes=8, dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=2,
@@ -192,6 +205,9 @@ class ConvBlock(nn.Module):
     def __init__(self, c_in, c_out, kernel, stride, norm, bias):
         super().__init__()
         self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=bias)
+        # official init (WavLM.py ConvFeatureExtractionModel.make_conv): kaiming_normal_, fan_in, gain sqrt(2):
+        # std sqrt(2 / (C_in k)), so the GELU stack keeps its scale (PyTorch's default shrinks it ~3x per block)
+        nn.init.kaiming_normal_(self.conv.weight)
         self.norm = {"group": lambda: nn.GroupNorm(c_out, c_out), "layer": lambda: nn.LayerNorm(c_out),
                      None: lambda: None}[norm]()
 
@@ -293,6 +309,17 @@ class Layer(nn.Module):
         return self.final_layer_norm(x + self.ffn(x))
 
 
+def bert_init(m):
+    """fairseq's init_bert_params, which the official TransformerEncoder applies to all its modules last
+    (WavLM.py: self.apply(init_bert_params)): every nn.Linear N(0, 0.02) with zero bias (q/k/v/out, fc1/fc2,
+    the gates' grep_linear), every nn.Embedding N(0, 0.02): the relative-position bias table (it overrides the
+    table's xavier_normal_ in MultiheadAttention.reset_parameters). Convs, LayerNorms and grep_a are untouched."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 class Encoder(nn.Module):
     """Convolutional position embedding, then the blocks; one relative-position bias table for all layers."""
     def __init__(self, cfg):
@@ -306,6 +333,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
         self.layer_norm = nn.LayerNorm(cfg.dim)            # after pos-conv (post-LN) or after the last layer (pre-LN)
         self.drop = nn.Dropout(cfg.dropout)
+        self.apply(bert_init)                              # last, as the official TransformerEncoder.__init__
 
     def position_bias(self, T):                            # -> (1, H, T, T), ungated: each layer gates it
         pos = torch.arange(T, device=self.relative_attention_bias.weight.device)
@@ -338,30 +366,40 @@ class WavLM(nn.Module):
         self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())
         self.encoder = Encoder(cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        # pre-training head (HuBERT): project, then cosine similarity with one embedding per cluster
+        # pre-training head (HuBERT): project, then cosine similarity with one embedding per cluster. Init as
+        # fairseq hubert.py: final_proj and post_extract_proj keep nn.Linear's default (they sit outside the
+        # TransformerEncoder that init_bert_params is applied to), label_embs_concat nn.init.uniform_ (U[0, 1))
         self.final_proj = nn.Linear(cfg.dim, cfg.final_dim)
-        self.label_embs = nn.Parameter(torch.randn(cfg.num_classes, cfg.final_dim) * cfg.final_dim ** -0.5)
+        self.label_embs = nn.Parameter(torch.empty(cfg.num_classes, cfg.final_dim).uniform_())
 
-    def extract(self, wav, mask=None):                     # (B, L) -> hidden [(B, T, D)] * (L + 1), output
+    def encode(self, wav, mask=None):                      # -> hidden [(B, T, D)] * (L + 1), output, features_pen
         if self.cfg.normalize:                             # Large: zero mean, unit variance per utterance
             wav = F.layer_norm(wav, wav.shape[-1:])
         f = self.feature_extractor(wav)                    # (B, C, T)
         g = self.cfg.feature_grad_mult
         if self.training and g != 1.0:                     # forward unchanged, gradient scaled by g
             f = f * g + f.detach() * (1 - g)
+        # HuBERT's feature penalty (fairseq hubert.py forward: features_pen = features.float().pow(2).mean(), on
+        # the CNN output after GradMultiply and before layer_norm): keeps the encoder's output scale from drifting
+        pen = f.float().pow(2).mean()
         x = self.post_extract_proj(self.layer_norm(f.transpose(1, 2)))   # (B, T, D)
         x = self.drop(x)
         if mask is not None:                               # the masked frames' content is hidden (§2)
             x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
-        return self.encoder(x)
+        hidden, out = self.encoder(x)
+        return hidden, out, pen
+
+    def extract(self, wav, mask=None):                     # (B, L) -> hidden [(B, T, D)] * (L + 1), output
+        return self.encode(wav, mask)[:2]
 
     def head(self, out):                                   # (B, T, D) -> (B, T, num_classes)
         p = F.normalize(self.final_proj(out).float(), dim=-1)
         e = F.normalize(self.label_embs.float(), dim=-1)
         return p @ e.t() / self.cfg.logit_temp
 
-    def forward(self, wav, mask=None):                     # the pre-training forward: cluster logits per frame
-        return self.head(self.extract(wav, mask)[1])
+    def forward(self, wav, mask=None):                     # pre-training: cluster logits per frame, features_pen
+        _, out, pen = self.encode(wav, mask)
+        return self.head(out), pen
 
 
 def encoder_params(model):
@@ -480,54 +518,64 @@ def span_mask(B, T, cfg, generator=None):
     return mask
 
 
-def mix_utterances(wav, cfg, generator=None):
-    """Utterance mixing (§3.2) on a batch (B, L) of primary utterances: with probability mix_prob, a random
-    crop of at most mix_max_frac * L samples of another utterance of the batch (or noise) is added at a
-    random place, scaled to an energy ratio primary/interferer drawn uniformly in mix_db (noise_db).
-    Returns the mixed batch and [(i, j or -1 for noise, dst, src, n, scale)]; the caller keeps the
-    primary's targets."""
+def mix_utterances(wav, cfg, generator=None, partner=None):
+    """Utterance mixing (§3.2) on a batch (B, L) of primary utterances, as the official data loader
+    (microsoft/UniSpeech utterance_mixing_dataset.py, mixing_collated_audios): with probability mix_prob, row i
+    gets a piece of n ~ U{0..max_len} samples (max_len = mix_max_frac * L; official T // 2) of an interferer,
+    cut at a random place and added at a random place, scaled so that the energy ratio primary/interferer is
+    r ~ U(mix_db) dB (noise: U(noise_db)): scale = sqrt(E_i / (E_j 10^(r / 10))), where E_i and E_j are the
+    mean squares of the WHOLE primary row and the WHOLE interferer (its batch row, or the whole noise clip),
+    not of the added piece (official ref_pow / noise_pow); scale 0 when E_j is 0. The interferer is a row drawn
+    uniformly from the batch, itself included (official: np.random.choice(range(B), replace=True)), or, with
+    probability noise_prob, noise (ours: synthetic white or brown noise of length L instead of DNS clips).
+    Rows are mixed in order and in place, as the official loop, so a row mixed earlier can interfere later with
+    its own interferer in it. partner: (B,) fixed interferer rows (evaluation: always another voice; no noise).
+    Returns the mixed batch and [(i, j or -1 for noise, dst, src, n, scale)]; the caller keeps the primary's
+    targets (they are computed on the clean batch before this)."""
     B, L = wav.shape
     out, events = wav.clone(), []
     u = lambda: torch.rand((), generator=generator).item()
+    max_len = int(cfg.mix_max_frac * L)
     for i in range(B):
         if u() >= cfg.mix_prob:
             continue
-        n = int(u() * cfg.mix_max_frac * L)                # interferer length in [0, L/2)
-        if n < 1:
-            continue
-        dst, src = int(u() * (L - n + 1)), int(u() * (L - n + 1))
-        noise = B == 1 or u() < cfg.noise_prob
-        if noise:                                          # white or brown (integrated) noise
-            z = torch.randn(n, generator=generator)
-            seg, j, lo, hi = (z if u() < 0.5 else torch.cumsum(z, 0) / math.sqrt(n)), -1, *cfg.noise_db
+        if partner is None and u() < cfg.noise_prob:       # white or brown (integrated) noise, a whole clip
+            z = torch.randn(L, generator=generator).to(wav)
+            clip, j, (lo, hi) = (z if u() < 0.5 else torch.cumsum(z, 0) / math.sqrt(L)), -1, cfg.noise_db
         else:
-            j = (i + 1 + int(u() * (B - 1))) % B           # another utterance of the batch
-            seg, lo, hi = wav[j, src:src + n], *cfg.mix_db
+            j = int(partner[i]) if partner is not None else min(int(u() * B), B - 1)
+            clip, (lo, hi) = out[j], cfg.mix_db            # the running batch, as the official in-place loop
+        n = int(u() * (max_len + 1))                       # official: randint(0, mixing_max_len + 1)
+        src, dst = int(u() * (L - n + 1)), int(u() * (L - n + 1))
         ratio_db = lo + (hi - lo) * u()
-        # the scale stays a 0-d tensor on wav's device: no host sync inside a training step (the draws above
-        # come from a CPU generator; only the energies live on the device)
-        seg = seg.to(wav)
-        e_primary, e_seg = wav[i].pow(2).mean(), seg.pow(2).mean()
-        ok = (e_seg > 1e-10) & (e_primary > 1e-10)
-        scale = torch.where(ok, (e_primary / (e_seg.clamp(min=1e-10) * 10 ** (ratio_db / 10))).sqrt(), 0.0)
-        out[i, dst:dst + n] += scale * seg
+        # energies of the whole rows; the scale stays a 0-d tensor on wav's device: no host sync inside a
+        # training step (the draws above come from a CPU generator; only the energies live on the device)
+        e_primary, e_other = out[i].pow(2).mean(), clip.pow(2).mean()
+        scale = torch.where(e_other > 0, (e_primary / (e_other.clamp(min=1e-30) * 10 ** (ratio_db / 10))).sqrt(), 0.0)
+        out[i, dst:dst + n] += scale * clip[src:src + n]
         events.append((i, j, dst, src, n, scale))
     return out, events
 
 
-def masked_prediction_loss(logits, targets, mask):
-    """Cross-entropy on the masked frames only (HuBERT's masked loss, pred_nomask_weight = 0), plus accuracies.
-    Written as mask-weighted means over all frames, not logits[mask]: boolean indexing has a data-dependent
-    shape, which makes a GPU step wait for the device (and breaks a torch.compile graph)."""
+def masked_prediction_loss(logits, targets, mask, nomask_weight=0.0):
+    """HuBERT's prediction loss as fairseq's hubert criterion normalises it: (sum of CE over the masked frames +
+    nomask_weight x sum over the unmasked ones) / (the number of frames counted: masked, plus unmasked when
+    nomask_weight > 0). The Base recipe has nomask_weight (pred_nomask_weight) 0: masked frames only. Returns
+    that loss, the accuracies on masked / unmasked frames, and the masked frames' mean CE. Written as
+    mask-weighted sums over all frames, not logits[mask]: boolean indexing has a data-dependent shape, which
+    makes a GPU step wait for the device (and breaks a torch.compile graph)."""
     m = mask.float()                                       # (B, T)
+    u = 1 - m
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")   # (B, T): logits (B, K, T)
-    loss = (ce * m).sum() / m.sum().clamp(min=1)
+    ce_m = (ce * m).sum() / m.sum().clamp(min=1)
+    loss = ce_m
+    if nomask_weight > 0:                                  # a Python float: no device sync
+        loss = ((ce * m).sum() + nomask_weight * (ce * u).sum()) / (m.sum() + u.sum()).clamp(min=1)
     with torch.no_grad():
         hit = (logits.argmax(-1) == targets).float()       # (B, T)
         acc_m = (hit * m).sum() / m.sum().clamp(min=1)
-        u = 1 - m                                          # no unmasked frame: report acc_m, as before
-        acc_u = torch.where(u.sum() > 0, (hit * u).sum() / u.sum().clamp(min=1), acc_m)
-    return loss, acc_m, acc_u
+        acc_u = torch.where(u.sum() > 0, (hit * u).sum() / u.sum().clamp(min=1), acc_m)   # none unmasked: acc_m
+    return loss, acc_m, acc_u, ce_m.detach()
 
 # ----------------------------------------------------------------------------- data
 
@@ -544,9 +592,19 @@ def get_batch(sampler, cfg, rt):
 _DCT = {}
 
 
+def deltas(c):
+    """(B, C, T) -> (B, C, T): HTK regression deltas over +-2 frames, d_t = sum_n n (c_t+n - c_t-n) / 10 with the
+    edge frames repeated: torchaudio.functional.compute_deltas(win_length=5), which HuBERT's MFCC labels use
+    (fairseq examples/hubert/simple_kmeans/dump_mfcc_feature.py; = librosa.feature.delta(width=5, mode="nearest"))."""
+    p = F.pad(c, (2, 2), mode="replicate")                # (B, C, T + 4): p[t + 2] = c[t]
+    return (p[..., 3:-1] - p[..., 1:-3] + 2 * (p[..., 4:] - p[..., :-4])) / 10
+
+
 def mfcc(wav, sr=16000, n_mfcc=13, n_mels=23):
-    """(B, L) -> (B, T, 39): 13 MFCCs + deltas + delta-deltas, 25 ms windows every 20 ms, the model's frames
-    (frame t covers samples [320 t, 320 t + 400), as the conv encoder's receptive field)."""
+    """(B, L) -> (B, T, 39): 13 MFCCs + deltas + delta-deltas (deltas of the deltas, as HuBERT), 25 ms windows
+    every 20 ms, the model's frames (frame t covers samples [320 t, 320 t + 400), as the conv encoder's receptive
+    field). Static part: |STFT|^2 (periodic Hann), 23 Slaney-scale mel filters without area norm, natural log
+    (+1e-6), orthonormal DCT-II (HuBERT: Kaldi's MFCC with pre-emphasis, liftering and 100 Hz frames)."""
     win, hop = int(0.025 * sr), int(0.020 * sr)
     with torch.autocast(wav.device.type, enabled=False):
         spec = torch.stft(wav.float(), win, hop, window=torch.hann_window(win, device=wav.device),
@@ -560,9 +618,8 @@ def mfcc(wav, sr=16000, n_mfcc=13, n_mels=23):
             _DCT[key] = (fb.to(wav.device), torch.from_numpy(dct).float().to(wav.device))
         fb, dct = _DCT[key]
         c = dct @ torch.log(fb @ spec + 1e-6)              # (B, 13, T)
-        d1 = torch.gradient(c, dim=-1)[0] if c.shape[-1] > 1 else torch.zeros_like(c)
-        d2 = torch.gradient(d1, dim=-1)[0] if c.shape[-1] > 1 else torch.zeros_like(c)
-        return torch.cat([c, d1, d2], 1).transpose(1, 2)   # (B, T, 39)
+        d1 = deltas(c)
+        return torch.cat([c, d1, deltas(d1)], 1).transpose(1, 2)   # (B, T, 39)
 
 
 class KMeans(nn.Module):
@@ -636,7 +693,10 @@ def fit_targets(state, clips, cfg, rt):
     if len(x) < cfg.num_classes:
         raise SystemExit(f"error: {len(x)} frames cannot make {cfg.num_classes} clusters; lower --num_classes")
     state["km"].fit(x, cfg.kmeans_iters, cfg.seed)
-    common.log(f"k-means targets ({cfg.targets}): {cfg.num_classes} clusters fitted on {len(x)} frames")
+    p = torch.bincount(state["km"](x[None].to(rt.device))[0].cpu(), minlength=cfg.num_classes).float() / len(x)
+    common.log(f"k-means targets ({cfg.targets}): {cfg.num_classes} clusters fitted on {len(x)} frames | class prior "
+               f"entropy {-(p[p > 0] * p[p > 0].log()).sum():.3f} nats (the CE of always predicting the prior), "
+               f"majority cluster {p.max():.1%} of frames")
 
 # ----------------------------------------------------------------------------- train
 
@@ -688,8 +748,11 @@ def build(cfg, rt):
 
 
 def train_step(state, batch, cfg, rt):
-    """One step: targets of the clean primaries, then mixing (§3.2), then span masks (§4.1), then the
-    masked-prediction loss; AdamW with gradient clipping; the schedule steps. Random draws in that order."""
+    """One step: targets of the clean primaries, then mixing (§3.2), then span masks (§4.1), then the loss:
+    masked-prediction loss + feature_pen x features_pen (fairseq hubert_criterion: loss_weights [10] on the
+    prediction loss's scale: the summed CE + 10 pen x sample_size, divided by sample_size); AdamW with gradient
+    clipping; the schedule steps. Random draws in that order. Returns loss (the total), ce (the masked frames'
+    mean CE, to compare with the class prior's entropy), fpen (unweighted), accuracies, gnorm."""
     model, opt = state["model"], state["opt"]
     wav = batch
     T = num_frames(cfg, wav.shape[1])
@@ -698,14 +761,15 @@ def train_step(state, batch, cfg, rt):
     mask = span_mask(wav.shape[0], T, cfg).to(wav.device)
     model.train()
     with rt.autocast():
-        logits = model(mixed, mask)
-    loss, acc_m, acc_u = masked_prediction_loss(logits.float(), targets, mask)
+        logits, pen = model(mixed, mask)
+    pred, acc_m, acc_u, ce = masked_prediction_loss(logits.float(), targets, mask, cfg.pred_nomask_weight)
+    loss = pred + cfg.feature_pen * pen
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     state["sched"].step()
-    return dict(loss=loss.detach(), acc_m=acc_m, acc_u=acc_u, gnorm=gnorm)
+    return dict(loss=loss.detach(), ce=ce, fpen=pen.detach(), acc_m=acc_m, acc_u=acc_u, gnorm=gnorm)
 
 
 def load_for_inference(cfg, rt=None):
@@ -748,11 +812,31 @@ def eval_batches(cfg, split):
     return [u for u in utts if len(u.wav) >= 2 * hop * (cfg.mask_length + 2)] or utts
 
 
+def nearest_visible(y, m):
+    """The copy-the-context baseline: (T,) targets y, (T,) bool mask m -> (T,) the target of each frame's nearest
+    unmasked frame (ties: the earlier one); -1 everywhere if every frame is masked."""
+    vis = (~m).nonzero()[:, 0]
+    if not len(vis):
+        return torch.full_like(y, -1)
+    return y[vis[(torch.arange(len(y))[:, None] - vis[None]).abs().argmin(1)]]
+
+
+def _nmse(a, b):
+    """How far features b (of the two-voice audio) are from a (of the clean audio), per dimension relative to a's
+    own variation over time, averaged over dimensions: scale-free, so models and MFCCs compare. a, b: (T, dim)."""
+    return (((b - a) ** 2).sum(0) / ((a - a.mean(0)) ** 2).sum(0).clamp(min=1e-8)).mean().item()
+
+
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=None):
-    """Masked-prediction accuracy on held-out audio, clean and with a second voice mixed in (the targets stay
-    the clean primary's): the denoising claim in one number. Draws from its own generator (training's RNG
-    is untouched, so a resumed run equals a straight one). labeller: train()'s {"km", "teacher"}."""
+    """Masked-prediction accuracy on held-out audio (pooled over frames), clean and with a second voice mixed in
+    (the targets stay the clean primary's), beside two baselines on the same masked frames: the majority
+    cluster (the best constant guess, picked on these very frames) and the nearest visible frame's cluster
+    (copying the context). The denoising claim (§3.2), measured without masks: unit accuracy on the clean and
+    on the two-voice audio, beside k-means labels recomputed on the two-voice audio; and how far the output
+    features of the two-voice audio are from the clean audio's (_nmse), beside the same figure for MFCCs and
+    log-mels. Draws from its own generator (training's RNG is untouched, so a resumed run equals a straight
+    one). labeller: train()'s {"km", "teacher"}."""
     km = None
     if model is None:
         model, km, cfg, rt = load_for_inference(cfg, rt)
@@ -761,31 +845,54 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=
     model.eval()
     utts = eval_batches(cfg, split)
     g = torch.Generator().manual_seed(cfg.seed + 7)
-    sums = dict(loss=0.0, acc_m=0.0, acc_u=0.0, acc_m_mixed=0.0)
+    mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0, "noise_prob": 0.0})
+    n = dict(masked=0, frames=0, ce=0.0, acc_m=0, acc_m_mixed=0, majority=0, nearest=0, acc_u=0, acc_u_mixed=0,
+             units_mfcc_mixed=0)
+    counts, nmse = torch.zeros(cfg.num_classes), dict(nmse_output=[], nmse_mfcc=[], nmse_logmel=[])
     for i, u in enumerate(utts):
         wav = torch.from_numpy(u.wav[: cfg.segment])[None].to(rt.device)
         other = torch.from_numpy(utts[(i + 1) % len(utts)].wav[: cfg.segment])
         T = num_frames(cfg, wav.shape[1])
         targets = make_targets(state, wav, cfg, T)
         mask = span_mask(1, T, cfg, generator=g).to(rt.device)
-        with rt.autocast():
-            logits = model(wav, mask).float()
-        loss, acc_m, acc_u = masked_prediction_loss(logits, targets, mask)
         pair = torch.zeros(2, wav.shape[1])                # primary + a second voice, always mixed
-        pair[0], n = wav[0].cpu(), min(len(other), wav.shape[1])
-        pair[1, :n] = other[:n]
-        mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0, "noise_prob": 0.0})
-        mixed, _ = mix_utterances(pair, mixcfg, generator=g)
+        pair[0], k = wav[0].cpu(), min(len(other), wav.shape[1])
+        pair[1, :k] = other[:k]
+        mixed = mix_utterances(pair, mixcfg, generator=g, partner=(1, 0))[0][:1].to(rt.device)
         with rt.autocast():
-            logits_mixed = model(mixed[:1].to(rt.device), mask).float()
-        _, acc_mixed, _ = masked_prediction_loss(logits_mixed, targets, mask)
-        for k, v in (("loss", loss), ("acc_m", acc_m), ("acc_u", acc_u), ("acc_m_mixed", acc_mixed)):
-            sums[k] += float(v) / len(utts)
+            (logits, _), (logits_mixed, _) = model(wav, mask), model(mixed, mask)
+            (_, h), (_, h_mixed) = model.extract(wav), model.extract(mixed)
+            units, units_mixed = model.head(h).argmax(-1), model.head(h_mixed).argmax(-1)
+        y, m = targets[0].cpu(), mask[0].cpu()
+        near = nearest_visible(y, m)
+        n["ce"] += F.cross_entropy(logits[0].float().cpu()[m], y[m], reduction="sum").item()
+        for key, pred in (("acc_m", logits.argmax(-1)), ("acc_m_mixed", logits_mixed.argmax(-1)), ("nearest", near)):
+            n[key] += (pred.view(-1).cpu()[m] == y[m]).sum().item()
+        for key, pred in (("acc_u", units), ("acc_u_mixed", units_mixed),
+                          ("units_mfcc_mixed", make_targets(state, mixed, cfg, T))):
+            n[key] += (pred.view(-1).cpu() == y).sum().item()
+        counts += torch.bincount(y[m], minlength=cfg.num_classes)
+        n["masked"] += int(m.sum())
+        n["frames"] += T
+        mel = lambda x: common.mel_spectrogram(x[0].float().cpu(), cfg.sample_rate, 400, 320, n_mels=80).T  # ln
+        nmse["nmse_output"].append(_nmse(h[0].float().cpu(), h_mixed[0].float().cpu()))
+        nmse["nmse_mfcc"].append(_nmse(mfcc(wav.cpu())[0], mfcc(mixed.cpu())[0]))
+        nmse["nmse_logmel"].append(_nmse(mel(wav), mel(mixed)))
         if samples_dir and i < 2:
-            common.save_sample(samples_dir, f"{split}{i}_mixed", mixed[0], cfg.sample_rate, ref=wav[0])
+            common.save_sample(samples_dir, f"{split}{i}_mixed", mixed[0].cpu(), cfg.sample_rate, ref=wav[0].cpu())
     model.train(was)
-    common.log(f"eval | split {split} | items {len(utts)} | " + " | ".join(f"{k} {v:.4f}" for k, v in sums.items()))
-    return sums
+    res = dict(loss=n["ce"] / max(n["masked"], 1), majority=counts.max().item() / max(n["masked"], 1),
+               **{k: n[k] / max(n["masked"], 1) for k in ("acc_m", "acc_m_mixed", "nearest")},
+               **{k: n[k] / max(n["frames"], 1) for k in ("acc_u", "acc_u_mixed", "units_mfcc_mixed")},
+               **{k: float(np.mean(v)) for k, v in nmse.items()})
+    common.log(f"eval | split {split} | items {len(utts)} | {n['masked']} masked frames | loss {res['loss']:.4f} | "
+               f"acc_m {res['acc_m']:.4f} (two voices: acc_m_mixed {res['acc_m_mixed']:.4f}) | baselines: "
+               f"majority {res['majority']:.4f}, nearest visible frame {res['nearest']:.4f}")
+    common.log(f"eval | split {split} | unmasked units vs clean targets: acc_u {res['acc_u']:.4f}, two voices "
+               f"acc_u_mixed {res['acc_u_mixed']:.4f} (baseline: k-means of the two-voice audio's own features "
+               f"{res['units_mfcc_mixed']:.4f}) | feature nmse clean->two voices: output {res['nmse_output']:.3f} "
+               f"(baselines: mfcc {res['nmse_mfcc']:.3f}, log-mel {res['nmse_logmel']:.3f})")
+    return res
 
 
 def train(cfg):
@@ -842,10 +949,11 @@ def sample(cfg):
     pair = torch.stack([wav, torch.from_numpy(np.resize(other, len(wav))) if other is not None
                         else torch.randn(len(wav)) * wav.std()])
     mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0, "noise_prob": 0.0 if other is not None else 1.0})
-    mixed, _ = mix_utterances(pair, mixcfg, generator=torch.Generator().manual_seed(cfg.seed))
+    mixed, _ = mix_utterances(pair, mixcfg, generator=torch.Generator().manual_seed(cfg.seed),
+                              partner=(1, 0) if other is not None else None)   # a second voice, or noise
     common.save_sample(out, name + "_mixed", mixed[0], cfg.sample_rate, ref=wav)
     with rt.autocast():
-        units = [model(x[None].to(rt.device)).argmax(-1)[0] for x in (wav, mixed[0])]
+        units = [model(x[None].to(rt.device))[0].argmax(-1)[0] for x in (wav, mixed[0])]
     same = (units[0] == units[1]).float().mean().item()
     common.log(f"sample | {name}: {len(units[0])} frames; predicted units of the mixed audio equal the clean "
                f"audio's on {same:.1%} of frames | wrote {out}/{name}.wav, .png, {name}_mixed.wav, .png")
@@ -927,7 +1035,7 @@ def _probe_inputs(model, cfg, rt, utts, mixed, seed):
         wav = torch.from_numpy(u.wav[: 10 * cfg.sample_rate])
         if mixed:
             o = torch.from_numpy(np.resize(utts[(i + 1) % len(utts)].wav, len(wav)))
-            wav = mix_utterances(torch.stack([wav, o]), mixcfg, generator=g)[0][0]
+            wav = mix_utterances(torch.stack([wav, o]), mixcfg, generator=g, partner=(1, 0))[0][0]
         hidden, _ = layer_features(model, wav, rt)
         T = len(hidden[0])
         mel = common.mel_spectrogram(wav, cfg.sample_rate, 400, 320, n_mels=80, center=True).T[:T]
@@ -956,7 +1064,11 @@ def probe(cfg):
                                spk[1], common.num_speakers(tr), cfg.probe_steps)
             wb = linear_probe(torch.cat([f[k] for f in ftr]), ybt, torch.cat([f[k] for f in fte]), ybe, 2, cfg.probe_steps)
             results[(cond, n)] = (sid, wb)
-    for n in names:                                        # every layer: no layer is picked on the test set
+    # the majority baselines: the most frequent test speaker (the best constant guess, picked on the test set);
+    # any constant boundary guess has balanced accuracy 0.5. log-mel and mfcc are the feature baselines.
+    results[("clean", "majority")] = results[("mixed", "majority")] = (
+        torch.bincount(spk[1]).max().item() / len(te), 0.5)
+    for n in ["majority"] + names:                         # every layer: no layer is picked on the test set
         common.log(f"probe | {n:8s} | speaker-id acc clean {results[('clean', n)][0]:.3f} mixed "
                    f"{results[('mixed', n)][0]:.3f} | word-boundary bal-acc clean {results[('clean', n)][1]:.3f} "
                    f"mixed {results[('mixed', n)][1]:.3f} | train {len(tr)} utts, test {len(te)}")
