@@ -1,7 +1,7 @@
 """
 WavLM: Large-Scale Self-Supervised Pre-Training for Full Stack Speech Processing
-(Chen, Wang, Chen, Wu, Liu, Chen, Li, Kanda, Yoshioka, Xiao, Wu, Zhou, Ren, Qian, Qian, Wu, Zeng, Yu, Wei, 2021)
-— https://arxiv.org/abs/2110.13900
+(Chen, Wang, Chen, Wu, Liu, Chen, Li, Kanda, Yoshioka, Xiao, Wu, Zhou, Ren, Qian, Qian, Wu, Zeng, Yu, Wei,
+2021) — https://arxiv.org/abs/2110.13900
 
 The idea: HuBERT's recipe — hide spans of the input frames and predict, at the hidden frames, discrete targets
 (k-means cluster ids of MFCCs, then of the model's own features) — with two changes that make the
@@ -20,15 +20,16 @@ Simplified or changed versus the paper / official code (microsoft/unilm wavlm, U
   liftering; the deltas here are HuBERT's: torchaudio compute_deltas, +-2 frames); WavLM Base itself was
   trained on targets of a HuBERT model: --targets=features --teacher=PATH re-clusters layer --target_layer of
   any model (ours or an official file), HuBERT iteration 2.
-- as the official code: the initialisation (WavLM.py: kaiming-normal convs; init_bert_params on the Transformer:
-  N(0, 0.02) linears and relative-position bias table; fairseq hubert.py: U[0, 1) label embeddings), HuBERT's
-  feature penalty (x10, hubert_base_librispeech.yaml), and the mixing rule of UniSpeech's data loader (energy
-  ratio on the whole rows, interferer drawn from the whole batch, in place). Ours: weight decay only on tensors
-  of 2+ dims except the label embeddings (fairseq's Adam decays all); the warm-up reaches the peak one step early.
+- as the official code: the initialisation (WavLM.py: kaiming-normal convs; init_bert_params on the
+  Transformer: N(0, 0.02) linears and relative-position bias table; fairseq hubert.py: U[0, 1) label
+  embeddings), HuBERT's feature penalty (x10, hubert_base_librispeech.yaml), and the mixing rule of
+  UniSpeech's data loader (energy ratio on the whole rows, interferer drawn from the whole batch, in place).
+  Ours: weight decay only on tensors of 2+ dims except the label embeddings (fairseq's Adam decays all); the
+  warm-up reaches the peak one step early.
 - fixed-length crops with no padding, so there is no padding mask; no layer drop; span masks are not
   equalised across the batch (the loss indexes the masked frames, so it needs no equal counts).
-- attention is fused SDPA with the gated bias as a float mask (the official code: multi_head_attention_forward);
-  bf16 autocast and torch.compile on CUDA.
+- attention is fused SDPA with the gated bias as a float mask (the official code:
+  multi_head_attention_forward); bf16 autocast and torch.compile on CUDA.
 
 Parameters: the official files hold the encoder only (Base / Base+ 94.38 M, Large 315.45 M); with the
 pre-training head (final_proj and 500 cluster embeddings) the counts are the paper's 94.70 M / 316.62 M
@@ -83,9 +84,9 @@ class Config:
     sample_rate: int = 16000            # the model's input rate
     # CNN feature encoder (§3.1, wav2vec 2.0)
     conv_layers: tuple = BASE_CONV      # (channels, kernel, stride) per block
-    extractor_mode: str = "default"     # default: GroupNorm on block 0 only (Base) | layer_norm: LN in every block (Large)
+    extractor_mode: str = "default"     # default: GroupNorm on block 0 (Base) | layer_norm: LN in all (Large)
     conv_bias: bool = False             # bias in the conv blocks
-    normalize: bool = False             # layer-norm each waveform first (Large only; Base was trained without)
+    normalize: bool = False             # layer-norm each waveform first (Large only; Base: without)
     # Transformer (§3.1)
     dim: int = 768                      # model width D
     layers: int = 12                    # Transformer blocks
@@ -103,12 +104,12 @@ class Config:
     final_dim: int = 256                # projection before the cosine logits
     num_classes: int = 500              # k-means clusters = target classes
     logit_temp: float = 0.1             # cosine-similarity temperature
-    pred_nomask_weight: float = 0.0     # weight of the CE on unmasked frames (HuBERT Base: 0, masked frames only)
-    feature_pen: float = 10.0           # weight of features_pen, the CNN output's mean square (HuBERT loss_weights [10])
+    pred_nomask_weight: float = 0.0     # weight of the CE on unmasked frames (HuBERT Base: 0, masked only)
+    feature_pen: float = 10.0           # weight of the CNN output's mean square (HuBERT loss_weights [10])
     mask_prob: float = 0.08             # p: probability that a frame starts a masked span (§4.1)
     mask_length: int = 10               # l: span length in frames (§4.1)
     targets: str = "mfcc"               # mfcc (iteration 1) | features (re-cluster --teacher's layer)
-    teacher: str = ""                   # --targets=features: the model whose features are clustered (ours or official)
+    teacher: str = ""                   # --targets=features: the model whose features are clustered (any)
     target_layer: int = 6               # --targets=features: which teacher layer
     kmeans_frames: int = 100_000        # frames (from the train split) k-means is fitted on
     kmeans_iters: int = 30              # Lloyd iterations
@@ -123,7 +124,7 @@ class Config:
     betas: tuple = (0.9, 0.98)          # AdamW betas
     weight_decay: float = 0.01          # AdamW weight decay
     warmup: int = 32_000                # linear warm-up steps, then linear decay to 0 ...
-    lr_decay_iters: int = 400_000       # ... at this step (as nanoGPT, apart from max_iters so resume is exact)
+    lr_decay_iters: int = 400_000       # ... at this step (as nanoGPT, apart from max_iters: exact resume)
     grad_clip: float = 10.0             # gradient-norm clip
     batch_size: int = 8
     segment: int = 250_000              # crop length in samples (HuBERT: up to 15.6 s)
@@ -153,11 +154,14 @@ class Config:
         if self.extractor_mode not in ("default", "layer_norm"):
             bad(f"--extractor_mode must be default or layer_norm (got {self.extractor_mode!r})")
         if self.dim % self.heads or self.dim % self.conv_pos_groups:
-            bad(f"--dim={self.dim} must be divisible by --heads={self.heads} and --conv_pos_groups={self.conv_pos_groups}")
+            bad(f"--dim={self.dim} must be divisible by --heads={self.heads} and "
+                f"--conv_pos_groups={self.conv_pos_groups}")
         if not 0 <= self.mask_prob < 1 or self.mask_length < 1:
-            bad(f"--mask_prob must be in [0, 1) and --mask_length >= 1 (got {self.mask_prob}, {self.mask_length})")
+            bad(f"--mask_prob must be in [0, 1) and --mask_length >= 1 "
+                f"(got {self.mask_prob}, {self.mask_length})")
         if not (0 <= self.mix_prob <= 1 and 0 < self.mix_max_frac <= 0.5 and 0 <= self.noise_prob <= 1):
-            bad("--mix_prob and --noise_prob must be in [0, 1], --mix_max_frac in (0, 0.5] (§3.2: at most half)")
+            bad("--mix_prob and --noise_prob must be in [0, 1], --mix_max_frac in (0, 0.5] "
+                "(§3.2: at most half)")
         if self.num_buckets < 4 or self.num_buckets % 2 or self.max_distance <= self.num_buckets // 4:
             bad("--num_buckets must be even and >= 4, --max_distance > num_buckets / 4")
         if self.num_classes < 2:
@@ -170,33 +174,36 @@ class Config:
                 f"of {hop} samples ({2 * hop * (self.mask_length + 2)} samples)")
 
 
-PRESETS = {  # the official WavLM-Base / Base+ / Large cfg (microsoft/unilm wavlm), HuBERT recipes for training
+PRESETS = {  # the official WavLM-Base / Base+ / Large cfg (microsoft/unilm wavlm), HuBERT's training recipes
     "base":      dict(),                               # 94.70 M with the head; LibriSpeech 960 h
     "base_plus": dict(),                               # same network as Base; 94k h of data (README)
     "large":     dict(extractor_mode="layer_norm", normalize=True, conv_bias=False, dim=1024, layers=24,
                       heads=16, ffn=4096, layer_norm_first=True, final_dim=768, dropout=0.0,
                       attention_dropout=0.0, lr=1.5e-3, grad_clip=1.0, batch_size=4),   # 316.62 M
-    "small":     dict(conv_layers=((128, 10, 5),) + ((128, 3, 2),) * 4 + ((128, 2, 2),) * 2, dim=192, layers=4,
-                      heads=4, ffn=768, conv_pos=32, conv_pos_groups=8, final_dim=64, num_classes=100,
+    "small":     dict(conv_layers=((128, 10, 5),) + ((128, 3, 2),) * 4 + ((128, 2, 2),) * 2, dim=192,
+                      layers=4, heads=4, ffn=768, conv_pos=32, conv_pos_groups=8, final_dim=64,
+                      num_classes=100,
                       dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=200, batch_size=8, segment=16_000,
                       max_iters=2000, lr_decay_iters=2000, eval_interval=500, log_interval=50, eval_items=32,
                       corpus_hours=0.5, kmeans_frames=40_000, bench_seconds=10.0,
-                      # ours: the unmasked frames' CE too (HuBERT's pred_nomask_weight; Base: 0). Masked-only, this
-                      # 2.2 M model collapses to the class prior in 800-2000 steps (output constant over time,
-                      # masked accuracy = the majority cluster's, with or without the feature penalty or pre-LN);
-                      # with it, it first learns to label what it hears, then to fill the masked spans from it.
+                      # ours: the unmasked frames' CE too (HuBERT's pred_nomask_weight; Base: 0). Masked-only,
+                      # this 2.2 M model collapses to the class prior in 800-2000 steps (output constant over
+                      # time, masked accuracy = the majority cluster's, with or without the feature penalty or
+                      # pre-LN); with it, it first learns to label what it hears, then to fill the masked
+                      # spans from it.
                       pred_nomask_weight=1.0),     # 2.2 M: 2000 steps at ~0.23 s/step on one core
 
     "tiny":      dict(conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2, dim=32, layers=2,
                       heads=2, ffn=64, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64,
                       final_dim=16, num_classes=8, dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=2,
-                      batch_size=2, segment=16_000, max_iters=10, lr_decay_iters=1000, eval_interval=1000, log_interval=1,
-                      eval_items=2, corpus_hours=0.02, kmeans_frames=2000, kmeans_iters=10, bench_iters=2,
+                      batch_size=2, segment=16_000, max_iters=10, lr_decay_iters=1000, eval_interval=1000,
+                      log_interval=1, eval_items=2, corpus_hours=0.02, kmeans_frames=2000, kmeans_iters=10,
+                      bench_iters=2,
                       bench_seconds=1.0, probe_steps=20),    # tests
 }
-ARCH_KEYS = ("sample_rate", "conv_layers", "extractor_mode", "conv_bias", "normalize", "dim", "layers", "heads",
-             "ffn", "layer_norm_first", "conv_pos", "conv_pos_groups", "num_buckets", "max_distance", "final_dim",
-             "num_classes", "targets", "target_layer")
+ARCH_KEYS = ("sample_rate", "conv_layers", "extractor_mode", "conv_bias", "normalize", "dim", "layers",
+             "heads", "ffn", "layer_norm_first", "conv_pos", "conv_pos_groups", "num_buckets", "max_distance",
+             "final_dim", "num_classes", "targets", "target_layer")
 
 # ----------------------------------------------------------------------------- model
 
@@ -205,8 +212,8 @@ class ConvBlock(nn.Module):
     def __init__(self, c_in, c_out, kernel, stride, norm, bias):
         super().__init__()
         self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=bias)
-        # official init (WavLM.py ConvFeatureExtractionModel.make_conv): kaiming_normal_, fan_in, gain sqrt(2):
-        # std sqrt(2 / (C_in k)), so the GELU stack keeps its scale (PyTorch's default shrinks it ~3x per block)
+        # official init (WavLM.py ConvFeatureExtractionModel.make_conv): kaiming_normal_, fan_in, gain
+        # sqrt(2): std sqrt(2 / (C_in k)), so the GELU stack keeps its scale (PyTorch's default: ~1/3 a block)
         nn.init.kaiming_normal_(self.conv.weight)
         self.norm = {"group": lambda: nn.GroupNorm(c_out, c_out), "layer": lambda: nn.LayerNorm(c_out),
                      None: lambda: None}[norm]()
@@ -280,7 +287,8 @@ class GatedSelfAttention(nn.Module):
 
     def forward(self, x, pos_bias):                        # x (B, T, D), pos_bias (1, H, T, T)
         B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         bias = (self.gate(x) * pos_bias).to(q.dtype)       # (B, H, T, T): row i scaled by query i's gate
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=self.dropout if self.training else 0.0)  # scale d_h^-0.5
@@ -313,7 +321,7 @@ def bert_init(m):
     """fairseq's init_bert_params, which the official TransformerEncoder applies to all its modules last
     (WavLM.py: self.apply(init_bert_params)): every nn.Linear N(0, 0.02) with zero bias (q/k/v/out, fc1/fc2,
     the gates' grep_linear), every nn.Embedding N(0, 0.02): the relative-position bias table (it overrides the
-    table's xavier_normal_ in MultiheadAttention.reset_parameters). Convs, LayerNorms and grep_a are untouched."""
+    table's xavier_normal_ in MultiheadAttention.reset_parameters). Convs, LayerNorms, grep_a: untouched."""
     if isinstance(m, (nn.Linear, nn.Embedding)):
         nn.init.normal_(m.weight, 0.0, 0.02)
     if isinstance(m, nn.Linear) and m.bias is not None:
@@ -325,19 +333,21 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        conv = nn.Conv1d(cfg.dim, cfg.dim, cfg.conv_pos, padding=cfg.conv_pos // 2, groups=cfg.conv_pos_groups)
+        conv = nn.Conv1d(cfg.dim, cfg.dim, cfg.conv_pos, padding=cfg.conv_pos // 2,
+                         groups=cfg.conv_pos_groups)
         nn.init.normal_(conv.weight, 0, math.sqrt(4 / (cfg.conv_pos * cfg.dim)))   # wav2vec 2.0 init
         nn.init.zeros_(conv.bias)
         self.pos_conv = weight_norm(conv, dim=2)           # weight norm over the kernel axis, as the official
         self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.heads)   # d: (buckets, H), shared
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
-        self.layer_norm = nn.LayerNorm(cfg.dim)            # after pos-conv (post-LN) or after the last layer (pre-LN)
+        self.layer_norm = nn.LayerNorm(cfg.dim)            # after pos-conv (post-LN) / last layer (pre-LN)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(bert_init)                              # last, as the official TransformerEncoder.__init__
 
     def position_bias(self, T):                            # -> (1, H, T, T), ungated: each layer gates it
         pos = torch.arange(T, device=self.relative_attention_bias.weight.device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.num_buckets, self.cfg.max_distance)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.num_buckets,
+                                           self.cfg.max_distance)
         return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
 
     def forward(self, x):                                  # (B, T, D) -> [(B, T, D)] * (layers + 1), output
@@ -368,19 +378,19 @@ class WavLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         # pre-training head (HuBERT): project, then cosine similarity with one embedding per cluster. Init as
         # fairseq hubert.py: final_proj and post_extract_proj keep nn.Linear's default (they sit outside the
-        # TransformerEncoder that init_bert_params is applied to), label_embs_concat nn.init.uniform_ (U[0, 1))
+        # TransformerEncoder that init_bert_params is applied to), label_embs_concat nn.init.uniform_: U[0, 1)
         self.final_proj = nn.Linear(cfg.dim, cfg.final_dim)
         self.label_embs = nn.Parameter(torch.empty(cfg.num_classes, cfg.final_dim).uniform_())
 
-    def encode(self, wav, mask=None):                      # -> hidden [(B, T, D)] * (L + 1), output, features_pen
+    def encode(self, wav, mask=None):                      # -> hidden [(B, T, D)] * (L + 1), output, pen
         if self.cfg.normalize:                             # Large: zero mean, unit variance per utterance
             wav = F.layer_norm(wav, wav.shape[-1:])
         f = self.feature_extractor(wav)                    # (B, C, T)
         g = self.cfg.feature_grad_mult
         if self.training and g != 1.0:                     # forward unchanged, gradient scaled by g
             f = f * g + f.detach() * (1 - g)
-        # HuBERT's feature penalty (fairseq hubert.py forward: features_pen = features.float().pow(2).mean(), on
-        # the CNN output after GradMultiply and before layer_norm): keeps the encoder's output scale from drifting
+        # HuBERT's feature penalty (fairseq hubert.py forward: features_pen = features.float().pow(2).mean(),
+        # on the CNN output after GradMultiply and before layer_norm): keeps the CNN's output scale in check
         pen = f.float().pow(2).mean()
         x = self.post_extract_proj(self.layer_norm(f.transpose(1, 2)))   # (B, T, D)
         x = self.drop(x)
@@ -397,14 +407,15 @@ class WavLM(nn.Module):
         e = F.normalize(self.label_embs.float(), dim=-1)
         return p @ e.t() / self.cfg.logit_temp
 
-    def forward(self, wav, mask=None):                     # pre-training: cluster logits per frame, features_pen
+    def forward(self, wav, mask=None):                     # pre-training: cluster logits per frame, pen
         _, out, pen = self.encode(wav, mask)
         return self.head(out), pen
 
 
 def encoder_params(model):
     """The parameters the official files hold: all but the pre-training head."""
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("final_proj", "label_embs")))
+    return sum(p.numel() for n, p in model.named_parameters()
+               if not n.startswith(("final_proj", "label_embs")))
 
 # ----------------------------------------------------------------------------- official weights
 # WavLM-Base.pt / WavLM-Base+.pt / WavLM-Large.pt (microsoft/unilm): {"cfg": dict, "model": state_dict}. Our
@@ -415,18 +426,20 @@ def _official_renames(sd_keys, cfg):
     """(official name, our name) pairs."""
     pairs = []
     for i in range(len(cfg.conv_layers)):
-        pairs.append((f"feature_extractor.conv_layers.{i}.0.weight", f"feature_extractor.conv_layers.{i}.conv.weight"))
+        fe = f"feature_extractor.conv_layers.{i}"
+        pairs.append((f"{fe}.0.weight", f"{fe}.conv.weight"))
         if cfg.conv_bias:
-            pairs.append((f"feature_extractor.conv_layers.{i}.0.bias", f"feature_extractor.conv_layers.{i}.conv.bias"))
+            pairs.append((f"{fe}.0.bias", f"{fe}.conv.bias"))
         for p in ("weight", "bias"):
             if cfg.extractor_mode == "layer_norm":
-                pairs.append((f"feature_extractor.conv_layers.{i}.2.1.{p}", f"feature_extractor.conv_layers.{i}.norm.{p}"))
+                pairs.append((f"{fe}.2.1.{p}", f"{fe}.norm.{p}"))
             elif i == 0:
-                pairs.append((f"feature_extractor.conv_layers.0.2.{p}", f"feature_extractor.conv_layers.0.norm.{p}"))
+                pairs.append((f"{fe}.2.{p}", f"{fe}.norm.{p}"))
     pairs += [("encoder.pos_conv.0.weight_g", "encoder.pos_conv.parametrizations.weight.original0"),
               ("encoder.pos_conv.0.weight_v", "encoder.pos_conv.parametrizations.weight.original1"),
               ("encoder.pos_conv.0.bias", "encoder.pos_conv.bias"),
-              ("encoder.layers.0.self_attn.relative_attention_bias.weight", "encoder.relative_attention_bias.weight")]
+              ("encoder.layers.0.self_attn.relative_attention_bias.weight",
+               "encoder.relative_attention_bias.weight")]
     renamed = {o for o, _ in pairs} | {n for _, n in pairs}
     return pairs + [(k, k) for k in sd_keys if k not in renamed]
 
@@ -447,11 +460,14 @@ def config_from_official(cfg, ckpt):
     D = sd["post_extract_proj.weight"].shape[0]
     H = sd["encoder.layers.0.self_attn.grep_a"].shape[1]
     new = dict(conv_layers=tuple((c, k, s) for (c, k), s in zip(convs, strides)),
-               extractor_mode="layer_norm" if "feature_extractor.conv_layers.1.2.1.weight" in sd else "default",
+               extractor_mode=("layer_norm" if "feature_extractor.conv_layers.1.2.1.weight" in sd
+                               else "default"),
                conv_bias="feature_extractor.conv_layers.0.0.bias" in sd, dim=D, layers=layers, heads=H,
                ffn=sd["encoder.layers.0.fc1.weight"].shape[0],
-               layer_norm_first=bool(ocfg.get("layer_norm_first", False)), normalize=bool(ocfg.get("normalize", False)),
-               conv_pos=sd["encoder.pos_conv.0.weight_v"].shape[-1], conv_pos_groups=D // sd["encoder.pos_conv.0.weight_v"].shape[1],
+               layer_norm_first=bool(ocfg.get("layer_norm_first", False)),
+               normalize=bool(ocfg.get("normalize", False)),
+               conv_pos=sd["encoder.pos_conv.0.weight_v"].shape[-1],
+               conv_pos_groups=D // sd["encoder.pos_conv.0.weight_v"].shape[1],
                num_buckets=sd["encoder.layers.0.self_attn.relative_attention_bias.weight"].shape[0],
                max_distance=int(ocfg.get("max_distance", 800)))
     changes = [f"{k}={v!r}" for k, v in new.items() if getattr(cfg, k) != v]
@@ -520,18 +536,18 @@ def span_mask(B, T, cfg, generator=None):
 
 def mix_utterances(wav, cfg, generator=None, partner=None):
     """Utterance mixing (§3.2) on a batch (B, L) of primary utterances, as the official data loader
-    (microsoft/UniSpeech utterance_mixing_dataset.py, mixing_collated_audios): with probability mix_prob, row i
-    gets a piece of n ~ U{0..max_len} samples (max_len = mix_max_frac * L; official T // 2) of an interferer,
-    cut at a random place and added at a random place, scaled so that the energy ratio primary/interferer is
-    r ~ U(mix_db) dB (noise: U(noise_db)): scale = sqrt(E_i / (E_j 10^(r / 10))), where E_i and E_j are the
-    mean squares of the WHOLE primary row and the WHOLE interferer (its batch row, or the whole noise clip),
-    not of the added piece (official ref_pow / noise_pow); scale 0 when E_j is 0. The interferer is a row drawn
-    uniformly from the batch, itself included (official: np.random.choice(range(B), replace=True)), or, with
-    probability noise_prob, noise (ours: synthetic white or brown noise of length L instead of DNS clips).
-    Rows are mixed in order and in place, as the official loop, so a row mixed earlier can interfere later with
-    its own interferer in it. partner: (B,) fixed interferer rows (evaluation: always another voice; no noise).
-    Returns the mixed batch and [(i, j or -1 for noise, dst, src, n, scale)]; the caller keeps the primary's
-    targets (they are computed on the clean batch before this)."""
+    (microsoft/UniSpeech utterance_mixing_dataset.py, mixing_collated_audios): with probability mix_prob, row
+    i gets a piece of n ~ U{0..max_len} samples (max_len = mix_max_frac * L; official T // 2) of an
+    interferer, cut at a random place and added at a random place, scaled so that the energy ratio
+    primary/interferer is r ~ U(mix_db) dB (noise: U(noise_db)): scale = sqrt(E_i / (E_j 10^(r / 10))), where
+    E_i and E_j are the mean squares of the WHOLE primary row and the WHOLE interferer (its batch row, or the
+    whole noise clip), not of the added piece (official ref_pow / noise_pow); scale 0 when E_j is 0. The
+    interferer is a row drawn uniformly from the batch, itself included (official: np.random.choice(range(B),
+    replace=True)), or, with probability noise_prob, noise (ours: synthetic white or brown noise of length L
+    instead of DNS clips). Rows are mixed in order and in place, as the official loop, so a row mixed earlier
+    can interfere later with its own interferer in it. partner: (B,) fixed interferer rows (evaluation: always
+    another voice; no noise). Returns the mixed batch and [(i, j or -1 for noise, dst, src, n, scale)]; the
+    caller keeps the primary's targets (they are computed on the clean batch before this)."""
     B, L = wav.shape
     out, events = wav.clone(), []
     u = lambda: torch.rand((), generator=generator).item()
@@ -551,15 +567,16 @@ def mix_utterances(wav, cfg, generator=None, partner=None):
         # energies of the whole rows; the scale stays a 0-d tensor on wav's device: no host sync inside a
         # training step (the draws above come from a CPU generator; only the energies live on the device)
         e_primary, e_other = out[i].pow(2).mean(), clip.pow(2).mean()
-        scale = torch.where(e_other > 0, (e_primary / (e_other.clamp(min=1e-30) * 10 ** (ratio_db / 10))).sqrt(), 0.0)
+        ratio = 10 ** (ratio_db / 10)
+        scale = torch.where(e_other > 0, (e_primary / (e_other.clamp(min=1e-30) * ratio)).sqrt(), 0.0)
         out[i, dst:dst + n] += scale * clip[src:src + n]
         events.append((i, j, dst, src, n, scale))
     return out, events
 
 
 def masked_prediction_loss(logits, targets, mask, nomask_weight=0.0):
-    """HuBERT's prediction loss as fairseq's hubert criterion normalises it: (sum of CE over the masked frames +
-    nomask_weight x sum over the unmasked ones) / (the number of frames counted: masked, plus unmasked when
+    """HuBERT's prediction loss as fairseq's hubert criterion normalises it: (sum of CE over the masked frames
+    + nomask_weight x sum over the unmasked ones) / (the number of frames counted: masked, plus unmasked when
     nomask_weight > 0). The Base recipe has nomask_weight (pred_nomask_weight) 0: masked frames only. Returns
     that loss, the accuracies on masked / unmasked frames, and the masked frames' mean CE. Written as
     mask-weighted sums over all frames, not logits[mask]: boolean indexing has a data-dependent shape, which
@@ -574,7 +591,7 @@ def masked_prediction_loss(logits, targets, mask, nomask_weight=0.0):
     with torch.no_grad():
         hit = (logits.argmax(-1) == targets).float()       # (B, T)
         acc_m = (hit * m).sum() / m.sum().clamp(min=1)
-        acc_u = torch.where(u.sum() > 0, (hit * u).sum() / u.sum().clamp(min=1), acc_m)   # none unmasked: acc_m
+        acc_u = torch.where(u.sum() > 0, (hit * u).sum() / u.sum().clamp(min=1), acc_m)   # none: acc_m
     return loss, acc_m, acc_u, ce_m.detach()
 
 # ----------------------------------------------------------------------------- data
@@ -593,18 +610,19 @@ _DCT = {}
 
 
 def deltas(c):
-    """(B, C, T) -> (B, C, T): HTK regression deltas over +-2 frames, d_t = sum_n n (c_t+n - c_t-n) / 10 with the
-    edge frames repeated: torchaudio.functional.compute_deltas(win_length=5), which HuBERT's MFCC labels use
-    (fairseq examples/hubert/simple_kmeans/dump_mfcc_feature.py; = librosa.feature.delta(width=5, mode="nearest"))."""
+    """(B, C, T) -> (B, C, T): HTK regression deltas over +-2 frames, d_t = sum_n n (c_t+n - c_t-n) / 10 with
+    the edge frames repeated: torchaudio.functional.compute_deltas(win_length=5), which HuBERT's MFCC labels
+    use (fairseq examples/hubert/simple_kmeans/dump_mfcc_feature.py; = librosa.feature.delta(width=5,
+    mode="nearest"))."""
     p = F.pad(c, (2, 2), mode="replicate")                # (B, C, T + 4): p[t + 2] = c[t]
     return (p[..., 3:-1] - p[..., 1:-3] + 2 * (p[..., 4:] - p[..., :-4])) / 10
 
 
 def mfcc(wav, sr=16000, n_mfcc=13, n_mels=23):
     """(B, L) -> (B, T, 39): 13 MFCCs + deltas + delta-deltas (deltas of the deltas, as HuBERT), 25 ms windows
-    every 20 ms, the model's frames (frame t covers samples [320 t, 320 t + 400), as the conv encoder's receptive
-    field). Static part: |STFT|^2 (periodic Hann), 23 Slaney-scale mel filters without area norm, natural log
-    (+1e-6), orthonormal DCT-II (HuBERT: Kaldi's MFCC with pre-emphasis, liftering and 100 Hz frames)."""
+    every 20 ms, the model's frames (frame t covers samples [320 t, 320 t + 400), as the conv encoder's
+    receptive field). Static part: |STFT|^2 (periodic Hann), 23 Slaney-scale mel filters without area norm,
+    natural log (+1e-6), orthonormal DCT-II (HuBERT: Kaldi's MFCC, pre-emphasis, liftering, 100 Hz frames)."""
     win, hop = int(0.025 * sr), int(0.020 * sr)
     with torch.autocast(wav.device.type, enabled=False):
         spec = torch.stft(wav.float(), win, hop, window=torch.hann_window(win, device=wav.device),
@@ -613,7 +631,8 @@ def mfcc(wav, sr=16000, n_mfcc=13, n_mels=23):
         if key not in _DCT:
             fb = torch.from_numpy(common.mel_filterbank(sr, win, n_mels, norm=None))
             k = np.arange(n_mels)
-            dct = np.cos(np.pi / n_mels * (k[None, :] + 0.5) * np.arange(n_mfcc)[:, None]) * math.sqrt(2 / n_mels)
+            dct = (np.cos(np.pi / n_mels * (k[None, :] + 0.5) * np.arange(n_mfcc)[:, None])
+                   * math.sqrt(2 / n_mels))
             dct[0] /= math.sqrt(2)                          # orthonormal DCT-II
             _DCT[key] = (fb.to(wav.device), torch.from_numpy(dct).float().to(wav.device))
         fb, dct = _DCT[key]
@@ -673,7 +692,8 @@ def make_targets(state, wav, cfg, T):
     with torch.no_grad():
         ids = state["km"](target_features(state, wav, cfg))
     if ids.shape[1] < T:                                   # MFCC frames can be one short of the conv's
-        ids = F.pad(ids, (0, T - ids.shape[1]), mode="replicate") if ids.shape[1] else ids.new_zeros(ids.shape[0], T)
+        ids = (F.pad(ids, (0, T - ids.shape[1]), mode="replicate") if ids.shape[1]
+               else ids.new_zeros(ids.shape[0], T))
     return ids[:, :T]
 
 
@@ -691,12 +711,14 @@ def fit_targets(state, clips, cfg, rt):
         n += len(f)
     x = torch.cat(feats)[: cfg.kmeans_frames]
     if len(x) < cfg.num_classes:
-        raise SystemExit(f"error: {len(x)} frames cannot make {cfg.num_classes} clusters; lower --num_classes")
+        raise SystemExit(f"error: {len(x)} frames cannot make {cfg.num_classes} clusters; "
+                         "lower --num_classes")
     state["km"].fit(x, cfg.kmeans_iters, cfg.seed)
-    p = torch.bincount(state["km"](x[None].to(rt.device))[0].cpu(), minlength=cfg.num_classes).float() / len(x)
-    common.log(f"k-means targets ({cfg.targets}): {cfg.num_classes} clusters fitted on {len(x)} frames | class prior "
-               f"entropy {-(p[p > 0] * p[p > 0].log()).sum():.3f} nats (the CE of always predicting the prior), "
-               f"majority cluster {p.max():.1%} of frames")
+    ids = state["km"](x[None].to(rt.device))[0].cpu()
+    p = torch.bincount(ids, minlength=cfg.num_classes).float() / len(x)
+    common.log(f"k-means targets ({cfg.targets}): {cfg.num_classes} clusters fitted on {len(x)} frames | "
+               f"class prior entropy {-(p[p > 0] * p[p > 0].log()).sum():.3f} nats (the CE of always "
+               f"predicting the prior), majority cluster {p.max():.1%} of frames")
 
 # ----------------------------------------------------------------------------- train
 
@@ -709,7 +731,8 @@ def load_any(path, rt, what="--init_from"):
         cfg = Config(**{k: common._from_json(v, getattr(Config(), k)) for k, v in ckpt["config"].items()
                         if k in Config.__dataclass_fields__})
         model = WavLM(cfg)
-        km = KMeans(cfg.num_classes, ckpt["models"]["km"]["centroids"].shape[1]) if "km" in ckpt["models"] else None
+        km = (KMeans(cfg.num_classes, ckpt["models"]["km"]["centroids"].shape[1]) if "km" in ckpt["models"]
+              else None)
         common.load_state_dict(model, ckpt["models"]["model"], what="WavLM")
         if km is not None:
             km.load_state_dict(ckpt["models"]["km"])
@@ -721,8 +744,8 @@ def load_any(path, rt, what="--init_from"):
         model = WavLM(cfg)
         load_official_into(model, ckpt)
         return model.to(rt.device).eval(), None, cfg
-    raise SystemExit(f"error: {what}={path!r} is neither a nanoaudio wavlm checkpoint nor an official WavLM file "
-                     "(a dict with 'cfg' and 'model')")
+    raise SystemExit(f"error: {what}={path!r} is neither a nanoaudio wavlm checkpoint nor an official WavLM "
+                     "file (a dict with 'cfg' and 'model')")
 
 
 def build(cfg, rt):
@@ -738,7 +761,8 @@ def build(cfg, rt):
     state["km"] = KMeans(cfg.num_classes, feat_dim).to(rt.device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "label_embs" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "label_embs" not in n)]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)],
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
+                             dict(params=rest, weight_decay=0.0)],
                             lr=cfg.lr, betas=cfg.betas, eps=1e-6)
     warm, total = max(1, cfg.warmup), max(cfg.lr_decay_iters, cfg.warmup + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(   # linear warm-up, then linear decay to 0 (fairseq polynomial)
@@ -750,9 +774,10 @@ def build(cfg, rt):
 def train_step(state, batch, cfg, rt):
     """One step: targets of the clean primaries, then mixing (§3.2), then span masks (§4.1), then the loss:
     masked-prediction loss + feature_pen x features_pen (fairseq hubert_criterion: loss_weights [10] on the
-    prediction loss's scale: the summed CE + 10 pen x sample_size, divided by sample_size); AdamW with gradient
-    clipping; the schedule steps. Random draws in that order. Returns loss (the total), ce (the masked frames'
-    mean CE, to compare with the class prior's entropy), fpen (unweighted), accuracies, gnorm."""
+    prediction loss's scale: the summed CE + 10 pen x sample_size, divided by sample_size); AdamW with
+    gradient clipping; the schedule steps. Random draws in that order. Returns loss (the total), ce (the
+    masked frames' mean CE, to compare with the class prior's entropy), fpen (unweighted), accuracies, gnorm.
+    """
     model, opt = state["model"], state["opt"]
     wav = batch
     T = num_frames(cfg, wav.shape[1])
@@ -791,11 +816,11 @@ def load_for_inference(cfg, rt=None):
         common.load_models(ckpt, cfg, {"model": model, "km": km}, ARCH_KEYS)
         return model.eval(), km, cfg, rt
     if not is_official(ckpt):
-        raise SystemExit(f"error: --init_from={path!r} is neither a nanoaudio wavlm checkpoint nor an official "
-                         "WavLM file (a dict with 'cfg' and 'model')")
+        raise SystemExit(f"error: --init_from={path!r} is neither a nanoaudio wavlm checkpoint nor an "
+                         "official WavLM file (a dict with 'cfg' and 'model')")
     if cfg.mode == "eval":
-        raise SystemExit("error: --mode=eval scores masked prediction against our k-means targets; an official "
-                         "file has no head or targets (use --mode=probe or --mode=features with it)")
+        raise SystemExit("error: --mode=eval scores masked prediction against our k-means targets; an "
+                         "official file has no head or targets (use --mode=probe or --mode=features with it)")
     rt = rt or common.setup(cfg, log_to_file=False)
     model, km, ocfg = load_any(path, rt)
     for k in ARCH_KEYS:
@@ -813,8 +838,8 @@ def eval_batches(cfg, split):
 
 
 def nearest_visible(y, m):
-    """The copy-the-context baseline: (T,) targets y, (T,) bool mask m -> (T,) the target of each frame's nearest
-    unmasked frame (ties: the earlier one); -1 everywhere if every frame is masked."""
+    """The copy-the-context baseline: (T,) targets y, (T,) bool mask m -> (T,) the target of each frame's
+    nearest unmasked frame (ties: the earlier one); -1 everywhere if every frame is masked."""
     vis = (~m).nonzero()[:, 0]
     if not len(vis):
         return torch.full_like(y, -1)
@@ -822,15 +847,16 @@ def nearest_visible(y, m):
 
 
 def _nmse(a, b):
-    """How far features b (of the two-voice audio) are from a (of the clean audio), per dimension relative to a's
-    own variation over time, averaged over dimensions: scale-free, so models and MFCCs compare. a, b: (T, dim)."""
+    """How far features b (of the two-voice audio) are from a (of the clean audio), per dimension relative to
+    a's own variation over time, averaged over dimensions: scale-free, so models and MFCCs compare.
+    a, b: (T, dim)."""
     return (((b - a) ** 2).sum(0) / ((a - a.mean(0)) ** 2).sum(0).clamp(min=1e-8)).mean().item()
 
 
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=None):
-    """Masked-prediction accuracy on held-out audio (pooled over frames), clean and with a second voice mixed in
-    (the targets stay the clean primary's), beside two baselines on the same masked frames: the majority
+    """Masked-prediction accuracy on held-out audio (pooled over frames), clean and with a second voice mixed
+    in (the targets stay the clean primary's), beside two baselines on the same masked frames: the majority
     cluster (the best constant guess, picked on these very frames) and the nearest visible frame's cluster
     (copying the context). The denoising claim (§3.2), measured without masks: unit accuracy on the clean and
     on the two-voice audio, beside k-means labels recomputed on the two-voice audio; and how far the output
@@ -846,8 +872,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=
     utts = eval_batches(cfg, split)
     g = torch.Generator().manual_seed(cfg.seed + 7)
     mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0, "noise_prob": 0.0})
-    n = dict(masked=0, frames=0, ce=0.0, acc_m=0, acc_m_mixed=0, majority=0, nearest=0, acc_u=0, acc_u_mixed=0,
-             units_mfcc_mixed=0)
+    n = dict(masked=0, frames=0, ce=0.0, acc_m=0, acc_m_mixed=0, majority=0, nearest=0, acc_u=0,
+             acc_u_mixed=0, units_mfcc_mixed=0)
     counts, nmse = torch.zeros(cfg.num_classes), dict(nmse_output=[], nmse_mfcc=[], nmse_logmel=[])
     for i, u in enumerate(utts):
         wav = torch.from_numpy(u.wav[: cfg.segment])[None].to(rt.device)
@@ -866,7 +892,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=
         y, m = targets[0].cpu(), mask[0].cpu()
         near = nearest_visible(y, m)
         n["ce"] += F.cross_entropy(logits[0].float().cpu()[m], y[m], reduction="sum").item()
-        for key, pred in (("acc_m", logits.argmax(-1)), ("acc_m_mixed", logits_mixed.argmax(-1)), ("nearest", near)):
+        for key, pred in (("acc_m", logits.argmax(-1)), ("acc_m_mixed", logits_mixed.argmax(-1)),
+                          ("nearest", near)):
             n[key] += (pred.view(-1).cpu()[m] == y[m]).sum().item()
         for key, pred in (("acc_u", units), ("acc_u_mixed", units_mixed),
                           ("units_mfcc_mixed", make_targets(state, mixed, cfg, T))):
@@ -874,24 +901,28 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=
         counts += torch.bincount(y[m], minlength=cfg.num_classes)
         n["masked"] += int(m.sum())
         n["frames"] += T
-        mel = lambda x: common.mel_spectrogram(x[0].float().cpu(), cfg.sample_rate, 400, 320, n_mels=80).T  # ln
+        mel = lambda x: common.mel_spectrogram(x[0].float().cpu(), cfg.sample_rate, 400, 320,
+                                               n_mels=80).T    # ln
         nmse["nmse_output"].append(_nmse(h[0].float().cpu(), h_mixed[0].float().cpu()))
         nmse["nmse_mfcc"].append(_nmse(mfcc(wav.cpu())[0], mfcc(mixed.cpu())[0]))
         nmse["nmse_logmel"].append(_nmse(mel(wav), mel(mixed)))
         if samples_dir and i < 2:
-            common.save_sample(samples_dir, f"{split}{i}_mixed", mixed[0].cpu(), cfg.sample_rate, ref=wav[0].cpu())
+            common.save_sample(samples_dir, f"{split}{i}_mixed", mixed[0].cpu(), cfg.sample_rate,
+                               ref=wav[0].cpu())
     model.train(was)
     res = dict(loss=n["ce"] / max(n["masked"], 1), majority=counts.max().item() / max(n["masked"], 1),
                **{k: n[k] / max(n["masked"], 1) for k in ("acc_m", "acc_m_mixed", "nearest")},
                **{k: n[k] / max(n["frames"], 1) for k in ("acc_u", "acc_u_mixed", "units_mfcc_mixed")},
                **{k: float(np.mean(v)) for k, v in nmse.items()})
-    common.log(f"eval | split {split} | items {len(utts)} | {n['masked']} masked frames | loss {res['loss']:.4f} | "
-               f"acc_m {res['acc_m']:.4f} (two voices: acc_m_mixed {res['acc_m_mixed']:.4f}) | baselines: "
+    common.log(f"eval | split {split} | items {len(utts)} | {n['masked']} masked frames | "
+               f"loss {res['loss']:.4f} | acc_m {res['acc_m']:.4f} (two voices: acc_m_mixed "
+               f"{res['acc_m_mixed']:.4f}) | baselines: "
                f"majority {res['majority']:.4f}, nearest visible frame {res['nearest']:.4f}")
-    common.log(f"eval | split {split} | unmasked units vs clean targets: acc_u {res['acc_u']:.4f}, two voices "
-               f"acc_u_mixed {res['acc_u_mixed']:.4f} (baseline: k-means of the two-voice audio's own features "
-               f"{res['units_mfcc_mixed']:.4f}) | feature nmse clean->two voices: output {res['nmse_output']:.3f} "
-               f"(baselines: mfcc {res['nmse_mfcc']:.3f}, log-mel {res['nmse_logmel']:.3f})")
+    common.log(f"eval | split {split} | unmasked units vs clean targets: acc_u {res['acc_u']:.4f}, "
+               f"two voices acc_u_mixed {res['acc_u_mixed']:.4f} (baseline: k-means of the two-voice audio's "
+               f"own features {res['units_mfcc_mixed']:.4f}) | feature nmse clean->two voices: "
+               f"output {res['nmse_output']:.3f} (baselines: mfcc {res['nmse_mfcc']:.3f}, "
+               f"log-mel {res['nmse_logmel']:.3f})")
     return res
 
 
@@ -913,14 +944,16 @@ def train(cfg):
         fit_targets(state, train_clips, cfg, rt)
     labeller = {k: state[k] for k in ("km", "teacher") if k in state}
     model = state["model"]
-    common.log(f"WavLM: {common.count_params(model) / 1e6:.2f} M parameters ({encoder_params(model) / 1e6:.2f} M "
-               f"without the pre-training head), {cfg.layers} layers, D={cfg.dim}")
+    common.log(f"WavLM: {common.count_params(model) / 1e6:.2f} M parameters "
+               f"({encoder_params(model) / 1e6:.2f} M without the pre-training head), {cfg.layers} layers, "
+               f"D={cfg.dim}")
     state["model"] = common.wrap_ddp(common.compile(model, cfg), rt)
     prog = common.Progress(cfg, start_step=step)
     while step < cfg.max_iters:
         losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
         step += 1
-        prog.update(step, losses, audio_seconds=cfg.batch_size * cfg.segment / cfg.sample_rate * rt.world_size)
+        prog.update(step, losses,
+                    audio_seconds=cfg.batch_size * cfg.segment / cfg.sample_rate * rt.world_size)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if rt.master:
                 evaluate(cfg, common.unwrap(state["model"]), rt, split="val", labeller=labeller,
@@ -948,7 +981,8 @@ def sample(cfg):
     common.save_sample(out, name, wav, cfg.sample_rate)
     pair = torch.stack([wav, torch.from_numpy(np.resize(other, len(wav))) if other is not None
                         else torch.randn(len(wav)) * wav.std()])
-    mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0, "noise_prob": 0.0 if other is not None else 1.0})
+    mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0,
+                          "noise_prob": 0.0 if other is not None else 1.0})
     mixed, _ = mix_utterances(pair, mixcfg, generator=torch.Generator().manual_seed(cfg.seed),
                               partner=(1, 0) if other is not None else None)   # a second voice, or noise
     common.save_sample(out, name + "_mixed", mixed[0], cfg.sample_rate, ref=wav)
@@ -989,8 +1023,8 @@ def features(cfg):
             items.append(dict(id=u.id, split=split, path=rel, frames=len(f), seconds=round(u.duration, 4),
                               speaker=u.speaker, text=u.text))
     hop = math.prod(s for _, _, s in cfg.conv_layers)
-    index = dict(sample_rate=cfg.sample_rate, frame_rate=cfg.sample_rate / hop, hop=hop, layer=cfg.feature_layer,
-                 dim=cfg.dim, model=cfg.init_from, items=items)
+    index = dict(sample_rate=cfg.sample_rate, frame_rate=cfg.sample_rate / hop, hop=hop,
+                 layer=cfg.feature_layer, dim=cfg.dim, model=cfg.init_from, items=items)
     with open(os.path.join(root, "index.json"), "w") as fh:
         json.dump(index, fh)
     common.log(f"features | {len(items)} utterances, layer {cfg.feature_layer}, dim {cfg.dim}, "
@@ -1060,18 +1094,21 @@ def probe(cfg):
         fte = _probe_inputs(model, cfg, rt, te, cond == "mixed", cfg.seed + 1)
         ybe = torch.cat([boundary_labels(u, len(f[0]), hop_s) for u, f in zip(te, fte)]).long()
         for k, n in enumerate(names):
-            sid = linear_probe(torch.stack([f[k].mean(0) for f in ftr]), spk[0], torch.stack([f[k].mean(0) for f in fte]),
-                               spk[1], common.num_speakers(tr), cfg.probe_steps)
-            wb = linear_probe(torch.cat([f[k] for f in ftr]), ybt, torch.cat([f[k] for f in fte]), ybe, 2, cfg.probe_steps)
+            sid = linear_probe(torch.stack([f[k].mean(0) for f in ftr]), spk[0],
+                               torch.stack([f[k].mean(0) for f in fte]), spk[1], common.num_speakers(tr),
+                               cfg.probe_steps)
+            wb = linear_probe(torch.cat([f[k] for f in ftr]), ybt, torch.cat([f[k] for f in fte]), ybe, 2,
+                              cfg.probe_steps)
             results[(cond, n)] = (sid, wb)
-    # the majority baselines: the most frequent test speaker (the best constant guess, picked on the test set);
-    # any constant boundary guess has balanced accuracy 0.5. log-mel and mfcc are the feature baselines.
+    # the majority baselines: the most frequent test speaker (the best constant guess, picked on the test
+    # set); any constant boundary guess has balanced accuracy 0.5. log-mel and mfcc are the feature baselines.
     results[("clean", "majority")] = results[("mixed", "majority")] = (
         torch.bincount(spk[1]).max().item() / len(te), 0.5)
     for n in ["majority"] + names:                         # every layer: no layer is picked on the test set
         common.log(f"probe | {n:8s} | speaker-id acc clean {results[('clean', n)][0]:.3f} mixed "
-                   f"{results[('mixed', n)][0]:.3f} | word-boundary bal-acc clean {results[('clean', n)][1]:.3f} "
-                   f"mixed {results[('mixed', n)][1]:.3f} | train {len(tr)} utts, test {len(te)}")
+                   f"{results[('mixed', n)][0]:.3f} | word-boundary bal-acc clean "
+                   f"{results[('clean', n)][1]:.3f} mixed {results[('mixed', n)][1]:.3f} | "
+                   f"train {len(tr)} utts, test {len(te)}")
     return results
 
 # ----------------------------------------------------------------------------- bench
@@ -1093,7 +1130,8 @@ def bench(cfg):
         with torch.no_grad(), rt.autocast():
             m(wav)
     eager_ms = common.timeit(lambda: extract(model), cfg.bench_iters, warmup=1)
-    compiled_ms = common.timeit(lambda: extract(fast), cfg.bench_iters, warmup=2) if fast is not model else None
+    compiled_ms = (common.timeit(lambda: extract(fast), cfg.bench_iters, warmup=2) if fast is not model
+                   else None)
     common.report_bench(cfg, rt, model=model, compiled=fast is not model, train_step_ms=step_ms,
                         train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (step_ms / 1000),
                         train_flops_per_step=flops, features_rtf_eager=eager_ms / 1000 / cfg.bench_seconds,
@@ -1103,6 +1141,7 @@ def bench(cfg):
 # ----------------------------------------------------------------------------- main
 
 if __name__ == "__main__":
-    cfg = common.parse_config(Config, PRESETS, modes=("train", "sample", "eval", "bench", "features", "probe"))
+    cfg = common.parse_config(Config, PRESETS,
+                              modes=("train", "sample", "eval", "bench", "features", "probe"))
     {"train": train, "sample": sample, "eval": evaluate, "bench": bench, "features": features,
      "probe": probe}[cfg.mode](cfg)
