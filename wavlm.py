@@ -1,39 +1,26 @@
 """
 WavLM: Large-Scale Self-Supervised Pre-Training for Full Stack Speech Processing
-(Chen, Wang, Chen, Wu, Liu, Chen, Li, Kanda, Yoshioka, Xiao, Wu, Zhou, Ren, Qian, Qian, Wu, Zeng, Yu, Wei,
-2021) — https://arxiv.org/abs/2110.13900
+(Chen et al., 2021) — https://arxiv.org/abs/2110.13900
 
-The idea: HuBERT's recipe — hide spans of the input frames and predict, at the hidden frames, discrete targets
-(k-means cluster ids of MFCCs, then of the model's own features) — with two changes that make the
-representation useful for speaker and separation tasks too, not only ASR:
-1. denoising pre-training by utterance mixing (§3.2): a piece of another utterance (or noise) is overlaid on
-   the input, but the targets stay those of the primary utterance, so the model must find the main speaker
-   and ignore the rest;
-2. gated relative position bias (§3.1): a bucketed relative-position bias added to the attention logits,
-   scaled per query frame and head by gates computed from the frame's own content.
+The idea: HuBERT's masked prediction (hide spans of the input frames; at the hidden frames, predict discrete
+targets: k-means cluster ids of MFCCs, later of the model's own features), with two changes that make one
+representation serve speaker, separation and diarization tasks as well as ASR:
+1. a denoising objective by utterance mixing (§3.2): a piece of another utterance (or noise) is overlaid on
+   the input, but the targets stay those of the clean primary utterance, so the model must find the main
+   speaker and predict its content while ignoring the rest;
+2. gated relative position bias (§3.1, Eq. 3-5): a bucketed relative-position bias added to the attention
+   logits, scaled per query frame and head by gates computed from that frame's own content.
+The network is wav2vec 2.0's: seven strided convs (50 frames/s at 16 kHz), then a Transformer (Table 1).
 
-Simplified or changed versus the paper / official code (microsoft/unilm wavlm, UniSpeech pre-training):
-- data is the built-in eSpeak corpus (or --data_dir), not LibriSpeech / 94k h; steps are a few thousand on
-  a CPU (the paper: 400k Base, 700k+ Large). Noise for mixing is synthetic (white/brown), not DNS.
-- iteration 1 targets are k-means (Lloyd, k-means++ init, on a frame subsample) of 39-d MFCCs computed at the
-  model's 50 Hz frame rate (HuBERT iteration 1 uses 100 Hz labels of Kaldi MFCCs, with pre-emphasis and
-  liftering; the deltas here are HuBERT's: torchaudio compute_deltas, +-2 frames); WavLM Base itself was
-  trained on targets of a HuBERT model: --targets=features --teacher=PATH re-clusters layer --target_layer of
-  any model (ours or an official file), HuBERT iteration 2.
-- as the official code: the initialisation (WavLM.py: kaiming-normal convs; init_bert_params on the
-  Transformer: N(0, 0.02) linears and relative-position bias table; fairseq hubert.py: U[0, 1) label
-  embeddings), HuBERT's feature penalty (x10, hubert_base_librispeech.yaml), and the mixing rule of
-  UniSpeech's data loader (energy ratio on the whole rows, interferer drawn from the whole batch, in place).
-  Ours: weight decay only on tensors of 2+ dims except the label embeddings (fairseq's Adam decays all); the
-  warm-up reaches the peak one step early.
-- fixed-length crops with no padding, so there is no padding mask; no layer drop; span masks are not
-  equalised across the batch (the loss indexes the masked frames, so it needs no equal counts).
-- attention is fused SDPA with the gated bias as a float mask (the official code:
-  multi_head_attention_forward); bf16 autocast and torch.compile on CUDA.
+Simplified versus the paper and the official code (microsoft/unilm, UniSpeech):
+- data: the built-in eSpeak corpus (or --data_dir), not 94k h; mixing noise is synthetic white/brown, not DNS.
+- iteration-1 targets: k-means of 39-d MFCCs at the model's 50 Hz (HuBERT: Kaldi MFCCs at 100 Hz);
+  --targets=features --teacher=PATH re-clusters a layer of any model (HuBERT iteration 2, as WavLM Base).
+- fixed-length crops, so no padding mask; no layer drop; span masks are not equalised across the batch.
+- weight decay on matrices only, not on the label embeddings; the warm-up peaks one step early.
+- the `small` preset adds the unmasked frames' CE (pred_nomask_weight=1): masked-only, it learns the prior.
 
-Parameters: the official files hold the encoder only (Base / Base+ 94.38 M, Large 315.45 M); with the
-pre-training head (final_proj and 500 cluster embeddings) the counts are the paper's 94.70 M / 316.62 M
-(Base: 94,706,800, which the paper truncates).
+Base 94.70 M / Large 316.62 M parameters with the pre-training head; the official files hold the encoder.
 
     python wavlm.py                                    # pre-train on the built-in corpus (small on a CPU)
     python wavlm.py --preset=base --batch_size=8       # the paper's Base
@@ -41,17 +28,10 @@ pre-training head (final_proj and 500 cluster embeddings) the counts are the pap
     python wavlm.py --targets=features --teacher=out/wavlm/ckpt.pt --out_dir=out/wavlm2   # iteration 2
     python wavlm.py --mode=sample --init_from=out/wavlm/ckpt.pt   # or WavLM-Base.pt / WavLM-Large.pt
     python wavlm.py --mode=eval --init_from=out/wavlm/ckpt.pt     # masked-prediction accuracy on test
-    python wavlm.py --mode=features --init_from=WavLM-Base.pt     # per-utterance features, layout below
+    python wavlm.py --mode=features --init_from=WavLM-Base.pt     # per-utterance features (see features())
     python wavlm.py --mode=probe --init_from=out/wavlm/ckpt.pt    # linear probes vs log-mel / MFCC
     python wavlm.py --mode=bench
     torchrun --standalone --nproc_per_node=8 wavlm.py
-
---mode=features writes, for every utterance of --feature_splits, out_dir/features/<split>/<id>.npy: float32
-(frames, dim) of layer --feature_layer (0 = the transformer's input, L = the last layer; -1 = the model's
-output, i.e. the last layer after the final LayerNorm of pre-LN models), frames at 50 Hz (one per 320
-samples at 16 kHz, frame t covering samples [320 t, 320 t + 400)), and out_dir/features/index.json:
-{"sample_rate", "frame_rate", "hop", "layer", "dim", "model", "items": [{"id", "split", "path", "frames",
-"seconds", "speaker", "text"}]} with paths relative to index.json.
 """
 import json
 import math
@@ -1003,7 +983,12 @@ def layer_features(model, wav, rt):
 
 
 def features(cfg):
-    """Write per-utterance features of one layer as .npy, and index.json (layout in the module docstring)."""
+    """For every utterance of --feature_splits, out_dir/features/<split>/<id>.npy: float32 (frames, dim) of
+    layer --feature_layer (0 = the transformer's input, L = the last layer, -1 = the model's output: the last
+    layer after the final LayerNorm of pre-LN models) at 50 Hz (frame t covers samples [320 t, 320 t + 400) at
+    16 kHz); and out_dir/features/index.json: {"sample_rate", "frame_rate", "hop", "layer", "dim", "model",
+    "items": [{"id", "split", "path", "frames", "seconds", "speaker", "text"}]}, paths relative to it.
+    moshi.py --teacher reads this layout."""
     model, _, cfg, rt = load_for_inference(cfg)
     root = os.path.join(cfg.out_dir, "features")
     if not -1 <= cfg.feature_layer <= cfg.layers:
