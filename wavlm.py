@@ -397,107 +397,6 @@ def encoder_params(model):
     return sum(p.numel() for n, p in model.named_parameters()
                if not n.startswith(("final_proj", "label_embs")))
 
-# ----------------------------------------------------------------------------- official weights
-# WavLM-Base.pt / WavLM-Base+.pt / WavLM-Large.pt (microsoft/unilm): {"cfg": dict, "model": state_dict}. Our
-# names are the official ones except the conv blocks (.0 conv, .2 norm), the shared bias table (official:
-# layer 0's self_attn) and the position conv's old-style weight norm (weight_g / weight_v).
-
-def _official_renames(sd_keys, cfg):
-    """(official name, our name) pairs."""
-    pairs = []
-    for i in range(len(cfg.conv_layers)):
-        fe = f"feature_extractor.conv_layers.{i}"
-        pairs.append((f"{fe}.0.weight", f"{fe}.conv.weight"))
-        if cfg.conv_bias:
-            pairs.append((f"{fe}.0.bias", f"{fe}.conv.bias"))
-        for p in ("weight", "bias"):
-            if cfg.extractor_mode == "layer_norm":
-                pairs.append((f"{fe}.2.1.{p}", f"{fe}.norm.{p}"))
-            elif i == 0:
-                pairs.append((f"{fe}.2.{p}", f"{fe}.norm.{p}"))
-    pairs += [("encoder.pos_conv.0.weight_g", "encoder.pos_conv.parametrizations.weight.original0"),
-              ("encoder.pos_conv.0.weight_v", "encoder.pos_conv.parametrizations.weight.original1"),
-              ("encoder.pos_conv.0.bias", "encoder.pos_conv.bias"),
-              ("encoder.layers.0.self_attn.relative_attention_bias.weight",
-               "encoder.relative_attention_bias.weight")]
-    renamed = {o for o, _ in pairs} | {n for _, n in pairs}
-    return pairs + [(k, k) for k in sd_keys if k not in renamed]
-
-
-def config_from_official(cfg, ckpt):
-    """Set the architecture fields of cfg from an official file's tensors (and its cfg for what no tensor
-    shows: normalize, max_distance); returns the list of changes for the log."""
-    sd, ocfg = ckpt["model"], ckpt.get("cfg", {}) or {}
-    convs, i = [], 0
-    while f"feature_extractor.conv_layers.{i}.0.weight" in sd:
-        c, _, k = sd[f"feature_extractor.conv_layers.{i}.0.weight"].shape
-        convs.append((c, k))
-        i += 1
-    strides = [s for _, _, s in BASE_CONV]
-    if [k for _, k in convs] != [k for _, k, _ in BASE_CONV]:
-        raise SystemExit("error: this official file's conv encoder is not WavLM's (kernels 10,3,3,3,3,2,2)")
-    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-    D = sd["post_extract_proj.weight"].shape[0]
-    H = sd["encoder.layers.0.self_attn.grep_a"].shape[1]
-    new = dict(conv_layers=tuple((c, k, s) for (c, k), s in zip(convs, strides)),
-               extractor_mode=("layer_norm" if "feature_extractor.conv_layers.1.2.1.weight" in sd
-                               else "default"),
-               conv_bias="feature_extractor.conv_layers.0.0.bias" in sd, dim=D, layers=layers, heads=H,
-               ffn=sd["encoder.layers.0.fc1.weight"].shape[0],
-               layer_norm_first=bool(ocfg.get("layer_norm_first", False)),
-               normalize=bool(ocfg.get("normalize", False)),
-               conv_pos=sd["encoder.pos_conv.0.weight_v"].shape[-1],
-               conv_pos_groups=D // sd["encoder.pos_conv.0.weight_v"].shape[1],
-               num_buckets=sd["encoder.layers.0.self_attn.relative_attention_bias.weight"].shape[0],
-               max_distance=int(ocfg.get("max_distance", 800)))
-    changes = [f"{k}={v!r}" for k, v in new.items() if getattr(cfg, k) != v]
-    for k, v in new.items():
-        setattr(cfg, k, v)
-    return changes
-
-
-def is_official(ckpt):
-    return isinstance(ckpt, dict) and "model" in ckpt and "cfg" in ckpt and not common.is_ours(ckpt)
-
-
-def load_official(state, ckpt):
-    """common.init_from's hook for --init_from=WavLM-*.pt: the encoder weights; the head stays fresh."""
-    model = common.unwrap(state["model"])
-    check_official(model.cfg, ckpt)
-    load_official_into(model, ckpt)
-
-
-def check_official(cfg, ckpt):
-    """One error line naming the flags to pass when an official file does not fit cfg's architecture."""
-    changes = config_from_official(type(cfg)(**common.config_dict(cfg)), ckpt)
-    if changes:
-        raise SystemExit("error: the official file does not fit this model; pass " +
-                         " ".join(f"--{c}" for c in changes))
-
-
-def load_official_into(model, ckpt):
-    sd = ckpt["model"]
-    pairs = _official_renames(sd.keys(), model.cfg)
-    mapped = {ours: sd[off] for off, ours in pairs if off in sd}
-    own = model.state_dict()
-    for k in ("final_proj.weight", "final_proj.bias", "label_embs"):  # the head is not in the file: keep ours
-        mapped[k] = own[k]
-    common.load_state_dict(model, mapped, what="WavLM")
-
-
-def to_official(model):
-    """Our model as an official-format file {"cfg", "model"} (for tests and for other tools)."""
-    cfg, sd = model.cfg, model.state_dict()
-    ours_to_off = {ours: off for off, ours in _official_renames(sd.keys(), cfg)}
-    out = {ours_to_off.get(k, k): v for k, v in sd.items() if not k.startswith(("final_proj", "label_embs"))}
-    ocfg = dict(encoder_layers=cfg.layers, encoder_embed_dim=cfg.dim, encoder_ffn_embed_dim=cfg.ffn,
-                encoder_attention_heads=cfg.heads, layer_norm_first=cfg.layer_norm_first,
-                extractor_mode=cfg.extractor_mode, conv_bias=cfg.conv_bias, normalize=cfg.normalize,
-                conv_pos=cfg.conv_pos, conv_pos_groups=cfg.conv_pos_groups, relative_position_embedding=True,
-                num_buckets=cfg.num_buckets, max_distance=cfg.max_distance, gru_rel_pos=True,
-                conv_feature_layers=repr(list(cfg.conv_layers)))
-    return {"cfg": ocfg, "model": out}
-
 # ----------------------------------------------------------------------------- loss
 
 def span_mask(B, T, cfg, generator=None):
@@ -1122,6 +1021,107 @@ def bench(cfg):
                         train_flops_per_step=flops, features_rtf_eager=eager_ms / 1000 / cfg.bench_seconds,
                         features_rtf_compiled=compiled_ms / 1000 / cfg.bench_seconds if compiled_ms else None,
                         encoder_params=encoder_params(model))
+
+# ----------------------------------------------------------------------------- official weights
+# WavLM-Base.pt / WavLM-Base+.pt / WavLM-Large.pt (microsoft/unilm): {"cfg": dict, "model": state_dict}. Our
+# names are the official ones except the conv blocks (.0 conv, .2 norm), the shared bias table (official:
+# layer 0's self_attn) and the position conv's old-style weight norm (weight_g / weight_v).
+
+def _official_renames(sd_keys, cfg):
+    """(official name, our name) pairs."""
+    pairs = []
+    for i in range(len(cfg.conv_layers)):
+        fe = f"feature_extractor.conv_layers.{i}"
+        pairs.append((f"{fe}.0.weight", f"{fe}.conv.weight"))
+        if cfg.conv_bias:
+            pairs.append((f"{fe}.0.bias", f"{fe}.conv.bias"))
+        for p in ("weight", "bias"):
+            if cfg.extractor_mode == "layer_norm":
+                pairs.append((f"{fe}.2.1.{p}", f"{fe}.norm.{p}"))
+            elif i == 0:
+                pairs.append((f"{fe}.2.{p}", f"{fe}.norm.{p}"))
+    pairs += [("encoder.pos_conv.0.weight_g", "encoder.pos_conv.parametrizations.weight.original0"),
+              ("encoder.pos_conv.0.weight_v", "encoder.pos_conv.parametrizations.weight.original1"),
+              ("encoder.pos_conv.0.bias", "encoder.pos_conv.bias"),
+              ("encoder.layers.0.self_attn.relative_attention_bias.weight",
+               "encoder.relative_attention_bias.weight")]
+    renamed = {o for o, _ in pairs} | {n for _, n in pairs}
+    return pairs + [(k, k) for k in sd_keys if k not in renamed]
+
+
+def config_from_official(cfg, ckpt):
+    """Set the architecture fields of cfg from an official file's tensors (and its cfg for what no tensor
+    shows: normalize, max_distance); returns the list of changes for the log."""
+    sd, ocfg = ckpt["model"], ckpt.get("cfg", {}) or {}
+    convs, i = [], 0
+    while f"feature_extractor.conv_layers.{i}.0.weight" in sd:
+        c, _, k = sd[f"feature_extractor.conv_layers.{i}.0.weight"].shape
+        convs.append((c, k))
+        i += 1
+    strides = [s for _, _, s in BASE_CONV]
+    if [k for _, k in convs] != [k for _, k, _ in BASE_CONV]:
+        raise SystemExit("error: this official file's conv encoder is not WavLM's (kernels 10,3,3,3,3,2,2)")
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+    D = sd["post_extract_proj.weight"].shape[0]
+    H = sd["encoder.layers.0.self_attn.grep_a"].shape[1]
+    new = dict(conv_layers=tuple((c, k, s) for (c, k), s in zip(convs, strides)),
+               extractor_mode=("layer_norm" if "feature_extractor.conv_layers.1.2.1.weight" in sd
+                               else "default"),
+               conv_bias="feature_extractor.conv_layers.0.0.bias" in sd, dim=D, layers=layers, heads=H,
+               ffn=sd["encoder.layers.0.fc1.weight"].shape[0],
+               layer_norm_first=bool(ocfg.get("layer_norm_first", False)),
+               normalize=bool(ocfg.get("normalize", False)),
+               conv_pos=sd["encoder.pos_conv.0.weight_v"].shape[-1],
+               conv_pos_groups=D // sd["encoder.pos_conv.0.weight_v"].shape[1],
+               num_buckets=sd["encoder.layers.0.self_attn.relative_attention_bias.weight"].shape[0],
+               max_distance=int(ocfg.get("max_distance", 800)))
+    changes = [f"{k}={v!r}" for k, v in new.items() if getattr(cfg, k) != v]
+    for k, v in new.items():
+        setattr(cfg, k, v)
+    return changes
+
+
+def is_official(ckpt):
+    return isinstance(ckpt, dict) and "model" in ckpt and "cfg" in ckpt and not common.is_ours(ckpt)
+
+
+def load_official(state, ckpt):
+    """common.init_from's hook for --init_from=WavLM-*.pt: the encoder weights; the head stays fresh."""
+    model = common.unwrap(state["model"])
+    check_official(model.cfg, ckpt)
+    load_official_into(model, ckpt)
+
+
+def check_official(cfg, ckpt):
+    """One error line naming the flags to pass when an official file does not fit cfg's architecture."""
+    changes = config_from_official(type(cfg)(**common.config_dict(cfg)), ckpt)
+    if changes:
+        raise SystemExit("error: the official file does not fit this model; pass " +
+                         " ".join(f"--{c}" for c in changes))
+
+
+def load_official_into(model, ckpt):
+    sd = ckpt["model"]
+    pairs = _official_renames(sd.keys(), model.cfg)
+    mapped = {ours: sd[off] for off, ours in pairs if off in sd}
+    own = model.state_dict()
+    for k in ("final_proj.weight", "final_proj.bias", "label_embs"):  # the head is not in the file: keep ours
+        mapped[k] = own[k]
+    common.load_state_dict(model, mapped, what="WavLM")
+
+
+def to_official(model):
+    """Our model as an official-format file {"cfg", "model"} (for tests and for other tools)."""
+    cfg, sd = model.cfg, model.state_dict()
+    ours_to_off = {ours: off for off, ours in _official_renames(sd.keys(), cfg)}
+    out = {ours_to_off.get(k, k): v for k, v in sd.items() if not k.startswith(("final_proj", "label_embs"))}
+    ocfg = dict(encoder_layers=cfg.layers, encoder_embed_dim=cfg.dim, encoder_ffn_embed_dim=cfg.ffn,
+                encoder_attention_heads=cfg.heads, layer_norm_first=cfg.layer_norm_first,
+                extractor_mode=cfg.extractor_mode, conv_bias=cfg.conv_bias, normalize=cfg.normalize,
+                conv_pos=cfg.conv_pos, conv_pos_groups=cfg.conv_pos_groups, relative_position_embedding=True,
+                num_buckets=cfg.num_buckets, max_distance=cfg.max_distance, gru_rel_pos=True,
+                conv_feature_layers=repr(list(cfg.conv_layers)))
+    return {"cfg": ocfg, "model": out}
 
 # ----------------------------------------------------------------------------- main
 
