@@ -5,9 +5,8 @@ WavLM: Large-Scale Self-Supervised Pre-Training for Full Stack Speech Processing
 The idea: HuBERT's masked prediction (hide spans of the input frames; at the hidden frames, predict discrete
 targets: k-means cluster ids of MFCCs, later of the model's own features), with two changes that make one
 representation serve speaker, separation and diarization tasks as well as ASR:
-1. a denoising objective by utterance mixing (§3.2): a piece of another utterance (or noise) is overlaid on
-   the input, but the targets stay those of the clean primary utterance, so the model must find the main
-   speaker and predict its content while ignoring the rest;
+1. denoising by utterance mixing (§3.2): a piece of another utterance (or noise) is overlaid on the input,
+   but the targets stay the clean primary's, so the model must find the main speaker and ignore the rest;
 2. gated relative position bias (§3.1, Eq. 3-5): a bucketed relative-position bias added to the attention
    logits, scaled per query frame and head by gates computed from that frame's own content.
 The network is wav2vec 2.0's: seven strided convs (50 frames/s at 16 kHz), then a Transformer (Table 1).
@@ -18,9 +17,9 @@ Simplified versus the paper and the official code (microsoft/unilm, UniSpeech):
   --targets=features --teacher=PATH re-clusters a layer of any model (HuBERT iteration 2, as WavLM Base).
 - fixed-length crops, so no padding mask; no layer drop; span masks are not equalised across the batch.
 - weight decay on matrices only, not on the label embeddings; the warm-up peaks one step early.
-- the `small` preset adds the unmasked frames' CE (pred_nomask_weight=1): masked-only, it learns the prior.
-
+- `small` adds the unmasked frames' CE (pred_nomask_weight=1): masked-only, a 2.2 M model predicts the prior.
 Base 94.70 M / Large 316.62 M parameters with the pre-training head; the official files hold the encoder.
+1,076 lines, over the 750 aim: eval's baselines, the probes and the feature export (moshi.py --teacher).
 
     python wavlm.py                                    # pre-train on the built-in corpus (small on a CPU)
     python wavlm.py --preset=base --batch_size=8       # the paper's Base
@@ -36,7 +35,7 @@ Base 94.70 M / Large 316.62 M parameters with the pre-training head; the officia
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -123,35 +122,35 @@ class Config:
     bench_seconds: float = 10.0         # audio length of the feature-extraction benchmark
 
     def validate(self):
-        def bad(msg):
-            raise SystemExit(f"error: {msg}")
-        if self.targets not in ("mfcc", "features"):
-            bad(f"--targets must be mfcc or features (got {self.targets!r})")
-        if self.targets == "features" and self.mode == "train" and not self.teacher:
-            bad("--targets=features needs --teacher=PATH (a checkpoint of ours or an official WavLM-*.pt)")
-        if self.teacher and not os.path.isfile(self.teacher):
-            bad(f"--teacher={self.teacher!r} does not exist")
-        if self.extractor_mode not in ("default", "layer_norm"):
-            bad(f"--extractor_mode must be default or layer_norm (got {self.extractor_mode!r})")
-        if self.dim % self.heads or self.dim % self.conv_pos_groups:
-            bad(f"--dim={self.dim} must be divisible by --heads={self.heads} and "
-                f"--conv_pos_groups={self.conv_pos_groups}")
-        if not 0 <= self.mask_prob < 1 or self.mask_length < 1:
-            bad(f"--mask_prob must be in [0, 1) and --mask_length >= 1 "
-                f"(got {self.mask_prob}, {self.mask_length})")
-        if not (0 <= self.mix_prob <= 1 and 0 < self.mix_max_frac <= 0.5 and 0 <= self.noise_prob <= 1):
-            bad("--mix_prob and --noise_prob must be in [0, 1], --mix_max_frac in (0, 0.5] "
-                "(§3.2: at most half)")
-        if self.num_buckets < 4 or self.num_buckets % 2 or self.max_distance <= self.num_buckets // 4:
-            bad("--num_buckets must be even and >= 4, --max_distance > num_buckets / 4")
-        if self.num_classes < 2:
-            bad(f"--num_classes must be >= 2 (got {self.num_classes})")
-        hop = math.prod(s for _, _, s in self.conv_layers) if self.conv_layers else 0
-        if not self.conv_layers or any(len(c) != 3 for c in self.conv_layers):
-            bad("--conv_layers is (channels, kernel, stride) per block, e.g. 512,10,5;512,3,2")
-        if self.segment < 2 * hop * (self.mask_length + 2):
-            bad(f"--segment={self.segment} is too short: it must hold 2 x (mask_length + 2) frames "
-                f"of {hop} samples ({2 * hop * (self.mask_length + 2)} samples)")
+        convs_ok = bool(self.conv_layers) and all(len(c) == 3 for c in self.conv_layers)
+        hop = math.prod(c[2] for c in self.conv_layers) if convs_ok else 0
+        min_segment = 2 * hop * (self.mask_length + 2)             # two masked spans and their context
+        for wrong, msg in (
+                (self.targets not in ("mfcc", "features"),
+                 f"--targets must be mfcc or features (got {self.targets!r})"),
+                (self.targets == "features" and self.mode == "train" and not self.teacher,
+                 "--targets=features needs --teacher=PATH (a checkpoint of ours or an official WavLM-*.pt)"),
+                (self.teacher and not os.path.isfile(self.teacher),
+                 f"--teacher={self.teacher!r} does not exist"),
+                (self.extractor_mode not in ("default", "layer_norm"),
+                 f"--extractor_mode must be default or layer_norm (got {self.extractor_mode!r})"),
+                (self.dim % self.heads or self.dim % self.conv_pos_groups,
+                 f"--dim={self.dim} must be divisible by --heads and --conv_pos_groups"),
+                (not 0 <= self.mask_prob < 1 or self.mask_length < 1,
+                 "--mask_prob must be in [0, 1) and --mask_length >= 1"),
+                (not (0 <= self.mix_prob <= 1 and 0 <= self.noise_prob <= 1 and 0 < self.mix_max_frac <= 0.5),
+                 "--mix_prob and --noise_prob must be in [0, 1], --mix_max_frac in (0, 0.5] (§3.2: half)"),
+                (self.num_buckets < 4 or self.num_buckets % 2 or self.max_distance <= self.num_buckets // 4,
+                 "--num_buckets must be even and >= 4, --max_distance > num_buckets / 4"),
+                (self.num_classes < 2, "--num_classes must be >= 2"),
+                (not convs_ok, "--conv_layers holds (channels, kernel, stride) per block: 512,10,5;512,3,2"),
+                (self.segment < min_segment,
+                 f"--segment={self.segment} is too short: it must hold 2 x (mask_length + 2) frames "
+                 f"of {hop} samples ({min_segment} samples)"),
+                (not set(self.feature_splits) <= {"train", "val", "test"},
+                 f"--feature_splits are train, val, test (got {self.feature_splits!r})")):
+            if wrong:
+                raise SystemExit(f"error: {msg}")
 
 
 PRESETS = {  # the official WavLM-Base / Base+ / Large cfg (microsoft/unilm wavlm), HuBERT's training recipes
@@ -162,24 +161,16 @@ PRESETS = {  # the official WavLM-Base / Base+ / Large cfg (microsoft/unilm wavl
                       attention_dropout=0.0, lr=1.5e-3, grad_clip=1.0, batch_size=4),   # 316.62 M
     "small":     dict(conv_layers=((128, 10, 5),) + ((128, 3, 2),) * 4 + ((128, 2, 2),) * 2, dim=192,
                       layers=4, heads=4, ffn=768, conv_pos=32, conv_pos_groups=8, final_dim=64,
-                      num_classes=100,
-                      dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=200, batch_size=8, segment=16_000,
-                      max_iters=2000, lr_decay_iters=2000, eval_interval=500, log_interval=50, eval_items=32,
-                      corpus_hours=0.5, kmeans_frames=40_000, bench_seconds=10.0,
-                      # ours: the unmasked frames' CE too (HuBERT's pred_nomask_weight; Base: 0). Masked-only,
-                      # this 2.2 M model collapses to the class prior in 800-2000 steps (output constant over
-                      # time, masked accuracy = the majority cluster's, with or without the feature penalty or
-                      # pre-LN); with it, it first learns to label what it hears, then to fill the masked
-                      # spans from it.
-                      pred_nomask_weight=1.0),     # 2.2 M: 2000 steps at ~0.23 s/step on one core
-
+                      num_classes=100, dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=200, batch_size=8,
+                      segment=16_000, max_iters=2000, lr_decay_iters=2000, eval_interval=500, log_interval=50,
+                      eval_items=32, corpus_hours=0.5, kmeans_frames=40_000, bench_seconds=10.0,
+                      pred_nomask_weight=1.0),   # 2.2 M; ours: + unmasked CE, else it collapses to the prior
     "tiny":      dict(conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2, dim=32, layers=2,
                       heads=2, ffn=64, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64,
                       final_dim=16, num_classes=8, dropout=0.0, attention_dropout=0.0, lr=1e-3, warmup=2,
                       batch_size=2, segment=16_000, max_iters=10, lr_decay_iters=1000, eval_interval=1000,
                       log_interval=1, eval_items=2, corpus_hours=0.02, kmeans_frames=2000, kmeans_iters=10,
-                      bench_iters=2,
-                      bench_seconds=1.0, probe_steps=20),    # tests
+                      bench_iters=2, bench_seconds=1.0, probe_steps=20),    # tests
 }
 ARCH_KEYS = ("sample_rate", "conv_layers", "extractor_mode", "conv_bias", "normalize", "dim", "layers",
              "heads", "ffn", "layer_norm_first", "conv_pos", "conv_pos_groups", "num_buckets", "max_distance",
@@ -192,16 +183,14 @@ class ConvBlock(nn.Module):
     def __init__(self, c_in, c_out, kernel, stride, norm, bias):
         super().__init__()
         self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=bias)
-        # official init (WavLM.py ConvFeatureExtractionModel.make_conv): kaiming_normal_, fan_in, gain
-        # sqrt(2): std sqrt(2 / (C_in k)), so the GELU stack keeps its scale (PyTorch's default: ~1/3 a block)
-        nn.init.kaiming_normal_(self.conv.weight)
+        nn.init.kaiming_normal_(self.conv.weight)          # std sqrt(2 / fan_in): the stack keeps its scale
         self.norm = {"group": lambda: nn.GroupNorm(c_out, c_out), "layer": lambda: nn.LayerNorm(c_out),
                      None: lambda: None}[norm]()
 
     def forward(self, x):                                  # (B, C_in, T) -> (B, C_out, T')
         x = self.conv(x)
-        if isinstance(self.norm, nn.GroupNorm):
-            x = self.norm(x.float()).type_as(x)            # norms in fp32, as the official Fp32GroupNorm
+        if isinstance(self.norm, nn.GroupNorm):            # norms in fp32: statistics over long sequences
+            x = self.norm(x.float()).type_as(x)
         elif isinstance(self.norm, nn.LayerNorm):
             x = self.norm(x.transpose(1, 2).float()).transpose(1, 2).type_as(x)
         return F.gelu(x)
@@ -233,9 +222,8 @@ def num_frames(cfg, length):
 
 
 def relative_position_bucket(rel, num_buckets, max_distance):
-    """T5-style bidirectional buckets of rel = j - i (§3.1): half the buckets per sign (positive offsets
-    get + num_buckets/2); within each half, |rel| < num_buckets/4 has its own bucket, larger offsets share
-    logarithmically wider buckets up to max_distance, beyond which all share the last one."""
+    """T5's bidirectional buckets of rel = j - i (§3.1): half the buckets per sign; within a half, offsets
+    below num_buckets/4 get a bucket each, larger ones logarithmically wider buckets up to max_distance."""
     half = num_buckets // 2
     bucket = (rel > 0).long() * half
     n = rel.abs()
@@ -246,10 +234,11 @@ def relative_position_bucket(rel, num_buckets, max_distance):
 
 
 class GatedSelfAttention(nn.Module):
-    """Multi-head self-attention with the gated relative position bias (§3.1, Eq. 3-5 as the official code):
-    gate_a, gate_b = sigmoid(sum of 4 of grep_linear(x_head)) per (batch, head, query frame), from the
-    attention's input split per head; the bias d[h, i, j] is scaled by gate_a * (gate_b * grep_a[h] - 1) + 2
-    (the paper's d + g_u d + (1 - g_u) w g_r d, with w = grep_a, rewritten), then added to the logits."""
+    """Self-attention with the gated relative position bias (§3.1, Eq. 3-5): the bucketed bias d is scaled
+    per batch, head and query frame by gates computed from that frame's own content, so a frame can turn the
+    position term up or down by what it holds. The paper's d + g_u d + (1 - g_u) w g_r d (w: a learnt
+    per-head scale, grep_a) is computed as the official code does, d (a (b w - 1) + 2) with a = 1 - g_u and
+    b = g_r, where a, b = sigmoid(sums of 4 of grep_linear(x split per head))."""
     def __init__(self, cfg):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.attention_dropout
@@ -298,10 +287,8 @@ class Layer(nn.Module):
 
 
 def bert_init(m):
-    """fairseq's init_bert_params, which the official TransformerEncoder applies to all its modules last
-    (WavLM.py: self.apply(init_bert_params)): every nn.Linear N(0, 0.02) with zero bias (q/k/v/out, fc1/fc2,
-    the gates' grep_linear), every nn.Embedding N(0, 0.02): the relative-position bias table (it overrides the
-    table's xavier_normal_ in MultiheadAttention.reset_parameters). Convs, LayerNorms, grep_a: untouched."""
+    """BERT's init, which the official Transformer encoder applies to all its modules last: linears (gates
+    included) and the relative-position bias table N(0, 0.02), zero biases; convs and norms untouched."""
     if isinstance(m, (nn.Linear, nn.Embedding)):
         nn.init.normal_(m.weight, 0.0, 0.02)
     if isinstance(m, nn.Linear) and m.bias is not None:
@@ -317,12 +304,12 @@ class Encoder(nn.Module):
                          groups=cfg.conv_pos_groups)
         nn.init.normal_(conv.weight, 0, math.sqrt(4 / (cfg.conv_pos * cfg.dim)))   # wav2vec 2.0 init
         nn.init.zeros_(conv.bias)
-        self.pos_conv = weight_norm(conv, dim=2)           # weight norm over the kernel axis, as the official
+        self.pos_conv = weight_norm(conv, dim=2)           # weight norm over the kernel axis (wav2vec 2.0)
         self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.heads)   # d: (buckets, H), shared
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
         self.layer_norm = nn.LayerNorm(cfg.dim)            # after pos-conv (post-LN) / last layer (pre-LN)
         self.drop = nn.Dropout(cfg.dropout)
-        self.apply(bert_init)                              # last, as the official TransformerEncoder.__init__
+        self.apply(bert_init)                              # last: it overrides the inits above
 
     def position_bias(self, T):                            # -> (1, H, T, T), ungated: each layer gates it
         pos = torch.arange(T, device=self.relative_attention_bias.weight.device)
@@ -345,20 +332,18 @@ class Encoder(nn.Module):
 
 
 class WavLM(nn.Module):
-    """Waveform -> layer features; with a mask, masked frames become mask_emb (§2); head(): cluster logits."""
+    """Waveform -> layer features; with a mask, masked frames become mask_emb (§2); head(): class logits."""
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         c = cfg.conv_layers[-1][0]
         self.feature_extractor = FeatureEncoder(cfg)
         self.layer_norm = nn.LayerNorm(c)
-        self.post_extract_proj = nn.Linear(c, cfg.dim)
+        self.post_extract_proj = nn.Linear(c, cfg.dim)     # outside the encoder: PyTorch's default init
         self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())
         self.encoder = Encoder(cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        # pre-training head (HuBERT): project, then cosine similarity with one embedding per cluster. Init as
-        # fairseq hubert.py: final_proj and post_extract_proj keep nn.Linear's default (they sit outside the
-        # TransformerEncoder that init_bert_params is applied to), label_embs_concat nn.init.uniform_: U[0, 1)
+        # pre-training head (HuBERT): project, then cosine similarity with one embedding per cluster
         self.final_proj = nn.Linear(cfg.dim, cfg.final_dim)
         self.label_embs = nn.Parameter(torch.empty(cfg.num_classes, cfg.final_dim).uniform_())
 
@@ -367,11 +352,9 @@ class WavLM(nn.Module):
             wav = F.layer_norm(wav, wav.shape[-1:])
         f = self.feature_extractor(wav)                    # (B, C, T)
         g = self.cfg.feature_grad_mult
-        if self.training and g != 1.0:                     # forward unchanged, gradient scaled by g
-            f = f * g + f.detach() * (1 - g)
-        # HuBERT's feature penalty (fairseq hubert.py forward: features_pen = features.float().pow(2).mean(),
-        # on the CNN output after GradMultiply and before layer_norm): keeps the CNN's output scale in check
-        pen = f.float().pow(2).mean()
+        if self.training and g != 1.0:                     # forward unchanged, gradient scaled by g: the CNN
+            f = f * g + f.detach() * (1 - g)               # learns slower than the Transformer (HuBERT)
+        pen = f.float().pow(2).mean()                      # HuBERT's feature penalty: bounds the CNN's scale
         x = self.post_extract_proj(self.layer_norm(f.transpose(1, 2)))   # (B, T, D)
         x = self.drop(x)
         if mask is not None:                               # the masked frames' content is hidden (§2)
@@ -400,9 +383,9 @@ def encoder_params(model):
 # ----------------------------------------------------------------------------- loss
 
 def span_mask(B, T, cfg, generator=None):
-    """(B, T) bool: each frame starts a span of mask_length frames with probability mask_prob (§4.1). As
-    fairseq: int(p T + U[0,1)) span starts per utterance (at least 2), drawn without replacement from
-    the first T - l frames; spans may overlap, so about 1 - (1 - p)^l of the frames are masked."""
+    """(B, T) bool: each frame starts a span of mask_length frames with probability mask_prob (§4.1, as
+    HuBERT and wav2vec 2.0): int(p T + U[0,1)) starts per utterance (at least 2), drawn without replacement
+    from the first T - l frames; spans may overlap, so about 1 - (1 - p)^l of the frames are masked."""
     l = cfg.mask_length
     n = max(2, int(cfg.mask_prob * T + torch.rand((), generator=generator).item()))
     n = min(n, T - l)
@@ -414,19 +397,14 @@ def span_mask(B, T, cfg, generator=None):
 
 
 def mix_utterances(wav, cfg, generator=None, partner=None):
-    """Utterance mixing (§3.2) on a batch (B, L) of primary utterances, as the official data loader
-    (microsoft/UniSpeech utterance_mixing_dataset.py, mixing_collated_audios): with probability mix_prob, row
-    i gets a piece of n ~ U{0..max_len} samples (max_len = mix_max_frac * L; official T // 2) of an
-    interferer, cut at a random place and added at a random place, scaled so that the energy ratio
-    primary/interferer is r ~ U(mix_db) dB (noise: U(noise_db)): scale = sqrt(E_i / (E_j 10^(r / 10))), where
-    E_i and E_j are the mean squares of the WHOLE primary row and the WHOLE interferer (its batch row, or the
-    whole noise clip), not of the added piece (official ref_pow / noise_pow); scale 0 when E_j is 0. The
-    interferer is a row drawn uniformly from the batch, itself included (official: np.random.choice(range(B),
-    replace=True)), or, with probability noise_prob, noise (ours: synthetic white or brown noise of length L
-    instead of DNS clips). Rows are mixed in order and in place, as the official loop, so a row mixed earlier
-    can interfere later with its own interferer in it. partner: (B,) fixed interferer rows (evaluation: always
-    another voice; no noise). Returns the mixed batch and [(i, j or -1 for noise, dst, src, n, scale)]; the
-    caller keeps the primary's targets (they are computed on the clean batch before this)."""
+    """Utterance mixing (§3.2), the rule of the official data loader. With probability mix_prob, row i of the
+    batch (B, L) gets a piece of n ~ U{0..mix_max_frac L} samples of an interferer (at most half, so that the
+    primary stays the main speaker), cut and added at random places and scaled to an energy ratio
+    primary/interferer of r ~ U(mix_db) dB (noise: U(noise_db)), the energies being the mean squares of the
+    whole rows. The interferer is a row of the batch, itself included, or with probability noise_prob white
+    or brown noise. Rows are mixed in order and in place, so a row mixed earlier interferes with its own
+    interferer in it. partner: (B,) fixed interferer rows, no noise (eval). Returns the mixed batch and
+    [(i, j or -1 for noise, dst, src, n, scale)]. Targets: the caller computes them on the clean batch."""
     B, L = wav.shape
     out, events = wav.clone(), []
     u = lambda: torch.rand((), generator=generator).item()
@@ -439,12 +417,11 @@ def mix_utterances(wav, cfg, generator=None, partner=None):
             clip, j, (lo, hi) = (z if u() < 0.5 else torch.cumsum(z, 0) / math.sqrt(L)), -1, cfg.noise_db
         else:
             j = int(partner[i]) if partner is not None else min(int(u() * B), B - 1)
-            clip, (lo, hi) = out[j], cfg.mix_db            # the running batch, as the official in-place loop
-        n = int(u() * (max_len + 1))                       # official: randint(0, mixing_max_len + 1)
+            clip, (lo, hi) = out[j], cfg.mix_db            # the running batch: in place, as the official loop
+        n = int(u() * (max_len + 1))
         src, dst = int(u() * (L - n + 1)), int(u() * (L - n + 1))
         ratio_db = lo + (hi - lo) * u()
-        # energies of the whole rows; the scale stays a 0-d tensor on wav's device: no host sync inside a
-        # training step (the draws above come from a CPU generator; only the energies live on the device)
+        # the scale stays a 0-d tensor on wav's device: no host sync inside a training step
         e_primary, e_other = out[i].pow(2).mean(), clip.pow(2).mean()
         ratio = 10 ** (ratio_db / 10)
         scale = torch.where(e_other > 0, (e_primary / (e_other.clamp(min=1e-30) * ratio)).sqrt(), 0.0)
@@ -453,13 +430,20 @@ def mix_utterances(wav, cfg, generator=None, partner=None):
     return out, events
 
 
+def mix_in(wav, other, cfg, generator):
+    """(L,) -> (L,): wav with a piece of `other` (L,) always mixed in by §3.2's rule; other None: noise."""
+    if other is None:
+        return mix_utterances(wav[None], replace(cfg, mix_prob=1.0, noise_prob=1.0), generator)[0][0]
+    return mix_utterances(torch.stack([wav, other]), replace(cfg, mix_prob=1.0, noise_prob=0.0), generator,
+                          partner=(1, 0))[0][0]
+
+
 def masked_prediction_loss(logits, targets, mask, nomask_weight=0.0):
-    """HuBERT's prediction loss as fairseq's hubert criterion normalises it: (sum of CE over the masked frames
-    + nomask_weight x sum over the unmasked ones) / (the number of frames counted: masked, plus unmasked when
-    nomask_weight > 0). The Base recipe has nomask_weight (pred_nomask_weight) 0: masked frames only. Returns
-    that loss, the accuracies on masked / unmasked frames, and the masked frames' mean CE. Written as
-    mask-weighted sums over all frames, not logits[mask]: boolean indexing has a data-dependent shape, which
-    makes a GPU step wait for the device (and breaks a torch.compile graph)."""
+    """HuBERT's prediction loss L_m (+ nomask_weight L_u), normalised as fairseq's: (the CE summed over the
+    masked frames + nomask_weight x over the unmasked ones) / the frames counted. Returns it, the accuracies
+    on masked and unmasked frames, and the masked frames' mean CE. Mask-weighted sums, not logits[mask]:
+    boolean indexing has a data-dependent shape, which makes a GPU step wait for the device and breaks a
+    compiled graph."""
     m = mask.float()                                       # (B, T)
     u = 1 - m
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")   # (B, T): logits (B, K, T)
@@ -485,23 +469,20 @@ def get_batch(sampler, cfg, rt):
     return wav.to(rt.device)
 
 
-_DCT = {}
-
-
 def deltas(c):
-    """(B, C, T) -> (B, C, T): HTK regression deltas over +-2 frames, d_t = sum_n n (c_t+n - c_t-n) / 10 with
-    the edge frames repeated: torchaudio.functional.compute_deltas(win_length=5), which HuBERT's MFCC labels
-    use (fairseq examples/hubert/simple_kmeans/dump_mfcc_feature.py; = librosa.feature.delta(width=5,
-    mode="nearest"))."""
+    """(B, C, T) -> (B, C, T): regression deltas over +-2 frames, d_t = sum_n n (c_t+n - c_t-n) / 10, edge
+    frames repeated (torchaudio's compute_deltas, which HuBERT's MFCC labels use)."""
     p = F.pad(c, (2, 2), mode="replicate")                # (B, C, T + 4): p[t + 2] = c[t]
     return (p[..., 3:-1] - p[..., 1:-3] + 2 * (p[..., 4:] - p[..., :-4])) / 10
 
 
+_DCT = {}
+
+
 def mfcc(wav, sr=16000, n_mfcc=13, n_mels=23):
-    """(B, L) -> (B, T, 39): 13 MFCCs + deltas + delta-deltas (deltas of the deltas, as HuBERT), 25 ms windows
-    every 20 ms, the model's frames (frame t covers samples [320 t, 320 t + 400), as the conv encoder's
-    receptive field). Static part: |STFT|^2 (periodic Hann), 23 Slaney-scale mel filters without area norm,
-    natural log (+1e-6), orthonormal DCT-II (HuBERT: Kaldi's MFCC, pre-emphasis, liftering, 100 Hz frames)."""
+    """(B, L) -> (B, T, 39): 13 MFCCs + deltas + delta-deltas, HuBERT iteration 1's features, in the model's
+    frames (25 ms every 20 ms: frame t covers samples [320 t, 320 t + 400), as the conv encoder's). |STFT|^2,
+    23 Slaney mel filters without area norm, natural log (+1e-6), orthonormal DCT-II."""
     win, hop = int(0.025 * sr), int(0.020 * sr)
     with torch.autocast(wav.device.type, enabled=False):
         spec = torch.stft(wav.float(), win, hop, window=torch.hann_window(win, device=wav.device),
@@ -521,8 +502,8 @@ def mfcc(wav, sr=16000, n_mfcc=13, n_mels=23):
 
 
 class KMeans(nn.Module):
-    """The target labeller: standardise, then the nearest of num_classes centroids. Buffers only, so the
-    checkpoint carries the exact targets the model was trained on."""
+    """The target labeller (HuBERT's hidden units): standardise, then the nearest of num_classes centroids.
+    Buffers only, so the checkpoint carries the exact targets the model was trained on."""
     def __init__(self, k, dim):
         super().__init__()
         self.register_buffer("centroids", torch.zeros(k, dim))
@@ -561,8 +542,7 @@ def target_features(state, wav, cfg):
     """What the k-means clusters: MFCCs (iteration 1) or the teacher's layer features (iteration 2)."""
     if cfg.targets == "mfcc":
         return mfcc(wav, cfg.sample_rate)
-    teacher = state["teacher"]
-    hidden, _ = teacher.extract(wav)
+    hidden, _ = state["teacher"].extract(wav)
     return hidden[min(cfg.target_layer, len(hidden) - 1)]
 
 
@@ -585,13 +565,11 @@ def fit_targets(state, clips, cfg, rt):
         wav = torch.from_numpy(c.wav[: 30 * cfg.sample_rate]).to(rt.device)[None]
         if wav.shape[1] < 400:
             continue
-        f = target_features(state, wav, cfg)[0].cpu()
-        feats.append(f)
-        n += len(f)
+        feats.append(target_features(state, wav, cfg)[0].cpu())
+        n += len(feats[-1])
     x = torch.cat(feats)[: cfg.kmeans_frames]
     if len(x) < cfg.num_classes:
-        raise SystemExit(f"error: {len(x)} frames cannot make {cfg.num_classes} clusters; "
-                         "lower --num_classes")
+        raise SystemExit(f"error: {len(x)} frames make no {cfg.num_classes} clusters; lower --num_classes")
     state["km"].fit(x, cfg.kmeans_iters, cfg.seed)
     ids = state["km"](x[None].to(rt.device))[0].cpu()
     p = torch.bincount(ids, minlength=cfg.num_classes).float() / len(x)
@@ -601,30 +579,34 @@ def fit_targets(state, clips, cfg, rt):
 
 # ----------------------------------------------------------------------------- train
 
-def load_any(path, rt, what="--init_from"):
+def frame_hop(cfg):
+    """Samples per frame: the product of the conv strides (320: 50 frames/s at 16 kHz)."""
+    return math.prod(s for _, _, s in cfg.conv_layers)
+
+
+def load_any(path, rt, what="--init_from", ckpt=None):
     """(model, km or None, cfg) from one of our checkpoints or an official WavLM file, size from the file."""
-    ckpt = common.load_checkpoint(path)
+    ckpt = common.load_checkpoint(path) if ckpt is None else ckpt
     if common.is_ours(ckpt):
         if ckpt.get("paper") != "wavlm":
             raise SystemExit(f"error: {what}={path!r} was written by {ckpt.get('paper')}.py, not wavlm.py")
         cfg = Config(**{k: common._from_json(v, getattr(Config(), k)) for k, v in ckpt["config"].items()
                         if k in Config.__dataclass_fields__})
-        model = WavLM(cfg)
-        km = (KMeans(cfg.num_classes, ckpt["models"]["km"]["centroids"].shape[1]) if "km" in ckpt["models"]
-              else None)
+        model, km = WavLM(cfg), None
         common.load_state_dict(model, ckpt["models"]["model"], what="WavLM")
-        if km is not None:
+        if "km" in ckpt["models"]:
+            km = KMeans(cfg.num_classes, ckpt["models"]["km"]["centroids"].shape[1])
             km.load_state_dict(ckpt["models"]["km"])
-        return model.to(rt.device).eval(), (km.to(rt.device) if km is not None else None), cfg
-    if is_official(ckpt):
-        cfg = Config()
-        changes = config_from_official(cfg, ckpt)
-        common.log(f"official WavLM file {path}: " + ", ".join(changes or ["base"]))
-        model = WavLM(cfg)
-        load_official_into(model, ckpt)
-        return model.to(rt.device).eval(), None, cfg
-    raise SystemExit(f"error: {what}={path!r} is neither a nanoaudio wavlm checkpoint nor an official WavLM "
-                     "file (a dict with 'cfg' and 'model')")
+            km = km.to(rt.device)
+        return model.to(rt.device).eval(), km, cfg
+    if not is_official(ckpt):
+        raise SystemExit(f"error: {what}={path!r} is neither a nanoaudio wavlm checkpoint nor an official "
+                         "WavLM file (a dict with 'cfg' and 'model')")
+    cfg = Config()
+    common.log(f"official WavLM file {path}: " + ", ".join(config_from_official(cfg, ckpt) or ["base"]))
+    model = WavLM(cfg)
+    load_official_into(model, ckpt)
+    return model.to(rt.device).eval(), None, cfg
 
 
 def build(cfg, rt):
@@ -635,8 +617,7 @@ def build(cfg, rt):
     feat_dim = 39
     if cfg.targets == "features":
         teacher, _, tcfg = load_any(cfg.teacher, rt, what="--teacher")
-        teacher.requires_grad_(False)
-        state["teacher"], feat_dim = teacher, tcfg.dim
+        state["teacher"], feat_dim = teacher.requires_grad_(False), tcfg.dim
     state["km"] = KMeans(cfg.num_classes, feat_dim).to(rt.device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "label_embs" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "label_embs" not in n)]
@@ -651,14 +632,11 @@ def build(cfg, rt):
 
 
 def train_step(state, batch, cfg, rt):
-    """One step: targets of the clean primaries, then mixing (§3.2), then span masks (§4.1), then the loss:
-    masked-prediction loss + feature_pen x features_pen (fairseq hubert_criterion: loss_weights [10] on the
-    prediction loss's scale: the summed CE + 10 pen x sample_size, divided by sample_size); AdamW with
-    gradient clipping; the schedule steps. Random draws in that order. Returns loss (the total), ce (the
-    masked frames' mean CE, to compare with the class prior's entropy), fpen (unweighted), accuracies, gnorm.
-    """
-    model, opt = state["model"], state["opt"]
-    wav = batch
+    """One step: targets of the clean primaries, then mixing (§3.2), then span masks (§4.1), then the loss,
+    masked prediction + feature_pen x the feature penalty (HuBERT's loss weights); AdamW with gradient
+    clipping; the schedule steps. Returns loss (the total), ce (the masked frames' mean CE, to compare with
+    the class prior's entropy), fpen (unweighted), accuracies and gnorm."""
+    model, opt, wav = state["model"], state["opt"], batch
     T = num_frames(cfg, wav.shape[1])
     targets = make_targets(state, wav, cfg, T)             # before mixing: the primary's targets
     mixed, _ = mix_utterances(wav, cfg) if cfg.mix_prob > 0 else (wav, [])
@@ -689,31 +667,17 @@ def load_for_inference(cfg, rt=None):
         if cfg.targets == "features" and cfg.mode in ("eval", "sample"):
             raise SystemExit("error: a model trained on --targets=features is scored against its teacher's "
                              "targets, which eval/sample do not load; use --mode=features or --mode=probe")
-        rt = rt or common.setup(cfg, log_to_file=False)
-        model = WavLM(cfg).to(rt.device)
-        km = KMeans(cfg.num_classes, ckpt["models"]["km"]["centroids"].shape[1]).to(rt.device)
-        common.load_models(ckpt, cfg, {"model": model, "km": km}, ARCH_KEYS)
-        return model.eval(), km, cfg, rt
-    if not is_official(ckpt):
+    elif not is_official(ckpt):
         raise SystemExit(f"error: --init_from={path!r} is neither a nanoaudio wavlm checkpoint nor an "
                          "official WavLM file (a dict with 'cfg' and 'model')")
-    if cfg.mode == "eval":
+    elif cfg.mode == "eval":
         raise SystemExit("error: --mode=eval scores masked prediction against our k-means targets; an "
                          "official file has no head or targets (use --mode=probe or --mode=features with it)")
     rt = rt or common.setup(cfg, log_to_file=False)
-    model, km, ocfg = load_any(path, rt)
+    model, km, file_cfg = load_any(path, rt, ckpt=ckpt)
     for k in ARCH_KEYS:
-        setattr(cfg, k, getattr(ocfg, k))
+        setattr(cfg, k, getattr(file_cfg, k))
     return model, km, cfg, rt
-
-
-def eval_batches(cfg, split):
-    """Held-out utterances (cropped to segment), each with a fixed interferer from the next utterance."""
-    utts = load_split(cfg, split)[: cfg.eval_items]
-    if not utts:
-        raise SystemExit(f"error: the {split} split has no clips")
-    hop = math.prod(s for _, _, s in cfg.conv_layers)
-    return [u for u in utts if len(u.wav) >= 2 * hop * (cfg.mask_length + 2)] or utts
 
 
 def nearest_visible(y, m):
@@ -726,9 +690,8 @@ def nearest_visible(y, m):
 
 
 def _nmse(a, b):
-    """How far features b (of the two-voice audio) are from a (of the clean audio), per dimension relative to
-    a's own variation over time, averaged over dimensions: scale-free, so models and MFCCs compare.
-    a, b: (T, dim)."""
+    """How far features b (T, dim) of the two-voice audio are from a (T, dim) of the clean audio, per
+    dimension relative to a's own variation over time, averaged: scale-free, so models and MFCCs compare."""
     return (((b - a) ** 2).sum(0) / ((a - a.mean(0)) ** 2).sum(0).clamp(min=1e-8)).mean().item()
 
 
@@ -737,42 +700,42 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=
     """Masked-prediction accuracy on held-out audio (pooled over frames), clean and with a second voice mixed
     in (the targets stay the clean primary's), beside two baselines on the same masked frames: the majority
     cluster (the best constant guess, picked on these very frames) and the nearest visible frame's cluster
-    (copying the context). The denoising claim (§3.2), measured without masks: unit accuracy on the clean and
-    on the two-voice audio, beside k-means labels recomputed on the two-voice audio; and how far the output
-    features of the two-voice audio are from the clean audio's (_nmse), beside the same figure for MFCCs and
-    log-mels. Draws from its own generator (training's RNG is untouched, so a resumed run equals a straight
-    one). labeller: train()'s {"km", "teacher"}."""
+    (copying the context). The denoising claim (§3.2), without masks: unit accuracy on the clean and on the
+    two-voice audio, beside k-means labels of the two-voice audio itself; and how far the output features
+    move from clean to two voices (_nmse), beside MFCCs and log-mels. Its own generator leaves training's RNG
+    untouched, so a resumed run equals a straight one. labeller: train()'s {"km", "teacher"}."""
     km = None
     if model is None:
         model, km, cfg, rt = load_for_inference(cfg, rt)
     state = dict(labeller or {}, model=model, **({"km": km} if km is not None else {}))
     was = model.training
     model.eval()
-    utts = eval_batches(cfg, split)
+    utts = load_split(cfg, split)[: cfg.eval_items]
+    if not utts:
+        raise SystemExit(f"error: the {split} split has no clips")
+    utts = [u for u in utts if len(u.wav) >= 2 * frame_hop(cfg) * (cfg.mask_length + 2)] or utts
     g = torch.Generator().manual_seed(cfg.seed + 7)
-    mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0, "noise_prob": 0.0})
     n = dict(masked=0, frames=0, ce=0.0, acc_m=0, acc_m_mixed=0, majority=0, nearest=0, acc_u=0,
              acc_u_mixed=0, units_mfcc_mixed=0)
     counts, nmse = torch.zeros(cfg.num_classes), dict(nmse_output=[], nmse_mfcc=[], nmse_logmel=[])
+    mel = lambda x: common.mel_spectrogram(x[0].float().cpu(), cfg.sample_rate, 400, 320, n_mels=80).T
     for i, u in enumerate(utts):
-        wav = torch.from_numpy(u.wav[: cfg.segment])[None].to(rt.device)
-        other = torch.from_numpy(utts[(i + 1) % len(utts)].wav[: cfg.segment])
+        clean = torch.from_numpy(u.wav[: cfg.segment])
+        other = utts[(i + 1) % len(utts)].wav[: len(clean)]   # the next utterance, zero-padded
+        wav = clean[None].to(rt.device)
         T = num_frames(cfg, wav.shape[1])
         targets = make_targets(state, wav, cfg, T)
         mask = span_mask(1, T, cfg, generator=g).to(rt.device)
-        pair = torch.zeros(2, wav.shape[1])                # primary + a second voice, always mixed
-        pair[0], k = wav[0].cpu(), min(len(other), wav.shape[1])
-        pair[1, :k] = other[:k]
-        mixed = mix_utterances(pair, mixcfg, generator=g, partner=(1, 0))[0][:1].to(rt.device)
+        mixed = mix_in(clean, F.pad(torch.from_numpy(other), (0, len(clean) - len(other))), cfg, g)
+        mixed = mixed[None].to(rt.device)
         with rt.autocast():
             (logits, _), (logits_mixed, _) = model(wav, mask), model(mixed, mask)
             (_, h), (_, h_mixed) = model.extract(wav), model.extract(mixed)
             units, units_mixed = model.head(h).argmax(-1), model.head(h_mixed).argmax(-1)
         y, m = targets[0].cpu(), mask[0].cpu()
-        near = nearest_visible(y, m)
         n["ce"] += F.cross_entropy(logits[0].float().cpu()[m], y[m], reduction="sum").item()
         for key, pred in (("acc_m", logits.argmax(-1)), ("acc_m_mixed", logits_mixed.argmax(-1)),
-                          ("nearest", near)):
+                          ("nearest", nearest_visible(y, m))):
             n[key] += (pred.view(-1).cpu()[m] == y[m]).sum().item()
         for key, pred in (("acc_u", units), ("acc_u_mixed", units_mixed),
                           ("units_mfcc_mixed", make_targets(state, mixed, cfg, T))):
@@ -780,14 +743,11 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=
         counts += torch.bincount(y[m], minlength=cfg.num_classes)
         n["masked"] += int(m.sum())
         n["frames"] += T
-        mel = lambda x: common.mel_spectrogram(x[0].float().cpu(), cfg.sample_rate, 400, 320,
-                                               n_mels=80).T    # ln
         nmse["nmse_output"].append(_nmse(h[0].float().cpu(), h_mixed[0].float().cpu()))
         nmse["nmse_mfcc"].append(_nmse(mfcc(wav.cpu())[0], mfcc(mixed.cpu())[0]))
         nmse["nmse_logmel"].append(_nmse(mel(wav), mel(mixed)))
         if samples_dir and i < 2:
-            common.save_sample(samples_dir, f"{split}{i}_mixed", mixed[0].cpu(), cfg.sample_rate,
-                               ref=wav[0].cpu())
+            common.save_sample(samples_dir, f"{split}{i}_mixed", mixed[0].cpu(), cfg.sample_rate, ref=clean)
     model.train(was)
     res = dict(loss=n["ce"] / max(n["masked"], 1), majority=counts.max().item() / max(n["masked"], 1),
                **{k: n[k] / max(n["masked"], 1) for k in ("acc_m", "acc_m_mixed", "nearest")},
@@ -807,10 +767,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", labeller=
 
 def train(cfg):
     if cfg.init_from not in ("scratch", "resume") and os.path.isfile(cfg.init_from):
-        ckpt = common.load_checkpoint(cfg.init_from)       # an official file that does not fit: say so first
-        if is_official(ckpt):
-            check_official(cfg, ckpt)
-        del ckpt
+        check_official(cfg, common.load_checkpoint(cfg.init_from))   # a misfit official file: one line, first
     rt = common.setup(cfg)
     state = build(cfg, rt)
     train_clips, val_clips = load_split(cfg, "train"), load_split(cfg, "val")
@@ -858,15 +815,11 @@ def sample(cfg):
         raise SystemExit(f"error: the input is {len(wav)} samples; WavLM needs at least 400 (25 ms)")
     out = os.path.join(cfg.out_dir, "samples")
     common.save_sample(out, name, wav, cfg.sample_rate)
-    pair = torch.stack([wav, torch.from_numpy(np.resize(other, len(wav))) if other is not None
-                        else torch.randn(len(wav)) * wav.std()])
-    mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0,
-                          "noise_prob": 0.0 if other is not None else 1.0})
-    mixed, _ = mix_utterances(pair, mixcfg, generator=torch.Generator().manual_seed(cfg.seed),
-                              partner=(1, 0) if other is not None else None)   # a second voice, or noise
-    common.save_sample(out, name + "_mixed", mixed[0], cfg.sample_rate, ref=wav)
+    other = torch.from_numpy(np.resize(other, len(wav))) if other is not None else None   # None: noise
+    mixed = mix_in(wav, other, cfg, torch.Generator().manual_seed(cfg.seed))
+    common.save_sample(out, name + "_mixed", mixed, cfg.sample_rate, ref=wav)
     with rt.autocast():
-        units = [model(x[None].to(rt.device))[0].argmax(-1)[0] for x in (wav, mixed[0])]
+        units = [model(x[None].to(rt.device))[0].argmax(-1)[0] for x in (wav, mixed)]
     same = (units[0] == units[1]).float().mean().item()
     common.log(f"sample | {name}: {len(units[0])} frames; predicted units of the mixed audio equal the clean "
                f"audio's on {same:.1%} of frames | wrote {out}/{name}.wav, .png, {name}_mixed.wav, .png")
@@ -890,12 +843,10 @@ def features(cfg):
     moshi.py --teacher reads this layout."""
     model, _, cfg, rt = load_for_inference(cfg)
     root = os.path.join(cfg.out_dir, "features")
-    if not -1 <= cfg.feature_layer <= cfg.layers:
+    if not -1 <= cfg.feature_layer <= cfg.layers:          # checked here: an official file sets cfg.layers
         raise SystemExit(f"error: --feature_layer must be in -1..{cfg.layers} (got {cfg.feature_layer})")
     items = []
     for split in cfg.feature_splits:
-        if split not in ("train", "val", "test"):
-            raise SystemExit(f"error: --feature_splits holds {split!r}; splits are train, val, test")
         os.makedirs(os.path.join(root, split), exist_ok=True)
         for u in load_split(cfg, split):
             if len(u.wav) < 400:
@@ -906,8 +857,7 @@ def features(cfg):
             np.save(os.path.join(root, rel), f.numpy().astype(np.float32))
             items.append(dict(id=u.id, split=split, path=rel, frames=len(f), seconds=round(u.duration, 4),
                               speaker=u.speaker, text=u.text))
-    hop = math.prod(s for _, _, s in cfg.conv_layers)
-    index = dict(sample_rate=cfg.sample_rate, frame_rate=cfg.sample_rate / hop, hop=hop,
+    index = dict(sample_rate=cfg.sample_rate, frame_rate=cfg.sample_rate / frame_hop(cfg), hop=frame_hop(cfg),
                  layer=cfg.feature_layer, dim=cfg.dim, model=cfg.init_from, items=items)
     with open(os.path.join(root, "index.json"), "w") as fh:
         json.dump(index, fh)
@@ -947,13 +897,11 @@ def linear_probe(xtr, ytr, xte, yte, classes, steps):
 def _probe_inputs(model, cfg, rt, utts, mixed, seed):
     """Per utterance: [log-mel, MFCC, layer 0..L] frame features, optionally on audio with a second voice."""
     g = torch.Generator().manual_seed(seed)
-    mixcfg = type(cfg)(**{**common.config_dict(cfg), "mix_prob": 1.0, "noise_prob": 0.0})
     out = []
     for i, u in enumerate(utts):
         wav = torch.from_numpy(u.wav[: 10 * cfg.sample_rate])
         if mixed:
-            o = torch.from_numpy(np.resize(utts[(i + 1) % len(utts)].wav, len(wav)))
-            wav = mix_utterances(torch.stack([wav, o]), mixcfg, generator=g, partner=(1, 0))[0][0]
+            wav = mix_in(wav, torch.from_numpy(np.resize(utts[(i + 1) % len(utts)].wav, len(wav))), cfg, g)
         hidden, _ = layer_features(model, wav, rt)
         T = len(hidden[0])
         mel = common.mel_spectrogram(wav, cfg.sample_rate, 400, 320, n_mels=80, center=True).T[:T]
@@ -968,7 +916,7 @@ def probe(cfg):
     tr = load_split(cfg, "train")[: max(cfg.eval_items * 4, 8)]
     te = [u for u in load_split(cfg, "test") + load_split(cfg, "val") if u.speaker in {t.speaker for t in tr}]
     te = te[: max(cfg.eval_items, 2)]
-    hop_s = math.prod(s for _, _, s in cfg.conv_layers) / cfg.sample_rate
+    hop_s = frame_hop(cfg) / cfg.sample_rate
     ftr = _probe_inputs(model, cfg, rt, tr, False, cfg.seed)
     names = ["log-mel", "mfcc"] + [f"layer{i}" for i in range(cfg.layers + 1)]
     spk = torch.tensor([u.speaker for u in tr]), torch.tensor([u.speaker for u in te])
@@ -1049,30 +997,33 @@ def _official_renames(sd_keys, cfg):
     return pairs + [(k, k) for k in sd_keys if k not in renamed]
 
 
+def is_official(ckpt):
+    return isinstance(ckpt, dict) and "model" in ckpt and "cfg" in ckpt and not common.is_ours(ckpt)
+
+
 def config_from_official(cfg, ckpt):
     """Set the architecture fields of cfg from an official file's tensors (and its cfg for what no tensor
-    shows: normalize, max_distance); returns the list of changes for the log."""
+    shows: normalize, layer_norm_first, max_distance); returns the list of changes for the log."""
     sd, ocfg = ckpt["model"], ckpt.get("cfg", {}) or {}
     convs, i = [], 0
     while f"feature_extractor.conv_layers.{i}.0.weight" in sd:
         c, _, k = sd[f"feature_extractor.conv_layers.{i}.0.weight"].shape
         convs.append((c, k))
         i += 1
-    strides = [s for _, _, s in BASE_CONV]
     if [k for _, k in convs] != [k for _, k, _ in BASE_CONV]:
         raise SystemExit("error: this official file's conv encoder is not WavLM's (kernels 10,3,3,3,3,2,2)")
-    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
     D = sd["post_extract_proj.weight"].shape[0]
-    H = sd["encoder.layers.0.self_attn.grep_a"].shape[1]
-    new = dict(conv_layers=tuple((c, k, s) for (c, k), s in zip(convs, strides)),
+    pos_v = sd["encoder.pos_conv.0.weight_v"]
+    new = dict(conv_layers=tuple((c, k, s) for (c, k), (_, _, s) in zip(convs, BASE_CONV)),
                extractor_mode=("layer_norm" if "feature_extractor.conv_layers.1.2.1.weight" in sd
                                else "default"),
-               conv_bias="feature_extractor.conv_layers.0.0.bias" in sd, dim=D, layers=layers, heads=H,
+               conv_bias="feature_extractor.conv_layers.0.0.bias" in sd, dim=D,
+               layers=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")),
+               heads=sd["encoder.layers.0.self_attn.grep_a"].shape[1],
                ffn=sd["encoder.layers.0.fc1.weight"].shape[0],
                layer_norm_first=bool(ocfg.get("layer_norm_first", False)),
                normalize=bool(ocfg.get("normalize", False)),
-               conv_pos=sd["encoder.pos_conv.0.weight_v"].shape[-1],
-               conv_pos_groups=D // sd["encoder.pos_conv.0.weight_v"].shape[1],
+               conv_pos=pos_v.shape[-1], conv_pos_groups=D // pos_v.shape[1],
                num_buckets=sd["encoder.layers.0.self_attn.relative_attention_bias.weight"].shape[0],
                max_distance=int(ocfg.get("max_distance", 800)))
     changes = [f"{k}={v!r}" for k, v in new.items() if getattr(cfg, k) != v]
@@ -1081,33 +1032,26 @@ def config_from_official(cfg, ckpt):
     return changes
 
 
-def is_official(ckpt):
-    return isinstance(ckpt, dict) and "model" in ckpt and "cfg" in ckpt and not common.is_ours(ckpt)
-
-
-def load_official(state, ckpt):
-    """common.init_from's hook for --init_from=WavLM-*.pt: the encoder weights; the head stays fresh."""
-    model = common.unwrap(state["model"])
-    check_official(model.cfg, ckpt)
-    load_official_into(model, ckpt)
-
-
 def check_official(cfg, ckpt):
     """One error line naming the flags to pass when an official file does not fit cfg's architecture."""
-    changes = config_from_official(type(cfg)(**common.config_dict(cfg)), ckpt)
-    if changes:
-        raise SystemExit("error: the official file does not fit this model; pass " +
-                         " ".join(f"--{c}" for c in changes))
+    if is_official(ckpt):
+        changes = config_from_official(replace(cfg), ckpt)
+        if changes:
+            raise SystemExit("error: the official file does not fit this model; pass " +
+                             " ".join(f"--{c}" for c in changes))
 
 
 def load_official_into(model, ckpt):
-    sd = ckpt["model"]
-    pairs = _official_renames(sd.keys(), model.cfg)
-    mapped = {ours: sd[off] for off, ours in pairs if off in sd}
-    own = model.state_dict()
-    for k in ("final_proj.weight", "final_proj.bias", "label_embs"):  # the head is not in the file: keep ours
-        mapped[k] = own[k]
+    """The encoder's weights from an official file; the pre-training head is not in it: ours stays."""
+    sd, own = ckpt["model"], model.state_dict()
+    mapped = {ours: sd[off] for off, ours in _official_renames(sd.keys(), model.cfg) if off in sd}
+    mapped.update({k: own[k] for k in ("final_proj.weight", "final_proj.bias", "label_embs")})
     common.load_state_dict(model, mapped, what="WavLM")
+
+
+def load_official(state, ckpt):
+    """common.init_from's hook for --init_from=WavLM-*.pt (train() has checked that the file fits)."""
+    load_official_into(common.unwrap(state["model"]), ckpt)
 
 
 def to_official(model):
