@@ -128,6 +128,26 @@ def _check_values(cfg, names):
         cfg.validate()
 
 
+def check_vocoder_config(cfg, fmax_keys=("fmax",)):
+    """The checks a mel-to-waveform GAN's Config.validate shares, one error line each: upsample_rates multiply
+    to hop; segment is whole mel frames, at least 4; 0 <= fmin < fmax and every fmax_keys field <= Nyquist
+    (0 = Nyquist); n_fft >= hop; two Adam betas in [0, 1)."""
+    def bad(msg):
+        raise SystemExit(f"error: {msg}")
+    if math.prod(cfg.upsample_rates) != cfg.hop:
+        bad(f"--upsample_rates={cfg.upsample_rates} multiply to {math.prod(cfg.upsample_rates)}, "
+            f"not --hop={cfg.hop}")
+    if cfg.segment % cfg.hop or cfg.segment < 4 * cfg.hop:
+        bad(f"--segment={cfg.segment} must be a multiple of --hop={cfg.hop} and at least 4 mel frames")
+    nyq = cfg.sample_rate / 2
+    fmax = [getattr(cfg, k) or nyq for k in fmax_keys]
+    if not (0 <= cfg.fmin < fmax[0] and max(fmax) <= nyq) or cfg.n_fft < cfg.hop:
+        bad(f"need 0 <= --fmin < --{', --'.join(fmax_keys)} <= sample_rate / 2 ({nyq:g}) "
+            "and --n_fft >= --hop")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        bad(f"--betas={cfg.betas} must be two numbers in [0, 1)")
+
+
 def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "bench")):
     """Build a Config from the dataclass defaults, then --preset=NAME, then --key=value overrides (type-checked).
 
@@ -412,6 +432,24 @@ class Progress:
         log(" | ".join(parts))
         self.t_last, self.last_step, self.audio = now, step, 0.0
 
+
+def train_loop(cfg, rt, state, step, train_step, next_batch, evaluate, sampler=None):
+    """The loop every file runs after its setup: train_step(state, next_batch(), cfg, rt) until
+    cfg.max_iters, a progress line per log_interval; every eval_interval steps and at the last,
+    evaluate(out_dir/samples/stepNNNNNN) on rank 0, then the checkpoint of `state` (and sampler).
+    Ends with cleanup(rt)."""
+    prog = Progress(cfg, start_step=step)
+    audio_seconds = cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate
+    while step < cfg.max_iters:
+        losses = train_step(state, next_batch(), cfg, rt)
+        step += 1
+        prog.update(step, losses, audio_seconds)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if rt.master:
+                evaluate(os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
+            save_checkpoint(cfg, step, state, sampler=sampler)
+    cleanup(rt)
+
 # ----------------------------------------------------------------------------- checkpoints
 # One file, out_dir/ckpt.pt, holds the `state` dict a paper file's build() returns (models, optimizers,
 # schedulers, scaler: anything with state_dict()), the step, the config, and every rank's RNG and sampler state.
@@ -659,6 +697,45 @@ def init_from(cfg, state, sampler=None, arch_keys=(), official=None, lr_keys=Non
             sampler.rng = np.random.default_rng([seed, rank, world])
     log(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
+
+
+def check_official_config(need, cfg, what="official"):
+    """need: {field: value} an official file fixes (read from its tensors). A SystemExit naming the flags
+    to pass where the config differs, else nothing."""
+    flag = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v
+    bad = [k for k, v in need.items()
+           if (tuple(getattr(cfg, k)) if isinstance(v, tuple) else getattr(cfg, k)) != v]
+    if bad:
+        raise SystemExit(f"error: the {what} file needs "
+                         + " ".join(f"--{k}={flag(need[k])}" for k in bad)
+                         + " (the config has " + ", ".join(f"{k}={flag(getattr(cfg, k))}" for k in bad) + ")")
+
+
+def load_generator(cfg, rt, make, arch_keys, official_config, load_official):
+    """A vocoder's generator for sample and eval, from --init_from: one of our checkpoints (parse_config
+    has already taken its config), or the authors' file, whose size official_config(ckpt) reads from its
+    tensors and sets on cfg (so a CPU's `small` default does not matter). load_official(G, ckpt, cfg) maps
+    its keys, and with G=None says what a file that is neither is not. make(cfg) builds the generator."""
+    if cfg.init_from == "scratch":
+        raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: "
+                         "--init_from=resume (out_dir/ckpt.pt), "
+                         "a checkpoint path, or the authors' generator file")
+    path = checkpoint_path(cfg)
+    ckpt = load_checkpoint(path)
+    if is_ours(ckpt):
+        G = make(cfg).to(rt.device)
+        load_models(ckpt, cfg, {"G": G}, arch_keys)
+        return G
+    need = official_config(ckpt)
+    if need is None:
+        load_official(None, ckpt, cfg)                             # says what the file is not
+    for k, v in need.items():
+        setattr(cfg, k, v)
+    log(f"the authors' generator {path}: " + ", ".join(f"{k} {v}" for k, v in need.items())
+        + " (read from its tensors)")
+    G = make(cfg).to(rt.device)
+    load_official(G, ckpt, cfg)
+    return G
 
 
 def _norm(v):
@@ -1235,6 +1312,41 @@ def save_sample(dir, name, wav, sr, ref=None):
         ax.set_ylabel("mel bin")
         fig.colorbar(im, ax=ax, label="log10 magnitude", pad=0.01)
     fig.savefig(os.path.join(dir, name + ".png"), dpi=80)
+def eval_vocoder(cfg, model, items, vocode, metrics, samples_dir=None, split="test"):
+    """Held-out evaluation of a vocoder: vocode(name, wav) -> (generated, reference) for each (name, wav) of
+    items; each metric fn(generated, reference) -> float, averaged over them; the first two written to
+    samples_dir (if given). Logs one line, returns {metric: mean}; the model's train/eval mode is kept."""
+    if not items:
+        raise SystemExit(f"error: the {split} split has no clips to evaluate")
+    was_training = model.training
+    model.eval()
+    out = {k: 0.0 for k in metrics}
+    for i, (name, wav) in enumerate(items):
+        fake, ref = vocode(name, wav)
+        for k, fn in metrics.items():
+            out[k] += fn(fake, ref) / len(items)
+        if samples_dir is not None and i < 2:
+            save_sample(samples_dir, name, fake.cpu(), cfg.sample_rate, ref=ref.cpu())
+    model.train(was_training)
+    log(f"eval {split} ({len(items)} clips) | " + " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    return out
+
+
+def sample_vocoder(cfg, vocode, test_items, n=4):
+    """--mode=sample of a mel vocoder: vocode(name, wav) -> (generated, reference) tensors, for the
+    --input file or else the first n of test_items() [(name, wav numpy)]; writes out_dir/samples/<name>.wav
+    and .png."""
+    if cfg.input:
+        wav, _ = load_audio(cfg.input, sr=cfg.sample_rate)
+        items = [(os.path.splitext(os.path.basename(cfg.input))[0], wav)]
+    else:
+        items = test_items()[:n]
+    out = os.path.join(cfg.out_dir, "samples")
+    for name, wav in items:
+        fake, ref = vocode(name, wav)
+        save_sample(out, name, fake.cpu(), cfg.sample_rate, ref=ref.cpu())
+        log(f"wrote {os.path.join(out, name)}.wav/.png ({len(fake) / cfg.sample_rate:.2f} s)")
+
 
 def write_listening_set(dir, items, sr):
     """Write dir/<name>.wav for each (name, wav, text) and dir/refs.txt (name<TAB>text per line): the form
@@ -1325,6 +1437,42 @@ def report_bench(cfg, rt, model=None, compiled=False, **figures):
     out = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in out.items()}  # 4 significant digits
     print(json.dumps(out), flush=True)
     return out
+
+
+def bench_gan_vocoder(cfg, rt, state, train_step, batch):
+    """--mode=bench of a mel-to-waveform GAN (state holds G and D): train_step (D + G update) on batch,
+    its FLOPs, and batch-1 inference of cfg.bench_seconds of audio with weight norm folded, eager and
+    compiled; on CUDA also the official recipe (fp32, eager). Prints report_bench's JSON line."""
+    import copy
+    G, D = state["G"], state["D"]
+    fp32 = dataclasses.replace(rt, dtype=torch.float32)           # rt.autocast() is then a no-op
+    figures = dict(params_d=count_params(D))                        # "params" (the generator) added below
+    flops = count_flops(lambda: train_step(state, batch, cfg, fp32))
+    state["G"], state["D"] = compile(G, cfg), compile(D, cfg)
+    compiled = state["G"] is not G
+    ms = timeit(lambda: train_step(state, batch, cfg, rt), iters=cfg.bench_iters)
+    figures.update(train_step_ms=ms,
+                   train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (ms / 1e3),
+                   train_flops_per_step=flops)
+    if rt.device_type == "cuda":  # the official recipe: fp32, eager
+        figures["baseline_fp32_eager_train_step_ms"] = timeit(
+            lambda: train_step(dict(state, G=G, D=D), batch, cfg, fp32), iters=cfg.bench_iters)
+    # inference: real-time factor = compute seconds per second of audio (lower is faster)
+    seconds = cfg.bench_seconds
+    G_inf = remove_weight_norm(copy.deepcopy(G)).eval()
+    frames = int(seconds * cfg.sample_rate) // cfg.hop
+    mel1 = torch.randn(1, cfg.n_mels, frames, device=rt.device) - 5  # (1, n_mels, frames)
+
+    def infer(model, r):
+        with torch.no_grad(), r.autocast():
+            return model(mel1)
+    rtf = lambda model, r: timeit(lambda: infer(model, r), iters=cfg.bench_iters) / 1e3 / seconds
+    figures["infer_rtf_eager"] = rtf(G_inf, rt)
+    g_inf = compile(G_inf, cfg)
+    figures["infer_rtf_compiled"] = rtf(g_inf, rt) if g_inf is not G_inf else None
+    if rt.device_type == "cuda":
+        figures["baseline_fp32_eager_infer_rtf"] = rtf(G_inf, fp32)
+    return report_bench(cfg, rt, model=G, compiled=compiled, **figures)
 
 
 # ----------------------------------------------------------------------------- corpus

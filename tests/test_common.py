@@ -697,3 +697,141 @@ def test_speak_outside_a_corpus():
     assert abs(len(a[0][0]) - len(native) * 16000 / common.ESPEAK_SR) <= 2
     for w, words in a:
         assert [x[0] for x in words][:1] in (["what"], ["hello"]) and words[-1][2] <= len(w) / 16000 + 1e-3
+
+
+# ----------------------------------------------------------------------------- shared loops of the vocoder files
+
+@dataclass
+class VocCfg:
+    mode: str = "train"
+    init_from: str = "scratch"
+    out_dir: str = "out/test_voc"
+    input: str = ""
+    sample_rate: int = 8000
+    hop: int = 4
+    n_fft: int = 16
+    n_mels: int = 3
+    fmin: float = 0.0
+    fmax: float = 0.0
+    fmax_loss: float = 0.0
+    upsample_rates: tuple = (2, 2)
+    betas: tuple = (0.5, 0.9)
+    segment: int = 32
+    batch_size: int = 2
+    max_iters: int = 5
+    log_interval: int = 1
+    eval_interval: int = 2
+    bench_iters: int = 1
+    bench_seconds: float = 0.01
+    compile: bool = False
+    channels: int = 2
+
+
+CPU = common.Runtime(torch.device("cpu"), "cpu", torch.float32)
+
+
+class TinyG(nn.Module):  # mel (B, n_mels, F) -> (B, 1, F * hop), weight-normed like the vocoders
+    def __init__(self, cfg):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(cfg.n_mels, cfg.hop, 1))
+
+    def forward(self, mel):
+        return self.conv(mel).transpose(1, 2).reshape(mel.size(0), 1, -1)
+
+
+def test_train_loop_steps_evaluates_and_checkpoints(tmp_path, capsys):
+    cfg = VocCfg(out_dir=str(tmp_path), max_iters=5, eval_interval=2)
+    m = Tiny(4)
+    state = dict(model=m, opt=torch.optim.SGD(m.parameters(), 0.1))
+    seen, evals, batches = [], [], iter(range(100))
+
+    def step(st, batch, c, rt):
+        seen.append(batch)
+        return {"loss": torch.tensor(float(batch))}
+    common.train_loop(cfg, CPU, state, 1, step, lambda: next(batches), evals.append)
+    assert seen == [0, 1, 2, 3]                                  # steps 2..5, one batch each, in order
+    assert [os.path.basename(d) for d in evals] == ["step000002", "step000004", "step000005"]
+    assert common.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 5
+    assert "step 5/5 | loss 3.0000" in capsys.readouterr().out
+
+
+def test_check_vocoder_config():
+    common.check_vocoder_config(VocCfg())
+    common.check_vocoder_config(VocCfg(fmax=4000.0, fmax_loss=0.0), fmax_keys=("fmax", "fmax_loss"))
+    for flags, keys, what in ((dict(hop=8), ("fmax",), "upsample_rates"), (dict(segment=30), ("fmax",), "--segment"),
+                              (dict(segment=12), ("fmax",), "at least 4"), (dict(fmax=5000.0), ("fmax",), "fmax"),
+                              (dict(fmax_loss=9000.0), ("fmax", "fmax_loss"), "fmax_loss"),
+                              (dict(n_fft=2), ("fmax",), "n_fft"), (dict(betas=(0.5, 1.0)), ("fmax",), "betas")):
+        with pytest.raises(SystemExit, match=what):
+            common.check_vocoder_config(VocCfg(**flags), fmax_keys=keys)
+    common.check_vocoder_config(VocCfg(fmax_loss=9000.0))        # fmax_loss is not checked unless named
+
+
+def test_check_official_config():
+    cfg = VocCfg()
+    common.check_official_config({"channels": 2, "upsample_rates": (2, 2)}, cfg)
+    with pytest.raises(SystemExit, match=r"needs --channels=8 --upsample_rates=4,1 \(the config has channels=2"):
+        common.check_official_config({"channels": 8, "upsample_rates": (4, 1), "hop": 4}, cfg, "official")
+
+
+def test_load_generator_ours_official_and_neither(tmp_path, capsys):
+    cfg = VocCfg(out_dir=str(tmp_path), mode="sample")
+    with pytest.raises(SystemExit, match="needs a trained generator"):
+        common.load_generator(cfg, CPU, TinyG, (), None, None)
+    G = TinyG(cfg)
+    ours = common.save_checkpoint(cfg, 1, dict(G=G))
+    got = common.load_generator(dataclasses.replace(cfg, init_from=ours), CPU, TinyG, ("n_mels",), None, None)
+    assert torch.equal(got.conv.parametrizations.weight.original1, G.conv.parametrizations.weight.original1)
+    # an official file: its size is read from the tensors and set on cfg before the generator is built
+    off = str(tmp_path / "official.pt")
+    torch.save({"w": torch.zeros(4, 5, 1)}, off)
+    seen = {}
+
+    def load_official(g, sd, c):
+        if g is None:
+            raise SystemExit("error: not an official file")
+        seen["n_mels"] = g.conv.in_channels
+    c = dataclasses.replace(cfg, init_from=off)
+    common.load_generator(c, CPU, TinyG, (), lambda sd: {"n_mels": sd["w"].shape[1]}, load_official)
+    assert c.n_mels == 5 and seen == {"n_mels": 5} and "read from its tensors" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not an official file"):
+        common.load_generator(c, CPU, TinyG, (), lambda sd: None, load_official)
+
+
+def test_eval_and_sample_vocoder(tmp_path, capsys):
+    cfg = VocCfg(out_dir=str(tmp_path))
+    G = TinyG(cfg).train()
+    items = [(f"u{i}", np.full(2000, 0.1 * (i + 1), np.float32)) for i in range(3)]
+    vocode = lambda name, wav: (torch.zeros(len(wav)), torch.from_numpy(wav))
+    out = common.eval_vocoder(cfg, G, items, vocode, dict(peak=lambda f, r: float(r.abs().max())),
+                              str(tmp_path / "s"), split="val")
+    assert out["peak"] == pytest.approx(0.2) and G.training        # the mean over clips; train mode restored
+    assert sorted(os.listdir(tmp_path / "s")) == ["u0.png", "u0.wav", "u1.png", "u1.wav"]
+    assert "eval val (3 clips) | peak 0.2000" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="the test split has no clips"):
+        common.eval_vocoder(cfg, G, [], vocode, {})
+    common.sample_vocoder(cfg, vocode, lambda: items, n=2)
+    assert sorted(f for f in os.listdir(tmp_path / "samples") if f.endswith(".wav")) == ["u0.wav", "u1.wav"]
+    inp = str(tmp_path / "mine.wav")
+    common.save_audio(inp, np.zeros(2000, np.float32), cfg.sample_rate)
+    common.sample_vocoder(dataclasses.replace(cfg, input=inp), vocode, lambda: 1 / 0)   # --input: no test split
+    assert os.path.exists(tmp_path / "samples" / "mine.png")
+
+
+def test_bench_gan_vocoder(tmp_path, capsys):
+    cfg = VocCfg(out_dir=str(tmp_path))
+    G, D = TinyG(cfg), Tiny(4)
+    state = dict(G=G, D=D, opt=torch.optim.SGD(G.parameters(), 0.0))
+    calls = []
+
+    def step(st, batch, c, rt):
+        calls.append(rt.dtype)
+        loss = st["G"](batch).pow(2).mean()
+        st["opt"].zero_grad()
+        loss.backward()
+        return {}
+    common.bench_gan_vocoder(cfg, CPU, state, step, torch.randn(2, cfg.n_mels, 8))
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert d["params"] == common.count_params(G) and d["params_d"] == 21 and not d["compiled"]
+    assert d["train_flops_per_step"] > 0 and d["train_step_ms"] > 0 and d["infer_rtf_eager"] > 0
+    assert d["infer_rtf_compiled"] is None and len(calls) == 1 + 3 + cfg.bench_iters   # flops, warm-up, timed
