@@ -11,7 +11,8 @@ the periodic structure of voiced speech that MelGAN's multi-scale discriminator 
 Training swaps the hinge loss for least squares (Eqs. 1-2), keeps feature matching (Eq. 4, x2) and adds an
 L1 loss on log-mel spectrograms (Eq. 3, x45) that makes the first steps fast and stable.
 
-Simplified or changed versus the paper / official code (jik876/hifi-gan):
+Changed versus the paper / official code (jik876/hifi-gan). 497 lines, over the 450 aim: two discriminators
+(MPD, MSD), both MRF block types (V1-V3) and the official weights' key map and size detection.
 - the built-in eSpeak corpus (or --data_dir), not LJSpeech; no fine-tuning on Tacotron 2 mels (§4.4);
   training counted in steps; evaluation is mel L1, not MOS.
 - real and fake go through D as one [real; fake] batch, and G's step runs D frozen: same losses and updates;
@@ -28,10 +29,7 @@ Simplified or changed versus the paper / official code (jik876/hifi-gan):
     python hifigan.py --mode=bench
     torchrun --standalone --nproc_per_node=8 hifigan.py
 """
-import copy
-import dataclasses
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +58,7 @@ class Config:
     n_mels: int = 80                    # mel bins
     fmin: float = 0.0                   # lowest mel frequency (Hz)
     fmax: float = 8000.0                # highest mel frequency (Hz) of the generator's input mel
-    fmax_loss: float = 0.0              # highest mel frequency of the loss mel; 0 = Nyquist (official fmax_for_loss)
+    fmax_loss: float = 0.0              # top of the loss mel; 0 = Nyquist (official fmax_for_loss)
     # generator (§2.2, Appendix A)
     channels: int = 512                 # h_u: width after the input conv
     upsample_rates: tuple = (8, 8, 2, 2)  # transposed-conv strides, product = hop (official upsample_rates)
@@ -79,7 +77,7 @@ class Config:
     betas: tuple = (0.8, 0.99)          # AdamW betas (§3)
     weight_decay: float = 0.01          # AdamW weight decay (§3)
     lr_decay: float = 0.999             # lr factor per epoch (§3; official ExponentialLR gamma)
-    epoch_steps: int = 0                # steps per lr-decay epoch; 0: one pass of segments over the training clips
+    epoch_steps: int = 0                # steps per lr-decay epoch; 0: one segment per training clip
     batch_size: int = 16
     segment: int = 8192                 # training clip length in samples
     max_iters: int = 100_000            # optimizer steps (the paper trains 2.5 M)
@@ -94,37 +92,31 @@ class Config:
 
     def validate(self):
         """Values that would otherwise fail deep inside a conv with a traceback: one line each."""
-        def bad(msg):
-            raise SystemExit(f"error: {msg}")
-        if math.prod(self.upsample_rates) != self.hop:
-            bad(f"--upsample_rates={self.upsample_rates} multiply to {math.prod(self.upsample_rates)}, "
-                f"not --hop={self.hop}")
+        common.check_vocoder_config(self, fmax_keys=("fmax", "fmax_loss"))
         if len(self.upsample_kernels) != len(self.upsample_rates) or \
                 any(k < r or (k - r) % 2 for r, k in zip(self.upsample_rates, self.upsample_kernels)):
-            bad(f"--upsample_kernels={self.upsample_kernels} needs one kernel per rate, each >= its rate and of the "
-                "same parity (padding (k - r) / 2)")
+            raise SystemExit(f"error: --upsample_kernels={self.upsample_kernels} needs one kernel per rate, "
+                             "each >= its rate and of the same parity (padding (k - r) / 2)")
+        n_up = len(self.upsample_rates)
         if self.resblock not in ("1", "2") or len(self.resblock_kernels) != len(self.resblock_dilations) or \
-                any(k % 2 == 0 for k in self.resblock_kernels) or self.channels % 2 ** len(self.upsample_rates):
-            bad(f"--resblock must be 1 or 2, --resblock_kernels odd and one per --resblock_dilations entry, --channels "
-                f"halving {len(self.upsample_rates)} times")
-        if self.d_max_channels < 16 or self.d_max_channels % 16 or self.num_d < 1 or min(self.periods, default=0) < 1:
-            bad(f"--d_max_channels={self.d_max_channels} must be a multiple of 16 (the MSD's groups), --num_d >= 1, "
-                "--periods >= 1")
-        if self.segment % self.hop or self.segment < 4 * self.hop:
-            bad(f"--segment={self.segment} must be a multiple of --hop={self.hop} and at least 4 mel frames")
-        nyq = self.sample_rate / 2
-        if not (0 <= self.fmin < (self.fmax or nyq) <= nyq and (self.fmax_loss or nyq) <= nyq) or self.n_fft < self.hop:
-            bad(f"need 0 <= --fmin < --fmax, --fmax_loss <= sample_rate / 2 ({nyq:g}) and --n_fft >= --hop")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas) or min(self.lambda_fm, self.lambda_mel) < 0:
-            bad(f"--betas={self.betas} must be two numbers in [0, 1) and the loss weights >= 0")
-        if not 0 < self.lr_decay <= 1 or self.epoch_steps < 0 or self.weight_decay < 0:
-            bad(f"need 0 < --lr_decay <= 1, --epoch_steps >= 0 and --weight_decay >= 0")
+                any(k % 2 == 0 for k in self.resblock_kernels) or self.channels % 2 ** n_up:
+            raise SystemExit("error: --resblock must be 1 or 2, --resblock_kernels odd and one per "
+                             f"--resblock_dilations entry, --channels halving {n_up} times")
+        if (self.d_max_channels < 16 or self.d_max_channels % 16 or self.num_d < 1
+                or min(self.periods, default=0) < 1):
+            raise SystemExit(f"error: --d_max_channels={self.d_max_channels} must be a multiple of 16 "
+                             "(the MSD's groups), --num_d >= 1, --periods >= 1")
+        if not 0 < self.lr_decay <= 1 or self.epoch_steps < 0 or self.weight_decay < 0 or \
+                min(self.lambda_fm, self.lambda_mel) < 0:
+            raise SystemExit("error: need 0 < --lr_decay <= 1, --epoch_steps >= 0, --weight_decay >= 0 and "
+                             "the loss weights >= 0")
 
 PRESETS = {  # the official config_v1/v2/v3.json (Appendix A)
     "v1":    dict(),                                        # 13.94 M: best quality
     "v2":    dict(channels=128),                            # 0.93 M: V1's shape, narrow
     "v3":    dict(channels=256, upsample_rates=(8, 8, 4), upsample_kernels=(16, 16, 8), resblock="2",
-                  resblock_kernels=(3, 5, 7), resblock_dilations=((1, 2), (2, 6), (3, 12))),  # 1.46 M: fastest
+                  resblock_kernels=(3, 5, 7),
+                  resblock_dilations=((1, 2), (2, 6), (3, 12))),    # 1.46 M: fastest
     "small": dict(channels=128, d_max_channels=32, batch_size=4, segment=4096, lr=5e-4, max_iters=1000,
                   eval_interval=250, corpus_hours=0.5, eval_items=8, log_interval=25,
                   compile=False),  # V2's G with a CPU-sized critic (ours)
@@ -135,17 +127,20 @@ PRESETS = {  # the official config_v1/v2/v3.json (Appendix A)
 }
 # what fixes the weights' shapes and what the mels mean: a checkpoint under other values is refused
 ARCH_KEYS = ("sample_rate", "n_fft", "hop", "n_mels", "fmin", "fmax", "fmax_loss",
-             "channels", "upsample_rates", "upsample_kernels", "resblock", "resblock_kernels", "resblock_dilations",
+             "channels", "upsample_rates", "upsample_kernels", "resblock", "resblock_kernels",
+             "resblock_dilations",
              "periods", "num_d", "d_max_channels")
 
 # ----------------------------------------------------------------------------- model
 
 class ResBlock(nn.Module):
     """One MRF member (§2.2, Fig. 1): residual units with kernel k, one per dilation, identity shortcuts.
-    Type 1 (V1, V2): LReLU, dilated conv, LReLU, conv. Type 2 (V3): LReLU, dilated conv. Zero "same" padding."""
+    Type 1 (V1, V2): LReLU, dilated conv, LReLU, conv. Type 2 (V3): LReLU, dilated conv.
+    Zero "same" padding."""
     def __init__(self, channels, kernel, dilations, kind):
         super().__init__()
-        conv = lambda d: weight_norm(nn.Conv1d(channels, channels, kernel, dilation=d, padding=d * (kernel - 1) // 2))
+        conv = lambda d: weight_norm(nn.Conv1d(channels, channels, kernel, dilation=d,
+                                               padding=d * (kernel - 1) // 2))
         if kind == "1":
             self.convs1 = nn.ModuleList(conv(d) for d in dilations)
             self.convs2 = nn.ModuleList(conv(1) for _ in dilations)
@@ -225,8 +220,9 @@ class ScaleDiscriminator(nn.Module):
     def __init__(self, cfg, norm=weight_norm):
         super().__init__()
         cap = lambda c: min(c, cfg.d_max_channels)
+        # (in, out, kernel, stride, groups) of each conv, as the official DiscriminatorS
         layers = [(1, 128, 15, 1, 1), (128, 128, 41, 2, 4), (128, 256, 41, 2, 16), (256, 512, 41, 4, 16),
-                  (512, 1024, 41, 4, 16), (1024, 1024, 41, 1, 16), (1024, 1024, 5, 1, 1)]  # in, out, k, stride, groups
+                  (512, 1024, 41, 4, 16), (1024, 1024, 41, 1, 16), (1024, 1024, 5, 1, 1)]
         self.convs = nn.ModuleList(norm(nn.Conv1d(cap(i), cap(o), k, s, groups=g, padding=(k - 1) // 2))
                                    for i, o, k, s, g in layers)
         self.conv_post = norm(nn.Conv1d(cap(1024), 1, 3, padding=1))
@@ -257,56 +253,6 @@ class Discriminator(nn.Module):
                 x = self.pool(x)                                   # (B, 1, ~T / 2^i)
             outs.append(d(x))
         return outs                                                # [discriminator][layer] -> (B, C, ...)
-
-
-def official_config(sd):
-    """The Generator size of an official file (generator_v1/v2/v3, g_02500000: {'generator': state_dict}), read
-    from its tensors: h_u from conv_pre, k_u from each upsampler (strides are k_u / 2 in every official config),
-    the block type and k_r from the resblocks. Dilations are not in the tensors: the official configs' are used."""
-    if not isinstance(sd, dict) or not isinstance(sd.get("generator"), dict) or "conv_pre.weight_v" not in sd["generator"]:
-        return None
-    g = sd["generator"]
-    n_up = len({k.split(".")[1] for k in g if k.startswith("ups.")})
-    n_res = len({k.split(".")[1] for k in g if k.startswith("resblocks.")}) // max(1, n_up)
-    kind = "1" if "resblocks.0.convs1.0.weight_v" in g else "2"
-    convs = "convs1" if kind == "1" else "convs"
-    kernels = tuple(g[f"ups.{i}.weight_v"].shape[-1] for i in range(n_up))
-    n_dil = [len({k.split(".")[3] for k in g if k.startswith(f"resblocks.{j}.{convs}.")}) for j in range(n_res)]
-    dilations = ((1, 3, 5),) * n_res if kind == "1" else ((1, 2), (2, 6), (3, 12))[:n_res]  # config_v1/v2, config_v3
-    if [len(d) for d in dilations] != n_dil:
-        raise SystemExit(f"error: the official generator file has {n_dil} dilations per resblock, unlike the official "
-                         "configs; pass them as --resblock_dilations and load it with our Generator by hand")
-    return dict(n_mels=g["conv_pre.weight_v"].shape[1], channels=g["conv_pre.weight_v"].shape[0],
-                upsample_rates=tuple(k // 2 for k in kernels), upsample_kernels=kernels,
-                hop=math.prod(k // 2 for k in kernels), resblock=kind,
-                resblock_kernels=tuple(g[f"resblocks.{j}.{convs}.0.weight_v"].shape[-1] for j in range(n_res)),
-                resblock_dilations=dilations)
-
-
-def load_official(G, sd, cfg):
-    """Load an official generator file into G; its size (official_config) must be the config's.
-    Our modules carry the official names (conv_pre, ups.i, resblocks.{stage * 3 + kernel}.convs1/convs2.j or
-    .convs.j, conv_post); only the old-style weight-norm keys weight_g/weight_v need renaming."""
-    G, need = common.unwrap(G), official_config(sd)
-    if need is None:
-        raise SystemExit("error: neither one of our checkpoints nor an official HiFi-GAN generator file "
-                         "(generator_v1 / g_02500000: {'generator': state_dict}; do_* files hold only the discriminators)")
-    flag = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v
-    bad = [k for k, v in need.items()
-           if (tuple(getattr(cfg, k)) if isinstance(v, tuple) else getattr(cfg, k)) != v]
-    if bad:
-        raise SystemExit("error: the official generator file needs "
-                         + " ".join(f"--{k}={flag(need[k])}" for k in bad)
-                         + " (the config has " + ", ".join(f"{k}={flag(getattr(cfg, k))}" for k in bad) + ")")
-    suffix = {"weight_g": "parametrizations.weight.original0",
-              "weight_v": "parametrizations.weight.original1", "bias": "bias"}
-    ours = {}
-    for k, v in sd["generator"].items():
-        prefix, _, leaf = k.rpartition(".")
-        if leaf not in suffix:
-            raise SystemExit(f"error: unexpected key {k!r} in the official HiFi-GAN generator file")
-        ours[f"{prefix}.{suffix[leaf]}"] = v
-    common.load_state_dict(G, ours, what="HiFi-GAN generator (official weights)")
 
 # ----------------------------------------------------------------------------- loss
 
@@ -341,7 +287,7 @@ def mel_loss(fake, wav, cfg):
 # ----------------------------------------------------------------------------- data
 
 def log_mel(wav, cfg, fmax=None):
-    """(B, 1, T) or (T,) -> ln mel (B, n_mels, T / hop): the official meldataset.py features (Tacotron 2's)."""
+    """(B, 1, T) or (T,) -> ln mel (B, n_mels, T / hop): official meldataset.py (Tacotron 2's) features."""
     x = wav.squeeze(1) if wav.dim() == 3 else wav
     fmax = cfg.fmax if fmax is None else fmax
     return common.mel_spectrogram(x, cfg.sample_rate, cfg.n_fft, cfg.hop, n_mels=cfg.n_mels, fmin=cfg.fmin,
@@ -359,7 +305,8 @@ def load_split(cfg, split):
 
 
 def get_batch(sampler, cfg, rt):
-    """Random training clips (B, 1, segment) and their mels (B, n_mels, segment / hop), computed on the device."""
+    """Random training clips (B, 1, segment),
+    and their mels (B, n_mels, segment / hop), computed on the device."""
     x, _ = sampler.next()                                          # (B, T)
     x = x.unsqueeze(1)                                             # (B, 1, T)
     x = x.to(rt.device, non_blocking=True)
@@ -383,8 +330,8 @@ def build(cfg, rt):
     G, D = Generator(cfg).to(rt.device), Discriminator(cfg).to(rt.device)
     opt_g = torch.optim.AdamW(G.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(D.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    # the lr falls by lr_decay once per epoch (§3): the schedulers step every step (last_epoch = step) and their
-    # factor counts whole epochs, so a resumed or benchmarked step sees the lr of a straight run
+    # the lr falls by lr_decay once per epoch (§3): the schedulers step every step (last_epoch = step) and
+    # their factor counts whole epochs, so a resumed or benchmarked step sees the lr of a straight run
     epoch = max(1, cfg.epoch_steps)
     decay = lambda step: cfg.lr_decay ** (step // epoch)
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, decay)
@@ -408,7 +355,7 @@ def train_step(state, batch, cfg, rt):
     loss_d.backward()
     opt_d.step()
     # G's step needs D's gradient with respect to its input only: D's weight gradients (which the official
-    # code computes here and throws away at the next D step) are skipped, as is DDP's sync of them
+    # code computes here and zeroes before the next D step) are skipped, as is DDP's sync of them
     d_plain = common.unwrap(D)
     d_plain.requires_grad_(False)
     with rt.autocast():
@@ -428,28 +375,8 @@ def train_step(state, batch, cfg, rt):
 
 
 def load_for_inference(cfg, rt):
-    """The generator --init_from names: our checkpoint (parse_config already took its config) or the official
-    file, whose size is read from its tensors and set on cfg (so a CPU's `small` default does not matter)."""
-    if cfg.init_from == "scratch":
-        raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: "
-                         "--init_from=resume (out_dir/ckpt.pt), "
-                         "a checkpoint path, or the authors' generator file")
-    path = common.checkpoint_path(cfg)
-    ckpt = common.load_checkpoint(path)
-    if common.is_ours(ckpt):
-        G = Generator(cfg).to(rt.device)
-        common.load_models(ckpt, cfg, {"G": G}, ARCH_KEYS)
-        return G
-    need = official_config(ckpt)
-    if need is None:
-        load_official(None, ckpt, cfg)                             # says what the file is not
-    for k, v in need.items():
-        setattr(cfg, k, v)
-    common.log(f"the authors' generator {path}: " + ", ".join(f"{k} {v}" for k, v in need.items())
-               + " (read from its tensors)")
-    G = Generator(cfg).to(rt.device)
-    load_official(G, ckpt, cfg)
-    return G
+    """The generator --init_from names: one of our checkpoints or the authors' file (official weights)."""
+    return common.load_generator(cfg, rt, Generator, ARCH_KEYS, official_config, load_official)
 
 
 @torch.no_grad()
@@ -460,24 +387,12 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     if model is None:
         rt = common.setup(cfg)
         model = common.remove_weight_norm(load_for_inference(cfg, rt))
-    was_training = model.training
-    model.eval()
-    items = load_split(cfg, split)[:cfg.eval_items]
-    if not items:
-        raise SystemExit(f"error: the {split} split has no clips to evaluate")
     # mel: the full-band ln-mel L1 of the loss (Eq. 3, the paper's validation metric; the training log's mel);
     # mrstft: multi-resolution STFT distance
-    metrics = dict(mel=0.0, mrstft=0.0)
-    for i, (name, wav) in enumerate(items):
-        fake, wav = vocode(model, wav, name, cfg, rt)
-        metrics["mel"] += mel_loss(fake, wav, cfg).item() / len(items)
-        metrics["mrstft"] += common.mrstft_distance(fake, wav) / len(items)
-        if samples_dir is not None and i < 2:
-            common.save_sample(samples_dir, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
-    model.train(was_training)
-    common.log(f"eval {split} ({len(items)} clips) | "
-               + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return metrics
+    metrics = dict(mel=lambda fake, wav: mel_loss(fake, wav, cfg).item(), mrstft=common.mrstft_distance)
+    return common.eval_vocoder(cfg, model, load_split(cfg, split)[:cfg.eval_items],
+                               lambda name, wav: vocode(model, wav, name, cfg, rt), metrics,
+                               samples_dir, split)
 
 
 def train(cfg):
@@ -485,9 +400,10 @@ def train(cfg):
     train_wavs = [w for _, w in load_split(cfg, "train")]
     common.check_clips(train_wavs, cfg.segment, "train split")
     common.check_clips([w for _, w in load_split(cfg, "val")], cfg.segment, "val split")
-    if not cfg.epoch_steps:  # the official loader draws one segment per clip per epoch; kept in the checkpoint
+    if not cfg.epoch_steps:  # the official loader draws one segment per clip per epoch; kept in the ckpt
         cfg.epoch_steps = max(1, len(train_wavs) // (cfg.batch_size * rt.world_size))
-        common.log(f"an epoch (lr decay x{cfg.lr_decay}) is {cfg.epoch_steps} steps: {len(train_wavs)} training clips")
+        common.log(f"an epoch (lr decay x{cfg.lr_decay}) is {cfg.epoch_steps} steps: "
+                   f"{len(train_wavs)} training clips")
     state = build(cfg, rt)
     common.log(f"generator {common.count_params(state['G']) / 1e6:.2f} M params, "
                f"discriminator {common.count_params(state['D']) / 1e6:.2f} M params")
@@ -499,18 +415,8 @@ def train(cfg):
     G = state["G"]
     state["G"] = common.wrap_ddp(common.compile(G, cfg), rt)
     state["D"] = common.wrap_ddp(common.compile(state["D"], cfg), rt)
-    prog = common.Progress(cfg, start_step=step)
-    seconds_per_step = cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate
-    while step < cfg.max_iters:
-        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
-        step += 1
-        prog.update(step, losses, seconds_per_step)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"),
-                         split="val")
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
+    common.train_loop(cfg, rt, state, step, train_step, lambda: get_batch(sampler, cfg, rt),
+                      lambda samples: evaluate(cfg, G, rt, samples, split="val"), sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample
 
@@ -519,16 +425,8 @@ def sample(cfg):
     """Mel -> waveform for a given wav (--input) or for held-out test utterances, beside the reference."""
     rt = common.setup(cfg)
     G = common.remove_weight_norm(load_for_inference(cfg, rt)).eval()
-    if cfg.input:
-        wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
-        items = [(os.path.splitext(os.path.basename(cfg.input))[0], wav)]
-    else:
-        items = load_split(cfg, "test")[:4]
-    out = os.path.join(cfg.out_dir, "samples")
-    for name, wav in items:
-        fake, wav = vocode(G, wav, name, cfg, rt)
-        common.save_sample(out, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
-        common.log(f"wrote {os.path.join(out, name)}.wav/.png ({len(fake) / cfg.sample_rate:.2f} s)")
+    common.sample_vocoder(cfg, lambda name, wav: vocode(G, wav, name, cfg, rt),
+                          lambda: load_split(cfg, "test"))
 
 # ----------------------------------------------------------------------------- bench
 
@@ -537,37 +435,60 @@ def bench(cfg):
     audio with weight norm folded, eager and compiled. On CUDA also the official recipe (fp32, eager)."""
     rt = common.setup(cfg)
     state = build(cfg, rt)
-    G, D = state["G"], state["D"]
     wav = 0.5 * torch.rand(cfg.batch_size, 1, cfg.segment, device=rt.device) - 0.25   # (B, 1, T)
-    batch = (wav, log_mel(wav, cfg))
-    fp32 = dataclasses.replace(rt, dtype=torch.float32)           # rt.autocast() is then a no-op
-    figures = dict(params_d=common.count_params(D))                 # "params" (the generator) added below
-    flops = common.count_flops(lambda: train_step(state, batch, cfg, fp32))
-    state["G"], state["D"] = common.compile(G, cfg), common.compile(D, cfg)
-    compiled = state["G"] is not G
-    ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=cfg.bench_iters)
-    figures.update(train_step_ms=ms,
-                   train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (ms / 1e3),
-                   train_flops_per_step=flops)
-    if rt.device_type == "cuda":  # the official recipe: fp32, eager
-        figures["baseline_fp32_eager_train_step_ms"] = common.timeit(
-            lambda: train_step(dict(state, G=G, D=D), batch, cfg, fp32), iters=cfg.bench_iters)
-    # inference: real-time factor = compute seconds per second of audio (lower is faster)
-    seconds = cfg.bench_seconds
-    G_inf = common.remove_weight_norm(copy.deepcopy(G)).eval()
-    frames = int(seconds * cfg.sample_rate) // cfg.hop
-    mel1 = torch.randn(1, cfg.n_mels, frames, device=rt.device) - 5  # (1, n_mels, frames)
+    common.bench_gan_vocoder(cfg, rt, state, train_step, (wav, log_mel(wav, cfg)))
 
-    def infer(model, r):
-        with torch.no_grad(), r.autocast():
-            return model(mel1)
-    rtf = lambda model, r: common.timeit(lambda: infer(model, r), iters=cfg.bench_iters) / 1e3 / seconds
-    figures["infer_rtf_eager"] = rtf(G_inf, rt)
-    g_inf = common.compile(G_inf, cfg)
-    figures["infer_rtf_compiled"] = rtf(g_inf, rt) if g_inf is not G_inf else None
-    if rt.device_type == "cuda":
-        figures["baseline_fp32_eager_infer_rtf"] = rtf(G_inf, fp32)
-    common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
+# ----------------------------------------------------------------------------- official weights
+
+def official_config(sd):
+    """The Generator size of an official file (generator_v1/v2/v3, g_02500000: {'generator': state_dict}),
+    read from its tensors: h_u from conv_pre, k_u from each upsampler (strides are k_u / 2 in every official
+    config), the block type and k_r from the resblocks. Dilations are not in the tensors: the official
+    configs' are used."""
+    if (not isinstance(sd, dict) or not isinstance(sd.get("generator"), dict)
+            or "conv_pre.weight_v" not in sd["generator"]):
+        return None
+    g = sd["generator"]
+    n_up = len({k.split(".")[1] for k in g if k.startswith("ups.")})
+    n_res = len({k.split(".")[1] for k in g if k.startswith("resblocks.")}) // max(1, n_up)
+    kind = "1" if "resblocks.0.convs1.0.weight_v" in g else "2"
+    convs = "convs1" if kind == "1" else "convs"
+    kernels = tuple(g[f"ups.{i}.weight_v"].shape[-1] for i in range(n_up))
+    n_dil = [len({k.split(".")[3] for k in g if k.startswith(f"resblocks.{j}.{convs}.")})
+             for j in range(n_res)]
+    # config_v1/v2, config_v3
+    dilations = ((1, 3, 5),) * n_res if kind == "1" else ((1, 2), (2, 6), (3, 12))[:n_res]
+    if [len(d) for d in dilations] != n_dil:
+        raise SystemExit(f"error: the official generator file has {n_dil} dilations per resblock, unlike the "
+                         "official configs; pass them as --resblock_dilations and load it with our Generator "
+                         "by hand")
+    return dict(n_mels=g["conv_pre.weight_v"].shape[1], channels=g["conv_pre.weight_v"].shape[0],
+                upsample_rates=tuple(k // 2 for k in kernels), upsample_kernels=kernels,
+                hop=math.prod(k // 2 for k in kernels), resblock=kind,
+                resblock_kernels=tuple(g[f"resblocks.{j}.{convs}.0.weight_v"].shape[-1]
+                                       for j in range(n_res)),
+                resblock_dilations=dilations)
+
+
+def load_official(G, sd, cfg):
+    """Load an official generator file into G; its size (official_config) must be the config's.
+    Our modules carry the official names (conv_pre, ups.i, resblocks.{stage * 3 + kernel}.convs1/convs2.j or
+    .convs.j, conv_post); only the old-style weight-norm keys weight_g/weight_v need renaming."""
+    G, need = common.unwrap(G), official_config(sd)
+    if need is None:
+        raise SystemExit("error: neither one of our checkpoints nor an official HiFi-GAN generator file "
+                         "(generator_v1 / g_02500000: {'generator': state_dict}; "
+                         "do_* files hold only the discriminators)")
+    common.check_official_config(need, cfg, "official generator")
+    suffix = {"weight_g": "parametrizations.weight.original0",
+              "weight_v": "parametrizations.weight.original1", "bias": "bias"}
+    ours = {}
+    for k, v in sd["generator"].items():
+        prefix, _, leaf = k.rpartition(".")
+        if leaf not in suffix:
+            raise SystemExit(f"error: unexpected key {k!r} in the official HiFi-GAN generator file")
+        ours[f"{prefix}.{suffix[leaf]}"] = v
+    common.load_state_dict(G, ours, what="HiFi-GAN generator (official weights)")
 
 # ----------------------------------------------------------------------------- main
 

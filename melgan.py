@@ -27,10 +27,7 @@ Simplified or changed versus the paper / official code (descriptinc/melgan-neuri
     python melgan.py --mode=bench
     torchrun --standalone --nproc_per_node=8 melgan.py
 """
-import copy
-import dataclasses
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -85,28 +82,15 @@ class Config:
 
     def validate(self):
         """Values that would otherwise fail deep inside a conv with a traceback: one line each."""
-        def bad(msg):
-            raise SystemExit(f"error: {msg}")
-        if math.prod(self.upsample_rates) != self.hop:
-            bad(f"--upsample_rates={self.upsample_rates} multiply to {math.prod(self.upsample_rates)}, "
-                f"not --hop={self.hop}")
+        common.check_vocoder_config(self)
         if min(self.upsample_rates + self.dilations) < 1 or self.channels % 2 ** len(self.upsample_rates):
-            bad(f"--channels={self.channels} must halve {len(self.upsample_rates)} times "
-                "(one per upsampler), "
-                "and rates and dilations must be >= 1")
+            raise SystemExit(f"error: --channels={self.channels} must halve {len(self.upsample_rates)} times "
+                             "(one per upsampler), and rates and dilations must be >= 1")
         if (self.ndf < 4 or self.ndf % 4 or self.d_max_channels < self.ndf or self.d_max_channels % self.ndf
-                or self.num_d < 1):
-            bad(f"--ndf={self.ndf} must be a multiple of 4 (grouped convs), "
-                f"--d_max_channels={self.d_max_channels} "
-                f"a multiple of it, --num_d={self.num_d} >= 1")
-        if self.segment % self.hop or self.segment < 4 * self.hop:
-            bad(f"--segment={self.segment} must be a multiple of --hop={self.hop} and at least 4 mel frames")
-        if (not 0 <= self.fmin < (self.fmax or self.sample_rate / 2) <= self.sample_rate / 2
-                or self.n_fft < self.hop):
-            bad(f"need 0 <= --fmin < --fmax <= sample_rate / 2 ({self.sample_rate / 2:g}) "
-                "and --n_fft >= --hop")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas) or self.lambda_fm < 0:
-            bad(f"--betas={self.betas} must be two numbers in [0, 1) and --lambda_fm >= 0")
+                or self.num_d < 1 or self.lambda_fm < 0):
+            raise SystemExit(f"error: --ndf={self.ndf} must be a multiple of 4 (grouped convs), "
+                             f"--d_max_channels={self.d_max_channels} a multiple of it, "
+                             f"--num_d={self.num_d} >= 1, --lambda_fm >= 0")
 
 PRESETS = {
     "paper": dict(),                                   # Generator(80, ngf=32, 3), Discriminator(3, 16, 4, 4)
@@ -134,8 +118,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x):                                          # (B, C, T) -> (B, C, T)
         # in place on fresh tensors that nothing else reads (a conv's backward needs its input, not its
-        # output):
-        # fewer full-size buffers, the same numbers
+        # output): fewer full-size buffers, the same numbers
         h = F.pad(F.leaky_relu(x, 0.2), (self.dilation, self.dilation), "reflect")
         h = self.conv2(F.leaky_relu(self.conv1(h), 0.2, inplace=True))
         return self.shortcut(x).add_(h)                            # == shortcut(x) + h exactly
@@ -215,58 +198,6 @@ class Discriminator(nn.Module):
                 x = self.pool(x)                                   # (B, 1, T / 2^i)
             outs.append(d(x))
         return outs                                                # [scale][layer] -> (B, C, T')
-
-
-def official_config(sd):
-    """The Generator size of an official file (linda_johnson.pt, multi_speaker.pt, a trained netG.pt: a raw
-    state dict of one nn.Sequential `model`), read from its tensors: Sequential index 1 is conv_pre, then per
-    stage a LeakyReLU, the upsampler (kernel 2r) and one block per dilation (3**j), then conv_post."""
-    if not isinstance(sd, dict) or "model.1.weight_v" not in sd:
-        return None
-    idx = sorted({int(k.split(".")[1]) for k in sd if k.startswith("model.") and k.endswith("weight_v")})
-    convs = [i for i in idx if f"model.{i}.block.2.weight_v" not in sd]    # conv_pre, upsamplers, conv_post
-    ups = convs[1:-1]
-    n_res = sum(f"model.{i}.block.2.weight_v" in sd for i in idx) // max(1, len(ups))
-    rates = tuple(sd[f"model.{i}.weight_v"].shape[-1] // 2 for i in ups)
-    n_mels, channels = sd["model.1.weight_v"].shape[1], sd["model.1.weight_v"].shape[0]
-    return dict(n_mels=n_mels, channels=channels, upsample_rates=rates, hop=math.prod(rates),
-                dilations=tuple(3 ** j for j in range(n_res)))
-
-
-def load_official(G, sd, cfg):
-    """Load an official generator file into G; its size (official_config) must be the config's.
-    Sequential layout: 0 pad, 1 conv_pre, then per stage i: 2+5i lrelu, 3+5i upsampler, 4+5i..6+5i
-    residual blocks (block.2 = dilated conv, block.4 = 1x1 conv, shortcut), then 22-25
-    lrelu/pad/conv_post/tanh."""
-    G, need = common.unwrap(G), official_config(sd)
-    if need is None:
-        raise SystemExit("error: neither one of our checkpoints nor an official MelGAN generator file "
-                         "(linda_johnson.pt / multi_speaker.pt / netG.pt: "
-                         "a state dict with model.1.weight_v ...)")
-    flag = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v
-    bad = [k for k, v in need.items()
-           if (tuple(getattr(cfg, k)) if isinstance(v, tuple) else getattr(cfg, k)) != v]
-    if bad:
-        raise SystemExit("error: the official generator file needs "
-                         + " ".join(f"--{k}={flag(need[k])}" for k in bad)
-                         + " (the config has " + ", ".join(f"{k}={flag(getattr(cfg, k))}" for k in bad) + ")")
-    n_res, stage = G.n_res, 2 + G.n_res
-    names = {"model.1": "conv_pre", f"model.{2 + stage * len(G.ups) + 2}": "conv_post"}
-    for i in range(len(G.ups)):
-        names[f"model.{3 + stage * i}"] = f"ups.{i}"
-        for j in range(n_res):
-            names[f"model.{4 + stage * i + j}.block.2"] = f"resblocks.{i * n_res + j}.conv1"
-            names[f"model.{4 + stage * i + j}.block.4"] = f"resblocks.{i * n_res + j}.conv2"
-            names[f"model.{4 + stage * i + j}.shortcut"] = f"resblocks.{i * n_res + j}.shortcut"
-    suffix = {"weight_g": "parametrizations.weight.original0",
-              "weight_v": "parametrizations.weight.original1", "bias": "bias"}
-    ours = {}
-    for k, v in sd.items():
-        prefix, _, leaf = k.rpartition(".")
-        if prefix not in names or leaf not in suffix:
-            raise SystemExit(f"error: unexpected key {k!r} in the official MelGAN generator file")
-        ours[f"{names[prefix]}.{suffix[leaf]}"] = v
-    common.load_state_dict(G, ours, what="MelGAN generator (official weights)")
 
 # ----------------------------------------------------------------------------- loss
 
@@ -376,28 +307,8 @@ def train_step(state, batch, cfg, rt):
 
 
 def load_for_inference(cfg, rt):
-    """The generator --init_from names: our checkpoint (parse_config already took its config) or the official
-    file, whose size is read from its tensors and set on cfg (so a CPU's `small` default does not matter)."""
-    if cfg.init_from == "scratch":
-        raise SystemExit(f"error: --mode={cfg.mode} needs a trained generator: "
-                         "--init_from=resume (out_dir/ckpt.pt), "
-                         "a checkpoint path, or the authors' generator file")
-    path = common.checkpoint_path(cfg)
-    ckpt = common.load_checkpoint(path)
-    if common.is_ours(ckpt):
-        G = Generator(cfg).to(rt.device)
-        common.load_models(ckpt, cfg, {"G": G}, ARCH_KEYS)
-        return G
-    need = official_config(ckpt)
-    if need is None:
-        load_official(None, ckpt, cfg)                             # says what the file is not
-    for k, v in need.items():
-        setattr(cfg, k, v)
-    common.log(f"the authors' generator {path}: " + ", ".join(f"{k} {v}" for k, v in need.items())
-               + " (read from its tensors)")
-    G = Generator(cfg).to(rt.device)
-    load_official(G, ckpt, cfg)
-    return G
+    """The generator --init_from names: one of our checkpoints or the authors' file (official weights)."""
+    return common.load_generator(cfg, rt, Generator, ARCH_KEYS, official_config, load_official)
 
 
 @torch.no_grad()
@@ -408,25 +319,14 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     if model is None:
         rt = common.setup(cfg)
         model = common.remove_weight_norm(load_for_inference(cfg, rt))
-    was_training = model.training
-    model.eval()
-    items = load_split(cfg, split)[:cfg.eval_items]
-    if not items:
-        raise SystemExit(f"error: the {split} split has no clips to evaluate")
     # mel: L1 of the log10 Audio2Mel features (the training log's mel); mel_ln: common.mel_distance (ln mels,
     # comparable with HiFi-GAN's mel); mrstft: multi-resolution STFT distance
-    metrics = dict(mel=0.0, mel_ln=0.0, mrstft=0.0)
-    for i, (name, wav) in enumerate(items):
-        fake, wav = vocode(model, wav, name, cfg, rt)
-        metrics["mel"] += F.l1_loss(log_mel(fake, cfg), log_mel(wav, cfg)).item() / len(items)
-        metrics["mel_ln"] += common.mel_distance(fake, wav, cfg.sample_rate) / len(items)
-        metrics["mrstft"] += common.mrstft_distance(fake, wav) / len(items)
-        if samples_dir is not None and i < 2:
-            common.save_sample(samples_dir, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
-    model.train(was_training)
-    common.log(f"eval {split} ({len(items)} clips) | "
-               + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return metrics
+    metrics = dict(mel=lambda fake, wav: F.l1_loss(log_mel(fake, cfg), log_mel(wav, cfg)).item(),
+                   mel_ln=lambda fake, wav: common.mel_distance(fake, wav, cfg.sample_rate),
+                   mrstft=common.mrstft_distance)
+    return common.eval_vocoder(cfg, model, load_split(cfg, split)[:cfg.eval_items],
+                               lambda name, wav: vocode(model, wav, name, cfg, rt), metrics,
+                               samples_dir, split)
 
 
 def train(cfg):
@@ -445,18 +345,8 @@ def train(cfg):
     G = state["G"]
     state["G"] = common.wrap_ddp(common.compile(G, cfg), rt)
     state["D"] = common.wrap_ddp(common.compile(state["D"], cfg), rt)
-    prog = common.Progress(cfg, start_step=step)
-    seconds_per_step = cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate
-    while step < cfg.max_iters:
-        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
-        step += 1
-        prog.update(step, losses, seconds_per_step)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                evaluate(cfg, G, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"),
-                         split="val")
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
+    common.train_loop(cfg, rt, state, step, train_step, lambda: get_batch(sampler, cfg, rt),
+                      lambda samples: evaluate(cfg, G, rt, samples, split="val"), sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample
 
@@ -465,16 +355,8 @@ def sample(cfg):
     """Mel -> waveform for a given wav (--input) or for held-out test utterances, beside the reference."""
     rt = common.setup(cfg)
     G = common.remove_weight_norm(load_for_inference(cfg, rt)).eval()
-    if cfg.input:
-        wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
-        items = [(os.path.splitext(os.path.basename(cfg.input))[0], wav)]
-    else:
-        items = load_split(cfg, "test")[:4]
-    out = os.path.join(cfg.out_dir, "samples")
-    for name, wav in items:
-        fake, wav = vocode(G, wav, name, cfg, rt)
-        common.save_sample(out, name, fake.cpu(), cfg.sample_rate, ref=wav.cpu())
-        common.log(f"wrote {os.path.join(out, name)}.wav/.png ({len(fake) / cfg.sample_rate:.2f} s)")
+    common.sample_vocoder(cfg, lambda name, wav: vocode(G, wav, name, cfg, rt),
+                          lambda: load_split(cfg, "test"))
 
 # ----------------------------------------------------------------------------- bench
 
@@ -483,37 +365,55 @@ def bench(cfg):
     audio with weight norm folded, eager and compiled. On CUDA also the official recipe (fp32, eager)."""
     rt = common.setup(cfg)
     state = build(cfg, rt)
-    G, D = state["G"], state["D"]
     wav = 0.5 * torch.rand(cfg.batch_size, 1, cfg.segment, device=rt.device) - 0.25   # (B, 1, T)
-    batch = (wav, log_mel(wav, cfg))
-    fp32 = dataclasses.replace(rt, dtype=torch.float32)           # rt.autocast() is then a no-op
-    figures = dict(params_d=common.count_params(D))                 # "params" (the generator) added below
-    flops = common.count_flops(lambda: train_step(state, batch, cfg, fp32))
-    state["G"], state["D"] = common.compile(G, cfg), common.compile(D, cfg)
-    compiled = state["G"] is not G
-    ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=cfg.bench_iters)
-    figures.update(train_step_ms=ms,
-                   train_audio_s_per_s=cfg.batch_size * cfg.segment / cfg.sample_rate / (ms / 1e3),
-                   train_flops_per_step=flops)
-    if rt.device_type == "cuda":  # the official recipe: fp32, eager
-        figures["baseline_fp32_eager_train_step_ms"] = common.timeit(
-            lambda: train_step(dict(state, G=G, D=D), batch, cfg, fp32), iters=cfg.bench_iters)
-    # inference: real-time factor = compute seconds per second of audio (lower is faster)
-    seconds = cfg.bench_seconds
-    G_inf = common.remove_weight_norm(copy.deepcopy(G)).eval()
-    frames = int(seconds * cfg.sample_rate) // cfg.hop
-    mel1 = torch.randn(1, cfg.n_mels, frames, device=rt.device) - 5  # (1, n_mels, frames)
+    common.bench_gan_vocoder(cfg, rt, state, train_step, (wav, log_mel(wav, cfg)))
 
-    def infer(model, r):
-        with torch.no_grad(), r.autocast():
-            return model(mel1)
-    rtf = lambda model, r: common.timeit(lambda: infer(model, r), iters=cfg.bench_iters) / 1e3 / seconds
-    figures["infer_rtf_eager"] = rtf(G_inf, rt)
-    g_inf = common.compile(G_inf, cfg)
-    figures["infer_rtf_compiled"] = rtf(g_inf, rt) if g_inf is not G_inf else None
-    if rt.device_type == "cuda":
-        figures["baseline_fp32_eager_infer_rtf"] = rtf(G_inf, fp32)
-    common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
+# ----------------------------------------------------------------------------- official weights
+
+def official_config(sd):
+    """The Generator size of an official file (linda_johnson.pt, multi_speaker.pt, a trained netG.pt: a raw
+    state dict of one nn.Sequential `model`), read from its tensors: Sequential index 1 is conv_pre, then per
+    stage a LeakyReLU, the upsampler (kernel 2r) and one block per dilation (3**j), then conv_post."""
+    if not isinstance(sd, dict) or "model.1.weight_v" not in sd:
+        return None
+    idx = sorted({int(k.split(".")[1]) for k in sd if k.startswith("model.") and k.endswith("weight_v")})
+    convs = [i for i in idx if f"model.{i}.block.2.weight_v" not in sd]    # conv_pre, upsamplers, conv_post
+    ups = convs[1:-1]
+    n_res = sum(f"model.{i}.block.2.weight_v" in sd for i in idx) // max(1, len(ups))
+    rates = tuple(sd[f"model.{i}.weight_v"].shape[-1] // 2 for i in ups)
+    n_mels, channels = sd["model.1.weight_v"].shape[1], sd["model.1.weight_v"].shape[0]
+    return dict(n_mels=n_mels, channels=channels, upsample_rates=rates, hop=math.prod(rates),
+                dilations=tuple(3 ** j for j in range(n_res)))
+
+
+def load_official(G, sd, cfg):
+    """Load an official generator file into G; its size (official_config) must be the config's.
+    Sequential layout: 0 pad, 1 conv_pre, then per stage i: 2+5i lrelu, 3+5i upsampler, 4+5i..6+5i
+    residual blocks (block.2 = dilated conv, block.4 = 1x1 conv, shortcut), then 22-25
+    lrelu/pad/conv_post/tanh."""
+    G, need = common.unwrap(G), official_config(sd)
+    if need is None:
+        raise SystemExit("error: neither one of our checkpoints nor an official MelGAN generator file "
+                         "(linda_johnson.pt / multi_speaker.pt / netG.pt: "
+                         "a state dict with model.1.weight_v ...)")
+    common.check_official_config(need, cfg, "official generator")
+    n_res, stage = G.n_res, 2 + G.n_res
+    names = {"model.1": "conv_pre", f"model.{2 + stage * len(G.ups) + 2}": "conv_post"}
+    for i in range(len(G.ups)):
+        names[f"model.{3 + stage * i}"] = f"ups.{i}"
+        for j in range(n_res):
+            names[f"model.{4 + stage * i + j}.block.2"] = f"resblocks.{i * n_res + j}.conv1"
+            names[f"model.{4 + stage * i + j}.block.4"] = f"resblocks.{i * n_res + j}.conv2"
+            names[f"model.{4 + stage * i + j}.shortcut"] = f"resblocks.{i * n_res + j}.shortcut"
+    suffix = {"weight_g": "parametrizations.weight.original0",
+              "weight_v": "parametrizations.weight.original1", "bias": "bias"}
+    ours = {}
+    for k, v in sd.items():
+        prefix, _, leaf = k.rpartition(".")
+        if prefix not in names or leaf not in suffix:
+            raise SystemExit(f"error: unexpected key {k!r} in the official MelGAN generator file")
+        ours[f"{names[prefix]}.{suffix[leaf]}"] = v
+    common.load_state_dict(G, ours, what="MelGAN generator (official weights)")
 
 # ----------------------------------------------------------------------------- main
 
