@@ -1,45 +1,36 @@
 """
-Parallel WaveNet: Fast High-Fidelity Speech Synthesis (van den Oord et al., 2017) — https://arxiv.org/abs/1711.10433
+Parallel WaveNet: Fast High-Fidelity Speech Synthesis (van den Oord et al., 2017)
+https://arxiv.org/abs/1711.10433
 
 The idea: WaveNet trains in parallel but samples one step at a time. An inverse autoregressive flow (IAF)
-turns that around: logistic noise z goes in, and x_t = z_t · s(z_<t) + μ(z_<t) comes out for every t at once,
-because s and μ are causal convolutions over the *noise*, which is known up front (§3). Four such flows,
-each a WaveNet without skips, are stacked; the result is still one logistic per step, so its entropy and
-log-determinant are exact sums of log-scales. The student cannot be trained by maximum likelihood (that needs
-the inverse, which is sequential), so it is distilled from a trained autoregressive teacher (§4): probability
-density distillation minimises KL(P_S ‖ P_T) = H(P_S, P_T) − H(P_S), the teacher scores the student's samples
-in ONE parallel pass (it is teacher-forced on them), and the student's entropy is closed form. A power loss
-(§4.1) keeps the average spectrum of speech (without it the student whispers), a contrastive loss
-(§4.1, flag) pushes the student away from the teacher under the wrong conditioning.
-The teacher (§2.1) is the improved WaveNet: 16-bit audio, a discretised mixture of 10 logistics as output
-(a 65,536-way softmax would be too costly), filter size 3.
+turns that around: logistic noise z goes in and x_t = z_t·s(z_<t) + μ(z_<t) comes out for every t at
+once, since s and μ are causal convolutions over the *noise*, known up front (§3). Four such flows, each
+a WaveNet without skips, are stacked; the result is still one logistic per step, so its entropy and
+log-determinant are exact sums of log-scales. Maximum likelihood would need the sequential inverse, so
+the student is distilled from a trained autoregressive teacher (§4): probability density distillation
+minimises KL(P_S‖P_T) = H(P_S, P_T) − H(P_S); the teacher scores the student's samples in ONE parallel
+pass, and the student's entropy is closed form. A power loss (§4.1) keeps the average spectrum of speech
+(without it the student whispers); a contrastive loss (§4.1, flag) pushes the student away from the
+teacher under the wrong conditioning. The teacher (§2.1) is the improved WaveNet: 16-bit audio, a
+discretised mixture of 10 logistics as output, filter size 3. Two stages, one folder and checkpoint each
+(out/parallel_wavenet/{teacher,student}/ckpt.pt); the student's carries its teacher.
 
-Two stages, one state and one checkpoint each, in one folder per stage (out_dir holds the stage name):
-    out/parallel_wavenet/teacher/ckpt.pt   {teacher, opt, sched}
-    out/parallel_wavenet/student/ckpt.pt   {student, teacher (frozen copy), opt, sched}
-The student's checkpoint carries its teacher, so sample/eval from it need no other file.
+Changed versus the paper (712 lines, over the 550 aim: two models, teacher MoL, cached and flow sampling):
+- mel conditioning (transposed-conv upsampling as wavenet.py, one shared by the four flows), not linguistic
+  features + log F0; no speaker embedding; the built-in eSpeak corpus.
+- widths (not in the paper): the teacher's are bfs18's MoL WaveNet (512 residual, 256 skip; gates 2 × 512
+  ours); the student's the paper's 64 units. The power loss's STFT and its 100 draws per step are bfs18's.
+- the cross-entropy uses the teacher's mixture *density* (likelihood over the bin width): nats per sample.
+- no perceptual loss (§4.1), no Polyak averaging; gradient clipping, Adam with a short warm-up; log-scales
+  clamped (student flows to bfs18's [-9, 7], teacher at r9y9's -7); each flow starts at μ = 0, log s = -1;
+  logged losses are rank 0's under torchrun.
 
-Simplified or changed versus the paper (section numbers as recalled; the card marks what was checked):
-- conditioned on mel spectrograms (upsampled by transposed convolutions as in wavenet.py), not linguistic
-  features + log F0; no speaker embedding (the mel carries the voice); the built-in eSpeak corpus.
-- widths are not in the paper: the teacher follows bfs18's MoL WaveNet (512 residual, 256 skip; gates 2 × 512 ours); the student
-  uses the paper's 64 units. The four flows share one mel upsampler.
-- the cross-entropy uses the teacher's mixture *density* (the 16-bit discretised likelihood divided by the bin
-  width; bins are 3e-5 wide, narrower than any teacher scale): KL and entropy are then both in nats per sample.
-- no perceptual (phone-classifier) loss (§4.1), no Polyak averaging of weights; gradient clipping added; Adam
-  with a short warm-up; log-scales clamped (the student's flows to bfs18's [-9, 7], the teacher's at r9y9's -7).
-- each flow starts at μ = 0, log s = -1 (x = z·e^-4 over four flows): a quiet first sample the teacher can score.
-- logged losses are rank 0's under torchrun (not averaged over ranks).
-- the power loss's STFT settings and normalisation, and the number of draws per step for the cross-entropy,
-  are not in the paper (twidddj#5): 1024-point frames averaged over time, 100 draws (bfs18).
-
-    python parallel_wavenet.py --stage=teacher            # 1. train the autoregressive MoL teacher
-    python parallel_wavenet.py --stage=student            # 2. distil it (reads out/parallel_wavenet/teacher/ckpt.pt)
+    python parallel_wavenet.py --stage=teacher     # 1. train the autoregressive MoL teacher
+    python parallel_wavenet.py --stage=student     # 2. distil it (reads out/parallel_wavenet/teacher/ckpt.pt)
     python parallel_wavenet.py --stage=student --init_from=resume
-    python parallel_wavenet.py --mode=sample --init_from=out/parallel_wavenet/student/ckpt.pt   # one parallel pass
-    python parallel_wavenet.py --mode=sample --init_from=out/parallel_wavenet/student/ckpt.pt --sampler=teacher
-    python parallel_wavenet.py --mode=eval --init_from=out/parallel_wavenet/teacher/ckpt.pt     # NLL, mel L1 (test)
-    python parallel_wavenet.py --mode=bench               # student one pass vs teacher cached steps, batch 1
+    python parallel_wavenet.py --mode=sample --init_from=out/parallel_wavenet/student/ckpt.pt  # one pass
+    python parallel_wavenet.py --mode=eval --init_from=out/parallel_wavenet/teacher/ckpt.pt   # NLL, mel L1
+    python parallel_wavenet.py --mode=bench        # student one pass vs teacher cached steps, batch 1
     torchrun --standalone --nproc_per_node=8 parallel_wavenet.py --stage=student
 """
 import math
@@ -113,7 +104,7 @@ class Config:
     eval_gen_seconds: float = 0.5     # crop the teacher vocodes autoregressively in evaluate()
     gen_seconds: float = 2.0          # audio --mode=sample vocodes
     # runtime
-    bench_steps: int = 1024           # teacher cached steps timed by --mode=bench (the student does as many at once)
+    bench_steps: int = 1024           # teacher cached steps --mode=bench times (the student: as many at once)
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"               # bf16 autocast on CUDA for training, fp32 elsewhere
@@ -153,21 +144,22 @@ class Config:
 PRESETS = {
     # teacher 61.31 M params (RF 6139 samples = 256 ms at 24 kHz); student 4 flows 10/10/10/30 x 64: 2.35 M
     "paper": dict(),
-    # CPU: 16 kHz, teacher 12 x 32, 0.18 M (RF 253 samples = 16 ms: the mel carries the rest); student 4/4/4/8 x 32, 0.25 M
+    # CPU: 16 kHz, teacher 12 x 32, 0.18 M (RF 253 samples = 16 ms: the mel carries the rest);
+    # student 4/4/4/8 x 32, 0.25 M
     "small": dict(sample_rate=16000, fmax=8000.0, layers=12, stacks=2, residual_channels=32, gate_channels=64,
                   skip_channels=64, flow_layers=(4, 4, 4, 8), flow_cycle=8, flow_channels=32, n_draws=20,
                   power_n_fft=512, segment=2048, batch_size=4, lr=1e-3, max_iters=500, eval_interval=250,
                   eval_items=2, eval_seconds=1.0, eval_gen_seconds=0.25, gen_seconds=2.0, bench_steps=512),
     "tiny": dict(sample_rate=16000, fmax=8000.0, n_mels=20, layers=4, stacks=2, residual_channels=8,
-                 gate_channels=16, skip_channels=16, n_mix=3, flow_layers=(2, 2), flow_cycle=2, flow_channels=8,
-                 n_draws=4, power_n_fft=256, segment=1024, batch_size=2, max_iters=10, warmup_iters=2,
-                 corpus_hours=0.02, log_interval=1, eval_items=2, eval_seconds=0.25, eval_gen_seconds=0.048,
-                 gen_seconds=0.048, bench_steps=32),
+                 gate_channels=16, skip_channels=16, n_mix=3, flow_layers=(2, 2), flow_cycle=2,
+                 flow_channels=8, n_draws=4, power_n_fft=256, segment=1024, batch_size=2, max_iters=10,
+                 warmup_iters=2, corpus_hours=0.02, log_interval=1, eval_items=2, eval_seconds=0.25,
+                 eval_gen_seconds=0.048, gen_seconds=0.048, bench_steps=32),
 }
 
-TEACHER_KEYS = ("sample_rate", "bits", "n_fft", "hop", "n_mels", "fmin", "fmax", "upsample_scales", "freq_axis_kernel",
-                "layers", "stacks", "kernel_size", "residual_channels", "gate_channels", "skip_channels", "n_mix",
-                "log_scale_min")
+TEACHER_KEYS = ("sample_rate", "bits", "n_fft", "hop", "n_mels", "fmin", "fmax", "upsample_scales",
+                "freq_axis_kernel", "layers", "stacks", "kernel_size", "residual_channels", "gate_channels",
+                "skip_channels", "n_mix", "log_scale_min")
 ARCH_KEYS = TEACHER_KEYS + ("stage", "flow_layers", "flow_cycle", "flow_channels", "flow_kernel")
 
 # ----------------------------------------------------------------------------- model
@@ -183,7 +175,7 @@ def shift_right(x):                                  # (B, T) -> (B, T): x_{t-1}
 
 
 class Upsampler(nn.Module):
-    """Mel frames to the sample rate: single-channel ConvTranspose2d stages over (mel bin, time), as wavenet.py."""
+    """Mel frames to the sample rate: 1-channel ConvTranspose2d stages over (mel bin, time), as wavenet.py."""
     def __init__(self, cfg):
         super().__init__()
         self.stages = nn.ModuleList()
@@ -202,14 +194,15 @@ class Upsampler(nn.Module):
 
 
 class ResidualLayer(nn.Module):
-    """Teacher layer: dilated causal conv -> gated unit with mel conditioning -> residual and skip 1×1 convs."""
+    """Teacher layer: dilated causal conv -> gated unit with mel conditioning -> residual, skip 1×1 convs."""
     def __init__(self, cfg, dilation, last=False):
         super().__init__()
         self.dilation, self.k = dilation, cfg.kernel_size
         R, G, S = cfg.residual_channels, cfg.gate_channels, cfg.skip_channels
         self.conv = nn.Conv1d(R, G, cfg.kernel_size, dilation=dilation)
         self.cond = nn.Conv1d(cfg.n_mels, G, 1, bias=False)
-        self.out = nn.Conv1d(G // 2, R, 1) if not last else None   # the last residual output would feed nothing
+        # the last residual output would feed nothing
+        self.out = nn.Conv1d(G // 2, R, 1) if not last else None
         self.skip = nn.Conv1d(G // 2, S, 1)
         self.register_buffer("taps", dilation * torch.arange(self.k - 1, 0, -1), persistent=False)
 
@@ -222,7 +215,7 @@ class ResidualLayer(nn.Module):
         return (x + self.out(z)) * math.sqrt(0.5), self.skip(z)
 
     def step(self, x, queue, t, cond):
-        """Fast WaveNet: one column at time t from a ring buffer (B, R, (k-1)·d) of this layer's past inputs."""
+        """Fast WaveNet: one column at time t from a ring buffer (B, R, (k-1)·d) of past inputs."""
         n = queue.size(2)
         past = queue[:, :, (t - self.taps) % n]                       # (B, R, k-1), oldest first
         window = torch.cat([past, x[:, :, None]], dim=2)             # (B, R, k), as the kernel's taps
@@ -273,8 +266,8 @@ def mol_log_prob(x, logit, mu, log_s, bits):
     """§2.1 discretised mixture of logistics: log P(x) for x on the 2**bits-level grid of [-1, 1], where each
     level owns the bin x ± Δ (Δ = 1 / (2**bits - 1)) and the two end levels own the tails beyond.
     x broadcasts against the (…, K, T) parameters with a singleton K axis; the result drops K.
-    The interior bin is σ(a) − σ(b) = σ(a)·σ(−b)·(1 − e^(b−a)), computed in log space: exact in fp32 even
-    where 16-bit bins are far narrower than fp32 can resolve near σ = 1."""
+    The interior bin is σ(a) − σ(b) = σ(a)·σ(−b)·(1 − e^(b−a)), computed in log space:
+    exact in fp32 even where 16-bit bins are far narrower than fp32 can resolve near σ = 1."""
     delta = 1.0 / (2 ** bits - 1)
     inv_s = torch.exp(-log_s)
     plus, minus = inv_s * (x - mu + delta), inv_s * (x - mu - delta)         # (…, K, T)
@@ -318,10 +311,12 @@ class CachedGenerator:
         p = next(model.parameters())
         self.queues = [torch.zeros(B, model.cfg.residual_channels, (l.k - 1) * l.dilation, device=p.device,
                                    dtype=p.dtype) for l in model.layers]
-        self.Wc = torch.cat([l.cond.weight[:, :, 0] for l in model.layers])  # (L·G, M): all layers' V in one matmul
+        # (L·G, M): all layers' V in one matmul
+        self.Wc = torch.cat([l.cond.weight[:, :, 0] for l in model.layers])
         self.x = torch.zeros(B, device=p.device, dtype=p.dtype)            # the first input is silence
         self.out = torch.zeros(B, T, device=p.device, dtype=p.dtype)
-        self.h = torch.zeros(B, 3 * model.cfg.n_mix, T, device=p.device, dtype=p.dtype)  # head outputs, for tests
+        # head outputs, for tests
+        self.h = torch.zeros(B, 3 * model.cfg.n_mix, T, device=p.device, dtype=p.dtype)
         self.t = 0
 
     def step(self):
@@ -353,7 +348,7 @@ def teacher_generate(teacher, mel, n, seed=0):
 
 
 class FlowLayer(nn.Module):
-    """A student layer (§3): the teacher's gated dilated conv with conditioning, residual only — no skips."""
+    """A student layer (§3): the teacher's gated dilated conv with conditioning, residual only, no skips."""
     def __init__(self, cfg, dilation):
         super().__init__()
         self.pad = (cfg.flow_kernel - 1) * dilation
@@ -389,15 +384,16 @@ class Flow(nn.Module):
 
 
 class Student(nn.Module):
-    """§3: the flows composed. With x⁰ = z and xⁱ = xⁱ⁻¹·sⁱ + μⁱ, the output is x = z·s_tot + μ_tot where
-    s_tot = ∏ sⁱ and μ_tot = Σ_i μⁱ ∏_{j>i} sʲ (accumulated as μ_tot ← μ_tot·sⁱ + μⁱ): one logistic per step,
+    """§3: the flows composed. With x⁰ = z and xⁱ = xⁱ⁻¹·sⁱ + μⁱ, the output is
+    x = z·s_tot + μ_tot where s_tot = ∏ sⁱ and μ_tot = Σ_i μⁱ ∏_{j>i} sʲ
+    (accumulated as μ_tot ← μ_tot·sⁱ + μⁱ): one logistic per step,
     p_S(x_t | z_<t) = Logistic(μ_tot, s_tot), whose log-determinant Σ_t log s_tot is exact."""
     def __init__(self, cfg):
         super().__init__()
         self.upsample = Upsampler(cfg)
         self.flows = nn.ModuleList(Flow(cfg, n) for n in cfg.flow_layers)
 
-    def forward(self, z, mel):                       # z: (B, T) logistic noise -> x, μ_tot, log s_tot: (B, T)
+    def forward(self, z, mel):                       # z: (B, T) noise -> x, μ_tot, log s_tot: (B, T)
         c = self.upsample(mel)[:, :, :z.size(1)]     # (B, M, T)
         x, mu_tot, log_s_tot = z, torch.zeros_like(z), torch.zeros_like(z)
         for flow in self.flows:                      # each flow is one parallel pass over all T
@@ -427,9 +423,10 @@ def teacher_nll(teacher, wav, mel, cfg):
 def distillation(mu_tot, log_s_tot, h_teacher, cfg):
     """§4: KL(P_S ‖ P_T) = H(P_S, P_T) − H(P_S), in nats per sample.
     H(P_S) = E_z[Σ_t ln s_tot] + 2T: the logistic's entropy is ln s + 2, in closed form.
-    H(P_S, P_T) = Σ_t E_{p_S(x_<t)} H(p_S(x_t | x_<t), p_T(x_t | x_<t)): the teacher ran once on the student's
-    sample x (so its output at t conditions on x_<t), and the inner cross-entropy is estimated from n_draws
-    fresh reparameterised draws x_t ~ Logistic(μ_tot, s_tot) scored under the teacher's mixture at t."""
+    H(P_S, P_T) = Σ_t E_{p_S(x_<t)} H(p_S(x_t | x_<t), p_T(x_t | x_<t)): the teacher ran once on the
+    student's sample x (so its output at t conditions on x_<t), and the inner cross-entropy is estimated
+    from n_draws fresh reparameterised draws x_t ~ Logistic(μ_tot, s_tot) scored under the teacher's
+    mixture at t."""
     logit, mu, log_s = (p[:, None] for p in mol_params(h_teacher, cfg))    # (B, 1, K, T)
     draws = mu_tot[:, None] + torch.exp(log_s_tot)[:, None] * logistic_noise(
         (mu_tot.size(0), cfg.n_draws, mu_tot.size(1)), mu_tot.device)      # (B, n, T)
@@ -439,8 +436,9 @@ def distillation(mu_tot, log_s_tot, h_teacher, cfg):
 
 
 def power_loss(x, y, cfg):
-    """§4.1: ‖φ(g(z, c)) − φ(y)‖² with φ(x) = |STFT(x)|² averaged over time, y the real audio for c.
-    The STFT is normalised (÷√n_fft) so φ is a power per frequency band; the squared error is summed over bands."""
+    """§4.1: ‖φ(g(z, c)) − φ(y)‖² with φ(x) = |STFT(x)|² averaged over time, y the real audio
+    for c. The STFT is normalised (÷√n_fft) so φ is a power per frequency band; the squared error
+    is summed over bands."""
     win = torch.hann_window(cfg.power_n_fft, device=x.device)
     phi = lambda w: torch.stft(w.float(), cfg.power_n_fft, cfg.power_n_fft // 4, window=win, normalized=True,
                                return_complex=True).abs().pow(2).mean(-1)   # (B, F)
@@ -448,8 +446,8 @@ def power_loss(x, y, cfg):
 
 
 def student_loss(student, teacher, z, wav, mel, cfg):
-    """§4, §4.1: KL + power loss (+ the contrastive term). The teacher is frozen (no parameter gradients) but
-    differentiable: gradients reach the student through the teacher's input x as well as through the draws."""
+    """§4, §4.1: KL + power loss (+ the contrastive term). The teacher is frozen (no parameter gradients)
+    but differentiable: gradients reach the student through the teacher's input x and through the draws."""
     x, mu_tot, log_s_tot = student(z, mel)                                  # one parallel pass
     x_prev = shift_right(x)
     cross, entropy = distillation(mu_tot, log_s_tot, teacher(x_prev, mel), cfg)
@@ -467,7 +465,7 @@ def student_loss(student, teacher, z, wav, mel, cfg):
 # ----------------------------------------------------------------------------- data
 
 def mel_features(wav, cfg):
-    """Log-mel frames aligned to hops (frame i covers samples [i·hop, (i+1)·hop)), scaled to roughly [-2, 2]."""
+    """Log-mel frames aligned to hops (frame i covers samples [i·hop, (i+1)·hop)), scaled to ~[-2, 2]."""
     mel = common.mel_spectrogram(wav, cfg.sample_rate, n_fft=cfg.n_fft, hop=cfg.hop, n_mels=cfg.n_mels,
                                  fmin=cfg.fmin, fmax=cfg.fmax, log="ln")   # (B, M, T/hop)
     return (mel + 4.0) / 4.0
@@ -482,13 +480,15 @@ def get_batch(sampler, cfg, rt):
 
 
 def held_out(cfg, rt, n_items, seconds, split="val"):
-    """The first n_items utterances of a split, from where the sound starts, cut to a common multiple of hop."""
+    """The first n_items utterances of a split, from where the sound starts, cut to a common length
+    (a multiple of hop)."""
     utts = common.load_corpus(cfg, split, cfg.sample_rate)[:n_items]
     if not utts:
         raise SystemExit(f"error: the {split} split has no clips")
     loud = [np.flatnonzero(np.abs(u.wav) > 0.05 * np.abs(u.wav).max()) for u in utts]
     starts = [int(i[0]) // cfg.hop * cfg.hop if len(i) else 0 for i in loud]
-    n = min(min(len(u.wav) - s for u, s in zip(utts, starts)), int(seconds * cfg.sample_rate)) // cfg.hop * cfg.hop
+    n = min(min(len(u.wav) - s for u, s in zip(utts, starts)), int(seconds * cfg.sample_rate))
+    n = n // cfg.hop * cfg.hop
     if n <= (cfg.n_fft - cfg.hop) // 2:             # the mel's reflect padding needs this much
         raise SystemExit(f"error: the {split} clips are too short for one mel frame ({n} samples)")
     wav = torch.stack([torch.as_tensor(u.wav[s:s + n]) for u, s in zip(utts, starts)]).to(rt.device)
@@ -506,7 +506,8 @@ def load_teacher_for_student(cfg, teacher_path):
                if common._norm(getattr(cfg, k)) != common._norm(ck["config"][k])]
     for k in TEACHER_KEYS:
         setattr(cfg, k, common._from_json(ck["config"][k], getattr(cfg, k)))
-    common.log(f"teacher {teacher_path} (step {ck['step']})" + (": its config: " + "; ".join(changed) if changed else ""))
+    common.log(f"teacher {teacher_path} (step {ck['step']})"
+               + (": its config: " + "; ".join(changed) if changed else ""))
     return ck["models"]["teacher"]
 
 
@@ -515,18 +516,22 @@ def build(cfg, rt):
     (eval mode, no parameter gradients, not in the optimizer). Training reads the teacher from --teacher;
     bench, sample and eval get theirs from elsewhere (random weights, or the student's checkpoint)."""
     teacher_sd = None
-    if cfg.stage == "student" and cfg.mode == "train":  # resume / PATH: the student checkpoint holds its teacher
-        teacher_sd = load_teacher_for_student(cfg, cfg.teacher if cfg.init_from == "scratch" else common.checkpoint_path(cfg))
+    # resume / PATH: the student checkpoint holds its teacher
+    if cfg.stage == "student" and cfg.mode == "train":
+        path = cfg.teacher if cfg.init_from == "scratch" else common.checkpoint_path(cfg)
+        teacher_sd = load_teacher_for_student(cfg, path)
     teacher = Teacher(cfg).to(rt.device)
     state = dict(teacher=teacher)
     if cfg.stage == "student":
         if teacher_sd is not None:
             common.load_state_dict(teacher, teacher_sd, "teacher")
-        teacher.eval().requires_grad_(False)         # §4: the teacher's weights are fixed during distillation
+        # §4: the teacher's weights are fixed during distillation
+        teacher.eval().requires_grad_(False)
         state = dict(student=Student(cfg).to(rt.device), teacher=teacher)
     trained = state[cfg.stage]
     opt = torch.optim.Adam(trained.parameters(), lr=cfg.lr, betas=cfg.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_iters)))
+    warmup = lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_iters))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
     return dict(state, opt=opt, sched=sched)
 
 
@@ -550,7 +555,7 @@ def train_step(state, batch, cfg, rt):
 
 
 def load_for_inference(cfg, rt):
-    """The stage's models from --init_from (or out_dir/ckpt.pt): {teacher} or {student, teacher}, eval mode."""
+    """The stage's models from --init_from (or out_dir/ckpt.pt): {teacher} or {student, teacher}, in eval."""
     path = common.checkpoint_path(cfg) if cfg.init_from != "scratch" else os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = common.load_checkpoint(path)
     models = {"teacher": Teacher(cfg).to(rt.device)}
@@ -568,8 +573,9 @@ def which_sampler(cfg):
 
 @torch.no_grad()
 def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
-    """teacher: held-out NLL (bits per sample, teacher forcing) and the mel L1 of a short autoregressive vocoding.
-    student: the KL to the teacher (nats per sample) and the mel L1 of one-pass vocoding of the held-out crops.
+    """teacher: held-out NLL (bits per sample, teacher forcing) and the mel L1 of a short autoregressive
+    vocoding. student: the KL to the teacher (nats per sample) and the mel L1 of one-pass vocoding of the
+    held-out crops.
     models: {teacher[, student]} (None: load_for_inference, as --mode=eval does)."""
     standalone = models is None
     if standalone:
@@ -588,7 +594,8 @@ def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
         torch.manual_seed(cfg.seed)
         if who == "teacher":
             res["nll_bits"] = round(teacher_nll(teacher, wav, mel, cfg).item() / math.log(2), 4)
-            n = min(wav.size(1), max(cfg.hop, int(cfg.eval_gen_seconds * cfg.sample_rate) // cfg.hop * cfg.hop))
+            n = max(cfg.hop, int(cfg.eval_gen_seconds * cfg.sample_rate) // cfg.hop * cfg.hop)
+            n = min(wav.size(1), n)
             ref = wav[:, :n]
             out = teacher_generate(teacher, mel[:, :, :n // cfg.hop], n, seed=cfg.seed)
         else:
@@ -618,24 +625,15 @@ def train(cfg):
     common.log(f"{cfg.stage}: {common.count_params(model) / 1e6:.3f} M params"
                + (f" | receptive field {receptive_field(cfg)} samples" if cfg.stage == "teacher" else "")
                + f" | {len(train_clips)} training clips")
-    sampler = common.SegmentSampler(train_clips, cfg.segment, cfg.batch_size, cfg.seed, rt.rank, rt.world_size,
-                                    align=cfg.hop)
+    sampler = common.SegmentSampler(train_clips, cfg.segment, cfg.batch_size, cfg.seed, rt.rank,
+                                    rt.world_size, align=cfg.hop)
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS)
     if cfg.stage == "student":
         state["teacher"].eval().requires_grad_(False)  # restored weights, still frozen
     state[cfg.stage] = common.wrap_ddp(common.compile(model, cfg), rt)
-    prog = common.Progress(cfg, start_step=step)
-    while step < cfg.max_iters:
-        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
-        step += 1
-        prog.update(step, losses, audio_seconds=cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                models = {k: common.unwrap(v) for k, v in state.items() if isinstance(v, nn.Module)}
-                evaluate(cfg, models, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"),
-                         split="val")
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
+    models = lambda: {k: common.unwrap(v) for k, v in state.items() if isinstance(v, nn.Module)}
+    common.train_loop(cfg, rt, state, step, train_step, lambda: get_batch(sampler, cfg, rt),
+                      lambda samples: evaluate(cfg, models(), rt, samples, split="val"), sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample
 
@@ -650,7 +648,8 @@ def sample(cfg):
         ref = torch.as_tensor(common.load_audio(cfg.input, sr=cfg.sample_rate)[0])[None].to(rt.device)
         ref = quantize(ref[:, : ref.size(1) // cfg.hop * cfg.hop], cfg.bits)
         if ref.size(1) <= (cfg.n_fft - cfg.hop) // 2:  # the mel's reflect padding needs this much
-            raise SystemExit(f"error: --input={cfg.input!r} is too short for one mel frame ({ref.size(1)} samples)")
+            raise SystemExit(f"error: --input={cfg.input!r} is too short for one mel frame "
+                             f"({ref.size(1)} samples)")
     else:
         ref = held_out(cfg, rt, 1, cfg.gen_seconds, "test")
     mel = mel_features(ref, cfg)
@@ -662,19 +661,22 @@ def sample(cfg):
     dt = time.time() - t0
     out = os.path.join(cfg.out_dir, "samples")
     common.save_sample(out, f"vocoded_{who}", wav[0].cpu(), cfg.sample_rate, ref=ref[0].cpu())
-    common.log(f"{who} vocoded {ref.size(1)} samples in {dt:.2f}s ({ref.size(1) / dt:.0f} samples/s) | mel L1 vs "
+    common.log(f"{who} vocoded {ref.size(1)} samples in {dt:.2f}s ({ref.size(1) / dt:.0f} samples/s) | "
+               "mel L1 vs "
                f"reference {common.mel_distance(wav, ref, cfg.sample_rate):.3f} | {out}/vocoded_{who}.wav")
     common.cleanup(rt)
 
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
-    """train_step of the stage (ms, audio-s/s, FLOPs), then the paper's headline (§5.1): samples/s at batch 1 of
+    """train_step of the stage (ms, audio-s/s, FLOPs), then the paper's headline (§5.1): samples/s at
+    batch 1 of
     the student's one parallel pass vs the teacher's cached autoregressive steps, and their ratio."""
     rt = common.setup(cfg)
     state = build(cfg, rt)                           # random weights: speed does not depend on them
     g = torch.Generator().manual_seed(cfg.seed)
-    wav = quantize((torch.rand(cfg.batch_size, cfg.segment, generator=g) * 2 - 1) * 0.5, cfg.bits).to(rt.device)
+    wav = (torch.rand(cfg.batch_size, cfg.segment, generator=g) * 2 - 1) * 0.5
+    wav = quantize(wav, cfg.bits).to(rt.device)
     batch = (wav, mel_features(wav, cfg))
     model = state[cfg.stage]
     state[cfg.stage] = common.compile(model, cfg)
@@ -691,11 +693,13 @@ def bench(cfg):
         t_ms = common.timeit(lambda: teacher_generate(teacher, mel, n), iters=2, warmup=1)
     student_sps, teacher_sps = n / (s_ms / 1000), n / (t_ms / 1000)
     common.report_bench(cfg, rt, model=model, compiled=compiled, stage=cfg.stage,
-                        teacher_params=common.count_params(teacher), student_params=common.count_params(student),
+                        teacher_params=common.count_params(teacher),
+                        student_params=common.count_params(student),
                         train_step_ms=round(step_ms, 2),
                         train_audio_s_per_s=round(wav.numel() / cfg.sample_rate / (step_ms / 1000), 2),
                         train_flops_per_step=flops, gen_samples=n,
-                        student_b1_samples_per_s=round(student_sps, 1), teacher_cached_b1_samples_per_s=round(teacher_sps, 1),
+                        student_b1_samples_per_s=round(student_sps, 1),
+                        teacher_cached_b1_samples_per_s=round(teacher_sps, 1),
                         student_speedup=round(student_sps / teacher_sps, 1),
                         student_realtime_factor=round(student_sps / cfg.sample_rate, 3),
                         teacher_realtime_factor=round(teacher_sps / cfg.sample_rate, 4))

@@ -2,19 +2,19 @@
 WaveNet: A Generative Model for Raw Audio (van den Oord et al., 2016) — https://arxiv.org/abs/1609.03499
 Fast generation: Fast Wavenet Generation Algorithm (Paine et al., 2016) — https://arxiv.org/abs/1611.09482
 
-The idea: model raw audio one sample at a time, p(x) = prod_t p(x_t | x_<t) (§2, Eq. 1), with a stack of dilated
-causal convolutions (§2.1) whose dilations double 1, 2, ..., 512 and then repeat, so the receptive field
-grows exponentially with depth while every layer stays cheap. Each layer is a gated unit
+The idea: model raw audio one sample at a time, p(x) = prod_t p(x_t | x_<t) (§2, Eq. 1), with a stack
+of dilated causal convolutions (§2.1) whose dilations double 1, 2, ..., 512 and then repeat, so the
+receptive field grows exponentially with depth while every layer stays cheap. Each layer is a gated unit
 tanh(W_f * x) ⊙ σ(W_g * x) (§2.3, Eq. 2) with residual and skip 1×1 convolutions (§2.4); the output is a
-256-way softmax over μ-law companded samples (§2.2), trained with cross-entropy and teacher forcing: the input
-is the μ-law sequence shifted right by one sample, the target at every step the class of the next sample.
-Conditioning (§2.5): a global speaker embedding added inside every gate (Eq. 4), and local mel frames upsampled
-to the sample rate by learned transposed convolutions (Eq. 5) — this turns WaveNet into a neural vocoder.
+256-way softmax over μ-law companded samples (§2.2), trained with cross-entropy and teacher forcing: the
+input is the μ-law sequence shifted right by one sample, the target the class of the next sample.
+Conditioning (§2.5): a global speaker embedding added inside every gate (Eq. 4), and local mel frames
+upsampled to the sample rate by learned transposed convolutions (Eq. 5): a neural vocoder.
 Training is parallel over time; generation is strictly sequential. The naive sampler re-runs the whole
 receptive field for every new sample; Fast WaveNet caches each layer's past inputs in a queue, so a new
 sample costs one column per layer. Both are here, and a test proves they draw the same samples.
 
-Simplified or changed versus the paper:
+Changed versus the paper (622 lines, over the 550 aim: naive and cached sampling, compiled/CUDA-graph):
 - conditioned on mel spectrograms (as later WaveNet vocoders: Tacotron 2, r9y9), not linguistic features +
   log F0; the built-in eSpeak corpus at 16 kHz, not 24.6 h of studio speech; the authors published no weights.
 - widths and optimiser are not in the paper: r9y9's mulaw256 widths (res 128, gate 256, skip 128); Adam with
@@ -23,13 +23,13 @@ Simplified or changed versus the paper:
   the upsampler is single-channel ConvTranspose2d stages over (mel, time), as r9y9's early vocoder.
 - no context stacks (§2.6); the likelihood is reported in bits per sample (8 = uniform over 256 classes).
 
-    python wavenet.py                                      # train (mel + speaker conditioned) on the built-in corpus
-    python wavenet.py --preset=vocoder --batch_size=8      # r9y9 mulaw256 vocoder size (22.05 kHz, kernel 3)
-    python wavenet.py --init_from=resume                   # continue out/wavenet/ckpt.pt
+    python wavenet.py                                     # train (mel + speaker conditioned), built-in corpus
+    python wavenet.py --preset=vocoder --batch_size=8     # r9y9 mulaw256 vocoder size (22.05 kHz, kernel 3)
+    python wavenet.py --init_from=resume                  # continue out/wavenet/ckpt.pt
     python wavenet.py --mode=sample --init_from=out/wavenet/ckpt.pt --input=my.wav   # vocode my.wav's mel
     python wavenet.py --mode=eval --init_from=out/wavenet/ckpt.pt   # test bits/sample and vocoded mel L1
-    python wavenet.py --cond_mel=False --out_dir=out/wavenet_free   # speaker-only WaveNet (§3.1 multi-speaker)
-    python wavenet.py --mode=bench                         # train step; naive vs cached generation
+    python wavenet.py --cond_mel=False --out_dir=out/wavenet_free   # speaker-only WaveNet (§3.1)
+    python wavenet.py --mode=bench                        # train step; naive vs cached generation
     torchrun --standalone --nproc_per_node=8 wavenet.py
 """
 import math
@@ -65,7 +65,7 @@ class Config:
     fmax: float = 8000.0              # Nyquist at 16 kHz
     # model (§2; the paper gives no widths: r9y9 mulaw256 widths)
     layers: int = 30                  # dilated conv layers in total
-    stacks: int = 3                   # repeats of the dilation cycle 1, 2, ..., 2**(layers/stacks - 1) (§2.1)
+    stacks: int = 3                   # repeats of the dilation cycle 1, 2, ..., 2**(layers/stacks - 1)
     kernel_size: int = 2              # §2.1: filter size 2 (r9y9 uses 3)
     residual_channels: int = 128      # width of the residual stream
     gate_channels: int = 256          # dilated conv output, split into tanh and sigmoid halves (§2.3)
@@ -77,7 +77,7 @@ class Config:
     upsample_scales: tuple = (16, 16)  # learned transposed-conv upsampling, product = hop (§2.5)
     freq_axis_kernel: int = 3         # mel-axis width of the upsampling kernels
     # training
-    segment: int = 7680               # training crop in samples, a multiple of hop, > receptive field (480 ms)
+    segment: int = 7680               # training crop (480 ms), a multiple of hop, > receptive field
     batch_size: int = 16
     lr: float = 1e-3                  # Adam, as r9y9
     betas: tuple = (0.9, 0.999)       # Adam's defaults, as r9y9
@@ -117,7 +117,8 @@ class Config:
             bad(f"--segment={self.segment} must be a multiple of --hop={self.hop} (whole mel frames)")
         if not 1 <= self.mu <= 65535:
             bad(f"--mu must be in 1..65535 (got {self.mu})")
-        for k in ("residual_channels", "skip_channels", "n_mels", "speaker_dim", "bench_steps", "lr_half_life",
+        for k in ("residual_channels", "skip_channels", "n_mels", "speaker_dim", "bench_steps",
+                  "lr_half_life",
                   "warmup_iters", "grad_clip", "eval_seconds", "eval_gen_seconds", "gen_seconds"):
             if not getattr(self, k) > 0:
                 bad(f"--{k} must be > 0 (got {getattr(self, k)!r})")
@@ -128,19 +129,20 @@ PRESETS = {
     # k = 2, 3 x (1..512): receptive field 3070 samples = 192 ms at 16 kHz (§3.2 used ~240 ms);
     # 3,767,890 params (3.77 M) with the built-in corpus's speaker table
     "paper":   dict(),
-    # r9y9 mulaw256 (4.70 M params, RF 6139): 4,627,812 here (4.63 M); r9y9 adds weight-norm gains, a mel conv_in
-    # and an unused residual conv in the last layer
+    # r9y9 mulaw256 (4.70 M params, RF 6139): 4,627,812 here (4.63 M); r9y9 adds weight-norm gains,
+    # a mel conv_in and an unused residual conv in the last layer
     "vocoder": dict(kernel_size=3, cond_speaker=False, sample_rate=22050, upsample_scales=(4, 4, 4, 4),
                     fmin=125.0, fmax=7600.0, segment=10240, batch_size=8),
-    # 243,826 params (0.24 M) with the built-in speaker table, RF 511 samples = 32 ms: the mel carries the rest;
-    # 1000 steps (was 2000: 30 min) at 0.6-0.9 s/step on one core of a busy 2-core box: ~10-15 min with the evals
+    # 243,826 params (0.24 M) with the built-in speaker table, RF 511 samples = 32 ms: the mel carries the
+    # rest; a CPU run of about 15 minutes
     "small":   dict(layers=16, stacks=2, residual_channels=32, gate_channels=64, skip_channels=64,
                     segment=4096, batch_size=4, max_iters=1000, eval_interval=500, bench_steps=256,
-                    eval_items=2, eval_seconds=1.0, eval_gen_seconds=0.25, gen_seconds=1.0, lr_half_life=1000),
+                    eval_items=2, eval_seconds=1.0, eval_gen_seconds=0.25, gen_seconds=1.0,
+                    lr_half_life=1000),
     "tiny":    dict(layers=6, stacks=2, residual_channels=8, gate_channels=16, skip_channels=16, n_mels=20,
-                    speaker_dim=4, segment=1024, batch_size=2, max_iters=10, corpus_hours=0.02, log_interval=1,
-                    eval_items=2, eval_seconds=0.25, eval_gen_seconds=0.05, gen_seconds=0.05, warmup_iters=2,
-                    bench_steps=32),
+                    speaker_dim=4, segment=1024, batch_size=2, max_iters=10, corpus_hours=0.02,
+                    log_interval=1, eval_items=2, eval_seconds=0.25, eval_gen_seconds=0.05,
+                    gen_seconds=0.05, warmup_iters=2, bench_steps=32),
 }
 
 # every field that changes the weights' shapes or the features they were trained on: a checkpoint made under
@@ -152,7 +154,7 @@ ARCH_KEYS = ("sample_rate", "mu", "n_fft", "hop", "n_mels", "fmin", "fmax", "lay
 # ----------------------------------------------------------------------------- model
 
 def receptive_field(cfg):
-    """§2.1: a causal conv of kernel k and dilation d sees (k-1)·d extra past samples; the stack adds them up."""
+    """§2.1: a causal conv of kernel k and dilation d sees (k-1)·d extra past samples; the stack adds up."""
     per_stack = cfg.layers // cfg.stacks
     return (cfg.kernel_size - 1) * sum(2 ** (i % per_stack) for i in range(cfg.layers)) + 1
 
@@ -183,27 +185,29 @@ class Upsampler(nn.Module):
     def forward(self, mel):                          # mel: (B, M, N)
         c = mel[:, None]                             # (B, 1, M, N)
         for conv in self.stages:
-            c = conv(c)[..., : c.size(-1) * conv.stride[1]]  # (B, 1, M, N·s); kernel 2s, pad s/2 gives exactly N·s
+            # (B, 1, M, N·s); kernel 2s, pad s/2 gives exactly N·s
+            c = conv(c)[..., : c.size(-1) * conv.stride[1]]
         return c[:, 0]                               # (B, M, N·hop)
 
 
 class ResidualLayer(nn.Module):
-    """One layer: dilated causal conv (§2.1) -> gated unit with conditioning (§2.3, §2.5) -> residual and skip
-    1×1 convs (§2.4, Fig. 4)."""
+    """One layer: dilated causal conv (§2.1) -> gated unit with conditioning (§2.3, §2.5) -> residual
+    and skip 1×1 convs (§2.4, Fig. 4)."""
     def __init__(self, cfg, dilation, last=False):
         super().__init__()
         self.dilation, self.k = dilation, cfg.kernel_size
         R, G, S = cfg.residual_channels, cfg.gate_channels, cfg.skip_channels
         self.conv = nn.Conv1d(R, G, cfg.kernel_size, dilation=dilation)  # W_f and W_g stacked: G = 2 halves
         self.cond = nn.Conv1d(cfg.n_mels, G, 1, bias=False) if cfg.cond_mel else None   # V_f * y, V_g * y
-        self.gcond = nn.Linear(cfg.speaker_dim, G, bias=False) if cfg.cond_speaker else None  # V_f^T h, V_g^T h
-        # the last layer's residual output would feed nothing (only skips reach the head), so it has no out conv
+        # V_f^T h, V_g^T h
+        self.gcond = nn.Linear(cfg.speaker_dim, G, bias=False) if cfg.cond_speaker else None
+        # the last layer's residual output would feed nothing (only skips reach the head): no out conv
         self.out = nn.Conv1d(G // 2, R, 1) if not last else None
         self.skip = nn.Conv1d(G // 2, S, 1)
         # past offsets of the kernel taps, oldest first: (k-1)·d, ..., d (for the cached step)
         self.register_buffer("taps", dilation * torch.arange(self.k - 1, 0, -1), persistent=False)
 
-    def gate(self, h, x):                            # h: (B, G, ...) pre-activation, x: layer input (B, R, ...)
+    def gate(self, h, x):                            # h: (B, G, ...) pre-activation, x: input (B, R, ...)
         a, b = h.chunk(2, dim=1)                     # (B, G/2, ...) each
         z = torch.tanh(a) * torch.sigmoid(b)         # §2.3, Eq. 2
         if self.out is None:
@@ -226,7 +230,7 @@ class ResidualLayer(nn.Module):
         past = queue.index_select(2, (t - self.taps) % n)             # (B, R, k-1)
         window = torch.cat([past, x[:, :, None]], dim=2)             # (B, R, k), oldest first like the kernel
         queue.index_copy_(2, (t % n).view(1), x[:, :, None])          # push x_t over the slot just read
-        # on one column every conv is a matmul: the k taps flattened against the (G, R·k) kernel, 1×1s as they are
+        # on one column every conv is a matmul: the k taps flattened against the (G, R·k) kernel
         h = F.linear(window.flatten(1), self.conv.weight.flatten(1), self.conv.bias) + cond  # (B, G)
         a, b = h.chunk(2, dim=1)
         z = torch.tanh(a) * torch.sigmoid(b)                          # (B, G/2), as in gate()
@@ -241,8 +245,10 @@ class WaveNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         Q, R, S = cfg.mu + 1, cfg.residual_channels, cfg.skip_channels
-        self.silence = int(common.mulaw_quantize(torch.zeros(()), cfg.mu))  # the class of x = 0: the input at t = 0
-        self.embed = nn.Embedding(Q, R)              # one-hot μ-law input × 1×1 conv == a table lookup (§2.2)
+        # the class of x = 0: the input at t = 0
+        self.silence = int(common.mulaw_quantize(torch.zeros(()), cfg.mu))
+        # one-hot μ-law input × 1×1 conv == a table lookup (§2.2)
+        self.embed = nn.Embedding(Q, R)
         per_stack = cfg.layers // cfg.stacks
         self.layers = nn.ModuleList(ResidualLayer(cfg, 2 ** (i % per_stack), last=i == cfg.layers - 1)
                                     for i in range(cfg.layers))
@@ -271,10 +277,11 @@ class WaveNet(nn.Module):
 
     @torch.no_grad()
     def generate_naive(self, u, c=None, g=None, temperature=1.0):
-        """The readable reference: every new sample re-runs the whole stack over the last receptive-field inputs."""
+        """The readable reference: every new sample re-runs the whole stack over the last receptive field."""
         B, T = u.shape
         rf = self.receptive_field
-        x = torch.full((B, T + 1), self.silence, dtype=torch.long, device=u.device)  # x[:, t] is the input at step t
+        # x[:, t] is the input at step t
+        x = torch.full((B, T + 1), self.silence, dtype=torch.long, device=u.device)
         for t in range(T):
             lo = max(0, t + 1 - rf)
             ct = c[:, :, lo:t + 1] if c is not None else None
@@ -292,7 +299,8 @@ class CachedGenerator:
         B, T = u.shape
         p = next(model.parameters())
         R, G, L = model.cfg.residual_channels, model.cfg.gate_channels, len(model.layers)
-        self.queues = [torch.zeros(B, R, (l.k - 1) * l.dilation, device=p.device, dtype=p.dtype) for l in model.layers]
+        self.queues = [torch.zeros(B, R, (l.k - 1) * l.dilation, device=p.device, dtype=p.dtype)
+                       for l in model.layers]
         self.t = torch.zeros((), dtype=torch.long, device=p.device)
         self.x = torch.zeros(B, dtype=torch.long, device=p.device)
         self.out = torch.zeros(B, T, dtype=torch.long, device=p.device)
@@ -332,10 +340,12 @@ class CachedGenerator:
 
 @torch.no_grad()
 def generate(model, n, mel=None, spk=None, batch=1, temperature=1.0, seed=0, method="cached"):
-    """Generate n samples (B, n) of μ-law codes. method: naive | cached | compiled | cudagraph | compiled_cudagraph."""
+    """Generate n samples (B, n) of μ-law codes.
+    method: naive | cached | compiled | cudagraph | compiled_cudagraph."""
     dev = next(model.parameters()).device
     B = mel.size(0) if mel is not None else (spk.size(0) if spk is not None else batch)
-    u = torch.rand(B, n, generator=torch.Generator().manual_seed(seed)).to(dev)  # all randomness, drawn up front
+    # all randomness, drawn up front
+    u = torch.rand(B, n, generator=torch.Generator().manual_seed(seed)).to(dev)
     c, g = model.conditioning(mel, spk, n)
     if method == "naive":
         return model.generate_naive(u, c, g, temperature)
@@ -362,8 +372,8 @@ def generate(model, n, mel=None, spk=None, batch=1, temperature=1.0, seed=0, met
 # ----------------------------------------------------------------------------- loss
 
 def nll_loss(model, wav, spk, cfg):
-    """Eq. 1 with teacher forcing: every sample is predicted from the true past at once. §2.2: targets are the
-    mu + 1 μ-law classes, the loss is their cross-entropy. Returns nats per sample (the logs show bits)."""
+    """Eq. 1 with teacher forcing: every sample is predicted from the true past at once. §2.2: targets
+    are the mu + 1 μ-law classes, the loss is their cross-entropy. Returns nats per sample (logs: bits)."""
     with torch.autocast(wav.device.type, enabled=False):
         mel = mel_features(wav, cfg) if cfg.cond_mel else None      # (B, M, T/hop), fp32
         q = common.mulaw_quantize(wav, cfg.mu)                      # (B, T) targets in [0, mu]
@@ -375,9 +385,10 @@ def nll_loss(model, wav, spk, cfg):
 # ----------------------------------------------------------------------------- data
 
 def mel_features(wav, cfg):
-    """Log-mel frames aligned to hops (frame i is centred on sample i·hop + hop/2), scaled to roughly [-2, 2]."""
+    """Log-mel frames aligned to hops (frame i centred on sample i·hop + hop/2), scaled to about [-2, 2]."""
     mel = common.mel_spectrogram(wav, cfg.sample_rate, n_fft=cfg.n_fft, hop=cfg.hop, n_mels=cfg.n_mels,
-                                 fmin=cfg.fmin, fmax=cfg.fmax, log="ln")   # (B, M, T/hop), ln(1e-5) = -11.5 floor
+                                 # (B, M, T/hop), ln(1e-5) = -11.5 floor
+                                 fmin=cfg.fmin, fmax=cfg.fmax, log="ln")
     return (mel + 4.0) / 4.0
 
 
@@ -399,7 +410,8 @@ def get_batch(sampler, cfg, rt):
 def held_out(cfg, rt, n_items, seconds, split="val"):
     """The first n_items held-out utterances of at least one mel frame, cropped from where the sound starts
     (skipping leading silence) to a common length, a multiple of hop, so they batch."""
-    utts = [u for u in common.load_corpus(cfg, split, cfg.sample_rate) if u.wav.shape[-1] >= cfg.hop][:n_items]
+    utts = common.load_corpus(cfg, split, cfg.sample_rate)
+    utts = [u for u in utts if u.wav.shape[-1] >= cfg.hop][:n_items]
     if not utts:
         raise SystemExit(f"error: the {split} split has no clip of at least {cfg.hop} samples to evaluate on")
     starts = []
@@ -407,7 +419,8 @@ def held_out(cfg, rt, n_items, seconds, split="val"):
         loud = np.flatnonzero(np.abs(u.wav) > 0.05 * np.abs(u.wav).max())
         s = int(loud[0]) // cfg.hop * cfg.hop if len(loud) else 0
         starts.append(s if len(u.wav) - s >= cfg.hop else 0)
-    n = min(min(len(u.wav) - s for u, s in zip(utts, starts)), int(seconds * cfg.sample_rate)) // cfg.hop * cfg.hop
+    n = min(min(len(u.wav) - s for u, s in zip(utts, starts)), int(seconds * cfg.sample_rate))
+    n = n // cfg.hop * cfg.hop
     n = max(n, cfg.hop)
     wav = torch.stack([torch.as_tensor(u.wav[s:s + n]) for u, s in zip(utts, starts)]).to(rt.device)  # (B, n)
     # a held-out voice has an id but no trained embedding (a user folder's may even lie beyond the table)
@@ -502,23 +515,15 @@ def train(cfg):
     sampler = make_sampler(utts, cfg, rt)
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS)
     state["model"] = common.wrap_ddp(common.compile(state["model"], cfg), rt)
-    prog = common.Progress(cfg, start_step=step)
-    while step < cfg.max_iters:
-        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
-        step += 1
-        prog.update(step, losses, audio_seconds=cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                evaluate(cfg, common.unwrap(state["model"]), rt,
-                         samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
+    common.train_loop(cfg, rt, state, step, train_step, lambda: get_batch(sampler, cfg, rt),
+                      lambda samples: evaluate(cfg, common.unwrap(state["model"]), rt, samples, split="val"),
+                      sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample
 
 @torch.no_grad()
 def sample(cfg):
-    """Vocode a held-out test utterance (or --input) from its mel; a model trained with --cond_mel=False instead
+    """Vocode a held-out test utterance (or --input) from its mel; a model trained with --cond_mel=False
     babbles freely, conditioned only on the speaker embedding (or on nothing)."""
     rt = common.setup(cfg)
     model = load_for_inference(cfg, rt)
@@ -530,7 +535,8 @@ def sample(cfg):
         if cfg.input:
             ref = torch.as_tensor(common.load_audio(cfg.input, sr=cfg.sample_rate)[0])[None].to(rt.device)
             if ref.size(1) < cfg.hop:
-                raise SystemExit(f"error: --input={cfg.input!r} is shorter than one mel frame ({cfg.hop} samples)")
+                raise SystemExit(f"error: --input={cfg.input!r} is shorter than one mel frame "
+                                 f"({cfg.hop} samples)")
             spk = torch.tensor([speaker], device=rt.device)
             n = ref.size(1) // cfg.hop * cfg.hop     # the whole file
         else:
@@ -576,21 +582,25 @@ def bench(cfg):
     # eager: the counter cannot see inside compiled kernels
     flops = common.count_flops(lambda: train_step(dict(state, model=model), (wav, spk), cfg, rt))
     model.eval()
-    methods = ["cached"] + (["compiled"] if compiled else []) + \
-              (["cudagraph"] + (["compiled_cudagraph"] if compiled else []) if rt.device_type == "cuda" else [])
+    methods = ["cached"] + (["compiled"] if compiled else [])
+    if rt.device_type == "cuda":
+        methods += ["cudagraph"] + (["compiled_cudagraph"] if compiled else [])
     gen = {}
     rf = model.receptive_field
     for B in (1, 16):
         nmel = max(1, max(cfg.bench_steps, rf) // cfg.hop + 1)
         mel = torch.randn(B, cfg.n_mels, nmel, device=rt.device) if cfg.cond_mel else None
         sp = torch.zeros(B, dtype=torch.long, device=rt.device) if cfg.cond_speaker else None
-        with torch.no_grad():                        # steady-state naive step: a full receptive field per sample
+        # steady-state naive step: a full receptive field per sample
+        with torch.no_grad():
             x = torch.randint(0, cfg.mu + 1, (B, rf), device=rt.device)
             c, gc = model.conditioning(mel, sp, rf)
             u = torch.rand(B, device=rt.device)
-            ms = common.timeit(lambda: draw(model.net(x, c, gc)[:, :, -1], u, cfg.temperature), iters=5, warmup=2)
+            ms = common.timeit(lambda: draw(model.net(x, c, gc)[:, :, -1], u, cfg.temperature),
+                               iters=5, warmup=2)
         gen[f"naive_b{B}_samples_per_s"] = round(B / (ms / 1000), 1)
-        for method in methods:                       # cached: every step costs the same, time bench_steps of them
+        # cached: every step costs the same, time bench_steps of them
+        for method in methods:
             try:
                 ms = common.timeit(lambda: generate(model, cfg.bench_steps, mel, sp, batch=B, method=method),
                                    iters=3, warmup=1)
