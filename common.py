@@ -1439,6 +1439,20 @@ def report_bench(cfg, rt, model=None, compiled=False, **figures):
     return out
 
 
+def bench_train_step(cfg, rt, state, key, batch, train_step, audio_seconds):
+    """Time train_step(state, batch, cfg, rt) with state[key] compiled (common.compile; 2 warm-up calls, the
+    median of 5), then count its FLOPs eager (the counter cannot see inside compiled kernels); state[key] is
+    left eager. audio_seconds: audio in one batch. Returns (report_bench's train figures, compiled or not)."""
+    model = state[key]
+    state[key] = compile(model, cfg)
+    compiled = state[key] is not model
+    ms = timeit(lambda: train_step(state, batch, cfg, rt), iters=5, warmup=2)
+    state[key] = model
+    flops = count_flops(lambda: train_step(state, batch, cfg, rt))
+    return dict(train_step_ms=round(ms, 2), train_audio_s_per_s=round(audio_seconds / (ms / 1000), 2),
+                train_flops_per_step=flops), compiled
+
+
 def bench_gan_vocoder(cfg, rt, state, train_step, batch):
     """--mode=bench of a mel-to-waveform GAN (state holds G and D): train_step (D + G update) on batch,
     its FLOPs, and batch-1 inference of cfg.bench_seconds of audio with weight norm folded, eager and

@@ -835,3 +835,30 @@ def test_bench_gan_vocoder(tmp_path, capsys):
     assert d["params"] == common.count_params(G) and d["params_d"] == 21 and not d["compiled"]
     assert d["train_flops_per_step"] > 0 and d["train_step_ms"] > 0 and d["infer_rtf_eager"] > 0
     assert d["infer_rtf_compiled"] is None and len(calls) == 1 + 3 + cfg.bench_iters   # flops, warm-up, timed
+
+
+def test_bench_train_step_times_compiled_counts_eager(tmp_path, monkeypatch):
+    cfg = VocCfg(out_dir=str(tmp_path))
+    m = Tiny(4)
+    state = dict(model=m, opt=torch.optim.SGD(m.parameters(), 0.0))
+    seen = []
+
+    class Compiled(nn.Module):  # stands in for torch.compile's wrapper
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+    monkeypatch.setattr(common, "compile", lambda model, c: Compiled(model))
+
+    def step(st, batch, c, rt):
+        seen.append(type(st["model"]).__name__)
+        loss = st["model"](batch).pow(2).mean()
+        loss.backward()
+        return {}
+    figs, compiled = common.bench_train_step(cfg, CPU, state, "model", torch.randn(8, 3), step, 2.0)
+    assert compiled and state["model"] is m                        # left eager
+    assert seen == ["Compiled"] * 7 + ["Tiny"]                     # 2 warm-up + 5 timed compiled, FLOPs eager
+    assert figs["train_flops_per_step"] > 2 * 8 * (3 * 4 + 4 * 1)  # more than the forward: backward counted
+    assert figs["train_audio_s_per_s"] == pytest.approx(2.0 / (figs["train_step_ms"] / 1000), rel=0.01)
