@@ -19,7 +19,7 @@ Changed versus the paper / official code (jik876/hifi-gan). 497 lines, over the 
   spectral norm's power iteration thus runs 3 times per step (officially 4); bf16 and torch.compile on CUDA.
 - the lr decay's "epoch" is one pass of segments over the training clips, counted in steps (--epoch_steps).
 - the `small` preset (ours): V2's generator, discriminators capped at 32 channels (0.19 M, the paper's
-  70.7 M), 4096-sample segments at lr 5e-4 (the paper: 8192, 2e-4), which did better in 1000 CPU steps.
+  70.7 M), 4096-sample segments at lr 5e-4 (the paper: 8192, 2e-4), sized for a 1000-step CPU run.
 
     python hifigan.py                                   # train on the built-in corpus
     python hifigan.py --preset=v1 --batch_size=16       # paper size (V1: 13.94 M generator)

@@ -15,7 +15,7 @@ teacher under the wrong conditioning. The teacher (§2.1) is the improved WaveNe
 discretised mixture of 10 logistics as output, filter size 3. Two stages, one folder and checkpoint each
 (out/parallel_wavenet/{teacher,student}/ckpt.pt); the student's carries its teacher.
 
-Changed versus the paper (712 lines, over the 550 aim: two models, teacher MoL, cached and flow sampling):
+Changed versus the paper (707 lines, over the 550 aim: two models, teacher MoL, cached and flow sampling):
 - mel conditioning (transposed-conv upsampling as wavenet.py, one shared by the four flows), not linguistic
   features + log F0; no speaker embedding; the built-in eSpeak corpus.
 - widths (not in the paper): the teacher's are bfs18's MoL WaveNet (512 residual, 256 skip; gates 2 × 512
@@ -670,8 +670,8 @@ def sample(cfg):
 
 def bench(cfg):
     """train_step of the stage (ms, audio-s/s, FLOPs), then the paper's headline (§5.1): samples/s at
-    batch 1 of
-    the student's one parallel pass vs the teacher's cached autoregressive steps, and their ratio."""
+    batch 1 of the student's one parallel pass vs the teacher's cached autoregressive steps, and their
+    ratio."""
     rt = common.setup(cfg)
     state = build(cfg, rt)                           # random weights: speed does not depend on them
     g = torch.Generator().manual_seed(cfg.seed)
@@ -679,11 +679,8 @@ def bench(cfg):
     wav = quantize(wav, cfg.bits).to(rt.device)
     batch = (wav, mel_features(wav, cfg))
     model = state[cfg.stage]
-    state[cfg.stage] = common.compile(model, cfg)
-    compiled = state[cfg.stage] is not model
-    step_ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=5, warmup=2)
-    state[cfg.stage] = model
-    flops = common.count_flops(lambda: train_step(state, batch, cfg, rt))
+    train, compiled = common.bench_train_step(cfg, rt, state, cfg.stage, batch, train_step,
+                                              wav.numel() / cfg.sample_rate)
     teacher, student = state["teacher"].eval(), (state.get("student") or Student(cfg).to(rt.device)).eval()
     n = cfg.bench_steps
     mel = torch.randn(1, cfg.n_mels, n // cfg.hop + 1, device=rt.device)
@@ -695,9 +692,7 @@ def bench(cfg):
     common.report_bench(cfg, rt, model=model, compiled=compiled, stage=cfg.stage,
                         teacher_params=common.count_params(teacher),
                         student_params=common.count_params(student),
-                        train_step_ms=round(step_ms, 2),
-                        train_audio_s_per_s=round(wav.numel() / cfg.sample_rate / (step_ms / 1000), 2),
-                        train_flops_per_step=flops, gen_samples=n,
+                        **train, gen_samples=n,
                         student_b1_samples_per_s=round(student_sps, 1),
                         teacher_cached_b1_samples_per_s=round(teacher_sps, 1),
                         student_speedup=round(student_sps / teacher_sps, 1),

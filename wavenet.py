@@ -14,7 +14,7 @@ Training is parallel over time; generation is strictly sequential. The naive sam
 receptive field for every new sample; Fast WaveNet caches each layer's past inputs in a queue, so a new
 sample costs one column per layer. Both are here, and a test proves they draw the same samples.
 
-Changed versus the paper (622 lines, over the 550 aim: naive and cached sampling, compiled/CUDA-graph):
+Changed versus the paper (618 lines, over the 550 aim: naive and cached sampling, compiled/CUDA-graph):
 - conditioned on mel spectrograms (as later WaveNet vocoders: Tacotron 2, r9y9), not linguistic features +
   log F0; the built-in eSpeak corpus at 16 kHz, not 24.6 h of studio speech; the authors published no weights.
 - widths and optimiser are not in the paper: r9y9's mulaw256 widths (res 128, gate 256, skip 128); Adam with
@@ -573,14 +573,12 @@ def bench(cfg):
     state = build(cfg, rt)
     common.init_from(cfg, state, arch_keys=ARCH_KEYS)
     model = state["model"]
-    state["model"] = common.compile(model, cfg)
-    compiled = state["model"] is not model           # common.compile: on CUDA by default, on a CPU if asked
     g = torch.Generator().manual_seed(cfg.seed)
     wav = ((torch.rand(cfg.batch_size, cfg.segment, generator=g) * 2 - 1) * 0.5).to(rt.device)  # content-free
     spk = torch.zeros(cfg.batch_size, dtype=torch.long, device=rt.device)
-    step_ms = common.timeit(lambda: train_step(state, (wav, spk), cfg, rt), iters=5, warmup=2)
-    # eager: the counter cannot see inside compiled kernels
-    flops = common.count_flops(lambda: train_step(dict(state, model=model), (wav, spk), cfg, rt))
+    # compiled: on CUDA by default, on a CPU if asked
+    train, compiled = common.bench_train_step(cfg, rt, state, "model", (wav, spk), train_step,
+                                              wav.numel() / cfg.sample_rate)
     model.eval()
     methods = ["cached"] + (["compiled"] if compiled else [])
     if rt.device_type == "cuda":
@@ -609,9 +607,7 @@ def bench(cfg):
                 gen[f"{method}_b{B}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
     best_b1 = max(v for k, v in gen.items() if k.endswith("_b1_samples_per_s"))
     common.report_bench(cfg, rt, model=model, compiled=compiled, receptive_field=rf,
-                        train_step_ms=round(step_ms, 2),
-                        train_audio_s_per_s=round(wav.numel() / cfg.sample_rate / (step_ms / 1000), 2),
-                        train_flops_per_step=flops, **gen,
+                        **train, **gen,
                         gen_dtype="float32", best_b1_realtime_factor=round(best_b1 / cfg.sample_rate, 4))
     common.cleanup(rt)
 
