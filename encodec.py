@@ -37,7 +37,9 @@ Simplified or changed here (honestly):
   --mode=lm trains in one process.
 - Convolutions start from a variance-preserving init (N(0, 1/fan_in), zero bias), not PyTorch's default; see _normed.
 - The CPU `small` preset narrows the model (C=16, D=64, 8 codebooks), keeps 3 of the 5 discriminator scales, and
-  trains 1500 steps at lr 1e-3, the first 200 with the quantizer bypassed (cfg.quantizer_warmup; 0 in the paper presets).
+  trains 2000 steps at lr 1e-3, the first 200 with the quantizer bypassed (cfg.quantizer_warmup) and the first
+  1500 on ℓ_t + ℓ_f alone through the balancer (cfg.disc_warmup, as soundstream.py): a step without D costs half,
+  and in 15 CPU minutes the codec must first learn to reconstruct at all. Both are ours, 0 in the paper presets.
 
     python encodec.py                                         # train on the built-in speech+music corpus
     python encodec.py --preset=24khz --batch_size=64          # the paper's model (one GPU)
@@ -104,6 +106,7 @@ class Config:
     disc_n_ffts: tuple = (2048, 1024, 512, 256, 128)  # 5 STFT scales, hop = n_fft / 4
     disc_slope: float = 0.2            # LeakyReLU slope
     disc_prob: float = 2 / 3           # probability of a discriminator update per step (24 kHz: 2/3, 48 kHz: 0.5)
+    disc_warmup: int = 0               # first steps on reconstruction alone, no discriminator (ours, CPU)
     # losses and the balancer (§3.4)
     lambda_t: float = 0.1              # time-domain L1
     lambda_f: float = 1.0              # multi-scale mel: L1 (linear) + alpha * MSE (log10)
@@ -156,7 +159,7 @@ class Config:
         for k in ("eval_seconds", "bench_seconds", "lm_seconds", "lm_lr", "lm_context"):
             if not getattr(self, k) > 0:
                 bad(f"--{k} must be > 0 (got {getattr(self, k)})")
-        for k in ("quantizer_warmup", "kmeans_iters", "lm_iters", "chunk", "dead_code_threshold"):
+        for k in ("quantizer_warmup", "disc_warmup", "kmeans_iters", "lm_iters", "chunk", "dead_code_threshold"):
             if getattr(self, k) < 0:
                 bad(f"--{k} must be >= 0 (got {getattr(self, k)})")
         if not self.bandwidths or min(self.bandwidths) <= 0:
@@ -184,13 +187,15 @@ PRESETS = {
                   bandwidths=(3.0, 6.0, 12.0, 24.0), normalize=True, chunk=1.0, segment=48000,
                   lambda_g=4.0, lambda_feat=4.0, disc_prob=0.5),  # the paper's stereo music model
     "small": dict(n_filters=16, dimension=64, n_q=8, bandwidths=(1.5, 3.0, 6.0), disc_filters=8,
-                  disc_n_ffts=(1024, 512, 256), segment=12000, batch_size=8, max_iters=1500, log_interval=10,
+                  disc_n_ffts=(1024, 512, 256), segment=12000, batch_size=8, max_iters=2000, log_interval=10,
                   eval_interval=500, eval_items=4, bench_seconds=4.0, bench_batches=(1, 4),
                   kmeans_iters=20,
-                  lr=1e-3, quantizer_warmup=200,  # 1500 steps, not 600k: k-means must see latents that mean something
+                  # 2000 steps, not 600k: k-means must see latents that mean something, and reconstruction
+                  # comes first (no D for 1500 steps, ours)
+                  lr=1e-3, quantizer_warmup=200, disc_warmup=1500,
                   lm_dim=128, lm_layers=3, lm_iters=2000, lm_seconds=3.0, lm_batch_size=8, lm_lr=1e-3,
                   # the threshold 2 assumes 64 x 1 s batches (4.7 frames per code): scale it to 8 x 0.5 s (0.3 per code)
-                  dead_code_threshold=2.0 * (8 * 38) / (64 * 75)),  # ~20 min on a laptop CPU; D dominates the step
+                  dead_code_threshold=2.0 * (8 * 38) / (64 * 75)),
     "tiny": dict(n_filters=4, dimension=16, lstm_layers=1, n_q=4, codebook_size=64, bandwidths=(0.9, 1.8),
                  kmeans_iters=5, disc_filters=4, disc_n_ffts=(256, 128), mel_scales=(6, 7),
                  segment=4800, batch_size=2, max_iters=10, log_interval=1, eval_interval=1000,
@@ -871,25 +876,32 @@ class Balancer(nn.Module):
         self.register_buffer("norm_count", torch.zeros(1))               # EMA denominator (bias correction)
 
     def backward(self, losses, x_hat, other=None):
-        """Backpropagate the balanced gradient through x̂ plus `other` (e.g. the commitment loss) as is."""
-        grads = [torch.autograd.grad(losses[k], x_hat, retain_graph=True)[0].float() for k in self.names]
+        """Backpropagate the balanced gradient through x̂ plus `other` (e.g. the commitment loss) as is.
+        `losses` may hold a subset of the names (ℓ_t and ℓ_f during cfg.disc_warmup): they share x̂ alone."""
+        idx = [i for i, k in enumerate(self.names) if k in losses]
+        grads = [torch.autograd.grad(losses[self.names[i]], x_hat, retain_graph=True)[0].float() for i in idx]
+        weights = self.weights[idx]
         if not self.enabled:  # plain weighted sum
-            out = sum(w * g for w, g in zip(self.weights, grads))
+            out = sum(w * g for w, g in zip(weights, grads))
         else:
             norms = torch.stack([g.flatten(1).norm(dim=1).mean() for g in grads])  # per-example norm, batch mean
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(norms)
                 norms /= dist.get_world_size()
-            self.norm_sum.mul_(self.decay).add_(norms)
+            self.norm_sum[idx] = self.norm_sum[idx] * self.decay + norms
             self.norm_count.mul_(self.decay).add_(1)
-            avg = self.norm_sum / self.norm_count
-            scale = self.weights / self.weights.sum() * self.total_norm / (self.eps + avg)
+            avg = self.norm_sum[idx] / self.norm_count
+            scale = weights / weights.sum() * self.total_norm / (self.eps + avg)
             out = sum(s * g for s, g in zip(scale, grads))
         tensors, grad_tensors = [x_hat], [out.to(x_hat.dtype)]
         if other is not None and other.requires_grad:  # (no commitment loss while the RVQ is bypassed)
             tensors.append(other)
             grad_tensors.append(torch.ones_like(other))
         torch.autograd.backward(tensors, grad_tensors)
+
+    def reset(self):  # the adversarial terms join after cfg.disc_warmup: every EMA starts again from there
+        self.norm_sum.zero_()
+        self.norm_count.zero_()
 
 # ----------------------------------------------------------------------------- data
 
@@ -959,6 +971,15 @@ def train_step(state, batch, cfg, rt):
     x = batch
     with rt.autocast():
         x_hat, _, commit = G(x, n_q)
+    if step <= cfg.disc_warmup:  # reconstruction alone (ours): no D to fool yet, and half the cost of a step
+        l_t, l_f = reconstruction_losses(x, x_hat, cfg)
+        opt_g.zero_grad(set_to_none=True)
+        balancer.backward({"t": l_t, "f": l_f}, x_hat, other=cfg.lambda_w * commit)
+        opt_g.step()
+        zero = l_t.detach() * 0
+        return dict(t=l_t, f=l_f, g=zero, feat=zero, w=commit, n_q=n_q)
+    if step == cfg.disc_warmup + 1 and cfg.disc_warmup > 0:
+        balancer.reset()
     losses = {}
     if update_d:
         with rt.autocast():

@@ -13,6 +13,8 @@ What pins each loss term, sampler, quantizer rule and schedule of encodec.py:
 - the balancer (per-example gradient norms on x̂, bias-corrected EMA):
   test_balancer_gradient_norms_follow_the_weights, test_golden_training_steps
 - bandwidth per batch and D update probability: test_bandwidth_is_drawn_per_batch_and_d_updates_with_disc_prob
+- the D-free warm-up (ours) and the balancer's restart after it:
+  test_disc_warmup_trains_on_reconstruction_alone_then_restarts_the_balancer
 - quantizer warm-up schedule: test_quantizer_warmup_counts_steps, test_quantizer_warmup_bypasses_the_rvq
 - k-means init (Lloyd): test_kmeans_init_finds_clusters; one level per step:
   test_quantizer_warmup_bypasses_the_rvq
@@ -812,6 +814,27 @@ def test_quantizer_warmup_counts_steps():
     n = [int(E.train_step(state, x, cfg, CPU)["n_q"]) for _ in range(3)]
     assert n[:2] == [0, 0] and n[2] > 0 and state["G"].quantizer.layers[0].inited.item() == 1
     assert state["choices"].step == 3
+
+def test_disc_warmup_trains_on_reconstruction_alone_then_restarts_the_balancer():
+    # the first disc_warmup steps (ours, CPU): no D update, no adversarial terms, the balancer shares x̂'s
+    # gradient between ℓ_t and ℓ_f alone; the step after, every EMA of the balancer starts again
+    cfg = make_cfg(disc_warmup=2, disc_prob=1.0)
+    torch.manual_seed(0)
+    state = E.build(cfg, CPU)
+    x = torch.randn(2, 1, cfg.segment) * 0.1
+    d0 = [p.detach().clone() for p in state["D"].parameters()]
+    for _ in range(2):
+        out = E.train_step(state, x, cfg, CPU)
+        assert "d" not in out and out["g"].item() == 0 and out["feat"].item() == 0
+    assert all(torch.equal(a, b) for a, b in zip(d0, state["D"].parameters()))
+    bal = state["balancer"]
+    assert bal.norm_sum[:2].min() > 0 and bal.norm_sum[2:].abs().max() == 0  # t, f seen; g, feat not
+    assert math.isclose(bal.norm_count.item(), 1 + cfg.balancer_decay, rel_tol=1e-6)
+    out = E.train_step(state, x, cfg, CPU)
+    assert "d" in out and out["g"].item() > 0
+    assert not all(torch.equal(a, b) for a, b in zip(d0, state["D"].parameters()))
+    assert bal.norm_count.item() == 1 and bal.norm_sum.min() > 0  # reset, then this step's norms alone
+
 
 def test_bandwidth_is_drawn_per_batch_and_d_updates_with_disc_prob():
     # §3.2: one bandwidth per batch, uniform over cfg.bandwidths; §4: D updates with probability disc_prob.
