@@ -2,56 +2,36 @@
 Step-Audio 2 Technical Report (StepFun Audio Team, 2025) — https://arxiv.org/abs/2507.16632
 An audio LLM that listens (part 1) and speaks (part 2).
 
-The idea: one decoder-only LLM understands speech end to end. A Whisper-style audio encoder (pretrained on ASR,
-then frozen) turns 25 s chunks of 128-bin log-mel into 25 Hz features; an adaptor (a stride-2 conv and a two-layer
-MLP, §3.1) brings them to 12.5 Hz in the LLM's width, and they overwrite placeholder tokens inside an ordinary chat
-prompt. The LLM (Qwen2.5-style: RMSNorm, RoPE, SwiGLU, grouped-query attention) transcribes, answers spoken
-questions, tells what the voice sounds like (paralinguistics), calls tools and keeps a multi-turn history. It
-also answers in speech: its vocabulary is extended with discrete speech tokens (§3.2; CosyVoice 2's supervised
-tokens: FSQ on an ASR-trained encoder, 25 Hz), and a spoken answer is one run of text and audio tokens interleaved
-at a fixed ratio between <tts_start> and <tts_end> (§3.1), the text leading the speech that says it, padded to
-keep the ratio. The detokenizer turns the audio tokens into sound: conditional flow matching from the tokens and
-a speaker prompt to mel, then a vocoder. A spoken answer stays in the history, as its token run, for the next turn.
-Training follows the paper's stages in miniature (§3.2-3.4), seven steps of one run: a text LLM, the encoder on
-ASR (CTC, then frozen), the adaptor on ASR (LLM frozen), the speech tokenizer (FSQ + CTC on the frozen encoder),
-the flow, the vocoder, then supervised fine-tuning on a task mixture with text and spoken answers.
+The idea: one decoder-only LLM understands speech end to end. A Whisper-style audio encoder (pretrained on
+ASR, then frozen) turns 25 s chunks of log-mel into 25 Hz features; an adaptor (a stride-2 conv and a
+two-layer MLP, §3.1) brings them to 12.5 Hz in the LLM's width, and they overwrite placeholder tokens inside
+an ordinary chat prompt. The LLM (Qwen2.5-style: RMSNorm, RoPE, SwiGLU, grouped-query attention) transcribes,
+answers spoken questions, tells what the voice sounds like (paralinguistics), calls tools and keeps a
+multi-turn history. It also answers in speech: its vocabulary is extended with discrete speech tokens (§3.2;
+CosyVoice 2's supervised FSQ tokens, 25 Hz), and a spoken answer is one run of text and audio tokens
+interleaved at a fixed ratio between <tts_start> and <tts_end> (§3.1), the text leading the speech that says
+it. The detokenizer turns the audio tokens into sound: conditional flow matching to mel, then a vocoder.
+Training follows the paper's stages in miniature (§3.2-3.4), seven stages of one run: a text LLM, the
+encoder on ASR (CTC), the adaptor on ASR (LLM frozen), the speech tokenizer (FSQ + CTC on the frozen
+encoder), the flow, the vocoder, then supervised fine-tuning on a task mixture with text and spoken answers.
 
-Simplified or changed versus the paper:
-- every stage is miniature and runs on the built-in corpus: the text LLM is pretrained on the corpus's own
-  transcripts and chat texts (the paper starts from Qwen2.5), the encoder on ASR with a CTC head (the paper also
-  uses speaker and audio-event tasks); the SFT mixture is ASR, spoken QA (the dialogue corpus's questions and a
-  spoken question bank: every question of its script spoken as its own utterance, 20 % of the arithmetic ones
-  and the test-only voice held out for test), three paralinguistic questions (gender, pitch, speaking rate:
-  labels from the eSpeak voice that spoke), a calculator tool for the arithmetic questions, a follow-up turn that
-  refers back to the first, TTS ("say this: ...") and spoken answers (the bank's answers spoken by one voice);
-- no reinforcement learning stage (PPO/GRPO, §3.4): it needs a reward model or many rollouts per step, which a CPU
-  run cannot afford;
-- speech tokens: FSQ on this file's ASR-trained encoder, trained with CTC through the bottleneck (CosyVoice 2's
-  S3 tokenizer is a separate, much larger ASR model); 3^8 = 6561 codes in the paper's shapes, 3^5 = 243 in `small`;
-- the text:audio ratio is 1:4 (--interleave): the paper says "a fixed ratio" and not which; spoken answers are
-  decoded greedily under the pattern's slot masks (text slots: text or <tts_pad>; audio slots: speech tokens or
-  the audio pad), where the official code samples (temperature 0.7, top-p 0.9) and splits by id afterwards;
-- the detokenizer: the flow's speaker condition is a prompt clip's mean mel (CosyVoice 2: a CAMPPlus x-vector and
-  the prompt's tokens and mel in context); a small Transformer estimator with a conv after each self-attention
-  (§3.1), OT-CFM with a linear time grid, 10 Euler steps, no classifier-free guidance, no streaming chunks; the
-  vocoder is a small HiFi-GAN-style generator trained on mel + multi-resolution STFT losses only (the paper's
-  HiFT is adversarially trained with an NSF source and iSTFT head), so its speech is muffled and buzzy;
-- spoken answers are always in one voice (answer_voice) and never call tools (the calculator is offered to text
-  answers); text is the corpus BPE (common.train_bpe), not Qwen's tokenizer;
-- the `mini` preset has the official shapes (Whisper-large encoder, Qwen2.5-7B LLM, vocabulary 158,720) and builds
-  on the meta device only; no official weights are mapped (no pip-installable reference implementation to prove
-  a key map against); the placeholder count is the official `compute_token_num` (the encoder reads each chunk's
-  mel two frames shorter, as official `padding_mels`): 313 per 25 s chunk, tested at many lengths.
+Simplified versus the paper:
+- miniature stages on the built-in corpus (no Qwen2.5 start); SFT tasks: ASR, spoken QA, three
+  paralinguistic questions, a calculator tool, a follow-up turn, TTS and spoken answers in one voice;
+- no reinforcement learning stage (§3.4); the text:audio ratio 1:4 is ours (the paper gives none), decoded
+  greedily under slot masks; speech tokens: FSQ on this file's own encoder, not a separate S3 model;
+- the detokenizer: a mean-mel speaker condition, a small estimator, 10 Euler steps, no guidance; the vocoder
+  is trained on mel + STFT losses only (no adversary), so its speech is muffled;
+- `mini` has the official shapes (meta device only); no official weights are mapped (no reference to prove
+  a key map against); the placeholder count is the official `compute_token_num`.
+Aim 1100 lines not reached (1658): seven training stages, two-part eval and the detokenizer stay.
 
-    python step_audio.py                                  # all seven stages on the built-in corpus (`small` on a CPU)
+    python step_audio.py                                  # all seven stages (`small` on a CPU)
     python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
-    python step_audio.py --mode=eval --init_from=out/step_audio/ckpt.pt --eval_items=240 --eval_speech_items=48
-        # held-out test: every figure; writes eval_test/qa.tsv, eval_test/spoken/*.wav, eval_test/resynth/*.wav and
-        # the same clips' originals in eval_test/original/, each folder with refs.txt (name<TAB>intended text), so
-        # a separate ASR model measures the WER of each: whisper.py --mode=sample --input_dir=... prints it
-    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav   # a spoken answer
+    python step_audio.py --mode=eval --init_from=out/step_audio/ckpt.pt  # test set; spoken, resynth and
+        # original clips with refs.txt each, for whisper.py --mode=sample --input_dir=... to score
     python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav --followup=q2.wav
-    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=clip.wav --prompt="transcribe the audio"
+    python step_audio.py --mode=sample --init_from=resume --input=a.wav --prompt="transcribe the audio"
     python step_audio.py --mode=bench
     torchrun --standalone --nproc_per_node=8 step_audio.py
 """
@@ -78,15 +58,18 @@ class Config:
     data_dir: str = ""                  # empty: the built-in corpus (speech and dialogue)
     corpus_hours: float = 2.0           # size of the built-in corpus
     input: str = ""                     # --mode=sample: a wav to listen to (empty: held-out examples)
-    prompt: str = ""                    # --mode=sample: a question in text about --input (empty: --input is the question)
+    # --mode=sample: a question in text about --input (empty: --input is the question)
+    prompt: str = ""
     tools: bool = True                  # --mode=sample: the calculator tool is offered
     speak: bool = True                  # --mode=sample: answer a spoken question with speech (else text)
-    followup: str = ""                  # --mode=sample: a second spoken question (wav), asked after --input's answer
+    # --mode=sample: a second spoken question (wav), asked after --input's answer
+    followup: str = ""
     seed: int = 1337
     # audio front end (§3.1: Whisper's log-mel at 16 kHz, 128 bins, 25 s chunks)
     sample_rate: int = 16000            # Hz
     n_mels: int = 128                   # log-mel bins
-    chunk_seconds: float = 25.0         # audio is cut into chunks of at most this length, each framed by markers
+    # audio is cut into chunks of at most this length, each framed by markers
+    chunk_seconds: float = 25.0
     pad_samples: int = 479              # right padding of each chunk before the STFT (official)
     # audio encoder (Whisper-large-v3 shapes in `mini`)
     n_audio_ctx: int = 1500             # positional table: 30 s at 50 Hz
@@ -106,10 +89,13 @@ class Config:
     vocab_size: int = 0                 # 0: the corpus BPE plus the special tokens; 158720 in `mini`
     bpe_vocab: int = 600                # ranks of the corpus BPE (bytes included)
     tie_embeddings: bool = False        # share embed_tokens and lm_head (Qwen2.5-7B does not)
-    # speech output (part 2): supervised speech tokens, interleaved text:audio generation, flow matching, vocoder
-    fsq_levels: tuple = (3, 3, 3, 3, 3, 3, 3, 3)  # FSQ levels per dimension: 3^8 = 6561 codes (CosyVoice 2's S3 v2)
+    # speech output (part 2): supervised speech tokens, interleaved text:audio generation, flow matching,
+    # vocoder
+    # FSQ levels per dimension: 3^8 = 6561 codes (CosyVoice 2's S3 v2)
+    fsq_levels: tuple = (3, 3, 3, 3, 3, 3, 3, 3)
     interleave: tuple = (1, 4)          # text slots : audio slots per group between <tts_start> and <tts_end>
-    n_voc_mels: int = 80                # the detokenizer's mel (ln, n_fft 640, hop 160 at 16 kHz: 4 frames a token)
+    # the detokenizer's mel (ln, n_fft 640, hop 160 at 16 kHz: 4 frames a token)
+    n_voc_mels: int = 80
     flow_dim: int = 512                 # flow-matching estimator width
     flow_layers: int = 6                # estimator blocks (self-attention, then a conv, then an MLP: §3.1)
     flow_heads: int = 8                 # estimator attention heads
@@ -119,13 +105,17 @@ class Config:
     voc_upsample: tuple = (5, 4, 4, 2)  # vocoder upsampling factors (product = the mel hop, 160)
     voc_segment: int = 6400             # vocoder training crop in samples (40 mel frames)
     flow_max_codes: int = 64            # flow training crop in speech tokens (2.56 s)
-    answer_voice: int = 0               # the built-in voice that speaks the assistant's answers (training targets)
+    # the built-in voice that speaks the assistant's answers (training targets)
+    answer_voice: int = 0
     bank_size: int = 0                  # questions of the spoken question bank per split (0: all of them)
     bank_voices: int = 3                # voices each question of the bank is spoken in
-    # training stages in miniature (§3.2-3.4): text LLM, encoder ASR pretraining, adaptor alignment, the speech
-    # tokenizer (FSQ + CTC), the flow-matching detokenizer, the vocoder; SFT (text and speech answers) after them
-    stage_iters: tuple = (300, 300, 200, 200, 400, 400)  # steps of the first six stages; SFT runs to max_iters
-    tool_frac: float = 0.5              # arithmetic questions with the calculator offered (else answered directly)
+    # training stages in miniature (§3.2-3.4): text LLM, encoder ASR pretraining, adaptor alignment, the
+    # speech tokenizer (FSQ + CTC), the flow-matching detokenizer, the vocoder; SFT (text and speech answers)
+    # after them
+    # steps of the first six stages; SFT runs to max_iters
+    stage_iters: tuple = (300, 300, 200, 200, 400, 400)
+    # arithmetic questions with the calculator offered (else answered directly)
+    tool_frac: float = 0.5
     lr: float = 1e-3                    # AdamW peak learning rate
     betas: tuple = (0.9, 0.95)          # AdamW betas
     weight_decay: float = 0.1           # AdamW weight decay
@@ -138,7 +128,8 @@ class Config:
     eval_speech_items: int = 8          # held-out examples for the spoken answers and resynthesis (slower)
     log_interval: int = 25              # steps between progress lines
     max_new_tokens: int = 48            # generation limit per assistant turn (text)
-    max_speech_tokens: int = 240        # generation limit of a spoken turn (text and audio slots: ~7 s at 1:4)
+    # generation limit of a spoken turn (text and audio slots: ~7 s at 1:4)
+    max_speech_tokens: int = 240
     bench_iters: int = 5                # timed repetitions in --mode=bench
     bench_seconds: float = 30.0         # audio length for the prefill figure
     device: str = "auto"
@@ -149,13 +140,15 @@ class Config:
         if any(s < 0 for s in self.stage_iters) or len(self.stage_iters) != 6:
             raise SystemExit(f"error: --stage_iters takes six step counts >= 0 (got {self.stage_iters})")
         if self.mode == "train" and self.max_iters < sum(self.stage_iters):
-            raise SystemExit(f"error: --max_iters={self.max_iters} is shorter than the first six stages, --stage_iters="
-                             f"{','.join(map(str, self.stage_iters))} (sum {sum(self.stage_iters)})")
+            its = self.stage_iters
+            raise SystemExit(f"error: --max_iters={self.max_iters} is shorter than the first six stages, "
+                             f"--stage_iters={','.join(map(str, its))} (sum {sum(its)})")
         if self.n_head % self.n_kv_head or self.n_embd % self.n_head:
             raise SystemExit("error: --n_head must be a multiple of --n_kv_head, and --n_embd of --n_head")
         if self.followup and (not os.path.isfile(self.followup) or not self.followup.lower().endswith(
                 (".wav", ".flac", ".ogg", ".mp3"))):
-            raise SystemExit(f"error: --followup={self.followup} is not an audio file (.wav, .flac, .ogg, .mp3)")
+            raise SystemExit(f"error: --followup={self.followup} is not an audio file "
+                             "(.wav, .flac, .ogg, .mp3)")
         if self.followup and not self.input:
             raise SystemExit("error: --followup is the second spoken question: give the first with --input")
         if not self.fsq_levels or any(l < 3 or l % 2 == 0 for l in self.fsq_levels):
@@ -163,32 +156,34 @@ class Config:
         if len(self.interleave) != 2 or min(self.interleave) < 1:
             raise SystemExit(f"error: --interleave takes two counts >= 1, text,audio (got {self.interleave})")
         if math.prod(self.voc_upsample) != 160:
-            raise SystemExit(f"error: --voc_upsample must multiply to the mel hop 160 (got {self.voc_upsample})")
+            raise SystemExit(f"error: --voc_upsample must multiply to the mel hop 160 "
+                             f"(got {self.voc_upsample})")
         if self.flow_dim % self.flow_heads or self.voc_channels % 2 ** len(self.voc_upsample):
             raise SystemExit("error: --flow_dim must be a multiple of --flow_heads, and --voc_channels of "
                              "2 ** len(--voc_upsample)")
 
 
 PRESETS = {
-    "mini":  dict(vocab_size=158720),   # Step-Audio-2-mini's shapes (8.3 B parameters): builds on the meta device
-    "small": dict(n_mels=80, n_audio_state=128, n_audio_head=4, n_audio_layer=2, adaptor_hidden=256, n_embd=192,
-                  n_layer=4, n_head=6, n_kv_head=2, ffn=512, rope_theta=1e4, tie_embeddings=True, corpus_hours=0.5,
-                  fsq_levels=(3, 3, 3, 3, 3), flow_dim=128, flow_layers=3, flow_heads=4, voc_channels=128,
-                  stage_iters=(400, 300, 150, 200, 300, 300), max_iters=3000, batch_size=8, eval_interval=1000,
-                  eval_items=24, eval_speech_items=8, compile=False),  # a CPU run: 14 min on one core (README);
-                  # 80 mel bins (128 cost 1.6x here)
-    "tiny":  dict(n_mels=32, n_audio_ctx=400, n_audio_state=32, n_audio_head=2, n_audio_layer=1, adaptor_hidden=48,
-                  n_embd=32, n_layer=2, n_head=4, n_kv_head=2, ffn=64, rope_theta=1e4, bpe_vocab=300,
-                  tie_embeddings=True, corpus_hours=0.02, fsq_levels=(3, 3), flow_dim=16, flow_layers=1,
-                  flow_heads=2, voc_channels=16, voc_segment=1600, flow_max_codes=8, bank_size=6, bank_voices=1,
-                  stage_iters=(0, 0, 0, 1, 1, 1), max_iters=4, batch_size=2, eval_interval=1000, eval_items=1,
-                  eval_speech_items=1, log_interval=1, max_new_tokens=6, max_speech_tokens=12, bench_iters=1,
-                  bench_seconds=2.0, chunk_seconds=3.0, compile=False),  # tests
+    "mini":  dict(vocab_size=158720),   # Step-Audio-2-mini's shapes (8.3 B parameters): meta device only
+    # a CPU run; 80 mel bins, as 128 cost much more time on a CPU
+    "small": dict(n_mels=80, n_audio_state=128, n_audio_head=4, n_audio_layer=2, adaptor_hidden=256,
+                  n_embd=192, n_layer=4, n_head=6, n_kv_head=2, ffn=512, rope_theta=1e4, tie_embeddings=True,
+                  corpus_hours=0.5, fsq_levels=(3, 3, 3, 3, 3), flow_dim=128, flow_layers=3, flow_heads=4,
+                  voc_channels=128, stage_iters=(400, 300, 150, 200, 300, 300), max_iters=3000, batch_size=8,
+                  eval_interval=1000, eval_items=24, eval_speech_items=8, compile=False),
+    # tests
+    "tiny":  dict(n_mels=32, n_audio_ctx=400, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
+                  adaptor_hidden=48, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, ffn=64, rope_theta=1e4,
+                  bpe_vocab=300, tie_embeddings=True, corpus_hours=0.02, fsq_levels=(3, 3), flow_dim=16,
+                  flow_layers=1, flow_heads=2, voc_channels=16, voc_segment=1600, flow_max_codes=8,
+                  bank_size=6, bank_voices=1, stage_iters=(0, 0, 0, 1, 1, 1), max_iters=4, batch_size=2,
+                  eval_interval=1000, eval_items=1, eval_speech_items=1, log_interval=1, max_new_tokens=6,
+                  max_speech_tokens=12, bench_iters=1, bench_seconds=2.0, chunk_seconds=3.0, compile=False),
 }
 ARCH_KEYS = ("sample_rate", "n_mels", "chunk_seconds", "pad_samples", "n_audio_ctx", "n_audio_state",
-             "n_audio_head", "n_audio_layer", "adaptor_hidden", "n_embd", "n_layer", "n_head", "n_kv_head", "ffn",
-             "rope_theta", "rms_eps", "vocab_size", "bpe_vocab", "tie_embeddings", "fsq_levels", "n_voc_mels",
-             "flow_dim", "flow_layers", "flow_heads", "voc_channels", "voc_upsample")
+             "n_audio_head", "n_audio_layer", "adaptor_hidden", "n_embd", "n_layer", "n_head", "n_kv_head",
+             "ffn", "rope_theta", "rms_eps", "vocab_size", "bpe_vocab", "tie_embeddings", "fsq_levels",
+             "n_voc_mels", "flow_dim", "flow_layers", "flow_heads", "voc_channels", "voc_upsample")
 STAGES = ("llm", "encoder", "adaptor", "tokenizer", "flow", "vocoder", "sft")
 
 # ----------------------------------------------------------------------------- model
@@ -207,9 +202,11 @@ class EncoderAttention(nn.Module):
         self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, d)
         self.out = nn.Linear(d, d)
 
-    def forward(self, x, mask):                           # x: (B, T, D), mask: (B, 1, 1, T) True = a real frame
+    # x: (B, T, D), mask: (B, 1, 1, T) True = a real frame
+    def forward(self, x, mask):
         B, T, _ = x.shape
-        q, k, v = (p(x).view(B, T, self.n_head, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
+        q, k, v = (p(x).view(B, T,
+                             self.n_head, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
         return self.out(y.transpose(1, 2).flatten(2))
 
@@ -218,7 +215,8 @@ class EncoderBlock(nn.Module):
     def __init__(self, d, n_head):
         super().__init__()
         self.attn, self.attn_ln = EncoderAttention(d, n_head), LayerNorm(d)
-        self.mlp, self.mlp_ln = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)), LayerNorm(d)
+        self.mlp, self.mlp_ln = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(),
+                                              nn.Linear(4 * d, d)), LayerNorm(d)
 
     def forward(self, x, mask):
         x = x + self.attn(self.attn_ln(x), mask)
@@ -236,21 +234,24 @@ def adaptor_frames(n_enc):
 
 
 class AudioEncoder(nn.Module):
-    """Whisper-style encoder (§3.1): two convs (100 Hz mel -> 50 Hz), a learned positional table, pre-LN blocks,
-    then average pooling to 25 Hz and a final LayerNorm. Pretrained on ASR, then frozen for the rest of training."""
+    """Whisper-style encoder (§3.1): two convs (100 Hz mel -> 50 Hz), a learned positional table,
+    pre-LN blocks, then average pooling to 25 Hz and a final LayerNorm. Pretrained on ASR, then frozen for the
+    rest of training."""
     def __init__(self, cfg):
         super().__init__()
         d = cfg.n_audio_state
         self.conv1 = nn.Conv1d(cfg.n_mels, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
-        self.positional_embedding = nn.Embedding(cfg.n_audio_ctx, d)  # an nn.Embedding, not sinusoids (official)
+        # an nn.Embedding, not sinusoids (official)
+        self.positional_embedding = nn.Embedding(cfg.n_audio_ctx, d)
         self.blocks = nn.ModuleList(EncoderBlock(d, cfg.n_audio_head) for _ in range(cfg.n_audio_layer))
         self.avg_pooler = nn.AvgPool1d(2, 2)
         self.after_norm = LayerNorm(d)
 
     def forward(self, mel, n_mel):                        # mel: (B, n_mels, T), n_mel: (B,) real frames
         x = F.gelu(self.conv1(mel))
-        x = x * (torch.arange(x.shape[-1], device=mel.device)[None] < n_mel[:, None])[:, None]  # padding reads as zeros
+        # padding reads as zeros
+        x = x * (torch.arange(x.shape[-1], device=mel.device)[None] < n_mel[:, None])[:, None]
         x = F.gelu(self.conv2(x)).transpose(1, 2)         # (B, T2, D) at 50 Hz
         T2 = x.shape[1]
         if T2 > self.positional_embedding.num_embeddings:
@@ -265,7 +266,7 @@ class AudioEncoder(nn.Module):
 
 
 class Adaptor(nn.Module):
-    """§3.1: a stride-2 conv (25 -> 12.5 Hz) with GELU, then Linear -> ReLU -> Linear into the LLM's width."""
+    """§3.1: a stride-2 conv (25 -> 12.5 Hz) with GELU, then Linear -> ReLU -> Linear to the LLM's width."""
     def __init__(self, cfg):
         super().__init__()
         self.conv = nn.Conv1d(cfg.n_audio_state, cfg.n_audio_state, kernel_size=3, stride=2, padding=1)
@@ -311,7 +312,8 @@ class Attention(nn.Module):
     o_proj without); RoPE on queries and keys; fused SDPA, causal."""
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv, self.dh, self.theta = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head, cfg.rope_theta
+        self.n_head, self.n_kv, self.dh = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.theta = cfg.rope_theta
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.dh)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.dh)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.dh)
@@ -386,15 +388,17 @@ class LLM(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-CHARS = " abcdefghijklmnopqrstuvwxyz'"                    # the CTC alphabet of encoder pretraining (0 = blank)
+# the CTC alphabet of encoder pretraining (0 = blank)
+CHARS = " abcdefghijklmnopqrstuvwxyz'"
 
 # ----------------------------------------------------------------------------- speech output (part 2)
 
 class FSQ(nn.Module):
     """Finite scalar quantization (Mentzer et al. 2023; CosyVoice 2's S3 tokenizer, §3.1 of Step-Audio 2: its
-    audio tokens are CosyVoice 2's): each of d dimensions is bounded by tanh to [-(L-1)/2, (L-1)/2] and rounded
-    to one of L integers (straight-through gradient); the code is the mixed-radix number of the d digits, so
-    there are prod(levels) codes and no codebook to learn or collapse. Odd levels only (no half-step offset)."""
+    audio tokens are CosyVoice 2's): each of d dimensions is bounded by tanh to [-(L-1)/2, (L-1)/2] and
+    rounded to one of L integers (straight-through gradient); the code is the mixed-radix number of the d
+    digits, so there are prod(levels) codes and no codebook to learn or collapse. Odd levels only (no
+    half-step offset)."""
     def __init__(self, levels):
         super().__init__()
         self.levels = list(levels)
@@ -403,7 +407,8 @@ class FSQ(nn.Module):
         self.register_buffer("basis", torch.tensor(basis), persistent=False)
         self.n_codes = int(np.prod(self.levels))
 
-    def forward(self, z):                                 # z: (..., d) -> (quantized in [-1, 1] (..., d), codes (...))
+    # z: (..., d) -> (quantized in [-1, 1] (..., d), codes (...))
+    def forward(self, z):
         b = torch.tanh(z) * self.half_width
         q = b + (torch.round(b) - b).detach()             # straight-through: round forward, identity backward
         codes = ((torch.round(b) + self.half_width).long() * self.basis).sum(-1)
@@ -421,12 +426,15 @@ class SpeechTokenizer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.n_audio_state
-        self.down, self.fsq, self.up = nn.Linear(d, len(cfg.fsq_levels)), FSQ(cfg.fsq_levels), nn.Linear(len(cfg.fsq_levels), d)
+        n = len(cfg.fsq_levels)
+        self.down, self.fsq, self.up = nn.Linear(d, n), FSQ(cfg.fsq_levels), nn.Linear(n, d)
         self.block, self.ctc_head = EncoderBlock(d, cfg.n_audio_head), nn.Linear(d, len(CHARS) + 1)
 
-    def forward(self, h, n_mel):                          # h: (B, T', D) encoder frames -> CTC logits (B, T', chars)
+    # h: (B, T', D) encoder frames -> CTC logits (B, T', chars)
+    def forward(self, h, n_mel):
         q, _ = self.fsq(self.down(h))
-        valid = torch.arange(h.shape[1], device=h.device)[None] < torch.tensor([encoder_frames(int(n)) for n in n_mel],
+        valid = torch.arange(h.shape[1],
+                             device=h.device)[None] < torch.tensor([encoder_frames(int(n)) for n in n_mel],
                                                                                 device=h.device)[:, None]
         return self.ctc_head(self.block(self.up(q), valid[:, None, None, :]))
 
@@ -440,24 +448,27 @@ def voc_mel(wav, cfg):
     return common.mel_spectrogram(wav, cfg.sample_rate, n_fft=640, hop=160, n_mels=cfg.n_voc_mels, log="ln")
 
 
-MEL_MEAN, MEL_STD = -6.0, 3.0                             # the flow works on (ln-mel - mean) / std: about unit scale
+# the flow works on (ln-mel - mean) / std: about unit scale
+MEL_MEAN, MEL_STD = -6.0, 3.0
 
 
 def timestep_embedding(t, d):
-    """Sinusoidal embedding of the flow time t in [0, 1] (scaled by 1000, as in diffusion models). (B,) -> (B, d)."""
+    """Sinusoidal embedding of the flow time t in [0, 1] (scaled by 1000, as in diffusion models).
+    (B,) -> (B, d)."""
     f = torch.exp(-math.log(10000) * torch.arange(d // 2, device=t.device) / (d // 2))
     a = 1000 * t[:, None] * f[None]
     return torch.cat([a.sin(), a.cos()], -1)
 
 
 class FlowBlock(nn.Module):
-    """The estimator's block (§3.1: "a CNN encoder layer after each self-attention"): self-attention, a k3 conv,
-    an MLP, each pre-LN and residual; the flow time is added at the block's input."""
+    """The estimator's block (§3.1: "a CNN encoder layer after each self-attention"):
+    self-attention, a k3 conv, an MLP, each pre-LN and residual; the flow time is added at its input."""
     def __init__(self, d, n_head):
         super().__init__()
         self.attn, self.attn_ln = EncoderAttention(d, n_head), LayerNorm(d)
         self.conv, self.conv_ln = nn.Conv1d(d, d, 3, padding=1), LayerNorm(d)
-        self.mlp, self.mlp_ln = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)), LayerNorm(d)
+        self.mlp, self.mlp_ln = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(),
+                                              nn.Linear(4 * d, d)), LayerNorm(d)
         self.time = nn.Linear(d, d)
 
     def forward(self, x, temb, mask):                     # x: (B, T, D), temb: (B, D), mask: (B, 1, 1, T)
@@ -469,9 +480,9 @@ class FlowBlock(nn.Module):
 
 class Flow(nn.Module):
     """Conditional flow matching (CosyVoice 2's flow; §3.1's detokenizer): speech tokens (25 Hz) -> a token
-    encoder -> mu, upsampled x4 to the mel rate; the estimator predicts the velocity v(x_t, t | mu, speaker) that
-    carries Gaussian noise (t = 0) to the mel (t = 1). The speaker is a prompt clip's mean mel (our stand-in for
-    CosyVoice's CAMPPlus x-vector; the prompt mel is not used in-context)."""
+    encoder -> mu, upsampled x4 to the mel rate; the estimator predicts the velocity v(x_t, t | mu, speaker)
+    that carries Gaussian noise (t = 0) to the mel (t = 1). The speaker is a prompt clip's mean mel (our
+    stand-in for CosyVoice's CAMPPlus x-vector; the prompt mel is not used in-context)."""
     def __init__(self, cfg):
         super().__init__()
         d, m = cfg.flow_dim, cfg.n_voc_mels
@@ -484,7 +495,8 @@ class Flow(nn.Module):
         self.blocks = nn.ModuleList(FlowBlock(d, cfg.flow_heads) for _ in range(cfg.flow_layers))
         self.out_ln, self.out = LayerNorm(d), nn.Linear(d, m)
 
-    def cond(self, codes, spk_mel):                       # codes: (B, N), spk_mel: (B, M) -> mu (B, 4N, M), spk (B, M)
+    # codes: (B, N), spk_mel: (B, M) -> mu (B, 4N, M), spk (B, M)
+    def cond(self, codes, spk_mel):
         h = self.embed(codes)
         h = h + F.gelu(self.token_conv(h.transpose(1, 2))).transpose(1, 2)
         return self.mu(h).repeat_interleave(4, dim=1), self.spk(spk_mel)
@@ -498,7 +510,8 @@ class Flow(nn.Module):
 
 
 def flow_sample(velocity, x0, steps):
-    """Euler integration of dx/dt = v(x, t) from t = 0 (the noise x0) to t = 1 (the mel), `steps` equal steps."""
+    """Euler integration of dx/dt = v(x, t) from t = 0 (the noise x0) to t = 1
+    (the mel), `steps` equal steps."""
     ts = torch.linspace(0.0, 1.0, steps + 1, device=x0.device)
     x = x0
     for i in range(steps):
@@ -527,8 +540,10 @@ class Vocoder(nn.Module):
         c = cfg.voc_channels
         self.conv_pre = nn.Conv1d(cfg.n_voc_mels, c, 7, padding=3)
         self.ups, self.res = nn.ModuleList(), nn.ModuleList()
-        for r in cfg.voc_upsample:                        # length x r exactly: kernel 2r, padding ceil(r/2), output_padding r % 2
-            self.ups.append(nn.ConvTranspose1d(c, c // 2, 2 * r, r, padding=(r + 1) // 2, output_padding=r % 2))
+        # length x r exactly: kernel 2r, padding ceil(r/2), output_padding r % 2
+        for r in cfg.voc_upsample:
+            self.ups.append(nn.ConvTranspose1d(c, c // 2, 2 * r, r, padding=(r + 1) // 2,
+                                               output_padding=r % 2))
             self.res.append(ResBlock(c // 2))
             c //= 2
         self.conv_post = nn.Conv1d(c, 1, 7, padding=3)
@@ -541,24 +556,28 @@ class Vocoder(nn.Module):
 
 
 class StepAudio(nn.Module):
-    """Encoder -> adaptor -> LLM -> (speech tokens) -> flow matching -> vocoder (§3.1). The CTC head exists for
-    encoder pretraining only (our stand-in for the paper's ASR pretraining of the encoder)."""
+    """Encoder -> adaptor -> LLM -> (speech tokens) -> flow matching -> vocoder
+    (§3.1). The CTC head exists for encoder pretraining only (our stand-in for the paper's ASR pretraining of
+    the encoder)."""
     def __init__(self, cfg):
         super().__init__()
         self.encoder, self.adapter, self.model = AudioEncoder(cfg), Adaptor(cfg), LLM(cfg)
         self.ctc_head = nn.Linear(cfg.n_audio_state, len(CHARS) + 1)
-        # part 2: the speech tokenizer on the frozen encoder, and the detokenizer (flow matching, then the vocoder)
+        # part 2: the speech tokenizer on the frozen encoder, and the detokenizer (flow matching, then the
+        # vocoder)
         self.speech_tokenizer, self.flow, self.vocoder = SpeechTokenizer(cfg), Flow(cfg), Vocoder(cfg)
         # the assistant's voice: the mean voc_mel of a clip in it, set before training, kept in the checkpoint
         self.register_buffer("answer_voice", torch.zeros(cfg.n_voc_mels))
 
     def audio_features(self, mel, n_mel):
-        """(N, n_mels, T) chunks -> list of N (n_tokens_i, D_llm) tensors, each exactly audio_tokens(...) long."""
+        """(N, n_mels, T) chunks -> list of N (n_tokens_i, D_llm) tensors,
+        each exactly audio_tokens(...) long."""
         return self.adapt(self.encoder(mel, n_mel), n_mel)
 
     def adapt(self, h, n_mel):
-        """Encoder frames (N, T', D) -> each chunk's adaptor features; the frames past a chunk's end are zeroed
-        first, so a chunk padded in a batch gives exactly what it gives alone (the conv looks one frame ahead)."""
+        """Encoder frames (N, T', D) -> each chunk's adaptor features;
+        the frames past a chunk's end are zeroed first, so a chunk padded in a batch gives exactly what it
+        gives alone (the conv looks one frame ahead)."""
         n_enc = torch.tensor([encoder_frames(int(n)) for n in n_mel], device=h.device)
         h = h * (torch.arange(h.shape[1], device=h.device)[None] < n_enc[:, None])[..., None]
         return [f[:adaptor_frames(int(n))] for f, n in zip(self.adapter(h), n_enc)]
@@ -574,10 +593,12 @@ class StepAudio(nn.Module):
             x = x.masked_scatter(slots[..., None], f)
         return x
 
-    def forward(self, ids=None, mel=None, n_mel=None, patch_id=None, ctc=False, frozen_encoder=True, batch=None,
+    def forward(self, ids=None, mel=None, n_mel=None, patch_id=None, ctc=False,
+                frozen_encoder=True, batch=None,
                 cfg=None):
-        """Logits over the vocabulary (B, T, V); with ctc=True the encoder's CTC logits (B, T', chars) instead;
-        with a batch of the tokenizer, flow or vocoder stage, that stage's loss (so DDP sees every stage)."""
+        """Logits over the vocabulary (B, T, V); with ctc=True the encoder's CTC logits
+        (B, T', chars) instead; with a batch of the tokenizer, flow or vocoder stage, that stage's loss (so
+        DDP sees every stage)."""
         if batch is not None:
             return self.stage_loss(batch, cfg)
         if ctc:
@@ -590,12 +611,15 @@ class StepAudio(nn.Module):
         return self.model(self.embed(ids, feats, patch_id))
 
     def stage_loss(self, batch, cfg):
-        if batch["stage"] == "tokenizer":                # CTC through the FSQ bottleneck on the frozen encoder
+        # CTC through the FSQ bottleneck on the frozen encoder
+        if batch["stage"] == "tokenizer":
             with torch.no_grad():
                 h = self.encoder(batch["mel"], batch["n_mel"])
-            return ctc_loss(self.speech_tokenizer(h, batch["n_mel"]), batch["n_mel"], batch["chars"], batch["n_chars"])
+            return ctc_loss(self.speech_tokenizer(h, batch["n_mel"]), batch["n_mel"], batch["chars"],
+                            batch["n_chars"])
         if batch["stage"] == "flow":
-            return flow_loss(self.flow, batch["codes"], batch["x1"], batch["spk"], batch["mask"], cfg.sigma_min)
+            return flow_loss(self.flow, batch["codes"], batch["x1"], batch["spk"],
+                             batch["mask"], cfg.sigma_min)
         return vocoder_loss(self.vocoder(batch["mel"]), batch["wav"], cfg)
 
     @torch.no_grad()
@@ -606,7 +630,8 @@ class StepAudio(nn.Module):
 
     @torch.no_grad()
     def detokenize(self, codes, spk_mel, cfg, noise=None):
-        """Speech tokens (N,) -> (mel (n_voc_mels, 4N), 16 kHz waveform (640 N,)): flow matching, then the vocoder."""
+        """Speech tokens (N,) -> (mel (n_voc_mels, 4N), 16 kHz waveform (640 N,)):
+        flow matching, then the vocoder."""
         mu, spk = self.flow.cond(codes[None], (spk_mel[None] - MEL_MEAN) / MEL_STD)
         x0 = torch.randn_like(mu) if noise is None else noise
         mel = flow_sample(lambda x, t: self.flow.velocity(x, t, mu, spk), x0, cfg.flow_steps)  # (1, 4N, M)
@@ -620,17 +645,20 @@ SPECIALS = ("<|endoftext|>", "<|BOT|>", "<|EOT|>", "<audio_start>", "<audio_patc
 
 
 class Tokenizer:
-    """The corpus BPE (tiktoken format, common.train_bpe) with the chat, audio and TTS markers after its ranks,
-    then the speech tokens (§3.2's vocabulary extension): <audio_k> = audio_base + k for the n_codes FSQ codes,
-    and one audio pad (<audio_k> with k = n_codes, as the official 6561). Text ids are all < audio_base."""
+    """The corpus BPE (tiktoken format, common.train_bpe) with the chat,
+    audio and TTS markers after its ranks, then the speech tokens (§3.2's vocabulary extension): <audio_k> =
+    audio_base + k for the n_codes FSQ codes, and one audio pad (<audio_k> with k = n_codes, as the official
+    6561). Text ids are all < audio_base."""
     def __init__(self, ranks, n_codes):
         self.ranks_text = common.ranks_to_text(ranks)
         self.enc = common.bpe_encoding(ranks, SPECIALS, name="step-audio-bpe")
         self.ids = {s: len(ranks) + i for i, s in enumerate(SPECIALS)}
         self.pad, self.bot, self.eot = self.ids["<|endoftext|>"], self.ids["<|BOT|>"], self.ids["<|EOT|>"]
-        self.audio_start, self.patch, self.audio_end = (self.ids[s] for s in ("<audio_start>", "<audio_patch>", "<audio_end>"))
+        self.audio_start, self.patch, self.audio_end = (self.ids[s] for s in
+                                                        ("<audio_start>", "<audio_patch>", "<audio_end>"))
         self.call, self.end_call = self.ids["<tool_call>"], self.ids["</tool_call>"]
-        self.tts_start, self.tts_end, self.tts_pad = (self.ids[s] for s in ("<tts_start>", "<tts_end>", "<tts_pad>"))
+        self.tts_start, self.tts_end, self.tts_pad = (self.ids[s] for s in
+                                                      ("<tts_start>", "<tts_end>", "<tts_pad>"))
         self.audio_base = self.enc.n_vocab                # the first speech token
         self.n_codes = n_codes
         self.audio_pad = self.audio_base + n_codes        # fills the audio slots of the last group
@@ -644,7 +672,8 @@ class Tokenizer:
         return i >= self.audio_base
 
     def decode(self, ids):
-        """Ids to text: specials as their names, speech tokens and <tts_*> markers left out (they are not text)."""
+        """Ids to text: specials as their names, speech tokens and <tts_*> markers left out
+        (they are not text)."""
         specials, out, run = {v: k for k, v in self.ids.items()}, [], []
         skip = {self.tts_start, self.tts_end, self.tts_pad}
         for i in [i for i in ids if not self.is_audio(i) and i not in skip] + [None]:
@@ -661,8 +690,8 @@ class Tokenizer:
 def interleave(text_ids, codes, tok, ratio):
     """A spoken answer as one token run (§3.1: text and audio tokens at a fixed ratio, padded to keep it):
     <tts_start>, then groups of n text slots and m audio slots until both the text and the audio are used up
-    (text slots past the text's end hold <tts_pad>, audio slots past the audio's end the audio pad), <tts_end>.
-    The text leads the audio it is saying: at 1:4 a text token per 160 ms of speech."""
+    (text slots past the text's end hold <tts_pad>, audio slots past the audio's end the audio pad),
+    <tts_end>. The text leads the audio it is saying: at 1:4 a text token per 160 ms of speech."""
     n, m = ratio
     groups = max(math.ceil(len(text_ids) / n), math.ceil(len(codes) / m), 1)
     out = [tok.tts_start]
@@ -674,14 +703,17 @@ def interleave(text_ids, codes, tok, ratio):
 
 
 def deinterleave(ids, tok):
-    """A generated run -> (text ids, speech codes): the split by id range of the official parser, pads dropped."""
-    text = [i for i in ids if i < tok.audio_base and i not in (tok.tts_start, tok.tts_end, tok.tts_pad, tok.eot)]
+    """A generated run -> (text ids, speech codes): the split by id range of the official parser,
+    pads dropped."""
+    text = [i for i in ids if i < tok.audio_base and i not in (tok.tts_start, tok.tts_end,
+                                                               tok.tts_pad, tok.eot)]
     codes = [i - tok.audio_base for i in ids if tok.audio_base <= i < tok.audio_pad]
     return text, codes
 
 
 def slot_kind(k, ratio):
-    """Which slot the k-th token after <tts_start> fills: "text" or "audio" (the interleave's fixed pattern)."""
+    """Which slot the k-th token after <tts_start> fills: "text" or "audio"
+    (the interleave's fixed pattern)."""
     n, m = ratio
     return "text" if k % (n + m) < n else "audio"
 
@@ -698,8 +730,8 @@ def mel_frames(n_samples, cfg):
 
 
 def mel_valid(n_frames):
-    """The mel frames the encoder reads as real: the official `padding_mels` counts each chunk's mel two frames
-    shorter than it is (the frames of the 479-sample right padding), so its `compute_token_num` does too."""
+    """The mel frames the encoder reads as real: the official `padding_mels` counts each chunk's mel two
+    frames shorter than it is (the 479-sample right padding's frames), so `compute_token_num` does too."""
     return n_frames - 2
 
 
@@ -713,8 +745,9 @@ def render(turns, tok, cfg, generate=False):
     """A conversation -> token ids and labels (-100 except the assistant's words and their <|EOT|>).
 
     turns: [(role, content)], role in system | human | assistant | tool; content a str, or a list of str,
-    ("audio", n_samples) and ("ids", [token ids]) items (a spoken answer's interleaved run, re-fed as it was made). Each audio chunk becomes <audio_start> + n x <audio_patch> + <audio_end>.
-    generate: end with an open assistant turn, as the prompt for a reply."""
+    ("audio", n_samples) and ("ids", [token ids]) items (a spoken answer's interleaved run, re-fed as it was
+    made). Each audio chunk becomes <audio_start> + n x <audio_patch> + <audio_end>. generate: end with an
+    open assistant turn, as the prompt for a reply."""
     ids, labels = [], []
     for role, content in turns:
         head = [tok.bot] + tok.encode(role + "\n")
@@ -742,7 +775,8 @@ _OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda
 
 
 def words_to_number(text):
-    """'one hundred and forty four' -> 144 (the inverse of common.number_words for 0..999), None if not a number."""
+    """'one hundred and forty four' -> 144 (the inverse of common.number_words for 0..999),
+    None if not a number."""
     return _NUM.get(" ".join(text.split()))
 
 
@@ -774,7 +808,7 @@ def ctc_loss(logits, n_mel, chars, n_chars):
 def flow_loss(flow, codes, x1, spk_mel, mask, sigma_min):
     """Conditional flow matching with the optimal-transport path (Lipman et al. 2023; CosyVoice 2's flow):
     x_t = (1 - (1 - s) t) x0 + t x1 with x0 ~ N(0, I), t ~ U(0, 1); the target velocity is x1 - (1 - s) x0.
-    codes: (B, N); x1: (B, 4N, M) normalised mel; mask: (B, 4N) True on real frames. MSE over the real frames."""
+    codes: (B, N); x1: (B, 4N, M) normalised mel; mask: (B, 4N) True on real frames; MSE on those."""
     mu, spk = flow.cond(codes, spk_mel)
     t = torch.rand(x1.shape[0], device=x1.device)
     x0 = torch.randn_like(x1)
@@ -797,7 +831,8 @@ def vocoder_loss(wav, target, cfg):
         w = torch.hann_window(win, device=wav.device)
         S = lambda x: torch.stft(x.float(), n_fft, hop, win, w, return_complex=True).abs().clamp(min=1e-5)
         a, b = S(wav), S(target)
-        loss = loss + (torch.linalg.norm(b - a) / torch.linalg.norm(b) + F.l1_loss(a.log(), b.log())) / len(STFT_RES)
+        loss = loss + (torch.linalg.norm(b - a) / torch.linalg.norm(b)
+                       + F.l1_loss(a.log(), b.log())) / len(STFT_RES)
     return loss
 
 # ----------------------------------------------------------------------------- data
@@ -816,8 +851,9 @@ def voice_attributes(speaker):
 
 
 def dialogue_questions(utts, sr):
-    """The user's questions in the dialogue corpus, cut from channel 0 at their word times, with the answer the
-    assistant gave: [(wav, question, answer, None)] (no answer audio: the spoken task uses the question bank)."""
+    """The user's questions in the dialogue corpus, cut from channel 0 at their word times,
+    with the answer the assistant gave: [(wav, question, answer, None)] (no answer audio: the spoken task uses
+    the question bank)."""
     out = []
     for u in utts:
         lines = [l.split(": ", 1) for l in u.text.split(" / ")]
@@ -869,11 +905,11 @@ _BANK = {}
 
 
 def question_bank(split, cfg):
-    """The spoken question bank (the held-out evaluation set of part 1, and the spoken answers of part 2): each
-    question of bank_split(split) spoken by eSpeak as its own utterance in bank_voices voices, its answer spoken
-    in the assistant's voice (answer_voice). Train and val are spoken by the training voices; test by the voice
-    heard only in test (common.TEST_ONLY_SPEAKER) and bank_voices - 1 training voices, its facts by the test
-    voice alone. -> [(wav, question, answer, answer wav)], 16 kHz float32."""
+    """The spoken question bank (the held-out evaluation set of part 1, and the spoken answers of part 2):
+    each question of bank_split(split) spoken by eSpeak as its own utterance in bank_voices voices, its answer
+    spoken in the assistant's voice (answer_voice). Train and val are spoken by the training voices; test by
+    the voice heard only in test (common.TEST_ONLY_SPEAKER) and bank_voices - 1 training voices, its facts by
+    the test voice alone. -> [(wav, question, answer, answer wav)], 16 kHz float32."""
     key = (split, cfg.bank_size, cfg.bank_voices, cfg.answer_voice, cfg.sample_rate)
     if key in _BANK:
         return _BANK[key]
@@ -887,7 +923,8 @@ def question_bank(split, cfg):
         if split == "test" and (q, a) in facts:
             voices = [common.TEST_ONLY_SPEAKER] * cfg.bank_voices
         elif split == "test":
-            voices = [common.TEST_ONLY_SPEAKER] + list(rng.choice(train_voices, cfg.bank_voices - 1, replace=False))
+            voices = [common.TEST_ONLY_SPEAKER] + list(rng.choice(train_voices,
+                                                                  cfg.bank_voices - 1, replace=False))
         else:
             voices = list(rng.choice(train_voices, cfg.bank_voices, replace=False))
         for v in voices:
@@ -895,20 +932,23 @@ def question_bank(split, cfg):
             items.append((q, a))
     answers = sorted({a for _, a in items})
     jobs += [(a, cfg.answer_voice, 0, 0.0) for a in answers]
-    wavs = [w.astype(np.float32) for w, _ in common.speak(jobs, sr=cfg.sample_rate, workers=min(2, os.cpu_count() or 1))]
+    wavs = [w.astype(np.float32) for w,
+            _ in common.speak(jobs, sr=cfg.sample_rate, workers=min(2, os.cpu_count() or 1))]
     ans_wav = dict(zip(answers, wavs[len(items):]))
     _BANK[key] = [(w, q, a, ans_wav[a]) for w, (q, a) in zip(wavs, items)]
     return _BANK[key]
 
 
 def held_out_questions():
-    """The val and test arithmetic questions: kept out of every training source (the dialogue corpus has some)."""
+    """The val and test arithmetic questions: kept out of every training source
+    (the dialogue corpus has some)."""
     return {q for split in ("val", "test") for q, _ in bank_split(split)[0]}
 
 
 class Tasks:
-    """The training and evaluation examples of one split, built once from the corpora: (wav, turns, answer) per
-    task. Every example's audio is one clip; turns follow render()'s format with ("audio", n) in place of it."""
+    """The training and evaluation examples of one split, built once from the corpora:
+    (wav, turns, answer) per task. Every example's audio is one clip; turns follow render()'s format with
+    ("audio", n) in place of it."""
     def __init__(self, cfg, split):
         speech = common.load_corpus(cfg, split, cfg.sample_rate, kind="speech")
         self.texts = [u.text for u in speech]
@@ -920,21 +960,24 @@ class Tasks:
                                                                            kind="dialogue", mono=False)
         self.dialogue_texts = [u.text for u in dia]
         held = held_out_questions()
-        # train: the dialogue corpus's questions (minus the held-out ones) and the bank's; val/test: the bank only
+        # train: the dialogue corpus's questions (minus the held-out ones) and the bank's; val/test: the bank
+        # only
         self.questions = [x for x in dialogue_questions(dia, cfg.sample_rate) if x[1] not in held]
         self.questions += [] if cfg.data_dir else question_bank(split, cfg)
         self.spoken = [x for x in self.questions if x[3] is not None]   # with answer audio: the spoken tasks
 
     def example(self, task, i, rng, cfg, speak=None):
-        """(wav, turns, answer) of example i of `task` (rng picks among variants). speak: wav -> the interleaved
-        run of a spoken answer (text ids + speech codes), for the tasks whose answer is speech."""
+        """(wav, turns, answer) of example i of `task` (rng picks among variants). speak:
+        wav -> the interleaved run of a spoken answer (text ids + speech codes), for the tasks whose answer is
+        speech."""
         if task in ("asr", "para", "tts"):
             wav, text, attrs = self.speech[i % len(self.speech)]
             a = ("audio", len(wav))
             if task == "asr":
                 return wav, [("human", [a, "transcribe the audio"]), ("assistant", text)], text
             if task == "tts":   # text in, speech out (§3.2's TTS data): the run of the clip's own tokens
-                return None, [("human", "say this: " + text), ("assistant", [("ids", speak(text, wav))])], text
+                return None, [("human", "say this: " + text),
+                              ("assistant", [("ids", speak(text, wav))])], text
             q, key = [(GENDER_Q, "gender"), (PITCH_Q, "pitch"), (RATE_Q, "rate")][int(rng.integers(3))]
             return wav, [("human", [a, q]), ("assistant", attrs[key])], attrs[key]
         pool = self.spoken if task in ("speak", "speak_followup") else self.questions
@@ -949,7 +992,8 @@ class Tasks:
             turns.append(("assistant", [("ids", speak(ans, ans_wav))]))
         else:
             turns.append(("assistant", ans))
-        if task in ("followup", "speak_followup"):  # multi-turn: the second question refers back to the first turn
+        # multi-turn: the second question refers back to the first turn
+        if task in ("followup", "speak_followup"):
             turns += [("human", "what was my question"), ("assistant", q)]
             ans = q
         return wav, turns, ans
@@ -963,26 +1007,29 @@ def prompt_of(turns, task):
 
 
 def text_chats(tasks):
-    """Stage 1's text: the corpus's sentences and its question/answer chats written out (the paper starts from a
-    pretrained text LLM; this is that LLM's pretraining, in miniature)."""
+    """Stage 1's text: the corpus's sentences and its question/answer chats written out
+    (the paper starts from a pretrained text LLM; this is that LLM's pretraining, in miniature)."""
     out = [[("human", "say something"), ("assistant", t)] for t in tasks.texts]
     for _, q, a, _ in tasks.questions:
         call = arithmetic(q)
         out.append([("system", "tools: none"), ("human", q), ("assistant", a)])
         if call:
-            out.append([("system", "tools: calculator"), ("human", q), ("assistant", f"<tool_call>{call}</tool_call>"),
+            out.append([("system", "tools: calculator"), ("human", q),
+                        ("assistant", f"<tool_call>{call}</tool_call>"),
                         ("tool", calculator(call)), ("assistant", a)])
     return out
 
 
 def log_mel(wav, cfg):
     """One chunk (T,) float32 -> (n_mels, mel_frames(T)) Whisper log-mel."""
-    return common.log_mel_spectrogram(torch.from_numpy(np.ascontiguousarray(wav)), cfg.n_mels, cfg.pad_samples)
+    return common.log_mel_spectrogram(torch.from_numpy(np.ascontiguousarray(wav)), cfg.n_mels,
+                                      cfg.pad_samples)
 
 
 def collate(examples, tok, cfg, rt, cache=None):
-    """[(wav or None, turns)] -> a batch: token ids and labels (B, L) right-padded, and every audio chunk's mel
-    (N, n_mels, T) with its real length, in prompt order. cache: {key: mel}, so each clip's mel is computed once."""
+    """[(wav or None, turns)] -> a batch: token ids and labels
+    (B, L) right-padded, and every audio chunk's mel (N, n_mels, T) with its real length, in prompt order.
+    cache: {key: mel}, so each clip's mel is computed once."""
     seqs, mels = [], []
     for wav, turns in examples:
         seqs.append(render(turns, tok, cfg))
@@ -1057,7 +1104,8 @@ class Sampler:
             m = self.mel_of(w)
             raw = common.unwrap(self.model)
             dev = next(raw.parameters()).device
-            self.codes[id(w)] = raw.speech_codes(m[None].to(dev), torch.tensor([m.shape[-1]], device=dev))[0].tolist()
+            self.codes[id(w)] = raw.speech_codes(m[None].to(dev),
+                                                 torch.tensor([m.shape[-1]], device=dev))[0].tolist()
         return self.codes[id(w)]
 
     def speak(self, text, wav):
@@ -1068,12 +1116,15 @@ class Sampler:
         if stage == "llm":
             ex = [(None, self.chats[int(rng.integers(len(self.chats)))]) for _ in range(cfg.batch_size)]
             return dict(collate(ex, self.tok, cfg, rt), stage=stage)
-        if stage in ("encoder", "tokenizer"):            # ASR (CTC): the encoder's pretraining, then the tokenizer's
+        # ASR (CTC): the encoder's pretraining, then the tokenizer's
+        if stage in ("encoder", "tokenizer"):
             items = [tk.speech[int(rng.integers(len(tk.speech)))] for _ in range(cfg.batch_size)]
             mels = [self.mel_of(w) for w, _, _ in items]
             T = max(m.shape[-1] for m in mels)
-            chars = [[CHARS.index(c) + 1 for c in common.normalize_text(t) if c in CHARS] for _, t, _ in items]
-            return dict(stage=stage, mel=torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(rt.device),
+            chars = [[CHARS.index(c) + 1 for c in common.normalize_text(t) if c in CHARS]
+                     for _, t, _ in items]
+            return dict(stage=stage,
+                        mel=torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(rt.device),
                         n_mel=torch.tensor([m.shape[-1] for m in mels]), chars=torch.tensor(sum(chars, [])),
                         n_chars=torch.tensor([len(c) for c in chars]))
         if stage == "flow":                              # tokens (+ a prompt of the same voice) -> mel crops
@@ -1090,8 +1141,10 @@ class Sampler:
                 spk.append(self.vmel_of(self.flow_clips[others[int(rng.integers(len(others)))]][0]).mean(-1))
             N = max(len(c) for c in codes)
             mask = torch.tensor([[t < 4 * len(c) for t in range(4 * N)] for c in codes])
-            return dict(stage=stage, codes=torch.stack([F.pad(c, (0, N - len(c))) for c in codes]).to(rt.device),
-                        x1=(torch.stack([F.pad(m, (0, 0, 0, 4 * N - len(m))) for m in mels]).to(rt.device) - MEL_MEAN) / MEL_STD,
+            return dict(stage=stage,
+                        codes=torch.stack([F.pad(c, (0, N - len(c))) for c in codes]).to(rt.device),
+                        x1=(torch.stack([F.pad(m, (0, 0, 0, 4 * N - len(m))) for m in mels]).to(rt.device)
+                            - MEL_MEAN) / MEL_STD,
                         spk=(torch.stack(spk).to(rt.device) - MEL_MEAN) / MEL_STD, mask=mask.to(rt.device))
         if stage == "vocoder":                           # random crops of the speech corpus and their mels
             seg, wavs = cfg.voc_segment, []
@@ -1136,9 +1189,11 @@ def get_batch(sampler, cfg, rt, step):
 # ----------------------------------------------------------------------------- train
 
 def build_tokenizer(cfg, tasks):
-    texts = tasks.texts + tasks.dialogue_texts + [GENDER_Q, PITCH_Q, RATE_Q, "transcribe the audio", "say something",
+    texts = tasks.texts + tasks.dialogue_texts + [GENDER_Q, PITCH_Q, RATE_Q, "transcribe the audio",
+                                                  "say something",
                                                   "what was my question", "tools: calculator", "tools: none",
-                                                  "system human assistant tool", "male female low medium high "
+                                                  "system human assistant tool",
+                                                  "male female low medium high "
                                                   "slow normal fast error", "say this"]
     return Tokenizer(common.train_bpe([" " + t for t in texts] + texts, cfg.bpe_vocab), n_codes(cfg))
 
@@ -1148,9 +1203,10 @@ def n_codes(cfg):
 
 
 def trainable(stage, model):
-    """What each stage trains (§3.2-3.4): the LLM alone (text), the encoder and its CTC head (ASR pretraining),
-    the adaptor alone (alignment: encoder and LLM frozen), the speech tokenizer (on the frozen encoder), the flow,
-    the vocoder, then adaptor + LLM (SFT, text and speech answers; the encoder and the speech parts stay frozen)."""
+    """What each stage trains (§3.2-3.4): the LLM alone (text), the encoder and its CTC head
+    (ASR pretraining), the adaptor alone (alignment: encoder and LLM frozen), the speech tokenizer (on the
+    frozen encoder), the flow, the vocoder, then adaptor + LLM (SFT, text and speech answers; the encoder and
+    the speech parts stay frozen)."""
     parts = dict(llm=[model.model], encoder=[model.encoder, model.ctc_head], adaptor=[model.adapter],
                  tokenizer=[model.speech_tokenizer], flow=[model.flow], vocoder=[model.vocoder],
                  sft=[model.adapter, model.model])[stage]
@@ -1175,8 +1231,8 @@ def build(cfg, rt):
     model = StepAudio(cfg).to(rt.device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)],
-                            lr=cfg.lr, betas=cfg.betas)
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
+                             dict(params=rest, weight_decay=0.0)], lr=cfg.lr, betas=cfg.betas)
     return dict(model=model, opt=opt, sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
 
 
@@ -1206,10 +1262,11 @@ def train_step(state, batch, cfg, rt):
 
 
 def load_for_inference(cfg, rt):
-    """Our checkpoint: the model with its tokenizer (stored in the checkpoint). No official weights are mapped."""
+    """Our checkpoint: the model with its tokenizer (stored in the checkpoint). No official weights."""
     ckpt = common.load_checkpoint(common.checkpoint_path(cfg))
     if not common.is_ours(ckpt):
-        raise SystemExit("error: not a nanoaudio step_audio checkpoint (official Step-Audio 2 weights are not mapped)")
+        raise SystemExit("error: not a nanoaudio step_audio checkpoint "
+                         "(official Step-Audio 2 weights are not mapped)")
     tok = Tokenizer(common.ranks_from_text(ckpt["extra"]["tokenizer"]), n_codes(cfg))
     model = StepAudio(cfg).to(rt.device)
     common.load_models(ckpt, cfg, {"model": model}, ARCH_KEYS)
@@ -1218,8 +1275,9 @@ def load_for_inference(cfg, rt):
 
 
 def slot_masks(tok, device):
-    """The tokens each kind of slot of a spoken answer may hold: text (the BPE ranks, <tts_pad>, <tts_end>) and
-    audio (the speech tokens and the audio pad). Decoding under them keeps the interleave's fixed pattern."""
+    """The tokens each kind of slot of a spoken answer may hold:
+    text (the BPE ranks, <tts_pad>, <tts_end>) and audio (the speech tokens and the audio pad). Decoding under
+    them keeps the interleave's fixed pattern."""
     text = torch.zeros(tok.n_vocab, dtype=torch.bool, device=device)
     text[:tok.ids["<|endoftext|>"]] = True
     text[[tok.tts_pad, tok.tts_end]] = True
@@ -1230,10 +1288,11 @@ def slot_masks(tok, device):
 
 @torch.no_grad()
 def generate(model, tok, turns, wav, cfg, rt, speech=False):
-    """Greedy decoding of one assistant turn with a KV cache: prefill the prompt (audio features written over the
-    placeholders; wav: one clip, or a list of the prompt's clips in order), then one token at a time until
-    <|EOT|>. speech: the turn opens with <tts_start> (how the official code asks for a spoken reply) and each
-    slot is decoded under its kind's mask until <tts_end>. Returns the generated ids (with the <tts_*> markers)."""
+    """Greedy decoding of one assistant turn with a KV cache:
+    prefill the prompt (audio features written over the placeholders; wav: one clip, or a list of the prompt's
+    clips in order), then one token at a time until <|EOT|>. speech: the turn opens with <tts_start> (how the
+    official code asks for a spoken reply) and each slot is decoded under its kind's mask until <tts_end>.
+    Returns the generated ids (with the <tts_*> markers)."""
     ids, _ = render(turns, tok, cfg, generate=True)
     ids = torch.tensor([ids + [tok.tts_start] * speech], device=rt.device)
     wavs = [] if wav is None else wav if isinstance(wav, list) else [wav]
@@ -1257,7 +1316,8 @@ def generate(model, tok, turns, wav, cfg, rt, speech=False):
             out.append(nxt)
             if speech and nxt == tok.tts_end:
                 break
-            logits = model.model(model.model.embed_tokens(torch.tensor([[nxt]], device=rt.device)), cache.length, cache)
+            logits = model.model(model.model.embed_tokens(torch.tensor([[nxt]], device=rt.device)),
+                                 cache.length, cache)
     if speech and out[-1] != tok.tts_end:                 # cut at the limit: close the run
         out.append(tok.tts_end)
     return out
@@ -1275,12 +1335,14 @@ def speak(model, tok, turns, wav, cfg, rt, noise_seed=0):
         mel, audio = model.detokenize(torch.tensor(codes, device=dev), model.answer_voice, cfg, noise)
     else:
         mel, audio = torch.zeros(cfg.n_voc_mels, 0), torch.zeros(0)
-    return dict(run=run, text=tok.decode(text_ids).strip(), codes=codes, mel=mel, wav=audio.float().cpu().numpy())
+    return dict(run=run, text=tok.decode(text_ids).strip(), codes=codes, mel=mel,
+                wav=audio.float().cpu().numpy())
 
 
 def respond(model, tok, turns, wav, cfg, rt, tools=True):
-    """One assistant reply, running the tool loop: a reply that is a <tool_call> is executed, its result appended
-    as a tool turn, and the assistant continues. Returns (final text, the call or None)."""
+    """One assistant reply, running the tool loop: a reply that is a <tool_call> is executed,
+    its result appended as a tool turn, and the assistant continues. Returns (final text, the call or
+    None)."""
     reply = tok.decode(generate(model, tok, turns, wav, cfg, rt))
     m = re.fullmatch(r"<tool_call>(.*)</tool_call>\s*", reply)
     if not (tools and m):
@@ -1291,13 +1353,14 @@ def respond(model, tok, turns, wav, cfg, rt, tools=True):
 
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
-    """Held-out accuracy of each skill (exact match, normalised): ASR WER; paralinguistic accuracy per attribute;
-    spoken QA on the question bank without tools; tool-call accuracy and final answers with the calculator (and
-    without it, on the same questions); the multi-turn follow-up. Speech output, on eval_speech_items of them:
-    the spoken answer's text, the follow-up after a spoken answer, the resynthesis mel distance of held-out
-    speech (tokens -> flow -> vocoder, and the vocoder alone from the true mel) and the tokenizer's own CTC WER.
-    Writes the spoken answers, the resyntheses and their originals as wavs with a refs.txt (name<TAB>intended
-    text) per folder, for the WER of a separate ASR model (whisper.py --mode=sample --input_dir=DIR prints it)."""
+    """Held-out accuracy of each skill (exact match, normalised): ASR WER;
+    paralinguistic accuracy per attribute; spoken QA on the question bank without tools; tool-call accuracy
+    and final answers with the calculator (and without it, on the same questions); the multi-turn follow-up.
+    Speech output, on eval_speech_items of them: the spoken answer's text, the follow-up after a spoken
+    answer, the resynthesis mel distance of held-out speech (tokens -> flow -> vocoder, and the vocoder alone
+    from the true mel) and the tokenizer's own CTC WER. Writes the spoken answers, the resyntheses and their
+    originals as wavs with a refs.txt (name<TAB>intended text) per folder, for the WER of a separate ASR model
+    (whisper.py --mode=sample --input_dir=DIR prints it)."""
     if model is None:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
@@ -1309,7 +1372,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     for i in range(min(n, len(tasks.speech))):
         wav, text, attrs = tasks.speech[i]
         refs.append(text)
-        hyps.append(respond(model, tok, [("human", [("audio", len(wav)), "transcribe the audio"])], wav, cfg, rt)[0])
+        hyps.append(respond(model, tok,
+                            [("human", [("audio", len(wav)), "transcribe the audio"])], wav, cfg, rt)[0])
         for q, key in ((GENDER_Q, "gender"), (PITCH_Q, "pitch"), (RATE_Q, "rate")) if attrs else ():
             got = respond(model, tok, [("human", [("audio", len(wav)), q])], wav, cfg, rt)[0]
             m.setdefault(f"para_{key}", []).append(norm(got) == attrs[key])
@@ -1360,12 +1424,14 @@ def evaluate_speech(cfg, model, rt, tasks, ns, out):
         turns = [("system", "tools: none"), ("human", [("audio", len(wav))])]
         r = speak(model, tok, turns, wav, cfg, rt, noise_seed=j)
         m.setdefault("speak_text_acc", []).append(norm(r["text"]) == norm(ans))
-        follow, _ = respond(model, tok, turns + [("assistant", [("ids", r["run"])]), ("human", "what was my question")],
+        follow, _ = respond(model, tok,
+                            turns + [("assistant", [("ids", r["run"])]), ("human", "what was my question")],
                             wav, cfg, rt, tools=False)
         m.setdefault("speak_followup_acc", []).append(norm(follow) == norm(q))
         if len(r["wav"]):
             common.save_audio(os.path.join(spoken_dir, f"answer{j:03d}.wav"), r["wav"], cfg.sample_rate)
-            lines.append(f"answer{j:03d}\t{r['text']}\t{ans}")  # the text it meant to say, and the right answer
+            # the text it meant to say, and the right answer
+            lines.append(f"answer{j:03d}\t{r['text']}\t{ans}")
     with open(os.path.join(spoken_dir, "refs.txt"), "w") as f:
         f.write("".join(l + "\n" for l in lines))
     lines, hyps, refs = [], [], []
@@ -1376,16 +1442,20 @@ def evaluate_speech(cfg, model, rt, tasks, ns, out):
         codes = model.speech_codes(mel, n_mel)[0]
         spk = voc_mel(torch.from_numpy(wav).to(rt.device), cfg).mean(-1)  # the clip's own voice as the prompt
         g = torch.Generator().manual_seed(j)
-        _, resyn = model.detokenize(codes, spk, cfg, torch.randn(1, 4 * len(codes), cfg.n_voc_mels, generator=g).to(rt.device))
+        _, resyn = model.detokenize(codes, spk, cfg,
+                                    torch.randn(1, 4 * len(codes), cfg.n_voc_mels, generator=g).to(rt.device))
         copy = model.vocoder(voc_mel(torch.from_numpy(wav).to(rt.device), cfg)[None])[0]
-        m.setdefault("resynth_mel_dist", []).append(common.mel_distance(resyn.cpu(), torch.from_numpy(wav), cfg.sample_rate))
-        m.setdefault("vocoder_mel_dist", []).append(common.mel_distance(copy.cpu(), torch.from_numpy(wav), cfg.sample_rate))
+        ref = torch.from_numpy(wav)
+        m.setdefault("resynth_mel_dist", []).append(common.mel_distance(resyn.cpu(), ref, cfg.sample_rate))
+        m.setdefault("vocoder_mel_dist", []).append(common.mel_distance(copy.cpu(), ref, cfg.sample_rate))
         with torch.no_grad():                            # the tokenizer's own ASR (greedy CTC over its codes)
             ctc = model.speech_tokenizer(model.encoder(mel, n_mel), n_mel)[0].argmax(-1).tolist()
         hyps.append("".join(CHARS[c - 1] for k, c in enumerate(ctc) if c and (k == 0 or c != ctc[k - 1])))
         refs.append(text)
-        common.save_audio(os.path.join(resyn_dir, f"resynth{j:03d}.wav"), resyn.float().cpu().numpy(), cfg.sample_rate)
-        common.save_audio(os.path.join(orig_dir, f"resynth{j:03d}.wav"), wav, cfg.sample_rate)  # the ASR's yardstick
+        common.save_audio(os.path.join(resyn_dir, f"resynth{j:03d}.wav"), resyn.float().cpu().numpy(),
+                          cfg.sample_rate)
+        # the ASR's yardstick
+        common.save_audio(os.path.join(orig_dir, f"resynth{j:03d}.wav"), wav, cfg.sample_rate)
         lines.append(f"resynth{j:03d}\t{text}")
     for d in (resyn_dir, orig_dir):
         with open(os.path.join(d, "refs.txt"), "w") as f:
@@ -1405,18 +1475,22 @@ def train(cfg):
         ckpt = common.load_checkpoint(common.checkpoint_path(cfg))
         if common.is_ours(ckpt) and "tokenizer" in ckpt.get("extra", {}):
             tok = Tokenizer(common.ranks_from_text(ckpt["extra"]["tokenizer"]), n_codes(cfg))
-    if cfg.vocab_size == 0:                              # the corpus BPE decides the vocabulary (stored in the config)
+    # the corpus BPE decides the vocabulary (stored in the config)
+    if cfg.vocab_size == 0:
         cfg.vocab_size = tok.n_vocab
     state = build(cfg, rt)
     state["model"].tok = tok
     ends = np.cumsum(cfg.stage_iters)
-    common.log(f"StepAudio {common.count_params(state['model']) / 1e6:.2f} M params, vocabulary {tok.n_vocab} "
-               f"({tok.n_codes} speech tokens); stages: " + ", ".join(f"{s} to step {e}" for s, e in zip(STAGES, ends))
+    common.log(f"StepAudio {common.count_params(state['model']) / 1e6:.2f} M params, "
+               f"vocabulary {tok.n_vocab} "
+               f"({tok.n_codes} speech tokens); stages: "
+               + ", ".join(f"{s} to step {e}" for s, e in zip(STAGES, ends))
                + f", sft to {cfg.max_iters}")
     sampler = Sampler(tasks, tok, cfg, rt.rank, rt.world_size)
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS)
     raw = state["model"]
-    if tasks.spoken and step == 0:                       # the assistant's voice: the mean mel of an answer it spoke
+    # the assistant's voice: the mean mel of an answer it spoke
+    if tasks.spoken and step == 0:
         raw.answer_voice.copy_(voc_mel(torch.from_numpy(tasks.spoken[0][3]), cfg).mean(-1))
     sampler.model = raw
     state["model"] = common.wrap_ddp(common.compile(raw, cfg), rt, find_unused_parameters=True)
@@ -1428,7 +1502,8 @@ def train(cfg):
         prog.update(step, losses, audio_seconds=audio_seconds(batch, cfg))
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if rt.master:
-                evaluate(cfg, raw, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
+                evaluate(cfg, raw, rt,
+                         samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
             common.save_checkpoint(cfg, step, state, sampler=sampler, extra={"tokenizer": tok.ranks_text})
     common.cleanup(rt)
 
@@ -1437,10 +1512,10 @@ def train(cfg):
 @torch.no_grad()
 def sample(cfg):
     """--input with --prompt: a text answer to the prompt about the audio (with the calculator if --tools).
-    --input alone: the wav is a spoken question, answered in speech (--speak; else in text); --followup: a second
-    spoken question asked after that answer, with the first question and the spoken answer's run in the history.
-    No --input: held-out examples of every task, and a two-turn spoken conversation. Writes each answer's wav +
-    png and the conversation as text beside them."""
+    --input alone: the wav is a spoken question, answered in speech (--speak; else in text); --followup: a
+    second spoken question asked after that answer, with the first question and the spoken answer's run in the
+    history. No --input: held-out examples of every task, and a two-turn spoken conversation. Writes each
+    answer's wav + png and the conversation as text beside them."""
     rt = common.setup(cfg)
     model = load_for_inference(cfg, rt)
     tok, out = model.tok, os.path.join(cfg.out_dir, "samples")
@@ -1452,7 +1527,9 @@ def sample(cfg):
         text_answer = bool(cfg.prompt) or not cfg.speak   # spoken answers never call tools
         system = ("system", "tools: calculator" if cfg.tools and text_answer else "tools: none")
         if text_answer:
-            text_items.append((name, wav, [system, ("human", [("audio", len(wav))] + ([cfg.prompt] if cfg.prompt else []))]))
+            text_items.append((name, wav,
+                               [system,
+                                ("human", [("audio", len(wav))] + ([cfg.prompt] if cfg.prompt else []))]))
         else:
             spoken.append((name, wav))
             if cfg.followup:
@@ -1465,10 +1542,12 @@ def sample(cfg):
                 continue
             wav, turns, _ = tasks.example(task, 0, rng, cfg)
             text_items.append((f"{task}0", wav, prompt_of(turns, task)))
-        spoken = [(f"spoken{k}", tasks.spoken[k][0]) for k in range(min(2, len(tasks.spoken)))] if cfg.speak else []
+        spoken = [(f"spoken{k}",
+                   tasks.spoken[k][0]) for k in range(min(2, len(tasks.spoken)))] if cfg.speak else []
     for name, wav, turns in text_items:
         answer, call = respond(model, tok, turns, wav, cfg, rt, tools=cfg.tools)
-        shown = " | ".join(f"{r}: {c if isinstance(c, str) else ' '.join(x if isinstance(x, str) else '<audio>' for x in c)}"
+        shown = " | ".join(f"{r}: " + (c if isinstance(c, str)
+                                       else " ".join(x if isinstance(x, str) else "<audio>" for x in c))
                            for r, c in turns)
         text = f"{shown}\n" + (f"tool call: {call}\n" if call else "") + f"assistant: {answer}\n"
         common.save_sample(out, name, wav, cfg.sample_rate)
@@ -1481,26 +1560,31 @@ def sample(cfg):
         r = speak(model, tok, turns, wavs, cfg, rt, noise_seed=k)
         turns.append(("assistant", [("ids", r["run"])]))
         common.save_sample(out, name, wav, cfg.sample_rate)
-        text = (f"turn {k + 1}: human: <audio {name}.wav>\nassistant (spoken, {len(r['codes'])} speech tokens, "
+        text = (f"turn {k + 1}: human: <audio {name}.wav>\n"
+                f"assistant (spoken, {len(r['codes'])} speech tokens, "
                 f"{len(r['wav']) / cfg.sample_rate:.2f} s): {r['text']}\n")
         if len(r["wav"]):
             common.save_sample(out, name + "_answer", r["wav"], cfg.sample_rate)
         with open(os.path.join(out, name + "_answer.txt"), "w") as f:
             f.write(text)
         common.log(text.rstrip() + f"\n(wrote {os.path.join(out, name)}_answer.wav/.png/.txt)")
-    if spoken:                                           # and a text follow-up that refers back to the first turn
-        follow, _ = respond(model, tok, turns + [("human", "what was my question")], wavs, cfg, rt, tools=False)
+    # and a text follow-up that refers back to the first turn
+    if spoken:
+        follow, _ = respond(model, tok, turns + [("human", "what was my question")], wavs, cfg,
+                            rt, tools=False)
         common.log(f"human: what was my question\nassistant: {follow}")
 
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
-    """SFT train step on random audio, prefill of bench_seconds of audio (chunked) and cached decoding tokens/s at
-    batch 1, eager and (when common.compile compiles) compiled; FLOP rate against the device's peak."""
+    """SFT train step on random audio, prefill of bench_seconds of audio
+    (chunked) and cached decoding tokens/s at batch 1, eager and (when common.compile compiles) compiled; FLOP
+    rate against the device's peak."""
     rt = common.setup(cfg)
     if cfg.vocab_size == 0:
         cfg.vocab_size = cfg.bpe_vocab + len(SPECIALS) + n_codes(cfg) + 1
-    tok = Tokenizer({bytes([i]): i for i in range(256)}, n_codes(cfg))  # byte-level ranks: ids only matter for shapes
+    # byte-level ranks: ids only matter for shapes
+    tok = Tokenizer({bytes([i]): i for i in range(256)}, n_codes(cfg))
     cfg.vocab_size = max(cfg.vocab_size, tok.n_vocab)
     state = build(cfg, rt)
     model = state["model"]
@@ -1543,12 +1627,12 @@ def bench(cfg):
     if compiled is not model.model:
         tc = common.timeit(lambda: decode(compiled), iters=cfg.bench_iters, warmup=1) - figures["prefill_ms"]
         figures["decode_tokens_per_s_compiled"] = n_new / max(tc, 1e-6) * 1e3
-    # a spoken answer to a 3 s spoken question: prefill, the interleaved run (n text + m audio slots per group),
-    # then flow matching (flow_steps) and the vocoder. Time to first audio: the first second of speech (25
-    # tokens) decoded and synthesised; real-time factor: 4 s of speech, end to end, over 4 s.
+    # a spoken answer to a 3 s spoken question: prefill, the interleaved run (n text + m audio slots per
+    # group), then flow matching (flow_steps) and the vocoder. Time to first audio: the first second of speech
+    # (25 tokens) decoded and synthesised; real-time factor: 4 s of speech, end to end, over 4 s.
     qwav = 0.1 * rng.standard_normal(3 * cfg.sample_rate).astype(np.float32)
-    q_ids = torch.tensor([render([("human", [("audio", len(qwav))])], tok, cfg, generate=True)[0] + [tok.tts_start]],
-                         device=rt.device)
+    q_ids = render([("human", [("audio", len(qwav))])], tok, cfg, generate=True)[0] + [tok.tts_start]
+    q_ids = torch.tensor([q_ids], device=rt.device)
     qb = collate([(qwav, [])], tok, cfg, rt)
     n_txt, n_aud = cfg.interleave
 
@@ -1556,7 +1640,8 @@ def bench(cfg):
         n_tok = n_codes // n_aud * (n_txt + n_aud)
         with torch.no_grad(), rt.autocast():
             cache = KVCache(cfg, 1, q_ids.shape[1] + n_tok + 1, rt.device, dtype)
-            logits = model.model(model.embed(q_ids, model.audio_features(qb["mel"], qb["n_mel"]), tok.patch), 0, cache)
+            x = model.embed(q_ids, model.audio_features(qb["mel"], qb["n_mel"]), tok.patch)
+            logits = model.model(x, 0, cache)
             for _ in range(n_tok):
                 nxt = logits[:, -1:].argmax(-1)
                 logits = model.model(model.model.embed_tokens(nxt), cache.length, cache)
