@@ -7,42 +7,22 @@ The idea: a plain encoder-decoder Transformer (§2.2) trained on 680k hours of w
 task is spelled in special tokens after <|startoftranscript|> (language, transcribe/translate, timestamps or
 <|notimestamps|>), timestamps are ordinary tokens quantised to 20 ms, and <|nospeech|> does voice activity
 detection. Long recordings are transcribed window by window, seeking by the predicted timestamps, with a few
-decoding heuristics (§4.5: beam search, temperature fallback on compression ratio / log-prob, timestamp rules).
+decoding heuristics (§4.5: beam search, temperature fallback on compression ratio / log-prob, timestamp
+rules). The official checkpoints load by name (section "official weights", at the end).
 
-Simplified or changed here:
-- Data: the built-in eSpeak corpus instead of 680k h of web audio: English, or with --corpus_languages=en,fr,de,es
-  template sentences in three more languages with word-for-word English translations (X -> en in miniature);
-  timestamp targets come from the corpus's word times; previous-text prompts are other training sentences. A folder clip
-  longer than the window is used only where word times are known (cut at a word); otherwise it is skipped.
-- Text: the official GPT-2 / multilingual BPE is used when you pass its .tiktoken file (--tokenizer=PATH, shipped
-  in openai-whisper's whisper/assets/); offline the default is a small byte-level BPE trained on the corpus
-  text (common.train_bpe) and stored in the checkpoint. Both run through tiktoken with Whisper's special tokens.
-- The `tiny` and `small` presets use shorter windows (fewer mel frames) so a CPU can train them; the paper
-  presets (whisper-tiny ... whisper-large-v3, named so to free `tiny`/`small` for the shared test/CPU presets)
-  use 30 s windows, 3000 frames, 1500 encoder positions, exactly as the official model.
-- Language identification (--language=auto), translation (--task=translate) and word timestamps work with
-  official weights, and with our models trained with --corpus_languages. Language ID runs on every window
-  (openai-whisper detects once, on the first 30 s); translation targets carry no timestamps. Word timestamps use all cross-attention
-  heads of the decoder's top half (openai-whisper's default for a model without its tuned head list) and skip
-  openai's duration clamps at sentence and pause boundaries.
-- Robustness to noise (§3.7) is measured with white noise only (--eval_snr=20,10,5), not the paper's pub noise;
-  --p_noise mixes white noise into training windows (our flag: the paper's web audio is noisy by itself).
-- No SpecAugment / BPE dropout (large-v2), no fp16 loss scaling (bf16 autocast on CUDA instead).
-- Long-form transcription fills a short last window with the log-mel of silence (what training saw for padded
-  audio); openai/whisper pads it with zeros. Empty and zero-length segments are blanked as openai does, and
-  dropped from the output (openai keeps them with empty text).
-- Initialisation of the embeddings (N(0, 0.02) / N(0, 0.01)) is our choice; the paper does not give one.
-- Decoding speed (not in the paper): on CUDA the one-token decoder step runs on a static KV cache, compiled and
-  replayed as a CUDA graph (--decode_method); on a CPU the eager step attends to the filled cache part only. The
-  static path is proven equal to eager on the CPU (tests); its GPU speed has not been measured yet.
+Simplified here:
+- data: the built-in eSpeak corpus (English, or --corpus_languages=en,fr,de,es with English translations),
+  not 680k h of web audio; the default text is a small corpus BPE (the official .tiktoken via --tokenizer);
+- `tiny`/`small` use shorter windows so a CPU can train them; the whisper-* presets use 30 s, as the paper;
+- language ID runs on every window, word timestamps use the decoder's top-half cross-attention heads;
+- noise robustness (§3.7) with white noise only; no SpecAugment / BPE dropout; bf16, not fp16; our init;
+- long-form pads a short last window with silence's log-mel (openai: zeros) and drops empty segments.
+Aim 1000 lines not reached (1512): long-form, timestamps, beam search and official weights all stay.
 
-    python whisper.py                    # train: whisper-tiny dims, 20k steps on CUDA; the `small` preset on a CPU
-    python whisper.py --preset=whisper-tiny --batch_size=64  # the paper's tiny size, 30 s windows
+    python whisper.py                    # train: whisper-tiny dims, 20k steps on CUDA; `small` on a CPU
     python whisper.py --init_from=resume                     # continue out/whisper/ckpt.pt
     python whisper.py --mode=sample --init_from=out/whisper/ckpt.pt --input=speech.wav   # transcribe a file
-    python whisper.py --mode=sample --init_from=out/whisper/ckpt.pt --input_dir=DIR      # a folder -> DIR/transcripts.tsv
-    python whisper.py --mode=eval --init_from=out/whisper/ckpt.pt                        # WER/CER on test
-    python whisper.py --corpus_languages=en,fr,de,es --p_noise=0.3   # multilingual, noise-augmented training
+    python whisper.py --mode=sample --init_from=out/whisper/ckpt.pt --input_dir=DIR  # WER vs DIR/refs.txt
     python whisper.py --mode=eval --init_from=out/whisper/ckpt.pt --eval_snr=20,10,5 --word_timestamps=True
     python whisper.py --mode=sample --init_from=tiny.pt --tokenizer=multilingual.tiktoken --input=a.flac \\
         --language=auto --word_timestamps=True                 # official weights: language ID, word times
@@ -70,15 +50,16 @@ import common
 class Config:
     mode: str = "train"             # train | sample | eval | bench
     preset: str = "whisper-tiny"    # a key of PRESETS (without CUDA and without --preset: small)
-    init_from: str = "scratch"      # scratch | resume | our ckpt.pt | an official .pt (dims + model_state_dict)
+    init_from: str = "scratch"      # scratch | resume | our ckpt.pt | an official .pt
     out_dir: str = "out/whisper"
     data_dir: str = ""              # empty: the built-in speech corpus
     corpus_hours: float = 2.0       # size of the built-in corpus (per language)
-    corpus_languages: str = "en"    # built-in corpus languages, e.g. en,fr,de,es: language ID and X -> en in miniature
-    input: str = ""                 # --mode=sample: a wav/flac to transcribe (default: a held-out test utterance)
-    input_dir: str = ""             # --mode=sample: transcribe every wav/flac/ogg in this folder (any rate, mono-mixed)
-    transcripts: str = ""           # ... into this file, one "name<TAB>text" line each (default input_dir/transcripts.tsv);
-                                    # an input_dir/refs.txt of "name<TAB>text" lines gets the folder's WER printed
+    corpus_languages: str = "en"    # built-in corpus languages, e.g. en,fr,de,es
+    input: str = ""                 # --mode=sample: a wav/flac (default: a test utterance)
+    input_dir: str = ""             # --mode=sample: every wav/flac/ogg here (any rate, mono)
+    transcripts: str = ""           # ... into this file, one "name<TAB>text" line each (default
+                                    # input_dir/transcripts.tsv); an input_dir/refs.txt of "name<TAB>text"
+                                    # lines gets the folder's WER printed
     # model: the official ModelDimensions (§2.2, Table 1 sizes; whisper/model.py)
     n_mels: int = 80                # log-mel bins (128 for large-v3)
     n_audio_ctx: int = 1500         # encoder positions = window / 20 ms: 1500 = 30 s (3000 mel frames)
@@ -93,11 +74,11 @@ class Config:
     tokenizer: str = ""             # an official .tiktoken file; empty: train a byte-level BPE on the corpus
     bpe_vocab: int = 1024           # offline BPE size: 256 bytes + merges
     # multitask training format (§2.3, Fig. 1)
-    p_timestamps: float = 0.5       # fraction of examples trained with timestamp tokens (others <|notimestamps|>)
-    p_prompt: float = 0.3           # fraction with a previous-text prompt after <|startofprev|> (no loss on it)
+    p_timestamps: float = 0.5       # share of examples with timestamp tokens
+    p_prompt: float = 0.3           # share with a previous-text prompt (no loss on it)
     p_nospeech: float = 0.05        # fraction of noise-only windows whose target is <|nospeech|> (VAD)
     p_translate: float = 0.5        # fraction of non-English clips trained as X -> English (<|translate|>)
-    p_noise: float = 0.0            # fraction of training windows mixed with white noise at 0-30 dB SNR (§3.7)
+    p_noise: float = 0.0            # share of windows with white noise at 0-30 dB (§3.7)
     # optimisation (§2.4, Appendix F)
     batch_size: int = 64            # windows per step (the paper: 256)
     lr: float = 1.5e-3              # peak learning rate (1.5e-3 for tiny, 1.75e-4 for large)
@@ -123,7 +104,7 @@ class Config:
     condition_on_previous_text: bool = True   # feed the previous window's text as the prompt
     max_initial_timestamp: float = 1.0        # the first timestamp is at most this many seconds
     sample_len: int = 0             # max sampled tokens per window; 0: n_text_ctx // 2
-    decode_method: str = "auto"     # the one-token step: eager | compiled | cudagraph | compiled_cudagraph (CUDA)
+    decode_method: str = "auto"     # eager | compiled | cudagraph | compiled_cudagraph
     # runtime
     device: str = "auto"
     dtype: str = "auto"             # bf16 autocast on CUDA, fp32 elsewhere
@@ -132,7 +113,7 @@ class Config:
     log_interval: int = 50
     eval_interval: int = 2000       # evaluate and checkpoint every this many steps
     eval_items: int = 64            # held-out utterances per evaluation
-    eval_snr: str = ""              # e.g. 20,10,5: also the WER with white noise mixed in at these SNRs (dB, §3.7)
+    eval_snr: str = ""              # e.g. 20,10,5: also the WER in white noise at these SNRs (dB, §3.7)
     bench_iters: int = 10           # --mode=bench: timed iterations per figure
 
     def validate(self):
@@ -174,8 +155,10 @@ class Config:
 
 def _paper(n_layer, width, heads, lr, n_mels=80, n_text_layer=None):
     """A paper size (Table 1): same depth/width in encoder and decoder, 30 s windows, paper batch and LR."""
-    return dict(n_mels=n_mels, n_audio_ctx=1500, n_audio_state=width, n_audio_head=heads, n_audio_layer=n_layer,
-                n_text_ctx=448, n_text_state=width, n_text_head=heads, n_text_layer=n_text_layer or n_layer, lr=lr)
+    return dict(n_mels=n_mels, n_audio_ctx=1500, n_audio_state=width, n_audio_head=heads,
+                n_audio_layer=n_layer,
+                n_text_ctx=448, n_text_state=width, n_text_head=heads, n_text_layer=n_text_layer or n_layer,
+                lr=lr)
 
 
 PRESETS = {
@@ -185,44 +168,46 @@ PRESETS = {
     "whisper-medium":   _paper(24, 1024, 16, 2.5e-4),   # 769 M
     "whisper-large":    _paper(32, 1280, 20, 1.75e-4),  # 1550 M (large-v1 / v2)
     "whisper-large-v3": _paper(32, 1280, 20, 1.75e-4, n_mels=128),
-    "whisper-turbo":    _paper(32, 1280, 20, 1.75e-4, n_mels=128, n_text_layer=4),  # large-v3, 4 decoder layers
-    # a CPU run (<= 15 min on an idle 2-core machine): 4 s windows (97 % of the corpus's clips fit; the rest are
-    # cropped at a word in training and transcribed long-form), 4+4 layers of width 128; a short run whose lr
-    # decays to 0 at its last step beats a long one stopped early (0.735 WER at step 1000 of a 3000-step decay)
+    "whisper-turbo":    _paper(32, 1280, 20, 1.75e-4, n_mels=128, n_text_layer=4),  # large-v3, 4 dec. layers
+    # a CPU run: 4 s windows (most corpus clips fit; the rest are cropped at a word in training and
+    # transcribed long-form), 4+4 layers of width 128; the lr decays to 0 at the last step
     "small": dict(n_audio_ctx=200, n_audio_state=128, n_audio_head=4, n_audio_layer=4, n_text_ctx=128,
                   n_text_state=128, n_text_head=4, n_text_layer=4, batch_size=16, lr=2e-3, warmup_iters=100,
                   max_iters=1200, lr_decay_iters=1200, eval_interval=400, eval_items=32, log_interval=25,
                   compile=False, bench_iters=3),
     # tests: 5 s windows, 2+2 layers of width 64
     "tiny": dict(n_audio_ctx=250, n_audio_state=64, n_audio_head=2, n_audio_layer=2, n_text_ctx=96,
-                 n_text_state=64, n_text_head=2, n_text_layer=2, bpe_vocab=320, corpus_hours=0.02, batch_size=4,
-                 lr=3e-3, warmup_iters=10, max_iters=10, lr_decay_iters=10, eval_interval=100, eval_items=4,
-                 log_interval=1, beam_size=2, best_of=2, sample_len=32, temperatures=(0.0, 1.0), compile=False,
-                 bench_iters=2),
+                 n_text_state=64, n_text_head=2, n_text_layer=2, bpe_vocab=320, corpus_hours=0.02,
+                 batch_size=4, lr=3e-3, warmup_iters=10, max_iters=10, lr_decay_iters=10, eval_interval=100,
+                 eval_items=4, log_interval=1, beam_size=2, best_of=2, sample_len=32, temperatures=(0.0, 1.0),
+                 compile=False, bench_iters=2),
 }
 
-# every field that changes the weights' shapes or the features (n_mels; the rate and hop are fixed): the official
-# ModelDimensions less n_vocab, which the tokenizer stored in the checkpoint decides
+# every field that changes the weights' shapes or the features (n_mels; the rate and hop are fixed): the
+# official ModelDimensions less n_vocab, which the tokenizer stored in the checkpoint decides
 ARCH_KEYS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
              "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
 
 SAMPLE_RATE, HOP = 16000, 160          # §2.2: 16 kHz audio, 10 ms mel hop; 2 frames per encoder position
 TIME_PRECISION = 0.02                   # seconds per timestamp token (= per encoder position)
 N_TIMESTAMPS = 1501                     # <|0.00|> ... <|30.00|>
-LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg "
-             "lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so "
-             "af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue").split()
+LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th "
+             "ur hr bg lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr "
+             "pa si km sn yo so af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt "
+             "haw ln ha ba jw su yue").split()
 
 # ----------------------------------------------------------------------------- model
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm in fp32 whatever the activation dtype (as the official model): its statistics need the range."""
+    """LayerNorm in fp32 whatever the activation dtype (as the official model):
+    its statistics need the range."""
     def forward(self, x):
         return super().forward(x.float()).type(x.dtype)
 
 
 def sinusoids(length, channels, max_timescale=10000):
-    """Fixed encoder positions (§2.2): sin and cos halves concatenated (not interleaved), geometric timescales."""
+    """Fixed encoder positions (§2.2): sin and cos halves concatenated
+    (not interleaved), geometric timescales."""
     inc = math.log(max_timescale) / (channels // 2 - 1)
     inv = torch.exp(-inc * torch.arange(channels // 2))
     t = torch.arange(length)[:, None] * inv[None, :]   # (length, channels/2)
@@ -247,10 +232,10 @@ class MultiHeadAttention(nn.Module):
         return self.split(self.key(x)), self.split(self.value(x))
 
     def forward(self, x, k, v, causal=False, mask=None, qk_out=None):
-        q = self.split(self.query(x))                    # (B, H, T, Dh); SDPA scales by Dh^-0.5 = (Dh^-0.25)^2
+        q = self.split(self.query(x))                    # (B, H, T, Dh); SDPA scales by Dh^-0.5
         if qk_out is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        else:                                            # word timestamps read the attention logits (cross only)
+        else:                                            # word timestamps read the logits (cross only)
             qk = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5   # (B, H, T, S)
             qk_out.append(qk)
             y = qk.softmax(-1).to(q.dtype) @ v
@@ -293,7 +278,7 @@ class AudioEncoder(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv1d(n_mels, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
-        self.register_buffer("positional_embedding", sinusoids(n_ctx, d))  # persistent: official files hold it
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, d))  # official files hold it
         self.blocks = nn.ModuleList(ResidualAttentionBlock(d, n_head) for _ in range(n_layer))
         self.ln_post = LayerNorm(d)
 
@@ -312,9 +297,10 @@ class AudioEncoder(nn.Module):
 class KVCache:
     """Explicit decoder cache (no hooks). Self-attention K/V live in a preallocated (layers, B, H, n_ctx, Dh)
     buffer that fills as tokens are decoded; cross-attention K/V are computed once from the audio features and
-    reused at every step. The position is kept twice: `offset` (a Python int) for the eager path, which attends
-    to the filled part only, and `pos` (a device tensor, advanced in place) for the static path (static=True:
-    DecoderStep), where every step has the same shapes and no host value, so it compiles and CUDA-graphs."""
+    reused at every step. The position is kept twice: `offset` (a Python int) for the eager path, which
+    attends to the filled part only, and `pos` (a device tensor, advanced in place) for the static path
+    (static=True: DecoderStep), where every step has the same shapes and no host value, so it can be
+    compiled and CUDA-graphed."""
     def __init__(self, decoder, xa):
         self.cross = [b.cross_attn.kv(xa) for b in decoder.blocks]   # [(B, H, n_audio_ctx, Dh)] * 2 per layer
         B, H, _, Dh = self.cross[0][0].shape
@@ -326,17 +312,19 @@ class KVCache:
 
     def reorder(self, idx):
         """Beam search: every row continues the hypothesis it was drawn from, in place (a captured graph keeps
-        pointing at these buffers). Cross K/V need no reorder: beams of one audio only swap among themselves."""
+        pointing at these buffers). Cross K/V need no reorder: beams of one audio swap only among
+        themselves."""
         n = self.k.shape[3] if self.static else self.offset   # eager: only the filled positions move
         for buf in (self.k[:, :, :, :n], self.v[:, :, :, :n]):
             buf.copy_(buf.index_select(1, idx))
 
 
 class DecoderStep:
-    """The one-token decoder step of decode() with its input, cache and position in fixed buffers, so one step can
-    be compiled (static shapes) and, on CUDA, captured once in a CUDA graph and replayed at every token (at small
-    batch a GPU is bound by kernel launches and host syncs, not arithmetic; as wavenet.py's generator).
-    method: eager | compiled | cudagraph | compiled_cudagraph. The result equals the eager path (a test)."""
+    """The one-token decoder step of decode() with its input, cache and position in fixed buffers,
+    so one step can be compiled (static shapes) and, on CUDA, captured once in a CUDA graph and replayed at
+    every token (at small batch a GPU is bound by kernel launches and host syncs, not arithmetic; as
+    wavenet.py's generator). method: eager | compiled | cudagraph | compiled_cudagraph. The result equals the
+    eager path (a test)."""
     def __init__(self, decoder, cache, method="eager"):
         self.decoder, self.cache, self.method = decoder, cache, method
         self.token = torch.zeros(cache.k.shape[1], 1, dtype=torch.long, device=cache.k.device)
@@ -351,7 +339,7 @@ class DecoderStep:
         return self.decoder(self.token, cache=self.cache)[:, -1]        # (B, n_vocab)
 
     def _capture(self):
-        pos = self.cache.pos.clone()                     # warm-up steps write K/V ahead: masked, later overwritten
+        pos = self.cache.pos.clone()                     # warm-up writes K/V ahead: masked, overwritten
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -403,12 +391,12 @@ class TextDecoder(nn.Module):
             x = self.token_embedding(tokens) + self.positional_embedding[pos]
             cross = cache.cross
             n = self.n_ctx if cache.static else cache.offset + T
-            mask = torch.arange(n, device=tokens.device)[None, :] <= pos[:, None]  # (T, n): causal, filled only
+            mask = torch.arange(n, device=tokens.device)[None, :] <= pos[:, None]  # (T, n): causal, filled
         for i, block in enumerate(self.blocks):
             x = block(x, cross[i], cache, i, pos, mask, qk_out)
         if cache is not None:
             cache.pos.add_(T)
-            if not cache.static:                         # DecoderStep counts the static steps (outside any graph)
+            if not cache.static:                         # DecoderStep counts the static steps
                 cache.offset += T
         x = self.ln(x)
         return (x @ self.token_embedding.weight.to(x.dtype).t()).float()   # tied output embedding
@@ -418,7 +406,7 @@ class Whisper(nn.Module):
     def __init__(self, dims, tokenizer=None):            # dims: the official ModelDimensions as a dict
         super().__init__()
         self.dims = dict(dims)
-        self.tokenizer = tokenizer                       # travels with the model (the checkpoint's extra holds it)
+        self.tokenizer = tokenizer                       # travels with the model (and the checkpoint)
         d = self.dims
         self.encoder = AudioEncoder(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"],
                                     d["n_audio_layer"])
@@ -433,13 +421,14 @@ def model_dims(cfg, n_vocab):
     return dict({k: getattr(cfg, k) for k in ARCH_KEYS}, n_vocab=n_vocab)
 
 # ----------------------------------------------------------------------------- tokenizer
-# Byte-level BPE through tiktoken, with Whisper's special tokens appended after the ranks in the official order
-# (§2.3): <|endoftext|>, <|startoftranscript|>, one token per language, <|translate|>, <|transcribe|>,
+# Byte-level BPE through tiktoken, with Whisper's special tokens appended after the ranks in the official
+# order (§2.3): <|endoftext|>, <|startoftranscript|>, one token per language, <|translate|>, <|transcribe|>,
 # <|startoflm|>, <|startofprev|>, <|nospeech|>, <|notimestamps|>, then 1501 timestamps <|0.00|> ... <|30.00|>.
 
 class Tokenizer:
-    """Text <-> token ids. Every special id is derived from the number of ranks (never hard-coded), so the same
-    code serves gpt2.tiktoken (English-only models), multilingual.tiktoken, and our small corpus BPE."""
+    """Text <-> token ids. Every special id is derived from the number of ranks
+    (never hard-coded), so the same code serves gpt2.tiktoken (English-only models), multilingual.tiktoken,
+    and our small corpus BPE."""
     def __init__(self, ranks, num_languages=99, name="whisper-bpe"):
         self.ranks_text = common.ranks_to_text(ranks)
         self.num_languages = num_languages
@@ -447,7 +436,7 @@ class Tokenizer:
         specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{l}|>" for l in self.languages]
                     + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
                        "<|notimestamps|>"] + [f"<|{i * TIME_PRECISION:.2f}|>" for i in range(N_TIMESTAMPS)])
-        self.enc = common.bpe_encoding(ranks, specials, name)  # specials numbered after the ranks, in this order
+        self.enc = common.bpe_encoding(ranks, specials, name)  # specials numbered after the ranks
         n = len(ranks)
         ids = {s: n + i for i, s in enumerate(specials)}
         self.n_vocab = n + len(specials)
@@ -489,8 +478,9 @@ class Tokenizer:
                 self.transcribe if task == "transcribe" else self.translate]
 
     def split_to_word_tokens(self, tokens):
-        """Words and their tokens (openai's split_tokens_on_spaces): cut where whole characters decode, then glue
-        pieces to the previous word unless they start with a space, are punctuation or are special."""
+        """Words and their tokens (openai's split_tokens_on_spaces):
+        cut where whole characters decode, then glue pieces to the previous word unless they start with a
+        space, are punctuation or are special."""
         pieces, cur = [], []
         for t in tokens:
             cur.append(t)
@@ -512,8 +502,9 @@ class Tokenizer:
         return self.timestamp_begin + int(min(N_TIMESTAMPS - 1, max(0, round(seconds / TIME_PRECISION))))
 
     def non_speech_tokens(self):
-        """Tokens of symbols that are never spoken (speaker tags, music notes, brackets); a symbol is banned only
-        where it is one token, a hyphen/quote only at word start; music symbols by their first byte-token."""
+        """Tokens of symbols that are never spoken (speaker tags, music notes, brackets);
+        a symbol is banned only where it is one token, a hyphen/quote only at word start; music symbols by
+        their first byte-token."""
         if getattr(self, "_non_speech", None) is None:
             self._non_speech = self._find_non_speech()
         return list(self._non_speech)
@@ -536,8 +527,8 @@ class Tokenizer:
 
 
 def build_tokenizer(cfg, texts=None, n_vocab=None):
-    """The official vocabulary from --tokenizer=PATH, else a BPE trained on the training transcripts (one language:
-    en; the official layout otherwise)."""
+    """The official vocabulary from --tokenizer=PATH, else a BPE trained on the training transcripts
+    (one language: en; the official layout otherwise)."""
     if cfg.tokenizer:
         if not os.path.exists(cfg.tokenizer):
             raise SystemExit(f"error: --tokenizer={cfg.tokenizer!r} does not exist")
@@ -563,8 +554,8 @@ def window_samples(cfg):
 
 
 def log_mel(wavs, cfg, device):
-    """One log-mel per window (B, n_mels, 2 * n_audio_ctx). Per item, because the -8 dynamic-range clip uses the
-    max of the whole tensor (the official code; §2.2): batching the call would let loud items change quiet ones."""
+    """One log-mel per window (B, n_mels, 2 * n_audio_ctx). Per item, because the -8 dynamic-range clip uses
+    the max of the whole tensor (the official code; §2.2): batching lets loud items change quiet ones."""
     return torch.stack([common.log_mel_spectrogram(w.to(device), n_mels=cfg.n_mels) for w in wavs])
 
 
@@ -587,19 +578,20 @@ def trainable(utts, cfg, what):
     keep = [u for u in texted if u.duration * SAMPLE_RATE <= N or has_word_times(u)]
     long = len(texted) - len(keep)
     if long:
-        common.log(f"{what}: skipped {long} of {len(utts)} clips longer than the {N / SAMPLE_RATE:.1f} s window "
-                   "without word times (a crop's transcript is unknown)")
+        common.log(f"{what}: skipped {long} of {len(utts)} clips longer than the "
+                   f"{N / SAMPLE_RATE:.1f} s window without word times (a crop's transcript is unknown)")
     if len(texted) < len(utts):
         common.log(f"{what}: skipped {len(utts) - len(texted)} clips without a transcript")
     return keep
 
 
-def target_tokens(tok, text, words=None, cuts=None, prompt=None, n_text_ctx=448, language="en", task="transcribe"):
+def target_tokens(tok, text, words=None, cuts=None, prompt=None, n_text_ctx=448, language="en",
+                  task="transcribe"):
     """One training sequence in the multitask format (§2.3, Fig. 1) and the index of its first target:
     [<|startofprev|> previous text] <|startoftranscript|> <|en|> <|transcribe|>
       ( <|notimestamps|> text | <|t0|> text <|t1|> <|t1'|> text <|t2|> ... ) <|endoftext|>
     words: [(word, start_s, end_s)] relative to the window; cuts: word indices where a timed segment begins
-    (None: no timestamps). Targets start after <|startoftranscript|>: the prompt is context, never predicted."""
+    (None: no timestamps). Targets start after <|startoftranscript|>: the prompt is context only."""
     seq = [] if prompt is None else [tok.sot_prev] + tok.encode(" " + prompt.strip())[-(n_text_ctx // 2 - 1):]
     loss_from = len(seq) + 1
     seq += tok.sot_sequence(language, task)
@@ -620,8 +612,8 @@ def target_tokens(tok, text, words=None, cuts=None, prompt=None, n_text_ctx=448,
 
 
 def collate(examples, tok, cfg, device):
-    """[(wav, seq, loss_from)] -> mel (B, n_mels, frames), inputs x (B, L), targets y (B, L): position i predicts
-    token i + 1, and y is -100 where there is no loss (the prompt, <|startoftranscript|>, padding)."""
+    """[(wav, seq, loss_from)] -> mel (B, n_mels, frames), inputs x (B, L), targets y (B, L): position i
+    predicts token i + 1, and y is -100 where no loss is taken (prompt, <|startoftranscript|>, padding)."""
     N = window_samples(cfg)
     wavs = torch.zeros(len(examples), N)
     for j, (w, _, _) in enumerate(examples):
@@ -638,8 +630,8 @@ def collate(examples, tok, cfg, device):
 
 
 class Batches:
-    """Random (audio window, multitask sequence) examples. Each rank draws from its own numpy generator, seeded
-    by (seed, rank, world size) like common.SegmentSampler; its state travels in the checkpoint (the sampler)."""
+    """Random (audio window, multitask sequence) examples. Each rank draws from its own numpy generator,
+    seeded by (seed, rank, world size) like common.SegmentSampler; its state is saved in the checkpoint."""
     def __init__(self, utts, tok, cfg, seed=1337, rank=0, world_size=1):
         self.utts, self.tok, self.cfg, self.N = utts, tok, cfg, window_samples(cfg)
         self.rng = np.random.default_rng([seed, rank, world_size])
@@ -665,7 +657,7 @@ class Batches:
             text = " ".join(w for w, _, _ in words)
             if not words:                                # one word longer than the window
                 return wav, [tok.sot, tok.no_speech, tok.eot], 1
-        if rng.random() < cfg.p_noise:                   # noise augmentation (our flag; the paper's data is noisy)
+        if rng.random() < cfg.p_noise:                   # noise augmentation (our flag)
             wav = add_noise(wav, rng.uniform(0, 30), rng)
         prompt = None
         if rng.random() < cfg.p_prompt:                  # previous-text conditioning (§2.3); no loss on it
@@ -700,11 +692,12 @@ class LogitRules:
         self.blank = tok.encode(" ") + [tok.eot]
         self.suppress = tok.non_speech_tokens() + [tok.transcribe, tok.translate, tok.sot, tok.sot_prev,
                                                    tok.sot_lm, tok.no_speech]
-        self.max_initial = None if max_initial_timestamp is None else round(max_initial_timestamp / TIME_PRECISION)
+        self.max_initial = (None if max_initial_timestamp is None
+                            else round(max_initial_timestamp / TIME_PRECISION))
 
-    def __call__(self, logits, tokens):                  # logits (B, V) fp32, modified in place; tokens (B, T)
+    def __call__(self, logits, tokens):                  # logits (B, V) fp32, edited in place; tokens (B, T)
         tok, tb, inf = self.tok, self.tok.timestamp_begin, float("-inf")
-        if tokens.shape[1] == self.sample_begin:         # an empty transcript or a leading space is never wanted
+        if tokens.shape[1] == self.sample_begin:         # no empty transcript, no leading space
             logits[:, self.blank] = inf
         logits[:, self.suppress] = inf
         if not self.timestamps:
@@ -719,7 +712,7 @@ class LogitRules:
                 if penult_ts:
                     logits[k, tb:] = inf                 # a pair just closed: text must follow
                 else:
-                    logits[k, :tok.eot] = inf            # a segment just ended: a timestamp or eot must follow
+                    logits[k, :tok.eot] = inf            # a segment just ended: timestamp or eot next
             stamps = [t for t in seq if t >= tb]
             if stamps:                                   # time never goes back; a segment has non-zero length
                 floor = stamps[-1] if last_ts and not penult_ts else stamps[-1] + 1
@@ -728,7 +721,7 @@ class LogitRules:
             logits[:, :tb] = inf
             if self.max_initial is not None:
                 logits[:, tb + self.max_initial + 1:] = inf
-        logprobs = F.log_softmax(logits, dim=-1)         # if time is likelier than any single text token, take it
+        logprobs = F.log_softmax(logits, dim=-1)         # time likelier than any text token: take it
         ts_mass = logprobs[:, tb:].logsumexp(-1)
         text_max = logprobs[:, :tb].max(-1).values
         logits[ts_mass > text_max, :tb] = inf
@@ -751,15 +744,16 @@ def compression_ratio(text):
 
 
 def initial_tokens(tok, cfg, prompt=None, timestamps=True, language="en", task="transcribe"):
-    """[<|startofprev|> previous text (at most half the context, §4.5)] + the sot sequence (+ <|notimestamps|>);
-    returns (tokens, index of <|startoftranscript|>)."""
+    """[<|startofprev|> previous text (at most half the context, §4.5)] + the sot sequence
+    (+ <|notimestamps|>); returns (tokens, index of <|startoftranscript|>)."""
     initial = [tok.sot_prev] + list(prompt)[-(cfg.n_text_ctx // 2 - 1):] if prompt else []
     sot_index = len(initial)
     return initial + tok.sot_sequence(language, task) + ([] if timestamps else [tok.no_timestamps]), sot_index
 
 
 def sample_step(logits, tokens, sum_lp, temperature, eot, generator=None):
-    """Greedy (temperature 0) or sampled next tokens; finished rows keep emitting eot. -> (tokens, sum_lp, done)"""
+    """Greedy (temperature 0) or sampled next tokens; finished rows keep emitting eot. ->
+    (tokens, sum_lp, done)"""
     logprobs = F.log_softmax(logits, dim=-1)
     if temperature == 0:
         nxt = logits.argmax(-1)
@@ -773,8 +767,9 @@ def sample_step(logits, tokens, sum_lp, temperature, eot, generator=None):
 
 
 def beam_step(logits, tokens, sum_lp, finished, beam_size, max_cand, eot, cache):
-    """Beam search (§4.5): expand every live hypothesis by its top beam+1 tokens and keep the best `beam` that did
-    not end; those that ended go to `finished` ({tokens: score} per audio) until each holds beam * patience."""
+    """Beam search (§4.5): expand every live hypothesis by its top beam+1 tokens and keep the best `beam`
+    that did not end; those that ended go to `finished` ({tokens: score} per audio) until each holds
+    beam * patience."""
     top_lp, top_id = F.log_softmax(logits, dim=-1).topk(beam_size + 1)   # (rows, beam + 1), all rows at once
     top_lp, top_id, prev, prev_lp = top_lp.tolist(), top_id.tolist(), tokens.tolist(), sum_lp.tolist()
     rows, src, scores = [], [], []
@@ -821,7 +816,8 @@ def candidates(tokens, sum_lp, finished, n_group, sample_begin, eot):
 
 
 def best_result(group, tok, no_speech, temperature, cfg):
-    """The candidate with the best length-normalised log-prob (or the GNMT penalty, §4.5) as a DecodeResult."""
+    """The candidate with the best length-normalised log-prob
+    (or the GNMT penalty, §4.5) as a DecodeResult."""
     def score(c):
         L = len(c[0])
         return c[1] / (L if not cfg.length_penalty else ((5 + L) / 6) ** cfg.length_penalty)
@@ -846,7 +842,8 @@ def decode(model, tok, mel, cfg, temperature=0.0, beam_size=None, best_of=None, 
     rules = LogitRules(tok, sample_begin, timestamps, cfg.max_initial_timestamp, cfg.n_audio_ctx)
     B = mel.shape[0]
     # (B, n_audio_ctx, n_audio_state) are the encoder's features already (as openai's decode accepts them)
-    xa = mel if mel.shape[1:] == (model.dims["n_audio_ctx"], model.dims["n_audio_state"]) else model.encoder(mel)
+    encoded = mel.shape[1:] == (model.dims["n_audio_ctx"], model.dims["n_audio_state"])
+    xa = mel if encoded else model.encoder(mel)
     xa = xa.repeat_interleave(n_group, 0)                # (B * n_group, A, D), once per window
     tokens = torch.tensor([initial], device=mel.device).repeat(B * n_group, 1)
     cache = KVCache(model.decoder, xa)
@@ -884,8 +881,9 @@ def decode_method(cfg, device):
 
 
 def decode_with_fallback(model, tok, mel, cfg, prompt=None, timestamps=True, generator=None, language="en"):
-    """§4.5: decode at temperature 0 (beam search); if the result looks like a loop (gzip ratio) or is unlikely
-    (mean log-prob), retry at the next temperature with sampling. A silent window is accepted as it is."""
+    """§4.5: decode at temperature 0 (beam search); if the result looks like a loop
+    (gzip ratio) or is unlikely (mean log-prob), retry at the next temperature with sampling. A silent window
+    is accepted as it is."""
     for t in cfg.temperatures:
         r = decode(model, tok, mel, cfg, temperature=t, prompt=prompt, timestamps=timestamps,
                    generator=generator, language=language, task=cfg.task)[0]
@@ -899,8 +897,8 @@ def decode_with_fallback(model, tok, mel, cfg, prompt=None, timestamps=True, gen
 
 @torch.no_grad()
 def detect_language(model, tok, mel):
-    """Language identification (§2.3): one decoder step on <|startoftranscript|>, softmax over the language tokens
-    only. mel (B, n_mels, frames) -> [{code: probability}] sorted from the likeliest."""
+    """Language identification (§2.3): one decoder step on <|startoftranscript|>,
+    softmax over the language tokens only. mel (B, n_mels, T) -> [{code: prob}], likeliest first."""
     if not tok.multilingual:
         raise SystemExit("error: an English-only vocabulary has no language tokens: drop --language=auto")
     x = torch.full((mel.shape[0], 1), tok.sot, device=mel.device)
@@ -912,8 +910,8 @@ def detect_language(model, tok, mel):
         out.append({tok.languages[i]: p[i] for i in order})
     return out
 
-# word timestamps (openai-whisper's timing.py): the cross-attention of the decoder's top half looks at the audio
-# frames each text token came from; a monotonic path through it (DTW) gives each token a time.
+# word timestamps (openai-whisper's timing.py): the cross-attention of the decoder's top half looks at the
+# audio frames each text token came from; a monotonic path through it (DTW) gives each token a time.
 
 def median_filter(x, width):
     """Median over a sliding window of the last dim, reflect-padded."""
@@ -1001,7 +999,8 @@ def merge_punctuations(words, prepended="\"'“¿([{-", appended="\"'.。,，!�
 
 
 def add_word_timestamps(segments, model, tok, mel, num_frames, offset, language="en"):
-    """Attach [(word, start_s, end_s, probability)] to each segment of one window (aligned together, as openai)."""
+    """Attach [(word, start_s, end_s, probability)] to each segment of one window
+    (aligned together, as openai)."""
     per_seg = [[t for t in s.tokens if t < tok.eot] for s in segments]
     words = merge_punctuations(find_alignment(model, tok, sum(per_seg, []), mel, num_frames, language))
     k = 0
@@ -1024,8 +1023,9 @@ class Segment:
 
 
 def window_segments(toks, tok, offset, size_frames):
-    """Segments of one window's tokens (openai's transcribe): one per closed timestamp pair, plus the tail when the
-    window ends on a single timestamp; with no pair, one segment for the window. -> (segments, frames consumed)"""
+    """Segments of one window's tokens (openai's transcribe):
+    one per closed timestamp pair, plus the tail when the window ends on a single timestamp; with no pair, one
+    segment for the window. -> (segments, frames consumed)"""
     tb = tok.timestamp_begin
     is_ts = [t >= tb for t in toks]
     single_end = is_ts[-2:] == [False, True]
@@ -1035,14 +1035,16 @@ def window_segments(toks, tok, offset, size_frames):
         last = 0
         for c in pairs + ([len(toks)] if single_end else []):
             piece = toks[last:c]
-            segs.append(Segment(offset + (piece[0] - tb) * TIME_PRECISION, offset + (piece[-1] - tb) * TIME_PRECISION,
+            segs.append(Segment(offset + (piece[0] - tb) * TIME_PRECISION,
+                                offset + (piece[-1] - tb) * TIME_PRECISION,
                                 piece, tok.decode(piece)))
             last = c
         # ended on a closed pair: the unfinished segment after it is dropped, and the next window starts there
         consumed = size_frames if single_end else (toks[last - 1] - tb) * 2
     else:
         stamps = [t for t in toks if t >= tb]
-        dur = (stamps[-1] - tb) * TIME_PRECISION if stamps and stamps[-1] != tb else size_frames * HOP / SAMPLE_RATE
+        dur = ((stamps[-1] - tb) * TIME_PRECISION if stamps and stamps[-1] != tb
+               else size_frames * HOP / SAMPLE_RATE)
         segs.append(Segment(offset, offset + dur, toks, tok.decode(toks)))
         consumed = size_frames
     return segs, consumed
@@ -1051,8 +1053,8 @@ def window_segments(toks, tok, offset, size_frames):
 @torch.no_grad()
 def transcribe(model, tok, wav, cfg, device, generator=None):
     """Long-form transcription (§4.5): slide a window over the whole file, seeking to the last predicted
-    timestamp; the text of the completed segments is the next window's prompt. The mel is computed once over the
-    file (plus a window of zeros), as the official code does. Returns (segments [Segment], text)."""
+    timestamp; the text of the completed segments is the next window's prompt. The mel is computed once over
+    the file (plus a window of zeros), as the official code does. Returns (segments [Segment], text)."""
     N, n_frames = window_samples(cfg), 2 * cfg.n_audio_ctx
     mel = common.log_mel_spectrogram(torch.as_tensor(np.asarray(wav, dtype=np.float32)).to(device),
                                      n_mels=cfg.n_mels, padding=N)
@@ -1068,8 +1070,10 @@ def transcribe(model, tok, wav, cfg, device, generator=None):
         if language == "auto":
             probs = detect_language(model, tok, window)[0]
             language = next(iter(probs))
-            common.log(f"[{offset:6.2f}] language: " + ", ".join(f"{k} {v:.3f}" for k, v in list(probs.items())[:3]))
-        r = decode_with_fallback(model, tok, window, cfg, prompt=all_tokens[prompt_from:], generator=generator,
+            top3 = list(probs.items())[:3]
+            common.log(f"[{offset:6.2f}] language: " + ", ".join(f"{k} {v:.3f}" for k, v in top3))
+        r = decode_with_fallback(model, tok, window, cfg, prompt=all_tokens[prompt_from:],
+                                 generator=generator,
                                  language=language)
         if r.no_speech_prob > cfg.no_speech_threshold and r.avg_logprob < cfg.logprob_threshold:
             seek += size                                 # silence: skip the window
@@ -1082,7 +1086,7 @@ def transcribe(model, tok, wav, cfg, device, generator=None):
                 s.text, s.tokens, s.words = "", [], []
         seek += consumed
         segments += segs
-        all_tokens += [t for s in segs for t in s.tokens]   # only completed segments condition the next window
+        all_tokens += [t for s in segs for t in s.tokens]   # completed segments condition the next window
         if not cfg.condition_on_previous_text or r.temperature > 0.5:
             prompt_from = len(all_tokens)                # a hot decode may be garbage: do not condition on it
     segments = [s for s in segments if s.text.strip()]
@@ -1092,56 +1096,19 @@ def transcribe(model, tok, wav, cfg, device, generator=None):
 
 # ----------------------------------------------------------------------------- train
 
-def _official_file(cfg):
-    """The authors' checkpoint (a dict with 'dims' and 'model_state_dict') that --init_from names, or None."""
-    path = cfg.init_from
-    if path in ("scratch", "resume") or not os.path.isfile(path):
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # reads no tensor data
-    except Exception:
-        return None                                      # common.load_checkpoint says what is wrong with it
-    return ckpt if isinstance(ckpt, dict) and "dims" in ckpt and "model_state_dict" in ckpt else None
-
-
-def official_dims(cfg):
-    """Before common.setup (so the config line and any error come first): official weights carry their own
-    ModelDimensions, which replace the preset's; sample/eval check that --init_from names a model that fits."""
-    ckpt = _official_file(cfg)
-    if ckpt is None:
-        if cfg.mode in ("sample", "eval"):
-            if cfg.init_from == "scratch":
-                raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume, a ckpt.pt, or official weights")
-            make_tokenizer(cfg)                          # the file exists, is ours, of this paper, and fits
-        return None
-    if not cfg.tokenizer:
-        raise SystemExit("error: official weights need their vocabulary: pass --tokenizer=PATH to "
-                         "multilingual.tiktoken (or gpt2.tiktoken for *.en models), in openai-whisper's whisper/assets/")
-    changed = [f"{k} {getattr(cfg, k)} -> {ckpt['dims'][k]}" for k in ARCH_KEYS if getattr(cfg, k) != ckpt["dims"][k]]
-    for k in ARCH_KEYS:
-        setattr(cfg, k, ckpt["dims"][k])
-    common.log(f"official weights {cfg.init_from}: dims from the file (n_vocab {ckpt['dims']['n_vocab']})"
-               + (": " + ", ".join(changed) if changed else ""))
-    return ckpt
-
-
-def load_official(state, ckpt):
-    """--init_from=<official .pt>: our module names are the official ones, so the key map is the identity."""
-    common.load_state_dict(common.unwrap(state["model"]), ckpt["model_state_dict"], what="Whisper")
-
-
 def make_tokenizer(cfg, texts_fn=None, n_vocab=None, ckpt=None):
-    """The vocabulary: the one stored in our checkpoint (resume or a path), the official file --tokenizer names,
-    or a BPE trained on the training transcripts."""
+    """The vocabulary: the one stored in our checkpoint (resume or a path),
+    the official file --tokenizer names, or a BPE trained on the training transcripts."""
     if cfg.init_from != "scratch" and _official_file(cfg) is None:
         ckpt = ckpt or common.load_checkpoint(common.checkpoint_path(cfg))
         if not common.is_ours(ckpt):
-            raise SystemExit(f"error: {cfg.init_from!r} is neither a nanoaudio checkpoint nor an official Whisper "
-                             "file (a dict with 'dims' and 'model_state_dict')")
+            raise SystemExit(f"error: {cfg.init_from!r} is neither a nanoaudio checkpoint nor an "
+                             "official Whisper file (a dict with 'dims' and 'model_state_dict')")
         common.check_checkpoint(ckpt, cfg, ARCH_KEYS)   # this paper's, and the same architecture
         if "tokenizer" in ckpt.get("extra", {}):
             return Tokenizer.from_extra(ckpt["extra"])
-        raise SystemExit(f"error: {common.checkpoint_path(cfg)} holds no tokenizer; was it written by whisper.py?")
+        raise SystemExit(f"error: {common.checkpoint_path(cfg)} holds no tokenizer; "
+                         "was it written by whisper.py?")
     tok = build_tokenizer(cfg, texts_fn() if texts_fn and not cfg.tokenizer else [], n_vocab)
     if n_vocab is not None and tok.n_vocab != n_vocab:
         raise SystemExit(f"error: {cfg.tokenizer} gives {tok.n_vocab} tokens but the weights have {n_vocab}")
@@ -1153,11 +1120,13 @@ def configure_optimizer(model, cfg):
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "positional" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "positional" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-6)
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas),
+                              eps=1e-6)
 
 
 def lr_factor(step, cfg):
-    """Linear warm-up, then linear decay to zero at lr_decay_iters (§2.4); the multiplier of cfg.lr at a step."""
+    """Linear warm-up, then linear decay to zero at lr_decay_iters (§2.4);
+    the multiplier of cfg.lr at a step."""
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
     return max(0.0, (cfg.lr_decay_iters - step) / max(1, cfg.lr_decay_iters - cfg.warmup_iters))
@@ -1173,7 +1142,8 @@ def build(cfg, rt, tok):
 
 
 def train_step(state, batch, cfg, rt):
-    """One AdamW step on the next-token loss, gradient-norm clipping included; train() and bench() both run it."""
+    """One AdamW step on the next-token loss, gradient-norm clipping included;
+    train() and bench() both run it."""
     model, opt, sched = state["model"], state["opt"], state["sched"]
     mel, x, y = batch
     with rt.autocast():
@@ -1187,8 +1157,9 @@ def train_step(state, batch, cfg, rt):
 
 
 def load_for_inference(cfg, rt):
-    """The model (tokenizer attached) for sample/eval: our checkpoint, built from its own config and vocabulary,
-    or the authors' file with the dims it holds (official_dims set them); the dims used are logged."""
+    """The model (tokenizer attached) for sample/eval: our checkpoint,
+    built from its own config and vocabulary, or the authors' file with the dims it holds (official_dims set
+    them); the dims used are logged."""
     if cfg.init_from == "scratch":
         raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume, a ckpt.pt, or official weights")
     official = _official_file(cfg)
@@ -1227,30 +1198,32 @@ def _decode_texts(model, tok, utts, cfg, rt, beam, task="transcribe"):
 
 
 def word_time_error(model, tok, utts, cfg, rt):
-    """Mean absolute error (ms) of the aligned start and end of each reference word against the corpus's times."""
+    """Mean absolute error (ms) of the aligned start and end of each reference word vs the corpus's times."""
     errs = []
     for u in utts:
         mel = collate([(u.wav, [0, 0], 1)], tok, cfg, rt.device)[0]
         got = find_alignment(model, tok, tok.encode(" " + u.text.strip()), mel, len(u.wav) // HOP,
                              getattr(u, "language", "en"))
         if len(got) == len(u.words):                     # one aligned word per reference word
-            errs += [abs(g[2] - s) for g, (_, s, _) in zip(got, u.words)] + [abs(g[3] - e) for g, (_, _, e) in zip(got, u.words)]
+            errs += [abs(g[2] - s) for g, (_, s, _) in zip(got, u.words)]
+            errs += [abs(g[3] - e) for g, (_, _, e) in zip(got, u.words)]
     return 1000 * float(np.mean(errs)) if errs else float("nan")
 
 
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     """WER/CER (common.wer/cer, normalised text) and the teacher-forced loss on cfg.eval_items held-out clips,
-    each decoded in its own language; long ones go through long-form transcription. With other languages in the
-    corpus also language-ID accuracy (§2.3) and the WER of X -> English translations. The test split has unseen
-    sentences and a voice never heard in training. Greedy on val (fast, during training), cfg.beam_size on test."""
+    each decoded in its own language; long ones go through long-form transcription. With other languages in
+    the corpus also language-ID accuracy (§2.3) and the WER of X -> English translations. The test split has
+    unseen sentences and an unheard voice. Greedy on val (fast, in training), cfg.beam_size on test."""
     if model is None:
         official_dims(cfg)
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
     tok, was_training = model.tokenizer, model.training
     model.eval()
-    utts = _interleave([u for u in common.load_corpus(cfg, split, SAMPLE_RATE) if u.text.strip()])[:cfg.eval_items]
+    utts = common.load_corpus(cfg, split, SAMPLE_RATE)
+    utts = _interleave([u for u in utts if u.text.strip()])[:cfg.eval_items]
     if not utts:
         raise SystemExit(f"error: the {split} split has no clips with transcripts")
     N, beam = window_samples(cfg), 0 if split == "val" else cfg.beam_size
@@ -1265,20 +1238,21 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     refs, hyps = [u.text for u in utts], [hyp[u.id] for u in utts]
     out = dict(loss=float("nan"), wer=common.wer(refs, hyps), cer=common.cer(refs, hyps), n=len(refs))
     if fits:
-        exs = [(u.wav, *target_tokens(tok, u.text, n_text_ctx=cfg.n_text_ctx, language=getattr(u, "language", "en")))
-               for u in fits[:16]]
+        exs = [(u.wav, *target_tokens(tok, u.text, n_text_ctx=cfg.n_text_ctx,
+                                      language=getattr(u, "language", "en"))) for u in fits[:16]]
         with rt.autocast():
             mel, x, y = collate(exs, tok, cfg, rt.device)
             out["loss"] = loss_fn(model(mel, x), y).item()
-    line = f"eval ({split}, {len(refs)} utterances): loss {out['loss']:.4f} | WER {out['wer']:.4f} | CER {out['cer']:.4f}"
-    for snr in [float(x) for x in cfg.eval_snr.split(",") if x.strip()]:   # §3.7: the same clips in white noise
+    line = (f"eval ({split}, {len(refs)} utterances): loss {out['loss']:.4f} | WER {out['wer']:.4f} "
+            f"| CER {out['cer']:.4f}")
+    for snr in [float(x) for x in cfg.eval_snr.split(",") if x.strip()]:   # §3.7: same clips, white noise
         rng = np.random.default_rng(cfg.seed)
         noisy = [common.Utterance(u.id, add_noise(u.wav, snr, rng), SAMPLE_RATE, u.text, language=getattr(
             u, "language", "en")) for u in fits]
         hn = _decode_texts(model, tok, noisy, cfg, rt, beam)
         out[f"wer_{snr:g}db"] = common.wer([u.text for u in fits], [hn[u.id] for u in fits])
         line += f" | WER at {snr:g} dB {out[f'wer_{snr:g}db']:.4f}"
-    if cfg.word_timestamps:                              # word times of the reference text against the corpus's own
+    if cfg.word_timestamps:                              # word times of the reference text vs the corpus's
         out["word_time_err_ms"] = word_time_error(model, tok, [u for u in fits if has_word_times(u)], cfg, rt)
         line += f" | word time error {out['word_time_err_ms']:.0f} ms"
     other = [u for u in fits if getattr(u, "language", "en") != "en" and u.translation]
@@ -1293,7 +1267,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     for r, h in list(zip(refs, hyps))[:3]:
         common.log(f"  ref: {r}\n  hyp: {h}")
     if samples_dir:
-        write_transcript(samples_dir, utts[0].id, utts[0].wav, *transcribe(model, tok, utts[0].wav, cfg, rt.device,
+        write_transcript(samples_dir, utts[0].id, utts[0].wav,
+                         *transcribe(model, tok, utts[0].wav, cfg, rt.device,
                                                                             generator=g))
     model.train(was_training)
     return out
@@ -1306,7 +1281,8 @@ def train(cfg):
     val_utts = trainable(common.load_corpus(cfg, "val", SAMPLE_RATE), cfg, "val split")
     common.check_clips(train_utts, 1, "train split (clips with transcripts)")
     common.check_clips(val_utts, 1, "val split (clips with transcripts)")
-    tok = make_tokenizer(cfg, lambda: [u.text for u in train_utts], official["dims"]["n_vocab"] if official else None)
+    tok = make_tokenizer(cfg, lambda: [u.text for u in train_utts],
+                         official["dims"]["n_vocab"] if official else None)
     state = build(cfg, rt, tok)
     sampler = Batches(train_utts, tok, cfg, cfg.seed, rt.rank, rt.world_size)
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS, official=load_official)
@@ -1316,7 +1292,8 @@ def train(cfg):
     common.log(f"params: {common.count_params(model):,} | vocab {tok.n_vocab} | window {window_s:.1f} s | "
                f"{len(train_utts)} training clips")
     if cfg.max_iters > cfg.lr_decay_iters:
-        common.log(f"note: the lr reaches 0 at step {cfg.lr_decay_iters} (--lr_decay_iters) before --max_iters")
+        common.log(f"note: the lr reaches 0 at step {cfg.lr_decay_iters} (--lr_decay_iters) "
+                   "before --max_iters")
     prog = common.Progress(cfg, start_step=step)
     model.train()
     while step < cfg.max_iters:
@@ -1355,9 +1332,10 @@ def folder_audio(folder):
 
 
 def transcribe_folder(cfg, model, rt):
-    """Every audio file of --input_dir (resampled to 16 kHz, channels averaged) -> one "name<TAB>text" line each
-    in --transcripts (name: the file name without its extension). Clips that fit in one window are decoded in
-    batches of 16 as evaluate() does (no timestamps, cfg.beam_size, cfg.language); longer ones long-form."""
+    """Every audio file of --input_dir (resampled to 16 kHz, channels averaged)
+    -> one "name<TAB>text" line each in --transcripts (name: the file name without its extension). Clips that
+    fit in one window are decoded in batches of 16 as evaluate() does (no timestamps, cfg.beam_size,
+    cfg.language); longer ones long-form."""
     tok, names, wavs = model.tokenizer, [], []
     for f in folder_audio(cfg.input_dir):
         try:
@@ -1422,7 +1400,8 @@ def sample(cfg):
     for line in write_transcript(out, name, wav, segments, text):
         common.log(line)
     if ref is not None:
-        common.log(f"reference: {ref}\nWER {common.wer([ref], [text]):.3f} | CER {common.cer([ref], [text]):.3f}")
+        common.log(f"reference: {ref}\nWER {common.wer([ref], [text]):.3f} "
+                   f"| CER {common.cer([ref], [text]):.3f}")
     common.log(f"wrote {out}/{name}.wav, .png, .txt")
     return segments
 
@@ -1430,8 +1409,8 @@ def sample(cfg):
 
 def bench(cfg):
     """Training step ms, tokens/s and audio-s/s (train_step itself), encoder ms per window, greedy decoding
-    tokens/s at batch 1 and 16, eager and (when common.compile compiled) compiled. Random weights; a byte-level
-    vocabulary (256 ranks) unless --tokenizer."""
+    tokens/s at batch 1 and 16, eager and (when common.compile compiled) compiled. Random weights; a
+    byte-level vocabulary (256 ranks) unless --tokenizer."""
     official = official_dims(cfg)
     rt = common.setup(cfg)
     tok = build_tokenizer(cfg, [], official["dims"]["n_vocab"] if official else None)
@@ -1452,8 +1431,8 @@ def bench(cfg):
         enc_ms = common.timeit(lambda: state["model"].encoder(mel[:1]), iters=iters, warmup=2)
 
     def decode_tps(batch, method, steps=16 if rt.device_type == "cpu" else 64):
-        """Greedy steps (DecoderStep, as decode() runs them) after the 4-token prompt: decoded tokens per second,
-        and the matmul FLOP rate of those steps (GFLOP/s)."""
+        """Greedy steps (DecoderStep, as decode() runs them) after the 4-token prompt:
+        decoded tokens per second, and the matmul FLOP rate of those steps (GFLOP/s)."""
         with torch.no_grad(), rt.autocast():
             xa = model.encoder(mel[:1]).repeat(batch, 1, 1)
             t0 = torch.tensor([tok.sot_sequence() + [tok.no_timestamps]] * batch, device=rt.device)
@@ -1471,7 +1450,8 @@ def bench(cfg):
         return batch * steps / (ms / 1000), step_flops * steps / (ms / 1000) / 1e9
     window_s = window_samples(cfg) / SAMPLE_RATE
     figures = dict(n_vocab=tok.n_vocab, window_s=window_s, train_step_ms=train_ms, train_flops_per_step=flops,
-                   train_tokens_per_s=B * L / (train_ms / 1000), train_audio_s_per_s=B * window_s / (train_ms / 1000),
+                   train_tokens_per_s=B * L / (train_ms / 1000),
+                   train_audio_s_per_s=B * window_s / (train_ms / 1000),
                    encoder_ms_per_window=enc_ms)
     methods = ["eager"] + (["compiled"] if compiled else []) + \
         (["cudagraph"] + (["compiled_cudagraph"] if compiled else []) if rt.device_type == "cuda" else [])
@@ -1481,6 +1461,49 @@ def bench(cfg):
             sfx = "" if method == "eager" else "_" + method
             figures[f"decode_tokens_per_s_b{b}{sfx}"], figures[f"decode_gflop_per_s_b{b}{sfx}"] = tps, gflops
     return common.report_bench(cfg, rt, model=model, compiled=compiled, **figures)
+
+# ----------------------------------------------------------------------------- official weights
+
+def _official_file(cfg):
+    """The authors' checkpoint (a dict with 'dims' and 'model_state_dict') that --init_from names, or None."""
+    path = cfg.init_from
+    if path in ("scratch", "resume") or not os.path.isfile(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # reads no tensor data
+    except Exception:
+        return None                                      # common.load_checkpoint says what is wrong with it
+    return ckpt if isinstance(ckpt, dict) and "dims" in ckpt and "model_state_dict" in ckpt else None
+
+
+def official_dims(cfg):
+    """Before common.setup (so the config line and any error come first): official weights carry their own
+    ModelDimensions, which replace the preset's; sample/eval check that --init_from names a fitting model."""
+    ckpt = _official_file(cfg)
+    if ckpt is None:
+        if cfg.mode in ("sample", "eval"):
+            if cfg.init_from == "scratch":
+                raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume, a ckpt.pt, "
+                                 "or official weights")
+            make_tokenizer(cfg)                          # the file exists, is ours, of this paper, and fits
+        return None
+    if not cfg.tokenizer:
+        raise SystemExit("error: official weights need their vocabulary: pass --tokenizer=PATH to "
+                         "multilingual.tiktoken (or gpt2.tiktoken for *.en models), "
+                         "in openai-whisper's whisper/assets/")
+    changed = [f"{k} {getattr(cfg, k)} -> {ckpt['dims'][k]}"
+               for k in ARCH_KEYS if getattr(cfg, k) != ckpt["dims"][k]]
+    for k in ARCH_KEYS:
+        setattr(cfg, k, ckpt["dims"][k])
+    common.log(f"official weights {cfg.init_from}: dims from the file (n_vocab {ckpt['dims']['n_vocab']})"
+               + (": " + ", ".join(changed) if changed else ""))
+    return ckpt
+
+
+def load_official(state, ckpt):
+    """--init_from=<official .pt>: our module names are the official ones, so the key map is the identity."""
+    common.load_state_dict(common.unwrap(state["model"]), ckpt["model_state_dict"], what="Whisper")
+
 
 # ----------------------------------------------------------------------------- main
 
