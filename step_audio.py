@@ -24,7 +24,7 @@ Simplified versus the paper:
   is trained on mel + STFT losses only (no adversary), so its speech is muffled;
 - `mini` has the official shapes (meta device only); no official weights are mapped (no reference to prove
   a key map against); the placeholder count is the official `compute_token_num`.
-Aim 1100 lines not reached (1658): seven training stages, two-part eval and the detokenizer stay.
+Aim 1100 lines not reached (1647): seven training stages, two-part eval and the detokenizer stay.
 
     python step_audio.py                                  # all seven stages (`small` on a CPU)
     python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
@@ -58,18 +58,15 @@ class Config:
     data_dir: str = ""                  # empty: the built-in corpus (speech and dialogue)
     corpus_hours: float = 2.0           # size of the built-in corpus
     input: str = ""                     # --mode=sample: a wav to listen to (empty: held-out examples)
-    # --mode=sample: a question in text about --input (empty: --input is the question)
-    prompt: str = ""
+    prompt: str = ""                    # --mode=sample: a text question about --input (empty: none)
     tools: bool = True                  # --mode=sample: the calculator tool is offered
     speak: bool = True                  # --mode=sample: answer a spoken question with speech (else text)
-    # --mode=sample: a second spoken question (wav), asked after --input's answer
-    followup: str = ""
+    followup: str = ""                  # --mode=sample: a second spoken question (wav), after --input's
     seed: int = 1337
     # audio front end (§3.1: Whisper's log-mel at 16 kHz, 128 bins, 25 s chunks)
     sample_rate: int = 16000            # Hz
     n_mels: int = 128                   # log-mel bins
-    # audio is cut into chunks of at most this length, each framed by markers
-    chunk_seconds: float = 25.0
+    chunk_seconds: float = 25.0         # audio is cut into chunks of at most this length, framed by markers
     pad_samples: int = 479              # right padding of each chunk before the STFT (official)
     # audio encoder (Whisper-large-v3 shapes in `mini`)
     n_audio_ctx: int = 1500             # positional table: 30 s at 50 Hz
@@ -89,13 +86,10 @@ class Config:
     vocab_size: int = 0                 # 0: the corpus BPE plus the special tokens; 158720 in `mini`
     bpe_vocab: int = 600                # ranks of the corpus BPE (bytes included)
     tie_embeddings: bool = False        # share embed_tokens and lm_head (Qwen2.5-7B does not)
-    # speech output (part 2): supervised speech tokens, interleaved text:audio generation, flow matching,
-    # vocoder
-    # FSQ levels per dimension: 3^8 = 6561 codes (CosyVoice 2's S3 v2)
-    fsq_levels: tuple = (3, 3, 3, 3, 3, 3, 3, 3)
+    # speech output (part 2): supervised speech tokens, interleaved text:audio generation, flow, vocoder
+    fsq_levels: tuple = (3, 3, 3, 3, 3, 3, 3, 3)  # FSQ levels per dimension: 3^8 = 6561 codes (CosyVoice 2)
     interleave: tuple = (1, 4)          # text slots : audio slots per group between <tts_start> and <tts_end>
-    # the detokenizer's mel (ln, n_fft 640, hop 160 at 16 kHz: 4 frames a token)
-    n_voc_mels: int = 80
+    n_voc_mels: int = 80                # the detokenizer's mel (ln, n_fft 640, hop 160: 4 frames a token)
     flow_dim: int = 512                 # flow-matching estimator width
     flow_layers: int = 6                # estimator blocks (self-attention, then a conv, then an MLP: §3.1)
     flow_heads: int = 8                 # estimator attention heads
@@ -105,17 +99,13 @@ class Config:
     voc_upsample: tuple = (5, 4, 4, 2)  # vocoder upsampling factors (product = the mel hop, 160)
     voc_segment: int = 6400             # vocoder training crop in samples (40 mel frames)
     flow_max_codes: int = 64            # flow training crop in speech tokens (2.56 s)
-    # the built-in voice that speaks the assistant's answers (training targets)
-    answer_voice: int = 0
+    answer_voice: int = 0               # the built-in voice that speaks the assistant's answers
     bank_size: int = 0                  # questions of the spoken question bank per split (0: all of them)
     bank_voices: int = 3                # voices each question of the bank is spoken in
     # training stages in miniature (§3.2-3.4): text LLM, encoder ASR pretraining, adaptor alignment, the
-    # speech tokenizer (FSQ + CTC), the flow-matching detokenizer, the vocoder; SFT (text and speech answers)
-    # after them
-    # steps of the first six stages; SFT runs to max_iters
-    stage_iters: tuple = (300, 300, 200, 200, 400, 400)
-    # arithmetic questions with the calculator offered (else answered directly)
-    tool_frac: float = 0.5
+    # speech tokenizer (FSQ + CTC), the flow-matching detokenizer, the vocoder; then SFT (text and speech)
+    stage_iters: tuple = (300, 300, 200, 200, 400, 400)  # steps of the first six stages; SFT to max_iters
+    tool_frac: float = 0.5              # arithmetic questions with the calculator offered (else direct)
     lr: float = 1e-3                    # AdamW peak learning rate
     betas: tuple = (0.9, 0.95)          # AdamW betas
     weight_decay: float = 0.1           # AdamW weight decay
@@ -128,8 +118,7 @@ class Config:
     eval_speech_items: int = 8          # held-out examples for the spoken answers and resynthesis (slower)
     log_interval: int = 25              # steps between progress lines
     max_new_tokens: int = 48            # generation limit per assistant turn (text)
-    # generation limit of a spoken turn (text and audio slots: ~7 s at 1:4)
-    max_speech_tokens: int = 240
+    max_speech_tokens: int = 240        # generation limit of a spoken turn (text and audio slots)
     bench_iters: int = 5                # timed repetitions in --mode=bench
     bench_seconds: float = 30.0         # audio length for the prefill figure
     device: str = "auto"
