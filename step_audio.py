@@ -546,8 +546,8 @@ class Vocoder(nn.Module):
 
 class StepAudio(nn.Module):
     """Encoder -> adaptor -> LLM -> (speech tokens) -> flow matching -> vocoder
-    (§3.1). The CTC head exists for encoder pretraining only (our stand-in for the paper's ASR pretraining of
-    the encoder)."""
+    (§3.1). The CTC head exists for encoder pretraining only (our stand-in for the paper's ASR
+    pretraining of the encoder)."""
     def __init__(self, cfg):
         super().__init__()
         self.encoder, self.adapter, self.model = AudioEncoder(cfg), Adaptor(cfg), LLM(cfg)
@@ -564,9 +564,9 @@ class StepAudio(nn.Module):
         return self.adapt(self.encoder(mel, n_mel), n_mel)
 
     def adapt(self, h, n_mel):
-        """Encoder frames (N, T', D) -> each chunk's adaptor features;
-        the frames past a chunk's end are zeroed first, so a chunk padded in a batch gives exactly what it
-        gives alone (the conv looks one frame ahead)."""
+        """Encoder frames (N, T', D) -> each chunk's adaptor features; the frames past a chunk's end are
+        zeroed first, so a chunk padded in a batch gives exactly what it gives alone (the conv
+        looks one frame ahead)."""
         n_enc = torch.tensor([encoder_frames(int(n)) for n in n_mel], device=h.device)
         h = h * (torch.arange(h.shape[1], device=h.device)[None] < n_enc[:, None])[..., None]
         return [f[:adaptor_frames(int(n))] for f, n in zip(self.adapter(h), n_enc)]
@@ -634,10 +634,10 @@ SPECIALS = ("<|endoftext|>", "<|BOT|>", "<|EOT|>", "<audio_start>", "<audio_patc
 
 
 class Tokenizer:
-    """The corpus BPE (tiktoken format, common.train_bpe) with the chat,
-    audio and TTS markers after its ranks, then the speech tokens (§3.2's vocabulary extension): <audio_k> =
-    audio_base + k for the n_codes FSQ codes, and one audio pad (<audio_k> with k = n_codes, as the official
-    6561). Text ids are all < audio_base."""
+    """The corpus BPE (tiktoken format, common.train_bpe) with the chat, audio and TTS markers after its
+    ranks, then the speech tokens (§3.2's vocabulary extension): <audio_k> = audio_base + k for the n_codes
+    FSQ codes, and one audio pad (<audio_k> with k = n_codes, as the official 6561). Text ids
+    are all < audio_base."""
     def __init__(self, ranks, n_codes):
         self.ranks_text = common.ranks_to_text(ranks)
         self.enc = common.bpe_encoding(ranks, SPECIALS, name="step-audio-bpe")
@@ -692,7 +692,7 @@ def interleave(text_ids, codes, tok, ratio):
 
 
 def deinterleave(ids, tok):
-    """A generated run -> (text ids, speech codes): the split by id range of the official parser,
+    """A generated run -> (text ids, speech codes): the official parser's split by id range,
     pads dropped."""
     text = [i for i in ids if i < tok.audio_base and i not in (tok.tts_start, tok.tts_end,
                                                                tok.tts_pad, tok.eot)]
@@ -957,8 +957,8 @@ class Tasks:
 
     def example(self, task, i, rng, cfg, speak=None):
         """(wav, turns, answer) of example i of `task` (rng picks among variants). speak:
-        wav -> the interleaved run of a spoken answer (text ids + speech codes), for the tasks whose answer is
-        speech."""
+        wav -> the interleaved run of a spoken answer (text ids + speech codes), for tasks
+        answered in speech."""
         if task in ("asr", "para", "tts"):
             wav, text, attrs = self.speech[i % len(self.speech)]
             a = ("audio", len(wav))
@@ -1016,9 +1016,9 @@ def log_mel(wav, cfg):
 
 
 def collate(examples, tok, cfg, rt, cache=None):
-    """[(wav or None, turns)] -> a batch: token ids and labels
-    (B, L) right-padded, and every audio chunk's mel (N, n_mels, T) with its real length, in prompt order.
-    cache: {key: mel}, so each clip's mel is computed once."""
+    """[(wav or None, turns)] -> a batch: token ids and labels (B, L) right-padded, and every audio chunk's
+    mel (N, n_mels, T) with its real length, in prompt order. cache: {key: mel}, so each clip's mel is
+    computed once."""
     seqs, mels = [], []
     for wav, turns in examples:
         seqs.append(render(turns, tok, cfg))
@@ -1264,9 +1264,9 @@ def load_for_inference(cfg, rt):
 
 
 def slot_masks(tok, device):
-    """The tokens each kind of slot of a spoken answer may hold:
-    text (the BPE ranks, <tts_pad>, <tts_end>) and audio (the speech tokens and the audio pad). Decoding under
-    them keeps the interleave's fixed pattern."""
+    """The tokens each kind of slot of a spoken answer may hold: text (the BPE ranks, <tts_pad>, <tts_end>)
+    and audio (the speech tokens and the audio pad). Decoding under them keeps the interleave's
+    fixed pattern."""
     text = torch.zeros(tok.n_vocab, dtype=torch.bool, device=device)
     text[:tok.ids["<|endoftext|>"]] = True
     text[[tok.tts_pad, tok.tts_end]] = True
@@ -1277,11 +1277,11 @@ def slot_masks(tok, device):
 
 @torch.no_grad()
 def generate(model, tok, turns, wav, cfg, rt, speech=False):
-    """Greedy decoding of one assistant turn with a KV cache:
-    prefill the prompt (audio features written over the placeholders; wav: one clip, or a list of the prompt's
-    clips in order), then one token at a time until <|EOT|>. speech: the turn opens with <tts_start> (how the
-    official code asks for a spoken reply) and each slot is decoded under its kind's mask until <tts_end>.
-    Returns the generated ids (with the <tts_*> markers)."""
+    """Greedy decoding of one assistant turn with a KV cache: prefill the prompt (audio features written over
+    the placeholders; wav: one clip, or a list of the prompt's clips in order), then one token at a time until
+    <|EOT|>. speech: the turn opens with <tts_start> (how the official code asks for a spoken reply) and each
+    slot is decoded under its kind's mask until <tts_end>. Returns the generated ids
+    (with the <tts_*> markers)."""
     ids, _ = render(turns, tok, cfg, generate=True)
     ids = torch.tensor([ids + [tok.tts_start] * speech], device=rt.device)
     wavs = [] if wav is None else wav if isinstance(wav, list) else [wav]
@@ -1330,8 +1330,8 @@ def speak(model, tok, turns, wav, cfg, rt, noise_seed=0):
 
 def respond(model, tok, turns, wav, cfg, rt, tools=True):
     """One assistant reply, running the tool loop: a reply that is a <tool_call> is executed,
-    its result appended as a tool turn, and the assistant continues. Returns (final text, the call or
-    None)."""
+    its result appended as a tool turn, and the assistant continues. Returns
+    (final text, the call or None)."""
     reply = tok.decode(generate(model, tok, turns, wav, cfg, rt))
     m = re.fullmatch(r"<tool_call>(.*)</tool_call>\s*", reply)
     if not (tools and m):
@@ -1342,14 +1342,14 @@ def respond(model, tok, turns, wav, cfg, rt, tools=True):
 
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
-    """Held-out accuracy of each skill (exact match, normalised): ASR WER;
-    paralinguistic accuracy per attribute; spoken QA on the question bank without tools; tool-call accuracy
-    and final answers with the calculator (and without it, on the same questions); the multi-turn follow-up.
-    Speech output, on eval_speech_items of them: the spoken answer's text, the follow-up after a spoken
-    answer, the resynthesis mel distance of held-out speech (tokens -> flow -> vocoder, and the vocoder alone
-    from the true mel) and the tokenizer's own CTC WER. Writes the spoken answers, the resyntheses and their
-    originals as wavs with a refs.txt (name<TAB>intended text) per folder, for the WER of a separate ASR model
-    (whisper.py --mode=sample --input_dir=DIR prints it)."""
+    """Held-out accuracy of each skill (exact match, normalised): ASR WER; paralinguistic accuracy per
+    attribute; spoken QA on the question bank without tools; tool-call accuracy and final answers with the
+    calculator (and without it, on the same questions); the multi-turn follow-up. Speech output, on
+    eval_speech_items of them: the spoken answer's text, the follow-up after a spoken answer, the resynthesis
+    mel distance of held-out speech (tokens -> flow -> vocoder, and the vocoder alone from the true mel) and
+    the tokenizer's own CTC WER. Writes the spoken answers, the resyntheses and their originals as wavs with a
+    refs.txt (name<TAB>intended text) per folder, for the WER of a separate ASR model (whisper.py
+    --mode=sample --input_dir=DIR prints it)."""
     if model is None:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
@@ -1566,9 +1566,9 @@ def sample(cfg):
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
-    """SFT train step on random audio, prefill of bench_seconds of audio
-    (chunked) and cached decoding tokens/s at batch 1, eager and (when common.compile compiles) compiled; FLOP
-    rate against the device's peak."""
+    """SFT train step on random audio, prefill of bench_seconds of audio (chunked) and cached decoding
+    tokens/s at batch 1, eager and (when common.compile compiles) compiled; FLOP rate against the
+    device's peak."""
     rt = common.setup(cfg)
     if cfg.vocab_size == 0:
         cfg.vocab_size = cfg.bpe_vocab + len(SPECIALS) + n_codes(cfg) + 1

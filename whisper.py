@@ -17,7 +17,7 @@ Simplified here:
 - language ID runs on every window, word timestamps use the decoder's top-half cross-attention heads;
 - noise robustness (§3.7) with white noise only; no SpecAugment / BPE dropout; bf16, not fp16; our init;
 - long-form pads a short last window with silence's log-mel (openai: zeros) and drops empty segments.
-Aim 1000 lines not reached (1512): long-form, timestamps, beam search and official weights all stay.
+Aim 1000 lines not reached (1511): long-form, timestamps, beam search and official weights all stay.
 
     python whisper.py                    # train: whisper-tiny dims, 20k steps on CUDA; `small` on a CPU
     python whisper.py --init_from=resume                     # continue out/whisper/ckpt.pt
@@ -312,8 +312,8 @@ class KVCache:
 
     def reorder(self, idx):
         """Beam search: every row continues the hypothesis it was drawn from, in place (a captured graph keeps
-        pointing at these buffers). Cross K/V need no reorder: beams of one audio swap only among
-        themselves."""
+        pointing at these buffers). Cross K/V need no reorder: beams of one audio swap only
+        among themselves."""
         n = self.k.shape[3] if self.static else self.offset   # eager: only the filled positions move
         for buf in (self.k[:, :, :, :n], self.v[:, :, :, :n]):
             buf.copy_(buf.index_select(1, idx))
@@ -478,9 +478,8 @@ class Tokenizer:
                 self.transcribe if task == "transcribe" else self.translate]
 
     def split_to_word_tokens(self, tokens):
-        """Words and their tokens (openai's split_tokens_on_spaces):
-        cut where whole characters decode, then glue pieces to the previous word unless they start with a
-        space, are punctuation or are special."""
+        """Words and their tokens (openai's split_tokens_on_spaces): cut where whole characters decode, then
+        glue pieces to the previous word unless they start with a space, are punctuation or are special."""
         pieces, cur = [], []
         for t in tokens:
             cur.append(t)
@@ -816,8 +815,8 @@ def candidates(tokens, sum_lp, finished, n_group, sample_begin, eot):
 
 
 def best_result(group, tok, no_speech, temperature, cfg):
-    """The candidate with the best length-normalised log-prob
-    (or the GNMT penalty, §4.5) as a DecodeResult."""
+    """The candidate with the best length-normalised log-prob (or the GNMT penalty, §4.5),
+    as a DecodeResult."""
     def score(c):
         L = len(c[0])
         return c[1] / (L if not cfg.length_penalty else ((5 + L) / 6) ** cfg.length_penalty)
@@ -1023,9 +1022,9 @@ class Segment:
 
 
 def window_segments(toks, tok, offset, size_frames):
-    """Segments of one window's tokens (openai's transcribe):
-    one per closed timestamp pair, plus the tail when the window ends on a single timestamp; with no pair, one
-    segment for the window. -> (segments, frames consumed)"""
+    """Segments of one window's tokens (openai's transcribe): one per closed timestamp pair, plus the tail
+    when the window ends on a single timestamp; with no pair, one segment for the window.
+    -> (segments, frames consumed)"""
     tb = tok.timestamp_begin
     is_ts = [t >= tb for t in toks]
     single_end = is_ts[-2:] == [False, True]
@@ -1332,10 +1331,10 @@ def folder_audio(folder):
 
 
 def transcribe_folder(cfg, model, rt):
-    """Every audio file of --input_dir (resampled to 16 kHz, channels averaged)
-    -> one "name<TAB>text" line each in --transcripts (name: the file name without its extension). Clips that
-    fit in one window are decoded in batches of 16 as evaluate() does (no timestamps, cfg.beam_size,
-    cfg.language); longer ones long-form."""
+    """Every audio file of --input_dir (resampled to 16 kHz, channels averaged) -> one "name<TAB>text" line
+    each in --transcripts (name: the file name without its extension). Clips that fit in one window are
+    decoded in batches of 16 as evaluate() does (no timestamps, cfg.beam_size, cfg.language); longer ones
+    long-form. With DIR/refs.txt ("name<TAB>text" lines) the folder's WER is logged."""
     tok, names, wavs = model.tokenizer, [], []
     for f in folder_audio(cfg.input_dir):
         try:
