@@ -168,7 +168,7 @@ class Config:
     eval_items: int = 8                # held-out clips in evaluate()
     eval_seconds: float = 4.0          # crop held-out clips to this length
     listen_items: int = 16             # --mode=eval: whole test clips resynthesised + originals, for an ASR
-    probe_items: int = 64              # train clips whose semantic codes fit the word probe
+    probe_items: int = 64              # word probe: train clips it is fitted on, whole split clips it scores
     bench_seconds: float = 10.0        # audio length for the encode/decode real-time factors
     bench_iters: int = 5               # timed repetitions in --mode=bench
     # the Moshi LM (§3.2, §3.4; the official moshi_7b config): Helium temporal Transformer + depth Transformer
@@ -238,7 +238,7 @@ PRESETS = {
                   disc_filters=8, disc_n_ffts=(512, 256), mel_scales=(6, 7, 8, 9, 10), recon_loss=True,
                   lambda_f=3.0, quantizer_warmup=200, q_dropout=False, segment=23040, batch_size=4,  # 0.96 s
                   lr=1e-3, max_iters=1000, log_interval=20, eval_interval=250,
-                  eval_items=8, probe_items=64, bench_seconds=4.0, kmeans_iters=20,  # codec: ~15 min on a CPU
+                  eval_items=8, probe_items=400, bench_seconds=4.0, kmeans_iters=20,  # codec: ~15 min on a CPU
                   text_card=512, lm_dim=256, lm_layers=4, lm_heads=4, lm_context=500, dep_dim=128, dep_layers=2,
                   dep_heads=4, dep_ffn=528, lm_frames=100, text_iters=200, lr_decay_iters=1000),
     "tiny": dict(n_filters=4, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, n_q=4, eval_n_q=3,
@@ -1455,7 +1455,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     was_training, dev = m.training, next(m.parameters()).device
     m.eval()
     n = int(cfg.eval_seconds * cfg.sample_rate) // m.frame_size * m.frame_size
-    snr, mel, zero, codes, labels = [], [], [], [], []
+    snr, mel, zero, codes = [], [], [], []
     for i, u in enumerate(speech(cfg, split)[:cfg.eval_items]):
         x = torch.from_numpy(u.wav[:n])[None, None].to(dev)  # (1, 1, T)
         c = m.encode(x, cfg.eval_n_q)
@@ -1465,16 +1465,17 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
         y0 = m.decode_latent(torch.zeros(1, cfg.dimension, c.shape[-1], device=dev))[..., :x.shape[-1]]
         zero.append(common.mel_distance(y0.cpu(), x.cpu(), cfg.sample_rate))
         codes += c[0, 0].tolist()
-        labels += word_labels(u, c.shape[-1], cfg.frame_rate)
         if samples_dir and i == 0:
             common.save_sample(samples_dir, f"{split}_{u.id}_{m.kbps(cfg.eval_n_q):g}kbps", y[0].cpu(), cfg.sample_rate,
                                ref=x[0].cpu())
-    tr_codes, tr_labels = [], []
-    for u in speech(cfg, "train")[:cfg.probe_items]:
-        c = m.encode(torch.from_numpy(u.wav)[None, None].to(dev), 1)[0, 0].tolist()
-        tr_codes += c
-        tr_labels += word_labels(u, len(c), cfg.frame_rate)
-    acc, base = probe(tr_codes, tr_labels, codes, labels)
+    probe_codes = {}  # whole clips: a few 80 ms frames per word, so the probe needs thousands of frames
+    for part in ("train", split):
+        probe_codes[part] = pc = ([], [])
+        for u in speech(cfg, part)[:cfg.probe_items]:
+            c = m.encode(torch.from_numpy(u.wav)[None, None].to(dev), 1)[0, 0].tolist()
+            pc[0].extend(c)
+            pc[1].extend(word_labels(u, len(c), cfg.frame_rate))
+    acc, base = probe(*probe_codes["train"], *probe_codes[split])
     res = dict(si_snr=round(float(np.mean(snr)), 3), mel=round(float(np.mean(mel)), 4),
                mel_zero_latent=round(float(np.mean(zero)), 4), kbps=m.kbps(cfg.eval_n_q),
                probe_acc=round(acc, 4), probe_majority=round(base, 4), codes_used=len(set(codes)))
