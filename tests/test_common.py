@@ -861,4 +861,5 @@ def test_bench_train_step_times_compiled_counts_eager(tmp_path, monkeypatch):
     assert compiled and state["model"] is m                        # left eager
     assert seen == ["Compiled"] * 7 + ["Tiny"]                     # 2 warm-up + 5 timed compiled, FLOPs eager
     assert figs["train_flops_per_step"] > 2 * 8 * (3 * 4 + 4 * 1)  # more than the forward: backward counted
-    assert figs["train_audio_s_per_s"] == pytest.approx(2.0 / (figs["train_step_ms"] / 1000), rel=0.01)
+    ms = figs["train_step_ms"]  # rounded to 0.01 ms: a sub-millisecond step leaves the ratio that loose
+    assert 2.0 / ((ms + 0.006) / 1000) <= figs["train_audio_s_per_s"] <= 2.0 / (max(ms - 0.006, 1e-3) / 1000)
