@@ -2,88 +2,36 @@
 Moshi: a speech-text foundation model for real-time dialogue (Défossez, Mazaré, Orsini, Royer, Pérez,
 Jégou, Grave, Zeghidour, 2024) — https://arxiv.org/abs/2410.00037
 
-Two stages, one state each (`--stage`):
+The idea, in two stages (--stage; one state and one checkpoint each). Mimi (§3.3, --stage=codec) is a
+streaming codec: EnCodec's causal SEANet with a causal Transformer on each side of the bottleneck and one
+more learned stride-2 conv, so 24 kHz audio becomes 12.5 frames a second (80 ms, near the rate of text).
+A split RVQ quantizes each frame twice in parallel: one semantic codebook, distilled towards WavLM with a
+cosine loss so that its tokens carry the words, beside 7 residual acoustic levels; 8 x 11 bits x 12.5 Hz =
+1.1 kbps. Half the training sequences pass unquantized, and adversarial + feature-matching losses carry the
+training. Everything is causal, so encoding or decoding one 80 ms frame at a time equals the offline pass.
+The Moshi LM (§3.2, §3.4, --stage=lm) models three streams at 12.5 Hz: Moshi's speech and the user's (8
+codebooks each) and Moshi's "inner monologue", its words as text tokens aligned to its own speech (PAD
+between words, EPAD before each). An RQ-Transformer factorises a step: a big temporal Transformer (Helium)
+reads the sum of the 17 embeddings of each past step, then a small depth Transformer predicts the text
+token, Moshi's semantic token and its acoustic tokens, which lag one step so that they know the semantic
+one. Inference is full duplex: each 80 ms, one user frame in, one Moshi frame out (160 ms of latency).
 
---stage=codec: Mimi, the streaming audio codec Moshi speaks through (§3.3). The idea: EnCodec's causal
-SEANet, with a causal Transformer (RoPE, LayerScale, 250-frame context) after the encoder and before the
-decoder, and
-one more learned stride-2 conv so that 24 kHz audio becomes 12.5 latent frames a second (1920 samples = 80 ms
-a frame, close to the rate of text tokens). A *split* RVQ quantizes each latent twice in parallel: one
-semantic codebook, distilled towards a frozen self-supervised model (WavLM) with a cosine loss so that its
-tokens carry the words, beside a residual stack of acoustic codebooks (Moshi uses 7); their decoded outputs
-are summed. 8 codebooks x 11 bits x 12.5 Hz = 1.1 kbps. Quantization is applied to only half of the training
-sequences (the other half passes the latent through unquantized), and the paper finds that training with the
-adversarial and feature-matching losses alone (no reconstruction loss) sounds better although objective
-metrics drop (here a flag, --recon_loss). Everything is causal, so the codec streams: encoding or decoding one
-80 ms frame at a time gives exactly the offline result.
-
---stage=lm: Moshi, the first full-duplex spoken dialogue LM (§3.2, §3.4). Three streams are modelled at
-once, at Mimi's 12.5 Hz: Moshi's own speech (8 codebooks), the user's speech (8), and Moshi's text, its "inner
-monologue": its words as text tokens time-aligned to its own speech, PAD between words and EPAD just before
-each word. An RQ-Transformer factorises the 17 tokens of a step: a big temporal Transformer (Helium: RMSNorm,
-interleaved RoPE, SiLU-gated MLP) reads the sum of the 17 embeddings of each past step; a small depth
-Transformer, with its own weights for each of its 8 positions, then predicts within the step the text token
-first, then Moshi's semantic token, then its 7 acoustic tokens, which are delayed one step (80 ms) so that
-they are generated knowing the semantic token. The user's stream is input only. Loss: CE on text (PAD/EPAD
-x0.5) + CE on audio (semantic x100). Inference is full duplex: every 80 ms one user frame is encoded by
-streaming Mimi, one temporal step and 8 depth steps run on KV caches, and the Moshi frame that just became
-complete is decoded: 80 ms frame + 80 ms acoustic delay = 160 ms of theoretical latency. Stage 1 of the paper
-(Helium text pretraining) runs here in miniature as the first --text_iters steps, on the corpus text with the
-audio streams absent; stages 2-5 become one: the two-channel dialogue corpus (user on channel 0, assistant on
-channel 1).
-
-Simplified or changed here (honestly):
-- Semantic teacher: --teacher=DIR reads WavLM features that `wavlm.py --mode=features` wrote (one DIR/<utt
-  id>.npy of shape (frames, dim) at 50 Hz per clip, averaged 4:1 to Mimi's 12.5 Hz; non-causal, as the paper's
-  teacher). Without it an in-file STAND-IN teacher is used and the log says so: utterance-normalised 80-bin
-  log-mels at 50 Hz, pooled the same way. It is neither self-supervised nor WavLM; it only lets the
-  distillation run offline.
-- Training hyper-parameters the card does not record are marked [recalled]/[inferred] in Config; the loss
-  balancer of EnCodec is not used (a plain weighted sum); the discriminator is EnCodec's MS-STFT
-  discriminator, no weight EMA.
-- Quantization on half the examples: one draw per sequence for both quantizers (the official code draws one
-  per quantizer). k-means initialises one RVQ level per step, as the official code: a level may start only
-  once the level above was initialised in an earlier step, so each is fitted to a residual its parents shaped.
-  Dead codes are checked every step (official: every 5), and (ours) a re-seeded entry is kept for its level's
-  next dead_grace updates: under quantizer dropout a level only runs, and so only counts, in the steps that
-  draw it.
-- Reconstruction (with --recon_loss): EnCodec's l_t and l_f in the form encodec.py uses (audiocraft's msspec):
-  per scale, L1 between linear power mels + MSE between their log10, averaged over scales. The small preset
-  weighs l_f by lambda_f = 3, from gradient norms of each weighted term on the decoder output at init, on
-  corpus speech (tests/test_moshi.py::test_loss_balance_at_init): f : feat : t : adv ~ 1 : 0.1 : 0.002 : 1e-4.
-  The log-mel term leads, so the output first learns the spectrum the words are in; the feature term is a
-  tenth, and the adversarial one grows as D learns. (The old linear-mel term was 1/11 of the feature term: the
-  decoder learned an average spectrum and ignored its latent -- decoding zeros scored the same mel distance.)
-- Convolutions start from a variance-preserving init (N(0, 1/fan_in), zero bias; encodec.py's finding), and
-  the released weights are plain convolutions (the paper trained with weight norm; `norm: none` in the
-  official config).
-- The CPU `small` preset narrows everything (C=16, D=128, 2 transformer layers, 8 codebooks of 2048, 2
-  discriminator scales) and trains with the reconstruction losses on, on 4 crops of 0.96 s (12 latent frames,
-  24 at the Transformers' 25 Hz; 0.48 s left them 6 frames to attend over). Its first quantizer_warmup = 200
-  steps bypass the RVQ (ours: encodec.py's CPU warm-up; the paper's 4M-step recipe cannot start on a CPU with
-  k-means on the latents of an untrained encoder). It is far from the paper's regime. Measured (`python
-  moshi.py`, 1000 steps, ~24 min on one contended thread): test mel distance 1.31 (decoding zeros 1.60; the
-  unquantized latent 1.32, so the quantizer is not what limits it), SI-SNR -44 dB, corpus-ASR WER 0.92 on 16
-  test resyntheses against 0.54 on their originals (--mode=eval writes both): the envelope and formants follow
-  the speech, the harmonics do not yet -- the codec is undertrained, not mis-specified.
-- LM: the text tokenizer is a byte-level BPE trained on the corpus text (common.train_bpe) with PAD and EPAD
-  as the last two ids, not the 32k SentencePiece (official ids EPAD 0 / PAD 3); no BOS/EOS turn markers; the
-  released LM's weights load by key map (tested against the `moshi` package), but sampling from them would
-  need its SentencePiece model and is not wired. The five training stages (7M h of audio, Fisher, synthetic
-  instructions) are one run on the built-in dialogues after a short text stage; no role swapping, no CFG.
-  `small` is a 19 M LM (d 256 x 4 layers, depth d 128 x 2) on codes of the CPU-trained Mimi, whose poor codes
-  cap what it can say.
+Simplified here: the WavLM teacher is read from `wavlm.py --mode=features` output (--teacher=DIR), else a
+log-mel stand-in that the log names; losses are a plain weighted sum (no balancer); the CPU presets add
+EnCodec's reconstruction terms and a quantizer warm-up, and a re-seeded dead code keeps a grace (ours).
+The text tokenizer is a corpus BPE, not the 32k SentencePiece, so the released LM loads but is not sampled;
+the paper's five training stages become a short text stage, then the built-in dialogues.
+Aim 1300 lines not reached (1950): two models, each with its own losses, data, train, eval, sample, bench.
 
     python moshi.py                                        # 1. Mimi on the built-in speech corpus
     python moshi.py --stage=lm --codec=out/moshi/codec/ckpt.pt  # 2. the LM on Mimi codes of the dialogues
     python moshi.py --stage=lm --mode=sample --init_from=out/moshi/lm/ckpt.pt  # a full-duplex conversation
     python moshi.py --stage=lm --mode=eval --init_from=out/moshi/lm/ckpt.pt    # answer accuracy, latency
-    python moshi.py --preset=mimi --batch_size=16          # the paper's codec (79.3 M parameters)
     python moshi.py --init_from=resume                     # continue out/moshi/codec/ckpt.pt (lm: lm/)
     python moshi.py --mode=sample --init_from=out/moshi/codec/ckpt.pt  # or the official .safetensors
     python moshi.py --mode=eval --init_from=out/moshi/codec/ckpt.pt    # SI-SNR, mel distance, word probe
-    python moshi.py --mode=bench                           # codec; --stage=lm: per-frame latency vs 80 ms
-    python moshi.py --preset=moshi-7b --mode=bench         # the paper's LM (7.69 B parameters), random init
+    python moshi.py --mode=bench                           # --stage=lm: per-frame latency vs 80 ms
+    python moshi.py --preset=moshi-7b --mode=bench         # the paper's LM (7.69 B parameters)
     torchrun --standalone --nproc_per_node=8 moshi.py --preset=mimi
 """
 import dataclasses
@@ -246,6 +194,10 @@ class Config:
 
 PRESETS = {
     "mimi": dict(),                                        # the paper's codec: 79.3 M parameters, 32 books
+    # small, the CPU codec (far from the paper's regime): reconstruction terms on, lambda_f 3 chosen from the
+    # gradient each weighted term sends to x_hat at init, f : feat : t : adv ~ 1 : 0.1 : 0.002 : 1e-4
+    # (test_loss_balance_at_init); 0.96 s crops give the Transformers 24 frames; the first 200 steps bypass
+    # the RVQ (ours: k-means on an untrained encoder's latents finds nothing to cluster)
     "small": dict(n_filters=16, dimension=128, tr_layers=2, tr_heads=4, tr_ffn=512, n_q=8, q_dim=64,
                   disc_filters=8, disc_n_ffts=(512, 256), mel_scales=(6, 7, 8, 9, 10), recon_loss=True,
                   lambda_f=3.0, quantizer_warmup=200, q_dropout=False, segment=23040, batch_size=4,  # 0.96 s
@@ -277,7 +229,8 @@ LM_ARCH_KEYS = ("stage", "sample_rate", "frame_rate", "text_card", "lm_card", "d
 def _init_conv(conv):
     # Variance-preserving init (encodec.py's finding, not the paper's): N(0, 1/fan_in) and zero bias keep the
     # signal's scale through the stack, so an untrained encoder's latents already follow the audio and k-means
-    # on the first batch finds real clusters. PyTorch's default shrinks the signal at every layer.
+    # on the first batch finds real clusters. PyTorch's default shrinks the signal at every layer. No weight
+    # norm: the released weights are plain convolutions (`norm: none` in the official config).
     transposed = isinstance(conv, nn.ConvTranspose1d)
     fan_in = conv.weight.shape[1] * conv.kernel_size[0] / (conv.stride[0] if transposed else 1)
     nn.init.normal_(conv.weight, 0.0, fan_in ** -0.5)
@@ -1232,7 +1185,8 @@ def text_pad_ids(cfg):  # PAD and EPAD (end of padding, §3.4.4): the text vocab
 
 class TextTokenizer:
     """Moshi's text side, offline: a byte-level BPE trained on the corpus text (common.train_bpe) in place of
-    the 32k SentencePiece model, plus PAD and EPAD. It lives in `state`, so every checkpoint carries it."""
+    the 32k SentencePiece model, plus PAD and EPAD as its last two ids (official: EPAD 0, PAD 3); no turn
+    markers. It lives in `state`, so every checkpoint carries it."""
 
     def __init__(self, cfg, texts=()):
         self.pad, self.epad = text_pad_ids(cfg)
@@ -1411,7 +1365,7 @@ def train_step(state, batch, cfg, rt):
     rng = _step_rng(cfg, state["counter"].step)
     n_q = 1 + rng.randint(1, cfg.n_q - 1) if cfg.q_dropout else cfg.n_q
     n_q = 0 if state["counter"].step <= cfg.quantizer_warmup else n_q  # warm-up: a plain autoencoder (ours)
-    keep = torch.rand(x.shape[0], device=x.device) < cfg.quant_rate
+    keep = torch.rand(x.shape[0], device=x.device) < cfg.quant_rate  # one draw for both (official: each)
     with rt.autocast():
         x_hat, _, commit, sem = G(x, n_q, keep)
         logits, _ = D(torch.cat([x, x_hat.detach()]))  # real and fake in one pass (one DDP forward)

@@ -535,7 +535,7 @@ def test_dead_code_grace_counts_the_levels_own_updates():
 
 
 def test_loss_balance_at_init():
-    """moshi.py's docstring: at init, on corpus speech (0.96 s crops), the small preset's weighted terms pull the
+    """moshi.py's small preset: at init, on corpus speech (0.96 s crops), its weighted terms pull the
     decoder output x_hat with gradient norms f : feat : t : adv ~ 1 : 0.1 : 0.002 : 1e-4 (the log-mel l_f leads,
     the feature term a tenth of it; the adversarial term grows once D learns). Checked within a factor ~2.5."""
     cfg = make_cfg("small", corpus_hours=0.02, batch_size=4)
