@@ -2,74 +2,35 @@
 CALM: Continuous Audio Language Models (Rouard, Orsini, Roebel, Zeghidour, Défossez, 2025)
 — https://arxiv.org/abs/2509.06926
 
-The idea: an audio LM does not need discrete tokens. A causal VAE-GAN (Mimi's SEANet + Transformer, its RVQ
-replaced by a Gaussian bottleneck, §4.1) turns audio into continuous latents (32-d at 12.5 Hz for speech, 128-d at
-25 Hz for music); a causal backbone Transformer reads the past latents, whose inputs are noised during training
-(x~ = sqrt(1-k) x + sqrt(k) eps, k ~ U(0, 1) per frame) so it tolerates its own sampling errors; a short-context
-Transformer over the last K clean latents restores the detail the noise hides; their summed outputs condition a
-small MLP consistency head (TrigFlow / sCM, Eq. 3) that turns Gaussian noise into the next latent in ONE step.
-Against an RQ-Transformer over RVQ tokens of the same backbone, the head is ~10-20x faster (no depth loop over
-codebooks) and the audio better. This file trains both: `--head=consistency` (CALM) and `--head=rvq` (the discrete
-baseline: RVQ codes of the same autoencoder's pre-bottleneck latent with a small depth Transformer), so the paper's
-comparison, quality and speed, runs in one file. Compare moshi.py: the same codec family, continuous instead of
-discrete.
+The idea: an audio LM does not need discrete tokens. A causal VAE-GAN (Mimi's SEANet + Transformers, its
+RVQ replaced by a Gaussian bottleneck, §4.1) turns audio into continuous latents (32-d at 12.5 Hz for
+speech, 128-d at 25 Hz for music). A causal backbone Transformer reads the past latents, noised in training
+(x~ = sqrt(1-k) x + sqrt(k) eps, k ~ U(0, 1) per frame) so that it tolerates its own sampling errors; a
+short-context Transformer over the last K clean latents restores the detail the noise hides; their summed
+outputs condition a small MLP consistency head (TrigFlow / sCM, Eq. 3) that turns Gaussian noise into the
+next latent in ONE step. Against an RQ-Transformer over RVQ tokens on the same backbone, the head is much
+faster (no depth loop over codebooks) and the audio better. Both run here, --head=consistency (CALM) and
+--head=rvq (RVQ codes of the same VAE's pre-bottleneck latent, a depth Transformer), so the paper's
+comparison, quality and speed, is one file. Two stages (--stage), one state and one checkpoint each.
 
-Two stages, one state and one checkpoint each, in one folder per stage (out_dir holds the stage name):
+Simplified here: speech is TTS-style, conditioned on a corpus BPE text stream one frame ahead of the audio;
+the speech backbone is Pocket TTS's size (Helium-2B's is not known); no official weights exist to map. The
+VAE has no WavLM distillation; the CPU presets add EnCodec's reconstruction terms, and the KL is per
+element with a small initial sigma (ours). sCM details the card lacks are sCM's own [recalled]; no latent
+CFG, no distillation, no EOS head (the text stream ends an utterance), no weight EMA. The RVQ baseline's
+codebooks are k-means on cached latents, not trained jointly.
+Aim 1100 lines not reached (1467): two stages, two heads, TTS and continuation, each with eval and bench.
+
     python calm.py --stage=vae                      # 1. the VAE-GAN on the built-in speech (out/calm/vae)
     python calm.py --stage=lm                       # 2. the LM over its latents (reads out/calm/vae/ckpt.pt)
     python calm.py --stage=lm --head=rvq --out_dir=out/calm/lm_rvq   # the discrete baseline, same backbone
     python calm.py --stage=lm --init_from=resume
     python calm.py --stage=lm --mode=sample --init_from=out/calm/lm/ckpt.pt --text="hello there"   # TTS
-    python calm.py --mode=sample --init_from=out/calm/lm/ckpt.pt --task=continue   # 2 s prompt -> continuation
+    python calm.py --mode=sample --init_from=out/calm/lm/ckpt.pt --task=continue  # 2 s prompt -> continuation
     python calm.py --mode=eval --init_from=out/calm/vae/ckpt.pt    # VAE SI-SNR / mel distance on test
     python calm.py --stage=lm --mode=bench           # head latents/s, RTF, against --head=rvq in the same run
     python calm.py --corpus=music --preset=music ... # music: 128-d latents at 25 Hz from 32 kHz, continuation
     torchrun --standalone --nproc_per_node=8 calm.py --stage=lm --preset=speech
-
-Simplified or changed here (honestly):
-- Speech uses TTS-style text conditioning (the corpus's sentences, common's offline byte-level BPE) with an
-  inner-monologue text stream aligned to the word times, audio one frame (80 ms) behind the text (the project
-  page's delay; another summary says 160 ms, unverified). The paper's speech backbone is a Helium-2B text LM; its
-  size is not known here, so the `speech` preset's backbone is Pocket TTS's (d 1024, 6 layers, 16 heads, from its
-  released code), the music preset's is MusicGen-Medium's 48 x 1536 x 24 heads [inferred]. No official CALM
-  weights or training code exist to map or compare against (Pocket TTS is another model): no parity test.
-- The VAE has no WavLM distillation (speech, weight 25 in Table 13): a plain Gaussian VAE-GAN. Table 13 trains the
-  speech VAE without reconstruction losses; the CPU presets (small, tiny) turn them on (--recon_loss), since
-  adversarial losses alone make nothing audible in a few hundred steps. Discriminator: EnCodec's MS-STFT. Table 13's
-  speech ratios "6, 5, 4, 4, 4" are laid out as Pocket TTS's codec: SEANet [6, 5, 4] then a stride-16 learned
-  resampler [inferred]; the music VAE's four ratios reach 25 Hz without one. Parameter counts are our builds of
-  these configs (no official CALM count exists); the music backbone comes out at the paper's 1.35 B (within 2 %).
-- The VAE recipe on a CPU (ours, measured; the family's lessons): L_f is EnCodec's log-mel form (linear-mel
-  L1 + log10-mel MSE), not a linear mel alone; the KL is per latent element (Table 13's 0.01 does not say;
-  summed over 32 dims it swamped the rest); sigma starts small (GaussianBottleneck); the small preset's crops
-  are 0.96 s (12 latent frames, 192 Transformer frames; 0.32 s left the bottleneck Transformers nothing to
-  attend to). The weights (Eq. 2: lambda_f 3, lambda_feat 3, lambda_adv 1, lambda_t 0.1, lambda_KL 0.01) are
-  set from the gradient each weighted term sends to the decoder output at init, on corpus speech (small
-  preset, 0.96 s crops): f : feat : t : adv ~ 1 : 0.14 : 0.002 : 0.0001. The mel term leads, so the few CPU
-  steps go to the spectrum; the feature term keeps a seventh of it (the old linear mel was 1/24 of the
-  feature term); the adversarial term grows as D learns: after the default 1100 steps the same measure with
-  the trained D gives 1 : 0.9 : 0.0004 : 2.1. A plain weighted sum, no balancer (test_loss_balance_at_init
-  pins the ratios at init). The small preset's VAE lr is 2e-3 (1e-3: val mel 1.14 against 1.08 at step 1100).
-- sCM details the card does not give are sCM's own (Lu & Song 2025) [recalled]: the time proposal
-  t = arctan(e^tau / sigma_d), tau ~ N(-1.0, 1.4^2), the tangent warm-up r = min(1, step / H) and the tangent
-  normalisation g / (||g|| + 0.1) with ||g|| the L2 norm of each example's tangent, as the sCM paper writes
-  it (some sCM code divides by the RMS, ||g|| / sqrt(dim): a sqrt(32)-times larger tangent here; we follow the
-  paper), sigma_d = 1 (the latents are normalised). The head is conditioned on t itself (TrigFlow's
-  c_noise(t) = t, not EDM's ln(sigma) / 4) through sinusoids of 1000 t: the x1000 is ours, so that DiT-style
-  frequencies meant for steps 0..1000 still turn over t in (0, pi/2). The tangent is a forward-mode JVP.
-  Multi-step sampling re-noises at evenly spaced times (a choice). No latent CFG, no latent distillation, no EOS
-  head (the text stream's EOS token ends an utterance), no EMA of the weights.
-- The LM models the VAE posterior MEAN of each frame (cached once per run), normalised per dimension with the
-  mean/std of the training latents (buffers emb_mean / emb_std in the LM checkpoint). The RVQ baseline's codebooks
-  are residual k-means on the cached pre-bottleneck latents (fitted once, not trained jointly).
-- CPU presets are tiny next to the paper's (2B backbone, 400k+ steps): after minutes of training the output has
-  speech-like spectra, not words. The default VAE run (1100 steps, ~14 min) decodes its latents far better
-  than zeros (test mel 1.09 vs 1.70) and follows the formants and syllables, but not yet the harmonics: the
-  corpus ASR's WER on its test resyntheses is 0.93 (0.54 on the originals). README gives what was measured.
-
-Whole pipeline on a CPU: `python calm.py --stage=vae && python calm.py --stage=lm` (small preset; each stage's
-default length is sized for ~15 min on an idle 2-core CPU), then `python calm.py --stage=lm --head=rvq
---out_dir=out/calm/lm_rvq` for the discrete baseline, and `--mode=sample` / `--mode=bench` on either.
 """
 import dataclasses
 import math
@@ -88,8 +49,8 @@ import common
 @dataclass
 class Config:
     mode: str = "train"                # train | sample | eval | bench
-    stage: str = "vae"                 # vae (the VAE-GAN autoencoder) | lm (the language model over its latents)
-    head: str = "consistency"          # lm: consistency (CALM, §3) | rvq (discrete baseline on the same backbone)
+    stage: str = "vae"                 # vae (the VAE-GAN autoencoder) | lm (the LM over its latents)
+    head: str = "consistency"          # lm: consistency (CALM, §3) | rvq (discrete baseline, same backbone)
     corpus: str = "speech"             # speech (TTS + continuation) | music (continuation)
     preset: str = "speech"             # a key of PRESETS
     init_from: str = "scratch"         # scratch | resume | path to one of our checkpoints
@@ -97,7 +58,7 @@ class Config:
     vae: str = "out/calm/vae/ckpt.pt"  # --stage=lm: the trained VAE whose latents the LM models
     data_dir: str = ""                 # empty: the built-in corpus (--corpus)
     corpus_hours: float = 2.0          # size of the built-in corpus
-    input: str = ""                    # sample: a wav (vae: encode/decode it; lm continue: its first 2 s prompt)
+    input: str = ""                    # sample: a wav (vae: encode/decode it; lm continue: its 2 s prompt)
     task: str = "tts"                  # sample at --stage=lm: tts | continue
     text: str = ""                     # tts: the sentence to speak (empty: held-out test sentences)
     n_items: int = 1                   # sample: held-out items to write
@@ -106,9 +67,9 @@ class Config:
     channels: int = 1                  # audio channels
     n_filters: int = 64                # base SEANet width C; doubles at every downsampling (Mimi's)
     dimension: int = 512               # pre-bottleneck latent D (also the VAE Transformer width)
-    ratios: tuple = (6, 5, 4)          # SEANet ratios (decoder order; encoder reversed): hop 120 -> 200 Hz, then
-                                       # a stride-16 conv to 12.5 Hz: Table 13's "6, 5, 4, 4, 4" read as Pocket
-                                       # TTS's codec lays it out [inferred]
+    ratios: tuple = (6, 5, 4)          # SEANet ratios (decoder order; encoder reversed): hop 120 -> 200 Hz,
+                                       # then a stride-16 conv to 12.5 Hz: Table 13's "6, 5, 4, 4, 4" read as
+                                       # Pocket TTS's codec lays it out [inferred]
     n_residual_layers: int = 1         # residual units per block
     compress: int = 2                  # residual branch width C/compress
     dilation_base: int = 2             # dilation of residual unit j is base**j
@@ -136,13 +97,13 @@ class Config:
     mel_scales: tuple = (5, 6, 7, 8, 9, 10, 11)  # mel-loss windows 2^i, hop 2^i / 4
     n_mels: int = 64                   # mel bins of the reconstruction loss
     # LM: backbone, short-context Transformer, consistency head (§3)
-    lm_dim: int = 1024                 # backbone width (Pocket TTS's; the paper's Helium-2B size is not known here)
+    lm_dim: int = 1024                 # backbone width (Pocket TTS's; the paper's Helium-2B size is unknown)
     lm_layers: int = 6                 # backbone layers
     lm_heads: int = 16                 # backbone heads
     lm_ffn: int = 4096                 # backbone MLP width
     lm_context: int = 750              # frames the backbone may look back (60 s at 12.5 Hz)
-    noise_injection: bool = True       # §3.2: noise the backbone's past latents in training (never at inference)
-    short_context: int = 10            # K: clean latents the short-context Transformer sees (§3.2) [inferred]
+    noise_injection: bool = True       # §3.2: noise the backbone's past latents in training (not inference)
+    short_context: int = 10            # K: clean latents the short-context Transformer sees (§3.2) [inferr.]
     short_dim: int = 256               # its width [inferred: the card found no value]
     short_layers: int = 2              # its layers [inferred]
     head_dim: int = 512                # consistency head MLP width (Pocket TTS's)
@@ -174,7 +135,7 @@ class Config:
     lm_betas: tuple = (0.9, 0.95)      # LM AdamW betas
     weight_decay: float = 0.0
     warmup_iters: int = 1000           # linear warm-up, then cosine
-    decay_iters: int = 400_000         # cosine horizon (its own field, not max_iters: a resume keeps the schedule)
+    decay_iters: int = 400_000         # cosine horizon (not max_iters: a resume keeps the schedule)
     grad_clip: float = 1.0             # LM gradient clipping
     max_iters: int = 400_000
     log_interval: int = 50
@@ -203,7 +164,8 @@ class Config:
             if getattr(self, k) not in opts:
                 bad(f"--{k} must be one of {', '.join(opts)} (got {getattr(self, k)!r})")
         if frame != int(frame) or int(frame) % hop:
-            bad(f"--frame_rate={self.frame_rate} needs sample_rate/frame_rate to be a multiple of the hop {hop}")
+            bad(f"--frame_rate={self.frame_rate} needs sample_rate/frame_rate to be a multiple of the hop "
+                f"{hop}")
         for k in ("segment", "lm_segment"):
             if getattr(self, k) % int(frame) or getattr(self, k) < 2 * frame:
                 bad(f"--{k}={getattr(self, k)} must be a multiple of {int(frame)} samples, at least 2 frames")
@@ -213,14 +175,16 @@ class Config:
                 bad(f"--{what}: {d} must split into {h} heads of even size (RoPE rotates pairs)")
         if self.temperature < 0 or self.rvq_temperature < 0:
             bad("--temperature and --rvq_temperature must be >= 0")
-        for k in ("head_steps", "head_batch_mul", "short_context", "n_q", "latent_dim", "codebook_size", "text_vocab"):
+        for k in ("head_steps", "head_batch_mul", "short_context", "n_q", "latent_dim", "codebook_size",
+                  "text_vocab"):
             if getattr(self, k) < 1:
                 bad(f"--{k} must be >= 1 (got {getattr(self, k)})")
         if self.text_vocab < 256:
             bad(f"--text_vocab={self.text_vocab} must be >= 256 (the byte-level BPE starts from 256 bytes)")
         if self.sigma_d <= 0 or self.lambda_kl < 0:
             bad("--sigma_d must be > 0 and --lambda_kl >= 0")
-        if self.stage == "lm" and self.mode == "train" and self.init_from == "scratch" and not os.path.isfile(self.vae):
+        if (self.stage == "lm" and self.mode == "train" and self.init_from == "scratch"
+                and not os.path.isfile(self.vae)):
             bad(f"--stage=lm models a trained VAE's latents: no checkpoint at --vae={self.vae!r} "
                 "(train one with --stage=vae, or pass --vae=PATH)")
         if self.mode == "sample" and self.text and (self.stage != "lm" or self.corpus != "speech"):
@@ -230,33 +194,39 @@ class Config:
 PRESETS = {
     # the paper's speech VAE (Table 13) with Pocket TTS's backbone and head (the card's verified code values)
     "speech": dict(),
-    # the music VAE (App. B, Table 13): 32 kHz, 128-d at 25 Hz, 4/4 layers, 30 s context; MusicGen-Medium backbone
+    # the music VAE (App. B, Table 13): 32 kHz, 128-d at 25 Hz, 4/4 layers, 30 s context; MusicGen-Medium
+    # backbone
     "music": dict(corpus="music", sample_rate=32000, ratios=(8, 8, 5, 4), frame_rate=25.0, latent_dim=128,
-                  tr_layers=4, tr_context=750, recon_loss=True, lm_dim=1536, lm_layers=48, lm_heads=24, lm_ffn=6144,
-                  head_steps=4, n_q=32, segment=384_000, lm_segment=320_000, temperature=0.8),
+                  tr_layers=4, tr_context=750, recon_loss=True, lm_dim=1536, lm_layers=48, lm_heads=24,
+                  lm_ffn=6144, head_steps=4, n_q=32, segment=384_000, lm_segment=320_000, temperature=0.8),
+    # small, the CPU stages: reconstruction on; the Eq. 2 weights (lambda_f 3, feat 3, adv 1, t 0.1, KL 0.01)
+    # send the decoder output gradients f : feat : t : adv ~ 1 : 0.14 : 0.002 : 1e-4 at init (measured on
+    # corpus speech, test_loss_balance_at_init): the mel term leads, the adversarial one grows as D learns
     "small": dict(n_filters=8, dimension=64, tr_layers=2, tr_heads=4, tr_ffn=256, disc_filters=8,
                   disc_n_ffts=(256,), mel_scales=(5, 6, 7, 8, 9, 10, 11), recon_loss=True,
                   segment=23040,  # 0.96 s: 12 latent frames, 192 frames for the VAE Transformers
-                  lm_dim=256, lm_layers=4, lm_heads=4, lm_ffn=1024, short_dim=128, short_layers=1, head_dim=256,
-                  head_depth=3, head_batch_mul=4, text_vocab=512, n_q=8, codebook_size=256, depth_dim=128,
-                  depth_layers=2, lm_segment=76800, batch_size=8, lr=2e-3, lm_lr=1e-3, warmup_iters=50,
-                  tangent_warmup=200, decay_iters=1100, max_iters=1100, log_interval=20, eval_interval=220,
-                  eval_items=4,
+                  lm_dim=256, lm_layers=4, lm_heads=4, lm_ffn=1024, short_dim=128, short_layers=1,
+                  head_dim=256, head_depth=3, head_batch_mul=4, text_vocab=512, n_q=8, codebook_size=256,
+                  depth_dim=128, depth_layers=2, lm_segment=76800, batch_size=8, lr=2e-3, lm_lr=1e-3,
+                  warmup_iters=50, tangent_warmup=200, decay_iters=1100, max_iters=1100, log_interval=20,
+                  eval_interval=220, eval_items=4,
                   gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5),  # each stage ~15 min on a CPU
     "tiny": dict(n_filters=2, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, disc_filters=4,
-                 disc_n_ffts=(256,), mel_scales=(6, 7), recon_loss=True, segment=3840, latent_dim=8, lm_dim=32,
-                 lm_layers=1, lm_heads=2, lm_ffn=64, short_context=3, short_dim=16, short_layers=1, head_dim=32,
-                 head_depth=1, head_batch_mul=2, text_vocab=260, n_q=2, codebook_size=8, kmeans_iters=3,
-                 depth_dim=16, depth_layers=1, lm_segment=15360, batch_size=2, warmup_iters=2, decay_iters=20, tangent_warmup=2,
-                 max_iters=10, log_interval=1, eval_interval=1000, eval_items=1, eval_seconds=0.96,
-                 prompt_seconds=0.32, gen_seconds=0.48, bench_seconds=0.48, bench_iters=1, corpus_hours=0.02),
+                 disc_n_ffts=(256,), mel_scales=(6, 7), recon_loss=True, segment=3840, latent_dim=8,
+                 lm_dim=32, lm_layers=1, lm_heads=2, lm_ffn=64, short_context=3, short_dim=16, short_layers=1,
+                 head_dim=32, head_depth=1, head_batch_mul=2, text_vocab=260, n_q=2, codebook_size=8,
+                 kmeans_iters=3, depth_dim=16, depth_layers=1, lm_segment=15360, batch_size=2, warmup_iters=2,
+                 decay_iters=20, tangent_warmup=2, max_iters=10, log_interval=1, eval_interval=1000,
+                 eval_items=1, eval_seconds=0.96, prompt_seconds=0.32, gen_seconds=0.48, bench_seconds=0.48,
+                 bench_iters=1, corpus_hours=0.02),
 }
 # the VAE's fields: the LM stage takes them from its --vae checkpoint
-VAE_KEYS = ("corpus", "sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers", "compress",
-            "dilation_base", "kernel_size", "residual_kernel_size", "last_kernel_size", "frame_rate", "latent_dim",
-            "tr_layers", "tr_heads", "tr_ffn", "disc_filters", "disc_n_ffts")
+VAE_KEYS = ("corpus", "sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers",
+            "compress", "dilation_base", "kernel_size", "residual_kernel_size", "last_kernel_size",
+            "frame_rate", "latent_dim", "tr_layers", "tr_heads", "tr_ffn", "disc_filters", "disc_n_ffts")
 LM_KEYS = ("head", "lm_dim", "lm_layers", "lm_heads", "lm_ffn", "short_context", "short_dim", "short_layers",
-           "head_dim", "head_depth", "text_vocab", "text_delay", "n_q", "codebook_size", "depth_dim", "depth_layers")
+           "head_dim", "head_depth", "text_vocab", "text_delay", "n_q", "codebook_size", "depth_dim",
+           "depth_layers")
 ARCH_KEYS = ("stage",) + VAE_KEYS + LM_KEYS  # fields that shape the weights or the features
 
 # ----------------------------------------------------------------------------- model
@@ -265,7 +235,8 @@ ARCH_KEYS = ("stage",) + VAE_KEYS + LM_KEYS  # fields that shape the weights or 
 def _init_conv(conv):
     # Variance-preserving init (encodec.py's finding, not the paper's): N(0, 1/fan_in) and zero bias keep the
     # signal's scale through the stack; PyTorch's default leaves an untrained SEANet's output nearly constant.
-    fan_in = conv.weight.shape[1] * conv.kernel_size[0] / (conv.stride[0] if isinstance(conv, nn.ConvTranspose1d) else 1)
+    transposed = isinstance(conv, nn.ConvTranspose1d)
+    fan_in = conv.weight.shape[1] * conv.kernel_size[0] / (conv.stride[0] if transposed else 1)
     nn.init.normal_(conv.weight, 0.0, fan_in ** -0.5)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
@@ -273,11 +244,12 @@ def _init_conv(conv):
 
 
 class CausalConv1d(nn.Module):
-    """Conv1d padded with k_eff - stride zeros on the left only (fully causal): T samples give T / stride frames."""
+    """Conv1d padded with k_eff - stride zeros on the left only (causal): T samples give T / stride frames."""
 
     def __init__(self, cin, cout, kernel, stride=1, dilation=1, groups=1, bias=True):
         super().__init__()
-        self.conv = _init_conv(nn.Conv1d(cin, cout, kernel, stride, dilation=dilation, groups=groups, bias=bias))
+        self.conv = _init_conv(nn.Conv1d(cin, cout, kernel, stride, dilation=dilation, groups=groups,
+                                         bias=bias))
         self.pad = (kernel - 1) * dilation + 1 - stride
 
     def forward(self, x):  # (B, Cin, T) -> (B, Cout, T / stride)
@@ -311,8 +283,8 @@ class ResidualUnit(nn.Module):
 
 
 class SEANetEncoder(nn.Module):
-    """conv k7 -> per ratio (residual unit, ELU, strided conv k=2S doubling the channels) -> ELU, conv k3 -> D.
-    (B, 1, T) -> (B, D, T / hop)."""
+    """conv k7 -> per ratio (residual unit, ELU, strided conv k=2S doubling the channels) -> ELU, conv k3 ->
+    D. (B, 1, T) -> (B, D, T / hop)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -337,7 +309,7 @@ class SEANetEncoder(nn.Module):
 
 
 class SEANetDecoder(nn.Module):
-    """The mirror: conv k7 -> per ratio (ELU, transposed conv k=2S halving the channels, residual unit) -> conv k3."""
+    """The mirror: conv k7 -> per ratio (ELU, transposed conv k=2S halving, residual unit) -> conv k3."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -347,7 +319,8 @@ class SEANetDecoder(nn.Module):
         for i, s in enumerate(cfg.ratios):
             blk, c = nn.Module(), C * 2 ** (n - i)
             blk.up = CausalConvTranspose1d(c, c // 2, 2 * s, s)
-            blk.res = nn.ModuleList(ResidualUnit(c // 2, cfg.dilation_base ** j, cfg) for j in range(cfg.n_residual_layers))
+            blk.res = nn.ModuleList(ResidualUnit(c // 2, cfg.dilation_base ** j, cfg)
+                                    for j in range(cfg.n_residual_layers))
             self.blocks.append(blk)
         self.conv_out = CausalConv1d(C, cfg.channels, cfg.last_kernel_size)
 
@@ -363,7 +336,8 @@ class SEANetDecoder(nn.Module):
 def apply_rope(x, pos, max_period):
     """Rotary position embedding, pairs interleaved as Mimi's code. x: (B, H, T, d), pos: (T,)."""
     d = x.shape[-1]
-    freqs = torch.exp(torch.arange(d // 2, device=x.device, dtype=torch.float32) * (-math.log(max_period) * 2 / d))
+    i = torch.arange(d // 2, device=x.device, dtype=torch.float32)
+    freqs = torch.exp(i * (-math.log(max_period) * 2 / d))
     ang = pos.float()[:, None] * freqs  # (T, d/2)
     cos, sin = ang.cos(), ang.sin()
     xr, xi = x.float().view(*x.shape[:-1], d // 2, 2).unbind(-1)  # (B, H, T, d/2) each
@@ -372,9 +346,10 @@ def apply_rope(x, pos, max_period):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm causal layer: x += ls1 * Attn(LN(x)); x += ls2 * MLP(LN(x)); RoPE, no biases, attention over at most
-    `context` past frames. Mimi's, with the sizes as arguments: the VAE, the backbone, the short-context and the
-    depth Transformer are all this layer. layer_scale=None: no LayerScale (the LM's Transformers)."""
+    """Pre-norm causal layer: x += ls1 * Attn(LN(x)); x += ls2 * MLP(LN(x)); RoPE, no biases, attention over
+    at most `context` past frames. Mimi's, with the sizes as arguments: the VAE, the backbone, the
+    short-context and the depth Transformer are all this layer. layer_scale=None: no LayerScale (the LM's
+    Transformers)."""
 
     def __init__(self, dim, heads, ffn, context, max_period=10000.0, layer_scale=None):
         super().__init__()
@@ -387,9 +362,10 @@ class TransformerLayer(nn.Module):
         self.layer_scale_1, self.layer_scale_2 = ls(), ls()
 
     def attention(self, x, past, offset):
-        """x: (B, T, D) new frames at positions offset..offset+T-1; past: cached (k, v) of earlier frames or None."""
+        """x: (B, T, D) new frames at positions offset..offset+T-1; past: cached (k, v) of earlier frames."""
         B, T, D = x.shape
-        q, k, v = self.in_proj(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
+        qkv = self.in_proj(x).view(B, T, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
         pos = torch.arange(offset, offset + T, device=x.device)
         q, k = apply_rope(q, pos, self.max_period), apply_rope(k, pos, self.max_period)
         if past is not None:
@@ -414,8 +390,9 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg.dimension, cfg.tr_heads, cfg.tr_ffn, cfg.tr_context,
-                                                     cfg.rope_max_period, cfg.layer_scale) for _ in range(cfg.tr_layers))
+        layer = lambda: TransformerLayer(cfg.dimension, cfg.tr_heads, cfg.tr_ffn, cfg.tr_context,
+                                         cfg.rope_max_period, cfg.layer_scale)
+        self.layers = nn.ModuleList(layer() for _ in range(cfg.tr_layers))
 
     def forward(self, z):  # (B, D, T) -> (B, D, T)
         x = z.transpose(1, 2)  # (B, T, D)
@@ -425,8 +402,9 @@ class Transformer(nn.Module):
 
 
 class GaussianBottleneck(nn.Module):
-    """§4.1: the RVQ's place is taken by a diagonal Gaussian q(z|x) = N(mu, exp(logvar)), KL-regularised towards
-    N(0, I); 1x1 convs D -> 2 x latent_dim (mu, logvar) and latent_dim -> D (Pocket TTS's 32 -> 512 output_proj)."""
+    """§4.1: the RVQ's place is taken by a diagonal Gaussian q(z|x) = N(mu, exp(logvar)), KL-regularised
+    towards N(0, I); 1x1 convs D -> 2 x latent_dim (mu, logvar) and latent_dim -> D (Pocket TTS's 32 -> 512
+    output_proj)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -456,20 +434,22 @@ class VAE(nn.Module):
         # Mimi's learned resampler (kernel 2 x stride) where the SEANet hop is not yet a frame
         self.downsample = CausalConv1d(D, D, 2 * stride, stride, bias=False) if stride > 1 else nn.Identity()
         self.bottleneck = GaussianBottleneck(cfg)
-        self.upsample = CausalConvTranspose1d(D, D, 2 * stride, stride, groups=D, bias=False) if stride > 1 else nn.Identity()
+        self.upsample = CausalConvTranspose1d(D, D, 2 * stride, stride, groups=D, bias=False) if stride > 1 \
+            else nn.Identity()
         self.decoder_transformer, self.decoder = Transformer(cfg), SEANetDecoder(cfg)
 
     def _pad(self, x):  # right-pad to whole frames
         return F.pad(x, (0, -x.shape[-1] % self.frame_size))
 
-    def pre_latent(self, x):  # (B, 1, T) -> pre-bottleneck latents (B, D, ceil(T / frame)) (the RVQ baseline's input)
+    def pre_latent(self, x):  # (B, 1, T) -> pre-bottleneck latents (B, D, ceil(T / frame)) (rvq's input)
         return self.downsample(self.encoder_transformer(self.encoder(self._pad(x))))
 
     def encode(self, x):  # (B, 1, T) -> posterior mu, logvar (B, latent_dim, F)
         return self.bottleneck(self.pre_latent(x))
 
     def decode(self, z):  # (B, latent_dim, F) -> (B, 1, F * frame)
-        return self.decoder(self.decoder_transformer(self.upsample(self.bottleneck.output_proj(z.to(self.bottleneck.output_proj.weight.dtype)))))
+        proj = self.bottleneck.output_proj
+        return self.decoder(self.decoder_transformer(self.upsample(proj(z.to(proj.weight.dtype)))))
 
     def forward(self, x):
         """Training: reparameterised sample z = mu + sigma * eps -> reconstruction (B, 1, T), mu, logvar."""
@@ -496,10 +476,10 @@ class STFTDiscriminator(nn.Module):
         B, C, T = x.shape
         with torch.autocast(x.device.type, enabled=False):
             spec = torch.stft(x.float().reshape(B * C, T), self.n_fft, self.n_fft // 4, window=self.window,
-                              center=False, return_complex=True) / self.window.pow(2).sum().sqrt()  # (B*C, F, frames)
+                              center=False, return_complex=True) / self.window.pow(2).sum().sqrt()
         spec = spec.view(B, C, *spec.shape[1:])  # (B, C, F, frames)
-        # (B, 2C, frames, F) in channels-last memory: thin 2D convs run forward and backward ~1.5x faster so on
-        # the CPU (the same numbers up to rounding)
+        # (B, 2C, frames, F) in channels-last memory: thin 2D convs run forward and backward ~1.5x faster so
+        # on the CPU (the same numbers up to rounding)
         z = torch.cat([spec.real, spec.imag], 1).transpose(2, 3).contiguous(memory_format=torch.channels_last)
         fmap = []
         for conv in self.convs:
@@ -520,18 +500,18 @@ class Discriminator(nn.Module):
 # The CALM language model (§3)
 
 class TimestepEmbedder(nn.Module):
-    """t -> 256 frequencies as [cos, sin] -> MLP, SiLU, MLP -> RMSNorm (Pocket TTS's form). The consistency tangent
-    differentiates through it, so everything here is smooth in t."""
+    """t -> 256 frequencies as [cos, sin] -> MLP, SiLU, MLP -> RMSNorm (Pocket TTS's form), on t itself
+    (TrigFlow's c_noise(t) = t). The consistency tangent differentiates through it, so it is smooth in t."""
 
     def __init__(self, dim, n_freq=256):
         super().__init__()
-        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(n_freq // 2) / (n_freq // 2)),
-                             persistent=False)
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(n_freq // 2) / (n_freq // 2))
+        self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(nn.Linear(n_freq, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.norm = nn.RMSNorm(dim, eps=1e-5)
 
     def forward(self, t):  # (N,) in [0, pi/2] -> (N, dim)
-        ang = 1000.0 * t[:, None] * self.freqs  # (N, n_freq/2); x1000 (ours): the fast frequencies turn
+        ang = 1000.0 * t[:, None] * self.freqs  # x1000 (ours): DiT's frequencies span t in (0, pi/2)
         return self.norm(self.mlp(torch.cat([ang.cos(), ang.sin()], -1)))
 
 
@@ -540,7 +520,8 @@ def modulate(x, shift, scale):
 
 
 class ResBlock(nn.Module):
-    """AdaLN residual block (MAR / DiT's SimpleMLPAdaLN): LN, modulate(shift, scale), Linear, SiLU, Linear, gated."""
+    """AdaLN residual block (MAR / DiT's SimpleMLPAdaLN): LN, modulate(shift, scale), Linear, SiLU, Linear,
+    gated."""
 
     def __init__(self, dim):
         super().__init__()
@@ -554,9 +535,10 @@ class ResBlock(nn.Module):
 
 
 class ConsistencyHead(nn.Module):
-    """§3.3: an MLP F_theta(x_t / sigma_d, t, Z) with AdaLN conditioning on Z + emb(t). The consistency map in the
-    TrigFlow parameterisation (sCM, Eq. 3's f) is f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t, Z):
-    at t = 0 it returns its input exactly (the boundary condition), at t = pi/2 it maps pure noise to data."""
+    """§3.3: an MLP F_theta(x_t / sigma_d, t, Z) with AdaLN conditioning on Z + emb(t). The consistency map
+    in the TrigFlow parameterisation (sCM, Eq. 3's f) is f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t /
+    sigma_d, t, Z): at t = 0 it returns its input exactly (the boundary condition), at t = pi/2 it maps pure
+    noise to data."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -585,8 +567,9 @@ class ConsistencyHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, z, temperature, steps=1, generator=None):
-        """§3.3 one-step sampling: eps ~ N(0, temp sigma_d^2) at t = pi/2, x = f(eps, pi/2). With steps > 1: re-noise
-        the estimate to the next (evenly spaced) time and apply f again. z: (N, lm_dim) -> (N, latent)."""
+        """§3.3 one-step sampling: eps ~ N(0, temp sigma_d^2) at t = pi/2, x = f(eps, pi/2). With steps > 1:
+        re-noise the estimate to the next (evenly spaced) time and apply f again. z: (N, lm_dim) -> (N,
+        latent)."""
         N, D = z.shape[0], self.out.out_features
         std = self.sigma_d * math.sqrt(temperature)  # temperature is the noise VARIANCE (§3.3)
         noise = lambda: torch.randn(N, D, device=z.device, generator=generator) * std
@@ -612,15 +595,16 @@ class AdaptiveWeight(nn.Module):
 
 
 class DepthHead(nn.Module):
-    """--head=rvq (the discrete baseline, an RQ-Transformer): a small causal Transformer over the n_q codebook levels
-    of one frame; level q's input is proj(Z) + emb_q(code_{q-1}), its output the logits of code_q."""
+    """--head=rvq (the discrete baseline, an RQ-Transformer): a small causal Transformer over the n_q codebook
+    levels of one frame; level q's input is proj(Z) + emb_q(code_{q-1}), its output the logits of code_q."""
 
     def __init__(self, cfg):
         super().__init__()
         W = cfg.depth_dim
         self.proj = nn.Linear(cfg.lm_dim, W)
         self.emb = nn.ModuleList(nn.Embedding(cfg.codebook_size, W) for _ in range(cfg.n_q - 1))
-        self.layers = nn.ModuleList(TransformerLayer(W, max(1, W // 64), 4 * W, cfg.n_q) for _ in range(cfg.depth_layers))
+        self.layers = nn.ModuleList(TransformerLayer(W, max(1, W // 64), 4 * W, cfg.n_q)
+                                    for _ in range(cfg.depth_layers))
         self.norm = nn.LayerNorm(W)
         self.out = nn.ModuleList(nn.Linear(W, cfg.codebook_size, bias=False) for _ in range(cfg.n_q))
 
@@ -634,7 +618,7 @@ class DepthHead(nn.Module):
         return torch.stack([o(x[:, q]) for q, o in enumerate(self.out)], 1)
 
     @torch.no_grad()
-    def sample(self, z, temperature, generator=None):  # (N, lm_dim) -> codes (N, n_q): one level after another
+    def sample(self, z, temperature, generator=None):  # (N, lm_dim) -> codes (N, n_q), level after level
         pz = self.proj(z)[:, None]  # (N, 1, W)
         x, caches, codes = pz, [None] * len(self.layers), []
         for q in range(len(self.out)):
@@ -651,10 +635,11 @@ class DepthHead(nn.Module):
 
 
 class CALM(nn.Module):
-    """§3: the backbone over past latents (noised in training) + the short-context Transformer over the last K clean
-    latents, summed into Z_s, which conditions the head that emits latent s. Speech also carries a text stream:
-    position s reads text token s (the text leads the audio by text_delay frames) and predicts text token s + 1.
-    Buffers: emb_mean / emb_std (the per-dimension latent normaliser), and for --head=rvq the k-means codebooks."""
+    """§3: the backbone over past latents (noised in training) + the short-context Transformer over the last
+    K clean latents, summed into Z_s, which conditions the head that emits latent s. Speech also carries a
+    text stream: position s reads text token s (the text leads the audio by text_delay frames) and predicts
+    text token s + 1. Buffers: emb_mean / emb_std (the per-dimension latent normaliser), and for --head=rvq
+    the k-means codebooks."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -663,7 +648,7 @@ class CALM(nn.Module):
         self.register_buffer("emb_std", torch.ones(L))
         self.pad_id, self.eos_id = cfg.text_vocab, cfg.text_vocab + 1
         self.text_emb = nn.Embedding(cfg.text_vocab + 2, D)
-        self.bos = nn.Parameter(torch.randn(D) * 0.02)  # the input before the first latent (a learned BOS frame)
+        self.bos = nn.Parameter(torch.randn(D) * 0.02)  # the input before the first latent (a learned BOS)
         layer = lambda: TransformerLayer(D, cfg.lm_heads, cfg.lm_ffn, cfg.lm_context, cfg.rope_max_period)
         self.layers = nn.ModuleList(layer() for _ in range(cfg.lm_layers))
         self.norm = nn.LayerNorm(D)
@@ -671,11 +656,12 @@ class CALM(nn.Module):
         if cfg.head == "consistency":
             self.latent_in = nn.Linear(L, D)
             self.short_in = nn.Linear(L, cfg.short_dim)
-            self.short = nn.ModuleList(TransformerLayer(cfg.short_dim, max(1, cfg.short_dim // 64), 4 * cfg.short_dim,
-                                                        cfg.short_context) for _ in range(cfg.short_layers))
+            W = cfg.short_dim
+            self.short = nn.ModuleList(TransformerLayer(W, max(1, W // 64), 4 * W, cfg.short_context)
+                                       for _ in range(cfg.short_layers))
             self.short_out = nn.Linear(cfg.short_dim, D)
             self.head, self.weight = ConsistencyHead(cfg), AdaptiveWeight()
-        else:  # the RQ-Transformer baseline: the sum of the previous frame's code embeddings is the backbone's input
+        else:  # the RQ-Transformer baseline: the backbone reads the previous frame's code embeddings, summed
             self.register_buffer("codebooks", torch.zeros(cfg.n_q, cfg.codebook_size, cfg.dimension))
             self.code_in = nn.ModuleList(nn.Embedding(cfg.codebook_size, D) for _ in range(cfg.n_q))
             self.depth = DepthHead(cfg)
@@ -700,13 +686,14 @@ class CALM(nn.Module):
         return sum(self.codebooks[q][codes[..., q]] for q in range(codes.shape[-1]))  # the first levels given
 
     def inputs(self, prev, text):
-        """Backbone input of each position: the previous frame (a latent, or its codes) + this position's text token.
-        prev: (B, S, latent) or (B, S, n_q) codes of frames s - 1 (BOS at s = 0 is the caller's); text (B, S)."""
+        """Backbone input of each position: the previous frame (a latent, or its codes) + this position's text
+        token. prev: (B, S, latent) or (B, S, n_q) codes of frames s - 1 (BOS at s = 0 is the caller's); text
+        (B, S)."""
         x = self.latent_in(prev) if self.cfg.head == "consistency" else \
             sum(e(prev[..., q]) for q, e in enumerate(self.code_in))
         return x + self.text_emb(text)
 
-    def backbone(self, x, caches=None, offset=0):  # (B, S, D) -> (B, S, D); caches: a list (per layer) to update
+    def backbone(self, x, caches=None, offset=0):  # (B, S, D) -> (B, S, D); updates caches (one per layer)
         for i, layer in enumerate(self.layers):
             x, c = layer(x, None if caches is None else caches[i], offset)
             if caches is not None:
@@ -714,15 +701,15 @@ class CALM(nn.Module):
         return self.norm(x)
 
     def short_context(self, clean):
-        """§3.2: T_short over the K clean latents BEFORE each position: window s holds x_{s-K} .. x_{s-1} (zeros
-        before the start). clean: (B, S, latent) latents 0..S-1 -> (B, S, lm_dim)."""
+        """§3.2: T_short over the K clean latents BEFORE each position: window s holds x_{s-K} .. x_{s-1}
+        (zeros before the start). clean: (B, S, latent) latents 0..S-1 -> (B, S, lm_dim)."""
         B, S, L = clean.shape
         K = self.cfg.short_context
         padded = F.pad(clean, (0, 0, K, 0))  # (B, K + S, L): K zero frames in front
         win = padded.unfold(1, K, 1)[:, :S]  # (B, S, L, K): window s = padded[s : s + K] = x_{s-K} .. x_{s-1}
         return self.short_window(win.permute(0, 1, 3, 2).reshape(B * S, K, L)).view(B, S, -1)
 
-    def short_window(self, win):  # (N, K, latent) windows of clean latents -> (N, lm_dim): T_short's last output
+    def short_window(self, win):  # (N, K, latent) windows of clean latents -> (N, lm_dim): T_short's output
         h = self.short_in(win)  # (N, K, short_dim)
         for layer in self.short:
             h = layer(h)[0]
@@ -736,8 +723,8 @@ class CALM(nn.Module):
 
 
 def noise_inject(x, generator=None):
-    """§3.2, training only: each frame x_s -> sqrt(1 - k_s) x_s + sqrt(k_s) eps_s, k_s ~ U(0, 1), eps ~ N(0, I).
-    x: (B, S, latent) -> same, and k (B, S, 1)."""
+    """§3.2, training only: each frame x_s -> sqrt(1 - k_s) x_s + sqrt(k_s) eps_s, k_s ~ U(0, 1), eps ~ N(0,
+    I). x: (B, S, latent) -> same, and k (B, S, 1)."""
     k = torch.rand(*x.shape[:2], 1, device=x.device, generator=generator)
     eps = torch.randn(x.shape, device=x.device, generator=generator)
     return (1 - k).sqrt() * x + k.sqrt() * eps, k
@@ -803,19 +790,21 @@ def sample_t(n, cfg, device, generator=None):
 
 
 def scm_loss(head, weight, x0, z, cfg, r, generator=None):
-    """Eq. 3 (sCM consistency training, TrigFlow): for x_t = cos t x0 + sin t eps (eps ~ N(0, sigma_d^2 I)),
-        L = E[ e^{w(t)} / dim * || F_theta(x_t, t, Z) - F_theta-(x_t, t, Z) - g ||^2 - w(t) ],
-        g = cos(t) df_theta-/dt = -cos^2 t (sigma_d F- - dx_t/dt) - r cos t sin t (x_t + sigma_d dF-/dt),
-    with theta- a stop-gradient copy, dx_t/dt = cos t eps - sin t x0, r the tangent warm-up (1 after warm-up) and
-    g normalised to g / (|g| + c). dF-/dt is one forward-mode JVP through the head (tangents dx_t/dt / sigma_d and 1).
-    x0: (N, latent) normalised targets; z: (N, lm_dim) conditioning (gradients flow into the backbone via F_theta)."""
+    """Eq. 3 (sCM consistency training, TrigFlow): for x_t = cos t x0 + sin t eps (eps ~ N(0, sigma_d^2 I)), L
+        = E[ e^{w(t)} / dim * || F_theta(x_t, t, Z) - F_theta-(x_t, t, Z) - g ||^2 - w(t) ], g = cos(t)
+        df_theta-/dt = -cos^2 t (sigma_d F- - dx_t/dt) - r cos t sin t (x_t + sigma_d dF-/dt), with theta- a
+        stop-gradient copy, dx_t/dt = cos t eps - sin t x0, r the tangent warm-up (1 after warm-up) and g
+        normalised to g / (|g| + c). dF-/dt is one forward-mode JVP through the head (tangents dx_t/dt /
+        sigma_d and 1). x0: (N, latent) normalised targets; z: (N, lm_dim) conditioning (gradients flow into
+        the backbone via F_theta)."""
     N, sd = x0.shape[0], cfg.sigma_d
     t = sample_t(N, cfg, x0.device, generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator) * sd
     ct, st = torch.cos(t)[:, None], torch.sin(t)[:, None]
     x_t = ct * x0 + st * eps
     dxt = ct * eps - st * x0
-    F_minus, dF_dt = torch.func.jvp(lambda x, tt: head(x, tt, z), (x_t / sd, t), (dxt / sd, torch.ones_like(t)))
+    F_minus, dF_dt = torch.func.jvp(lambda x, tt: head(x, tt, z), (x_t / sd, t),
+                                    (dxt / sd, torch.ones_like(t)))
     g = -ct ** 2 * (sd * F_minus - dxt) - r * ct * st * (x_t + sd * dF_dt)
     g = g / (g.norm(dim=-1, keepdim=True) + cfg.tangent_c)  # sCM: L2 norm per example (not the RMS)
     g, F_minus = g.detach(), F_minus.detach()  # theta-: the stop-gradient (weights, Z and the tangent alike)
@@ -824,19 +813,19 @@ def scm_loss(head, weight, x0, z, cfg, r, generator=None):
     return (w.exp() * err - w).mean(), err.mean()
 
 def lm_losses(model, batch, cfg, r, generator=None):
-    """One LM objective on a batch: the head's loss on every valid frame (Eq. 3, head_batch_mul draws per Z; or the
-    depth head's cross-entropy) + lambda_text x the text stream's cross-entropy (speech)."""
+    """One LM objective on a batch: the head's loss on every valid frame (Eq. 3, head_batch_mul draws per Z;
+    or the depth head's cross-entropy) + lambda_text x the text stream's cross-entropy (speech)."""
     text, valid = batch["text"], batch["valid"]
     B, S = text.shape
     if cfg.head == "consistency":
         clean = model.normalize(batch["latent"]) * valid[..., None]  # (B, S, latent)
         noisy = noise_inject(clean, generator)[0] if cfg.noise_injection and model.training else clean
-        prev = F.pad(noisy, (0, 0, 1, 0))[:, :S]  # frame s - 1 at position s (zeros at s = 0, replaced by BOS)
+        prev = F.pad(noisy, (0, 0, 1, 0))[:, :S]  # frame s - 1 at position s (zeros at s = 0: BOS below)
     else:
         codes = model.rvq_encode(batch["pre"].reshape(B * S, -1)).view(B, S, -1)  # (B, S, n_q)
         prev = F.pad(codes, (0, 0, 1, 0))[:, :S]
     x = model.inputs(prev, text)
-    x = torch.cat([model.bos.expand(B, 1, -1) + model.text_emb(text[:, :1]), x[:, 1:]], 1)  # BOS at position 0
+    x = torch.cat([model.bos.expand(B, 1, -1) + model.text_emb(text[:, :1]), x[:, 1:]], 1)  # BOS at 0
     h = model.backbone(x)  # (B, S, D)
     m = valid.reshape(-1) > 0
     losses = {}
@@ -844,13 +833,15 @@ def lm_losses(model, batch, cfg, r, generator=None):
         z = model.condition(h, clean).reshape(B * S, -1)[m]  # (N, D): Z_s of every valid frame
         x0 = clean.reshape(B * S, -1)[m]
         n = cfg.head_batch_mul  # §3.3: n (t, eps) draws per backbone output, Z computed once
-        head_loss, losses["scm_err"] = scm_loss(model.head, model.weight, x0.repeat(n, 1), z.repeat(n, 1), cfg, r,
-                                                generator)
+        head_loss, losses["scm_err"] = scm_loss(model.head, model.weight, x0.repeat(n, 1), z.repeat(n, 1),
+                                                cfg, r, generator)
         losses["scm"] = head_loss
     else:
         logits = model.depth(h.reshape(B * S, -1)[m], codes.reshape(B * S, -1)[m])  # (N, n_q, K)
-        head_loss = losses["ce_rvq"] = F.cross_entropy(logits.float().flatten(0, 1), codes.reshape(B * S, -1)[m].flatten())
-    tl = F.cross_entropy(model.text_out(h[:, :-1]).float().flatten(0, 1), text[:, 1:].flatten(), reduction="none")
+        head_loss = losses["ce_rvq"] = F.cross_entropy(logits.float().flatten(0, 1),
+                                                       codes.reshape(B * S, -1)[m].flatten())
+    tl = F.cross_entropy(model.text_out(h[:, :-1]).float().flatten(0, 1), text[:, 1:].flatten(),
+                         reduction="none")
     tm = valid[:, 1:].flatten()
     losses["text_ce"] = (tl * tm).sum() / tm.sum().clamp(min=1)
     losses["loss"] = head_loss + cfg.lambda_text * losses["text_ce"]
@@ -865,15 +856,16 @@ def clips(cfg, split):
 
 
 class TextTokens:
-    """The offline byte-level BPE (common.train_bpe) of the training transcripts, PAD and EOS after it. Kept in
-    `state` (state_dict: the ranks as text) so sampling from the LM checkpoint needs no corpus."""
+    """The offline byte-level BPE (common.train_bpe) of the training transcripts, PAD and EOS after it. Kept
+    in `state` (state_dict: the ranks as text) so sampling from the LM checkpoint needs no corpus."""
 
     def __init__(self, cfg):
         self.vocab, self.enc = cfg.text_vocab, None
 
     def fit(self, texts):
         ranks = common.train_bpe([" " + t for t in texts if t], self.vocab)
-        # train_bpe may add a few more leading-space tokens than asked; a prefix of the ranks is still a valid BPE
+        # train_bpe may add a few more leading-space tokens than asked; a prefix of the ranks is still a valid
+        # BPE
         self._set({t: r for t, r in ranks.items() if r < self.vocab})
 
     def _set(self, ranks):
@@ -894,9 +886,10 @@ class TextTokens:
 
 
 def text_stream(words, n_frames, tok, cfg):
-    """Inner-monologue-style alignment (Moshi §3.4.4): each word's BPE tokens sit on consecutive frames from the
-    word's start frame (pushed later when the previous word's tokens overflow), PAD elsewhere, EOS after the last
-    word; the stream is shifted text_delay frames earlier, so the audio lags the text by 80 ms. -> (n_frames,)."""
+    """Inner-monologue-style alignment (Moshi §3.4.4): each word's BPE tokens sit on consecutive frames from
+    the word's start frame (pushed later when the previous word's tokens overflow), PAD elsewhere, EOS after
+    the last word; the stream is shifted text_delay frames earlier, so the audio lags the text by 80 ms. ->
+    (n_frames,)."""
     ids = np.full(n_frames, cfg.text_vocab, dtype=np.int64)  # PAD
     f = 0
     for w, start, end in words:
@@ -906,15 +899,16 @@ def text_stream(words, n_frames, tok, cfg):
                 ids[f] = t
             f += 1
     if words:
-        ids[min(n_frames - 1, max(f, int(round(words[-1][2] * cfg.frame_rate)) - cfg.text_delay))] = cfg.text_vocab + 1
+        last = max(f, int(round(words[-1][2] * cfg.frame_rate)) - cfg.text_delay)
+        ids[min(n_frames - 1, last)] = cfg.text_vocab + 1  # EOS
     return ids
 
 
 @torch.no_grad()
 def encode_corpus(vae, utts, tok, cfg, device):
-    """Once per run (not per step): each clip -> one float32 array (rows: the VAE posterior mean (latent_dim), the
-    pre-bottleneck latent (D, --head=rvq only), the text stream, a validity row of ones) x frames. A crop of it
-    (SegmentSampler, zero-padded at the end) is then one LM training example; padding has validity 0."""
+    """Once per run (not per step): each clip -> one float32 array (rows: the VAE posterior mean (latent_dim),
+    the pre-bottleneck latent (D, --head=rvq only), the text stream, a validity row of ones) x frames. A crop
+    of it (SegmentSampler, zero-padded at the end) is then one LM training example; padding has validity 0."""
     out = []
     for u in utts:
         x = torch.from_numpy(u.wav)[None, None].to(device)  # (1, 1, T)
@@ -922,8 +916,8 @@ def encode_corpus(vae, utts, tok, cfg, device):
         mu = vae.bottleneck(pre)[0][0].cpu()  # (latent, F)
         rows = [mu] + ([pre[0].float().cpu()] if cfg.head == "rvq" else [])
         n = mu.shape[-1]
-        rows += [torch.from_numpy(text_stream(u.words if cfg.corpus == "speech" else [], n, tok, cfg)).float()[None],
-                 torch.ones(1, n)]
+        text = text_stream(u.words if cfg.corpus == "speech" else [], n, tok, cfg)
+        rows += [torch.from_numpy(text).float()[None], torch.ones(1, n)]
         out.append(torch.cat(rows).numpy())
     return out
 
@@ -936,8 +930,8 @@ def fit_latent_stats(model, packed, cfg):
 
 
 def fit_rvq(model, packed, cfg):
-    """--head=rvq: residual k-means on the training pre-bottleneck latents (level q clusters what levels < q left).
-    Seeded, so a resumed run fits the same codebooks as the straight one."""
+    """--head=rvq: residual k-means on the training pre-bottleneck latents (level q clusters what levels < q
+    left). Seeded, so a resumed run fits the same codebooks as the straight one."""
     L, D = cfg.latent_dim, cfg.dimension
     x = torch.from_numpy(np.concatenate([p[L:L + D] for p in packed], 1).T.copy())  # (frames, D)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -953,8 +947,8 @@ def fit_rvq(model, packed, cfg):
 
 
 def get_batch(sampler, cfg, rt):
-    """LM: crops of the cached arrays -> dict(latent (B, S, latent) raw means, pre (B, S, D) or None, text (B, S),
-    valid (B, S)). VAE: (B, 1, segment) waveforms."""
+    """LM: crops of the cached arrays -> dict(latent (B, S, latent) raw means, pre (B, S, D) or None, text (B,
+    S), valid (B, S)). VAE: (B, 1, segment) waveforms."""
     x = sampler.next()[0]
     if cfg.stage == "vae":
         return x.view(cfg.batch_size, 1, cfg.segment).to(rt.device)
@@ -1002,9 +996,9 @@ class StepCounter:
 
 
 def build(cfg, rt):
-    """vae stage: {vae, D, opt_g, opt_d, sched_g, sched_d}. lm stage: {vae (frozen: eval mode, no gradients, not in
-    the optimizer), lm, tok, opt, sched, counter}. Training the LM reads the VAE from --vae (scratch) or from the
-    LM checkpoint it resumes; bench, sample and eval get theirs from elsewhere."""
+    """vae stage: {vae, D, opt_g, opt_d, sched_g, sched_d}. lm stage: {vae (frozen: eval mode, no gradients,
+    not in the optimizer), lm, tok, opt, sched, counter}. Training the LM reads the VAE from --vae (scratch)
+    or from the LM checkpoint it resumes; bench, sample and eval get theirs from elsewhere."""
     vae_sd = None
     if cfg.stage == "lm" and cfg.mode == "train":
         vae_sd = load_vae_for_lm(cfg, cfg.vae if cfg.init_from == "scratch" else common.checkpoint_path(cfg))
@@ -1026,8 +1020,9 @@ def build(cfg, rt):
 
 
 def train_step(state, batch, cfg, rt):
-    """One optimizer step of the stage's objective. vae: a discriminator update, then the VAE on Eq. 2 (adversarial
-    + feature matching + lambda_KL KL, + reconstruction with --recon_loss). lm: Eq. 3 + the text stream's CE."""
+    """One optimizer step of the stage's objective. vae: a discriminator update, then the VAE on Eq. 2
+    (adversarial + feature matching + lambda_KL KL, + reconstruction with --recon_loss). lm: Eq. 3 + the text
+    stream's CE."""
     if cfg.stage == "vae":
         G, D, opt_g, opt_d = state["vae"], state["D"], state["opt_g"], state["opt_d"]
         d_plain = common.unwrap(D)  # the generator step needs no gradient sync through D
@@ -1046,7 +1041,8 @@ def train_step(state, batch, cfg, rt):
                 _, fmap_real = d_plain(x)
         losses = {"adv": generator_adv_loss(logits_fake), "feat": feature_loss(fmap_real, fmap_fake),
                   "kl": kl_loss(mu, logvar)}
-        total = cfg.lambda_adv * losses["adv"] + cfg.lambda_feat * losses["feat"] + cfg.lambda_kl * losses["kl"]
+        total = cfg.lambda_adv * losses["adv"] + cfg.lambda_feat * losses["feat"] \
+            + cfg.lambda_kl * losses["kl"]
         if cfg.recon_loss:
             losses["t"], losses["f"] = reconstruction_losses(x, x_hat, cfg)
             total = total + cfg.lambda_t * losses["t"] + cfg.lambda_f * losses["f"]
@@ -1087,11 +1083,11 @@ def load_for_inference(cfg, rt):
 
 @torch.no_grad()
 def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
-    """Autoregressive generation, one frame a step, with an explicit KV cache per backbone layer; inference never
-    injects noise. prompt: dict(latent (P, latent) raw means, pre (P, D) for rvq, text (P,)) of a real clip, or
-    None. sentence: BPE ids to speak (TTS), forced in order, inner-monologue style: at each frame the text head
-    chooses between PAD and the next token (after the last one: PAD or EOS); EOS ends the utterance, text_delay + 1
-    frames later. Otherwise (continuation) speech samples its own text stream, music keeps PAD.
+    """Autoregressive generation, one frame a step, with an explicit KV cache per backbone layer; inference
+    never injects noise. prompt: dict(latent (P, latent) raw means, pre (P, D) for rvq, text (P,)) of a real
+    clip, or None. sentence: BPE ids to speak (TTS), forced in order, inner-monologue style: at each frame the
+    text head chooses between PAD and the next token (after the last one: PAD or EOS); EOS ends the utterance,
+    text_delay + 1 frames later. Otherwise (continuation) speech samples its own text stream, music keeps PAD.
     -> (1, F, latent) raw latents (consistency) or (1, F, n_q) codes (rvq), and the text stream."""
     lm = models["lm"]
     dev, K = lm.bos.device, cfg.short_context
@@ -1100,7 +1096,8 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
     P = 0 if prompt is None else prompt["latent"].shape[0]
     frames_out = []  # normalised latents, or code vectors, of frames 0..s-1
     if P:
-        frames_out = list(lm.normalize(prompt["latent"])) if cfg.head == "consistency" else list(lm.rvq_encode(prompt["pre"]))
+        frames_out = list(lm.normalize(prompt["latent"]) if cfg.head == "consistency"
+                          else lm.rvq_encode(prompt["pre"]))
     queue = list(sentence) if sentence is not None else None
     text = [int(prompt["text"][0])] if P else [queue.pop(0) if queue else pad]
     end = None
@@ -1111,7 +1108,7 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
         if s >= P:
             if cfg.head == "consistency":
                 past = torch.stack(frames_out[max(0, s - K):s]) if s else h.new_zeros(0, cfg.latent_dim)
-                win = F.pad(past, (0, 0, K - past.shape[0], 0))[None]  # (1, K, latent): zeros before the start
+                win = F.pad(past, (0, 0, K - past.shape[0], 0))[None]  # (1, K, latent): zeros before start
                 z = h + lm.short_window(win)  # Z_s = T_long + T_short (§3.2)
                 frames_out.append(lm.head.sample(z, cfg.temperature, cfg.head_steps, generator)[0])
             else:
@@ -1123,14 +1120,15 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
             nxt = int(prompt["text"][s + 1])
         elif queue is not None:
             cand = queue[0] if queue else eos
-            stalled = all(t == pad for t in text[-int(2 * cfg.frame_rate):]) and len(text) >= 2 * cfg.frame_rate
-            nxt = cand if logits[cand] > logits[pad] or stalled else pad  # (2 s of PAD: say the next token anyway)
+            two_s = 2 * cfg.frame_rate
+            stalled = all(t == pad for t in text[-int(two_s):]) and len(text) >= two_s
+            nxt = cand if logits[cand] > logits[pad] or stalled else pad  # 2 s of PAD: say it anyway
             if nxt == cand and queue:
                 queue.pop(0)
             if nxt == eos:
                 end = s + 1 + cfg.text_delay
         elif cfg.corpus == "speech":
-            nxt = int(torch.multinomial(F.softmax(logits[:eos], -1), 1, generator=generator))  # no EOS: keep going
+            nxt = int(torch.multinomial(F.softmax(logits[:eos], -1), 1, generator=generator))  # no EOS
         else:
             nxt = pad
         text.append(nxt)
@@ -1140,8 +1138,8 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
 
 @torch.no_grad()
 def to_audio(models, frames, cfg):
-    """Generated frames -> waveform (1, 1, T) through the frozen VAE decoder. rvq codes decode to pre-bottleneck
-    latents, which the VAE's bottleneck turns into its posterior mean first."""
+    """Generated frames -> waveform (1, 1, T) through the frozen VAE decoder. rvq codes decode to
+    pre-bottleneck latents, which the VAE's bottleneck turns into its posterior mean first."""
     vae = models["vae"]
     if cfg.head == "rvq":
         pre = models["lm"].rvq_decode(frames).transpose(1, 2)  # (1, D, F)
@@ -1153,8 +1151,8 @@ def mel_stats_distance(gen, ref, sr):
     """Continuation quality: distance between the per-bin mean and std over time of the 80-bin log-mels of the
     generated and of real held-out audio (a FAD-like statistic, without an embedding network)."""
     n_fft = 2 ** round(math.log2(1024 * sr / 22050))
-    stats = lambda w: (lambda m: (m.mean(-1), m.std(-1)))(common.mel_spectrogram(w.float().reshape(-1), sr, n_fft, n_fft // 4, n_mels=80))
-    (mg, sg), (mr, sr_) = stats(gen), stats(ref)
+    mels = lambda w: common.mel_spectrogram(w.float().reshape(-1), sr, n_fft, n_fft // 4, n_mels=80)
+    (mg, sg), (mr, sr_) = [(m.mean(-1), m.std(-1)) for m in (mels(gen), mels(ref))]
     return float((mg - mr).abs().mean() + (sg - sr_).abs().mean())
 
 
@@ -1172,9 +1170,9 @@ def _prompt(models, u, cfg, seconds):
 @torch.no_grad()
 def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
     """vae: SI-SNR and mel distance of the posterior-mean reconstruction of held-out clips. lm: teacher-forced
-    one-step prediction error of the next latent (normalised units; temperature 0, rvq greedy), the text stream's
-    cross-entropy, and a continuation of a prompt_seconds prompt scored by mel-statistic distance to the real
-    held-out audio. models: the stage's dict (None: load_for_inference, as --mode=eval does)."""
+    one-step prediction error of the next latent (normalised units; temperature 0, rvq greedy), the text
+    stream's cross-entropy, and a continuation of a prompt_seconds prompt scored by mel-statistic distance to
+    the real held-out audio. models: the stage's dict (None: load_for_inference, as --mode=eval does)."""
     standalone = models is None
     if standalone:
         rt = common.setup(cfg)
@@ -1186,7 +1184,7 @@ def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
     vae, dev = models["vae"], next(models["vae"].parameters()).device
     utts = clips(cfg, split)[:cfg.eval_items]
     res = {}
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # eval must not move training's RNG
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # leave training's RNG alone
         torch.manual_seed(cfg.seed)
         if cfg.stage == "vae":
             n = max(1, int(cfg.eval_seconds * cfg.sample_rate) // vae.frame_size) * vae.frame_size
@@ -1203,7 +1201,8 @@ def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
                 var_mu.append(mu.var(-1).mean().item())  # content: how far the means move over time
                 var_z.append(logvar.exp().mean().item())  # the sampling noise training adds to them
                 if samples_dir and i == 0:
-                    common.save_sample(samples_dir, f"{split}_{u.id}_recon", y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
+                    common.save_sample(samples_dir, f"{split}_{u.id}_recon", y[0].cpu(), cfg.sample_rate,
+                                       ref=x[0].cpu())
             res = dict(si_snr=round(float(np.mean(snr)), 3), mel=round(float(np.mean(mel)), 4),
                        mel_zero_latent=round(float(np.mean(mel0)), 4),
                        sigma=round(float(np.mean(var_z)) ** 0.5, 4),  # posterior std, RMS over dims, frames
@@ -1231,8 +1230,8 @@ def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
             ref = torch.cat([torch.from_numpy(v.wav) for v in utts])
             res["mel_stats"] = round(mel_stats_distance(y[..., P:].cpu(), ref, cfg.sample_rate), 4)
             if samples_dir:
-                common.save_sample(samples_dir, f"{split}_{u.id}_continue_{cfg.head}", y[0].cpu(), cfg.sample_rate,
-                                   ref=torch.from_numpy(u.wav)[None])
+                common.save_sample(samples_dir, f"{split}_{u.id}_continue_{cfg.head}", y[0].cpu(),
+                                   cfg.sample_rate, ref=torch.from_numpy(u.wav)[None])
     common.log(f"eval ({split}, {cfg.stage}{'' if cfg.stage == 'vae' else ', ' + cfg.head}) | "
                + " | ".join(f"{k} {v}" for k, v in res.items()))
     for k, m in nets.items():
@@ -1261,8 +1260,9 @@ def write_listening(vae, utts, cfg, out):
 
 @torch.no_grad()
 def teacher_forced_error(lm, vae, batch, cfg):
-    """Mean squared error (normalised latent units) of each frame's prediction from the TRUE past: the consistency
-    head at temperature 0 (one step from zero noise), or the greedy RVQ codes decoded through the VAE bottleneck."""
+    """Mean squared error (normalised latent units) of each frame's prediction from the TRUE past: the
+    consistency head at temperature 0 (one step from zero noise), or the greedy RVQ codes decoded through the
+    VAE bottleneck."""
     text, valid = batch["text"], batch["valid"]
     B, S = text.shape
     clean = lm.normalize(batch["latent"])
@@ -1278,7 +1278,7 @@ def teacher_forced_error(lm, vae, batch, cfg):
         pred = lm.head.sample(lm.condition(h, clean).reshape(B * S, -1), 0.0)
     else:
         pre = lm.rvq_decode(lm.depth.sample(h.reshape(B * S, -1), 0.0))  # (N, D)
-        pred = lm.normalize(vae.bottleneck(pre[..., None])[0][..., 0])  # (N, latent) via the frozen bottleneck
+        pred = lm.normalize(vae.bottleneck(pre[..., None])[0][..., 0])  # (N, latent) via frozen bottleneck
     m = valid.reshape(-1) > 0
     return (pred - clean.reshape(B * S, -1))[m].pow(2).mean().item()
 
@@ -1291,7 +1291,8 @@ def train(cfg):
         train_clips = [u.wav for u in clips(cfg, "train")]
         common.check_clips(train_clips, cfg.segment, "train split")
         common.check_clips(clips(cfg, "val"), frame, "val split")
-        common.log(f"params: VAE {common.count_params(model):,} | discriminator {common.count_params(state['D']):,}")
+        common.log(f"params: VAE {common.count_params(model):,} | discriminator "
+                   f"{common.count_params(state['D']):,}")
     else:
         model, frame = state["lm"], state["vae"].frame_size
         utts = clips(cfg, "train")
@@ -1303,7 +1304,8 @@ def train(cfg):
         if cfg.head == "rvq":
             fit_rvq(model, train_clips, cfg)
         common.log(f"params: LM {common.count_params(model):,} ({cfg.head} head) | VAE (frozen) "
-                   f"{common.count_params(state['vae']):,} | {sum(p.shape[-1] for p in train_clips)} latent frames cached")
+                   f"{common.count_params(state['vae']):,} | {sum(p.shape[-1] for p in train_clips)} latent "
+                   "frames cached")
     seg = cfg.segment if cfg.stage == "vae" else cfg.lm_segment // frame
     sampler = common.SegmentSampler(train_clips, seg, cfg.batch_size, cfg.seed, rt.rank, rt.world_size,
                                     align=frame if cfg.stage == "vae" else 1)
@@ -1319,12 +1321,14 @@ def train(cfg):
     while step < cfg.max_iters:
         losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
         step += 1
-        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * seg * (1 if cfg.stage == "vae" else frame) / cfg.sample_rate)
+        samples = seg * (1 if cfg.stage == "vae" else frame)
+        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * samples / cfg.sample_rate)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if rt.master:
                 models = {k: common.unwrap(v) if isinstance(v, nn.Module) else v for k, v in state.items()
                           if k in ("vae", "lm", "tok")}
-                evaluate(cfg, models, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
+                evaluate(cfg, models, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"),
+                         split="val")
             common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
@@ -1332,9 +1336,10 @@ def train(cfg):
 
 @torch.no_grad()
 def sample(cfg):
-    """vae: encode/decode --input or a held-out clip. lm, --task=tts (speech): speak --text, or the first n_items
-    held-out test sentences (also as folders tts_<head>/ and tts_orig/ for an ASR's WER); --task=continue:
-    continue the first prompt_seconds of --input or of held-out clips. wav + png in out_dir/samples."""
+    """vae: encode/decode --input or a held-out clip. lm, --task=tts (speech): speak --text, or the first
+    n_items held-out test sentences (also as folders tts_<head>/ and tts_orig/ for an ASR's WER);
+    --task=continue: continue the first prompt_seconds of --input or of held-out clips. wav + png in
+    out_dir/samples."""
     rt = common.setup(cfg)
     models = load_for_inference(cfg, rt)
     out = os.path.join(cfg.out_dir, "samples")
@@ -1372,7 +1377,8 @@ def sample(cfg):
         if not cfg.text:  # the spoken sentences and their real recordings, for an ASR's WER on each
             common.write_listening_set(os.path.join(out, f"tts_{cfg.head}"), said, cfg.sample_rate)
             common.write_listening_set(os.path.join(out, "tts_orig"), real, cfg.sample_rate)
-            common.log(f"judge {out}/tts_{cfg.head} and {out}/tts_orig with whisper.py --mode=sample --input_dir=DIR")
+            common.log(f"judge {out}/tts_{cfg.head} and {out}/tts_orig with whisper.py --mode=sample "
+                       "--input_dir=DIR")
         return
     for u in items:
         prompt, x = _prompt(models, u, cfg, cfg.prompt_seconds)
@@ -1381,15 +1387,17 @@ def sample(cfg):
         tag = f"continue_{cfg.head}_{u.id}"
         common.save_sample(out, tag, y[0].cpu(), cfg.sample_rate, ref=torch.from_numpy(u.wav)[None])
         said = models["tok"].decode(text) if cfg.corpus == "speech" else ""
-        common.log(f"{tag}: {prompt['latent'].shape[0]} prompt frames + {gen.shape[1] - prompt['latent'].shape[0]} "
-                   f"generated -> {out}/{tag}.wav" + (f" | its text stream: {said!r}" if said else ""))
+        P = prompt["latent"].shape[0]
+        common.log(f"{tag}: {P} prompt frames + {gen.shape[1] - P} generated -> {out}/{tag}.wav"
+                   + (f" | its text stream: {said!r}" if said else ""))
 
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
-    """vae: train_step ms and audio-s/s, encode / decode real-time factors. lm: train_step ms, FLOP rate, then the
-    paper's speed claim (§4, Tables 2-3) from one run: head sampling latents/s and whole-model real-time factor
-    (backbone + head + VAE decode) of the consistency head against an RVQ depth head on the same backbone."""
+    """vae: train_step ms and audio-s/s, encode / decode real-time factors. lm: train_step ms, FLOP rate, then
+    the paper's speed claim (§4, Tables 2-3) from one run: head sampling latents/s and whole-model real-time
+    factor (backbone + head + VAE decode) of the consistency head against an RVQ depth head on the same
+    backbone."""
     rt = common.setup(cfg)
     cfg.mode = "bench"
     state = build(cfg, rt)
@@ -1402,13 +1410,16 @@ def bench(cfg):
         G = state["lm"]
         S = cfg.lm_segment // state["vae"].frame_size
         L, D = cfg.latent_dim, cfg.dimension
-        batch = dict(latent=torch.randn(cfg.batch_size, S, L, device=rt.device), text=torch.randint(
-            0, cfg.text_vocab, (cfg.batch_size, S), device=rt.device), valid=torch.ones(cfg.batch_size, S, device=rt.device),
-            pre=torch.randn(cfg.batch_size, S, D, device=rt.device) if cfg.head == "rvq" else None)
+        B, dev = cfg.batch_size, rt.device
+        batch = dict(latent=torch.randn(B, S, L, device=dev), valid=torch.ones(B, S, device=dev),
+                     text=torch.randint(0, cfg.text_vocab, (B, S), device=dev),
+                     pre=torch.randn(B, S, D, device=dev) if cfg.head == "rvq" else None)
         seconds = cfg.lm_segment
     step_ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=cfg.bench_iters, warmup=1)
-    figures.update(train_step_ms=round(step_ms, 2), train_flops_per_step=common.count_flops(lambda: train_step(state, batch, cfg, rt)),
-                   train_audio_s_per_s=round(cfg.batch_size * seconds / cfg.sample_rate / (step_ms / 1000), 3))
+    flops = common.count_flops(lambda: train_step(state, batch, cfg, rt))
+    audio_s = cfg.batch_size * seconds / cfg.sample_rate
+    figures.update(train_step_ms=round(step_ms, 2), train_flops_per_step=flops,
+                   train_audio_s_per_s=round(audio_s / (step_ms / 1000), 3))
     compiled = False
     if cfg.stage == "vae":
         G.eval()
@@ -1416,12 +1427,14 @@ def bench(cfg):
         xb = torch.randn(1, 1, T, device=rt.device) * 0.1
         z = G.encode(xb)[0]
         compiled = common.compile(G, cfg) is not G
-        variants = [("eager", G.encode, G.decode)] + ([("compiled", torch.compile(G.encode), torch.compile(G.decode))]
-                                                     if compiled else [])
+        variants = [("eager", G.encode, G.decode)]
+        if compiled:
+            variants.append(("compiled", torch.compile(G.encode), torch.compile(G.decode)))
+        rtf = lambda fn: round(common.timeit(fn, cfg.bench_iters, 1) / 1000 / cfg.bench_seconds, 5)
         for name, enc, dec in variants:
             with rt.autocast():
-                figures[f"encode_rtf_{name}"] = round(common.timeit(lambda: enc(xb), cfg.bench_iters, 1) / 1000 / cfg.bench_seconds, 5)
-                figures[f"decode_rtf_{name}"] = round(common.timeit(lambda: dec(z), cfg.bench_iters, 1) / 1000 / cfg.bench_seconds, 5)
+                figures[f"encode_rtf_{name}"] = rtf(lambda: enc(xb))
+                figures[f"decode_rtf_{name}"] = rtf(lambda: dec(z))
         common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
         return
     heads = {cfg.head: G}
@@ -1438,10 +1451,12 @@ def bench(cfg):
         with torch.no_grad(), rt.autocast():
             head_ms = common.timeit(fn, iters=max(3, cfg.bench_iters), warmup=1)
             models = dict(vae=state["vae"], lm=lm)
-            gen_ms = common.timeit(lambda: to_audio(models, generate(models, c, frames)[0], c), iters=cfg.bench_iters, warmup=1)
-        figures[f"head_latents_per_s_{name}"] = round(N / (head_ms / 1000), 1)  # frames' latents (or code stacks) a second
-        figures[f"rtf_{name}"] = round(gen_ms / 1000 / (frames / cfg.frame_rate), 4)  # compute time / audio time
-    figures["head_speedup"] = round(figures["head_latents_per_s_consistency"] / figures["head_latents_per_s_rvq"], 3)
+            gen_ms = common.timeit(lambda: to_audio(models, generate(models, c, frames)[0], c),
+                                   iters=cfg.bench_iters, warmup=1)
+        figures[f"head_latents_per_s_{name}"] = round(N / (head_ms / 1000), 1)  # latents (or code stacks)/s
+        figures[f"rtf_{name}"] = round(gen_ms / 1000 / (frames / cfg.frame_rate), 4)  # compute / audio time
+    figures["head_speedup"] = round(figures["head_latents_per_s_consistency"]
+                                    / figures["head_latents_per_s_rvq"], 3)
     figures["overall_speedup"] = round(figures["rtf_rvq"] / figures["rtf_consistency"], 3)
     common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
 

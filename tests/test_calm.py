@@ -7,7 +7,7 @@ Loss terms
   test_golden_vae_generator_gradient
 - the KL per element, ln sigma^2's sign, its gradient: test_kl_on_hand_gaussian
 - discriminator and generator hinges: test_discriminator_and_adversarial_hinges_by_hand
-- the weights' balance at init (the docstring's ratios): test_loss_balance_at_init
+- the weights' balance at init (the small preset's comment): test_loss_balance_at_init
 - sCM consistency loss (Eq. 3: tangent by autograd, L2 tangent normalisation, adaptive weight, warm-up r):
   test_golden_scm_step
 - text-stream cross-entropy and the LM total (head + 1.0 x text): test_text_stream_targets_are_shifted
@@ -422,10 +422,10 @@ def _power_mel_by_hand(x, n_fft, sr, n_mels):
 
 def test_golden_vae_generator_gradient(tmp_path):
     """One VAE training step: the gradient the VAE receives equals that of Eq. 2 written out here, at the
-    weights the docstring states, with the discriminator already updated (D steps first): hinge
+    weights of Config and the small preset's comment, with the discriminator already updated (D steps first): hinge
     adversarial, relative feature matching, the KL per element, L1 in time and the log-mel L_f (mels
     transcribed above)."""
-    W = dict(adv=1.0, feat=3.0, kl=0.01, t=0.1, f=3.0)  # lambda_adv, _feat, _kl, _t, _f (calm.py's docstring)
+    W = dict(adv=1.0, feat=3.0, kl=0.01, t=0.1, f=3.0)  # lambda_adv, _feat, _kl, _t, _f (calm.py's Config)
     cfg = make_cfg(mode="train", out_dir=str(tmp_path), segment=3840)
     rt = common.setup(cfg, log_to_file=False)
     torch.manual_seed(0)
@@ -463,7 +463,7 @@ def test_golden_vae_generator_gradient(tmp_path):
 
 
 def test_loss_balance_at_init():
-    """calm.py's docstring: at init, on corpus speech, the small preset's weighted terms pull the decoder
+    """calm.py's small preset comment: at init, on corpus speech, its weighted terms pull the decoder
     output x_hat with gradient norms f : feat : t : adv ~ 1 : 0.1 : 0.002 : 1e-4 (the log-mel L_f leads,
     the feature term still a tenth of it; the adversarial term grows once D learns). Checked here within a
     factor ~2-3 of those ratios."""
