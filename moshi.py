@@ -191,7 +191,6 @@ class Config:
             raise SystemExit(f"error: --teacher={self.teacher!r} is not a folder "
                              "(wavlm.py --mode=features writes one)")
 
-
 PRESETS = {
     "mimi": dict(),                                        # the paper's codec: 79.3 M parameters, 32 books
     # small, the CPU codec (far from the paper's regime): reconstruction terms on, lambda_f 3 chosen from the
@@ -214,16 +213,20 @@ PRESETS = {
                  text_iters=2, lr_decay_iters=1000, converse_seconds=2.0),
     "moshi-7b": dict(stage="lm", lr=3e-4, batch_size=16),  # the paper's LM: 7.69 B parameters
 }
+
+
 # fields that shape the weights or the features: a checkpoint must agree on them
 ARCH_KEYS = ("stage", "sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers",
              "compress", "dilation_base", "kernel_size", "residual_kernel_size", "last_kernel_size",
              "frame_rate", "tr_layers", "tr_heads", "tr_ffn", "n_q", "q_dim", "codebook_size", "disc_filters",
              "disc_n_ffts", "teacher")
+
 LM_ARCH_KEYS = ("stage", "sample_rate", "frame_rate", "text_card", "lm_card", "dep_q", "lm_dim", "lm_layers",
                 "lm_heads", "lm_hidden_scale", "dep_dim", "dep_layers", "dep_heads", "dep_ffn",
                 "acoustic_delay", "codec")
 
 # ----------------------------------------------------------------------------- model
+
 # Mimi (§3.3)
 
 def _init_conv(conv):
@@ -733,97 +736,10 @@ class Discriminator(nn.Module):
         return [o[0] for o in outs], [o[1] for o in outs]
 
 
-# --- the official weights
-
-def read_official(path):
-    """The authors' Mimi weights: tokenizer-*.safetensors or a torch file {"model": state_dict}; else None."""
-    if path.endswith((".safetensors", ".sft")):
-        return common.read_safetensors(path)
-    ckpt = common.load_checkpoint(path)
-    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    return sd if isinstance(sd, dict) and any(str(k).startswith("encoder.model.") for k in sd) else None
-
-
-def official_config(cfg, sd):
-    """Set the size fields of cfg from the tensors of an official state dict (heads are not stored)."""
-    enc = sorted({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.model\.(\d+)\.conv", k)] if m})
-    strided = [i for i in enc if i > 0 and f"encoder.model.{i}.conv.conv.weight" in sd and i != enc[-1]]
-    w0, wl = sd["encoder.model.0.conv.conv.weight"], sd[f"encoder.model.{enc[-1]}.conv.conv.weight"]
-    cfg.channels, cfg.n_filters, cfg.kernel_size = w0.shape[1], w0.shape[0], w0.shape[2]
-    cfg.dimension, cfg.last_kernel_size = wl.shape[0], wl.shape[2]
-    cfg.ratios = tuple(sd[f"encoder.model.{i}.conv.conv.weight"].shape[2] // 2 for i in reversed(strided))
-    res = [k for k in sd if re.match(r"encoder\.model\.1\.block\.1\.conv\.conv\.weight", k)]
-    cfg.residual_kernel_size = sd[res[0]].shape[2]
-    cfg.compress = w0.shape[0] // sd[res[0]].shape[0]
-    cfg.n_residual_layers = (strided[0] - 1) - 1 if len(strided) else 1  # [conv_in, res..., ELU, down]
-    layers = {int(m.group(1)) for k in sd
-              for m in [re.match(r"encoder_transformer\.transformer\.layers\.(\d+)\.", k)] if m}
-    cfg.tr_layers = len(layers)
-    cfg.tr_ffn = sd["encoder_transformer.transformer.layers.0.linear1.weight"].shape[0]
-    cfg.q_dim, cfg.codebook_size = sd["quantizer.rvq_first.input_proj.weight"].shape[0], \
-        sd["quantizer.rvq_first.vq.layers.0._codebook.cluster_usage"].shape[0]
-    cfg.n_q = 1 + len({k.split(".")[4] for k in sd if k.startswith("quantizer.rvq_rest.vq.layers.")})
-    stride = sd["downsample.conv.conv.conv.weight"].shape[2] // 2
-    cfg.frame_rate = cfg.sample_rate / (int(np.prod(cfg.ratios)) * stride)
-    cfg.eval_n_q = min(cfg.eval_n_q, cfg.n_q)
-    if cfg.dimension >= 64:  # heads are not stored in the file: the official ones are 64 wide (512 / 8)
-        cfg.tr_heads = cfg.dimension // 64
-    common.log(f"official Mimi weights: n_filters {cfg.n_filters}, dimension {cfg.dimension}, ratios "
-               f"{cfg.ratios}, {cfg.tr_layers} transformer layers (ffn {cfg.tr_ffn}, {cfg.tr_heads} heads of "
-               "64, not stored), "
-               f"{cfg.n_q} codebooks of {cfg.codebook_size} x {cfg.q_dim}, {cfg.frame_rate:g} Hz")
-    cfg.validate()
-    return cfg
-
-
-def official_state_dict_to_ours(sd, cfg):
-    """Official key names (moshi/models/compression.py's MimiModel) -> this file's. The official Sequential
-    indices: encoder [conv_in, (res x n, ELU, down) x 4, ELU, conv_out], decoder [conv_in, (ELU, up, res x n)
-    x 4, ELU, conv_out]."""
-    n, nb = cfg.n_residual_layers, len(cfg.ratios)
-    enc, dec = {0: "conv_in", 2 + nb * (n + 2): "conv_out"}, {0: "conv_in", 2 + nb * (n + 2): "conv_out"}
-    for i in range(nb):
-        enc[1 + i * (n + 2) + n + 1] = f"blocks.{i}.down"
-        dec[1 + i * (n + 2) + 1] = f"blocks.{i}.up"
-        for j in range(n):
-            enc[1 + i * (n + 2) + j] = f"blocks.{i}.res.{j}"
-            dec[1 + i * (n + 2) + 2 + j] = f"blocks.{i}.res.{j}"
-    out = {}
-    for k, v in sd.items():
-        orig = k
-        m = re.match(r"(encoder|decoder)\.model\.(\d+)\.(.*)", k)
-        if m:
-            part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
-            rest = rest.replace("block.1.conv.conv.", "conv1.conv.")
-            rest = rest.replace("block.3.conv.conv.", "conv2.conv.")
-            rest = re.sub(r"^(conv\.conv|convtr\.convtr)\.", "conv.", rest)
-            k = f"{part}.{(enc if part == 'encoder' else dec)[idx]}.{rest}"
-        elif "_transformer.transformer.layers." in k:
-            k = k.replace(".transformer.layers.", ".layers.")
-            for a, b in (("self_attn.in_projs.0.weight", "in_proj.weight"),
-                         ("self_attn.in_proj_weight", "in_proj.weight"),
-                         ("self_attn.out_projs.0.weight", "out_proj.weight"),
-                         ("self_attn.out_proj.weight", "out_proj.weight"),
-                         ("layer_scale_1.scale", "layer_scale_1"), ("layer_scale_2.scale", "layer_scale_2")):
-                k = k.replace(a, b)
-        elif k.startswith("quantizer."):
-            k = k.replace("rvq_first", "semantic").replace("rvq_rest", "acoustic")
-            k = re.sub(r"vq\.layers\.(\d+)\._codebook\._initialized", r"codebooks.\1.initialized", k)
-            if k.endswith(".initialized"):  # our dead-code grace counter (not in the official file)
-                usage = sd[re.sub(r"_initialized$", "cluster_usage", str(orig))]
-                out[k[:-len("initialized")] + "age"] = torch.zeros_like(usage.float())
-            k = re.sub(r"vq\.layers\.(\d+)\._codebook\.", r"codebooks.\1.", k)
-        else:
-            k = k.replace("downsample.conv.conv.conv.", "downsample.conv.")
-            k = k.replace("upsample.convtr.convtr.convtr.", "upsample.conv.")
-        out[k] = v.float() if torch.is_floating_point(v) else v
-    return out
-
-# --- the Moshi LM (part 2)
-# Helium (§3.2) and the RQ-Transformer (§3.4.1): a temporal Transformer over 80 ms steps, whose input is the
-# sum of the embeddings of every stream at that step, and a small depth Transformer that, within a step,
-# predicts Moshi's text token's successors: its semantic token, then its acoustic tokens. Both are Helium
-# blocks.
+# The Moshi LM (part 2): Helium (§3.2) and the RQ-Transformer (§3.4.1): a temporal Transformer over 80 ms
+# steps, whose input is the sum of the embeddings of every stream at that step, and a small depth Transformer
+# that, within a step, predicts Moshi's text token's successors: its semantic token, then its acoustic
+# tokens. Both are Helium blocks.
 
 class RMSNorm(nn.Module):
     """Helium's norm (§3.2): x * alpha / sqrt(mean(x^2) + eps) in fp32 (official rms_norm_f32, eps 1e-8)."""
@@ -1014,27 +930,6 @@ class MoshiLM(nn.Module):
         logits, mask = undelay(logits, self.delays[1:1 + self.K])
         mask = mask & (codes[:, 1:1 + self.K] != -1)
         return logits, mask, text_logits[:, None], (codes[:, :1] != -1)
-
-
-def official_lm_state_dict(sd):
-    """An official LM state dict (the released file's stacked `in_proj_weight`, or the current moshi code's
-    split `in_projs.{i}`) -> this file's keys: attention and gating weights stacked over the depth steps."""
-    out, groups = {}, {}
-    for k, v in sd.items():
-        m = re.match(r"(.*\.self_attn)\.(in|out)_projs\.(\d+)\.weight$", k) or \
-            re.match(r"(.*\.gating)\.(\d+)\.linear_(in|out)\.weight$", k)
-        if m and m.group(1).endswith("self_attn"):
-            groups.setdefault(f"{m.group(1)}.{m.group(2)}_proj_weight", {})[int(m.group(3))] = v
-        elif m:
-            groups.setdefault(f"{m.group(1)}.linear_{m.group(3)}_weight", {})[int(m.group(2))] = v
-        else:
-            k = re.sub(r"\.self_attn\.out_proj\.weight$", ".self_attn.out_proj_weight", k)
-            k = re.sub(r"\.gating\.linear_(in|out)\.weight$", r".gating.linear_\1_weight", k)
-            out[k] = v
-    for k, parts in groups.items():
-        out[k] = torch.cat([parts[i] for i in sorted(parts)], 0)
-    return {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
-
 
 # ----------------------------------------------------------------------------- loss
 
@@ -1392,18 +1287,6 @@ def train_step(state, batch, cfg, rt):
     return dict(d=loss_d.detach(), **{k: v.detach() for k, v in losses.items()}, n_q=n_q)
 
 
-def load_official(state, sd):
-    """--init_from=official file in training: its weights into G (sizes were set from it before build)."""
-    sd = sd if any(k.startswith("encoder.") and ".conv.conv." in k for k in sd) else read_official(sd)
-    common.load_state_dict(state["G"], official_state_dict_to_ours(sd, state["G"].cfg),
-                           what="Mimi (official weights)")
-
-
-def _is_official_path(path):
-    return path not in ("scratch", "resume") and (path.endswith((".safetensors", ".sft")) or (
-        os.path.isfile(path) and common._peek_config(path) is None))
-
-
 def load_for_inference(cfg, rt):
     """Mimi from --init_from: our checkpoint (its config already in cfg) or the authors' weight file."""
     if cfg.init_from == "scratch":
@@ -1557,6 +1440,7 @@ def train(cfg):
                          samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
             common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
+
 
 # --- the Moshi LM (--stage=lm)
 
@@ -1939,6 +1823,126 @@ def lm_bench(cfg):
                         stream_frame_ms=round(frame_ms, 2), frame_budget_ms=1000 / cfg.frame_rate,
                         real_time=bool(frame_ms < 1000 / cfg.frame_rate),
                         theoretical_latency_ms=1000 * (1 + cfg.acoustic_delay) / cfg.frame_rate)
+
+# ----------------------------------------------------------------------------- official weights
+
+# The authors' files (Mimi: tokenizer-*.safetensors; the LM: its state dict): detection, sizes, key maps.
+
+def read_official(path):
+    """The authors' Mimi weights: tokenizer-*.safetensors or a torch file {"model": state_dict}; else None."""
+    if path.endswith((".safetensors", ".sft")):
+        return common.read_safetensors(path)
+    ckpt = common.load_checkpoint(path)
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    return sd if isinstance(sd, dict) and any(str(k).startswith("encoder.model.") for k in sd) else None
+
+
+def official_config(cfg, sd):
+    """Set the size fields of cfg from the tensors of an official state dict (heads are not stored)."""
+    enc = sorted({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.model\.(\d+)\.conv", k)] if m})
+    strided = [i for i in enc if i > 0 and f"encoder.model.{i}.conv.conv.weight" in sd and i != enc[-1]]
+    w0, wl = sd["encoder.model.0.conv.conv.weight"], sd[f"encoder.model.{enc[-1]}.conv.conv.weight"]
+    cfg.channels, cfg.n_filters, cfg.kernel_size = w0.shape[1], w0.shape[0], w0.shape[2]
+    cfg.dimension, cfg.last_kernel_size = wl.shape[0], wl.shape[2]
+    cfg.ratios = tuple(sd[f"encoder.model.{i}.conv.conv.weight"].shape[2] // 2 for i in reversed(strided))
+    res = [k for k in sd if re.match(r"encoder\.model\.1\.block\.1\.conv\.conv\.weight", k)]
+    cfg.residual_kernel_size = sd[res[0]].shape[2]
+    cfg.compress = w0.shape[0] // sd[res[0]].shape[0]
+    cfg.n_residual_layers = (strided[0] - 1) - 1 if len(strided) else 1  # [conv_in, res..., ELU, down]
+    layers = {int(m.group(1)) for k in sd
+              for m in [re.match(r"encoder_transformer\.transformer\.layers\.(\d+)\.", k)] if m}
+    cfg.tr_layers = len(layers)
+    cfg.tr_ffn = sd["encoder_transformer.transformer.layers.0.linear1.weight"].shape[0]
+    cfg.q_dim, cfg.codebook_size = sd["quantizer.rvq_first.input_proj.weight"].shape[0], \
+        sd["quantizer.rvq_first.vq.layers.0._codebook.cluster_usage"].shape[0]
+    cfg.n_q = 1 + len({k.split(".")[4] for k in sd if k.startswith("quantizer.rvq_rest.vq.layers.")})
+    stride = sd["downsample.conv.conv.conv.weight"].shape[2] // 2
+    cfg.frame_rate = cfg.sample_rate / (int(np.prod(cfg.ratios)) * stride)
+    cfg.eval_n_q = min(cfg.eval_n_q, cfg.n_q)
+    if cfg.dimension >= 64:  # heads are not stored in the file: the official ones are 64 wide (512 / 8)
+        cfg.tr_heads = cfg.dimension // 64
+    common.log(f"official Mimi weights: n_filters {cfg.n_filters}, dimension {cfg.dimension}, ratios "
+               f"{cfg.ratios}, {cfg.tr_layers} transformer layers (ffn {cfg.tr_ffn}, {cfg.tr_heads} heads of "
+               "64, not stored), "
+               f"{cfg.n_q} codebooks of {cfg.codebook_size} x {cfg.q_dim}, {cfg.frame_rate:g} Hz")
+    cfg.validate()
+    return cfg
+
+
+def official_state_dict_to_ours(sd, cfg):
+    """Official key names (moshi/models/compression.py's MimiModel) -> this file's. The official Sequential
+    indices: encoder [conv_in, (res x n, ELU, down) x 4, ELU, conv_out], decoder [conv_in, (ELU, up, res x n)
+    x 4, ELU, conv_out]."""
+    n, nb = cfg.n_residual_layers, len(cfg.ratios)
+    enc, dec = {0: "conv_in", 2 + nb * (n + 2): "conv_out"}, {0: "conv_in", 2 + nb * (n + 2): "conv_out"}
+    for i in range(nb):
+        enc[1 + i * (n + 2) + n + 1] = f"blocks.{i}.down"
+        dec[1 + i * (n + 2) + 1] = f"blocks.{i}.up"
+        for j in range(n):
+            enc[1 + i * (n + 2) + j] = f"blocks.{i}.res.{j}"
+            dec[1 + i * (n + 2) + 2 + j] = f"blocks.{i}.res.{j}"
+    out = {}
+    for k, v in sd.items():
+        orig = k
+        m = re.match(r"(encoder|decoder)\.model\.(\d+)\.(.*)", k)
+        if m:
+            part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+            rest = rest.replace("block.1.conv.conv.", "conv1.conv.")
+            rest = rest.replace("block.3.conv.conv.", "conv2.conv.")
+            rest = re.sub(r"^(conv\.conv|convtr\.convtr)\.", "conv.", rest)
+            k = f"{part}.{(enc if part == 'encoder' else dec)[idx]}.{rest}"
+        elif "_transformer.transformer.layers." in k:
+            k = k.replace(".transformer.layers.", ".layers.")
+            for a, b in (("self_attn.in_projs.0.weight", "in_proj.weight"),
+                         ("self_attn.in_proj_weight", "in_proj.weight"),
+                         ("self_attn.out_projs.0.weight", "out_proj.weight"),
+                         ("self_attn.out_proj.weight", "out_proj.weight"),
+                         ("layer_scale_1.scale", "layer_scale_1"), ("layer_scale_2.scale", "layer_scale_2")):
+                k = k.replace(a, b)
+        elif k.startswith("quantizer."):
+            k = k.replace("rvq_first", "semantic").replace("rvq_rest", "acoustic")
+            k = re.sub(r"vq\.layers\.(\d+)\._codebook\._initialized", r"codebooks.\1.initialized", k)
+            if k.endswith(".initialized"):  # our dead-code grace counter (not in the official file)
+                usage = sd[re.sub(r"_initialized$", "cluster_usage", str(orig))]
+                out[k[:-len("initialized")] + "age"] = torch.zeros_like(usage.float())
+            k = re.sub(r"vq\.layers\.(\d+)\._codebook\.", r"codebooks.\1.", k)
+        else:
+            k = k.replace("downsample.conv.conv.conv.", "downsample.conv.")
+            k = k.replace("upsample.convtr.convtr.convtr.", "upsample.conv.")
+        out[k] = v.float() if torch.is_floating_point(v) else v
+    return out
+
+
+def load_official(state, sd):
+    """--init_from=official file in training: its weights into G (sizes were set from it before build)."""
+    sd = sd if any(k.startswith("encoder.") and ".conv.conv." in k for k in sd) else read_official(sd)
+    common.load_state_dict(state["G"], official_state_dict_to_ours(sd, state["G"].cfg),
+                           what="Mimi (official weights)")
+
+
+def _is_official_path(path):
+    return path not in ("scratch", "resume") and (path.endswith((".safetensors", ".sft")) or (
+        os.path.isfile(path) and common._peek_config(path) is None))
+
+
+def official_lm_state_dict(sd):
+    """An official LM state dict (the released file's stacked `in_proj_weight`, or the current moshi code's
+    split `in_projs.{i}`) -> this file's keys: attention and gating weights stacked over the depth steps."""
+    out, groups = {}, {}
+    for k, v in sd.items():
+        m = re.match(r"(.*\.self_attn)\.(in|out)_projs\.(\d+)\.weight$", k) or \
+            re.match(r"(.*\.gating)\.(\d+)\.linear_(in|out)\.weight$", k)
+        if m and m.group(1).endswith("self_attn"):
+            groups.setdefault(f"{m.group(1)}.{m.group(2)}_proj_weight", {})[int(m.group(3))] = v
+        elif m:
+            groups.setdefault(f"{m.group(1)}.linear_{m.group(3)}_weight", {})[int(m.group(2))] = v
+        else:
+            k = re.sub(r"\.self_attn\.out_proj\.weight$", ".self_attn.out_proj_weight", k)
+            k = re.sub(r"\.gating\.linear_(in|out)\.weight$", r".gating.linear_\1_weight", k)
+            out[k] = v
+    for k, parts in groups.items():
+        out[k] = torch.cat([parts[i] for i in sorted(parts)], 0)
+    return {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
 
 # ----------------------------------------------------------------------------- main
 
