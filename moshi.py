@@ -225,9 +225,7 @@ LM_ARCH_KEYS = ("stage", "sample_rate", "frame_rate", "text_card", "lm_card", "d
                 "lm_heads", "lm_hidden_scale", "dep_dim", "dep_layers", "dep_heads", "dep_ffn",
                 "acoustic_delay", "codec")
 
-# ----------------------------------------------------------------------------- model
-
-# Mimi (§3.3)
+# ----------------------------------------------------------------------------- model: Mimi (§3.3)
 
 def _init_conv(conv):
     # Variance-preserving init (encodec.py's finding, not the paper's): N(0, 1/fan_in) and zero bias keep the
@@ -735,203 +733,7 @@ class Discriminator(nn.Module):
         outs = [d(x) for d in self.discs]
         return [o[0] for o in outs], [o[1] for o in outs]
 
-
-# The Moshi LM (part 2): Helium (§3.2) and the RQ-Transformer (§3.4.1): a temporal Transformer over 80 ms
-# steps, whose input is the sum of the embeddings of every stream at that step, and a small depth Transformer
-# that, within a step, predicts Moshi's text token's successors: its semantic token, then its acoustic
-# tokens. Both are Helium blocks.
-
-class RMSNorm(nn.Module):
-    """Helium's norm (§3.2): x * alpha / sqrt(mean(x^2) + eps) in fp32 (official rms_norm_f32, eps 1e-8)."""
-
-    def __init__(self, dim, eps=1e-8):
-        super().__init__()
-        self.eps, self.alpha = eps, nn.Parameter(torch.ones(1, 1, dim))
-
-    def forward(self, x):
-        xf = x.float()
-        rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.alpha.float() * rms).to(x.dtype)
-
-
-def per_step(w, steps, x, offset):
-    """x (B, T, i) through a weight stacked over `steps` (w: (steps * o, i)). steps = 1: one weight for every
-    position (the temporal Transformer); steps > 1: position offset + t has its own weight (the depth
-    Transformer's weights per codebook step, §3.4.1), as the official file stores them, stacked on dim 0."""
-    if steps == 1:
-        return x @ w.t()
-    w = w.view(steps, -1, w.shape[-1])[offset:offset + x.shape[1]]  # (T, o, i)
-    return torch.einsum("bti,toi->bto", x, w)
-
-
-class HeliumLayer(nn.Module):
-    """Pre-norm block (§3.2): x += Attn(RMSNorm(x)); x += W_out(SiLU(W_g h) * W_v h), h = RMSNorm(x). Causal
-    attention over at most `context` positions with interleaved RoPE (or no positions: the depth Transformer),
-    no biases. forward(x, past, offset) takes the explicit KV cache of earlier positions and returns the new
-    one."""
-
-    def __init__(self, dim, heads, ffn, context, rope=True, steps=1):
-        super().__init__()
-        hidden = 21 * dim // 8 if ffn == 4 * dim else 2 * ffn // 3  # gated hidden: 2/3 of the nominal width
-        self.heads, self.context, self.rope, self.steps = heads, context, rope, steps
-        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
-        self.self_attn, self.gating = nn.Module(), nn.Module()
-        self.self_attn.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))  # fused q, k, v
-        self.self_attn.out_proj_weight = nn.Parameter(torch.empty(steps * dim, dim))
-        self.gating.linear_in_weight = nn.Parameter(torch.empty(steps * 2 * hidden, dim))  # gate, value fused
-        self.gating.linear_out_weight = nn.Parameter(torch.empty(steps * dim, hidden))
-        for p in self.parameters():
-            if p.dim() == 2:
-                s = p.shape[1] ** -0.5
-                nn.init.trunc_normal_(p, std=s, a=-3 * s, b=3 * s)
-
-    def forward(self, x, past=None, offset=0):  # x: (B, T, D) at positions offset .. offset + T - 1
-        B, T, D = x.shape
-        qkv = per_step(self.self_attn.in_proj_weight, self.steps, self.norm1(x), offset)
-        q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
-        pos = torch.arange(offset, offset + T, device=x.device)
-        if self.rope:
-            q, k = apply_rope(q, pos, 10000.0), apply_rope(k, pos, 10000.0)
-        if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        kpos = torch.arange(offset + T - k.shape[2], offset + T, device=x.device)
-        delta = pos[:, None] - kpos[None]  # (T, S)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=(delta >= 0) & (delta < self.context))
-        a = a.transpose(1, 2).reshape(B, T, D)
-        x = x + per_step(self.self_attn.out_proj_weight, self.steps, a, offset)
-        u = per_step(self.gating.linear_in_weight, self.steps, self.norm2(x), offset)
-        u = u.view(B, T, 2, -1)  # (B, T, 2, hidden): gate, value
-        h = F.silu(u[..., 0, :]) * u[..., 1, :]
-        x = x + per_step(self.gating.linear_out_weight, self.steps, h, offset)
-        keep = self.context - 1  # what the next position can still see
-        return x, (k[:, :, -keep:], v[:, :, -keep:])
-
-
-class Stack(nn.Module):
-    """Helium layers; forward(x, cache, offset) -> (x, cache), cache = one (k, v) per layer or None."""
-
-    def __init__(self, n, *args, **kw):
-        super().__init__()
-        self.layers = nn.ModuleList(HeliumLayer(*args, **kw) for _ in range(n))
-
-    def forward(self, x, cache=None, offset=0):
-        new = []
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, None if cache is None else cache[i], offset)
-            new.append(c)
-        return x, new
-
-
-def lm_delays(cfg):
-    """§3.4.2, the official `delays`: text 0, then per audio stream (Moshi's, then the user's) the semantic
-    token 0 and the acoustic tokens `acoustic_delay` steps late, so the depth Transformer predicts the
-    acoustic tokens of a frame knowing its semantic token and the next frame's semantic token is already
-    context."""
-    audio = [0] + [cfg.acoustic_delay] * (cfg.dep_q - 1)
-    return [0] + audio + audio
-
-
-def delay(codes, delays, initial):
-    """(B, K, T) -> (B, K, T): stream k shifted right by delays[k], its first delays[k] steps `initial`."""
-    out = codes.clone()
-    for k, d in enumerate(delays):
-        if d:
-            out[:, k, d:], out[:, k, :d] = codes[:, k, :-d], initial[k]
-    return out
-
-
-def undelay(x, delays):
-    """The inverse on (B, K, T, ...) logits: stream k shifted left by delays[k]; the last delays[k] steps have
-    no prediction (NaN, mask False). -> (x, mask (B, K, T))."""
-    out, mask = x.clone(), torch.ones(x.shape[:3], dtype=torch.bool, device=x.device)
-    for k, d in enumerate(delays):
-        if d:
-            out[:, k, :-d], out[:, k, -d:], mask[:, k, -d:] = x[:, k, d:], float("nan"), False
-    return out, mask
-
-
-class MoshiLM(nn.Module):
-    """The RQ-Transformer over 1 + 2 * dep_q streams (§3.4): Moshi's text (inner monologue), Moshi's dep_q
-    audio codebooks, the user's dep_q audio codebooks. Key names are the official checkpoint's
-    (official_lm_state_dict maps the few that differ). Token -1 embeds to zero (absent: no input, no loss)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        D, Dd, K = cfg.lm_dim, cfg.dep_dim, cfg.dep_q
-        self.cfg, self.K, self.delays = cfg, K, lm_delays(cfg)
-        self.card, self.text_card = cfg.lm_card, cfg.text_card
-        # row `card` / `text_card` is the initial token, fed before the first step (the "card + 1" of §3.6)
-        self.text_emb = nn.Embedding(cfg.text_card + 1, D)
-        self.emb = nn.ModuleList(nn.Embedding(cfg.lm_card + 1, D) for _ in range(2 * K))
-        self.transformer = Stack(cfg.lm_layers, D, cfg.lm_heads, int(cfg.lm_hidden_scale * D), cfg.lm_context)
-        self.out_norm = RMSNorm(D)
-        self.text_linear = nn.Linear(D, cfg.text_card, bias=False)
-        # the depth Transformer: per codebook step its own input projection of z_t, in/out attention
-        # projections and FFN (weights per step), no positional embedding; its norms are shared across steps
-        self.depformer_in = nn.ModuleList(nn.Linear(D, Dd, bias=False) for _ in range(K))
-        self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, Dd)
-        self.depformer_emb = nn.ModuleList(nn.Embedding(cfg.lm_card + 1, Dd) for _ in range(K - 1))
-        self.depformer = Stack(cfg.dep_layers, Dd, cfg.dep_heads, cfg.dep_ffn, K, rope=False, steps=K)
-        self.linears = nn.ModuleList(nn.Linear(Dd, cfg.lm_card, bias=False) for _ in range(K))
-        for m in self.modules():  # official init: truncated normal, std 1/sqrt(fan in) (embeddings: dim)
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                s = m.weight.shape[1] ** -0.5
-                nn.init.trunc_normal_(m.weight, std=s, a=-3 * s, b=3 * s)
-
-    def initial(self):  # (1 + 2K,): the token each stream starts from
-        return [self.text_card] + [self.card] * (2 * self.K)
-
-    @staticmethod
-    def embed(table, tokens):  # -1 embeds to exactly zero
-        e = table(tokens.clamp(min=0))
-        return torch.where((tokens == -1)[..., None], torch.zeros((), dtype=e.dtype, device=e.device), e)
-
-    def temporal(self, seq, cache=None, offset=0):
-        """seq: (B, 1 + 2K, S) delayed input tokens at steps offset .. offset + S - 1 -> z_s (B, S, D), the
-        text logits (B, S, text_card) and the KV cache. The input of a step is the SUM of its streams'
-        embeddings."""
-        x = self.embed(self.text_emb, seq[:, 0])
-        for k, e in enumerate(self.emb):
-            x = x + self.embed(e, seq[:, 1 + k])  # (B, S, D)
-        z, cache = self.transformer(x, cache, offset)
-        z = self.out_norm(z)
-        return z, self.text_linear(z), cache
-
-    def depth_input(self, k, z, prev):
-        """Depth step k's input: its projection of z (B, S, D) + the embedding of the token before it in the
-        step (k = 0: the text token just predicted; k >= 1: Moshi's audio token k - 1). prev: (B, S)."""
-        table = self.depformer_text_emb if k == 0 else self.depformer_emb[k - 1]
-        return self.depformer_in[k](z) + self.embed(table, prev)
-
-    def depth(self, z, prev):
-        """Teacher-forced depth Transformer: z (B, S, D), prev (B, K, S) the text token and Moshi's audio
-        tokens 0 .. K-2 of the same step -> logits (B, K, S, card) for Moshi's K audio tokens, causal along
-        k."""
-        B, S, _ = z.shape
-        x = torch.stack([self.depth_input(k, z, prev[:, k]) for k in range(self.K)], 2)  # (B, S, K, Dd)
-        y, _ = self.depformer(x.reshape(B * S, self.K, -1))  # (B*S, K, Dd): positions = codebook steps
-        y = y.view(B, S, self.K, -1)
-        return torch.stack([self.linears[k](y[:, :, k]) for k in range(self.K)], 1)  # (B, K, S, card)
-
-    def forward(self, codes, aligned=True):
-        """Training (§3.4): codes (B, 1 + 2K, T) undelayed -> audio logits (B, K, T, card) and text logits
-        (B, 1, T, text_card) aligned with `codes`, with their validity masks. 1. delay, prepend the initial
-        tokens; 2. the temporal Transformer on steps [:-1]; 3. the depth Transformer on the teacher-forced
-        tokens of each step; 4. undelay (the last acoustic steps have no target). aligned=False skips 4
-        (training: the loss is taken against the delayed codes instead, the same positions without moving the
-        big logits)."""
-        B, _, T = codes.shape
-        init = torch.tensor(self.initial(), device=codes.device)
-        seq = torch.cat([init.view(1, -1, 1).expand(B, -1, 1), delay(codes, self.delays, self.initial())], 2)
-        z, text_logits, _ = self.temporal(seq[:, :, :-1])  # step s sees the streams up to s - 1 only
-        logits = self.depth(z, seq[:, :self.K, 1:])  # (B, K, T, card)
-        if not aligned:
-            return logits, text_logits[:, None]
-        logits, mask = undelay(logits, self.delays[1:1 + self.K])
-        mask = mask & (codes[:, 1:1 + self.K] != -1)
-        return logits, mask, text_logits[:, None], (codes[:, :1] != -1)
-
-# ----------------------------------------------------------------------------- loss
+# ----------------------------------------------------------------------------- loss: Mimi
 
 def generator_adv_loss(logits_fake):  # hinge: 1/K sum_k mean relu(1 - D_k(x_hat))
     return sum(F.relu(1 - l.float()).mean() for l in logits_fake) / len(logits_fake)
@@ -981,26 +783,7 @@ def distill_loss(pred, target):
     pred, target: (B, dim, F); 0 when every frame points the same way."""
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=1)).mean()
 
-
-def lm_loss(logits, text_logits, codes, cfg):
-    """§3.4.3 (moshi-finetune's loss): L = CE_text + CE_audio, each a weighted mean over its valid positions:
-    text targets PAD and EPAD weigh text_pad_weight (0.5), Moshi's semantic codebook semantic_weight (100)
-    against 1 for each acoustic one, so the semantic tokens, which carry the words, dominate the audio term.
-    The logits and the codes are in delayed time (MoshiLM(codes, aligned=False), delay(codes) filled with -1):
-    -1 has no loss."""
-    K, tt, at = logits.shape[1], codes[:, :1], codes[:, 1:1 + logits.shape[1]]  # (B, 1, T), (B, K, T)
-    pad, epad = text_pad_ids(cfg)
-    mask, text_mask = at != -1, tt != -1
-    w_t = torch.where((tt == pad) | (tt == epad), cfg.text_pad_weight, 1.0) * text_mask
-    ce = lambda lg, t: F.cross_entropy(lg.float().flatten(0, 2), t.clamp(min=0).flatten(), reduction="none")
-    ce_t, ce_a = ce(text_logits, tt).view_as(tt), ce(logits, at).view_as(at)
-    w_a = torch.tensor([cfg.semantic_weight] + [1.0] * (K - 1), device=codes.device).view(1, K, 1) * mask
-    mean = lambda x, w: (x * w).sum() / w.sum().clamp(min=1e-8)
-    return dict(text=mean(ce_t, w_t), audio=mean(ce_a, w_a),
-                semantic=mean(ce_a[:, :1], mask[:, :1].float()),
-                acoustic=mean(ce_a[:, 1:], mask[:, 1:].float()))
-
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- data: Mimi
 
 TEACHER_RATE = 50  # Hz: WavLM's frame rate (hop 320 at 16 kHz): 4 teacher frames per 80 ms Mimi frame
 
@@ -1073,143 +856,7 @@ def get_batch(sampler, cfg, rt, teacher=None):
 def speech(cfg, split):
     return common.load_corpus(cfg, split, cfg.sample_rate, kind="speech")
 
-
-def text_pad_ids(cfg):  # PAD and EPAD (end of padding, §3.4.4): the text vocabulary's last two ids
-    return cfg.text_card - 2, cfg.text_card - 1
-
-
-class TextTokenizer:
-    """Moshi's text side, offline: a byte-level BPE trained on the corpus text (common.train_bpe) in place of
-    the 32k SentencePiece model, plus PAD and EPAD as its last two ids (official: EPAD 0, PAD 3); no turn
-    markers. It lives in `state`, so every checkpoint carries it."""
-
-    def __init__(self, cfg, texts=()):
-        self.pad, self.epad = text_pad_ids(cfg)
-        self.ranks, self._enc = (common.train_bpe(texts, cfg.text_card - 2) if texts else {}), None
-
-    def enc(self):
-        self._enc = self._enc or common.bpe_encoding(self.ranks)
-        return self._enc
-
-    def word(self, w):  # a word's tokens, with its leading space
-        return self.enc().encode_ordinary(" " + w)
-
-    def words(self, ids, times):
-        """Text-stream tokens and their times -> [(word, time of its first token)]: a token that starts with a
-        space starts a word; PAD, EPAD and ids outside the BPE are skipped."""
-        out = []
-        for i, t in zip(ids, times):
-            if i >= len(self.ranks):
-                continue
-            b = self.enc().decode_single_token_bytes(i).decode("utf-8", "replace")
-            if b.startswith(" ") or not out:
-                out.append([b.strip(), t])
-            else:
-                out[-1][0] += b
-        return [(w, t) for w, t in out if w]
-
-    def state_dict(self):
-        return {"ranks": common.ranks_to_text(self.ranks)}
-
-    def load_state_dict(self, sd):
-        self.ranks, self._enc = common.ranks_from_text(sd["ranks"]), None
-
-
-def text_stream(words, n_frames, tok, frame_rate):
-    """Inner monologue (§3.4.4): Moshi's words on the frames of its own speech. A word's tokens start at the
-    frame of its start time, the frame before it is EPAD, every other frame PAD: for words with room, token
-    for token moshi-finetune's Interleaver. Deviation (ours): the Interleaver cuts a word short when the next
-    one starts before its tokens are out; here words are placed from the last one back, and a word whose
-    tokens would run into the next word's EPAD starts earlier instead, so every word stays whole (our
-    byte-level BPE spends several tokens on a rare word, numbers included) and text never comes after its
-    audio (test_inner_monologue_against_the_ official_interleaver). -> (n_frames,) int64."""
-    out, limit = np.full(n_frames, tok.pad, np.int64), n_frames
-    for w, start, _ in reversed(words):
-        ids = tok.word(w)
-        first = max(0, min(int(start * frame_rate), limit - len(ids)))
-        ids = ids[:max(0, limit - first)]
-        if int(start * frame_rate) >= n_frames or not ids:
-            continue
-        out[first:first + len(ids)] = ids
-        if first > 0:
-            out[first - 1] = tok.epad
-        limit = first - 1
-    return out
-
-
-def corpus_texts(cfg):
-    """Stage 1 text (Helium pretraining in miniature): the speech corpus's sentences, the dialogues' lines."""
-    lines = [u.text for u in common.load_corpus(cfg, "train", 24000, kind="speech")]
-    for u in dialogues(cfg, "train"):
-        lines += [l.split(": ", 1)[1] for l in u.text.split(" / ")]
-    return lines
-
-
-def dialogues(cfg, split):
-    return common.load_corpus(cfg, split, cfg.sample_rate, kind="dialogue", mono=False)
-
-
-def dialogue_tokens(cfg, split, mimi, tok):
-    """Every dialogue of `split` as (1 + 2K, F) tokens: Moshi's text stream, Moshi's K Mimi codes (channel 1,
-    the assistant), the user's K codes (channel 0). The codes are computed once with the codec and cached in
-    out_dir/codes (keyed by the codec file, the corpus and K), never per step."""
-    st = os.stat(cfg.codec)
-    key = hashlib.md5(f"{os.path.abspath(cfg.codec)}|{st.st_size}|{st.st_mtime}|{cfg.corpus_hours}|"
-                      f"{cfg.data_dir}|{cfg.dep_q}".encode()).hexdigest()[:10]
-    path = os.path.join(cfg.out_dir, "codes", f"dialogue-{split}-{key}.npz")
-    utts = dialogues(cfg, split)
-    if os.path.exists(path):
-        with np.load(path) as z:
-            codes = [z[f"d{i}"] for i in range(len(utts))]
-    else:
-        dev, codes = next(mimi.parameters()).device, []
-        for u in utts:
-            x = torch.from_numpy(u.wav)[:, None].to(dev)  # (2, 1, T): the two channels as a batch
-            codes.append(mimi.encode(x, cfg.dep_q).cpu().numpy().astype(np.int16))  # (2, K, F)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **{f"d{i}": c for i, c in enumerate(codes)})
-        os.replace(tmp, path)
-    out = []
-    for u, c in zip(utts, codes):
-        text = text_stream(u.words[1], c.shape[-1], tok, cfg.frame_rate)
-        out.append(np.concatenate([text[None], c[1], c[0]]).astype(np.int32))  # (1 + 2K, F)
-    return utts, out
-
-
-class LMSampler:
-    """Random crops of lm_frames steps: of the text token stream (stage 1: audio streams absent, -1) and of
-    the dialogues (stage 2). Tokens are stored + 1 so that common.SegmentSampler's zero padding reads as
-    -1."""
-
-    def __init__(self, text_ids, dial, cfg, rt):
-        K = cfg.dep_q
-        text = np.zeros((1 + 2 * K, len(text_ids)), np.int32)
-        text[0] = np.asarray(text_ids) + 1
-        self.text = common.SegmentSampler([text], cfg.lm_frames, cfg.batch_size, cfg.seed, rt.rank,
-                                          rt.world_size)
-        self.dial = common.SegmentSampler([d + 1 for d in dial], cfg.lm_frames, cfg.batch_size, cfg.seed + 1,
-                                          rt.rank, rt.world_size)
-
-    def next(self, text):
-        return (self.text if text else self.dial).next()[0].long() - 1  # (B, 1 + 2K, lm_frames)
-
-    def state_dict(self):
-        return {"text": self.text.state_dict(), "dial": self.dial.state_dict()}
-
-    def load_state_dict(self, sd):
-        self.text.load_state_dict(sd["text"]), self.dial.load_state_dict(sd["dial"])
-
-
-def delayed_targets(codes, cfg):  # the codes in delayed time, -1 (no loss) where a delay left no target
-    return delay(codes, lm_delays(cfg), [-1] * codes.shape[1])
-
-
-def lm_get_batch(sampler, cfg, rt, step):
-    """Stage 1 (Helium on text) for the first text_iters steps, then stage 2 (the dialogues, two streams)."""
-    return sampler.next(step < cfg.text_iters).to(rt.device)
-
-# ----------------------------------------------------------------------------- train
+# ----------------------------------------------------------------------------- train: Mimi
 
 def _step_rng(cfg, step):
     # per-step choices every rank must agree on (how many acoustic codebooks): a shared, resumable RNG
@@ -1441,8 +1088,431 @@ def train(cfg):
             common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
+# ----------------------------------------------------------------------------- sample: Mimi
 
-# --- the Moshi LM (--stage=lm)
+@torch.no_grad()
+def sample(cfg):
+    """Encode --input (or a held-out test clip) to eval_n_q codebooks, decode it, offline and streaming frame
+    by frame; write wav + png beside the reference and say how far the two decodes are apart."""
+    rt = common.setup(cfg)
+    G = load_for_inference(cfg, rt)
+    if cfg.input:
+        wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
+        name = os.path.splitext(os.path.basename(cfg.input))[0]
+    else:
+        u = speech(cfg, "test")[0]
+        wav, name = u.wav[:int(cfg.eval_seconds * cfg.sample_rate)], u.id
+    x = torch.from_numpy(np.ascontiguousarray(wav))[None, None].to(rt.device)  # (1, 1, T)
+    codes = G.encode(x, cfg.eval_n_q)
+    y = G.decode(codes)[..., :x.shape[-1]]
+    enc_state, dec_state, ys = {}, {}, []
+    xp = G._pad(x)
+    for o in range(0, xp.shape[-1], G.frame_size):  # one 80 ms frame at a time, as Moshi runs it
+        c = G.encode_stream(xp[..., o:o + G.frame_size], enc_state, cfg.eval_n_q)
+        ys.append(G.decode_stream(c, dec_state))
+    y_stream = torch.cat(ys, -1)[..., :x.shape[-1]]
+    out = os.path.join(cfg.out_dir, "samples")
+    tag = f"{name}_{G.kbps(cfg.eval_n_q):g}kbps"
+    common.save_sample(out, tag, y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
+    common.log(f"{name}: {codes.shape[-1]} frames x {codes.shape[1]} codebooks ({G.kbps(cfg.eval_n_q):g} "
+               f"kbps), SI-SNR {common.si_snr(y, x):.2f} dB, streaming vs offline max diff "
+               f"{(y_stream - y).abs().max().item():.2e} -> {out}/{tag}.wav")
+
+# ----------------------------------------------------------------------------- bench: Mimi
+
+def bench(cfg):
+    """train_step ms and audio-s/s; encode / decode real-time factor at batch 1, eager vs compiled; the
+    per-frame latency of streaming one 80 ms frame through encoder and decoder; FLOP rate."""
+    rt = common.setup(cfg)
+    state = build(cfg, rt)
+    G = state["G"]
+    x = torch.randn(cfg.batch_size, 1, cfg.segment, device=rt.device) * 0.1
+    batch = (x, standin_teacher(x, cfg).to(rt.device) if not cfg.teacher else
+             torch.randn(cfg.batch_size, state["P"].out_channels, cfg.segment // G.frame_size,
+                         device=rt.device))
+    step_ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=cfg.bench_iters, warmup=1)
+    flops = common.count_flops(lambda: train_step(state, batch, cfg, rt))
+    G.eval()
+    T = int(cfg.bench_seconds * cfg.sample_rate) // G.frame_size * G.frame_size
+    xb = torch.randn(1, 1, T, device=rt.device) * 0.1
+    codes = G.encode(xb, cfg.eval_n_q)
+    audio_s = cfg.batch_size * cfg.segment / cfg.sample_rate
+    figures = dict(train_step_ms=round(step_ms, 2), train_flops_per_step=flops,
+                   train_audio_s_per_s=round(audio_s / (step_ms / 1000), 3))
+    compiled = common.compile(G, cfg) is not G
+    variants = [("eager", G.encode, G.decode)]
+    if compiled:
+        variants.append(("compiled", torch.compile(G.encode), torch.compile(G.decode)))
+    for name, enc, dec in variants:
+        with rt.autocast():
+            e_ms = common.timeit(lambda: enc(xb, cfg.eval_n_q), iters=cfg.bench_iters, warmup=1)
+            d_ms = common.timeit(lambda: dec(codes), iters=cfg.bench_iters, warmup=1)
+        figures[f"encode_rtf_{name}"] = round(e_ms / 1000 / cfg.bench_seconds, 5)  # compute time / audio time
+        figures[f"decode_rtf_{name}"] = round(d_ms / 1000 / cfg.bench_seconds, 5)
+    frame = xb[..., :G.frame_size]
+    es, ds = {}, {}
+    for _ in range(3):  # warm the caches past their first (shorter) frames
+        G.decode_stream(G.encode_stream(frame, es, cfg.eval_n_q), ds)
+    one = lambda: G.decode_stream(G.encode_stream(frame, es, cfg.eval_n_q), ds)
+    figures["stream_frame_ms"] = round(common.timeit(one, iters=max(3, cfg.bench_iters), warmup=1), 3)
+    figures["frame_ms"] = 1000 * G.frame_size / cfg.sample_rate  # the real-time budget of one step: 80 ms
+    common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
+
+# ----------------------------------------------------------------------------- model: the Moshi LM (§3.2)
+
+# Helium (§3.2) and the RQ-Transformer (§3.4.1): a temporal Transformer over 80 ms steps, whose input is
+# the sum of the embeddings of every stream at that step, and a small depth Transformer that, within a step,
+# predicts Moshi's text token's successors: its semantic token, then its acoustic tokens. Both are Helium
+# blocks.
+
+class RMSNorm(nn.Module):
+    """Helium's norm (§3.2): x * alpha / sqrt(mean(x^2) + eps) in fp32 (official rms_norm_f32, eps 1e-8)."""
+
+    def __init__(self, dim, eps=1e-8):
+        super().__init__()
+        self.eps, self.alpha = eps, nn.Parameter(torch.ones(1, 1, dim))
+
+    def forward(self, x):
+        xf = x.float()
+        rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.alpha.float() * rms).to(x.dtype)
+
+
+def per_step(w, steps, x, offset):
+    """x (B, T, i) through a weight stacked over `steps` (w: (steps * o, i)). steps = 1: one weight for every
+    position (the temporal Transformer); steps > 1: position offset + t has its own weight (the depth
+    Transformer's weights per codebook step, §3.4.1), as the official file stores them, stacked on dim 0."""
+    if steps == 1:
+        return x @ w.t()
+    w = w.view(steps, -1, w.shape[-1])[offset:offset + x.shape[1]]  # (T, o, i)
+    return torch.einsum("bti,toi->bto", x, w)
+
+
+class HeliumLayer(nn.Module):
+    """Pre-norm block (§3.2): x += Attn(RMSNorm(x)); x += W_out(SiLU(W_g h) * W_v h), h = RMSNorm(x). Causal
+    attention over at most `context` positions with interleaved RoPE (or no positions: the depth Transformer),
+    no biases. forward(x, past, offset) takes the explicit KV cache of earlier positions and returns the new
+    one."""
+
+    def __init__(self, dim, heads, ffn, context, rope=True, steps=1):
+        super().__init__()
+        hidden = 21 * dim // 8 if ffn == 4 * dim else 2 * ffn // 3  # gated hidden: 2/3 of the nominal width
+        self.heads, self.context, self.rope, self.steps = heads, context, rope, steps
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.self_attn, self.gating = nn.Module(), nn.Module()
+        self.self_attn.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))  # fused q, k, v
+        self.self_attn.out_proj_weight = nn.Parameter(torch.empty(steps * dim, dim))
+        self.gating.linear_in_weight = nn.Parameter(torch.empty(steps * 2 * hidden, dim))  # gate, value fused
+        self.gating.linear_out_weight = nn.Parameter(torch.empty(steps * dim, hidden))
+        for p in self.parameters():
+            if p.dim() == 2:
+                s = p.shape[1] ** -0.5
+                nn.init.trunc_normal_(p, std=s, a=-3 * s, b=3 * s)
+
+    def forward(self, x, past=None, offset=0):  # x: (B, T, D) at positions offset .. offset + T - 1
+        B, T, D = x.shape
+        qkv = per_step(self.self_attn.in_proj_weight, self.steps, self.norm1(x), offset)
+        q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
+        pos = torch.arange(offset, offset + T, device=x.device)
+        if self.rope:
+            q, k = apply_rope(q, pos, 10000.0), apply_rope(k, pos, 10000.0)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        kpos = torch.arange(offset + T - k.shape[2], offset + T, device=x.device)
+        delta = pos[:, None] - kpos[None]  # (T, S)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=(delta >= 0) & (delta < self.context))
+        a = a.transpose(1, 2).reshape(B, T, D)
+        x = x + per_step(self.self_attn.out_proj_weight, self.steps, a, offset)
+        u = per_step(self.gating.linear_in_weight, self.steps, self.norm2(x), offset)
+        u = u.view(B, T, 2, -1)  # (B, T, 2, hidden): gate, value
+        h = F.silu(u[..., 0, :]) * u[..., 1, :]
+        x = x + per_step(self.gating.linear_out_weight, self.steps, h, offset)
+        keep = self.context - 1  # what the next position can still see
+        return x, (k[:, :, -keep:], v[:, :, -keep:])
+
+
+class Stack(nn.Module):
+    """Helium layers; forward(x, cache, offset) -> (x, cache), cache = one (k, v) per layer or None."""
+
+    def __init__(self, n, *args, **kw):
+        super().__init__()
+        self.layers = nn.ModuleList(HeliumLayer(*args, **kw) for _ in range(n))
+
+    def forward(self, x, cache=None, offset=0):
+        new = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, None if cache is None else cache[i], offset)
+            new.append(c)
+        return x, new
+
+
+def lm_delays(cfg):
+    """§3.4.2, the official `delays`: text 0, then per audio stream (Moshi's, then the user's) the semantic
+    token 0 and the acoustic tokens `acoustic_delay` steps late, so the depth Transformer predicts the
+    acoustic tokens of a frame knowing its semantic token and the next frame's semantic token is already
+    context."""
+    audio = [0] + [cfg.acoustic_delay] * (cfg.dep_q - 1)
+    return [0] + audio + audio
+
+
+def delay(codes, delays, initial):
+    """(B, K, T) -> (B, K, T): stream k shifted right by delays[k], its first delays[k] steps `initial`."""
+    out = codes.clone()
+    for k, d in enumerate(delays):
+        if d:
+            out[:, k, d:], out[:, k, :d] = codes[:, k, :-d], initial[k]
+    return out
+
+
+def undelay(x, delays):
+    """The inverse on (B, K, T, ...) logits: stream k shifted left by delays[k]; the last delays[k] steps have
+    no prediction (NaN, mask False). -> (x, mask (B, K, T))."""
+    out, mask = x.clone(), torch.ones(x.shape[:3], dtype=torch.bool, device=x.device)
+    for k, d in enumerate(delays):
+        if d:
+            out[:, k, :-d], out[:, k, -d:], mask[:, k, -d:] = x[:, k, d:], float("nan"), False
+    return out, mask
+
+
+class MoshiLM(nn.Module):
+    """The RQ-Transformer over 1 + 2 * dep_q streams (§3.4): Moshi's text (inner monologue), Moshi's dep_q
+    audio codebooks, the user's dep_q audio codebooks. Key names are the official checkpoint's
+    (official_lm_state_dict maps the few that differ). Token -1 embeds to zero (absent: no input, no loss)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, Dd, K = cfg.lm_dim, cfg.dep_dim, cfg.dep_q
+        self.cfg, self.K, self.delays = cfg, K, lm_delays(cfg)
+        self.card, self.text_card = cfg.lm_card, cfg.text_card
+        # row `card` / `text_card` is the initial token, fed before the first step (the "card + 1" of §3.6)
+        self.text_emb = nn.Embedding(cfg.text_card + 1, D)
+        self.emb = nn.ModuleList(nn.Embedding(cfg.lm_card + 1, D) for _ in range(2 * K))
+        self.transformer = Stack(cfg.lm_layers, D, cfg.lm_heads, int(cfg.lm_hidden_scale * D), cfg.lm_context)
+        self.out_norm = RMSNorm(D)
+        self.text_linear = nn.Linear(D, cfg.text_card, bias=False)
+        # the depth Transformer: per codebook step its own input projection of z_t, in/out attention
+        # projections and FFN (weights per step), no positional embedding; its norms are shared across steps
+        self.depformer_in = nn.ModuleList(nn.Linear(D, Dd, bias=False) for _ in range(K))
+        self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, Dd)
+        self.depformer_emb = nn.ModuleList(nn.Embedding(cfg.lm_card + 1, Dd) for _ in range(K - 1))
+        self.depformer = Stack(cfg.dep_layers, Dd, cfg.dep_heads, cfg.dep_ffn, K, rope=False, steps=K)
+        self.linears = nn.ModuleList(nn.Linear(Dd, cfg.lm_card, bias=False) for _ in range(K))
+        for m in self.modules():  # official init: truncated normal, std 1/sqrt(fan in) (embeddings: dim)
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                s = m.weight.shape[1] ** -0.5
+                nn.init.trunc_normal_(m.weight, std=s, a=-3 * s, b=3 * s)
+
+    def initial(self):  # (1 + 2K,): the token each stream starts from
+        return [self.text_card] + [self.card] * (2 * self.K)
+
+    @staticmethod
+    def embed(table, tokens):  # -1 embeds to exactly zero
+        e = table(tokens.clamp(min=0))
+        return torch.where((tokens == -1)[..., None], torch.zeros((), dtype=e.dtype, device=e.device), e)
+
+    def temporal(self, seq, cache=None, offset=0):
+        """seq: (B, 1 + 2K, S) delayed input tokens at steps offset .. offset + S - 1 -> z_s (B, S, D), the
+        text logits (B, S, text_card) and the KV cache. The input of a step is the SUM of its streams'
+        embeddings."""
+        x = self.embed(self.text_emb, seq[:, 0])
+        for k, e in enumerate(self.emb):
+            x = x + self.embed(e, seq[:, 1 + k])  # (B, S, D)
+        z, cache = self.transformer(x, cache, offset)
+        z = self.out_norm(z)
+        return z, self.text_linear(z), cache
+
+    def depth_input(self, k, z, prev):
+        """Depth step k's input: its projection of z (B, S, D) + the embedding of the token before it in the
+        step (k = 0: the text token just predicted; k >= 1: Moshi's audio token k - 1). prev: (B, S)."""
+        table = self.depformer_text_emb if k == 0 else self.depformer_emb[k - 1]
+        return self.depformer_in[k](z) + self.embed(table, prev)
+
+    def depth(self, z, prev):
+        """Teacher-forced depth Transformer: z (B, S, D), prev (B, K, S) the text token and Moshi's audio
+        tokens 0 .. K-2 of the same step -> logits (B, K, S, card) for Moshi's K audio tokens, causal along
+        k."""
+        B, S, _ = z.shape
+        x = torch.stack([self.depth_input(k, z, prev[:, k]) for k in range(self.K)], 2)  # (B, S, K, Dd)
+        y, _ = self.depformer(x.reshape(B * S, self.K, -1))  # (B*S, K, Dd): positions = codebook steps
+        y = y.view(B, S, self.K, -1)
+        return torch.stack([self.linears[k](y[:, :, k]) for k in range(self.K)], 1)  # (B, K, S, card)
+
+    def forward(self, codes, aligned=True):
+        """Training (§3.4): codes (B, 1 + 2K, T) undelayed -> audio logits (B, K, T, card) and text logits
+        (B, 1, T, text_card) aligned with `codes`, with their validity masks. 1. delay, prepend the initial
+        tokens; 2. the temporal Transformer on steps [:-1]; 3. the depth Transformer on the teacher-forced
+        tokens of each step; 4. undelay (the last acoustic steps have no target). aligned=False skips 4
+        (training: the loss is taken against the delayed codes instead, the same positions without moving the
+        big logits)."""
+        B, _, T = codes.shape
+        init = torch.tensor(self.initial(), device=codes.device)
+        seq = torch.cat([init.view(1, -1, 1).expand(B, -1, 1), delay(codes, self.delays, self.initial())], 2)
+        z, text_logits, _ = self.temporal(seq[:, :, :-1])  # step s sees the streams up to s - 1 only
+        logits = self.depth(z, seq[:, :self.K, 1:])  # (B, K, T, card)
+        if not aligned:
+            return logits, text_logits[:, None]
+        logits, mask = undelay(logits, self.delays[1:1 + self.K])
+        mask = mask & (codes[:, 1:1 + self.K] != -1)
+        return logits, mask, text_logits[:, None], (codes[:, :1] != -1)
+
+# ----------------------------------------------------------------------------- loss: the Moshi LM
+
+def lm_loss(logits, text_logits, codes, cfg):
+    """§3.4.3 (moshi-finetune's loss): L = CE_text + CE_audio, each a weighted mean over its valid positions:
+    text targets PAD and EPAD weigh text_pad_weight (0.5), Moshi's semantic codebook semantic_weight (100)
+    against 1 for each acoustic one, so the semantic tokens, which carry the words, dominate the audio term.
+    The logits and the codes are in delayed time (MoshiLM(codes, aligned=False), delay(codes) filled with -1):
+    -1 has no loss."""
+    K, tt, at = logits.shape[1], codes[:, :1], codes[:, 1:1 + logits.shape[1]]  # (B, 1, T), (B, K, T)
+    pad, epad = text_pad_ids(cfg)
+    mask, text_mask = at != -1, tt != -1
+    w_t = torch.where((tt == pad) | (tt == epad), cfg.text_pad_weight, 1.0) * text_mask
+    ce = lambda lg, t: F.cross_entropy(lg.float().flatten(0, 2), t.clamp(min=0).flatten(), reduction="none")
+    ce_t, ce_a = ce(text_logits, tt).view_as(tt), ce(logits, at).view_as(at)
+    w_a = torch.tensor([cfg.semantic_weight] + [1.0] * (K - 1), device=codes.device).view(1, K, 1) * mask
+    mean = lambda x, w: (x * w).sum() / w.sum().clamp(min=1e-8)
+    return dict(text=mean(ce_t, w_t), audio=mean(ce_a, w_a),
+                semantic=mean(ce_a[:, :1], mask[:, :1].float()),
+                acoustic=mean(ce_a[:, 1:], mask[:, 1:].float()))
+
+# ----------------------------------------------------------------------------- data: the Moshi LM
+
+def text_pad_ids(cfg):  # PAD and EPAD (end of padding, §3.4.4): the text vocabulary's last two ids
+    return cfg.text_card - 2, cfg.text_card - 1
+
+
+class TextTokenizer:
+    """Moshi's text side, offline: a byte-level BPE trained on the corpus text (common.train_bpe) in place of
+    the 32k SentencePiece model, plus PAD and EPAD as its last two ids (official: EPAD 0, PAD 3); no turn
+    markers. It lives in `state`, so every checkpoint carries it."""
+
+    def __init__(self, cfg, texts=()):
+        self.pad, self.epad = text_pad_ids(cfg)
+        self.ranks, self._enc = (common.train_bpe(texts, cfg.text_card - 2) if texts else {}), None
+
+    def enc(self):
+        self._enc = self._enc or common.bpe_encoding(self.ranks)
+        return self._enc
+
+    def word(self, w):  # a word's tokens, with its leading space
+        return self.enc().encode_ordinary(" " + w)
+
+    def words(self, ids, times):
+        """Text-stream tokens and their times -> [(word, time of its first token)]: a token that starts with a
+        space starts a word; PAD, EPAD and ids outside the BPE are skipped."""
+        out = []
+        for i, t in zip(ids, times):
+            if i >= len(self.ranks):
+                continue
+            b = self.enc().decode_single_token_bytes(i).decode("utf-8", "replace")
+            if b.startswith(" ") or not out:
+                out.append([b.strip(), t])
+            else:
+                out[-1][0] += b
+        return [(w, t) for w, t in out if w]
+
+    def state_dict(self):
+        return {"ranks": common.ranks_to_text(self.ranks)}
+
+    def load_state_dict(self, sd):
+        self.ranks, self._enc = common.ranks_from_text(sd["ranks"]), None
+
+
+def text_stream(words, n_frames, tok, frame_rate):
+    """Inner monologue (§3.4.4): Moshi's words on the frames of its own speech. A word's tokens start at the
+    frame of its start time, the frame before it is EPAD, every other frame PAD: for words with room, token
+    for token moshi-finetune's Interleaver. Deviation (ours): the Interleaver cuts a word short when the next
+    one starts before its tokens are out; here words are placed from the last one back, and a word whose
+    tokens would run into the next word's EPAD starts earlier instead, so every word stays whole (our
+    byte-level BPE spends several tokens on a rare word, numbers included) and text never comes after its
+    audio (test_inner_monologue_against_the_ official_interleaver). -> (n_frames,) int64."""
+    out, limit = np.full(n_frames, tok.pad, np.int64), n_frames
+    for w, start, _ in reversed(words):
+        ids = tok.word(w)
+        first = max(0, min(int(start * frame_rate), limit - len(ids)))
+        ids = ids[:max(0, limit - first)]
+        if int(start * frame_rate) >= n_frames or not ids:
+            continue
+        out[first:first + len(ids)] = ids
+        if first > 0:
+            out[first - 1] = tok.epad
+        limit = first - 1
+    return out
+
+
+def corpus_texts(cfg):
+    """Stage 1 text (Helium pretraining in miniature): the speech corpus's sentences, the dialogues' lines."""
+    lines = [u.text for u in common.load_corpus(cfg, "train", 24000, kind="speech")]
+    for u in dialogues(cfg, "train"):
+        lines += [l.split(": ", 1)[1] for l in u.text.split(" / ")]
+    return lines
+
+
+def dialogues(cfg, split):
+    return common.load_corpus(cfg, split, cfg.sample_rate, kind="dialogue", mono=False)
+
+
+def dialogue_tokens(cfg, split, mimi, tok):
+    """Every dialogue of `split` as (1 + 2K, F) tokens: Moshi's text stream, Moshi's K Mimi codes (channel 1,
+    the assistant), the user's K codes (channel 0). The codes are computed once with the codec and cached in
+    out_dir/codes (keyed by the codec file, the corpus and K), never per step."""
+    st = os.stat(cfg.codec)
+    key = hashlib.md5(f"{os.path.abspath(cfg.codec)}|{st.st_size}|{st.st_mtime}|{cfg.corpus_hours}|"
+                      f"{cfg.data_dir}|{cfg.dep_q}".encode()).hexdigest()[:10]
+    path = os.path.join(cfg.out_dir, "codes", f"dialogue-{split}-{key}.npz")
+    utts = dialogues(cfg, split)
+    if os.path.exists(path):
+        with np.load(path) as z:
+            codes = [z[f"d{i}"] for i in range(len(utts))]
+    else:
+        dev, codes = next(mimi.parameters()).device, []
+        for u in utts:
+            x = torch.from_numpy(u.wav)[:, None].to(dev)  # (2, 1, T): the two channels as a batch
+            codes.append(mimi.encode(x, cfg.dep_q).cpu().numpy().astype(np.int16))  # (2, K, F)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **{f"d{i}": c for i, c in enumerate(codes)})
+        os.replace(tmp, path)
+    out = []
+    for u, c in zip(utts, codes):
+        text = text_stream(u.words[1], c.shape[-1], tok, cfg.frame_rate)
+        out.append(np.concatenate([text[None], c[1], c[0]]).astype(np.int32))  # (1 + 2K, F)
+    return utts, out
+
+
+class LMSampler:
+    """Random crops of lm_frames steps: of the text token stream (stage 1: audio streams absent, -1) and of
+    the dialogues (stage 2). Tokens are stored + 1 so that common.SegmentSampler's zero padding reads as
+    -1."""
+
+    def __init__(self, text_ids, dial, cfg, rt):
+        K = cfg.dep_q
+        text = np.zeros((1 + 2 * K, len(text_ids)), np.int32)
+        text[0] = np.asarray(text_ids) + 1
+        self.text = common.SegmentSampler([text], cfg.lm_frames, cfg.batch_size, cfg.seed, rt.rank,
+                                          rt.world_size)
+        self.dial = common.SegmentSampler([d + 1 for d in dial], cfg.lm_frames, cfg.batch_size, cfg.seed + 1,
+                                          rt.rank, rt.world_size)
+
+    def next(self, text):
+        return (self.text if text else self.dial).next()[0].long() - 1  # (B, 1 + 2K, lm_frames)
+
+    def state_dict(self):
+        return {"text": self.text.state_dict(), "dial": self.dial.state_dict()}
+
+    def load_state_dict(self, sd):
+        self.text.load_state_dict(sd["text"]), self.dial.load_state_dict(sd["dial"])
+
+
+def delayed_targets(codes, cfg):  # the codes in delayed time, -1 (no loss) where a delay left no target
+    return delay(codes, lm_delays(cfg), [-1] * codes.shape[1])
+
+
+def lm_get_batch(sampler, cfg, rt, step):
+    """Stage 1 (Helium on text) for the first text_iters steps, then stage 2 (the dialogues, two streams)."""
+    return sampler.next(step < cfg.text_iters).to(rt.device)
+
+# ----------------------------------------------------------------------------- train: the Moshi LM
 
 def load_codec(cfg, rt):
     """The Mimi whose codes the LM models (--codec: our codec checkpoint or the official file), frozen."""
@@ -1607,36 +1677,7 @@ def lm_train(cfg):
             common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
-# ----------------------------------------------------------------------------- sample
-
-@torch.no_grad()
-def sample(cfg):
-    """Encode --input (or a held-out test clip) to eval_n_q codebooks, decode it, offline and streaming frame
-    by frame; write wav + png beside the reference and say how far the two decodes are apart."""
-    rt = common.setup(cfg)
-    G = load_for_inference(cfg, rt)
-    if cfg.input:
-        wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
-        name = os.path.splitext(os.path.basename(cfg.input))[0]
-    else:
-        u = speech(cfg, "test")[0]
-        wav, name = u.wav[:int(cfg.eval_seconds * cfg.sample_rate)], u.id
-    x = torch.from_numpy(np.ascontiguousarray(wav))[None, None].to(rt.device)  # (1, 1, T)
-    codes = G.encode(x, cfg.eval_n_q)
-    y = G.decode(codes)[..., :x.shape[-1]]
-    enc_state, dec_state, ys = {}, {}, []
-    xp = G._pad(x)
-    for o in range(0, xp.shape[-1], G.frame_size):  # one 80 ms frame at a time, as Moshi runs it
-        c = G.encode_stream(xp[..., o:o + G.frame_size], enc_state, cfg.eval_n_q)
-        ys.append(G.decode_stream(c, dec_state))
-    y_stream = torch.cat(ys, -1)[..., :x.shape[-1]]
-    out = os.path.join(cfg.out_dir, "samples")
-    tag = f"{name}_{G.kbps(cfg.eval_n_q):g}kbps"
-    common.save_sample(out, tag, y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
-    common.log(f"{name}: {codes.shape[-1]} frames x {codes.shape[1]} codebooks ({G.kbps(cfg.eval_n_q):g} "
-               f"kbps), SI-SNR {common.si_snr(y, x):.2f} dB, streaming vs offline max diff "
-               f"{(y_stream - y).abs().max().item():.2e} -> {out}/{tag}.wav")
-
+# ----------------------------------------------------------------------------- sample: the Moshi LM
 
 def sample_token(logits, temp, top_k, gen):
     """§3.4.3: top-k sampling at a temperature (temp 0: greedy). logits (B, V) -> (B,)."""
@@ -1746,46 +1787,7 @@ def lm_sample(cfg):
     words = " ".join(w for w, _ in said)[:300]
     common.log(f"{name}: {len(text)} steps of 80 ms; Moshi said: {words!r} -> {path}")
 
-# ----------------------------------------------------------------------------- bench
-
-def bench(cfg):
-    """train_step ms and audio-s/s; encode / decode real-time factor at batch 1, eager vs compiled; the
-    per-frame latency of streaming one 80 ms frame through encoder and decoder; FLOP rate."""
-    rt = common.setup(cfg)
-    state = build(cfg, rt)
-    G = state["G"]
-    x = torch.randn(cfg.batch_size, 1, cfg.segment, device=rt.device) * 0.1
-    batch = (x, standin_teacher(x, cfg).to(rt.device) if not cfg.teacher else
-             torch.randn(cfg.batch_size, state["P"].out_channels, cfg.segment // G.frame_size,
-                         device=rt.device))
-    step_ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=cfg.bench_iters, warmup=1)
-    flops = common.count_flops(lambda: train_step(state, batch, cfg, rt))
-    G.eval()
-    T = int(cfg.bench_seconds * cfg.sample_rate) // G.frame_size * G.frame_size
-    xb = torch.randn(1, 1, T, device=rt.device) * 0.1
-    codes = G.encode(xb, cfg.eval_n_q)
-    audio_s = cfg.batch_size * cfg.segment / cfg.sample_rate
-    figures = dict(train_step_ms=round(step_ms, 2), train_flops_per_step=flops,
-                   train_audio_s_per_s=round(audio_s / (step_ms / 1000), 3))
-    compiled = common.compile(G, cfg) is not G
-    variants = [("eager", G.encode, G.decode)]
-    if compiled:
-        variants.append(("compiled", torch.compile(G.encode), torch.compile(G.decode)))
-    for name, enc, dec in variants:
-        with rt.autocast():
-            e_ms = common.timeit(lambda: enc(xb, cfg.eval_n_q), iters=cfg.bench_iters, warmup=1)
-            d_ms = common.timeit(lambda: dec(codes), iters=cfg.bench_iters, warmup=1)
-        figures[f"encode_rtf_{name}"] = round(e_ms / 1000 / cfg.bench_seconds, 5)  # compute time / audio time
-        figures[f"decode_rtf_{name}"] = round(d_ms / 1000 / cfg.bench_seconds, 5)
-    frame = xb[..., :G.frame_size]
-    es, ds = {}, {}
-    for _ in range(3):  # warm the caches past their first (shorter) frames
-        G.decode_stream(G.encode_stream(frame, es, cfg.eval_n_q), ds)
-    one = lambda: G.decode_stream(G.encode_stream(frame, es, cfg.eval_n_q), ds)
-    figures["stream_frame_ms"] = round(common.timeit(one, iters=max(3, cfg.bench_iters), warmup=1), 3)
-    figures["frame_ms"] = 1000 * G.frame_size / cfg.sample_rate  # the real-time budget of one step: 80 ms
-    common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
-
+# ----------------------------------------------------------------------------- bench: the Moshi LM
 
 def lm_bench(cfg):
     """train_step ms and audio-s/s; the per-frame latency of the full streaming step (Mimi encode of the
