@@ -89,8 +89,7 @@ class Config:
     disc_n_ffts: tuple = (2048, 1024, 512, 256, 128)  # its STFT scales, hop n_fft/4
     lambda_kl: float = 0.01            # KL weight per latent element (Table 13: 0.01; per element: ours)
     lambda_adv: float = 1.0            # hinge adversarial loss (Eq. 2) [inferred]
-    lambda_feat: float = 3.0           # relative feature matching (Eq. 2) [inferred: EnCodec's]; the five
-                                       # weights' balance at init is measured in the docstring (ours)
+    lambda_feat: float = 3.0           # relative feature matching (Eq. 2) [inferred: EnCodec's]
     recon_loss: bool = False           # time L1 + multi-scale mel (Table 13: music yes, speech no)
     lambda_t: float = 0.1              # time-domain L1 (with --recon_loss)
     lambda_f: float = 3.0              # multi-scale mel: linear L1 + log10 MSE (with --recon_loss)
@@ -190,7 +189,6 @@ class Config:
         if self.mode == "sample" and self.text and (self.stage != "lm" or self.corpus != "speech"):
             bad("--text needs an LM checkpoint trained on speech (--stage=lm --corpus=speech)")
 
-
 PRESETS = {
     # the paper's speech VAE (Table 13) with Pocket TTS's backbone and head (the card's verified code values)
     "speech": dict(),
@@ -220,17 +218,22 @@ PRESETS = {
                  eval_items=1, eval_seconds=0.96, prompt_seconds=0.32, gen_seconds=0.48, bench_seconds=0.48,
                  bench_iters=1, corpus_hours=0.02),
 }
+
+
 # the VAE's fields: the LM stage takes them from its --vae checkpoint
 VAE_KEYS = ("corpus", "sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers",
             "compress", "dilation_base", "kernel_size", "residual_kernel_size", "last_kernel_size",
             "frame_rate", "latent_dim", "tr_layers", "tr_heads", "tr_ffn", "disc_filters", "disc_n_ffts")
+
 LM_KEYS = ("head", "lm_dim", "lm_layers", "lm_heads", "lm_ffn", "short_context", "short_dim", "short_layers",
            "head_dim", "head_depth", "text_vocab", "text_delay", "n_q", "codebook_size", "depth_dim",
            "depth_layers")
+
 ARCH_KEYS = ("stage",) + VAE_KEYS + LM_KEYS  # fields that shape the weights or the features
 
 # ----------------------------------------------------------------------------- model
-# The VAE-GAN (§4.1): Mimi's causal SEANet + Transformers, its RVQ replaced by a Gaussian bottleneck
+
+# The VAE-GAN (--stage=vae, §4.1): Mimi's causal SEANet + Transformers, a Gaussian bottleneck for its RVQ
 
 def _init_conv(conv):
     # Variance-preserving init (encodec.py's finding, not the paper's): N(0, 1/fan_in) and zero bias keep the
@@ -410,9 +413,8 @@ class GaussianBottleneck(nn.Module):
         super().__init__()
         self.input_proj = nn.Conv1d(cfg.dimension, 2 * cfg.latent_dim, 1)
         self.output_proj = nn.Conv1d(cfg.latent_dim, cfg.dimension, 1)
-        # ours: sigma starts at e^-4 ~ 0.02, not 1. At init the means of speech move by ~0.1; with sigma = 1
-        # the decoder sees z as noise (-20 dB content), learns to ignore it and never recovers (measured: a
-        # stationary buzz whatever the input). The KL then raises sigma where the reconstruction lets it.
+        # ours: sigma starts at e^-4 ~ 0.02, not 1: an untrained encoder's means move by ~0.1, so at sigma = 1
+        # the decoder would see z as noise and learn to ignore it. The KL raises sigma where it can.
         nn.init.constant_(self.input_proj.bias[cfg.latent_dim:], -8.0)
 
     def forward(self, h):  # (B, D, F) -> mu, logvar (B, latent_dim, F)
@@ -478,8 +480,7 @@ class STFTDiscriminator(nn.Module):
             spec = torch.stft(x.float().reshape(B * C, T), self.n_fft, self.n_fft // 4, window=self.window,
                               center=False, return_complex=True) / self.window.pow(2).sum().sqrt()
         spec = spec.view(B, C, *spec.shape[1:])  # (B, C, F, frames)
-        # (B, 2C, frames, F) in channels-last memory: thin 2D convs run forward and backward ~1.5x faster so
-        # on the CPU (the same numbers up to rounding)
+        # (B, 2C, frames, F), channels-last: thin 2D convs run faster so on a CPU (same numbers)
         z = torch.cat([spec.real, spec.imag], 1).transpose(2, 3).contiguous(memory_format=torch.channels_last)
         fmap = []
         for conv in self.convs:
@@ -497,7 +498,8 @@ class Discriminator(nn.Module):
         outs = [d(x) for d in self.discs]
         return [o[0] for o in outs], [o[1] for o in outs]
 
-# The CALM language model (§3)
+
+# The CALM language model (--stage=lm, §3)
 
 class TimestepEmbedder(nn.Module):
     """t -> 256 frequencies as [cos, sin] -> MLP, SiLU, MLP -> RMSNorm (Pocket TTS's form), on t itself
@@ -731,12 +733,13 @@ def noise_inject(x, generator=None):
 
 # ----------------------------------------------------------------------------- loss
 
+# The VAE (Eq. 2)
+
 def kl_loss(mu, logvar):
     """KL(N(mu, sigma^2) || N(0, 1)) per latent ELEMENT, 1/2 (mu^2 + sigma^2 - 1 - ln sigma^2), averaged
     over the batch, the latent dimensions and the frames. Table 13 gives the weight 0.01 (no reduction); read
-    per element [inferred]: summed over the 32 dimensions, 0.01 x KL matched the whole feature term and put
-    the posterior means ~10-14 dB under the sampling noise (sigma ~0.15): the decoder learned to ignore z.
-    mu, logvar: (B, latent, F)."""
+    per element [inferred]: summed over 32 dimensions it outweighs the feature term and drowns the means in
+    sampling noise, so the decoder learns to ignore z. mu, logvar: (B, latent, F)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
 
 
@@ -783,6 +786,8 @@ def reconstruction_losses(x, x_hat, cfg):
     return (x_hat.float() - x.float()).abs().mean(), l_f / len(cfg.mel_scales)
 
 
+# The LM (Eq. 3, and the text stream)
+
 def sample_t(n, cfg, device, generator=None):
     """sCM's time proposal: tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sigma_d), always inside (0, pi/2)."""
     tau = torch.randn(n, device=device, generator=generator) * cfg.p_std + cfg.p_mean
@@ -811,6 +816,7 @@ def scm_loss(head, weight, x0, z, cfg, r, generator=None):
     w = weight(t)
     err = (head(x_t / sd, t, z) - F_minus - g).pow(2).sum(-1) / x0.shape[-1]
     return (w.exp() * err - w).mean(), err.mean()
+
 
 def lm_losses(model, batch, cfg, r, generator=None):
     """One LM objective on a batch: the head's loss on every valid frame (Eq. 3, head_batch_mul draws per Z;
@@ -847,13 +853,26 @@ def lm_losses(model, batch, cfg, r, generator=None):
     losses["loss"] = head_loss + cfg.lambda_text * losses["text_ce"]
     return losses
 
-
 # ----------------------------------------------------------------------------- data
 
 def clips(cfg, split):
     """The corpus's clips at the VAE's rate (speech with transcripts and word times, or music)."""
     return common.load_corpus(cfg, split, cfg.sample_rate, kind=cfg.corpus)
 
+
+def get_batch(sampler, cfg, rt):
+    """LM: crops of the cached arrays -> dict(latent (B, S, latent) raw means, pre (B, S, D) or None, text (B,
+    S), valid (B, S)). VAE: (B, 1, segment) waveforms."""
+    x = sampler.next()[0]
+    if cfg.stage == "vae":
+        return x.view(cfg.batch_size, 1, cfg.segment).to(rt.device)
+    x = x.transpose(1, 2).to(rt.device)  # (B, S, rows)
+    L, D = cfg.latent_dim, cfg.dimension if cfg.head == "rvq" else 0
+    return dict(latent=x[..., :L], pre=x[..., L:L + D] if D else None, text=x[..., L + D].long(),
+                valid=x[..., L + D + 1])
+
+
+# The LM's inputs: the text stream, and the VAE's latents computed once per run
 
 class TextTokens:
     """The offline byte-level BPE (common.train_bpe) of the training transcripts, PAD and EOS after it. Kept
@@ -945,33 +964,7 @@ def fit_rvq(model, packed, cfg):
         model.codebooks[q].copy_(means)
         x = x - means[torch.cdist(x, means).argmin(-1)]
 
-
-def get_batch(sampler, cfg, rt):
-    """LM: crops of the cached arrays -> dict(latent (B, S, latent) raw means, pre (B, S, D) or None, text (B,
-    S), valid (B, S)). VAE: (B, 1, segment) waveforms."""
-    x = sampler.next()[0]
-    if cfg.stage == "vae":
-        return x.view(cfg.batch_size, 1, cfg.segment).to(rt.device)
-    x = x.transpose(1, 2).to(rt.device)  # (B, S, rows)
-    L, D = cfg.latent_dim, cfg.dimension if cfg.head == "rvq" else 0
-    return dict(latent=x[..., :L], pre=x[..., L:L + D] if D else None, text=x[..., L + D].long(),
-                valid=x[..., L + D + 1])
-
 # ----------------------------------------------------------------------------- train
-
-def load_vae_for_lm(cfg, path):
-    """--stage=lm: the VAE checkpoint fixes the VAE's architecture and the features (sample rate, frame rate,
-    corpus), so those fields are taken from it, whatever the preset said. -> its weights."""
-    ck = common.load_checkpoint(path)
-    if not common.is_ours(ck) or ck["paper"] != "calm" or "vae" not in ck["models"]:
-        raise SystemExit(f"error: {path!r} is not a calm.py checkpoint holding a VAE")
-    changed = [f"{k} {getattr(cfg, k)!r} -> {ck['config'][k]!r}" for k in VAE_KEYS
-               if common._norm(getattr(cfg, k)) != common._norm(ck["config"][k])]
-    for k in VAE_KEYS:
-        setattr(cfg, k, common._from_json(ck["config"][k], getattr(cfg, k)))
-    common.log(f"VAE {path} (step {ck['step']})" + (": its config: " + "; ".join(changed) if changed else ""))
-    return ck["models"]["vae"]
-
 
 def _lr_lambda(cfg):  # linear warm-up then cosine to 10 % (Table 13 / S6: cosine schedules)
     def f(step):
@@ -993,6 +986,20 @@ class StepCounter:
 
     def load_state_dict(self, sd):
         self.step = sd["step"]
+
+
+def load_vae_for_lm(cfg, path):
+    """--stage=lm: the VAE checkpoint fixes the VAE's architecture and the features (sample rate, frame rate,
+    corpus), so those fields are taken from it, whatever the preset said. -> its weights."""
+    ck = common.load_checkpoint(path)
+    if not common.is_ours(ck) or ck["paper"] != "calm" or "vae" not in ck["models"]:
+        raise SystemExit(f"error: {path!r} is not a calm.py checkpoint holding a VAE")
+    changed = [f"{k} {getattr(cfg, k)!r} -> {ck['config'][k]!r}" for k in VAE_KEYS
+               if common._norm(getattr(cfg, k)) != common._norm(ck["config"][k])]
+    for k in VAE_KEYS:
+        setattr(cfg, k, common._from_json(ck["config"][k], getattr(cfg, k)))
+    common.log(f"VAE {path} (step {ck['step']})" + (": its config: " + "; ".join(changed) if changed else ""))
+    return ck["models"]["vae"]
 
 
 def build(cfg, rt):
@@ -1079,92 +1086,6 @@ def load_for_inference(cfg, rt):
         out["tok"] = TextTokens(cfg)
         out["tok"].load_state_dict(ckpt["state"]["tok"])
     return out
-
-
-@torch.no_grad()
-def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
-    """Autoregressive generation, one frame a step, with an explicit KV cache per backbone layer; inference
-    never injects noise. prompt: dict(latent (P, latent) raw means, pre (P, D) for rvq, text (P,)) of a real
-    clip, or None. sentence: BPE ids to speak (TTS), forced in order, inner-monologue style: at each frame the
-    text head chooses between PAD and the next token (after the last one: PAD or EOS); EOS ends the utterance,
-    text_delay + 1 frames later. Otherwise (continuation) speech samples its own text stream, music keeps PAD.
-    -> (1, F, latent) raw latents (consistency) or (1, F, n_q) codes (rvq), and the text stream."""
-    lm = models["lm"]
-    dev, K = lm.bos.device, cfg.short_context
-    caches = [None] * cfg.lm_layers
-    pad, eos = lm.pad_id, lm.eos_id
-    P = 0 if prompt is None else prompt["latent"].shape[0]
-    frames_out = []  # normalised latents, or code vectors, of frames 0..s-1
-    if P:
-        frames_out = list(lm.normalize(prompt["latent"]) if cfg.head == "consistency"
-                          else lm.rvq_encode(prompt["pre"]))
-    queue = list(sentence) if sentence is not None else None
-    text = [int(prompt["text"][0])] if P else [queue.pop(0) if queue else pad]
-    end = None
-    for s in range(P + frames):
-        tok = torch.tensor([[text[s]]], device=dev)
-        x = lm.bos[None, None] + lm.text_emb(tok) if s == 0 else lm.inputs(frames_out[s - 1][None, None], tok)
-        h = lm.backbone(x, caches, offset=s)[:, -1]  # (1, D)
-        if s >= P:
-            if cfg.head == "consistency":
-                past = torch.stack(frames_out[max(0, s - K):s]) if s else h.new_zeros(0, cfg.latent_dim)
-                win = F.pad(past, (0, 0, K - past.shape[0], 0))[None]  # (1, K, latent): zeros before start
-                z = h + lm.short_window(win)  # Z_s = T_long + T_short (§3.2)
-                frames_out.append(lm.head.sample(z, cfg.temperature, cfg.head_steps, generator)[0])
-            else:
-                frames_out.append(lm.depth.sample(h, cfg.rvq_temperature, generator)[0])
-        if end is not None and s >= end:
-            break
-        logits = lm.text_out(h)[0].float()  # the text token of position s + 1
-        if s + 1 < P:
-            nxt = int(prompt["text"][s + 1])
-        elif queue is not None:
-            cand = queue[0] if queue else eos
-            two_s = 2 * cfg.frame_rate
-            stalled = all(t == pad for t in text[-int(two_s):]) and len(text) >= two_s
-            nxt = cand if logits[cand] > logits[pad] or stalled else pad  # 2 s of PAD: say it anyway
-            if nxt == cand and queue:
-                queue.pop(0)
-            if nxt == eos:
-                end = s + 1 + cfg.text_delay
-        elif cfg.corpus == "speech":
-            nxt = int(torch.multinomial(F.softmax(logits[:eos], -1), 1, generator=generator))  # no EOS
-        else:
-            nxt = pad
-        text.append(nxt)
-    out = torch.stack(frames_out)[None]
-    return (lm.denormalize(out) if cfg.head == "consistency" else out), text
-
-
-@torch.no_grad()
-def to_audio(models, frames, cfg):
-    """Generated frames -> waveform (1, 1, T) through the frozen VAE decoder. rvq codes decode to
-    pre-bottleneck latents, which the VAE's bottleneck turns into its posterior mean first."""
-    vae = models["vae"]
-    if cfg.head == "rvq":
-        pre = models["lm"].rvq_decode(frames).transpose(1, 2)  # (1, D, F)
-        frames = vae.bottleneck(pre)[0].transpose(1, 2)  # (1, F, latent)
-    return vae.decode(frames.transpose(1, 2))  # (1, 1, F * frame)
-
-
-def mel_stats_distance(gen, ref, sr):
-    """Continuation quality: distance between the per-bin mean and std over time of the 80-bin log-mels of the
-    generated and of real held-out audio (a FAD-like statistic, without an embedding network)."""
-    n_fft = 2 ** round(math.log2(1024 * sr / 22050))
-    mels = lambda w: common.mel_spectrogram(w.float().reshape(-1), sr, n_fft, n_fft // 4, n_mels=80)
-    (mg, sg), (mr, sr_) = [(m.mean(-1), m.std(-1)) for m in (mels(gen), mels(ref))]
-    return float((mg - mr).abs().mean() + (sg - sr_).abs().mean())
-
-
-def _prompt(models, u, cfg, seconds):
-    """The first `seconds` of clip u as a generation prompt: its latents, pre-latents and text stream."""
-    n = max(1, int(seconds * cfg.frame_rate))
-    x = torch.from_numpy(u.wav[:n * models["vae"].frame_size])[None, None].to(models["lm"].bos.device)
-    pre = models["vae"].pre_latent(x)
-    mu = models["vae"].bottleneck(pre)[0]
-    words = u.words if cfg.corpus == "speech" else []
-    text = text_stream(words, int(round(u.duration * cfg.frame_rate)) + 1, models["tok"], cfg)[:mu.shape[-1]]
-    return dict(latent=mu[0].T, pre=pre[0].T.float(), text=torch.from_numpy(text)), x
 
 
 @torch.no_grad()
@@ -1283,6 +1204,15 @@ def teacher_forced_error(lm, vae, batch, cfg):
     return (pred - clean.reshape(B * S, -1))[m].pow(2).mean().item()
 
 
+def mel_stats_distance(gen, ref, sr):
+    """Continuation quality: distance between the per-bin mean and std over time of the 80-bin log-mels of the
+    generated and of real held-out audio (a FAD-like statistic, without an embedding network)."""
+    n_fft = 2 ** round(math.log2(1024 * sr / 22050))
+    mels = lambda w: common.mel_spectrogram(w.float().reshape(-1), sr, n_fft, n_fft // 4, n_mels=80)
+    (mg, sg), (mr, sr_) = [(m.mean(-1), m.std(-1)) for m in (mels(gen), mels(ref))]
+    return float((mg - mr).abs().mean() + (sg - sr_).abs().mean())
+
+
 def train(cfg):
     rt = common.setup(cfg)
     state = build(cfg, rt)
@@ -1333,6 +1263,83 @@ def train(cfg):
     common.cleanup(rt)
 
 # ----------------------------------------------------------------------------- sample
+
+@torch.no_grad()
+def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
+    """Autoregressive generation, one frame a step, with an explicit KV cache per backbone layer; inference
+    never injects noise. prompt: dict(latent (P, latent) raw means, pre (P, D) for rvq, text (P,)) of a real
+    clip, or None. sentence: BPE ids to speak (TTS), forced in order, inner-monologue style: at each frame the
+    text head chooses between PAD and the next token (after the last one: PAD or EOS); EOS ends the utterance,
+    text_delay + 1 frames later. Otherwise (continuation) speech samples its own text stream, music keeps PAD.
+    -> (1, F, latent) raw latents (consistency) or (1, F, n_q) codes (rvq), and the text stream."""
+    lm = models["lm"]
+    dev, K = lm.bos.device, cfg.short_context
+    caches = [None] * cfg.lm_layers
+    pad, eos = lm.pad_id, lm.eos_id
+    P = 0 if prompt is None else prompt["latent"].shape[0]
+    frames_out = []  # normalised latents, or code vectors, of frames 0..s-1
+    if P:
+        frames_out = list(lm.normalize(prompt["latent"]) if cfg.head == "consistency"
+                          else lm.rvq_encode(prompt["pre"]))
+    queue = list(sentence) if sentence is not None else None
+    text = [int(prompt["text"][0])] if P else [queue.pop(0) if queue else pad]
+    end = None
+    for s in range(P + frames):
+        tok = torch.tensor([[text[s]]], device=dev)
+        x = lm.bos[None, None] + lm.text_emb(tok) if s == 0 else lm.inputs(frames_out[s - 1][None, None], tok)
+        h = lm.backbone(x, caches, offset=s)[:, -1]  # (1, D)
+        if s >= P:
+            if cfg.head == "consistency":
+                past = torch.stack(frames_out[max(0, s - K):s]) if s else h.new_zeros(0, cfg.latent_dim)
+                win = F.pad(past, (0, 0, K - past.shape[0], 0))[None]  # (1, K, latent): zeros before start
+                z = h + lm.short_window(win)  # Z_s = T_long + T_short (§3.2)
+                frames_out.append(lm.head.sample(z, cfg.temperature, cfg.head_steps, generator)[0])
+            else:
+                frames_out.append(lm.depth.sample(h, cfg.rvq_temperature, generator)[0])
+        if end is not None and s >= end:
+            break
+        logits = lm.text_out(h)[0].float()  # the text token of position s + 1
+        if s + 1 < P:
+            nxt = int(prompt["text"][s + 1])
+        elif queue is not None:
+            cand = queue[0] if queue else eos
+            two_s = 2 * cfg.frame_rate
+            stalled = all(t == pad for t in text[-int(two_s):]) and len(text) >= two_s
+            nxt = cand if logits[cand] > logits[pad] or stalled else pad  # 2 s of PAD: say it anyway
+            if nxt == cand and queue:
+                queue.pop(0)
+            if nxt == eos:
+                end = s + 1 + cfg.text_delay
+        elif cfg.corpus == "speech":
+            nxt = int(torch.multinomial(F.softmax(logits[:eos], -1), 1, generator=generator))  # no EOS
+        else:
+            nxt = pad
+        text.append(nxt)
+    out = torch.stack(frames_out)[None]
+    return (lm.denormalize(out) if cfg.head == "consistency" else out), text
+
+
+@torch.no_grad()
+def to_audio(models, frames, cfg):
+    """Generated frames -> waveform (1, 1, T) through the frozen VAE decoder. rvq codes decode to
+    pre-bottleneck latents, which the VAE's bottleneck turns into its posterior mean first."""
+    vae = models["vae"]
+    if cfg.head == "rvq":
+        pre = models["lm"].rvq_decode(frames).transpose(1, 2)  # (1, D, F)
+        frames = vae.bottleneck(pre)[0].transpose(1, 2)  # (1, F, latent)
+    return vae.decode(frames.transpose(1, 2))  # (1, 1, F * frame)
+
+
+def _prompt(models, u, cfg, seconds):
+    """The first `seconds` of clip u as a generation prompt: its latents, pre-latents and text stream."""
+    n = max(1, int(seconds * cfg.frame_rate))
+    x = torch.from_numpy(u.wav[:n * models["vae"].frame_size])[None, None].to(models["lm"].bos.device)
+    pre = models["vae"].pre_latent(x)
+    mu = models["vae"].bottleneck(pre)[0]
+    words = u.words if cfg.corpus == "speech" else []
+    text = text_stream(words, int(round(u.duration * cfg.frame_rate)) + 1, models["tok"], cfg)[:mu.shape[-1]]
+    return dict(latent=mu[0].T, pre=pre[0].T.float(), text=torch.from_numpy(text)), x
+
 
 @torch.no_grad()
 def sample(cfg):
