@@ -21,7 +21,7 @@ log-mel stand-in that the log names; losses are a plain weighted sum (no balance
 EnCodec's reconstruction terms and a quantizer warm-up, and a re-seeded dead code keeps a grace (ours).
 The text tokenizer is a corpus BPE, not the 32k SentencePiece, so the released LM loads but is not sampled;
 the paper's five training stages become a short text stage, then the built-in dialogues.
-Aim 1300 lines not reached (1950): two models, each with its own losses, data, train, eval, sample, bench.
+Aim 1300 lines not reached (1925): two models, each with its own losses, data, train, eval, sample, bench.
 
     python moshi.py                                        # 1. Mimi on the built-in speech corpus
     python moshi.py --stage=lm --codec=out/moshi/codec/ckpt.pt  # 2. the LM on Mimi codes of the dialogues
@@ -468,10 +468,6 @@ def _sample_rows(x, n):
     return x[idx]
 
 
-def _distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
 class Codebook(nn.Module):
     """One VQ level: 2048 entries, nearest neighbour in Euclidean distance, learned by EMA, not by gradients.
     The buffers are the official ones: codebook = embedding_sum / usage (so both can decay together)."""
@@ -510,7 +506,7 @@ class Codebook(nn.Module):
         self._dead_codes(x)
         counts = torch.bincount(codes, minlength=self.cluster_usage.shape[0]).float()
         sums = torch.zeros_like(self.embedding_sum).index_add_(0, codes, x)
-        if _distributed():  # the global batch's statistics (mean over ranks, as the official code)
+        if common._distributed():  # the global batch's statistics (mean over ranks, as the official code)
             for t in (counts, sums):
                 dist.all_reduce(t)
                 t /= dist.get_world_size()
@@ -529,13 +525,10 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def _dead_codes(self, x):
-        # An entry used less than dead_ratio x the uniform share is re-seeded with a vector of this batch,
-        # with the uniform share as its new usage (official ratios; official check every 5 steps, ours every
-        # update). Ours: the grace. `age` counts this level's own updates, and under quantizer dropout a level
-        # runs only in the steps that draw it, so the grace is counted in steps that could have used the
-        # entry: a re-seeded entry is kept for its next dead_grace updates whatever its usage (at decay 0.99
-        # the reset usage alone keeps it ~229 unused updates; the grace is a floor that holds at any
-        # --ema_decay).
+        # An entry used less than dead_ratio x the uniform share is re-seeded with a vector of this batch and
+        # the uniform share as its usage (official ratios; checked every update, official: every 5 steps).
+        # Ours, the grace: a re-seeded entry is kept for its level's next dead_grace updates whatever its
+        # usage; `age` counts the level's own updates: under quantizer dropout, the steps that draw it.
         self.age.add_(1)
         share = self.cluster_usage.sum() / self.cluster_usage.shape[0]
         dead = (self.cluster_usage < self.dead_ratio * share) & (self.age > self.grace)
@@ -547,7 +540,7 @@ class Codebook(nn.Module):
             self._sync()
 
     def _sync(self):
-        if _distributed():  # rank 0's random choices win
+        if common._distributed():  # rank 0's random choices win
             for b in self.buffers():
                 dist.broadcast(b, 0)
 
@@ -573,9 +566,8 @@ class RVQ(nn.Module):
             residual, out, codes, commit, ready = flat, torch.zeros_like(flat), [], 0.0, True
             for cb in self.codebooks[:n_q]:
                 # k-means one level per step (official ResidualVectorQuantization): a level may initialise
-                # only if the one above was initialised before this step, so each starts on a residual its
-                # parent shaped (on one batch, all levels at once, levels 2+ see the all-zero residual k-means
-                # leaves)
+                # only once the one above was initialised in an earlier step, so it fits a residual its
+                # parent shaped (all at once, levels 2+ would fit the all-zero residual k-means leaves)
                 was = bool(cb.initialized)
                 q, c = cb(residual.detach(), initialize=ready)
                 ready = was
@@ -714,8 +706,7 @@ class STFTDiscriminator(nn.Module):
             spec = torch.stft(x.float().reshape(B * C, T), self.n_fft, self.n_fft // 4, window=self.window,
                               center=False, return_complex=True) / self.window.pow(2).sum().sqrt()
         spec = spec.view(B, C, *spec.shape[1:])  # (B, C, F, frames)
-        # (B, 2C, frames, F) in channels-last memory: thin 2D convs run forward and backward ~1.5x faster so
-        # on the CPU (the same numbers up to rounding)
+        # (B, 2C, frames, F), channels-last: thin 2D convs run faster so on a CPU (same numbers)
         z = torch.cat([spec.real, spec.imag], 1).transpose(2, 3).contiguous(memory_format=torch.channels_last)
         fmap = []
         for conv in self.convs:
@@ -819,34 +810,17 @@ def load_teacher(cfg, utts):
     return feats
 
 
-class FrameSampler(common.SegmentSampler):
-    """common.SegmentSampler with crops starting on frame boundaries, remembering where each crop began, so
-    the teacher features of the same stretch of audio can be cut out beside it."""
-
-    def next(self):
-        idx = self.rng.choice(len(self.wavs), size=self.batch_size, p=self.p)
-        out, starts = [], []
-        for i in idx:
-            w = self.wavs[i]
-            n_starts = max(0, w.shape[-1] - self.seg_len) // self.align + 1
-            start = int(self.rng.integers(0, n_starts)) * self.align
-            seg = np.asarray(w[..., start:start + self.seg_len])
-            seg = np.pad(seg, [(0, 0)] * (seg.ndim - 1) + [(0, self.seg_len - seg.shape[-1])])
-            out.append(seg.astype(np.float32) / 32768.0 if seg.dtype == np.int16 else seg.astype(np.float32))
-            starts.append(start)
-        self.last = (idx, starts)
-        return torch.from_numpy(np.stack(out)), torch.from_numpy(idx.astype(np.int64))
-
-
 def get_batch(sampler, cfg, rt, teacher=None):
-    """(B, 1, segment) waveforms and their teacher features (B, dim, segment / 1920) at Mimi's frame rate."""
-    x = sampler.next()[0].view(cfg.batch_size, 1, cfg.segment)
+    """(B, 1, segment) waveforms and their teacher features (B, dim, segment / 1920) at Mimi's frame rate,
+    cut where the sampler (common.SegmentSampler, crops aligned to frames) began each crop."""
+    x, idx = sampler.next()
+    x = x.view(cfg.batch_size, 1, cfg.segment)
     if teacher is None:
         t = standin_teacher(x, cfg)
     else:
         n = cfg.segment * TEACHER_RATE // cfg.sample_rate
         rows = []
-        for i, s in zip(*sampler.last):
+        for i, s in zip(idx.tolist(), sampler.last_starts):
             f = np.asarray(teacher[i][s * TEACHER_RATE // cfg.sample_rate:][:n], dtype=np.float32)
             rows.append(np.pad(f, ((0, n - f.shape[0]), (0, 0))).T)  # (dim, n)
         t = pool_to_frames(torch.from_numpy(np.stack(rows)), cfg)
@@ -944,11 +918,8 @@ def load_for_inference(cfg, rt):
         raise SystemExit(f"error: checkpoint {path!r} does not exist (train first, or pass --init_from=PATH)")
     if _is_official_path(path):
         sd = read_official(path)
-        if sd is None:
-            raise SystemExit(f"error: {path!r} is neither a nanoaudio checkpoint nor an official Mimi "
-                             "weight file")
         G = Mimi(official_config(cfg, sd))
-        common.load_state_dict(G, official_state_dict_to_ours(sd, cfg), what="Mimi (official weights)")
+        load_official({"G": G}, sd)
         common.log(f"loaded the official Mimi weights from {path}")
         return G.to(rt.device).eval()
     G = Mimi(cfg)
@@ -1046,12 +1017,8 @@ def listening_set(cfg, model, out):
 
 def train(cfg):
     rt = common.setup(cfg)
-    official = _is_official_path(cfg.init_from)
-    sd = read_official(cfg.init_from) if official else None
-    if official:
-        if sd is None:
-            raise SystemExit(f"error: {cfg.init_from!r} is neither a nanoaudio checkpoint nor an official "
-                             "Mimi weight file")
+    sd = read_official(cfg.init_from) if _is_official_path(cfg.init_from) else None
+    if sd is not None:  # the authors' file: its sizes before build, its weights after
         official_config(cfg, sd)
     state = build(cfg, rt)
     counts = {k: f"{common.count_params(state[k]):,}" for k in "GDP"}
@@ -1064,9 +1031,9 @@ def train(cfg):
     common.check_clips(train_utts, state["G"].frame_size, "train split")
     common.check_clips(val_utts, state["G"].frame_size, "val split")
     teacher = load_teacher(cfg, train_utts)
-    sampler = FrameSampler([u._audio for u in train_utts], cfg.segment, cfg.batch_size, cfg.seed, rt.rank,
-                           rt.world_size, align=state["G"].frame_size)
-    if official:
+    sampler = common.SegmentSampler([u._audio for u in train_utts], cfg.segment, cfg.batch_size, cfg.seed,
+                                    rt.rank, rt.world_size, align=state["G"].frame_size)
+    if sd is not None:
         load_official(state, sd)
         common.log(f"initialized from the official weights {cfg.init_from} (step 0, fresh optimizers)")
         step = 0
@@ -1831,12 +1798,15 @@ def lm_bench(cfg):
 # The authors' files (Mimi: tokenizer-*.safetensors; the LM: its state dict): detection, sizes, key maps.
 
 def read_official(path):
-    """The authors' Mimi weights: tokenizer-*.safetensors or a torch file {"model": state_dict}; else None."""
+    """The authors' Mimi weights: tokenizer-*.safetensors or a torch file {"model": state_dict}."""
     if path.endswith((".safetensors", ".sft")):
         return common.read_safetensors(path)
     ckpt = common.load_checkpoint(path)
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    return sd if isinstance(sd, dict) and any(str(k).startswith("encoder.model.") for k in sd) else None
+    if not (isinstance(sd, dict) and any(str(k).startswith("encoder.model.") for k in sd)):
+        raise SystemExit(f"error: {path!r} is neither a nanoaudio checkpoint nor an official Mimi "
+                         "weight file")
+    return sd
 
 
 def official_config(cfg, sd):
@@ -1916,8 +1886,7 @@ def official_state_dict_to_ours(sd, cfg):
 
 
 def load_official(state, sd):
-    """--init_from=official file in training: its weights into G (sizes were set from it before build)."""
-    sd = sd if any(k.startswith("encoder.") and ".conv.conv." in k for k in sd) else read_official(sd)
+    """An official state dict's weights into state["G"] (built with official_config's sizes)."""
     common.load_state_dict(state["G"], official_state_dict_to_ours(sd, state["G"].cfg),
                            what="Mimi (official weights)")
 

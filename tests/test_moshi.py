@@ -344,18 +344,21 @@ def test_teacher_features_align_with_the_crops(tmp_path):
         np.save(tmp_path / f"{u.id}.npy", np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, 1))
     assert M.teacher_dim(cfg) == 3
     teacher = M.load_teacher(cfg, utts)
-    sampler = M.FrameSampler([u._audio for u in utts], cfg.segment, cfg.batch_size, 0, align=1920)
+    sampler = common.SegmentSampler([u._audio for u in utts], cfg.segment, cfg.batch_size, 0, align=1920)
+    drawn, next_batch = [], sampler.next
+    sampler.next = lambda: drawn.append(next_batch()) or drawn[-1]
     rt = common.setup(cfg, log_to_file=False)
     x, t = M.get_batch(sampler, cfg, rt, teacher)
+    idx = drawn[0][1].tolist()
     assert t.shape == (cfg.batch_size, 3, cfg.segment // 1920)
-    for b, s in enumerate(sampler.last[1]):
+    for b, s in enumerate(sampler.last_starts):
         first = s // 480  # 50 Hz frame of the crop's first sample
         want = torch.tensor([first + 4 * k + 1.5 for k in range(t.shape[-1])])
-        n = len(teacher[sampler.last[0][b]])
+        n = len(teacher[idx[b]])
         want = torch.where(torch.arange(t.shape[-1]) * 4 + first + 3 < n, want, t[b, 0])  # zero-padded tail
         assert torch.allclose(t[b, 0], want), (s, t[b, 0], want)
-        assert torch.equal(x[b, 0], torch.from_numpy(utts[sampler.last[0][b]].wav[s:s + cfg.segment].copy()).float()
-                           if len(utts[sampler.last[0][b]].wav) >= s + cfg.segment else x[b, 0])
+        assert torch.equal(x[b, 0], torch.from_numpy(utts[idx[b]].wav[s:s + cfg.segment].copy()).float()
+                           if len(utts[idx[b]].wav) >= s + cfg.segment else x[b, 0])
 
 
 def test_standin_teacher_frames():
