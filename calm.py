@@ -19,7 +19,7 @@ VAE has no WavLM distillation; the CPU presets add EnCodec's reconstruction term
 element with a small initial sigma (ours). sCM details the card lacks are sCM's own [recalled]; no latent
 CFG, no distillation, no EOS head (the text stream ends an utterance), no weight EMA. The RVQ baseline's
 codebooks are k-means on cached latents, not trained jointly.
-Aim 1100 lines not reached (1467): two stages, two heads, TTS and continuation, each with eval and bench.
+Aim 1100 lines not reached (1475): two stages, two heads, TTS and continuation, each with eval and bench.
 
     python calm.py --stage=vae                      # 1. the VAE-GAN on the built-in speech (out/calm/vae)
     python calm.py --stage=lm                       # 2. the LM over its latents (reads out/calm/vae/ckpt.pt)
@@ -861,12 +861,16 @@ def clips(cfg, split):
 
 
 def get_batch(sampler, cfg, rt):
-    """LM: crops of the cached arrays -> dict(latent (B, S, latent) raw means, pre (B, S, D) or None, text (B,
-    S), valid (B, S)). VAE: (B, 1, segment) waveforms."""
+    """VAE: (B, 1, segment) waveforms. LM: crops of the cached arrays, as lm_batch."""
     x = sampler.next()[0]
     if cfg.stage == "vae":
         return x.view(cfg.batch_size, 1, cfg.segment).to(rt.device)
-    x = x.transpose(1, 2).to(rt.device)  # (B, S, rows)
+    return lm_batch(x.transpose(1, 2).to(rt.device), cfg)
+
+
+def lm_batch(x, cfg):
+    """(B, S, rows) of the cached arrays -> dict(latent (B, S, latent) raw means, pre (B, S, D) or None,
+    text (B, S), valid (B, S))."""
     L, D = cfg.latent_dim, cfg.dimension if cfg.head == "rvq" else 0
     return dict(latent=x[..., :L], pre=x[..., L:L + D] if D else None, text=x[..., L + D].long(),
                 valid=x[..., L + D + 1])
@@ -1136,10 +1140,7 @@ def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
             packed = encode_corpus(vae, utts, models["tok"], cfg, dev)
             err, tce = [], []
             for p in packed:
-                b = torch.from_numpy(p).T[None].to(dev)  # (1, S, rows)
-                L, D = cfg.latent_dim, cfg.dimension if cfg.head == "rvq" else 0
-                batch = dict(latent=b[..., :L], pre=b[..., L:L + D] if D else None, text=b[..., L + D].long(),
-                             valid=b[..., L + D + 1])
+                batch = lm_batch(torch.from_numpy(p).T[None].to(dev), cfg)  # one whole clip
                 err.append(teacher_forced_error(lm, vae, batch, cfg))
                 tce.append(lm_losses(lm, batch, cfg, 1.0)["text_ce"].item())
             res = dict(latent_mse=round(float(np.mean(err)), 4), text_ce=round(float(np.mean(tce)), 4))
