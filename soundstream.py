@@ -778,7 +778,7 @@ def train_step(state, batch, cfg, rt):
         y_hat, _ = G(batch["x"], batch["n_q"], batch["cond"], quantize)
     rec, time = reconstruction_loss(y, y_hat, cfg), (y - y_hat.float()).abs().mean()
     recon = cfg.lambda_rec * rec + cfg.lambda_time * time  # (time: ours, 0 in the paper preset)
-    if common.unwrap(G).quantizer._steps <= cfg.disc_warmup:  # reconstruction alone (ours): no D, 2.5x faster
+    if common.unwrap(G).quantizer._steps <= cfg.disc_warmup:  # reconstruction alone (ours): no D, half the cost
         opt_g.zero_grad(set_to_none=True)
         recon.backward()
         _clip(opt_g, cfg)
