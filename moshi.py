@@ -225,7 +225,8 @@ LM_ARCH_KEYS = ("stage", "sample_rate", "frame_rate", "text_card", "lm_card", "d
                 "lm_heads", "lm_hidden_scale", "dep_dim", "dep_layers", "dep_heads", "dep_ffn",
                 "acoustic_delay", "codec")
 
-# ----------------------------------------------------------------------------- model: Mimi (§3.3)
+# ----------------------------------------------------------------------------- model
+# Mimi (§3.3)
 
 def _init_conv(conv):
     # Variance-preserving init (encodec.py's finding, not the paper's): N(0, 1/fan_in) and zero bias keep the
@@ -724,7 +725,8 @@ class Discriminator(nn.Module):
         outs = [d(x) for d in self.discs]
         return [o[0] for o in outs], [o[1] for o in outs]
 
-# ----------------------------------------------------------------------------- loss: Mimi
+# ----------------------------------------------------------------------------- loss
+# Mimi
 
 def generator_adv_loss(logits_fake):  # hinge: 1/K sum_k mean relu(1 - D_k(x_hat))
     return sum(F.relu(1 - l.float()).mean() for l in logits_fake) / len(logits_fake)
@@ -774,7 +776,8 @@ def distill_loss(pred, target):
     pred, target: (B, dim, F); 0 when every frame points the same way."""
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=1)).mean()
 
-# ----------------------------------------------------------------------------- data: Mimi
+# ----------------------------------------------------------------------------- data
+# Mimi
 
 TEACHER_RATE = 50  # Hz: WavLM's frame rate (hop 320 at 16 kHz): 4 teacher frames per 80 ms Mimi frame
 
@@ -830,7 +833,8 @@ def get_batch(sampler, cfg, rt, teacher=None):
 def speech(cfg, split):
     return common.load_corpus(cfg, split, cfg.sample_rate, kind="speech")
 
-# ----------------------------------------------------------------------------- train: Mimi
+# ----------------------------------------------------------------------------- train
+# Mimi
 
 def _step_rng(cfg, step):
     # per-step choices every rank must agree on (how many acoustic codebooks): a shared, resumable RNG
@@ -1055,7 +1059,8 @@ def train(cfg):
             common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
-# ----------------------------------------------------------------------------- sample: Mimi
+# ----------------------------------------------------------------------------- sample
+# Mimi
 
 @torch.no_grad()
 def sample(cfg):
@@ -1085,7 +1090,8 @@ def sample(cfg):
                f"kbps), SI-SNR {common.si_snr(y, x):.2f} dB, streaming vs offline max diff "
                f"{(y_stream - y).abs().max().item():.2e} -> {out}/{tag}.wav")
 
-# ----------------------------------------------------------------------------- bench: Mimi
+# ----------------------------------------------------------------------------- bench
+# Mimi
 
 def bench(cfg):
     """train_step ms and audio-s/s; encode / decode real-time factor at batch 1, eager vs compiled; the
@@ -1125,7 +1131,8 @@ def bench(cfg):
     figures["frame_ms"] = 1000 * G.frame_size / cfg.sample_rate  # the real-time budget of one step: 80 ms
     common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
 
-# ----------------------------------------------------------------------------- model: the Moshi LM (§3.2)
+# ----------------------------------------------------------------------------- model
+# the Moshi LM (§3.2)
 
 # Helium (§3.2) and the RQ-Transformer (§3.4.1): a temporal Transformer over 80 ms steps, whose input is
 # the sum of the embeddings of every stream at that step, and a small depth Transformer that, within a step,
@@ -1322,7 +1329,8 @@ class MoshiLM(nn.Module):
         mask = mask & (codes[:, 1:1 + self.K] != -1)
         return logits, mask, text_logits[:, None], (codes[:, :1] != -1)
 
-# ----------------------------------------------------------------------------- loss: the Moshi LM
+# ----------------------------------------------------------------------------- loss
+# the Moshi LM
 
 def lm_loss(logits, text_logits, codes, cfg):
     """§3.4.3 (moshi-finetune's loss): L = CE_text + CE_audio, each a weighted mean over its valid positions:
@@ -1342,7 +1350,8 @@ def lm_loss(logits, text_logits, codes, cfg):
                 semantic=mean(ce_a[:, :1], mask[:, :1].float()),
                 acoustic=mean(ce_a[:, 1:], mask[:, 1:].float()))
 
-# ----------------------------------------------------------------------------- data: the Moshi LM
+# ----------------------------------------------------------------------------- data
+# the Moshi LM
 
 def text_pad_ids(cfg):  # PAD and EPAD (end of padding, §3.4.4): the text vocabulary's last two ids
     return cfg.text_card - 2, cfg.text_card - 1
@@ -1479,7 +1488,8 @@ def lm_get_batch(sampler, cfg, rt, step):
     """Stage 1 (Helium on text) for the first text_iters steps, then stage 2 (the dialogues, two streams)."""
     return sampler.next(step < cfg.text_iters).to(rt.device)
 
-# ----------------------------------------------------------------------------- train: the Moshi LM
+# ----------------------------------------------------------------------------- train
+# the Moshi LM
 
 def load_codec(cfg, rt):
     """The Mimi whose codes the LM models (--codec: our codec checkpoint or the official file), frozen."""
@@ -1644,7 +1654,8 @@ def lm_train(cfg):
             common.save_checkpoint(cfg, step, state, sampler=sampler)
     common.cleanup(rt)
 
-# ----------------------------------------------------------------------------- sample: the Moshi LM
+# ----------------------------------------------------------------------------- sample
+# the Moshi LM
 
 def sample_token(logits, temp, top_k, gen):
     """§3.4.3: top-k sampling at a temperature (temp 0: greedy). logits (B, V) -> (B,)."""
@@ -1754,7 +1765,8 @@ def lm_sample(cfg):
     words = " ".join(w for w, _ in said)[:300]
     common.log(f"{name}: {len(text)} steps of 80 ms; Moshi said: {words!r} -> {path}")
 
-# ----------------------------------------------------------------------------- bench: the Moshi LM
+# ----------------------------------------------------------------------------- bench
+# the Moshi LM
 
 def lm_bench(cfg):
     """train_step ms and audio-s/s; the per-frame latency of the full streaming step (Mimi encode of the
