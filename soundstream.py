@@ -1,61 +1,41 @@
 """
-SoundStream: An End-to-End Neural Audio Codec (Zeghidour, Luebs, Omran, Skoglund, Tagliasacchi, 2021) — https://arxiv.org/abs/2107.03312
+SoundStream: An End-to-End Neural Audio Codec (Zeghidour et al., 2021) — https://arxiv.org/abs/2107.03312
 
-The idea: a fully convolutional, causal encoder (strides 2·4·5·8) turns 24 kHz audio into 75 embeddings per
-second; a residual vector quantizer (RVQ, Alg. 1) replaces each by up to N_q ten-bit codes, each codebook
-quantizing what the ones before it left; a mirror decoder turns the codes back into audio. Quantizer dropout
-(§III-C) draws a number of codebooks n_q ∈ {1..N_q} per training example, so ONE model serves 3 to 18 kbps
-(75 Hz × 10 bits × n_q). A FiLM layer driven by a "denoise" flag (§III-F) makes the same codec a speech
-enhancer on demand, at the encoder or the decoder side. Training (§III-D, §III-E) adds a multi-scale waveform
-discriminator and an STFT discriminator on complex spectrograms (hinge loss, feature matching) to a
-multi-scale mel reconstruction loss. Every convolution is causal, so encoding and decoding stream in chunks
-with exactly the offline result.
+The idea: one neural codec for speech, music and general audio at 3 to 18 kbps, a single model that
+streams and, asked to, denoises. A fully convolutional, causal encoder (§III-A, strides 2·4·5·8) turns
+24 kHz audio into 75 embeddings per second; a residual vector quantizer (RVQ, §III-C, Alg. 1) replaces
+each by up to N_q ten-bit codes, each codebook quantizing what the ones before it left; a mirror decoder
+(§III-B) turns the codes back into audio. Quantizer dropout draws the number of codebooks n_q ∈ {1..N_q}
+per training example, so one model serves every bitrate (75 Hz × 10 bits × n_q). A FiLM layer driven by
+a "denoise" flag (§III-F) makes the same codec a speech enhancer on demand, at the encoder or the decoder
+side. Training (§III-D, §III-E) adds a multi-scale waveform discriminator and an STFT discriminator on
+complex spectrograms (hinge loss, feature matching) to a multi-scale mel reconstruction loss. Codebooks
+start from k-means and learn by EMA, an unused code is re-seeded from the batch, and every convolution is
+causal: encoding and decoding in chunks gives exactly the offline result.
 
-Section labels are the arXiv paper's (III-A encoder, III-B decoder, III-C RVQ, III-D discriminators, III-E
-training objective, III-F joint compression and enhancement; Alg. 1 the RVQ), as recalled, not re-checked.
-
-Simplified or changed here (honestly):
-- The embedding dimension D, the optimizer, lr, batch and step count are not in the paper (addendum §4): this
-  file takes D = 128, Adam lr 1e-4 with betas (0.5, 0.9), batch 32, 1 s crops, 200k steps (the Audyn reading).
-- No separate commitment or codebook loss: codebooks learn by EMA only and the encoder through the
-  straight-through estimator, as the paper's objective (adversarial + feature + reconstruction) implies.
-- Convolutions start from a variance-preserving init (N(0, 1/fan_in), zero bias; what encodec.py found an
-  untrained encoder needs so k-means sees latents that move), and the last conv of each residual branch starts
-  at a quarter of that, so 12 residual units do not blow the signal up.
-- FiLM sits once, on the embedding (after the encoder, or before the decoder), with a flag c ∈ {0, 1}:
-  (1 + γ c) ⊙ z + β c, so "denoise off" is exactly the plain codec. Noise is synthetic coloured Gaussian noise
-  at 0-20 dB SNR added to the built-in speech and music (the paper: Freesound noise on LibriTTS speech).
-- The CPU `small` preset narrows everything (C = 8, D = 64, discriminator widths / 8), trains on batches of
-  6 x 0.4 s for 2400 steps at lr 1e-3: the first 120 as a plain autoencoder (cfg.quantizer_warmup), the first
-  2000 on reconstruction alone (cfg.disc_warmup), with a waveform L1 (cfg.lambda_time, EnCodec's ℓ_t) added,
-  then 400 with the discriminators. All ours, 0 in the paper preset: a step without D costs half as much, and in
-  15 CPU minutes the codec must first learn to reconstruct at all (with 240 such steps it stayed below 0 dB).
-- Reconstruction is averaged over frames (the paper sums), so its weight means the same for any crop; λ_rec =
-  0.04 is ours, set from gradient norms on x̂ at init (small preset): rec 0.54 : time 0.17 : feat 0.13 : adv
-  0.005.
-- RVQ (ours where the paper is silent): k-means initialises one level per step, level i on the residual of
-  step warmup + i + 1 (the official Mimi code); a layer's dead-code threshold scales with the share of
-  examples that quantizer dropout lets reach it, and a re-seeded code keeps cfg.dead_code_grace steps before
-  it can be re-drawn.
-- Feature matching is the mean absolute difference over every layer of every discriminator (the paper's
-  1/(K L) Σ with each map's elements averaged).
-- Real-time streaming is exact but not optimised (no fused kernels, no int8); no entropy coding.
-- A training step never reads the device (a GPU does not stall): the k-means flag and the warm-up step count
-  have host-side copies read once per run, the dead-code reset is a masked update, and the codec and the
-  discriminators each compile as one graph (tests/test_soundstream.py checks both on the CPU).
+Simplified or changed here:
+- Not in the paper, so ours: D = 128, Adam lr 1e-4, betas (0.5, 0.9), batch 32 x 1 s, 200k steps (Audyn's
+  reading); no commitment or codebook loss (EMA codebooks, straight-through encoder); variance-preserving
+  init; reconstruction averaged over frames (the paper sums), λ_rec = 0.04; k-means one RVQ level per step;
+  dead-code thresholds scaled by the share of examples dropout lets reach a level, and a grace period.
+- FiLM once, on the embedding: (1 + γc) ⊙ z + βc, so c = 0 is the plain codec. Noise: coloured Gaussian at
+  0-20 dB SNR on the built-in corpus (the paper: Freesound noise on LibriTTS). No entropy coding.
+- `small` (CPU): narrow nets, 6 x 0.4 s batches, 2400 steps at lr 1e-3, the first 120 without the RVQ, the
+  first 2000 without D, plus a waveform L1 (quantizer_warmup, disc_warmup, lambda_time: 0 in `paper`).
+- 932 lines, not 750: FiLM denoising, two discriminator families and streaming in every layer are the paper's.
 
     python soundstream.py                                          # train on the built-in speech+music corpus
     python soundstream.py --preset=paper --batch_size=32           # the paper's model (one GPU)
     python soundstream.py --init_from=resume                       # continue out/soundstream/ckpt.pt
     python soundstream.py --mode=sample --init_from=out/soundstream/ckpt.pt   # 3/6/12/18 kbps + denoising
-    python soundstream.py --mode=eval --init_from=out/soundstream/ckpt.pt     # SI-SNR / mel distance per bitrate
-    python soundstream.py --quantizer_dropout=False --n_q=8        # a single-bitrate (6 kbps) model, to compare
+    python soundstream.py --mode=eval --init_from=out/soundstream/ckpt.pt     # SI-SNR / mel distance per kbps
+    python soundstream.py --quantizer_dropout=False --n_q=8        # one bitrate (6 kbps), to compare
     python soundstream.py --mode=bench
     torchrun --standalone --nproc_per_node=8 soundstream.py --preset=paper
 """
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -66,7 +46,6 @@ import torch.nn.functional as F
 import common
 
 # ----------------------------------------------------------------------------- config
-
 
 @dataclass
 class Config:
@@ -81,23 +60,23 @@ class Config:
     sample_rate: int = 24000           # §IV: 24 kHz
     n_filters: int = 32                # C: channels after the first conv, doubled by every encoder block
     dimension: int = 128               # D, the embedding dimension (not in the paper; addendum §4)
-    strides: tuple = (2, 4, 5, 8)      # encoder block strides -> hop 320 -> 75 Hz at 24 kHz (decoder: reversed)
+    strides: tuple = (2, 4, 5, 8)      # encoder strides: hop 320, 75 Hz at 24 kHz (the decoder's reversed)
     dilations: tuple = (1, 3, 9)       # the three residual units of every block
     # residual vector quantizer (§III-C, Alg. 1)
     n_q: int = 24                      # N_q codebooks: 24 x 10 bits x 75 Hz = 18 kbps
     codebook_size: int = 1024          # entries per codebook (10 bits)
     bitrates: tuple = (3.0, 6.0, 12.0, 18.0)  # kbps at which evaluate() and sample() run (n_q = 4, 8, 16, 24)
-    quantizer_dropout: bool = True     # §III-C: n_q ~ U{1..N_q} per example; False = always N_q (single bitrate)
+    quantizer_dropout: bool = True     # §III-C: n_q ~ U{1..N_q} per example; False: always N_q
     ema_decay: float = 0.99            # EMA decay of the codebook statistics (VQ-VAE-2 updates)
     kmeans_iters: int = 50             # k-means iterations on the first batch (codebook init)
     dead_code_threshold: float = 2.0   # a code whose EMA usage falls below this is re-seeded from the batch
                                        # (for a layer every example uses; scaled by the share that uses it)
     dead_code_grace: int = 50          # steps a re-seeded code lives unused before it can be re-drawn (ours)
-    quantizer_warmup: int = 0          # first steps with the RVQ bypassed, k-means after (laptop-scale aid, not in the paper)
+    quantizer_warmup: int = 0          # first steps with the RVQ bypassed, k-means after (ours, CPU)
     # joint compression and enhancement (§III-F)
     film: str = "encoder"              # where FiLM applies the denoise flag: encoder | decoder | none
     noise_prob: float = 0.5            # fraction of training examples with background noise added
-    denoise_prob: float = 0.5          # fraction of training examples with the denoise flag on (target = clean)
+    denoise_prob: float = 0.5          # fraction of examples with the denoise flag on (target = clean)
     snr_range: tuple = (0.0, 20.0)     # SNR (dB) of the added noise, drawn uniformly
     eval_snr: float = 5.0              # SNR (dB) of the noisy held-out speech in evaluate()
     # discriminators (§III-D)
@@ -110,10 +89,9 @@ class Config:
     lambda_adv: float = 1.0            # hinge adversarial
     lambda_feat: float = 100.0         # feature matching
     lambda_rec: float = 0.04           # multi-scale spectral reconstruction (ours, for the averaged form)
-    # At init (small preset, 3 batches) the gradient norms on x̂ of λ·term are rec 13.4 : feat 0.132 :
-    # adv 0.005 at λ_rec = 1: the paper's weights (1, 100, 1) would leave feature matching 1 % of the push.
-    # λ_rec = 0.04 gives rec ≈ 4x feat ≈ 100x adv; λ_time = 100 (small) gives time ≈ 1.3x feat
-    # (tests/test_soundstream.py::test_loss_balance_at_init pins these bands).
+    # At init, at λ_rec = 1, the gradient norms on x̂ are rec 13.4 : feat 0.132 : adv 0.005: the paper's
+    # weights (1, 100, 1) would leave feature matching 1 % of the push. λ_rec = 0.04 gives rec ≈ 4x feat
+    # ≈ 100x adv; λ_time = 100 (small) time ≈ 1.3x feat (test_loss_balance_at_init pins these bands).
     lambda_time: float = 0.0           # waveform L1 (ours, EnCodec's ℓ_t; not in SoundStream): aligns phase
     disc_warmup: int = 0               # first steps on reconstruction alone, no discriminator (ours, CPU)
     mel_scales: tuple = (6, 7, 8, 9, 10, 11)  # windows s = 2^6 .. 2^11, hop s/4
@@ -129,15 +107,16 @@ class Config:
     eval_interval: int = 5000          # evaluate and checkpoint
     eval_items: int = 8                # held-out clips per kind (speech, music, noisy speech) in evaluate()
     eval_seconds: float = 4.0          # crop held-out clips to this length
-    listen_items: int = 16             # --mode=eval: whole test speech clips written at the lowest and
-                                       # highest bitrate and as originals, three folders an ASR judges
+    listen_items: int = 16             # --mode=eval: whole test speech clips at the lowest and highest
+                                       # bitrate and the originals: three folders an ASR judges
     bench_seconds: float = 10.0        # audio length for the encode/decode real-time factors
     device: str = "auto"
-    dtype: str = "auto"                # bf16 autocast on CUDA, fp32 elsewhere (quantizer, STFTs, losses stay fp32)
+    dtype: str = "auto"                # bf16 autocast on CUDA, fp32 elsewhere (quantizer, STFTs, losses fp32)
     compile: bool = True
     seed: int = 1337
 
     def validate(self):
+        """This file's own fields (common.parse_config checks the shared ones): one error line each."""
         def bad(msg):
             raise SystemExit(f"error: {msg}")
         if self.film not in ("encoder", "decoder", "none"):
@@ -154,27 +133,24 @@ class Config:
         for k in ("noise_prob", "denoise_prob"):
             if not 0 <= getattr(self, k) <= 1:
                 bad(f"--{k} must lie in [0, 1] (got {getattr(self, k)})")
-        if self.segment < max(hop, self.stft_window, 2 ** max(self.mel_scales)):
+        longest = max(hop, self.stft_window, 2 ** max(self.mel_scales))
+        if self.segment < longest:
             bad(f"--segment={self.segment} is shorter than the hop, --stft_window or the largest mel window "
-                f"({max(hop, self.stft_window, 2 ** max(self.mel_scales))} samples)")
+                f"({longest} samples)")
         if self.stft_window // 2 % 64:
-            bad(f"--stft_window={self.stft_window}: its {self.stft_window // 2} bins must halve 6 times (a multiple of 128)")
-
+            bad(f"--stft_window={self.stft_window}: its {self.stft_window // 2} bins must halve 6 times "
+                "(a multiple of 128)")
 
 PRESETS = {
     "paper": dict(),                                       # §IV: C = 32, N_q = 24 (3-18 kbps), 24 kHz
     "small": dict(n_filters=8, dimension=64, wave_channels=2, stft_channels=4, segment=9600, batch_size=6,
-                  log_interval=20, eval_items=4, bench_seconds=4.0,
-                  kmeans_iters=20, corpus_hours=1.0,
-                  # 2400 steps instead of 200k: a higher lr, and 120 steps as a plain autoencoder so that
-                  # k-means clusters latents that already describe the audio (encodec.py)
-                  lr=1e-3, quantizer_warmup=120,
-                  # ours: 2000 steps on reconstruction alone (half the cost, no D to fool yet), then 400
-                  # adversarial; a waveform L1 whose gradient on x̂ at init matches feature matching's, for
-                  # SI-SNR
-                  disc_warmup=2000, max_iters=2400, eval_interval=800, lambda_time=100.0,
-                  # the threshold 2 suits 32 x 1 s batches (2400 frames, 2.3 per code); 6 x 0.4 s gives 180
-                  # frames (0.18 per code): scale it by the frames per batch
+                  log_interval=20, eval_items=4, bench_seconds=4.0, kmeans_iters=20, corpus_hours=1.0,
+                  # 2400 steps, not 200k: a higher lr; 120 steps as a plain autoencoder so that k-means
+                  # clusters latents that describe the audio; 2000 on reconstruction alone (ours: no D to
+                  # fool yet, half the cost), with a waveform L1 whose gradient on x̂ matches feat's
+                  lr=1e-3, quantizer_warmup=120, disc_warmup=2000, max_iters=2400, eval_interval=800,
+                  lambda_time=100.0,
+                  # the threshold 2 suits 32 x 1 s batches (2.3 frames per code); scale it to 6 x 0.4 s
                   dead_code_threshold=2.0 * (6 * 30) / (32 * 75)),
     "tiny": dict(n_filters=2, dimension=8, n_q=4, codebook_size=16, bitrates=(0.6, 1.2), kmeans_iters=3,
                  wave_scales=2, wave_channels=1, stft_channels=2, stft_window=256, stft_hop=64,
@@ -188,9 +164,8 @@ ARCH_KEYS = ("sample_rate", "n_filters", "dimension", "strides", "dilations", "n
 # ----------------------------------------------------------------------------- model
 
 def _init(conv, gain=1.0):
-    # Variance-preserving init (not in the paper): N(0, gain^2/fan_in) weights and zero bias keep the signal's
-    # scale through the stack, so an untrained encoder's latents follow the audio and k-means finds many codes
-    # (PyTorch's default shrinks the signal ~2x per conv and adds a constant from the biases).
+    # N(0, gain^2/fan_in), zero bias (PyTorch's default shrinks the signal ~2x per conv): untrained latents
+    # follow the audio, so k-means finds many codes; gain 1/4 keeps 12 residual branches from blowing it up
     stride = conv.stride[0] if isinstance(conv, nn.ConvTranspose1d) else 1
     fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] / stride
     nn.init.normal_(conv.weight, 0.0, gain * fan_in ** -0.5)
@@ -199,9 +174,9 @@ def _init(conv, gain=1.0):
 
 
 class CausalConv1d(nn.Module):
-    """Conv1d padded with k_eff - stride zeros on the LEFT (§III-A: every convolution is causal), so output
-    frame t sees samples < (t+1)*stride only. stream() keeps those samples as an explicit history buffer."""
-
+    """Conv1d padded with k_eff - stride zeros on the LEFT (§III-A: every convolution is causal): output
+    frame t sees samples < (t+1)*stride only. Every module below takes an optional `state` dict: given one,
+    it runs on one chunk of a stream, the history it needs kept in state[module]."""
     def __init__(self, cin, cout, kernel, stride=1, dilation=1, gain=1.0):
         super().__init__()
         self.conv = _init(nn.Conv1d(cin, cout, kernel, stride, dilation=dilation), gain)
@@ -209,12 +184,11 @@ class CausalConv1d(nn.Module):
         self.k_eff = (kernel - 1) * dilation + 1
         self.pad = self.k_eff - stride
 
-    def forward(self, x):  # (B, Cin, T) -> (B, Cout, ceil(T/stride))
-        extra = -x.shape[-1] % self.stride  # complete the last window so the decoder can rebuild T samples
-        return self.conv(F.pad(x, (self.pad, extra)) if self.pad or extra else x)  # (F.pad copies even 0 + 0)
-
-    def stream(self, x, state):
-        # zero padding makes streaming simple: the history starts as the same `pad` zeros the offline pass uses
+    def forward(self, x, state=None):  # (B, Cin, T) -> (B, Cout, ceil(T/stride))
+        if state is None:
+            extra = -x.shape[-1] % self.stride  # complete the last window: the decoder rebuilds T samples
+            return self.conv(F.pad(x, (self.pad, extra)) if self.pad or extra else x)  # (F.pad copies 0 + 0)
+        # a stream's history starts as the `pad` zeros the offline pass uses
         buf = state.get(self)
         x = torch.cat([x.new_zeros(x.shape[0], self.cin, self.pad) if buf is None else buf, x], -1)
         n = (x.shape[-1] - self.pad) // self.stride  # complete windows
@@ -225,18 +199,16 @@ class CausalConv1d(nn.Module):
 
 
 class CausalConvTranspose1d(nn.Module):
-    """Transposed conv (kernel 2S, stride S) whose k - S overhanging samples are trimmed on the RIGHT (causal)."""
-
+    """Transposed conv (kernel 2S, stride S) whose k - S overhanging samples are trimmed on the RIGHT."""
     def __init__(self, cin, cout, kernel, stride):
         super().__init__()
         self.conv = _init(nn.ConvTranspose1d(cin, cout, kernel, stride))
         self.stride, self.cout, self.trim = stride, cout, kernel - stride
 
-    def forward(self, x):  # (B, Cin, T) -> (B, Cout, T*stride)
-        y = self.conv(x)  # (B, Cout, (T-1)*S + k)
-        return y[..., :y.shape[-1] - self.trim]
-
-    def stream(self, x, state):
+    def forward(self, x, state=None):  # (B, Cin, T) -> (B, Cout, T*stride)
+        if state is None:
+            y = self.conv(x)  # (B, Cout, (T-1)*S + k)
+            return y[..., :y.shape[-1] - self.trim]
         # the last k - S outputs of a chunk still receive contributions from the next input frame: keep them
         # (bias included) and add them to the next chunk's head, minus the bias counted twice
         if x.shape[-1] == 0:
@@ -252,64 +224,46 @@ class CausalConvTranspose1d(nn.Module):
 
 class ResidualUnit(nn.Module):
     """§III-A: causal conv k7 (dilation 1, 3 or 9) -> ELU -> conv k1, plus the identity."""
-
     def __init__(self, dim, dilation):
         super().__init__()
         self.conv1 = CausalConv1d(dim, dim, 7, dilation=dilation)
-        self.conv2 = CausalConv1d(dim, dim, 1, gain=0.25)  # (a small branch at init: see _init)
+        self.conv2 = CausalConv1d(dim, dim, 1, gain=0.25)  # a small branch at init (see _init)
 
-    def forward(self, x):
-        return x + self.conv2(F.elu(self.conv1(x)))
-
-    def stream(self, x, state):
-        # stride 1 and zero history: a chunk in gives a chunk of the same length out, so the skip lines up
-        return x + self.conv2.stream(F.elu(self.conv1.stream(x, state)), state)
+    def forward(self, x, state=None):  # stride 1: a chunk gives as many samples, so the skip lines up
+        return x + self.conv2(F.elu(self.conv1(x, state)), state)
 
 
 class EncoderBlock(nn.Module):
-    """§III-A: three residual units (dilations 1, 3, 9), then a strided conv (kernel 2S, stride S) doubling the channels."""
-
+    """§III-A: three residual units (dilations 1, 3, 9), then a strided conv (kernel 2S, stride S) doubling
+    the channels."""
     def __init__(self, dim, stride, cfg):
         super().__init__()
         self.res = nn.ModuleList(ResidualUnit(dim, d) for d in cfg.dilations)
         self.down = CausalConv1d(dim, 2 * dim, 2 * stride, stride)
 
-    def forward(self, x):
+    def forward(self, x, state=None):
         for r in self.res:
-            x = F.elu(r(x))
-        return F.elu(self.down(x))
-
-    def stream(self, x, state):
-        for r in self.res:
-            x = F.elu(r.stream(x, state))
-        return F.elu(self.down.stream(x, state))
+            x = F.elu(r(x, state))
+        return F.elu(self.down(x, state))
 
 
 class DecoderBlock(nn.Module):
-    """The mirror: a transposed conv (kernel 2S, stride S) halving the channels, then three residual units."""
-
+    """§III-B, the mirror: a transposed conv (kernel 2S, stride S) halving the channels, 3 residual units."""
     def __init__(self, dim, stride, cfg):
         super().__init__()
         self.up = CausalConvTranspose1d(dim, dim // 2, 2 * stride, stride)
         self.res = nn.ModuleList(ResidualUnit(dim // 2, d) for d in cfg.dilations)
 
-    def forward(self, x):
-        x = F.elu(self.up(x))
+    def forward(self, x, state=None):
+        x = F.elu(self.up(x, state))
         for r in self.res:
-            x = F.elu(r(x))
-        return x
-
-    def stream(self, x, state):
-        x = F.elu(self.up.stream(x, state))
-        for r in self.res:
-            x = F.elu(r.stream(x, state))
+            x = F.elu(r(x, state))
         return x
 
 
 class Encoder(nn.Module):
     """§III-A: conv k7 (1 -> C) -> 4 blocks (strides 2, 4, 5, 8; C -> 16C) -> conv k3 -> D. No LSTM, no
     normalisation: fully convolutional. (B, 1, T) -> (B, D, T/320)"""
-
     def __init__(self, cfg):
         super().__init__()
         C = cfg.n_filters
@@ -317,46 +271,33 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(C * 2 ** i, s, cfg) for i, s in enumerate(cfg.strides))
         self.conv_out = CausalConv1d(C * 2 ** len(cfg.strides), cfg.dimension, 3)
 
-    def forward(self, x):
-        x = self.conv_in(x)
+    def forward(self, x, state=None):
+        x = self.conv_in(x, state)
         for b in self.blocks:
-            x = b(x)
-        return self.conv_out(x)
-
-    def stream(self, x, state):
-        x = self.conv_in.stream(x, state)
-        for b in self.blocks:
-            x = b.stream(x, state)
-        return self.conv_out.stream(x, state)
+            x = b(x, state)
+        return self.conv_out(x, state)
 
 
 class Decoder(nn.Module):
-    """The mirror image (§III-B): conv k7 (D -> 16C) -> 4 blocks (strides 8, 5, 4, 2; 16C -> C) -> conv k7 -> 1."""
-
+    """§III-B, the mirror image: conv k7 (D -> 16C) -> 4 blocks (strides 8, 5, 4, 2; 16C -> C) -> conv k7."""
     def __init__(self, cfg):
         super().__init__()
         C, n = cfg.n_filters, len(cfg.strides)
         self.conv_in = CausalConv1d(cfg.dimension, C * 2 ** n, 7)
-        self.blocks = nn.ModuleList(DecoderBlock(C * 2 ** (n - i), s, cfg) for i, s in enumerate(reversed(cfg.strides)))
+        self.blocks = nn.ModuleList(DecoderBlock(C * 2 ** (n - i), s, cfg)
+                                    for i, s in enumerate(reversed(cfg.strides)))
         self.conv_out = CausalConv1d(C, 1, 7)
 
-    def forward(self, z):
-        x = F.elu(self.conv_in(z))
+    def forward(self, z, state=None):
+        x = F.elu(self.conv_in(z, state))
         for b in self.blocks:
-            x = b(x)
-        return self.conv_out(x)
-
-    def stream(self, z, state):
-        x = F.elu(self.conv_in.stream(z, state))
-        for b in self.blocks:
-            x = b.stream(x, state)
-        return self.conv_out.stream(x, state)
+            x = b(x, state)
+        return self.conv_out(x, state)
 
 
 class FiLM(nn.Module):
     """§III-F: feature-wise linear modulation of the embedding by the denoise flag c ∈ {0, 1} (B,):
     (1 + γ c) ⊙ z + β c per channel. c = 0 is exactly the identity: the plain codec."""
-
     def __init__(self, dim):
         super().__init__()
         self.gamma, self.beta = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
@@ -366,11 +307,10 @@ class FiLM(nn.Module):
         return z * (1 + self.gamma[None, :, None] * c) + self.beta[None, :, None] * c
 
 
-def _sample_rows(x, n):
-    # n random rows of x (without replacement when there are enough)
-    idx = torch.randperm(x.shape[0], device=x.device)[:n] if x.shape[0] >= n else \
-        torch.randint(0, x.shape[0], (n,), device=x.device)
-    return x[idx]
+def _sample_rows(x, n):  # n random rows of x (without replacement when there are enough)
+    if x.shape[0] >= n:
+        return x[torch.randperm(x.shape[0], device=x.device)[:n]]
+    return x[torch.randint(0, x.shape[0], (n,), device=x.device)]
 
 
 def _nearest(x, embed):
@@ -391,25 +331,23 @@ def kmeans(x, k, iters):
 
 
 class Codebook(nn.Module):
-    """One VQ layer (§III-C): nearest-neighbour lookup in `embed`, learned by exponential moving averages as in
-    VQ-VAE-2 (no gradients), k-means initialised, dead codes re-seeded from the batch."""
-
+    """One VQ layer (§III-C): nearest-neighbour lookup in `embed`, updated by EMA as in VQ-VAE-2 (not by
+    gradients), k-means initialised, dead codes re-seeded from the batch."""
     def __init__(self, cfg, share=1.0):
         super().__init__()
         K, D = cfg.codebook_size, cfg.dimension
         self.decay, self.kmeans_iters, self.eps = cfg.ema_decay, cfg.kmeans_iters, 1e-5
-        # share: the expected fraction of the batch that reaches this layer under quantizer dropout. Usage
-        # counts only those rows, so the threshold (set for a layer all rows reach) scales with it (ours; the
-        # paper leaves dropout and dead codes unrelated). A re-seeded code's usage restarts at threshold /
-        # decay^grace: unused, it decays to the threshold in exactly `grace` steps and is re-drawn on the step
-        # after.
+        # share: the expected fraction of the batch that reaches this layer under quantizer dropout; usage
+        # counts only those rows, so the threshold (set for a layer all rows reach) scales with it (ours)
         self.threshold = cfg.dead_code_threshold * share
-        self.reset = self.threshold * cfg.ema_decay ** -(cfg.dead_code_grace + 0.5)  # +0.5: rounding margin
+        # a re-seeded code's usage restarts at threshold / decay^grace (ours): never picked, it takes `grace`
+        # steps of EMA decay to fall back under the threshold (+0.5: rounding margin)
+        self.reset = self.threshold * cfg.ema_decay ** -(cfg.dead_code_grace + 0.5)
         self.register_buffer("inited", torch.zeros(1))      # 0 until k-means has run on a training batch
         self.register_buffer("cluster_size", torch.zeros(K))  # EMA of how often each code is picked
         self.register_buffer("embed", torch.zeros(K, D))     # the codewords
-        self.register_buffer("embed_avg", torch.zeros(K, D))  # EMA of the sum of vectors assigned to each code
-        self._inited = False  # host-side copy of `inited`: a training step never reads the device (no sync)
+        self.register_buffer("embed_avg", torch.zeros(K, D))  # EMA of the sum of the vectors each code got
+        self._inited = False  # a host-side copy of `inited`, so a training step never reads the device
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_inited", False))
 
     def forward(self, x, active):  # x: (N, D) fp32, active (N,) bool -> quantized (N, D), codes (N,)
@@ -429,11 +367,12 @@ class Codebook(nn.Module):
         self.embed_avg.copy_(means * counts[:, None])  # so that embed_avg / cluster_size == means
         self.inited.fill_(1)
         self._inited = True
-        self._sync()
+        if dist.is_available() and dist.is_initialized():  # rank 0's random choices win
+            for b in (self.embed, self.embed_avg, self.cluster_size, self.inited):
+                dist.broadcast(b, 0)
 
     def _is_inited(self):
-        # the buffer is read once per process (the first training step, or after a load), then the Python flag:
-        # the steady-state step has no host sync and no graph break under torch.compile
+        # the buffer is read once per process (first step, or after loading): no host sync in later steps
         if not self._inited:
             self._inited = bool(self.inited.item())
         return self._inited
@@ -441,7 +380,7 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def _ema_update(self, x, codes, active):
         K = self.embed.shape[0]
-        onehot = F.one_hot(codes, K).type(x.dtype) * active[:, None].to(x.dtype)  # (N, K): only rows that use this layer
+        onehot = F.one_hot(codes, K).type(x.dtype) * active[:, None].to(x.dtype)  # (N, K): the rows it serves
         counts, sums = onehot.sum(0), onehot.t() @ x  # (K,), (K, D)
         if dist.is_available() and dist.is_initialized():  # statistics of the global batch
             dist.all_reduce(counts)
@@ -449,30 +388,22 @@ class Codebook(nn.Module):
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no division by 0
+        smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no 0 division
         self.embed.copy_(self.embed_avg / smoothed[:, None])
-        # §III-C: a code unused for several batches is replaced by a random input vector of the current batch,
-        # its usage restarting at self.reset (a grace of cfg.dead_code_grace steps, see __init__).
-        # Masked updates (torch.where), not `if dead.any()`: the step never waits for the device to answer.
+        # §III-C: a code unused for several batches takes a random vector of the current batch, its usage
+        # reset to self.reset; masked updates (no `if dead.any()`), so the step never waits for the device
         dead = self.cluster_size < self.threshold  # (K,)
-        new = _sample_rows(x, K)  # (K, D) candidates, drawn every step whether or not a code is dead
+        new = _sample_rows(x, K)  # (K, D)
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(new, 0)  # rank 0's rows: the buffers stay identical on every rank
-        reset = self.reset
         self.embed.copy_(torch.where(dead[:, None], new, self.embed))
-        self.cluster_size.copy_(torch.where(dead, reset, self.cluster_size))
-        self.embed_avg.copy_(torch.where(dead[:, None], new * reset, self.embed_avg))
-
-    def _sync(self):
-        if dist.is_available() and dist.is_initialized():  # rank 0's random choices win
-            for b in (self.embed, self.embed_avg, self.cluster_size, self.inited):
-                dist.broadcast(b, 0)
+        self.cluster_size.copy_(torch.where(dead, self.reset, self.cluster_size))
+        self.embed_avg.copy_(torch.where(dead[:, None], new * self.reset, self.embed_avg))
 
 
 class ResidualVectorQuantizer(nn.Module):
-    """Alg. 1: codebook i quantizes the residual codebooks 1..i-1 left. Quantizer dropout (§III-C): example b
-    uses only its first n_q[b] codebooks, so the decoder learns to work from any prefix."""
-
+    """Alg. 1: codebook i quantizes what codebooks 1..i-1 left. Quantizer dropout (§III-C): example b uses
+    only its first n_q[b] codebooks, so the decoder learns to work from any prefix."""
     def __init__(self, cfg):
         super().__init__()
         # under dropout, layer i is reached by the examples that drew n_q > i: a share (N_q - i) / N_q of them
@@ -484,17 +415,17 @@ class ResidualVectorQuantizer(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_steps", None))
 
     def tick(self):
-        """Count one training step; False during the first cfg.quantizer_warmup steps (a plain autoencoder then).
-        train_step calls it outside the (compiled) model: a Python bool that changes once, not a device read."""
+        """Count one training step; False during the first cfg.quantizer_warmup steps (a plain autoencoder
+        then, so that k-means sees trained latents): a Python bool train_step passes to the compiled model."""
         if self._steps is None:
             self._steps = int(self.steps)
         self._steps += 1
         self.steps += 1
         return self._steps > self.warmup
 
-    def forward(self, z, n_q, quantize=True):  # z (B, D, T), n_q (B,) -> quantized (B, D, T), codes (B, N_q, T) (-1: unused)
+    def forward(self, z, n_q, quantize=True):  # z (B, D, T), n_q (B,) -> (B, D, T), codes (B, N_q, T) or -1
         B, D, T = z.shape
-        if not quantize:  # the quantizer warm-up (tick()): the encoder's output goes to the decoder as it is
+        if not quantize:  # the quantizer warm-up: the encoder's output goes to the decoder as it is
             return z, None
         with torch.no_grad(), torch.autocast(z.device.type, enabled=False):  # codebook statistics stay fp32
             x = z.float().transpose(1, 2).reshape(B * T, D)  # (B*T, D)
@@ -502,10 +433,9 @@ class ResidualVectorQuantizer(nn.Module):
             residual, out, codes, fresh = x, torch.zeros_like(x), [], False
             for i, layer in enumerate(self.layers):  # every layer runs: all ranks do the same collectives
                 if self.training and not layer._is_inited():
-                    # k-means one level per step (the official Mimi code, moshi/quantization/core_vq.py):
-                    # level i starts on the residual of the step after level i-1 did. Levels past it wait (no
-                    # codes): on one batch, a level k-means fits (N < K rows) leaves the next an all-zero
-                    # residual.
+                    # k-means one level per step (as the official Mimi code): a level fitted on a batch of
+                    # fewer frames than codes leaves its successor an all-zero residual there, so the next
+                    # level waits for the next step's residual; until then it gives no codes (-1)
                     if fresh:
                         codes.extend([torch.full_like(uses, -1)] * (len(self.layers) - i))
                         break
@@ -519,7 +449,7 @@ class ResidualVectorQuantizer(nn.Module):
         return out, torch.stack(codes, 1).view(B, T, -1).transpose(1, 2)
 
     @torch.no_grad()
-    def encode(self, z, n_q):  # (B, D, T), int -> codes (B, n_q, T)
+    def encode(self, z, n_q):  # (B, D, T) -> codes (B, n_q, T)
         B, D, T = z.shape
         residual, codes = z.float().transpose(1, 2).reshape(B * T, D), []  # (B*T, D)
         for layer in self.layers[:n_q]:
@@ -529,13 +459,12 @@ class ResidualVectorQuantizer(nn.Module):
         return torch.stack(codes, 1).view(B, T, n_q).transpose(1, 2)
 
     def decode(self, codes):  # (B, n_q, T) -> (B, D, T)
-        out = sum(F.embedding(codes[:, i], layer.embed) for i, layer in enumerate(self.layers[:codes.shape[1]]))
+        out = sum(F.embedding(codes[:, i], l.embed) for i, l in enumerate(self.layers[:codes.shape[1]]))
         return out.transpose(1, 2)  # (B, T, D) -> (B, D, T)
 
 
 class SoundStream(nn.Module):
-    """Encoder -> (FiLM) -> RVQ -> (FiLM) -> decoder (§III, §III-F), with the bitrate arithmetic of §III-C."""
-
+    """Encoder -> (FiLM) -> RVQ -> (FiLM) -> decoder (§III, §III-F), and the bitrate arithmetic (§III-C)"""
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -554,7 +483,7 @@ class SoundStream(nn.Module):
     def _film(self, z, cond, side):
         return self.film(z, cond) if self.cfg.film == side and cond is not None else z
 
-    def forward(self, x, n_q, cond=None, quantize=True):  # training: (B, 1, T), n_q (B,), cond (B,) -> (B, 1, T), codes
+    def forward(self, x, n_q, cond=None, quantize=True):  # (B, 1, T), n_q (B,), cond (B,) -> (B, 1, T), codes
         z = self._film(self.encoder(x), cond, "encoder")
         q, codes = self.quantizer(z, n_q, quantize)
         x_hat = self.decoder(self._film(q, cond, "decoder"))[..., :x.shape[-1]]
@@ -569,17 +498,16 @@ class SoundStream(nn.Module):
         return self.decoder(self._film(self.quantizer.decode(codes), cond, "decoder"))
 
     @torch.no_grad()
-    def encode_stream(self, x, state, n_q, cond=None):  # a chunk of audio -> the codes of the frames it completes
-        return self.quantizer.encode(self._film(self.encoder.stream(x, state), cond, "encoder"), n_q)
+    def encode_stream(self, x, state, n_q, cond=None):  # a chunk of audio -> the codes of the frames it ends
+        return self.quantizer.encode(self._film(self.encoder(x, state), cond, "encoder"), n_q)
 
     @torch.no_grad()
     def decode_stream(self, codes, state, cond=None):  # a chunk of codes -> the audio it makes final
-        return self.decoder.stream(self._film(self.quantizer.decode(codes), cond, "decoder"), state)
+        return self.decoder(self._film(self.quantizer.decode(codes), cond, "decoder"), state)
 
 
 class WaveDiscriminator(nn.Module):
-    """One scale of the multi-scale waveform discriminator (§III-D, MelGAN's layout): grouped strided convs."""
-
+    """One scale of the multi-scale waveform discriminator (§III-D, MelGAN's layout): grouped strided conv"""
     def __init__(self, ch):
         super().__init__()
         wn, top = nn.utils.parametrizations.weight_norm, 64 * ch
@@ -602,7 +530,6 @@ class WaveDiscriminator(nn.Module):
 class ResidualUnit2d(nn.Module):
     """§III-D STFT discriminator unit: conv 3x3 -> ELU -> conv (s_t+2)x(s_f+2) with stride (s_t, s_f), plus a
     strided 1x1 skip; N channels inside, m*N out."""
-
     def __init__(self, cin, n, m, stride):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, n, 3, padding=1)
@@ -618,15 +545,14 @@ class STFTDiscriminator(nn.Module):
     """§III-D: 2-D convs on the complex STFT (W = 1024, H = 256) laid out as 2 channels, real and imaginary
     (B, 2, frames, W/2 bins); six residual units halve the frequency axis to W/128 bins, which a last conv
     collapses: 1-D logits over time."""
-
     def __init__(self, cfg):
         super().__init__()
         C, self.W, self.H = cfg.stft_channels, cfg.stft_window, cfg.stft_hop
         self.register_buffer("window", torch.hann_window(self.W), persistent=False)
         self.conv_in = nn.Conv2d(2, C, 7, padding=3)
         # (N, m, (s_t, s_f)) per unit: the paper's STFT-discriminator layout as wesbz/SoundStream reads it
-        layout = [(C, 2, (1, 2)), (2 * C, 2, (2, 2)), (4 * C, 1, (1, 2)), (4 * C, 2, (2, 2)), (8 * C, 1, (1, 2)),
-                  (8 * C, 2, (2, 2))]
+        layout = [(C, 2, (1, 2)), (2 * C, 2, (2, 2)), (4 * C, 1, (1, 2)), (4 * C, 2, (2, 2)),
+                  (8 * C, 1, (1, 2)), (8 * C, 2, (2, 2))]
         self.units, cin = nn.ModuleList(), C
         for n, m, s in layout:
             self.units.append(ResidualUnit2d(cin, n, m, s))
@@ -650,14 +576,13 @@ class STFTDiscriminator(nn.Module):
 
 
 class Discriminators(nn.Module):
-    """§III-D: the K = wave_scales + 1 discriminators: waveform at 1x, 2x, 4x downsampling, and the STFT one."""
-
+    """§III-D: the K = wave_scales + 1 discriminators: the waveform at 1x, 2x, 4x downsampling; the STFT."""
     def __init__(self, cfg):
         super().__init__()
         self.waves = nn.ModuleList(WaveDiscriminator(cfg.wave_channels) for _ in range(cfg.wave_scales))
         self.stft = STFTDiscriminator(cfg)
 
-    def forward(self, x):  # (B, 1, T) -> K logits, K lists of feature maps
+    def forward(self, x):  # (B, 1, T) -> K logits, K lists of feature maps: [STFT, wave x1, wave x2, ...]
         l, f = self.stft(x)
         logits, fmaps = [l], [f]
         for i, d in enumerate(self.waves):
@@ -666,48 +591,48 @@ class Discriminators(nn.Module):
             l, f = d(x)
             logits.append(l)
             fmaps.append(f)
-        return logits, fmaps  # [STFT, wave x1, wave x2, ...]
+        return logits, fmaps
 
 # ----------------------------------------------------------------------------- loss
 
-def discriminator_loss(logits_real, logits_fake):
-    """§III-E hinge: 1/K Σ_k mean_t [relu(1 - D_k(x)) + relu(1 + D_k(G(x)))]."""
-    return sum(F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean()
-               for r, f in zip(logits_real, logits_fake)) / len(logits_real)
-
-
-def generator_adv_loss(logits_fake):
-    """§III-E: 1/K Σ_k mean_t relu(1 - D_k(G(x)))."""
-    return sum(F.relu(1 - l.float()).mean() for l in logits_fake) / len(logits_fake)
-
-
-def feature_loss(fmap_real, fmap_fake):
-    """§III-E: 1/(K L) Σ_{k,l} mean |D_k^l(x) - D_k^l(G(x))|, over every layer of every discriminator (absolute,
-    not EnCodec's relative L1); the real features are targets (no gradient)."""
-    terms = [(r.detach().float() - f.float()).abs().mean() for fr, ff in zip(fmap_real, fmap_fake) for r, f in zip(fr, ff)]
-    return sum(terms) / len(terms)
-
-
 def reconstruction_loss(x, x_hat, cfg):
-    """§III-E: Σ_{s=2^6..2^11} mean_t ‖S_t^s(x) - S_t^s(x̂)‖_1 + α_s ‖log S_t^s(x) - log S_t^s(x̂)‖_2,
-    α_s = sqrt(s/2), with S^s a 64-bin mel spectrogram of window s and hop s/4. Ours: averaged over frames
-    (the paper sums over t), the L1 averaged over mel bins and the sum over scales averaged, so the term's
-    size does not grow with the crop and λ_rec alone sets its share of the gradient (Config.lambda_rec)."""
+    """§III-E: Σ_s mean_t ‖S_t^s(x) - S_t^s(x̂)‖_1 + α_s ‖log S_t^s(x) - log S_t^s(x̂)‖_2,
+    s = 2^6..2^11, α_s = sqrt(s/2), S^s a 64-bin mel spectrogram of window s and hop s/4. Ours: averaged
+    over frames (the paper sums over t), the L1 over mel bins and the sum over scales, so the term's size
+    does not grow with the crop and λ_rec alone sets its share of the gradient (Config.lambda_rec)."""
     total = 0.0
     for i in cfg.mel_scales:
         s = 2 ** i
         kw = dict(sr=cfg.sample_rate, n_fft=s, hop=s // 4, n_mels=cfg.n_mels, log=None)
-        a, b = common.mel_spectrogram(x, **kw)[:, 0], common.mel_spectrogram(x_hat, **kw)[:, 0]  # (B, n_mels, frames)
+        a, b = common.mel_spectrogram(x, **kw)[:, 0], common.mel_spectrogram(x_hat, **kw)[:, 0]  # (B, M, t)
         l1 = (a - b).abs().mean((1, 2))  # (B,)
         dlog = a.clamp(min=1e-5).log() - b.clamp(min=1e-5).log()
         l2 = (dlog.pow(2).sum(1) + 1e-12).sqrt().mean(1)  # L2 norm over mel bins, mean over frames (B,)
         total = total + (l1 + math.sqrt(s / 2) * l2).mean()
     return total / len(cfg.mel_scales)
 
+
+def generator_adv_loss(logits_fake):  # §III-E hinge: 1/K Σ_k mean_t relu(1 - D_k(G(x)))
+    return sum(F.relu(1 - l.float()).mean() for l in logits_fake) / len(logits_fake)
+
+
+def feature_loss(fmap_real, fmap_fake):
+    """§III-E: 1/(K L) Σ_{k,l} mean |D_k^l(x) - D_k^l(G(x))| over every layer of every discriminator
+    (absolute, not EnCodec's relative L1); the real features are targets (no gradient)."""
+    terms = [(r.detach().float() - f.float()).abs().mean()
+             for fr, ff in zip(fmap_real, fmap_fake) for r, f in zip(fr, ff)]
+    return sum(terms) / len(terms)
+
+
+def discriminator_loss(logits_real, logits_fake):
+    """§III-E hinge: 1/K Σ_k mean relu(1 - D_k(x)) + relu(1 + D_k(x̂))."""
+    return sum(F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean()
+               for r, f in zip(logits_real, logits_fake)) / len(logits_real)
+
 # ----------------------------------------------------------------------------- data
 
 def colored_noise(n, length, beta):
-    """(n, length) unit-variance Gaussian noise with a 1/f^beta power spectrum (beta (n,): 0 white, 1 pink, 2 brown)."""
+    """(n, length) unit-variance Gaussian noise with power 1/f^beta (beta (n,): 0 white, 1 pink, 2 brown)."""
     spec = torch.fft.rfft(torch.randn(n, length), dim=-1)  # (n, length/2+1)
     f = torch.arange(spec.shape[-1]).clamp(min=1).float()
     spec = spec * f[None] ** (-beta[:, None] / 2)
@@ -723,13 +648,23 @@ def add_noise(clean, snr_db, beta):
     return clean + noise * rms * 10 ** (-snr_db[:, None, None] / 20)
 
 
+def audio_clips(cfg, split, kind="audio"):
+    """Mono float32 clips (T,) at the model's rate: speech + music for training, one kind for evaluation."""
+    return [u.wav for u in common.load_corpus(cfg, split, cfg.sample_rate, kind=kind)]
+
+
+def eval_kinds(cfg):
+    # the built-in corpus is evaluated per kind (speech in an unseen voice, music); a --data_dir folder as one
+    return ("audio",) if cfg.data_dir else ("speech", "music")
+
+
 def get_batch(sampler, cfg, rt):
-    """(input, target, denoise flag, n_q) per example (§III-C, §III-F). With FiLM, half the inputs get noise and half
-    the examples ask for denoising: target = clean when the flag is on, the input itself (noisy or not) when off.
-    Every draw comes from torch's global RNG (checkpointed), so a resumed run draws what a straight one would."""
+    """(input, target, denoise flag, n_q) per example (§III-C, §III-F). With FiLM, some inputs get noise and
+    some examples ask for denoising: target = clean when the flag is on, else the input (noisy or not). Every
+    draw is from torch's global RNG (checkpointed): a resumed run draws what a straight one would."""
     B = cfg.batch_size
     clean = sampler.next()[0].view(B, 1, cfg.segment)  # (B, 1, T)
-    # §III-C quantizer dropout: n_q uniform in {1, ..., N_q} (randint's high is exclusive) for every example
+    # §III-C quantizer dropout: n_q uniform in {1, ..., N_q} for every example
     n_q = torch.randint(1, cfg.n_q + 1, (B,)) if cfg.quantizer_dropout else torch.full((B,), cfg.n_q)
     noisy, flag = torch.rand(B) < cfg.noise_prob, torch.rand(B) < cfg.denoise_prob
     lo, hi = cfg.snr_range
@@ -742,25 +677,19 @@ def get_batch(sampler, cfg, rt):
     dev = rt.device
     return dict(x=x.to(dev), target=target.to(dev), cond=flag.float().to(dev), n_q=n_q.to(dev))
 
-
-def audio_clips(cfg, split, kind="audio"):
-    """Mono float32 clips (T,) at the model's rate: speech + music for training, one kind for evaluation."""
-    return [u.wav for u in common.load_corpus(cfg, split, cfg.sample_rate, kind=kind)]
-
 # ----------------------------------------------------------------------------- train
 
 def build(cfg, rt):
-    """The codec G, the discriminators D and their Adam optimizers: everything a checkpoint holds."""
+    """Everything training holds (saved whole by common.save_checkpoint): the codec G, the discriminators D,
+    Adam for both."""
     G, D = SoundStream(cfg).to(rt.device), Discriminators(cfg).to(rt.device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
-    common.log(f"params: encoder {common.count_params(G.encoder):,} | decoder {common.count_params(G.decoder):,} | "
-               f"discriminators {common.count_params(D):,}")
     # §III-C: each codebook costs log2(1024) = 10 bits per frame, 75 frames a second
     common.log(f"bitrate: {G.frame_rate:g} Hz x {G.bits} bits x n_q = " +
                ", ".join(f"{G.kbps(G.n_q_for(b)):g} kbps at n_q={G.n_q_for(b)}" for b in cfg.bitrates) +
                f" (1..{cfg.n_q} codebooks: {G.kbps(1):g}..{G.kbps(cfg.n_q):g} kbps)")
-    return dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d)
+    return dict(G=G, D=D,
+                opt_g=torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas),
+                opt_d=torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas))
 
 
 def _clip(opt, cfg):
@@ -769,8 +698,8 @@ def _clip(opt, cfg):
 
 
 def train_step(state, batch, cfg, rt):
-    """One step of §III-E: the discriminators' hinge update on (target, G(input)), then the codec's update on
-    λ_adv·adversarial + λ_feat·feature matching + λ_rec·reconstruction against the updated discriminators."""
+    """One step of §III-E: the discriminators' hinge update on (target, G(input)), then the codec's update
+    on λ_adv·adversarial + λ_feat·feature matching + λ_rec·reconstruction against the updated D."""
     G, D, opt_g, opt_d = state["G"], state["D"], state["opt_g"], state["opt_d"]
     y, B = batch["target"], batch["target"].shape[0]
     quantize = common.unwrap(G).quantizer.tick()  # False during cfg.quantizer_warmup (a host-side count)
@@ -778,7 +707,7 @@ def train_step(state, batch, cfg, rt):
         y_hat, _ = G(batch["x"], batch["n_q"], batch["cond"], quantize)
     rec, time = reconstruction_loss(y, y_hat, cfg), (y - y_hat.float()).abs().mean()
     recon = cfg.lambda_rec * rec + cfg.lambda_time * time  # (time: ours, 0 in the paper preset)
-    if common.unwrap(G).quantizer._steps <= cfg.disc_warmup:  # reconstruction alone (ours): no D, half the cost
+    if common.unwrap(G).quantizer._steps <= cfg.disc_warmup:  # reconstruction alone (ours): no D to fool yet
         opt_g.zero_grad(set_to_none=True)
         recon.backward()
         _clip(opt_g, cfg)
@@ -794,7 +723,7 @@ def train_step(state, batch, cfg, rt):
     _clip(opt_d, cfg)
     opt_d.step()
     with rt.autocast():
-        logits, fmaps = common.unwrap(D)(torch.cat([y, y_hat]))  # no gradient sync through D needed here
+        logits, fmaps = common.unwrap(D)(torch.cat([y, y_hat]))  # the codec's step needs no sync through D
     adv = generator_adv_loss([l[B:] for l in logits])
     feat = feature_loss([[f[:B] for f in fm] for fm in fmaps], [[f[B:] for f in fm] for fm in fmaps])
     loss_g = cfg.lambda_adv * adv + cfg.lambda_feat * feat + recon
@@ -806,19 +735,22 @@ def train_step(state, batch, cfg, rt):
 
 
 def load_for_inference(cfg, rt):
-    """The codec from --init_from: one of our checkpoints (its config already applied by parse_config).
-    SoundStream has no official PyTorch weights (Google ships TFLite files inside Lyra), so there is no key map."""
+    """The codec sample/eval use, from --init_from: our checkpoint (cfg already holds its config, see
+    common.parse_config). SoundStream has no official PyTorch weights (Lyra ships TFLite): no key map."""
     ckpt = common.load_checkpoint(common.checkpoint_path(cfg))
     if not common.is_ours(ckpt):
         raise SystemExit(f"error: {cfg.init_from} is not a nanoaudio checkpoint (SoundStream has no official "
                          "PyTorch weights to load; train one with python soundstream.py)")
-    G = SoundStream(cfg)
-    common.load_models(ckpt, cfg, {"G": G}, ARCH_KEYS)
-    return G.to(rt.device).eval()
+    model = SoundStream(cfg)
+    common.load_models(ckpt, cfg, {"G": model}, ARCH_KEYS)
+    return model.to(rt.device).eval()
 
 
-def _noisy(clean, cfg, seed):
-    # the same noise for every evaluation: its own generator, pink noise at cfg.eval_snr
+def resynth(m, x, kbps, cond=None):  # encode at a bitrate and decode: (B, 1, T) -> (B, 1, T)
+    return m.decode(m.encode(x, m.n_q_for(kbps), cond), cond)[..., :x.shape[-1]]
+
+
+def _noisy(clean, cfg, seed):  # the same noise at every evaluation: its own generator, at cfg.eval_snr dB
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return add_noise(clean, torch.full((clean.shape[0],), cfg.eval_snr), torch.ones(clean.shape[0]))
@@ -826,75 +758,69 @@ def _noisy(clean, cfg, seed):
 
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
-    """SI-SNR (dB) and mel distance at every bitrate on held-out speech (an unseen voice) and music, all from one
-    model; with FiLM, noisy speech (cfg.eval_snr dB) decoded with the denoise flag off and on, SI-SNR vs clean."""
+    """SI-SNR (dB) and mel distance at every bitrate on held-out speech (an unseen voice) and music, all from
+    one model; with FiLM (§III-F), noisy speech decoded with the denoise flag off and on, scored against the
+    clean clip, beside the noisy input itself; and the mel distance of decoding a zero latent (a decoder that
+    ignores its input scores the same as with the codes)."""
     if model is None:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
-    was_training, dev = model.training, next(model.parameters()).device
-    model.eval()
-    n, sr, res = int(cfg.eval_seconds * cfg.sample_rate), cfg.sample_rate, {}
-    kinds = ("speech", "music") if not cfg.data_dir else ("audio",)
-    clips = {k: [torch.from_numpy(np.ascontiguousarray(c[:n])) for c in audio_clips(cfg, split, k)[:cfg.eval_items]]
-             for k in kinds}
-    for kind in kinds:
+    m = common.unwrap(model)
+    was_training, dev = m.training, next(m.parameters()).device
+    m.eval()
+    n, sr, results = int(cfg.eval_seconds * cfg.sample_rate), cfg.sample_rate, {}
+    clips = {kind: [torch.from_numpy(np.ascontiguousarray(c[:n]))
+                    for c in audio_clips(cfg, split, kind)[:cfg.eval_items]] for kind in eval_kinds(cfg)}
+
+    def score(key, inputs, refs, kbps, flag=None, sample_name=None):  # mean SI-SNR and mel distance vs refs
+        cond = None if flag is None else torch.full((1,), float(flag), device=dev)
+        ys = [resynth(m, x[None, None].to(dev), kbps, cond)[0, 0].cpu() for x in inputs]
+        results[f"{key}_si_snr"] = float(np.mean([common.si_snr(y, c) for y, c in zip(ys, refs)]))
+        results[f"{key}_mel"] = float(np.mean([common.mel_distance(y, c, sr) for y, c in zip(ys, refs)]))
+        if samples_dir and sample_name and kbps == cfg.bitrates[-1]:  # (--mode=sample writes every bitrate)
+            common.save_sample(samples_dir, sample_name, ys[0], sr, ref=refs[0])
+
+    for kind, cs in clips.items():
         for kbps in cfg.bitrates:
-            snr, mel = [], []
-            for i, c in enumerate(clips[kind]):
-                x = c[None, None].to(dev)  # (1, 1, T)
-                y = model.decode(model.encode(x, model.n_q_for(kbps)))[..., :x.shape[-1]].cpu()
-                snr.append(common.si_snr(y, c))
-                mel.append(common.mel_distance(y[0, 0], c, sr))
-                if samples_dir and i == 0 and kbps == cfg.bitrates[-1]:  # (--mode=sample writes every bitrate)
-                    common.save_sample(samples_dir, f"{kind}_{kbps:g}kbps", y[0, 0], sr, ref=c)
-            res[f"{kind}_{kbps:g}kbps_si_snr"], res[f"{kind}_{kbps:g}kbps_mel"] = float(np.mean(snr)), float(np.mean(mel))
-    if cfg.film != "none":  # §III-F: one codec, denoising switched by the flag
+            score(f"{kind}_{kbps:g}kbps", cs, cs, kbps, sample_name=f"{kind}_{kbps:g}kbps")
+    speech = clips[eval_kinds(cfg)[0]]
+    if cfg.film != "none":  # §III-F: one codec, denoising switched by the flag; scored against the CLEAN one
+        noisy = [_noisy(c[None, None], cfg, seed=i)[0, 0] for i, c in enumerate(speech)]
         for kbps in cfg.bitrates:
-            snr, mel = {0: [], 1: []}, {0: [], 1: []}
-            for i, c in enumerate(clips[kinds[0]]):
-                x = _noisy(c[None, None], cfg, seed=i).to(dev)
-                for flag in (0, 1):
-                    cond = torch.full((1,), float(flag), device=dev)
-                    y = model.decode(model.encode(x, model.n_q_for(kbps), cond), cond)[..., :x.shape[-1]].cpu()
-                    snr[flag].append(common.si_snr(y, c))  # against the CLEAN reference
-                    mel[flag].append(common.mel_distance(y[0, 0], c, sr))
-                    if samples_dir and i == 0 and kbps == cfg.bitrates[-1] and flag:
-                        common.save_sample(samples_dir, f"noisy_{kbps:g}kbps_denoised", y[0, 0], sr, ref=c)
-            for flag, name in ((0, "off"), (1, "on")):
-                res[f"noisy_{kbps:g}kbps_{name}_si_snr"] = float(np.mean(snr[flag]))
-                res[f"noisy_{kbps:g}kbps_{name}_mel"] = float(np.mean(mel[flag]))
-        noisy = [_noisy(c[None, None], cfg, i)[0, 0] for i, c in enumerate(clips[kinds[0]])]  # the input itself
-        res["noisy_input_si_snr"] = float(np.mean([common.si_snr(n_, c) for n_, c in zip(noisy, clips[kinds[0]])]))
-        res["noisy_input_mel"] = float(np.mean([common.mel_distance(n_, c, sr) for n_, c in zip(noisy, clips[kinds[0]])]))
-    # does the decoder use the latent? decoding an all-zero latent (no codes) gives a baseline mel distance
-    c = clips[kinds[0]][0][None, None].to(dev)
-    y0 = model.decoder(torch.zeros_like(model.encoder(c)))[..., :c.shape[-1]].cpu()
-    res["zero_latent_mel"] = common.mel_distance(y0[0, 0], c[0, 0].cpu(), sr)
-    common.log(f"eval ({split}) | " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
+            score(f"noisy_{kbps:g}kbps_off", noisy, speech, kbps, flag=0)
+            score(f"noisy_{kbps:g}kbps_on", noisy, speech, kbps, 1, f"noisy_{kbps:g}kbps_denoised")
+        results["noisy_input_si_snr"] = float(np.mean([common.si_snr(x, c) for x, c in zip(noisy, speech)]))
+        results["noisy_input_mel"] = float(np.mean([common.mel_distance(x, c, sr)
+                                                    for x, c in zip(noisy, speech)]))
+    # does the decoder use the latent? decoding an all-zero latent gives the baseline mel distance
+    x = speech[0][None, None].to(dev)
+    y0 = m.decoder(torch.zeros_like(m.encoder(x)))[..., :x.shape[-1]].cpu()
+    results["zero_latent_mel"] = common.mel_distance(y0[0, 0], speech[0], sr)
+    common.log(f"eval ({split}) | " + " | ".join(f"{k} {v:.3f}" for k, v in results.items()))
     if cfg.mode == "eval" and not cfg.data_dir and cfg.listen_items:
-        listening_sets(cfg, model, dev)
-    model.train(was_training)
-    return res
+        listening_sets(cfg, m, dev)
+    m.train(was_training)
+    return results
 
 
 @torch.no_grad()
-def listening_sets(cfg, model, dev):
-    """Whole test speech clips resynthesised at the lowest and highest bitrate, and the originals: three
-    folders of wavs + refs.txt for `whisper.py --mode=sample --input_dir=DIR` (common.write_listening_set)."""
-    utts = common.load_corpus(cfg, "test", cfg.sample_rate, kind="speech")[:cfg.listen_items]
-    out = os.path.join(cfg.out_dir, "listen")
-    lo, hi = min(cfg.bitrates), max(cfg.bitrates)
-    sets = {f"resynth_{lo:g}kbps": [], f"resynth_{hi:g}kbps": [], "orig": []}
+def listening_sets(cfg, m, dev):
+    """Whole test speech clips coded at the lowest and highest bitrate, and the originals: three folders of
+    wavs + refs.txt for `whisper.py --mode=sample --input_dir=DIR` (common.write_listening_set)."""
+    utts = common.load_corpus(cfg, "test", cfg.sample_rate, kind="speech")
+    utts = utts[:cfg.listen_items]
+    out, rates = os.path.join(cfg.out_dir, "listen"), (min(cfg.bitrates), max(cfg.bitrates))
+    sets = {f"resynth_{kbps:g}kbps": [] for kbps in rates} | {"orig": []}
     for u in utts:
-        c = torch.from_numpy(np.ascontiguousarray(u.wav, dtype=np.float32))
-        x = c[None, None].to(dev)
-        for kbps in (lo, hi):
-            y = model.decode(model.encode(x, model.n_q_for(kbps)))[0, 0, :x.shape[-1]].cpu()
+        x = torch.from_numpy(np.ascontiguousarray(u.wav, dtype=np.float32))[None, None].to(dev)  # (1, 1, T)
+        for kbps in rates:
+            y = resynth(m, x, kbps)[0, 0].cpu()
             sets[f"resynth_{kbps:g}kbps"].append((u.id, y, u.text))
-        sets["orig"].append((u.id, c, u.text))
+        sets["orig"].append((u.id, x[0, 0].cpu(), u.text))
     for name, items in sets.items():
         common.write_listening_set(os.path.join(out, name), items, cfg.sample_rate)
-    common.save_sample(out, f"{utts[0].id}_{hi:g}kbps", sets[f"resynth_{hi:g}kbps"][0][1], cfg.sample_rate,
+    top = f"resynth_{rates[1]:g}kbps"
+    common.save_sample(out, f"{utts[0].id}_{rates[1]:g}kbps", sets[top][0][1], cfg.sample_rate,
                        ref=sets["orig"][0][1])
     common.log(f"{len(utts)} test clips -> {out}/{{{','.join(sets)}}} (judge each: whisper.py --mode=sample "
                "--input_dir=DIR)")
@@ -903,102 +829,101 @@ def listening_sets(cfg, model, dev):
 def train(cfg):
     rt = common.setup(cfg)
     state = build(cfg, rt)
-    train_clips, val_clips = audio_clips(cfg, "train"), audio_clips(cfg, "val")
-    common.check_clips(train_clips, cfg.segment, "train split")
-    common.check_clips(val_clips, math.prod(cfg.strides), "val split")
-    sampler = common.SegmentSampler(train_clips, cfg.segment, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
-    # scratch: step 0 | resume: out_dir/ckpt.pt continues exactly | PATH: our weights, fresh optimizers, step 0
+    G = state["G"]
+    common.log(f"params: encoder {common.count_params(G.encoder):,} | decoder "
+               f"{common.count_params(G.decoder):,} | discriminators {common.count_params(state['D']):,}")
+    train_clips = audio_clips(cfg, "train")
+    common.check_clips(train_clips, cfg.segment, "train split")  # data errors stop before step 1, not after
+    for kind in eval_kinds(cfg):
+        common.check_clips(audio_clips(cfg, "val", kind), G.hop, f"val split ({kind})")
+    sampler = common.SegmentSampler(train_clips, cfg.segment, cfg.batch_size, cfg.seed, rt.rank,
+                                    rt.world_size)
+    # scratch: step 0 | resume: out_dir/ckpt.pt continues exactly | PATH: our weights only, fresh optimizers,
+    # step 0
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS, official=None)
-    state["G"] = common.wrap_ddp(common.compile(state["G"], cfg), rt)
+    state["G"] = common.wrap_ddp(common.compile(G, cfg), rt)
     state["D"] = common.wrap_ddp(common.compile(state["D"], cfg), rt)
-    prog = common.Progress(cfg, start_step=step)
-    while step < cfg.max_iters:
-        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
-        step += 1
-        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * cfg.segment / cfg.sample_rate)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                evaluate(cfg, common.unwrap(state["G"]), rt,
-                         samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
+
+    def evaluate_val(samples_dir):
+        evaluate(cfg, G, rt, samples_dir=samples_dir, split="val")
+    common.train_loop(cfg, rt, state, step, train_step, lambda *_: get_batch(sampler, cfg, rt),
+                      evaluate_val, sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample
 
 @torch.no_grad()
 def sample(cfg):
-    """Encode held-out speech and music (or --input) at every bitrate, decode, write wav + png pairs; with FiLM,
-    also noisy speech decoded with the denoise flag off and on."""
+    """Encode held-out speech and music (or --input) at every bitrate, decode, write wav + png pairs; with
+    FiLM (§III-F), the first item again with noise added, decoded with the denoise flag off and on."""
     rt = common.setup(cfg)
     model = load_for_inference(cfg, rt)
-    n = int(cfg.eval_seconds * cfg.sample_rate)
     if cfg.input:
         wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate, mono=True)
         items = [(os.path.splitext(os.path.basename(cfg.input))[0], wav)]
     else:
-        kinds = ("speech", "music") if not cfg.data_dir else ("audio",)
-        items = [(k, audio_clips(cfg, "test", k)[0][:n]) for k in kinds]
+        items = [(kind, audio_clips(cfg, "test", kind)[0][:int(cfg.eval_seconds * cfg.sample_rate)])
+                 for kind in eval_kinds(cfg)]
     out = os.path.join(cfg.out_dir, "samples")
     for name, wav in items:
         c = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
         x = c[None, None].to(rt.device)  # (1, 1, T)
         for kbps in cfg.bitrates:
-            y = model.decode(model.encode(x, model.n_q_for(kbps)))[0, 0, :x.shape[-1]].cpu()
+            y = resynth(model, x, kbps)[0, 0].cpu()
             common.save_sample(out, f"{name}_{kbps:g}kbps", y, cfg.sample_rate, ref=c)
-            common.log(f"{name} @ {kbps:g} kbps ({model.n_q_for(kbps)} codebooks): SI-SNR {common.si_snr(y, c):.2f} dB "
-                       f"-> {out}/{name}_{kbps:g}kbps.wav")
+            common.log(f"{name} @ {kbps:g} kbps ({model.n_q_for(kbps)} codebooks): SI-SNR "
+                       f"{common.si_snr(y, c):.2f} dB -> {out}/{name}_{kbps:g}kbps.wav")
         if cfg.film != "none" and name == items[0][0]:  # §III-F on the first item (speech): denoise off / on
-            noisy = _noisy(c[None, None], cfg, seed=0)
+            noisy, kbps = _noisy(c[None, None], cfg, seed=0), cfg.bitrates[-1]
             common.save_sample(out, f"{name}_noisy", noisy[0, 0], cfg.sample_rate, ref=c)
             for flag in (0, 1):
                 cond = torch.full((1,), float(flag), device=rt.device)
-                kbps = cfg.bitrates[-1]
-                y = model.decode(model.encode(noisy.to(rt.device), model.n_q_for(kbps), cond), cond)[0, 0, :x.shape[-1]].cpu()
+                y = resynth(model, noisy.to(rt.device), kbps, cond)[0, 0].cpu()
                 common.save_sample(out, f"{name}_noisy_{kbps:g}kbps_denoise{flag}", y, cfg.sample_rate, ref=c)
-                common.log(f"{name} + noise ({cfg.eval_snr:g} dB) @ {kbps:g} kbps, denoise {'on' if flag else 'off'}: "
-                           f"SI-SNR vs clean {common.si_snr(y, c):.2f} dB")
+                common.log(f"{name} + noise ({cfg.eval_snr:g} dB) @ {kbps:g} kbps, denoise "
+                           f"{'on' if flag else 'off'}: SI-SNR vs clean {common.si_snr(y, c):.2f} dB")
 
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
-    """Training throughput (audio-s/s) and FLOP rate of train_step; encode / decode real-time factors at batch 1,
-    eager vs compiled; and frame-by-frame streaming (320 samples in, 320 out) at batch 1."""
+    """One JSON line: train_step (the step training runs most: with the quantizer) in ms and audio-s/s with
+    its FLOPs; encode / decode real-time factors at batch 1, eager and compiled; frame-by-frame streaming."""
     rt = common.setup(cfg)
+    cfg = replace(cfg, quantizer_warmup=0)
     state = build(cfg, rt)
-    G = state["G"]
-    G.quantizer.warmup = 0  # time the step training spends most of its time in: with the quantizer
-    gen, dsc = common.compile(G, cfg), common.compile(state["D"], cfg)
-    compiled = gen is not G
+    model = state["G"]
+    state["G"], state["D"] = common.compile(model, cfg), common.compile(state["D"], cfg)
+    compiled = state["G"] is not model
     B, x = cfg.batch_size, torch.randn(cfg.batch_size, 1, cfg.segment, device=rt.device) * 0.1
-    batch = dict(x=x, target=x, cond=torch.zeros(B, device=rt.device), n_q=torch.full((B,), cfg.n_q, device=rt.device))
-    run = dict(state, G=gen, D=dsc)
-    step = lambda: train_step(run, batch, cfg, rt)
+    batch = dict(x=x, target=x, cond=torch.zeros(B, device=rt.device),
+                 n_q=torch.full((B,), cfg.n_q, device=rt.device))
     iters = 3 if rt.device_type == "cpu" else 10
-    step_ms = common.timeit(step, iters=iters, warmup=2)
-    flops = common.count_flops(step)
-    G.eval()
+    step_ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=iters, warmup=2)
+    flops = common.count_flops(lambda: train_step(state, batch, cfg, rt))
+    model.eval()
+    seconds = cfg.batch_size * cfg.segment / cfg.sample_rate
     figures = dict(train_step_ms=round(step_ms, 2), train_flops_per_step=flops,
-                   train_audio_s_per_s=round(B * cfg.segment / cfg.sample_rate / (step_ms / 1000), 2))
-    T = int(cfg.bench_seconds * cfg.sample_rate) // G.hop * G.hop
+                   train_audio_s_per_s=round(seconds / (step_ms / 1000), 2))
+    T, n_q = int(cfg.bench_seconds * cfg.sample_rate) // model.hop * model.hop, cfg.n_q
+    variants = [("eager", model.encode, model.decode)]
+    if compiled:  # common.compile compiled (CUDA, or --compile=True asked for on a CPU)
+        variants.append(("compiled", torch.compile(model.encode), torch.compile(model.decode)))
     xb = torch.randn(1, 1, T, device=rt.device) * 0.1
-    codes = G.encode(xb, cfg.n_q)
-    variants = [("eager", G.encode, G.decode)]
-    if compiled:
-        variants.append(("compiled", torch.compile(G.encode), torch.compile(G.decode)))
+    codes = model.encode(xb, n_q)
     for name, enc, dec in variants:
         with rt.autocast():
-            e_ms = common.timeit(lambda: enc(xb, cfg.n_q), iters=iters, warmup=2)
+            e_ms = common.timeit(lambda: enc(xb, n_q), iters=iters, warmup=2)
             d_ms = common.timeit(lambda: dec(codes), iters=iters, warmup=2)
-        # real-time factor = compute time / duration of the audio (lower is faster; < 1 is real time)
+        # real-time factor = compute time / duration of the audio processed (lower is faster)
         figures[f"encode_rtf_b1_{name}"] = round(e_ms / 1000 / cfg.bench_seconds, 5)
         figures[f"decode_rtf_b1_{name}"] = round(d_ms / 1000 / cfg.bench_seconds, 5)
 
     def streaming():  # one 13.3 ms frame at a time through encoder and decoder, as a phone call would
         enc_state, dec_state = {}, {}
-        for t in range(0, T, G.hop):
-            G.decode_stream(G.encode_stream(xb[..., t:t + G.hop], enc_state, cfg.n_q), dec_state)
-    figures["stream_rtf_b1_eager"] = round(common.timeit(streaming, iters=1, warmup=1) / 1000 / cfg.bench_seconds, 5)
-    common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
+        for t in range(0, T, model.hop):
+            model.decode_stream(model.encode_stream(xb[..., t:t + model.hop], enc_state, n_q), dec_state)
+    stream_ms = common.timeit(streaming, iters=1, warmup=1)
+    figures["stream_rtf_b1_eager"] = round(stream_ms / 1000 / cfg.bench_seconds, 5)
+    common.report_bench(cfg, rt, model=model, compiled=compiled, **figures)
 
 # ----------------------------------------------------------------------------- main
 
