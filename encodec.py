@@ -1,52 +1,36 @@
 """
-EnCodec: High Fidelity Neural Audio Compression (Défossez, Copet, Synnaeve, Adi, 2022) — https://arxiv.org/abs/2210.13438
+EnCodec: High Fidelity Neural Audio Compression (Défossez, Copet, Synnaeve, Adi, 2022)
+https://arxiv.org/abs/2210.13438
 
-The idea: a convolutional encoder (SEANet, strides 2·4·5·8, an LSTM at the bottleneck) turns 24 kHz audio into
-75 latent frames per second; a residual vector quantizer (RVQ) with up to 32 codebooks of 1024 entries turns
-each frame into 2..32 ten-bit codes, so one model serves 1.5/3/6/12/24 kbps (a bandwidth is drawn per batch,
-§3.2); a mirror decoder turns codes back into audio. Training mixes time + multi-scale mel reconstruction, a
-multi-scale STFT discriminator on complex spectrograms (hinge + relative feature matching) and a commitment
-loss, and the loss balancer (§3.4) rescales each loss's gradient on the decoder output so that the weights
-mean "fraction of the gradient", independent of each loss's scale. All 24 kHz convolutions are causal, so
-the codec streams: encoding or decoding in chunks gives exactly the offline result (the last, partial frame is
-flushed when the stream is told it ends). Optionally (§3.3) a small
-transformer predicts each frame's codes from the frames before it, and arithmetic coding with its probabilities
-shrinks the bitstream further (the official README: by up to 40%).
+The idea: one streaming neural codec for speech and music, 1.5 to 24 kbps. A causal convolutional encoder
+(SEANet, strides 2·4·5·8, an LSTM at the bottleneck, §3.1) turns 24 kHz audio into 75 latent frames a
+second; a residual vector quantizer (RVQ) of up to 32 codebooks of 1024 entries codes each frame, and a
+bandwidth drawn per batch trains one model for every bitrate (§3.2); a mirror decoder rebuilds the audio.
+Training mixes time and multi-scale mel reconstruction, a multi-scale STFT discriminator on complex
+spectrograms (hinge + relative feature matching) and a commitment loss. The loss balancer (§3.4) rescales
+each loss's gradient on the decoder output, so a weight is the share of the gradient that loss gets,
+whatever its scale. Causal convolutions let the codec stream: chunk by chunk gives the offline result.
+A small transformer (§3.3) predicts each frame's codes from the frames before it, and arithmetic coding
+with its probabilities shrinks the bitstream further. Two stages, one state each: the codec (G, D, the
+balancer, both Adams, the step draws; out_dir/ckpt.pt), then on its codes the entropy-coding LM
+(--mode=lm: the LM and its Adam; out_dir/lm.pt).
 
-Two training stages, each with its own state (one checkpoint each): the codec (build(): G the codec, D the
-discriminator, the balancer's EMA, both Adam optimizers and the per-step schedule; out_dir/ckpt.pt) and, on a
-trained codec's codes, the entropy-coding LM (--mode=lm: the LM and its optimizer; out_dir/lm.pt).
+Simplified or changed here:
+- The LM's rate is its cross-entropy (an arithmetic coder gets within bytes of it); no coder is written.
+- Dead codes: a re-seeded row's EMA statistics are reset with it, and it gets a grace period (the official
+  code's new row is overwritten by the EMA in the same step). After k-means, embed_avg is centroid x count.
+- Commitment: the residual uses detached quantized vectors (encodec#25), so every level's term counts.
+- ℓ_f in audiocraft's msspec form: L1 of linear 64-bin HTK mels + α·MSE of their log10, scales 2^5..2^11.
+- No weight EMA; k-means broadcast from rank 0; --mode=lm in one process; variance-preserving conv init.
+- The CPU `small` preset: C=16, D=64, 8 codebooks, 3 D scales, 2000 steps at lr 1e-3, the first 200
+  without the RVQ (quantizer_warmup), the first 1500 without D (disc_warmup); ours, 0 in the paper's presets.
+- 1273 lines, not 750: the loss balancer, the entropy-coding LM and two official-weight maps are EnCodec's.
 
-Simplified or changed here (honestly):
-- The entropy-coding LM (§3.3) is here (--mode=lm), but not the arithmetic coder it would drive: the rate reported
-  is the LM's cross-entropy, which such a coder reaches to within a few bytes per file. evaluate() reports the
-  codes' unigram entropy too (what a context-free entropy coder could reach), and the LM's rate when given one.
-- Dead-code replacement: the official code writes new rows into `embed` and then overwrites them with the EMA
-  average in the same step (so it never takes effect); here a dead row's EMA statistics are reset too, its usage
-  to the batch's uniform share n/K (a grace period before it can be dead again). After k-means init, `embed_avg`
-  holds centroid x count (the official code stores the bare centroid). All of it is tensor ops: no host sync.
-- Commitment gradient: the residual uses detached quantized vectors (the fix of encodec#25, as in audiocraft), so
-  every RVQ layer's commitment term reaches the encoder; the official code cancels all but the first.
-- Reconstruction ℓ_f (§3.4, Eq. 1) in the form of audiocraft's msspec (the authors' later open training code): per scale
-  2^i, L1 between linear 64-bin mels plus alpha x MSE between log10(1e-5 + mel), mels of the power spectrum of a
-  normalized STFT (HTK scale, no filter normalisation); alpha = 1 (the paper's α_i = 1; audiocraft's EnCodec
-  config also sets `alphas: false`). The paper writes "L2" without naming the scale. Scales 2^5..2^11 as the
-  paper (audiocraft: 2^6..2^10), mean over scales.
-- The 48 kHz preset trains on the built-in corpus: the music is true stereo, the speech is mono copied to both channels.
-- No exponential moving average of the weights, no DDP-synchronised k-means beyond a broadcast from rank 0;
-  --mode=lm trains in one process.
-- Convolutions start from a variance-preserving init (N(0, 1/fan_in), zero bias), not PyTorch's default; see _normed.
-- The CPU `small` preset narrows the model (C=16, D=64, 8 codebooks), keeps 3 of the 5 discriminator scales, and
-  trains 2000 steps at lr 1e-3, the first 200 with the quantizer bypassed (cfg.quantizer_warmup) and the first
-  1500 on ℓ_t + ℓ_f alone through the balancer (cfg.disc_warmup, as soundstream.py): a step without D costs half,
-  and in 15 CPU minutes the codec must first learn to reconstruct at all. Both are ours, 0 in the paper presets.
-
-    python encodec.py                                         # train on the built-in speech+music corpus
-    python encodec.py --preset=24khz --batch_size=64          # the paper's model (one GPU)
-    python encodec.py --init_from=resume                      # continue out/encodec/ckpt.pt
-    python encodec.py --mode=sample --init_from=out/encodec/ckpt.pt     # or the official encodec_24khz-d7cc33bc.th
-    python encodec.py --mode=eval --init_from=out/encodec/ckpt.pt       # SI-SNR / mel distance / kbps per bandwidth
-    python encodec.py --mode=lm --init_from=out/encodec/ckpt.pt          # entropy-coding LM: kbps saved per bandwidth
+    python encodec.py                                       # train on the built-in speech+music corpus
+    python encodec.py --init_from=resume                    # continue out/encodec/ckpt.pt
+    python encodec.py --mode=sample --init_from=out/encodec/ckpt.pt   # or the official encodec_24khz-*.th
+    python encodec.py --mode=eval --init_from=out/encodec/ckpt.pt     # SI-SNR, mel distance, kbps
+    python encodec.py --mode=lm --init_from=out/encodec/ckpt.pt       # the entropy-coding LM's kbps saved
     python encodec.py --mode=bench
     torchrun --standalone --nproc_per_node=8 encodec.py --preset=24khz
 """
@@ -71,7 +55,7 @@ import common
 class Config:
     mode: str = "train"                # train | sample | eval | bench | lm (the entropy-coding LM, §3.3)
     preset: str = "24khz"              # a key of PRESETS
-    init_from: str = "scratch"         # scratch | resume | path (our ckpt.pt or the official encodec_24khz/48khz .th)
+    init_from: str = "scratch"         # scratch | resume | path (ours or the official encodec_*khz .th)
     out_dir: str = "out/encodec"
     data_dir: str = ""                 # empty: the built-in corpus (speech + music)
     corpus_hours: float = 2.0          # size of the built-in corpus
@@ -81,7 +65,7 @@ class Config:
     channels: int = 1                  # audio channels (2 for the 48 kHz stereo model)
     n_filters: int = 32                # base width C; doubles at every downsampling
     dimension: int = 128               # latent dimension D
-    ratios: tuple = (8, 5, 4, 2)       # decoder upsampling ratios; the encoder uses them reversed (2,4,5,8) -> hop 320
+    ratios: tuple = (8, 5, 4, 2)       # decoder upsampling ratios; the encoder's reversed (2,4,5,8): hop 320
     n_residual_layers: int = 1         # residual units per block (SoundStream used 3)
     dilation_base: int = 2             # dilation of residual unit j is base**j
     lstm_layers: int = 2               # 2-layer LSTM with skip at the bottleneck (§3.1)
@@ -96,7 +80,7 @@ class Config:
     kmeans_iters: int = 50             # k-means iterations on the first batch
     dead_code_threshold: float = 2.0   # codes whose EMA usage falls below this are re-seeded from the batch
     dead_code_grace: int = 50          # steps a re-seeded code lives unused before it can be re-drawn (ours)
-    quantizer_warmup: int = 0          # first steps with the RVQ bypassed, k-means after (laptop-scale aid, not in the paper)
+    quantizer_warmup: int = 0          # first steps with the RVQ bypassed, k-means after (ours)
     # 48 kHz model: per-chunk loudness normalisation and overlapping chunks at inference (§4)
     normalize: bool = False            # divide each chunk by its RMS, send the scale along
     chunk: float = 0.0                 # seconds per inference chunk (0: the whole file at once)
@@ -105,7 +89,7 @@ class Config:
     disc_filters: int = 32             # channels of every MS-STFTD conv
     disc_n_ffts: tuple = (2048, 1024, 512, 256, 128)  # 5 STFT scales, hop = n_fft / 4
     disc_slope: float = 0.2            # LeakyReLU slope
-    disc_prob: float = 2 / 3           # probability of a discriminator update per step (24 kHz: 2/3, 48 kHz: 0.5)
+    disc_prob: float = 2 / 3           # chance of a D update per step (24 kHz: 2/3, 48 kHz: 0.5)
     disc_warmup: int = 0               # first steps on reconstruction alone, no discriminator (ours, CPU)
     # losses and the balancer (§3.4)
     lambda_t: float = 0.1              # time-domain L1
@@ -133,17 +117,16 @@ class Config:
     batch_size: int = 64
     lr: float = 3e-4                   # §4: Adam, both networks
     betas: tuple = (0.5, 0.9)          # §4
-    max_iters: int = 600_000           # 300 epochs x 2000 updates at batch 64 on 8 GPUs (§4) ~ per-GPU equivalent
+    max_iters: int = 600_000           # 300 epochs x 2000 updates at batch 64 on 8 GPUs (§4), per GPU
     log_interval: int = 50
     eval_interval: int = 2000          # evaluate and checkpoint
     eval_items: int = 8                # held-out clips per kind (speech, music) in evaluate()
     eval_seconds: float = 4.0          # crop held-out clips to this length
-    listen_items: int = 16             # --mode=eval: whole test speech clips at the lowest and highest
-                                       # bandwidth and the originals: three folders an ASR judges
+    listen_items: int = 16             # --mode=eval: test speech clips for the ASR listening sets
     bench_seconds: float = 10.0        # audio length for the encode/decode real-time factors
     bench_batches: tuple = (1, 16)     # batch sizes for the encode/decode real-time factors
     device: str = "auto"
-    dtype: str = "auto"                # bf16 autocast on CUDA, fp32 elsewhere (quantizer, STFTs, losses stay fp32)
+    dtype: str = "auto"                # bf16 autocast on CUDA, fp32 elsewhere (quantizer, STFTs, losses fp32)
     compile: bool = True
     seed: int = 1337
 
@@ -152,28 +135,25 @@ class Config:
         def bad(msg):
             raise SystemExit(f"error: {msg}")
         if self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
-            bad(f"--codebook_size must be a power of 2, each code being log2(size) bits (got {self.codebook_size})")
-        for k in ("n_q", "channels", "n_filters", "dimension", "lstm_layers", "lm_batch_size", "lm_heads"):
-            if getattr(self, k) < 1:
-                bad(f"--{k} must be >= 1 (got {getattr(self, k)})")
-        for k in ("eval_seconds", "bench_seconds", "lm_seconds", "lm_lr", "lm_context"):
-            if not getattr(self, k) > 0:
-                bad(f"--{k} must be > 0 (got {getattr(self, k)})")
-        for k in ("quantizer_warmup", "disc_warmup", "kmeans_iters", "lm_iters", "chunk", "dead_code_threshold"):
-            if getattr(self, k) < 0:
-                bad(f"--{k} must be >= 0 (got {getattr(self, k)})")
+            bad(f"--codebook_size must be a power of 2 (a code is log2(size) bits), got {self.codebook_size}")
+        for keys, ok, what in (
+                (("n_q", "channels", "n_filters", "dimension", "lstm_layers", "lm_batch_size", "lm_heads"),
+                 lambda v: v >= 1, "be >= 1"),
+                (("eval_seconds", "bench_seconds", "lm_seconds", "lm_lr", "lm_context"),
+                 lambda v: v > 0, "be > 0"),
+                (("quantizer_warmup", "disc_warmup", "kmeans_iters", "lm_iters", "chunk",
+                  "dead_code_threshold"), lambda v: v >= 0, "be >= 0"),
+                (("disc_prob", "overlap"), lambda v: 0 <= v <= 1, "lie in [0, 1]"),
+                (("ema_decay", "balancer_decay"), lambda v: 0 < v < 1, "lie in (0, 1)")):
+            for k in keys:
+                if not ok(getattr(self, k)):
+                    bad(f"--{k} must {what} (got {getattr(self, k)})")
         if not self.bandwidths or min(self.bandwidths) <= 0:
             bad(f"--bandwidths must be positive kbps values (got {self.bandwidths})")
-        for k in ("disc_prob", "overlap"):
-            if not 0 <= getattr(self, k) <= 1:
-                bad(f"--{k} must lie in [0, 1] (got {getattr(self, k)})")
-        for k in ("ema_decay", "balancer_decay"):
-            if not 0 < getattr(self, k) < 1:
-                bad(f"--{k} must lie in (0, 1) (got {getattr(self, k)})")
-        if self.norm not in ("weight_norm", "time_group_norm"):
-            bad(f"--norm must be weight_norm or time_group_norm (got {self.norm!r})")
-        if self.pad_mode not in ("reflect", "constant", "replicate"):
-            bad(f"--pad_mode must be reflect, constant or replicate (got {self.pad_mode!r})")
+        for k, allowed in (("norm", ("weight_norm", "time_group_norm")),
+                           ("pad_mode", ("reflect", "constant", "replicate"))):
+            if getattr(self, k) not in allowed:
+                bad(f"--{k} must be one of {', '.join(allowed)} (got {getattr(self, k)!r})")
         if self.lm_dim % self.lm_heads or self.lm_dim < 4:
             bad(f"--lm_dim ({self.lm_dim}) must be >= 4 and divisible by --lm_heads ({self.lm_heads})")
         longest = max([2 ** i for i in self.mel_scales] + list(self.disc_n_ffts))
@@ -188,13 +168,11 @@ PRESETS = {
                   lambda_g=4.0, lambda_feat=4.0, disc_prob=0.5),  # the paper's stereo music model
     "small": dict(n_filters=16, dimension=64, n_q=8, bandwidths=(1.5, 3.0, 6.0), disc_filters=8,
                   disc_n_ffts=(1024, 512, 256), segment=12000, batch_size=8, max_iters=2000, log_interval=10,
-                  eval_interval=500, eval_items=4, bench_seconds=4.0, bench_batches=(1, 4),
-                  kmeans_iters=20,
-                  # 2000 steps, not 600k: k-means must see latents that mean something, and reconstruction
-                  # comes first (no D for 1500 steps, ours)
+                  eval_interval=500, eval_items=4, bench_seconds=4.0, bench_batches=(1, 4), kmeans_iters=20,
+                  # k-means must see latents that mean something, and reconstruction comes first (ours)
                   lr=1e-3, quantizer_warmup=200, disc_warmup=1500,
                   lm_dim=128, lm_layers=3, lm_iters=2000, lm_seconds=3.0, lm_batch_size=8, lm_lr=1e-3,
-                  # the threshold 2 assumes 64 x 1 s batches (4.7 frames per code): scale it to 8 x 0.5 s (0.3 per code)
+                  # the threshold 2 assumes 64 x 1 s batches (4.7 frames per code): scaled to 8 x 0.5 s
                   dead_code_threshold=2.0 * (8 * 38) / (64 * 75)),
     "tiny": dict(n_filters=4, dimension=16, lstm_layers=1, n_q=4, codebook_size=64, bandwidths=(0.9, 1.8),
                  kmeans_iters=5, disc_filters=4, disc_n_ffts=(256, 128), mel_scales=(6, 7),
@@ -202,18 +180,18 @@ PRESETS = {
                  eval_items=1, eval_seconds=0.5, bench_seconds=0.5, bench_batches=(1, 2), corpus_hours=0.02,
                  lm_dim=16, lm_layers=1, lm_heads=2, lm_iters=3, lm_seconds=0.5, lm_batch_size=2),
 }
-# fields that shape the weights or change what they mean (the audio's rate, channels, padding, normalisation):
-# a checkpoint must agree on them. The LM adds its own.
-ARCH_KEYS = ("sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers", "dilation_base",
-             "lstm_layers", "causal", "norm", "pad_mode", "normalize", "n_q", "codebook_size", "disc_filters",
-             "disc_n_ffts")
+# fields that shape the weights or change what they mean (rate, channels, padding, normalisation): a
+# checkpoint must agree on them. The LM adds its own.
+ARCH_KEYS = ("sample_rate", "channels", "n_filters", "dimension", "ratios", "n_residual_layers",
+             "dilation_base", "lstm_layers", "causal", "norm", "pad_mode", "normalize", "n_q",
+             "codebook_size", "disc_filters", "disc_n_ffts")
 LM_ARCH_KEYS = ARCH_KEYS + ("lm_dim", "lm_layers", "lm_heads", "lm_context")
 
 # ----------------------------------------------------------------------------- model
 
 def _pad1d(x, left, right, mode):
-    """F.pad that also reflects inputs shorter than the padding (zero-extend first, as the official code does)."""
-    if left == right == 0:  # a 1x1 conv: F.pad would still copy the whole input (and its backward copy it back)
+    """F.pad that also reflects inputs shorter than the padding (zero-extend first, as the official code)."""
+    if left == right == 0:  # a 1x1 conv: F.pad would still copy the input (and its backward copy it back)
         return x
     if mode != "reflect":
         return F.pad(x, (left, right), mode)
@@ -225,8 +203,10 @@ def _pad1d(x, left, right, mode):
 
 
 def _normed(conv, norm):
-    # N(0, 1/fan_in), zero bias (not PyTorch's default): untrained latents follow the audio, so k-means finds many codes
-    fan_in = conv.in_channels * conv.kernel_size[0] / (conv.stride[0] if isinstance(conv, nn.ConvTranspose1d) else 1)
+    # N(0, 1/fan_in), zero bias: variance-preserving, so untrained latents follow the audio and k-means on
+    # them finds many codes (PyTorch's default init shrinks the signal layer after layer)
+    transposed = isinstance(conv, nn.ConvTranspose1d)
+    fan_in = conv.in_channels * conv.kernel_size[0] / (conv.stride[0] if transposed else 1)
     nn.init.normal_(conv.weight, 0.0, fan_in ** -0.5)
     nn.init.zeros_(conv.bias)
     # §3.1: weight norm in the 24 kHz model; the 48 kHz model uses GroupNorm(1, C) after each conv instead
@@ -236,8 +216,8 @@ def _normed(conv, norm):
 class StreamableConv1d(nn.Module):
     """Conv1d that pads itself so T samples give ceil(T / stride) frames, all padding on the left when
     causal (§3.1). stream() runs it chunk by chunk with an explicit history buffer."""
-
-    def __init__(self, cin, cout, kernel, stride=1, dilation=1, causal=True, norm="weight_norm", pad_mode="reflect"):
+    def __init__(self, cin, cout, kernel, stride=1, dilation=1, causal=True, norm="weight_norm",
+                 pad_mode="reflect"):
         super().__init__()
         self.conv = _normed(nn.Conv1d(cin, cout, kernel, stride, dilation=dilation), norm)
         self.norm = nn.GroupNorm(1, cout) if norm == "time_group_norm" else nn.Identity()
@@ -252,7 +232,7 @@ class StreamableConv1d(nn.Module):
         return self.norm(self.conv(x))
 
     def stream(self, x, state, final=False):
-        # state[self] = (started, buffer): inputs not consumed yet, at least the last k_eff - stride as history.
+        # state[self] = (started, buffer): inputs not consumed yet, at least the last k_eff - stride of them.
         # final: the input ends here, so complete the last window as forward() does and emit it (the flush).
         started, buf = state.get(self, (False, x[..., :0]))
         x = torch.cat([buf, x], -1)
@@ -274,9 +254,12 @@ class StreamableConv1d(nn.Module):
         return self.norm(self.conv(x[..., :(n - 1) * self.stride + self.k_eff]))
 
 
-class StreamableConvTranspose1d(nn.Module):
-    """Transposed conv (kernel 2S, stride S) that trims k - S samples, all on the right when causal (§3.1)."""
+def _conv(cfg, cin, cout, kernel, stride=1, dilation=1):
+    return StreamableConv1d(cin, cout, kernel, stride, dilation, cfg.causal, cfg.norm, cfg.pad_mode)
 
+
+class StreamableConvTranspose1d(nn.Module):
+    """Transposed conv (kernel 2S, stride S) trimming k - S samples, all on the right when causal (§3.1)."""
     def __init__(self, cin, cout, kernel, stride, causal=True, norm="weight_norm"):
         super().__init__()
         self.conv = _normed(nn.ConvTranspose1d(cin, cout, kernel, stride), norm)
@@ -305,23 +288,19 @@ class StreamableConvTranspose1d(nn.Module):
 
 
 def _elu(x):
-    # ELU of a tensor nothing else reads (a fresh conv / LSTM output), in place where no gradient is recorded
-    # (inference: one full-size buffer less per call, the same numbers). With autograd the in-place form would
-    # take its backward from the output (grad * (y + 1)), which rounds differently from grad * exp(x)
+    # ELU of a fresh conv/LSTM output, in place where no gradient is recorded (one buffer less at inference).
+    # With autograd the in-place backward (grad * (y + 1)) would round differently from grad * exp(x)
     return F.elu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
 
 
 class ResidualUnit(nn.Module):
     """SEANet residual unit (§3.1): ELU -> conv k3 (dim -> dim/2, dilated) -> ELU -> conv k1 (-> dim),
     plus a 1x1 conv shortcut."""
-
     def __init__(self, dim, dilation, cfg):
         super().__init__()
-        conv = lambda ci, co, k, d=1: StreamableConv1d(ci, co, k, dilation=d, causal=cfg.causal, norm=cfg.norm,
-                                                       pad_mode=cfg.pad_mode)
-        self.conv1 = conv(dim, dim // 2, 3, dilation)
-        self.conv2 = conv(dim // 2, dim, 1)
-        self.shortcut = conv(dim, dim, 1)
+        self.conv1 = _conv(cfg, dim, dim // 2, 3, dilation=dilation)
+        self.conv2 = _conv(cfg, dim // 2, dim, 1)
+        self.shortcut = _conv(cfg, dim, dim, 1)
 
     def forward(self, x):  # fresh conv outputs in place: fewer full-size buffers, the same numbers (see _elu)
         return self.shortcut(x).add_(self.conv2(_elu(self.conv1(F.elu(x)))))
@@ -336,7 +315,6 @@ class ResidualUnit(nn.Module):
 
 class SLSTM(nn.Module):
     """§3.1: a 2-layer LSTM over the bottleneck frames, with a skip connection."""
-
     def __init__(self, dim, layers):
         super().__init__()
         self.lstm = nn.LSTM(dim, dim, layers)
@@ -356,9 +334,9 @@ class SLSTM(nn.Module):
 class EncoderBlock(nn.Module):
     def __init__(self, dim, stride, cfg):
         super().__init__()
-        self.res = nn.ModuleList(ResidualUnit(dim, cfg.dilation_base ** j, cfg) for j in range(cfg.n_residual_layers))
-        self.down = StreamableConv1d(dim, 2 * dim, 2 * stride, stride, causal=cfg.causal, norm=cfg.norm,
-                                     pad_mode=cfg.pad_mode)  # kernel 2S, stride S, channels doubled
+        self.res = nn.ModuleList(ResidualUnit(dim, cfg.dilation_base ** j, cfg)
+                                 for j in range(cfg.n_residual_layers))
+        self.down = _conv(cfg, dim, 2 * dim, 2 * stride, stride)  # kernel 2S, stride S, channels doubled
 
     def forward(self, x):
         for r in self.res:
@@ -374,7 +352,7 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     def __init__(self, dim, stride, cfg):
         super().__init__()
-        self.up = StreamableConvTranspose1d(dim, dim // 2, 2 * stride, stride, causal=cfg.causal, norm=cfg.norm)
+        self.up = StreamableConvTranspose1d(dim, dim // 2, 2 * stride, stride, cfg.causal, cfg.norm)
         self.res = nn.ModuleList(ResidualUnit(dim // 2, cfg.dilation_base ** j, cfg)
                                  for j in range(cfg.n_residual_layers))
 
@@ -392,19 +370,16 @@ class DecoderBlock(nn.Module):
 
 
 class SEANetEncoder(nn.Module):
-    """§3.1, Fig. 1: conv k7 -> 4 x (residual unit, strided conv) -> LSTM -> ELU, conv k7 -> D. (B, C, T) -> (B, D, T/320)"""
-
+    """§3.1, Fig. 1: conv k7 -> 4 x (residual unit, strided conv) -> LSTM -> ELU, conv k7 -> D.
+    (B, C, T) -> (B, D, T/320)"""
     def __init__(self, cfg):
         super().__init__()
-        conv = lambda ci, co, k: StreamableConv1d(ci, co, k, causal=cfg.causal, norm=cfg.norm, pad_mode=cfg.pad_mode)
-        C, mult = cfg.n_filters, 1
-        self.conv_in = conv(cfg.channels, C, 7)
-        self.blocks = nn.ModuleList()
-        for s in reversed(cfg.ratios):  # strides 2, 4, 5, 8
-            self.blocks.append(EncoderBlock(C * mult, s, cfg))
-            mult *= 2
-        self.lstm = SLSTM(C * mult, cfg.lstm_layers)
-        self.conv_out = conv(C * mult, cfg.dimension, 7)
+        C, top = cfg.n_filters, cfg.n_filters * 2 ** len(cfg.ratios)
+        self.conv_in = _conv(cfg, cfg.channels, C, 7)
+        self.blocks = nn.ModuleList(EncoderBlock(C * 2 ** i, s, cfg)  # strides 2, 4, 5, 8; channels x2 each
+                                    for i, s in enumerate(reversed(cfg.ratios)))
+        self.lstm = SLSTM(top, cfg.lstm_layers)
+        self.conv_out = _conv(cfg, top, cfg.dimension, 7)
 
     def forward(self, x):
         x = self.conv_in(x)
@@ -421,18 +396,14 @@ class SEANetEncoder(nn.Module):
 
 class SEANetDecoder(nn.Module):
     """The mirror image: conv k7 -> LSTM -> 4 x (transposed conv, residual unit) -> ELU, conv k7. No tanh."""
-
     def __init__(self, cfg):
         super().__init__()
-        conv = lambda ci, co, k: StreamableConv1d(ci, co, k, causal=cfg.causal, norm=cfg.norm, pad_mode=cfg.pad_mode)
-        C, mult = cfg.n_filters, 2 ** len(cfg.ratios)
-        self.conv_in = conv(cfg.dimension, C * mult, 7)
-        self.lstm = SLSTM(C * mult, cfg.lstm_layers)
-        self.blocks = nn.ModuleList()
-        for s in cfg.ratios:  # strides 8, 5, 4, 2
-            self.blocks.append(DecoderBlock(C * mult, s, cfg))
-            mult //= 2
-        self.conv_out = conv(C, cfg.channels, 7)
+        C, top = cfg.n_filters, cfg.n_filters * 2 ** len(cfg.ratios)
+        self.conv_in = _conv(cfg, cfg.dimension, top, 7)
+        self.lstm = SLSTM(top, cfg.lstm_layers)
+        self.blocks = nn.ModuleList(DecoderBlock(top // 2 ** i, s, cfg)  # strides 8, 5, 4, 2; channels / 2
+                                    for i, s in enumerate(cfg.ratios))
+        self.conv_out = _conv(cfg, C, cfg.channels, 7)
 
     def forward(self, z):
         x = self.lstm(self.conv_in(z))[0]
@@ -447,11 +418,10 @@ class SEANetDecoder(nn.Module):
         return self.conv_out.stream(F.elu(x), state, final)
 
 
-def _sample_rows(x, n):
-    # n random rows of x (without replacement when there are enough)
-    idx = torch.randperm(x.shape[0], device=x.device)[:n] if x.shape[0] >= n else \
-        torch.randint(0, x.shape[0], (n,), device=x.device)
-    return x[idx]
+def _sample_rows(x, n):  # n random rows of x (without replacement when there are enough)
+    if x.shape[0] >= n:
+        return x[torch.randperm(x.shape[0], device=x.device)[:n]]
+    return x[torch.randint(0, x.shape[0], (n,), device=x.device)]
 
 
 def _nearest(x, embed):
@@ -465,7 +435,7 @@ def kmeans(x, k, iters):
     means = _sample_rows(x, k)
     for _ in range(iters):
         assign = _nearest(x, means)
-        counts = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, assign, torch.ones_like(x[:, 0]))
+        counts = x.new_zeros(k).index_add_(0, assign, torch.ones_like(x[:, 0]))
         sums = torch.zeros_like(means).index_add_(0, assign, x)  # fixed-size sums: no data-dependent shapes
         means = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], means)
     return means, counts
@@ -474,19 +444,18 @@ def kmeans(x, k, iters):
 class Codebook(nn.Module):
     """One VQ layer (§3.2): nearest-neighbour lookup in `embed`, updated by EMA (not by gradients).
     Buffer names follow the official checkpoint so its codebooks load one to one."""
-
     def __init__(self, cfg):
         super().__init__()
         K, D = cfg.codebook_size, cfg.dimension
-        self.decay, self.kmeans_iters, self.threshold, self.eps = cfg.ema_decay, cfg.kmeans_iters, cfg.dead_code_threshold, 1e-5
+        self.decay, self.kmeans_iters, self.eps = cfg.ema_decay, cfg.kmeans_iters, 1e-5
+        self.threshold = cfg.dead_code_threshold
         # a re-seeded code's usage restarts at threshold / decay^grace (ours): never picked, it takes `grace`
-        # steps of EMA decay to fall back under the threshold, and is re-drawn on the step after (+0.5:
-        # rounding margin)
+        # steps of EMA decay to fall back under the threshold (+0.5: rounding margin)
         self.reset = self.threshold * cfg.ema_decay ** -(cfg.dead_code_grace + 0.5)
         self.register_buffer("inited", torch.zeros(1))      # 0 until k-means has run on a training batch
         self.register_buffer("cluster_size", torch.zeros(K))  # EMA of how often each code is picked
         self.register_buffer("embed", torch.zeros(K, D))     # the codewords
-        self.register_buffer("embed_avg", torch.zeros(K, D))  # EMA of the sum of vectors assigned to each code
+        self.register_buffer("embed_avg", torch.zeros(K, D))  # EMA of the sum of the vectors each code got
         self._inited = False  # a host-side copy of `inited`, so a training step never reads the device
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_inited", False))
 
@@ -507,13 +476,12 @@ class Codebook(nn.Module):
         self.embed_avg.copy_(means * counts[:, None])  # so that embed_avg / cluster_size == means
         self.inited.fill_(1)
         self._inited = True
-        if dist.is_available() and dist.is_initialized():  # rank 0's random choices win
+        if common._distributed():  # rank 0's random choices win
             for b in (self.embed, self.embed_avg, self.cluster_size, self.inited):
                 dist.broadcast(b, 0)
 
     def _is_inited(self):
-        # one read of the buffer per process (the first training step, or after loading), then the Python flag:
-        # the steady-state step has no host sync and no graph break under torch.compile
+        # the buffer is read once per process (first step, or after loading): no host sync in later steps
         if not self._inited:
             self._inited = bool(self.inited.item())
         return self._inited
@@ -523,28 +491,26 @@ class Codebook(nn.Module):
         K = self.embed.shape[0]
         onehot = F.one_hot(codes, K).type(x.dtype)  # (N, K)
         counts, sums = onehot.sum(0), onehot.t() @ x  # (K,), (K, D)
-        if dist.is_available() and dist.is_initialized():  # statistics of the global batch
+        if common._distributed():  # statistics of the global batch
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no division by 0
+        smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no 0 division
         self.embed.copy_(self.embed_avg / smoothed[:, None])
         # dead codes (SoundStream §3.3) take a random batch vector, usage reset to self.reset; no host sync
         dead = self.cluster_size < self.threshold  # (K,)
         new = _sample_rows(x, K)  # (K, D)
-        if dist.is_available() and dist.is_initialized():
+        if common._distributed():
             dist.broadcast(new, 0)  # rank 0's rows: the buffers stay identical on every rank
-        reset = self.reset
         self.embed.copy_(torch.where(dead[:, None], new, self.embed))
-        self.cluster_size.copy_(torch.where(dead, reset, self.cluster_size))
-        self.embed_avg.copy_(torch.where(dead[:, None], new * reset, self.embed_avg))
+        self.cluster_size.copy_(torch.where(dead, self.reset, self.cluster_size))
+        self.embed_avg.copy_(torch.where(dead[:, None], new * self.reset, self.embed_avg))
 
 
 class ResidualVectorQuantizer(nn.Module):
     """§3.2 (SoundStream Alg. 1): codebook i quantizes what codebooks 1..i-1 left; the first n_q are used."""
-
     def __init__(self, cfg):
         super().__init__()
         self.layers = nn.ModuleList(Codebook(cfg) for _ in range(cfg.n_q))
@@ -556,18 +522,17 @@ class ResidualVectorQuantizer(nn.Module):
             residual, out, codes, commit, fresh = x, torch.zeros_like(x), [], 0.0, False
             for layer in self.layers[:n_q]:
                 if self.training and not layer._is_inited():
-                    # k-means one level per step (as the official Mimi code does): a level fitted by k-means
-                    # on a batch of fewer frames than codes leaves its successor an all-zero residual on that
-                    # batch, so the next level waits for the next step's residual; until then the batch uses
-                    # fewer levels
+                    # k-means one level per step (as the official Mimi code): a level fitted on a batch of
+                    # fewer frames than codes leaves its successor an all-zero residual there, so the next
+                    # level waits for the next step's residual; until then the batch uses fewer levels
                     if fresh:
                         break
                     fresh = True
                 q, c = layer(residual)
-                commit = commit + F.mse_loss(residual, q.detach())  # ℓ_w, §3.4: pulls the encoder to the codes
-                residual = residual - q.detach()  # detached: the commitment gradient of every layer survives (#25)
+                commit = commit + F.mse_loss(residual, q.detach())  # ℓ_w (§3.4): the encoder to the codes
+                residual = residual - q.detach()  # detached: every layer's commitment gradient survives (#25)
                 out, codes = out + q, codes + [c]
-            out = x + (out - x).detach()  # straight-through estimator: the decoder's gradient reaches the encoder
+            out = x + (out - x).detach()  # straight-through: the decoder's gradient reaches the encoder
         n = len(codes)  # n_q, or fewer while k-means is still initialising the levels
         codes = torch.stack(codes, 1).view(B, T, n).transpose(1, 2)  # (B, n_q, T)
         return out.view(B, T, D).transpose(1, 2), codes, commit / n
@@ -583,17 +548,17 @@ class ResidualVectorQuantizer(nn.Module):
         return torch.stack(codes, 1).view(B, T, n_q).transpose(1, 2)
 
     def decode(self, codes):  # (B, n_q, T) -> (B, D, T)
-        out = sum(F.embedding(codes[:, i], layer.embed) for i, layer in enumerate(self.layers[:codes.shape[1]]))
-        return out.transpose(1, 2)  # (B, T, D) -> (B, D, T)
+        out = sum(F.embedding(c, layer.embed) for c, layer in zip(codes.unbind(1), self.layers))  # (B, T, D)
+        return out.transpose(1, 2)
 
 
 class EnCodec(nn.Module):
     """Encoder -> RVQ -> decoder (§3, Fig. 1), with the bandwidth arithmetic of §3.2."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.encoder, self.quantizer, self.decoder = SEANetEncoder(cfg), ResidualVectorQuantizer(cfg), SEANetDecoder(cfg)
+        self.encoder, self.quantizer = SEANetEncoder(cfg), ResidualVectorQuantizer(cfg)
+        self.decoder = SEANetDecoder(cfg)
         self.hop = math.prod(cfg.ratios)
         self.frame_rate = math.ceil(cfg.sample_rate / self.hop)  # 75 Hz at 24 kHz, 150 Hz at 48 kHz
         self.bits = int(math.log2(cfg.codebook_size))
@@ -635,16 +600,17 @@ class EnCodec(nn.Module):
         return seg, max(1, int((1 - self.cfg.overlap) * seg))
 
     def compress(self, x, bandwidth):
-        """A whole file -> list of (codes, scale) per chunk (one chunk unless cfg.chunk > 0: the 48 kHz model)."""
+        """A whole file -> [(codes, scale)] per chunk (one chunk unless cfg.chunk > 0: the 48 kHz model)."""
         seg, stride = self._chunking(x.shape[-1])
-        return [self.encode(x[..., o:o + seg], self.n_q_for(bandwidth)) for o in range(0, x.shape[-1], stride)]
+        n_q = self.n_q_for(bandwidth)
+        return [self.encode(x[..., o:o + seg], n_q) for o in range(0, x.shape[-1], stride)]
 
     def decompress(self, frames, length):
         """Decode chunks and cross-fade their overlaps with triangular weights (the 48 kHz model, §4)."""
         outs = [self.decode(c, s) for c, s in frames]
         if len(outs) == 1:
             return outs[0][..., :length]
-        seg, stride = self._chunking(length)
+        stride = self._chunking(length)[1]
         total = stride * (len(outs) - 1) + outs[-1].shape[-1]
         t = torch.linspace(0, 1, outs[0].shape[-1] + 2, device=outs[0].device)[1:-1]
         w = 0.5 - (t - 0.5).abs()  # triangle peaking mid-chunk
@@ -658,9 +624,8 @@ class EnCodec(nn.Module):
 
     @torch.no_grad()
     def encode_stream(self, x, state, n_q, final=False):
-        """A chunk of audio (B, C, t) -> the codes (B, n_q, f) of the frames it completes; final=True (the last
-        chunk, possibly empty) also emits the trailing partial frame, so the stream gives ceil(T / hop) frames
-        as encode() does. With --pad_mode=constant no layer waits for context before its first output."""
+        """A chunk of audio (B, C, t) -> the codes (B, n_q, f) of the frames it completes; final=True (the
+        last chunk, maybe empty) also flushes the partial frame: ceil(T / hop) frames in all, as encode()."""
         assert self.cfg.causal and not self.cfg.normalize, "streaming needs the causal 24 kHz model"
         return self.quantizer.encode(self.encoder.stream(x, state, final), n_q)
 
@@ -671,15 +636,14 @@ class EnCodec(nn.Module):
 
 
 class STFTDiscriminator(nn.Module):
-    """One scale of the MS-STFT discriminator (§3.4, Fig. 2): 2D convs over the real and imaginary parts of a
-    complex STFT laid out (B, 2C, frames, freq); strides halve the frequency axis, dilations grow along time."""
-
+    """One scale of the MS-STFT discriminator (§3.4, Fig. 2): 2D convs over the real and imaginary parts of
+    a complex STFT (B, 2C, frames, freq); strides halve the frequency axis, dilations grow along time."""
     def __init__(self, n_fft, cfg):
         super().__init__()
         f, wn = cfg.disc_filters, nn.utils.parametrizations.weight_norm
         self.n_fft, self.slope = n_fft, cfg.disc_slope
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
-        self.convs = nn.ModuleList([nn.Conv2d(2 * cfg.channels, f, (3, 9), padding=(1, 4))])  # no weight norm here (official)
+        self.convs = nn.ModuleList([nn.Conv2d(2 * cfg.channels, f, (3, 9), padding=(1, 4))])  # no weight norm
         for d in (1, 2, 4):
             self.convs.append(wn(nn.Conv2d(f, f, (3, 9), stride=(1, 2), dilation=(d, 1), padding=(d, 4))))
         self.convs.append(wn(nn.Conv2d(f, f, (3, 3), padding=(1, 1))))
@@ -692,8 +656,7 @@ class STFTDiscriminator(nn.Module):
                               center=False, return_complex=True)  # (B*C, F, frames)
             spec = spec / self.window.pow(2).sum().sqrt()  # "normalized" spectrogram, as torchaudio's
         spec = spec.view(B, C, *spec.shape[1:])  # (B, C, F, frames)
-        # (B, 2C, frames, F) in channels-last memory: these thin 2D convs (8-32 channels) run forward and backward
-        # 1.5x faster that way on the CPU (the same numbers up to rounding); the layers after keep the layout
+        # (B, 2C, frames, F), channels-last: thin 2D convs run faster in that layout on the CPU
         z = torch.cat([spec.real, spec.imag], 1).transpose(2, 3).contiguous(memory_format=torch.channels_last)
         fmap = []
         for conv in self.convs:
@@ -704,7 +667,6 @@ class STFTDiscriminator(nn.Module):
 
 class MSSTFTDiscriminator(nn.Module):
     """§3.4: five STFT discriminators, windows 2048..128, hop = window / 4."""
-
     def __init__(self, cfg):
         super().__init__()
         self.discs = nn.ModuleList(STFTDiscriminator(n, cfg) for n in cfg.disc_n_ffts)
@@ -717,7 +679,6 @@ class MSSTFTDiscriminator(nn.Module):
 class LMLayer(nn.Module):
     """One layer of the entropy-coding LM (§3.3): post-norm self-attention + GELU MLP, as the official
     nn.TransformerEncoderLayer. Keys and values also cover `past`, the layer inputs of earlier frames."""
-
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -731,26 +692,26 @@ class LMLayer(nn.Module):
         q = F.linear(x, wq[0], wkv[0])
         k, v = F.linear(torch.cat([past, x], 1), wq[1], wkv[1]).chunk(2, -1)
         heads = lambda t: t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)  # (B, h, T, C/h)
-        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)  # fused attention
+        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
         x = self.norm1(x + self.out_proj(a.transpose(1, 2).reshape(B, T, C)))
         return self.norm2(x + self.linear2(F.gelu(self.linear1(x))))
 
 
 class CodeLM(nn.Module):
-    """§3.3: a small transformer that predicts all the codes of frame t at once (one softmax per codebook) from
-    the codes of frames < t. Its probabilities drive an arithmetic coder, so its cross-entropy is the bitrate
-    the codes can be squeezed to. Input of frame t: the sum of one embedding per codebook of frame t-1's codes."""
-
+    """§3.3: a small transformer that predicts all the codes of frame t at once (one softmax per codebook)
+    from the codes of frames < t. Its probabilities drive an arithmetic coder, so its cross-entropy is the
+    bitrate the codes can be squeezed to. Input of frame t: the sum of one embedding per codebook of frame
+    t-1's codes."""
     def __init__(self, cfg, frame_rate):
         super().__init__()
         K, D = cfg.codebook_size, cfg.lm_dim
-        self.emb = nn.ModuleList(nn.Embedding(K + 1, D) for _ in range(cfg.n_q))  # index 0: "no previous frame"
+        self.emb = nn.ModuleList(nn.Embedding(K + 1, D) for _ in range(cfg.n_q))  # 0: "no previous frame"
         self.norm_in = nn.LayerNorm(D)
         self.layers = nn.ModuleList(LMLayer(D, cfg.lm_heads) for _ in range(cfg.lm_layers))
         self.linears = nn.ModuleList(nn.Linear(D, K) for _ in range(cfg.n_q))
         self.context = int(cfg.lm_context * frame_rate)  # frames of past each frame sees
 
-    def forward(self, codes):  # codes (B, n_q, T) -> logits (B, n_q, T, K) for each frame given the earlier ones
+    def forward(self, codes):  # codes (B, n_q, T) -> logits (B, n_q, T, K), each frame given the earlier ones
         B, n_q, T = codes.shape
         prev = torch.cat([codes.new_zeros(B, n_q, 1), codes[..., :-1] + 1], -1)  # frame t sees frame t-1 (+1)
         x = self.norm_in(sum(self.emb[k](prev[:, k]) for k in range(n_q)))  # (B, T, D)
@@ -769,47 +730,7 @@ class CodeLM(nn.Module):
 
     def bits(self, codes):  # (B, n_q, T) -> total bits to arithmetic-code them (the LM's cross-entropy)
         logits = self(codes).float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1), reduction="sum") / math.log(2)
-
-
-def official_lm_state_dict_to_ours(sd):
-    """The official encodec_lm_*.th (transformer.layers.i.self_attn.in_proj_weight, ...) -> CodeLM keys."""
-    out = {}
-    for k, v in sd.items():
-        k = k.replace("transformer.", "", 1) if k.startswith("transformer.") else k
-        k = k.replace("self_attn.in_proj_weight", "in_proj.weight").replace("self_attn.in_proj_bias", "in_proj.bias")
-        out[k.replace("self_attn.out_proj.", "out_proj.")] = v
-    return out
-
-
-def official_state_dict_to_ours(sd, cfg):
-    """Rename the official checkpoint's keys (encoder.model.N..., quantizer.vq.layers.i._codebook.X,
-    weight_g/weight_v) to this file's module names. Returns a new dict."""
-    n, blocks = cfg.n_residual_layers, len(cfg.ratios)
-    enc, dec = {0: "conv_in", 1 + blocks * (n + 2): "lstm", 3 + blocks * (n + 2): "conv_out"}, \
-        {0: "conv_in", 1: "lstm", 3 + blocks * (n + 2): "conv_out"}
-    for i in range(blocks):  # official Sequential order: [res units, ELU, down] / [ELU, up, res units]
-        enc[1 + i * (n + 2) + n + 1] = f"blocks.{i}.down"
-        dec[2 + i * (n + 2) + 1] = f"blocks.{i}.up"
-        for j in range(n):
-            enc[1 + i * (n + 2) + j] = f"blocks.{i}.res.{j}"
-            dec[2 + i * (n + 2) + 2 + j] = f"blocks.{i}.res.{j}"
-    out = {}
-    for k, v in sd.items():
-        m = re.match(r"(encoder|decoder)\.model\.(\d+)\.(.*)", k)
-        if m:
-            part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
-            rest = rest.replace("block.1.", "conv1.").replace("block.3.", "conv2.")
-            rest = re.sub(r"(conv\.conv|convtr\.convtr)\.", "conv.", rest)
-            rest = re.sub(r"(conv|convtr)\.norm\.", "norm.", rest)
-            rest = rest.replace("weight_g", "parametrizations.weight.original0")
-            rest = rest.replace("weight_v", "parametrizations.weight.original1")
-            k = f"{part}.{(enc if part == 'encoder' else dec)[idx]}.{rest}"
-        else:
-            k = re.sub(r"quantizer\.vq\.layers\.(\d+)\._codebook\.", r"quantizer.layers.\1.", k)
-        out[k] = v
-    return out
-
+        return F.cross_entropy(logits.flatten(0, -2), codes.reshape(-1), reduction="sum") / math.log(2)
 
 # ----------------------------------------------------------------------------- loss
 
@@ -817,9 +738,9 @@ _MEL_CACHE = {}
 
 
 def loss_mel(x, n_fft, cfg):
-    """S_i of ℓ_f (§3.4): the 64-bin mel of the power spectrum of a normalized STFT, window n_fft, hop n_fft/4,
-    HTK scale and unnormalised filters (torchaudio's MelSpectrogram, as audiocraft), padded as audiocraft's
-    msspec: reflect (n_fft - hop)/2 each side, zeros to whole frames. (B, C, T) -> (B, C, n_mels, frames)."""
+    """S_i of ℓ_f (§3.4): the 64-bin mel of the power spectrum of a normalized STFT, window n_fft, hop
+    n_fft/4, HTK scale, unnormalised filters, padded as audiocraft's msspec: reflect (n_fft - hop)/2 each
+    side, zeros to whole frames. (B, C, T) -> (B, C, n_mels, frames)."""
     hop, (B, C, T) = n_fft // 4, x.shape
     key = (cfg.sample_rate, n_fft, cfg.n_mels, str(x.device))
     if key not in _MEL_CACHE:
@@ -836,13 +757,14 @@ def loss_mel(x, n_fft, cfg):
 
 
 def reconstruction_losses(x, x_hat, cfg):
-    """§3.4: ℓ_t = L1 in time; ℓ_f = mean over the scales 2^i of L1(S_i) + alpha * MSE(log10(1e-5 + S_i)),
-    the linear mel's L1 weighting loud bins, the log mel's MSE the quiet ones (audiocraft's msspec)."""
+    """§3.4: ℓ_t = L1 in time; ℓ_f = mean over the scales 2^i of L1(S_i) + α·MSE(log10(1e-5 + S_i)):
+    the linear mel's L1 weights the loud bins, the log mel's MSE the quiet ones."""
     l_t = F.l1_loss(x_hat.float(), x.float())
     l_f = 0.0
     for i in cfg.mel_scales:
         s, s_hat = loss_mel(x, 2 ** i, cfg), loss_mel(x_hat, 2 ** i, cfg)
-        l_f = l_f + F.l1_loss(s_hat, s) + cfg.mel_alpha * F.mse_loss(torch.log10(1e-5 + s_hat), torch.log10(1e-5 + s))
+        l_f = l_f + F.l1_loss(s_hat, s) + cfg.mel_alpha * F.mse_loss(torch.log10(1e-5 + s_hat),
+                                                                     torch.log10(1e-5 + s))
     return l_t, l_f / len(cfg.mel_scales)
 
 
@@ -856,17 +778,17 @@ def feature_loss(fmap_real, fmap_fake):  # §3.4: 1/(KL) Σ |D_k^l(x) - D_k^l(x�
     return sum(terms) / len(terms)
 
 
-def discriminator_loss(logits_real, logits_fake):  # §3.4 hinge: 1/K Σ_k mean relu(1 - D_k(x)) + relu(1 + D_k(x̂))
+def discriminator_loss(logits_real, logits_fake):  # §3.4 hinge: 1/K Σ relu(1 - D_k(x)) + relu(1 + D_k(x̂))
     return sum(F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean()
                for r, f in zip(logits_real, logits_fake)) / len(logits_real)
 
 
 class Balancer(nn.Module):
-    """The loss balancer (§3.4, the paper's contribution to GAN codec training). Each loss ℓ_i gives a gradient
-    g_i = ∂ℓ_i/∂x̂ on the decoder output only. With ⟨‖g_i‖⟩ the EMA (decay 0.999, bias-corrected) of its
-    per-example norm, x̂ receives Σ_i R·(λ_i/Σλ)·g_i/⟨‖g_i‖⟩: each weight becomes the share of the gradient that
-    loss gets, whatever its scale. The EMA sums live in buffers so a resumed run continues exactly."""
-
+    """The loss balancer (§3.4). Each loss ℓ_i gives a gradient g_i = ∂ℓ_i/∂x̂ on the decoder output
+    only. With ⟨‖g_i‖⟩ the EMA (decay 0.999, bias-corrected) of its per-example norm, x̂ receives
+    Σ_i R·(λ_i/Σλ)·g_i/⟨‖g_i‖⟩: each weight becomes the share of the gradient that loss gets,
+    whatever its scale, so a loss summed over many frames cannot drown the others. The EMAs are
+    buffers (exact resume)."""
     def __init__(self, weights, cfg):
         super().__init__()
         self.names, self.enabled = list(weights), cfg.balancer
@@ -876,16 +798,16 @@ class Balancer(nn.Module):
         self.register_buffer("norm_count", torch.zeros(1))               # EMA denominator (bias correction)
 
     def backward(self, losses, x_hat, other=None):
-        """Backpropagate the balanced gradient through x̂ plus `other` (e.g. the commitment loss) as is.
-        `losses` may hold a subset of the names (ℓ_t and ℓ_f during cfg.disc_warmup): they share x̂ alone."""
+        """Backpropagate the balanced gradient through x̂ plus `other` (the commitment loss) as is.
+        `losses` may hold a subset of the names (ℓ_t, ℓ_f in cfg.disc_warmup): they share x̂ alone."""
         idx = [i for i, k in enumerate(self.names) if k in losses]
         grads = [torch.autograd.grad(losses[self.names[i]], x_hat, retain_graph=True)[0].float() for i in idx]
         weights = self.weights[idx]
         if not self.enabled:  # plain weighted sum
             out = sum(w * g for w, g in zip(weights, grads))
         else:
-            norms = torch.stack([g.flatten(1).norm(dim=1).mean() for g in grads])  # per-example norm, batch mean
-            if dist.is_available() and dist.is_initialized():
+            norms = torch.stack([g.flatten(1).norm(dim=1).mean() for g in grads])  # per example, batch mean
+            if common._distributed():
                 dist.all_reduce(norms)
                 norms /= dist.get_world_size()
             self.norm_sum[idx] = self.norm_sum[idx] * self.decay + norms
@@ -906,7 +828,8 @@ class Balancer(nn.Module):
 # ----------------------------------------------------------------------------- data
 
 def to_channels(w, channels):
-    """(T,) or (C', T) -> (channels, T): average then repeat when the counts differ (mono corpus, stereo model)."""
+    """(T,) or (C', T) -> (channels, T): average, then repeat when the counts differ (mono corpus, stereo
+    model)."""
     w = np.asarray(w, dtype=np.float32)
     w = w[None] if w.ndim == 1 else w
     if w.shape[0] != channels:
@@ -933,9 +856,8 @@ def get_batch(sampler, cfg, rt):
 
 class StepChoices:
     """The per-step draws every rank must agree on: the bandwidth (§3.2, one per batch) and whether D updates
-    (§4, with probability disc_prob). Drawn from (seed, step), with the step kept here so that resume and bench
-    continue the same sequence; a checkpoint saves it with the rest of the state."""
-
+    (§4, with probability disc_prob). Drawn from (seed, step), with the step kept here so that resume and
+    bench continue the same sequence; a checkpoint saves it with the rest of the state."""
     def __init__(self, cfg):
         self.seed, self.step = cfg.seed, 0
 
@@ -954,19 +876,21 @@ def build(cfg, rt):
     """Everything the codec stage holds (saved whole by common.save_checkpoint): the codec G, the MS-STFT
     discriminator D, the balancer with the paper's loss weights (§3.4) and its EMA, Adam for both (§4)."""
     G, D = EnCodec(cfg).to(rt.device), MSSTFTDiscriminator(cfg).to(rt.device)
-    balancer = Balancer({"t": cfg.lambda_t, "f": cfg.lambda_f, "g": cfg.lambda_g, "feat": cfg.lambda_feat}, cfg)
+    weights = {"t": cfg.lambda_t, "f": cfg.lambda_f, "g": cfg.lambda_g, "feat": cfg.lambda_feat}
+    balancer = Balancer(weights, cfg)
     return dict(G=G, D=D, balancer=balancer.to(rt.device), choices=StepChoices(cfg),
                 opt_g=torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=cfg.betas),
                 opt_d=torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas))
 
 
 def train_step(state, batch, cfg, rt):
-    """One step of §3.4/§4: with probability disc_prob a discriminator update (hinge), then the codec's update
-    through the balancer (ℓ_t, ℓ_f, ℓ_g, ℓ_feat rescaled on x̂; the commitment ℓ_w added as is). Returns tensors."""
+    """One step of §3.4/§4: with probability disc_prob a discriminator update (hinge), then the codec's
+    update through the balancer (ℓ_t, ℓ_f, ℓ_g, ℓ_feat rescaled on x̂; the commitment ℓ_w added as
+    is)."""
     G, D, balancer, opt_g, opt_d = state["G"], state["D"], state["balancer"], state["opt_g"], state["opt_d"]
     step, rng = state["choices"].next()
     n_q = common.unwrap(G).n_q_for(rng.choice(cfg.bandwidths))  # §3.2: one bandwidth per batch
-    n_q = 0 if step <= cfg.quantizer_warmup else n_q  # 0: the RVQ bypassed (laptop-scale warm-up)
+    n_q = 0 if step <= cfg.quantizer_warmup else n_q  # 0: the RVQ bypassed (ours)
     update_d = rng.random() < cfg.disc_prob
     x = batch
     with rt.autocast():
@@ -997,85 +921,39 @@ def train_step(state, batch, cfg, rt):
     l_t, l_f = reconstruction_losses(x, x_hat, cfg)
     g = {"t": l_t, "f": l_f, "g": generator_adv_loss(logits_fake), "feat": feature_loss(fmap_real, fmap_fake)}
     opt_g.zero_grad(set_to_none=True)
-    balancer.backward(g, x_hat, other=cfg.lambda_w * commit)  # §3.4: the commitment loss bypasses the balancer
+    balancer.backward(g, x_hat, other=cfg.lambda_w * commit)  # §3.4: commitment bypasses the balancer
     opt_g.step()
     losses.update(g, w=commit, n_q=n_q)
     return losses
 
 
-def _tup(v):  # config values compare equal whether they came as lists (a checkpoint's json) or tuples
-    return tuple(v) if isinstance(v, (list, tuple)) else v
-
-
-def _official_config(sd, cfg):
-    """The fields of the released model an official state dict holds, read from its tensors: {field: value}."""
-    first = sd.get("encoder.model.0.conv.conv.weight_v", sd.get("encoder.model.0.conv.conv.weight"))
-    embeds = [k for k in sd if re.fullmatch(r"quantizer\.vq\.layers\.\d+\._codebook\.embed", k)]
-    if first is None or not embeds:
-        raise SystemExit("error: this file has encoder.model.* keys but not the official EnCodec layout "
-                         "(encoder.model.0.conv.conv.weight, quantizer.vq.layers.*._codebook.embed)")
-    norm = "weight_norm" if "encoder.model.0.conv.conv.weight_g" in sd else "time_group_norm"
-    preset = "24khz" if first.shape[1] == 1 and norm == "weight_norm" else "48khz"
-    fields = {k: v for k, v in dataclasses.asdict(Config()).items() if k in ARCH_KEYS + ("bandwidths", "chunk", "overlap")}
-    fields.update({k: v for k, v in PRESETS[preset].items() if k in fields})
-    lstm = sum(1 for k in sd if re.fullmatch(r"encoder\.model\.\d+\.lstm\.weight_ih_l\d+", k))
-    fields.update(channels=first.shape[1], n_filters=first.shape[0], norm=norm, lstm_layers=lstm, n_q=len(embeds),
-                  codebook_size=sd[embeds[0]].shape[0], dimension=sd[embeds[0]].shape[1])
-    for k in ("disc_filters", "disc_n_ffts"):  # no discriminator in the released files: keep ours
-        fields[k] = getattr(cfg, k)
-    for k in ("bandwidths", "chunk", "overlap"):  # how to run the model: a value set on the command line stays
-        if _tup(getattr(cfg, k)) != _tup(PRESETS.get(cfg.preset, {}).get(k, getattr(Config(), k))):
-            fields[k] = getattr(cfg, k)
-    return preset, fields
-
-
-def load_official(state, sd):
-    """common.init_from's hook for the authors' file (--init_from=encodec_24khz-d7cc33bc.th in training): the
-    codec's weights; the discriminator starts fresh (its weights were never released, audiocraft#243)."""
-    G = common.unwrap(state["G"])
-    preset, fields = _official_config(sd, G.cfg)
-    bad = [f"--{k} (file {v!r}, now {getattr(G.cfg, k)!r})" for k, v in fields.items()
-           if k in ARCH_KEYS and _tup(v) != _tup(getattr(G.cfg, k))]
-    if bad:
-        raise SystemExit(f"error: the official file is the {preset} model and does not fit these flags: "
-                         + "; ".join(bad) + f" — pass --preset={preset}")
-    common.load_state_dict(G, official_state_dict_to_ours(sd, G.cfg), what="EnCodec (official weights)")
-
-
 def load_for_inference(cfg, rt):
     """The codec sample/eval/lm use, from --init_from: our checkpoint (cfg already holds its config, see
-    common.parse_config) or the authors' encodec_24khz-*.th / encodec_48khz-*.th, whose model is read from its
-    tensors (the cfg fields are set and logged). An untrained codec has empty codebooks: that is an error."""
+    common.parse_config) or the authors' file (official_codec). Empty codebooks (untrained) are an error."""
     if cfg.init_from == "scratch":
-        raise SystemExit(f"error: --mode={cfg.mode} needs a trained codec: --init_from=out/encodec/ckpt.pt (ours, "
-                         "or --init_from=resume) or the official encodec_24khz-d7cc33bc.th / encodec_48khz-7e698e3e.th")
+        raise SystemExit(f"error: --mode={cfg.mode} needs a trained codec: --init_from=out/encodec/ckpt.pt "
+                         "(ours, or --init_from=resume) or the official encodec_24khz-d7cc33bc.th / "
+                         "encodec_48khz-7e698e3e.th")
     path = common.checkpoint_path(cfg)
     ckpt = common.load_checkpoint(path)
     if common.is_ours(ckpt):
         model = EnCodec(cfg)
         common.load_models(ckpt, cfg, {"G": model}, ARCH_KEYS)
-    elif isinstance(ckpt, dict) and any(k.startswith("encoder.model.") for k in ckpt):
-        preset, fields = _official_config(ckpt, cfg)
-        for k, v in fields.items():
-            setattr(cfg, k, v)
-        common.log(f"official EnCodec weights ({path}): the {preset} model, " +
-                   ", ".join(f"{k}={v}" for k, v in fields.items() if k not in ("disc_filters", "disc_n_ffts")))
-        model = EnCodec(cfg)
-        common.load_state_dict(model, official_state_dict_to_ours(ckpt, cfg), what="EnCodec (official weights)")
     else:
-        raise SystemExit(f"error: {path} is neither a nanoaudio checkpoint nor an official EnCodec state dict")
+        model = official_codec(ckpt, cfg, path)
     empty = [i for i, layer in enumerate(model.quantizer.layers) if not layer.inited.item()]
     if empty:
-        raise SystemExit(f"error: {path}: codebooks {empty[:4]}{' ...' if len(empty) > 4 else ''} were never "
-                         "initialised (a checkpoint from the quantizer warm-up?); train past --quantizer_warmup")
+        raise SystemExit(f"error: {path}: codebooks {empty[:4]}{' ...' if len(empty) > 4 else ''} were "
+                         "never initialised (a checkpoint from the quantizer warm-up?); train past "
+                         "--quantizer_warmup")
     return common.remove_weight_norm(model).to(rt.device).eval()  # inference: weight norm folded once
 
 
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", lm=None):
-    """SI-SNR, mel distance and bitrates at every bandwidth on held-out speech (an unseen voice) and music: the
-    kbps really sent, the codes' unigram entropy (a context-free entropy coder's rate) and, given the LM of
-    §3.3, its cross-entropy (an arithmetic coder's rate). One `eval` line per kind and bandwidth."""
+    """SI-SNR, mel distance and bitrates at every bandwidth on held-out speech (an unseen voice) and music:
+    the kbps really sent, the codes' unigram entropy (a context-free entropy coder's rate) and, given the LM
+    of §3.3, its cross-entropy (an arithmetic coder's rate). One `eval` line per kind and bandwidth."""
     if model is None:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
@@ -1084,7 +962,8 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", lm=None):
     m.eval()
     results = {}
     for kind in eval_kinds(cfg):
-        clips = [c[:, :int(cfg.eval_seconds * cfg.sample_rate)] for c in audio_clips(cfg, split, kind)[:cfg.eval_items]]
+        clips = audio_clips(cfg, split, kind)[:cfg.eval_items]
+        clips = [c[:, :int(cfg.eval_seconds * cfg.sample_rate)] for c in clips]
         common.check_clips(clips, m.hop, f"{split} split ({kind})")
         secs = sum(c.shape[-1] for c in clips) / cfg.sample_rate
         for bw in cfg.bandwidths:
@@ -1095,8 +974,9 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", lm=None):
                 y = m.decompress(frames, x.shape[-1])
                 snr.append(common.si_snr(y, x))
                 mel.append(common.mel_distance(y.cpu(), x.cpu(), cfg.sample_rate))
-                if samples_dir and c is clips[0] and bw == max(cfg.bandwidths):  # (--mode=sample writes every kbps)
-                    common.save_sample(samples_dir, f"{kind}_{bw:g}kbps", y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
+                if samples_dir and c is clips[0] and bw == max(cfg.bandwidths):  # (--mode=sample: every kbps)
+                    common.save_sample(samples_dir, f"{kind}_{bw:g}kbps", y[0].cpu(), cfg.sample_rate,
+                                       ref=x[0].cpu())
                 bits += sum(codes.numel() for codes, _ in frames) * m.bits  # what is actually transmitted
                 codes = torch.cat([codes[0] for codes, _ in frames], -1)  # (n_q, frames), chunks back to back
                 codes_all.append(codes.cpu())
@@ -1111,10 +991,11 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", lm=None):
             if lm is not None:
                 r["kbps_lm"] = round(lm_bits / secs / 1000, 3)
             results[f"{kind}_{bw:g}kbps"] = r
-            common.log(f"eval {split} {kind} {bw:g} kbps ({len(clips)} clips) | si_snr {r['si_snr']:.3f} dB | mel {r['mel']:.4f} | "
-                       f"{r['kbps']:.3f} kbps sent | {r['kbps_entropy']:.3f} kbps unigram entropy"
-                       + (f" | {r['kbps_lm']:.3f} kbps with the LM ({100 * (1 - r['kbps_lm'] / r['kbps']):.1f}% saved)"
-                          if lm is not None else ""))
+            saved = (f" | {r['kbps_lm']:.3f} kbps with the LM ({100 * (1 - r['kbps_lm'] / r['kbps']):.1f}%"
+                     " saved)") if lm is not None else ""
+            common.log(f"eval {split} {kind} {bw:g} kbps ({len(clips)} clips) | si_snr {r['si_snr']:.3f} dB "
+                       f"| mel {r['mel']:.4f} | {r['kbps']:.3f} kbps sent | {r['kbps_entropy']:.3f} kbps "
+                       "unigram entropy" + saved)
     if cfg.mode == "eval" and not cfg.data_dir and cfg.listen_items:
         listening_sets(cfg, m, dev)
     m.train(was_training)
@@ -1147,29 +1028,26 @@ def listening_sets(cfg, m, dev):
 def train(cfg):
     rt = common.setup(cfg)
     state = build(cfg, rt)
-    common.log(f"params: encoder {common.count_params(state['G'].encoder):,} | decoder "
-               f"{common.count_params(state['G'].decoder):,} | discriminator {common.count_params(state['D']):,}")
+    G = state["G"]
+    common.log(f"params: encoder {common.count_params(G.encoder):,} | decoder "
+               f"{common.count_params(G.decoder):,} | discriminator {common.count_params(state['D']):,}")
     train_clips = audio_clips(cfg, "train")
     common.check_clips(train_clips, cfg.segment, "train split")  # data errors stop before step 1, not after
     for kind in eval_kinds(cfg):
-        common.check_clips(audio_clips(cfg, "val", kind), state["G"].hop, f"val split ({kind})")
-    sampler = common.SegmentSampler(train_clips, cfg.segment, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+        common.check_clips(audio_clips(cfg, "val", kind), G.hop, f"val split ({kind})")
+    sampler = common.SegmentSampler(train_clips, cfg.segment, cfg.batch_size, cfg.seed, rt.rank,
+                                    rt.world_size)
     # scratch: step 0 | resume: out_dir/ckpt.pt continues exactly | PATH: weights only (ours or the authors'),
     # fresh optimizers, step 0
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS, official=load_official)
-    state["G"] = common.wrap_ddp(common.compile(state["G"], cfg), rt)
+    state["G"] = common.wrap_ddp(common.compile(G, cfg), rt)
     state["D"] = common.wrap_ddp(common.compile(state["D"], cfg), rt)
-    prog = common.Progress(cfg, start_step=step)
-    while step < cfg.max_iters:
-        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
-        step += 1
-        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * cfg.segment / cfg.sample_rate)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master and step > cfg.quantizer_warmup:  # (before that the codebooks are still empty)
-                evaluate(cfg, common.unwrap(state["G"]), rt, split="val",
-                         samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
+
+    def evaluate_val(samples_dir):  # (choices.step is the step: no codebooks yet in the quantizer warm-up)
+        if state["choices"].step > cfg.quantizer_warmup:
+            evaluate(cfg, G, rt, samples_dir=samples_dir, split="val")
+    common.train_loop(cfg, rt, state, step, train_step, lambda step: get_batch(sampler, cfg, rt),
+                      evaluate_val, sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample
 
@@ -1194,8 +1072,8 @@ def sample(cfg):
             frames = model.compress(x, bw)
             y = model.decompress(frames, x.shape[-1])[0].cpu()
             common.save_sample(out, f"{name}_{bw:g}kbps", y, cfg.sample_rate, ref=wav)
-            common.log(f"{name} @ {bw:g} kbps: {frames[0][0].shape[1]} codebooks, "
-                       f"SI-SNR {common.si_snr(y, torch.from_numpy(wav)):.2f} dB -> {out}/{name}_{bw:g}kbps.wav")
+            common.log(f"{name} @ {bw:g} kbps: {frames[0][0].shape[1]} codebooks, SI-SNR "
+                       f"{common.si_snr(y, torch.from_numpy(wav)):.2f} dB -> {out}/{name}_{bw:g}kbps.wav")
 
 # ----------------------------------------------------------------------------- entropy coding (§3.3)
 
@@ -1206,22 +1084,16 @@ def load_lm(cfg, frame_rate, device):
         ckpt = common.load_checkpoint(cfg.lm_init)
         if common.is_ours(ckpt):
             common.load_models(ckpt, cfg, {"lm": lm}, LM_ARCH_KEYS)
-        elif isinstance(ckpt, dict) and any(k.startswith("transformer.layers.") for k in ckpt):
-            common.load_state_dict(lm, official_lm_state_dict_to_ours(ckpt), what="EnCodec LM (official weights)")
         else:
-            raise SystemExit(f"error: {cfg.lm_init} is neither our lm.pt nor an official EnCodec LM state dict")
+            official_lm(lm, ckpt, cfg.lm_init)
     return lm.to(device)
 
 
-@torch.no_grad()
-def codes_of(codec, wav, bandwidth, device):  # one clip (C, T) -> its codes (n_q, F), chunks back to back
-    return torch.cat([codes[0] for codes, _ in codec.compress(torch.from_numpy(wav)[None].to(device), bandwidth)], -1)
-
 
 def train_lm(cfg):
-    """The second stage (§3.3): fit the entropy-coding LM to the codes of a trained codec (--init_from), save it
-    (state: the LM and its optimizer, out_dir/lm.pt), then evaluate() reports on held-out speech and music how
-    many kbps arithmetic coding driven by it needs at each bandwidth, beside the raw rate."""
+    """The second stage (§3.3): fit the entropy-coding LM to the codes of a trained codec (--init_from), save
+    it (state: the LM and its optimizer, out_dir/lm.pt), then evaluate() reports on held-out speech and music
+    how many kbps arithmetic coding driven by it needs at each bandwidth, beside the raw rate."""
     rt = common.setup(cfg)
     if rt.world_size > 1:
         raise SystemExit("error: --mode=lm trains in one process (it takes minutes): run it without torchrun")
@@ -1229,8 +1101,10 @@ def train_lm(cfg):
     lm = load_lm(cfg, codec.frame_rate, rt.device)
     common.log(f"LM params: {common.count_params(lm):,}")
     if cfg.lm_iters:
-        # every training clip encoded once at the top bandwidth, back to back: (n_q, frames)
-        stream = torch.cat([codes_of(codec, w, max(cfg.bandwidths), rt.device) for w in audio_clips(cfg, "train")], -1)
+        # every training clip encoded once at the top bandwidth, back to back (chunks too): (n_q, frames)
+        clips = [codec.compress(torch.from_numpy(w)[None].to(rt.device), max(cfg.bandwidths))
+                 for w in audio_clips(cfg, "train")]
+        stream = torch.cat([codes[0] for frames in clips for codes, _ in frames], -1)
         common.log(f"encoded the training clips: {stream.shape[-1]:,} frames of {stream.shape[0]} codes")
         sampler = common.SegmentSampler([stream.cpu().numpy()], int(cfg.lm_seconds * codec.frame_rate),
                                         cfg.lm_batch_size, cfg.seed)
@@ -1239,15 +1113,17 @@ def train_lm(cfg):
         prog = common.Progress(replace(cfg, max_iters=cfg.lm_iters))
         for step in range(1, cfg.lm_iters + 1):
             x = sampler.next()[0].to(rt.device).long()  # (B, n_q, frames)
-            k = codec.n_q_for(random.Random(cfg.seed * 1_000_003 + step).choice(cfg.bandwidths))  # one LM, every bandwidth
+            # one LM for every bandwidth: a bandwidth drawn per step, as the codec's
+            k = codec.n_q_for(random.Random(cfg.seed * 1_000_003 + step).choice(cfg.bandwidths))
             with rt.autocast():
                 logits = model(x[:, :k])  # (B, k, frames, K)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, :k].reshape(-1))
             state["opt"].zero_grad(set_to_none=True)
             loss.backward()
             state["opt"].step()
-            prog.update(step, {"bits_per_code": loss / math.log(2)}, audio_seconds=cfg.lm_batch_size * cfg.lm_seconds)
-        path = common.save_checkpoint(cfg, cfg.lm_iters, state, sampler=sampler, path=os.path.join(cfg.out_dir, "lm.pt"))
+            prog.update(step, {"bits_per_code": loss / math.log(2)}, cfg.lm_batch_size * cfg.lm_seconds)
+        path = common.save_checkpoint(cfg, cfg.lm_iters, state, sampler=sampler,
+                                      path=os.path.join(cfg.out_dir, "lm.pt"))
         common.log(f"saved the LM to {path}")
     return evaluate(cfg, codec, rt, split="test", lm=lm.eval())
 
@@ -1285,6 +1161,108 @@ def bench(cfg):
             figures[f"encode_rtf_b{b}_{name}"] = round(e_ms / 1000 / (b * cfg.bench_seconds), 5)
             figures[f"decode_rtf_b{b}_{name}"] = round(d_ms / 1000 / (b * cfg.bench_seconds), 5)
     common.report_bench(cfg, rt, model=model, compiled=compiled, **figures)
+
+# ----------------------------------------------------------------------------- official weights
+# The authors' encodec_24khz-d7cc33bc.th / encodec_48khz-7e698e3e.th (the codec; their discriminator was never
+# released, audiocraft#243) and encodec_lm_24khz/48khz .th (the §3.3 LM): key maps and file detection.
+
+def official_state_dict_to_ours(sd, cfg):
+    """Rename the official checkpoint's keys (encoder.model.N..., quantizer.vq.layers.i._codebook.X,
+    weight_g/weight_v) to this file's module names. Returns a new dict."""
+    n, blocks = cfg.n_residual_layers, len(cfg.ratios)
+    enc = {0: "conv_in", 1 + blocks * (n + 2): "lstm", 3 + blocks * (n + 2): "conv_out"}
+    dec = {0: "conv_in", 1: "lstm", 3 + blocks * (n + 2): "conv_out"}
+    for i in range(blocks):  # official Sequential order: [res units, ELU, down] / [ELU, up, res units]
+        enc[1 + i * (n + 2) + n + 1] = f"blocks.{i}.down"
+        dec[2 + i * (n + 2) + 1] = f"blocks.{i}.up"
+        for j in range(n):
+            enc[1 + i * (n + 2) + j] = f"blocks.{i}.res.{j}"
+            dec[2 + i * (n + 2) + 2 + j] = f"blocks.{i}.res.{j}"
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"(encoder|decoder)\.model\.(\d+)\.(.*)", k)
+        if m:
+            part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+            rest = rest.replace("block.1.", "conv1.").replace("block.3.", "conv2.")
+            rest = re.sub(r"(conv\.conv|convtr\.convtr)\.", "conv.", rest)
+            rest = re.sub(r"(conv|convtr)\.norm\.", "norm.", rest)
+            rest = rest.replace("weight_g", "parametrizations.weight.original0")
+            rest = rest.replace("weight_v", "parametrizations.weight.original1")
+            k = f"{part}.{(enc if part == 'encoder' else dec)[idx]}.{rest}"
+        else:
+            k = re.sub(r"quantizer\.vq\.layers\.(\d+)\._codebook\.", r"quantizer.layers.\1.", k)
+        out[k] = v
+    return out
+
+
+def official_lm_state_dict_to_ours(sd):
+    """The official encodec_lm_*.th (transformer.layers.i.self_attn.in_proj_weight, ...) -> CodeLM keys."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("transformer.", "", 1) if k.startswith("transformer.") else k
+        k = k.replace("self_attn.in_proj_weight", "in_proj.weight")
+        k = k.replace("self_attn.in_proj_bias", "in_proj.bias")
+        out[k.replace("self_attn.out_proj.", "out_proj.")] = v
+    return out
+
+
+def _official_config(sd, cfg):
+    """The fields of the released model an official state dict fixes, read from its tensors."""
+    first = sd.get("encoder.model.0.conv.conv.weight_v", sd.get("encoder.model.0.conv.conv.weight"))
+    embeds = [k for k in sd if re.fullmatch(r"quantizer\.vq\.layers\.\d+\._codebook\.embed", k)]
+    if first is None or not embeds:
+        raise SystemExit("error: this file has encoder.model.* keys but not the official EnCodec layout "
+                         "(encoder.model.0.conv.conv.weight, quantizer.vq.layers.*._codebook.embed)")
+    norm = "weight_norm" if "encoder.model.0.conv.conv.weight_g" in sd else "time_group_norm"
+    preset = "24khz" if first.shape[1] == 1 and norm == "weight_norm" else "48khz"
+    run_keys = ("bandwidths", "chunk", "overlap")  # how to run it: a value given on the command line stays
+    fields = {k: v for k, v in dataclasses.asdict(Config()).items() if k in ARCH_KEYS + run_keys}
+    fields.update({k: v for k, v in PRESETS[preset].items() if k in fields})
+    lstm = sum(1 for k in sd if re.fullmatch(r"encoder\.model\.\d+\.lstm\.weight_ih_l\d+", k))
+    fields.update(channels=first.shape[1], n_filters=first.shape[0], norm=norm, lstm_layers=lstm,
+                  n_q=len(embeds), codebook_size=sd[embeds[0]].shape[0], dimension=sd[embeds[0]].shape[1])
+    for k in ("disc_filters", "disc_n_ffts"):  # no discriminator in the released files: keep ours
+        fields[k] = getattr(cfg, k)
+    for k in run_keys:
+        default = PRESETS.get(cfg.preset, {}).get(k, getattr(Config(), k))
+        if common._norm(getattr(cfg, k)) != common._norm(default):
+            fields[k] = getattr(cfg, k)
+    return preset, fields
+
+
+def load_official(state, sd):
+    """common.init_from's hook for the authors' file (--init_from=encodec_24khz-d7cc33bc.th in training): the
+    codec's weights; the discriminator starts fresh."""
+    G = common.unwrap(state["G"])
+    preset, fields = _official_config(sd, G.cfg)
+    bad = [f"--{k} (file {v!r}, now {getattr(G.cfg, k)!r})" for k, v in fields.items()
+           if k in ARCH_KEYS and common._norm(v) != common._norm(getattr(G.cfg, k))]
+    if bad:
+        raise SystemExit(f"error: the official file is the {preset} model and does not fit these flags: "
+                         + "; ".join(bad) + f" — pass --preset={preset}")
+    common.load_state_dict(G, official_state_dict_to_ours(sd, G.cfg), what="EnCodec (official weights)")
+
+
+def official_codec(sd, cfg, path):
+    """load_for_inference's authors' file: the model read from its tensors (the cfg fields set and logged)."""
+    if not (isinstance(sd, dict) and any(k.startswith("encoder.model.") for k in sd)):
+        raise SystemExit(f"error: {path} is neither a nanoaudio checkpoint nor an official EnCodec state "
+                         "dict")
+    preset, fields = _official_config(sd, cfg)
+    for k, v in fields.items():
+        setattr(cfg, k, v)
+    common.log(f"official EnCodec weights ({path}): the {preset} model, " +
+               ", ".join(f"{k}={v}" for k, v in fields.items() if k not in ("disc_filters", "disc_n_ffts")))
+    model = EnCodec(cfg)
+    common.load_state_dict(model, official_state_dict_to_ours(sd, cfg), what="EnCodec (official weights)")
+    return model
+
+
+def official_lm(lm, sd, path):
+    """load_lm's authors' file: the official encodec_lm_*.th into CodeLM."""
+    if not (isinstance(sd, dict) and any(k.startswith("transformer.layers.") for k in sd)):
+        raise SystemExit(f"error: {path} is neither our lm.pt nor an official EnCodec LM state dict")
+    common.load_state_dict(lm, official_lm_state_dict_to_ours(sd), what="EnCodec LM (official weights)")
 
 # ----------------------------------------------------------------------------- main
 
