@@ -24,7 +24,7 @@ Simplified or changed here:
 - No weight EMA; k-means broadcast from rank 0; --mode=lm in one process; variance-preserving conv init.
 - The CPU `small` preset: C=16, D=64, 8 codebooks, 3 D scales, 2000 steps at lr 1e-3, the first 200
   without the RVQ (quantizer_warmup), the first 1500 without D (disc_warmup); ours, 0 in the paper's presets.
-- 1273 lines, not 750: the loss balancer, the entropy-coding LM and two official-weight maps are EnCodec's.
+- 1245 lines, not 750: the loss balancer, the entropy-coding LM and two official-weight maps are EnCodec's.
 
     python encodec.py                                       # train on the built-in speech+music corpus
     python encodec.py --init_from=resume                    # continue out/encodec/ckpt.pt
@@ -215,7 +215,8 @@ def _normed(conv, norm):
 
 class StreamableConv1d(nn.Module):
     """Conv1d that pads itself so T samples give ceil(T / stride) frames, all padding on the left when
-    causal (§3.1). stream() runs it chunk by chunk with an explicit history buffer."""
+    causal (§3.1). Every module below takes an optional `state` dict: given one, it runs on one chunk of a
+    stream, the history it needs kept in state[module]; `final` says the input ends with this chunk."""
     def __init__(self, cin, cout, kernel, stride=1, dilation=1, causal=True, norm="weight_norm",
                  pad_mode="reflect"):
         super().__init__()
@@ -225,15 +226,13 @@ class StreamableConv1d(nn.Module):
         self.k_eff = (kernel - 1) * dilation + 1
         self.pad = self.k_eff - stride  # total padding so that frame t starts at sample t*stride
 
-    def forward(self, x):  # (B, Cin, T) -> (B, Cout, ceil(T/stride))
-        extra = -x.shape[-1] % self.stride  # complete the last window so the decoder can rebuild T samples
-        left = self.pad if self.causal else self.pad - self.pad // 2
-        x = _pad1d(x, left, self.pad - left + extra, self.pad_mode)
-        return self.norm(self.conv(x))
-
-    def stream(self, x, state, final=False):
+    def forward(self, x, state=None, final=False):  # (B, Cin, T) -> (B, Cout, ceil(T/stride))
+        if state is None:
+            extra = -x.shape[-1] % self.stride  # complete the last window: the decoder rebuilds T samples
+            left = self.pad if self.causal else self.pad - self.pad // 2
+            return self.norm(self.conv(_pad1d(x, left, self.pad - left + extra, self.pad_mode)))
         # state[self] = (started, buffer): inputs not consumed yet, at least the last k_eff - stride of them.
-        # final: the input ends here, so complete the last window as forward() does and emit it (the flush).
+        # final: complete the last window as the offline pass does, and emit it (the flush)
         started, buf = state.get(self, (False, x[..., :0]))
         x = torch.cat([buf, x], -1)
         if not started:
@@ -245,7 +244,7 @@ class StreamableConv1d(nn.Module):
                 state[self] = (False, x)
                 return x.new_zeros(x.shape[0], self.cout, 0)
             x, started = _pad1d(x, self.pad, 0, self.pad_mode), True
-        if final:  # forward()'s `extra` right padding: whatever completes the last window
+        if final:  # the offline `extra` right padding: whatever completes the last window
             x = _pad1d(x, 0, (self.k_eff - x.shape[-1]) % self.stride, self.pad_mode)
         n = max(0, (x.shape[-1] - self.k_eff) // self.stride + 1)  # complete windows
         state[self] = (True, x[..., n * self.stride:])
@@ -267,15 +266,14 @@ class StreamableConvTranspose1d(nn.Module):
         self.stride, self.causal, self.cout = stride, causal, cout
         self.trim = kernel - stride
 
-    def forward(self, x):  # (B, Cin, T) -> (B, Cout, T*stride)
-        y = self.norm(self.conv(x))  # (B, Cout, (T-1)*S + k)
-        right = self.trim if self.causal else self.trim // 2
-        return y[..., self.trim - right:y.shape[-1] - right]
-
-    def stream(self, x, state, final=False):
+    def forward(self, x, state=None, final=False):  # (B, Cin, T) -> (B, Cout, T*stride)
+        if state is None:
+            y = self.norm(self.conv(x))  # (B, Cout, (T-1)*S + k)
+            right = self.trim if self.causal else self.trim // 2
+            return y[..., self.trim - right:y.shape[-1] - right]
         # the last k - S outputs of a chunk still receive contributions from the next input frame: keep them
-        # (bias included) and add them to the next chunk's head, minus the bias counted twice. At the end they
-        # are what forward() trims on the right, so `final` has nothing to flush.
+        # (bias included) and add them to the next chunk's head, minus the bias counted twice. At the end
+        # they are what the offline pass trims on the right, so `final` has nothing to flush.
         if x.shape[-1] == 0:
             return x.new_zeros(x.shape[0], self.cout, 0)
         y = self.conv(x)  # (B, Cout, (T+1)*S)
@@ -302,13 +300,12 @@ class ResidualUnit(nn.Module):
         self.conv2 = _conv(cfg, dim // 2, dim, 1)
         self.shortcut = _conv(cfg, dim, dim, 1)
 
-    def forward(self, x):  # fresh conv outputs in place: fewer full-size buffers, the same numbers (see _elu)
-        return self.shortcut(x).add_(self.conv2(_elu(self.conv1(F.elu(x)))))
-
-    def stream(self, x, state, final=False):
+    def forward(self, x, state=None, final=False):
+        if state is None:  # fresh conv outputs in place: fewer full-size buffers, the same numbers (see _elu)
+            return self.shortcut(x).add_(self.conv2(_elu(self.conv1(F.elu(x)))))
         # the dilated branch may still be waiting for its left context: hold the shortcut until it catches up
-        skip = torch.cat([state.get((self, "skip"), x[:, :, :0]), self.shortcut.stream(x, state, final)], -1)
-        y = self.conv2.stream(F.elu(self.conv1.stream(F.elu(x), state, final)), state, final)
+        skip = torch.cat([state.get((self, "skip"), x[:, :, :0]), self.shortcut(x, state, final)], -1)
+        y = self.conv2(F.elu(self.conv1(F.elu(x), state, final)), state, final)
         state[(self, "skip")] = skip[..., y.shape[-1]:]
         return skip[..., :y.shape[-1]] + y
 
@@ -319,16 +316,14 @@ class SLSTM(nn.Module):
         super().__init__()
         self.lstm = nn.LSTM(dim, dim, layers)
 
-    def forward(self, x, hc=None):  # (B, C, T)
-        x = x.permute(2, 0, 1)  # (T, B, C)
-        y, hc = self.lstm(x, hc)
-        return (y + x).permute(1, 2, 0), hc  # (B, C, T)
-
-    def stream(self, x, state, final=False):
-        if x.shape[-1] == 0:
+    def forward(self, x, state=None):  # (B, C, T) -> (B, C, T); a stream carries (h, c) between chunks
+        if state is not None and x.shape[-1] == 0:
             return x
-        y, state[self] = self.forward(x, state.get(self))  # carry (h, c) between chunks
-        return y
+        x = x.permute(2, 0, 1)  # (T, B, C)
+        y, hc = self.lstm(x, None if state is None else state.get(self))
+        if state is not None:
+            state[self] = hc
+        return (y + x).permute(1, 2, 0)
 
 
 class EncoderBlock(nn.Module):
@@ -338,15 +333,10 @@ class EncoderBlock(nn.Module):
                                  for j in range(cfg.n_residual_layers))
         self.down = _conv(cfg, dim, 2 * dim, 2 * stride, stride)  # kernel 2S, stride S, channels doubled
 
-    def forward(self, x):
+    def forward(self, x, state=None, final=False):
         for r in self.res:
-            x = r(x)
-        return self.down(_elu(x))
-
-    def stream(self, x, state, final=False):
-        for r in self.res:
-            x = r.stream(x, state, final)
-        return self.down.stream(F.elu(x), state, final)
+            x = r(x, state, final)
+        return self.down(_elu(x), state, final)
 
 
 class DecoderBlock(nn.Module):
@@ -356,16 +346,10 @@ class DecoderBlock(nn.Module):
         self.res = nn.ModuleList(ResidualUnit(dim // 2, cfg.dilation_base ** j, cfg)
                                  for j in range(cfg.n_residual_layers))
 
-    def forward(self, x):
-        x = self.up(_elu(x))
+    def forward(self, x, state=None, final=False):
+        x = self.up(_elu(x), state, final)
         for r in self.res:
-            x = r(x)
-        return x
-
-    def stream(self, x, state, final=False):
-        x = self.up.stream(F.elu(x), state, final)
-        for r in self.res:
-            x = r.stream(x, state, final)
+            x = r(x, state, final)
         return x
 
 
@@ -381,17 +365,11 @@ class SEANetEncoder(nn.Module):
         self.lstm = SLSTM(top, cfg.lstm_layers)
         self.conv_out = _conv(cfg, top, cfg.dimension, 7)
 
-    def forward(self, x):
-        x = self.conv_in(x)
+    def forward(self, x, state=None, final=False):
+        x = self.conv_in(x, state, final)
         for b in self.blocks:
-            x = b(x)
-        return self.conv_out(_elu(self.lstm(x)[0]))
-
-    def stream(self, x, state, final=False):
-        x = self.conv_in.stream(x, state, final)
-        for b in self.blocks:
-            x = b.stream(x, state, final)
-        return self.conv_out.stream(F.elu(self.lstm.stream(x, state)), state, final)
+            x = b(x, state, final)
+        return self.conv_out(_elu(self.lstm(x, state)), state, final)
 
 
 class SEANetDecoder(nn.Module):
@@ -405,17 +383,11 @@ class SEANetDecoder(nn.Module):
                                     for i, s in enumerate(cfg.ratios))
         self.conv_out = _conv(cfg, C, cfg.channels, 7)
 
-    def forward(self, z):
-        x = self.lstm(self.conv_in(z))[0]
+    def forward(self, z, state=None, final=False):
+        x = self.lstm(self.conv_in(z, state, final), state)
         for b in self.blocks:
-            x = b(x)
-        return self.conv_out(_elu(x))
-
-    def stream(self, z, state, final=False):
-        x = self.lstm.stream(self.conv_in.stream(z, state, final), state)
-        for b in self.blocks:
-            x = b.stream(x, state, final)
-        return self.conv_out.stream(F.elu(x), state, final)
+            x = b(x, state, final)
+        return self.conv_out(_elu(x), state, final)
 
 
 def _sample_rows(x, n):  # n random rows of x (without replacement when there are enough)
@@ -627,12 +599,12 @@ class EnCodec(nn.Module):
         """A chunk of audio (B, C, t) -> the codes (B, n_q, f) of the frames it completes; final=True (the
         last chunk, maybe empty) also flushes the partial frame: ceil(T / hop) frames in all, as encode()."""
         assert self.cfg.causal and not self.cfg.normalize, "streaming needs the causal 24 kHz model"
-        return self.quantizer.encode(self.encoder.stream(x, state, final), n_q)
+        return self.quantizer.encode(self.encoder(x, state, final), n_q)
 
     @torch.no_grad()
     def decode_stream(self, codes, state, final=False):  # a chunk of codes -> the audio it makes final
         assert self.cfg.causal, "streaming needs the causal 24 kHz model"
-        return self.decoder.stream(self.quantizer.decode(codes), state, final)
+        return self.decoder(self.quantizer.decode(codes), state, final)
 
 
 class STFTDiscriminator(nn.Module):
