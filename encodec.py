@@ -1018,7 +1018,7 @@ def train(cfg):
     def evaluate_val(samples_dir):  # (choices.step is the step: no codebooks yet in the quantizer warm-up)
         if state["choices"].step > cfg.quantizer_warmup:
             evaluate(cfg, G, rt, samples_dir=samples_dir, split="val")
-    common.train_loop(cfg, rt, state, step, train_step, lambda step: get_batch(sampler, cfg, rt),
+    common.train_loop(cfg, rt, state, step, train_step, lambda *_: get_batch(sampler, cfg, rt),
                       evaluate_val, sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample
