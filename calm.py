@@ -1248,20 +1248,15 @@ def train(cfg):
     else:  # the LM's forward holds a torch.func.jvp: left eager (not compiled)
         state["vae"].eval().requires_grad_(False)
         state["lm"] = common.wrap_ddp(state["lm"], rt)
-    prog = common.Progress(cfg, start_step=step)
-    while step < cfg.max_iters:
-        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
-        step += 1
-        samples = seg * (1 if cfg.stage == "vae" else frame)
-        prog.update(step, losses, audio_seconds=cfg.batch_size * rt.world_size * samples / cfg.sample_rate)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                models = {k: common.unwrap(v) if isinstance(v, nn.Module) else v for k, v in state.items()
-                          if k in ("vae", "lm", "tok")}
-                evaluate(cfg, models, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"),
-                         split="val")
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
+
+    def evaluate_val(samples):
+        models = {k: common.unwrap(v) if isinstance(v, nn.Module) else v for k, v in state.items()
+                  if k in ("vae", "lm", "tok")}
+        evaluate(cfg, models, rt, samples, split="val")
+    samples = seg * (1 if cfg.stage == "vae" else frame)  # audio samples per example
+    common.train_loop(cfg, rt, state, step, train_step, lambda step: get_batch(sampler, cfg, rt),
+                      evaluate_val, sampler=sampler,
+                      audio_seconds=cfg.batch_size * rt.world_size * samples / cfg.sample_rate)
 
 # ----------------------------------------------------------------------------- sample
 

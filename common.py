@@ -433,21 +433,25 @@ class Progress:
         self.t_last, self.last_step, self.audio = now, step, 0.0
 
 
-def train_loop(cfg, rt, state, step, train_step, next_batch, evaluate, sampler=None):
-    """The loop every file runs after its setup: train_step(state, next_batch(), cfg, rt) until
+def train_loop(cfg, rt, state, step, train_step, next_batch, evaluate, sampler=None, audio_seconds=None,
+               extra=None):
+    """The loop every file runs after its setup: train_step(state, next_batch(step), cfg, rt) until
     cfg.max_iters, a progress line per log_interval; every eval_interval steps and at the last,
-    evaluate(out_dir/samples/stepNNNNNN) on rank 0, then the checkpoint of `state` (and sampler).
-    Ends with cleanup(rt)."""
+    evaluate(out_dir/samples/stepNNNNNN) on rank 0, then the checkpoint of `state` (and sampler, and `extra`).
+    audio_seconds: the audio one step consumes, a number or a function of the batch (default: batch_size
+    segments of cfg.segment samples on every rank). Ends with cleanup(rt)."""
     prog = Progress(cfg, start_step=step)
-    audio_seconds = cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate
+    if audio_seconds is None:
+        audio_seconds = cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate
     while step < cfg.max_iters:
-        losses = train_step(state, next_batch(), cfg, rt)
+        batch = next_batch(step)
+        losses = train_step(state, batch, cfg, rt)
         step += 1
-        prog.update(step, losses, audio_seconds)
+        prog.update(step, losses, audio_seconds(batch) if callable(audio_seconds) else audio_seconds)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             if rt.master:
                 evaluate(os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
-            save_checkpoint(cfg, step, state, sampler=sampler)
+            save_checkpoint(cfg, step, state, sampler=sampler, extra=extra)
     cleanup(rt)
 
 # ----------------------------------------------------------------------------- checkpoints

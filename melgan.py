@@ -345,7 +345,7 @@ def train(cfg):
     G = state["G"]
     state["G"] = common.wrap_ddp(common.compile(G, cfg), rt)
     state["D"] = common.wrap_ddp(common.compile(state["D"], cfg), rt)
-    common.train_loop(cfg, rt, state, step, train_step, lambda: get_batch(sampler, cfg, rt),
+    common.train_loop(cfg, rt, state, step, train_step, lambda step: get_batch(sampler, cfg, rt),
                       lambda samples: evaluate(cfg, G, rt, samples, split="val"), sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample

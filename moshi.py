@@ -1046,18 +1046,9 @@ def train(cfg):
     state["G"] = common.wrap_ddp(common.compile(state["G"], cfg), rt)
     state["D"] = common.wrap_ddp(common.compile(state["D"], cfg), rt)
     state["P"] = common.wrap_ddp(state["P"], rt)
-    prog = common.Progress(cfg, start_step=step)
-    while step < cfg.max_iters:
-        losses = train_step(state, get_batch(sampler, cfg, rt, teacher), cfg, rt)
-        step += 1
-        prog.update(step, losses,
-                    audio_seconds=cfg.batch_size * rt.world_size * cfg.segment / cfg.sample_rate)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                evaluate(cfg, common.unwrap(state["G"]), rt, split="val",
-                         samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
+    common.train_loop(cfg, rt, state, step, train_step, lambda step: get_batch(sampler, cfg, rt, teacher),
+                      lambda samples: evaluate(cfg, common.unwrap(state["G"]), rt, samples, split="val"),
+                      sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample
 # Mimi
@@ -1641,18 +1632,12 @@ def lm_train(cfg):
     sampler = LMSampler(text_ids, train_d, cfg, rt)
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=LM_ARCH_KEYS)
     state["model"] = common.wrap_ddp(common.compile(state["model"], cfg), rt)
-    prog = common.Progress(cfg, start_step=step)
-    while step < cfg.max_iters:
-        losses = lm_train_step(state, lm_get_batch(sampler, cfg, rt, step), cfg, rt)
-        step += 1
-        prog.update(step, losses,
-                    audio_seconds=cfg.batch_size * rt.world_size * cfg.lm_frames / cfg.frame_rate)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                lm_evaluate(cfg, (common.unwrap(state["model"]), tok, mimi), rt, split="val",
-                            samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
+
+    def evaluate_val(samples):
+        lm_evaluate(cfg, (common.unwrap(state["model"]), tok, mimi), rt, samples, split="val")
+    common.train_loop(cfg, rt, state, step, lm_train_step, lambda step: lm_get_batch(sampler, cfg, rt, step),
+                      evaluate_val, sampler=sampler,
+                      audio_seconds=cfg.batch_size * rt.world_size * cfg.lm_frames / cfg.frame_rate)
 
 # ----------------------------------------------------------------------------- sample
 # the Moshi LM

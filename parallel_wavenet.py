@@ -632,7 +632,7 @@ def train(cfg):
         state["teacher"].eval().requires_grad_(False)  # restored weights, still frozen
     state[cfg.stage] = common.wrap_ddp(common.compile(model, cfg), rt)
     models = lambda: {k: common.unwrap(v) for k, v in state.items() if isinstance(v, nn.Module)}
-    common.train_loop(cfg, rt, state, step, train_step, lambda: get_batch(sampler, cfg, rt),
+    common.train_loop(cfg, rt, state, step, train_step, lambda step: get_batch(sampler, cfg, rt),
                       lambda samples: evaluate(cfg, models(), rt, samples, split="val"), sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample

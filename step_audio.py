@@ -1483,18 +1483,10 @@ def train(cfg):
         raw.answer_voice.copy_(voc_mel(torch.from_numpy(tasks.spoken[0][3]), cfg).mean(-1))
     sampler.model = raw
     state["model"] = common.wrap_ddp(common.compile(raw, cfg), rt, find_unused_parameters=True)
-    prog = common.Progress(cfg, start_step=step)
-    while step < cfg.max_iters:
-        batch = get_batch(sampler, cfg, rt, step)
-        losses = train_step(state, batch, cfg, rt)
-        step += 1
-        prog.update(step, losses, audio_seconds=audio_seconds(batch, cfg))
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                evaluate(cfg, raw, rt,
-                         samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"), split="val")
-            common.save_checkpoint(cfg, step, state, sampler=sampler, extra={"tokenizer": tok.ranks_text})
-    common.cleanup(rt)
+    common.train_loop(cfg, rt, state, step, train_step, lambda step: get_batch(sampler, cfg, rt, step),
+                      lambda samples: evaluate(cfg, raw, rt, samples, split="val"), sampler=sampler,
+                      audio_seconds=lambda batch: audio_seconds(batch, cfg),
+                      extra={"tokenizer": tok.ranks_text})
 
 # ----------------------------------------------------------------------------- sample
 

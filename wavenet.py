@@ -515,7 +515,7 @@ def train(cfg):
     sampler = make_sampler(utts, cfg, rt)
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS)
     state["model"] = common.wrap_ddp(common.compile(state["model"], cfg), rt)
-    common.train_loop(cfg, rt, state, step, train_step, lambda: get_batch(sampler, cfg, rt),
+    common.train_loop(cfg, rt, state, step, train_step, lambda step: get_batch(sampler, cfg, rt),
                       lambda samples: evaluate(cfg, common.unwrap(state["model"]), rt, samples, split="val"),
                       sampler=sampler)
 

@@ -784,18 +784,10 @@ def train(cfg):
                f"({encoder_params(model) / 1e6:.2f} M without the pre-training head), {cfg.layers} layers, "
                f"D={cfg.dim}")
     state["model"] = common.wrap_ddp(common.compile(model, cfg), rt)
-    prog = common.Progress(cfg, start_step=step)
-    while step < cfg.max_iters:
-        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
-        step += 1
-        prog.update(step, losses,
-                    audio_seconds=cfg.batch_size * cfg.segment / cfg.sample_rate * rt.world_size)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                evaluate(cfg, common.unwrap(state["model"]), rt, split="val", labeller=labeller,
-                         samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
-            common.save_checkpoint(cfg, step, state, sampler=sampler)
-    common.cleanup(rt)
+    common.train_loop(cfg, rt, state, step, train_step, lambda step: get_batch(sampler, cfg, rt),
+                      lambda samples: evaluate(cfg, common.unwrap(state["model"]), rt, split="val",
+                                               labeller=labeller, samples_dir=samples),
+                      sampler=sampler)
 
 # ----------------------------------------------------------------------------- sample
 

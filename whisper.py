@@ -1293,18 +1293,10 @@ def train(cfg):
     if cfg.max_iters > cfg.lr_decay_iters:
         common.log(f"note: the lr reaches 0 at step {cfg.lr_decay_iters} (--lr_decay_iters) "
                    "before --max_iters")
-    prog = common.Progress(cfg, start_step=step)
     model.train()
-    while step < cfg.max_iters:
-        losses = train_step(state, get_batch(sampler, cfg, rt), cfg, rt)
-        step += 1
-        prog.update(step, losses, audio_seconds=cfg.batch_size * window_s * rt.world_size)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                evaluate(cfg, model, rt, samples_dir=os.path.join(cfg.out_dir, "samples", f"step{step:06d}"),
-                         split="val")
-            common.save_checkpoint(cfg, step, state, sampler=sampler, extra=tok.extra())
-    common.cleanup(rt)
+    common.train_loop(cfg, rt, state, step, train_step, lambda step: get_batch(sampler, cfg, rt),
+                      lambda samples: evaluate(cfg, model, rt, samples, split="val"), sampler=sampler,
+                      audio_seconds=cfg.batch_size * window_s * rt.world_size, extra=tok.extra())
     return model
 
 # ----------------------------------------------------------------------------- sample

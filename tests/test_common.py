@@ -743,16 +743,22 @@ def test_train_loop_steps_evaluates_and_checkpoints(tmp_path, capsys):
     cfg = VocCfg(out_dir=str(tmp_path), max_iters=5, eval_interval=2)
     m = Tiny(4)
     state = dict(model=m, opt=torch.optim.SGD(m.parameters(), 0.1))
-    seen, evals, batches = [], [], iter(range(100))
+    seen, evals, asked = [], [], []
 
     def step(st, batch, c, rt):
         seen.append(batch)
         return {"loss": torch.tensor(float(batch))}
-    common.train_loop(cfg, CPU, state, 1, step, lambda: next(batches), evals.append)
-    assert seen == [0, 1, 2, 3]                                  # steps 2..5, one batch each, in order
+
+    def next_batch(s):
+        asked.append(s)
+        return 10 * s
+    common.train_loop(cfg, CPU, state, 1, step, next_batch, evals.append, audio_seconds=lambda b: b / 10,
+                      extra={"tok": "abc"})
+    assert asked == [1, 2, 3, 4] and seen == [10, 20, 30, 40]   # steps 2..5: next_batch gets the step done so far
     assert [os.path.basename(d) for d in evals] == ["step000002", "step000004", "step000005"]
-    assert common.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 5
-    assert "step 5/5 | loss 3.0000" in capsys.readouterr().out
+    ck = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ck["step"] == 5 and ck["extra"] == {"tok": "abc"}
+    assert "step 5/5 | loss 40.0000" in capsys.readouterr().out
 
 
 def test_check_vocoder_config():
