@@ -1134,7 +1134,9 @@ def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
                        content_db=round(10 * math.log10(np.mean(var_mu) / np.mean(var_z)), 2))  # mu / noise
             if standalone and cfg.listen_items:
                 listen = os.path.join(cfg.out_dir, "listen")
-                write_listening(vae, clips(cfg, split)[:cfg.listen_items], cfg, listen)
+                code = lambda x: vae.decode(vae.encode(x[None].to(dev))[0])[0, :, :x.shape[-1]]  # (1, T); mu
+                common.write_listening_sets(listen, clips(cfg, split)[:cfg.listen_items], {"resynth": code},
+                                            cfg.sample_rate, pngs=2)
         else:
             lm = models["lm"]
             packed = encode_corpus(vae, utts, models["tok"], cfg, dev)
@@ -1161,23 +1163,6 @@ def evaluate(cfg, models=None, rt=None, samples_dir=None, split="test"):
     if standalone:
         common.cleanup(rt)
     return res
-
-
-@torch.no_grad()
-def write_listening(vae, utts, cfg, out):
-    """Whole held-out clips resynthesised from their posterior means (out/resynth) and as they were
-    (out/orig), in the form `whisper.py --mode=sample --input_dir=DIR` judges; pngs of the first two."""
-    dev, items, refs = next(vae.parameters()).device, [], []
-    for i, u in enumerate(utts):
-        x = torch.from_numpy(np.ascontiguousarray(u.wav))[None, None].to(dev)  # (1, 1, T)
-        y = vae.decode(vae.encode(x)[0])[0, :, :x.shape[-1]].cpu()
-        items.append((u.id, y, u.text)), refs.append((u.id, x[0].cpu(), u.text))
-        if i < 2:
-            common.save_sample(out, f"{u.id}_resynth", y, cfg.sample_rate, ref=x[0].cpu())
-    common.write_listening_set(os.path.join(out, "resynth"), items, cfg.sample_rate)
-    common.write_listening_set(os.path.join(out, "orig"), refs, cfg.sample_rate)
-    common.log(f"{len(items)} test clips -> {out}/resynth and {out}/orig (judge each: whisper.py "
-               "--mode=sample --input_dir=DIR)")
 
 
 @torch.no_grad()
@@ -1428,16 +1413,9 @@ def bench(cfg):
         G.eval()
         T = max(1, int(cfg.bench_seconds * cfg.frame_rate)) * G.frame_size
         xb = torch.randn(1, 1, T, device=rt.device) * 0.1
-        z = G.encode(xb)[0]
         compiled = common.compile(G, cfg) is not G
-        variants = [("eager", G.encode, G.decode)]
-        if compiled:
-            variants.append(("compiled", torch.compile(G.encode), torch.compile(G.decode)))
-        rtf = lambda fn: round(common.timeit(fn, cfg.bench_iters, 1) / 1000 / cfg.bench_seconds, 5)
-        for name, enc, dec in variants:
-            with rt.autocast():
-                figures[f"encode_rtf_{name}"] = rtf(lambda: enc(xb))
-                figures[f"decode_rtf_{name}"] = rtf(lambda: dec(z))
+        figures |= common.codec_rtf(lambda x: G.encode(x)[0], G.decode, xb, cfg.bench_seconds, rt, compiled,
+                                    iters=cfg.bench_iters, warmup=1)
         common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
         return
     heads = {cfg.head: G}

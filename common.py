@@ -1365,6 +1365,28 @@ def write_listening_set(dir, items, sr):
     with open(os.path.join(dir, "refs.txt"), "w", encoding="utf-8") as f:
         f.write("".join(lines))
 
+@torch.no_grad()
+def write_listening_sets(out, utts, coders, sr, pngs=1):
+    """A codec's judging material: each clip of `utts` (objects with .id, .wav (T,) or (C, T), .text) as it
+    was, in out/orig, and coded by each `coders[name]` (a function of the (C, T) float tensor on its way in,
+    returning the (C, T) resynthesis) in out/name, every folder in the form write_listening_set writes; wav + png
+    pairs (coded above original) of the first `pngs` clips. `whisper.py --mode=sample --input_dir=DIR` judges a
+    folder; the same ASR on out/orig is the baseline."""
+    sets = {name: [] for name in coders} | {"orig": []}
+    for i, u in enumerate(utts):
+        x = torch.from_numpy(np.ascontiguousarray(u.wav, dtype=np.float32))
+        x = x[None] if x.dim() == 1 else x  # (C, T)
+        for name, code in coders.items():
+            y = code(x).float().cpu().mean(0)  # (T,): a stereo codec is judged on its mono mix
+            sets[name].append((u.id, y, u.text))
+            if i < pngs:
+                save_sample(out, f"{u.id}_{name}", y, sr, ref=x.mean(0))
+        sets["orig"].append((u.id, x.mean(0), u.text))
+    for name, items in sets.items():
+        write_listening_set(os.path.join(out, name), items, sr)
+    log(f"{len(utts)} test clips -> {out}/{{{','.join(sets)}}} (judge each: whisper.py --mode=sample "
+        "--input_dir=DIR)")
+
 # ----------------------------------------------------------------------------- bench
 
 def _sync():
@@ -1385,6 +1407,22 @@ def timeit(fn, iters=10, warmup=3):
         times.append((time.perf_counter() - t) * 1000)
     return float(np.median(times))
 
+
+
+def codec_rtf(encode, decode, x, seconds, rt, compiled=False, tag="", iters=3, warmup=2):
+    """Real-time factors (compute time / duration of the audio, lower is faster) of encode(x) and of
+    decode(encode(x)), eager and, with `compiled`, through torch.compile: {"encode_rtf{tag}_eager": ...}."""
+    variants = [("eager", encode, decode)]
+    if compiled:  # common.compile compiled (CUDA, or --compile=True asked for on a CPU)
+        variants.append(("compiled", torch.compile(encode), torch.compile(decode)))
+    codes, figures = encode(x), {}
+    for name, enc, dec in variants:
+        with rt.autocast():
+            e_ms = timeit(lambda: enc(x), iters=iters, warmup=warmup)
+            d_ms = timeit(lambda: dec(codes), iters=iters, warmup=warmup)
+        figures[f"encode_rtf{tag}_{name}"] = round(e_ms / 1000 / seconds, 5)
+        figures[f"decode_rtf{tag}_{name}"] = round(d_ms / 1000 / seconds, 5)
+    return figures
 
 def count_flops(fn):
     """FLOPs of one call of fn() (matmuls and convolutions, forward and backward), via torch.utils.flop_counter."""

@@ -976,25 +976,18 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test", lm=None):
 
 @torch.no_grad()
 def listening_sets(cfg, m, dev):
-    """Whole test speech clips coded at the lowest and highest bandwidth, and the originals: three folders of
-    wavs + refs.txt for `whisper.py --mode=sample --input_dir=DIR` (common.write_listening_set)."""
+    """Whole test speech clips coded at the lowest and highest bandwidth, and the originals, as folders for
+    `whisper.py --mode=sample --input_dir=DIR` to judge (common.write_listening_sets)."""
     utts = common.load_corpus(cfg, "test", cfg.sample_rate, kind="speech", mono=cfg.channels == 1)
-    utts = utts[:cfg.listen_items]
-    out, bws = os.path.join(cfg.out_dir, "listen"), (min(cfg.bandwidths), max(cfg.bandwidths))
-    sets = {f"resynth_{bw:g}kbps": [] for bw in bws} | {"orig": []}
-    for u in utts:
-        x = torch.from_numpy(to_channels(u.wav, cfg.channels))[None].to(dev)  # (1, C, T)
-        for bw in bws:
-            y = m.decompress(m.compress(x, bw), x.shape[-1])[0].cpu()
-            sets[f"resynth_{bw:g}kbps"].append((u.id, y.mean(0), u.text))
-        sets["orig"].append((u.id, x[0].cpu().mean(0), u.text))
-    for name, items in sets.items():
-        common.write_listening_set(os.path.join(out, name), items, cfg.sample_rate)
-    top = f"resynth_{bws[1]:g}kbps"
-    common.save_sample(out, f"{utts[0].id}_{bws[1]:g}kbps", sets[top][0][1], cfg.sample_rate,
-                       ref=sets["orig"][0][1])
-    common.log(f"{len(utts)} test clips -> {out}/{{{','.join(sets)}}} (judge each: whisper.py --mode=sample "
-               "--input_dir=DIR)")
+
+    def coder(bw):
+        def code(x):  # (C', T) -> (C, T)
+            x = torch.from_numpy(to_channels(x, cfg.channels))[None].to(dev)  # (1, C, T)
+            return m.decompress(m.compress(x, bw), x.shape[-1])[0]
+        return code
+    coders = {f"resynth_{bw:g}kbps": coder(bw) for bw in (min(cfg.bandwidths), max(cfg.bandwidths))}
+    common.write_listening_sets(os.path.join(cfg.out_dir, "listen"), utts[:cfg.listen_items], coders,
+                                cfg.sample_rate)
 
 
 def train(cfg):
@@ -1119,19 +1112,10 @@ def bench(cfg):
     figures = dict(train_step_ms=round(step_ms, 2), train_flops_per_step=flops,
                    train_audio_s_per_s=round(seconds / (step_ms / 1000), 2))
     T, n_q = int(cfg.bench_seconds * cfg.sample_rate), cfg.n_q
-    variants = [("eager", model.encode, model.decode)]
-    if compiled:  # common.compile compiled (CUDA, or --compile=True asked for on a CPU)
-        variants.append(("compiled", torch.compile(model.encode), torch.compile(model.decode)))
     for b in cfg.bench_batches:
         xb = torch.randn(b, cfg.channels, T, device=rt.device) * 0.1
-        codes, _ = model.encode(xb, n_q)
-        for name, enc, dec in variants:
-            with rt.autocast():
-                e_ms = common.timeit(lambda: enc(xb, n_q), iters=iters, warmup=2)
-                d_ms = common.timeit(lambda: dec(codes), iters=iters, warmup=2)
-            # real-time factor = compute time / duration of the audio processed (lower is faster)
-            figures[f"encode_rtf_b{b}_{name}"] = round(e_ms / 1000 / (b * cfg.bench_seconds), 5)
-            figures[f"decode_rtf_b{b}_{name}"] = round(d_ms / 1000 / (b * cfg.bench_seconds), 5)
+        figures |= common.codec_rtf(lambda x: model.encode(x, n_q)[0], model.decode, xb,
+                                    b * cfg.bench_seconds, rt, compiled, tag=f"_b{b}", iters=iters)
     common.report_bench(cfg, rt, model=model, compiled=compiled, **figures)
 
 # ----------------------------------------------------------------------------- official weights

@@ -962,13 +962,18 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     input scores the same), and the word probe on the semantic codes (fitted on train clips, scored on
     `split`). --mode=eval also writes listen_items whole test clips, resynthesised and original, as two
     folders the corpus ASR judges."""
-    if model is None:
+    standalone = model is None
+    if standalone:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
-        listening_set(cfg, model, os.path.join(cfg.out_dir, "listen"))
     m = common.unwrap(model)
     was_training, dev = m.training, next(m.parameters()).device
     m.eval()
+    if standalone and cfg.listen_items:  # whole test clips for the corpus ASR to judge, and their originals
+        code = lambda x: m.decode(m.encode(x[None].to(dev), cfg.eval_n_q))[0, :, :x.shape[-1]]  # (1, T)
+        utts = speech(cfg, "test")[:cfg.listen_items]
+        common.write_listening_sets(os.path.join(cfg.out_dir, "listen"), utts, {"resynth": code},
+                                    cfg.sample_rate, pngs=2)
     n = int(cfg.eval_seconds * cfg.sample_rate) // m.frame_size * m.frame_size
     snr, mel, zero, codes = [], [], [], []
     for i, u in enumerate(speech(cfg, split)[:cfg.eval_items]):
@@ -997,26 +1002,6 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     common.log(f"eval {split} | " + " | ".join(f"{k} {v}" for k, v in res.items()))
     m.train(was_training)
     return res
-
-
-@torch.no_grad()
-def listening_set(cfg, model, out):
-    """listen_items whole test clips at eval_n_q codebooks -> out/resynth and out/orig
-    (common.write_listening_set), for `whisper.py --mode=sample --input_dir=DIR` to transcribe; the first two
-    also as wav + png side by side."""
-    m = common.unwrap(model)
-    dev, items, refs = next(m.parameters()).device, [], []
-    for i, u in enumerate(speech(cfg, "test")[:cfg.listen_items]):
-        x = torch.from_numpy(u.wav)[None, None].to(dev)
-        y = m.decode(m.encode(x, cfg.eval_n_q))[..., :x.shape[-1]]
-        items.append((u.id, y[0, 0].cpu(), u.text))
-        refs.append((u.id, x[0, 0].cpu(), u.text))
-        if i < 2:
-            common.save_sample(out, f"{u.id}_resynth", y[0].cpu(), cfg.sample_rate, ref=x[0].cpu())
-    common.write_listening_set(os.path.join(out, "resynth"), items, cfg.sample_rate)
-    common.write_listening_set(os.path.join(out, "orig"), refs, cfg.sample_rate)
-    common.log(f"{len(items)} test clips -> {out}/resynth and {out}/orig (judge each: whisper.py "
-               "--mode=sample --input_dir=DIR)")
 
 
 def train(cfg):
@@ -1099,20 +1084,12 @@ def bench(cfg):
     G.eval()
     T = int(cfg.bench_seconds * cfg.sample_rate) // G.frame_size * G.frame_size
     xb = torch.randn(1, 1, T, device=rt.device) * 0.1
-    codes = G.encode(xb, cfg.eval_n_q)
     audio_s = cfg.batch_size * cfg.segment / cfg.sample_rate
     figures = dict(train_step_ms=round(step_ms, 2), train_flops_per_step=flops,
                    train_audio_s_per_s=round(audio_s / (step_ms / 1000), 3))
     compiled = common.compile(G, cfg) is not G
-    variants = [("eager", G.encode, G.decode)]
-    if compiled:
-        variants.append(("compiled", torch.compile(G.encode), torch.compile(G.decode)))
-    for name, enc, dec in variants:
-        with rt.autocast():
-            e_ms = common.timeit(lambda: enc(xb, cfg.eval_n_q), iters=cfg.bench_iters, warmup=1)
-            d_ms = common.timeit(lambda: dec(codes), iters=cfg.bench_iters, warmup=1)
-        figures[f"encode_rtf_{name}"] = round(e_ms / 1000 / cfg.bench_seconds, 5)  # compute time / audio time
-        figures[f"decode_rtf_{name}"] = round(d_ms / 1000 / cfg.bench_seconds, 5)
+    figures |= common.codec_rtf(lambda x: G.encode(x, cfg.eval_n_q), G.decode, xb, cfg.bench_seconds, rt,
+                                compiled, iters=cfg.bench_iters, warmup=1)
     frame = xb[..., :G.frame_size]
     es, ds = {}, {}
     for _ in range(3):  # warm the caches past their first (shorter) frames

@@ -805,25 +805,12 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
 
 @torch.no_grad()
 def listening_sets(cfg, m, dev):
-    """Whole test speech clips coded at the lowest and highest bitrate, and the originals: three folders of
-    wavs + refs.txt for `whisper.py --mode=sample --input_dir=DIR` (common.write_listening_set)."""
-    utts = common.load_corpus(cfg, "test", cfg.sample_rate, kind="speech")
-    utts = utts[:cfg.listen_items]
-    out, rates = os.path.join(cfg.out_dir, "listen"), (min(cfg.bitrates), max(cfg.bitrates))
-    sets = {f"resynth_{kbps:g}kbps": [] for kbps in rates} | {"orig": []}
-    for u in utts:
-        x = torch.from_numpy(np.ascontiguousarray(u.wav, dtype=np.float32))[None, None].to(dev)  # (1, 1, T)
-        for kbps in rates:
-            y = resynth(m, x, kbps)[0, 0].cpu()
-            sets[f"resynth_{kbps:g}kbps"].append((u.id, y, u.text))
-        sets["orig"].append((u.id, x[0, 0].cpu(), u.text))
-    for name, items in sets.items():
-        common.write_listening_set(os.path.join(out, name), items, cfg.sample_rate)
-    top = f"resynth_{rates[1]:g}kbps"
-    common.save_sample(out, f"{utts[0].id}_{rates[1]:g}kbps", sets[top][0][1], cfg.sample_rate,
-                       ref=sets["orig"][0][1])
-    common.log(f"{len(utts)} test clips -> {out}/{{{','.join(sets)}}} (judge each: whisper.py --mode=sample "
-               "--input_dir=DIR)")
+    """Whole test speech clips coded at the lowest and highest bitrate, and the originals, as folders for
+    `whisper.py --mode=sample --input_dir=DIR` to judge (common.write_listening_sets)."""
+    utts = common.load_corpus(cfg, "test", cfg.sample_rate, kind="speech")[:cfg.listen_items]
+    coders = {f"resynth_{kbps:g}kbps": lambda x, kbps=kbps: resynth(m, x[None].to(dev), kbps)[0]
+              for kbps in (min(cfg.bitrates), max(cfg.bitrates))}
+    common.write_listening_sets(os.path.join(cfg.out_dir, "listen"), utts, coders, cfg.sample_rate)
 
 
 def train(cfg):
@@ -904,18 +891,9 @@ def bench(cfg):
     figures = dict(train_step_ms=round(step_ms, 2), train_flops_per_step=flops,
                    train_audio_s_per_s=round(seconds / (step_ms / 1000), 2))
     T, n_q = int(cfg.bench_seconds * cfg.sample_rate) // model.hop * model.hop, cfg.n_q
-    variants = [("eager", model.encode, model.decode)]
-    if compiled:  # common.compile compiled (CUDA, or --compile=True asked for on a CPU)
-        variants.append(("compiled", torch.compile(model.encode), torch.compile(model.decode)))
     xb = torch.randn(1, 1, T, device=rt.device) * 0.1
-    codes = model.encode(xb, n_q)
-    for name, enc, dec in variants:
-        with rt.autocast():
-            e_ms = common.timeit(lambda: enc(xb, n_q), iters=iters, warmup=2)
-            d_ms = common.timeit(lambda: dec(codes), iters=iters, warmup=2)
-        # real-time factor = compute time / duration of the audio processed (lower is faster)
-        figures[f"encode_rtf_b1_{name}"] = round(e_ms / 1000 / cfg.bench_seconds, 5)
-        figures[f"decode_rtf_b1_{name}"] = round(d_ms / 1000 / cfg.bench_seconds, 5)
+    figures |= common.codec_rtf(lambda x: model.encode(x, n_q), model.decode, xb, cfg.bench_seconds, rt,
+                                compiled, tag="_b1", iters=iters)
 
     def streaming():  # one 13.3 ms frame at a time through encoder and decoder, as a phone call would
         enc_state, dec_state = {}, {}

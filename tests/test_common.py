@@ -532,6 +532,36 @@ def test_save_sample_and_bench(tmp_path, capsys):
     assert d["params"] == 21 and d["paper"] == "test_common" and "peak_memory_mb" in d and d["train_tflops"] > 0
 
 
+
+def test_write_listening_sets_and_codec_rtf(tmp_path):
+    """The codec judging folders: orig + one folder per coder, each with refs.txt; the coder sees (C, T), a
+    stereo resynthesis is written as its mono mix; codec_rtf names its figures and times both halves."""
+    from types import SimpleNamespace
+    sr = 8000
+    utts = [SimpleNamespace(id=f"u{i}", wav=(0.1 * np.random.randn(sr)).astype(np.float32), text=f"word {i}")
+            for i in range(2)]
+    seen = []
+
+    def stereo(x):
+        seen.append(tuple(x.shape))
+        return torch.stack([x[0], 0.5 * x[0]])  # (2, T): its mono mix is 0.75 x
+
+    common.write_listening_sets(str(tmp_path), utts, {"half": stereo}, sr, pngs=1)
+    assert seen == [(1, sr), (1, sr)]
+    assert sorted(os.listdir(tmp_path / "orig")) == ["refs.txt", "u0.wav", "u1.wav"]
+    assert (tmp_path / "half" / "refs.txt").read_text() == "u0\tword 0\nu1\tword 1\n"
+    y = common.load_audio(str(tmp_path / "half" / "u1.wav"))[0]
+    x = common.load_audio(str(tmp_path / "orig" / "u1.wav"))[0]
+    assert np.allclose(y, 0.75 * x, atol=1e-3) and np.allclose(x, utts[1].wav, atol=1e-3)
+    assert (tmp_path / "u0_half.png").exists() and not (tmp_path / "u1_half.png").exists()
+    rt = common.setup(Config(out_dir=str(tmp_path)))
+    calls = []
+    enc = lambda x: calls.append("e") or x[..., ::2]
+    dec = lambda c: calls.append("d") or c.repeat_interleave(2, -1)
+    f = common.codec_rtf(enc, dec, torch.randn(1, 1, 64), 2.0, rt, tag="_b1", iters=2, warmup=1)
+    assert set(f) == {"encode_rtf_b1_eager", "decode_rtf_b1_eager"} and all(v >= 0 for v in f.values())
+    assert calls.count("e") == 1 + 3 and calls.count("d") == 3
+
 def test_ddp_gloo_two_ranks(tmp_path):
     """torchrun with 2 CPU ranks: setup() joins the group (gloo), ranks see their ids."""
     script = tmp_path / "ddp.py"
