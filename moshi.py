@@ -1099,8 +1099,7 @@ def bench(cfg):
     figures["frame_ms"] = 1000 * G.frame_size / cfg.sample_rate  # the real-time budget of one step: 80 ms
     common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
 
-# ----------------------------------------------------------------------------- model
-# the Moshi LM (§3.2)
+# ----------------------------------------------------------------------------- model: the Moshi LM (§3.2)
 
 # Helium (§3.2) and the RQ-Transformer (§3.4.1): a temporal Transformer over 80 ms steps, whose input is
 # the sum of the embeddings of every stream at that step, and a small depth Transformer that, within a step,
@@ -1297,8 +1296,7 @@ class MoshiLM(nn.Module):
         mask = mask & (codes[:, 1:1 + self.K] != -1)
         return logits, mask, text_logits[:, None], (codes[:, :1] != -1)
 
-# ----------------------------------------------------------------------------- loss
-# the Moshi LM
+# ----------------------------------------------------------------------------- loss: the Moshi LM
 
 def lm_loss(logits, text_logits, codes, cfg):
     """§3.4.3 (moshi-finetune's loss): L = CE_text + CE_audio, each a weighted mean over its valid positions:
@@ -1318,8 +1316,7 @@ def lm_loss(logits, text_logits, codes, cfg):
                 semantic=mean(ce_a[:, :1], mask[:, :1].float()),
                 acoustic=mean(ce_a[:, 1:], mask[:, 1:].float()))
 
-# ----------------------------------------------------------------------------- data
-# the Moshi LM
+# ----------------------------------------------------------------------------- data: the Moshi LM
 
 def text_pad_ids(cfg):  # PAD and EPAD (end of padding, §3.4.4): the text vocabulary's last two ids
     return cfg.text_card - 2, cfg.text_card - 1
@@ -1456,8 +1453,7 @@ def lm_get_batch(sampler, cfg, rt, step):
     """Stage 1 (Helium on text) for the first text_iters steps, then stage 2 (the dialogues, two streams)."""
     return sampler.next(step < cfg.text_iters).to(rt.device)
 
-# ----------------------------------------------------------------------------- train
-# the Moshi LM
+# ----------------------------------------------------------------------------- train: the Moshi LM
 
 def load_codec(cfg, rt):
     """The Mimi whose codes the LM models (--codec: our codec checkpoint or the official file), frozen."""
@@ -1616,8 +1612,7 @@ def lm_train(cfg):
                       evaluate_val, sampler=sampler,
                       audio_seconds=cfg.batch_size * rt.world_size * cfg.lm_frames / cfg.frame_rate)
 
-# ----------------------------------------------------------------------------- sample
-# the Moshi LM
+# ----------------------------------------------------------------------------- sample: the Moshi LM
 
 def sample_token(logits, temp, top_k, gen):
     """§3.4.3: top-k sampling at a temperature (temp 0: greedy). logits (B, V) -> (B,)."""
@@ -1727,8 +1722,7 @@ def lm_sample(cfg):
     words = " ".join(w for w, _ in said)[:300]
     common.log(f"{name}: {len(text)} steps of 80 ms; Moshi said: {words!r} -> {path}")
 
-# ----------------------------------------------------------------------------- bench
-# the Moshi LM
+# ----------------------------------------------------------------------------- bench: the Moshi LM
 
 def lm_bench(cfg):
     """train_step ms and audio-s/s; the per-frame latency of the full streaming step (Mimi encode of the
