@@ -17,7 +17,7 @@ Simplified here:
 - language ID runs on every window, word timestamps use the decoder's top-half cross-attention heads;
 - noise robustness (§3.7) with white noise only; no SpecAugment / BPE dropout; bf16, not fp16; our init;
 - long-form pads a short last window with silence's log-mel (openai: zeros) and drops empty segments.
-Aim 1000 lines not reached (1511): long-form, timestamps, beam search and official weights all stay.
+Aim 1000 lines not reached (1456): long-form, word times, beam search, official weights, CUDA graphs stay.
 
     python whisper.py                    # train: whisper-tiny dims, 20k steps on CUDA; `small` on a CPU
     python whisper.py --init_from=resume                     # continue out/whisper/ckpt.pt
@@ -57,9 +57,8 @@ class Config:
     corpus_languages: str = "en"    # built-in corpus languages, e.g. en,fr,de,es
     input: str = ""                 # --mode=sample: a wav/flac (default: a test utterance)
     input_dir: str = ""             # --mode=sample: every wav/flac/ogg here (any rate, mono)
-    transcripts: str = ""           # ... into this file, one "name<TAB>text" line each (default
-                                    # input_dir/transcripts.tsv); an input_dir/refs.txt of "name<TAB>text"
-                                    # lines gets the folder's WER printed
+    transcripts: str = ""           # ... one "name<TAB>text" line each, here (default: DIR/transcripts.tsv);
+                                    # a DIR/refs.txt of such lines gets the folder's WER printed
     # model: the official ModelDimensions (§2.2, Table 1 sizes; whisper/model.py)
     n_mels: int = 80                # log-mel bins (128 for large-v3)
     n_audio_ctx: int = 1500         # encoder positions = window / 20 ms: 1500 = 30 s (3000 mel frames)
@@ -85,8 +84,7 @@ class Config:
     weight_decay: float = 0.1       # AdamW
     betas: tuple = (0.9, 0.98)      # AdamW betas (eps 1e-6)
     warmup_iters: int = 1000        # linear warm-up steps (the paper: 2048)
-    lr_decay_iters: int = 20_000    # linear decay reaches 0 here: its own knob, so a resume with a larger
-                                    # --max_iters follows the same curve (nanoGPT's name)
+    lr_decay_iters: int = 20_000    # linear decay reaches 0 here (own knob: a longer resume keeps the curve)
     max_iters: int = 20_000         # the default GPU run (the paper: 2^20 updates)
     grad_clip: float = 1.0          # global gradient-norm clip
     # decoding (§4.5; whisper/transcribe.py defaults)
@@ -116,49 +114,49 @@ class Config:
     eval_snr: str = ""              # e.g. 20,10,5: also the WER in white noise at these SNRs (dB, §3.7)
     bench_iters: int = 10           # --mode=bench: timed iterations per figure
 
-    def validate(self):
-        def bad(msg):
-            raise SystemExit(f"error: {msg}")
+    def snrs(self):                 # --eval_snr as a list of dB values
+        return [float(x) for x in self.eval_snr.split(",") if x.strip()]
+
+    def validate(self):             # common.parse_config checks the shared fields, then calls this
+        def need(ok, msg):
+            if not ok:
+                raise SystemExit(f"error: {msg}")
         for k in ("p_timestamps", "p_prompt", "p_nospeech", "p_translate", "p_noise"):
-            if not 0 <= getattr(self, k) <= 1:
-                bad(f"--{k} must be in [0, 1] (got {getattr(self, k)})")
+            need(0 <= getattr(self, k) <= 1, f"--{k} must be in [0, 1] (got {getattr(self, k)})")
         for k in ARCH_KEYS + ("warmup_iters", "lr_decay_iters"):
-            if getattr(self, k) < 1:
-                bad(f"--{k} must be >= 1 (got {getattr(self, k)})")
-        if self.n_audio_state % self.n_audio_head or self.n_text_state % self.n_text_head:
-            bad("--n_audio_state / --n_text_state must be multiples of --n_audio_head / --n_text_head")
+            need(getattr(self, k) >= 1, f"--{k} must be >= 1 (got {getattr(self, k)})")
+        need(not (self.n_audio_state % self.n_audio_head or self.n_text_state % self.n_text_head),
+             "--n_audio_state / --n_text_state must be multiples of --n_audio_head / --n_text_head")
         try:
-            [float(x) for x in self.eval_snr.split(",") if x.strip()]
+            self.snrs()
         except ValueError:
-            bad(f"--eval_snr must be comma-separated numbers in dB, e.g. 20,10,5 (got {self.eval_snr!r})")
-        if self.task not in ("transcribe", "translate"):
-            bad(f"--task must be transcribe or translate (got {self.task!r})")
-        if self.language != "auto" and self.language not in LANGUAGES:
-            bad(f"--language={self.language!r} is not a Whisper language code (en, de, fr, ... or auto)")
-        if not self.temperatures or any(t < 0 for t in self.temperatures):
-            bad(f"--temperatures must be a non-empty list of values >= 0 (got {self.temperatures!r})")
-        if self.beam_size < 0 or self.best_of < 1 or self.patience <= 0 or self.sample_len < 0:
-            bad("--beam_size >= 0, --best_of >= 1, --patience > 0 and --sample_len >= 0 are needed")
-        if self.decode_method not in ("auto", "eager", "compiled", "cudagraph", "compiled_cudagraph"):
-            bad(f"--decode_method must be auto, eager, compiled, cudagraph or compiled_cudagraph "
-                f"(got {self.decode_method!r})")
-        if self.decode_method.endswith("cudagraph") and not torch.cuda.is_available():
-            bad(f"--decode_method={self.decode_method} needs a CUDA device")
+            need(False, f"--eval_snr must be comma-separated numbers in dB, e.g. 20,10,5 "
+                 f"(got {self.eval_snr!r})")
+        need(self.task in ("transcribe", "translate"),
+             f"--task must be transcribe or translate (got {self.task!r})")
+        need(self.language == "auto" or self.language in LANGUAGES,
+             f"--language={self.language!r} is not a Whisper language code (en, de, fr, ... or auto)")
+        need(self.temperatures and all(t >= 0 for t in self.temperatures),
+             f"--temperatures must be a non-empty list of values >= 0 (got {self.temperatures!r})")
+        need(self.beam_size >= 0 and self.best_of >= 1 and self.patience > 0 and self.sample_len >= 0,
+             "--beam_size >= 0, --best_of >= 1, --patience > 0 and --sample_len >= 0 are needed")
+        need(self.decode_method in ("auto", "eager", "compiled", "cudagraph", "compiled_cudagraph"),
+             f"--decode_method must be auto, eager, compiled, cudagraph or compiled_cudagraph "
+             f"(got {self.decode_method!r})")
+        need(not self.decode_method.endswith("cudagraph") or torch.cuda.is_available(),
+             f"--decode_method={self.decode_method} needs a CUDA device")
         if self.input_dir:
-            if self.input:
-                bad("pass --input=FILE or --input_dir=DIR, not both")
-            if not os.path.isdir(self.input_dir):
-                bad(f"--input_dir={self.input_dir!r} is not a folder")
-            if not folder_audio(self.input_dir):
-                bad(f"--input_dir={self.input_dir!r} holds no audio files ({', '.join(AUDIO_EXT)})")
+            need(not self.input, "pass --input=FILE or --input_dir=DIR, not both")
+            need(os.path.isdir(self.input_dir), f"--input_dir={self.input_dir!r} is not a folder")
+            need(folder_audio(self.input_dir),
+                 f"--input_dir={self.input_dir!r} holds no audio files ({', '.join(AUDIO_EXT)})")
 
 
 def _paper(n_layer, width, heads, lr, n_mels=80, n_text_layer=None):
-    """A paper size (Table 1): same depth/width in encoder and decoder, 30 s windows, paper batch and LR."""
+    """A paper size (Table 1): same depth/width in encoder and decoder, 30 s windows, the paper's LR."""
     return dict(n_mels=n_mels, n_audio_ctx=1500, n_audio_state=width, n_audio_head=heads,
-                n_audio_layer=n_layer,
-                n_text_ctx=448, n_text_state=width, n_text_head=heads, n_text_layer=n_text_layer or n_layer,
-                lr=lr)
+                n_audio_layer=n_layer, n_text_ctx=448, n_text_state=width, n_text_head=heads,
+                n_text_layer=n_text_layer or n_layer, lr=lr)
 
 
 PRESETS = {
@@ -199,15 +197,13 @@ LANGUAGES = ("en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk 
 # ----------------------------------------------------------------------------- model
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm in fp32 whatever the activation dtype (as the official model):
-    its statistics need the range."""
+    """LayerNorm in fp32 whatever the activation dtype: its statistics need the range."""
     def forward(self, x):
         return super().forward(x.float()).type(x.dtype)
 
 
 def sinusoids(length, channels, max_timescale=10000):
-    """Fixed encoder positions (§2.2): sin and cos halves concatenated
-    (not interleaved), geometric timescales."""
+    """Fixed encoder positions (§2.2): sin and cos halves concatenated, geometric timescales."""
     inc = math.log(max_timescale) / (channels // 2 - 1)
     inv = torch.exp(-inc * torch.arange(channels // 2))
     t = torch.arange(length)[:, None] * inv[None, :]   # (length, channels/2)
@@ -295,12 +291,9 @@ class AudioEncoder(nn.Module):
 
 
 class KVCache:
-    """Explicit decoder cache (no hooks). Self-attention K/V live in a preallocated (layers, B, H, n_ctx, Dh)
-    buffer that fills as tokens are decoded; cross-attention K/V are computed once from the audio features and
-    reused at every step. The position is kept twice: `offset` (a Python int) for the eager path, which
-    attends to the filled part only, and `pos` (a device tensor, advanced in place) for the static path
-    (static=True: DecoderStep), where every step has the same shapes and no host value, so it can be
-    compiled and CUDA-graphed."""
+    """Explicit decoder cache: self-attention K/V fill a preallocated (layers, B, H, n_ctx, Dh) buffer, cross-
+    attention K/V are computed once from the audio. `offset` (an int) serves the eager path, which attends to
+    the filled part only; `pos` (a device tensor) the static path of DecoderStep: one shape, no host value."""
     def __init__(self, decoder, xa):
         self.cross = [b.cross_attn.kv(xa) for b in decoder.blocks]   # [(B, H, n_audio_ctx, Dh)] * 2 per layer
         B, H, _, Dh = self.cross[0][0].shape
@@ -311,20 +304,17 @@ class KVCache:
         self.offset, self.static = 0, False
 
     def reorder(self, idx):
-        """Beam search: every row continues the hypothesis it was drawn from, in place (a captured graph keeps
-        pointing at these buffers). Cross K/V need no reorder: beams of one audio swap only
-        among themselves."""
+        """Beam search: each row takes its source hypothesis's K/V, in place (a captured graph points at these
+        buffers). Cross K/V stay: beams of one audio swap only among themselves."""
         n = self.k.shape[3] if self.static else self.offset   # eager: only the filled positions move
         for buf in (self.k[:, :, :, :n], self.v[:, :, :, :n]):
             buf.copy_(buf.index_select(1, idx))
 
 
 class DecoderStep:
-    """The one-token decoder step of decode() with its input, cache and position in fixed buffers,
-    so one step can be compiled (static shapes) and, on CUDA, captured once in a CUDA graph and replayed at
-    every token (at small batch a GPU is bound by kernel launches and host syncs, not arithmetic; as
-    wavenet.py's generator). method: eager | compiled | cudagraph | compiled_cudagraph. The result equals the
-    eager path (a test)."""
+    """decode()'s one-token step with its input, cache and position in fixed buffers, so it can be compiled
+    and, on CUDA, captured once as a CUDA graph and replayed at every token (at small batch a GPU is bound
+    by kernel launches, not arithmetic). method: eager | compiled | cudagraph | compiled_cudagraph."""
     def __init__(self, decoder, cache, method="eager"):
         self.decoder, self.cache, self.method = decoder, cache, method
         self.token = torch.zeros(cache.k.shape[1], 1, dtype=torch.long, device=cache.k.device)
@@ -379,7 +369,7 @@ class TextDecoder(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
-    def forward(self, tokens, xa=None, cache=None, qk_out=None):  # (B, T) -> logits (B, T, n_vocab) in fp32;
+    def forward(self, tokens, xa=None, cache=None, qk_out=None):  # (B, T) -> fp32 logits (B, T, n_vocab);
         # qk_out: a list that receives each layer's cross-attention logits (B, H, T, n_audio_ctx)
         T = tokens.shape[1]
         if cache is None:                                # full causal forward (training, parity)
@@ -405,9 +395,8 @@ class TextDecoder(nn.Module):
 class Whisper(nn.Module):
     def __init__(self, dims, tokenizer=None):            # dims: the official ModelDimensions as a dict
         super().__init__()
-        self.dims = dict(dims)
+        self.dims = d = dict(dims)
         self.tokenizer = tokenizer                       # travels with the model (and the checkpoint)
-        d = self.dims
         self.encoder = AudioEncoder(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"],
                                     d["n_audio_layer"])
         self.decoder = TextDecoder(d["n_vocab"], d["n_text_ctx"], d["n_text_state"], d["n_text_head"],
@@ -426,9 +415,8 @@ def model_dims(cfg, n_vocab):
 # <|startoflm|>, <|startofprev|>, <|nospeech|>, <|notimestamps|>, then 1501 timestamps <|0.00|> ... <|30.00|>.
 
 class Tokenizer:
-    """Text <-> token ids. Every special id is derived from the number of ranks
-    (never hard-coded), so the same code serves gpt2.tiktoken (English-only models), multilingual.tiktoken,
-    and our small corpus BPE."""
+    """Text <-> token ids. Special ids follow from the number of ranks, so the same code serves gpt2.tiktoken
+    (English-only models), multilingual.tiktoken and our small corpus BPE."""
     def __init__(self, ranks, num_languages=99, name="whisper-bpe"):
         self.ranks_text = common.ranks_to_text(ranks)
         self.num_languages = num_languages
@@ -452,8 +440,7 @@ class Tokenizer:
     def language_tokens(self):                          # <|en|>, <|zh|>, ... in vocabulary order
         return list(range(self.sot + 1, self.sot + 1 + self.num_languages))
 
-    def extra(self):
-        """What the checkpoint stores to rebuild this tokenizer (common.save_checkpoint's extra)."""
+    def extra(self):                                     # what the checkpoint stores to rebuild it
         return {"tokenizer": self.ranks_text, "num_languages": self.num_languages}
 
     @classmethod
@@ -501,14 +488,10 @@ class Tokenizer:
         return self.timestamp_begin + int(min(N_TIMESTAMPS - 1, max(0, round(seconds / TIME_PRECISION))))
 
     def non_speech_tokens(self):
-        """Tokens of symbols that are never spoken (speaker tags, music notes, brackets);
-        a symbol is banned only where it is one token, a hyphen/quote only at word start; music symbols by
-        their first byte-token."""
-        if getattr(self, "_non_speech", None) is None:
-            self._non_speech = self._find_non_speech()
-        return list(self._non_speech)
-
-    def _find_non_speech(self):
+        """Tokens of symbols never spoken (speaker tags, music notes, brackets): a symbol only where it is one
+        token, a hyphen/quote only at word start, music symbols by their first byte-token."""
+        if getattr(self, "_non_speech", None) is not None:
+            return list(self._non_speech)
         symbols = list('"#()*+/:;<=>@[\\]^_`{|}~「」『』') + \
             "<< >> <<< >>> -- --- -( -[ (' (\" (( )) ((( ))) [[ ]] {{ }} ♪♪ ♪♪♪".split()
         music = "♩♪♫♬♭♮♯"
@@ -522,12 +505,12 @@ class Tokenizer:
                 # a small BPE may split " ♪" into " " + ...: never ban the bare space, words need it
                 if (len(t) == 1 or s in music) and self.enc.decode_single_token_bytes(t[0]).strip():
                     out.add(t[0])
-        return sorted(out)
+        self._non_speech = sorted(out)
+        return list(self._non_speech)
 
 
 def build_tokenizer(cfg, texts=None, n_vocab=None):
-    """The official vocabulary from --tokenizer=PATH, else a BPE trained on the training transcripts
-    (one language: en; the official layout otherwise)."""
+    """The official vocabulary from --tokenizer=PATH, else a BPE trained on the training transcripts."""
     if cfg.tokenizer:
         if not os.path.exists(cfg.tokenizer):
             raise SystemExit(f"error: --tokenizer={cfg.tokenizer!r} does not exist")
@@ -552,10 +535,15 @@ def window_samples(cfg):
     return cfg.n_audio_ctx * 2 * HOP                     # 1500 positions -> 480 000 samples = 30 s
 
 
-def log_mel(wavs, cfg, device):
-    """One log-mel per window (B, n_mels, 2 * n_audio_ctx). Per item, because the -8 dynamic-range clip uses
-    the max of the whole tensor (the official code; §2.2): batching lets loud items change quiet ones."""
-    return torch.stack([common.log_mel_spectrogram(w.to(device), n_mels=cfg.n_mels) for w in wavs])
+def window_mels(wavs, cfg, device):
+    """Each clip zero-padded or cut to one window -> log-mels (B, n_mels, 2 * n_audio_ctx). One at a time:
+    the dynamic-range clip (max - 8, §2.2) uses the whole tensor's max: loud clips would alter quiet ones."""
+    N = window_samples(cfg)
+    x = torch.zeros(len(wavs), N)
+    for j, w in enumerate(wavs):
+        w = np.asarray(w, dtype=np.float32)[:N]
+        x[j, :len(w)] = torch.from_numpy(w)
+    return torch.stack([common.log_mel_spectrogram(w.to(device), n_mels=cfg.n_mels) for w in x])
 
 
 def add_noise(wav, snr_db, rng):
@@ -570,8 +558,7 @@ def has_word_times(utt):
 
 
 def trainable(utts, cfg, what):
-    """Clips with a transcript that can be trained on: any that fits in a window (its whole transcript), and a
-    longer one only where word times say which words a crop holds; the others are skipped, and counted."""
+    """Clips with a transcript that fit in a window, or longer ones whose word times say what a crop holds."""
     N = window_samples(cfg)
     texted = [u for u in utts if u.text.strip()]
     keep = [u for u in texted if u.duration * SAMPLE_RATE <= N or has_word_times(u)]
@@ -613,11 +600,6 @@ def target_tokens(tok, text, words=None, cuts=None, prompt=None, n_text_ctx=448,
 def collate(examples, tok, cfg, device):
     """[(wav, seq, loss_from)] -> mel (B, n_mels, frames), inputs x (B, L), targets y (B, L): position i
     predicts token i + 1, and y is -100 where no loss is taken (prompt, <|startoftranscript|>, padding)."""
-    N = window_samples(cfg)
-    wavs = torch.zeros(len(examples), N)
-    for j, (w, _, _) in enumerate(examples):
-        w = np.asarray(w, dtype=np.float32)[:N]
-        wavs[j, :len(w)] = torch.from_numpy(w)
     L = max(len(s) for _, s, _ in examples) - 1
     x = torch.full((len(examples), L), tok.eot, dtype=torch.long)
     y = torch.full((len(examples), L), -100, dtype=torch.long)
@@ -625,12 +607,11 @@ def collate(examples, tok, cfg, device):
         s = torch.tensor(s)
         x[j, :len(s) - 1] = s[:-1]
         y[j, lf - 1:len(s) - 1] = s[lf:]
-    return log_mel(wavs, cfg, device), x.to(device), y.to(device)
+    return window_mels([w for w, _, _ in examples], cfg, device), x.to(device), y.to(device)
 
 
 class Batches:
-    """Random (audio window, multitask sequence) examples. Each rank draws from its own numpy generator,
-    seeded by (seed, rank, world size) like common.SegmentSampler; its state is saved in the checkpoint."""
+    """Random (audio window, multitask sequence) examples; a generator per rank, saved in the checkpoint."""
     def __init__(self, utts, tok, cfg, seed=1337, rank=0, world_size=1):
         self.utts, self.tok, self.cfg, self.N = utts, tok, cfg, window_samples(cfg)
         self.rng = np.random.default_rng([seed, rank, world_size])
@@ -661,7 +642,7 @@ class Batches:
         prompt = None
         if rng.random() < cfg.p_prompt:                  # previous-text conditioning (§2.3); no loss on it
             prompt = self.utts[int(rng.integers(len(self.utts)))].text
-        language, task, cuts = getattr(utt, "language", "en"), "transcribe", None
+        language, task, cuts = utt.language, "transcribe", None
         if language != "en" and utt.translation and rng.random() < cfg.p_translate:
             task, text, words = "translate", utt.translation, []   # X -> English; the word times are X's
         if words and rng.random() < cfg.p_timestamps:    # 1-3 timed segments split at word boundaries
@@ -683,8 +664,7 @@ def get_batch(sampler, cfg, rt):
 # §4.5 and whisper/decoding.py: logit rules, greedy / sampling / beam search, ranking, temperature fallback.
 
 class LogitRules:
-    """Masks applied to the next-token logits, in the official order: suppress blank at the start, suppress
-    non-speech and control tokens, then the timestamp grammar."""
+    """Next-token masks in the official order: no blank start, no non-speech or control token, timestamps."""
     def __init__(self, tok, sample_begin, timestamps, max_initial_timestamp=1.0, n_audio_ctx=1500):
         self.tok, self.sample_begin, self.timestamps = tok, sample_begin, timestamps
         self.last_timestamp = tok.timestamp_begin + n_audio_ctx  # the window's end (<|30.00|> for 30 s)
@@ -751,8 +731,7 @@ def initial_tokens(tok, cfg, prompt=None, timestamps=True, language="en", task="
 
 
 def sample_step(logits, tokens, sum_lp, temperature, eot, generator=None):
-    """Greedy (temperature 0) or sampled next tokens; finished rows keep emitting eot. ->
-    (tokens, sum_lp, done)"""
+    """Greedy (temperature 0) or sampled next tokens; finished rows keep emitting eot."""
     logprobs = F.log_softmax(logits, dim=-1)
     if temperature == 0:
         nxt = logits.argmax(-1)
@@ -766,9 +745,8 @@ def sample_step(logits, tokens, sum_lp, temperature, eot, generator=None):
 
 
 def beam_step(logits, tokens, sum_lp, finished, beam_size, max_cand, eot, cache):
-    """Beam search (§4.5): expand every live hypothesis by its top beam+1 tokens and keep the best `beam`
-    that did not end; those that ended go to `finished` ({tokens: score} per audio) until each holds
-    beam * patience."""
+    """Beam search (§4.5): expand each live hypothesis by its top beam+1 tokens, keep the best `beam` that
+    did not end; those that ended go to `finished` ({tokens: score} per audio) up to beam * patience."""
     top_lp, top_id = F.log_softmax(logits, dim=-1).topk(beam_size + 1)   # (rows, beam + 1), all rows at once
     top_lp, top_id, prev, prev_lp = top_lp.tolist(), top_id.tolist(), tokens.tolist(), sum_lp.tolist()
     rows, src, scores = [], [], []
@@ -815,8 +793,7 @@ def candidates(tokens, sum_lp, finished, n_group, sample_begin, eot):
 
 
 def best_result(group, tok, no_speech, temperature, cfg):
-    """The candidate with the best length-normalised log-prob (or the GNMT penalty, §4.5),
-    as a DecodeResult."""
+    """The candidate with the best length-normalised log-prob (or the GNMT penalty, §4.5)."""
     def score(c):
         L = len(c[0])
         return c[1] / (L if not cfg.length_penalty else ((5 + L) / 6) ** cfg.length_penalty)
@@ -828,9 +805,8 @@ def best_result(group, tok, no_speech, temperature, cfg):
 @torch.no_grad()
 def decode(model, tok, mel, cfg, temperature=0.0, beam_size=None, best_of=None, timestamps=True, prompt=None,
            generator=None, language="en", task="transcribe"):
-    """Decode one window per item of mel (B, n_mels, frames), or of the encoder's output (B, n_audio_ctx,
-    n_audio_state). temperature 0: greedy (beam_size <= 1) or beam
-    search; temperature > 0: best_of samples ranked by length-normalised log-prob. Returns [DecodeResult]."""
+    """One window per item of mel (B, n_mels, frames) or of encoder features (B, n_audio_ctx, n_audio_state):
+    temperature 0: greedy (beam_size <= 1) or beam search; > 0: best_of samples. -> [DecodeResult]"""
     beam_size = cfg.beam_size if beam_size is None else beam_size
     best_of = cfg.best_of if best_of is None else best_of
     use_beam = temperature == 0 and beam_size > 1
@@ -840,10 +816,8 @@ def decode(model, tok, mel, cfg, temperature=0.0, beam_size=None, best_of=None, 
     sample_len = min(cfg.sample_len or cfg.n_text_ctx // 2, cfg.n_text_ctx - sample_begin)
     rules = LogitRules(tok, sample_begin, timestamps, cfg.max_initial_timestamp, cfg.n_audio_ctx)
     B = mel.shape[0]
-    # (B, n_audio_ctx, n_audio_state) are the encoder's features already (as openai's decode accepts them)
     encoded = mel.shape[1:] == (model.dims["n_audio_ctx"], model.dims["n_audio_state"])
-    xa = mel if encoded else model.encoder(mel)
-    xa = xa.repeat_interleave(n_group, 0)                # (B * n_group, A, D), once per window
+    xa = (mel if encoded else model.encoder(mel)).repeat_interleave(n_group, 0)   # (B * n_group, A, D)
     tokens = torch.tensor([initial], device=mel.device).repeat(B * n_group, 1)
     cache = KVCache(model.decoder, xa)
     sum_lp = torch.zeros(B * n_group, device=mel.device)
@@ -870,8 +844,7 @@ def decode(model, tok, mel, cfg, temperature=0.0, beam_size=None, best_of=None, 
 
 
 def decode_method(cfg, device):
-    """--decode_method: auto is eager on a CPU, the compiled step replayed as a CUDA graph on CUDA (with
-    --compile=True; the CUDA graph alone without)."""
+    """auto: eager on a CPU; on CUDA a CUDA graph of the step, compiled first with --compile=True."""
     if cfg.decode_method != "auto":
         return cfg.decode_method
     if torch.device(device).type != "cuda":
@@ -880,9 +853,8 @@ def decode_method(cfg, device):
 
 
 def decode_with_fallback(model, tok, mel, cfg, prompt=None, timestamps=True, generator=None, language="en"):
-    """§4.5: decode at temperature 0 (beam search); if the result looks like a loop
-    (gzip ratio) or is unlikely (mean log-prob), retry at the next temperature with sampling. A silent window
-    is accepted as it is."""
+    """§4.5: decode at temperature 0 (beam search); if the result looks like a loop (gzip ratio) or is
+    unlikely (mean log-prob), retry at the next temperature with sampling. A silent window is accepted."""
     for t in cfg.temperatures:
         r = decode(model, tok, mel, cfg, temperature=t, prompt=prompt, timestamps=timestamps,
                    generator=generator, language=language, task=cfg.task)[0]
@@ -896,18 +868,15 @@ def decode_with_fallback(model, tok, mel, cfg, prompt=None, timestamps=True, gen
 
 @torch.no_grad()
 def detect_language(model, tok, mel):
-    """Language identification (§2.3): one decoder step on <|startoftranscript|>,
-    softmax over the language tokens only. mel (B, n_mels, T) -> [{code: prob}], likeliest first."""
+    """Language ID (§2.3): one decoder step on <|startoftranscript|>, softmax over the language tokens only.
+    mel (B, n_mels, T) -> [{code: prob}], likeliest first."""
     if not tok.multilingual:
         raise SystemExit("error: an English-only vocabulary has no language tokens: drop --language=auto")
     x = torch.full((mel.shape[0], 1), tok.sot, device=mel.device)
     logits = model(mel, x)[:, 0]                         # (B, n_vocab)
     probs = logits[:, tok.language_tokens].softmax(-1)   # (B, num_languages)
-    out = []
-    for p in probs.tolist():
-        order = sorted(range(len(p)), key=lambda i: -p[i])
-        out.append({tok.languages[i]: p[i] for i in order})
-    return out
+    return [{tok.languages[i]: p[i] for i in sorted(range(len(p)), key=lambda i: -p[i])}
+            for p in probs.tolist()]
 
 # word timestamps (openai-whisper's timing.py): the cross-attention of the decoder's top half looks at the
 # audio frames each text token came from; a monotonic path through it (DTW) gives each token a time.
@@ -998,8 +967,7 @@ def merge_punctuations(words, prepended="\"'“¿([{-", appended="\"'.。,，!�
 
 
 def add_word_timestamps(segments, model, tok, mel, num_frames, offset, language="en"):
-    """Attach [(word, start_s, end_s, probability)] to each segment of one window
-    (aligned together, as openai)."""
+    """Attach [(word, start_s, end_s, probability)] to each segment of one window (aligned together)."""
     per_seg = [[t for t in s.tokens if t < tok.eot] for s in segments]
     words = merge_punctuations(find_alignment(model, tok, sum(per_seg, []), mel, num_frames, language))
     k = 0
@@ -1022,9 +990,8 @@ class Segment:
 
 
 def window_segments(toks, tok, offset, size_frames):
-    """Segments of one window's tokens (openai's transcribe): one per closed timestamp pair, plus the tail
-    when the window ends on a single timestamp; with no pair, one segment for the window.
-    -> (segments, frames consumed)"""
+    """Segments of one window's tokens: one per closed timestamp pair, plus the tail when the window ends on a
+    single timestamp; with no pair, one for the window. -> (segments, frames consumed)"""
     tb = tok.timestamp_begin
     is_ts = [t >= tb for t in toks]
     single_end = is_ts[-2:] == [False, True]
@@ -1035,8 +1002,7 @@ def window_segments(toks, tok, offset, size_frames):
         for c in pairs + ([len(toks)] if single_end else []):
             piece = toks[last:c]
             segs.append(Segment(offset + (piece[0] - tb) * TIME_PRECISION,
-                                offset + (piece[-1] - tb) * TIME_PRECISION,
-                                piece, tok.decode(piece)))
+                                offset + (piece[-1] - tb) * TIME_PRECISION, piece, tok.decode(piece)))
             last = c
         # ended on a closed pair: the unfinished segment after it is dropped, and the next window starts there
         consumed = size_frames if single_end else (toks[last - 1] - tb) * 2
@@ -1071,8 +1037,7 @@ def transcribe(model, tok, wav, cfg, device, generator=None):
             language = next(iter(probs))
             top3 = list(probs.items())[:3]
             common.log(f"[{offset:6.2f}] language: " + ", ".join(f"{k} {v:.3f}" for k, v in top3))
-        r = decode_with_fallback(model, tok, window, cfg, prompt=all_tokens[prompt_from:],
-                                 generator=generator,
+        r = decode_with_fallback(model, tok, window, cfg, all_tokens[prompt_from:], generator=generator,
                                  language=language)
         if r.no_speech_prob > cfg.no_speech_threshold and r.avg_logprob < cfg.logprob_threshold:
             seek += size                                 # silence: skip the window
@@ -1096,8 +1061,7 @@ def transcribe(model, tok, wav, cfg, device, generator=None):
 # ----------------------------------------------------------------------------- train
 
 def make_tokenizer(cfg, texts_fn=None, n_vocab=None, ckpt=None):
-    """The vocabulary: the one stored in our checkpoint (resume or a path),
-    the official file --tokenizer names, or a BPE trained on the training transcripts."""
+    """The vocabulary stored in our checkpoint, else build_tokenizer's (official file or corpus BPE)."""
     if cfg.init_from != "scratch" and _official_file(cfg) is None:
         ckpt = ckpt or common.load_checkpoint(common.checkpoint_path(cfg))
         if not common.is_ours(ckpt):
@@ -1124,16 +1088,15 @@ def configure_optimizer(model, cfg):
 
 
 def lr_factor(step, cfg):
-    """Linear warm-up, then linear decay to zero at lr_decay_iters (§2.4);
-    the multiplier of cfg.lr at a step."""
+    """cfg.lr's multiplier: linear warm-up, then linear decay to zero at lr_decay_iters (§2.4)."""
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
     return max(0.0, (cfg.lr_decay_iters - step) / max(1, cfg.lr_decay_iters - cfg.warmup_iters))
 
 
 def build(cfg, rt, tok):
-    """Everything training holds, in one dict (the checkpoint saves it whole): the model, with its tokenizer
-    attached, AdamW, and the lr schedule as a scheduler stepped in train_step (so resume and bench see it)."""
+    """Everything training holds (the checkpoint saves it whole): the model with its tokenizer, AdamW, and the
+    lr schedule as a scheduler stepped in train_step (so resume and bench see it)."""
     model = Whisper(model_dims(cfg, tok.n_vocab), tok).to(rt.device)
     opt = configure_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
@@ -1141,8 +1104,7 @@ def build(cfg, rt, tok):
 
 
 def train_step(state, batch, cfg, rt):
-    """One AdamW step on the next-token loss, gradient-norm clipping included;
-    train() and bench() both run it."""
+    """One AdamW step on the next-token loss, gradient norm clipped; train() and bench() both run it."""
     model, opt, sched = state["model"], state["opt"], state["sched"]
     mel, x, y = batch
     with rt.autocast():
@@ -1156,11 +1118,8 @@ def train_step(state, batch, cfg, rt):
 
 
 def load_for_inference(cfg, rt):
-    """The model (tokenizer attached) for sample/eval: our checkpoint,
-    built from its own config and vocabulary, or the authors' file with the dims it holds (official_dims set
-    them); the dims used are logged."""
-    if cfg.init_from == "scratch":
-        raise SystemExit(f"error: --mode={cfg.mode} needs --init_from=resume, a ckpt.pt, or official weights")
+    """The model (tokenizer attached) for sample/eval: our checkpoint, or the authors' file with the dims it
+    holds (official_dims set them)."""
     official = _official_file(cfg)
     ckpt = common.load_checkpoint(common.checkpoint_path(cfg), map_location=rt.device)
     tok = make_tokenizer(cfg, n_vocab=official["dims"]["n_vocab"] if official else None, ckpt=ckpt)
@@ -1178,31 +1137,36 @@ def _interleave(utts):
     """Held-out clips with the languages taken in turn, so the first eval_items hold every language."""
     by = {}
     for u in utts:
-        by.setdefault(getattr(u, "language", "en"), []).append(u)
+        by.setdefault(u.language, []).append(u)
     return [u for group in itertools.zip_longest(*by.values()) for u in group if u is not None]
 
 
 def _decode_texts(model, tok, utts, cfg, rt, beam, task="transcribe"):
     """One window per clip, batched by language, without timestamps: {clip id: text}."""
     out = {}
-    for lang in sorted({getattr(u, "language", "en") for u in utts}):
-        group = [u for u in utts if getattr(u, "language", "en") == lang]
+    for lang in sorted({u.language for u in utts}):
+        group = [u for u in utts if u.language == lang]
         for i in range(0, len(group), 16):
             chunk = group[i:i + 16]
-            mel = collate([(u.wav, [0, 0], 1) for u in chunk], tok, cfg, rt.device)[0]
+            mel = window_mels([u.wav for u in chunk], cfg, rt.device)
             with rt.autocast():
                 rs = decode(model, tok, mel, cfg, timestamps=False, beam_size=beam, language=lang, task=task)
             out.update({u.id: r.text for u, r in zip(chunk, rs)})
     return out
 
 
+def top_languages(model, tok, utts, cfg, rt):
+    """Each clip's likeliest language (§2.3), 16 windows at a time."""
+    mels = (window_mels([u.wav for u in utts[i:i + 16]], cfg, rt.device) for i in range(0, len(utts), 16))
+    return [next(iter(p)) for mel in mels for p in detect_language(model, tok, mel)]
+
+
 def word_time_error(model, tok, utts, cfg, rt):
     """Mean absolute error (ms) of the aligned start and end of each reference word vs the corpus's times."""
     errs = []
     for u in utts:
-        mel = collate([(u.wav, [0, 0], 1)], tok, cfg, rt.device)[0]
-        got = find_alignment(model, tok, tok.encode(" " + u.text.strip()), mel, len(u.wav) // HOP,
-                             getattr(u, "language", "en"))
+        mel = window_mels([u.wav], cfg, rt.device)
+        got = find_alignment(model, tok, tok.encode(" " + u.text.strip()), mel, len(u.wav) // HOP, u.language)
         if len(got) == len(u.words):                     # one aligned word per reference word
             errs += [abs(g[2] - s) for g, (_, s, _) in zip(got, u.words)]
             errs += [abs(g[3] - e) for g, (_, _, e) in zip(got, u.words)]
@@ -1211,10 +1175,9 @@ def word_time_error(model, tok, utts, cfg, rt):
 
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
-    """WER/CER (common.wer/cer, normalised text) and the teacher-forced loss on cfg.eval_items held-out clips,
-    each decoded in its own language; long ones go through long-form transcription. With other languages in
-    the corpus also language-ID accuracy (§2.3) and the WER of X -> English translations. The test split has
-    unseen sentences and an unheard voice. Greedy on val (fast, in training), cfg.beam_size on test."""
+    """WER/CER and the teacher-forced loss on cfg.eval_items held-out clips, each in its own language (long
+    ones long-form); with other languages also language-ID accuracy (§2.3) and X -> English WER. The test
+    split has unseen sentences and voice. Greedy on val (fast, in training), cfg.beam_size on test."""
     if model is None:
         official_dims(cfg)
         rt = common.setup(cfg)
@@ -1232,33 +1195,32 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     for u in utts:                                       # longer than a window: long-form transcription
         if u.id not in hyp:
             with rt.autocast():
-                c = dataclasses.replace(cfg, language=getattr(u, "language", "en"), task="transcribe")
+                c = dataclasses.replace(cfg, language=u.language, task="transcribe")
                 hyp[u.id] = transcribe(model, tok, u.wav, c, rt.device, generator=g)[1]
     refs, hyps = [u.text for u in utts], [hyp[u.id] for u in utts]
     out = dict(loss=float("nan"), wer=common.wer(refs, hyps), cer=common.cer(refs, hyps), n=len(refs))
     if fits:
         exs = [(u.wav, *target_tokens(tok, u.text, n_text_ctx=cfg.n_text_ctx,
-                                      language=getattr(u, "language", "en"))) for u in fits[:16]]
+                                      language=u.language)) for u in fits[:16]]
         with rt.autocast():
             mel, x, y = collate(exs, tok, cfg, rt.device)
             out["loss"] = loss_fn(model(mel, x), y).item()
     line = (f"eval ({split}, {len(refs)} utterances): loss {out['loss']:.4f} | WER {out['wer']:.4f} "
             f"| CER {out['cer']:.4f}")
-    for snr in [float(x) for x in cfg.eval_snr.split(",") if x.strip()]:   # §3.7: same clips, white noise
+    for snr in cfg.snrs():                               # §3.7: the same clips in white noise
         rng = np.random.default_rng(cfg.seed)
-        noisy = [common.Utterance(u.id, add_noise(u.wav, snr, rng), SAMPLE_RATE, u.text, language=getattr(
-            u, "language", "en")) for u in fits]
+        noisy = [common.Utterance(u.id, add_noise(u.wav, snr, rng), SAMPLE_RATE, u.text, language=u.language)
+                 for u in fits]
         hn = _decode_texts(model, tok, noisy, cfg, rt, beam)
         out[f"wer_{snr:g}db"] = common.wer([u.text for u in fits], [hn[u.id] for u in fits])
         line += f" | WER at {snr:g} dB {out[f'wer_{snr:g}db']:.4f}"
     if cfg.word_timestamps:                              # word times of the reference text vs the corpus's
         out["word_time_err_ms"] = word_time_error(model, tok, [u for u in fits if has_word_times(u)], cfg, rt)
         line += f" | word time error {out['word_time_err_ms']:.0f} ms"
-    other = [u for u in fits if getattr(u, "language", "en") != "en" and u.translation]
+    other = [u for u in fits if u.language != "en" and u.translation]
     if other and tok.num_languages > 1:
-        probs = [p for i in range(0, len(fits), 16) for p in detect_language(
-            model, tok, collate([(u.wav, [0, 0], 1) for u in fits[i:i + 16]], tok, cfg, rt.device)[0])]
-        out["lang_acc"] = float(np.mean([next(iter(p)) == u.language for p, u in zip(probs, fits)]))
+        langs = top_languages(model, tok, fits, cfg, rt)
+        out["lang_acc"] = float(np.mean([l == u.language for l, u in zip(langs, fits)]))
         tr = _decode_texts(model, tok, other, cfg, rt, beam, task="translate")
         out["translate_wer"] = common.wer([u.translation for u in other], [tr[u.id] for u in other])
         line += f" | language ID {out['lang_acc']:.4f} | translate WER {out['translate_wer']:.4f}"
@@ -1267,8 +1229,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
         common.log(f"  ref: {r}\n  hyp: {h}")
     if samples_dir:
         write_transcript(samples_dir, utts[0].id, utts[0].wav,
-                         *transcribe(model, tok, utts[0].wav, cfg, rt.device,
-                                                                            generator=g))
+                         *transcribe(model, tok, utts[0].wav, cfg, rt.device, generator=g))
     model.train(was_training)
     return out
 
@@ -1322,26 +1283,26 @@ def folder_audio(folder):
                   and os.path.isfile(os.path.join(folder, f)))
 
 
+def read_audio(path):
+    """Any wav/flac/ogg as 16 kHz mono float32 (resampled, channels averaged); a bad file: one error line."""
+    try:
+        return common.load_audio(path, sr=SAMPLE_RATE)[0]
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
 def transcribe_folder(cfg, model, rt):
-    """Every audio file of --input_dir (resampled to 16 kHz, channels averaged) -> one "name<TAB>text" line
-    each in --transcripts (name: the file name without its extension). Clips that fit in one window are
-    decoded in batches of 16 as evaluate() does (no timestamps, cfg.beam_size, cfg.language); longer ones
-    long-form. With DIR/refs.txt ("name<TAB>text" lines) the folder's WER is logged."""
-    tok, names, wavs = model.tokenizer, [], []
-    for f in folder_audio(cfg.input_dir):
-        try:
-            wav, _ = common.load_audio(os.path.join(cfg.input_dir, f), sr=SAMPLE_RATE)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
-        names.append(os.path.splitext(f)[0])
-        wavs.append(wav)
-    utts = [common.Utterance(n, w, SAMPLE_RATE, "", language=cfg.language) for n, w in zip(names, wavs)]
+    """Every audio file of --input_dir -> one "name<TAB>text" line each in --transcripts (name: the file name
+    without its extension). Clips that fit in one window are decoded as evaluate() does (no timestamps),
+    longer ones long-form. With DIR/refs.txt ("name<TAB>text" lines) the folder's WER is logged."""
+    tok = model.tokenizer
+    utts = [common.Utterance(os.path.splitext(f)[0], read_audio(os.path.join(cfg.input_dir, f)), SAMPLE_RATE,
+                             "", language=cfg.language) for f in folder_audio(cfg.input_dir)]
+    names = [u.id for u in utts]
     fits = [u for u in utts if len(u.wav) <= window_samples(cfg)]
     if cfg.language == "auto":                           # §2.3: each clip's most likely language token
-        for i in range(0, len(fits), 16):
-            mel = collate([(u.wav, [0, 0], 1) for u in fits[i:i + 16]], tok, cfg, rt.device)[0]
-            for u, p in zip(fits[i:i + 16], detect_language(model, tok, mel)):
-                u.language = next(iter(p))
+        for u, lang in zip(fits, top_languages(model, tok, fits, cfg, rt)):
+            u.language = lang
     with rt.autocast():
         texts = _decode_texts(model, tok, fits, cfg, rt, cfg.beam_size, task=cfg.task)
         g = torch.Generator().manual_seed(cfg.seed)
@@ -1376,11 +1337,7 @@ def sample(cfg):
     if cfg.input_dir:
         return transcribe_folder(cfg, model, rt)
     if cfg.input:
-        try:
-            wav, _ = common.load_audio(cfg.input, sr=SAMPLE_RATE)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
-        name, ref = os.path.splitext(os.path.basename(cfg.input))[0], None
+        wav, name, ref = read_audio(cfg.input), os.path.splitext(os.path.basename(cfg.input))[0], None
     else:
         utt = common.load_corpus(cfg, "test", SAMPLE_RATE)[0]
         wav, name, ref = utt.wav, utt.id, utt.text
@@ -1399,9 +1356,8 @@ def sample(cfg):
 # ----------------------------------------------------------------------------- bench
 
 def bench(cfg):
-    """Training step ms, tokens/s and audio-s/s (train_step itself), encoder ms per window, greedy decoding
-    tokens/s at batch 1 and 16, eager and (when common.compile compiled) compiled. Random weights; a
-    byte-level vocabulary (256 ranks) unless --tokenizer."""
+    """train_step's ms, tokens/s and audio-s/s, encoder ms per window, greedy decoding tokens/s at batch 1 and
+    16 per decode method. Random weights; a byte-level vocabulary (256 ranks) unless --tokenizer."""
     official = official_dims(cfg)
     rt = common.setup(cfg)
     tok = build_tokenizer(cfg, [], official["dims"]["n_vocab"] if official else None)
@@ -1413,8 +1369,7 @@ def bench(cfg):
     g = torch.Generator().manual_seed(cfg.seed)
     mel = torch.randn(B, cfg.n_mels, frames, generator=g).to(rt.device)
     x = torch.randint(0, tok.eot, (B, L), generator=g).to(rt.device)
-    batch = (mel, x, x.roll(-1, 1))
-    iters = cfg.bench_iters
+    batch, iters = (mel, x, x.roll(-1, 1)), cfg.bench_iters
     train_ms = common.timeit(lambda: train_step(state, batch, cfg, rt), iters=iters, warmup=2)
     flops = common.count_flops(lambda: train_step(state, batch, cfg, rt))
     model.eval()
@@ -1422,8 +1377,7 @@ def bench(cfg):
         enc_ms = common.timeit(lambda: state["model"].encoder(mel[:1]), iters=iters, warmup=2)
 
     def decode_tps(batch, method, steps=16 if rt.device_type == "cpu" else 64):
-        """Greedy steps (DecoderStep, as decode() runs them) after the 4-token prompt:
-        decoded tokens per second, and the matmul FLOP rate of those steps (GFLOP/s)."""
+        """Greedy DecoderSteps after the 4-token prompt: tokens per second and their FLOP rate (GFLOP/s)."""
         with torch.no_grad(), rt.autocast():
             xa = model.encoder(mel[:1]).repeat(batch, 1, 1)
             t0 = torch.tensor([tok.sot_sequence() + [tok.no_timestamps]] * batch, device=rt.device)
@@ -1442,8 +1396,7 @@ def bench(cfg):
     window_s = window_samples(cfg) / SAMPLE_RATE
     figures = dict(n_vocab=tok.n_vocab, window_s=window_s, train_step_ms=train_ms, train_flops_per_step=flops,
                    train_tokens_per_s=B * L / (train_ms / 1000),
-                   train_audio_s_per_s=B * window_s / (train_ms / 1000),
-                   encoder_ms_per_window=enc_ms)
+                   train_audio_s_per_s=B * window_s / (train_ms / 1000), encoder_ms_per_window=enc_ms)
     methods = ["eager"] + (["compiled"] if compiled else []) + \
         (["cudagraph"] + (["compiled_cudagraph"] if compiled else []) if rt.device_type == "cuda" else [])
     for method in methods:                               # eager keeps the plain names (the shared bench keys)
