@@ -6,7 +6,8 @@ config parsing, device/precision/compile/DDP setup, checkpoints, logging, audio 
 mel/STFT and mu-law utilities, the built-in corpus (speech, dialogue, music synthesized locally),
 folder datasets, batching, metrics, sample writing and benchmark helpers.
 
-Sections:  config | runtime | logging | checkpoints | audio | features | text | data | metrics | samples | bench | corpus
+Sections:  config | runtime | logging | checkpoints | audio | features | text | data | metrics | samples |
+           bench | corpus
 """
 import base64
 import contextlib
@@ -80,8 +81,8 @@ def _convert(name, text, default):
         raise SystemExit(f"error: --{name}={text!r} is not a valid {kind.__name__} (default is {default!r})")
 
 
-# Fields that describe where and how a run executes, never the model: a checkpoint's config does not carry them
-# over (a model trained on a GPU samples on a laptop).
+# Fields that describe where and how a run executes, never the model: a checkpoint's config does not carry
+# them over (a model trained on a GPU samples on a laptop).
 RUNTIME_KEYS = ("mode", "init_from", "device", "dtype", "compile")
 
 
@@ -149,11 +150,12 @@ def check_vocoder_config(cfg, fmax_keys=("fmax",)):
 
 
 def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "bench")):
-    """Build a Config from the dataclass defaults, then --preset=NAME, then --key=value overrides (type-checked).
+    """Build a Config from the dataclass defaults, then --preset=NAME, then --key=value
+    overrides (type-checked).
 
     When --init_from names one of our checkpoints (resume, or a path) the checkpoint's own config takes the
-    place of the defaults and the preset, so `--mode=sample --init_from=ckpt.pt` needs no other flag; flags given
-    on the command line still win (a changed --lr on resume takes effect) and are logged as changes.
+    place of the defaults and the preset, so `--mode=sample --init_from=ckpt.pt` needs no other flag; flags
+    given on the command line still win (a changed --lr on resume takes effect) and are logged as changes.
     With no --preset and no CUDA the `small` preset is used, and the first line says so.
     `modes`: the values --mode accepts (a paper file with an extra mode passes its own list)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -161,7 +163,8 @@ def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "
     base = Config()
     if any(a in ("-h", "--help") for a in argv):
         comments = _field_comments(Config)
-        print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]\n\npresets: {', '.join(presets)}\n")
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]\n\n"
+              f"presets: {', '.join(presets)}\n")
         for n in names:
             print(f"  {f'--{n}={getattr(base, n)!r}':<40} {comments.get(n, '')}".rstrip())
         raise SystemExit(0)
@@ -173,7 +176,8 @@ def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "
         key = key.replace("-", "_")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.0)
-            raise SystemExit(f"error: unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else ""))
+            raise SystemExit(f"error: unknown option --{key}"
+                             + (f"; did you mean --{close[0]}?" if close else ""))
         overrides[key] = _convert(key, val, getattr(base, key))
     cfg = Config()
     # 1. the checkpoint's config, when --init_from names one of ours
@@ -188,10 +192,12 @@ def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "
         for k in names:
             if k in stored and k not in RUNTIME_KEYS:
                 setattr(cfg, k, _from_json(stored[k], getattr(base, k)))
-    # 2. the preset: asked for, or `small` on a machine without CUDA (unless the checkpoint says what to build)
+    # 2. the preset: asked for, or `small` on a machine without CUDA
+    # (unless the checkpoint says what to build)
     preset = overrides.pop("preset", None)
     if preset is None and "preset" in names and not stored:
-        wants_cuda = str(overrides.get("device", getattr(base, "device", "auto"))).startswith(("auto", "cuda"))
+        wants_cuda = (str(overrides.get("device", getattr(base, "device", "auto")))
+                      .startswith(("auto", "cuda")))
         if "small" in presets and not (wants_cuda and torch.cuda.is_available()):
             if base.preset != "small":
                 notes.append(f"no CUDA device: using the 'small' preset instead of '{base.preset}' "
@@ -217,7 +223,8 @@ def parse_config(Config, presets, argv=None, modes=("train", "sample", "eval", "
             cfg.out_dir = cfg.out_dir.format(**config_dict(cfg))
         except (KeyError, IndexError, ValueError) as e:
             raise SystemExit(f"error: --out_dir={cfg.out_dir!r} names an unknown field ({e})")
-    if "compile" in names and "compile" not in overrides and resolve_device(getattr(cfg, "device", "auto")) != "cuda":
+    if ("compile" in names and "compile" not in overrides
+            and resolve_device(getattr(cfg, "device", "auto")) != "cuda"):
         cfg.compile = False  # on a CPU compilation costs minutes and gains little; --compile=True forces it
     if "mode" in names and cfg.mode not in modes:
         raise SystemExit(f"error: --mode must be one of {', '.join(modes)} (got {cfg.mode!r})")
@@ -262,8 +269,8 @@ class Runtime:
         return contextlib.nullcontext()
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "float32": torch.float32, "fp32": torch.float32}
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 _LOG = {"file": None, "master": int(os.environ.get("RANK", 0)) == 0}  # the logger's one piece of state
 
 
@@ -285,7 +292,8 @@ def setup(cfg, log_to_file=True):
     notes = []
     if ddp:
         import torch.distributed as dist
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                                   int(os.environ["WORLD_SIZE"]))
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
@@ -299,7 +307,8 @@ def setup(cfg, log_to_file=True):
     if dtype_name == "auto":
         dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     elif dev.type != "cuda" and dtype != torch.float32:
-        notes.append(f"--dtype={dtype_name}: mixed precision runs on CUDA only; running float32 on {dev.type}")
+        notes.append(f"--dtype={dtype_name}: mixed precision runs on CUDA only; "
+                     f"running float32 on {dev.type}")
         dtype = torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -320,7 +329,8 @@ def setup(cfg, log_to_file=True):
         except OSError as e:
             raise SystemExit(f"error: cannot write to --out_dir={out_dir!r} ({e.strerror or e})")
     log("config: " + json.dumps(config_dict(cfg), default=str))
-    log(f"device: {dev} ({_device_name(dev)}), dtype: {str(dtype).replace('torch.', '')}, world size: {world}")
+    log(f"device: {dev} ({_device_name(dev)}), dtype: {str(dtype).replace('torch.', '')}, "
+        f"world size: {world}")
     for n in notes:
         log(n)
     return rt
@@ -335,7 +345,8 @@ def cleanup(rt):
 
 def compile(model, cfg):
     """torch.compile when cfg.compile (parse_config turns it off on a CPU unless --compile=True was given);
-    falls back to eager, and says so, where it cannot work. The caller tells what ran by `compiled is not model`."""
+    falls back to eager, and says so, where it cannot work.
+    The caller tells what ran by `compiled is not model`."""
     if not getattr(cfg, "compile", False):
         return model
     try:
@@ -357,7 +368,8 @@ def wrap_ddp(model, rt, **kw):
 def unwrap(model):
     """The plain nn.Module under DDP and torch.compile wrappers."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ == "DistributedDataParallel":
+        if (hasattr(model, "module") and isinstance(model.module, nn.Module)
+                and type(model).__name__ == "DistributedDataParallel"):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -370,8 +382,9 @@ def count_params(module):
 
 
 def remove_weight_norm(model):
-    """Fold weight norm's g * v / ||v|| into a plain weight, for inference (the official vocoders and codecs do the
-    same): the outputs are unchanged and no forward recomputes its weights. Returns the model, changed in place."""
+    """Fold weight norm's g * v / ||v|| into a plain weight, for inference (the official vocoders and codecs
+    do the same): the outputs are unchanged and no forward recomputes its weights. Returns the model, changed
+    in place."""
     for m in model.modules():
         if nn.utils.parametrize.is_parametrized(m, "weight"):
             nn.utils.parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
@@ -417,9 +430,10 @@ class Progress:
         vals = {k: (v.detach().float().item() if torch.is_tensor(v) else float(v)) for k, v in losses.items()}
         bad = [k for k, v in vals.items() if not (math.isfinite(v) and abs(v) < LOSS_LIMIT)]
         if bad:
-            raise SystemExit(f"error: loss {bad[0]} is {vals[bad[0]]:.4g} at step {step} (diverged); stopping. The "
-                             f"last good checkpoint (if any) is intact in {self.cfg.out_dir}/ckpt.pt; resume it "
-                             "with a lower --lr (--init_from=resume --lr=...)")
+            raise SystemExit(f"error: loss {bad[0]} is {vals[bad[0]]:.4g} at step {step} (diverged); "
+                             "stopping. The last good checkpoint (if any) is intact in "
+                             f"{self.cfg.out_dir}/ckpt.pt; resume it with a lower --lr "
+                             "(--init_from=resume --lr=...)")
         if step % self.interval and step != self.max_iters:
             return
         now = time.time()
@@ -456,7 +470,8 @@ def train_loop(cfg, rt, state, step, train_step, next_batch, evaluate, sampler=N
 
 # ----------------------------------------------------------------------------- checkpoints
 # One file, out_dir/ckpt.pt, holds the `state` dict a paper file's build() returns (models, optimizers,
-# schedulers, scaler: anything with state_dict()), the step, the config, and every rank's RNG and sampler state.
+# schedulers, scaler: anything with state_dict()), the step, the config, and every rank's RNG and
+# sampler state.
 # --init_from has one meaning everywhere: scratch | resume (continue exactly) | PATH (weights only, step 0).
 
 CKPT_VERSION = 2
@@ -470,7 +485,8 @@ def _paper_of(cfg):
 
 
 def _rng_state(sampler=None):
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy_global": np.random.get_state()[1].tolist()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy_global": np.random.get_state()[1].tolist()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     if sampler is not None:
@@ -499,8 +515,9 @@ def _distributed():
 def save_checkpoint(cfg, step, state, sampler=None, extra=None, path=None):
     """Write the whole `state` dict to cfg.out_dir/ckpt.pt atomically (temp file, then rename).
 
-    Call it on every rank: each rank's RNG and sampler state is gathered so a multi-process resume draws what a
-    straight run would; rank 0 writes. Refuses (one error line, the old file kept) if a weight is NaN/inf/huge."""
+    Call it on every rank: each rank's RNG and sampler state is gathered so a multi-process resume draws
+    what a straight run would; rank 0 writes. Refuses (one error line, the old file kept) if a weight is
+    NaN/inf/huge."""
     rngs = [_rng_state(sampler)]
     if _distributed():
         rngs = [None] * torch.distributed.get_world_size()
@@ -531,14 +548,14 @@ def save_checkpoint(cfg, step, state, sampler=None, extra=None, path=None):
     return path
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path):
-    """A .safetensors file (an 8-byte little-endian header size, a JSON header of name -> dtype, shape and byte
-    offsets, then the raw data) as {name: tensor}, without the safetensors package."""
+    """A .safetensors file (an 8-byte little-endian header size, a JSON header of name -> dtype, shape and
+    byte offsets, then the raw data) as {name: tensor}, without the safetensors package."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -550,7 +567,8 @@ def read_safetensors(path):
                 continue
             a, b = v["data_offsets"]
             dtype = _SAFETENSORS_DTYPES[v["dtype"]]
-            out[name] = (torch.frombuffer(data, dtype=dtype, offset=a, count=(b - a) // dtype.itemsize).clone()
+            out[name] = (torch.frombuffer(data, dtype=dtype, offset=a,
+                                          count=(b - a) // dtype.itemsize).clone()
                          if b > a else torch.zeros(0, dtype=dtype)).reshape(v["shape"])
         return out
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -558,10 +576,11 @@ def read_safetensors(path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) with errors that name the file and the problem; a .safetensors file (as some
-    authors publish) comes back as its {name: tensor} dict."""
+    """torch.load(weights_only=True) with errors that name the file and the problem; a .safetensors file (as
+    some authors publish) comes back as its {name: tensor} dict."""
     if not path or path == "scratch":
-        raise SystemExit("error: this mode needs a checkpoint: --init_from=resume (out_dir/ckpt.pt) or a path")
+        raise SystemExit("error: this mode needs a checkpoint: --init_from=resume (out_dir/ckpt.pt) "
+                         "or a path")
     if not os.path.exists(path):
         raise SystemExit(f"error: checkpoint {path!r} does not exist" +
                          (" (train first, or pass --init_from=PATH)" if path.endswith("ckpt.pt") else ""))
@@ -572,7 +591,8 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        raise SystemExit(f"error: cannot read checkpoint {path!r} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                          "is it a truncated file or not a PyTorch checkpoint?")
 
 
@@ -591,12 +611,14 @@ def load_state_dict(module, state, what="model"):
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+              for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         msg = [f"error: the checkpoint does not fit the {what}:"]
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if keys:
-                msg.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+                msg.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:8])
+                           + (" ..." if len(keys) > 8 else ""))
         raise SystemExit("\n".join(msg))
     module.load_state_dict(state)
 
@@ -605,7 +627,8 @@ def check_checkpoint(ckpt, cfg, arch_keys=()):
     """Is this our checkpoint, of this paper, with a config that builds the same model? One error line if not,
     naming every mismatched key (architecture and features: a mel under another fmax is another model)."""
     if not is_ours(ckpt):
-        raise SystemExit("error: not a nanoaudio checkpoint (an official weight file? this paper file maps none)")
+        raise SystemExit("error: not a nanoaudio checkpoint "
+                         "(an official weight file? this paper file maps none)")
     paper = _paper_of(cfg)
     if ckpt["paper"] != paper:
         raise SystemExit(f"error: this checkpoint was written by {ckpt['paper']}.py, not {paper}.py")
@@ -613,7 +636,8 @@ def check_checkpoint(ckpt, cfg, arch_keys=()):
            if _norm(ckpt["config"].get(k)) != _norm(getattr(cfg, k))]
     if bad:
         raise SystemExit("error: the checkpoint's config does not fit this model: " + "; ".join(bad)
-                         + " — drop those flags (the checkpoint's own config is used) or pass matching values")
+                         + " — drop those flags (the checkpoint's own config is used) "
+                         "or pass matching values")
 
 
 def load_models(ckpt, cfg, models, arch_keys=()):
@@ -626,8 +650,9 @@ def load_models(ckpt, cfg, models, arch_keys=()):
 
 
 def _apply_changed_hparams(ckpt, cfg, state, lr_keys):
-    """After an optimizer's state is restored it carries the old run's lr, betas and weight decay: set the ones
-    the command line changed, rescaling the schedulers' base too, so a new --lr takes effect on resume."""
+    """After an optimizer's state is restored it carries the old run's lr, betas and weight decay: set the
+    ones the command line changed, rescaling the schedulers' base too, so a new --lr takes effect on
+    resume."""
     old = ckpt["config"]
     for name, opt in state.items():
         if not isinstance(opt, torch.optim.Optimizer):
@@ -667,7 +692,8 @@ def init_from(cfg, state, sampler=None, arch_keys=(), official=None, lr_keys=Non
             check_checkpoint(ckpt, cfg, arch_keys)
             have = {k: m for k, m in models.items() if k in ckpt["models"]}
             if not have:
-                raise SystemExit(f"error: {path!r} holds none of the models {list(models)} (it has {list(ckpt['models'])})")
+                raise SystemExit(f"error: {path!r} holds none of the models {list(models)} "
+                                 f"(it has {list(ckpt['models'])})")
             load_models(ckpt, cfg, have)
             fresh = [k for k in models if k not in have]
             log(f"initialized {', '.join(have)} from {path} (step 0, fresh optimizers"
@@ -676,7 +702,8 @@ def init_from(cfg, state, sampler=None, arch_keys=(), official=None, lr_keys=Non
             official(state, ckpt)
             log(f"initialized from the official weights {path} (step 0, fresh optimizers)")
         else:
-            raise SystemExit(f"error: {path!r} is not a nanoaudio checkpoint, and this file maps no official weights")
+            raise SystemExit(f"error: {path!r} is not a nanoaudio checkpoint, "
+                             "and this file maps no official weights")
         return 0
     if ckpt.get("nanoaudio") != CKPT_VERSION or "state" not in ckpt:
         raise SystemExit(f"error: {path!r} was written by an older nanoaudio and cannot be resumed exactly; "
@@ -689,12 +716,14 @@ def init_from(cfg, state, sampler=None, arch_keys=(), official=None, lr_keys=Non
             raise SystemExit(f"error: the checkpoint has no {k!r} to resume (it has {list(ckpt['state'])})")
         obj.load_state_dict(ckpt["state"][k])
     _apply_changed_hparams(ckpt, cfg, state, lr_keys or {})
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed()
+                   else (0, 1))
     rngs = ckpt["rng"]
     if len(rngs) == world:
         _set_rng_state(rngs[rank], sampler)
     else:  # another number of processes: each rank takes a fresh stream of its own (the data order changes)
-        log(f"resuming {len(rngs)}-process state on {world} processes: each rank's RNG is re-seeded from the step")
+        log(f"resuming {len(rngs)}-process state on {world} processes: "
+            "each rank's RNG is re-seeded from the step")
         seed = getattr(cfg, "seed", 1337) + 1000003 * ckpt["step"] + rank
         torch.manual_seed(seed), random.seed(seed), np.random.seed(seed % 2**32)
         if sampler is not None:
@@ -764,7 +793,8 @@ def load_audio(path, sr=None, mono=True):
         raise ValueError(f"cannot decode audio file {path!r}: {e} (truncated, or not audio?)") from None
     if data.shape[0] == 0:
         raise ValueError(f"audio file {path!r} holds no samples")
-    if not np.isfinite(data).all():  # float wavs can hold them; left in, they surface as a NaN loss much later
+    # float wavs can hold them; left in, they surface as a NaN loss much later
+    if not np.isfinite(data).all():
         raise ValueError(f"audio file {path!r} holds NaN or inf samples")
     wav = data.T  # (C, T)
     if mono:
@@ -790,7 +820,8 @@ def save_audio(path, wav, sr):
 
 
 def resample(wav, sr_in, sr_out):
-    """Band-limited resampling with soxr (high quality); time is the last axis; numpy or torch in, same out."""
+    """Band-limited resampling with soxr (high quality); time is the last axis;
+    numpy or torch in, same out."""
     if sr_in == sr_out:
         return wav
     import soxr
@@ -981,7 +1012,8 @@ def train_bpe(texts, vocab_size):
 
 def ranks_to_text(ranks):
     """The .tiktoken file format: one `base64(token bytes) rank` per line."""
-    return "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+    return "".join(f"{base64.b64encode(t).decode()} {r}\n"
+                   for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
 
 
 def ranks_from_text(text):
@@ -999,8 +1031,8 @@ def bpe_encoding(ranks, special_tokens=(), name="nanoaudio-bpe"):
 # ----------------------------------------------------------------------------- data
 
 class Utterance:
-    """One clip: audio (float32, (T,) or (C, T)), its rate, transcript, word times, speaker, language and (for a
-    non-English clip of the built-in corpus) the English translation of its transcript."""
+    """One clip: audio (float32, (T,) or (C, T)), its rate, transcript, word times, speaker, language and (for
+    a non-English clip of the built-in corpus) the English translation of its transcript."""
     __slots__ = ("id", "_audio", "sr", "text", "words", "speaker", "speaker_name", "n_speakers", "language",
                  "translation")
 
@@ -1022,7 +1054,8 @@ class Utterance:
         return self._audio.shape[-1] / self.sr
 
     def __repr__(self):
-        return f"Utterance({self.id!r}, {self.duration:.2f}s @ {self.sr} Hz, speaker={self.speaker}, text={self.text[:40]!r})"
+        return (f"Utterance({self.id!r}, {self.duration:.2f}s @ {self.sr} Hz, speaker={self.speaker}, "
+                f"text={self.text[:40]!r})")
 
 
 def num_speakers(utts=None):
@@ -1042,7 +1075,8 @@ def _builtin(kind, split, sr, mono, hours, seed):
         if not (os.path.exists(rpath) and os.path.exists(opath)):
             outs, offs, o = [], [], 0
             for it in man["items"]:
-                a = raw[it["offset"]: it["offset"] + it["length"] * it["channels"]].astype(np.float32) / 32768.0
+                a = (raw[it["offset"]: it["offset"] + it["length"] * it["channels"]].astype(np.float32)
+                     / 32768.0)
                 a = resample(a.reshape(it["channels"], it["length"]), src_sr, sr)
                 outs.append(np.clip(np.round(a * 32768.0), -32768, 32767).astype(np.int16).reshape(-1))
                 offs.append((o, a.shape[-1]))
@@ -1055,7 +1089,8 @@ def _builtin(kind, split, sr, mono, hours, seed):
         raw = np.load(rpath, mmap_mode="r")
         offsets = np.load(opath)
     else:
-        offsets = np.array([(it["offset"], it["length"]) for it in man["items"]], dtype=np.int64).reshape(-1, 2)
+        offsets = np.array([(it["offset"], it["length"]) for it in man["items"]],
+                           dtype=np.int64).reshape(-1, 2)
     utts = []
     for it, (off, n) in zip(man["items"], offsets):
         if it["split"] != split:
@@ -1066,7 +1101,8 @@ def _builtin(kind, split, sr, mono, hours, seed):
         elif it["channels"] == 1:
             a = a[0]
         words = it["words"]
-        words = tuple(tuple(map(tuple, w)) for w in words) if kind == "dialogue" else [tuple(w) for w in words]
+        words = (tuple(tuple(map(tuple, w)) for w in words) if kind == "dialogue"
+                 else [tuple(w) for w in words])
         n_spk = NUM_SPEAKERS if it.get("language", "en") == "en" else len(ALL_VOICES)
         utts.append(Utterance(it["id"], a, sr, it["text"], words, it["speaker"], it["speaker_name"], n_spk,
                               it.get("language", "en"), it.get("translation", "")))
@@ -1083,17 +1119,20 @@ def _split_of(key):
 
 
 def _scan_folder(data_dir):
-    """(id, path, text, speaker_name) for an LJSpeech folder, a LibriSpeech tree, or any folder of audio files."""
+    """(id, path, text, speaker_name) for an LJSpeech folder, a LibriSpeech tree,
+    or any folder of audio files."""
     if not os.path.isdir(data_dir):
         raise SystemExit(f"error: --data_dir={data_dir!r} is not a folder")
     meta = os.path.join(data_dir, "metadata.csv")
     entries = []
-    if os.path.exists(meta) and os.path.isdir(os.path.join(data_dir, "wavs")):  # LJSpeech: id|text|normalized text
+    # LJSpeech: id|text|normalized text
+    if os.path.exists(meta) and os.path.isdir(os.path.join(data_dir, "wavs")):
         with open(meta, encoding="utf-8") as f:
             for line in f:
                 parts = line.rstrip("\n").split("|")
                 if len(parts) >= 2:
-                    entries.append((parts[0], os.path.join(data_dir, "wavs", parts[0] + ".wav"), parts[-1], "lj"))
+                    entries.append((parts[0], os.path.join(data_dir, "wavs", parts[0] + ".wav"),
+                                    parts[-1], "lj"))
         return entries
     trans = {}
     for dirpath, _, files in os.walk(data_dir):
@@ -1126,8 +1165,8 @@ def _folder(data_dir, split, sr, mono, channels=None):
         raise SystemExit(f"error: --data_dir={data_dir!r} holds no audio files ({', '.join(_AUDIO_EXT)}) "
                          "and no LJSpeech metadata.csv")
     if len(entries) < 3:
-        raise SystemExit(f"error: --data_dir={data_dir!r} holds {len(entries)} clip(s); at least 3 are needed "
-                         "(train, val and test get one each)")
+        raise SystemExit(f"error: --data_dir={data_dir!r} holds {len(entries)} clip(s); "
+                         "at least 3 are needed (train, val and test get one each)")
     splits = [_split_of(e[0]) for e in entries]
     for s, i in (("val", 0), ("test", 1), ("train", 2)):  # make sure every split has at least one clip
         if s not in splits:
@@ -1160,24 +1199,28 @@ def check_clips(clips, min_len, what):
 
 def load_corpus(cfg, split, sr, kind="speech", mono=True, channels=None):
     """Clips of one split at rate sr: the built-in corpus (cfg.corpus_hours), or cfg.data_dir if set.
-    kind: speech | dialogue | music | audio (speech and music together, for the codecs). Speech is English unless the
-    config has `corpus_languages` ("en,fr,de,es": each language's own corpus of corpus_hours, concatenated)."""
+    kind: speech | dialogue | music | audio (speech and music together, for the codecs). Speech is English
+    unless the config has `corpus_languages` ("en,fr,de,es": each language's own corpus of corpus_hours,
+    concatenated)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     data_dir = getattr(cfg, "data_dir", "")
     if data_dir:
         return _folder(data_dir, split, sr, mono, channels)
-    hours, seed = getattr(cfg, "corpus_hours", 2.0), 1337  # the corpus seed is fixed: one corpus for every run
+    # the corpus seed is fixed: one corpus for every run
+    hours, seed = getattr(cfg, "corpus_hours", 2.0), 1337
     if kind == "audio":
-        return _builtin("speech", split, sr, mono, hours, seed) + _builtin("music", split, sr, mono, hours, seed)
+        return (_builtin("speech", split, sr, mono, hours, seed)
+                + _builtin("music", split, sr, mono, hours, seed))
     if kind == "speech":  # --corpus_languages=en,fr: English and the other languages' speech together
         langs = getattr(cfg, "corpus_languages", "en")
         langs = [l.strip() for l in (langs.split(",") if isinstance(langs, str) else langs) if l.strip()]
         bad = [l for l in langs if l != "en" and l not in _LANG]
         if bad or not langs:
-            raise SystemExit(f"error: --corpus_languages: {', '.join(bad) or 'none given'}; the built-in corpus "
-                             f"speaks en, {', '.join(_LANG)}")
-        utts = sum((_builtin("speech" if l == "en" else f"speech-{l}", split, sr, mono, hours, seed) for l in langs), [])
+            raise SystemExit(f"error: --corpus_languages: {', '.join(bad) or 'none given'}; "
+                             f"the built-in corpus speaks en, {', '.join(_LANG)}")
+        utts = sum((_builtin("speech" if l == "en" else f"speech-{l}", split, sr, mono, hours, seed)
+                    for l in langs), [])
     else:
         utts = _builtin(kind, split, sr, mono, hours, seed)
     if channels is not None and not mono and kind == "speech":  # mono speech for a multi-channel model
@@ -1241,7 +1284,8 @@ def normalize_text(s):
 def wer(refs, hyps):
     """Corpus word error rate: total word edits / total reference words (text normalized first)."""
     refs, hyps = ([refs], [hyps]) if isinstance(refs, str) else (refs, hyps)
-    errs = sum(edit_distance(normalize_text(r).split(), normalize_text(h).split()) for r, h in zip(refs, hyps))
+    errs = sum(edit_distance(normalize_text(r).split(), normalize_text(h).split())
+               for r, h in zip(refs, hyps))
     return errs / max(1, sum(len(normalize_text(r).split()) for r in refs))
 
 
@@ -1282,7 +1326,8 @@ def mrstft_distance(est, ref, resolutions=((1024, 120, 600), (2048, 240, 1200), 
         w = torch.hann_window(win, device=est.device)
         S = lambda x: torch.stft(x, n_fft, hop, win, w, return_complex=True).abs().clamp(min=1e-7)
         a, b = S(est), S(ref)
-        # a silent reference has no scale to converge to: floor the norm at a -60 dB full-scale magnitude per bin
+        # a silent reference has no scale to converge to: floor the norm at a -60 dB full-scale
+        # magnitude per bin
         sc = torch.linalg.norm(b - a) / torch.linalg.norm(b).clamp(min=1e-3 * win / 2 * math.sqrt(b.numel()))
         total += (sc + F.l1_loss(a.log(), b.log())).item()
     return total / len(resolutions)
@@ -1291,15 +1336,18 @@ def mrstft_distance(est, ref, resolutions=((1024, 120, 600), (2048, 240, 1200), 
 
 def save_sample(dir, name, wav, sr, ref=None):
     """Write dir/name.wav and dir/name.png: the spectrogram of the generated audio (above the reference's)."""
-    from matplotlib.figure import Figure  # no pyplot and no tight_layout: a third of the time, the same picture
+    # no pyplot and no tight_layout: a third of the time, the same picture
+    from matplotlib.figure import Figure
     os.makedirs(dir, exist_ok=True)
-    to_np = lambda x: x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
+    to_np = lambda x: (x.detach().float().cpu().numpy() if torch.is_tensor(x)
+                       else np.asarray(x, dtype=np.float32))
     wav = to_np(wav)
     save_audio(os.path.join(dir, name + ".wav"), wav, sr)
     panels = [("generated", wav)] + ([("reference", to_np(ref))] if ref is not None else [])
     fig = Figure(figsize=(10, 3 * len(panels)))
     axes = fig.subplots(len(panels), 1, squeeze=False)
-    fig.subplots_adjust(left=0.07, right=1.0, bottom=0.18 / len(panels), top=1 - 0.1 / len(panels), hspace=0.45)
+    fig.subplots_adjust(left=0.07, right=1.0, bottom=0.18 / len(panels), top=1 - 0.1 / len(panels),
+                        hspace=0.45)
     n_fft = 2 ** round(math.log2(1024 * sr / 22050))
     mels = []
     for _, x in panels:
@@ -1357,7 +1405,8 @@ def write_listening_set(dir, items, sr):
     `whisper.py --mode=sample --input_dir=dir` reads to print the folder's WER. A codec writes its resyntheses
     and their originals as two such folders, so the same ASR judges both."""
     os.makedirs(dir, exist_ok=True)
-    to_np = lambda x: x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
+    to_np = lambda x: (x.detach().float().cpu().numpy() if torch.is_tensor(x)
+                       else np.asarray(x, dtype=np.float32))
     lines = []
     for name, wav, text in items:
         save_audio(os.path.join(dir, name + ".wav"), to_np(wav), sr)
@@ -1369,9 +1418,9 @@ def write_listening_set(dir, items, sr):
 def write_listening_sets(out, utts, coders, sr, pngs=1):
     """A codec's judging material: each clip of `utts` (objects with .id, .wav (T,) or (C, T), .text) as it
     was, in out/orig, and coded by each `coders[name]` (a function of the (C, T) float tensor on its way in,
-    returning the (C, T) resynthesis) in out/name, every folder in the form write_listening_set writes; wav + png
-    pairs (coded above original) of the first `pngs` clips. `whisper.py --mode=sample --input_dir=DIR` judges a
-    folder; the same ASR on out/orig is the baseline."""
+    returning the (C, T) resynthesis) in out/name, every folder in the form write_listening_set writes; wav +
+    png pairs (coded above original) of the first `pngs` clips. `whisper.py --mode=sample --input_dir=DIR`
+    judges a folder; the same ASR on out/orig is the baseline."""
     sets = {name: [] for name in coders} | {"orig": []}
     for i, u in enumerate(utts):
         x = torch.from_numpy(np.ascontiguousarray(u.wav, dtype=np.float32))
@@ -1425,14 +1474,16 @@ def codec_rtf(encode, decode, x, seconds, rt, compiled=False, tag="", iters=3, w
     return figures
 
 def count_flops(fn):
-    """FLOPs of one call of fn() (matmuls and convolutions, forward and backward), via torch.utils.flop_counter."""
+    """FLOPs of one call of fn() (matmuls and convolutions, forward and backward),
+    via torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
         fn()
     return fc.get_total_flops()
 
 
-# dense bf16 tensor-core peaks (FLOP/s) of GPUs worth naming; the fraction achieved is the distance to the limit
+# dense bf16 tensor-core peaks (FLOP/s) of GPUs worth naming; the fraction achieved is the
+# distance to the limit
 _PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
           "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
 
@@ -1476,7 +1527,8 @@ def report_bench(cfg, rt, model=None, compiled=False, **figures):
         out["train_tflops"] = fl / (ms / 1000) / 1e12
         out["mfu"] = round(fl / (ms / 1000) / peak, 4) if peak else None
     out["peak_memory_mb"] = round(peak_memory_mb(rt), 1)
-    out = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in out.items()}  # 4 significant digits
+    # 4 significant digits
+    out = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in out.items()}
     print(json.dumps(out), flush=True)
     return out
 
@@ -1532,9 +1584,10 @@ def bench_gan_vocoder(cfg, rt, state, train_step, batch):
 
 
 # ----------------------------------------------------------------------------- corpus
-# The built-in corpus: English speech from eSpeak NG (through the espeakng-loader wheel, by ctypes), two-channel
-# dialogues built from it, and procedurally synthesized music. Deterministic: one seed gives the same sentences,
-# voices, splits and music; eSpeak's audio itself varies by a little from run to run (see _Espeak).
+# The built-in corpus: English speech from eSpeak NG (through the espeakng-loader wheel, by ctypes),
+# two-channel dialogues built from it, and procedurally synthesized music. Deterministic: one seed gives the
+# same sentences, voices, splits and music; eSpeak's audio itself varies by a little from run to run
+# (see _Espeak).
 
 CORPUS_VERSION = 2
 ESPEAK_SR = 22050
@@ -1547,54 +1600,60 @@ NUM_SPEAKERS = len(VOICES)
 TEST_ONLY_SPEAKER = len(VOICES) - 1
 
 _W = dict(
-    name="anna ben clara david emma frank grace henry iris jack kate leo maria nina oscar paul rosa sam tina victor "
-         "wendy adam bella carl diana ethan fiona george hannah ivan julia kevin laura mike nora peter ruth simon".split(),
-    noun="apple table river window garden teacher doctor bottle letter mountain station kitchen pencil camera "
-         "blanket bridge candle castle cloud coffee engine feather forest glass hammer island jacket kettle ladder "
-         "lemon map market mirror needle ocean orange painter piano pocket rabbit radio ribbon rocket sandwich "
-         "school shadow shell silver spoon stone street sugar tiger ticket tower train tree umbrella valley village "
-         "wagon wallet whistle wizard basket button carpet circle dragon farmer flower guitar helmet lantern "
-         "magnet notebook parcel pillow puzzle saddle sailor spider turtle violin volcano wheel".split(),
-    adj="red blue green yellow small large quiet loud bright dark warm cold old new happy tired clever gentle "
-        "heavy light narrow wide quick slow simple strange golden wooden careful brave calm busy curious "
-        "empty famous fresh honest lucky polite proud rough smooth sweet tiny wild".split(),
+    name="anna ben clara david emma frank grace henry iris jack kate leo maria nina oscar paul rosa sam tina "
+         "victor wendy adam bella carl diana ethan fiona george hannah ivan julia kevin laura mike nora "
+         "peter ruth simon".split(),
+    noun="apple table river window garden teacher doctor bottle letter mountain station kitchen pencil "
+         "camera blanket bridge candle castle cloud coffee engine feather forest glass hammer island jacket "
+         "kettle ladder lemon map market mirror needle ocean orange painter piano pocket rabbit radio ribbon "
+         "rocket sandwich school shadow shell silver spoon stone street sugar tiger ticket tower train tree "
+         "umbrella valley village wagon wallet whistle wizard basket button carpet circle dragon farmer "
+         "flower guitar helmet lantern magnet notebook parcel pillow puzzle saddle sailor spider turtle "
+         "violin volcano wheel".split(),
+    adj="red blue green yellow small large quiet loud bright dark warm cold old new happy tired clever "
+        "gentle heavy light narrow wide quick slow simple strange golden wooden careful brave calm busy "
+        "curious empty famous fresh honest lucky polite proud rough smooth sweet tiny wild".split(),
     verb="found carried painted opened closed watched cleaned fixed bought sold moved lifted dropped counted "
          "followed packed pulled pushed visited borrowed brought built caught chose drew left kept lost made "
          "noticed ordered picked placed repaired saved shared showed tested touched wrapped".split(),
-    place="the park the harbor the library the museum the station the village the garden the market the school "
-          "the bakery the beach the hotel the office the farm the theater the hospital the airport the castle".split(" the "),
-    adv="slowly quickly quietly carefully happily suddenly finally gently early later today yesterday".split(),
+    place="the park the harbor the library the museum the station the village the garden the market the "
+          "school the bakery the beach the hotel the office the farm the theater the hospital the airport "
+          "the castle".split(" the "),
+    adv="slowly quickly quietly carefully happily suddenly finally gently early later today "
+        "yesterday".split(),
     month="january february march april may june july august september october november december".split(),
     weekday="monday tuesday wednesday thursday friday saturday sunday".split(),
 )
 _W["place"] = [p if p.startswith("the ") else "the " + p for p in _W["place"]]
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
-        "seventeen eighteen nineteen".split()
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
+        "sixteen seventeen eighteen nineteen".split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_ORD = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth", "nine": "ninth",
-        "twelve": "twelfth"}
+_ORD = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+        "nine": "ninth", "twelve": "twelfth"}
 
 
-# Other languages (--corpus_languages=en,fr,de,es), for language identification and X -> English translation in
-# miniature (Whisper §2.3). Each sentence is written with its English translation word for word; numbers are digits,
-# which eSpeak reads in the voice's language, and the translation keeps them as digits. Nouns are plurals.
+# Other languages (--corpus_languages=en,fr,de,es), for language identification and X -> English translation
+# in miniature (Whisper §2.3). Each sentence is written with its English translation word for word; numbers
+# are digits, which eSpeak reads in the voice's language, and the translation keeps them as digits.
+# Nouns are plurals.
 LANG_VOICES = {
     "fr": [("fr", 50, 160), ("fr+f3", 65, 165), ("fr+m3", 40, 155)],
     "de": [("de", 50, 160), ("de+f3", 65, 165), ("de+m3", 40, 155)],
     "es": [("es", 50, 165), ("es+f3", 65, 170), ("es+m3", 40, 160)],
 }
 ALL_VOICES = VOICES + [v for lang in LANG_VOICES for v in LANG_VOICES[lang]]  # speaker ids index this list
-_NOUNS_EN = "cats books trees flowers apples dogs tables letters houses cars pencils bottles oranges bananas windows " \
-            "doors chairs stars lamps cups".split()
+_NOUNS_EN = "cats books trees flowers apples dogs tables letters houses cars pencils bottles oranges " \
+            "bananas windows doors chairs stars lamps cups".split()
 _PLACES_EN = ["the kitchen", "the garden", "the school", "the shop", "the station", "the park"]
 _CITIES_EN = "paris berlin madrid rome vienna lisbon".split()
 _LANG = {
     "fr": dict(
-        noun="chats livres arbres fleurs pommes chiens tables lettres maisons voitures crayons bouteilles oranges "
-             "bananes fenêtres portes chaises étoiles lampes tasses".split(),
+        noun="chats livres arbres fleurs pommes chiens tables lettres maisons voitures crayons bouteilles "
+             "oranges bananes fenêtres portes chaises étoiles lampes tasses".split(),
         place=["la cuisine", "le jardin", "l'école", "le magasin", "la gare", "le parc"],
         city="paris berlin madrid rome vienne lisbonne".split(),
-        month="janvier février mars avril mai juin juillet août septembre octobre novembre décembre".split(),
+        month="janvier février mars avril mai juin juillet août septembre octobre novembre "
+              "décembre".split(),
         templates=[("{name} a {num} {noun}", "{name} has {num} {noun_en}"),
                    ("il y a {num} {noun} dans {place}", "there are {num} {noun_en} in {place_en}"),
                    ("nous avons acheté {num} {noun}", "we bought {num} {noun_en}"),
@@ -1602,8 +1661,8 @@ _LANG = {
                    ("{name} arrive en {month}", "{name} arrives in {month_en}"),
                    ("{name} aime les {noun}", "{name} likes {noun_en}")]),
     "de": dict(
-        noun="katzen bücher bäume blumen äpfel hunde tische briefe häuser autos stifte flaschen orangen bananen "
-             "fenster türen stühle sterne lampen tassen".split(),
+        noun="katzen bücher bäume blumen äpfel hunde tische briefe häuser autos stifte flaschen orangen "
+             "bananen fenster türen stühle sterne lampen tassen".split(),
         place=["der küche", "dem garten", "der schule", "dem laden", "dem bahnhof", "dem park"],
         city="paris berlin madrid rom wien lissabon".split(),
         month="januar februar märz april mai juni juli august september oktober november dezember".split(),
@@ -1614,11 +1673,12 @@ _LANG = {
                    ("{name} kommt im {month}", "{name} arrives in {month_en}"),
                    ("{name} mag {noun}", "{name} likes {noun_en}")]),
     "es": dict(
-        noun="gatos libros árboles flores manzanas perros mesas cartas casas coches lápices botellas naranjas "
-             "plátanos ventanas puertas sillas estrellas lámparas tazas".split(),
+        noun="gatos libros árboles flores manzanas perros mesas cartas casas coches lápices botellas "
+             "naranjas plátanos ventanas puertas sillas estrellas lámparas tazas".split(),
         place=["la cocina", "el jardín", "la escuela", "la tienda", "la estación", "el parque"],
         city="parís berlín madrid roma viena lisboa".split(),
-        month="enero febrero marzo abril mayo junio julio agosto septiembre octubre noviembre diciembre".split(),
+        month="enero febrero marzo abril mayo junio julio agosto septiembre octubre noviembre "
+              "diciembre".split(),
         templates=[("{name} tiene {num} {noun}", "{name} has {num} {noun_en}"),
                    ("hay {num} {noun} en {place}", "there are {num} {noun_en} in {place_en}"),
                    ("compramos {num} {noun}", "we bought {num} {noun_en}"),
@@ -1634,10 +1694,11 @@ def make_sentence_in(lang, rng):
     L = _LANG[lang]
     t, t_en = L["templates"][rng.integers(len(L["templates"]))]
     i, p, c, m = (int(rng.integers(len(L[k]))) for k in ("noun", "place", "city", "month"))
-    fill = dict(name=_LANG_NAMES[rng.integers(len(_LANG_NAMES))], name2=_LANG_NAMES[rng.integers(len(_LANG_NAMES))],
-                num=str(int(rng.integers(2, 100))), noun=L["noun"][i], noun_en=_NOUNS_EN[i], place=L["place"][p],
-                place_en=_PLACES_EN[p], city=L["city"][c], city_en=_CITIES_EN[c], month=L["month"][m],
-                month_en=_W["month"][m])
+    fill = dict(name=_LANG_NAMES[rng.integers(len(_LANG_NAMES))],
+                name2=_LANG_NAMES[rng.integers(len(_LANG_NAMES))],
+                num=str(int(rng.integers(2, 100))), noun=L["noun"][i], noun_en=_NOUNS_EN[i],
+                place=L["place"][p], place_en=_PLACES_EN[p], city=L["city"][c], city_en=_CITIES_EN[c],
+                month=L["month"][m], month_en=_W["month"][m])
     return t.format(**fill), t_en.format(**fill)
 
 
@@ -1701,12 +1762,13 @@ _TEMPLATES = [
 
 
 def make_sentence(rng):
-    """One sentence from a random template: a few hundred words, numbers, dates (the generator of the corpus)."""
+    """One sentence from a random template: a few hundred words, numbers, dates
+    (the generator of the corpus)."""
     pick = lambda k: _W[k][rng.integers(len(_W[k]))]
     t = _TEMPLATES[rng.integers(len(_TEMPLATES))]
-    fill = dict(name=pick("name"), name2=pick("name"), noun=pick("noun"), noun2=pick("noun"), adj=pick("adj"),
-                adj2=pick("adj"), verb=pick("verb"), place=pick("place"), adv=pick("adv"), month=pick("month"),
-                weekday=pick("weekday"), num=number_words(int(rng.integers(2, 100))),
+    fill = dict(name=pick("name"), name2=pick("name"), noun=pick("noun"), noun2=pick("noun"),
+                adj=pick("adj"), adj2=pick("adj"), verb=pick("verb"), place=pick("place"), adv=pick("adv"),
+                month=pick("month"), weekday=pick("weekday"), num=number_words(int(rng.integers(2, 100))),
                 num2=number_words(int(rng.integers(1, 100))), ord=ordinal_words(int(rng.integers(1, 32))),
                 hour=number_words(int(rng.integers(1, 13))), minute=number_words(int(rng.integers(10, 60))),
                 year=number_words(int(rng.integers(1000, 2100))))
@@ -1729,7 +1791,8 @@ def _espeak_tmpdir():
 
 
 class _Espeak:
-    """A thin ctypes binding of libespeak-ng (synchronous mode): text in, 22.05 kHz int16 + word events out."""
+    """A thin ctypes binding of libespeak-ng (synchronous mode): text in,
+    22.05 kHz int16 + word events out."""
 
     def __init__(self):
         import ctypes
@@ -1737,22 +1800,25 @@ class _Espeak:
         self.ct = ctypes
 
         class Event(ctypes.Structure):
-            _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
-                        ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+            _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint),
+                        ("text_position", ctypes.c_int), ("length", ctypes.c_int),
+                        ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
                         ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
-        # libespeak-ng keeps state in static variables from one utterance to the next (the same text comes out a few
-        # samples different each time), so each block of utterances gets a fresh private copy of the library:
-        # the audio then depends only on the block, never on what a process said before. (Some utterances still come
-        # out slightly different between runs: a clock-dependent detail inside libespeak-ng, not controllable here.)
-        # (the copies live until the process exits: a deleted file's inode could be reused by the next copy, and
-        # the dynamic loader would then hand back the old, already-used instance)
+        # libespeak-ng keeps state in static variables from one utterance to the next (the same text comes
+        # out a few samples different each time), so each block of utterances gets a fresh private copy of
+        # the library: the audio then depends only on the block, never on what a process said before. (Some
+        # utterances still come out slightly different between runs: a clock-dependent detail inside
+        # libespeak-ng, not controllable here.)
+        # (the copies live until the process exits: a deleted file's inode could be reused by the next
+        # copy, and the dynamic loader would then hand back the old, already-used instance)
         import shutil
         _TMP["n"] = _TMP.get("n", 0) + 1
         path = os.path.join(_espeak_tmpdir(), f"libespeak-ng-{os.getpid()}-{_TMP['n']}.so")
         shutil.copy(espeakng_loader.get_library_path(), path)
         self.lib = lib = ctypes.CDLL(path)
         lib.espeak_Initialize.restype = ctypes.c_int
-        sr = lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)  # 2 = AUDIO_OUTPUT_SYNCHRONOUS
+        # 2 = AUDIO_OUTPUT_SYNCHRONOUS
+        sr = lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)
         if sr != ESPEAK_SR:
             raise RuntimeError(f"espeak-ng initialisation failed (returned {sr})")
         self.chunks, self.events = [], []
@@ -1782,7 +1848,8 @@ class _Espeak:
         lib.espeak_Synth(b, len(b) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, espeakCHARS_UTF8
         lib.espeak_Synchronize()
         wav = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
-        # word boundaries: each word starts at its WORD event; it ends where its energy ends before the next word
+        # word boundaries: each word starts at its WORD event; it ends where its energy ends
+        # before the next word
         spans = [(m.start(), m.group()) for m in re.finditer(r"\S+", text)]
         starts = {}
         for pos, ms in self.events:
@@ -1797,7 +1864,8 @@ class _Espeak:
                 nxt = min([k for k in known if k > i], default=None)
                 a = starts[prev] if prev is not None else 0
                 b2 = starts[nxt] if nxt is not None else len(wav)
-                starts[i] = a + (b2 - a) * (i - (prev if prev is not None else -1)) // ((nxt if nxt is not None else n) - (prev if prev is not None else -1))
+                starts[i] = (a + (b2 - a) * (i - (prev if prev is not None else -1))
+                             // ((nxt if nxt is not None else n) - (prev if prev is not None else -1)))
         for i, (_, w) in enumerate(spans):
             s = starts[i]
             e = starts[i + 1] if i + 1 < n else len(wav)
@@ -1843,9 +1911,10 @@ def _map(fn, jobs, workers):
 
 
 def speak(jobs, sr=None, workers=None):
-    """Speak sentences outside a corpus: [(text, speaker, pitch_jitter, rate_jitter)] -> [(float32 wav, words)].
-    Blocks of 64 jobs, each by a fresh eSpeak instance (so the result does not depend on the worker count, as in
-    build_corpus); resampled to sr when given (word times stay in seconds)."""
+    """Speak sentences outside a corpus: [(text, speaker, pitch_jitter, rate_jitter)] ->
+    [(float32 wav, words)].
+    Blocks of 64 jobs, each by a fresh eSpeak instance (so the result does not depend on the worker count,
+    as in build_corpus); resampled to sr when given (word times stay in seconds)."""
     workers = workers or min(4, os.cpu_count() or 1)
     blocks = _map(_speak_block, [jobs[i:i + 64] for i in range(0, len(jobs), 64)], workers)
     out = [(w.astype(np.float32) / 32768.0, words) for b in blocks for w, words in b]
@@ -1864,7 +1933,8 @@ def _speech_jobs(hours, seed):
         seen.add(text)
         r = len(jobs) % 20  # 90 % train, 5 % val, 5 % test (round robin keeps tiny corpora split too)
         split = "val" if r == 10 else "test" if r == 19 else "train"
-        spk = TEST_ONLY_SPEAKER if split == "test" and len(jobs) % 40 == 19 else int(rng.integers(NUM_SPEAKERS - 1))
+        spk = (TEST_ONLY_SPEAKER if split == "test" and len(jobs) % 40 == 19
+               else int(rng.integers(NUM_SPEAKERS - 1)))
         jobs.append((split, text, spk, int(rng.integers(-6, 7)), float(rng.uniform(-0.08, 0.08))))
     return jobs
 
@@ -1874,11 +1944,14 @@ _QA = [
     ("what is {a} times {b}", "{a} times {b} is {c}", lambda a, b: a * b),
     ("what is {a} minus {b}", "{a} minus {b} is {c}", lambda a, b: a - b),
 ]
-FACTS = [("what color is the sky", "the sky is blue"), ("how many days are in a week", "there are seven days in a week"),
-          ("what color is grass", "grass is green"), ("how many legs does a spider have", "a spider has eight legs"),
+FACTS = [("what color is the sky", "the sky is blue"),
+          ("how many days are in a week", "there are seven days in a week"),
+          ("what color is grass", "grass is green"),
+          ("how many legs does a spider have", "a spider has eight legs"),
           ("what is the first month of the year", "the first month is january"),
           ("how many hours are in a day", "there are twenty four hours in a day"),
-          ("what do bees make", "bees make honey"), ("what is frozen water called", "frozen water is called ice"),
+          ("what do bees make", "bees make honey"),
+          ("what is frozen water called", "frozen water is called ice"),
           ("which day comes after monday", "tuesday comes after monday"),
           ("how many minutes are in an hour", "there are sixty minutes in an hour")]
 _OPENERS = ["hello", "hi there", "good morning", "hey"]
@@ -1909,7 +1982,8 @@ def _build_dialogue(idx, hours, seed):
     turns = _dialogue_script(rng)
     pieces, t, engine = [], 0.3, _Espeak()
     for ch, text in turns:
-        wav, words = _speak((text, user if ch == 0 else asst, int(rng.integers(-4, 5)), float(rng.uniform(-0.05, 0.05))), engine)
+        wav, words = _speak((text, user if ch == 0 else asst, int(rng.integers(-4, 5)),
+                             float(rng.uniform(-0.05, 0.05))), engine)
         # turn-taking: usually a pause, sometimes the next speaker comes in early (overlap, §dialogue)
         pieces.append((ch, t, wav, words, text))
         gap = float(rng.uniform(-0.25, 0.0)) if rng.random() < 0.2 else float(rng.uniform(0.15, 0.8))
@@ -1927,7 +2001,8 @@ def _build_dialogue(idx, hours, seed):
 
 
 def _note(rng, sr, dur, f0, kind):
-    """One note: a harmonic wavetable read at pitch f0, times an envelope (cheap: one table lookup a sample)."""
+    """One note: a harmonic wavetable read at pitch f0, times an envelope
+    (cheap: one table lookup a sample)."""
     decay = {"pluck": rng.uniform(2.5, 6), "pad": 0.7}.get(kind, 1.2)
     t = np.arange(int(min(dur, 7.0 / decay) * sr), dtype=np.float32) / sr  # stop once the envelope is ~1e-3
     ph = np.arange(2048) / 2048 * 2 * np.pi
@@ -1994,7 +2069,8 @@ def _corpus_dir(kind, hours, seed):
 
 
 def build_corpus(kind="speech", hours=2.0, seed=1337, workers=None, verbose=True):
-    """Generate (once) and cache a built-in corpus: data/<kind>-v<version>-<hours>h-seed<seed>/{audio.npy,manifest.json}.
+    """Generate (once) and cache a built-in corpus:
+    data/<kind>-v<version>-<hours>h-seed<seed>/{audio.npy,manifest.json}.
     speech: `hours` of eSpeak sentences; dialogue and music: a quarter of that each."""
     path = _corpus_dir(kind, hours, seed)
     man_path = os.path.join(path, "manifest.json")
@@ -2040,12 +2116,12 @@ def build_corpus(kind="speech", hours=2.0, seed=1337, workers=None, verbose=True
         results = _map(_music_job, [(i, seed) for i in range(n)], workers)
         for i, wav in enumerate(results):
             split = _split_for(i, n)
-            items.append(dict(id=f"music{i:05d}", split=split, text="", words=[], speaker=0, speaker_name="synth",
-                              channels=2, length=wav.shape[1], sr=MUSIC_SR))
+            items.append(dict(id=f"music{i:05d}", split=split, text="", words=[], speaker=0,
+                              speaker_name="synth", channels=2, length=wav.shape[1], sr=MUSIC_SR))
             audio.append(wav.reshape(-1))
     else:
-        raise ValueError(f"unknown corpus kind {kind!r} (speech, dialogue, music, or speech-LANG with LANG in "
-                         f"{', '.join(_LANG)})")
+        raise ValueError(f"unknown corpus kind {kind!r} (speech, dialogue, music, or speech-LANG with "
+                         f"LANG in {', '.join(_LANG)})")
     offset = 0
     for it, a in zip(items, audio):
         it["offset"], offset = offset, offset + len(a)
@@ -2059,7 +2135,8 @@ def build_corpus(kind="speech", hours=2.0, seed=1337, workers=None, verbose=True
                        build_seconds=time.time() - t0, items=items), f)
     os.replace(man_path + f".tmp{os.getpid()}", man_path)
     if verbose:
-        log(f"built the {kind} corpus: {len(items)} clips, {secs / 3600:.2f} h of audio in {time.time() - t0:.1f} s -> {path}")
+        log(f"built the {kind} corpus: {len(items)} clips, {secs / 3600:.2f} h of audio in "
+            f"{time.time() - t0:.1f} s -> {path}")
     return path
 
 
