@@ -84,6 +84,7 @@ class Config:
     log_interval: int = 50
     eval_interval: int = 2000           # evaluate on val, write samples and checkpoint every N steps
     eval_items: int = 16                # held-out utterances evaluate() vocodes
+    listen_items: int = 16              # --mode=eval: whole test clips vocoded into out_dir/listen for an ASR
     device: str = "auto"
     dtype: str = "auto"                 # bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = True                # torch.compile (CUDA only unless asked)
@@ -386,7 +387,12 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     units. --mode=eval (model=None) loads --init_from and reports test."""
     if model is None:
         rt = common.setup(cfg)
-        model = common.remove_weight_norm(load_for_inference(cfg, rt))
+        model = common.remove_weight_norm(load_for_inference(cfg, rt)).eval()
+        if cfg.listen_items:  # whole test clips vocoded, beside their originals, for the corpus ASR to judge
+            utts = common.load_corpus(cfg, "test", cfg.sample_rate, kind="speech")[:cfg.listen_items]
+            peak = lambda w: 0.95 * w / max(float(abs(w).max()), 1e-5)  # as load_split
+            voc = lambda x: vocode(model, peak(x[0].numpy()), "a test clip", cfg, rt)[0][None]  # (1, T)
+            common.write_listening_sets(f"{cfg.out_dir}/listen", utts, {"vocoded": voc}, cfg.sample_rate)
     # mel: the full-band ln-mel L1 of the loss (Eq. 3, the paper's validation metric; the training log's mel);
     # mrstft: multi-resolution STFT distance
     metrics = dict(mel=lambda fake, wav: mel_loss(fake, wav, cfg).item(), mrstft=common.mrstft_distance)

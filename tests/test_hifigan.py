@@ -306,6 +306,8 @@ def test_cli_contract_and_a_new_lr_on_resume(tmp_path):
     assert "eval val" in out["train"] and "eval test" in out["eval"]
     assert "an epoch (lr decay x0.999) is 12 steps" in out["train"]   # 24 training clips / batch 2
     d = tmp_path / "run"
+    for name in ("vocoded", "orig"):  # --mode=eval's whole test clips, for the corpus ASR to judge
+        assert (d / "listen" / name / "refs.txt").read_text().count("\t") >= 1
     ckpt = common.load_checkpoint(str(d / "ckpt.pt"))
     assert ckpt["state"]["sched_g"]["last_epoch"] == 5               # the schedule is in the checkpoint
     # a changed --lr on resume takes effect: 1e30 must blow up and stop, the checkpoint left as it was

@@ -275,6 +275,8 @@ def test_cli_contract_and_a_new_lr_on_resume(tmp_path):
     # one unit per quantity: the eval line's mel is the training log's log10-mel L1
     assert "| mel " in out["train"].splitlines()[-2] and "| mel " in out["eval"]
     d = tmp_path / "run"
+    for name in ("vocoded", "orig"):  # --mode=eval's whole test clips, for the corpus ASR to judge
+        assert (d / "listen" / name / "refs.txt").read_text().count("\t") >= 1
     ckpt = common.load_checkpoint(str(d / "ckpt.pt"))
     # a changed --lr on resume takes effect: 1e30 must blow up and stop, the checkpoint left as it was
     one_line_error(melgan.train, make_cfg(init_from="resume", lr=1e30, max_iters=9, out_dir=str(d)),
