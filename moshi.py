@@ -21,7 +21,7 @@ log-mel stand-in that the log names; losses are a plain weighted sum (no balance
 EnCodec's reconstruction terms and a quantizer warm-up, and a re-seeded dead code keeps a grace (ours).
 The text tokenizer is a corpus BPE, not the 32k SentencePiece, so the released LM loads but is not sampled;
 the paper's five training stages become a short text stage, then the built-in dialogues.
-Aim 1300 lines not reached (1925): two models, each with its own losses, data, train, eval, sample, bench.
+Aim 1300 lines not reached (1783): two models, each with its own losses, data, train, eval, sample, bench.
 
     python moshi.py                                        # 1. Mimi on the built-in speech corpus
     python moshi.py --stage=lm --codec=out/moshi/codec/ckpt.pt  # 2. the LM on Mimi codes of the dialogues
@@ -156,47 +156,39 @@ class Config:
     seed: int = 1337
 
     def validate(self):
-        hop = int(np.prod(self.ratios))
-        frame = self.sample_rate / self.frame_rate
-        if self.stage not in ("codec", "lm"):
-            raise SystemExit(f"error: --stage={self.stage!r}: the stages are codec (Mimi) and lm (Moshi LM)")
+        def need(ok, msg):  # checked in order: a failing check stops before the next is evaluated
+            if not ok:
+                raise SystemExit(f"error: {msg}")
+        hop, frame = int(np.prod(self.ratios)), self.sample_rate / self.frame_rate
+        need(self.stage in ("codec", "lm"),
+             f"--stage={self.stage!r}: the stages are codec (Mimi) and lm (Moshi LM)")
         if self.stage == "lm":
             for n, d, h in (("lm", self.lm_dim, self.lm_heads), ("dep", self.dep_dim, self.dep_heads)):
-                if d % h or (d // h) % 2:
-                    raise SystemExit(f"error: --{n}_dim={d} must split into --{n}_heads={h} even heads")
-            if self.text_card < 258 or self.dep_q < 2 or self.lm_context < 2 or self.lm_frames < 2:
-                raise SystemExit("error: need --text_card >= 258 (256 bytes + PAD + EPAD), --dep_q >= 2, "
-                                 "--lm_context >= 2 and --lm_frames >= 2")
-            if not 0 <= self.acoustic_delay < self.lm_frames:
-                raise SystemExit(f"error: --acoustic_delay must be in [0, --lm_frames) "
-                                 f"(got {self.acoustic_delay})")
-        if frame != int(frame) or int(frame) % hop:
-            raise SystemExit(f"error: --frame_rate={self.frame_rate} needs sample_rate/frame_rate to be a "
-                             f"whole multiple of the SEANet hop {hop}")
-        if self.segment % int(frame):
-            raise SystemExit(f"error: --segment={self.segment} must be a multiple of {int(frame)} samples "
-                             "(one frame)")
-        if not 2 <= self.n_q or not 1 <= self.eval_n_q <= self.n_q:
-            raise SystemExit(f"error: need --n_q >= 2 and 1 <= --eval_n_q <= --n_q "
-                             f"(got {self.n_q}, {self.eval_n_q})")
-        if self.dimension % self.tr_heads or (self.dimension // self.tr_heads) % 2:
-            raise SystemExit(f"error: --dimension={self.dimension} must split into "
-                             f"--tr_heads={self.tr_heads} heads of even size (RoPE rotates pairs)")
-        if not 0.0 <= self.quant_rate <= 1.0:
-            raise SystemExit(f"error: --quant_rate must be in [0, 1] (got {self.quant_rate})")
-        if self.teacher and self.frame_rate * 4 != TEACHER_RATE:
-            raise SystemExit(f"error: --teacher features are at {TEACHER_RATE} Hz: they need "
-                             "--frame_rate=12.5")
-        if self.teacher and not os.path.isdir(self.teacher):
-            raise SystemExit(f"error: --teacher={self.teacher!r} is not a folder "
-                             "(wavlm.py --mode=features writes one)")
+                need(not (d % h or (d // h) % 2), f"--{n}_dim={d} must split into --{n}_heads={h} even heads")
+            need(self.text_card >= 258 and self.dep_q >= 2 and self.lm_context >= 2 and self.lm_frames >= 2,
+                 "need --text_card >= 258 (256 bytes + PAD + EPAD), --dep_q >= 2, --lm_context >= 2 and "
+                 "--lm_frames >= 2")
+            need(0 <= self.acoustic_delay < self.lm_frames,
+                 f"--acoustic_delay must be in [0, --lm_frames) (got {self.acoustic_delay})")
+        need(frame == int(frame) and not int(frame) % hop, f"--frame_rate={self.frame_rate} needs "
+             f"sample_rate/frame_rate to be a whole multiple of the SEANet hop {hop}")
+        need(not self.segment % int(frame),
+             f"--segment={self.segment} must be a multiple of {int(frame)} samples (one frame)")
+        need(2 <= self.n_q and 1 <= self.eval_n_q <= self.n_q,
+             f"need --n_q >= 2 and 1 <= --eval_n_q <= --n_q (got {self.n_q}, {self.eval_n_q})")
+        need(not (self.dimension % self.tr_heads or (self.dimension // self.tr_heads) % 2),
+             f"--dimension={self.dimension} must split into --tr_heads={self.tr_heads} heads of even size "
+             "(RoPE rotates pairs)")
+        need(0.0 <= self.quant_rate <= 1.0, f"--quant_rate must be in [0, 1] (got {self.quant_rate})")
+        need(not self.teacher or self.frame_rate * 4 == TEACHER_RATE,
+             f"--teacher features are at {TEACHER_RATE} Hz: they need --frame_rate=12.5")
+        need(not self.teacher or os.path.isdir(self.teacher),
+             f"--teacher={self.teacher!r} is not a folder (wavlm.py --mode=features writes one)")
 
 PRESETS = {
     "mimi": dict(),                                        # the paper's codec: 79.3 M parameters, 32 books
-    # small, the CPU codec (far from the paper's regime): reconstruction terms on, lambda_f 3 chosen from the
-    # gradient each weighted term sends to x_hat at init, f : feat : t : adv ~ 1 : 0.1 : 0.002 : 1e-4
-    # (test_loss_balance_at_init); 0.96 s crops give the Transformers 24 frames; the first 200 steps bypass
-    # the RVQ (ours: k-means on an untrained encoder's latents finds nothing to cluster)
+    # small, the CPU codec: reconstruction terms on (lambda_f 3: each term's gradient on x_hat at init,
+    # test_loss_balance_at_init); 0.96 s crops; the RVQ bypassed 200 steps so k-means has latents to cluster
     "small": dict(n_filters=16, dimension=128, tr_layers=2, tr_heads=4, tr_ffn=512, n_q=8, q_dim=64,
                   disc_filters=8, disc_n_ffts=(512, 256), mel_scales=(6, 7, 8, 9, 10), recon_loss=True,
                   lambda_f=3.0, quantizer_warmup=200, q_dropout=False, segment=23040, batch_size=4,  # 0.96 s
@@ -229,10 +221,8 @@ LM_ARCH_KEYS = ("stage", "sample_rate", "frame_rate", "text_card", "lm_card", "d
 # Mimi (§3.3)
 
 def _init_conv(conv):
-    # Variance-preserving init (encodec.py's finding, not the paper's): N(0, 1/fan_in) and zero bias keep the
-    # signal's scale through the stack, so an untrained encoder's latents already follow the audio and k-means
-    # on the first batch finds real clusters. PyTorch's default shrinks the signal at every layer. No weight
-    # norm: the released weights are plain convolutions (`norm: none` in the official config).
+    # Variance-preserving N(0, 1/fan_in) (ours): an untrained encoder's latents then follow the audio, so
+    # k-means on the first batch finds real clusters. No weight norm: the released convs are plain.
     transposed = isinstance(conv, nn.ConvTranspose1d)
     fan_in = conv.weight.shape[1] * conv.kernel_size[0] / (conv.stride[0] if transposed else 1)
     nn.init.normal_(conv.weight, 0.0, fan_in ** -0.5)
@@ -242,10 +232,9 @@ def _init_conv(conv):
 
 
 class CausalConv1d(nn.Module):
-    """Conv1d padded with k_eff - stride zeros (or copies of the first input, "replicate") on the left only
-    (§3.3: fully causal), so T samples (a multiple of the stride) give T / stride frames and output t sees
-    inputs <= t*stride + stride - 1. stream() keeps the last k_eff - stride inputs as explicit history,
-    starting from the same padding as the offline pass."""
+    """Conv1d padded on the left only with k_eff - stride zeros (or copies of the first input, "replicate"):
+    §3.3, fully causal. Given a `state` dict it streams: the last k_eff - stride inputs are kept as explicit
+    history, which starts as the offline padding, so chunked calls equal one offline call."""
 
     def __init__(self, cin, cout, kernel, stride=1, dilation=1, groups=1, bias=True, pad_mode="constant"):
         super().__init__()
@@ -257,38 +246,32 @@ class CausalConv1d(nn.Module):
         return x[..., :1].expand(*x.shape[:-1], self.pad) if self.pad_mode == "replicate" else \
             x.new_zeros(*x.shape[:-1], self.pad)
 
-    def forward(self, x):  # (B, Cin, T) -> (B, Cout, T / stride)
-        return self.conv(torch.cat([self._left(x), x], -1) if self.pad else x)  # (an empty cat still copies)
-
-    def stream(self, x, state):
+    def forward(self, x, state=None):  # (B, Cin, T) -> (B, Cout, T / stride)
+        if state is None:
+            return self.conv(torch.cat([self._left(x), x], -1) if self.pad else x)
         buf = state.get(self)
-        buf = self._left(x) if buf is None else buf
-        x = torch.cat([buf, x], -1)
+        x = torch.cat([self._left(x) if buf is None else buf, x], -1)
         state[self] = x[..., x.shape[-1] - self.pad:]
         return self.conv(x)
 
 
 class CausalConvTranspose1d(nn.Module):
-    """Transposed conv (kernel 2S, stride S) trimming its k - S overhang on the right (causal). stream() keeps
-    the overhang of each chunk (bias included) and adds it to the head of the next, minus the bias counted
-    twice."""
+    """Transposed conv (kernel 2S, stride S) trimming its k - S overhang on the right (causal). Streaming
+    keeps each chunk's overhang and adds it to the head of the next (minus the bias counted twice)."""
 
     def __init__(self, cin, cout, kernel, stride, groups=1, bias=True):
         super().__init__()
         self.conv = _init_conv(nn.ConvTranspose1d(cin, cout, kernel, stride, groups=groups, bias=bias))
         self.trim = kernel - stride
 
-    def forward(self, x):  # (B, Cin, T) -> (B, Cout, T * stride)
+    def forward(self, x, state=None):  # (B, Cin, T) -> (B, Cout, T * stride)
         y = self.conv(x)  # (B, Cout, (T-1)*S + k)
-        return y[..., :y.shape[-1] - self.trim]
-
-    def stream(self, x, state):
-        y = self.conv(x)
-        tail = state.get(self)
-        if tail is not None:
-            bias = 0 if self.conv.bias is None else self.conv.bias[:, None]
-            y = torch.cat([y[..., :self.trim] + tail - bias, y[..., self.trim:]], -1)
-        state[self] = y[..., y.shape[-1] - self.trim:]
+        if state is not None:
+            tail = state.get(self)
+            if tail is not None:
+                bias = 0 if self.conv.bias is None else self.conv.bias[:, None]
+                y = torch.cat([y[..., :self.trim] + tail - bias, y[..., self.trim:]], -1)
+            state[self] = y[..., y.shape[-1] - self.trim:]
         return y[..., :y.shape[-1] - self.trim]
 
 
@@ -302,11 +285,8 @@ class ResidualUnit(nn.Module):
         self.conv1 = CausalConv1d(dim, hidden, cfg.residual_kernel_size, dilation=dilation)
         self.conv2 = CausalConv1d(hidden, dim, 1)
 
-    def forward(self, x):
-        return x + self.conv2(F.elu(self.conv1(F.elu(x))))
-
-    def stream(self, x, state):
-        return x + self.conv2.stream(F.elu(self.conv1.stream(F.elu(x), state)), state)
+    def forward(self, x, state=None):
+        return x + self.conv2(F.elu(self.conv1(F.elu(x), state)), state)
 
 
 class SEANetEncoder(nn.Module):
@@ -326,21 +306,13 @@ class SEANetEncoder(nn.Module):
             self.blocks.append(blk)
         self.conv_out = CausalConv1d(C * 2 ** len(cfg.ratios), cfg.dimension, cfg.last_kernel_size)
 
-    def forward(self, x):
-        x = self.conv_in(x)
+    def forward(self, x, state=None):
+        x = self.conv_in(x, state)
         for b in self.blocks:
             for r in b.res:
-                x = r(x)
-            x = b.down(F.elu(x))
-        return self.conv_out(F.elu(x))
-
-    def stream(self, x, state):
-        x = self.conv_in.stream(x, state)
-        for b in self.blocks:
-            for r in b.res:
-                x = r.stream(x, state)
-            x = b.down.stream(F.elu(x), state)
-        return self.conv_out.stream(F.elu(x), state)
+                x = r(x, state)
+            x = b.down(F.elu(x), state)
+        return self.conv_out(F.elu(x), state)
 
 
 class SEANetDecoder(nn.Module):
@@ -360,21 +332,13 @@ class SEANetDecoder(nn.Module):
             self.blocks.append(blk)
         self.conv_out = CausalConv1d(C, cfg.channels, cfg.last_kernel_size)
 
-    def forward(self, z):
-        x = self.conv_in(z)
+    def forward(self, z, state=None):
+        x = self.conv_in(z, state)
         for b in self.blocks:
-            x = b.up(F.elu(x))
+            x = b.up(F.elu(x), state)
             for r in b.res:
-                x = r(x)
-        return self.conv_out(F.elu(x))
-
-    def stream(self, z, state):
-        x = self.conv_in.stream(z, state)
-        for b in self.blocks:
-            x = b.up.stream(F.elu(x), state)
-            for r in b.res:
-                x = r.stream(x, state)
-        return self.conv_out.stream(F.elu(x), state)
+                x = r(x, state)
+        return self.conv_out(F.elu(x), state)
 
 
 def apply_rope(x, pos, max_period):
@@ -388,6 +352,23 @@ def apply_rope(x, pos, max_period):
     xr, xi = x.float().view(*x.shape[:-1], d // 2, 2).unbind(-1)  # (B, H, T, d/2): real, imaginary of a pair
     out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], -1)  # (B, H, T, d/2, 2)
     return out.view(x.shape).to(x.dtype)
+
+
+def attend(q, k, v, past, offset, context, max_period=None):
+    """Causal attention of positions offset .. offset+T-1 over at most `context` positions (itself included),
+    RoPE'd if max_period; past: the explicit (k, v) cache of earlier positions. q, k, v: (B, H, T, d) ->
+    (B, T, H*d) and the cache the next position needs (its last context - 1 keys and values)."""
+    B, H, T, d = q.shape
+    pos = torch.arange(offset, offset + T, device=q.device)
+    if max_period is not None:
+        q, k = apply_rope(q, pos, max_period), apply_rope(k, pos, max_period)
+    if past is not None:
+        k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+    kpos = torch.arange(offset + T - k.shape[2], offset + T, device=q.device)
+    delta = pos[:, None] - kpos[None]  # (T, S): how far back each key is
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=(delta >= 0) & (delta < context))  # (B, H, T, d)
+    keep = context - 1
+    return a.transpose(1, 2).reshape(B, T, H * d), (k[:, :, -keep:], v[:, :, -keep:])
 
 
 class TransformerLayer(nn.Module):
@@ -407,47 +388,29 @@ class TransformerLayer(nn.Module):
         self.layer_scale_1 = nn.Parameter(torch.full((D,), cfg.layer_scale))
         self.layer_scale_2 = nn.Parameter(torch.full((D,), cfg.layer_scale))
 
-    def attention(self, x, past, offset):
-        """x: (B, T, D) new frames at positions offset..offset+T-1; past: cached (k, v) of earlier frames."""
+    def forward(self, x, past=None, offset=0):  # (B, T, D) at positions offset.. -> (B, T, D), KV cache
         B, T, D = x.shape
-        qkv = self.in_proj(x).view(B, T, 3, self.heads, D // self.heads)
+        qkv = self.in_proj(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
-        pos = torch.arange(offset, offset + T, device=x.device)
-        q, k = apply_rope(q, pos, self.max_period), apply_rope(k, pos, self.max_period)
-        if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        kpos = torch.arange(offset + T - k.shape[2], offset + T, device=x.device)
-        delta = pos[:, None] - kpos[None]  # (T, S): how far back each key is
-        mask = (delta >= 0) & (delta < self.context)  # causal, and at most `context` frames (itself included)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, d)
-        keep = self.context - 1  # what the next frame can still see
-        return self.out_proj(a.transpose(1, 2).reshape(B, T, D)), (k[:, :, -keep:], v[:, :, -keep:])
-
-    def forward(self, x, past=None, offset=0):
-        a, cache = self.attention(self.norm1(x), past, offset)
-        x = x + self.layer_scale_1 * a
+        a, cache = attend(q, k, v, past, offset, self.context, self.max_period)  # (B, T, D)
+        x = x + self.layer_scale_1 * self.out_proj(a)
         x = x + self.layer_scale_2 * self.linear2(F.gelu(self.linear1(self.norm2(x))))
         return x, cache
 
 
 class Transformer(nn.Module):
-    """The bottleneck Transformer on (B, D, T) latents at 25 Hz. stream() keeps a KV cache per layer."""
+    """The bottleneck Transformer on (B, D, T) latents at 25 Hz; streaming keeps a KV cache per layer."""
 
     def __init__(self, cfg):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.tr_layers))
 
-    def forward(self, z):  # (B, D, T) -> (B, D, T)
-        x = z.transpose(1, 2)  # (B, T, D)
+    def forward(self, z, state=None):  # (B, D, T) -> (B, D, T); with `state`: the next chunk of a stream
+        x, offset = z.transpose(1, 2), 0 if state is None else state.get(self, 0)  # (B, T, D)
         for layer in self.layers:
-            x = layer(x)[0]
-        return x.transpose(1, 2)
-
-    def stream(self, z, state):
-        x, offset = z.transpose(1, 2), state.get(self, 0)
-        for layer in self.layers:
-            x, state[layer] = layer(x, state.get(layer), offset)
-        state[self] = offset + x.shape[1]
+            x, cache = layer(x, None if state is None else state.get(layer), offset)
+            if state is not None:
+                state[layer], state[self] = cache, offset + x.shape[1]
         return x.transpose(1, 2)
 
 
@@ -477,8 +440,7 @@ class Codebook(nn.Module):
         super().__init__()
         K, d = cfg.codebook_size, cfg.q_dim
         self.decay, self.kmeans_iters, self.eps = cfg.ema_decay, cfg.kmeans_iters, 1e-5
-        self.dead_ratio = cfg.dead_ratio
-        self.grace = cfg.dead_grace
+        self.dead_ratio, self.grace = cfg.dead_ratio, cfg.dead_grace
         self.register_buffer("initialized", torch.zeros(1))
         self.register_buffer("cluster_usage", torch.ones(K))        # EMA of how often each entry is picked
         self.register_buffer("embedding_sum", torch.zeros(K, d))    # EMA of the sum of vectors it stood for
@@ -495,9 +457,8 @@ class Codebook(nn.Module):
         return F.embedding(codes, self.embedding)
 
     def forward(self, x, initialize=True):
-        """Training: (N, d) fp32 -> quantized (N, d), codes (N,); updates the EMA statistics. initialize=False
-        (the level above was initialised in this very step): an empty level stays empty and quantizes to
-        zero."""
+        """Training: (N, d) fp32 -> quantized (N, d), codes (N,); updates the EMA statistics. An empty level
+        not allowed to initialize (its parent was initialised in this very step) quantizes to zero."""
         if not self.initialized and initialize:
             self._kmeans_init(x)
         if not self.initialized:
@@ -526,10 +487,9 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def _dead_codes(self, x):
-        # An entry used less than dead_ratio x the uniform share is re-seeded with a vector of this batch and
-        # the uniform share as its usage (official ratios; checked every update, official: every 5 steps).
-        # Ours, the grace: a re-seeded entry is kept for its level's next dead_grace updates whatever its
-        # usage; `age` counts the level's own updates: under quantizer dropout, the steps that draw it.
+        # An entry used less than dead_ratio x the uniform share is re-seeded with a vector of this batch
+        # (official ratios; official: every 5 steps). Ours, the grace: a re-seeded entry is kept for its
+        # level's next dead_grace updates (`age` counts the level's own updates, fewer under q_dropout).
         self.age.add_(1)
         share = self.cluster_usage.sum() / self.cluster_usage.shape[0]
         dead = (self.cluster_usage < self.dead_ratio * share) & (self.age > self.grace)
@@ -566,9 +526,8 @@ class RVQ(nn.Module):
             flat = x.float().transpose(1, 2).reshape(B * Fr, d)  # (B*F, d)
             residual, out, codes, commit, ready = flat, torch.zeros_like(flat), [], 0.0, True
             for cb in self.codebooks[:n_q]:
-                # k-means one level per step (official ResidualVectorQuantization): a level may initialise
-                # only once the one above was initialised in an earlier step, so it fits a residual its
-                # parent shaped (all at once, levels 2+ would fit the all-zero residual k-means leaves)
+                # k-means one level per step (as the official code): a level initialises once its parent
+                # did in an earlier step, so it fits a residual, not the zeros k-means leaves at first
                 was = bool(cb.initialized)
                 q, c = cb(residual.detach(), initialize=ready)
                 ready = was
@@ -600,9 +559,8 @@ class RVQ(nn.Module):
 
 class SplitRVQ(nn.Module):
     """§3.3, Fig. 2: a semantic VQ (1 codebook) and an acoustic RVQ (n_q - 1) quantize the SAME latent in
-    parallel (the acoustic stack does not see the semantic residual), and their decoded outputs are summed.
-    Keeping them apart lets the semantic codebook follow the distillation target without costing the acoustic
-    levels their fidelity."""
+    parallel, their outputs summed: the semantic codebook follows the distillation target without costing
+    the acoustic levels their fidelity."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -635,8 +593,7 @@ class Mimi(nn.Module):
         self.frame_size = int(cfg.sample_rate / cfg.frame_rate)  # 1920 samples = 80 ms
         stride = self.frame_size // hop  # 2: 25 Hz -> 12.5 Hz
         self.encoder, self.encoder_transformer = SEANetEncoder(cfg), Transformer(cfg)
-        # learned, kernel 4, its left edge padded by repeating the first latent (the official "conv"
-        # resampler)
+        # learned, kernel 4, left edge padded by repeating the first latent (the official "conv" resampler)
         self.downsample = CausalConv1d(D, D, 2 * stride, stride, bias=False, pad_mode="replicate")
         self.quantizer = SplitRVQ(cfg)
         # depthwise (groups = D: weight (D, 1, 4)); the official code keeps this `upsample_channel_wise_bug`
@@ -650,11 +607,11 @@ class Mimi(nn.Module):
     def _pad(self, x):  # right-pad to whole frames (the official encode does the same)
         return F.pad(x, (0, -x.shape[-1] % self.frame_size))
 
-    def latent(self, x):  # (B, 1, T) -> unquantized latents (B, D, ceil(T / 1920))
-        return self.downsample(self.encoder_transformer(self.encoder(self._pad(x))))
+    def latent(self, x, state=None):  # (B, 1, T) -> unquantized latents (B, D, ceil(T / 1920))
+        return self.downsample(self.encoder_transformer(self.encoder(self._pad(x), state), state), state)
 
-    def decode_latent(self, q):  # (B, D, F) -> (B, 1, F * 1920)
-        return self.decoder(self.decoder_transformer(self.upsample(q)))
+    def decode_latent(self, q, state=None):  # (B, D, F) -> (B, 1, F * 1920)
+        return self.decoder(self.decoder_transformer(self.upsample(q, state), state), state)
 
     def forward(self, x, n_q, keep):
         """Training: -> reconstruction (B, 1, T), codes, commitment loss, semantic VQ output (B, D, F)."""
@@ -671,19 +628,16 @@ class Mimi(nn.Module):
 
     @torch.no_grad()
     def encode_stream(self, x, state, n_q):
-        """Streaming: a chunk of whole frames (B, 1, k * 1920) -> its k frames of codes; `state` carries every
-        conv's history and every layer's KV cache. One 80 ms frame in, 8 codes out, equal to the offline
-        encode."""
+        """Streaming: whole frames (B, 1, k * 1920) -> their k frames of codes, equal to the offline encode;
+        `state` carries every conv's history and every layer's KV cache. One 80 ms frame in, 8 codes out."""
         if x.shape[-1] % self.frame_size:
             raise ValueError(f"streaming input must be whole frames of {self.frame_size} samples, "
                              f"got {x.shape[-1]}")
-        z = self.encoder_transformer.stream(self.encoder.stream(x, state), state)
-        return self.quantizer.encode(self.downsample.stream(z, state), n_q)
+        return self.quantizer.encode(self.latent(x, state), n_q)
 
     @torch.no_grad()
     def decode_stream(self, codes, state):  # (B, n_q, k) -> (B, 1, k * 1920), equal to the offline decode
-        z = self.upsample.stream(self.quantizer.decode(codes), state)
-        return self.decoder.stream(self.decoder_transformer.stream(z, state), state)
+        return self.decode_latent(self.quantizer.decode(codes), state)
 
 
 class STFTDiscriminator(nn.Module):
@@ -744,9 +698,8 @@ def discriminator_loss(logits_real, logits_fake):  # hinge: relu(1 - D(x)) + rel
 
 
 def power_mel(x, n_fft, cfg):
-    """S_i of EnCodec's l_f as audiocraft's msspec builds it: window n_fft, hop n_fft / 4, the signal
-    reflected (n_fft - hop) / 2 at each end and zero-filled to a whole last frame; |STFT|^2 over the window's
-    energy, then n_mels HTK-scale triangles left unnormalised. (B, C, T) -> (B * C, n_mels, frames), fp32."""
+    """S_i of EnCodec's l_f as audiocraft builds it: hop n_fft / 4, reflect-padded (n_fft - hop) / 2 at each
+    end, |STFT|^2 over the window's energy, unnormalised HTK mels. (B, C, T) -> (B * C, n_mels, frames)."""
     hop, T = n_fft // 4, x.shape[-1]
     fb = common.mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels, htk=True, norm=None)
     fb = torch.from_numpy(fb).to(x.device)
@@ -760,9 +713,8 @@ def power_mel(x, n_fft, cfg):
 
 
 def reconstruction_losses(x, x_hat, cfg):
-    """EnCodec's l_t (time L1) and l_f in its current form (encodec.py): per scale 2^i, L1 between the linear
-    power mels (the loud bins) + mel_alpha x MSE between log10(1e-5 + mel) (the quiet ones, which the linear
-    form alone leaves untrained: consonants, upper harmonics), averaged over the scales."""
+    """EnCodec's l_t (time L1) and l_f: per scale 2^i, L1 between the power mels (the loud bins) + mel_alpha x
+    MSE between their log10 (the quiet ones: consonants, upper harmonics), averaged over the scales."""
     l_t = F.l1_loss(x_hat.float(), x.float())
     l_f = 0.0
     for i in cfg.mel_scales:
@@ -783,10 +735,8 @@ TEACHER_RATE = 50  # Hz: WavLM's frame rate (hop 320 at 16 kHz): 4 teacher frame
 
 
 def standin_teacher(x, cfg):
-    """The STAND-IN for WavLM (no WavLM features given): 80-bin log-mels at 50 Hz, mean/variance-normalised
-    over the clip (removing the speaker's and channel's average), pooled 4:1 to Mimi's frames. x: (B, 1, T) ->
-    (B, 80, F). Non-causal like the paper's teacher; not self-supervised, so what it distils is spectral
-    shape, not WavLM."""
+    """The STAND-IN for WavLM (no --teacher): 80-bin log-mels at 50 Hz, normalised over the clip (removing the
+    speaker's average), pooled 4:1 to Mimi's frames: spectral shape, not WavLM. (B, 1, T) -> (B, 80, F)."""
     hop = int(cfg.sample_rate / cfg.frame_rate) // 4  # 4 frames per Mimi frame, as WavLM's 50 Hz: 480
     mel = common.mel_spectrogram(x[:, 0], cfg.sample_rate, n_fft=4 * hop, hop=hop, n_mels=80)  # (B, 80, t)
     mel = (mel - mel.mean(-1, keepdim=True)) / (mel.std(-1, keepdim=True) + 1e-5)
@@ -813,6 +763,15 @@ def load_teacher(cfg, utts):
     return feats
 
 
+def teacher_dim(cfg):  # the teacher features' width (the stand-in: 80 mels)
+    if not cfg.teacher:
+        return 80
+    first = sorted(f for f in os.listdir(cfg.teacher) if f.endswith(".npy"))
+    if not first:
+        raise SystemExit(f"error: --teacher={cfg.teacher!r} holds no .npy features")
+    return np.load(os.path.join(cfg.teacher, first[0]), mmap_mode="r").shape[-1]
+
+
 def get_batch(sampler, cfg, rt, teacher=None):
     """(B, 1, segment) waveforms and their teacher features (B, dim, segment / 1920) at Mimi's frame rate,
     cut where the sampler (common.SegmentSampler, crops aligned to frames) began each crop."""
@@ -836,31 +795,14 @@ def speech(cfg, split):
 # ----------------------------------------------------------------------------- train
 # Mimi
 
-def _step_rng(cfg, step):
-    # per-step choices every rank must agree on (how many acoustic codebooks): a shared, resumable RNG
-    return random.Random(cfg.seed * 1_000_003 + step)
-
-
-class StepCounter:
-    """The step number inside `state`, so train_step's per-step choices survive a resume."""
-
-    def __init__(self):
-        self.step = 0
+class StepCounter:  # the step inside `state`, so train_step's per-step draws survive a resume
+    step = 0
 
     def state_dict(self):
         return {"step": self.step}
 
     def load_state_dict(self, sd):
         self.step = sd["step"]
-
-
-def teacher_dim(cfg):
-    if not cfg.teacher:
-        return 80
-    first = sorted(f for f in os.listdir(cfg.teacher) if f.endswith(".npy"))
-    if not first:
-        raise SystemExit(f"error: --teacher={cfg.teacher!r} holds no .npy features")
-    return np.load(os.path.join(cfg.teacher, first[0]), mmap_mode="r").shape[-1]
 
 
 def build(cfg, rt):
@@ -882,7 +824,7 @@ def train_step(state, batch, cfg, rt):
     d_plain = common.unwrap(D)  # the generator step needs no gradient sync through D
     x, target = batch
     state["counter"].step += 1
-    rng = _step_rng(cfg, state["counter"].step)
+    rng = random.Random(cfg.seed * 1_000_003 + state["counter"].step)  # the same on every rank, resumable
     n_q = 1 + rng.randint(1, cfg.n_q - 1) if cfg.q_dropout else cfg.n_q
     n_q = 0 if state["counter"].step <= cfg.quantizer_warmup else n_q  # warm-up: a plain autoencoder (ours)
     keep = torch.rand(x.shape[0], device=x.device) < cfg.quant_rate  # one draw for both (official: each)
@@ -925,19 +867,15 @@ def load_for_inference(cfg, rt):
         G = Mimi(official_config(cfg, sd))
         load_official({"G": G}, sd)
         common.log(f"loaded the official Mimi weights from {path}")
-        return G.to(rt.device).eval()
-    G = Mimi(cfg)
-    common.load_models(common.load_checkpoint(path), cfg, {"G": G}, ARCH_KEYS)
+    else:
+        G = Mimi(cfg)
+        common.load_models(common.load_checkpoint(path), cfg, {"G": G}, ARCH_KEYS)
     return G.to(rt.device).eval()
 
 
-def word_labels(u, n_frames, frame_rate):
-    """The word (or '<sil>') under the centre of each frame, from the corpus's word times."""
-    labels = []
-    for f in range(n_frames):
-        t = (f + 0.5) / frame_rate
-        labels.append(next((w[0] for w in u.words if w[1] <= t < w[2]), "<sil>"))
-    return labels
+def word_labels(u, n_frames, frame_rate):  # the word (or '<sil>') under the centre of each frame
+    return [next((w[0] for w in u.words if w[1] <= (f + 0.5) / frame_rate < w[2]), "<sil>")
+            for f in range(n_frames)]
 
 
 def probe(train_codes, train_labels, test_codes, test_labels):
@@ -957,11 +895,9 @@ def probe(train_codes, train_labels, test_codes, test_labels):
 
 @torch.no_grad()
 def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
-    """On held-out speech (the test split holds an unseen voice): SI-SNR and mel distance at eval_n_q
-    codebooks (1.1 kbps at 8), the mel distance of decoding an all-zero latent (a decoder that ignores its
-    input scores the same), and the word probe on the semantic codes (fitted on train clips, scored on
-    `split`). --mode=eval also writes listen_items whole test clips, resynthesised and original, as two
-    folders the corpus ASR judges."""
+    """On held-out speech (an unseen voice): SI-SNR and mel distance at eval_n_q codebooks, beside the mel
+    distance of decoding an all-zero latent (what a decoder ignoring its input scores), and the word probe
+    on the semantic codes. --mode=eval also writes listen_items test clips, resynthesised and original."""
     standalone = model is None
     if standalone:
         rt = common.setup(cfg)
@@ -1010,15 +946,14 @@ def train(cfg):
     if sd is not None:  # the authors' file: its sizes before build, its weights after
         official_config(cfg, sd)
     state = build(cfg, rt)
-    counts = {k: f"{common.count_params(state[k]):,}" for k in "GDP"}
-    common.log(f"params: Mimi {counts['G']} | discriminator {counts['D']} | distillation projection "
-               f"{counts['P']}")
+    n = {k: f"{common.count_params(state[k]):,}" for k in "GDP"}
+    common.log(f"params: Mimi {n['G']} | discriminator {n['D']} | distillation projection {n['P']}")
     common.log("semantic teacher: " + (f"WavLM features from {cfg.teacher}" if cfg.teacher else
                                        "STAND-IN (normalised log-mels, not WavLM: pass --teacher=DIR for "
                                        "WavLM features)"))
-    train_utts, val_utts = speech(cfg, "train"), speech(cfg, "val")
-    common.check_clips(train_utts, state["G"].frame_size, "train split")
-    common.check_clips(val_utts, state["G"].frame_size, "val split")
+    train_utts = speech(cfg, "train")
+    for utts, split in ((train_utts, "train"), (speech(cfg, "val"), "val")):
+        common.check_clips(utts, state["G"].frame_size, f"{split} split")
     teacher = load_teacher(cfg, train_utts)
     sampler = common.SegmentSampler([u._audio for u in train_utts], cfg.segment, cfg.batch_size, cfg.seed,
                                     rt.rank, rt.world_size, align=state["G"].frame_size)
@@ -1092,19 +1027,18 @@ def bench(cfg):
                                 compiled, iters=cfg.bench_iters, warmup=1)
     frame = xb[..., :G.frame_size]
     es, ds = {}, {}
-    for _ in range(3):  # warm the caches past their first (shorter) frames
-        G.decode_stream(G.encode_stream(frame, es, cfg.eval_n_q), ds)
     one = lambda: G.decode_stream(G.encode_stream(frame, es, cfg.eval_n_q), ds)
+    for _ in range(3):  # warm the caches past their first (shorter) frames
+        one()
     figures["stream_frame_ms"] = round(common.timeit(one, iters=max(3, cfg.bench_iters), warmup=1), 3)
     figures["frame_ms"] = 1000 * G.frame_size / cfg.sample_rate  # the real-time budget of one step: 80 ms
     common.report_bench(cfg, rt, model=G, compiled=compiled, **figures)
 
 # ----------------------------------------------------------------------------- model: the Moshi LM (§3.2)
 
-# Helium (§3.2) and the RQ-Transformer (§3.4.1): a temporal Transformer over 80 ms steps, whose input is
-# the sum of the embeddings of every stream at that step, and a small depth Transformer that, within a step,
-# predicts Moshi's text token's successors: its semantic token, then its acoustic tokens. Both are Helium
-# blocks.
+# Helium (§3.2) and the RQ-Transformer (§3.4.1): a temporal Transformer over 80 ms steps, whose input is the
+# sum of every stream's embedding at that step, and a small depth Transformer that, within a step, predicts
+# after the text token Moshi's semantic token, then its acoustic tokens. Both are made of Helium blocks.
 
 class RMSNorm(nn.Module):
     """Helium's norm (§3.2): x * alpha / sqrt(mean(x^2) + eps) in fp32 (official rms_norm_f32, eps 1e-8)."""
@@ -1120,9 +1054,8 @@ class RMSNorm(nn.Module):
 
 
 def per_step(w, steps, x, offset):
-    """x (B, T, i) through a weight stacked over `steps` (w: (steps * o, i)). steps = 1: one weight for every
-    position (the temporal Transformer); steps > 1: position offset + t has its own weight (the depth
-    Transformer's weights per codebook step, §3.4.1), as the official file stores them, stacked on dim 0."""
+    """x (B, T, i) through w (steps * o, i). steps = 1: one weight for every position; steps > 1: position
+    offset + t has its own (the depth Transformer's weights per codebook step, §3.4.1, stacked on dim 0)."""
     if steps == 1:
         return x @ w.t()
     w = w.view(steps, -1, w.shape[-1])[offset:offset + x.shape[1]]  # (T, o, i)
@@ -1131,9 +1064,7 @@ def per_step(w, steps, x, offset):
 
 class HeliumLayer(nn.Module):
     """Pre-norm block (§3.2): x += Attn(RMSNorm(x)); x += W_out(SiLU(W_g h) * W_v h), h = RMSNorm(x). Causal
-    attention over at most `context` positions with interleaved RoPE (or no positions: the depth Transformer),
-    no biases. forward(x, past, offset) takes the explicit KV cache of earlier positions and returns the new
-    one."""
+    attention over at most `context` positions, interleaved RoPE (the depth Transformer: no positions)."""
 
     def __init__(self, dim, heads, ffn, context, rope=True, steps=1):
         super().__init__()
@@ -1154,22 +1085,13 @@ class HeliumLayer(nn.Module):
         B, T, D = x.shape
         qkv = per_step(self.self_attn.in_proj_weight, self.steps, self.norm1(x), offset)
         q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
-        pos = torch.arange(offset, offset + T, device=x.device)
-        if self.rope:
-            q, k = apply_rope(q, pos, 10000.0), apply_rope(k, pos, 10000.0)
-        if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        kpos = torch.arange(offset + T - k.shape[2], offset + T, device=x.device)
-        delta = pos[:, None] - kpos[None]  # (T, S)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=(delta >= 0) & (delta < self.context))
-        a = a.transpose(1, 2).reshape(B, T, D)
+        a, cache = attend(q, k, v, past, offset, self.context, 10000.0 if self.rope else None)  # (B, T, D)
         x = x + per_step(self.self_attn.out_proj_weight, self.steps, a, offset)
         u = per_step(self.gating.linear_in_weight, self.steps, self.norm2(x), offset)
         u = u.view(B, T, 2, -1)  # (B, T, 2, hidden): gate, value
         h = F.silu(u[..., 0, :]) * u[..., 1, :]
         x = x + per_step(self.gating.linear_out_weight, self.steps, h, offset)
-        keep = self.context - 1  # what the next position can still see
-        return x, (k[:, :, -keep:], v[:, :, -keep:])
+        return x, cache
 
 
 class Stack(nn.Module):
@@ -1188,10 +1110,8 @@ class Stack(nn.Module):
 
 
 def lm_delays(cfg):
-    """§3.4.2, the official `delays`: text 0, then per audio stream (Moshi's, then the user's) the semantic
-    token 0 and the acoustic tokens `acoustic_delay` steps late, so the depth Transformer predicts the
-    acoustic tokens of a frame knowing its semantic token and the next frame's semantic token is already
-    context."""
+    """§3.4.2: text 0, then per audio stream (Moshi's, the user's) semantic 0 and acoustic `acoustic_delay`:
+    the acoustic tokens of a frame are predicted knowing its semantic token."""
     audio = [0] + [cfg.acoustic_delay] * (cfg.dep_q - 1)
     return [0] + audio + audio
 
@@ -1216,9 +1136,8 @@ def undelay(x, delays):
 
 
 class MoshiLM(nn.Module):
-    """The RQ-Transformer over 1 + 2 * dep_q streams (§3.4): Moshi's text (inner monologue), Moshi's dep_q
-    audio codebooks, the user's dep_q audio codebooks. Key names are the official checkpoint's
-    (official_lm_state_dict maps the few that differ). Token -1 embeds to zero (absent: no input, no loss)."""
+    """The RQ-Transformer over 1 + 2 * dep_q streams (§3.4): Moshi's text (inner monologue), Moshi's audio
+    codebooks, the user's. Key names are the official ones. Token -1 embeds to zero (absent, no loss)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -1231,8 +1150,7 @@ class MoshiLM(nn.Module):
         self.transformer = Stack(cfg.lm_layers, D, cfg.lm_heads, int(cfg.lm_hidden_scale * D), cfg.lm_context)
         self.out_norm = RMSNorm(D)
         self.text_linear = nn.Linear(D, cfg.text_card, bias=False)
-        # the depth Transformer: per codebook step its own input projection of z_t, in/out attention
-        # projections and FFN (weights per step), no positional embedding; its norms are shared across steps
+        # the depth Transformer: per codebook step its own projection of z_t, attention and FFN weights
         self.depformer_in = nn.ModuleList(nn.Linear(D, Dd, bias=False) for _ in range(K))
         self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, Dd)
         self.depformer_emb = nn.ModuleList(nn.Embedding(cfg.lm_card + 1, Dd) for _ in range(K - 1))
@@ -1252,9 +1170,8 @@ class MoshiLM(nn.Module):
         return torch.where((tokens == -1)[..., None], torch.zeros((), dtype=e.dtype, device=e.device), e)
 
     def temporal(self, seq, cache=None, offset=0):
-        """seq: (B, 1 + 2K, S) delayed input tokens at steps offset .. offset + S - 1 -> z_s (B, S, D), the
-        text logits (B, S, text_card) and the KV cache. The input of a step is the SUM of its streams'
-        embeddings."""
+        """seq: (B, 1 + 2K, S) delayed tokens at steps offset.. -> z_s (B, S, D), text logits
+        (B, S, text_card), KV cache. A step's input is the SUM of its streams' embeddings."""
         x = self.embed(self.text_emb, seq[:, 0])
         for k, e in enumerate(self.emb):
             x = x + self.embed(e, seq[:, 1 + k])  # (B, S, D)
@@ -1263,15 +1180,14 @@ class MoshiLM(nn.Module):
         return z, self.text_linear(z), cache
 
     def depth_input(self, k, z, prev):
-        """Depth step k's input: its projection of z (B, S, D) + the embedding of the token before it in the
-        step (k = 0: the text token just predicted; k >= 1: Moshi's audio token k - 1). prev: (B, S)."""
+        """Depth step k: its projection of z (B, S, D) + the embedding of the step's previous token
+        prev (B, S) (k = 0: the text token; k >= 1: Moshi's audio token k - 1)."""
         table = self.depformer_text_emb if k == 0 else self.depformer_emb[k - 1]
         return self.depformer_in[k](z) + self.embed(table, prev)
 
     def depth(self, z, prev):
-        """Teacher-forced depth Transformer: z (B, S, D), prev (B, K, S) the text token and Moshi's audio
-        tokens 0 .. K-2 of the same step -> logits (B, K, S, card) for Moshi's K audio tokens, causal along
-        k."""
+        """Teacher-forced depth Transformer, causal along k: z (B, S, D), prev (B, K, S) the text token and
+        Moshi's audio tokens 0 .. K-2 of each step -> logits (B, K, S, card)."""
         B, S, _ = z.shape
         x = torch.stack([self.depth_input(k, z, prev[:, k]) for k in range(self.K)], 2)  # (B, S, K, Dd)
         y, _ = self.depformer(x.reshape(B * S, self.K, -1))  # (B*S, K, Dd): positions = codebook steps
@@ -1279,12 +1195,9 @@ class MoshiLM(nn.Module):
         return torch.stack([self.linears[k](y[:, :, k]) for k in range(self.K)], 1)  # (B, K, S, card)
 
     def forward(self, codes, aligned=True):
-        """Training (§3.4): codes (B, 1 + 2K, T) undelayed -> audio logits (B, K, T, card) and text logits
-        (B, 1, T, text_card) aligned with `codes`, with their validity masks. 1. delay, prepend the initial
-        tokens; 2. the temporal Transformer on steps [:-1]; 3. the depth Transformer on the teacher-forced
-        tokens of each step; 4. undelay (the last acoustic steps have no target). aligned=False skips 4
-        (training: the loss is taken against the delayed codes instead, the same positions without moving the
-        big logits)."""
+        """§3.4: codes (B, 1 + 2K, T) -> audio logits (B, K, T, card), mask, text logits (B, 1, T, V), mask:
+        delay, prepend the initial tokens, temporal Transformer, teacher-forced depth, undelay (aligned=False:
+        none; training takes the loss against the delayed codes instead)."""
         B, _, T = codes.shape
         init = torch.tensor(self.initial(), device=codes.device)
         seq = torch.cat([init.view(1, -1, 1).expand(B, -1, 1), delay(codes, self.delays, self.initial())], 2)
@@ -1299,11 +1212,9 @@ class MoshiLM(nn.Module):
 # ----------------------------------------------------------------------------- loss: the Moshi LM
 
 def lm_loss(logits, text_logits, codes, cfg):
-    """§3.4.3 (moshi-finetune's loss): L = CE_text + CE_audio, each a weighted mean over its valid positions:
-    text targets PAD and EPAD weigh text_pad_weight (0.5), Moshi's semantic codebook semantic_weight (100)
-    against 1 for each acoustic one, so the semantic tokens, which carry the words, dominate the audio term.
-    The logits and the codes are in delayed time (MoshiLM(codes, aligned=False), delay(codes) filled with -1):
-    -1 has no loss."""
+    """§3.4.3: L = CE_text + CE_audio, each a weighted mean over its valid positions: PAD and EPAD targets
+    weigh text_pad_weight (0.5), the semantic codebook semantic_weight (100) against 1 per acoustic one, so
+    the tokens that carry the words dominate. Logits and codes in delayed time; -1 has no loss."""
     K, tt, at = logits.shape[1], codes[:, :1], codes[:, 1:1 + logits.shape[1]]  # (B, 1, T), (B, K, T)
     pad, epad = text_pad_ids(cfg)
     mask, text_mask = at != -1, tt != -1
@@ -1323,9 +1234,8 @@ def text_pad_ids(cfg):  # PAD and EPAD (end of padding, §3.4.4): the text vocab
 
 
 class TextTokenizer:
-    """Moshi's text side, offline: a byte-level BPE trained on the corpus text (common.train_bpe) in place of
-    the 32k SentencePiece model, plus PAD and EPAD as its last two ids (official: EPAD 0, PAD 3); no turn
-    markers. It lives in `state`, so every checkpoint carries it."""
+    """Moshi's text side: a byte-level BPE of the corpus text in place of the 32k SentencePiece, PAD and EPAD
+    its last two ids (official: EPAD 0, PAD 3). It lives in `state`, so every checkpoint carries it."""
 
     def __init__(self, cfg, texts=()):
         self.pad, self.epad = text_pad_ids(cfg)
@@ -1361,12 +1271,9 @@ class TextTokenizer:
 
 def text_stream(words, n_frames, tok, frame_rate):
     """Inner monologue (§3.4.4): Moshi's words on the frames of its own speech. A word's tokens start at the
-    frame of its start time, the frame before it is EPAD, every other frame PAD: for words with room, token
-    for token moshi-finetune's Interleaver. Deviation (ours): the Interleaver cuts a word short when the next
-    one starts before its tokens are out; here words are placed from the last one back, and a word whose
-    tokens would run into the next word's EPAD starts earlier instead, so every word stays whole (our
-    byte-level BPE spends several tokens on a rare word, numbers included) and text never comes after its
-    audio (test_inner_monologue_against_the_ official_interleaver). -> (n_frames,) int64."""
+    frame of its start time, the frame before is EPAD, every other frame PAD (moshi-finetune's Interleaver).
+    Ours: where the Interleaver cuts a word short because the next one starts, the word starts earlier
+    instead (placed from the last word back), so every word stays whole and never follows its audio."""
     out, limit = np.full(n_frames, tok.pad, np.int64), n_frames
     for w, start, _ in reversed(words):
         ids = tok.word(w)
@@ -1394,9 +1301,8 @@ def dialogues(cfg, split):
 
 
 def dialogue_tokens(cfg, split, mimi, tok):
-    """Every dialogue of `split` as (1 + 2K, F) tokens: Moshi's text stream, Moshi's K Mimi codes (channel 1,
-    the assistant), the user's K codes (channel 0). The codes are computed once with the codec and cached in
-    out_dir/codes (keyed by the codec file, the corpus and K), never per step."""
+    """Every dialogue of `split` as (1 + 2K, F) tokens: Moshi's text stream, Moshi's K Mimi codes (channel 1),
+    the user's (channel 0). The codes are computed once, cached in out_dir/codes by codec, corpus and K."""
     st = os.stat(cfg.codec)
     key = hashlib.md5(f"{os.path.abspath(cfg.codec)}|{st.st_size}|{st.st_mtime}|{cfg.corpus_hours}|"
                       f"{cfg.data_dir}|{cfg.dep_q}".encode()).hexdigest()[:10]
@@ -1422,9 +1328,8 @@ def dialogue_tokens(cfg, split, mimi, tok):
 
 
 class LMSampler:
-    """Random crops of lm_frames steps: of the text token stream (stage 1: audio streams absent, -1) and of
-    the dialogues (stage 2). Tokens are stored + 1 so that common.SegmentSampler's zero padding reads as
-    -1."""
+    """Crops of lm_frames steps of the text stream (stage 1: audio absent, -1) and of the dialogues (stage 2),
+    stored + 1 so that common.SegmentSampler's zero padding reads as -1."""
 
     def __init__(self, text_ids, dial, cfg, rt):
         K = cfg.dep_q
@@ -1523,11 +1428,9 @@ def dialogue_turns(u):
 
 
 def answer_scores(u, said, seconds):
-    """Does Moshi answer? For each user turn followed by an assistant turn in the script: the reply's words
-    that the question lacks (the answer: "seven", "blue", "honey"), and whether Moshi's text stream holds each
-    between the question's start and the next user turn; the latency from the question's end to Moshi's first
-    word after it, beside the corpus's own. said: [(word, time)]. -> (found, total, [latency s], [reference
-    latency s])."""
+    """Does Moshi answer? Per scripted question and reply: the reply's words the question lacks ("seven",
+    "blue") found in Moshi's text stream said [(word, time)] before the next user turn, and the latency from
+    the question's end to Moshi's first word, beside the corpus's. -> (found, total, [lat s], [ref lat s])."""
     turns = dialogue_turns(u)
     if turns is None:
         return 0, 0, [], []
@@ -1596,9 +1499,8 @@ def lm_train(cfg):
     mimi = load_codec(cfg, rt)
     tok = state["tok"]
     _, train_d = dialogue_tokens(cfg, "train", mimi, tok)
-    val_u, val_d = dialogue_tokens(cfg, "val", mimi, tok)
-    common.check_clips(train_d, 2, "train split (dialogue)")
-    common.check_clips(val_d, 2, "val split (dialogue)")
+    for d, split in ((train_d, "train"), (dialogue_tokens(cfg, "val", mimi, tok)[1], "val")):
+        common.check_clips(d, 2, f"{split} split (dialogue)")
     text_ids = [i for line in corpus_texts(cfg) for w in line.split() for i in tok.word(w)]
     common.log(f"stage 1: {cfg.text_iters} steps of text ({len(text_ids):,} tokens); stage 2: {len(train_d)} "
                f"dialogues ({sum(d.shape[-1] for d in train_d) / cfg.frame_rate / 60:.1f} min) of Mimi codes")
@@ -1624,9 +1526,8 @@ def sample_token(logits, temp, top_k, gen):
 
 
 class LMState:
-    """One conversation's streaming state (§3.4.3, the official LMGen): the temporal KV cache, the step, and
-    the grid of delayed tokens (B, 1 + 2K, steps + 2) the model reads its inputs from. Moshi's sampled tokens
-    and the user's codes are written where their delays put them; -2 = not yet known."""
+    """One conversation's streaming state (§3.4.3, the official LMGen): the temporal KV cache, the step and
+    the grid of delayed tokens (B, 1 + 2K, steps + 2) its inputs come from; -2 = not yet known."""
 
     def __init__(self, lm, B, steps, device):
         self.seq = torch.full((B, 1 + 2 * lm.K, steps + max(lm.delays) + 2), -2, dtype=torch.long,
@@ -1646,14 +1547,10 @@ class LMState:
 
 @torch.no_grad()
 def lm_step(lm, st, user, cfg, gen):
-    """One 80 ms step: the user's frame (B, K) goes into the grid, the temporal Transformer runs one position
-    on its KV cache, the text token is sampled, then the depth Transformer samples Moshi's K audio tokens one
-    by one (its cache lives for this step only). Returns (text (B,), audio (B, K)) of step s. User timing as
-    the official LMGen: frame s is written at column s + its delay, so step s hears the frame that just
-    arrived (frame 0 meets the initial-token column and is not heard). Against the training layout, where
-    column t holds the user's frame t - 1 beside Moshi's, the live user stream thus runs one frame (80 ms)
-    ahead: Moshi reacts to audio 80 ms fresher than it was trained to expect
-    (test_streaming_timing_is_the_official_lmgen)."""
+    """One 80 ms step: the user's frame (B, K) goes into the grid, the temporal Transformer runs one position,
+    the text token is sampled, then the depth Transformer samples Moshi's K audio tokens one by one. ->
+    (text (B,), audio (B, K)). User timing as the official LMGen: step s hears frame s, one frame (80 ms)
+    fresher than in training, where column t holds user frame t - 1 (frame 0 is not heard)."""
     s, K = st.offset, lm.K
     for k in range(K):
         st.seq[:, 1 + K + k, s + lm.delays[1 + K + k]] = user[:, k]
@@ -1671,10 +1568,9 @@ def lm_step(lm, st, user, cfg, gen):
 
 @torch.no_grad()
 def converse(lm, mimi, user_wav, cfg, seed=0):
-    """Full duplex (§3.4.3): every 80 ms, encode one user frame with streaming Mimi, run one LM step, and
-    decode Moshi's frame that just became complete (the acoustic delay holds it back one step) with streaming
-    Mimi. user_wav: (T,) -> Moshi's audio (T',) on the conversation's timeline, its text tokens, one per
-    step."""
+    """Full duplex (§3.4.3): every 80 ms, encode one user frame with streaming Mimi, run one LM step, decode
+    Moshi's frame that just became complete (the acoustic delay holds it one step). user_wav: (T,) ->
+    Moshi's audio on the conversation's timeline and its text tokens, one per step."""
     dev, fs, K = next(lm.parameters()).device, mimi.frame_size, lm.K
     x = torch.from_numpy(np.ascontiguousarray(user_wav))[None, None].to(dev)
     x = mimi._pad(x)
@@ -1692,8 +1588,8 @@ def converse(lm, mimi, user_wav, cfg, seed=0):
 
 
 def write_conversation(out, name, user, moshi, said, cfg):
-    """The two-channel wav (user left, Moshi right); Moshi's channel alone (for an ASR) with its png above the
-    user's; its text stream as a timed transcript."""
+    """The two-channel wav (user left, Moshi right), Moshi's channel alone (for an ASR) with a png, and its
+    text stream as a timed transcript."""
     n = min(len(user), len(moshi))
     common.save_audio(os.path.join(out, name + ".wav"), np.stack([user[:n], moshi[:n]]), cfg.sample_rate)
     common.save_sample(out, name + "_moshi", moshi[:n], cfg.sample_rate, ref=user[:n])
@@ -1704,9 +1600,7 @@ def write_conversation(out, name, user, moshi, said, cfg):
 
 @torch.no_grad()
 def lm_sample(cfg):
-    """A full-duplex conversation with a held-out dialogue's user channel (or --input, its first channel):
-    writes the two-channel wav (user left, Moshi right), its png, Moshi's channel and the timed text
-    stream."""
+    """A full-duplex conversation with a held-out dialogue's user channel (or --input's first channel)."""
     rt = common.setup(cfg)
     lm, tok, mimi = lm_load_for_inference(cfg, rt)
     if cfg.input:
@@ -1725,10 +1619,8 @@ def lm_sample(cfg):
 # ----------------------------------------------------------------------------- bench: the Moshi LM
 
 def lm_bench(cfg):
-    """train_step ms and audio-s/s; the per-frame latency of the full streaming step (Mimi encode of the
-    user's frame + temporal step + K depth steps + Mimi decode), against the 80 ms frame; the paper's
-    theoretical latency (80 ms frame + 80 ms acoustic delay) beside it. Random weights; the codec is this
-    preset's Mimi."""
+    """train_step ms and audio-s/s; the latency of one full streaming step (Mimi encode, temporal step, K
+    depth steps, Mimi decode) against the 80 ms frame, beside the paper's 160 ms. Random weights."""
     rt = common.setup(cfg)
     torch.manual_seed(cfg.seed)
     lm = MoshiLM(cfg).to(rt.device)
@@ -1785,13 +1677,11 @@ def official_config(cfg, sd):
     cfg.channels, cfg.n_filters, cfg.kernel_size = w0.shape[1], w0.shape[0], w0.shape[2]
     cfg.dimension, cfg.last_kernel_size = wl.shape[0], wl.shape[2]
     cfg.ratios = tuple(sd[f"encoder.model.{i}.conv.conv.weight"].shape[2] // 2 for i in reversed(strided))
-    res = [k for k in sd if re.match(r"encoder\.model\.1\.block\.1\.conv\.conv\.weight", k)]
-    cfg.residual_kernel_size = sd[res[0]].shape[2]
-    cfg.compress = w0.shape[0] // sd[res[0]].shape[0]
+    res = sd["encoder.model.1.block.1.conv.conv.weight"]
+    cfg.residual_kernel_size, cfg.compress = res.shape[2], w0.shape[0] // res.shape[0]
     cfg.n_residual_layers = (strided[0] - 1) - 1 if len(strided) else 1  # [conv_in, res..., ELU, down]
-    layers = {int(m.group(1)) for k in sd
-              for m in [re.match(r"encoder_transformer\.transformer\.layers\.(\d+)\.", k)] if m}
-    cfg.tr_layers = len(layers)
+    cfg.tr_layers = len({m.group(1) for k in sd
+                         for m in [re.match(r"encoder_transformer\.transformer\.layers\.(\d+)\.", k)] if m})
     cfg.tr_ffn = sd["encoder_transformer.transformer.layers.0.linear1.weight"].shape[0]
     cfg.q_dim, cfg.codebook_size = sd["quantizer.rvq_first.input_proj.weight"].shape[0], \
         sd["quantizer.rvq_first.vq.layers.0._codebook.cluster_usage"].shape[0]
@@ -1802,9 +1692,9 @@ def official_config(cfg, sd):
     if cfg.dimension >= 64:  # heads are not stored in the file: the official ones are 64 wide (512 / 8)
         cfg.tr_heads = cfg.dimension // 64
     common.log(f"official Mimi weights: n_filters {cfg.n_filters}, dimension {cfg.dimension}, ratios "
-               f"{cfg.ratios}, {cfg.tr_layers} transformer layers (ffn {cfg.tr_ffn}, {cfg.tr_heads} heads of "
-               "64, not stored), "
-               f"{cfg.n_q} codebooks of {cfg.codebook_size} x {cfg.q_dim}, {cfg.frame_rate:g} Hz")
+               f"{cfg.ratios}, {cfg.tr_layers} transformer layers (ffn {cfg.tr_ffn}, {cfg.tr_heads} heads "
+               f"of 64, not stored), {cfg.n_q} codebooks of {cfg.codebook_size} x {cfg.q_dim}, "
+               f"{cfg.frame_rate:g} Hz")
     cfg.validate()
     return cfg
 
