@@ -24,7 +24,7 @@ Simplified or changed here:
 - No weight EMA; k-means broadcast from rank 0; --mode=lm in one process; variance-preserving conv init.
 - The CPU `small` preset: C=16, D=64, 8 codebooks, 3 D scales, 2000 steps at lr 1e-3, the first 200
   without the RVQ (quantizer_warmup), the first 1500 without D (disc_warmup); ours, 0 in the paper's presets.
-- 1245 lines, not 750: the loss balancer, the entropy-coding LM and two official-weight maps are EnCodec's.
+- 1229 lines, not 750: the loss balancer, the entropy-coding LM and two official-weight maps are EnCodec's.
 
     python encodec.py                                       # train on the built-in speech+music corpus
     python encodec.py --init_from=resume                    # continue out/encodec/ckpt.pt

@@ -22,7 +22,7 @@ Simplified or changed here:
   0-20 dB SNR on the built-in corpus (the paper: Freesound noise on LibriTTS). No entropy coding.
 - `small` (CPU): narrow nets, 6 x 0.4 s batches, 2400 steps at lr 1e-3, the first 120 without the RVQ, the
   first 2000 without D, plus a waveform L1 (quantizer_warmup, disc_warmup, lambda_time: 0 in `paper`).
-- 932 lines, not 750: FiLM denoising, two discriminator families and streaming in every layer are the paper's.
+- 910 lines, not 750: FiLM denoising, two discriminator families and streaming in every layer are the paper's.
 
     python soundstream.py                                          # train on the built-in speech+music corpus
     python soundstream.py --preset=paper --batch_size=32           # the paper's model (one GPU)

@@ -19,7 +19,7 @@ Simplified versus the paper and the official code (microsoft/unilm, UniSpeech):
 - weight decay on matrices only, not on the label embeddings; the warm-up peaks one step early.
 - `small` adds the unmasked frames' CE (pred_nomask_weight=1): masked-only, a 2.2 M model predicts the prior.
 Base 94.70 M / Large 316.62 M parameters with the pre-training head; the official files hold the encoder.
-1,076 lines, over the 750 aim: eval's baselines, the probes and the feature export (moshi.py --teacher).
+1,068 lines, over the 750 aim: eval's baselines, the probes and the feature export (moshi.py --teacher).
 
     python wavlm.py                                    # pre-train on the built-in corpus (small on a CPU)
     python wavlm.py --preset=base --batch_size=8       # the paper's Base
