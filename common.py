@@ -1384,6 +1384,16 @@ def eval_vocoder(cfg, model, items, vocode, metrics, samples_dir=None, split="te
     return out
 
 
+
+def write_vocoder_listening_sets(cfg, vocode):
+    """A mel vocoder's judging folders (--mode=eval): listen_items whole test clips, peak-normalised to 0.95
+    as the vocoders train on them, vocoded from their true mels by vocode(name, wav) -> (generated,
+    reference), in out_dir/listen/vocoded beside the originals in listen/orig (write_listening_sets)."""
+    utts = load_corpus(cfg, "test", cfg.sample_rate, kind="speech")[:cfg.listen_items]
+    peak = lambda w: 0.95 * w / max(float(np.abs(w).max()), 1e-5)
+    voc = lambda x: vocode("a test clip", peak(x[0].numpy()))[0][None]  # (1, T)
+    write_listening_sets(os.path.join(cfg.out_dir, "listen"), utts, {"vocoded": voc}, cfg.sample_rate)
+
 def sample_vocoder(cfg, vocode, test_items, n=4):
     """--mode=sample of a mel vocoder: vocode(name, wav) -> (generated, reference) tensors, for the
     --input file or else the first n of test_items() [(name, wav numpy)]; writes out_dir/samples/<name>.wav

@@ -389,10 +389,7 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
         rt = common.setup(cfg)
         model = common.remove_weight_norm(load_for_inference(cfg, rt)).eval()
         if cfg.listen_items:  # whole test clips vocoded, beside their originals, for the corpus ASR to judge
-            utts = common.load_corpus(cfg, "test", cfg.sample_rate, kind="speech")[:cfg.listen_items]
-            peak = lambda w: 0.95 * w / max(float(abs(w).max()), 1e-5)  # as load_split
-            voc = lambda x: vocode(model, peak(x[0].numpy()), "a test clip", cfg, rt)[0][None]  # (1, T)
-            common.write_listening_sets(f"{cfg.out_dir}/listen", utts, {"vocoded": voc}, cfg.sample_rate)
+            common.write_vocoder_listening_sets(cfg, lambda name, wav: vocode(model, wav, name, cfg, rt))
     # mel: the full-band ln-mel L1 of the loss (Eq. 3, the paper's validation metric; the training log's mel);
     # mrstft: multi-resolution STFT distance
     metrics = dict(mel=lambda fake, wav: mel_loss(fake, wav, cfg).item(), mrstft=common.mrstft_distance)
