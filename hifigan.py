@@ -11,7 +11,7 @@ the periodic structure of voiced speech that MelGAN's multi-scale discriminator 
 Training swaps the hinge loss for least squares (Eqs. 1-2), keeps feature matching (Eq. 4, x2) and adds an
 L1 loss on log-mel spectrograms (Eq. 3, x45) that makes the first steps fast and stable.
 
-Changed versus the paper / official code (jik876/hifi-gan). 503 lines, over the 450 aim: two discriminators
+Changed versus the paper / official code (jik876/hifi-gan). 500 lines, over the 450 aim: two discriminators
 (MPD, MSD), both MRF block types (V1-V3) and the official weights' key map and size detection.
 - the built-in eSpeak corpus (or --data_dir), not LJSpeech; no fine-tuning on Tacotron 2 mels (§4.4);
   training counted in steps; evaluation is mel L1, not MOS.
