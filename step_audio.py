@@ -105,7 +105,7 @@ class Config:
     # training stages in miniature (§3.2-3.4): text LLM, encoder ASR pretraining, adaptor alignment, the
     # speech tokenizer (FSQ + CTC), the flow-matching detokenizer, the vocoder; then SFT (text and speech)
     stage_iters: tuple = (300, 300, 200, 200, 400, 400)  # steps of the first six stages; SFT to max_iters
-    tool_frac: float = 0.5              # arithmetic questions with the calculator offered (else direct)
+    tool_frac: float = 0.5              # questions with the calculator offered (arithmetic calls it)
     lr: float = 1e-3                    # AdamW peak learning rate
     betas: tuple = (0.9, 0.95)          # AdamW betas
     weight_decay: float = 0.1           # AdamW weight decay
@@ -928,6 +928,19 @@ def question_bank(split, cfg):
     return _BANK[key]
 
 
+def tool_drill(rng):
+    """A text-only calculator chat over operands the question bank never uses (13-99): thousands of them, so
+    the answer can only be read off the tool's result, not remembered. Without these the bank's few hundred
+    questions are memorised and the result ignored (ours: the paper does not describe its tool data)."""
+    op = ("plus", "minus", "times")[int(rng.integers(3))]
+    a, b = int(rng.integers(13, 100)), int(rng.integers(2, 13) if op == "times" else rng.integers(13, 100))
+    a, b = (max(a, b), min(a, b)) if op == "minus" else (a, b)
+    call = f"{common.number_words(a)} {op} {common.number_words(b)}"
+    return [("system", "tools: calculator"), ("human", "what is " + call),
+            ("assistant", f"<tool_call>{call}</tool_call>"), ("tool", calculator(call)),
+            ("assistant", f"{call} is {calculator(call)}")]
+
+
 def held_out_questions():
     """The val and test arithmetic questions: kept out of every training source
     (the dialogue corpus has some)."""
@@ -972,7 +985,9 @@ class Tasks:
         pool = self.spoken if task in ("speak", "speak_followup") else self.questions
         wav, q, ans, ans_wav = pool[i % len(pool)]
         a, call = ("audio", len(wav)), arithmetic(q)
-        tools = call is not None and rng.random() < cfg.tool_frac if task == "qa" else task == "tool"
+        # the calculator is offered to a share of the questions, spoken answers too (§3.4); only arithmetic
+        # calls it
+        tools = rng.random() < cfg.tool_frac if task in ("qa", "speak", "speak_followup") else False
         system = ("system", "tools: calculator" if tools else "tools: none")
         turns = [system, ("human", [a])]
         if tools and call:  # §3.4 tool calling: the call, the tool's result as its own turn, then the answer
@@ -1102,8 +1117,9 @@ class Sampler:
 
     def next(self, stage, rt):
         cfg, tk, rng = self.cfg, self.tasks, self.rng
-        if stage == "llm":
-            ex = [(None, self.chats[int(rng.integers(len(self.chats)))]) for _ in range(cfg.batch_size)]
+        if stage == "llm":                               # the text chats, a quarter of them tool drills
+            pick = lambda: self.chats[rng.integers(len(self.chats))]
+            ex = [(None, tool_drill(rng) if rng.random() < 0.25 else pick()) for _ in range(cfg.batch_size)]
             return dict(collate(ex, self.tok, cfg, rt), stage=stage)
         # ASR (CTC): the encoder's pretraining, then the tokenizer's
         if stage in ("encoder", "tokenizer"):
@@ -1145,11 +1161,14 @@ class Sampler:
             wav = torch.stack(wavs).to(rt.device)
             return dict(stage=stage, wav=wav, mel=voc_mel(wav, cfg))
         mix = ["asr"] if stage == "adaptor" else (["asr"] + ["para"] * tk.has_voices + ["tts"] * 2 +
-                                                  ["qa", "qa", "followup"] * bool(tk.questions) +
+                                                  ["qa", "qa", "followup", "drill"] * bool(tk.questions) +
                                                   ["speak", "speak", "speak_followup"] * bool(tk.spoken))
         ex = []
         for _ in range(cfg.batch_size):
             task = mix[int(rng.integers(len(mix)))]
+            if task == "drill":
+                ex.append((None, tool_drill(rng)))
+                continue
             n = dict(asr=len(tk.speech), para=len(tk.speech), tts=len(tk.speech), speak=len(tk.spoken),
                      speak_followup=len(tk.spoken)).get(task, len(tk.questions))
             wav, turns, _ = tk.example(task, int(rng.integers(n)), rng, cfg, speak=self.speak)
@@ -1312,9 +1331,15 @@ def generate(model, tok, turns, wav, cfg, rt, speech=False):
     return out
 
 
-def speak(model, tok, turns, wav, cfg, rt, noise_seed=0):
+def speak(model, tok, turns, wav, cfg, rt, noise_seed=0, tools=False):
     """A spoken reply: the interleaved run, its text, its speech tokens, and the detokenized mel and waveform
-    (in the assistant's voice, model.answer_voice)."""
+    (in the assistant's voice, model.answer_voice). tools: a text reply comes first; if it is a <tool_call>,
+    the call and its result join the turns (returned as "turns") before the spoken run (§3.4)."""
+    if tools:
+        reply = tok.decode(generate(model, tok, turns, wav, cfg, rt))
+        m = re.fullmatch(r"<tool_call>(.*)</tool_call>\s*", reply)
+        if m:
+            turns = turns + [("assistant", m.group(0).strip()), ("tool", calculator(m.group(1).strip()))]
     run = generate(model, tok, turns, wav, cfg, rt, speech=True)
     text_ids, codes = deinterleave(run, tok)
     dev = rt.device
@@ -1325,7 +1350,7 @@ def speak(model, tok, turns, wav, cfg, rt, noise_seed=0):
     else:
         mel, audio = torch.zeros(cfg.n_voc_mels, 0), torch.zeros(0)
     return dict(run=run, text=tok.decode(text_ids).strip(), codes=codes, mel=mel,
-                wav=audio.float().cpu().numpy())
+                wav=audio.float().cpu().numpy(), turns=turns)
 
 
 def respond(model, tok, turns, wav, cfg, rt, tools=True):
@@ -1410,12 +1435,11 @@ def evaluate_speech(cfg, model, rt, tasks, ns, out):
     order = np.random.default_rng(1).permutation(len(tasks.spoken))[:ns]
     for j, i in enumerate(order):
         wav, q, ans, _ = tasks.spoken[i]
-        turns = [("system", "tools: none"), ("human", [("audio", len(wav))])]
-        r = speak(model, tok, turns, wav, cfg, rt, noise_seed=j)
+        turns = [("system", "tools: calculator"), ("human", [("audio", len(wav))])]
+        r = speak(model, tok, turns, wav, cfg, rt, noise_seed=j, tools=True)
         m.setdefault("speak_text_acc", []).append(norm(r["text"]) == norm(ans))
-        follow, _ = respond(model, tok,
-                            turns + [("assistant", [("ids", r["run"])]), ("human", "what was my question")],
-                            wav, cfg, rt, tools=False)
+        history = r["turns"] + [("assistant", [("ids", r["run"])]), ("human", "what was my question")]
+        follow, _ = respond(model, tok, history, wav, cfg, rt, tools=False)
         m.setdefault("speak_followup_acc", []).append(norm(follow) == norm(q))
         if len(r["wav"]):
             common.save_audio(os.path.join(spoken_dir, f"answer{j:03d}.wav"), r["wav"], cfg.sample_rate)
@@ -1505,8 +1529,8 @@ def sample(cfg):
     if cfg.input:
         wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)
         name = os.path.splitext(os.path.basename(cfg.input))[0]
-        text_answer = bool(cfg.prompt) or not cfg.speak   # spoken answers never call tools
-        system = ("system", "tools: calculator" if cfg.tools and text_answer else "tools: none")
+        text_answer = bool(cfg.prompt) or not cfg.speak
+        system = ("system", "tools: calculator" if cfg.tools else "tools: none")
         if text_answer:
             text_items.append((name, wav,
                                [system,
@@ -1535,13 +1559,15 @@ def sample(cfg):
         with open(os.path.join(out, name + ".txt"), "w") as f:
             f.write(text)
         common.log(text.rstrip() + f"\n(wrote {os.path.join(out, name)}.wav/.png/.txt)")
-    turns, wavs = [("system", "tools: none")], []        # a spoken conversation: the history keeps every turn
+    # a spoken conversation: the history keeps every turn (tool calls and results too)
+    turns, wavs = [("system", "tools: calculator" if cfg.tools else "tools: none")], []
     for k, (name, wav) in enumerate(spoken):
         turns, wavs = turns + [("human", [("audio", len(wav))])], wavs + [wav]
-        r = speak(model, tok, turns, wavs, cfg, rt, noise_seed=k)
-        turns.append(("assistant", [("ids", r["run"])]))
+        r = speak(model, tok, turns, wavs, cfg, rt, noise_seed=k, tools=cfg.tools)
+        tool = "".join(f"{role}: {c}\n" for role, c in r["turns"][len(turns):])   # a call and its result
+        turns = r["turns"] + [("assistant", [("ids", r["run"])])]
         common.save_sample(out, name, wav, cfg.sample_rate)
-        text = (f"turn {k + 1}: human: <audio {name}.wav>\n"
+        text = (f"turn {k + 1}: human: <audio {name}.wav>\n{tool}"
                 f"assistant (spoken, {len(r['codes'])} speech tokens, "
                 f"{len(r['wav']) / cfg.sample_rate:.2f} s): {r['text']}\n")
         if len(r["wav"]):

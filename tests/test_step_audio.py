@@ -17,7 +17,9 @@ What pins each loss term, target shift, sampler and schedule:
 - stages and lr (warm-up per stage, SFT cosine to 10 %): test_stage_schedule_and_what_each_stage_trains"""
 import copy
 import math
+import re
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,6 +199,60 @@ def test_calculator_and_the_tool_loop(monkeypatch):
     seen.clear()
     text, call = S.respond(None, tok, [("human", "q")], None, cfg, rt(), tools=False)
     assert call is None and len(seen) == 1  # without tools the call is not executed
+
+
+def test_a_spoken_answer_may_call_the_calculator_first(monkeypatch):
+    """speak(tools=True): a text reply that is a call is run, and the call and its result sit before the spoken run;
+    a reply that is not a call is dropped and the spoken run follows the question directly."""
+    tok, cfg = byte_tok(), tiny()
+    seen = []
+    call = [tok.call] + tok.encode("seven times eight") + [tok.end_call]
+    run = S.interleave(tok.encode("s"), [], tok, cfg.interleave)          # no speech tokens: no detokenizer
+
+    def fake_generate(model, tok_, turns, wav, cfg_, rt_, speech=False):
+        seen.append((turns, speech))
+        return run if speech else script
+    monkeypatch.setattr(S, "generate", fake_generate)
+    q = [("system", "tools: calculator"), ("human", "q")]
+    for script, extra in ((call, [("assistant", "<tool_call>seven times eight</tool_call>"), ("tool", "fifty six")]),
+                          (tok.encode("fifty"), [])):
+        seen.clear()
+        r = S.speak(None, tok, q, None, cfg, rt(), tools=True)
+        assert [s for _, s in seen] == [False, True] and seen[1][0] == q + extra and r["turns"] == q + extra
+        assert r["text"] == "s" and r["run"] == run
+    seen.clear()
+    assert S.speak(None, tok, q, None, cfg, rt())["turns"] == q and [s for _, s in seen] == [True]
+
+
+def test_tool_drills_need_the_tool_and_stay_off_the_question_bank():
+    """The drills' operands (13-99) are too many to memorise and never a bank question; the answer is the call and
+    the calculator's result; the text stage and SFT both draw them."""
+    rng = np.random.default_rng(0)
+    bank = {q for sp in ("train", "val", "test") for q, _ in S.bank_split(sp)[0]}
+    drills = [S.tool_drill(rng) for _ in range(300)]
+    for d in drills:
+        (_, system), (_, q), (_, made), (_, result), (_, answer) = d
+        call = S.arithmetic(q)
+        assert system == "tools: calculator" and q not in bank and made == f"<tool_call>{call}</tool_call>"
+        assert result == S.calculator(call) != "error" and answer == f"{call} is {result}"
+        a, op, b = re.fullmatch(r"(.+) (plus|minus|times) (.+)", call).groups()
+        a, b = S.words_to_number(a), S.words_to_number(b)
+        assert max(a, b) >= 13 and (op != "minus" or a >= b)
+    assert len({d[1][1] for d in drills}) > 250                   # hardly any repeats
+    assert {re.search(r" (plus|minus|times) ", d[1][1]).group(1) for d in drills} == {"plus", "minus", "times"}
+
+
+def test_the_text_stage_and_sft_draw_tool_drills(monkeypatch):
+    cfg = tiny(batch_size=2000)
+    fake = SimpleNamespace(texts=["hi"], questions=[(None, "what color is grass", "grass is green", None)],
+                           speech=[(None, "hi", None)], speakers=[0], spoken=[], has_voices=False,
+                           example=lambda task, i, rng, cfg, speak=None: (None, [("human", task)], None))
+    monkeypatch.setattr(S, "collate", lambda ex, tok, cfg, rt, cache=None: {"ex": ex})
+    sampler = S.Sampler(fake, byte_tok(cfg), cfg)
+    for stage, share in (("llm", 1 / 4), ("sft", 1 / 7)):   # sft: asr, tts x2, qa x2, followup, drill
+        ex = sampler.next(stage, rt())["ex"]
+        drills = [t for _, t in ex if t[0] == ("system", "tools: calculator") and t[2][1].startswith("<tool_call>")]
+        assert abs(len(drills) / len(ex) - share) < 0.03 and all(w is None for w, _ in ex)
 
 
 def test_voice_attributes_come_from_the_voices():
