@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -448,25 +449,78 @@ class Progress:
 
 
 def train_loop(cfg, rt, state, step, train_step, next_batch, evaluate, sampler=None, audio_seconds=None,
-               extra=None):
+               extra=None, patience=0):
     """The loop every file runs after its setup: train_step(state, next_batch(step), cfg, rt) until
     cfg.max_iters, a progress line per log_interval; every eval_interval steps and at the last,
     evaluate(out_dir/samples/stepNNNNNN) on rank 0, then the checkpoint of `state` (and sampler, and `extra`).
     audio_seconds: the audio one step consumes, a number or a function of the batch (default: batch_size
-    segments of cfg.segment samples on every rank). Ends with cleanup(rt)."""
+    segments of cfg.segment samples on every rank). Ends with cleanup(rt).
+
+    patience > 0 (early stopping): evaluate returns a validation loss, lower is better. Each new best
+    checkpoint is copied to out_dir/best.pt; after `patience` evals without one, training stops and best.pt
+    becomes ckpt.pt, so eval, sample and --init_from=resume start from the best step. The best value, its
+    step and the evals since travel in the checkpoint (extra["val_best"]), so a resume keeps counting."""
     prog = Progress(cfg, start_step=step)
     if audio_seconds is None:
         audio_seconds = cfg.batch_size * cfg.segment * rt.world_size / cfg.sample_rate
+    best = _resumed_val_best(cfg) if patience else None
+    ckpt, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     while step < cfg.max_iters:
         batch = next_batch(step)
         losses = train_step(state, batch, cfg, rt)
         step += 1
         prog.update(step, losses, audio_seconds(batch) if callable(audio_seconds) else audio_seconds)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if rt.master:
-                evaluate(os.path.join(cfg.out_dir, "samples", f"step{step:06d}"))
-            save_checkpoint(cfg, step, state, sampler=sampler, extra=extra)
+            val = evaluate(os.path.join(cfg.out_dir, "samples", f"step{step:06d}")) if rt.master else None
+            if patience and rt.master:
+                best = _next_val_best(best, val, step)
+            save_checkpoint(cfg, step, state, sampler=sampler,
+                            extra={**(extra or {}), "val_best": best} if patience else extra)
+            if not patience:
+                continue
+            if rt.master and best["step"] == step:
+                _copy_file(ckpt, best_path)
+            if _rank0_says(rt.master and best["bad"] >= patience):
+                log(f"early stop at step {step}: no lower val loss in {best['bad']} evals; ckpt.pt is now "
+                    f"the best, step {best['step']} (val {best['value']:.4f}; also best.pt)")
+                if rt.master:
+                    _copy_file(best_path, ckpt)
+                break
     cleanup(rt)
+
+
+def _resumed_val_best(cfg):
+    """The best validation loss so far ({value, step, bad}) from the checkpoint a resume starts from."""
+    if cfg.init_from != "resume":
+        return None
+    ck = torch.load(checkpoint_path(cfg), map_location="cpu", weights_only=True, mmap=True)  # only the extra
+    return (ck.get("extra") or {}).get("val_best")
+
+
+def _next_val_best(best, val, step):
+    try:
+        val = float(val)
+    except (TypeError, ValueError):
+        raise SystemExit("error: with a patience, evaluate must return a validation loss "
+                         f"(got {type(val).__name__})")
+    val = math.inf if math.isnan(val) else val  # a diverged eval is never the best
+    if best is None or val < best["value"]:
+        return dict(value=val, step=step, bad=0)
+    return {**best, "bad": best["bad"] + 1}
+
+
+def _rank0_says(flag):
+    """Rank 0's decision on every rank (only rank 0 evaluates; all ranks must stop together)."""
+    if _distributed():
+        box = [flag]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return flag
+
+
+def _copy_file(src, dst):  # atomic, as save_checkpoint writes
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
 
 # ----------------------------------------------------------------------------- checkpoints
 # One file, out_dir/ckpt.pt, holds the `state` dict a paper file's build() returns (models, optimizers,

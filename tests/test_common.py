@@ -791,6 +791,47 @@ def test_train_loop_steps_evaluates_and_checkpoints(tmp_path, capsys):
     assert "step 5/5 | loss 40.0000" in capsys.readouterr().out
 
 
+def test_train_loop_stops_at_the_best_val_and_resumes_its_count(tmp_path, capsys):
+    """patience: stop after that many evals without a lower val loss, with the best step's checkpoint as
+    ckpt.pt (and best.pt); the best value, its step and the count survive a resume; a new patience counts."""
+    val = {2: 3.0, 4: 2.0, 6: 2.5, 8: 2.4, 10: 1.5, 12: 1.6, 14: 1.7, 16: 1.8, 18: 1.9, 20: 2.0}
+    evals = []
+
+    def run(patience, max_iters, init_from="scratch"):
+        cfg = VocCfg(out_dir=str(tmp_path), max_iters=max_iters, eval_interval=2, init_from=init_from)
+        m = Tiny(4)
+        state = dict(model=m, opt=torch.optim.SGD(m.parameters(), 0.1))
+        step = common.init_from(cfg, state)
+
+        def train_step(st, batch, c, rt):  # the weight records the step: a checkpoint's step is readable
+            with torch.no_grad():
+                st["model"].b.bias.fill_(batch + 1)
+            return {"loss": torch.tensor(0.0)}
+
+        def evaluate(d):
+            evals.append(int(os.path.basename(d)[4:]))
+            return val[evals[-1]]
+        common.train_loop(cfg, CPU, state, step, train_step, lambda s: s, evaluate, patience=patience)
+        ck, best = (common.load_checkpoint(str(tmp_path / f)) for f in ("ckpt.pt", "best.pt"))
+        assert float(ck["models"]["model"]["b.bias"]) == ck["step"]
+        return ck, best
+
+    ck, best = run(2, 6)   # 3.0, 2.0 (best), 2.5: one eval without a lower one; the step limit ends it
+    assert evals == [2, 4, 6] and ck["step"] == 6 and best["step"] == 4
+    assert ck["extra"]["val_best"] == {"value": 2.0, "step": 4, "bad": 1}
+    assert "early stop" not in capsys.readouterr().out
+    ck, best = run(2, 20, "resume")  # 2.4 beats 2.5 but not the best 2.0: the second bad eval stops at 8
+    assert evals[3:] == [8] and ck["step"] == 4 and best["step"] == 4
+    assert ck["extra"]["val_best"] == {"value": 2.0, "step": 4, "bad": 0}
+    assert "early stop at step 8" in capsys.readouterr().out
+    ck, best = run(3, 20, "resume")  # from the best step, a larger patience: 1.5 at 10, then 3 worse evals
+    assert evals[4:] == [6, 8, 10, 12, 14, 16] and ck["step"] == 10 and best["step"] == 10
+    assert "early stop at step 16" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="must return a validation loss"):
+        common.train_loop(VocCfg(out_dir=str(tmp_path / "x"), max_iters=2), CPU, dict(model=Tiny(4)), 0,
+                          lambda *a: {}, lambda s: s, lambda d: {"val": 1.0}, patience=1)
+
+
 def test_check_vocoder_config():
     common.check_vocoder_config(VocCfg())
     common.check_vocoder_config(VocCfg(fmax=4000.0, fmax_loss=0.0), fmax_keys=("fmax", "fmax_loss"))
