@@ -20,8 +20,9 @@ Simplified here: the WavLM teacher is read from `wavlm.py --mode=features` outpu
 log-mel stand-in that the log names; losses are a plain weighted sum (no balancer); the CPU presets add
 EnCodec's reconstruction terms and a quantizer warm-up, and a re-seeded dead code keeps a grace (ours).
 The text tokenizer is a corpus BPE, not the 32k SentencePiece, so the released LM loads but is not sampled;
-the paper's five training stages become a short text stage, then the built-in dialogues.
-Aim 1300 lines not reached (1783): two models, each with its own losses, data, train, eval, sample, bench.
+the paper's five training stages become a short text stage, then the built-in dialogues (4 h of them; the
+codec's speech: 2 h), stopped when the val loss stops falling (--patience; ours, against overfitting).
+Aim 1300 lines not reached (1798): two models, each with its own losses, data, train, eval, sample, bench.
 
     python moshi.py                                        # 1. Mimi on the built-in speech corpus
     python moshi.py --stage=lm --codec=out/moshi/codec/ckpt.pt  # 2. the LM on Mimi codes of the dialogues
@@ -60,7 +61,7 @@ class Config:
     init_from: str = "scratch"         # scratch | resume | path (our ckpt.pt or the official .safetensors)
     out_dir: str = "out/moshi/{stage}"  # one folder per stage
     data_dir: str = ""                 # empty: the built-in speech corpus
-    corpus_hours: float = 2.0          # size of the built-in corpus
+    corpus_hours: float = 2.0          # size of the built-in corpus (the codec's; the LM's: lm_corpus_hours)
     input: str = ""                    # --mode=sample: a wav, not a held-out clip (lm: its user channel)
     codec: str = ""                    # --stage=lm: the Mimi checkpoint (ours or official) it models
     # SEANet encoder/decoder (§3.3; official loaders._seanet_kwargs)
@@ -145,6 +146,11 @@ class Config:
     lm_frames: int = 150               # training crop of the LM in 80 ms steps (12 s)
     text_iters: int = 0                # first steps: Helium text pretraining (stage 1, in miniature)
     lr_decay_iters: int = 500_000      # cosine decay of the LM's lr to 10 % by this step (then constant)
+    lm_corpus_hours: float = 4.0       # built-in corpus the LM reads (dialogues, text): twice the codec's, as
+                                       # on 2 h it overfits from its first eval, on 4 h later and lower (ours)
+    lm_max_iters: int = 0              # the LM's step limit (0: max_iters); the patience stop comes first
+    patience: int = 2                  # LM: evals without a lower val loss (text + audio CE) before training
+                                       # stops and keeps the best step (0: off; ours, against the overfit)
     temp: float = 0.8                  # sampling temperature of the audio tokens (§3.4.3)
     top_k: int = 250
     temp_text: float = 0.7             # ... and of the text token
@@ -170,6 +176,8 @@ class Config:
                  "--lm_frames >= 2")
             need(0 <= self.acoustic_delay < self.lm_frames,
                  f"--acoustic_delay must be in [0, --lm_frames) (got {self.acoustic_delay})")
+            need(self.lm_corpus_hours > 0 and self.lm_max_iters >= 0 and self.patience >= 0,
+                 "need --lm_corpus_hours > 0, --lm_max_iters >= 0 and --patience >= 0")
         need(frame == int(frame) and not int(frame) % hop, f"--frame_rate={self.frame_rate} needs "
              f"sample_rate/frame_rate to be a whole multiple of the SEANet hop {hop}")
         need(not self.segment % int(frame),
@@ -195,14 +203,15 @@ PRESETS = {
                   lr=1e-3, max_iters=1000, log_interval=20, eval_interval=250,
                   eval_items=8, probe_items=400, bench_seconds=4.0, kmeans_iters=20,  # codec: ~15 min, CPU
                   text_card=512, lm_dim=256, lm_layers=4, lm_heads=4, lm_context=500, dep_dim=128,
-                  dep_layers=2, dep_heads=4, dep_ffn=528, lm_frames=100, text_iters=200, lr_decay_iters=1000),
+                  dep_layers=2, dep_heads=4, dep_ffn=528, lm_frames=100, text_iters=200, lr_decay_iters=1000,
+                  lm_max_iters=2000),
     "tiny": dict(n_filters=4, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, n_q=4,
                  eval_n_q=3, q_dim=8, codebook_size=32, kmeans_iters=3, disc_filters=4, disc_n_ffts=(256,),
                  mel_scales=(6, 7), recon_loss=True, segment=5760, batch_size=2, max_iters=10, log_interval=1,
                  eval_interval=1000, eval_items=1, eval_seconds=0.96, probe_items=2, bench_seconds=0.96,
-                 bench_iters=1, corpus_hours=0.02, text_card=300, lm_card=32, dep_q=3, lm_dim=32, lm_layers=2,
-                 lm_heads=2, lm_context=100, dep_dim=16, dep_layers=1, dep_heads=2, dep_ffn=66, lm_frames=24,
-                 text_iters=2, lr_decay_iters=1000, converse_seconds=2.0),
+                 bench_iters=1, corpus_hours=0.02, lm_corpus_hours=0.02, text_card=300, lm_card=32, dep_q=3,
+                 lm_dim=32, lm_layers=2, lm_heads=2, lm_context=100, dep_dim=16, dep_layers=1, dep_heads=2,
+                 dep_ffn=66, lm_frames=24, text_iters=2, lr_decay_iters=1000, converse_seconds=2.0),
     "moshi-7b": dict(stage="lm", lr=3e-4, batch_size=16),  # the paper's LM: 7.69 B parameters
 }
 
@@ -1288,23 +1297,27 @@ def text_stream(words, n_frames, tok, frame_rate):
     return out
 
 
+def lm_corpus(cfg):  # the config the LM's data comes from: the built-in corpus at lm_corpus_hours
+    return dataclasses.replace(cfg, corpus_hours=cfg.lm_corpus_hours)
+
+
 def corpus_texts(cfg):
     """Stage 1 text (Helium pretraining in miniature): the speech corpus's sentences, the dialogues' lines."""
-    lines = [u.text for u in common.load_corpus(cfg, "train", 24000, kind="speech")]
+    lines = [u.text for u in common.load_corpus(lm_corpus(cfg), "train", 24000, kind="speech")]
     for u in dialogues(cfg, "train"):
         lines += [l.split(": ", 1)[1] for l in u.text.split(" / ")]
     return lines
 
 
 def dialogues(cfg, split):
-    return common.load_corpus(cfg, split, cfg.sample_rate, kind="dialogue", mono=False)
+    return common.load_corpus(lm_corpus(cfg), split, cfg.sample_rate, kind="dialogue", mono=False)
 
 
 def dialogue_tokens(cfg, split, mimi, tok):
     """Every dialogue of `split` as (1 + 2K, F) tokens: Moshi's text stream, Moshi's K Mimi codes (channel 1),
     the user's (channel 0). The codes are computed once, cached in out_dir/codes by codec, corpus and K."""
     st = os.stat(cfg.codec)
-    key = hashlib.md5(f"{os.path.abspath(cfg.codec)}|{st.st_size}|{st.st_mtime}|{cfg.corpus_hours}|"
+    key = hashlib.md5(f"{os.path.abspath(cfg.codec)}|{st.st_size}|{st.st_mtime}|{cfg.lm_corpus_hours}|"
                       f"{cfg.data_dir}|{cfg.dep_q}".encode()).hexdigest()[:10]
     path = os.path.join(cfg.out_dir, "codes", f"dialogue-{split}-{key}.npz")
     utts = dialogues(cfg, split)
@@ -1492,6 +1505,7 @@ def lm_evaluate(cfg, bundle=None, rt=None, samples_dir=None, split="test"):
 
 
 def lm_train(cfg):
+    cfg = dataclasses.replace(cfg, max_iters=cfg.lm_max_iters or cfg.max_iters)  # the codec's is max_iters
     rt = common.setup(cfg)
     state = lm_build(cfg, rt)
     common.log(f"params: LM {common.count_params(state['model']):,} (temporal + depth Transformer, "
@@ -1508,10 +1522,11 @@ def lm_train(cfg):
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=LM_ARCH_KEYS)
     state["model"] = common.wrap_ddp(common.compile(state["model"], cfg), rt)
 
-    def evaluate_val(samples):
-        lm_evaluate(cfg, (common.unwrap(state["model"]), tok, mimi), rt, samples, split="val")
+    def evaluate_val(samples):  # the objective, L = CE_text + CE_audio, on val: the early stop watches it
+        res = lm_evaluate(cfg, (common.unwrap(state["model"]), tok, mimi), rt, samples, split="val")
+        return res["text"] + res["audio"]
     common.train_loop(cfg, rt, state, step, lm_train_step, lambda step: lm_get_batch(sampler, cfg, rt, step),
-                      evaluate_val, sampler=sampler,
+                      evaluate_val, sampler=sampler, patience=cfg.patience,
                       audio_seconds=cfg.batch_size * rt.world_size * cfg.lm_frames / cfg.frame_rate)
 
 # ----------------------------------------------------------------------------- sample: the Moshi LM

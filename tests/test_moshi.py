@@ -27,6 +27,9 @@ Every loss term, target shift, sampler and schedule of moshi.py, and the test pi
 - LM sampler (top-k at a temperature, greedy at 0): test_sample_token_is_top_k_at_a_temperature; the streaming
   step's user timing (official LMGen: step s hears user frame s): test_streaming_timing_is_the_official_lmgen.
 - LM schedules (warm-up + cosine lr to 10 %, the text-only stage's first text_iters steps): test_lm_schedules.
+- LM early stop (patience on the val objective text + audio CE, lm_max_iters as its limit):
+  test_lm_stops_at_the_best_val_of_its_objective; its data at lm_corpus_hours:
+  test_the_lm_reads_its_own_corpus_hours.
 - inner-monologue text stream (EPAD rule; the overflow deviation from moshi-finetune's Interleaver):
   test_inner_monologue_against_the_official_interleaver, test_inner_monologue_puts_each_word_at_or_before_its_audio.
 - Not pinned: the per-step draw of the acoustic codebook count under q_dropout (off in `small`)."""
@@ -1043,6 +1046,46 @@ def test_lm_errors_are_one_line(tiny_codec):
             lm_cfg(**dict([flag[2:].split("=")]))
     with pytest.raises(SystemExit, match="does not exist"):
         M.lm_load_for_inference(lm_run("--preset=tiny", "--stage=lm", "--init_from=/nowhere.pt"), None)
+
+
+def test_the_lm_reads_its_own_corpus_hours(tiny_codec, tmp_path, monkeypatch):
+    """The LM's data (dialogues, stage-1 text, the code cache's key) come from the built-in corpus at
+    lm_corpus_hours, the codec's speech at corpus_hours; the CPU default LM reads 4 h, its codec 2 h."""
+    small = make_cfg("small", stage="lm")
+    assert (small.corpus_hours, small.lm_corpus_hours) == (2.0, 4.0)
+    asked = []
+    monkeypatch.setattr(common, "load_corpus",
+                        lambda c, split, sr, kind, **kw: asked.append((kind, c.corpus_hours)) or [])
+    cfg = lm_cfg(corpus_hours=0.5, lm_corpus_hours=0.03, codec=tiny_codec, out_dir=str(tmp_path))
+    M.corpus_texts(cfg), M.speech(cfg, "train")
+    assert asked == [("speech", 0.03), ("dialogue", 0.03), ("speech", 0.5)]
+    for kw in (dict(lm_corpus_hours=0.03), dict(lm_corpus_hours=0.03, corpus_hours=0.7),
+               dict(lm_corpus_hours=0.04)):
+        M.dialogue_tokens(lm_cfg(codec=tiny_codec, out_dir=str(tmp_path), **kw), "val", torch.nn.Linear(1, 1),
+                          None)
+    assert len(os.listdir(tmp_path / "codes")) == 2  # the key follows lm_corpus_hours, not corpus_hours
+
+
+def test_lm_stops_at_the_best_val_of_its_objective(tiny_codec, tmp_path, monkeypatch):
+    """lm_train hands train_loop its patience and, as the val loss, the objective L = CE_text + CE_audio on
+    val (not the semantic CE, nor one term); lm_max_iters replaces max_iters as the LM's step limit. Scripted
+    evals: the totals 5, 4, 4.5, 4.2 stop at step 4 with step 2's checkpoint; one term alone would not."""
+    val = {1: (1.0, 4.0), 2: (1.0, 3.0), 3: (2.0, 2.5), 4: (0.5, 3.7), 5: (0.1, 0.1), 6: (0.1, 0.1)}
+    evals = []
+
+    def fake_eval(cfg, bundle, rt, samples_dir, split):
+        evals.append(int(os.path.basename(samples_dir)[4:]))
+        return dict(text=val[evals[-1]][0], audio=val[evals[-1]][1], semantic=1.0 / evals[-1])
+    monkeypatch.setattr(M, "lm_evaluate", fake_eval)
+    base = ["--preset=tiny", "--stage=lm", f"--codec={tiny_codec}", "--device=cpu", "--compile=False",
+            "--eval_interval=1", "--max_iters=2", "--lm_max_iters=6"]
+    for patience, last, kept in ((2, 4, 2), (0, 6, 6)):
+        d = str(tmp_path / f"p{patience}")
+        M.lm_train(lm_run(*base, f"--patience={patience}", f"--out_dir={d}"))
+        assert evals[-1] == last
+        assert torch.load(f"{d}/ckpt.pt", weights_only=True)["step"] == kept
+    assert torch.load(f"{tmp_path}/p2/best.pt", weights_only=True)["extra"]["val_best"]["value"] == 4.0
+    assert not os.path.exists(f"{tmp_path}/p0/best.pt")
 
 
 def test_answer_metric_on_the_script():
