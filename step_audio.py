@@ -17,14 +17,15 @@ encoder), the flow, the vocoder, then supervised fine-tuning on a task mixture w
 
 Simplified versus the paper:
 - miniature stages on the built-in corpus (no Qwen2.5 start); SFT tasks: ASR, spoken QA, three
-  paralinguistic questions, a calculator tool, a follow-up turn, TTS and spoken answers in one voice;
+  paralinguistic questions, a calculator tool (also before a spoken answer; text drills over operands 1-99
+  teach it to read the result: ours), a follow-up turn, TTS and spoken answers in one voice;
 - no reinforcement learning stage (§3.4); the text:audio ratio 1:4 is ours (the paper gives none), decoded
   greedily under slot masks; speech tokens: FSQ on this file's own encoder, not a separate S3 model;
 - the detokenizer: a mean-mel speaker condition, a small estimator, 10 Euler steps, no guidance; the vocoder
   is trained on mel + STFT losses only (no adversary), so its speech is muffled;
 - `mini` has the official shapes (meta device only); no official weights are mapped (no reference to prove
   a key map against); the placeholder count is the official `compute_token_num`.
-Aim 1100 lines not reached (1639): seven training stages, two-part eval and the detokenizer stay.
+Aim 1100 lines not reached (1681): seven training stages, two-part eval and the detokenizer stay.
 
     python step_audio.py                                  # all seven stages (`small` on a CPU)
     python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
@@ -35,6 +36,7 @@ Aim 1100 lines not reached (1639): seven training stages, two-part eval and the 
     python step_audio.py --mode=bench
     torchrun --standalone --nproc_per_node=8 step_audio.py
 """
+import functools
 import math
 import os
 import re
@@ -157,9 +159,9 @@ PRESETS = {
     # a CPU run; 80 mel bins, as 128 cost much more time on a CPU
     "small": dict(n_mels=80, n_audio_state=128, n_audio_head=4, n_audio_layer=2, adaptor_hidden=256,
                   n_embd=192, n_layer=4, n_head=6, n_kv_head=2, ffn=512, rope_theta=1e4, tie_embeddings=True,
-                  corpus_hours=0.5, fsq_levels=(3, 3, 3, 3, 3), flow_dim=128, flow_layers=3, flow_heads=4,
-                  voc_channels=128, stage_iters=(400, 300, 150, 200, 300, 300), max_iters=3000, batch_size=8,
-                  eval_interval=1000, eval_items=24, eval_speech_items=8, compile=False),
+                  corpus_hours=2.0, flow_dim=128, flow_layers=3, flow_heads=4, voc_channels=128,
+                  stage_iters=(800, 1500, 150, 1000, 300, 300), max_iters=5800, batch_size=8,
+                  eval_interval=2000, eval_items=24, eval_speech_items=8, compile=False),
     # tests
     "tiny":  dict(n_mels=32, n_audio_ctx=400, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
                   adaptor_hidden=48, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, ffn=64, rope_theta=1e4,
@@ -928,19 +930,28 @@ def question_bank(split, cfg):
     return _BANK[key]
 
 
+DRILL_FRAC = 0.25   # the share of tool drills among the text stage's chats (ours)
+
+
 def tool_drill(rng):
-    """A text-only calculator chat over operands the question bank never uses (13-99): thousands of them, so
-    the answer can only be read off the tool's result, not remembered. Without these the bank's few hundred
-    questions are memorised and the result ignored (ours: the paper does not describe its tool data)."""
-    op = ("plus", "minus", "times")[int(rng.integers(3))]
-    a, b = int(rng.integers(13, 100)), int(rng.integers(2, 13) if op == "times" else rng.integers(13, 100))
-    a, b = (max(a, b), min(a, b)) if op == "minus" else (a, b)
-    call = f"{common.number_words(a)} {op} {common.number_words(b)}"
-    return [("system", "tools: calculator"), ("human", "what is " + call),
-            ("assistant", f"<tool_call>{call}</tool_call>"), ("tool", calculator(call)),
-            ("assistant", f"{call} is {calculator(call)}")]
+    """A text-only calculator chat: operands 1-99 (half from the bank's 1-12), never a held-out question.
+    There are thousands of them, so the answer can only be read off the tool's result, not remembered: without
+    them the bank's few hundred questions are memorised and the result ignored (ours: the paper does not
+    describe its tool data)."""
+    def num():
+        return int(rng.integers(1, 13) if rng.random() < 0.5 else rng.integers(13, 100))
+    while True:
+        op = ("plus", "minus", "times")[int(rng.integers(3))]
+        a, b = num(), int(rng.integers(1, 13)) if op == "times" else num()   # times: the second is 1-12
+        a, b = (max(a, b), min(a, b)) if op == "minus" else (a, b)
+        call = f"{common.number_words(a)} {op} {common.number_words(b)}"
+        if "what is " + call not in held_out_questions():
+            return [("system", "tools: calculator"), ("human", "what is " + call),
+                    ("assistant", f"<tool_call>{call}</tool_call>"), ("tool", calculator(call)),
+                    ("assistant", f"{call} is {calculator(call)}")]
 
 
+@functools.lru_cache(maxsize=None)
 def held_out_questions():
     """The val and test arithmetic questions: kept out of every training source
     (the dialogue corpus has some)."""
@@ -1117,9 +1128,10 @@ class Sampler:
 
     def next(self, stage, rt):
         cfg, tk, rng = self.cfg, self.tasks, self.rng
-        if stage == "llm":                               # the text chats, a quarter of them tool drills
+        if stage == "llm":                               # the text chats, DRILL_FRAC of them tool drills
             pick = lambda: self.chats[rng.integers(len(self.chats))]
-            ex = [(None, tool_drill(rng) if rng.random() < 0.25 else pick()) for _ in range(cfg.batch_size)]
+            ex = [(None, tool_drill(rng) if rng.random() < DRILL_FRAC else pick())
+                  for _ in range(cfg.batch_size)]
             return dict(collate(ex, self.tok, cfg, rt), stage=stage)
         # ASR (CTC): the encoder's pretraining, then the tokenizer's
         if stage in ("encoder", "tokenizer"):
@@ -1372,9 +1384,9 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     calculator (and without it, on the same questions); the multi-turn follow-up. Speech output, on
     eval_speech_items of them: the spoken answer's text, the follow-up after a spoken answer, the resynthesis
     mel distance of held-out speech (tokens -> flow -> vocoder, and the vocoder alone from the true mel) and
-    the tokenizer's own CTC WER. Writes the spoken answers, the resyntheses and their originals as wavs with a
-    refs.txt (name<TAB>intended text) per folder, for the WER of a separate ASR model (whisper.py
-    --mode=sample --input_dir=DIR prints it)."""
+    the tokenizer's own CTC WER. Writes the spoken answers, the resyntheses, the vocoder's copies and their
+    originals as wavs with a refs.txt (name<TAB>intended text) per folder, for the WER of a separate ASR model
+    (whisper.py --mode=sample --input_dir=DIR prints it)."""
     if model is None:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
@@ -1428,8 +1440,9 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
 def evaluate_speech(cfg, model, rt, tasks, ns, out):
     """The speech-output half of evaluate() (see there)."""
     tok, norm, m = model.tok, common.normalize_text, {}
-    spoken_dir, resyn_dir, orig_dir = (os.path.join(out, d) for d in ("spoken", "resynth", "original"))
-    for d in (spoken_dir, resyn_dir, orig_dir):
+    spoken_dir, resyn_dir, orig_dir, voc_dir = (os.path.join(out, d)
+                                                for d in ("spoken", "resynth", "original", "vocoded"))
+    for d in (spoken_dir, resyn_dir, orig_dir, voc_dir):
         os.makedirs(d, exist_ok=True)
     lines = []
     order = np.random.default_rng(1).permutation(len(tasks.spoken))[:ns]
@@ -1467,10 +1480,13 @@ def evaluate_speech(cfg, model, rt, tasks, ns, out):
         refs.append(text)
         common.save_audio(os.path.join(resyn_dir, f"resynth{j:03d}.wav"), resyn.float().cpu().numpy(),
                           cfg.sample_rate)
+        # the vocoder alone from the true mel: the most any resynthesis through it can keep
+        common.save_audio(os.path.join(voc_dir, f"resynth{j:03d}.wav"), copy.float().cpu().numpy(),
+                          cfg.sample_rate)
         # the ASR's yardstick
         common.save_audio(os.path.join(orig_dir, f"resynth{j:03d}.wav"), wav, cfg.sample_rate)
         lines.append(f"resynth{j:03d}\t{text}")
-    for d in (resyn_dir, orig_dir):
+    for d in (resyn_dir, orig_dir, voc_dir):
         with open(os.path.join(d, "refs.txt"), "w") as f:
             f.write("".join(l + "\n" for l in lines))
     out_m = {k: float(np.mean(v)) for k, v in m.items()}

@@ -224,21 +224,23 @@ def test_a_spoken_answer_may_call_the_calculator_first(monkeypatch):
     assert S.speak(None, tok, q, None, cfg, rt())["turns"] == q and [s for _, s in seen] == [True]
 
 
-def test_tool_drills_need_the_tool_and_stay_off_the_question_bank():
-    """The drills' operands (13-99) are too many to memorise and never a bank question; the answer is the call and
-    the calculator's result; the text stage and SFT both draw them."""
+def test_tool_drills_need_the_tool_and_never_ask_a_held_out_question():
+    """The drills' operands (1-99) are too many to memorise, and never a val/test bank question; the answer is the
+    call and the calculator's result; the text stage and SFT both draw them."""
     rng = np.random.default_rng(0)
-    bank = {q for sp in ("train", "val", "test") for q, _ in S.bank_split(sp)[0]}
-    drills = [S.tool_drill(rng) for _ in range(300)]
+    held = {q for sp in ("val", "test") for q, _ in S.bank_split(sp)[0]}
+    drills = [S.tool_drill(rng) for _ in range(2000)]
+    sizes = set()
     for d in drills:
         (_, system), (_, q), (_, made), (_, result), (_, answer) = d
         call = S.arithmetic(q)
-        assert system == "tools: calculator" and q not in bank and made == f"<tool_call>{call}</tool_call>"
+        assert system == "tools: calculator" and q not in held and made == f"<tool_call>{call}</tool_call>"
         assert result == S.calculator(call) != "error" and answer == f"{call} is {result}"
         a, op, b = re.fullmatch(r"(.+) (plus|minus|times) (.+)", call).groups()
         a, b = S.words_to_number(a), S.words_to_number(b)
-        assert max(a, b) >= 13 and (op != "minus" or a >= b)
-    assert len({d[1][1] for d in drills}) > 250                   # hardly any repeats
+        assert (op != "minus" or a >= b) and (op != "times" or b <= 12) and max(a, b) < 100
+        sizes.add((a > 12, b > 12))
+    assert len({d[1][1] for d in drills}) > 1500 and sizes == {(0, 0), (0, 1), (1, 0), (1, 1)}
     assert {re.search(r" (plus|minus|times) ", d[1][1]).group(1) for d in drills} == {"plus", "minus", "times"}
 
 
@@ -249,7 +251,7 @@ def test_the_text_stage_and_sft_draw_tool_drills(monkeypatch):
                            example=lambda task, i, rng, cfg, speak=None: (None, [("human", task)], None))
     monkeypatch.setattr(S, "collate", lambda ex, tok, cfg, rt, cache=None: {"ex": ex})
     sampler = S.Sampler(fake, byte_tok(cfg), cfg)
-    for stage, share in (("llm", 1 / 4), ("sft", 1 / 7)):   # sft: asr, tts x2, qa x2, followup, drill
+    for stage, share in (("llm", S.DRILL_FRAC), ("sft", 1 / 7)):   # sft: asr, tts x2, qa x2, followup, drill
         ex = sampler.next(stage, rt())["ex"]
         drills = [t for _, t in ex if t[0] == ("system", "tools: calculator") and t[2][1].startswith("<tool_call>")]
         assert abs(len(drills) / len(ex) - share) < 0.03 and all(w is None for w, _ in ex)
@@ -352,10 +354,13 @@ def test_cli_contract(tmp_path):
         assert key in out["eval"]
     assert list((tmp_path / "run").rglob("answer000.wav")) or list(tmp_path.rglob("answer000.wav"))
     # the resyntheses and their originals: the same names and intended texts, for a separate ASR's WER of each
-    resyn, orig = (next(tmp_path.rglob(f"eval_test/{d}")) for d in ("resynth", "original"))
-    assert (resyn / "refs.txt").read_text() == (orig / "refs.txt").read_text() != ""
-    assert sorted(p.name for p in resyn.glob("*.wav")) == sorted(p.name for p in orig.glob("*.wav")) != []
-    assert all((resyn / p.name).read_bytes() != p.read_bytes() for p in orig.glob("*.wav"))  # not the same audio
+    # and the vocoder alone from the true mel (resynthesis's ceiling)
+    resyn, orig, voc = (next(tmp_path.rglob(f"eval_test/{d}")) for d in ("resynth", "original", "vocoded"))
+    for d in (resyn, voc):
+        assert (d / "refs.txt").read_text() == (orig / "refs.txt").read_text() != ""
+        assert sorted(p.name for p in d.glob("*.wav")) == sorted(p.name for p in orig.glob("*.wav")) != []
+        assert all((d / p.name).read_bytes() != p.read_bytes() for p in orig.glob("*.wav"))  # not the same audio
+    assert all((voc / p.name).read_bytes() != p.read_bytes() for p in resyn.glob("*.wav"))
 
 
 def test_bad_flags_give_one_line(tmp_path):
