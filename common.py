@@ -1978,10 +1978,29 @@ def speak(jobs, sr=None, workers=None):
     """Speak sentences outside a corpus: [(text, speaker, pitch_jitter, rate_jitter)] ->
     [(float32 wav, words)].
     Blocks of 64 jobs, each by a fresh eSpeak instance (so the result does not depend on the worker count,
-    as in build_corpus); resampled to sr when given (word times stay in seconds)."""
-    workers = workers or min(4, os.cpu_count() or 1)
-    blocks = _map(_speak_block, [jobs[i:i + 64] for i in range(0, len(jobs), 64)], workers)
-    out = [(w.astype(np.float32) / 32768.0, words) for b in blocks for w, words in b]
+    as in build_corpus); resampled to sr when given (word times stay in seconds). Cached on disk per job list
+    (data/spoken-v<version>/<hash>.npz): eSpeak says a few utterances a little differently in each process,
+    and a resumed run must hear what the first run heard. The first process to finish writes the file; every
+    process then reads that one, so runs started together agree too."""
+    key = hashlib.md5(json.dumps([CORPUS_VERSION, ESPEAK_SR, list(map(list, jobs))]).encode()).hexdigest()
+    path = os.path.join(DATA_ROOT, f"spoken-v{CORPUS_VERSION}", key + ".npz")
+    if not os.path.exists(path):
+        blocks = _map(_speak_block, [jobs[i:i + 64] for i in range(0, len(jobs), 64)],
+                      workers or min(4, os.cpu_count() or 1))
+        wavs, words = [w for b in blocks for w, _ in b], [ws for b in blocks for _, ws in b]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, audio=np.concatenate(wavs + [np.zeros(0, np.int16)]), lengths=[len(w) for w in wavs],
+                 words=json.dumps(words))
+        try:
+            os.link(tmp, path)                           # fails if another process wrote it first
+        except FileExistsError:
+            pass
+        os.remove(tmp)
+    with np.load(path) as z:
+        ends, words = np.cumsum(z["lengths"]), json.loads(str(z["words"]))
+        out = [(z["audio"][e - n:e].astype(np.float32) / 32768.0, [tuple(w) for w in ws])
+               for e, n, ws in zip(ends, z["lengths"], words)]
     return [(resample(w, ESPEAK_SR, sr) if sr and sr != ESPEAK_SR else w, words) for w, words in out]
 
 

@@ -729,6 +729,28 @@ def test_speak_outside_a_corpus():
         assert [x[0] for x in words][:1] in (["what"], ["hello"]) and words[-1][2] <= len(w) / 16000 + 1e-3
 
 
+def test_speak_is_cached_so_every_process_hears_the_same(tmp_path, monkeypatch):
+    """eSpeak says some utterances a little differently in each process: common.speak keeps the first process's
+    audio on disk, per job list, and every later call (another process: a resumed run) reads it back."""
+    monkeypatch.setattr(common, "DATA_ROOT", str(tmp_path))
+    jobs = [("what is two plus seven", 3, 2, 0.01), ("hello there", 1, 2, 0.02)]
+    a = common.speak(jobs, sr=16000, workers=1)
+    files = list(tmp_path.rglob("*.npz"))
+    assert len(files) == 1 and not list(tmp_path.rglob("*.tmp*"))
+    calls = []
+    monkeypatch.setattr(common, "_speak_block", lambda block: calls.append(block))   # eSpeak is not asked again
+    b = common.speak(jobs, sr=16000, workers=1)
+    assert not calls and all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))
+    assert all(isinstance(t, tuple) and len(t) == 3 for _, ws in b for t in ws)
+    with np.load(files[0]) as z:                          # what is on disk wins (as when another process wrote it)
+        np.savez(files[0], audio=z["audio"] // 2, lengths=z["lengths"], words=z["words"])
+    c = common.speak(jobs, sr=16000, workers=1)
+    assert not calls and np.abs(c[1][0] - b[1][0] / 2).max() < 1e-3
+    with pytest.raises(TypeError):                       # another job list is another file: eSpeak is asked
+        common.speak(jobs[:1], sr=16000, workers=1)
+    assert calls
+
+
 # ----------------------------------------------------------------------------- shared loops of the vocoder files
 
 @dataclass
