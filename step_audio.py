@@ -17,15 +17,15 @@ encoder), the flow, the vocoder, then supervised fine-tuning on a task mixture w
 
 Simplified versus the paper:
 - miniature stages on the built-in corpus (no Qwen2.5 start); SFT tasks: ASR, spoken QA, three
-  paralinguistic questions, a calculator tool (also before a spoken answer; text and spoken drills over
-  operands 1-99 teach it to read the result: ours), a follow-up turn, TTS and spoken answers in one voice;
+  paralinguistic questions, a calculator tool (also before a spoken answer; text drills over operands 1-99
+  teach it to read the result: ours), a follow-up turn, TTS and spoken answers in one voice;
 - no reinforcement learning stage (§3.4); the text:audio ratio 1:4 is ours (the paper gives none), decoded
   greedily under slot masks; speech tokens: FSQ on this file's own encoder, not a separate S3 model;
 - the detokenizer: a mean-mel speaker condition, a small estimator, 10 Euler steps, no guidance; the vocoder
   is trained on mel + STFT losses only (no adversary), so its speech is muffled;
 - `mini` has the official shapes (meta device only); no official weights are mapped (no reference to prove
   a key map against); the placeholder count is the official `compute_token_num`.
-Aim 1100 lines not reached (1693): seven training stages, two-part eval and the detokenizer stay.
+Aim 1100 lines not reached (1681): seven training stages, two-part eval and the detokenizer stay.
 
     python step_audio.py                                  # all seven stages (`small` on a CPU)
     python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
@@ -104,7 +104,6 @@ class Config:
     answer_voice: int = 0               # the built-in voice that speaks the assistant's answers
     bank_size: int = 0                  # questions of the spoken question bank per split (0: all of them)
     bank_voices: int = 3                # voices each question of the bank is spoken in
-    spoken_drills: int = 300            # spoken calculator questions over operands 1-99 (train only, ours)
     # training stages in miniature (§3.2-3.4): text LLM, encoder ASR pretraining, adaptor alignment, the
     # speech tokenizer (FSQ + CTC), the flow-matching detokenizer, the vocoder; then SFT (text and speech)
     stage_iters: tuple = (300, 300, 200, 200, 400, 400)  # steps of the first six stages; SFT to max_iters
@@ -168,8 +167,7 @@ PRESETS = {
                   adaptor_hidden=48, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, ffn=64, rope_theta=1e4,
                   bpe_vocab=300, tie_embeddings=True, corpus_hours=0.02, fsq_levels=(3, 3), flow_dim=16,
                   flow_layers=1, flow_heads=2, voc_channels=16, voc_segment=1600, flow_max_codes=8,
-                  bank_size=6, bank_voices=1, spoken_drills=2, stage_iters=(0, 0, 0, 1, 1, 1), max_iters=4,
-                  batch_size=2,
+                  bank_size=6, bank_voices=1, stage_iters=(0, 0, 0, 1, 1, 1), max_iters=4, batch_size=2,
                   eval_interval=1000, eval_items=1, eval_speech_items=1, log_interval=1, max_new_tokens=6,
                   max_speech_tokens=12, bench_iters=1, bench_seconds=2.0, chunk_seconds=3.0, compile=False),
 }
@@ -903,7 +901,7 @@ def question_bank(split, cfg):
     spoken in the assistant's voice (answer_voice). Train and val are spoken by the training voices; test by
     the voice heard only in test (common.TEST_ONLY_SPEAKER) and bank_voices - 1 training voices, its facts by
     the test voice alone. -> [(wav, question, answer, answer wav)], 16 kHz float32."""
-    key = (split, cfg.bank_size, cfg.bank_voices, cfg.answer_voice, cfg.sample_rate, cfg.spoken_drills)
+    key = (split, cfg.bank_size, cfg.bank_voices, cfg.answer_voice, cfg.sample_rate)
     if key in _BANK:
         return _BANK[key]
     arith, facts = bank_split(split)
@@ -923,16 +921,6 @@ def question_bank(split, cfg):
         for v in voices:
             jobs.append((q, int(v), int(rng.integers(-4, 5)), float(rng.uniform(-0.05, 0.05))))
             items.append((q, a))
-    # train only: spoken tool drills in one voice each, so that after a spoken question too the answer is read
-    # off the calculator's result (text drills alone leave the spoken path recalling memorised answers; ours)
-    drills, drng = {}, np.random.default_rng([cfg.seed, 7])
-    while split == "train" and len(drills) < cfg.spoken_drills:
-        d = tool_drill(drng)
-        drills.setdefault(d[1][1], d[4][1])
-    for q, a in drills.items():
-        v = int(rng.choice(train_voices))
-        jobs.append((q, v, int(rng.integers(-4, 5)), float(rng.uniform(-0.05, 0.05))))
-        items.append((q, a))
     answers = sorted({a for _, a in items})
     jobs += [(a, cfg.answer_voice, 0, 0.0) for a in answers]
     wavs = [w.astype(np.float32) for w,
