@@ -998,7 +998,7 @@ class Tasks:
         a, call = ("audio", len(wav)), arithmetic(q)
         # the calculator is offered to a share of the questions, spoken answers too (§3.4); only arithmetic
         # calls it
-        tools = rng.random() < cfg.tool_frac if task in ("qa", "speak", "speak_followup") else False
+        tools = task in ("qa", "speak", "speak_followup") and rng.random() < cfg.tool_frac
         system = ("system", "tools: calculator" if tools else "tools: none")
         turns = [system, ("human", [a])]
         if tools and call:  # §3.4 tool calling: the call, the tool's result as its own turn, then the answer

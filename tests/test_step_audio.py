@@ -244,6 +244,25 @@ def test_tool_drills_need_the_tool_and_never_ask_a_held_out_question():
     assert {re.search(r" (plus|minus|times) ", d[1][1]).group(1) for d in drills} == {"plus", "minus", "times"}
 
 
+def test_spoken_answers_are_trained_with_and_without_the_calculator():
+    """A spoken answer's example: at tool_frac, the calculator offered, and for arithmetic the call and its result
+    before the interleaved run; otherwise the run follows the question (the qa examples likewise)."""
+    tasks, rng = S.Tasks(tiny(), "train"), np.random.default_rng(0)
+    i = next(k for k, x in enumerate(tasks.spoken) if S.arithmetic(x[1]))
+    call = S.arithmetic(tasks.spoken[i][1])
+    for frac, task in ((1.0, "speak"), (1.0, "speak_followup"), (1.0, "qa"), (0.0, "speak")):
+        j = i if task != "qa" else next(k for k, x in enumerate(tasks.questions) if x is tasks.spoken[i])
+        _, turns, _ = tasks.example(task, j, rng, tiny(tool_frac=frac), speak=lambda text, wav: [7])
+        roles = [r for r, _ in turns]
+        if frac:
+            assert turns[0] == ("system", "tools: calculator") and roles[:5] == ["system", "human", "assistant",
+                                                                                   "tool", "assistant"]
+            assert turns[2][1] == f"<tool_call>{call}</tool_call>" and turns[3][1] == S.calculator(call)
+        else:
+            assert turns[0] == ("system", "tools: none") and roles[:3] == ["system", "human", "assistant"]
+        assert (turns[4 if frac else 2][1] == [("ids", [7])]) == task.startswith("speak")
+
+
 def test_the_text_stage_and_sft_draw_tool_drills(monkeypatch):
     cfg = tiny(batch_size=2000)
     fake = SimpleNamespace(texts=["hi"], questions=[(None, "what color is grass", "grass is green", None)],
