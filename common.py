@@ -493,8 +493,7 @@ def _resumed_val_best(cfg):
     """The best validation loss so far ({value, step, bad}) from the checkpoint a resume starts from."""
     if cfg.init_from != "resume":
         return None
-    ck = torch.load(checkpoint_path(cfg), map_location="cpu", weights_only=True, mmap=True)  # only the extra
-    return (ck.get("extra") or {}).get("val_best")
+    return (load_checkpoint(checkpoint_path(cfg)).get("extra") or {}).get("val_best")
 
 
 def _next_val_best(best, val, step):
