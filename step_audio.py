@@ -17,8 +17,9 @@ encoder), the flow, the vocoder, then supervised fine-tuning on a task mixture w
 
 Simplified versus the paper:
 - miniature stages on the built-in corpus (no Qwen2.5 start); SFT tasks: ASR, spoken QA, three
-  paralinguistic questions, a calculator tool (also before a spoken answer; text drills over operands 1-99
-  teach it to read the result: ours), a follow-up turn, TTS and spoken answers in one voice;
+  paralinguistic questions, a calculator tool (offered with every SFT question, also before a spoken answer;
+  text drills over operands 1-99 teach it to read the result: ours), a follow-up turn, TTS and spoken answers
+  in one voice;
 - no reinforcement learning stage (§3.4); the text:audio ratio 1:4 is ours (the paper gives none), decoded
   greedily under slot masks; speech tokens: FSQ on this file's own encoder, not a separate S3 model;
 - the detokenizer: a mean-mel speaker condition, a small estimator, 10 Euler steps, no guidance; the vocoder
@@ -107,7 +108,9 @@ class Config:
     # training stages in miniature (§3.2-3.4): text LLM, encoder ASR pretraining, adaptor alignment, the
     # speech tokenizer (FSQ + CTC), the flow-matching detokenizer, the vocoder; then SFT (text and speech)
     stage_iters: tuple = (300, 300, 200, 200, 400, 400)  # steps of the first six stages; SFT to max_iters
-    tool_frac: float = 0.5              # questions with the calculator offered (arithmetic calls it)
+    # below 1, SFT asks the bank's arithmetic without the calculator too, answerable only from memory, and
+    # that memory then overrides the tool's result after a spoken question (ours, measured)
+    tool_frac: float = 1.0              # questions with the calculator offered (arithmetic calls it)
     lr: float = 1e-3                    # AdamW peak learning rate
     betas: tuple = (0.9, 0.95)          # AdamW betas
     weight_decay: float = 0.1           # AdamW weight decay

@@ -263,6 +263,17 @@ def test_spoken_answers_are_trained_with_and_without_the_calculator():
         assert (turns[4 if frac else 2][1] == [("ids", [7])]) == task.startswith("speak")
 
 
+def test_sft_offers_the_calculator_with_every_question_by_default():
+    """The default tool_frac is 1: a bank question asked without the calculator can only be answered from
+    memory, and that memory then overrode the tool's result after spoken questions."""
+    assert S.Config().tool_frac == 1.0 and "tool_frac" not in S.PRESETS["small"]
+    tasks, rng = S.Tasks(tiny(), "train"), np.random.default_rng(0)
+    for task in ("qa", "speak", "speak_followup"):
+        for j in range(12):
+            _, turns, _ = tasks.example(task, j, rng, tiny(), speak=lambda text, wav: [7])
+            assert turns[0] == ("system", "tools: calculator"), (task, j)
+
+
 def test_the_text_stage_and_sft_draw_tool_drills(monkeypatch):
     cfg = tiny(batch_size=2000)
     fake = SimpleNamespace(texts=["hi"], questions=[(None, "what color is grass", "grass is green", None)],
