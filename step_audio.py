@@ -26,7 +26,7 @@ Simplified versus the paper:
   is trained on mel + STFT losses only (no adversary), so its speech is muffled;
 - `mini` has the official shapes (meta device only); no official weights are mapped (no reference to prove
   a key map against); the placeholder count is the official `compute_token_num`.
-Aim 1100 lines not reached (1681): seven training stages, two-part eval and the detokenizer stay.
+Aim 1100 lines not reached (1684): seven training stages, two-part eval and the detokenizer stay.
 
     python step_audio.py                                  # all seven stages (`small` on a CPU)
     python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
