@@ -999,8 +999,8 @@ class Tasks:
         pool = self.spoken if task in ("speak", "speak_followup") else self.questions
         wav, q, ans, ans_wav = pool[i % len(pool)]
         a, call = ("audio", len(wav)), arithmetic(q)
-        # the calculator is offered to a share of the questions, spoken answers too (§3.4); only arithmetic
-        # calls it
+        # the calculator is offered to tool_frac of the questions (all by default), spoken answers too (§3.4);
+        # only arithmetic calls it
         tools = task in ("qa", "speak", "speak_followup") and rng.random() < cfg.tool_frac
         system = ("system", "tools: calculator" if tools else "tools: none")
         turns = [system, ("human", [a])]
