@@ -515,6 +515,26 @@ def test_flow_sampler_boundary_conditions():
     assert mel.shape == (cfg.n_voc_mels, 12) and wav.shape == (12 * 160,)
 
 
+def test_flow_reads_a_token_as_its_fsq_digits():
+    """The flow's token encoder sees a code as its mixed-radix digits in [-1, 1] (first level least
+    significant, as FSQ writes them), transcribed here by hand; a code that differs in one digit moves one
+    input."""
+    cfg = tiny()
+    cfg.fsq_levels = (3, 5, 3)
+    torch.manual_seed(0)
+    flow = S.Flow(cfg)
+    torch.nn.init.zeros_(flow.token_conv.weight), torch.nn.init.zeros_(flow.token_conv.bias)  # h = embed
+    codes = torch.tensor([[0, 1, 3, 44, 23]])
+    digits = []
+    for c in codes[0].tolist():
+        d0, d1, d2 = c % 3, (c // 3) % 5, c // 15
+        digits.append([(d0 - 1) / 1, (d1 - 2) / 2, (d2 - 1) / 1])
+    want = flow.mu(flow.embed(torch.tensor([digits]))).repeat_interleave(4, dim=1)
+    mu, _ = flow.cond(codes, torch.zeros(1, cfg.n_voc_mels))
+    torch.testing.assert_close(mu, want)
+    assert flow.embed.in_features == 3 and not any("fsq" in k for k in flow.state_dict())
+
+
 def test_vocoder_output_length_and_voc_mel_rate():
     cfg = tiny()
     voc = S.Vocoder(cfg)
