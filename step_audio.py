@@ -478,7 +478,7 @@ class Flow(nn.Module):
     that carries Gaussian noise (t = 0) to the mel (t = 1). The speaker is a prompt clip's mean mel (our
     stand-in for CosyVoice's CAMPPlus x-vector; the prompt mel is not used in-context). A token enters as its
     FSQ digits (ours: CosyVoice 2 looks each of the 6561 codes up in a table; digits let codes that differ in
-    one digit share what they mean, so the flow learns from 2 h of speech about 3x faster, measured)."""
+    one digit share what they mean, so the flow learns faster from 2 h of speech: measured)."""
     def __init__(self, cfg):
         super().__init__()
         d, m = cfg.flow_dim, cfg.n_voc_mels
