@@ -517,8 +517,7 @@ def test_flow_sampler_boundary_conditions():
 
 def test_flow_reads_a_token_as_its_fsq_digits():
     """The flow's token encoder sees a code as its mixed-radix digits in [-1, 1] (first level least
-    significant, as FSQ writes them), transcribed here by hand; a code that differs in one digit moves one
-    input."""
+    significant, as FSQ writes them), transcribed here by hand; the digits carry no parameters."""
     cfg = tiny()
     cfg.fsq_levels = (3, 5, 3)
     torch.manual_seed(0)
