@@ -11,9 +11,11 @@ multi-turn history. It also answers in speech: its vocabulary is extended with d
 CosyVoice 2's supervised FSQ tokens, 25 Hz), and a spoken answer is one run of text and audio tokens
 interleaved at a fixed ratio between <tts_start> and <tts_end> (§3.1), the text leading the speech that says
 it. The detokenizer turns the audio tokens into sound: conditional flow matching to mel, then a vocoder.
-Training follows the paper's stages in miniature (§3.2-3.4), seven stages of one run: a text LLM, the
-encoder on ASR (CTC), the adaptor on ASR (LLM frozen), the speech tokenizer (FSQ + CTC on the frozen
-encoder), the flow, the vocoder, then supervised fine-tuning on a task mixture with text and spoken answers.
+Training follows the paper's stages in miniature (§3.2-3.4), seven stages in two runs (--stage; one
+checkpoint each). --stage=speech trains the speech side: the encoder on ASR (CTC), the speech tokenizer (FSQ +
+CTC on the frozen encoder), the flow, the vocoder. --stage=llm starts from that checkpoint: a text LLM, the
+adaptor on ASR (encoder and LLM frozen), then supervised fine-tuning on a task mixture with text and spoken
+answers.
 
 Simplified versus the paper:
 - miniature stages on the built-in corpus (no Qwen2.5 start); SFT tasks: ASR, spoken QA, three
@@ -28,15 +30,17 @@ Simplified versus the paper:
   a key map against); the placeholder count is the official `compute_token_num`.
 Aim 1100 lines not reached (1687): seven training stages, two-part eval and the detokenizer stay.
 
-    python step_audio.py                                  # all seven stages (`small` on a CPU)
-    python step_audio.py --init_from=resume               # continue out/step_audio/ckpt.pt
-    python step_audio.py --mode=eval --init_from=out/step_audio/ckpt.pt  # test set; spoken, resynth and
+    python step_audio.py                          # 1. encoder, tokenizer, flow, vocoder (out/.../speech)
+    python step_audio.py --stage=llm              # 2. text LLM, adaptor, SFT (reads out/step_audio/speech)
+    python step_audio.py --stage=llm --init_from=resume   # continue out/step_audio/llm/ckpt.pt
+    python step_audio.py --mode=eval --init_from=out/step_audio/llm/ckpt.pt  # test set; spoken, resynth and
         # original clips with refs.txt each, for whisper.py --mode=sample --input_dir=... to score
-    python step_audio.py --mode=sample --init_from=out/step_audio/ckpt.pt --input=q.wav --followup=q2.wav
-    python step_audio.py --mode=sample --init_from=resume --input=a.wav --prompt="transcribe the audio"
+    python step_audio.py --mode=sample --init_from=out/step_audio/llm/ckpt.pt --input=q.wav --followup=q2.wav
+    python step_audio.py --mode=sample --init_from=out/step_audio/speech/ckpt.pt --input=a.wav  # resynthesis
     python step_audio.py --mode=bench
     torchrun --standalone --nproc_per_node=8 step_audio.py
 """
+import dataclasses
 import functools
 import math
 import os
@@ -56,8 +60,11 @@ import common
 class Config:
     mode: str = "train"                 # train | sample | eval | bench
     preset: str = "mini"                # a key of PRESETS
+    stage: str = "speech"               # speech (encoder, tokenizer, flow, vocoder) | llm (text LLM, adaptor,
+                                        # SFT; on a speech checkpoint)
     init_from: str = "scratch"          # scratch | resume | path to one of our checkpoints
-    out_dir: str = "out/step_audio"
+    out_dir: str = "out/step_audio/{stage}"  # one folder (ckpt.pt, log.txt, samples/) per stage
+    speech: str = "out/step_audio/speech/ckpt.pt"  # --stage=llm: the speech checkpoint it starts from
     data_dir: str = ""                  # empty: the built-in corpus (speech and dialogue)
     corpus_hours: float = 2.0           # size of the built-in corpus
     input: str = ""                     # --mode=sample: a wav to listen to (empty: held-out examples)
@@ -106,8 +113,10 @@ class Config:
     bank_size: int = 0                  # questions of the spoken question bank per split (0: all of them)
     bank_voices: int = 3                # voices each question of the bank is spoken in
     # training stages in miniature (§3.2-3.4): text LLM, encoder ASR pretraining, adaptor alignment, the
-    # speech tokenizer (FSQ + CTC), the flow-matching detokenizer, the vocoder; then SFT (text and speech)
-    stage_iters: tuple = (300, 300, 200, 200, 400, 400)  # steps of the first six stages; SFT to max_iters
+    # speech tokenizer (FSQ + CTC), the flow-matching detokenizer, the vocoder; then SFT (text and speech).
+    # --stage=speech: the encoder, tokenizer and flow counts, then the vocoder to max_iters; --stage=llm: the
+    # text LLM and adaptor counts, then SFT to llm_max_iters
+    stage_iters: tuple = (300, 300, 200, 200, 400)  # steps of the text LLM, encoder, adaptor, tokenizer, flow
     # below 1, SFT asks the bank's arithmetic without the calculator too, answerable only from memory, and
     # that memory then overrides the tool's result after a spoken question (ours, measured)
     tool_frac: float = 1.0              # questions with the calculator offered (arithmetic calls it)
@@ -117,7 +126,8 @@ class Config:
     warmup_iters: int = 30              # linear warm-up at the start of each stage
     grad_clip: float = 1.0              # gradient-norm clipping
     batch_size: int = 16                # examples per step
-    max_iters: int = 2000               # total steps (all stages)
+    max_iters: int = 2000               # total steps of --stage=speech (the vocoder takes the rest)
+    llm_max_iters: int = 0              # total steps of --stage=llm (SFT takes the rest; 0: max_iters)
     eval_interval: int = 500            # steps between evaluations on val
     eval_items: int = 24                # held-out examples per task (text answers)
     eval_speech_items: int = 8          # held-out examples for the spoken answers and resynthesis (slower)
@@ -131,12 +141,16 @@ class Config:
     compile: bool = True                # torch.compile (CUDA by default; a CPU only with --compile=True)
 
     def validate(self):
-        if any(s < 0 for s in self.stage_iters) or len(self.stage_iters) != 6:
-            raise SystemExit(f"error: --stage_iters takes six step counts >= 0 (got {self.stage_iters})")
-        if self.mode == "train" and self.max_iters < sum(self.stage_iters):
-            its = self.stage_iters
-            raise SystemExit(f"error: --max_iters={self.max_iters} is shorter than the first six stages, "
-                             f"--stage_iters={','.join(map(str, its))} (sum {sum(its)})")
+        if any(s < 0 for s in self.stage_iters) or len(self.stage_iters) != 5:
+            raise SystemExit(f"error: --stage_iters takes five step counts >= 0 (got {self.stage_iters})")
+        if self.stage not in ("speech", "llm"):
+            raise SystemExit(f"error: --stage={self.stage!r}: the stages are speech and llm")
+        its, names = self.stage_iters, ("max_iters", "encoder, tokenizer, flow") if self.stage == "speech" \
+            else ("llm_max_iters", "text LLM, adaptor")
+        first = its[1] + its[3] + its[4] if self.stage == "speech" else its[0] + its[2]
+        if self.mode == "train" and run_iters(self) < first:
+            raise SystemExit(f"error: --{names[0]}={run_iters(self)} is shorter than the {names[1]} stages "
+                             f"(--stage_iters={','.join(map(str, its))}: {first} steps)")
         if self.n_head % self.n_kv_head or self.n_embd % self.n_head:
             raise SystemExit("error: --n_head must be a multiple of --n_kv_head, and --n_embd of --n_head")
         if self.followup and (not os.path.isfile(self.followup) or not self.followup.lower().endswith(
@@ -163,14 +177,14 @@ PRESETS = {
     "small": dict(n_mels=80, n_audio_state=128, n_audio_head=4, n_audio_layer=2, adaptor_hidden=256,
                   n_embd=192, n_layer=4, n_head=6, n_kv_head=2, ffn=512, rope_theta=1e4, tie_embeddings=True,
                   corpus_hours=2.0, flow_dim=128, flow_layers=3, flow_heads=4, voc_channels=128,
-                  stage_iters=(600, 1200, 150, 1000, 500, 2500), max_iters=7350, batch_size=8,
-                  eval_interval=3675, eval_items=24, eval_speech_items=8, compile=False),
+                  stage_iters=(600, 2000, 150, 2000, 3000), max_iters=10000, llm_max_iters=3050, batch_size=8,
+                  eval_interval=10000, eval_items=24, eval_speech_items=8, compile=False),
     # tests
     "tiny":  dict(n_mels=32, n_audio_ctx=400, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
                   adaptor_hidden=48, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, ffn=64, rope_theta=1e4,
                   bpe_vocab=300, tie_embeddings=True, corpus_hours=0.02, fsq_levels=(3, 3), flow_dim=16,
                   flow_layers=1, flow_heads=2, voc_channels=16, voc_segment=1600, flow_max_codes=8,
-                  bank_size=6, bank_voices=1, stage_iters=(0, 0, 0, 1, 1, 1), max_iters=4, batch_size=2,
+                  bank_size=6, bank_voices=1, stage_iters=(0, 0, 0, 1, 1), max_iters=4, batch_size=2,
                   eval_interval=1000, eval_items=1, eval_speech_items=1, log_interval=1, max_new_tokens=6,
                   max_speech_tokens=12, bench_iters=1, bench_seconds=2.0, chunk_seconds=3.0, compile=False),
 }
@@ -1078,10 +1092,24 @@ def collate(examples, tok, cfg, rt, cache=None):
     return batch
 
 
+def run_iters(cfg):
+    """The total steps of this run (--stage)."""
+    return cfg.max_iters if cfg.stage == "speech" else cfg.llm_max_iters or cfg.max_iters
+
+
+def plan(cfg):
+    """The paper's stages this run trains, in order, with their steps: --stage=speech the encoder, tokenizer
+    and flow, then the vocoder to the end; --stage=llm the text LLM, the adaptor, then SFT to the end."""
+    its = dict(zip(STAGES, cfg.stage_iters))
+    first = ("encoder", "tokenizer", "flow") if cfg.stage == "speech" else ("llm", "adaptor")
+    last = "vocoder" if cfg.stage == "speech" else "sft"
+    return [(s, its[s]) for s in first] + [(last, run_iters(cfg) - sum(its[s] for s in first))]
+
+
 def stage_at(step, cfg):
-    """The training stage of a step (0-based): llm, encoder, adaptor, tokenizer, flow, vocoder, then sft."""
-    ends = np.cumsum(cfg.stage_iters)
-    return STAGES[int(np.searchsorted(ends, step, side="right"))] if step < ends[-1] else "sft"
+    """The training stage of a step (0-based)."""
+    names, ends = zip(*plan(cfg))
+    return names[min(int(np.searchsorted(np.cumsum(ends), step, side="right")), len(names) - 1)]
 
 
 def pad_frames(mel, n):
@@ -1241,14 +1269,15 @@ def trainable(stage, model):
 
 def lr_lambda(cfg):
     """A linear warm-up at the start of each stage, then constant; SFT decays with a cosine to 10 %."""
-    starts = [0] + [int(e) for e in np.cumsum(cfg.stage_iters)]
+    names, its = zip(*plan(cfg))
+    starts = [0] + [int(e) for e in np.cumsum(its)][:-1]
 
     def f(step):
         s = max(i for i, b in enumerate(starts) if step >= b)
         warm = min(1.0, (step - starts[s] + 1) / max(1, cfg.warmup_iters))
-        if s < 6:
+        if names[s] != "sft":
             return float(warm)
-        frac = (step - starts[6]) / max(1, cfg.max_iters - starts[6])
+        frac = (step - starts[s]) / max(1, its[s])
         return float(warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))))
     return f
 
@@ -1392,13 +1421,20 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
     mel distance of held-out speech (tokens -> flow -> vocoder, and the vocoder alone from the true mel) and
     the tokenizer's own CTC WER. Writes the spoken answers, the resyntheses, the vocoder's copies and their
     originals as wavs with a refs.txt (name<TAB>intended text) per folder, for the WER of a separate ASR model
-    (whisper.py --mode=sample --input_dir=DIR prints it)."""
+    (whisper.py --mode=sample --input_dir=DIR prints it). A --stage=speech model (no LLM yet): the resynthesis
+    and the tokenizer's CTC WER alone."""
     if model is None:
         rt = common.setup(cfg)
         model = load_for_inference(cfg, rt)
     tok, was = model.tok, model.training
     model.eval()
     tasks, rng, n, ns = Tasks(cfg, split), np.random.default_rng(0), cfg.eval_items, cfg.eval_speech_items
+    out = samples_dir or os.path.join(cfg.out_dir, f"eval_{split}")
+    if cfg.stage == "speech":
+        m_out = evaluate_speech(cfg, model, rt, tasks, ns, out)
+        model.train(was)
+        common.log(f"eval ({split}) | " + " | ".join(f"{k} {v:.3f}" for k, v in m_out.items()))
+        return m_out
     norm = common.normalize_text
     refs, hyps, m = [], [], {}
     for i in range(min(n, len(tasks.speech))):
@@ -1433,7 +1469,6 @@ def evaluate(cfg, model=None, rt=None, samples_dir=None, split="test"):
                 f.write(f"question: {q}\nexpected: {ans}\nanswer (no tools): {got}\nfollow-up: {follow}\n")
     m_out.update({k: float(np.mean(v)) for k, v in m.items()})
     m_out.update(n_clips=len(refs), n_questions=len(order))  # how many items each figure is over
-    out = samples_dir or os.path.join(cfg.out_dir, f"eval_{split}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "qa.tsv"), "w") as f:
         f.write("".join(r + "\n" for r in rows))
@@ -1448,10 +1483,10 @@ def evaluate_speech(cfg, model, rt, tasks, ns, out):
     tok, norm, m = model.tok, common.normalize_text, {}
     spoken_dir, resyn_dir, orig_dir, voc_dir = (os.path.join(out, d)
                                                 for d in ("spoken", "resynth", "original", "vocoded"))
-    for d in (spoken_dir, resyn_dir, orig_dir, voc_dir):
+    for d in (spoken_dir, resyn_dir, orig_dir, voc_dir)[cfg.stage == "speech":]:
         os.makedirs(d, exist_ok=True)
     lines = []
-    order = np.random.default_rng(1).permutation(len(tasks.spoken))[:ns]
+    order = np.random.default_rng(1).permutation(len(tasks.spoken))[:ns] if cfg.stage == "llm" else []
     for j, i in enumerate(order):
         wav, q, ans, _ = tasks.spoken[i]
         turns = [("system", "tools: calculator"), ("human", [("audio", len(wav))])]
@@ -1464,18 +1499,15 @@ def evaluate_speech(cfg, model, rt, tasks, ns, out):
             common.save_audio(os.path.join(spoken_dir, f"answer{j:03d}.wav"), r["wav"], cfg.sample_rate)
             # the text it meant to say, and the right answer
             lines.append(f"answer{j:03d}\t{r['text']}\t{ans}")
-    with open(os.path.join(spoken_dir, "refs.txt"), "w") as f:
-        f.write("".join(l + "\n" for l in lines))
+    if len(order):
+        with open(os.path.join(spoken_dir, "refs.txt"), "w") as f:
+            f.write("".join(l + "\n" for l in lines))
     lines, hyps, refs = [], [], []
     for j in range(min(ns, len(tasks.speech))):
         wav, text, _ = tasks.speech[j]
         mel = log_mel(wav[:chunk_lengths(len(wav), cfg)[0]], cfg)[None].to(rt.device)
         n_mel = torch.tensor([mel.shape[-1]], device=rt.device)
-        codes = model.speech_codes(mel, n_mel)[0]
-        spk = voc_mel(torch.from_numpy(wav).to(rt.device), cfg).mean(-1)  # the clip's own voice as the prompt
-        g = torch.Generator().manual_seed(j)
-        _, resyn = model.detokenize(codes, spk, cfg,
-                                    torch.randn(1, 4 * len(codes), cfg.n_voc_mels, generator=g).to(rt.device))
+        resyn = resynthesize(model, wav, cfg, rt, seed=j)
         copy = model.vocoder(voc_mel(torch.from_numpy(wav).to(rt.device), cfg)[None])[0]
         ref = torch.from_numpy(wav)
         m.setdefault("resynth_mel_dist", []).append(common.mel_distance(resyn.cpu(), ref, cfg.sample_rate))
@@ -1500,32 +1532,64 @@ def evaluate_speech(cfg, model, rt, tasks, ns, out):
     return out_m
 
 
+def speech_checkpoint(cfg):
+    """--stage=llm from scratch: the speech checkpoint it starts from, whose config fixes the architecture."""
+    ckpt = common.load_checkpoint(cfg.speech) if os.path.isfile(cfg.speech) else None
+    if not (common.is_ours(ckpt) and ckpt["paper"] == "step_audio"
+            and ckpt["config"].get("stage") == "speech"):
+        raise SystemExit(f"error: --stage=llm starts from a step_audio --stage=speech checkpoint; "
+                         f"--speech={cfg.speech!r} is not one (train it with python step_audio.py)")
+    for k in ARCH_KEYS:
+        setattr(cfg, k, common._from_json(ckpt["config"][k], getattr(cfg, k)))
+    return ckpt
+
+
+@torch.no_grad()
+def resynthesize(model, wav, cfg, rt, seed=0):
+    """A wav (T,) through the speech side alone: its speech tokens (each 25 s chunk's), then flow matching
+    with the clip's own mean mel as the voice, then the vocoder -> (about T,)."""
+    codes = []
+    size = int(cfg.chunk_seconds * cfg.sample_rate)
+    for s, n in zip(range(0, len(wav), size), chunk_lengths(len(wav), cfg)):
+        mel = log_mel(wav[s:s + n], cfg)[None].to(rt.device)
+        codes.append(model.speech_codes(mel, torch.tensor([mel.shape[-1]], device=rt.device))[0])
+    codes = torch.cat(codes)
+    spk = voc_mel(torch.from_numpy(wav).to(rt.device), cfg).mean(-1)
+    noise = torch.randn(1, 4 * len(codes), cfg.n_voc_mels, generator=torch.Generator().manual_seed(seed))
+    return model.detokenize(codes, spk, cfg, noise.to(rt.device))[1]
+
+
 def train(cfg):
     rt = common.setup(cfg)
+    speech = speech_checkpoint(cfg) if cfg.stage == "llm" and cfg.init_from == "scratch" else None
+    cfg = dataclasses.replace(cfg, max_iters=run_iters(cfg))   # the loop runs to max_iters
     tasks, val = Tasks(cfg, "train"), Tasks(cfg, "val")
     common.check_clips([w for w, _, _ in tasks.speech], 1600, "train split")
     common.check_clips([w for w, _, _ in val.speech], 1600, "val split")
     tok = build_tokenizer(cfg, tasks)
-    if common.checkpoint_path(cfg) and cfg.init_from != "scratch":  # keep the checkpoint's tokenizer
-        ckpt = common.load_checkpoint(common.checkpoint_path(cfg))
-        if common.is_ours(ckpt) and "tokenizer" in ckpt.get("extra", {}):
-            tok = Tokenizer(common.ranks_from_text(ckpt["extra"]["tokenizer"]), n_codes(cfg))
+    ckpt = speech or (common.load_checkpoint(common.checkpoint_path(cfg)) if cfg.init_from != "scratch"
+                      else {})
+    if common.is_ours(ckpt) and "tokenizer" in ckpt.get("extra", {}):   # keep the checkpoint's tokenizer
+        tok = Tokenizer(common.ranks_from_text(ckpt["extra"]["tokenizer"]), n_codes(cfg))
     # the corpus BPE decides the vocabulary (stored in the config)
     if cfg.vocab_size == 0:
         cfg.vocab_size = tok.n_vocab
     state = build(cfg, rt)
     state["model"].tok = tok
-    ends = np.cumsum(cfg.stage_iters)
     common.log(f"StepAudio {common.count_params(state['model']) / 1e6:.2f} M params, "
-               f"vocabulary {tok.n_vocab} "
-               f"({tok.n_codes} speech tokens); stages: "
-               + ", ".join(f"{s} to step {e}" for s, e in zip(STAGES, ends))
-               + f", sft to {cfg.max_iters}")
+               f"vocabulary {tok.n_vocab} ({tok.n_codes} speech tokens); --stage={cfg.stage}: "
+               + ", ".join(f"{s} {n} steps" for s, n in plan(cfg)))
     sampler = Sampler(tasks, tok, cfg, rt.rank, rt.world_size)
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS)
+    sched = state["sched"]            # SFT's cosine ends at max_iters: a new one on resume sets this step's lr
+    for g, base, f in zip(state["opt"].param_groups, sched.base_lrs, sched.lr_lambdas):
+        g["lr"] = base * f(step)
     raw = state["model"]
+    if speech:                                           # the encoder, tokenizer, flow and vocoder, trained
+        common.load_models(speech, cfg, {"model": raw}, ARCH_KEYS)
+        common.log(f"initialized the model from {cfg.speech} (its speech stage)")
     # the assistant's voice: the mean mel of an answer it spoke
-    if tasks.spoken and step == 0:
+    if tasks.spoken and step == 0 and cfg.stage == "speech":
         raw.answer_voice.copy_(voc_mel(torch.from_numpy(tasks.spoken[0][3]), cfg).mean(-1))
     sampler.model = raw
     state["model"] = common.wrap_ddp(common.compile(raw, cfg), rt, find_unused_parameters=True)
@@ -1547,6 +1611,15 @@ def sample(cfg):
     model = load_for_inference(cfg, rt)
     tok, out = model.tok, os.path.join(cfg.out_dir, "samples")
     os.makedirs(out, exist_ok=True)
+    if cfg.stage == "speech":            # no LLM yet: the speech side alone, tokens -> flow -> vocoder
+        clips = ([(os.path.splitext(os.path.basename(cfg.input))[0],
+                   common.load_audio(cfg.input, sr=cfg.sample_rate)[0])] if cfg.input else
+                 [(f"speech{k}", w) for k, (w, _, _) in enumerate(Tasks(cfg, "test").speech[:2])])
+        for name, wav in clips:
+            resyn = resynthesize(model, wav, cfg, rt).float().cpu().numpy()
+            common.save_sample(out, name + "_resynth", resyn, cfg.sample_rate, ref=wav)
+            common.log(f"resynthesis of {name}: wrote {os.path.join(out, name)}_resynth.wav/.png")
+        return
     text_items, spoken = [], []
     if cfg.input:
         wav, _ = common.load_audio(cfg.input, sr=cfg.sample_rate)

@@ -295,9 +295,14 @@ def test_voice_attributes_come_from_the_voices():
 # ----------------------------------------------------------------------------- training
 
 def test_stage_schedule_and_what_each_stage_trains():
-    cfg = tiny(stage_iters=(2, 3, 1, 1, 2, 1), max_iters=13)
-    assert [S.stage_at(s, cfg) for s in range(13)] == ["llm"] * 2 + ["encoder"] * 3 + ["adaptor"] + ["tokenizer"] + \
-        ["flow"] * 2 + ["vocoder"] + ["sft"] * 3
+    """--stage=speech: encoder, tokenizer, flow, then the vocoder to max_iters; --stage=llm: text LLM, adaptor,
+    then SFT to llm_max_iters (0: max_iters)."""
+    sp = tiny(stage_iters=(2, 3, 1, 1, 2), max_iters=8, llm_max_iters=6)
+    assert [S.stage_at(s, sp) for s in range(8)] == ["encoder"] * 3 + ["tokenizer"] + ["flow"] * 2 + ["vocoder"] * 2
+    assert S.run_iters(sp) == 8 and S.run_iters(dataclasses.replace(sp, llm_max_iters=0, stage="llm")) == 8
+    cfg = dataclasses.replace(sp, stage="llm")
+    assert S.run_iters(cfg) == 6 and [S.stage_at(s, cfg) for s in range(6)] == ["llm"] * 2 + ["adaptor"] + ["sft"] * 3
+    assert S.stage_at(0, tiny(stage_iters=(0, 0, 0, 0, 0))) == "vocoder"    # a stage of 0 steps is skipped
     m = S.StepAudio(cfg)
     ids = lambda *mods: {id(p) for mod in mods for p in mod.parameters()}
     assert S.trainable("llm", m) == ids(m.model)
@@ -308,11 +313,13 @@ def test_stage_schedule_and_what_each_stage_trains():
     assert S.trainable("flow", m) == ids(m.flow) and S.trainable("vocoder", m) == ids(m.vocoder)
     f = S.lr_lambda(cfg)
     assert f(0) == pytest.approx(1 / cfg.warmup_iters) and f(2) == pytest.approx(1 / cfg.warmup_iters)  # warm-up per stage
-    for step in (10, 11, 12):                  # SFT (from step 10 of 13): warm-up times a cosine from 1 to 0.1
-        warm, frac = min(1.0, (step - 9) / cfg.warmup_iters), (step - 10) / 3
+    for step in (3, 4, 5):                     # SFT (from step 3 of 6): warm-up times a cosine from 1 to 0.1
+        warm, frac = min(1.0, (step - 2) / cfg.warmup_iters), (step - 3) / 3
         assert f(step) == pytest.approx(warm * (0.1 + 0.45 * (1 + math.cos(math.pi * frac))))
-    g = S.lr_lambda(tiny(stage_iters=(2, 3, 1, 1, 2, 1), max_iters=13, warmup_iters=1))
-    assert g(13) == pytest.approx(0.1) and g(3) == 1.0
+    g = S.lr_lambda(dataclasses.replace(cfg, warmup_iters=1))
+    assert g(6) == pytest.approx(0.1) and g(2) == 1.0
+    h = S.lr_lambda(dataclasses.replace(sp, warmup_iters=4))   # the speech stage: warm-up, then constant
+    assert [h(s) for s in range(8)] == pytest.approx([0.25, 0.5, 0.75, 0.25, 0.25, 0.5, 0.25, 0.5])
 
 
 @pytest.mark.parametrize("stage", ["sft", "adaptor", "encoder"])
@@ -375,9 +382,19 @@ def test_golden_step(stage):
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_contract(tmp_path):
-    out = check_cli_contract("step_audio.py", tmp_path, flags=("--stage_iters=0,1,0,1,1,0",),
-                             bench_keys=("prefill_ms", "decode_tokens_per_s", "time_to_first_audio_ms", "spoken_rtf"))
-    assert "encoder to step 1, adaptor to step 1, tokenizer to step 2, flow to step 3" in out["train"]
+    """Both stages keep the contract: --stage=speech (resynthesis samples and eval), then --stage=llm on its
+    checkpoint (--speech)."""
+    bench_keys = ("prefill_ms", "decode_tokens_per_s", "time_to_first_audio_ms", "spoken_rtf")
+    sp = check_cli_contract("step_audio.py", tmp_path / "speech", flags=("--stage_iters=0,1,0,1,1",),
+                            bench_keys=bench_keys)
+    assert "encoder 1 steps, tokenizer 1 steps, flow 1 steps, vocoder 0 steps" in sp["train"]
+    assert "vocoder" in sp["resume"] and "resynthesis of speech0" in sp["sample"]
+    line = next(l for l in sp["eval"].splitlines() if l.startswith("eval ("))   # no LLM yet: the speech side
+    assert "resynth_mel_dist" in line and "tokenizer_ctc_wer" in line and "| wer" not in line
+    # one step of each: SFT's first step has the same lr whatever max_iters (its cosine starts at 1)
+    out = check_cli_contract("step_audio.py", tmp_path, flags=("--stage_iters=1,0,1,0,0", "--stage=llm",
+                             f"--speech={tmp_path / 'speech' / 'run' / 'ckpt.pt'}"), bench_keys=bench_keys)
+    assert "llm 1 steps, adaptor 1 steps, sft 1 steps" in out["train"] and "(its speech stage)" in out["train"]
     assert "sft" in out["resume"] and "assistant:" in out["sample"] and "assistant (spoken" in out["sample"]
     assert "what was my question" in out["sample"]
     for key in ("wer", "qa_acc", "followup_acc", "speak_text_acc", "resynth_mel_dist", "tokenizer_ctc_wer"):
@@ -394,7 +411,10 @@ def test_cli_contract(tmp_path):
 
 
 def test_bad_flags_give_one_line(tmp_path):
-    assert "shorter than the first six stages" in error_of("step_audio.py", "--preset=tiny", "--max_iters=2")
+    assert "shorter than the encoder, tokenizer, flow stages" in error_of("step_audio.py", "--preset=tiny",
+                                                                         "--max_iters=1")
+    assert "not one (train it with" in error_of("step_audio.py", "--preset=tiny", "--stage=llm",
+                                                f"--speech={tmp_path}/none.pt")
     assert "does not exist" in error_of("step_audio.py", "--mode=sample", f"--init_from={tmp_path}/none.pt")
     assert "--input" in error_of("step_audio.py", "--preset=tiny", "--mode=sample", "--input=/no/such.wav")
     # the rest of validate() in-process (parse_config prints its SystemExit as the one error line, as above)
