@@ -18,10 +18,11 @@ adaptor on ASR (encoder and LLM frozen), then supervised fine-tuning on a task m
 answers.
 
 Simplified versus the paper:
-- miniature stages on the built-in corpus (no Qwen2.5 start); SFT tasks: ASR, spoken QA, three
-  paralinguistic questions, a calculator tool (offered with every SFT question, also before a spoken answer;
-  text drills over operands 1-99 teach it to read the result: ours), a follow-up turn, TTS and spoken answers
-  in one voice;
+- miniature stages on the built-in corpus (no Qwen2.5 start), in two runs, the speech side first (ours: the
+  LLM's stages read the frozen encoder and tokenizer, and each run fits 15 minutes on a CPU); SFT tasks:
+  ASR, spoken QA, three paralinguistic questions, a calculator tool (offered with every SFT question, also
+  before a spoken answer; text drills over operands 1-99 teach it to read the result: ours), a follow-up
+  turn, TTS and spoken answers in one voice;
 - no reinforcement learning stage (§3.4); the text:audio ratio 1:4 is ours (the paper gives none), decoded
   greedily under slot masks; speech tokens: FSQ on this file's own encoder, not a separate S3 model;
 - the detokenizer: a mean-mel speaker condition, tokens read as FSQ digits (ours), a small estimator,
@@ -1581,7 +1582,7 @@ def train(cfg):
                + ", ".join(f"{s} {n} steps" for s, n in plan(cfg)))
     sampler = Sampler(tasks, tok, cfg, rt.rank, rt.world_size)
     step = common.init_from(cfg, state, sampler=sampler, arch_keys=ARCH_KEYS)
-    sched = state["sched"]            # SFT's cosine ends at max_iters: a new one on resume sets this step's lr
+    sched = state["sched"]     # SFT's cosine ends at max_iters: a new one on resume sets this step's lr
     for g, base, f in zip(state["opt"].param_groups, sched.base_lrs, sched.lr_lambdas):
         g["lr"] = base * f(step)
     raw = state["model"]

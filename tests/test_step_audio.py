@@ -395,6 +395,13 @@ def test_cli_contract(tmp_path):
     out = check_cli_contract("step_audio.py", tmp_path, flags=("--stage_iters=1,0,1,0,0", "--stage=llm",
                              f"--speech={tmp_path / 'speech' / 'run' / 'ckpt.pt'}"), bench_keys=bench_keys)
     assert "llm 1 steps, adaptor 1 steps, sft 1 steps" in out["train"] and "(its speech stage)" in out["train"]
+    # the llm stage starts from the speech checkpoint and leaves its parts as they were
+    sp_w, llm_w = (torch.load(p / "run" / "ckpt.pt", weights_only=True)["models"]["model"]
+                   for p in (tmp_path / "speech", tmp_path))
+    speech_side = [k for k in sp_w if k.split(".")[0] in ("encoder", "ctc_head", "speech_tokenizer", "flow",
+                                                            "vocoder", "answer_voice")]
+    assert len(speech_side) > 20 and all(torch.equal(sp_w[k], llm_w[k]) for k in speech_side)
+    assert not torch.equal(sp_w["model.norm.weight"], llm_w["model.norm.weight"])
     assert "sft" in out["resume"] and "assistant:" in out["sample"] and "assistant (spoken" in out["sample"]
     assert "what was my question" in out["sample"]
     for key in ("wer", "qa_acc", "followup_acc", "speak_text_acc", "resynth_mel_dist", "tokenizer_ctc_wer"):
