@@ -388,13 +388,15 @@ class LLM(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x, pos0=0, cache=None):             # x: (B, T, D) input embeddings -> (B, T, vocab)
+    def forward(self, x, pos0=0, cache=None, keep=None):  # x: (B, T, D) input embeddings -> (B, T, vocab)
         pos = torch.arange(pos0, pos0 + x.shape[1], device=x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, pos, cache, i)
         if cache is not None:
             cache.length = pos0 + x.shape[1]
-        return self.lm_head(self.norm(x))
+        # keep (B, T) bool: the logits of those positions only, (K, vocab); training needs no others, and the
+        # head over 7k tokens is half a small model's step (ours, the loss is the same)
+        return self.lm_head(self.norm(x if keep is None else x[keep]))
 
 
 # the CTC alphabet of encoder pretraining (0 = blank)
@@ -607,7 +609,7 @@ class StepAudio(nn.Module):
 
     def forward(self, ids=None, mel=None, n_mel=None, patch_id=None, ctc=False,
                 frozen_encoder=True, batch=None,
-                cfg=None):
+                cfg=None, keep=None):
         """Logits over the vocabulary (B, T, V); with ctc=True the encoder's CTC logits
         (B, T', chars) instead; with a batch of the tokenizer, flow or vocoder stage, that stage's loss (so
         DDP sees every stage)."""
@@ -620,7 +622,7 @@ class StepAudio(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
                 h = self.encoder(mel, n_mel)             # frozen after its pretraining (§3.2)
             feats = self.adapt(h, n_mel)
-        return self.model(self.embed(ids, feats, patch_id))
+        return self.model(self.embed(ids, feats, patch_id), keep=keep)
 
     def stage_loss(self, batch, cfg):
         # CTC through the FSQ bottleneck on the frozen encoder
@@ -803,9 +805,16 @@ def calculator(expr):
 
 # ----------------------------------------------------------------------------- loss
 
+def trained(labels):
+    """(B, T) bool: the positions whose next token is a target (training runs the LM head there alone)."""
+    return F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+
+
 def lm_loss(logits, labels):
     """Next-token cross-entropy on the assistant turns only: labels are -100 elsewhere (the prompt, the user's
-    audio and words, tool results, padding)."""
+    audio and words, tool results, padding). logits: (B, T, V), or (K, V) at the trained(labels) positions."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), labels[:, 1:][labels[:, 1:] != -100])
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
@@ -1303,7 +1312,8 @@ def train_step(state, batch, cfg, rt):
         elif batch["stage"] in ("tokenizer", "flow", "vocoder"):
             loss = model(batch=batch, cfg=cfg)
         else:
-            logits = model(batch["ids"], batch["mel"], batch["n_mel"], raw.tok.patch)
+            logits = model(batch["ids"], batch["mel"], batch["n_mel"], raw.tok.patch,
+                           keep=trained(batch["labels"]))   # (K, V): the trained positions only
             loss = lm_loss(logits, batch["labels"])
     opt.zero_grad(set_to_none=True)
     loss.backward()

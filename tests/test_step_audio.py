@@ -176,6 +176,10 @@ def test_loss_is_masked_to_the_assistant_turns():
     logp = logits.log_softmax(-1)[0]
     nll = [-logp[t, labels[t + 1]] for t in range(len(ids) - 1) if labels[t + 1] != -100]
     assert S.lm_loss(logits, lab).item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-6)
+    # training computes the head at the trained positions alone: (K, V) logits, the same loss
+    keep = S.trained(lab)
+    assert keep.sum() == len(nll)
+    assert S.lm_loss(logits[keep], lab).item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-6)
     p_ids, p_labels = S.render(turns[:2], tok, cfg, generate=True)
     assert p_ids[-len(tok.encode("assistant\n")) - 1:] == [tok.bot] + tok.encode("assistant\n")
 
