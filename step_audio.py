@@ -29,7 +29,7 @@ Simplified versus the paper:
   10 Euler steps, no guidance; the vocoder is trained on mel + STFT losses only (no adversary): muffled;
 - `mini` has the official shapes (meta device only); no official weights are mapped (no reference to prove
   a key map against); the placeholder count is the official `compute_token_num`.
-Aim 1100 lines not reached (1687): seven training stages, two-part eval and the detokenizer stay.
+Aim 1100 lines not reached (1771): seven training stages in two runs, two-part eval, the detokenizer.
 
     python step_audio.py                          # 1. encoder, tokenizer, flow, vocoder (out/.../speech)
     python step_audio.py --stage=llm              # 2. text LLM, adaptor, SFT (reads out/step_audio/speech)
@@ -394,8 +394,8 @@ class LLM(nn.Module):
             x = layer(x, pos, cache, i)
         if cache is not None:
             cache.length = pos0 + x.shape[1]
-        # keep (B, T) bool: the logits of those positions only, (K, vocab); training needs no others, and the
-        # head over 7k tokens is half a small model's step (ours, the loss is the same)
+        # keep (B, T) bool: the logits of those positions only, (K, vocab): training needs no others
+        # (ours: the same loss, without the 7k-token head at the prompt's and the audio's positions)
         return self.lm_head(self.norm(x if keep is None else x[keep]))
 
 
