@@ -29,7 +29,7 @@ Simplified versus the paper:
   10 Euler steps, no guidance; the vocoder is trained on mel + STFT losses only (no adversary): muffled;
 - `mini` has the official shapes (meta device only); no official weights are mapped (no reference to prove
   a key map against); the placeholder count is the official `compute_token_num`.
-Aim 1100 lines not reached (1771): seven training stages in two runs, two-part eval, the detokenizer.
+Aim 1100 lines not reached (1773): seven training stages in two runs, two-part eval, the detokenizer.
 
     python step_audio.py                          # 1. encoder, tokenizer, flow, vocoder (out/.../speech)
     python step_audio.py --stage=llm              # 2. text LLM, adaptor, SFT (reads out/step_audio/speech)
@@ -143,7 +143,9 @@ class Config:
 
     def validate(self):
         if any(s < 0 for s in self.stage_iters) or len(self.stage_iters) != 5:
-            raise SystemExit(f"error: --stage_iters takes five step counts >= 0 (got {self.stage_iters})")
+            raise SystemExit(f"error: --stage_iters takes five step counts >= 0 (got {self.stage_iters})"
+                             + ("; six are a checkpoint of the one-run step_audio: retrain it in two stages"
+                                if len(self.stage_iters) == 6 else ""))
         if self.stage not in ("speech", "llm"):
             raise SystemExit(f"error: --stage={self.stage!r}: the stages are speech and llm")
         its, names = self.stage_iters, ("max_iters", "encoder, tokenizer, flow") if self.stage == "speech" \
