@@ -29,7 +29,7 @@ Simplified versus the paper:
   10 Euler steps, no guidance; the vocoder is trained on mel + STFT losses only (no adversary): muffled;
 - `mini` has the official shapes (meta device only); no official weights are mapped (no reference to prove
   a key map against); the placeholder count is the official `compute_token_num`.
-Aim 1100 lines not reached (1773): seven training stages in two runs, two-part eval, the detokenizer.
+Aim 1100 lines not reached (1777): seven training stages in two runs, two-part eval, the detokenizer.
 
     python step_audio.py                          # 1. encoder, tokenizer, flow, vocoder (out/.../speech)
     python step_audio.py --stage=llm              # 2. text LLM, adaptor, SFT (reads out/step_audio/speech)
@@ -148,12 +148,12 @@ class Config:
                                 if len(self.stage_iters) == 6 else ""))
         if self.stage not in ("speech", "llm"):
             raise SystemExit(f"error: --stage={self.stage!r}: the stages are speech and llm")
-        its, names = self.stage_iters, ("max_iters", "encoder, tokenizer, flow") if self.stage == "speech" \
-            else ("llm_max_iters", "text LLM, adaptor")
-        first = its[1] + its[3] + its[4] if self.stage == "speech" else its[0] + its[2]
-        if self.mode == "train" and run_iters(self) < first:
-            raise SystemExit(f"error: --{names[0]}={run_iters(self)} is shorter than the {names[1]} stages "
-                             f"(--stage_iters={','.join(map(str, its))}: {first} steps)")
+        *first, (_, rest) = plan(self)                 # the last stage takes what the others leave
+        if self.mode == "train" and rest < 0:
+            flag = "max_iters" if self.stage == "speech" else "llm_max_iters"
+            raise SystemExit(f"error: --{flag}={run_iters(self)} is shorter than the "
+                             f"{', '.join(s for s, _ in first)} stages "
+                             f"(--stage_iters={','.join(map(str, self.stage_iters))})")
         if self.n_head % self.n_kv_head or self.n_embd % self.n_head:
             raise SystemExit("error: --n_head must be a multiple of --n_kv_head, and --n_embd of --n_head")
         if self.followup and (not os.path.isfile(self.followup) or not self.followup.lower().endswith(
@@ -1552,8 +1552,12 @@ def speech_checkpoint(cfg):
             and ckpt["config"].get("stage") == "speech"):
         raise SystemExit(f"error: --stage=llm starts from a step_audio --stage=speech checkpoint; "
                          f"--speech={cfg.speech!r} is not one (train it with python step_audio.py)")
+    changed = [f"{k} {getattr(cfg, k)!r} -> {ckpt['config'][k]!r}" for k in ARCH_KEYS
+               if common._norm(getattr(cfg, k)) != common._norm(ckpt["config"][k]) and k != "vocab_size"]
     for k in ARCH_KEYS:
         setattr(cfg, k, common._from_json(ckpt["config"][k], getattr(cfg, k)))
+    if changed:
+        common.log(f"--speech={cfg.speech} fixes the architecture: " + "; ".join(changed))
     return ckpt
 
 
