@@ -20,8 +20,9 @@ Simplified here: the WavLM teacher is read from `wavlm.py --mode=features` outpu
 log-mel stand-in that the log names; losses are a plain weighted sum (no balancer); the CPU presets add
 EnCodec's reconstruction terms and a quantizer warm-up, and a re-seeded dead code keeps a grace (ours).
 The text tokenizer is a corpus BPE, not the 32k SentencePiece, so the released LM loads but is not sampled;
-the paper's five training stages become a short text stage, then the built-in dialogues (4 h of them; the
-codec's speech: 2 h), stopped when the val loss stops falling (--patience; ours, against overfitting).
+the paper's five training stages become a short text stage, then the built-in dialogues (4 h of them, whole:
+each training sequence is one conversation from its start, as at inference), stopped when the val loss stops
+falling (--patience; ours, against overfitting).
 Aim 1300 lines not reached (1798): two models, each with its own losses, data, train, eval, sample, bench.
 
     python moshi.py                                        # 1. Mimi on the built-in speech corpus
@@ -143,11 +144,11 @@ class Config:
     acoustic_delay: int = 1            # steps the acoustic tokens lag the semantic one (§3.4.2: 80 ms)
     semantic_weight: float = 100.0     # semantic codebook's loss weight, 1 per acoustic one (§3.4.3)
     text_pad_weight: float = 0.5       # loss weight of PAD / EPAD text targets
-    lm_frames: int = 150               # training crop of the LM in 80 ms steps (12 s)
+    lm_frames: int = 150               # training sequence of the LM in 80 ms steps (12 s; CPU: a whole dialogue)
     text_iters: int = 0                # first steps: Helium text pretraining (stage 1, in miniature)
     lr_decay_iters: int = 500_000      # cosine decay of the LM's lr to 10 % by this step (then constant)
-    lm_corpus_hours: float = 4.0       # built-in corpus the LM reads (dialogues, text): twice the codec's, as
-                                       # on 2 h it overfits from its first eval, on 4 h later and lower (ours)
+    lm_corpus_hours: float = 16.0      # built-in corpus the LM reads: text from its speech, dialogues a quarter
+                                       # of it (4 h); on 1 h of dialogue it overfits by its second eval (ours)
     lm_max_iters: int = 0              # the LM's step limit (0: max_iters); the patience stop comes first
     patience: int = 2                  # LM: evals without a lower val loss (text + audio CE) before training
                                        # stops and keeps the best step (0: off; ours, against the overfit)
@@ -203,8 +204,9 @@ PRESETS = {
                   lr=1e-3, max_iters=1000, log_interval=20, eval_interval=250,
                   eval_items=8, probe_items=400, bench_seconds=4.0, kmeans_iters=20,  # codec: ~15 min, CPU
                   text_card=512, lm_dim=256, lm_layers=4, lm_heads=4, lm_context=500, dep_dim=128,
-                  dep_layers=2, dep_heads=4, dep_ffn=528, lm_frames=100, text_iters=200, lr_decay_iters=1000,
-                  lm_max_iters=2000),
+                  dep_layers=2, dep_heads=4, dep_ffn=528, lm_frames=320, text_iters=200, lr_decay_iters=1000,
+                  lm_max_iters=500),  # LM: 25.6 s sequences hold a whole built-in dialogue (<= 24.3 s) from its
+                                      # start, so the first turn and every position are those of inference
     "tiny": dict(n_filters=4, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, n_q=4,
                  eval_n_q=3, q_dim=8, codebook_size=32, kmeans_iters=3, disc_filters=4, disc_n_ffts=(256,),
                  mel_scales=(6, 7), recon_loss=True, segment=5760, batch_size=2, max_iters=10, log_interval=1,

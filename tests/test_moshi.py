@@ -34,6 +34,7 @@ Every loss term, target shift, sampler and schedule of moshi.py, and the test pi
   test_inner_monologue_against_the_official_interleaver, test_inner_monologue_puts_each_word_at_or_before_its_audio.
 - Not pinned: the per-step draw of the acoustic codebook count under q_dropout (off in `small`)."""
 import copy
+import dataclasses
 import re
 import importlib
 import json
@@ -1050,9 +1051,10 @@ def test_lm_errors_are_one_line(tiny_codec):
 
 def test_the_lm_reads_its_own_corpus_hours(tiny_codec, tmp_path, monkeypatch):
     """The LM's data (dialogues, stage-1 text, the code cache's key) come from the built-in corpus at
-    lm_corpus_hours, the codec's speech at corpus_hours; the CPU default LM reads 4 h, its codec 2 h."""
+    lm_corpus_hours, the codec's speech at corpus_hours; the CPU default LM reads 16 h (4 h of dialogue), its
+    codec 2 h."""
     small = make_cfg("small", stage="lm")
-    assert (small.corpus_hours, small.lm_corpus_hours) == (2.0, 4.0)
+    assert (small.corpus_hours, small.lm_corpus_hours) == (2.0, 16.0)
     asked = []
     monkeypatch.setattr(common, "load_corpus",
                         lambda c, split, sr, kind, **kw: asked.append((kind, c.corpus_hours)) or [])
@@ -1088,6 +1090,25 @@ def test_lm_stops_at_the_best_val_of_its_objective(tiny_codec, tmp_path, monkeyp
         assert torch.load(f"{d}/ckpt.pt", weights_only=True)["step"] == kept
     assert torch.load(f"{tmp_path}/p2/best.pt", weights_only=True)["extra"]["val_best"]["value"] == 4.0
     assert not os.path.exists(f"{tmp_path}/p0/best.pt")
+
+
+def test_the_cpu_lm_trains_on_whole_dialogues(tiny_codec, tmp_path):
+    """`small` trains on whole conversations: lm_frames outlasts every built-in dialogue, and the LM sampler
+    returns each one from its first frame (the conversation's start at position 0, as in converse), the rest -1
+    (no loss, embedded as zero). With 8 s crops the first turn at inference looked like no training sequence."""
+    small = make_cfg("small", stage="lm")
+    cfg = lm_cfg(codec=tiny_codec, out_dir=str(tmp_path), lm_frames=small.lm_frames)
+    mimi = M.load_codec(cfg, common.setup(cfg, log_to_file=False))
+    _, dial = M.dialogue_tokens(cfg, "train", mimi, M.TextTokenizer(cfg, M.corpus_texts(cfg)))
+    assert max(d.shape[-1] for d in dial) <= small.lm_frames  # the longest script lasts ~24 s; 25.6 s here
+    rt = common.setup(cfg, log_to_file=False)
+    sampler = M.LMSampler([1, 2, 3], dial, dataclasses.replace(cfg, batch_size=3), rt)
+    rng = copy.deepcopy(sampler.dial.state_dict())
+    batch = sampler.next(text=False)  # (3, 1 + 2K, lm_frames)
+    sampler.dial.load_state_dict(rng)
+    for b, i in zip(batch, sampler.dial.next()[1].tolist()):
+        T = dial[i].shape[-1]
+        assert torch.equal(b[:, :T], torch.from_numpy(dial[i]).long()) and (b[:, T:] == -1).all()
 
 
 def test_answer_metric_on_the_script():
