@@ -1305,7 +1305,8 @@ def lm_corpus(cfg):  # the config the LM's data comes from: the built-in corpus 
 
 def corpus_texts(cfg):
     """Stage 1 text (Helium pretraining in miniature): the speech corpus's sentences, the dialogues' lines."""
-    lines = [u.text for u in common.load_corpus(lm_corpus(cfg), "train", 24000, kind="speech")]
+    # at the corpus's own rate: only the text is read, so 16 h of audio is neither resampled nor held in memory
+    lines = [u.text for u in common.load_corpus(lm_corpus(cfg), "train", common.ESPEAK_SR, kind="speech")]
     for u in dialogues(cfg, "train"):
         lines += [l.split(": ", 1)[1] for l in u.text.split(" / ")]
     return lines
@@ -1442,36 +1443,65 @@ def dialogue_turns(u):
     return None if any(w is None for _, ws in turns for w in ws) else turns
 
 
-def answer_scores(u, said, seconds):
-    """Does Moshi answer? Per scripted question and reply: the reply's words the question lacks ("seven",
+def answer_turns(u, seconds):
+    """Per scripted question and Moshi's reply ending inside the cut: [question [(word, start, end)], reply,
+    when the next user turn starts, position]: "first" (the greeting), "last" (the thanks) or "middle" (a
+    question: only there do the answer words depend on what the user asked)."""
+    turns = dialogue_turns(u) or []
+    out = [[q, r, next((ws[0][1] for c, ws in turns[i + 2:] if c == 0), float("inf")), "middle"]
+           for i, ((c0, q), (c1, r)) in enumerate(zip(turns, turns[1:])) if c0 == 0 and c1 == 1]
+    if out:
+        out[0][3], out[-1][3] = "first", "last"
+    return [t for t in out if t[1][-1][2] <= seconds]
+
+
+def answer_scores(u, said, seconds, positions=("first", "middle", "last")):
+    """Does Moshi answer? Per question and reply at `positions`: the reply's words the question lacks ("seven",
     "blue") found in Moshi's text stream said [(word, time)] before the next user turn, and the latency from
     the question's end to Moshi's first word, beside the corpus's. -> (found, total, [lat s], [ref lat s])."""
-    turns = dialogue_turns(u)
-    if turns is None:
-        return 0, 0, [], []
     found = total = 0
     lat, ref = [], []
-    for i in range(len(turns) - 1):
-        (c0, q), (c1, r) = turns[i], turns[i + 1]
-        if c0 != 0 or c1 != 1 or r[-1][2] > seconds:  # only replies inside the conversation's cut
+    for q, r, stop, pos in answer_turns(u, seconds):
+        if pos not in positions:
             continue
-        q_start, q_end = q[0][1], q[-1][2]
-        stop = next((ws[0][1] for c, ws in turns[i + 2:] if c == 0), float("inf"))
-        heard = [w for w, t in said if q_start <= t < stop]
+        heard = [w for w, t in said if q[0][1] <= t < stop]
         answer = {w[0] for w in r} - {w[0] for w in q}
         found, total = found + len(answer & set(heard)), total + len(answer)
-        first = [t for w, t in said if q_end <= t < stop]
+        first = [t for w, t in said if q[-1][2] <= t < stop]
         if first:
-            lat.append(first[0] - q_end)
-        ref.append(r[0][1] - q_end)
+            lat.append(first[0] - q[-1][2])
+        ref.append(r[0][1] - q[-1][2])
     return found, total, lat, ref
+
+
+def deaf_scores(train, utts, seconds):
+    """The trivial baseline: a responder that hears nothing and says, at each question's start, the one reply
+    of the training dialogues that scores best at that position. -> (found, total) on utts, at every
+    position and at the questions ("middle") alone."""
+    said = lambda u, lines: [(w, q[0][1]) for q, _, _, p in answer_turns(u, seconds)  # all said at its start
+                             for w in lines.get(p, "").split()]
+    lines = {}
+    for pos in ("first", "middle", "last"):
+        counts = {}
+        for u in train:
+            for _, r, _, p in answer_turns(u, seconds):
+                if p == pos:
+                    line = " ".join(w[0] for w in r)
+                    counts[line] = counts.get(line, 0) + 1
+        top = sorted(counts, key=counts.get, reverse=True)[:30]  # the 30 commonest replies are candidates
+        lines[pos] = max(top or [""], key=lambda l: sum(answer_scores(u, said(u, {pos: l}), seconds, (pos,))[0]
+                                                       for u in train))
+    every = [answer_scores(u, said(u, lines), seconds)[:2] for u in utts]
+    middle = [answer_scores(u, said(u, lines), seconds, ("middle",))[:2] for u in utts]
+    return tuple(sum(x[i] for x in xs) for xs in (every, middle) for i in (0, 1))
 
 
 @torch.no_grad()
 def lm_evaluate(cfg, bundle=None, rt=None, samples_dir=None, split="test"):
     """On held-out dialogues: the teacher-forced losses (text, semantic, acoustic CE), then full-duplex
-    conversations with the user's channel streamed in: answer-word accuracy in Moshi's text stream and its
-    turn-taking latency (model time; playback adds the 160 ms of §3.4.3), beside the corpus's own latency."""
+    conversations with the user's channel streamed in: answer-word accuracy in Moshi's text stream, at every
+    turn and at the questions alone, beside a responder that hears nothing (deaf_scores), and its turn-taking
+    latency (model time; playback adds the 160 ms of §3.4.3), beside the corpus's own latency."""
     if bundle is None:  # --mode=eval: every conversation is written, for an ASR to transcribe Moshi's channel
         rt = common.setup(cfg)
         bundle = lm_load_for_inference(cfg, rt)
@@ -1486,7 +1516,7 @@ def lm_evaluate(cfg, bundle=None, rt=None, samples_dir=None, split="test"):
         codes = torch.from_numpy(c[:, :cfg.lm_context]).long()[None].to(dev)
         for k, v in lm_loss(*lm(codes, aligned=False), delayed_targets(codes, cfg), cfg).items():
             sums[k] = sums.get(k, 0.0) + float(v) / min(len(toks), cfg.eval_items)
-    found = total = 0
+    found = total = q_found = q_total = 0
     lat, ref = [], []
     for i, u in enumerate(utts[:cfg.eval_items]):
         user = u.wav[0, :int(cfg.converse_seconds * cfg.sample_rate)]
@@ -1494,10 +1524,16 @@ def lm_evaluate(cfg, bundle=None, rt=None, samples_dir=None, split="test"):
         said = tok.words(text, [s / cfg.frame_rate for s in range(len(text))])
         a, b, l, r = answer_scores(u, said, cfg.converse_seconds)
         found, total, lat, ref = found + a, total + b, lat + l, ref + r
+        a, b, _, _ = answer_scores(u, said, cfg.converse_seconds, ("middle",))
+        q_found, q_total = q_found + a, q_total + b
         if samples_dir:
             write_conversation(samples_dir, f"{split}_{u.id}", user, audio, said, cfg)
     res = {k: round(v, 4) for k, v in sums.items()}
+    deaf = deaf_scores(dialogues(cfg, "train")[:200], utts[:cfg.eval_items], cfg.converse_seconds)
     res.update(answer_acc=round(found / max(1, total), 4), answer_words=total,
+               deaf_answer_acc=round(deaf[0] / max(1, deaf[1]), 4),
+               question_acc=round(q_found / max(1, q_total), 4), question_words=q_total,
+               deaf_question_acc=round(deaf[2] / max(1, deaf[3]), 4),
                latency_ms=round(1000 * float(np.median(lat)), 1) if lat else None,
                corpus_latency_ms=round(1000 * float(np.median(ref)), 1) if ref else None,
                replied=f"{len(lat)}/{len(ref)}")

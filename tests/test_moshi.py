@@ -29,7 +29,8 @@ Every loss term, target shift, sampler and schedule of moshi.py, and the test pi
 - LM schedules (warm-up + cosine lr to 10 %, the text-only stage's first text_iters steps): test_lm_schedules.
 - LM early stop (patience on the val objective text + audio CE, lm_max_iters as its limit):
   test_lm_stops_at_the_best_val_of_its_objective; its data at lm_corpus_hours:
-  test_the_lm_reads_its_own_corpus_hours.
+  test_the_lm_reads_its_own_corpus_hours; whole dialogues from their start: test_the_cpu_lm_trains_on_whole_dialogues.
+- answer words (every turn, questions alone) and the deaf baseline: test_answer_metric_on_the_script.
 - inner-monologue text stream (EPAD rule; the overflow deviation from moshi-finetune's Interleaver):
   test_inner_monologue_against_the_official_interleaver, test_inner_monologue_puts_each_word_at_or_before_its_audio.
 - Not pinned: the per-step draw of the acoustic codebook count under q_dropout (off in `small`)."""
@@ -1022,7 +1023,8 @@ def test_lm_stage_contract(tiny_codec, tmp_path, capsys):
         assert torch.equal(v, a["models"]["model"][k]), k
     assert any(not torch.equal(v, ck3["models"]["model"][k]) for k, v in a["models"]["model"].items())
     res = M.lm_evaluate(lm_run("--mode=eval", f"--init_from={d}/ckpt.pt"))
-    assert {"text", "semantic", "answer_acc", "latency_ms", "corpus_latency_ms"} <= set(res)
+    assert {"text", "semantic", "answer_acc", "question_acc", "deaf_answer_acc", "deaf_question_acc", "latency_ms",
+            "corpus_latency_ms"} <= set(res)
     capsys.readouterr()
     M.lm_bench(lm_run(*base, "--mode=bench", f"--out_dir={tmp_path / 'bench'}"))
     fig = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][-1])
@@ -1113,10 +1115,20 @@ def test_the_cpu_lm_trains_on_whole_dialogues(tiny_codec, tmp_path):
 
 def test_answer_metric_on_the_script():
     """The measurement itself: the corpus's own assistant channel, as a text stream, answers everything, with the
-    corpus's latency; an empty stream answers nothing."""
+    corpus's latency; an empty stream answers nothing. Turns are the greeting (first), the thanks (last) and the
+    questions between; the deaf baseline says one fixed line per position and, hearing nothing, scores at the
+    thanks ("you are welcome") but not every question."""
     cfg = lm_cfg()
-    u = M.dialogues(cfg, "test")[0]
+    utts = M.dialogues(cfg, "train") + M.dialogues(cfg, "test")
+    u = utts[-1]
     said = [(w, s) for w, s, _ in u.words[1]]
     found, total, lat, ref = M.answer_scores(u, said, 1e9)
     assert total > 0 and found == total and lat == pytest.approx(ref)
     assert M.answer_scores(u, [], 1e9)[0] == 0
+    turns = M.answer_turns(u, 1e9)
+    assert [p for *_, p in turns] == ["first"] + ["middle"] * (len(turns) - 2) + ["last"]
+    assert [w[0] for w in turns[-1][0]] == ["thank", "you"] and len(turns) >= 4
+    assert M.answer_scores(u, said, 1e9, ("middle",))[:2] == (sum(
+        len({w[0] for w in r} - {w[0] for w in q}) for q, r, _, p in turns if p == "middle"),) * 2
+    f, t, qf, qt = M.deaf_scores(utts, utts, 1e9)
+    assert f >= 2 * len(utts) and qf < qt and t == sum(M.answer_scores(v, [], 1e9)[1] for v in utts)
