@@ -23,7 +23,7 @@ The text tokenizer is a corpus BPE, not the 32k SentencePiece, so the released L
 the paper's five training stages become a short text stage, then the built-in dialogues (4 h of them, whole:
 each training sequence is one conversation from its start, as at inference), stopped when the val loss stops
 falling (--patience; ours, against overfitting).
-Aim 1300 lines not reached (1798): two models, each with its own losses, data, train, eval, sample, bench.
+Aim 1300 lines not reached (1836): two models, each with its own losses, data, train, eval, sample, bench.
 
     python moshi.py                                        # 1. Mimi on the built-in speech corpus
     python moshi.py --stage=lm --codec=out/moshi/codec/ckpt.pt  # 2. the LM on Mimi codes of the dialogues
