@@ -23,7 +23,7 @@ The text tokenizer is a corpus BPE, not the 32k SentencePiece, so the released L
 the paper's five training stages become a short text stage, then the built-in dialogues (4 h of them, whole:
 each training sequence is one conversation from its start, as at inference), stopped when the val loss stops
 falling (--patience; ours, against overfitting).
-Aim 1300 lines not reached (1836): two models, each with its own losses, data, train, eval, sample, bench.
+Aim 1300 lines not reached (1838): two models, each with its own losses, data, train, eval, sample, bench.
 
     python moshi.py                                        # 1. Mimi on the built-in speech corpus
     python moshi.py --stage=lm --codec=out/moshi/codec/ckpt.pt  # 2. the LM on Mimi codes of the dialogues
@@ -1478,8 +1478,11 @@ def deaf_scores(train, utts, seconds):
     """The trivial baseline: a responder that hears nothing and says, at each question's start, the one reply
     of the training dialogues that scores best at that position. -> (found, total) on utts, at every
     position and at the questions ("middle") alone."""
-    said = lambda u, lines: [(w, q[0][1]) for q, _, _, p in answer_turns(u, seconds)  # all said at its start
-                             for w in lines.get(p, "").split()]
+    def said(u, lines):  # {position: line} -> the text stream: each line's words at its question's start
+        return [(w, q[0][1]) for q, _, _, p in answer_turns(u, seconds) for w in lines.get(p, "").split()]
+
+    def score(pos, line):  # answer words the line finds at `pos` over the training dialogues
+        return sum(answer_scores(u, said(u, {pos: line}), seconds, (pos,))[0] for u in train)
     lines = {}
     for pos in ("first", "middle", "last"):
         counts = {}
@@ -1489,8 +1492,7 @@ def deaf_scores(train, utts, seconds):
                     line = " ".join(w[0] for w in r)
                     counts[line] = counts.get(line, 0) + 1
         top = sorted(counts, key=counts.get, reverse=True)[:30]  # the 30 commonest replies are candidates
-        lines[pos] = max(top or [""], key=lambda l: sum(answer_scores(u, said(u, {pos: l}), seconds, (pos,))[0]
-                                                       for u in train))
+        lines[pos] = max(top or [""], key=lambda line: score(pos, line))
     every = [answer_scores(u, said(u, lines), seconds)[:2] for u in utts]
     middle = [answer_scores(u, said(u, lines), seconds, ("middle",))[:2] for u in utts]
     return tuple(sum(x[i] for x in xs) for xs in (every, middle) for i in (0, 1))
