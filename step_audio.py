@@ -106,6 +106,8 @@ class Config:
     flow_heads: int = 8                 # estimator attention heads
     flow_steps: int = 10                # Euler steps of the ODE at inference (the official token2wav uses 10)
     sigma_min: float = 1e-6             # OT-CFM's minimum noise level
+    flow_cfg_drop: float = 0.2          # share of flow training examples without tokens and speaker (CosyVoice 2)
+    flow_cfg: float = 0.7               # classifier-free guidance weight at inference (CosyVoice 2's 0.7; 0: off)
     voc_channels: int = 256             # vocoder width after its input conv (halved at each upsampling)
     voc_upsample: tuple = (5, 4, 4, 2)  # vocoder upsampling factors (product = the mel hop, 160)
     voc_segment: int = 6400             # vocoder training crop in samples (40 mel frames)
@@ -146,6 +148,9 @@ class Config:
             raise SystemExit(f"error: --stage_iters takes five step counts >= 0 (got {self.stage_iters})"
                              + ("; six are a checkpoint of the one-run step_audio: retrain it in two stages"
                                 if len(self.stage_iters) == 6 else ""))
+        if not (0 <= self.flow_cfg_drop < 1 and self.flow_cfg >= 0):
+            raise SystemExit(f"error: --flow_cfg_drop takes [0, 1) and --flow_cfg >= 0 "
+                             f"(got {self.flow_cfg_drop}, {self.flow_cfg})")
         if self.stage not in ("speech", "llm"):
             raise SystemExit(f"error: --stage={self.stage!r}: the stages are speech and llm")
         *first, (_, rest) = plan(self)                 # the last stage takes what the others leave
@@ -526,9 +531,9 @@ class Flow(nn.Module):
 
 
 def flow_sample(velocity, x0, steps):
-    """Euler integration of dx/dt = v(x, t) from t = 0 (the noise x0) to t = 1
-    (the mel), `steps` equal steps."""
-    ts = torch.linspace(0.0, 1.0, steps + 1, device=x0.device)
+    """Euler integration of dx/dt = v(x, t) from t = 0 (the noise x0) to t = 1 (the mel) on CosyVoice 2's
+    cosine schedule t_i = 1 - cos(pi/2 i/steps): short steps near the noise, where the field turns most."""
+    ts = 1 - torch.cos(0.5 * math.pi * torch.linspace(0.0, 1.0, steps + 1, device=x0.device))
     x = x0
     for i in range(steps):
         x = x + (ts[i + 1] - ts[i]) * velocity(x, ts[i].expand(x0.shape[0]))
@@ -635,7 +640,7 @@ class StepAudio(nn.Module):
                             batch["n_chars"])
         if batch["stage"] == "flow":
             return flow_loss(self.flow, batch["codes"], batch["x1"], batch["spk"],
-                             batch["mask"], cfg.sigma_min)
+                             batch["mask"], cfg.sigma_min, cfg.flow_cfg_drop)
         return vocoder_loss(self.vocoder(batch["mel"]), batch["wav"], cfg)
 
     @torch.no_grad()
@@ -650,7 +655,17 @@ class StepAudio(nn.Module):
         flow matching, then the vocoder."""
         mu, spk = self.flow.cond(codes[None], (spk_mel[None] - MEL_MEAN) / MEL_STD)
         x0 = torch.randn_like(mu) if noise is None else noise
-        mel = flow_sample(lambda x, t: self.flow.velocity(x, t, mu, spk), x0, cfg.flow_steps)  # (1, 4N, M)
+        w = cfg.flow_cfg if cfg.flow_cfg_drop > 0 else 0.0   # guidance needs the unconditional field
+
+        def guided(x, t):
+            """Classifier-free guidance (CosyVoice 2): (1 + w) v(x | tokens, speaker) - w v(x | nothing),
+            both halves in one batch of 2."""
+            if w == 0:
+                return self.flow.velocity(x, t, mu, spk)
+            v = self.flow.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([mu, torch.zeros_like(mu)]),
+                                   torch.cat([spk, torch.zeros_like(spk)]))
+            return (1 + w) * v[:1] - w * v[1:]
+        mel = flow_sample(guided, x0, cfg.flow_steps)    # (1, 4N, M)
         mel = mel.transpose(1, 2) * MEL_STD + MEL_MEAN    # (1, M, 4N) ln-mel
         return mel[0], self.vocoder(mel)[0]
 
@@ -828,13 +843,18 @@ def ctc_loss(logits, n_mel, chars, n_chars):
     return F.ctc_loss(logp, chars, n_out, n_chars, blank=0, zero_infinity=True)
 
 
-def flow_loss(flow, codes, x1, spk_mel, mask, sigma_min):
+def flow_loss(flow, codes, x1, spk_mel, mask, sigma_min, p_drop):
     """Conditional flow matching with the optimal-transport path (Lipman et al. 2023; CosyVoice 2's flow):
-    x_t = (1 - (1 - s) t) x0 + t x1 with x0 ~ N(0, I), t ~ U(0, 1); the target velocity is x1 - (1 - s) x0.
+    x_t = (1 - (1 - s) t) x0 + t x1 with x0 ~ N(0, I) and t = 1 - cos(pi/2 u), u ~ U(0, 1) (CosyVoice 2's
+    cosine schedule: more training near the noise); the target velocity is x1 - (1 - s) x0. For p_drop of
+    the examples the tokens and the speaker are zeroed, so the same network learns the unconditional field
+    that classifier-free guidance subtracts at inference (CosyVoice 2's training_cfg_rate).
     codes: (B, N); x1: (B, 4N, M) normalised mel; mask: (B, 4N) True on real frames; MSE on those."""
     mu, spk = flow.cond(codes, spk_mel)
-    t = torch.rand(x1.shape[0], device=x1.device)
+    t = 1 - torch.cos(0.5 * math.pi * torch.rand(x1.shape[0], device=x1.device))
     x0 = torch.randn_like(x1)
+    keep = (torch.rand(x1.shape[0], device=x1.device) >= p_drop).to(mu.dtype)
+    mu, spk = mu * keep[:, None, None], spk * keep[:, None]
     tt = t[:, None, None]
     xt = (1 - (1 - sigma_min) * tt) * x0 + tt * x1
     u = x1 - (1 - sigma_min) * x0
@@ -1339,6 +1359,8 @@ def load_for_inference(cfg, rt):
     model = StepAudio(cfg).to(rt.device)
     common.load_models(ckpt, cfg, {"model": model}, ARCH_KEYS)
     model.tok = tok
+    if "flow_cfg_drop" not in ckpt["config"]:            # a flow from before guidance: no unconditional field
+        cfg.flow_cfg = 0.0
     return model.eval()
 
 

@@ -9,8 +9,9 @@ What pins each loss term, target shift, sampler and schedule:
   test_loss_is_masked_to_the_assistant_turns
 - encoder CTC over the 25 Hz frames: test_golden_step[encoder]; speech tokenizer (FSQ + CTC):
   test_golden_step_speech[tokenizer], test_fsq_round_trip_and_code_count
-- flow matching (the conditional OT path) and its Euler sampler: test_golden_step_speech[flow],
-  test_flow_sampler_boundary_conditions
+- flow matching (the conditional OT path, cosine times, condition drop) and its Euler sampler with
+  guidance: test_golden_step_speech[flow], test_flow_sampler_boundary_conditions,
+  test_detokenizer_classifier_free_guidance
 - vocoder mel L1: test_golden_step_speech[vocoder] (its expected mel still comes from the file's voc_mel)
 - the text:audio interleave and greedy decoding: test_interleave_pattern_and_inverse,
   test_spoken_generation_keeps_the_pattern_and_refeeds_as_ids, test_generate_with_the_cache_equals_greedy_...
@@ -538,12 +539,29 @@ def test_flow_sampler_boundary_conditions():
         return (x1 - x) / (1 - t[:, None, None])
     out = S.flow_sample(perfect, x0, 10)
     assert torch.equal(seen[0][0], x0) and (seen[0][1] == 0).all()   # t = 0: it starts from the noise
-    assert len(seen) == 10 and (seen[-1][1] < 1).all() and torch.allclose(seen[-1][1], torch.tensor(0.9))
+    want = [1 - math.cos(math.pi / 2 * i / 10) for i in range(10)]   # CosyVoice 2's cosine schedule
+    torch.testing.assert_close(torch.stack([t[0] for _, t in seen]), torch.tensor(want))
     torch.testing.assert_close(out, x1, atol=1e-5, rtol=1e-5)       # t = 1: the data
     cfg = tiny()
     model = S.StepAudio(cfg).eval()
     mel, wav = model.detokenize(torch.tensor([1, 2, 3]), torch.zeros(cfg.n_voc_mels), cfg)
     assert mel.shape == (cfg.n_voc_mels, 12) and wav.shape == (12 * 160,)
+
+
+def test_detokenizer_classifier_free_guidance():
+    """A field that is its condition (mu + speaker) integrates to x0 + (1 + w) (mu + spk) - w * 0 under
+    guidance w; without the unconditional field (flow_cfg_drop 0) or with w = 0, to x0 + mu + spk."""
+    cfg = tiny()
+    model = S.StepAudio(cfg).eval()
+    model.flow.velocity = lambda x, t, mu, spk, mask=None: (mu + spk[:, None]).expand_as(x)
+    codes, spk_mel = torch.tensor([1, 2, 3]), torch.randn(cfg.n_voc_mels)
+    mu, sp = model.flow.cond(codes[None], (spk_mel[None] - S.MEL_MEAN) / S.MEL_STD)
+    x0 = torch.randn(1, 12, cfg.n_voc_mels)
+    for w, drop, gain in ((0.7, 0.2, 1.7), (0.0, 0.2, 1.0), (0.7, 0.0, 1.0)):
+        cfg.flow_cfg, cfg.flow_cfg_drop = w, drop
+        mel, _ = model.detokenize(codes, spk_mel, cfg, x0)
+        want = (x0 + gain * (mu + sp[:, None]))[0].T * S.MEL_STD + S.MEL_MEAN
+        torch.testing.assert_close(mel, want, atol=1e-4, rtol=1e-4)
 
 
 def test_flow_reads_a_token_as_its_fsq_digits():
@@ -613,16 +631,20 @@ def test_golden_step_speech(stage):
         x1, spk = torch.randn(2, 12, cfg.n_voc_mels), torch.randn(2, cfg.n_voc_mels)
         mask = torch.tensor([[True] * 12, [True] * 8 + [False] * 4])
         batch = dict(stage=stage, codes=codes, x1=x1, spk=spk, mask=mask)
-        torch.manual_seed(7)                              # the same t and x0 as train_step draws
-        t = torch.rand(2)
+        cfg.flow_cfg_drop = 0.5
+        torch.manual_seed(8)                              # the same t, x0 and drops as train_step draws
+        t = 1 - torch.cos(math.pi / 2 * torch.rand(2))    # the cosine schedule
         x0 = torch.randn_like(x1)
+        keep = torch.rand(2) >= 0.5
+        assert keep.tolist() == [True, False]             # one example keeps its condition, one loses it
         s = cfg.sigma_min
         xt = (1 - (1 - s) * t[:, None, None]) * x0 + t[:, None, None] * x1
         mu, sp = ref.flow.cond(codes, spk)
+        mu, sp = torch.where(keep[:, None, None], mu, 0.0), torch.where(keep[:, None], sp, 0.0)
         v = ref.flow.velocity(xt, t, mu, sp, mask[:, None, None, :])
         err = ((v - (x1 - (1 - s) * x0)) ** 2).mean(-1)  # (B, T)
         loss = err[mask].mean()
-        torch.manual_seed(7)
+        torch.manual_seed(8)
     else:
         w = torch.from_numpy(np.stack([wav[0][:1600], wav[1][:1600]]))
         batch = dict(stage=stage, wav=w, mel=S.voc_mel(w, cfg))
