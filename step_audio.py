@@ -26,7 +26,8 @@ Simplified versus the paper:
 - no reinforcement learning stage (§3.4); the text:audio ratio 1:4 is ours (the paper gives none), decoded
   greedily under slot masks; speech tokens: FSQ on this file's own encoder, not a separate S3 model;
 - the detokenizer: a mean-mel speaker condition, tokens read as FSQ digits (ours), a small estimator,
-  10 Euler steps, no guidance; the vocoder is trained on mel + STFT losses only (no adversary): muffled;
+  10 Euler steps; the vocoder is HiFT's iSTFT head without its F0 source, trained on mel + STFT losses only
+  (no adversary): muffled;
 - `mini` has the official shapes (meta device only); no official weights are mapped (no reference to prove
   a key map against); the placeholder count is the official `compute_token_num`.
 Aim 1100 lines not reached (1777): seven training stages in two runs, two-part eval, the detokenizer.
@@ -109,7 +110,7 @@ class Config:
     flow_cfg_drop: float = 0.2          # share of flow training examples without tokens and speaker (CosyVoice 2)
     flow_cfg: float = 0.7               # classifier-free guidance weight at inference (CosyVoice 2's 0.7; 0: off)
     voc_channels: int = 256             # vocoder width after its input conv (halved at each upsampling)
-    voc_upsample: tuple = (5, 4, 4, 2)  # vocoder upsampling factors (product = the mel hop, 160)
+    voc_upsample: tuple = (5, 4, 2)     # vocoder upsampling before its iSTFT (hop 4): 5 * 4 * 2 * 4 = 160
     voc_segment: int = 6400             # vocoder training crop in samples (40 mel frames)
     flow_max_codes: int = 64            # flow training crop in speech tokens (2.56 s)
     answer_voice: int = 0               # the built-in voice that speaks the assistant's answers
@@ -171,8 +172,8 @@ class Config:
             raise SystemExit(f"error: --fsq_levels takes odd levels >= 3 (got {self.fsq_levels})")
         if len(self.interleave) != 2 or min(self.interleave) < 1:
             raise SystemExit(f"error: --interleave takes two counts >= 1, text,audio (got {self.interleave})")
-        if math.prod(self.voc_upsample) != 160:
-            raise SystemExit(f"error: --voc_upsample must multiply to the mel hop 160 "
+        if math.prod(self.voc_upsample) * ISTFT_HOP != 160:
+            raise SystemExit(f"error: --voc_upsample times the iSTFT hop {ISTFT_HOP} must be the mel hop 160 "
                              f"(got {self.voc_upsample})")
         if self.flow_dim % self.flow_heads or self.voc_channels % 2 ** len(self.voc_upsample):
             raise SystemExit("error: --flow_dim must be a multiple of --flow_heads, and --voc_channels of "
@@ -184,8 +185,8 @@ PRESETS = {
     # a CPU run; 80 mel bins, as 128 cost much more time on a CPU
     "small": dict(n_mels=80, n_audio_state=128, n_audio_head=4, n_audio_layer=2, adaptor_hidden=256,
                   n_embd=192, n_layer=4, n_head=6, n_kv_head=2, ffn=512, rope_theta=1e4, tie_embeddings=True,
-                  corpus_hours=2.0, flow_dim=128, flow_layers=3, flow_heads=4, voc_channels=128,
-                  stage_iters=(600, 2000, 150, 2000, 3000), max_iters=10000, llm_max_iters=3850, batch_size=8,
+                  corpus_hours=2.0, flow_dim=128, flow_layers=3, flow_heads=4, voc_channels=256,
+                  stage_iters=(600, 2000, 150, 2000, 3400), max_iters=10400, llm_max_iters=3850, batch_size=8,
                   eval_interval=10000, eval_items=24, eval_speech_items=8, compile=False),
     # tests
     "tiny":  dict(n_mels=32, n_audio_ctx=400, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
@@ -552,10 +553,15 @@ class ResBlock(nn.Module):
         return x
 
 
+ISTFT_N_FFT, ISTFT_HOP = 16, 4    # HiFT's inverse-STFT head (CosyVoice 2: n_fft 16, hop 4)
+
+
 class Vocoder(nn.Module):
-    """A small HiFi-GAN-style generator (the paper's HiFT is of that family): mel (100 Hz) -> transposed convs
-    x5, x4, x4, x2 with a residual block after each -> a 16 kHz waveform. Trained here on mel and
-    multi-resolution STFT losses only (no discriminators)."""
+    """HiFT's generator (CosyVoice 2's vocoder, which Step-Audio 2 uses) without its source: mel (100 Hz) ->
+    transposed convs x5, x4, x2 with a residual block after each -> 4000 frames/s, where the last conv predicts
+    a 16-point STFT (9 log-magnitudes, 9 phases) and an inverse STFT with hop 4 gives 16 kHz. The iSTFT head
+    stands for HiFi-GAN's last, costliest upsamplings (iSTFTNet). Ours: no neural source filter (HiFT's
+    F0-driven sine excitation), no discriminators: mel and multi-resolution STFT losses only."""
     def __init__(self, cfg):
         super().__init__()
         c = cfg.voc_channels
@@ -567,13 +573,19 @@ class Vocoder(nn.Module):
                                                output_padding=r % 2))
             self.res.append(ResBlock(c // 2))
             c //= 2
-        self.conv_post = nn.Conv1d(c, 1, 7, padding=3)
+        self.conv_post = nn.Conv1d(c, ISTFT_N_FFT + 2, 7, padding=3)
+        self.register_buffer("window", torch.hann_window(ISTFT_N_FFT), persistent=False)
 
     def forward(self, mel):                               # (B, n_voc_mels, T) -> (B, T * 160)
         x = self.conv_pre(mel)
         for up, res in zip(self.ups, self.res):
             x = res(up(F.leaky_relu(x, 0.1)))
-        return torch.tanh(self.conv_post(F.leaky_relu(x, 0.1)))[:, 0]
+        # one frame more on the left (HiFT's reflection pad): 40 T + 1 frames -> exactly 160 T samples
+        x = self.conv_post(F.pad(F.leaky_relu(x), (1, 0), mode="reflect")).float()
+        k = ISTFT_N_FFT // 2 + 1
+        mag, phase = x[:, :k].exp().clamp(max=1e2), torch.sin(x[:, k:])     # as HiFT
+        wav = torch.istft(torch.polar(mag, phase), ISTFT_N_FFT, ISTFT_HOP, ISTFT_N_FFT, self.window)
+        return wav.clamp(-0.99, 0.99)
 
 
 class StepAudio(nn.Module):
