@@ -186,8 +186,8 @@ PRESETS = {
     "small": dict(n_mels=80, n_audio_state=128, n_audio_head=4, n_audio_layer=2, adaptor_hidden=256,
                   n_embd=192, n_layer=4, n_head=6, n_kv_head=2, ffn=512, rope_theta=1e4, tie_embeddings=True,
                   corpus_hours=2.0, flow_dim=128, flow_layers=3, flow_heads=4, voc_channels=256,
-                  stage_iters=(600, 2000, 150, 2000, 3400), max_iters=10400, llm_max_iters=3850, batch_size=8,
-                  eval_interval=10000, eval_items=24, eval_speech_items=8, compile=False),
+                  stage_iters=(600, 2000, 150, 2000, 3200), max_iters=10200, llm_max_iters=3850, batch_size=8,
+                  eval_interval=10200, eval_items=24, eval_speech_items=8, compile=False),
     # tests
     "tiny":  dict(n_mels=32, n_audio_ctx=400, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
                   adaptor_hidden=48, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, ffn=64, rope_theta=1e4,
