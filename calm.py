@@ -16,8 +16,9 @@ comparison, quality and speed, is one file. Two stages (--stage), one state and 
 Simplified here: speech is TTS-style, conditioned on a corpus BPE text stream one frame ahead of the audio;
 the speech backbone is Pocket TTS's size (Helium-2B's is not known); no official weights exist to map. The
 VAE has no WavLM distillation; the CPU presets add EnCodec's reconstruction terms, and the KL is per
-element with a small initial sigma (ours). sCM details the card lacks are sCM's own [recalled]; no latent
-CFG, no distillation, no EOS head (the text stream ends an utterance), no weight EMA. The RVQ baseline's
+element with a small initial sigma (ours). sCM details the card lacks are sCM's own [recalled]; latent CFG
+(alpha 1.5) guides the text stream only (no voice prompt); no distillation, no EOS head (the text stream ends
+an utterance), no weight EMA. The RVQ baseline's
 codebooks are k-means on cached latents, not trained jointly.
 Aim 1100 lines not reached (1448): two stages, two heads, TTS and continuation, each with eval and bench.
 
@@ -118,6 +119,9 @@ class Config:
     text_vocab: int = 1000             # BPE tokens (common.train_bpe); + PAD and EOS
     text_delay: int = 1                # frames the audio lags the text stream (80 ms, project page)
     lambda_text: float = 1.0           # weight of the text-stream cross-entropy [inferred]
+    text_drop: float = 0.2             # share of LM training sequences whose text stream is all PAD (CFG;
+    #                                    the official config's text dropout 0.2)
+    cfg_alpha: float = 1.5             # latent CFG at sampling: Z_0 + alpha (Z_text - Z_0) (Pocket TTS 1.5; 1: off)
     n_q: int = 8                       # --head=rvq: codebooks (8 RVQ, the paper's speech baseline)
     codebook_size: int = 2048          # --head=rvq: entries per codebook
     kmeans_iters: int = 20             # --head=rvq: k-means iterations per level
@@ -174,6 +178,8 @@ class Config:
                 bad(f"--{what}: {d} must split into {h} heads of even size (RoPE rotates pairs)")
         if self.temperature < 0 or self.rvq_temperature < 0:
             bad("--temperature and --rvq_temperature must be >= 0")
+        if not 0 <= self.text_drop < 1 or self.cfg_alpha < 0:
+            bad(f"--text_drop takes [0, 1) and --cfg_alpha >= 0 (got {self.text_drop}, {self.cfg_alpha})")
         for k in ("head_steps", "head_batch_mul", "short_context", "n_q", "latent_dim", "codebook_size",
                   "text_vocab"):
             if getattr(self, k) < 1:
@@ -823,6 +829,10 @@ def lm_losses(model, batch, cfg, r, generator=None):
     or the depth head's cross-entropy) + lambda_text x the text stream's cross-entropy (speech)."""
     text, valid = batch["text"], batch["valid"]
     B, S = text.shape
+    # classifier-free guidance needs an unconditional model: text_drop of the sequences read PAD for their text
+    # (and learn no text from it); the same weights then serve Z_text and Z_0 at sampling
+    keep = torch.rand(B, 1, device=text.device, generator=generator) >= (cfg.text_drop if model.training else 0)
+    text_in = torch.where(keep, text, model.pad_id)
     if cfg.head == "consistency":
         clean = model.normalize(batch["latent"]) * valid[..., None]  # (B, S, latent)
         noisy = noise_inject(clean, generator)[0] if cfg.noise_injection and model.training else clean
@@ -830,8 +840,8 @@ def lm_losses(model, batch, cfg, r, generator=None):
     else:
         codes = model.rvq_encode(batch["pre"].reshape(B * S, -1)).view(B, S, -1)  # (B, S, n_q)
         prev = F.pad(codes, (0, 0, 1, 0))[:, :S]
-    x = model.inputs(prev, text)
-    x = torch.cat([model.bos.expand(B, 1, -1) + model.text_emb(text[:, :1]), x[:, 1:]], 1)  # BOS at 0
+    x = model.inputs(prev, text_in)
+    x = torch.cat([model.bos.expand(B, 1, -1) + model.text_emb(text_in[:, :1]), x[:, 1:]], 1)  # BOS at 0
     h = model.backbone(x)  # (B, S, D)
     m = valid.reshape(-1) > 0
     losses = {}
@@ -848,7 +858,7 @@ def lm_losses(model, batch, cfg, r, generator=None):
                                                        codes.reshape(B * S, -1)[m].flatten())
     tl = F.cross_entropy(model.text_out(h[:, :-1]).float().flatten(0, 1), text[:, 1:].flatten(),
                          reduction="none")
-    tm = valid[:, 1:].flatten()
+    tm = (valid[:, 1:] * keep).flatten()
     losses["text_ce"] = (tl * tm).sum() / tm.sum().clamp(min=1)
     losses["loss"] = head_loss + cfg.lambda_text * losses["text_ce"]
     return losses
@@ -1089,6 +1099,8 @@ def load_for_inference(cfg, rt):
     if cfg.stage == "lm":
         out["tok"] = TextTokens(cfg)
         out["tok"].load_state_dict(ckpt["state"]["tok"])
+        if "text_drop" not in ckpt["config"]:  # an LM from before guidance: it never learned Z_0
+            cfg.cfg_alpha = 1.0
     return out
 
 
@@ -1252,8 +1264,11 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
     clip, or None. sentence: BPE ids to speak (TTS), forced in order, inner-monologue style: at each frame the
     text head chooses between PAD and the next token (after the last one: PAD or EOS); EOS ends the utterance,
     text_delay + 1 frames later. Otherwise (continuation) speech samples its own text stream, music keeps PAD.
+    Latent CFG (speech, cfg_alpha != 1): a second row reads the same frames with PAD text, and the head gets
+    Z_0 + alpha (Z_text - Z_0) (Pocket TTS's CFG on the backbone output, not on the head's sampling path).
     -> (1, F, latent) raw latents (consistency) or (1, F, n_q) codes (rvq), and the text stream."""
     lm = models["lm"]
+    guide = cfg.cfg_alpha != 1 and cfg.corpus == "speech" and cfg.text_drop > 0  # Z_0 needs text dropout
     dev, K = lm.bos.device, cfg.short_context
     caches = [None] * cfg.lm_layers
     pad, eos = lm.pad_id, lm.eos_id
@@ -1266,9 +1281,13 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
     text = [int(prompt["text"][0])] if P else [queue.pop(0) if queue else pad]
     end = None
     for s in range(P + frames):
-        tok = torch.tensor([[text[s]]], device=dev)
-        x = lm.bos[None, None] + lm.text_emb(tok) if s == 0 else lm.inputs(frames_out[s - 1][None, None], tok)
-        h = lm.backbone(x, caches, offset=s)[:, -1]  # (1, D)
+        tok = torch.tensor([[text[s]]] + [[pad]] * guide, device=dev)  # (1 or 2, 1): text, and PAD to guide
+        x = lm.bos + lm.text_emb(tok) if s == 0 else lm.inputs(frames_out[s - 1].expand(len(tok), 1, -1), tok)
+        h = lm.backbone(x, caches, offset=s)[:, -1]  # (1 or 2, D)
+        if guide:
+            h_text, h = h[:1], h[1:] + cfg.cfg_alpha * (h[:1] - h[1:])  # Z_s's T_long part, guided
+        else:
+            h_text = h
         if s >= P:
             if cfg.head == "consistency":
                 past = torch.stack(frames_out[max(0, s - K):s]) if s else h.new_zeros(0, cfg.latent_dim)
@@ -1279,7 +1298,7 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
                 frames_out.append(lm.depth.sample(h, cfg.rvq_temperature, generator)[0])
         if end is not None and s >= end:
             break
-        logits = lm.text_out(h)[0].float()  # the text token of position s + 1
+        logits = lm.text_out(h_text)[0].float()  # the text token of position s + 1
         if s + 1 < P:
             nxt = int(prompt["text"][s + 1])
         elif queue is not None:

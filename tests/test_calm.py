@@ -112,27 +112,56 @@ def test_noise_only_in_training(monkeypatch):
     assert not calls and torch.equal(a, b), "noise was injected at inference"
 
 
-def test_generation_equals_clean_teacher_forcing():
+@pytest.mark.parametrize("alpha", [1.0, 1.5])
+def test_generation_equals_clean_teacher_forcing(alpha):
     """The cached one-frame-at-a-time generation sees exactly the clean, teacher-forced past (no noise, KV cache
-    right, short-context window right): its next latent at temperature 0 equals the teacher-forced prediction."""
-    lm, cfg = tiny_lm(temperature=0.0)
+    right, short-context window right): its next latent at temperature 0 equals the teacher-forced prediction.
+    With latent CFG (alpha != 1) the head gets Z_0 + alpha (Z_text - Z_0), Z_0 teacher-forced on PAD text."""
+    lm, cfg = tiny_lm(temperature=0.0, cfg_alpha=alpha)
     lm.eval()
     vae = C.VAE(cfg).eval()
     lm.emb_mean.normal_(), lm.emb_std.uniform_(0.5, 2)
     batch = fake_batch(cfg, B=1, S=8)
     P = 7
     prompt = dict(latent=batch["latent"][0, :P], text=batch["text"][0, :P], pre=None)
+    read = []                                            # what the text head reads: Z_text, never the guided Z
+    lm.text_out.register_forward_hook(lambda m, i, o: read.append(i[0].clone()))
     gen, text = C.generate(dict(lm=lm, vae=vae), cfg, 1, prompt=prompt)
     assert gen.shape == (1, P + 1, cfg.latent_dim) and torch.allclose(gen[0, :P], prompt["latent"], atol=1e-5)
-    tf = dict(latent=torch.cat([prompt["latent"], gen[0, P:]])[None], text=torch.tensor(text[:P + 1])[None],
-              valid=torch.ones(1, P + 1))
-    clean = lm.normalize(tf["latent"])
+    clean = lm.normalize(torch.cat([prompt["latent"], gen[0, P:]])[None])
     prev = torch.nn.functional.pad(clean, (0, 0, 1, 0))[:, :P + 1]
-    x = lm.inputs(prev, tf["text"])
-    x = torch.cat([lm.bos.expand(1, 1, -1) + lm.text_emb(tf["text"][:, :1]), x[:, 1:]], 1)
-    z = lm.condition(lm.backbone(x), clean)[0, P:]
+
+    def h_of(tx):                                        # the teacher-forced backbone output at frame P
+        x = lm.inputs(prev, tx)
+        x = torch.cat([lm.bos.expand(1, 1, -1) + lm.text_emb(tx[:, :1]), x[:, 1:]], 1)
+        return lm.backbone(x)[:, P:]
+    h_text = h_of(torch.tensor(text[:P + 1])[None])
+    h0 = h_of(torch.full((1, P + 1), lm.pad_id))
+    h = h0 + alpha * (h_text - h0)
+    assert torch.allclose(read[-1], h_text[0], atol=1e-4)
+    z = (h + lm.short_context(clean)[:, P:])[0]
     want = lm.denormalize(lm.head.sample(z, 0.0))
     assert torch.allclose(gen[0, P:], want, atol=1e-4), (gen[0, P:] - want).abs().max()
+
+
+def test_text_dropout_for_guidance():
+    """Training reads PAD for the text of text_drop of the sequences (the generator's first draw) and takes no
+    text loss from them (their targets can change without moving it); eval drops nothing."""
+    lm, cfg = tiny_lm(text_drop=0.5)
+    batch = fake_batch(cfg, B=4, S=12)
+    seen, inputs = [], lm.inputs
+    lm.inputs = lambda prev, text: seen.append(text.clone()) or inputs(prev, text)
+    keep = torch.rand(4, 1, generator=torch.Generator().manual_seed(2)) >= 0.5
+    assert 0 < int(keep.sum()) < 4
+    lm.train()
+    out = C.lm_losses(lm, batch, cfg, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(seen[-1], torch.where(keep, batch["text"], lm.pad_id))
+    other = dict(batch, text=torch.where(keep, batch["text"], (batch["text"] + 1) % cfg.text_vocab))
+    again = C.lm_losses(lm, other, cfg, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(out["text_ce"], again["text_ce"])  # the dropped rows' targets do not count
+    lm.eval()
+    C.lm_losses(lm, batch, cfg, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(seen[-1], batch["text"])          # eval: every text kept
 
 # ----------------------------------------------------------------------------- the consistency head (§3.3, Eq. 3)
 
