@@ -174,7 +174,8 @@ class Config:
             raise SystemExit(f"error: --interleave takes two counts >= 1, text,audio (got {self.interleave})")
         if math.prod(self.voc_upsample) * ISTFT_HOP != 160:
             raise SystemExit(f"error: --voc_upsample times the iSTFT hop {ISTFT_HOP} must be the mel hop 160 "
-                             f"(got {self.voc_upsample})")
+                             f"(got {self.voc_upsample})" + ("; a checkpoint from before the iSTFT vocoder: "
+                             "retrain --stage=speech" if math.prod(self.voc_upsample) == 160 else ""))
         if self.flow_dim % self.flow_heads or self.voc_channels % 2 ** len(self.voc_upsample):
             raise SystemExit("error: --flow_dim must be a multiple of --flow_heads, and --voc_channels of "
                              "2 ** len(--voc_upsample)")

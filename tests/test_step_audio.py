@@ -438,6 +438,11 @@ def test_bad_flags_give_one_line(tmp_path):
             common.save_audio(kw["followup"], np.zeros(1600, np.float32), 16000)   # exists, but no --input
         with pytest.raises(SystemExit, match=flag.replace("-", r"\-")):
             S.Config(**{**S.PRESETS["tiny"], **kw}).validate()
+    with pytest.raises(SystemExit, match="before the iSTFT vocoder"):  # the old vocoder's upsampling
+        S.Config(**{**S.PRESETS["tiny"], "voc_upsample": (5, 4, 4, 2)}).validate()
+    for flag, kw in (("--flow_cfg_drop", dict(flow_cfg_drop=1.0)), ("--flow_cfg", dict(flow_cfg=-1.0))):
+        with pytest.raises(SystemExit, match=flag.replace("-", r"\-")):
+            S.Config(**{**S.PRESETS["tiny"], **kw}).validate()
 
 
 # ----------------------------------------------------------------------------- held-out question bank
