@@ -18,9 +18,8 @@ the speech backbone is Pocket TTS's size (Helium-2B's is not known); no official
 VAE has no WavLM distillation; the CPU presets add EnCodec's reconstruction terms, and the KL is per
 element with a small initial sigma (ours). sCM details the card lacks are sCM's own [recalled]; latent CFG
 (alpha 1.5) guides the text stream only (no voice prompt); no distillation, no EOS head (the text stream ends
-an utterance), no weight EMA. The RVQ baseline's
-codebooks are k-means on cached latents, not trained jointly.
-Aim 1100 lines not reached (1448): two stages, two heads, TTS and continuation, each with eval and bench.
+an utterance), no weight EMA. The RVQ baseline's codebooks are k-means on cached latents, not trained jointly.
+Aim 1100 lines not reached (1466): two stages, two heads, TTS and continuation, each with eval and bench.
 
     python calm.py --stage=vae                      # 1. the VAE-GAN on the built-in speech (out/calm/vae)
     python calm.py --stage=lm                       # 2. the LM over its latents (reads out/calm/vae/ckpt.pt)

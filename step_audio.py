@@ -30,7 +30,7 @@ Simplified versus the paper:
   (no adversary): muffled;
 - `mini` has the official shapes (meta device only); no official weights are mapped (no reference to prove
   a key map against); the placeholder count is the official `compute_token_num`.
-Aim 1100 lines not reached (1777): seven training stages in two runs, two-part eval, the detokenizer.
+Aim 1100 lines not reached (1810): seven training stages in two runs, two-part eval, the detokenizer.
 
     python step_audio.py                          # 1. encoder, tokenizer, flow, vocoder (out/.../speech)
     python step_audio.py --stage=llm              # 2. text LLM, adaptor, SFT (reads out/step_audio/speech)
@@ -1372,8 +1372,6 @@ def load_for_inference(cfg, rt):
     model = StepAudio(cfg).to(rt.device)
     common.load_models(ckpt, cfg, {"model": model}, ARCH_KEYS)
     model.tok = tok
-    if "flow_cfg_drop" not in ckpt["config"]:            # a flow from before guidance: no unconditional field
-        cfg.flow_cfg = 0.0
     return model.eval()
 
 
