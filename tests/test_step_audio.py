@@ -15,7 +15,7 @@ What pins each loss term, target shift, sampler and schedule:
 - vocoder mel L1: test_golden_step_speech[vocoder] (its expected mel still comes from the file's voc_mel)
 - the text:audio interleave and greedy decoding: test_interleave_pattern_and_inverse,
   test_spoken_generation_keeps_the_pattern_and_refeeds_as_ids, test_generate_with_the_cache_equals_greedy_...
-- stages and lr (warm-up per stage, SFT cosine to 10 %): test_stage_schedule_and_what_each_stage_trains"""
+- stages and lr (warm-up and a cosine to 10 % per stage): test_stage_schedule_and_what_each_stage_trains"""
 import copy
 import math
 import re
@@ -323,8 +323,10 @@ def test_stage_schedule_and_what_each_stage_trains():
         assert f(step) == pytest.approx(warm * (0.1 + 0.45 * (1 + math.cos(math.pi * frac))))
     g = S.lr_lambda(dataclasses.replace(cfg, warmup_iters=1))
     assert g(6) == pytest.approx(0.1) and g(2) == 1.0
-    h = S.lr_lambda(dataclasses.replace(sp, warmup_iters=4))   # the speech stage: warm-up, then constant
-    assert [h(s) for s in range(8)] == pytest.approx([0.25, 0.5, 0.75, 0.25, 0.25, 0.5, 0.25, 0.5])
+    h = S.lr_lambda(dataclasses.replace(sp, warmup_iters=4))   # the speech stages: warm-up times a cosine each
+    c = lambda frac: 0.1 + 0.45 * (1 + math.cos(math.pi * frac))   # encoder 3, tokenizer 1, flow 2, vocoder 2
+    assert [h(s) for s in range(8)] == pytest.approx([0.25, 0.5 * c(1 / 3), 0.75 * c(2 / 3), 0.25,
+                                                      0.25, 0.5 * c(1 / 2), 0.25, 0.5 * c(1 / 2)])
 
 
 @pytest.mark.parametrize("stage", ["sft", "adaptor", "encoder"])
@@ -595,6 +597,33 @@ def test_vocoder_output_length_and_voc_mel_rate():
     assert S.voc_mel(torch.zeros(6400), cfg).shape == (cfg.n_voc_mels, 40)
     n = 32000                                            # 4 mel frames per speech token (25 Hz vs 100 Hz)
     assert S.encoder_frames(S.mel_frames(n, cfg)) * 4 == S.voc_mel(torch.zeros(n), cfg).shape[-1]
+
+
+def test_vocoder_istft_head_is_hifts():
+    """HiFT's head, transcribed: the last conv gives 9 log-magnitudes and 9 phase pre-activations per
+    4000 Hz frame; magnitude exp(.) (at most 100), phase sin(.); each frame's 16-point inverse real FFT,
+    Hann-windowed, overlap-added at hop 4, divided by the overlapped squared window, 8 samples trimmed."""
+    cfg = tiny(voc_channels=64)                           # 8 channels at 4000 Hz (tiny's 2 were all > 0)
+    torch.manual_seed(0)
+    voc = S.Vocoder(cfg)
+    got = {}
+    voc.conv_post.register_forward_hook(lambda m, i, o: got.update(x=o.detach(), inp=i[0].detach()))
+    voc.res[-1].register_forward_hook(lambda m, i, o: got.update(r=o.detach()))
+    wav = voc(torch.randn(2, cfg.n_voc_mels, 5))          # (2, 800)
+    r = F.leaky_relu(got["r"])                            # HiFT: leaky ReLU (slope 0.01), one frame reflected left
+    torch.testing.assert_close(got["inp"], torch.cat([r[..., 1:2], r], -1))
+    x = got["x"].double()                                 # (2, 18, 201): 40 frames a mel frame, one more
+    mag, ph = x[:, :9].exp().clamp(max=100), torch.sin(x[:, 9:])
+    frames = torch.fft.irfft(torch.complex(mag * torch.cos(ph), mag * torch.sin(ph)), n=16, dim=1)
+    win = torch.hann_window(16, dtype=torch.float64)
+    n = x.shape[-1]
+    y, env = torch.zeros(2, 16 + 4 * (n - 1), dtype=torch.float64), torch.zeros(16 + 4 * (n - 1)).double()
+    for t in range(n):
+        y[:, 4 * t:4 * t + 16] += frames[:, :, t] * win
+        env[4 * t:4 * t + 16] += win ** 2
+    want = (y / env)[:, 8:8 + 4 * (n - 1)].clamp(-0.99, 0.99)
+    assert want.shape == wav.shape and want.abs().max() > 0.01
+    torch.testing.assert_close(wav.double(), want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("stage", ["tokenizer", "flow", "vocoder"])
