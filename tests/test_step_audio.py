@@ -15,7 +15,8 @@ What pins each loss term, target shift, sampler and schedule:
 - vocoder mel L1: test_golden_step_speech[vocoder] (its expected mel still comes from the file's voc_mel)
 - the text:audio interleave and greedy decoding: test_interleave_pattern_and_inverse,
   test_spoken_generation_keeps_the_pattern_and_refeeds_as_ids, test_generate_with_the_cache_equals_greedy_...
-- stages and lr (warm-up and a cosine to 10 % per stage): test_stage_schedule_and_what_each_stage_trains"""
+- stages and lr (warm-up per stage, a cosine to 10 % but in the LLM and adaptor stages):
+  test_stage_schedule_and_what_each_stage_trains"""
 import copy
 import math
 import re
@@ -318,6 +319,7 @@ def test_stage_schedule_and_what_each_stage_trains():
     assert S.trainable("flow", m) == ids(m.flow) and S.trainable("vocoder", m) == ids(m.vocoder)
     f = S.lr_lambda(cfg)
     assert f(0) == pytest.approx(1 / cfg.warmup_iters) and f(2) == pytest.approx(1 / cfg.warmup_iters)  # warm-up per stage
+    assert f(1) == pytest.approx(2 / cfg.warmup_iters)   # the text LLM and the adaptor do not decay (SFT trains on)
     for step in (3, 4, 5):                     # SFT (from step 3 of 6): warm-up times a cosine from 1 to 0.1
         warm, frac = min(1.0, (step - 2) / cfg.warmup_iters), (step - 3) / 3
         assert f(step) == pytest.approx(warm * (0.1 + 0.45 * (1 + math.cos(math.pi * frac))))
