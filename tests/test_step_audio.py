@@ -319,7 +319,8 @@ def test_stage_schedule_and_what_each_stage_trains():
     assert S.trainable("flow", m) == ids(m.flow) and S.trainable("vocoder", m) == ids(m.vocoder)
     f = S.lr_lambda(cfg)
     assert f(0) == pytest.approx(1 / cfg.warmup_iters) and f(2) == pytest.approx(1 / cfg.warmup_iters)  # warm-up per stage
-    assert f(1) == pytest.approx(2 / cfg.warmup_iters)   # the text LLM and the adaptor do not decay (SFT trains on)
+    k = S.lr_lambda(tiny(stage="llm", stage_iters=(2, 0, 3, 0, 0), llm_max_iters=8, warmup_iters=1))
+    assert [k(s) for s in range(5)] == [1.0] * 5          # the text LLM and the adaptor do not decay (SFT trains on)
     for step in (3, 4, 5):                     # SFT (from step 3 of 6): warm-up times a cosine from 1 to 0.1
         warm, frac = min(1.0, (step - 2) / cfg.warmup_iters), (step - 3) / 3
         assert f(step) == pytest.approx(warm * (0.1 + 0.45 * (1 + math.cos(math.pi * frac))))
