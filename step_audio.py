@@ -1317,8 +1317,8 @@ def trainable(stage, model):
 def lr_lambda(cfg):
     """A linear warm-up at the start of each stage; a stage whose parameters are final (the encoder, the
     tokenizer, the flow, the vocoder, SFT) then decays with a cosine to 10 % at its end, while the text LLM
-    and the adaptor, which SFT trains on, stay constant. Ours for the speech parts: at a constant rate their
-    last iterate was noisy (resynthesis WER 0.81 vs 0.71 and 0.69 with the decay, measured)."""
+    and the adaptor, which SFT trains on, stay constant (ours: at a constant rate the speech parts' last
+    iterate was noisy and resynthesis lost words; decaying the LLM's text stage cost SFT its tool answers)."""
     names, its = zip(*plan(cfg))
     starts = [0] + [int(e) for e in np.cumsum(its)][:-1]
 

@@ -610,13 +610,20 @@ def test_vocoder_istft_head_is_hifts():
     torch.manual_seed(0)
     voc = S.Vocoder(cfg)
     got = {}
-    voc.conv_post.register_forward_hook(lambda m, i, o: got.update(x=o.detach(), inp=i[0].detach()))
+
+    def spike(m, i, o):                                   # one log-magnitude past log(100): the clamp must bite
+        o = o.clone()
+        o[:, 0, 100] += 6.0
+        got.update(x=o.detach(), inp=i[0].detach())
+        return o
+    voc.conv_post.register_forward_hook(spike)
     voc.res[-1].register_forward_hook(lambda m, i, o: got.update(r=o.detach()))
     wav = voc(torch.randn(2, cfg.n_voc_mels, 5))          # (2, 800)
     r = F.leaky_relu(got["r"])                            # HiFT: leaky ReLU (slope 0.01), one frame reflected left
     torch.testing.assert_close(got["inp"], torch.cat([r[..., 1:2], r], -1))
     x = got["x"].double()                                 # (2, 18, 201): 40 frames a mel frame, one more
     mag, ph = x[:, :9].exp().clamp(max=100), torch.sin(x[:, 9:])
+    assert mag.max() == 100
     frames = torch.fft.irfft(torch.complex(mag * torch.cos(ph), mag * torch.sin(ph)), n=16, dim=1)
     win = torch.hann_window(16, dtype=torch.float64)
     n = x.shape[-1]
