@@ -647,11 +647,9 @@ class StepAudio(nn.Module):
         return self.model(self.embed(ids, feats, patch_id), keep=keep)
 
     def stage_loss(self, batch, cfg):
-        # CTC through the FSQ bottleneck on the frozen encoder
+        # CTC through the FSQ bottleneck on the frozen encoder's frames h (B, T', D) (the sampler's)
         if batch["stage"] == "tokenizer":
-            with torch.no_grad():
-                h = self.encoder(batch["mel"], batch["n_mel"])
-            return ctc_loss(self.speech_tokenizer(h, batch["n_mel"]), batch["n_mel"], batch["chars"],
+            return ctc_loss(self.speech_tokenizer(batch["h"], batch["n_mel"]), batch["n_mel"], batch["chars"],
                             batch["n_chars"])
         if batch["stage"] == "flow":
             return flow_loss(self.flow, batch["codes"], batch["x1"], batch["spk"],
@@ -1167,13 +1165,15 @@ def pad_frames(mel, n):
 
 class Sampler:
     """Draws each step's examples for its stage; its RNG is saved in the checkpoint (resume draws the same).
-    The speech tokens of a clip come from the model's frozen encoder and tokenizer (set .model before the
-    tokenizer stage ends), computed once per clip."""
+    From the tokenizer stage on the encoder is frozen, so a clip's encoder frames are computed once and kept
+    (the tokenizer stage then trains on them: half its step time saved on a CPU), and so are its speech
+    tokens (set .model first)."""
     def __init__(self, tasks, tok, cfg, rank=0, world_size=1):
         self.tasks, self.tok, self.cfg = tasks, tok, cfg
         self.chats = text_chats(tasks)
         self.rng = np.random.default_rng([cfg.seed, rank, world_size])
-        self.mels, self.codes, self.vmels = {}, {}, {}   # per clip: log-mel, speech tokens, detokenizer mel
+        # per clip: log-mel, frozen encoder frames, speech tokens, detokenizer mel
+        self.mels, self.frames, self.codes, self.vmels = {}, {}, {}, {}
         self.model = None
         # the flow's clips: the speech corpus (its speakers) and the bank's answers (the assistant's voice)
         answers = {id(x[3]): x[3] for x in tasks.spoken}
@@ -1194,14 +1194,21 @@ class Sampler:
             self.vmels[id(w)] = voc_mel(torch.from_numpy(np.ascontiguousarray(w)), self.cfg)
         return self.vmels[id(w)]
 
-    def codes_of(self, w):
-        """A clip's speech tokens (25 Hz) from the frozen encoder + tokenizer."""
-        if id(w) not in self.codes:
+    @torch.no_grad()
+    def frames_of(self, w):
+        """A clip's frames from the frozen encoder (25 Hz): (T', n_audio_state)."""
+        if id(w) not in self.frames:
             m = self.mel_of(w)
             raw = common.unwrap(self.model)
             dev = next(raw.parameters()).device
-            self.codes[id(w)] = raw.speech_codes(m[None].to(dev),
-                                                 torch.tensor([m.shape[-1]], device=dev))[0].tolist()
+            self.frames[id(w)] = raw.encoder(m[None].to(dev), torch.tensor([m.shape[-1]], device=dev))[0]
+        return self.frames[id(w)]
+
+    @torch.no_grad()
+    def codes_of(self, w):
+        """A clip's speech tokens (25 Hz) from the frozen encoder + tokenizer."""
+        if id(w) not in self.codes:
+            self.codes[id(w)] = common.unwrap(self.model).speech_tokenizer.codes(self.frames_of(w)).tolist()
         return self.codes[id(w)]
 
     def speak(self, text, wav):
@@ -1214,17 +1221,22 @@ class Sampler:
             ex = [(None, tool_drill(rng) if rng.random() < DRILL_FRAC else pick())
                   for _ in range(cfg.batch_size)]
             return dict(collate(ex, self.tok, cfg, rt), stage=stage)
-        # ASR (CTC): the encoder's pretraining, then the tokenizer's
+        # ASR (CTC): the encoder's pretraining on mels, then the tokenizer's on the frozen encoder's frames
         if stage in ("encoder", "tokenizer"):
             items = [tk.speech[int(rng.integers(len(tk.speech)))] for _ in range(cfg.batch_size)]
             mels = [self.mel_of(w) for w, _, _ in items]
-            T = max(m.shape[-1] for m in mels)
             chars = [[CHARS.index(c) + 1 for c in common.normalize_text(t) if c in CHARS]
                      for _, t, _ in items]
-            return dict(stage=stage,
-                        mel=torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).to(rt.device),
-                        n_mel=torch.tensor([m.shape[-1] for m in mels]), chars=torch.tensor(sum(chars, [])),
-                        n_chars=torch.tensor([len(c) for c in chars]))
+            def pad(xs):                                 # B x (C, T_i) -> (B, C, T_max)
+                T = max(x.shape[-1] for x in xs)
+                return torch.stack([F.pad(x, (0, T - x.shape[-1])) for x in xs]).to(rt.device)
+            batch = dict(stage=stage, n_mel=torch.tensor([m.shape[-1] for m in mels]),
+                         chars=torch.tensor(sum(chars, [])), n_chars=torch.tensor([len(c) for c in chars]))
+            if stage == "encoder":
+                batch["mel"] = pad(mels)
+            else:                                        # (B, T', D)
+                batch["h"] = pad([self.frames_of(w).T for w, _, _ in items]).transpose(1, 2)
+            return batch
         if stage == "flow":                              # tokens (+ a prompt of the same voice) -> mel crops
             codes, mels, spk = [], [], []
             for _ in range(cfg.batch_size):

@@ -293,6 +293,36 @@ def test_the_text_stage_and_sft_draw_tool_drills(monkeypatch):
         assert abs(len(drills) / len(ex) - share) < 0.03 and all(w is None for w, _ in ex)
 
 
+def test_tokenizer_stage_trains_on_the_frozen_encoders_frames():
+    """The sampler keeps each clip's encoder frames from the tokenizer stage on: its batch must hold what the
+    encoder gives on the padded mel batch at the real frames (zeros past them), and codes_of what
+    speech_codes gives on the clip."""
+    cfg = tiny(batch_size=3)
+    rng = np.random.default_rng(2)
+    wavs = [0.1 * rng.standard_normal(n).astype(np.float32) for n in (5000, 9000, 14000)]
+    fake = SimpleNamespace(texts=[], questions=[], spoken=[], has_voices=False, speakers=[0, 0, 0],
+                           speech=[(w, "ab c", None) for w in wavs])
+    torch.manual_seed(0)
+    model = S.StepAudio(cfg).eval()
+    sampler = S.Sampler(fake, byte_tok(cfg), cfg)
+    sampler.model = model
+    b = sampler.next("tokenizer", rt())
+    assert "mel" not in b and not b["h"].requires_grad
+    ids = [int(np.argmin([abs(int(n) - sampler.mel_of(w).shape[-1]) for w in wavs])) for n in b["n_mel"]]
+    mels = [sampler.mel_of(wavs[i]) for i in ids]
+    T = max(m.shape[-1] for m in mels)
+    with torch.no_grad():
+        h = model.encoder(torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]), b["n_mel"])
+    for k, n in enumerate(b["n_mel"]):
+        f = S.encoder_frames(int(n))
+        torch.testing.assert_close(b["h"][k, :f], h[k, :f], atol=1e-5, rtol=1e-4)
+        assert not b["h"][k, f:].any()
+    assert b["chars"].tolist() == [S.CHARS.index(c) + 1 for c in "ab c"] * 3
+    for w in wavs:
+        m = sampler.mel_of(w)
+        assert sampler.codes_of(w) == model.speech_codes(m[None], torch.tensor([m.shape[-1]]))[0].tolist()
+
+
 def test_voice_attributes_come_from_the_voices():
     assert S.voice_attributes(1) == dict(gender="female", pitch="high", rate="fast")        # en-us+f3, 65, 170
     assert S.voice_attributes(7) == dict(gender="male", pitch="low", rate="slow")           # en+m1, 30, 150
@@ -656,11 +686,10 @@ def test_golden_step_speech(stage):
     if stage == "tokenizer":
         mel = [S.log_mel(w, cfg) for w in wav]
         T = max(m.shape[-1] for m in mel)
-        batch = dict(stage=stage, mel=torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mel]),
-                     n_mel=torch.tensor([m.shape[-1] for m in mel]), chars=torch.tensor([3, 4, 5, 1, 2]),
-                     n_chars=torch.tensor([3, 2]))
+        n_mel = torch.tensor([m.shape[-1] for m in mel])
         with torch.no_grad():
-            h = ref.encoder(batch["mel"], batch["n_mel"])
+            h = ref.encoder(torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mel]), n_mel)
+        batch = dict(stage=stage, h=h, n_mel=n_mel, chars=torch.tensor([3, 4, 5, 1, 2]), n_chars=torch.tensor([3, 2]))
         st = ref.speech_tokenizer
         half = torch.tensor([(l - 1) / 2 for l in cfg.fsq_levels])
         b = torch.tanh(st.down(h)) * half
