@@ -352,8 +352,11 @@ def test_training_path_causal(head):
     assert not torch.allclose(seen[0][:, 7:], seen[1][:, 7:])
 
 
-def test_vae_causal():
-    cfg = make_cfg()
+@pytest.mark.parametrize("decoder", ["seanet", "istft"])
+def test_vae_causal(decoder):
+    """The encoder is causal; so is the SEANet decoder, while the iSTFT head's overlap-add looks n_fft / 2
+    samples ahead (a frame's window is centred on it)."""
+    cfg = make_cfg(decoder=decoder)
     torch.manual_seed(0)
     vae = C.VAE(cfg).eval()
     fs = vae.frame_size
@@ -365,7 +368,41 @@ def test_vae_causal():
     z = torch.randn(1, cfg.latent_dim, 6)
     z2 = z.clone()
     z2[..., 4:] += 1
-    assert torch.allclose(vae.decode(z)[..., :4 * fs], vae.decode(z2)[..., :4 * fs], atol=1e-6)
+    ahead = 0 if decoder == "seanet" else 2 * int(np.prod(cfg.ratios))     # n_fft / 2 = 2 hops
+    a, b = vae.decode(z), vae.decode(z2)
+    assert torch.allclose(a[..., :4 * fs - ahead], b[..., :4 * fs - ahead], atol=1e-6)
+    assert not torch.allclose(a[..., 4 * fs - ahead:4 * fs + 1], b[..., 4 * fs - ahead:4 * fs + 1], atol=1e-6)
+
+
+def test_istft_decoder_by_hand():
+    """--decoder=istft's head, transcribed: per frame the out conv's first n_fft/2 + 1 channels are
+    log-magnitudes (capped at ln 100), the rest phases; each frame's irfft (n_fft = 4 hop) is windowed
+    (periodic Hann) and overlap-added every hop samples, divided by the overlap-added squared window, and
+    the first n_fft / 2 samples dropped (the frames are centred)."""
+    cfg = make_cfg(decoder="istft")
+    torch.manual_seed(0)
+    dec = C.ISTFTDecoder(cfg)
+    with torch.no_grad():
+        dec.out.weight.mul_(30.0)                       # loud enough that some magnitudes hit the cap
+    seen = {}
+    dec.out.register_forward_hook(lambda m, i, o: seen.update(out=o.detach().double().numpy()))
+    F_ = 7
+    y = dec(torch.randn(2, cfg.dimension, F_)).detach().double().numpy()
+    hop = int(np.prod(cfg.ratios))
+    n = 4 * hop
+    K = n // 2 + 1
+    out = seen["out"]
+    log_mag, phase = out[:, :K], out[:, K:]
+    assert (log_mag > math.log(100)).any()              # the cap is exercised
+    spec = np.exp(np.minimum(log_mag, math.log(100))) * np.exp(1j * phase)    # (B, K, F)
+    w = np.hanning(n + 1)[:-1]
+    full, env = np.zeros((2, (F_ - 1) * hop + n)), np.zeros((F_ - 1) * hop + n)
+    for f in range(F_):
+        full[:, f * hop:f * hop + n] += np.fft.irfft(spec[:, :, f], n, axis=1) * w
+        env[f * hop:f * hop + n] += w ** 2
+    want = (full / env)[:, n // 2:n // 2 + F_ * hop]
+    assert y.shape == (2, 1, F_ * hop)
+    np.testing.assert_allclose(y[:, 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 # ----------------------------------------------------------------------------- VAE losses, latents, text
 
@@ -491,12 +528,13 @@ def test_golden_vae_generator_gradient(tmp_path):
         assert torch.allclose(got[n], p.grad.float(), rtol=1e-3, atol=1e-7), f"{n}: {err:.2e}"
 
 
-def test_loss_balance_at_init():
+@pytest.mark.parametrize("decoder", ["istft", "seanet"])
+def test_loss_balance_at_init(decoder):
     """calm.py's small preset comment: at init, on corpus speech, its weighted terms pull the decoder
-    output x_hat with gradient norms f : feat : t : adv ~ 1 : 0.1 : 0.002 : 1e-4 (the log-mel L_f leads,
-    the feature term still a tenth of it; the adversarial term grows once D learns). Checked here within a
-    factor ~2-3 of those ratios."""
-    cfg = make_cfg("small", corpus_hours=0.02, batch_size=4)
+    output x_hat with gradient norms f : feat : t : adv ~ 1 : 0.003 : 5e-5 : 2e-6 with the iSTFT head, 1 :
+    0.1 : 0.002 : 1e-4 with the SEANet decoder (the log-mel L_f leads; the adversarial term grows once D
+    learns). Checked here within a factor ~2-3 of those ratios."""
+    cfg = make_cfg("small", corpus_hours=0.02, batch_size=4, decoder=decoder)
     wavs = [u.wav for u in C.clips(cfg, "train") if len(u.wav) >= cfg.segment][:4]
     x = torch.from_numpy(np.stack([w[:cfg.segment] for w in wavs]))[:, None]  # (4, 1, 0.96 s)
     torch.manual_seed(0)
@@ -512,7 +550,10 @@ def test_loss_balance_at_init():
             for k, v in terms.items()}
     r = {k: v / norm["f"] for k, v in norm.items()}
     print(r)
-    assert 0.04 < r["feat"] < 0.25 and 5e-4 < r["t"] < 6e-3 and r["adv"] < 1e-3, r
+    if decoder == "seanet":
+        assert 0.04 < r["feat"] < 0.25 and 5e-4 < r["t"] < 6e-3 and r["adv"] < 1e-3, r
+    else:
+        assert 1e-3 < r["feat"] < 1e-2 and 1.5e-5 < r["t"] < 1.5e-4 and r["adv"] < 1e-4, r
 
 
 def test_discriminator_and_adversarial_hinges_by_hand():
@@ -668,9 +709,11 @@ def test_cli_lm_stage(tmp_path):
 
 def test_vae_stage_trains_and_resumes_exactly(tmp_path):
     """The VAE stage in-process (cheaper than three more processes): 2 steps + resume to 3 == 3 straight steps,
-    every weight bit for bit (VAE, discriminator), and the val eval line runs."""
+    every weight bit for bit (VAE, discriminator), and the val eval line runs. With the small preset's
+    iSTFT head (the command-line test runs the SEANet decoder)."""
     def run(out, steps, init="scratch"):
-        cfg = make_cfg(mode="train", max_iters=steps, init_from=init, out_dir=str(tmp_path / out), eval_interval=2)
+        cfg = make_cfg(mode="train", max_iters=steps, init_from=init, out_dir=str(tmp_path / out), eval_interval=2,
+                       decoder="istft")
         C.train(cfg)
         return torch.load(tmp_path / out / "ckpt.pt", weights_only=True)
     run("a", 2)
