@@ -21,7 +21,7 @@ element with a small initial sigma (ours). The small (CPU) preset decodes with V
 decoder's speech kept no words. sCM details the card lacks are sCM's own [recalled]; latent CFG
 (alpha 1.5) guides the text stream only (no voice prompt); no distillation, no EOS head (the text stream ends
 an utterance), no weight EMA. The RVQ baseline's codebooks are k-means on cached latents, not trained jointly.
-Aim 1100 lines not reached (1466): two stages, two heads, TTS and continuation, each with eval and bench.
+Aim 1100 lines not reached (1505): two stages, two heads, two decoders, TTS and continuation, eval, bench.
 
     python calm.py --stage=vae                      # 1. the VAE-GAN on the built-in speech (out/calm/vae)
     python calm.py --stage=lm                       # 2. the LM over its latents (reads out/calm/vae/ckpt.pt)
@@ -221,9 +221,10 @@ PRESETS = {
                   depth_dim=128, depth_layers=2, lm_segment=76800, batch_size=8, lr=2e-3, lm_lr=1e-3,
                   warmup_iters=50, tangent_warmup=200, decay_iters=1100, max_iters=1100, log_interval=20,
                   eval_interval=220, eval_items=4,
-                  gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5),  # each stage ~15 min on a CPU
-    "tiny": dict(n_filters=2, dimension=16, istft_hidden=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, disc_filters=4,
+                  gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5),  # VAE ~12 min, LM ~6 on a CPU
+    "tiny": dict(n_filters=2, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, disc_filters=4,
                  disc_n_ffts=(256,), mel_scales=(6, 7), recon_loss=True, segment=3840, latent_dim=8,
+                 istft_hidden=16,
                  lm_dim=32, lm_layers=1, lm_heads=2, lm_ffn=64, short_context=3, short_dim=16, short_layers=1,
                  head_dim=32, head_depth=1, head_batch_mul=2, text_vocab=260, n_q=2, codebook_size=8,
                  kmeans_iters=3, depth_dim=16, depth_layers=1, lm_segment=15360, batch_size=2, warmup_iters=2,

@@ -32,7 +32,7 @@ Simplified versus the paper:
   a key map against); the placeholder count is the official `compute_token_num`;
 - the learning rate: a warm-up, then a cosine to 10 % in each final stage (encoder, tokenizer, flow, vocoder,
   SFT); the text LLM and the adaptor keep theirs, SFT trains those weights on (ours; the paper gives none).
-Aim 1100 lines not reached (1815): seven training stages in two runs, two-part eval, the detokenizer.
+Aim 1100 lines not reached (1827): seven training stages in two runs, two-part eval, the detokenizer.
 
     python step_audio.py                          # 1. encoder, tokenizer, flow, vocoder (out/.../speech)
     python step_audio.py --stage=llm              # 2. text LLM, adaptor, SFT (reads out/step_audio/speech)
