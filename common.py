@@ -685,8 +685,11 @@ def check_checkpoint(ckpt, cfg, arch_keys=()):
     paper = _paper_of(cfg)
     if ckpt["paper"] != paper:
         raise SystemExit(f"error: this checkpoint was written by {ckpt['paper']}.py, not {paper}.py")
-    bad = [f"--{k} (checkpoint {ckpt['config'].get(k)!r}, now {getattr(cfg, k)!r})" for k in arch_keys
-           if _norm(ckpt["config"].get(k)) != _norm(getattr(cfg, k))]
+    # a field the checkpoint lacks was added after it was written: its default is what the checkpoint was built with
+    default = {f.name: f.default for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else {}
+    saved = {k: ckpt["config"].get(k, default.get(k)) for k in arch_keys}
+    bad = [f"--{k} (checkpoint {saved[k]!r}, now {getattr(cfg, k)!r})" for k in arch_keys
+           if _norm(saved[k]) != _norm(getattr(cfg, k))]
     if bad:
         raise SystemExit("error: the checkpoint's config does not fit this model: " + "; ".join(bad)
                          + " — drop those flags (the checkpoint's own config is used) "

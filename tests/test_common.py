@@ -290,6 +290,17 @@ def test_checkpoint_config_wins_for_inference(tmp_path, capsys):
         common.check_checkpoint(common.load_checkpoint(path), got, arch_keys=("width",))
 
 
+def test_checkpoint_from_before_a_field_existed_loads(tmp_path):
+    """A checkpoint written before an architecture field was added builds what the field's default builds
+    (calm.py's --decoder: its default is the SEANet decoder all older checkpoints have)."""
+    path = common.save_checkpoint(Config(out_dir=str(tmp_path)), 1, {"model": Tiny(Config.width)})
+    ckpt = common.load_checkpoint(path)
+    del ckpt["config"]["width"]
+    common.check_checkpoint(ckpt, Config(out_dir=str(tmp_path)), arch_keys=("width",))
+    with pytest.raises(SystemExit, match=rf"--width \(checkpoint {Config.width}, now 9\)"):
+        common.check_checkpoint(ckpt, Config(out_dir=str(tmp_path), width=9), arch_keys=("width",))
+
+
 def test_checkpoint_rejects_wrong_inputs(tmp_path):
     cfg = Config(out_dir=str(tmp_path), width=4)
     m = Tiny(4)
