@@ -688,7 +688,9 @@ def test_parameter_counts():
 def test_bad_input():
     for kw, match in ((dict(stage="lm", mode="train", vae="/nonexistent/ckpt.pt"), "--vae"),
                       (dict(head="diffusion"), "--head must be one of"), (dict(segment=1000), "--segment"),
-                      (dict(mode="sample", text="hi"), "--text needs an LM"), (dict(temperature=-1), "temperature")):
+                      (dict(mode="sample", text="hi"), "--text needs an LM"), (dict(temperature=-1), "temperature"),
+                      (dict(decoder="hifigan"), "--decoder must be one of"),
+                      (dict(decoder="istft", channels=2), "--decoder=istft writes one channel")):
         one_line_error(lambda: make_cfg(**kw), match=match)
 
 
