@@ -17,8 +17,8 @@ Simplified here: speech is TTS-style, conditioned on a corpus BPE text stream on
 the speech backbone is Pocket TTS's size (Helium-2B's is not known); no official weights exist to map. The
 VAE has no WavLM distillation; the CPU presets add EnCodec's reconstruction terms, and the KL is per
 element with a small initial sigma (ours). The small (CPU) preset decodes with Vocos' iSTFT head at the
-200 Hz frames in place of the SEANet decoder (--decoder=istft, ours): in 15 CPU minutes the SEANet
-decoder's speech kept no words. sCM details the card lacks are sCM's own [recalled]; latent CFG
+200 Hz frames in place of the SEANet decoder (--decoder=istft, ours): after that preset's VAE stage (~10
+CPU minutes) the SEANet decoder's speech kept no words. sCM details the card lacks are sCM's own [recalled]; latent CFG
 (alpha 1.5) guides the text stream only (no voice prompt); no distillation, no EOS head (the text stream ends
 an utterance), no weight EMA. The RVQ baseline's codebooks are k-means on cached latents, not trained jointly.
 Aim 1100 lines not reached (1505): two stages, two heads, two decoders, TTS and continuation, eval, bench.
@@ -468,7 +468,8 @@ class GaussianBottleneck(nn.Module):
 
 class VAE(nn.Module):
     """encoder -> Transformer -> (stride conv if the SEANet hop is not yet a frame) -> Gaussian bottleneck ->
-    1x1 -> (transposed conv) -> Transformer -> decoder. Fully causal, so it could stream as Mimi does."""
+    1x1 -> (transposed conv) -> Transformer -> decoder. Causal (the iSTFT head: 10 ms of look-ahead), so it
+    could stream as Mimi does."""
 
     def __init__(self, cfg):
         super().__init__()

@@ -297,11 +297,11 @@ def test_tokenizer_stage_trains_on_the_frozen_encoders_frames():
     """The sampler keeps each clip's encoder frames from the tokenizer stage on: its batch must hold what the
     encoder gives on the padded mel batch at the real frames (zeros past them), and codes_of what
     speech_codes gives on the clip."""
-    cfg = tiny(batch_size=3)
+    cfg = tiny(batch_size=6)
     rng = np.random.default_rng(2)
     wavs = [0.1 * rng.standard_normal(n).astype(np.float32) for n in (5000, 9000, 14000)]
     fake = SimpleNamespace(texts=[], questions=[], spoken=[], has_voices=False, speakers=[0, 0, 0],
-                           speech=[(w, "ab c", None) for w in wavs])
+                           speech=[(w, t, None) for w, t in zip(wavs, ("ab", "c d", "efg"))])
     torch.manual_seed(0)
     model = S.StepAudio(cfg).eval()
     sampler = S.Sampler(fake, byte_tok(cfg), cfg)
@@ -309,6 +309,7 @@ def test_tokenizer_stage_trains_on_the_frozen_encoders_frames():
     b = sampler.next("tokenizer", rt())
     assert "mel" not in b and not b["h"].requires_grad
     ids = [int(np.argmin([abs(int(n) - sampler.mel_of(w).shape[-1]) for w in wavs])) for n in b["n_mel"]]
+    assert ids != ids[::-1] and len(set(ids)) > 1         # an order mix-up would show
     mels = [sampler.mel_of(wavs[i]) for i in ids]
     T = max(m.shape[-1] for m in mels)
     with torch.no_grad():
@@ -317,7 +318,7 @@ def test_tokenizer_stage_trains_on_the_frozen_encoders_frames():
         f = S.encoder_frames(int(n))
         torch.testing.assert_close(b["h"][k, :f], h[k, :f], atol=1e-5, rtol=1e-4)
         assert not b["h"][k, f:].any()
-    assert b["chars"].tolist() == [S.CHARS.index(c) + 1 for c in "ab c"] * 3
+    assert b["chars"].tolist() == [S.CHARS.index(c) + 1 for i in ids for c in ("ab", "c d", "efg")[i]]
     for w in wavs:
         m = sampler.mel_of(w)
         assert sampler.codes_of(w) == model.speech_codes(m[None], torch.tensor([m.shape[-1]]))[0].tolist()
