@@ -120,6 +120,10 @@ class Config:
     tangent_warmup: int = 10000        # sCM tangent warm-up steps (r = min(1, step / H)) [recalled]
     temperature: float = 0.8           # noise VARIANCE at sampling (std sqrt(temp); 0.8 best for speech, §4)
     head_steps: int = 1                # consistency steps at sampling (1 = the paper's main setting; music 4)
+    head_loss: str = "scm"             # scm: Eq. 3, sCM consistency training (the continuation heads) | lsd:
+                                       # v3's TTS head (App. A, Pocket TTS): Lagrangian self-distillation (Boffi
+                                       # et al. 2025), flow matching + a flow-map term
+    lsd_flow_share: float = 0.75       # lsd: weight of the flow-matching term (App. A: 75 %; the rest distils)
     text_vocab: int = 1000             # BPE tokens (common.train_bpe); + PAD and EOS
     text_delay: int = 1                # frames the audio lags the text stream (80 ms, project page)
     lambda_text: float = 1.0           # weight of the text-stream cross-entropy [inferred]
@@ -166,7 +170,7 @@ class Config:
         hop = int(np.prod(self.ratios))
         frame = self.sample_rate / self.frame_rate
         choices = dict(stage=("vae", "lm"), head=("consistency", "rvq"), corpus=("speech", "music"),
-                       task=("tts", "continue"), decoder=("seanet", "istft"))
+                       task=("tts", "continue"), decoder=("seanet", "istft"), head_loss=("lsd", "scm"))
         for k, opts in choices.items():
             if getattr(self, k) not in opts:
                 bad(f"--{k} must be one of {', '.join(opts)} (got {getattr(self, k)!r})")
@@ -182,6 +186,8 @@ class Config:
                 bad(f"--{what}: {d} must split into {h} heads of even size (RoPE rotates pairs)")
         if self.temperature < 0 or self.rvq_temperature < 0:
             bad("--temperature and --rvq_temperature must be >= 0")
+        if not 0 < self.lsd_flow_share <= 1:
+            bad(f"--lsd_flow_share takes (0, 1] (got {self.lsd_flow_share})")
         if not 0 <= self.text_drop < 1 or self.cfg_alpha < 0:
             bad(f"--text_drop takes [0, 1) and --cfg_alpha >= 0 (got {self.text_drop}, {self.cfg_alpha})")
         for k in ("head_steps", "head_batch_mul", "short_context", "n_q", "latent_dim", "codebook_size",
@@ -203,7 +209,8 @@ class Config:
 
 PRESETS = {
     # the paper's speech VAE (Table 13) with Pocket TTS's backbone and head (the card's verified code values)
-    "speech": dict(),
+    # and its TTS objective (v3, App. A)
+    "speech": dict(head_loss="lsd"),
     # the music VAE (App. B, Table 13): 32 kHz, 128-d at 25 Hz, 4/4 layers, 30 s context; MusicGen-Medium
     # backbone
     "music": dict(corpus="music", sample_rate=32000, ratios=(8, 8, 5, 4), frame_rate=25.0, latent_dim=128,
@@ -215,7 +222,7 @@ PRESETS = {
     # the head's first output is quiet (rms 0.003), so the mel term leads; the adversarial one grows as D learns
     "small": dict(n_filters=8, dimension=64, tr_layers=2, tr_heads=4, tr_ffn=256, disc_filters=8,
                   disc_n_ffts=(256,), mel_scales=(5, 6, 7, 8, 9, 10, 11), recon_loss=True, decoder="istft",
-                  segment=23040,  # 0.96 s: 12 latent frames, 192 frames for the VAE Transformers
+                  head_loss="lsd", segment=23040,  # 0.96 s: 12 latent frames, 192 frames for the VAE Transformers
                   lm_dim=256, lm_layers=4, lm_heads=4, lm_ffn=1024, short_dim=128, short_layers=1,
                   head_dim=256, head_depth=3, head_batch_mul=4, text_vocab=512, n_q=8, codebook_size=256,
                   depth_dim=128, depth_layers=2, lm_segment=76800, batch_size=8, lr=2e-3, lm_lr=1e-3,
@@ -224,7 +231,7 @@ PRESETS = {
                   gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5),  # VAE ~12 min, LM ~6 on a CPU
     "tiny": dict(n_filters=2, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, disc_filters=4,
                  disc_n_ffts=(256,), mel_scales=(6, 7), recon_loss=True, segment=3840, latent_dim=8,
-                 istft_hidden=16,
+                 istft_hidden=16, head_loss="lsd",
                  lm_dim=32, lm_layers=1, lm_heads=2, lm_ffn=64, short_context=3, short_dim=16, short_layers=1,
                  head_dim=32, head_depth=1, head_batch_mul=2, text_vocab=260, n_q=2, codebook_size=8,
                  kmeans_iters=3, depth_dim=16, depth_layers=1, lm_segment=15360, batch_size=2, warmup_iters=2,
@@ -241,7 +248,7 @@ VAE_KEYS = ("corpus", "sample_rate", "channels", "n_filters", "dimension", "rati
             "decoder", "istft_hidden")
 
 LM_KEYS = ("head", "lm_dim", "lm_layers", "lm_heads", "lm_ffn", "short_context", "short_dim", "short_layers",
-           "head_dim", "head_depth", "text_vocab", "text_delay", "n_q", "codebook_size", "depth_dim",
+           "head_dim", "head_depth", "head_loss", "text_vocab", "text_delay", "n_q", "codebook_size", "depth_dim",
            "depth_layers")
 
 ARCH_KEYS = ("stage",) + VAE_KEYS + LM_KEYS  # fields that shape the weights or the features
@@ -548,19 +555,36 @@ class Discriminator(nn.Module):
 # The CALM language model (--stage=lm, §3)
 
 class TimestepEmbedder(nn.Module):
-    """t -> 256 frequencies as [cos, sin] -> MLP, SiLU, MLP -> RMSNorm (Pocket TTS's form), on t itself
-    (TrigFlow's c_noise(t) = t). The consistency tangent differentiates through it, so it is smooth in t."""
+    """t -> 256 frequencies as [cos, sin] -> MLP, SiLU, MLP -> RMSNorm (Pocket TTS's form), on scale x t (sCM:
+    TrigFlow's c_noise(t) = t, x1000 (ours) so that DiT's frequencies span t in (0, pi/2); LSD: t in [0, 1]
+    as it is, so that the tangents d/dt through it stay small)."""
 
-    def __init__(self, dim, n_freq=256):
+    def __init__(self, dim, n_freq=256, scale=1000.0):
         super().__init__()
         freqs = torch.exp(-math.log(10000.0) * torch.arange(n_freq // 2) / (n_freq // 2))
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("freqs", scale * freqs, persistent=False)
         self.mlp = nn.Sequential(nn.Linear(n_freq, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.norm = nn.RMSNorm(dim, eps=1e-5)
 
-    def forward(self, t):  # (N,) in [0, pi/2] -> (N, dim)
-        ang = 1000.0 * t[:, None] * self.freqs  # x1000 (ours): DiT's frequencies span t in (0, pi/2)
+    def forward(self, t):  # (N,) -> (N, dim)
+        ang = t[:, None] * self.freqs
         return self.norm(self.mlp(torch.cat([ang.cos(), ang.sin()], -1)))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm written out in elementary ops (Pocket TTS's does the same): lsd backpropagates through a
+    forward-mode JVP, and torch's fused layer_norm returns wrong gradients there (tested)."""
+
+    def __init__(self, dim, eps=1e-6, affine=True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x):
+        x = x - x.mean(-1, keepdim=True)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x if self.weight is None else x * self.weight + self.bias
 
 
 def modulate(x, shift, scale):
@@ -573,7 +597,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
 
@@ -583,26 +607,33 @@ class ResBlock(nn.Module):
 
 
 class ConsistencyHead(nn.Module):
-    """§3.3: an MLP F_theta(x_t / sigma_d, t, Z) with AdaLN conditioning on Z + emb(t). The consistency map
-    in the TrigFlow parameterisation (sCM, Eq. 3's f) is f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t /
-    sigma_d, t, Z): at t = 0 it returns its input exactly (the boundary condition), at t = pi/2 it maps pure
-    noise to data."""
+    """§3.3: an MLP with AdaLN conditioning on Z + the time embedding, turning noise into a latent in one step.
+    --head_loss=scm: F_theta(x_t / sigma_d, t, Z); the consistency map in the TrigFlow parameterisation (sCM,
+    Eq. 3's f) is f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t, Z): at t = 0 it returns its
+    input exactly (the boundary condition), at t = pi/2 it maps pure noise to data. --head_loss=lsd (v3's
+    TTS head): a flow map over x_t = t x + (1 - t) eps (t = 1 is data) with two times, v(s, t, x_s, Z) (the
+    mean of the two time embeddings), whose jump X_{s,t}(x_s) = x_s + (t - s) v lands on the flow at t;
+    v(t, t, .) is the flow's velocity itself."""
 
     def __init__(self, cfg):
         super().__init__()
-        W, self.sigma_d = cfg.head_dim, cfg.sigma_d
+        W, self.sigma_d, self.lsd = cfg.head_dim, cfg.sigma_d, cfg.head_loss == "lsd"
         self.input_proj = nn.Linear(cfg.latent_dim, W)
         self.cond_embed = nn.Linear(cfg.lm_dim, W)
-        self.time_embed = TimestepEmbedder(W)
+        self.time_embed = TimestepEmbedder(W, scale=1.0 if self.lsd else 1000.0)
+        if self.lsd:
+            self.start_embed = TimestepEmbedder(W, scale=1.0)  # s, the jump's start
         self.blocks = nn.ModuleList(ResBlock(W) for _ in range(cfg.head_depth))
-        self.final_norm = nn.LayerNorm(W, eps=1e-6, elementwise_affine=False)
+        self.final_norm = LayerNorm(W, affine=False)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(W, 2 * W))
         self.out = nn.Linear(W, cfg.latent_dim)
         for blk in self.blocks:  # adaLN-zero: every block starts as the identity (DiT)
             nn.init.zeros_(blk.ada[1].weight), nn.init.zeros_(blk.ada[1].bias)
 
-    def forward(self, x, t, z):  # F: x (N, latent) already / sigma_d, t (N,), z (N, lm_dim) -> (N, latent)
-        c = self.cond_embed(z) + self.time_embed(t)
+    def forward(self, x, t, z, s=None):  # scm: F(x / sigma_d, t, Z); lsd: v(s, t, x, Z). x (N, latent), t and
+        # s (N,), z (N, lm_dim) -> (N, latent)
+        temb = self.time_embed(t) if s is None else (self.time_embed(t) + self.start_embed(s)) / 2
+        c = self.cond_embed(z) + temb
         h = self.input_proj(x)
         for blk in self.blocks:
             h = blk(h, c)
@@ -616,11 +647,17 @@ class ConsistencyHead(nn.Module):
     @torch.no_grad()
     def sample(self, z, temperature, steps=1, generator=None):
         """§3.3 one-step sampling: eps ~ N(0, temp sigma_d^2) at t = pi/2, x = f(eps, pi/2). With steps > 1:
-        re-noise the estimate to the next (evenly spaced) time and apply f again. z: (N, lm_dim) -> (N,
-        latent)."""
+        re-noise the estimate to the next (evenly spaced) time and apply f again. lsd: x = eps + v(0, 1, eps);
+        with steps > 1, jumps s_i = i / steps -> s_{i+1} along the flow. z: (N, lm_dim) -> (N, latent)."""
         N, D = z.shape[0], self.out.out_features
         std = self.sigma_d * math.sqrt(temperature)  # temperature is the noise VARIANCE (§3.3)
         noise = lambda: torch.randn(N, D, device=z.device, generator=generator) * std
+        if self.lsd:
+            x = noise()
+            for i in range(steps):
+                s, t = (torch.full((N,), j / steps, device=z.device) for j in (i, i + 1))
+                x = x + self(x, t, z, s) / steps  # X_{s,t}(x) = x + (t - s) v(s, t, x)
+            return x
         t = torch.full((N,), math.pi / 2, device=z.device)
         x = self.consistency(noise(), t, z)
         for i in range(1, steps):
@@ -630,16 +667,21 @@ class ConsistencyHead(nn.Module):
 
 
 class AdaptiveWeight(nn.Module):
-    """w_psi(t) of Eq. 3 (sCM's adaptive weighting): a learned log-weight per time, zero at init."""
+    """w_psi(t) of Eq. 3 (sCM's adaptive weighting): a learned log-weight per time, zero at init. lsd: w(s,
+    t), one per pair of times (Pocket TTS's learned log-variance of each term; its MLP on the raw (s, t) is
+    here a time embedding of each, summed)."""
 
-    def __init__(self, dim=128):
+    def __init__(self, dim=128, lsd=False):
         super().__init__()
-        self.embed = TimestepEmbedder(dim)
+        self.embed = TimestepEmbedder(dim, scale=1.0 if lsd else 1000.0)
+        if lsd:
+            self.start_embed = TimestepEmbedder(dim, scale=1.0)
         self.out = nn.Linear(dim, 1)
         nn.init.zeros_(self.out.weight), nn.init.zeros_(self.out.bias)
 
-    def forward(self, t):  # (N,) -> (N,)
-        return self.out(self.embed(t))[:, 0]
+    def forward(self, t, s=None):  # (N,) -> (N,)
+        e = self.embed(t) if s is None else self.embed(t) + self.start_embed(s)
+        return self.out(e)[:, 0]
 
 
 class DepthHead(nn.Module):
@@ -708,7 +750,7 @@ class CALM(nn.Module):
             self.short = nn.ModuleList(TransformerLayer(W, max(1, W // 64), 4 * W, cfg.short_context)
                                        for _ in range(cfg.short_layers))
             self.short_out = nn.Linear(cfg.short_dim, D)
-            self.head, self.weight = ConsistencyHead(cfg), AdaptiveWeight()
+            self.head, self.weight = ConsistencyHead(cfg), AdaptiveWeight(lsd=cfg.head_loss == "lsd")
         else:  # the RQ-Transformer baseline: the backbone reads the previous frame's code embeddings, summed
             self.register_buffer("codebooks", torch.zeros(cfg.n_q, cfg.codebook_size, cfg.dimension))
             self.code_in = nn.ModuleList(nn.Embedding(cfg.codebook_size, D) for _ in range(cfg.n_q))
@@ -864,6 +906,36 @@ def scm_loss(head, weight, x0, z, cfg, r, generator=None):
     return (w.exp() * err - w).mean(), err.mean()
 
 
+def lsd_loss(head, weight, x0, z, cfg, generator=None):
+    """v3's TTS head objective (App. A; Lagrangian self-distillation, Boffi et al. 2025, as Pocket TTS trains
+    it), on the flow x_t = t x + (1 - t) eps, eps ~ N(0, I), t = 1 the data:
+    - flow matching on the diagonal s = t: || v(t, t, x_t) - (x - eps) ||^2, t ~ sigmoid(N(0.4, 1));
+    - self-distillation: for s < t (the min and max of two such draws), the jump X = x_s + (t - s) v(s, t,
+      x_s) must move as the flow does at its end: || dX/dt - sg(v(t, t, X)) ||^2, dX/dt = v + (t - s) dv/dt
+      (one forward-mode JVP in t); sg: the target is a stop-gradient (Pocket TTS's "classic" variant).
+    Each term: e^{w(s, t)} / dim x error - w(s, t) (learned weights, as Eq. 3's), mixed lsd_flow_share :
+    1 - lsd_flow_share (App. A's 75 : 25, both on every step here). x0: (N, latent) normalised targets, z (N,
+    lm_dim) -> (loss, the flow-matching error)."""
+    N, L, dev = x0.shape[0], x0.shape[-1], x0.device
+    logit_normal = lambda k: torch.sigmoid(torch.randn(N, k, device=dev, generator=generator) + 0.4)
+    eps = torch.randn(x0.shape, device=dev, generator=generator)
+    on = lambda t, x: t[:, None] * x0 + (1 - t[:, None]) * x  # the point at time t between noise and data
+    t = logit_normal(1)[:, 0]
+    flow_err = (head(on(t, eps), t, z, t) - (x0 - eps)).pow(2).sum(-1)
+    w = weight(t, t)
+    flow = (w.exp() * flow_err / L - w).mean()
+    s, t = logit_normal(2).sort(-1)[0].unbind(-1)  # s <= t
+    x_s = on(s, eps)
+    v, dv_dt = torch.func.jvp(lambda tt: head(x_s, tt, z, s), (t,), (torch.ones_like(t),))
+    jump = x_s + (t - s)[:, None] * v  # X_{s,t}(x_s)
+    with torch.no_grad():
+        target = head(jump, t, z, t)  # the flow's velocity where the jump lands (stop-gradient)
+    dist_err = (v + (t - s)[:, None] * dv_dt - target).pow(2).sum(-1)
+    w = weight(t, s)
+    distill = (w.exp() * dist_err / L - w).mean()
+    return cfg.lsd_flow_share * flow + (1 - cfg.lsd_flow_share) * distill, flow_err.mean() / L
+
+
 def lm_losses(model, batch, cfg, r, generator=None):
     """One LM objective on a batch: the head's loss on every valid frame (Eq. 3, head_batch_mul draws per Z;
     or the depth head's cross-entropy) + lambda_text x the text stream's cross-entropy (speech)."""
@@ -889,9 +961,13 @@ def lm_losses(model, batch, cfg, r, generator=None):
         z = model.condition(h, clean).reshape(B * S, -1)[m]  # (N, D): Z_s of every valid frame
         x0 = clean.reshape(B * S, -1)[m]
         n = cfg.head_batch_mul  # §3.3: n (t, eps) draws per backbone output, Z computed once
-        head_loss, losses["scm_err"] = scm_loss(model.head, model.weight, x0.repeat(n, 1), z.repeat(n, 1),
-                                                cfg, r, generator)
-        losses["scm"] = head_loss
+        if cfg.head_loss == "lsd":
+            head_loss, losses["flow_err"] = lsd_loss(model.head, model.weight, x0.repeat(n, 1), z.repeat(n, 1),
+                                                     cfg, generator)
+        else:
+            head_loss, losses["scm_err"] = scm_loss(model.head, model.weight, x0.repeat(n, 1), z.repeat(n, 1),
+                                                    cfg, r, generator)
+        losses[cfg.head_loss] = head_loss
     else:
         logits = model.depth(h.reshape(B * S, -1)[m], codes.reshape(B * S, -1)[m])  # (N, n_q, K)
         head_loss = losses["ce_rvq"] = F.cross_entropy(logits.float().flatten(0, 1),

@@ -166,7 +166,7 @@ def test_text_dropout_for_guidance():
 # ----------------------------------------------------------------------------- the consistency head (§3.3, Eq. 3)
 
 def test_boundary_condition_and_one_step_shapes():
-    lm, cfg = tiny_lm()
+    lm, cfg = tiny_lm(head_loss="scm")
     head = lm.head
     x, z = torch.randn(5, cfg.latent_dim), torch.randn(5, cfg.lm_dim)
     assert torch.equal(head.consistency(x, torch.zeros(5), z), x)  # f(x, 0) = x exactly
@@ -190,7 +190,8 @@ def test_time_proposal_range():
 
 def _head_and_weight(cfg, seed=0):
     torch.manual_seed(seed)
-    head, weight, proj = C.ConsistencyHead(cfg), C.AdaptiveWeight(), nn.Linear(4, cfg.lm_dim)
+    head, weight = C.ConsistencyHead(cfg), C.AdaptiveWeight(lsd=cfg.head_loss == "lsd")
+    proj = nn.Linear(4, cfg.lm_dim)
     for p in list(head.parameters()) + list(weight.parameters()):
         nn.init.normal_(p, 0, 0.3)  # no zero-initialised layer: every gradient path is live
     return head, weight, proj
@@ -201,7 +202,7 @@ def test_golden_scm_step(r):
     """One SGD step of calm.scm_loss against Eq. 3 written out here: the tangent df-/dt by slow reverse-mode
     autograd through f(x_t(t), t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t, Z) (r = 1: g = cos t df-/dt); with
     the warm-up r < 1, sCM's Algorithm 1 with dF-/dt by autograd. Loss and updated weights must agree."""
-    cfg = make_cfg(sigma_d=0.7)
+    cfg = make_cfg(sigma_d=0.7, head_loss="scm")
     head, weight, proj = _head_and_weight(cfg)
     ref_head, ref_weight, ref_proj = copy.deepcopy(head), copy.deepcopy(weight), copy.deepcopy(proj)
     N, L, sd = 6, cfg.latent_dim, cfg.sigma_d
@@ -244,10 +245,77 @@ def test_golden_scm_step(r):
         assert torch.allclose(p, q, atol=1e-5), f"{n} differs after the step: {(p - q).abs().max():.2e}"
 
 
+def test_golden_lsd_step():
+    """One SGD step of calm.lsd_loss against App. A's objective written out here: the flow-matching term on
+    x_t = t x + (1 - t) eps against x - eps, and the self-distillation term with dv/dt by slow reverse-mode
+    autograd per output (not a JVP), its target v(t, t, X) detached; weights e^w / dim, - w; 0.75 : 0.25.
+    Loss and updated weights must agree."""
+    cfg = make_cfg(head_loss="lsd")
+    head, weight, proj = _head_and_weight(cfg)
+    ref_head, ref_weight, ref_proj = copy.deepcopy(head), copy.deepcopy(weight), copy.deepcopy(proj)
+    N, L = 6, cfg.latent_dim
+    x, c = torch.randn(N, L), torch.randn(N, 4)
+    params = list(head.parameters()) + list(weight.parameters()) + list(proj.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    loss, _ = C.lsd_loss(head, weight, x, proj(c), cfg, torch.Generator().manual_seed(5))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    # the reference: draws in the same order (eps, the diagonal's t, then the pair (s, t))
+    g = torch.Generator().manual_seed(5)
+    eps = torch.randn(N, L, generator=g)
+    t = torch.sigmoid(torch.randn(N, 1, generator=g) + 0.4)[:, 0]  # logit-normal N(0.4, 1)
+    pair = torch.sigmoid(torch.randn(N, 2, generator=g) + 0.4)
+    s2, t2 = pair.min(-1)[0], pair.max(-1)[0]
+    z = ref_proj(c)
+    x_t = t[:, None] * x + (1 - t[:, None]) * eps
+    w = ref_weight(t, t)
+    flow = (w.exp() * (ref_head(x_t, t, z, t) - (x - eps)).pow(2).sum(-1) / L - w).mean()
+    x_s = s2[:, None] * x + (1 - s2[:, None]) * eps
+    tt = t2.clone().requires_grad_(True)
+    v = ref_head(x_s, tt, z, s2)
+    dv_dt = torch.stack([torch.autograd.grad(v[:, d].sum(), tt, create_graph=True)[0] for d in range(L)], -1)
+    jump = x_s + (t2 - s2)[:, None] * v
+    target = ref_head(jump, t2, z, t2).detach()
+    w2 = ref_weight(t2, s2)
+    err = (v + (t2 - s2)[:, None] * dv_dt - target).pow(2).sum(-1)
+    ref_loss = 0.75 * flow + 0.25 * (w2.exp() * err / L - w2).mean()
+    assert torch.allclose(loss, ref_loss, atol=1e-5), (loss.item(), ref_loss.item())
+    ref_params = list(ref_head.parameters()) + list(ref_weight.parameters()) + list(ref_proj.parameters())
+    ref_opt = torch.optim.SGD(ref_params, lr=0.1)
+    ref_opt.zero_grad()
+    ref_loss.backward()
+    ref_opt.step()
+    for (n, p), q in zip(list(head.named_parameters()) + [("w." + n, p) for n, p in weight.named_parameters()]
+                         + [("proj." + n, p) for n, p in proj.named_parameters()], ref_params):
+        assert torch.allclose(p, q, atol=1e-5), f"{n} differs after the step: {(p - q).abs().max():.2e}"
+
+
+def test_lsd_sampling_jumps_along_the_flow():
+    """lsd sampling: eps ~ N(0, temp I), then x <- x + v(i / n, (i + 1) / n, x) / n for i < n; the time
+    features of the lsd head are sinusoids of t itself (no x1000)."""
+    lm, cfg = tiny_lm(head_loss="lsd")
+    head = lm.head
+    z = torch.randn(5, cfg.lm_dim)
+    full = lambda v: torch.full((5,), float(v))
+    eps = torch.randn(5, cfg.latent_dim, generator=torch.Generator().manual_seed(0)) * math.sqrt(0.5)
+    one = eps + head(eps, full(1), z, full(0))
+    assert torch.allclose(head.sample(z, 0.5, 1, torch.Generator().manual_seed(0)), one, atol=1e-6)
+    mid = eps + head(eps, full(0.5), z, full(0)) / 2
+    two = mid + head(mid, full(1), z, full(0.5)) / 2
+    assert torch.allclose(head.sample(z, 0.5, 2, torch.Generator().manual_seed(0)), two, atol=1e-6)
+    seen = []
+    head.time_embed.mlp.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    head(eps, full(0.3), z, full(0.1))
+    w = torch.tensor([10000.0 ** (-k / 128) for k in range(128)])
+    ang = 0.3 * w[None].expand(5, -1)
+    assert torch.allclose(seen[0], torch.cat([ang.cos(), ang.sin()], -1), atol=1e-6)
+
+
 def test_tangent_warmup_schedule(monkeypatch):
     """sCM's tangent warm-up r = min(1, step / H), the step counted from 1 at the first update and kept in the
     state (a resume continues it). Pinned at known steps with H = 4: 1/4, 1/2, 3/4, 1, 1."""
-    cfg = make_cfg(stage="lm", tangent_warmup=4)
+    cfg = make_cfg(stage="lm", tangent_warmup=4, head_loss="scm")
     rt = common.setup(cfg, log_to_file=False)
     state = C.build(cfg, rt)
     seen, real = [], C.lm_losses
@@ -292,14 +360,15 @@ def test_text_stream_targets_are_shifted():
                 den += 1
     assert abs(got.item() - (num / den).item()) < 1e-5, (got.item(), (num / den).item())
     losses = C.lm_losses(lm, batch, cfg, 1.0)
-    assert torch.allclose(losses["loss"], losses["scm"] + 1.0 * losses["text_ce"])  # lambda_text = 1
+    assert torch.allclose(losses["loss"], losses["lsd"] + 1.0 * losses["text_ce"])  # lambda_text = 1
 
 
-def test_head_batch_multiplier_reuses_z(monkeypatch):
-    lm, cfg = tiny_lm(head_batch_mul=3)
+@pytest.mark.parametrize("head_loss", ["lsd", "scm"])
+def test_head_batch_multiplier_reuses_z(monkeypatch, head_loss):
+    lm, cfg = tiny_lm(head_batch_mul=3, head_loss=head_loss)
     seen = {}
-    real = C.scm_loss
-    monkeypatch.setattr(C, "scm_loss", lambda head, w, x0, z, *a, **k: seen.update(x0=x0, z=z) or real(head, w, x0, z, *a, **k))
+    real = getattr(C, f"{head_loss}_loss")
+    monkeypatch.setattr(C, f"{head_loss}_loss", lambda head, w, x0, z, *a, **k: seen.update(x0=x0, z=z) or real(head, w, x0, z, *a, **k))
     batch = fake_batch(cfg)
     C.lm_losses(lm, batch, cfg, 1.0)
     n = int(batch["valid"].sum())
@@ -680,8 +749,10 @@ def test_parameter_counts():
     # the music backbone is "1.35 B" (MusicGen-Medium's, §4): ours within 2 %
     n = _count(mu, C.CALM)
     assert abs(n - 1.35e9) / 1.35e9 < 0.02, n
-    # the speech preset uses Pocket TTS's backbone and head ("90 M generative model", its blog)
-    assert _count(sp, C.CALM) == 88_871_201
+    # the speech preset uses Pocket TTS's backbone and head ("90 M generative model", its blog); its lsd head
+    # embeds two times (s, t), the sCM head one
+    assert _count(sp, C.CALM) == 89_315_489
+    assert _count(make_cfg("speech", stage="lm", head_loss="scm"), C.CALM) == 88_871_201
 
 # ----------------------------------------------------------------------------- command line
 
