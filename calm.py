@@ -124,6 +124,8 @@ class Config:
                                        # v3's TTS head (App. A, Pocket TTS): Lagrangian self-distillation (Boffi
                                        # et al. 2025), flow matching + a flow-map term
     lsd_flow_share: float = 0.75       # lsd: weight of the flow-matching term (App. A: 75 %; the rest distils)
+    lsd_distill_every: int = 4         # lsd: the self-distillation term on every 4th step, x4 (Pocket TTS: on a
+                                       # random quarter of steps; it costs more than half a step)
     text_vocab: int = 1000             # BPE tokens (common.train_bpe); + PAD and EOS
     text_delay: int = 1                # frames the audio lags the text stream (80 ms, project page)
     lambda_text: float = 1.0           # weight of the text-stream cross-entropy [inferred]
@@ -190,7 +192,7 @@ class Config:
             bad(f"--lsd_flow_share takes (0, 1] (got {self.lsd_flow_share})")
         if not 0 <= self.text_drop < 1 or self.cfg_alpha < 0:
             bad(f"--text_drop takes [0, 1) and --cfg_alpha >= 0 (got {self.text_drop}, {self.cfg_alpha})")
-        for k in ("head_steps", "head_batch_mul", "short_context", "n_q", "latent_dim", "codebook_size",
+        for k in ("head_steps", "head_batch_mul", "lsd_distill_every", "short_context", "n_q", "latent_dim", "codebook_size",
                   "text_vocab"):
             if getattr(self, k) < 1:
                 bad(f"--{k} must be >= 1 (got {getattr(self, k)})")
@@ -808,8 +810,8 @@ class CALM(nn.Module):
     def condition(self, h, clean):  # Z_s = T_long output + T_short output (§3.2: a sum)
         return h + self.short_context(clean)
 
-    def forward(self, batch, r=1.0, generator=None):  # training: -> dict of losses (lm_losses), for DDP
-        return lm_losses(self, batch, self.cfg, r, generator)
+    def forward(self, batch, r=1.0, generator=None, distill=True):  # training: -> dict of losses (lm_losses),
+        return lm_losses(self, batch, self.cfg, r, generator, distill)  # through DDP's forward
 
 
 def noise_inject(x, generator=None):
@@ -906,7 +908,7 @@ def scm_loss(head, weight, x0, z, cfg, r, generator=None):
     return (w.exp() * err - w).mean(), err.mean()
 
 
-def lsd_loss(head, weight, x0, z, cfg, generator=None):
+def lsd_loss(head, weight, x0, z, cfg, generator=None, distill=True):
     """v3's TTS head objective (App. A; Lagrangian self-distillation, Boffi et al. 2025, as Pocket TTS trains
     it), on the flow x_t = t x + (1 - t) eps, eps ~ N(0, I), t = 1 the data:
     - flow matching on the diagonal s = t: || v(t, t, x_t) - (x - eps) ||^2, t ~ sigmoid(N(0.4, 1));
@@ -914,8 +916,9 @@ def lsd_loss(head, weight, x0, z, cfg, generator=None):
       x_s) must move as the flow does at its end: || dX/dt - sg(v(t, t, X)) ||^2, dX/dt = v + (t - s) dv/dt
       (one forward-mode JVP in t); sg: the target is a stop-gradient (Pocket TTS's "classic" variant).
     Each term: e^{w(s, t)} / dim x error - w(s, t) (learned weights, as Eq. 3's), mixed lsd_flow_share :
-    1 - lsd_flow_share (App. A's 75 : 25, both on every step here). x0: (N, latent) normalised targets, z (N,
-    lm_dim) -> (loss, the flow-matching error)."""
+    1 - lsd_flow_share (App. A's 75 : 25). The second term is computed only where distill is set (every
+    lsd_distill_every steps), then weighed lsd_distill_every times as much: the same expected gradient.
+    x0: (N, latent) normalised targets, z (N, lm_dim) -> (loss, the flow-matching error)."""
     N, L, dev = x0.shape[0], x0.shape[-1], x0.device
     logit_normal = lambda k: torch.sigmoid(torch.randn(N, k, device=dev, generator=generator) + 0.4)
     eps = torch.randn(x0.shape, device=dev, generator=generator)
@@ -924,6 +927,8 @@ def lsd_loss(head, weight, x0, z, cfg, generator=None):
     flow_err = (head(on(t, eps), t, z, t) - (x0 - eps)).pow(2).sum(-1)
     w = weight(t, t)
     flow = (w.exp() * flow_err / L - w).mean()
+    if not distill:
+        return cfg.lsd_flow_share * flow, flow_err.mean() / L
     s, t = logit_normal(2).sort(-1)[0].unbind(-1)  # s <= t
     x_s = on(s, eps)
     v, dv_dt = torch.func.jvp(lambda tt: head(x_s, tt, z, s), (t,), (torch.ones_like(t),))
@@ -933,10 +938,11 @@ def lsd_loss(head, weight, x0, z, cfg, generator=None):
     dist_err = (v + (t - s)[:, None] * dv_dt - target).pow(2).sum(-1)
     w = weight(t, s)
     distill = (w.exp() * dist_err / L - w).mean()
-    return cfg.lsd_flow_share * flow + (1 - cfg.lsd_flow_share) * distill, flow_err.mean() / L
+    share = (1 - cfg.lsd_flow_share) * cfg.lsd_distill_every
+    return cfg.lsd_flow_share * flow + share * distill, flow_err.mean() / L
 
 
-def lm_losses(model, batch, cfg, r, generator=None):
+def lm_losses(model, batch, cfg, r, generator=None, distill=True):
     """One LM objective on a batch: the head's loss on every valid frame (Eq. 3, head_batch_mul draws per Z;
     or the depth head's cross-entropy) + lambda_text x the text stream's cross-entropy (speech)."""
     text, valid = batch["text"], batch["valid"]
@@ -963,7 +969,7 @@ def lm_losses(model, batch, cfg, r, generator=None):
         n = cfg.head_batch_mul  # §3.3: n (t, eps) draws per backbone output, Z computed once
         if cfg.head_loss == "lsd":
             head_loss, losses["flow_err"] = lsd_loss(model.head, model.weight, x0.repeat(n, 1), z.repeat(n, 1),
-                                                     cfg, generator)
+                                                     cfg, generator, distill)
         else:
             head_loss, losses["scm_err"] = scm_loss(model.head, model.weight, x0.repeat(n, 1), z.repeat(n, 1),
                                                     cfg, r, generator)
@@ -1191,8 +1197,9 @@ def train_step(state, batch, cfg, rt):
     lm, opt = state["lm"], state["opt"]
     state["counter"].step += 1
     r = min(1.0, state["counter"].step / max(1, cfg.tangent_warmup))  # sCM tangent warm-up
+    distill = (state["counter"].step - 1) % cfg.lsd_distill_every == 0  # lsd: steps 1, 1 + every, ... (all ranks)
     with rt.autocast():
-        losses = lm(batch, r)  # CALM.forward = lm_losses (through DDP's forward when wrapped)
+        losses = lm(batch, r, distill=distill)  # CALM.forward = lm_losses (through DDP's forward when wrapped)
     opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
     torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)

@@ -245,12 +245,14 @@ def test_golden_scm_step(r):
         assert torch.allclose(p, q, atol=1e-5), f"{n} differs after the step: {(p - q).abs().max():.2e}"
 
 
-def test_golden_lsd_step():
+@pytest.mark.parametrize("every", [1, 4])
+def test_golden_lsd_step(every):
     """One SGD step of calm.lsd_loss against App. A's objective written out here: the flow-matching term on
     x_t = t x + (1 - t) eps against x - eps, and the self-distillation term with dv/dt by slow reverse-mode
-    autograd per output (not a JVP), its target v(t, t, X) detached; weights e^w / dim, - w; 0.75 : 0.25.
-    Loss and updated weights must agree."""
-    cfg = make_cfg(head_loss="lsd")
+    autograd per output (not a JVP), its target v(t, t, X) detached; weights e^w / dim, - w; 0.75 : 0.25,
+    the second x every when it is computed every `every` steps. Loss and updated weights must agree; without
+    the distillation term the loss is 0.75 x the flow term."""
+    cfg = make_cfg(head_loss="lsd", lsd_distill_every=every)
     head, weight, proj = _head_and_weight(cfg)
     ref_head, ref_weight, ref_proj = copy.deepcopy(head), copy.deepcopy(weight), copy.deepcopy(proj)
     N, L = 6, cfg.latent_dim
@@ -279,8 +281,10 @@ def test_golden_lsd_step():
     target = ref_head(jump, t2, z, t2).detach()
     w2 = ref_weight(t2, s2)
     err = (v + (t2 - s2)[:, None] * dv_dt - target).pow(2).sum(-1)
-    ref_loss = 0.75 * flow + 0.25 * (w2.exp() * err / L - w2).mean()
+    ref_loss = 0.75 * flow + 0.25 * every * (w2.exp() * err / L - w2).mean()
     assert torch.allclose(loss, ref_loss, atol=1e-5), (loss.item(), ref_loss.item())
+    flow_only, _ = C.lsd_loss(ref_head, ref_weight, x, z, cfg, torch.Generator().manual_seed(5), distill=False)
+    assert torch.allclose(flow_only, 0.75 * flow, atol=1e-6)
     ref_params = list(ref_head.parameters()) + list(ref_weight.parameters()) + list(ref_proj.parameters())
     ref_opt = torch.optim.SGD(ref_params, lr=0.1)
     ref_opt.zero_grad()
@@ -305,11 +309,26 @@ def test_lsd_sampling_jumps_along_the_flow():
     two = mid + head(mid, full(1), z, full(0.5)) / 2
     assert torch.allclose(head.sample(z, 0.5, 2, torch.Generator().manual_seed(0)), two, atol=1e-6)
     seen = []
-    head.time_embed.mlp.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    for emb in (head.time_embed, head.start_embed):  # t, then s
+        emb.mlp.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     head(eps, full(0.3), z, full(0.1))
     w = torch.tensor([10000.0 ** (-k / 128) for k in range(128)])
-    ang = 0.3 * w[None].expand(5, -1)
-    assert torch.allclose(seen[0], torch.cat([ang.cos(), ang.sin()], -1), atol=1e-6)
+    for got, tt in zip(seen, (0.3, 0.1)):
+        ang = tt * w[None].expand(5, -1)
+        assert torch.allclose(got, torch.cat([ang.cos(), ang.sin()], -1), atol=1e-6)
+
+
+def test_lsd_distills_every_nth_step(monkeypatch):
+    """The self-distillation term on steps 1, 1 + every, ... of the step counter (every rank alike; a resume
+    continues the count), pinned with every = 2 over five steps."""
+    cfg = make_cfg(stage="lm", lsd_distill_every=2)
+    rt = common.setup(cfg, log_to_file=False)
+    state = C.build(cfg, rt)
+    seen, real = [], C.lsd_loss
+    monkeypatch.setattr(C, "lsd_loss", lambda *a: seen.append(a[-1]) or real(*a))
+    for _ in range(5):
+        C.train_step(state, fake_batch(cfg), cfg, rt)
+    assert seen == [True, False, True, False, True], seen
 
 
 def test_tangent_warmup_schedule(monkeypatch):
@@ -319,7 +338,8 @@ def test_tangent_warmup_schedule(monkeypatch):
     rt = common.setup(cfg, log_to_file=False)
     state = C.build(cfg, rt)
     seen, real = [], C.lm_losses
-    monkeypatch.setattr(C, "lm_losses", lambda m, b, c, r, g=None: seen.append(r) or real(m, b, c, r, g))
+    monkeypatch.setattr(C, "lm_losses", lambda m, b, c, r, g=None, distill=True: seen.append(r)
+                        or real(m, b, c, r, g, distill))
     batch = fake_batch(cfg)
     for _ in range(5):
         C.train_step(state, batch, cfg, rt)
