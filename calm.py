@@ -8,19 +8,24 @@ speech, 128-d at 25 Hz for music). A causal backbone Transformer reads the past 
 (x~ = sqrt(1-k) x + sqrt(k) eps, k ~ U(0, 1) per frame) so that it tolerates its own sampling errors; a
 short-context Transformer over the last K clean latents restores the detail the noise hides; their summed
 outputs condition a small MLP consistency head (TrigFlow / sCM, Eq. 3) that turns Gaussian noise into the
-next latent in ONE step. Against an RQ-Transformer over RVQ tokens on the same backbone, the head is much
-faster (no depth loop over codebooks) and the audio better. Both run here, --head=consistency (CALM) and
---head=rvq (RVQ codes of the same VAE's pre-bottleneck latent, a depth Transformer), so the paper's
-comparison, quality and speed, is one file. Two stages (--stage), one state and one checkpoint each.
+next latent in ONE step; the paper's TTS model (v3, App. A) trains that head by Lagrangian self-distillation
+instead (flow matching + a flow-map term, --head_loss=lsd, as Pocket TTS does; the speech presets' choice).
+Against an RQ-Transformer over RVQ tokens on the same backbone, the head is much faster (no depth loop over
+codebooks) and the audio better. Both run here, --head=consistency (CALM) and --head=rvq (RVQ codes of the
+same VAE's pre-bottleneck latent, a depth Transformer), so the paper's comparison, quality and speed, is one
+file. Two stages (--stage), one state and one checkpoint each.
 
 Simplified here: speech is TTS-style, conditioned on a corpus BPE text stream one frame ahead of the audio;
 the speech backbone is Pocket TTS's size (Helium-2B's is not known); no official weights exist to map. The
 VAE has no WavLM distillation; the CPU presets add EnCodec's reconstruction terms, and the KL is per
 element with a small initial sigma (ours). The small (CPU) preset decodes with Vocos' iSTFT head at the
 200 Hz frames in place of the SEANet decoder (--decoder=istft, ours): after that preset's VAE stage (~10
-CPU minutes) the SEANet decoder's speech kept no words. sCM details the card lacks are sCM's own [recalled]; latent CFG
-(alpha 1.5) guides the text stream only (no voice prompt); no distillation, no EOS head (the text stream ends
-an utterance), no weight EMA. The RVQ baseline's codebooks are k-means on cached latents, not trained jointly.
+CPU minutes) the SEANet decoder's speech kept no words. sCM details the card lacks are sCM's own
+[recalled]. lsd: its distillation term on every 4th step, x4 (Pocket TTS: a random quarter of steps), a
+plain stop-gradient target (its "classic" variant), the learned weight w(s, t) on time embeddings (Pocket
+TTS: a small MLP on (s, t)). Latent CFG (alpha 1.5) guides the text stream only (no voice prompt); no
+teacher-student distillation, no EOS head (the text stream ends an utterance), no weight EMA. The RVQ
+baseline's codebooks are k-means on cached latents, not trained jointly.
 Aim 1100 lines not reached (1505): two stages, two heads, two decoders, TTS and continuation, eval, bench.
 
     python calm.py --stage=vae                      # 1. the VAE-GAN on the built-in speech (out/calm/vae)
@@ -192,8 +197,8 @@ class Config:
             bad(f"--lsd_flow_share takes (0, 1] (got {self.lsd_flow_share})")
         if not 0 <= self.text_drop < 1 or self.cfg_alpha < 0:
             bad(f"--text_drop takes [0, 1) and --cfg_alpha >= 0 (got {self.text_drop}, {self.cfg_alpha})")
-        for k in ("head_steps", "head_batch_mul", "lsd_distill_every", "short_context", "n_q", "latent_dim", "codebook_size",
-                  "text_vocab"):
+        for k in ("head_steps", "head_batch_mul", "lsd_distill_every", "short_context", "n_q", "latent_dim",
+                  "codebook_size", "text_vocab"):
             if getattr(self, k) < 1:
                 bad(f"--{k} must be >= 1 (got {getattr(self, k)})")
         if self.text_vocab < 256:

@@ -10,6 +10,8 @@ Loss terms
 - the weights' balance at init (the small preset's comment): test_loss_balance_at_init
 - sCM consistency loss (Eq. 3: tangent by autograd, L2 tangent normalisation, adaptive weight, warm-up r):
   test_golden_scm_step
+- LSD (v3's TTS head, App. A: flow matching + self-distillation with dv/dt by autograd, 75 : 25, learned
+  weights, the term every n steps x n): test_golden_lsd_step, test_lsd_distills_every_nth_step
 - text-stream cross-entropy and the LM total (head + 1.0 x text): test_text_stream_targets_are_shifted
 - the RVQ baseline's depth cross-entropy: test_rvq_depth_shift_and_cross_entropy
 Target shifts
@@ -27,7 +29,8 @@ Samplers
   test_noise_only_in_training
 - sCM time proposal arctan(e^tau / sigma_d): test_time_proposal_range, test_golden_scm_step
 - one-step consistency sampling, temperature = noise variance, boundary f(x, 0) = x:
-  test_boundary_condition_and_one_step_shapes (multi-step: shapes only)
+  test_boundary_condition_and_one_step_shapes (multi-step: shapes only); lsd's one and two jumps along the
+  flow, its time features of s and t: test_lsd_sampling_jumps_along_the_flow
 - head batch multiplier (Z once, n draws): test_head_batch_multiplier_reuses_z
 - RVQ encode / k-means levels, greedy depth sampling: test_rvq_baseline (the temperature > 0 depth sampling
   and generate()'s PAD-or-next-token choice are only exercised, by test_cli_lm_stage)
@@ -781,6 +784,8 @@ def test_bad_input():
                       (dict(head="diffusion"), "--head must be one of"), (dict(segment=1000), "--segment"),
                       (dict(mode="sample", text="hi"), "--text needs an LM"), (dict(temperature=-1), "temperature"),
                       (dict(decoder="hifigan"), "--decoder must be one of"),
+                      (dict(head_loss="dsm"), "--head_loss must be one of"),
+                      (dict(lsd_flow_share=0), "--lsd_flow_share"), (dict(lsd_distill_every=0), "lsd_distill_every"),
                       (dict(decoder="istft", channels=2), "--decoder=istft writes one channel")):
         one_line_error(lambda: make_cfg(**kw), match=match)
 
