@@ -805,6 +805,17 @@ def test_cli_lm_stage(tmp_path):
     assert "tts_consistency" in out["sample"]
 
 
+def test_lm_max_iters_sets_the_lm_stages_steps_and_horizon(tmp_path, monkeypatch):
+    """--lm_max_iters: the LM stage's steps and cosine horizon, whatever max_iters (the VAE's) says."""
+    vae = _tiny_vae_ckpt(tmp_path / "vae")
+    seen = {}
+    real = C._lr_lambda
+    monkeypatch.setattr(C, "_lr_lambda", lambda cfg: seen.update(decay=cfg.decay_iters) or real(cfg))
+    cfg = make_cfg(stage="lm", mode="train", vae=vae, max_iters=10, lm_max_iters=3, out_dir=str(tmp_path / "lm"))
+    C.train(cfg)
+    assert torch.load(tmp_path / "lm" / "ckpt.pt", weights_only=False)["step"] == 3 and seen["decay"] == 3
+
+
 def test_vae_stage_trains_and_resumes_exactly(tmp_path):
     """The VAE stage in-process (cheaper than three more processes): 2 steps + resume to 3 == 3 straight steps,
     every weight bit for bit (VAE, discriminator), and the val eval line runs. With the small preset's
