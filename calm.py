@@ -26,7 +26,7 @@ plain stop-gradient target (its "classic" variant), the learned weight w(s, t) o
 TTS: a small MLP on (s, t)). Latent CFG (alpha 1.5) guides the text stream only (no voice prompt); no
 teacher-student distillation, no EOS head (the text stream ends an utterance), no weight EMA. The RVQ
 baseline's codebooks are k-means on cached latents, not trained jointly.
-Aim 1100 lines not reached (1505): two stages, two heads, two decoders, TTS and continuation, eval, bench.
+Aim 1100 lines not reached (1603): two stages, two heads, two decoders, TTS and continuation, eval, bench.
 
     python calm.py --stage=vae                      # 1. the VAE-GAN on the built-in speech (out/calm/vae)
     python calm.py --stage=lm                       # 2. the LM over its latents (reads out/calm/vae/ckpt.pt)
@@ -234,14 +234,14 @@ PRESETS = {
                   lm_dim=256, lm_layers=4, lm_heads=4, lm_ffn=1024, short_dim=128, short_layers=1,
                   head_dim=256, head_depth=3, head_batch_mul=4, n_q=8, codebook_size=256,
                   head_steps=4,  # 2000 CPU steps leave lsd's one-jump map short of the flow: 4 jumps, TTS WER
-                                 # 0.73-0.77 vs 0.85-0.91 in one (32 test sentences, two seeds; originals 0.50)
+                                 # 0.73-0.83 vs 0.80-0.91 in one (2 runs x 2 seeds, 32 sentences; originals 0.50)
                   text_vocab=1024,  # nearly every corpus word one token (at 512, 3-5 tokens on as many frames:
                                     # the spelling reached the LM after the word's audio had begun)
                   depth_dim=128, depth_layers=2, lm_segment=76800, batch_size=8, lr=2e-3, lm_lr=1e-3,
                   warmup_iters=50, tangent_warmup=200, decay_iters=1100, max_iters=1100, lm_max_iters=2000,
                   log_interval=20,
                   eval_interval=220, eval_items=4,
-                  gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5),  # VAE ~12 min, LM ~6 on a CPU
+                  gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5),  # VAE ~12 min, LM ~11 on a CPU
     "tiny": dict(n_filters=2, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, disc_filters=4,
                  disc_n_ffts=(256,), mel_scales=(6, 7), recon_loss=True, segment=3840, latent_dim=8,
                  istft_hidden=16, head_loss="lsd",
