@@ -200,6 +200,19 @@ def _head_and_weight(cfg, seed=0):
     return head, weight, proj
 
 
+def sgd_step(nets, loss):  # one SGD step (lr 0.1) of every net's weights on loss
+    opt = torch.optim.SGD([p for net in nets for p in net.parameters()], lr=0.1)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def same_weights(nets, ref_nets):  # (head, weight, proj) against the reference's after their steps
+    for tag, net, ref in zip(("", "w.", "proj."), nets, ref_nets):
+        for (n, p), q in zip(net.named_parameters(), ref.parameters()):
+            assert torch.allclose(p, q, atol=1e-5), f"{tag}{n} differs after the step: {(p - q).abs().max():.2e}"
+
+
 @pytest.mark.parametrize("r", [1.0, 0.4])
 def test_golden_scm_step(r):
     """One SGD step of calm.scm_loss against Eq. 3 written out here: the tangent df-/dt by slow reverse-mode
@@ -210,12 +223,8 @@ def test_golden_scm_step(r):
     ref_head, ref_weight, ref_proj = copy.deepcopy(head), copy.deepcopy(weight), copy.deepcopy(proj)
     N, L, sd = 6, cfg.latent_dim, cfg.sigma_d
     x0, c = torch.randn(N, L), torch.randn(N, 4)
-    params = list(head.parameters()) + list(weight.parameters()) + list(proj.parameters())
-    opt = torch.optim.SGD(params, lr=0.1)
     loss, _ = C.scm_loss(head, weight, x0, proj(c), cfg, r, torch.Generator().manual_seed(5))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    sgd_step((head, weight, proj), loss)
     # the reference: draws in the same order (t, then eps)
     g = torch.Generator().manual_seed(5)
     tau = torch.randn(N, generator=g) * cfg.p_std + cfg.p_mean
@@ -238,14 +247,8 @@ def test_golden_scm_step(r):
     w = ref_weight(t0)
     ref_loss = (w.exp() * (ref_head(x_t / sd, t0, z) - Fm - gvec).pow(2).sum(-1) / L - w).mean()
     assert torch.allclose(loss, ref_loss, atol=1e-5), (loss.item(), ref_loss.item())
-    ref_params = list(ref_head.parameters()) + list(ref_weight.parameters()) + list(ref_proj.parameters())
-    ref_opt = torch.optim.SGD(ref_params, lr=0.1)
-    ref_opt.zero_grad()
-    ref_loss.backward()
-    ref_opt.step()
-    for (n, p), q in zip(list(head.named_parameters()) + [("w." + n, p) for n, p in weight.named_parameters()]
-                         + [("proj." + n, p) for n, p in proj.named_parameters()], ref_params):
-        assert torch.allclose(p, q, atol=1e-5), f"{n} differs after the step: {(p - q).abs().max():.2e}"
+    sgd_step((ref_head, ref_weight, ref_proj), ref_loss)
+    same_weights((head, weight, proj), (ref_head, ref_weight, ref_proj))
 
 
 @pytest.mark.parametrize("every", [1, 4])
@@ -260,12 +263,8 @@ def test_golden_lsd_step(every):
     ref_head, ref_weight, ref_proj = copy.deepcopy(head), copy.deepcopy(weight), copy.deepcopy(proj)
     N, L = 6, cfg.latent_dim
     x, c = torch.randn(N, L), torch.randn(N, 4)
-    params = list(head.parameters()) + list(weight.parameters()) + list(proj.parameters())
-    opt = torch.optim.SGD(params, lr=0.1)
     loss, _ = C.lsd_loss(head, weight, x, proj(c), cfg, torch.Generator().manual_seed(5))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    sgd_step((head, weight, proj), loss)
     # the reference: draws in the same order (eps, the diagonal's t, then the pair (s, t))
     g = torch.Generator().manual_seed(5)
     eps = torch.randn(N, L, generator=g)
@@ -288,14 +287,8 @@ def test_golden_lsd_step(every):
     assert torch.allclose(loss, ref_loss, atol=1e-5), (loss.item(), ref_loss.item())
     flow_only, _ = C.lsd_loss(ref_head, ref_weight, x, z, cfg, torch.Generator().manual_seed(5), distill=False)
     assert torch.allclose(flow_only, 0.75 * flow, atol=1e-6)
-    ref_params = list(ref_head.parameters()) + list(ref_weight.parameters()) + list(ref_proj.parameters())
-    ref_opt = torch.optim.SGD(ref_params, lr=0.1)
-    ref_opt.zero_grad()
-    ref_loss.backward()
-    ref_opt.step()
-    for (n, p), q in zip(list(head.named_parameters()) + [("w." + n, p) for n, p in weight.named_parameters()]
-                         + [("proj." + n, p) for n, p in proj.named_parameters()], ref_params):
-        assert torch.allclose(p, q, atol=1e-5), f"{n} differs after the step: {(p - q).abs().max():.2e}"
+    sgd_step((ref_head, ref_weight, ref_proj), ref_loss)
+    same_weights((head, weight, proj), (ref_head, ref_weight, ref_proj))
 
 
 def test_lsd_sampling_jumps_along_the_flow():
