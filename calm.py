@@ -948,9 +948,9 @@ def lsd_loss(head, weight, x0, z, cfg, generator=None, distill=True):
         target = head(jump, t, z, t)  # the flow's velocity where the jump lands (stop-gradient)
     dist_err = (v + (t - s)[:, None] * dv_dt - target).pow(2).sum(-1)
     w = weight(t, s)
-    distill = (w.exp() * dist_err / L - w).mean()
+    self_distill = (w.exp() * dist_err / L - w).mean()
     share = (1 - cfg.lsd_flow_share) * cfg.lsd_distill_every
-    return cfg.lsd_flow_share * flow + share * distill, flow_err.mean() / L
+    return cfg.lsd_flow_share * flow + share * self_distill, flow_err.mean() / L
 
 
 def lm_losses(model, batch, cfg, r, generator=None, distill=True):
