@@ -164,7 +164,7 @@ class Config:
     listen_items: int = 16             # vae --mode=eval: whole test clips written, resynthesised and
                                        # original, as two folders an ASR judges (common.write_listening_set)
     prompt_seconds: float = 2.0        # continuation prompt (2 s)
-    gen_seconds: float = 4.0           # continuation / TTS length cap
+    gen_seconds: float = 4.0           # continuation length (TTS ends at its EOS)
     bench_seconds: float = 10.0        # audio length of the bench's generation
     bench_iters: int = 5               # timed repetitions in --mode=bench
     device: str = "auto"
@@ -1398,8 +1398,8 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
     """Autoregressive generation, one frame a step, with an explicit KV cache per backbone layer; inference
     never injects noise. prompt: dict(latent (P, latent) raw means, pre (P, D) for rvq, text (P,)) of a real
     clip, or None. sentence: BPE ids to speak (TTS), forced in order, inner-monologue style: at each frame the
-    text head chooses between PAD and the next token (after the last one: PAD or EOS); EOS ends the utterance,
-    text_delay + 1 frames later. Otherwise (continuation) speech samples its own text stream, music keeps PAD.
+    text head chooses between PAD and the next token (after the last one: PAD or EOS), and one second of PAD
+    forces it; EOS ends the utterance, text_delay + 1 frames later (tts_frames: room for all of it). Otherwise (continuation) speech samples its own text stream, music keeps PAD.
     Latent CFG (speech, cfg_alpha != 1): a second row reads the same frames with PAD text, and the head gets
     Z_0 + alpha (Z_text - Z_0) (Pocket TTS's CFG on the backbone output, not on the head's sampling path).
     -> (1, F, latent) raw latents (consistency) or (1, F, n_q) codes (rvq), and the text stream."""
@@ -1437,11 +1437,15 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
         logits = lm.text_out(h_text)[0].float()  # the text token of position s + 1
         if s + 1 < P:
             nxt = int(prompt["text"][s + 1])
+        elif queue is not None and end is not None:
+            nxt = pad  # EOS said: PAD while the audio's last text_delay frames come
         elif queue is not None:
             cand = queue[0] if queue else eos
-            two_s = 2 * cfg.frame_rate
-            stalled = all(t == pad for t in text[-int(two_s):]) and len(text) >= two_s
-            nxt = cand if logits[cand] > logits[pad] or stalled else pad  # 2 s of PAD: say it anyway
+            # the next word starts where the text head expects a word, whichever: P(PAD) < 1/2 (it may be sure
+            # that one starts and unsure which; logit(cand) > logit(PAD) waited, stalled, and was cut off)
+            stall = int(cfg.frame_rate)
+            stalled = len(text) >= stall and all(t == pad for t in text[-stall:])  # 1 s of PAD: say it anyway
+            nxt = cand if F.softmax(logits, -1)[pad] < 0.5 or stalled else pad
             if nxt == cand and queue:
                 queue.pop(0)
             if nxt == eos:
@@ -1453,6 +1457,12 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
         text.append(nxt)
     out = torch.stack(frames_out)[None]
     return (lm.denormalize(out) if cfg.head == "consistency" else out), text
+
+
+def tts_frames(n_tokens, cfg):
+    """Frames TTS may take for n_tokens: each token and the EOS come at most a second of PAD (the stall rule)
+    after the one before, then text_delay + 1 frames; EOS, not this bound, ends an utterance."""
+    return (n_tokens + 1) * (int(cfg.frame_rate) + 1) + cfg.text_delay + 2
 
 
 @torch.no_grad()
@@ -1507,7 +1517,7 @@ def sample(cfg):
         said, real = [], []
         for i, (name, s) in enumerate(sents):
             ids = models["tok"].encode(" " + s.strip())
-            gen, _ = generate(models, cfg, max(frames, 2 * len(ids) + 8), sentence=ids, generator=g)
+            gen, _ = generate(models, cfg, tts_frames(len(ids), cfg), sentence=ids, generator=g)
             y = to_audio(models, gen, cfg)
             tag = f"tts_{cfg.head}_{name}"
             common.save_sample(out, tag, y[0].cpu(), cfg.sample_rate,

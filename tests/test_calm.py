@@ -33,7 +33,8 @@ Samplers
   flow, its time features of s and t: test_lsd_sampling_jumps_along_the_flow
 - head batch multiplier (Z once, n draws): test_head_batch_multiplier_reuses_z
 - RVQ encode / k-means levels, greedy depth sampling: test_rvq_baseline (the temperature > 0 depth sampling
-  and generate()'s PAD-or-next-token choice are only exercised, by test_cli_lm_stage)
+  are only exercised, by test_cli_lm_stage); TTS's PAD-or-next-token choice, its one-second stall and the
+  tts_frames bound: test_tts_says_the_next_token_where_a_word_is_expected
 Schedules
 - the tangent warm-up r = min(1, step / H) at known steps: test_tangent_warmup_schedule
 - the learning rate (linear warm-up, cosine to 10 %): test_lr_schedule_at_known_steps
@@ -145,6 +146,28 @@ def test_generation_equals_clean_teacher_forcing(alpha):
     z = (h + lm.short_context(clean)[:, P:])[0]
     want = lm.denormalize(lm.head.sample(z, 0.0))
     assert torch.allclose(gen[0, P:], want, atol=1e-4), (gen[0, P:] - want).abs().max()
+
+
+@pytest.mark.parametrize("p_pad", [0.4, 0.9])
+def test_tts_says_the_next_token_where_a_word_is_expected(p_pad):
+    """TTS's text choice: the next token comes where the text head gives PAD less than 1/2, though the mass on
+    other tokens is spread so that the forced token's own logit is below PAD's (p_pad 0.4: a token every frame);
+    after one second of PAD it comes anyway (p_pad 0.9: every 13th frame); EOS ends the utterance text_delay + 1
+    frames later, inside the tts_frames bound."""
+    lm, cfg = tiny_lm(temperature=0.0)
+    lm.eval()
+    V = cfg.text_vocab + 2
+    logits = torch.full((V,), math.log((1 - p_pad) / (V - 1)))
+    logits[lm.pad_id] = math.log(p_pad)
+    lm.text_out.forward = lambda h: logits.expand(h.shape[0], V)  # the same choice at every frame
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]  # 13 tokens: more than a second's worth of frames
+    stride = 1 if p_pad < 0.5 else int(cfg.frame_rate) + 1
+    bound = C.tts_frames(len(ids), cfg)
+    gen, text = C.generate(dict(lm=lm, vae=C.VAE(cfg).eval()), cfg, bound, sentence=ids)
+    said = [s for s, t in enumerate(text) if t != lm.pad_id]
+    assert said == [stride * i for i in range(len(ids) + 1)] and text[said[-1]] == lm.eos_id
+    assert [text[s] for s in said[:-1]] == ids
+    assert gen.shape[1] == said[-1] + cfg.text_delay + 1 < bound
 
 
 def test_text_dropout_for_guidance():
