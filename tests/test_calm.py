@@ -802,6 +802,7 @@ def test_bad_input():
                       (dict(decoder="hifigan"), "--decoder must be one of"),
                       (dict(head_loss="dsm"), "--head_loss must be one of"),
                       (dict(lsd_flow_share=0), "--lsd_flow_share"), (dict(lsd_distill_every=0), "lsd_distill_every"),
+                      (dict(lm_corpus_hours=-1), "--lm_corpus_hours"),
                       (dict(decoder="istft", channels=2), "--decoder=istft writes one channel")):
         one_line_error(lambda: make_cfg(**kw), match=match)
 
@@ -819,6 +820,16 @@ def test_cli_lm_stage(tmp_path):
                                          "rtf_rvq", "head_speedup", "overall_speedup"))
     assert "eval (val, lm, consistency)" in out["train"] and "latent_mse" in out["eval"]
     assert "tts_consistency" in out["sample"]
+
+
+def test_lm_stage_reads_lm_corpus_hours(monkeypatch):
+    """--lm_corpus_hours: the corpus the LM stage reads (its train, val and test clips); the VAE stage, and an
+    LM with 0, read corpus_hours."""
+    seen = []
+    monkeypatch.setattr(common, "load_corpus", lambda cfg, split, sr, kind: seen.append(cfg.corpus_hours) or [])
+    for stage, lm_hours in (("lm", 2.0), ("vae", 2.0), ("lm", 0.0)):
+        C.clips(make_cfg(stage=stage, corpus_hours=0.5, lm_corpus_hours=lm_hours), "train")
+    assert seen == [2.0, 0.5, 0.5]
 
 
 def test_lm_max_iters_sets_the_lm_stages_steps_and_horizon(tmp_path, monkeypatch):
