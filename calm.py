@@ -24,9 +24,10 @@ CPU minutes) the SEANet decoder's speech kept no words. sCM details the card lac
 [recalled]. lsd: its distillation term on every 4th step, x4 (Pocket TTS: a random quarter of steps), a
 plain stop-gradient target (its "classic" variant), the learned weight w(s, t) on time embeddings (Pocket
 TTS: a small MLP on (s, t)). Latent CFG (alpha 1.5) guides the text stream only (no voice prompt); no
-teacher-student distillation, no EOS head (the text stream ends an utterance), no weight EMA. The RVQ
+teacher-student distillation, no EOS head (the text stream ends an utterance), no weight EMA. In TTS a word
+starts where the text head's P(PAD) < 1/2, or after a second of PAD (ours). The RVQ
 baseline's codebooks are k-means on cached latents, not trained jointly.
-Aim 1100 lines not reached (1603): two stages, two heads, two decoders, TTS and continuation, eval, bench.
+Aim 1100 lines not reached (1621): two stages, two heads, two decoders, TTS and continuation, eval, bench.
 
     python calm.py --stage=vae                      # 1. the VAE-GAN on the built-in speech (out/calm/vae)
     python calm.py --stage=lm                       # 2. the LM over its latents (reads out/calm/vae/ckpt.pt)
