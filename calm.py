@@ -245,7 +245,7 @@ PRESETS = {
                   warmup_iters=50, tangent_warmup=200, decay_iters=1100, max_iters=1100, lm_max_iters=2000,
                   log_interval=20,
                   eval_interval=220, eval_items=4,
-                  gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5,  # VAE ~12 min, LM ~12 on a CPU
+                  gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5,  # VAE ~12 min, LM 9-12 on a CPU
                   lm_corpus_hours=2.0),  # the LM reads 2 h: on 0.5 h its val text CE rose from step 1000 (0.84 to
                                          # 1.11; 2 h: 0.71) and TTS WER 0.853 vs 0.812
     "tiny": dict(n_filters=2, dimension=16, tr_layers=1, tr_heads=2, tr_ffn=32, tr_context=50, disc_filters=4,
@@ -1452,8 +1452,8 @@ def generate(models, cfg, frames, prompt=None, sentence=None, generator=None):
             nxt = pad  # EOS said: PAD while the audio's last text_delay frames come
         elif queue is not None:
             cand = queue[0] if queue else eos
-            # the next word starts where the text head expects a word, whichever: P(PAD) < 1/2 (it may be sure
-            # that one starts and unsure which; logit(cand) > logit(PAD) waited, stalled, and was cut off)
+            # the next word starts where the text head expects a word, whichever: P(PAD) < 1/2 (it can be sure
+            # that one starts and unsure which)
             stall = int(cfg.frame_rate)
             stalled = len(text) >= stall and all(t == pad for t in text[-stall:])  # 1 s of PAD: say it anyway
             nxt = cand if F.softmax(logits, -1)[pad] < 0.5 or stalled else pad
