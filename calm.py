@@ -246,7 +246,7 @@ PRESETS = {
                                  # ms, 0.784 at 240 (one run each, 3 seeds x 32 sentences, 2000 steps)
                   depth_dim=128, depth_layers=2, lm_segment=76800, batch_size=8, lr=2e-3, lm_lr=1e-3,
                   warmup_iters=50, tangent_warmup=200, decay_iters=1100, max_iters=1100,
-                  lm_max_iters=3000,  # TTS WER 0.66 vs 0.74 at 2000 (6 seeds); 12000 on 6 h: 0.62 in 46 min
+                  lm_max_iters=3000,  # TTS WER 0.64-0.71 (3 runs) vs 0.74 at 2000 (6 seeds); 12000 on 6 h: 0.62
                   log_interval=20,
                   eval_interval=220, eval_items=4,
                   gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5,  # VAE ~12 min, LM ~12 on a CPU
