@@ -239,7 +239,7 @@ PRESETS = {
                   head_steps=4,  # 2000 CPU steps leave lsd's one-jump map short of the flow: 4 jumps, TTS WER
                                  # 0.73-0.83 vs 0.80-0.91 in one (2 runs x 2 seeds, 32 sentences; originals 0.50)
                   temperature=0.2,  # the paper's 0.8 is for continuation by a 2B model; this small LM's TTS is
-                                    # heard better with less noise: WER 0.74 vs 0.79 (2000 steps), 0.62 vs 0.69
+                                    # heard better with less noise (CFG 1.5): 0.74 vs 0.79 (2000 steps), 0.62 vs 0.69
                                     # (12000 on 6 h; 6 / 3 seeds x 32 sentences; 0.4: 0.74, 0.65; 0: 0.72, 0.62)
                   cfg_alpha=1.25,  # at temperature 0.2, 1.5 overshoots: WER 0.65 / 0.63 / 0.65 / 0.55 vs 0.71 /
                                    # 0.64 / 0.66 / 0.62 (4 LMs x 6 seeds; 1.0: 0.65 / 0.65, 2.0: 0.80 / 0.73)
@@ -249,7 +249,7 @@ PRESETS = {
                                  # ms, 0.784 at 240 (one run each, 3 seeds x 32 sentences, 2000 steps)
                   depth_dim=128, depth_layers=2, lm_segment=76800, batch_size=8, lr=2e-3, lm_lr=1e-3,
                   warmup_iters=50, tangent_warmup=200, decay_iters=1100, max_iters=1100,
-                  lm_max_iters=3000,  # TTS WER 0.64-0.71 (3 runs) vs 0.74 at 2000 (6 seeds); 12000 on 6 h: 0.62
+                  lm_max_iters=3000,  # TTS WER 0.65, 0.63 (2 runs) vs 0.71 at 2000 (6 seeds); 12000 on 6 h: 0.55
                   log_interval=20,
                   eval_interval=220, eval_items=4,
                   gen_seconds=3.0, bench_seconds=4.0, corpus_hours=0.5,  # VAE ~12 min, LM ~12 on a CPU
